@@ -1,0 +1,67 @@
+//! The frozen base model every tenant shares.
+
+use std::path::{Path, PathBuf};
+
+use loraloom_model::{Decoder, ModelError, TextTokenizer};
+
+/// What clients may know about the served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseModelInfo {
+    /// The name clients pass as `base_model`.
+    pub name: String,
+    /// Longest context (prompt + generated tokens).
+    pub max_context_length: i64,
+    /// Vocabulary size.
+    pub vocab_size: i64,
+    /// One-line description (architecture, parameters, dtype, device).
+    pub summary: String,
+}
+
+/// The base model: loaded once. libtorch tensors are `Send` but not `Sync`, so the decoder is
+/// owned by the thread that runs model work; other threads see only [`BaseModelInfo`].
+pub struct BaseModel {
+    info: BaseModelInfo,
+    dir: PathBuf,
+    decoder: Decoder,
+    tokenizer: TextTokenizer,
+}
+
+impl BaseModel {
+    /// Loads the checkpoint in `dir` on the default device and names it `name`.
+    pub fn load(name: &str, dir: &Path) -> Result<Self, ModelError> {
+        let decoder = Decoder::load(dir, loraloom_model::default_device(), None)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let info = BaseModelInfo {
+            name: name.to_string(),
+            max_context_length: decoder.config().max_position_embeddings,
+            vocab_size: decoder.config().vocab_size,
+            summary: decoder.summary(),
+        };
+        Ok(BaseModel {
+            info,
+            dir: dir.to_path_buf(),
+            decoder,
+            tokenizer,
+        })
+    }
+
+    /// Public facts about the model.
+    pub fn info(&self) -> &BaseModelInfo {
+        &self.info
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The decoder.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+}

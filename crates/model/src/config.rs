@@ -1,0 +1,300 @@
+//! `config.json` of a Hugging Face checkpoint, reduced to what the decoder needs.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::ModelError;
+
+/// Decoder families loraloom can run. They share one block layout and differ in biases,
+/// q/k norms and defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `LlamaForCausalLM` (also SmolLM2).
+    Llama,
+    /// `MistralForCausalLM` (sliding window ignored: contexts are shorter than the window).
+    Mistral,
+    /// `Qwen2ForCausalLM`: biases on q/k/v projections.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: RMSNorm on each head of q and k.
+    Qwen3,
+}
+
+impl Architecture {
+    /// The `model_type` string of `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Llama-3 style frequency scaling of RoPE (`rope_type: "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// Overall scale factor.
+    pub factor: f64,
+    /// Wavelengths above `original / low_freq_factor` are scaled fully.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// Context length the model was pre-trained with.
+    pub original_max_position_embeddings: f64,
+}
+
+/// Validated model hyper-parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Which decoder family.
+    pub architecture: Architecture,
+    /// Width of the residual stream.
+    pub hidden_size: i64,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: i64,
+    /// Number of decoder blocks.
+    pub num_layers: i64,
+    /// Query heads.
+    pub num_heads: i64,
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: i64,
+    /// Width of one head.
+    pub head_dim: i64,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: i64,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Optional llama3 RoPE scaling.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Longest context the model supports.
+    pub max_position_embeddings: i64,
+    /// The LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// Biases on gate/up/down.
+    pub mlp_bias: bool,
+}
+
+#[derive(Deserialize)]
+struct RawRope {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    hidden_size: Option<i64>,
+    intermediate_size: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    num_attention_heads: Option<i64>,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    vocab_size: Option<i64>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RawRope>,
+    rope_parameters: Option<RawRope>,
+    max_position_embeddings: Option<i64>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, ModelError> {
+    value.ok_or_else(|| ModelError::Config(format!("config.json: missing field `{field}`")))
+}
+
+fn positive(value: i64, field: &str) -> Result<i64, ModelError> {
+    if value <= 0 {
+        return Err(ModelError::Config(format!(
+            "config.json: `{field}` must be positive, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json` in `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::MissingFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Parses and validates the text of a `config.json`.
+    pub fn from_json(text: &str) -> Result<Self, ModelError> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let model_type = raw
+            .model_type
+            .clone()
+            .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
+            .unwrap_or_default();
+        let architecture = match model_type.as_str() {
+            "llama" | "LlamaForCausalLM" => Architecture::Llama,
+            "mistral" | "MistralForCausalLM" => Architecture::Mistral,
+            "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
+            "qwen3" | "Qwen3ForCausalLM" => Architecture::Qwen3,
+            other => {
+                return Err(ModelError::UnsupportedArchitecture(if other.is_empty() {
+                    "<no model_type>".to_string()
+                } else {
+                    other.to_string()
+                }))
+            }
+        };
+        let hidden_size = positive(required(raw.hidden_size, "hidden_size")?, "hidden_size")?;
+        let num_heads = positive(
+            required(raw.num_attention_heads, "num_attention_heads")?,
+            "num_attention_heads",
+        )?;
+        let num_kv_heads = positive(
+            raw.num_key_value_heads.unwrap_or(num_heads),
+            "num_key_value_heads",
+        )?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(ModelError::Config(format!(
+                "config.json: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => positive(d, "head_dim")?,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(ModelError::Config(format!(
+                        "config.json: hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads})"
+                    )));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(ModelError::Config(format!(
+                "config.json: head_dim must be even for RoPE, got {head_dim}"
+            )));
+        }
+        // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
+        let rope = raw.rope_parameters.or(raw.rope_scaling);
+        let rope_theta = rope
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .or(raw.rope_theta)
+            .unwrap_or(10_000.0);
+        let rope_scaling = match rope {
+            None => None,
+            Some(r) => match r.rope_type.or(r.legacy_type).as_deref() {
+                None | Some("default") => None,
+                Some("llama3") => Some(Llama3RopeScaling {
+                    factor: required(r.factor, "rope_scaling.factor")?,
+                    low_freq_factor: required(r.low_freq_factor, "rope_scaling.low_freq_factor")?,
+                    high_freq_factor: required(
+                        r.high_freq_factor,
+                        "rope_scaling.high_freq_factor",
+                    )?,
+                    original_max_position_embeddings: required(
+                        r.original_max_position_embeddings,
+                        "rope_scaling.original_max_position_embeddings",
+                    )?,
+                }),
+                Some(other) => {
+                    return Err(ModelError::Config(format!(
+                        "config.json: rope type `{other}` is not supported (supported: default, llama3)"
+                    )))
+                }
+            },
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let qkv_bias = match architecture {
+            Architecture::Qwen2 => true,
+            _ => attention_bias,
+        };
+        let o_bias = match architecture {
+            Architecture::Qwen2 => false,
+            _ => attention_bias,
+        };
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: positive(
+                required(raw.intermediate_size, "intermediate_size")?,
+                "intermediate_size",
+            )?,
+            num_layers: positive(
+                required(raw.num_hidden_layers, "num_hidden_layers")?,
+                "num_hidden_layers",
+            )?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: positive(required(raw.vocab_size, "vocab_size")?, "vocab_size")?,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100}"#;
+
+    #[test]
+    fn parses_minimal_llama_with_defaults() {
+        let c = ModelConfig::from_json(BASE).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_theta, 10_000.0);
+        assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let err = ModelConfig::from_json(r#"{"model_type":"gpt2"}"#).unwrap_err();
+        assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let err = ModelConfig::from_json(r#"{"model_type":"qwen3","hidden_size":8}"#).unwrap_err();
+        assert!(err.to_string().contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn rope_parameters_of_transformers_5_are_read() {
+        let text = BASE.replace(
+            "\"vocab_size\":100",
+            "\"vocab_size\":100,\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\
+             \"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\
+             \"original_max_position_embeddings\":8192}",
+        );
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+    }
+}

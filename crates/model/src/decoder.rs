@@ -1,0 +1,446 @@
+//! The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families:
+//! embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, LM head.
+//!
+//! Base weights are frozen (`requires_grad = false`) and never copied: every caller shares one
+//! [`Decoder`] through `Arc`. LoRA deltas come from a [`LoraBatch`] passed to each call.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::lora::{LoraBatch, Target};
+use crate::rope::Rope;
+use crate::weights::WeightStore;
+
+/// A linear layer `y = x W^T + b` with frozen weights.
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the family has one.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(store: &mut WeightStore, prefix: &str, out: i64, inp: i64, bias: bool) -> Result<Self> {
+        let weight = store.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(store.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+/// RMSNorm computed in f32, as transformers does.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(store: &mut WeightStore, name: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: store.take(name, &[dim])?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = x.kind();
+        let xf = x.f_to_kind(Kind::Float)?;
+        let variance = xf
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
+        let normed = xf.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_attn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The frozen base model.
+pub struct Decoder {
+    config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    device: Device,
+    kind: Kind,
+}
+
+/// Applies a linear layer plus any LoRA delta the batch holds for `(layer, target)`.
+fn project(
+    linear: &Linear,
+    x: &Tensor,
+    lora: Option<&LoraBatch>,
+    layer: usize,
+    target: Target,
+) -> Result<Tensor> {
+    let base = linear.forward(x)?;
+    match lora {
+        Some(batch) => batch.add_delta(base, x, Some(layer), target),
+        None => Ok(base),
+    }
+}
+
+impl Decoder {
+    /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors).
+    ///
+    /// dtype: f32 on CPU, bf16 on CUDA unless `kind` overrides it.
+    pub fn load(dir: &Path, device: Device, kind: Option<Kind>) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFile {
+                path: dir.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let kind = kind.unwrap_or(match device {
+            Device::Cpu => Kind::Float,
+            _ => Kind::BFloat16,
+        });
+        let mut store = WeightStore::load(dir, kind, device)?;
+        let decoder = Self::from_store(config, &mut store, device, kind)?;
+        let leftover = store.leftover();
+        if !leftover.is_empty() {
+            tracing::warn!(count = leftover.len(), first = %leftover[0], "unused tensors in checkpoint");
+        }
+        Ok(decoder)
+    }
+
+    fn from_store(
+        config: ModelConfig,
+        store: &mut WeightStore,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let embed = store.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(c.num_layers as usize);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = c.architecture == Architecture::Qwen3;
+            let norm = |store: &mut WeightStore, name: &str| {
+                RmsNorm::load(
+                    store,
+                    &format!("{p}.self_attn.{name}.weight"),
+                    d,
+                    c.rms_norm_eps,
+                )
+            };
+            let attn = Attention {
+                q: Linear::load(
+                    store,
+                    &format!("{p}.self_attn.q_proj"),
+                    c.num_heads * d,
+                    h,
+                    c.qkv_bias,
+                )?,
+                k: Linear::load(
+                    store,
+                    &format!("{p}.self_attn.k_proj"),
+                    c.num_kv_heads * d,
+                    h,
+                    c.qkv_bias,
+                )?,
+                v: Linear::load(
+                    store,
+                    &format!("{p}.self_attn.v_proj"),
+                    c.num_kv_heads * d,
+                    h,
+                    c.qkv_bias,
+                )?,
+                o: Linear::load(
+                    store,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    c.num_heads * d,
+                    c.o_bias,
+                )?,
+                q_norm: if qk_norm {
+                    Some(norm(store, "q_norm")?)
+                } else {
+                    None
+                },
+                k_norm: if qk_norm {
+                    Some(norm(store, "k_norm")?)
+                } else {
+                    None
+                },
+            };
+            let mlp = Mlp {
+                gate: Linear::load(
+                    store,
+                    &format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                up: Linear::load(
+                    store,
+                    &format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                down: Linear::load(
+                    store,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                )?,
+            };
+            blocks.push(Block {
+                input_norm: RmsNorm::load(
+                    store,
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                attn,
+                post_attn_norm: RmsNorm::load(
+                    store,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                mlp,
+            });
+        }
+        let final_norm = RmsNorm::load(store, "model.norm.weight", h, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            // A tied checkpoint may still carry a copy; one copy in memory is enough.
+            let _ = store.take_optional("lm_head.weight", &[c.vocab_size, h])?;
+            None
+        } else {
+            Some(store.take("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let rope = Rope::new(c, device)?;
+        Ok(Decoder {
+            config,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            rope,
+            device,
+            kind,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Element type of the weights and activations.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> i64 {
+        let lin =
+            |l: &Linear| l.weight.numel() as i64 + l.bias.as_ref().map_or(0, |b| b.numel() as i64);
+        let mut n = self.embed.numel() as i64 + self.final_norm.weight.numel() as i64;
+        n += self.lm_head.as_ref().map_or(0, |t| t.numel() as i64);
+        for b in &self.blocks {
+            n += lin(&b.attn.q) + lin(&b.attn.k) + lin(&b.attn.v) + lin(&b.attn.o);
+            n += lin(&b.mlp.gate) + lin(&b.mlp.up) + lin(&b.mlp.down);
+            n += b.input_norm.weight.numel() as i64 + b.post_attn_norm.weight.numel() as i64;
+            for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {
+                n += norm.weight.numel() as i64;
+            }
+        }
+        n
+    }
+
+    /// One line describing the model, for logs.
+    pub fn summary(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{} · {} layers · hidden {} · {} heads / {} kv heads · vocab {} · {:.1}M parameters · {:?} on {:?}",
+            c.architecture.name(),
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.vocab_size,
+            self.num_parameters() as f64 / 1e6,
+            self.kind,
+            self.device,
+        )
+    }
+
+    /// The LM head matrix `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Checks that every token id is inside the vocabulary.
+    pub fn check_tokens(&self, field: &str, ids: &[i64]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t >= vocab) {
+            return Err(ModelError::invalid(
+                field,
+                format!("token id {t} at position {i} is outside the vocabulary [0, {vocab})"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Logits `[batch, seq, vocab]` for right-padded token ids `[batch, seq]`.
+    ///
+    /// Every row starts at position 0 and attends causally, so padding at the end of a row
+    /// never influences that row's real positions. LoRA deltas come from `lora` when given.
+    pub fn forward(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, lora)?;
+        self.logits(&hidden, lora)
+    }
+
+    /// Final-normed hidden states `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let size = input_ids.size();
+        if size.len() != 2 {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!("expected [batch, seq], got {size:?}"),
+            ));
+        }
+        let seq = size[1];
+        if seq > self.config.max_position_embeddings {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!(
+                    "sequence of {seq} tokens exceeds the model's context of {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        if let Some(batch) = lora {
+            batch.check_rows(size[0])?;
+        }
+        let ids = input_ids.f_to_device(self.device)?;
+        let vocab = self.config.vocab_size;
+        if ids.numel() > 0 {
+            let (min, max) = (ids.f_min()?.int64_value(&[]), ids.f_max()?.int64_value(&[]));
+            if min < 0 || max >= vocab {
+                return Err(ModelError::invalid(
+                    "input_ids",
+                    format!("token ids must lie in [0, {vocab}), found range [{min}, {max}]"),
+                ));
+            }
+        }
+        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
+        let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(block, i, &x, &cos, &sin, lora)?;
+        }
+        self.final_norm.forward(&x)
+    }
+
+    /// Logits from final hidden states, with the unembedding LoRA when present.
+    pub fn logits(&self, hidden: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let base = hidden.f_matmul(&self.lm_head_weight().f_tr()?)?;
+        match lora {
+            Some(batch) => batch.add_delta(base, hidden, None, Target::Unembed),
+            None => Ok(base),
+        }
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let h = block.input_norm.forward(x)?;
+        let a = &block.attn;
+        let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = y.f_view([b, t, n, c.head_dim])?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            Ok(y.f_transpose(1, 2)?)
+        };
+        let q = heads(
+            project(&a.q, &h, lora, layer, Target::Q)?,
+            c.num_heads,
+            &a.q_norm,
+        )?;
+        let k = heads(
+            project(&a.k, &h, lora, layer, Target::K)?,
+            c.num_kv_heads,
+            &a.k_norm,
+        )?;
+        let v = heads(
+            project(&a.v, &h, lora, layer, Target::V)?,
+            c.num_kv_heads,
+            &None,
+        )?;
+        let q = Rope::apply(&q, cos, sin)?;
+        let k = Rope::apply(&k, cos, sin)?;
+        let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
+            &q,
+            &k,
+            &v,
+            None,
+            0.0,
+            true,
+            None,
+            c.num_kv_heads != c.num_heads,
+        )?;
+        let attn = attn
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, c.num_heads * c.head_dim])?;
+        let x = x.f_add(&project(&a.o, &attn, lora, layer, Target::O)?)?;
+        let h = block.post_attn_norm.forward(&x)?;
+        let m = &block.mlp;
+        let gate = project(&m.gate, &h, lora, layer, Target::Gate)?.f_silu()?;
+        let up = project(&m.up, &h, lora, layer, Target::Up)?;
+        let down = project(&m.down, &gate.f_mul(&up)?, lora, layer, Target::Down)?;
+        Ok(x.f_add(&down)?)
+    }
+}

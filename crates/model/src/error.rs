@@ -1,0 +1,65 @@
+//! Errors of the model crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file the checkpoint needs is missing or unreadable.
+    #[error("cannot read {path}: {reason}")]
+    MissingFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// `config.json` is malformed or inconsistent.
+    #[error("{0}")]
+    Config(String),
+    /// `model_type` names a family loraloom does not implement.
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
+    UnsupportedArchitecture(String),
+    /// A tensor the architecture needs is absent from the checkpoint.
+    #[error("checkpoint is missing tensor `{0}`")]
+    MissingTensor(String),
+    /// A tensor has the wrong shape for the configuration.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        /// Tensor name.
+        name: String,
+        /// Shape in the file.
+        found: Vec<i64>,
+        /// Shape the config implies.
+        expected: Vec<i64>,
+    },
+    /// Input that cannot be run (bad token ids, mismatched lengths, ...); names the field.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidInput {
+        /// The offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The tokenizer could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// An error raised inside libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// Filesystem error while writing or reading checkpoints.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ModelError {
+    /// Shorthand for [`ModelError::InvalidInput`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ModelError::InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result alias of the model crate.
+pub type Result<T> = std::result::Result<T, ModelError>;

@@ -1,0 +1,108 @@
+//! Reading a checkpoint's safetensors files (single file or sharded with an index).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// The tensors of a checkpoint by name, taken one by one with shape checks.
+pub struct WeightStore {
+    tensors: HashMap<String, Tensor>,
+    kind: Kind,
+    device: Device,
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::MissingFile {
+            path: index.clone(),
+            reason: e.to_string(),
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", index.display())))?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                ModelError::Config(format!("{}: no `weight_map` object", index.display()))
+            })?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::MissingFile {
+        path: single,
+        reason: "neither model.safetensors nor model.safetensors.index.json exists".into(),
+    })
+}
+
+impl WeightStore {
+    /// Loads every tensor of the checkpoint in `dir`, converted to `kind` on `device`.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for file in safetensors_files(dir)? {
+            if !file.exists() {
+                return Err(ModelError::MissingFile {
+                    path: file,
+                    reason: "listed in the index but absent".into(),
+                });
+            }
+            let read = Tensor::read_safetensors(&file).map_err(|e| ModelError::MissingFile {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            tensors.extend(read);
+        }
+        Ok(WeightStore {
+            tensors,
+            kind,
+            device,
+        })
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Removes `name` from the store, checking its shape; the result is frozen (no grad).
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let tensor = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if tensor.size() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                found: tensor.size(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(tensor
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)?
+            .set_requires_grad(false))
+    }
+
+    /// Like [`WeightStore::take`] but `None` when absent.
+    pub fn take_optional(&mut self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Names not consumed by the architecture (reported, not fatal).
+    pub fn leftover(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}

@@ -1,0 +1,215 @@
+//! The decoder against transformers on the same weights and inputs.
+//!
+//! Tolerances: tiny models in f32 agree to max-abs 1e-4 (observed ~1e-6; the rest is the
+//! different order of f32 reductions in the two implementations). The 30-layer default model
+//! accumulates more rounding, so 1e-3 on logits of magnitude ~20.
+
+mod common;
+
+use common::*;
+use loraloom_model::{Decoder, ModelError};
+use tch::{Device, Kind, Tensor};
+
+fn check_real_positions(
+    decoder: &Decoder,
+    expected: &std::collections::HashMap<String, Tensor>,
+    tol: f64,
+) {
+    let ids = &expected["input_ids"];
+    let lengths: Vec<i64> = Vec::<i64>::try_from(&expected["lengths"]).unwrap();
+    let want = &expected["logits"];
+    let got = tch::no_grad(|| decoder.forward(ids, None)).unwrap();
+    assert_eq!(got.size(), want.size());
+    for (row, &len) in lengths.iter().enumerate() {
+        let g = got.get(row as i64).narrow(0, 0, len);
+        let w = want.get(row as i64).narrow(0, 0, len);
+        let diff = max_abs_diff(&g, &w);
+        let scale = w.abs().max().double_value(&[]);
+        assert!(
+            diff <= tol,
+            "row {row}: max-abs diff {diff} > {tol} (logit scale {scale})"
+        );
+        assert!(
+            scale > 0.5,
+            "oracle logits are too small to be a meaningful test: {scale}"
+        );
+    }
+}
+
+fn check_tiny(arch: &str) {
+    let dir = TempDir::new(arch);
+    oracle(
+        "tiny_models.py",
+        &["make", arch, dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    assert_eq!(decoder.config().architecture.name(), arch);
+    let expected = read_tensors(&dir.path().join("expected.safetensors"));
+    check_real_positions(&decoder, &expected, 1e-4);
+}
+
+#[test]
+fn tiny_llama_with_llama3_rope_matches_transformers() {
+    check_tiny("llama");
+}
+
+#[test]
+fn tiny_qwen3_matches_transformers() {
+    check_tiny("qwen3");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    check_tiny("qwen2");
+}
+
+#[test]
+fn tiny_mistral_matches_transformers() {
+    check_tiny("mistral");
+}
+
+#[test]
+fn default_model_matches_transformers_and_knows_paris() {
+    let model_dir = default_model_dir();
+    assert!(
+        model_dir.join("config.json").exists(),
+        "default model missing at {} (run `make model`)",
+        model_dir.display()
+    );
+    let out = TempDir::new("default");
+    let expected_path = out.path().join("expected.safetensors");
+    oracle(
+        "tiny_models.py",
+        &[
+            "default",
+            model_dir.to_str().unwrap(),
+            expected_path.to_str().unwrap(),
+        ],
+    );
+    let decoder = Decoder::load(&model_dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let expected = read_tensors(&expected_path);
+    check_real_positions(&decoder, &expected, 1e-3);
+
+    // Greedy continuation by repeated full forwards (no cache): the oracle for the model itself,
+    // independent of the sampler. Must equal transformers' generate() and mention Paris.
+    let mut ids: Vec<i64> = Vec::<i64>::try_from(expected["paris_prompt"].view([-1])).unwrap();
+    let want: Vec<i64> = Vec::<i64>::try_from(expected["paris_greedy"].view([-1])).unwrap();
+    while ids.len() < want.len() {
+        let input = Tensor::from_slice(&ids).view([1, -1]);
+        let logits = tch::no_grad(|| decoder.forward(&input, None)).unwrap();
+        ids.push(logits.get(0).get(-1).argmax(0, false).int64_value(&[]));
+    }
+    assert_eq!(ids, want);
+    let tokenizer = loraloom_model::TextTokenizer::from_dir(&model_dir).unwrap();
+    let text = tokenizer.decode(&ids).unwrap();
+    assert!(text.contains("Paris"), "greedy continuation: {text:?}");
+}
+
+fn tiny_checkpoint(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    dir
+}
+
+#[test]
+fn bad_model_directories_are_named_errors() {
+    let dir = tiny_checkpoint("bad");
+    let p = dir.path();
+    let load = || {
+        Decoder::load(p, Device::Cpu, Some(Kind::Float))
+            .map(|_| ())
+            .unwrap_err()
+    };
+
+    // Unknown architecture.
+    let config = std::fs::read_to_string(p.join("config.json")).unwrap();
+    std::fs::write(
+        p.join("config.json"),
+        config.replace("\"llama\"", "\"gpt_neox\""),
+    )
+    .unwrap();
+    let err = load();
+    assert!(
+        matches!(err, ModelError::UnsupportedArchitecture(ref a) if a == "gpt_neox"),
+        "{err}"
+    );
+
+    // Wrong shapes: the config promises a wider model than the weights hold.
+    std::fs::write(
+        p.join("config.json"),
+        config.replace("\"hidden_size\": 64", "\"hidden_size\": 48"),
+    )
+    .unwrap();
+    let err = load();
+    assert!(
+        matches!(err, ModelError::WrongShape { ref name, .. } if name == "model.embed_tokens.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("[128, 64]"), "{err}");
+
+    // Missing tensor: one more layer than the checkpoint has.
+    std::fs::write(
+        p.join("config.json"),
+        config.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
+    let err = load();
+    assert!(err.to_string().contains("model.layers.2."), "{err}");
+
+    // Missing files.
+    std::fs::write(p.join("config.json"), &config).unwrap();
+    std::fs::remove_file(p.join("model.safetensors")).unwrap();
+    let err = load();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    std::fs::remove_file(p.join("config.json")).unwrap();
+    let err = load();
+    assert!(err.to_string().contains("config.json"), "{err}");
+
+    // Not a directory at all.
+    let err = Decoder::load(&p.join("nope"), Device::Cpu, None)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn sharded_checkpoints_load_through_the_index() {
+    let dir = tiny_checkpoint("sharded");
+    let p = dir.path();
+    let tensors = read_tensors(&p.join("model.safetensors"));
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, group) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let part: Vec<(&str, &Tensor)> = group.iter().map(|n| (n.as_str(), &tensors[*n])).collect();
+        Tensor::write_safetensors(&part, p.join(file)).unwrap();
+        for n in group {
+            weight_map.insert((*n).clone(), file.into());
+        }
+    }
+    std::fs::remove_file(p.join("model.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(p.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let decoder = Decoder::load(p, Device::Cpu, Some(Kind::Float)).unwrap();
+    let expected = read_tensors(&p.join("expected.safetensors"));
+    check_real_positions(&decoder, &expected, 1e-4);
+}
+
+#[test]
+fn out_of_vocabulary_tokens_are_rejected() {
+    let dir = tiny_checkpoint("oov");
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let ids = Tensor::from_slice(&[1i64, 2, 128]).view([1, 3]);
+    let err = decoder.forward(&ids, None).unwrap_err();
+    assert!(
+        err.to_string().contains("input_ids") && err.to_string().contains("128"),
+        "{err}"
+    );
+}

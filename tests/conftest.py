@@ -1,0 +1,65 @@
+"""Fixtures for end-to-end tests: a real loraloom server on 127.0.0.1."""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BINARY = ROOT / "target" / "debug" / "loraloom"
+DEFAULT_MODEL_DIR = Path(
+    os.environ.get("LORALOOM_DEFAULT_MODEL_DIR", ROOT / "data" / "models" / "SmolLM2-135M-Instruct")
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data_dir: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(data_dir / "server.log", "w+")
+        self.proc = subprocess.Popen(
+            [str(BINARY), "serve", "--port", str(self.port), "--model", str(DEFAULT_MODEL_DIR),
+             "--model-name", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data-dir", str(data_dir), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/api/v1/healthz", timeout=1).ok:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("data"))
+    yield srv
+    srv.stop()

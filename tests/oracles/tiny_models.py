@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Oracle for the decoder: builds tiny random checkpoints with transformers and records its logits.
+
+Usage:
+  tiny_models.py make ARCH OUT_DIR     tiny random ARCH checkpoint (fixed seed) + expected.safetensors
+  tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
+
+expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
+[B,T,V] from transformers with an attention mask (positions past a row's length are padding).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+from safetensors.torch import save_file
+
+SEED = 1234
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        # llama3-style RoPE scaling exercised here; untied LM head.
+        return tf.LlamaConfig(
+            **COMMON,
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        )
+    if arch == "qwen3":
+        return tf.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True,
+                              rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch == "qwen2":
+        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
+    if arch == "mistral":
+        return tf.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None)
+    raise SystemExit(f"unknown arch {arch}")
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Weights large enough that every component visibly moves the logits."""
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def batch_inputs(vocab: int):
+    g = torch.Generator().manual_seed(SEED + 1)
+    lengths = torch.tensor([20, 11, 4])
+    ids = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, :n] = torch.randint(0, vocab, (n,), generator=g)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, lengths, mask
+
+
+def save_checkpoint(model, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+
+
+def make(arch: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    randomize(model)
+    save_checkpoint(model, out)
+    ids, lengths, mask = batch_inputs(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    save_file({"input_ids": ids, "lengths": lengths, "logits": logits.contiguous()},
+              str(out / "expected.safetensors"))
+
+
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog. Meanwhile, in Paris, the capital of France, "
+    "people were enjoying a quiet afternoon by the river with friends and family."
+)
+
+
+def default(model_dir: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(PROMPT).input_ids[:32]])
+    assert ids.shape[1] == 32, ids.shape
+    paris = torch.tensor([tok("The capital of France is").input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        greedy = model.generate(paris, max_new_tokens=12, do_sample=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids, "lengths": torch.tensor([32]), "logits": logits.contiguous(),
+               "paris_prompt": paris, "paris_greedy": greedy}, str(out))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "make":
+        make(sys.argv[2], Path(sys.argv[3]))
+    elif cmd == "default":
+        default(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        raise SystemExit(__doc__)
