@@ -2,22 +2,30 @@
 //!
 //! It owns Hugging Face config parsing and safetensors loading ([`config`], [`weights`]), the
 //! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
-//! LoRA adapters applied per batch segment ([`lora`]). It knows nothing of HTTP, tenants or
-//! queues.
+//! LoRA adapters applied per batch segment ([`lora`]), the Tinker losses ([`loss`]), fused
+//! multi-adapter training steps ([`train`]), Adam ([`adam`]) and PEFT-layout checkpoints
+//! ([`checkpoint`]). It knows nothing of HTTP, tenants or queues.
 
+pub mod adam;
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod lora;
+pub mod loss;
 pub mod rope;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
+pub use adam::{AdamParams, AdamState, StepStats};
 pub use config::{Architecture, ModelConfig};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{LoraAdapter, LoraBatch, LoraSpec, Segment, Target};
+pub use loss::{LossFn, LossInputs};
 pub use tokenizer::TextTokenizer;
+pub use train::{forward_backward, Datum, DatumOutput, RequestOutput, TrainRequest};
 
 /// Picks CUDA when libtorch sees a GPU, else the CPU.
 pub fn default_device() -> tch::Device {

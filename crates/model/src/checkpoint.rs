@@ -1,0 +1,356 @@
+//! Adapter checkpoints on disk, in PEFT's layout so that `peft.PeftModel.from_pretrained`
+//! loads them on the Hugging Face base model.
+//!
+//! A checkpoint directory holds:
+//! - `adapter_model.safetensors`: `base_model.model.<module>.lora_{A,B}.weight`;
+//! - `adapter_config.json`: PEFT's LoRA config (`r`, `lora_alpha`, `target_modules`, ...);
+//! - `loraloom.json`: what PEFT has no field for (seed, step count);
+//! - `optimizer.safetensors` (full state only): `<key>.exp_avg` / `<key>.exp_avg_sq`.
+//!
+//! Sampler weights are the first three files; a full state adds the optimizer. Directories are
+//! written under a temporary name, synced, then renamed into place, so a reader never sees half a
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::adam::AdamState;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::lora::{LoraAdapter, LoraPair, LoraSpec, Target};
+
+const ADAPTER_FILE: &str = "adapter_model.safetensors";
+const CONFIG_FILE: &str = "adapter_config.json";
+const EXTRA_FILE: &str = "loraloom.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct PeftConfig {
+    peft_type: String,
+    task_type: String,
+    r: i64,
+    lora_alpha: f64,
+    target_modules: Vec<String>,
+    lora_dropout: f64,
+    bias: String,
+    fan_in_fan_out: bool,
+    inference_mode: bool,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Extra {
+    seed: u64,
+    step: Option<i64>,
+}
+
+fn peft_key(module: &str, half: &str) -> String {
+    format!("base_model.model.{module}.lora_{half}.weight")
+}
+
+fn io(path: &Path, e: std::io::Error) -> ModelError {
+    ModelError::MissingFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// What to write.
+pub struct SaveRequest<'a> {
+    /// The adapter.
+    pub adapter: &'a LoraAdapter,
+    /// Its optimizer state, for a full (resumable) checkpoint.
+    pub optimizer: Option<&'a AdamState>,
+    /// Recorded as `base_model_name_or_path`.
+    pub base_model: &'a str,
+}
+
+/// Writes a checkpoint atomically into `dir` (replacing an older one of the same name).
+pub fn save(request: &SaveRequest, dir: &Path) -> Result<()> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| ModelError::invalid("path", format!("{} has no parent", dir.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let tmp = unique_sibling(dir, "tmp");
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let written = write_files(request, &tmp);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = unique_sibling(dir, "old");
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))?;
+    }
+    File::open(parent)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(parent, e))?;
+    Ok(())
+}
+
+fn unique_sibling(dir: &Path, tag: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    dir.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
+}
+
+fn write_files(request: &SaveRequest, dir: &Path) -> Result<()> {
+    let adapter = request.adapter;
+    let spec = adapter.spec();
+    let pairs = adapter.named_pairs();
+    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(pairs.len() * 2);
+    for (module, pair) in &pairs {
+        tensors.push((peft_key(module, "A"), cpu_f32(&pair.a)?));
+        tensors.push((peft_key(module, "B"), cpu_f32(&pair.b)?));
+    }
+    write_safetensors(&tensors, &dir.join(ADAPTER_FILE))?;
+    let target_modules = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+        Target::Unembed,
+    ]
+    .into_iter()
+    .filter(|t| spec.targets(*t))
+    .map(|t| t.hf_name().to_string())
+    .collect();
+    let config = PeftConfig {
+        peft_type: "LORA".into(),
+        task_type: "CAUSAL_LM".into(),
+        r: spec.rank,
+        lora_alpha: spec.alpha,
+        target_modules,
+        lora_dropout: 0.0,
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        inference_mode: true,
+        base_model_name_or_path: Some(request.base_model.to_string()),
+    };
+    write_json(&dir.join(CONFIG_FILE), &config)?;
+    let extra = Extra {
+        seed: spec.seed,
+        step: request.optimizer.map(|o| o.step),
+    };
+    write_json(&dir.join(EXTRA_FILE), &extra)?;
+    if let Some(opt) = request.optimizer {
+        let params = adapter.parameters();
+        let names: Vec<String> = pairs
+            .iter()
+            .flat_map(|(m, _)| [peft_key(m, "A"), peft_key(m, "B")])
+            .collect();
+        if opt.exp_avg.len() != params.len() {
+            return Err(ModelError::invalid(
+                "optimizer_state",
+                "does not match the adapter's parameters",
+            ));
+        }
+        let mut moments = Vec::with_capacity(names.len() * 2);
+        for (i, name) in names.iter().enumerate() {
+            moments.push((format!("{name}.exp_avg"), cpu_f32(&opt.exp_avg[i])?));
+            moments.push((format!("{name}.exp_avg_sq"), cpu_f32(&opt.exp_avg_sq[i])?));
+        }
+        write_safetensors(&moments, &dir.join(OPTIMIZER_FILE))?;
+    }
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(dir, e))?;
+    Ok(())
+}
+
+fn cpu_f32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.f_detach()?
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?)
+}
+
+fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    Tensor::write_safetensors(tensors, path)?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| ModelError::Config(e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| io(path, e))?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+/// A checkpoint read back from disk.
+pub struct Loaded {
+    /// The adapter with the saved weights.
+    pub adapter: LoraAdapter,
+    /// The optimizer state, when the checkpoint is a full state.
+    pub optimizer: Option<AdamState>,
+}
+
+/// Reads a checkpoint written by [`save`] or by `peft`'s `save_pretrained` for `config`'s model.
+pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Result<Loaded> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, e))?;
+    let peft: PeftConfig = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Config(format!("{}: {e}", config_path.display())))?;
+    if peft.peft_type != "LORA" {
+        return Err(ModelError::Config(format!(
+            "{}: peft_type {} is not LORA",
+            config_path.display(),
+            peft.peft_type
+        )));
+    }
+    let extra: Option<Extra> = std::fs::read_to_string(dir.join(EXTRA_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let has = |names: &[&str]| {
+        names
+            .iter()
+            .all(|n| peft.target_modules.iter().any(|m| m == n))
+    };
+    let any = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| peft.target_modules.iter().any(|m| m == n))
+    };
+    let attn = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    let mlp = ["gate_proj", "up_proj", "down_proj"];
+    if (any(&attn) && !has(&attn)) || (any(&mlp) && !has(&mlp)) {
+        return Err(ModelError::Config(format!(
+            "{}: target_modules {:?} adapt part of a group; loraloom adapts all of q/k/v/o or all of gate/up/down",
+            config_path.display(),
+            peft.target_modules
+        )));
+    }
+    let spec = LoraSpec {
+        rank: peft.r,
+        alpha: peft.lora_alpha,
+        seed: extra.as_ref().map_or(0, |e| e.seed),
+        train_attn: has(&attn),
+        train_mlp: has(&mlp),
+        train_unembed: any(&["lm_head"]),
+    };
+    let mut adapter = LoraAdapter::new(spec, config, device, kind)?;
+    let weights_path = dir.join(ADAPTER_FILE);
+    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights_path)
+        .map_err(|e| io(&weights_path, std::io::Error::other(e.to_string())))?
+        .into_iter()
+        .collect();
+    let mut take = |name: &str, shape: [i64; 2]| -> Result<Tensor> {
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if t.size() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                found: t.size(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    };
+    let rank = adapter.spec().rank;
+    for layer in 0..config.num_layers as usize {
+        for target in Target::BLOCK {
+            load_pair(
+                &mut adapter,
+                Some(layer),
+                target,
+                config,
+                rank,
+                device,
+                kind,
+                &mut take,
+            )?;
+        }
+    }
+    load_pair(
+        &mut adapter,
+        None,
+        Target::Unembed,
+        config,
+        rank,
+        device,
+        kind,
+        &mut take,
+    )?;
+
+    let optimizer = if dir.join(OPTIMIZER_FILE).exists() {
+        let path = dir.join(OPTIMIZER_FILE);
+        let mut moments: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+            .map_err(|e| io(&path, std::io::Error::other(e.to_string())))?
+            .into_iter()
+            .collect();
+        let mut exp_avg = Vec::new();
+        let mut exp_avg_sq = Vec::new();
+        for (module, pair) in adapter.named_pairs() {
+            for (half, p) in [("A", &pair.a), ("B", &pair.b)] {
+                let key = peft_key(&module, half);
+                for (suffix, out) in [("exp_avg", &mut exp_avg), ("exp_avg_sq", &mut exp_avg_sq)] {
+                    let name = format!("{key}.{suffix}");
+                    let t = moments
+                        .remove(&name)
+                        .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+                    if t.size() != p.size() {
+                        return Err(ModelError::WrongShape {
+                            name,
+                            found: t.size(),
+                            expected: p.size(),
+                        });
+                    }
+                    out.push(t.f_to_kind(kind)?.f_to_device(device)?);
+                }
+            }
+        }
+        Some(AdamState {
+            step: extra.as_ref().and_then(|e| e.step).unwrap_or(0),
+            exp_avg,
+            exp_avg_sq,
+        })
+    } else {
+        None
+    };
+    Ok(Loaded { adapter, optimizer })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn load_pair(
+    adapter: &mut LoraAdapter,
+    layer: Option<usize>,
+    target: Target,
+    config: &ModelConfig,
+    rank: i64,
+    device: Device,
+    kind: Kind,
+    take: &mut impl FnMut(&str, [i64; 2]) -> Result<Tensor>,
+) -> Result<()> {
+    let Some(pair) = adapter.pair_mut(layer, target) else {
+        return Ok(());
+    };
+    let module = target.module_path(layer);
+    let (out, inp) = target.dims(config);
+    let a = take(&peft_key(&module, "A"), [rank, inp])?;
+    let b = take(&peft_key(&module, "B"), [out, rank])?;
+    *pair = LoraPair::leaf(a, b, device, kind)?;
+    Ok(())
+}

@@ -1,0 +1,326 @@
+//! The Tinker loss functions over per-token target log-probabilities.
+//!
+//! Every loss is a plain sum over tokens (`loss:sum`), never a mean: `weights` and `advantages`
+//! carry whatever normalisation the user wants. With `lp` the model's log-probability of the
+//! target token, `q` the sampler's (`logprobs` input) and `r = exp(lp - q)`:
+//!
+//! | loss | per-token term |
+//! |---|---|
+//! | `cross_entropy` | `-w · lp` |
+//! | `importance_sampling` | `-w · r · A` |
+//! | `ppo` | `-w · min(r · A, clamp(r, lo, hi) · A)` |
+//! | `cispo` | `-w · sg(clamp(r, lo, hi)) · lp · A` |
+//! | `dro` | `-w · (lp · A - β/2 · (lp - q)²)` |
+//!
+//! `w` (`weights`) is optional for the RL losses and defaults to 1, so the documented formulas
+//! hold exactly when it is absent; given, it masks tokens as it does for cross-entropy.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// A loss function with its configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossFn {
+    /// Weighted negative log-likelihood.
+    CrossEntropy,
+    /// Importance-weighted policy gradient.
+    ImportanceSampling,
+    /// PPO's clipped objective; `clip_low`/`clip_high` bound the ratio itself.
+    Ppo {
+        /// Lower ratio bound (default 0.8).
+        clip_low: f64,
+        /// Upper ratio bound (default 1.2).
+        clip_high: f64,
+    },
+    /// CISPO: clipped, stop-gradient ratio times the log-probability.
+    Cispo {
+        /// Lower ratio bound (default 0.0).
+        clip_low: f64,
+        /// Upper ratio bound (default 4.0).
+        clip_high: f64,
+    },
+    /// DRO: advantage-weighted log-probability with a quadratic penalty.
+    Dro {
+        /// Penalty strength (default 0.1).
+        beta: f64,
+    },
+}
+
+impl LossFn {
+    /// The loss by its wire name with `config` values (`clip_low_threshold`,
+    /// `clip_high_threshold`, `beta`); unknown names and bad values name the field.
+    pub fn from_name(name: &str, config: &[(String, f64)]) -> Result<Self> {
+        let get = |key: &str, default: f64| -> Result<f64> {
+            match config.iter().find(|(k, _)| k == key) {
+                None => Ok(default),
+                Some((_, v)) if v.is_finite() => Ok(*v),
+                Some((_, v)) => Err(ModelError::invalid(
+                    format!("loss_fn_config.{key}"),
+                    format!("must be finite, got {v}"),
+                )),
+            }
+        };
+        let known = |keys: &[&str]| -> Result<()> {
+            match config.iter().find(|(k, _)| !keys.contains(&k.as_str())) {
+                Some((k, _)) => Err(ModelError::invalid(
+                    format!("loss_fn_config.{k}"),
+                    format!("not a parameter of loss `{name}` (accepted: {keys:?})"),
+                )),
+                None => Ok(()),
+            }
+        };
+        let clip = |lo_default: f64, hi_default: f64| -> Result<(f64, f64)> {
+            known(&["clip_low_threshold", "clip_high_threshold"])?;
+            let lo = get("clip_low_threshold", lo_default)?;
+            let hi = get("clip_high_threshold", hi_default)?;
+            if lo < 0.0 || hi < lo {
+                return Err(ModelError::invalid(
+                    "loss_fn_config.clip_low_threshold",
+                    format!(
+                        "need 0 <= clip_low_threshold <= clip_high_threshold, got {lo} and {hi}"
+                    ),
+                ));
+            }
+            Ok((lo, hi))
+        };
+        Ok(match name {
+            "cross_entropy" => {
+                known(&[])?;
+                LossFn::CrossEntropy
+            }
+            "importance_sampling" => {
+                known(&[])?;
+                LossFn::ImportanceSampling
+            }
+            "ppo" => {
+                let (clip_low, clip_high) = clip(0.8, 1.2)?;
+                LossFn::Ppo {
+                    clip_low,
+                    clip_high,
+                }
+            }
+            "cispo" => {
+                let (clip_low, clip_high) = clip(0.0, 4.0)?;
+                LossFn::Cispo {
+                    clip_low,
+                    clip_high,
+                }
+            }
+            "dro" => {
+                known(&["beta"])?;
+                LossFn::Dro {
+                    beta: get("beta", 0.1)?,
+                }
+            }
+            other => {
+                return Err(ModelError::invalid(
+                    "loss_fn",
+                    format!(
+                        "unknown loss `{other}` (supported: cross_entropy, importance_sampling, ppo, cispo, dro)"
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// Whether the loss reads the sampler's `logprobs` and `advantages`.
+    pub fn needs_policy_inputs(&self) -> bool {
+        !matches!(self, LossFn::CrossEntropy)
+    }
+}
+
+/// Per-token inputs of one datum besides the model input, validated to one length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossInputs {
+    /// Token each position should predict.
+    pub target_tokens: Vec<i64>,
+    /// Per-token weights (default 1).
+    pub weights: Option<Vec<f32>>,
+    /// Sampler log-probabilities of the targets (RL losses).
+    pub logprobs: Option<Vec<f32>>,
+    /// Per-token advantages (RL losses).
+    pub advantages: Option<Vec<f32>>,
+}
+
+impl LossInputs {
+    /// Checks lengths against `len` (the model input's length), finiteness, and that the loss
+    /// has what it needs.
+    pub fn validate(&self, loss: &LossFn, len: usize, vocab: i64) -> Result<()> {
+        if self.target_tokens.len() != len {
+            return Err(ModelError::invalid(
+                "loss_fn_inputs.target_tokens",
+                format!(
+                    "has {} tokens but model_input has {len}",
+                    self.target_tokens.len()
+                ),
+            ));
+        }
+        if let Some((i, t)) = self
+            .target_tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t < 0 || t >= vocab)
+        {
+            return Err(ModelError::invalid(
+                "loss_fn_inputs.target_tokens",
+                format!("token id {t} at position {i} is outside the vocabulary [0, {vocab})"),
+            ));
+        }
+        let check = |name: &str, values: &Option<Vec<f32>>, required: bool| -> Result<()> {
+            let field = format!("loss_fn_inputs.{name}");
+            match values {
+                None if required => Err(ModelError::invalid(field, "is required by this loss")),
+                None => Ok(()),
+                Some(v) if v.len() != len => Err(ModelError::invalid(
+                    field,
+                    format!("has {} values but model_input has {len}", v.len()),
+                )),
+                Some(v) => match v.iter().position(|x| !x.is_finite()) {
+                    Some(i) => Err(ModelError::invalid(
+                        field,
+                        format!("value at position {i} is not finite"),
+                    )),
+                    None => Ok(()),
+                },
+            }
+        };
+        let policy = loss.needs_policy_inputs();
+        check("weights", &self.weights, !policy)?;
+        check("logprobs", &self.logprobs, policy)?;
+        check("advantages", &self.advantages, policy)?;
+        Ok(())
+    }
+}
+
+fn float_tensor(values: &[f32], like: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values)
+        .f_to_device(like.device())?
+        .f_to_kind(like.kind())?)
+}
+
+/// Log-probabilities `[len]` of `targets` under `logits` `[len, vocab]`, computed in f32.
+pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let idx = Tensor::from_slice(targets)
+        .f_to_device(logits.device())?
+        .f_unsqueeze(-1)?;
+    let picked = logits.f_gather(-1, &idx, false)?.f_squeeze_dim(-1)?;
+    let norm = logits.f_logsumexp(&[-1i64][..], false)?;
+    Ok(picked.f_sub(&norm)?)
+}
+
+/// The per-token loss `[len]` of one datum given its target log-probabilities `lp` `[len]`.
+pub fn elementwise_loss(loss: &LossFn, lp: &Tensor, inputs: &LossInputs) -> Result<Tensor> {
+    let weights = match &inputs.weights {
+        Some(w) => Some(float_tensor(w, lp)?),
+        None => None,
+    };
+    let policy = |v: &Option<Vec<f32>>, name: &str| -> Result<Tensor> {
+        let v = v.as_ref().ok_or_else(|| {
+            ModelError::invalid(format!("loss_fn_inputs.{name}"), "is required by this loss")
+        })?;
+        float_tensor(v, lp)
+    };
+    let objective = match *loss {
+        LossFn::CrossEntropy => lp.shallow_clone(),
+        _ => {
+            let q = policy(&inputs.logprobs, "logprobs")?;
+            let adv = policy(&inputs.advantages, "advantages")?;
+            let ratio = lp.f_sub(&q)?.f_exp()?;
+            match *loss {
+                LossFn::ImportanceSampling => ratio.f_mul(&adv)?,
+                LossFn::Ppo {
+                    clip_low,
+                    clip_high,
+                } => {
+                    let unclipped = ratio.f_mul(&adv)?;
+                    let clipped = ratio.f_clamp(clip_low, clip_high)?.f_mul(&adv)?;
+                    unclipped.f_minimum(&clipped)?
+                }
+                LossFn::Cispo {
+                    clip_low,
+                    clip_high,
+                } => ratio
+                    .f_clamp(clip_low, clip_high)?
+                    .f_detach()?
+                    .f_mul(lp)?
+                    .f_mul(&adv)?,
+                LossFn::Dro { beta } => {
+                    let penalty = lp
+                        .f_sub(&q)?
+                        .f_pow_tensor_scalar(2)?
+                        .f_mul_scalar(0.5 * beta)?;
+                    lp.f_mul(&adv)?.f_sub(&penalty)?
+                }
+                LossFn::CrossEntropy => unreachable!("handled above"),
+            }
+        }
+    };
+    let objective = match weights {
+        Some(w) => objective.f_mul(&w)?,
+        None => objective,
+    };
+    Ok(objective.f_neg()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_loss_and_config_are_named() {
+        let err = LossFn::from_name("hinge", &[]).unwrap_err();
+        assert!(err.to_string().contains("loss_fn") && err.to_string().contains("hinge"));
+        let err = LossFn::from_name("ppo", &[("clip_epsilon".into(), 0.2)]).unwrap_err();
+        assert!(
+            err.to_string().contains("loss_fn_config.clip_epsilon"),
+            "{err}"
+        );
+        let err = LossFn::from_name("ppo", &[("clip_low_threshold".into(), f64::NAN)]).unwrap_err();
+        assert!(err.to_string().contains("clip_low_threshold"), "{err}");
+    }
+
+    #[test]
+    fn ppo_defaults_match_the_sdk() {
+        assert_eq!(
+            LossFn::from_name("ppo", &[]).unwrap(),
+            LossFn::Ppo {
+                clip_low: 0.8,
+                clip_high: 1.2
+            }
+        );
+    }
+
+    #[test]
+    fn inputs_are_validated_by_name() {
+        let inputs = LossInputs {
+            target_tokens: vec![1, 2, 3],
+            weights: Some(vec![1.0, f32::NAN, 1.0]),
+            logprobs: None,
+            advantages: None,
+        };
+        let err = inputs.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
+        assert!(err.to_string().contains("loss_fn_inputs.weights"), "{err}");
+        let err = inputs.validate(&LossFn::CrossEntropy, 4, 10).unwrap_err();
+        assert!(err.to_string().contains("target_tokens"), "{err}");
+        let err = inputs
+            .validate(&LossFn::ImportanceSampling, 3, 10)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("weights") || err.to_string().contains("logprobs"),
+            "{err}"
+        );
+        let oov = LossInputs {
+            target_tokens: vec![1, 10, 3],
+            weights: Some(vec![1.0; 3]),
+            logprobs: None,
+            advantages: None,
+        };
+        assert!(oov
+            .validate(&LossFn::CrossEntropy, 3, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("10"));
+    }
+}

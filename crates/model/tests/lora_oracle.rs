@@ -1,0 +1,513 @@
+//! LoRA training against peft and torch on the same weights and inputs.
+//!
+//! Tolerances: f32 everywhere. peft logits/logprobs agree to 1e-4 max-abs and gradients to 1e-4
+//! relative to their largest entry (the two sides sum the same products in different orders).
+//! Loss gradients w.r.t. logits are elementwise formulas: 1e-5. Adam: 1e-5 after 5 steps.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use loraloom_model::checkpoint::{self, SaveRequest};
+use loraloom_model::loss::{elementwise_loss, target_logprobs};
+use loraloom_model::{
+    forward_backward, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraBatch, LoraSpec,
+    LossFn, LossInputs, TrainRequest,
+};
+use tch::{Device, Kind, Tensor};
+
+fn tiny_llama(tag: &str) -> (TempDir, Decoder) {
+    let dir = TempDir::new(tag);
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    (dir, decoder)
+}
+
+fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
+    let scale = want.abs().max().double_value(&[]).max(1e-12);
+    max_abs_diff(got, want) / scale
+}
+
+fn vec_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(&t.contiguous().view([-1])).unwrap()
+}
+
+fn vec_f32(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
+}
+
+/// The oracle's batch as datums (real positions only).
+fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
+    let lengths = vec_i64(&expected["lengths"]);
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let row = |name: &str| expected[name].get(i as i64).narrow(0, 0, n);
+            Datum {
+                input_tokens: vec_i64(&row("input_ids")),
+                loss_inputs: LossInputs {
+                    target_tokens: vec_i64(&row("targets")),
+                    weights: Some(vec_f32(&row("weights"))),
+                    logprobs: None,
+                    advantages: None,
+                },
+            }
+        })
+        .collect()
+}
+
+fn spec(rank: i64, seed: u64) -> LoraSpec {
+    LoraSpec {
+        rank,
+        alpha: 32.0,
+        seed,
+        train_attn: true,
+        train_mlp: true,
+        train_unembed: true,
+    }
+}
+
+#[test]
+fn fresh_adapter_leaves_base_logits_unchanged() {
+    let (_dir, decoder) = tiny_llama("fresh");
+    let adapter = LoraAdapter::new(spec(8, 3), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let ids = Tensor::from_slice(&[3i64, 17, 99, 4, 5, 6]).view([2, 3]);
+    let base = tch::no_grad(|| decoder.forward(&ids, None)).unwrap();
+    let lora = LoraBatch::single(&adapter, 2);
+    let adapted = tch::no_grad(|| decoder.forward(&ids, Some(&lora))).unwrap();
+    assert_eq!(max_abs_diff(&base, &adapted), 0.0);
+    // ... and A is not zero: the adapter is real, B = 0 is what keeps outputs equal.
+    let a = &adapter.named_pairs()[0].1.a;
+    assert!(a.abs().max().double_value(&[]) > 0.0);
+    let bound = 1.0 / (decoder.config().hidden_size as f64).sqrt();
+    assert!(a.abs().max().double_value(&[]) <= bound);
+}
+
+#[test]
+fn logits_logprobs_loss_and_gradients_match_peft() {
+    let (dir, decoder) = tiny_llama("peft");
+    let out = TempDir::new("peft-out");
+    oracle(
+        "lora_oracle.py",
+        &[
+            "peft-grads",
+            dir.path().to_str().unwrap(),
+            out.path().to_str().unwrap(),
+        ],
+    );
+    let expected = read_tensors(&out.path().join("expected.safetensors"));
+    let loaded = checkpoint::load(
+        &out.path().join("adapter"),
+        decoder.config(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let adapter = loaded.adapter;
+    assert_eq!(adapter.spec().rank, 4);
+    assert_eq!(adapter.spec().alpha, 8.0);
+
+    // Logits at real positions.
+    let lengths = vec_i64(&expected["lengths"]);
+    let ids = &expected["input_ids"];
+    let lora = LoraBatch::single(&adapter, ids.size()[0]);
+    let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
+    for (i, &n) in lengths.iter().enumerate() {
+        let d = max_abs_diff(
+            &logits.get(i as i64).narrow(0, 0, n),
+            &expected["logits"].get(i as i64).narrow(0, 0, n),
+        );
+        assert!(d < 1e-4, "row {i}: logits differ by {d}");
+    }
+
+    // forward_backward: logprobs, loss:sum, gradients of every A and B.
+    let data = datums(&expected);
+    let req = TrainRequest {
+        adapter: Some(&adapter),
+        loss: LossFn::CrossEntropy,
+        data: &data,
+    };
+    let result = forward_backward(&decoder, &[req], true).unwrap().remove(0);
+    let want_loss = expected["loss"].double_value(&[0]);
+    assert!(
+        (result.loss_sum - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
+        "{} vs {want_loss}",
+        result.loss_sum
+    );
+    for (i, &n) in lengths.iter().enumerate() {
+        let got = Tensor::from_slice(&result.outputs[i].logprobs);
+        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
+        // elementwise_loss = -w * lp, zero where the weight is zero.
+        assert_eq!(result.outputs[i].elementwise_loss[0], 0.0);
+    }
+    let mut checked = 0;
+    for (module, pair) in adapter.named_pairs() {
+        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
+            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
+            let want = &expected[&key];
+            let rel = rel_diff(&t.grad(), want);
+            assert!(rel < 1e-4, "{key}: relative diff {rel}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * (2 * 7 + 1));
+}
+
+#[test]
+fn forward_computes_outputs_without_touching_gradients() {
+    let (_dir, decoder) = tiny_llama("fwd");
+    let adapter = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let data = vec![Datum {
+        input_tokens: vec![1, 2, 3, 4],
+        loss_inputs: LossInputs {
+            target_tokens: vec![2, 3, 4, 5],
+            weights: Some(vec![1.0; 4]),
+            logprobs: None,
+            advantages: None,
+        },
+    }];
+    let req = || TrainRequest {
+        adapter: Some(&adapter),
+        loss: LossFn::CrossEntropy,
+        data: &data,
+    };
+    let fwd = forward_backward(&decoder, &[req()], false).unwrap();
+    assert!(adapter.parameters().iter().all(|p| !p.grad().defined()));
+    let fb = forward_backward(&decoder, &[req()], true).unwrap();
+    assert_eq!(fwd, fb);
+    let g1 = adapter.named_pairs()[0].1.b.grad().copy();
+    assert!(g1.abs().max().double_value(&[]) > 0.0);
+    // A second forward_backward accumulates: the gradient doubles.
+    forward_backward(&decoder, &[req()], true).unwrap();
+    let g2 = adapter.named_pairs()[0].1.b.grad();
+    assert!(rel_diff(&g2, &(&g1 * 2.0)) < 1e-6);
+}
+
+#[test]
+fn losses_and_their_gradients_match_torch_formulas() {
+    let out = TempDir::new("losses");
+    let path = out.path().join("losses.safetensors");
+    oracle("lora_oracle.py", &["losses", path.to_str().unwrap()]);
+    let e = read_tensors(&path);
+    let targets = vec_i64(&e["targets"]);
+    let inputs = |weights: bool| LossInputs {
+        target_tokens: targets.clone(),
+        weights: weights.then(|| vec_f32(&e["weights"])),
+        logprobs: Some(vec_f32(&e["sampling_logprobs"])),
+        advantages: Some(vec_f32(&e["advantages"])),
+    };
+    let cases: Vec<(&str, LossFn, bool)> = vec![
+        ("cross_entropy", LossFn::CrossEntropy, true),
+        ("importance_sampling", LossFn::ImportanceSampling, false),
+        ("ppo", LossFn::from_name("ppo", &[]).unwrap(), false),
+        ("cispo", LossFn::from_name("cispo", &[]).unwrap(), false),
+        ("dro", LossFn::Dro { beta: 0.1 }, false),
+        ("ppo_weighted", LossFn::from_name("ppo", &[]).unwrap(), true),
+    ];
+    for (name, loss, weighted) in cases {
+        let logits = e["logits"].copy().set_requires_grad(true);
+        let lp = target_logprobs(&logits, &targets).unwrap();
+        let el = elementwise_loss(&loss, &lp, &inputs(weighted)).unwrap();
+        el.sum(Kind::Float).backward();
+        let d_el = max_abs_diff(&el, &e[&format!("{name}.elementwise")]);
+        let d_grad = max_abs_diff(&logits.grad(), &e[&format!("{name}.grad")]);
+        assert!(d_el < 1e-5, "{name}: elementwise loss differs by {d_el}");
+        assert!(d_grad < 1e-5, "{name}: gradient differs by {d_grad}");
+    }
+}
+
+#[test]
+fn five_adam_steps_match_torch() {
+    let out = TempDir::new("adam");
+    let path = out.path().join("adam.safetensors");
+    oracle("lora_oracle.py", &["adam", path.to_str().unwrap()]);
+    let e = read_tensors(&path);
+    let cases = [
+        ("adam", 1e-2, 0.9, 0.95, 1e-8, 0.0, 0.0),
+        ("adamw", 3e-3, 0.8, 0.99, 1e-6, 0.1, 0.0),
+        ("clipped", 1e-2, 0.9, 0.999, 1e-8, 0.0, 0.5),
+    ];
+    for (name, lr, b1, b2, eps, wd, clip) in cases {
+        let params: Vec<Tensor> = (0..3)
+            .map(|i| e[&format!("p0.{i}")].copy().set_requires_grad(true))
+            .collect();
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let mut state = AdamState::new(&refs).unwrap();
+        let hp = AdamParams {
+            learning_rate: lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+            grad_clip_norm: clip,
+        };
+        for step in 0..5 {
+            // Put the oracle's gradient into .grad through autograd: d/dp sum(p * g) = g.
+            let loss = params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p * &e[&format!("grad.{step}.{i}")]).sum(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+            state.step(&refs, &hp).unwrap();
+            for (i, p) in params.iter().enumerate() {
+                let d = max_abs_diff(p, &e[&format!("{name}.{step}.{i}")]);
+                assert!(d < 1e-5, "{name} step {step} param {i}: {d}");
+                assert_eq!(
+                    p.grad().abs().max().double_value(&[]),
+                    0.0,
+                    "grads are zeroed after the step"
+                );
+            }
+        }
+        assert_eq!(state.step, 5);
+    }
+}
+
+fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
+    (0..n)
+        .map(|i| {
+            let toks: Vec<i64> = (0..len + 1)
+                .map(|j| (seed * 31 + i as i64 * 7 + j as i64 * 13) % 128)
+                .collect();
+            Datum {
+                input_tokens: toks[..len].to_vec(),
+                loss_inputs: LossInputs {
+                    target_tokens: toks[1..].to_vec(),
+                    weights: Some(
+                        (0..len)
+                            .map(|j| if j == 0 { 0.0 } else { 1.0 / (1 + j) as f32 })
+                            .collect(),
+                    ),
+                    logprobs: None,
+                    advantages: None,
+                },
+            }
+        })
+        .collect()
+}
+
+/// Gives B non-zero values so every gradient path is exercised.
+fn perturb(adapter: &LoraAdapter, seed: i64) {
+    tch::manual_seed(seed);
+    tch::no_grad(|| {
+        for p in adapter.parameters() {
+            let noise = p.randn_like() * 0.05;
+            let _ = p.shallow_clone().f_add_(&noise).unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_fused_batch_of_three_adapters_equals_each_alone() {
+    let (_dir, decoder) = tiny_llama("fused");
+    let cfg = decoder.config();
+    let specs = [spec(2, 11), spec(4, 12), spec(8, 13)];
+    let make = || -> Vec<LoraAdapter> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let a = LoraAdapter::new(s.clone(), cfg, Device::Cpu, Kind::Float).unwrap();
+                perturb(&a, i as i64);
+                a
+            })
+            .collect()
+    };
+    let (fused, alone) = (make(), make());
+    let data: Vec<Vec<Datum>> = (0..3)
+        .map(|i| train_data(i, i as usize + 1, 5 + 3 * i as usize))
+        .collect();
+    let losses = [
+        LossFn::CrossEntropy,
+        LossFn::CrossEntropy,
+        LossFn::CrossEntropy,
+    ];
+    let requests: Vec<TrainRequest> = (0..3)
+        .map(|i| TrainRequest {
+            adapter: Some(&fused[i]),
+            loss: losses[i],
+            data: &data[i],
+        })
+        .collect();
+    let fused_out = forward_backward(&decoder, &requests, true).unwrap();
+    for i in 0..3 {
+        let req = TrainRequest {
+            adapter: Some(&alone[i]),
+            loss: losses[i],
+            data: &data[i],
+        };
+        let out = forward_backward(&decoder, &[req], true).unwrap().remove(0);
+        assert!((out.loss_sum - fused_out[i].loss_sum).abs() < 1e-5 * out.loss_sum.abs().max(1.0));
+        for (pf, pa) in fused[i].parameters().iter().zip(alone[i].parameters()) {
+            let rel = rel_diff(&pf.grad(), &pa.grad());
+            assert!(rel < 1e-5, "adapter {i}: gradient differs by {rel}");
+        }
+    }
+}
+
+#[test]
+fn save_state_then_load_continues_identically() {
+    let (_dir, decoder) = tiny_llama("resume");
+    let cfg = decoder.config();
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let data = train_data(5, 2, 7);
+    let step = |adapter: &LoraAdapter, opt: &mut AdamState| -> f64 {
+        let req = TrainRequest {
+            adapter: Some(adapter),
+            loss: LossFn::CrossEntropy,
+            data: &data,
+        };
+        let loss = forward_backward(&decoder, &[req], true).unwrap()[0].loss_sum;
+        opt.step(&adapter.parameters(), &hp).unwrap();
+        loss
+    };
+    let adapter = LoraAdapter::new(spec(4, 9), cfg, Device::Cpu, Kind::Float).unwrap();
+    let mut opt = AdamState::new(&adapter.parameters()).unwrap();
+    for _ in 0..3 {
+        step(&adapter, &mut opt);
+    }
+    let ckpt = TempDir::new("ckpt");
+    let path = ckpt.path().join("state-3");
+    let save = |opt: &AdamState| {
+        let req = SaveRequest {
+            adapter: &adapter,
+            optimizer: Some(opt),
+            base_model: "tiny",
+        };
+        checkpoint::save(&req, &path).unwrap();
+    };
+    save(&opt);
+    let loaded = checkpoint::load(&path, cfg, Device::Cpu, Kind::Float).unwrap();
+    let resumed = loaded.adapter;
+    let mut resumed_opt = loaded.optimizer.expect("full state has the optimizer");
+    assert_eq!(resumed_opt.step, 3);
+    assert_eq!(resumed.spec(), adapter.spec());
+    for _ in 0..2 {
+        let a = step(&adapter, &mut opt);
+        let b = step(&resumed, &mut resumed_opt);
+        assert_eq!(a, b, "losses after resuming must be identical");
+    }
+    for (p, q) in adapter.parameters().iter().zip(resumed.parameters()) {
+        assert_eq!(max_abs_diff(p, q), 0.0);
+    }
+    // Saving again under the same name replaces the checkpoint atomically.
+    save(&opt);
+    let reloaded = checkpoint::load(&path, cfg, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(reloaded.optimizer.unwrap().step, 5);
+}
+
+#[test]
+fn exported_adapter_gives_the_same_logits_in_peft() {
+    let (dir, decoder) = tiny_llama("export");
+    let adapter =
+        LoraAdapter::new(spec(4, 21), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    perturb(&adapter, 21);
+    let out = TempDir::new("export-out");
+    let adapter_dir = out.path().join("sampler");
+    let req = SaveRequest {
+        adapter: &adapter,
+        optimizer: None,
+        base_model: "tiny",
+    };
+    checkpoint::save(&req, &adapter_dir).unwrap();
+    let logits_path = out.path().join("peft_logits.safetensors");
+    oracle(
+        "lora_oracle.py",
+        &[
+            "peft-logits",
+            dir.path().to_str().unwrap(),
+            adapter_dir.to_str().unwrap(),
+            logits_path.to_str().unwrap(),
+        ],
+    );
+    let e = read_tensors(&logits_path);
+    let lora = LoraBatch::single(&adapter, 1);
+    let ours = tch::no_grad(|| decoder.forward(&e["input_ids"], Some(&lora))).unwrap();
+    let base = tch::no_grad(|| decoder.forward(&e["input_ids"], None)).unwrap();
+    assert!(
+        max_abs_diff(&ours, &base) > 1e-2,
+        "the adapter must change the logits for this test to mean anything"
+    );
+    let d = max_abs_diff(&ours, &e["logits"]);
+    assert!(d < 1e-4, "peft logits differ by {d}");
+}
+
+#[test]
+fn bad_training_inputs_are_named_errors() {
+    let (_dir, decoder) = tiny_llama("badin");
+    let cfg = decoder.config();
+    let adapter = LoraAdapter::new(spec(4, 1), cfg, Device::Cpu, Kind::Float).unwrap();
+    let run = |d: Datum, loss: LossFn| {
+        let data = vec![d];
+        let req = TrainRequest {
+            adapter: Some(&adapter),
+            loss,
+            data: &data,
+        };
+        forward_backward(&decoder, &[req], true)
+            .unwrap_err()
+            .to_string()
+    };
+    let good = || train_data(1, 1, 4).remove(0);
+    let mut d = good();
+    d.loss_inputs.target_tokens.pop();
+    assert!(run(d, LossFn::CrossEntropy).contains("data[0].loss_fn_inputs.target_tokens"));
+    let mut d = good();
+    d.input_tokens[2] = 128;
+    let err = run(d, LossFn::CrossEntropy);
+    assert!(
+        err.contains("data[0].model_input") && err.contains("128"),
+        "{err}"
+    );
+    let mut d = good();
+    d.loss_inputs.target_tokens[1] = 500;
+    assert!(run(d, LossFn::CrossEntropy).contains("target_tokens"));
+    let mut d = good();
+    d.loss_inputs.weights.as_mut().unwrap()[1] = f32::NAN;
+    assert!(run(d, LossFn::CrossEntropy).contains("data[0].loss_fn_inputs.weights"));
+    let err = run(good(), LossFn::ImportanceSampling);
+    assert!(err.contains("loss_fn_inputs.logprobs"), "{err}");
+    let mut s = spec(0, 1);
+    let err = LoraAdapter::new(s.clone(), cfg, Device::Cpu, Kind::Float)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("rank"), "{err}");
+    s.rank = 4;
+    s.alpha = f64::NAN;
+    assert!(LoraAdapter::new(s, cfg, Device::Cpu, Kind::Float)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+        .contains("alpha"));
+    let mut opt = AdamState::new(&adapter.parameters()).unwrap();
+    let bad = AdamParams {
+        learning_rate: f64::NAN,
+        ..AdamParams::default()
+    };
+    let err = opt.step(&adapter.parameters(), &bad).unwrap_err();
+    assert!(
+        err.to_string().contains("adam_params.learning_rate"),
+        "{err}"
+    );
+    let bad = AdamParams {
+        beta2: -0.1,
+        ..AdamParams::default()
+    };
+    assert!(opt
+        .step(&adapter.parameters(), &bad)
+        .unwrap_err()
+        .to_string()
+        .contains("beta2"));
+    assert_eq!(opt.step, 0, "a rejected step changes nothing");
+}
