@@ -80,6 +80,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Biases on gate/up/down.
     pub mlp_bias: bool,
+    /// End-of-sequence tokens (sampling stops on them unless told otherwise).
+    pub eos_token_ids: Vec<i64>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +115,14 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(i64),
+    Many(Vec<i64>),
 }
 
 fn required<T>(value: Option<T>, field: &str) -> Result<T, ModelError> {
@@ -253,6 +263,11 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
+            eos_token_ids: match raw.eos_token_id {
+                None => Vec::new(),
+                Some(OneOrMany::One(id)) => vec![id],
+                Some(OneOrMany::Many(ids)) => ids,
+            },
         })
     }
 }

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
 use crate::lora::{LoraBatch, Target};
 use crate::rope::Rope;
 use crate::weights::WeightStore;
@@ -95,6 +96,15 @@ pub struct Decoder {
     rope: Rope,
     device: Device,
     kind: Kind,
+}
+
+/// Rotary tables and the attention mask of one pass.
+struct Attend {
+    /// Broadcastable to `[batch, heads, seq, head_dim]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Boolean `[batch, 1, seq, keys]` (true = attend); `None` means plain causal attention.
+    mask: Option<Tensor>,
 }
 
 /// Applies a linear layer plus any LoRA delta the batch holds for `(layer, target)`.
@@ -334,8 +344,85 @@ impl Decoder {
         self.logits(&hidden, lora)
     }
 
-    /// Final-normed hidden states `[batch, seq, hidden]`.
+    /// Final-normed hidden states `[batch, seq, hidden]` (causal, every row from position 0).
     pub fn hidden_states(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let ids = self.checked_ids(input_ids, lora)?;
+        let seq = ids.size()[1];
+        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
+        let ctx = Attend {
+            cos,
+            sin,
+            mask: None,
+        };
+        self.run_blocks(&ids, &ctx, lora, None)
+    }
+
+    /// Runs prompts `[rows, seq]` (no padding) and returns the final hidden states
+    /// `[rows, seq, hidden]` with the cache of their keys and values, ready for
+    /// [`Decoder::decode_step`].
+    pub fn prefill(
+        &self,
+        input_ids: &Tensor,
+        lora: Option<&LoraBatch>,
+    ) -> Result<(Tensor, KvCache)> {
+        let ids = self.checked_ids(input_ids, lora)?;
+        let (rows, seq) = (ids.size()[0], ids.size()[1]);
+        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
+        let ctx = Attend {
+            cos,
+            sin,
+            mask: None,
+        };
+        let mut cache = KvCache {
+            layers: Vec::with_capacity(self.blocks.len()),
+            pad: vec![0; rows as usize],
+        };
+        let hidden = self.run_blocks(&ids, &ctx, lora, Some(&mut cache))?;
+        Ok((hidden, cache))
+    }
+
+    /// Appends one token per row (`ids`, one per cache row) to `cache` and returns the final
+    /// hidden state of each row, `[rows, hidden]`.
+    pub fn decode_step(
+        &self,
+        ids: &[i64],
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        if ids.len() != cache.rows() {
+            return Err(ModelError::invalid(
+                "ids",
+                format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
+            ));
+        }
+        let positions = cache.next_positions();
+        if positions
+            .iter()
+            .any(|&p| p >= self.config.max_position_embeddings)
+        {
+            return Err(ModelError::invalid(
+                "max_tokens",
+                format!(
+                    "generation reached the model's context of {} tokens",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let input = self.checked_ids(&Tensor::from_slice(ids).f_view([-1, 1])?, lora)?;
+        let positions = Tensor::from_slice(&positions)
+            .f_to_device(self.device)?
+            .f_unsqueeze(1)?;
+        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
+        let ctx = Attend {
+            cos: cos.f_unsqueeze(1)?,
+            sin: sin.f_unsqueeze(1)?,
+            mask: Some(cache.key_mask(1)?),
+        };
+        let hidden = self.run_blocks(&input, &ctx, lora, Some(cache))?;
+        Ok(hidden.f_squeeze_dim(1)?)
+    }
+
+    fn checked_ids(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
         let size = input_ids.size();
         if size.len() != 2 {
             return Err(ModelError::invalid(
@@ -367,10 +454,30 @@ impl Decoder {
                 ));
             }
         }
-        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
-        let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        Ok(ids)
+    }
+
+    /// Embeds `ids`, runs every block (reading and extending `cache` when given) and applies the
+    /// final norm.
+    fn run_blocks(
+        &self,
+        ids: &Tensor,
+        ctx: &Attend,
+        lora: Option<&LoraBatch>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, i, &x, &cos, &sin, lora)?;
+            let past = cache.as_deref().and_then(|c| c.layers.get(i));
+            let (out, k, v) = self.block_forward(block, i, &x, ctx, past, lora)?;
+            x = out;
+            if let Some(c) = cache.as_deref_mut() {
+                if i < c.layers.len() {
+                    c.layers[i] = (k, v);
+                } else {
+                    c.layers.push((k, v));
+                }
+            }
         }
         self.final_norm.forward(&x)
     }
@@ -384,15 +491,16 @@ impl Decoder {
         }
     }
 
+    /// One block; returns its output and the layer's keys/values (past and new) for the cache.
     fn block_forward(
         &self,
         block: &Block,
         layer: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        ctx: &Attend,
+        past: Option<&(Tensor, Tensor)>,
         lora: Option<&LoraBatch>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (b, t) = (x.size()[0], x.size()[1]);
         let h = block.input_norm.forward(x)?;
@@ -420,15 +528,19 @@ impl Decoder {
             c.num_kv_heads,
             &None,
         )?;
-        let q = Rope::apply(&q, cos, sin)?;
-        let k = Rope::apply(&k, cos, sin)?;
-        let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
+        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
+        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let attn = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            None,
+            ctx.mask.as_ref(),
             0.0,
-            true,
+            ctx.mask.is_none(),
             None,
             c.num_kv_heads != c.num_heads,
         )?;
@@ -441,6 +553,6 @@ impl Decoder {
         let gate = project(&m.gate, &h, lora, layer, Target::Gate)?.f_silu()?;
         let up = project(&m.up, &h, lora, layer, Target::Up)?;
         let down = project(&m.down, &gate.f_mul(&up)?, lora, layer, Target::Down)?;
-        Ok(x.f_add(&down)?)
+        Ok((x.f_add(&down)?, k, v))
     }
 }

@@ -3,17 +3,20 @@
 //! It owns Hugging Face config parsing and safetensors loading ([`config`], [`weights`]), the
 //! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
 //! LoRA adapters applied per batch segment ([`lora`]), the Tinker losses ([`loss`]), fused
-//! multi-adapter training steps ([`train`]), Adam ([`adam`]) and PEFT-layout checkpoints
-//! ([`checkpoint`]). It knows nothing of HTTP, tenants or queues.
+//! multi-adapter training steps ([`train`]), Adam ([`adam`]), PEFT-layout checkpoints
+//! ([`checkpoint`]) and KV-cache sampling batched across adapters ([`sample`], [`kv_cache`]). It knows nothing of HTTP, tenants or queues.
 
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod kv_cache;
 pub mod lora;
 pub mod loss;
+pub mod rng;
 pub mod rope;
+pub mod sample;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
@@ -24,6 +27,9 @@ pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{LoraAdapter, LoraBatch, LoraSpec, Segment, Target};
 pub use loss::{LossFn, LossInputs};
+pub use sample::{
+    sample, SampleOutput, SampleRequest, SampledSequence, SamplingParams, Stop, StopReason,
+};
 pub use tokenizer::TextTokenizer;
 pub use train::{forward_backward, Datum, DatumOutput, RequestOutput, TrainRequest};
 

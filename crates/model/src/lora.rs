@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::rng::SplitMix64;
 
 /// Linear layers LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -172,27 +173,12 @@ pub struct LoraAdapter {
     unembed: Option<LoraPair>,
 }
 
-/// SplitMix64: a tiny, well-known generator so an adapter's initial `A` depends only on its seed
-/// (libtorch's global generator is shared by all threads and tenants).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 impl LoraAdapter {
     /// A fresh adapter: `A` as peft initialises it (Kaiming-uniform with `a = √5`, i.e.
     /// uniform in `±1/√in`), `B` zeros, so the model's outputs are unchanged.
     pub fn new(spec: LoraSpec, config: &ModelConfig, device: Device, kind: Kind) -> Result<Self> {
         spec.validate(config)?;
-        let mut rng = SplitMix64(spec.seed);
+        let mut rng = SplitMix64::new(spec.seed);
         let rank = spec.rank;
         let mut fresh = |target: Target| -> Result<Option<LoraPair>> {
             if !spec.targets(target) {

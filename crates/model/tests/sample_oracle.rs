@@ -1,0 +1,324 @@
+//! Sampling against transformers/peft `generate(do_sample=False)` on the same weights.
+//!
+//! Greedy tokens must be identical. Logprobs (log-softmax of the raw logits at the chosen token)
+//! agree to 1e-4 max-abs in f32; the cached decode path sums attention in a different order than
+//! transformers' cache, which stays far below that.
+
+mod common;
+
+use common::*;
+use loraloom_model::checkpoint;
+use loraloom_model::{
+    sample, Decoder, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
+};
+use tch::{Device, Kind, Tensor};
+
+fn vec_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(&t.contiguous().view([-1])).unwrap()
+}
+
+fn vec_f32(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
+}
+
+fn greedy(max_tokens: i64) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        stop: Stop::Never,
+        ..SamplingParams::default()
+    }
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+}
+
+/// Runs all oracle prompts in ONE batched `sample` call and compares each with transformers.
+fn check_against_oracle(
+    decoder: &Decoder,
+    adapter: Option<&LoraAdapter>,
+    oracle_file: &std::path::Path,
+    new_tokens: i64,
+) {
+    let e = read_tensors(oracle_file);
+    let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
+    let requests: Vec<SampleRequest> = (0..n)
+        .map(|i| SampleRequest {
+            adapter,
+            prompt: vec_i64(&e[&format!("prompt.{i}")]),
+            num_samples: 1,
+            params: greedy(new_tokens),
+            prompt_logprobs: true,
+        })
+        .collect();
+    let out = sample(decoder, &requests, None).unwrap();
+    for (i, o) in out.iter().enumerate() {
+        let seq = &o.sequences[0];
+        assert_eq!(
+            seq.tokens,
+            vec_i64(&e[&format!("tokens.{i}")]),
+            "prompt {i}: greedy tokens differ"
+        );
+        assert_eq!(seq.stop_reason, StopReason::Length);
+        let want = vec_f32(&e[&format!("logprobs.{i}")]);
+        assert!(
+            close(&seq.logprobs, &want, 1e-4),
+            "prompt {i}: logprobs {:?} vs {want:?}",
+            seq.logprobs
+        );
+        let plp = o.prompt_logprobs.as_ref().unwrap();
+        assert_eq!(plp[0], None);
+        let got: Vec<f32> = plp[1..].iter().map(|x| x.unwrap()).collect();
+        assert!(
+            close(&got, &vec_f32(&e[&format!("prompt_logprobs.{i}")]), 1e-4),
+            "prompt {i}: prompt logprobs"
+        );
+    }
+}
+
+#[test]
+fn greedy_equals_transformers_on_tiny_models_batched() {
+    for arch in ["llama", "qwen3"] {
+        let dir = TempDir::new(arch);
+        oracle(
+            "tiny_models.py",
+            &["make", arch, dir.path().to_str().unwrap()],
+        );
+        let file = dir.path().join("greedy.safetensors");
+        oracle(
+            "sample_oracle.py",
+            &[
+                "greedy",
+                dir.path().to_str().unwrap(),
+                file.to_str().unwrap(),
+                "20",
+            ],
+        );
+        let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+        check_against_oracle(&decoder, None, &file, 20);
+    }
+}
+
+#[test]
+fn greedy_with_an_adapter_equals_peft_generate() {
+    let dir = TempDir::new("sample-peft");
+    let p = dir.path();
+    oracle("tiny_models.py", &["make", "llama", p.to_str().unwrap()]);
+    oracle(
+        "lora_oracle.py",
+        &[
+            "peft-grads",
+            p.to_str().unwrap(),
+            p.join("peft").to_str().unwrap(),
+        ],
+    );
+    let adapter_dir = p.join("peft/adapter");
+    let file = p.join("greedy.safetensors");
+    oracle(
+        "sample_oracle.py",
+        &[
+            "greedy",
+            p.to_str().unwrap(),
+            file.to_str().unwrap(),
+            "16",
+            adapter_dir.to_str().unwrap(),
+        ],
+    );
+    let decoder = Decoder::load(p, Device::Cpu, Some(Kind::Float)).unwrap();
+    let adapter = checkpoint::load(&adapter_dir, decoder.config(), Device::Cpu, Kind::Float)
+        .unwrap()
+        .adapter;
+    check_against_oracle(&decoder, Some(&adapter), &file, 16);
+}
+
+#[test]
+fn greedy_on_the_default_model_equals_transformers_for_32_tokens() {
+    let model_dir = default_model_dir();
+    let out = TempDir::new("sample-default");
+    let file = out.path().join("greedy.safetensors");
+    oracle(
+        "sample_oracle.py",
+        &[
+            "greedy",
+            model_dir.to_str().unwrap(),
+            file.to_str().unwrap(),
+            "32",
+        ],
+    );
+    let decoder = Decoder::load(&model_dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    check_against_oracle(&decoder, None, &file, 32);
+}
+
+fn tiny(tag: &str) -> (TempDir, Decoder) {
+    let dir = TempDir::new(tag);
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    (dir, decoder)
+}
+
+fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
+    (0..n)
+        .map(|i| {
+            let spec = LoraSpec {
+                rank: 2 + 2 * i as i64,
+                alpha: 32.0,
+                seed: i as u64,
+                train_attn: true,
+                train_mlp: i % 2 == 0,
+                train_unembed: i == 1,
+            };
+            let a = LoraAdapter::new(spec, decoder.config(), Device::Cpu, Kind::Float).unwrap();
+            tch::manual_seed(100 + i as i64);
+            tch::no_grad(|| {
+                for p in a.parameters() {
+                    let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.1)).unwrap();
+                }
+            });
+            a
+        })
+        .collect()
+}
+
+#[test]
+fn eight_sequences_over_four_adapters_equal_each_alone() {
+    let (_dir, decoder) = tiny("mixed");
+    let adapters = adapters(&decoder, 4);
+    let params = |seed| SamplingParams {
+        max_tokens: 12,
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        stop: Stop::Tokens(vec![5]),
+        ..SamplingParams::default()
+    };
+    let prompts: Vec<Vec<i64>> = (0..4)
+        .map(|i| {
+            (0..(3 + 2 * i))
+                .map(|j| (i * 17 + j * 5 + 1) % 128)
+                .collect()
+        })
+        .collect();
+    let request = |i: usize| SampleRequest {
+        adapter: Some(&adapters[i]),
+        prompt: prompts[i].clone(),
+        num_samples: 2,
+        params: params(40 + i as u64),
+        prompt_logprobs: false,
+    };
+    let together = sample(&decoder, &(0..4).map(request).collect::<Vec<_>>(), None).unwrap();
+    for i in 0..4 {
+        let alone = sample(&decoder, &[request(i)], None).unwrap().remove(0);
+        for (s, (a, b)) in alone
+            .sequences
+            .iter()
+            .zip(&together[i].sequences)
+            .enumerate()
+        {
+            assert_eq!(a.tokens, b.tokens, "adapter {i} sample {s}");
+            assert!(
+                close(&a.logprobs, &b.logprobs, 1e-5),
+                "adapter {i} sample {s}"
+            );
+            assert_eq!(a.stop_reason, b.stop_reason);
+        }
+        // The two samples of one prompt draw from different streams.
+        assert_ne!(
+            together[i].sequences[0].tokens,
+            together[i].sequences[1].tokens
+        );
+    }
+}
+
+#[test]
+fn top_k_1_is_greedy_and_seeds_reproduce() {
+    let (_dir, decoder) = tiny("seeds");
+    let run = |params: SamplingParams| {
+        let req = SampleRequest {
+            adapter: None,
+            prompt: vec![3, 1, 4, 1, 5],
+            num_samples: 3,
+            params,
+            prompt_logprobs: false,
+        };
+        sample(&decoder, &[req], None).unwrap().remove(0).sequences
+    };
+    let top1 = run(SamplingParams {
+        top_k: 1,
+        temperature: 1.0,
+        seed: Some(9),
+        stop: Stop::Never,
+        max_tokens: 10,
+        ..SamplingParams::default()
+    });
+    let g = run(greedy(10));
+    assert!(top1.iter().all(|s| s.tokens == g[0].tokens));
+    let seeded = |seed| {
+        run(SamplingParams {
+            max_tokens: 10,
+            seed: Some(seed),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        })
+    };
+    assert_eq!(seeded(1), seeded(1));
+    assert_ne!(seeded(1)[0].tokens, seeded(2)[0].tokens);
+}
+
+#[test]
+fn stop_tokens_end_sequences_and_limits_are_checked_first() {
+    let (_dir, decoder) = tiny("limits");
+    let req = |params: SamplingParams, prompt: Vec<i64>| SampleRequest {
+        adapter: None,
+        prompt,
+        num_samples: 1,
+        params,
+        prompt_logprobs: false,
+    };
+    // Stop on the greedy continuation's third token.
+    let g = sample(&decoder, &[req(greedy(6), vec![1, 2, 3])], None)
+        .unwrap()
+        .remove(0)
+        .sequences
+        .remove(0);
+    let stop_on = g.tokens[2];
+    let first = g.tokens.iter().position(|&t| t == stop_on).unwrap();
+    let mut p = greedy(6);
+    p.stop = Stop::Tokens(vec![stop_on]);
+    let s = sample(&decoder, &[req(p, vec![1, 2, 3])], None)
+        .unwrap()
+        .remove(0)
+        .sequences
+        .remove(0);
+    assert_eq!(s.tokens, g.tokens[..=first].to_vec());
+    assert_eq!(s.stop_reason, StopReason::Stop);
+
+    let err = |params: SamplingParams, prompt: Vec<i64>| {
+        sample(&decoder, &[req(params, prompt)], None)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(greedy(200), vec![1, 2, 3]);
+    assert!(
+        e.contains("sampling_params.max_tokens") && e.contains("128"),
+        "{e}"
+    );
+    let e = err(greedy(0), vec![1]);
+    assert!(e.contains("max_tokens"), "{e}");
+    let e = err(greedy(4), vec![]);
+    assert!(e.contains("prompt"), "{e}");
+    let e = err(greedy(4), vec![1, 999]);
+    assert!(e.contains("prompt") && e.contains("999"), "{e}");
+    let mut p = greedy(4);
+    p.temperature = f64::NAN;
+    assert!(err(p, vec![1]).contains("temperature"));
+    let mut p = greedy(4);
+    p.top_p = 0.0;
+    assert!(err(p, vec![1]).contains("top_p"));
+    let mut p = greedy(4);
+    p.stop = Stop::Strings(vec!["x".into()]);
+    assert!(err(p, vec![1]).contains("tokenizer"));
+}
