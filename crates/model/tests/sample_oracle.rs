@@ -210,14 +210,9 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
         prompt_logprobs: false,
     };
     let together = sample(&decoder, &(0..4).map(request).collect::<Vec<_>>(), None).unwrap();
-    for i in 0..4 {
+    for (i, mixed) in together.iter().enumerate() {
         let alone = sample(&decoder, &[request(i)], None).unwrap().remove(0);
-        for (s, (a, b)) in alone
-            .sequences
-            .iter()
-            .zip(&together[i].sequences)
-            .enumerate()
-        {
+        for (s, (a, b)) in alone.sequences.iter().zip(&mixed.sequences).enumerate() {
             assert_eq!(a.tokens, b.tokens, "adapter {i} sample {s}");
             assert!(
                 close(&a.logprobs, &b.logprobs, 1e-5),
@@ -226,10 +221,7 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
             assert_eq!(a.stop_reason, b.stop_reason);
         }
         // The two samples of one prompt draw from different streams.
-        assert_ne!(
-            together[i].sequences[0].tokens,
-            together[i].sequences[1].tokens
-        );
+        assert_ne!(mixed.sequences[0].tokens, mixed.sequences[1].tokens);
     }
 }
 
