@@ -1,8 +1,9 @@
 //! The frozen base model every tenant shares.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use loraloom_model::{Decoder, ModelError, TextTokenizer};
+use loraloom_model::{Decoder, ModelConfig, ModelError, TextTokenizer};
 
 /// What clients may know about the served model.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,15 +16,18 @@ pub struct BaseModelInfo {
     pub vocab_size: i64,
     /// One-line description (architecture, parameters, dtype, device).
     pub summary: String,
+    /// The model's configuration (for validating LoRA specs at submission).
+    pub config: ModelConfig,
 }
 
-/// The base model: loaded once. libtorch tensors are `Send` but not `Sync`, so the decoder is
-/// owned by the thread that runs model work; other threads see only [`BaseModelInfo`].
+/// The base model: loaded once. libtorch tensors are `Send` but not `Sync`, so each worker
+/// thread owns a shallow clone of the decoder (same storage, one copy of the weights); other
+/// threads see only [`BaseModelInfo`].
 pub struct BaseModel {
     info: BaseModelInfo,
     dir: PathBuf,
     decoder: Decoder,
-    tokenizer: TextTokenizer,
+    tokenizer: Arc<TextTokenizer>,
 }
 
 impl BaseModel {
@@ -36,12 +40,13 @@ impl BaseModel {
             max_context_length: decoder.config().max_position_embeddings,
             vocab_size: decoder.config().vocab_size,
             summary: decoder.summary(),
+            config: decoder.config().clone(),
         };
         Ok(BaseModel {
             info,
             dir: dir.to_path_buf(),
             decoder,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
         })
     }
 
@@ -61,7 +66,7 @@ impl BaseModel {
     }
 
     /// The model's tokenizer.
-    pub fn tokenizer(&self) -> &TextTokenizer {
+    pub fn tokenizer(&self) -> &Arc<TextTokenizer> {
         &self.tokenizer
     }
 }

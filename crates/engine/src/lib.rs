@@ -1,7 +1,22 @@
-//! loraloom's engine: owns the one shared copy of the base model and, as the project grows, the
-//! adapter registry, per-adapter FIFO queues, the scheduler and the futures store.
-//! It knows nothing of HTTP or JSON.
+//! loraloom's engine: the shared base model, the registry of training runs, sampling sessions
+//! and checkpoints, per-queue FIFOs, the scheduler that fuses different tenants' jobs into one
+//! batch, the bounded pool of worker threads, and the futures store. It knows nothing of HTTP
+//! or JSON; see `CONCURRENCY.md` for every lock and thread.
 
+pub mod backend;
 pub mod base;
+pub mod engine;
+pub mod error;
+pub mod futures;
+pub mod job;
+pub mod queue;
+pub mod registry;
 
+pub use backend::{Backend, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
+pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot};
+pub use error::{EngineError, Result};
+pub use futures::{FutureState, FutureStore};
+pub use job::{CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work};
+pub use queue::Limits;
+pub use registry::{CheckpointRecord, Registry, SamplerSource};

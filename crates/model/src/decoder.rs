@@ -24,6 +24,13 @@ pub struct Linear {
 }
 
 impl Linear {
+    fn shallow_clone(&self) -> Self {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
     fn load(store: &mut WeightStore, prefix: &str, out: i64, inp: i64, bias: bool) -> Result<Self> {
         let weight = store.take(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias {
@@ -46,6 +53,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    fn shallow_clone(&self) -> Self {
+        RmsNorm {
+            weight: self.weight.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+
     fn load(store: &mut WeightStore, name: &str, dim: i64, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: store.take(name, &[dim])?,
@@ -267,6 +281,42 @@ impl Decoder {
             device,
             kind,
         })
+    }
+
+    /// Another handle on the same weights (no copy): how each worker thread gets its own
+    /// decoder, since tensors are `Send` but not `Sync`.
+    pub fn shallow_clone(&self) -> Decoder {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| Block {
+                input_norm: b.input_norm.shallow_clone(),
+                attn: Attention {
+                    q: b.attn.q.shallow_clone(),
+                    k: b.attn.k.shallow_clone(),
+                    v: b.attn.v.shallow_clone(),
+                    o: b.attn.o.shallow_clone(),
+                    q_norm: b.attn.q_norm.as_ref().map(RmsNorm::shallow_clone),
+                    k_norm: b.attn.k_norm.as_ref().map(RmsNorm::shallow_clone),
+                },
+                post_attn_norm: b.post_attn_norm.shallow_clone(),
+                mlp: Mlp {
+                    gate: b.mlp.gate.shallow_clone(),
+                    up: b.mlp.up.shallow_clone(),
+                    down: b.mlp.down.shallow_clone(),
+                },
+            })
+            .collect();
+        Decoder {
+            config: self.config.clone(),
+            embed: self.embed.shallow_clone(),
+            blocks,
+            final_norm: self.final_norm.shallow_clone(),
+            lm_head: self.lm_head.as_ref().map(Tensor::shallow_clone),
+            rope: self.rope.shallow_clone(),
+            device: self.device,
+            kind: self.kind,
+        }
     }
 
     /// The model's configuration.

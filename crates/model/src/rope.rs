@@ -46,6 +46,13 @@ impl Rope {
         })
     }
 
+    /// Another handle on the same table.
+    pub fn shallow_clone(&self) -> Rope {
+        Rope {
+            inv_freq: self.inv_freq.shallow_clone(),
+        }
+    }
+
     /// `(cos, sin)`, each `[len, head_dim]` in `kind`, for positions `start..start+len`.
     pub fn cos_sin(&self, start: i64, len: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
         let positions =

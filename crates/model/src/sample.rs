@@ -82,6 +82,7 @@ pub struct SampledSequence {
 }
 
 /// One sampling request.
+#[derive(Clone)]
 pub struct SampleRequest<'a> {
     /// Adapter to sample from; `None` for the base model.
     pub adapter: Option<&'a LoraAdapter>,

@@ -23,6 +23,7 @@ pub struct Datum {
 }
 
 /// One adapter's (or the base model's) share of a fused batch.
+#[derive(Clone, Copy)]
 pub struct TrainRequest<'a> {
     /// The adapter whose rows these are; `None` runs the base model.
     pub adapter: Option<&'a LoraAdapter>,

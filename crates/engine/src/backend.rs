@@ -1,0 +1,409 @@
+//! Executing a batch of jobs. [`Backend`] is the contract between the scheduler and the compute;
+//! [`ModelWorker`] is the libtorch implementation. Each worker thread owns one `ModelWorker`
+//! whose decoder shares the base weights with every other worker (shallow clones).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use loraloom_model::checkpoint::{self, SaveRequest};
+use loraloom_model::sample::Detokenize;
+use loraloom_model::train::validate_request;
+use loraloom_model::{
+    forward_backward, sample, AdamState, Decoder, LoraAdapter, SampleRequest, TextTokenizer,
+    TrainRequest,
+};
+
+use crate::error::{EngineError, Result};
+use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, Work};
+use crate::registry::{
+    parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, SamplerSource,
+};
+
+/// Runs batches of compatible jobs. Results come back in job order.
+pub trait Backend: Send {
+    /// Executes `jobs` (all of one [`BatchClass`]), one result per job.
+    fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>>;
+}
+
+/// The libtorch backend.
+pub struct ModelWorker {
+    decoder: Decoder,
+    registry: Arc<Registry>,
+    tokenizer: Option<Arc<TextTokenizer>>,
+}
+
+impl ModelWorker {
+    /// A worker over its own (shallow) copy of the decoder.
+    pub fn new(
+        decoder: Decoder,
+        registry: Arc<Registry>,
+        tokenizer: Option<Arc<TextTokenizer>>,
+    ) -> Self {
+        ModelWorker {
+            decoder,
+            registry,
+            tokenizer,
+        }
+    }
+
+    fn model_of(&self, job: &Job) -> Result<Arc<ModelEntry>> {
+        match &job.queue {
+            QueueKey::Model(k) => self.registry.model(&k.tenant, &k.model_id),
+            QueueKey::Sampler(k) => Err(EngineError::invalid(
+                "model_id",
+                format!("`{}` is a sampling session", k.sampler_id),
+            )),
+        }
+    }
+
+    fn train(&self, jobs: &[Job], backward: bool) -> Vec<Result<Output>> {
+        let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
+        let entries: Vec<Option<Arc<ModelEntry>>> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| match self.model_of(j) {
+                Ok(e) => Some(e),
+                Err(err) => {
+                    results[i] = Some(Err(err));
+                    None
+                }
+            })
+            .collect();
+        let guards: Vec<_> = entries
+            .iter()
+            .map(|e| e.as_ref().map(|e| e.lock()))
+            .collect();
+        let mut runnable = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let (Some(guard), Work::ForwardBackward { data, loss, .. }) = (&guards[i], &job.work)
+            else {
+                continue;
+            };
+            let Some(adapter) = guard.adapter.as_ref() else {
+                results[i] = Some(Err(EngineError::invalid(
+                    "model_id",
+                    "the run is not initialised",
+                )));
+                continue;
+            };
+            match validate_request(&self.decoder, loss, data) {
+                Ok(()) => runnable.push((
+                    i,
+                    TrainRequest {
+                        adapter: Some(adapter),
+                        loss: *loss,
+                        data,
+                    },
+                )),
+                Err(e) => results[i] = Some(Err(e.into())),
+            }
+        }
+        let requests: Vec<TrainRequest> = runnable.iter().map(|(_, r)| *r).collect();
+        match forward_backward(&self.decoder, &requests, backward) {
+            Ok(outputs) => {
+                for ((i, _), out) in runnable.iter().zip(outputs) {
+                    results[*i] = Some(Ok(Output::ForwardBackward(out)));
+                }
+            }
+            Err(batch_err) => {
+                // One job's failure must not fail the others: retry each alone.
+                tracing::warn!(error = %batch_err, jobs = runnable.len(), "fused batch failed; retrying jobs alone");
+                for (i, req) in &runnable {
+                    let out = forward_backward(&self.decoder, &[*req], backward)
+                        .map(|mut o| Output::ForwardBackward(o.remove(0)))
+                        .map_err(EngineError::from);
+                    results[*i] = Some(out);
+                }
+            }
+        }
+        drop(guards);
+        for e in entries.iter().flatten() {
+            e.touch();
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
+    }
+
+    fn optim(&self, job: &Job) -> Result<Output> {
+        let Work::OptimStep { params } = &job.work else {
+            unreachable!("optim batch holds optim jobs")
+        };
+        params.validate()?;
+        let entry = self.model_of(job)?;
+        let mut guard = entry.lock();
+        let state = &mut *guard;
+        let adapter = state
+            .adapter
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
+        let params_list = adapter.parameters();
+        if state.optimizer.is_none() {
+            state.optimizer = Some(AdamState::new(&params_list)?);
+        }
+        let stats = state
+            .optimizer
+            .as_mut()
+            .expect("set above")
+            .step(&params_list, params)?;
+        entry.touch();
+        Ok(Output::OptimStep(stats))
+    }
+
+    fn create(&self, job: &Job) -> Result<Output> {
+        let Work::Create { spec, from } = &job.work else {
+            unreachable!("create job")
+        };
+        let entry = self.model_of(job)?;
+        let (adapter, optimizer) = match from {
+            None => (
+                LoraAdapter::new(
+                    spec.clone(),
+                    self.decoder.config(),
+                    self.decoder.device(),
+                    self.decoder.kind(),
+                )?,
+                None,
+            ),
+            Some((path, with_optimizer)) => {
+                let loaded = self.load_checkpoint(&entry.key.tenant, path)?;
+                (
+                    loaded.adapter,
+                    if *with_optimizer {
+                        loaded.optimizer
+                    } else {
+                        None
+                    },
+                )
+            }
+        };
+        let mut guard = entry.lock();
+        guard.adapter = Some(adapter);
+        guard.optimizer = optimizer;
+        Ok(Output::Created {
+            model_id: entry.key.model_id.clone(),
+        })
+    }
+
+    fn load_checkpoint(&self, tenant: &str, path: &str) -> Result<checkpoint::Loaded> {
+        let record = self.registry.checkpoint(tenant, path)?;
+        Ok(checkpoint::load(
+            &record.dir,
+            self.decoder.config(),
+            self.decoder.device(),
+            self.decoder.kind(),
+        )?)
+    }
+
+    fn save(&self, job: &Job) -> Result<Output> {
+        let Work::Save { name, kind } = &job.work else {
+            unreachable!("save job")
+        };
+        let entry = self.model_of(job)?;
+        let guard = entry.lock();
+        let adapter = guard
+            .adapter
+            .as_ref()
+            .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
+        let tenant = &entry.key.tenant;
+        let model_id = &entry.key.model_id;
+        let dir = self.registry.checkpoint_dir(tenant, model_id, *kind, name);
+        let optimizer_slot;
+        let optimizer = match kind {
+            CheckpointKind::State => {
+                // A state saved before the first step still restores as a fresh optimizer.
+                optimizer_slot = match &guard.optimizer {
+                    Some(_) => None,
+                    None => Some(AdamState::new(&adapter.parameters())?),
+                };
+                guard.optimizer.as_ref().or(optimizer_slot.as_ref())
+            }
+            CheckpointKind::Sampler => None,
+        };
+        checkpoint::save(
+            &SaveRequest {
+                adapter,
+                optimizer,
+                base_model: &entry.base_model,
+            },
+            &dir,
+        )?;
+        let path = format!("tinker://{model_id}/{}/{name}", kind.segment());
+        self.registry.add_checkpoint(CheckpointRecord {
+            tenant: tenant.clone(),
+            model_id: model_id.clone(),
+            kind: *kind,
+            name: name.clone(),
+            path: path.clone(),
+            size_bytes: dir_size(&dir),
+            dir,
+            created: unix_now(),
+        });
+        entry.touch();
+        Ok(Output::Saved { path })
+    }
+
+    fn load(&self, job: &Job) -> Result<Output> {
+        let Work::Load {
+            path,
+            with_optimizer,
+        } = &job.work
+        else {
+            unreachable!("load job")
+        };
+        let entry = self.model_of(job)?;
+        let loaded = self.load_checkpoint(&entry.key.tenant, path)?;
+        let mut guard = entry.lock();
+        guard.adapter = Some(loaded.adapter);
+        guard.optimizer = if *with_optimizer {
+            loaded.optimizer
+        } else {
+            None
+        };
+        entry.touch();
+        Ok(Output::Loaded { path: path.clone() })
+    }
+
+    fn sample(&self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
+        // Resolve and (lazily) load each distinct session once.
+        let mut sessions: HashMap<QueueKey, Arc<crate::registry::SamplerEntry>> = HashMap::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let QueueKey::Sampler(k) = &job.queue else {
+                results[i] = Some(Err(EngineError::invalid(
+                    "sampling_session_id",
+                    "not a sampling session",
+                )));
+                continue;
+            };
+            if sessions.contains_key(&job.queue) {
+                continue;
+            }
+            let loaded = self
+                .registry
+                .sampler(&k.tenant, &k.sampler_id)
+                .and_then(|entry| {
+                    let mut slot = entry.lock();
+                    if let (None, SamplerSource::Checkpoint(path)) = (&*slot, &entry.source) {
+                        *slot = Some(self.load_checkpoint(&k.tenant, path)?.adapter);
+                    }
+                    drop(slot);
+                    Ok(entry)
+                });
+            match loaded {
+                Ok(entry) => {
+                    sessions.insert(job.queue.clone(), entry);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let guards: HashMap<&QueueKey, _> = sessions.iter().map(|(k, e)| (k, e.lock())).collect();
+        let mut runnable: Vec<(usize, SampleRequest)> = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let Some(guard) = guards.get(&job.queue) else {
+                let sid = job.queue.id().to_string();
+                results[i] = Some(Err(EngineError::NotFound {
+                    what: "sampling session",
+                    id: sid,
+                }));
+                continue;
+            };
+            let Work::Sample {
+                prompt,
+                num_samples,
+                params,
+                prompt_logprobs,
+            } = &job.work
+            else {
+                unreachable!("sample batch holds sample jobs")
+            };
+            let request = SampleRequest {
+                adapter: guard.as_ref(),
+                prompt: prompt.clone(),
+                num_samples: *num_samples,
+                params: params.clone(),
+                prompt_logprobs: *prompt_logprobs,
+            };
+            match loraloom_model::sample::validate(&self.decoder, &request) {
+                Ok(()) => runnable.push((i, request)),
+                Err(e) => results[i] = Some(Err(e.into())),
+            }
+        }
+        let tokenizer = self.tokenizer.clone();
+        let detok = move |ids: &[i64]| {
+            tokenizer
+                .as_ref()
+                .and_then(|t| t.decode(ids).ok())
+                .unwrap_or_default()
+        };
+        let detokenize: Option<Detokenize> = if self.tokenizer.is_some() {
+            Some(&detok)
+        } else {
+            None
+        };
+        let requests: Vec<SampleRequest> = runnable.iter().map(|(_, r)| r.clone()).collect();
+        match sample(&self.decoder, &requests, detokenize) {
+            Ok(outputs) => {
+                for ((i, _), out) in runnable.iter().zip(outputs) {
+                    results[*i] = Some(Ok(Output::Sample(out)));
+                }
+            }
+            Err(batch_err) => {
+                tracing::warn!(error = %batch_err, jobs = runnable.len(), "sampling batch failed; retrying jobs alone");
+                for (i, req) in &runnable {
+                    let out = sample(&self.decoder, std::slice::from_ref(req), detokenize)
+                        .map(|mut o| Output::Sample(o.remove(0)))
+                        .map_err(EngineError::from);
+                    results[*i] = Some(out);
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
+    }
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+impl Backend for ModelWorker {
+    fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let Some(first) = jobs.first() else {
+            return Vec::new();
+        };
+        match first.work.class() {
+            BatchClass::Train(backward) => self.train(jobs, backward),
+            BatchClass::Sample => self.sample(jobs),
+            BatchClass::Optim => jobs.iter().map(|j| self.optim(j)).collect(),
+            BatchClass::Solo => jobs
+                .iter()
+                .map(|j| match &j.work {
+                    Work::Create { .. } => self.create(j),
+                    Work::Save { .. } => self.save(j),
+                    Work::Load { .. } => self.load(j),
+                    _ => unreachable!("solo jobs are create/save/load"),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).
+pub fn check_checkpoint(registry: &Registry, tenant: &str, path: &str) -> Result<()> {
+    parse_checkpoint_path(path)?;
+    registry.checkpoint(tenant, path).map(|_| ())
+}

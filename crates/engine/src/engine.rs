@@ -1,0 +1,496 @@
+//! The engine handle: admission, the worker pool and stats.
+//!
+//! Submitting locks the scheduler state briefly, pushes the job and wakes a worker; it never
+//! waits for compute, so it is safe on tokio threads. Workers are OS threads: each takes a
+//! batch under the scheduler lock, releases the lock, runs the batch on its own backend, then
+//! records results and frees the batch's queues. A panic inside a batch is caught; the batch's
+//! jobs are retried one by one so only the culprit fails.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use loraloom_model::LoraSpec;
+
+use crate::backend::{check_checkpoint, Backend};
+use crate::base::BaseModelInfo;
+use crate::error::{EngineError, Result};
+use crate::futures::{FutureState, FutureStore};
+use crate::job::{Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, Work};
+use crate::queue::{Limits, SchedState};
+use crate::registry::{unix_now, Registry, SamplerSource};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Queue and batch limits.
+    pub limits: Limits,
+    /// How long finished results are kept.
+    pub future_ttl: Duration,
+    /// The served base model.
+    pub base: BaseModelInfo,
+}
+
+/// Counters of one queue (a run or a sampling session).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueStats {
+    /// Owner.
+    pub tenant: String,
+    /// Run or session id.
+    pub id: String,
+    /// Jobs finished successfully.
+    pub done: u64,
+    /// Jobs failed (timeouts and cancellations included).
+    pub failed: u64,
+    /// Tokens put through the model.
+    pub tokens: u64,
+    /// Last time a job finished (unix seconds).
+    pub last_access: f64,
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot {
+    /// Jobs waiting.
+    pub queued: usize,
+    /// Jobs running.
+    pub running: u64,
+    /// Jobs finished successfully.
+    pub done: u64,
+    /// Jobs failed.
+    pub failed: u64,
+    /// Batches executed.
+    pub batches: u64,
+    /// Jobs executed in batches (for the mean batch size).
+    pub batched_jobs: u64,
+    /// Largest batch so far.
+    pub max_batch: u64,
+    /// Tokens put through the model.
+    pub tokens: u64,
+    /// Seconds workers spent computing.
+    pub busy_seconds: f64,
+    /// Failures by error kind.
+    pub failures_by_kind: HashMap<String, u64>,
+    /// Per queue.
+    pub queues: Vec<QueueStats>,
+    /// Training runs registered.
+    pub models: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    running: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    batches: AtomicU64,
+    batched_jobs: AtomicU64,
+    max_batch: AtomicU64,
+    tokens: AtomicU64,
+    busy_ns: AtomicU64,
+    per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
+    failures: Mutex<HashMap<String, u64>>,
+}
+
+struct Inner {
+    sched: Mutex<SchedState>,
+    wake: Condvar,
+    futures: FutureStore,
+    registry: Arc<Registry>,
+    counters: Counters,
+    base: BaseModelInfo,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Records, per queue, the order jobs were admitted and started in (tests of ordering).
+    order_log: Option<Mutex<OrderLog>>,
+}
+
+/// Per queue: request ids in admission order and in start order.
+#[derive(Debug, Clone, Default)]
+pub struct OrderLog {
+    /// Admission order.
+    pub admitted: HashMap<QueueKey, Vec<RequestId>>,
+    /// Start order.
+    pub started: HashMap<QueueKey, Vec<RequestId>>,
+}
+
+/// Cloneable handle to the engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    /// Starts one worker thread per backend.
+    pub fn start(
+        config: EngineConfig,
+        registry: Arc<Registry>,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Engine {
+        Self::start_inner(config, registry, backends, false)
+    }
+
+    /// Like [`Engine::start`], also recording the order in which each queue's jobs start.
+    pub fn start_recording_order(
+        config: EngineConfig,
+        registry: Arc<Registry>,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Engine {
+        Self::start_inner(config, registry, backends, true)
+    }
+
+    fn start_inner(
+        config: EngineConfig,
+        registry: Arc<Registry>,
+        backends: Vec<Box<dyn Backend>>,
+        record: bool,
+    ) -> Engine {
+        let inner = Arc::new(Inner {
+            sched: Mutex::new(SchedState::new(config.limits)),
+            wake: Condvar::new(),
+            futures: FutureStore::new(config.future_ttl),
+            registry,
+            counters: Counters::default(),
+            base: config.base,
+            workers: Mutex::new(Vec::new()),
+            order_log: record.then(|| Mutex::new(OrderLog::default())),
+        });
+        let handles = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("loraloom-worker-{i}"))
+                    .spawn(move || worker_loop(inner, backend))
+                    .expect("spawning a worker thread")
+            })
+            .collect();
+        *lock(&inner.workers) = handles;
+        Engine { inner }
+    }
+
+    /// The served base model.
+    pub fn base(&self) -> &BaseModelInfo {
+        &self.inner.base
+    }
+
+    /// Runs, sessions and checkpoints.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// The futures store.
+    pub fn futures(&self) -> &FutureStore {
+        &self.inner.futures
+    }
+
+    /// Queues `work` on `queue`; returns the request id of its future.
+    pub fn submit(&self, queue: QueueKey, work: Work) -> Result<RequestId> {
+        match &queue {
+            QueueKey::Model(k) => {
+                self.inner.registry.model(&k.tenant, &k.model_id)?;
+            }
+            QueueKey::Sampler(k) => {
+                self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
+            }
+        }
+        if let Work::Load { path, .. } = &work {
+            check_checkpoint(&self.inner.registry, queue.tenant(), path)?;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let tenant = queue.tenant().to_string();
+        let job = Job {
+            id: id.clone(),
+            queue,
+            work,
+            enqueued: Instant::now(),
+            span: tracing::Span::current(),
+        };
+        self.inner.futures.insert(&id, &tenant);
+        let key = job.queue.clone();
+        let pushed = {
+            let mut st = lock(&self.inner.sched);
+            let pushed = st.push(job);
+            if let (Ok(()), Some(log)) = (&pushed, &self.inner.order_log) {
+                lock(log).admitted.entry(key).or_default().push(id.clone());
+            }
+            pushed
+        };
+        if let Err(err) = pushed {
+            self.inner
+                .futures
+                .set(&id, FutureState::Failed(err.clone()));
+            return Err(err);
+        }
+        self.inner.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Registers a run for `tenant` and queues its creation (fresh, or from a checkpoint).
+    pub fn create_model(
+        &self,
+        key: ModelKey,
+        spec: LoraSpec,
+        user_metadata: serde_json::Value,
+        from: Option<(String, bool)>,
+    ) -> Result<RequestId> {
+        if let Some((path, _)) = &from {
+            check_checkpoint(&self.inner.registry, &key.tenant, path)?;
+        }
+        spec.validate(&self.inner.base.config)?;
+        self.inner.registry.add_model(
+            key.clone(),
+            &self.inner.base.name,
+            spec.clone(),
+            user_metadata,
+        )?;
+        let submitted = self.submit(QueueKey::Model(key.clone()), Work::Create { spec, from });
+        if submitted.is_err() {
+            let _ = self.inner.registry.remove_model(&key.tenant, &key.model_id);
+        }
+        submitted
+    }
+
+    /// Registers a sampling session over the base model or one of the tenant's checkpoints.
+    pub fn create_sampler(&self, key: SamplerKey, source: SamplerSource) -> Result<()> {
+        if let SamplerSource::Checkpoint(path) = &source {
+            check_checkpoint(&self.inner.registry, &key.tenant, path)?;
+        }
+        self.inner
+            .registry
+            .add_sampler(key, source, &self.inner.base.name);
+        Ok(())
+    }
+
+    /// Long-polls a future for up to `timeout`.
+    pub async fn wait(&self, tenant: &str, id: &str, timeout: Duration) -> Result<FutureState> {
+        self.inner.futures.wait(tenant, id, timeout).await
+    }
+
+    /// Cancels a queued job of `tenant`; running or finished jobs are not affected.
+    pub fn cancel(&self, tenant: &str, id: &str) -> Result<bool> {
+        let state = self.inner.futures.get(tenant, id)?;
+        if state != FutureState::Queued {
+            return Ok(false);
+        }
+        let job = lock(&self.inner.sched).cancel(id);
+        match job {
+            Some(job) => {
+                self.record_failure(&job, EngineError::Cancelled);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Stops admitting work. With `finish_queue`, queued jobs still run; otherwise they fail
+    /// with "server restarted". Returns once the workers have finished.
+    pub fn shutdown(&self, finish_queue: bool) {
+        let drained = {
+            let mut st = lock(&self.inner.sched);
+            st.close();
+            st.set_paused(false);
+            if finish_queue {
+                Vec::new()
+            } else {
+                st.drain()
+            }
+        };
+        for job in drained {
+            self.record_failure(&job, EngineError::ServerRestarted);
+        }
+        self.inner.wake.notify_all();
+        let handles = std::mem::take(&mut *lock(&self.inner.workers));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    /// Admission and start order per queue (when recording was enabled).
+    pub fn order_log(&self) -> OrderLog {
+        self.inner
+            .order_log
+            .as_ref()
+            .map(|m| lock(m).clone())
+            .unwrap_or_default()
+    }
+
+    /// Holds every queued job (`true`) or lets batches start again (`false`).
+    pub fn set_paused(&self, paused: bool) {
+        lock(&self.inner.sched).set_paused(paused);
+        self.inner.wake.notify_all();
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let c = &self.inner.counters;
+        let mut queues: Vec<QueueStats> = lock(&c.per_queue).values().cloned().collect();
+        queues.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
+        StatsSnapshot {
+            queued: lock(&self.inner.sched).queued(),
+            running: c.running.load(Ordering::Relaxed),
+            done: c.done.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            batched_jobs: c.batched_jobs.load(Ordering::Relaxed),
+            max_batch: c.max_batch.load(Ordering::Relaxed),
+            tokens: c.tokens.load(Ordering::Relaxed),
+            busy_seconds: c.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            failures_by_kind: lock(&c.failures).clone(),
+            queues,
+            models: self.inner.registry.model_count(),
+        }
+    }
+
+    /// Jobs waiting in one queue.
+    pub fn queue_depth(&self, key: &QueueKey) -> usize {
+        lock(&self.inner.sched).queue_depth(key)
+    }
+
+    fn record_failure(&self, job: &Job, err: EngineError) {
+        record(&self.inner, job, Err(err));
+    }
+}
+
+fn record(inner: &Inner, job: &Job, result: Result<Output>) {
+    let c = &inner.counters;
+    let mut per_queue = lock(&c.per_queue);
+    let q = per_queue
+        .entry(job.queue.clone())
+        .or_insert_with(|| QueueStats {
+            tenant: job.queue.tenant().to_string(),
+            id: job.queue.id().to_string(),
+            ..QueueStats::default()
+        });
+    q.last_access = unix_now();
+    match &result {
+        Ok(_) => {
+            q.done += 1;
+            q.tokens += job.work.tokens() as u64;
+            c.done.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            q.failed += 1;
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            *lock(&c.failures).entry(e.kind().to_string()).or_default() += 1;
+        }
+    }
+    drop(per_queue);
+    inner.futures.set(
+        &job.id,
+        match result {
+            Ok(out) => FutureState::Done(out),
+            Err(e) => FutureState::Failed(e),
+        },
+    );
+}
+
+/// Runs a batch, containing panics: after a panic every job is retried alone.
+fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>> {
+    match catch_unwind(AssertUnwindSafe(|| backend.run(batch))) {
+        Ok(results) if results.len() == batch.len() => results,
+        _ => {
+            tracing::error!(
+                jobs = batch.len(),
+                "batch panicked; retrying its jobs alone"
+            );
+            batch
+                .iter()
+                .map(|job| {
+                    catch_unwind(AssertUnwindSafe(|| backend.run(std::slice::from_ref(job))))
+                        .ok()
+                        .and_then(|mut r| r.pop())
+                        .unwrap_or_else(|| Err(EngineError::Internal("the job panicked".into())))
+                })
+                .collect()
+        }
+    }
+}
+
+fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
+    let mut last_purge = Instant::now();
+    loop {
+        let batch = {
+            let mut st = lock(&inner.sched);
+            loop {
+                let limit = st.limits().queue_timeout;
+                for job in st.expire(Instant::now()) {
+                    let waited = job.enqueued.elapsed();
+                    record(
+                        &inner,
+                        &job,
+                        Err(EngineError::TimedOut {
+                            waited_s: waited.as_secs_f64(),
+                            limit_s: limit.as_secs_f64(),
+                        }),
+                    );
+                }
+                if let Some(batch) = st.next_batch() {
+                    break batch;
+                }
+                if st.is_closed() && st.queued() == 0 {
+                    return;
+                }
+                st = inner
+                    .wake
+                    .wait_timeout(st, Duration::from_millis(250))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+                if last_purge.elapsed() > Duration::from_secs(10) {
+                    inner.futures.purge(tokio::time::Instant::now());
+                    last_purge = Instant::now();
+                }
+            }
+        };
+        let c = &inner.counters;
+        c.running.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for job in &batch {
+            inner.futures.set(&job.id, FutureState::Running);
+            if let Some(log) = &inner.order_log {
+                lock(log)
+                    .started
+                    .entry(job.queue.clone())
+                    .or_default()
+                    .push(job.id.clone());
+            }
+        }
+        let span = tracing::info_span!(
+            "batch",
+            kind = batch[0].work.name(),
+            jobs = batch.len(),
+            tokens = batch.iter().map(|j| j.work.tokens()).sum::<usize>()
+        );
+        let started = Instant::now();
+        let results = span.in_scope(|| run_contained(backend.as_mut(), &batch));
+        c.busy_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.batched_jobs
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        c.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+        c.tokens.fetch_add(
+            batch.iter().map(|j| j.work.tokens() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        let mut keys: Vec<QueueKey> = Vec::with_capacity(batch.len());
+        for (job, result) in batch.iter().zip(results) {
+            if let Err(e) = &result {
+                job.span
+                    .in_scope(|| tracing::debug!(request_id = %job.id, error = %e, "job failed"));
+            }
+            record(&inner, job, result);
+            if !keys.contains(&job.queue) {
+                keys.push(job.queue.clone());
+            }
+        }
+        c.running.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        lock(&inner.sched).finish(&keys);
+        inner.wake.notify_all();
+    }
+}

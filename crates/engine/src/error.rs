@@ -1,0 +1,98 @@
+//! Errors of the engine, each with a stable kind the API maps to an HTTP status.
+
+use loraloom_model::ModelError;
+
+/// Everything a submission or a job can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// An id that does not exist for this tenant (another tenant's ids are reported the same way).
+    #[error("{what} `{id}` not found")]
+    NotFound {
+        /// What kind of id.
+        what: &'static str,
+        /// The id as given.
+        id: String,
+    },
+    /// Bad input; names the field.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidInput {
+        /// The offending field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A queue or resource limit is full: try again later.
+    #[error("server busy: {0}; try again later")]
+    Overloaded(String),
+    /// The job waited in its queue longer than the queue timeout.
+    #[error("job waited {waited_s:.1}s in the queue (limit {limit_s:.1}s) and was dropped")]
+    TimedOut {
+        /// Seconds waited.
+        waited_s: f64,
+        /// The limit.
+        limit_s: f64,
+    },
+    /// The job was cancelled before it ran.
+    #[error("job was cancelled")]
+    Cancelled,
+    /// The server stopped (or restarted) before the job finished.
+    #[error("server restarted before the job finished")]
+    ServerRestarted,
+    /// The server is shutting down and admits no new work.
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// A failure inside the model or the filesystem (details logged, message kept short).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// Shorthand for [`EngineError::InvalidInput`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        EngineError::InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Stable snake_case tag (also the metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::NotFound { .. } => "not_found",
+            EngineError::InvalidInput { .. } => "invalid_input",
+            EngineError::Overloaded(_) => "overloaded",
+            EngineError::TimedOut { .. } => "timed_out",
+            EngineError::Cancelled => "cancelled",
+            EngineError::ServerRestarted => "server_restarted",
+            EngineError::ShuttingDown => "shutting_down",
+            EngineError::Internal(_) => "internal",
+        }
+    }
+
+    /// Whether the client caused it (as opposed to the server).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::NotFound { .. }
+                | EngineError::InvalidInput { .. }
+                | EngineError::Cancelled
+        )
+    }
+}
+
+impl From<ModelError> for EngineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidInput { field, reason } => {
+                EngineError::InvalidInput { field, reason }
+            }
+            ModelError::MissingTensor(_)
+            | ModelError::WrongShape { .. }
+            | ModelError::Config(_) => EngineError::invalid("checkpoint", e.to_string()),
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Result alias of the engine.
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,230 @@
+//! Jobs: what a client asked for, which queue it waits in, and what it produces.
+
+use std::time::Instant;
+
+use loraloom_model::{
+    AdamParams, Datum, LoraSpec, LossFn, RequestOutput, SampleOutput, SamplingParams, StepStats,
+};
+
+/// A tenant: the owner of every id it creates (derived from an API key, never the key itself).
+pub type TenantId = String;
+
+/// Identifies a request and its future.
+pub type RequestId = String;
+
+/// A training run (one LoRA adapter) of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelKey {
+    /// Owner.
+    pub tenant: TenantId,
+    /// The run's id (`<session>:train:<n>`).
+    pub model_id: String,
+}
+
+/// A sampling session of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SamplerKey {
+    /// Owner.
+    pub tenant: TenantId,
+    /// The session's id.
+    pub sampler_id: String,
+}
+
+/// The FIFO queue a job waits in: one per training run, one per sampling session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QueueKey {
+    /// A training run's queue: its jobs run strictly one at a time, in submission order.
+    Model(ModelKey),
+    /// A sampling session's queue: read-only jobs, several may share a batch.
+    Sampler(SamplerKey),
+}
+
+impl QueueKey {
+    /// The tenant owning the queue.
+    pub fn tenant(&self) -> &str {
+        match self {
+            QueueKey::Model(k) => &k.tenant,
+            QueueKey::Sampler(k) => &k.tenant,
+        }
+    }
+
+    /// The model or sampler id, for stats and logs.
+    pub fn id(&self) -> &str {
+        match self {
+            QueueKey::Model(k) => &k.model_id,
+            QueueKey::Sampler(k) => &k.sampler_id,
+        }
+    }
+}
+
+/// Which checkpoint files to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// Adapter + optimizer (`save_state`; `tinker://<run>/weights/<name>`).
+    State,
+    /// Adapter only (`save_weights_for_sampler`; `tinker://<run>/sampler_weights/<name>`).
+    Sampler,
+}
+
+impl CheckpointKind {
+    /// The path segment of the kind.
+    pub fn segment(self) -> &'static str {
+        match self {
+            CheckpointKind::State => "weights",
+            CheckpointKind::Sampler => "sampler_weights",
+        }
+    }
+}
+
+/// The work of a job.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// Initialise a fresh adapter (or, with `from`, one loaded from a checkpoint).
+    Create {
+        /// Rank, alpha, seed, targets.
+        spec: LoraSpec,
+        /// Load weights (and optionally the optimizer) from this checkpoint path instead.
+        from: Option<(String, bool)>,
+    },
+    /// `forward_backward` (`backward`) or `forward`.
+    ForwardBackward {
+        /// The datums.
+        data: Vec<Datum>,
+        /// The loss.
+        loss: LossFn,
+        /// Accumulate gradients.
+        backward: bool,
+    },
+    /// One Adam step.
+    OptimStep {
+        /// Hyper-parameters.
+        params: AdamParams,
+    },
+    /// Write a checkpoint named `name`.
+    Save {
+        /// Checkpoint name (unique per run and kind).
+        name: String,
+        /// Which files.
+        kind: CheckpointKind,
+    },
+    /// Replace the adapter's weights (and optionally optimizer) from a checkpoint path.
+    Load {
+        /// `tinker://<run>/<kind>/<name>`.
+        path: String,
+        /// Also restore the optimizer state.
+        with_optimizer: bool,
+    },
+    /// Generate from a sampling session.
+    Sample {
+        /// Prompt tokens.
+        prompt: Vec<i64>,
+        /// Sequences to generate.
+        num_samples: i64,
+        /// Sampling parameters.
+        params: SamplingParams,
+        /// Return prompt log-probabilities.
+        prompt_logprobs: bool,
+    },
+}
+
+/// Jobs that may share one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchClass {
+    /// forward_backward (true) or forward (false) of several runs, one fused pass.
+    Train(bool),
+    /// Optimizer steps of several runs.
+    Optim,
+    /// Sampling of several sessions, one decode loop.
+    Sample,
+    /// Runs alone (create, save, load).
+    Solo,
+}
+
+impl Work {
+    /// The batch class of the work.
+    pub fn class(&self) -> BatchClass {
+        match self {
+            Work::ForwardBackward { backward, .. } => BatchClass::Train(*backward),
+            Work::OptimStep { .. } => BatchClass::Optim,
+            Work::Sample { .. } => BatchClass::Sample,
+            Work::Create { .. } | Work::Save { .. } | Work::Load { .. } => BatchClass::Solo,
+        }
+    }
+
+    /// Tokens the job puts through the model (for the batch budget and stats).
+    pub fn tokens(&self) -> usize {
+        match self {
+            Work::ForwardBackward { data, .. } => data.iter().map(|d| d.input_tokens.len()).sum(),
+            Work::Sample {
+                prompt,
+                num_samples,
+                params,
+                ..
+            } => prompt.len() + (*num_samples as usize) * params.max_tokens.max(0) as usize,
+            _ => 0,
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Work::Create { .. } => "create_model",
+            Work::ForwardBackward { backward: true, .. } => "forward_backward",
+            Work::ForwardBackward {
+                backward: false, ..
+            } => "forward",
+            Work::OptimStep { .. } => "optim_step",
+            Work::Save {
+                kind: CheckpointKind::State,
+                ..
+            } => "save_state",
+            Work::Save {
+                kind: CheckpointKind::Sampler,
+                ..
+            } => "save_weights_for_sampler",
+            Work::Load { .. } => "load_state",
+            Work::Sample { .. } => "sample",
+        }
+    }
+}
+
+/// A job's result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// The run exists and is ready.
+    Created {
+        /// Its id.
+        model_id: String,
+    },
+    /// Per-datum outputs and the loss sum.
+    ForwardBackward(RequestOutput),
+    /// Gradient norm and step count.
+    OptimStep(StepStats),
+    /// The checkpoint's `tinker://` path.
+    Saved {
+        /// `tinker://<run>/<kind>/<name>`.
+        path: String,
+    },
+    /// Weights replaced from a checkpoint.
+    Loaded {
+        /// The checkpoint's path.
+        path: String,
+    },
+    /// Generated sequences.
+    Sample(SampleOutput),
+}
+
+/// A queued job.
+#[derive(Debug)]
+pub struct Job {
+    /// Its future's id.
+    pub id: RequestId,
+    /// The queue it waits in.
+    pub queue: QueueKey,
+    /// What to do.
+    pub work: Work,
+    /// When it was admitted.
+    pub enqueued: Instant,
+    /// The submitting request's span, entered on the worker.
+    pub span: tracing::Span,
+}

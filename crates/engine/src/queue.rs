@@ -1,0 +1,418 @@
+//! The scheduler's state: per-queue FIFOs, the round-robin ring of ready queues, admission
+//! limits, queue timeouts and cancellation. Pure logic, no threads: the engine wraps it in one
+//! mutex and a condition variable.
+//!
+//! Ordering: a training run's queue is *busy* while one of its jobs runs, so its next job cannot
+//! start before the previous one finished: jobs of one run execute strictly in submission order.
+//! Fairness: queues take turns in a ring; a batch takes at most one job from each training queue
+//! and the queue then goes to the back of the ring, so a deep queue cannot starve a shallow one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::error::EngineError;
+use crate::job::{BatchClass, Job, QueueKey, TenantId};
+
+/// Admission and batching limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Jobs one tenant may have queued.
+    pub per_tenant: usize,
+    /// Jobs all tenants together may have queued.
+    pub total: usize,
+    /// Token budget of one fused batch (a single larger job still runs, alone).
+    pub max_batch_tokens: usize,
+    /// Jobs waiting longer than this fail.
+    pub queue_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_tenant: 256,
+            total: 4096,
+            max_batch_tokens: 8192,
+            queue_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The scheduler's bookkeeping.
+#[derive(Default)]
+pub struct SchedState {
+    limits: Limits,
+    queues: HashMap<QueueKey, VecDeque<Job>>,
+    /// Queues with waiting jobs and nothing running, in turn order.
+    ready: VecDeque<QueueKey>,
+    /// Queues with a job running.
+    busy: HashSet<QueueKey>,
+    per_tenant: HashMap<TenantId, usize>,
+    total: usize,
+    closed: bool,
+    paused: bool,
+}
+
+impl SchedState {
+    /// Empty state with `limits`.
+    pub fn new(limits: Limits) -> Self {
+        SchedState {
+            limits,
+            ..SchedState::default()
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Jobs waiting (not running), overall.
+    pub fn queued(&self) -> usize {
+        self.total
+    }
+
+    /// Jobs waiting for `tenant`.
+    pub fn queued_for(&self, tenant: &str) -> usize {
+        self.per_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Jobs waiting in one queue.
+    pub fn queue_depth(&self, key: &QueueKey) -> usize {
+        self.queues.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Stops admitting; already queued jobs stay until drained or failed.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Holds (or releases) every queued job: no batch starts while paused.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Whether [`SchedState::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Whether nothing is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.total == 0 && self.busy.is_empty()
+    }
+
+    /// Admits a job at the back of its queue, or refuses it when a limit is reached.
+    pub fn push(&mut self, job: Job) -> Result<(), EngineError> {
+        if self.closed {
+            return Err(EngineError::ShuttingDown);
+        }
+        let tenant = job.queue.tenant().to_string();
+        let mine = self.queued_for(&tenant);
+        if mine >= self.limits.per_tenant {
+            let msg = format!(
+                "{mine} jobs already queued for this tenant (limit {})",
+                self.limits.per_tenant
+            );
+            return Err(EngineError::Overloaded(msg));
+        }
+        if self.total >= self.limits.total {
+            let msg = format!(
+                "{} jobs already queued (limit {})",
+                self.total, self.limits.total
+            );
+            return Err(EngineError::Overloaded(msg));
+        }
+        let key = job.queue.clone();
+        let queue = self.queues.entry(key.clone()).or_default();
+        let was_empty = queue.is_empty();
+        queue.push_back(job);
+        if was_empty && !self.busy.contains(&key) {
+            self.ready.push_back(key);
+        }
+        *self.per_tenant.entry(tenant).or_default() += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn pop_job(&mut self, key: &QueueKey) -> Option<Job> {
+        let queue = self.queues.get_mut(key)?;
+        let job = queue.pop_front()?;
+        if queue.is_empty() {
+            self.queues.remove(key);
+        }
+        self.total -= 1;
+        if let Some(n) = self.per_tenant.get_mut(key.tenant()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_tenant.remove(key.tenant());
+            }
+        }
+        Some(job)
+    }
+
+    /// Removes a queued job (cancellation). Running jobs cannot be cancelled.
+    pub fn cancel(&mut self, id: &str) -> Option<Job> {
+        let key = self
+            .queues
+            .iter()
+            .find(|(_, q)| q.iter().any(|j| j.id == id))
+            .map(|(k, _)| k.clone())?;
+        let queue = self.queues.get_mut(&key)?;
+        let pos = queue.iter().position(|j| j.id == id)?;
+        let job = queue.remove(pos)?;
+        if queue.is_empty() {
+            self.queues.remove(&key);
+            self.ready.retain(|k| k != &key);
+        }
+        self.total -= 1;
+        if let Some(n) = self.per_tenant.get_mut(key.tenant()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_tenant.remove(key.tenant());
+            }
+        }
+        Some(job)
+    }
+
+    /// Removes every queued job that has waited longer than the queue timeout at `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Job> {
+        let limit = self.limits.queue_timeout;
+        let expired: Vec<String> = self
+            .queues
+            .values()
+            .flat_map(|q| q.iter())
+            .filter(|j| now.saturating_duration_since(j.enqueued) > limit)
+            .map(|j| j.id.clone())
+            .collect();
+        expired.iter().filter_map(|id| self.cancel(id)).collect()
+    }
+
+    /// Removes every queued job (shutdown).
+    pub fn drain(&mut self) -> Vec<Job> {
+        let ids: Vec<String> = self
+            .queues
+            .values()
+            .flat_map(|q| q.iter().map(|j| j.id.clone()))
+            .collect();
+        ids.iter().filter_map(|id| self.cancel(id)).collect()
+    }
+
+    /// Takes the next batch: the head job of the first ready queue decides the class; heads of
+    /// later ready queues of the same class join while the token budget allows. Sampling
+    /// queues may contribute several jobs. The queues taken become busy until
+    /// [`SchedState::finish`].
+    pub fn next_batch(&mut self) -> Option<Vec<Job>> {
+        if self.paused {
+            return None;
+        }
+        let first = self.ready.pop_front()?;
+        let head = self.queues.get(&first)?.front()?;
+        let class = head.work.class();
+        let budget = self.limits.max_batch_tokens;
+        let mut tokens = 0usize;
+        let mut batch = Vec::new();
+        let mut taken = vec![first.clone()];
+        self.take_from(&first, class, budget, &mut tokens, &mut batch);
+        if class != BatchClass::Solo {
+            let mut skipped = VecDeque::new();
+            while let Some(key) = self.ready.pop_front() {
+                let fits = self
+                    .queues
+                    .get(&key)
+                    .and_then(|q| q.front())
+                    .is_some_and(|j| j.work.class() == class && tokens + j.work.tokens() <= budget);
+                if fits {
+                    self.take_from(&key, class, budget, &mut tokens, &mut batch);
+                    taken.push(key);
+                } else {
+                    skipped.push_back(key);
+                }
+            }
+            self.ready = skipped;
+        }
+        for key in taken {
+            self.busy.insert(key);
+        }
+        Some(batch)
+    }
+
+    /// Moves the head job of `key` (and, for sampling, following jobs that fit) into `batch`.
+    fn take_from(
+        &mut self,
+        key: &QueueKey,
+        class: BatchClass,
+        budget: usize,
+        tokens: &mut usize,
+        batch: &mut Vec<Job>,
+    ) {
+        if let Some(job) = self.pop_job(key) {
+            *tokens += job.work.tokens();
+            batch.push(job);
+        }
+        if class != BatchClass::Sample || !matches!(key, QueueKey::Sampler(_)) {
+            return;
+        }
+        while let Some(next) = self.queues.get(key).and_then(|q| q.front()) {
+            if next.work.class() != class || *tokens + next.work.tokens() > budget {
+                break;
+            }
+            let job = self.pop_job(key).expect("front exists");
+            *tokens += job.work.tokens();
+            batch.push(job);
+        }
+    }
+
+    /// Marks the queues of a finished batch idle again; those with waiting jobs rejoin the back
+    /// of the ring.
+    pub fn finish(&mut self, keys: &[QueueKey]) {
+        for key in keys {
+            if self.busy.remove(key) && self.queues.contains_key(key) && !self.ready.contains(key) {
+                self.ready.push_back(key.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{ModelKey, SamplerKey, Work};
+    use loraloom_model::{AdamParams, SamplingParams};
+
+    fn model(tenant: &str, id: &str) -> QueueKey {
+        QueueKey::Model(ModelKey {
+            tenant: tenant.into(),
+            model_id: id.into(),
+        })
+    }
+
+    fn job(id: &str, queue: QueueKey, work: Work) -> Job {
+        Job {
+            id: id.into(),
+            queue,
+            work,
+            enqueued: Instant::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    fn optim() -> Work {
+        Work::OptimStep {
+            params: AdamParams::default(),
+        }
+    }
+
+    fn sample_work(max_tokens: i64) -> Work {
+        Work::Sample {
+            prompt: vec![1, 2],
+            num_samples: 1,
+            params: SamplingParams {
+                max_tokens,
+                ..SamplingParams::default()
+            },
+            prompt_logprobs: false,
+        }
+    }
+
+    fn ids(batch: &[Job]) -> Vec<&str> {
+        batch.iter().map(|j| j.id.as_str()).collect()
+    }
+
+    #[test]
+    fn one_queue_runs_one_job_at_a_time_in_order() {
+        let mut s = SchedState::new(Limits::default());
+        let a = model("t", "a");
+        for i in 0..3 {
+            s.push(job(&format!("a{i}"), a.clone(), optim())).unwrap();
+        }
+        let b = s.next_batch().unwrap();
+        assert_eq!(ids(&b), ["a0"]);
+        assert!(s.next_batch().is_none(), "a is busy until its job finishes");
+        s.finish(std::slice::from_ref(&a));
+        assert_eq!(ids(&s.next_batch().unwrap()), ["a1"]);
+    }
+
+    #[test]
+    fn compatible_heads_of_different_queues_share_a_batch_and_take_turns() {
+        let mut s = SchedState::new(Limits::default());
+        let (a, b, c) = (model("t1", "a"), model("t2", "b"), model("t3", "c"));
+        s.push(job("a0", a.clone(), optim())).unwrap();
+        s.push(job("a1", a.clone(), optim())).unwrap();
+        s.push(job("b0", b.clone(), sample_work(4))).unwrap();
+        s.push(job("c0", c.clone(), optim())).unwrap();
+        let batch = s.next_batch().unwrap();
+        assert_eq!(ids(&batch), ["a0", "c0"]);
+        // b's sample job could not join; it is next in line, before a's second job.
+        assert_eq!(ids(&s.next_batch().unwrap()), ["b0"]);
+        s.finish(&[a.clone(), c]);
+        assert_eq!(ids(&s.next_batch().unwrap()), ["a1"]);
+    }
+
+    #[test]
+    fn a_deep_queue_does_not_starve_a_single_job() {
+        let mut s = SchedState::new(Limits {
+            max_batch_tokens: 4,
+            ..Limits::default()
+        });
+        let deep = QueueKey::Sampler(SamplerKey {
+            tenant: "t1".into(),
+            sampler_id: "s".into(),
+        });
+        let other = model("t2", "x");
+        for i in 0..10 {
+            s.push(job(&format!("d{i}"), deep.clone(), sample_work(1)))
+                .unwrap();
+        }
+        s.push(job("x0", other.clone(), optim())).unwrap();
+        let first = s.next_batch().unwrap();
+        assert_eq!(first.len(), 1, "budget 4 tokens: one 3-token sample job");
+        let second = s.next_batch().unwrap();
+        assert_eq!(ids(&second), ["x0"], "the other tenant goes next");
+    }
+
+    #[test]
+    fn limits_refuse_with_overloaded() {
+        let mut s = SchedState::new(Limits {
+            per_tenant: 2,
+            total: 3,
+            ..Limits::default()
+        });
+        s.push(job("1", model("t1", "a"), optim())).unwrap();
+        s.push(job("2", model("t1", "b"), optim())).unwrap();
+        let err = s.push(job("3", model("t1", "a"), optim())).unwrap_err();
+        assert_eq!(err.kind(), "overloaded");
+        s.push(job("4", model("t2", "c"), optim())).unwrap();
+        let err = s.push(job("5", model("t3", "d"), optim())).unwrap_err();
+        assert!(err.to_string().contains("limit 3"), "{err}");
+        s.close();
+        let err = s.push(job("6", model("t4", "e"), optim())).unwrap_err();
+        assert_eq!(err.kind(), "shutting_down");
+    }
+
+    #[test]
+    fn cancel_and_expire_remove_queued_jobs_only() {
+        let mut s = SchedState::new(Limits {
+            queue_timeout: Duration::from_secs(10),
+            ..Limits::default()
+        });
+        let a = model("t", "a");
+        s.push(job("a0", a.clone(), optim())).unwrap();
+        s.push(job("a1", a.clone(), optim())).unwrap();
+        s.push(job("a2", a.clone(), optim())).unwrap();
+        let running = s.next_batch().unwrap();
+        assert!(
+            s.cancel(&running[0].id).is_none(),
+            "a running job is not in a queue"
+        );
+        assert_eq!(s.cancel("a1").unwrap().id, "a1");
+        assert_eq!(s.queued(), 1);
+        assert!(s.expire(Instant::now()).is_empty());
+        let later = Instant::now() + Duration::from_secs(11);
+        assert_eq!(ids(&s.expire(later)), ["a2"]);
+        assert_eq!(s.queued(), 0);
+        assert_eq!(s.queued_for("t"), 0);
+        s.finish(&[a]);
+        assert!(s.next_batch().is_none());
+        assert!(s.is_idle());
+    }
+}

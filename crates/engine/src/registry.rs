@@ -1,0 +1,355 @@
+//! The registry: training runs, sampling sessions and checkpoints, each owned by one tenant.
+//!
+//! Runs and sessions live in `DashMap`s; each entry's mutable state sits behind its own mutex,
+//! so work on one run never waits on another run's lock.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use loraloom_model::{AdamState, LoraAdapter, LoraSpec};
+
+use crate::error::{EngineError, Result};
+use crate::job::{CheckpointKind, ModelKey, SamplerKey};
+
+/// Seconds since the epoch.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The trainable state of a run; `adapter` is `None` until its create job ran.
+#[derive(Default)]
+pub struct RunState {
+    /// LoRA weights (and gradients).
+    pub adapter: Option<LoraAdapter>,
+    /// Adam moments, created at the first step.
+    pub optimizer: Option<AdamState>,
+}
+
+/// A training run.
+pub struct ModelEntry {
+    /// Owner and id.
+    pub key: ModelKey,
+    /// The base model's public name.
+    pub base_model: String,
+    /// The LoRA configuration it was created with.
+    pub spec: LoraSpec,
+    /// Free-form metadata from the client.
+    pub user_metadata: serde_json::Value,
+    /// Creation time (unix seconds).
+    pub created: f64,
+    /// Last time a job of this run finished (unix seconds, as bits for lock-free updates).
+    last_access: std::sync::atomic::AtomicU64,
+    state: Mutex<RunState>,
+}
+
+impl ModelEntry {
+    /// Locks the run's state (held only by the worker running its job).
+    pub fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an access now.
+    pub fn touch(&self) {
+        self.last_access
+            .store(unix_now().to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Last access (unix seconds).
+    pub fn last_access(&self) -> f64 {
+        f64::from_bits(self.last_access.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Where a sampling session's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SamplerSource {
+    /// The base model alone.
+    Base,
+    /// A checkpoint path (`tinker://<run>/<kind>/<name>`).
+    Checkpoint(String),
+}
+
+/// A sampling session; its adapter is loaded on first use.
+pub struct SamplerEntry {
+    /// Owner and id.
+    pub key: SamplerKey,
+    /// What it samples from.
+    pub source: SamplerSource,
+    /// Base model name.
+    pub base_model: String,
+    state: Mutex<Option<LoraAdapter>>,
+}
+
+impl SamplerEntry {
+    /// Locks the loaded adapter slot.
+    pub fn lock(&self) -> MutexGuard<'_, Option<LoraAdapter>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A saved checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRecord {
+    /// Owner.
+    pub tenant: String,
+    /// The run it was saved from.
+    pub model_id: String,
+    /// State or sampler weights.
+    pub kind: CheckpointKind,
+    /// Its name within the run.
+    pub name: String,
+    /// `tinker://<run>/<kind>/<name>`.
+    pub path: String,
+    /// Directory on disk.
+    pub dir: PathBuf,
+    /// Creation time (unix seconds).
+    pub created: f64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+}
+
+/// The parts of a `tinker://<run>/<kind>/<name>` path.
+pub fn parse_checkpoint_path(path: &str) -> Result<(String, CheckpointKind, String)> {
+    let bad = || {
+        EngineError::invalid(
+            "path",
+            format!("`{path}` is not a checkpoint path of the form tinker://<run>/(weights|sampler_weights)/<name>"),
+        )
+    };
+    let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [run, kind, name] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let kind = match *kind {
+        "weights" => CheckpointKind::State,
+        "sampler_weights" => CheckpointKind::Sampler,
+        _ => return Err(bad()),
+    };
+    if run.is_empty() || name.is_empty() {
+        return Err(bad());
+    }
+    Ok((run.to_string(), kind, name.to_string()))
+}
+
+/// Checks a client-chosen checkpoint name.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::invalid(
+            "path",
+            format!("checkpoint name `{name}` must be 1-128 characters of [A-Za-z0-9_.-], not starting with '.'"),
+        ))
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every run, session and checkpoint.
+pub struct Registry {
+    data_dir: PathBuf,
+    models: DashMap<ModelKey, Arc<ModelEntry>>,
+    samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
+    checkpoints: DashMap<(String, String), CheckpointRecord>,
+}
+
+impl Registry {
+    /// An empty registry keeping checkpoints under `data_dir/checkpoints`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Registry {
+            data_dir,
+            models: DashMap::new(),
+            samplers: DashMap::new(),
+            checkpoints: DashMap::new(),
+        }
+    }
+
+    /// Registers a new run (its adapter is built by its create job).
+    pub fn add_model(
+        &self,
+        key: ModelKey,
+        base_model: &str,
+        spec: LoraSpec,
+        user_metadata: serde_json::Value,
+    ) -> Result<Arc<ModelEntry>> {
+        let entry = Arc::new(ModelEntry {
+            key: key.clone(),
+            base_model: base_model.to_string(),
+            spec,
+            user_metadata,
+            created: unix_now(),
+            last_access: std::sync::atomic::AtomicU64::new(unix_now().to_bits()),
+            state: Mutex::new(RunState::default()),
+        });
+        match self.models.entry(key) {
+            dashmap::mapref::entry::Entry::Occupied(o) => Err(EngineError::invalid(
+                "model_id",
+                format!("run `{}` already exists", o.key().model_id),
+            )),
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(entry.clone());
+                Ok(entry)
+            }
+        }
+    }
+
+    /// The run `model_id` of `tenant`.
+    pub fn model(&self, tenant: &str, model_id: &str) -> Result<Arc<ModelEntry>> {
+        let key = ModelKey {
+            tenant: tenant.to_string(),
+            model_id: model_id.to_string(),
+        };
+        self.models
+            .get(&key)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| EngineError::NotFound {
+                what: "model",
+                id: model_id.to_string(),
+            })
+    }
+
+    /// Removes a run (its checkpoints stay).
+    pub fn remove_model(&self, tenant: &str, model_id: &str) -> Result<()> {
+        let key = ModelKey {
+            tenant: tenant.to_string(),
+            model_id: model_id.to_string(),
+        };
+        self.models
+            .remove(&key)
+            .map(|_| ())
+            .ok_or_else(|| EngineError::NotFound {
+                what: "model",
+                id: model_id.to_string(),
+            })
+    }
+
+    /// The tenant's runs, oldest first.
+    pub fn models_of(&self, tenant: &str) -> Vec<Arc<ModelEntry>> {
+        let mut out: Vec<Arc<ModelEntry>> = self
+            .models
+            .iter()
+            .filter(|e| e.key().tenant == tenant)
+            .map(|e| e.value().clone())
+            .collect();
+        out.sort_by(|a, b| a.created.total_cmp(&b.created).then(a.key.cmp(&b.key)));
+        out
+    }
+
+    /// Number of runs (all tenants) and of runs with a resident adapter.
+    pub fn model_count(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Registers a sampling session.
+    pub fn add_sampler(
+        &self,
+        key: SamplerKey,
+        source: SamplerSource,
+        base_model: &str,
+    ) -> Arc<SamplerEntry> {
+        let entry = Arc::new(SamplerEntry {
+            key: key.clone(),
+            source,
+            base_model: base_model.to_string(),
+            state: Mutex::new(None),
+        });
+        self.samplers.insert(key, entry.clone());
+        entry
+    }
+
+    /// The session `sampler_id` of `tenant`.
+    pub fn sampler(&self, tenant: &str, sampler_id: &str) -> Result<Arc<SamplerEntry>> {
+        let key = SamplerKey {
+            tenant: tenant.to_string(),
+            sampler_id: sampler_id.to_string(),
+        };
+        self.samplers
+            .get(&key)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| EngineError::NotFound {
+                what: "sampling session",
+                id: sampler_id.to_string(),
+            })
+    }
+
+    /// Where a checkpoint of `tenant` lives on disk.
+    pub fn checkpoint_dir(
+        &self,
+        tenant: &str,
+        model_id: &str,
+        kind: CheckpointKind,
+        name: &str,
+    ) -> PathBuf {
+        self.data_dir
+            .join("checkpoints")
+            .join(hex(tenant))
+            .join(hex(model_id))
+            .join(kind.segment())
+            .join(name)
+    }
+
+    /// Records a written checkpoint (replacing one with the same path).
+    pub fn add_checkpoint(&self, record: CheckpointRecord) {
+        self.checkpoints
+            .insert((record.tenant.clone(), record.path.clone()), record);
+    }
+
+    /// The checkpoint at `path` if it belongs to `tenant`.
+    pub fn checkpoint(&self, tenant: &str, path: &str) -> Result<CheckpointRecord> {
+        parse_checkpoint_path(path)?;
+        self.checkpoints
+            .get(&(tenant.to_string(), path.to_string()))
+            .map(|r| r.value().clone())
+            .ok_or_else(|| EngineError::NotFound {
+                what: "checkpoint",
+                id: path.to_string(),
+            })
+    }
+
+    /// The tenant's checkpoints (of one run when given), oldest first.
+    pub fn checkpoints_of(&self, tenant: &str, model_id: Option<&str>) -> Vec<CheckpointRecord> {
+        let mut out: Vec<CheckpointRecord> = self
+            .checkpoints
+            .iter()
+            .filter(|r| r.tenant == tenant && model_id.is_none_or(|m| r.model_id == m))
+            .map(|r| r.value().clone())
+            .collect();
+        out.sort_by(|a, b| a.created.total_cmp(&b.created).then(a.path.cmp(&b.path)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_paths_parse_like_the_sdk() {
+        let (run, kind, name) =
+            parse_checkpoint_path("tinker://s1:train:0/weights/step-3").unwrap();
+        assert_eq!(
+            (run.as_str(), kind, name.as_str()),
+            ("s1:train:0", CheckpointKind::State, "step-3")
+        );
+        assert!(parse_checkpoint_path("tinker://a/b").is_err());
+        assert!(parse_checkpoint_path("tinker://a/other/x").is_err());
+        assert!(parse_checkpoint_path("file:///a/weights/x").is_err());
+        assert!(validate_name("ok-name_1.0").is_ok());
+        assert!(validate_name("../etc").is_err());
+        assert!(validate_name("a/b").is_err());
+    }
+}

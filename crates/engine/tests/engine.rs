@@ -1,0 +1,497 @@
+//! The engine end to end: ordering, fusion equality, failure isolation, backpressure,
+//! timeouts and cancellation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use loraloom_engine::job::Job;
+use loraloom_engine::{
+    Backend, BaseModelInfo, Engine, EngineConfig, EngineError, FutureState, Limits, ModelKey,
+    ModelWorker, Output, QueueKey, Registry, Result, Work,
+};
+use loraloom_model::{
+    forward_backward, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
+    LossInputs, ModelConfig, StepStats, TrainRequest,
+};
+use tch::{Device, Kind};
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig::from_json(
+        r#"{"model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":128,"max_position_embeddings":128}"#,
+    )
+    .unwrap()
+}
+
+fn info(config: ModelConfig) -> BaseModelInfo {
+    BaseModelInfo {
+        name: "tiny".into(),
+        max_context_length: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+        summary: "tiny".into(),
+        config,
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loraloom-engine-{tag}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spec(rank: i64, seed: u64) -> LoraSpec {
+    LoraSpec {
+        rank,
+        alpha: 32.0,
+        seed,
+        train_attn: true,
+        train_mlp: true,
+        train_unembed: false,
+    }
+}
+
+fn key(tenant: &str, id: &str) -> ModelKey {
+    ModelKey {
+        tenant: tenant.into(),
+        model_id: id.into(),
+    }
+}
+
+/// A backend that only records batch sizes; `poison` jobs (learning_rate < 0) panic the batch.
+struct Fake {
+    batches: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Backend for Fake {
+    fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let poisoned = jobs
+            .iter()
+            .any(|j| matches!(&j.work, Work::OptimStep { params } if params.learning_rate < 0.0));
+        if poisoned {
+            panic!("poisoned batch");
+        }
+        self.batches.lock().unwrap().push(jobs.len());
+        jobs.iter()
+            .map(|_| {
+                Ok(Output::OptimStep(StepStats {
+                    grad_norm: 0.0,
+                    step: 1,
+                }))
+            })
+            .collect()
+    }
+}
+
+fn fake_engine(limits: Limits, workers: usize) -> (Engine, Arc<Mutex<Vec<usize>>>) {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let backends: Vec<Box<dyn Backend>> = (0..workers)
+        .map(|_| {
+            Box::new(Fake {
+                batches: batches.clone(),
+            }) as Box<dyn Backend>
+        })
+        .collect();
+    let config = EngineConfig {
+        limits,
+        future_ttl: Duration::from_secs(60),
+        base: info(tiny_config()),
+    };
+    let registry = Arc::new(Registry::new(temp_dir("fake")));
+    (
+        Engine::start_recording_order(config, registry, backends),
+        batches,
+    )
+}
+
+fn optim(lr: f64) -> Work {
+    Work::OptimStep {
+        params: AdamParams {
+            learning_rate: lr,
+            ..AdamParams::default()
+        },
+    }
+}
+
+fn wait(engine: &Engine, tenant: &str, id: &str) -> FutureState {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(engine.wait(tenant, id, Duration::from_secs(60)))
+        .unwrap()
+}
+
+#[test]
+fn every_runs_jobs_start_in_submission_order_under_concurrent_clients() {
+    let (engine, batches) = fake_engine(Limits::default(), 3);
+    let models: Vec<ModelKey> = (0..10)
+        .map(|i| key(&format!("t{}", i % 4), &format!("m{i}")))
+        .collect();
+    for m in &models {
+        engine
+            .registry()
+            .add_model(m.clone(), "tiny", spec(4, 0), serde_json::Value::Null)
+            .unwrap();
+    }
+    let ids: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|t| {
+                let engine = engine.clone();
+                let models = models.clone();
+                s.spawn(move || {
+                    (0..50)
+                        .map(|i| {
+                            let m = &models[(t * 7 + i * 3) % 10];
+                            let id = engine
+                                .submit(QueueKey::Model(m.clone()), optim(1e-3))
+                                .unwrap();
+                            (m.tenant.clone(), id)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(ids.len(), 1000);
+    for (tenant, id) in &ids {
+        assert!(matches!(wait(&engine, tenant, id), FutureState::Done(_)));
+    }
+    let log = engine.order_log();
+    let mut total = 0;
+    for m in &models {
+        let q = QueueKey::Model(m.clone());
+        assert_eq!(
+            log.started[&q], log.admitted[&q],
+            "run {} executed out of order",
+            m.model_id
+        );
+        total += log.started[&q].len();
+    }
+    assert_eq!(total, 1000);
+    let sizes = batches.lock().unwrap();
+    assert_eq!(sizes.iter().sum::<usize>(), 1000);
+    engine.shutdown(true);
+}
+
+#[test]
+fn a_panicking_job_fails_alone_and_the_workers_go_on() {
+    let (engine, _) = fake_engine(Limits::default(), 1);
+    for i in 0..4 {
+        engine
+            .registry()
+            .add_model(
+                key("t", &format!("m{i}")),
+                "tiny",
+                spec(4, 0),
+                serde_json::Value::Null,
+            )
+            .unwrap();
+    }
+    engine.set_paused(true);
+    let ids: Vec<String> = (0..4)
+        .map(|i| {
+            let lr = if i == 2 { -1.0 } else { 1e-3 };
+            engine
+                .submit(QueueKey::Model(key("t", &format!("m{i}"))), optim(lr))
+                .unwrap()
+        })
+        .collect();
+    engine.set_paused(false);
+    for (i, id) in ids.iter().enumerate() {
+        let state = wait(&engine, "t", id);
+        if i == 2 {
+            assert_eq!(
+                state,
+                FutureState::Failed(EngineError::Internal("the job panicked".into()))
+            );
+        } else {
+            assert!(matches!(state, FutureState::Done(_)), "job {i}: {state:?}");
+        }
+    }
+    // The worker survived.
+    let id = engine
+        .submit(QueueKey::Model(key("t", "m0")), optim(1e-3))
+        .unwrap();
+    assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
+    engine.shutdown(true);
+}
+
+#[test]
+fn full_queues_refuse_and_cancel_and_timeout_fail_futures() {
+    let limits = Limits {
+        per_tenant: 3,
+        total: 100,
+        max_batch_tokens: 8192,
+        queue_timeout: Duration::from_millis(300),
+    };
+    let (engine, _) = fake_engine(limits, 1);
+    engine
+        .registry()
+        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    engine
+        .registry()
+        .add_model(key("b", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    engine.set_paused(true);
+    let qa = QueueKey::Model(key("a", "m"));
+    let ids: Vec<String> = (0..3)
+        .map(|_| engine.submit(qa.clone(), optim(1e-3)).unwrap())
+        .collect();
+    let err = engine.submit(qa.clone(), optim(1e-3)).unwrap_err();
+    assert_eq!(err.kind(), "overloaded");
+    // Another tenant is not affected by a's full queue.
+    let b = engine
+        .submit(QueueKey::Model(key("b", "m")), optim(1e-3))
+        .unwrap();
+    // Cancellation of a queued job; other tenants cannot cancel (or see) it.
+    assert_eq!(engine.cancel("b", &ids[0]).unwrap_err().kind(), "not_found");
+    assert!(engine.cancel("a", &ids[0]).unwrap());
+    assert_eq!(
+        wait(&engine, "a", &ids[0]),
+        FutureState::Failed(EngineError::Cancelled)
+    );
+    // The rest time out while paused.
+    for id in &ids[1..] {
+        match wait(&engine, "a", id) {
+            FutureState::Failed(EngineError::TimedOut { limit_s, .. }) => {
+                assert!((limit_s - 0.3).abs() < 1e-9)
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        wait(&engine, "b", &b),
+        FutureState::Failed(EngineError::TimedOut { .. })
+    ));
+    engine.set_paused(false);
+    let stats = engine.stats();
+    assert_eq!(stats.failures_by_kind["timed_out"], 3);
+    assert_eq!(stats.failures_by_kind["cancelled"], 1);
+    engine.shutdown(true);
+}
+
+#[test]
+fn unknown_runs_and_shutdown_are_clear_errors() {
+    let (engine, _) = fake_engine(Limits::default(), 1);
+    let err = engine
+        .submit(QueueKey::Model(key("a", "nope")), optim(1e-3))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        EngineError::NotFound {
+            what: "model",
+            id: "nope".into()
+        }
+    );
+    engine
+        .registry()
+        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    // b cannot use a's run.
+    assert_eq!(
+        engine
+            .submit(QueueKey::Model(key("b", "m")), optim(1e-3))
+            .unwrap_err()
+            .kind(),
+        "not_found"
+    );
+    engine.set_paused(true);
+    let queued = engine
+        .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
+        .unwrap();
+    let e2 = engine.clone();
+    let stopper = std::thread::spawn(move || e2.shutdown(false));
+    stopper.join().unwrap();
+    assert_eq!(
+        wait(&engine, "a", &queued),
+        FutureState::Failed(EngineError::ServerRestarted)
+    );
+    assert_eq!(
+        engine
+            .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
+            .unwrap_err()
+            .kind(),
+        "shutting_down"
+    );
+}
+
+// ---- with the real model -------------------------------------------------------------
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn tiny_checkpoint() -> PathBuf {
+    let dir = temp_dir("tiny");
+    let python = std::env::var_os("LORALOOM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    let status = std::process::Command::new(python)
+        .arg(repo_root().join("tests/oracles/tiny_models.py"))
+        .args(["make", "llama"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir
+}
+
+fn data(seed: i64) -> Vec<Datum> {
+    (0..2)
+        .map(|i| {
+            let toks: Vec<i64> = (0..9).map(|j| (seed * 13 + i * 5 + j * 7) % 128).collect();
+            Datum {
+                input_tokens: toks[..8].to_vec(),
+                loss_inputs: LossInputs {
+                    target_tokens: toks[1..].to_vec(),
+                    weights: Some(vec![1.0; 8]),
+                    logprobs: None,
+                    advantages: None,
+                },
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn four_tenants_batched_train_exactly_like_each_alone() {
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let registry = Arc::new(Registry::new(temp_dir("reg")));
+    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
+    let config = EngineConfig {
+        limits: Limits::default(),
+        future_ttl: Duration::from_secs(60),
+        base: info(decoder.config().clone()),
+    };
+    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let tenants: Vec<ModelKey> = (0..4).map(|i| key(&format!("tenant{i}"), "run")).collect();
+    engine.set_paused(true);
+    for (i, k) in tenants.iter().enumerate() {
+        engine
+            .create_model(
+                k.clone(),
+                spec(2 + i as i64, i as u64),
+                serde_json::Value::Null,
+                None,
+            )
+            .unwrap();
+    }
+    let mut last = HashMap::new();
+    for _ in 0..3 {
+        for (i, k) in tenants.iter().enumerate() {
+            let q = QueueKey::Model(k.clone());
+            let fb = Work::ForwardBackward {
+                data: data(i as i64),
+                loss: LossFn::CrossEntropy,
+                backward: true,
+            };
+            engine.submit(q.clone(), fb).unwrap();
+            last.insert(
+                k.tenant.clone(),
+                engine.submit(q, Work::OptimStep { params: hp }).unwrap(),
+            );
+        }
+    }
+    engine.set_paused(false);
+    for (tenant, id) in &last {
+        assert!(matches!(wait(&engine, tenant, id), FutureState::Done(_)));
+    }
+    assert!(
+        engine.stats().max_batch >= 4,
+        "the four tenants' jobs were fused: {:?}",
+        engine.stats()
+    );
+
+    for (i, k) in tenants.iter().enumerate() {
+        let alone = LoraAdapter::new(
+            spec(2 + i as i64, i as u64),
+            decoder.config(),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let mut opt = AdamState::new(&alone.parameters()).unwrap();
+        let d = data(i as i64);
+        for _ in 0..3 {
+            let req = TrainRequest {
+                adapter: Some(&alone),
+                loss: LossFn::CrossEntropy,
+                data: &d,
+            };
+            forward_backward(&decoder, &[req], true).unwrap();
+            opt.step(&alone.parameters(), &hp).unwrap();
+        }
+        let entry = engine.registry().model(&k.tenant, "run").unwrap();
+        let state = entry.lock();
+        let trained = state.adapter.as_ref().unwrap();
+        for (p, q) in trained.parameters().iter().zip(alone.parameters()) {
+            let diff = (*p - q).abs().max().double_value(&[]);
+            let scale = q.abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "tenant {i}: weights differ by {diff}"
+            );
+        }
+    }
+    engine.shutdown(true);
+}
+
+#[test]
+fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let registry = Arc::new(Registry::new(temp_dir("reg2")));
+    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
+    let config = EngineConfig {
+        limits: Limits::default(),
+        future_ttl: Duration::from_secs(60),
+        base: info(decoder.config().clone()),
+    };
+    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    let (good, bad) = (key("good", "run"), key("bad", "run"));
+    let c1 = engine
+        .create_model(good.clone(), spec(4, 1), serde_json::Value::Null, None)
+        .unwrap();
+    let c2 = engine
+        .create_model(bad.clone(), spec(4, 2), serde_json::Value::Null, None)
+        .unwrap();
+    wait(&engine, "good", &c1);
+    wait(&engine, "bad", &c2);
+    engine.set_paused(true);
+    let mut poisoned = data(1);
+    poisoned[1].loss_inputs.target_tokens[3] = 4096;
+    let fb = |d| Work::ForwardBackward {
+        data: d,
+        loss: LossFn::CrossEntropy,
+        backward: true,
+    };
+    let g = engine.submit(QueueKey::Model(good), fb(data(0))).unwrap();
+    let b = engine.submit(QueueKey::Model(bad), fb(poisoned)).unwrap();
+    engine.set_paused(false);
+    assert!(matches!(
+        wait(&engine, "good", &g),
+        FutureState::Done(Output::ForwardBackward(_))
+    ));
+    match wait(&engine, "bad", &b) {
+        FutureState::Failed(EngineError::InvalidInput { field, .. }) => {
+            assert_eq!(field, "data[1].loss_fn_inputs.target_tokens")
+        }
+        other => panic!("{other:?}"),
+    }
+    engine.shutdown(true);
+}
