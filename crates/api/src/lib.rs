@@ -1,6 +1,17 @@
-//! loraloom's HTTP API: the only crate that knows the Tinker wire format. It turns requests
-//! into engine calls and engine results into the JSON the official `tinker` SDK parses.
+//! loraloom's HTTP API: the only crate that knows the Tinker wire format (JSON and the SDK's
+//! protobuf messages). It authenticates tenants, turns requests into validated engine work and
+//! engine results into what the official `tinker` SDK parses. See `docs/protocol.md`.
 
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod metrics;
+pub mod proto;
+pub mod results;
 pub mod routes;
+pub mod state;
+pub mod wire;
 
-pub use routes::{router, AppState};
+pub use auth::{parse_keys, Auth};
+pub use routes::router;
+pub use state::AppState;

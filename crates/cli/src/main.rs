@@ -1,13 +1,16 @@
 //! The `loraloom` binary: `serve` starts the HTTP server on one base model.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use loraloom_api::{router, AppState};
-use loraloom_engine::BaseModel;
+use dashmap::DashMap;
+use loraloom_api::{parse_keys, router, AppState, Auth};
+use loraloom_engine::{Backend, BaseModel, Engine, EngineConfig, Limits, ModelWorker, Registry};
 
 /// Name under which the embedded default model is served.
 const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -28,6 +31,7 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// Flags of `serve`. No `Debug`: it carries API keys.
 #[derive(Args)]
 struct ServeArgs {
     /// Address to bind.
@@ -46,6 +50,42 @@ struct ServeArgs {
     /// Where models, checkpoints and the database live.
     #[arg(long, env = "LORALOOM_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
+    /// An API key as `tenant=tml-...` (repeatable; comma-separated in the env variable).
+    /// Without any key, loraloom runs single-tenant on loopback and accepts any `tml-` key.
+    #[arg(
+        long = "api-key",
+        env = "LORALOOM_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// A file of API keys, one `tenant=tml-...` (or `tenant tml-...`) per line.
+    #[arg(long, env = "LORALOOM_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Worker threads running model work (1 is best on CPU).
+    #[arg(long, env = "LORALOOM_WORKERS", default_value_t = 1)]
+    workers: usize,
+    /// Token budget of one fused batch.
+    #[arg(long, env = "LORALOOM_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    max_batch_tokens: usize,
+    /// Jobs one tenant may have queued.
+    #[arg(long, env = "LORALOOM_MAX_QUEUED_PER_TENANT", default_value_t = 256)]
+    max_queued_per_tenant: usize,
+    /// Jobs all tenants may have queued together.
+    #[arg(long, env = "LORALOOM_MAX_QUEUED", default_value_t = 4096)]
+    max_queued: usize,
+    /// Jobs waiting longer than this fail.
+    #[arg(long, env = "LORALOOM_QUEUE_TIMEOUT_SECS", default_value_t = 600)]
+    queue_timeout_secs: u64,
+    /// How long finished results are kept.
+    #[arg(long, env = "LORALOOM_FUTURE_TTL_SECS", default_value_t = 3600)]
+    future_ttl_secs: u64,
+    /// How long one retrieve_future waits before answering "try again" (the SDK times out at 45 s).
+    #[arg(long, env = "LORALOOM_LONG_POLL_SECS", default_value_t = 20)]
+    long_poll_secs: u64,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "LORALOOM_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    max_body_bytes: usize,
 }
 
 /// The model directory and public name `serve` should use.
@@ -74,7 +114,34 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
     Ok((dir, name))
 }
 
+fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
+    let mut entries: Vec<String> = args.api_keys.clone();
+    if let Some(file) = &args.api_keys_file {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        entries.extend(text.lines().map(str::to_string));
+    }
+    let keys: HashMap<String, String> = parse_keys(entries.iter().map(String::as_str))
+        .map_err(|e| anyhow::anyhow!("API keys: {e}"))?;
+    Ok(Auth::new(keys))
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let auth = load_auth(&args)?;
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
+    if auth.is_single_tenant() {
+        if !addr.ip().is_loopback() {
+            anyhow::bail!("no API keys configured: refusing to serve on non-loopback {addr} (add --api-key or --api-keys-file)");
+        }
+        tracing::warn!(
+            "no API keys configured: single-tenant mode on loopback, any `tml-` key is accepted"
+        );
+    }
+    if args.workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
     let (dir, name) = resolve_model(&args)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
@@ -83,22 +150,65 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("loading model from {}", dir.display()))?;
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
-    let state = AppState {
-        base: Arc::new(base.info().clone()),
+    let device = format!("{:?}", base.decoder().device());
+    let registry = Arc::new(Registry::new(args.data_dir.clone()));
+    let backends: Vec<Box<dyn Backend>> = (0..args.workers)
+        .map(|_| {
+            Box::new(ModelWorker::new(
+                base.decoder().shallow_clone(),
+                registry.clone(),
+                Some(base.tokenizer().clone()),
+            )) as Box<dyn Backend>
+        })
+        .collect();
+    let config = EngineConfig {
+        limits: Limits {
+            per_tenant: args.max_queued_per_tenant,
+            total: args.max_queued,
+            max_batch_tokens: args.max_batch_tokens,
+            queue_timeout: Duration::from_secs(args.queue_timeout_secs),
+        },
+        future_ttl: Duration::from_secs(args.future_ttl_secs),
+        base: base.info().clone(),
     };
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
+    let engine = Engine::start(config, registry, backends);
+    drop(base);
+    let state = AppState {
+        engine: engine.clone(),
+        auth: Arc::new(auth),
+        sessions: Arc::new(DashMap::new()),
+        long_poll: Duration::from_secs(args.long_poll_secs),
+        max_body_bytes: args.max_body_bytes,
+        device,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "loraloom listening");
+    tracing::info!(addr = %listener.local_addr()?, workers = args.workers, "loraloom listening");
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
+    tracing::info!("stopping: finishing running work");
+    tokio::task::spawn_blocking(move || engine.shutdown(false)).await?;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -197,7 +197,12 @@ impl ModelWorker {
     }
 
     fn save(&self, job: &Job) -> Result<Output> {
-        let Work::Save { name, kind } = &job.work else {
+        let Work::Save {
+            name,
+            kind,
+            sampler,
+        } = &job.work
+        else {
             unreachable!("save job")
         };
         let entry = self.model_of(job)?;
@@ -239,9 +244,20 @@ impl ModelWorker {
             size_bytes: dir_size(&dir),
             dir,
             created: unix_now(),
+            spec: adapter.spec().clone(),
         });
+        if let Some(key) = sampler {
+            self.registry.add_sampler(
+                key.clone(),
+                SamplerSource::Checkpoint(path.clone()),
+                &entry.base_model,
+            );
+        }
         entry.touch();
-        Ok(Output::Saved { path })
+        Ok(Output::Saved {
+            path,
+            sampler_id: sampler.as_ref().map(|k| k.sampler_id.clone()),
+        })
     }
 
     fn load(&self, job: &Job) -> Result<Output> {

@@ -191,6 +191,7 @@ mod tests {
     fn done() -> FutureState {
         FutureState::Done(Output::Saved {
             path: "tinker://m/weights/x".into(),
+            sampler_id: None,
         })
     }
 

@@ -106,6 +106,8 @@ pub enum Work {
         name: String,
         /// Which files.
         kind: CheckpointKind,
+        /// Also open a sampling session with this key over the saved weights.
+        sampler: Option<SamplerKey>,
     },
     /// Replace the adapter's weights (and optionally optimizer) from a checkpoint path.
     Load {
@@ -204,6 +206,8 @@ pub enum Output {
     Saved {
         /// `tinker://<run>/<kind>/<name>`.
         path: String,
+        /// The sampling session opened over it, when asked.
+        sampler_id: Option<String>,
     },
     /// Weights replaced from a checkpoint.
     Loaded {

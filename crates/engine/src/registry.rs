@@ -111,6 +111,8 @@ pub struct CheckpointRecord {
     pub created: f64,
     /// Bytes on disk.
     pub size_bytes: u64,
+    /// The adapter's LoRA configuration.
+    pub spec: LoraSpec,
 }
 
 /// The parts of a `tinker://<run>/<kind>/<name>` path.

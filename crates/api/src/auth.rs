@@ -1,0 +1,134 @@
+//! API keys → tenants. Keys are compared, never logged or stored anywhere else.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use axum::http::HeaderMap;
+
+use crate::error::{ApiError, ApiResult};
+
+/// How requests are authenticated.
+#[derive(Clone)]
+pub struct Auth {
+    keys: HashMap<String, String>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("tenants", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tenant every key maps to in single-tenant mode.
+pub const SINGLE_TENANT: &str = "default";
+
+impl Auth {
+    /// Keys (`tml-...`) mapped to tenant names; empty means single-tenant mode.
+    pub fn new(keys: HashMap<String, String>) -> Self {
+        Auth { keys }
+    }
+
+    /// Whether any `tml-` key is accepted (no keys configured).
+    pub fn is_single_tenant(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The tenant of a request, from its `X-API-Key` header.
+    pub fn tenant(&self, headers: &HeaderMap) -> ApiResult<String> {
+        let key = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            })
+            .ok_or_else(|| ApiError::Unauthorized("missing X-API-Key header".into()))?;
+        if self.keys.is_empty() {
+            if key.starts_with("tml-") {
+                return Ok(SINGLE_TENANT.to_string());
+            }
+            return Err(ApiError::Unauthorized(
+                "API keys must start with `tml-`".into(),
+            ));
+        }
+        self.keys
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))
+    }
+}
+
+/// Parses `tenant=tml-key` pairs (from flags) and lines of a keys file (`tenant tml-key` or
+/// `tenant=tml-key`; `#` comments). Rejects keys without the SDK's `tml-` prefix and duplicates.
+pub fn parse_keys<'a>(
+    entries: impl IntoIterator<Item = &'a str>,
+) -> Result<HashMap<String, String>, String> {
+    let mut keys = HashMap::new();
+    for (n, raw) in entries.into_iter().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (tenant, key) = line
+            .split_once('=')
+            .or_else(|| line.split_once(char::is_whitespace))
+            .map(|(t, k)| (t.trim(), k.trim()))
+            .ok_or_else(|| format!("entry {}: expected `tenant=tml-key`", n + 1))?;
+        if tenant.is_empty() {
+            return Err(format!("entry {}: empty tenant name", n + 1));
+        }
+        if !key.starts_with("tml-") || key.len() < 8 {
+            return Err(format!("entry {} (tenant {tenant}): keys must start with `tml-` and be at least 8 characters", n + 1));
+        }
+        if keys.insert(key.to_string(), tenant.to_string()).is_some() {
+            return Err(format!("entry {} (tenant {tenant}): key used twice", n + 1));
+        }
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", key.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn configured_keys_map_to_tenants() {
+        let auth =
+            Auth::new(parse_keys(["alice=tml-alice-1", "bob tml-bob-22", "# note"]).unwrap());
+        assert_eq!(auth.tenant(&headers("tml-alice-1")).unwrap(), "alice");
+        assert_eq!(auth.tenant(&headers("tml-bob-22")).unwrap(), "bob");
+        assert!(auth.tenant(&headers("tml-mallory")).is_err());
+        assert!(auth.tenant(&HeaderMap::new()).is_err());
+        assert!(
+            !format!("{auth:?}").contains("tml-"),
+            "keys never appear in Debug"
+        );
+    }
+
+    #[test]
+    fn single_tenant_mode_accepts_any_tml_key() {
+        let auth = Auth::new(HashMap::new());
+        assert_eq!(
+            auth.tenant(&headers("tml-anything")).unwrap(),
+            SINGLE_TENANT
+        );
+        assert!(auth.tenant(&headers("sk-nope")).is_err());
+    }
+
+    #[test]
+    fn bad_key_entries_are_refused() {
+        assert!(parse_keys(["alice=sk-123456"]).is_err());
+        assert!(parse_keys(["alice=tml-aaaa1", "bob=tml-aaaa1"]).is_err());
+        assert!(parse_keys(["nokey"]).is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! The one place where errors become HTTP statuses and JSON bodies.
+//!
+//! Body: `{"error": message, "error_type": stable_tag, "field": name?}`; the tag is also the
+//! metric label. 5xx bodies carry no internals (details go to the log).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use loraloom_engine::EngineError;
+use serde_json::json;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// From the engine.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Missing or unknown API key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A body that could not be parsed; names the problem.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A body over the size limit.
+    #[error("request body is larger than the limit of {0} bytes")]
+    TooLarge(usize),
+}
+
+impl ApiError {
+    /// Shorthand for an invalid field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ApiError::Engine(EngineError::invalid(field, reason))
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Engine(e) => match e {
+                EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
+                EngineError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+                EngineError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+                EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                EngineError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+                EngineError::Cancelled => StatusCode::CONFLICT,
+                EngineError::ServerRestarted | EngineError::Internal(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    /// Stable tag of the error.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::Engine(e) => e.kind(),
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::TooLarge(_) => "payload_too_large",
+        }
+    }
+
+    /// The JSON body (also used for failed futures).
+    pub fn body(&self) -> serde_json::Value {
+        let message = match self {
+            ApiError::Engine(EngineError::Internal(detail)) => {
+                tracing::error!(%detail, "internal error");
+                "internal error (details in the server log)".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({"error": message, "error_type": self.error_type()});
+        if let ApiError::Engine(EngineError::InvalidInput { field, .. }) = self {
+            body["field"] = json!(field);
+        }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Result alias of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

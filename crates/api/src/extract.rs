@@ -1,0 +1,70 @@
+//! Extractors: the caller's tenant and bodies whose every failure is a JSON 4xx naming the
+//! problem (axum's own rejections answer plain text).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The authenticated tenant.
+pub struct Tenant(pub String);
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        state.auth.tenant(&parts.headers).map(Tenant)
+    }
+}
+
+/// The raw body, within the size limit.
+pub struct RawBody(pub Bytes);
+
+impl FromRequest<AppState> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.max_body_bytes;
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(limit))
+            }
+            Err(e) => Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+        }
+    }
+}
+
+/// A JSON body; malformed JSON, wrong types and missing fields name the path.
+pub struct JsonBody<T>(pub T);
+
+/// Parses JSON bytes, naming the offending path on error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::BadRequest(format!("malformed JSON: {inner}"))
+        } else if path.is_empty() || path == "." {
+            ApiError::BadRequest(format!("invalid body: {inner}"))
+        } else {
+            ApiError::invalid(path, inner.to_string())
+        }
+    })
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}

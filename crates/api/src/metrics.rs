@@ -1,0 +1,140 @@
+//! `/metrics` (Prometheus text) and `/api/model-stats` (JSON), both rendered from one engine
+//! snapshot so they always agree.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::error::ApiResult;
+use crate::extract::Tenant;
+use crate::state::AppState;
+
+/// Prometheus text exposition of the engine's counters.
+pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+    let s = state.engine.stats();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP loraloom_{name} {help}");
+        let _ = writeln!(out, "# TYPE loraloom_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "loraloom_{name}{labels} {v}");
+        }
+    };
+    metric(
+        "jobs_queued",
+        "gauge",
+        "Jobs waiting in queues.",
+        &[(String::new(), s.queued as f64)],
+    );
+    metric(
+        "jobs_running",
+        "gauge",
+        "Jobs in batches on workers.",
+        &[(String::new(), s.running as f64)],
+    );
+    metric(
+        "jobs_total",
+        "counter",
+        "Jobs finished, by outcome.",
+        &[
+            ("{outcome=\"done\"}".into(), s.done as f64),
+            ("{outcome=\"failed\"}".into(), s.failed as f64),
+        ],
+    );
+    let mut failures: Vec<(String, f64)> = s
+        .failures_by_kind
+        .iter()
+        .map(|(k, v)| (format!("{{error_type=\"{k}\"}}"), *v as f64))
+        .collect();
+    failures.sort_by(|a, b| a.0.cmp(&b.0));
+    metric(
+        "job_failures_total",
+        "counter",
+        "Failed jobs by error type.",
+        &failures,
+    );
+    metric(
+        "batches_total",
+        "counter",
+        "Batches executed.",
+        &[(String::new(), s.batches as f64)],
+    );
+    metric(
+        "batch_jobs_total",
+        "counter",
+        "Jobs executed in batches (sum of batch sizes).",
+        &[(String::new(), s.batched_jobs as f64)],
+    );
+    metric(
+        "batch_size_max",
+        "gauge",
+        "Largest batch so far.",
+        &[(String::new(), s.max_batch as f64)],
+    );
+    metric(
+        "tokens_total",
+        "counter",
+        "Tokens put through the model.",
+        &[(String::new(), s.tokens as f64)],
+    );
+    metric(
+        "worker_busy_seconds_total",
+        "counter",
+        "Seconds workers spent computing.",
+        &[(String::new(), s.busy_seconds)],
+    );
+    metric(
+        "models",
+        "gauge",
+        "Training runs registered.",
+        &[(String::new(), s.models as f64)],
+    );
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Usage per model for the caller's tenant, plus server-wide counters.
+pub async fn model_stats(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<Value>> {
+    let s = state.engine.stats();
+    let base = state.engine.base();
+    let mine: Vec<Value> = s
+        .queues
+        .iter()
+        .filter(|q| q.tenant == tenant)
+        .map(|q| json!({"id": q.id, "done": q.done, "failed": q.failed, "tokens": q.tokens, "last_access": q.last_access}))
+        .collect();
+    let runs: Vec<Value> = state
+        .engine
+        .registry()
+        .models_of(&tenant)
+        .iter()
+        .map(|e| json!({"model_id": e.key.model_id, "lora_rank": e.spec.rank, "last_access": e.last_access()}))
+        .collect();
+    let mean_batch = if s.batches > 0 {
+        s.batched_jobs as f64 / s.batches as f64
+    } else {
+        0.0
+    };
+    Ok(Json(json!({
+        "base_model": base.name,
+        "summary": base.summary,
+        "device": state.device,
+        "models_loaded": s.models,
+        "queued": s.queued,
+        "running": s.running,
+        "done": s.done,
+        "failed": s.failed,
+        "batches": s.batches,
+        "mean_batch_size": mean_batch,
+        "max_batch_size": s.max_batch,
+        "tokens": s.tokens,
+        "your_models": runs,
+        "your_queues": mine,
+    })))
+}

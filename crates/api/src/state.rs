@@ -1,0 +1,35 @@
+//! State shared by every handler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use loraloom_engine::Engine;
+
+use crate::auth::Auth;
+
+/// A client session (`create_session`).
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Owner.
+    pub tenant: String,
+    /// Creation time (unix seconds).
+    pub created: f64,
+}
+
+/// Handler state (cheap to clone).
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub engine: Engine,
+    /// API keys.
+    pub auth: Arc<Auth>,
+    /// Sessions by id.
+    pub sessions: Arc<DashMap<String, Session>>,
+    /// How long one `retrieve_future` waits before answering "try again".
+    pub long_poll: Duration,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Where the model runs, for stats.
+    pub device: String,
+}

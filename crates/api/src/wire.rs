@@ -1,0 +1,515 @@
+//! Tinker JSON wire types and their conversion into validated engine types. Field names follow
+//! the SDK (`tinker/types/`); unknown fields are ignored, as the SDK adds some over time.
+
+use std::collections::HashMap;
+
+use loraloom_model::{AdamParams, Datum, LossFn, LossInputs, SamplingParams, Stop};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::proto;
+
+/// `ModelInput`: a list of chunks; only token chunks are meaningful to a text model.
+#[derive(Debug, Deserialize)]
+pub struct ModelInput {
+    /// The chunks.
+    pub chunks: Vec<InputChunk>,
+}
+
+/// One chunk of a `ModelInput`.
+#[derive(Debug, Deserialize)]
+pub struct InputChunk {
+    /// `encoded_text`, `image`, ...
+    #[serde(rename = "type", default = "encoded_text")]
+    pub kind: String,
+    /// Token ids of an `encoded_text` chunk.
+    #[serde(default)]
+    pub tokens: Option<Vec<i64>>,
+}
+
+fn encoded_text() -> String {
+    "encoded_text".into()
+}
+
+impl ModelInput {
+    /// The concatenated tokens; other chunk types are refused, naming the field.
+    pub fn tokens(&self, field: &str) -> ApiResult<Vec<i64>> {
+        let mut out = Vec::new();
+        for (i, c) in self.chunks.iter().enumerate() {
+            match (c.kind.as_str(), &c.tokens) {
+                ("encoded_text", Some(t)) => out.extend_from_slice(t),
+                ("encoded_text", None) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.chunks[{i}].tokens"),
+                        "is missing",
+                    ))
+                }
+                (other, _) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.chunks[{i}].type"),
+                        format!("chunk type `{other}` is not supported by this text model"),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `TensorData` (JSON).
+#[derive(Debug, Deserialize)]
+pub struct TensorData {
+    /// Flattened values.
+    pub data: Vec<f64>,
+    /// `int64` or `float32`.
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Shape.
+    #[serde(default)]
+    pub shape: Option<Vec<i64>>,
+    /// Present for sparse tensors.
+    #[serde(default)]
+    pub sparse_crow_indices: Option<Vec<i64>>,
+}
+
+/// A loss input before validation.
+pub enum RawTensor {
+    /// Integer values.
+    Int(Vec<i64>),
+    /// Float values.
+    Float(Vec<f32>),
+}
+
+impl RawTensor {
+    fn ints(self, field: &str) -> ApiResult<Vec<i64>> {
+        match self {
+            RawTensor::Int(v) => Ok(v),
+            RawTensor::Float(v) => {
+                if v.iter().all(|x| x.fract() == 0.0 && x.is_finite()) {
+                    Ok(v.into_iter().map(|x| x as i64).collect())
+                } else {
+                    Err(ApiError::invalid(field, "must hold integers (dtype int64)"))
+                }
+            }
+        }
+    }
+
+    fn floats(self) -> Vec<f32> {
+        match self {
+            RawTensor::Int(v) => v.into_iter().map(|x| x as f32).collect(),
+            RawTensor::Float(v) => v,
+        }
+    }
+}
+
+fn check_shape(field: &str, shape: &[i64], len: usize) -> ApiResult<()> {
+    if shape.len() > 1 {
+        return Err(ApiError::invalid(
+            field,
+            format!("has shape {shape:?}; loraloom accepts one value per token (1-D)"),
+        ));
+    }
+    if let Some(&n) = shape.first() {
+        if n != len as i64 {
+            return Err(ApiError::invalid(
+                field,
+                format!("shape {shape:?} does not match its {len} values"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl TensorData {
+    /// Validated values.
+    pub fn into_raw(self, field: &str) -> ApiResult<RawTensor> {
+        if self.sparse_crow_indices.is_some() {
+            return Err(ApiError::invalid(field, "sparse tensors are not supported"));
+        }
+        check_shape(field, self.shape.as_deref().unwrap_or(&[]), self.data.len())?;
+        match self.dtype.as_deref().unwrap_or("float32") {
+            "int64" | "int32" => {
+                if self.data.iter().any(|x| x.fract() != 0.0 || !x.is_finite()) {
+                    return Err(ApiError::invalid(
+                        field,
+                        "dtype int64 but holds non-integers",
+                    ));
+                }
+                Ok(RawTensor::Int(
+                    self.data.into_iter().map(|x| x as i64).collect(),
+                ))
+            }
+            "float32" | "float64" | "bfloat16" => Ok(RawTensor::Float(
+                self.data.into_iter().map(|x| x as f32).collect(),
+            )),
+            other => Err(ApiError::invalid(
+                format!("{field}.dtype"),
+                format!("unknown dtype `{other}`"),
+            )),
+        }
+    }
+}
+
+/// Converts a protobuf tensor.
+pub fn proto_tensor(field: &str, t: proto::Tensor) -> ApiResult<RawTensor> {
+    let bytes = match t.encoding {
+        Some(proto::Encoding::Dense(b)) => b,
+        Some(proto::Encoding::SparseCsr(_)) => {
+            return Err(ApiError::invalid(field, "sparse tensors are not supported"))
+        }
+        None => Vec::new(),
+    };
+    let ragged = || ApiError::invalid(field, "byte length does not match its dtype");
+    let raw = match t.dtype {
+        proto::dtype::INT64 => {
+            RawTensor::Int(proto::unpack(&bytes, i64::from_le_bytes).ok_or_else(ragged)?)
+        }
+        proto::dtype::INT32 => RawTensor::Int(
+            proto::unpack(&bytes, i32::from_le_bytes)
+                .ok_or_else(ragged)?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        proto::dtype::FLOAT32 => {
+            RawTensor::Float(proto::unpack(&bytes, f32::from_le_bytes).ok_or_else(ragged)?)
+        }
+        other => {
+            return Err(ApiError::invalid(
+                format!("{field}.dtype"),
+                format!("unsupported dtype {other}"),
+            ))
+        }
+    };
+    let len = match &raw {
+        RawTensor::Int(v) => v.len(),
+        RawTensor::Float(v) => v.len(),
+    };
+    check_shape(field, &t.shape, len)?;
+    Ok(raw)
+}
+
+/// Builds datum `index` from its tokens and named loss inputs.
+pub fn build_datum(
+    index: usize,
+    tokens: Vec<i64>,
+    mut inputs: HashMap<String, RawTensor>,
+) -> ApiResult<Datum> {
+    let field = |name: &str| format!("data[{index}].loss_fn_inputs.{name}");
+    let target_tokens = inputs
+        .remove("target_tokens")
+        .ok_or_else(|| ApiError::invalid(field("target_tokens"), "is required"))?
+        .ints(&field("target_tokens"))?;
+    let weights = inputs.remove("weights").map(RawTensor::floats);
+    let logprobs = inputs.remove("logprobs").map(RawTensor::floats);
+    let advantages = inputs.remove("advantages").map(RawTensor::floats);
+    if let Some(name) = inputs.keys().next() {
+        return Err(ApiError::invalid(
+            field(name),
+            "is not an input loraloom's losses use (target_tokens, weights, logprobs, advantages)",
+        ));
+    }
+    Ok(Datum {
+        input_tokens: tokens,
+        loss_inputs: LossInputs {
+            target_tokens,
+            weights,
+            logprobs,
+            advantages,
+        },
+    })
+}
+
+/// JSON `Datum`.
+#[derive(Debug, Deserialize)]
+pub struct JsonDatum {
+    /// The model input.
+    pub model_input: ModelInput,
+    /// Loss inputs by name.
+    #[serde(default)]
+    pub loss_fn_inputs: HashMap<String, TensorData>,
+}
+
+/// JSON body of `forward_backward` / `forward` for clients without protobuf.
+#[derive(Debug, Deserialize)]
+pub struct JsonForwardBackwardRequest {
+    /// The run.
+    pub model_id: String,
+    /// `{data, loss_fn, loss_fn_config}`.
+    pub forward_backward_input: JsonForwardBackwardInput,
+    /// `forward` when true.
+    #[serde(default)]
+    pub forward_only: bool,
+}
+
+/// The input of a JSON `forward_backward`.
+#[derive(Debug, Deserialize)]
+pub struct JsonForwardBackwardInput {
+    /// The datums.
+    pub data: Vec<JsonDatum>,
+    /// Loss name.
+    pub loss_fn: String,
+    /// Loss configuration.
+    #[serde(default)]
+    pub loss_fn_config: Option<HashMap<String, f64>>,
+}
+
+/// A parsed forward_backward request.
+pub struct TrainInput {
+    /// The run.
+    pub model_id: String,
+    /// The datums.
+    pub data: Vec<Datum>,
+    /// The loss.
+    pub loss: LossFn,
+    /// Accumulate gradients.
+    pub backward: bool,
+}
+
+impl JsonForwardBackwardRequest {
+    /// Validates into engine types.
+    pub fn into_input(self, force_forward: bool) -> ApiResult<TrainInput> {
+        let input = self.forward_backward_input;
+        let config: Vec<(String, f64)> = input
+            .loss_fn_config
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let loss = LossFn::from_name(&input.loss_fn, &config).map_err(to_api)?;
+        let mut data = Vec::with_capacity(input.data.len());
+        for (i, d) in input.data.into_iter().enumerate() {
+            let tokens = d.model_input.tokens(&format!("data[{i}].model_input"))?;
+            let mut raw = HashMap::new();
+            for (name, t) in d.loss_fn_inputs {
+                let f = format!("data[{i}].loss_fn_inputs.{name}");
+                raw.insert(name, t.into_raw(&f)?);
+            }
+            data.push(build_datum(i, tokens, raw)?);
+        }
+        Ok(TrainInput {
+            model_id: self.model_id,
+            data,
+            loss,
+            backward: !(self.forward_only || force_forward),
+        })
+    }
+}
+
+/// Converts the SDK's protobuf request.
+pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainInput> {
+    let mut config: Vec<(String, f64)> = Vec::new();
+    for (k, v) in req.loss_fn_config_v2 {
+        match v.value {
+            Some(proto::ConfigValue::Number(x)) => config.push((k, x)),
+            Some(proto::ConfigValue::Text(_)) | None => {
+                return Err(ApiError::invalid(
+                    format!("loss_fn_config.{k}"),
+                    "must be a number",
+                ))
+            }
+        }
+    }
+    for (k, v) in req.loss_fn_config {
+        if !config.iter().any(|(c, _)| *c == k) {
+            config.push((k, v));
+        }
+    }
+    let loss = LossFn::from_name(&req.loss_fn, &config).map_err(to_api)?;
+    let mut data = Vec::with_capacity(req.data.len());
+    for (i, d) in req.data.into_iter().enumerate() {
+        let mut tokens = Vec::new();
+        for (c, chunk) in d.model_input.into_iter().enumerate() {
+            match chunk.chunk {
+                Some(proto::ChunkKind::EncodedText(t)) => tokens.extend(
+                    proto::unpack(&t.tokens, i32::from_le_bytes)
+                        .ok_or_else(|| {
+                            ApiError::invalid(
+                                format!("data[{i}].model_input.chunks[{c}].tokens"),
+                                "ragged int32 bytes",
+                            )
+                        })?
+                        .into_iter()
+                        .map(i64::from),
+                ),
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!("data[{i}].model_input.chunks[{c}]"),
+                        "only encoded_text chunks are supported by this text model",
+                    ))
+                }
+            }
+        }
+        let mut raw = HashMap::new();
+        for (name, t) in d.loss_fn_inputs {
+            let f = format!("data[{i}].loss_fn_inputs.{name}");
+            raw.insert(name, proto_tensor(&f, t)?);
+        }
+        data.push(build_datum(i, tokens, raw)?);
+    }
+    Ok(TrainInput {
+        model_id: req.model_id,
+        data,
+        loss,
+        backward: !req.forward_only,
+    })
+}
+
+fn to_api(e: loraloom_model::ModelError) -> ApiError {
+    ApiError::Engine(e.into())
+}
+
+/// `LoraConfig` of `create_model`.
+#[derive(Debug, Deserialize)]
+pub struct LoraConfig {
+    /// Rank (SDK default 32).
+    #[serde(default = "default_rank")]
+    pub rank: i64,
+    /// Seed of the initialisation.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Adapt the MLP.
+    #[serde(default = "yes")]
+    pub train_mlp: bool,
+    /// Adapt attention.
+    #[serde(default = "yes")]
+    pub train_attn: bool,
+    /// Adapt the unembedding.
+    #[serde(default = "yes")]
+    pub train_unembed: bool,
+}
+
+fn default_rank() -> i64 {
+    32
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `AdamParams`.
+#[derive(Debug, Deserialize)]
+pub struct WireAdamParams {
+    /// Learning rate.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// beta1.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// beta2.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// eps.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[serde(default)]
+    pub grad_clip_norm: f64,
+}
+
+fn default_lr() -> f64 {
+    AdamParams::default().learning_rate
+}
+fn default_beta1() -> f64 {
+    AdamParams::default().beta1
+}
+fn default_beta2() -> f64 {
+    AdamParams::default().beta2
+}
+fn default_eps() -> f64 {
+    AdamParams::default().eps
+}
+
+impl WireAdamParams {
+    /// Validated parameters.
+    pub fn into_params(self) -> ApiResult<AdamParams> {
+        let p = AdamParams {
+            learning_rate: self.learning_rate,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            grad_clip_norm: self.grad_clip_norm,
+        };
+        p.validate().map_err(to_api)?;
+        Ok(p)
+    }
+}
+
+/// `stop`: a string, a list of strings, a list of token ids, or null.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum WireStop {
+    /// One string.
+    One(String),
+    /// Token ids.
+    Tokens(Vec<i64>),
+    /// Strings.
+    Strings(Vec<String>),
+}
+
+/// `SamplingParams`.
+#[derive(Debug, Deserialize)]
+pub struct WireSamplingParams {
+    /// Tokens to generate (default 16... the SDK leaves it to the server).
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop condition.
+    #[serde(default)]
+    pub stop: Option<WireStop>,
+    /// Temperature (default 1).
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Top-k (-1 = no limit).
+    #[serde(default = "minus_one")]
+    pub top_k: i64,
+    /// Top-p (default 1).
+    #[serde(default = "one")]
+    pub top_p: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn minus_one() -> i64 {
+    -1
+}
+
+impl WireSamplingParams {
+    /// Engine sampling parameters (range checks happen before the job runs).
+    pub fn into_params(self) -> SamplingParams {
+        SamplingParams {
+            max_tokens: self.max_tokens.unwrap_or(16),
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: match self.stop {
+                None => Stop::Eos,
+                Some(WireStop::One(s)) => Stop::Strings(vec![s]),
+                Some(WireStop::Tokens(t)) if t.is_empty() => Stop::Never,
+                Some(WireStop::Tokens(t)) => Stop::Tokens(t),
+                Some(WireStop::Strings(s)) if s.is_empty() => Stop::Never,
+                Some(WireStop::Strings(s)) => Stop::Strings(s),
+            },
+        }
+    }
+}
+
+/// The immediate answer of a future-returning call.
+#[derive(Debug, Serialize)]
+pub struct Promise {
+    /// The future's id.
+    pub request_id: String,
+    /// The run, when the call concerns one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// One id per sample (`asample`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_sequence_ids: Option<Vec<String>>,
+}
