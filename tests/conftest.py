@@ -58,8 +58,30 @@ class Server:
         self.log.close()
 
 
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALICE = "tml-alice-0123456789"
+BOB = "tml-bob-0123456789"
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
+    """Single-tenant mode (no keys configured)."""
     srv = Server(tmp_path_factory.mktemp("data"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory):
+    """Two tenants, alice and bob; a small body limit for the size test."""
+    srv = Server(tmp_path_factory.mktemp("keyed"), "--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}",
+                 "--max-body-bytes", str(4 * 1024 * 1024), "--long-poll-secs", "5")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)

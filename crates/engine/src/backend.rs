@@ -86,7 +86,7 @@ impl ModelWorker {
                 )));
                 continue;
             };
-            match validate_request(&self.decoder, loss, data) {
+            match validate_request(self.decoder.config(), loss, data) {
                 Ok(()) => runnable.push((
                     i,
                     TrainRequest {

@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use loraloom_model::sample::validate_sampling;
+use loraloom_model::train::validate_request;
 use loraloom_model::LoraSpec;
 
 use crate::backend::{check_checkpoint, Backend};
@@ -200,8 +202,21 @@ impl Engine {
                 self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
             }
         }
-        if let Work::Load { path, .. } = &work {
-            check_checkpoint(&self.inner.registry, queue.tenant(), path)?;
+        // Refuse what can never run before it takes a place in a queue.
+        let config = &self.inner.base.config;
+        match &work {
+            Work::Load { path, .. } => {
+                check_checkpoint(&self.inner.registry, queue.tenant(), path)?
+            }
+            Work::ForwardBackward { data, loss, .. } => validate_request(config, loss, data)?,
+            Work::Sample {
+                prompt,
+                num_samples,
+                params,
+                ..
+            } => validate_sampling(config, prompt, *num_samples, params)?,
+            Work::OptimStep { params } => params.validate()?,
+            Work::Create { .. } | Work::Save { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();

@@ -59,7 +59,7 @@ fn key(tenant: &str, id: &str) -> ModelKey {
     }
 }
 
-/// A backend that only records batch sizes; `poison` jobs (learning_rate < 0) panic the batch.
+/// A backend that only records batch sizes; `poison` jobs (beta1 == 0.5) panic the batch.
 struct Fake {
     batches: Arc<Mutex<Vec<usize>>>,
 }
@@ -68,7 +68,7 @@ impl Backend for Fake {
     fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
         let poisoned = jobs
             .iter()
-            .any(|j| matches!(&j.work, Work::OptimStep { params } if params.learning_rate < 0.0));
+            .any(|j| matches!(&j.work, Work::OptimStep { params } if params.beta1 == 0.5));
         if poisoned {
             panic!("poisoned batch");
         }
@@ -196,9 +196,12 @@ fn a_panicking_job_fails_alone_and_the_workers_go_on() {
     engine.set_paused(true);
     let ids: Vec<String> = (0..4)
         .map(|i| {
-            let lr = if i == 2 { -1.0 } else { 1e-3 };
+            let mut work = optim(1e-3);
+            if let (2, Work::OptimStep { params }) = (i, &mut work) {
+                params.beta1 = 0.5;
+            }
             engine
-                .submit(QueueKey::Model(key("t", &format!("m{i}"))), optim(lr))
+                .submit(QueueKey::Model(key("t", &format!("m{i}"))), work)
                 .unwrap()
         })
         .collect();
@@ -472,7 +475,6 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         .unwrap();
     wait(&engine, "good", &c1);
     wait(&engine, "bad", &c2);
-    engine.set_paused(true);
     let mut poisoned = data(1);
     poisoned[1].loss_inputs.target_tokens[3] = 4096;
     let fb = |d| Work::ForwardBackward {
@@ -480,18 +482,31 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         loss: LossFn::CrossEntropy,
         backward: true,
     };
+    // A datum that can never run is refused at submission, naming the field.
+    match engine.submit(QueueKey::Model(bad.clone()), fb(poisoned)) {
+        Err(EngineError::InvalidInput { field, .. }) => {
+            assert_eq!(field, "data[1].loss_fn_inputs.target_tokens")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A job that fails only at run time (its run vanished while queued) fails alone inside a
+    // fused batch; the other tenant's job in the same batch succeeds.
+    engine.set_paused(true);
     let g = engine.submit(QueueKey::Model(good), fb(data(0))).unwrap();
-    let b = engine.submit(QueueKey::Model(bad), fb(poisoned)).unwrap();
+    let b = engine.submit(QueueKey::Model(bad), fb(data(1))).unwrap();
+    engine.registry().remove_model("bad", "run").unwrap();
     engine.set_paused(false);
     assert!(matches!(
         wait(&engine, "good", &g),
         FutureState::Done(Output::ForwardBackward(_))
     ));
-    match wait(&engine, "bad", &b) {
-        FutureState::Failed(EngineError::InvalidInput { field, .. }) => {
-            assert_eq!(field, "data[1].loss_fn_inputs.target_tokens")
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        wait(&engine, "bad", &b),
+        FutureState::Failed(EngineError::NotFound {
+            what: "model",
+            id: "run".into()
+        })
+    );
+    assert_eq!(engine.stats().max_batch, 2, "both jobs shared one batch");
     engine.shutdown(true);
 }

@@ -139,6 +139,18 @@ fn positive(value: i64, field: &str) -> Result<i64, ModelError> {
 }
 
 impl ModelConfig {
+    /// Checks that every token id is inside the vocabulary; names `field` and the position.
+    pub fn check_tokens(&self, field: &str, ids: &[i64]) -> Result<(), ModelError> {
+        let vocab = self.vocab_size;
+        if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t >= vocab) {
+            return Err(ModelError::invalid(
+                field,
+                format!("token id {t} at position {i} is outside the vocabulary [0, {vocab})"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and validates `config.json` in `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");

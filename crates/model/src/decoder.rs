@@ -373,18 +373,6 @@ impl Decoder {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Checks that every token id is inside the vocabulary.
-    pub fn check_tokens(&self, field: &str, ids: &[i64]) -> Result<()> {
-        let vocab = self.config.vocab_size;
-        if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t >= vocab) {
-            return Err(ModelError::invalid(
-                field,
-                format!("token id {t} at position {i} is outside the vocabulary [0, {vocab})"),
-            ));
-        }
-        Ok(())
-    }
-
     /// Logits `[batch, seq, vocab]` for right-padded token ids `[batch, seq]`.
     ///
     /// Every row starts at position 0 and attends causally, so padding at the end of a row

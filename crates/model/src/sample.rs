@@ -9,6 +9,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
@@ -110,22 +111,27 @@ pub type Detokenize<'a> = &'a dyn Fn(&[i64]) -> String;
 
 /// Checks a request before any work starts; errors name the field.
 pub fn validate(decoder: &Decoder, r: &SampleRequest) -> Result<()> {
-    let c = decoder.config();
-    let p = &r.params;
-    if r.prompt.is_empty() {
+    validate_sampling(decoder.config(), &r.prompt, r.num_samples, &r.params)
+}
+
+/// Checks a sampling request against the model's configuration (usable before queueing).
+pub fn validate_sampling(
+    c: &ModelConfig,
+    prompt: &[i64],
+    num_samples: i64,
+    p: &SamplingParams,
+) -> Result<()> {
+    if prompt.is_empty() {
         return Err(ModelError::invalid(
             "prompt",
             "must hold at least one token",
         ));
     }
-    decoder.check_tokens("prompt", &r.prompt)?;
-    if !(1..=MAX_NUM_SAMPLES).contains(&r.num_samples) {
+    c.check_tokens("prompt", prompt)?;
+    if !(1..=MAX_NUM_SAMPLES).contains(&num_samples) {
         return Err(ModelError::invalid(
             "num_samples",
-            format!(
-                "must be between 1 and {MAX_NUM_SAMPLES}, got {}",
-                r.num_samples
-            ),
+            format!("must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}"),
         ));
     }
     let context = c.max_position_embeddings;
@@ -138,12 +144,12 @@ pub fn validate(decoder: &Decoder, r: &SampleRequest) -> Result<()> {
             ),
         ));
     }
-    if r.prompt.len() as i64 + p.max_tokens > context {
+    if prompt.len() as i64 + p.max_tokens > context {
         return Err(ModelError::invalid(
             "sampling_params.max_tokens",
             format!(
                 "prompt of {} tokens + max_tokens {} exceeds the model's context of {context}",
-                r.prompt.len(),
+                prompt.len(),
                 p.max_tokens
             ),
         ));
@@ -167,7 +173,7 @@ pub fn validate(decoder: &Decoder, r: &SampleRequest) -> Result<()> {
         ));
     }
     match &p.stop {
-        Stop::Tokens(ids) => decoder.check_tokens("sampling_params.stop", ids)?,
+        Stop::Tokens(ids) => c.check_tokens("sampling_params.stop", ids)?,
         Stop::Strings(s) if s.iter().any(String::is_empty) => {
             return Err(ModelError::invalid(
                 "sampling_params.stop",

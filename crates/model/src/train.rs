@@ -8,6 +8,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraAdapter, LoraBatch, Segment};
@@ -51,12 +52,13 @@ pub struct RequestOutput {
     pub loss_sum: f64,
 }
 
-/// Checks a request's datums against the model, naming the datum and field.
-pub fn validate_request(decoder: &Decoder, loss: &LossFn, data: &[Datum]) -> Result<()> {
+/// Checks a request's datums against the model, naming the datum and field. Needs only the
+/// configuration, so requests can be refused before they are queued.
+pub fn validate_request(config: &ModelConfig, loss: &LossFn, data: &[Datum]) -> Result<()> {
     if data.is_empty() {
         return Err(ModelError::invalid("data", "must hold at least one datum"));
     }
-    let context = decoder.config().max_position_embeddings;
+    let context = config.max_position_embeddings;
     for (i, d) in data.iter().enumerate() {
         let at = |e: ModelError| match e {
             ModelError::InvalidInput { field, reason } => {
@@ -77,11 +79,11 @@ pub fn validate_request(decoder: &Decoder, loss: &LossFn, data: &[Datum]) -> Res
                 format!("has {n} tokens, more than the model's context of {context}"),
             ));
         }
-        decoder
+        config
             .check_tokens("model_input", &d.input_tokens)
             .map_err(at)?;
         d.loss_inputs
-            .validate(loss, n, decoder.config().vocab_size)
+            .validate(loss, n, config.vocab_size)
             .map_err(at)?;
     }
     Ok(())
@@ -95,7 +97,7 @@ pub fn forward_backward(
     backward: bool,
 ) -> Result<Vec<RequestOutput>> {
     for r in requests {
-        validate_request(decoder, &r.loss, r.data)?;
+        validate_request(decoder.config(), &r.loss, r.data)?;
     }
     if backward {
         run(decoder, requests, true)

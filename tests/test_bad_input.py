@@ -1,0 +1,145 @@
+"""Raw HTTP with bad input: every case is a 4xx with a JSON body naming the problem, and the
+server keeps serving (and another tenant's state does not change)."""
+
+import pytest
+import requests
+
+from conftest import ALICE, BOB, MODEL_NAME
+
+H = {"X-API-Key": ALICE}
+
+
+def post(server, path, body=None, data=None, headers=H):
+    if data is not None:
+        return requests.post(server.url + path, data=data, headers={**headers, "Content-Type": "application/json"})
+    return requests.post(server.url + path, json=body, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def run(keyed_server):
+    s = post(keyed_server, "/api/v1/create_session", {}).json()["session_id"]
+    p = post(keyed_server, "/api/v1/create_model",
+             {"session_id": s, "base_model": MODEL_NAME, "lora_config": {"rank": 4}}).json()
+    r = post(keyed_server, "/api/v1/retrieve_future", {"request_id": p["request_id"]})
+    assert r.json()["model_id"] == p["model_id"], r.text
+    return {"session": s, "model_id": p["model_id"]}
+
+
+def fb_body(model_id, tokens, targets, weights):
+    return {
+        "model_id": model_id,
+        "forward_backward_input": {
+            "loss_fn": "cross_entropy",
+            "data": [{
+                "model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
+                "loss_fn_inputs": {
+                    "target_tokens": {"data": targets, "dtype": "int64", "shape": [len(targets)]},
+                    "weights": {"data": weights, "dtype": "float32", "shape": [len(weights)]},
+                },
+            }],
+        },
+    }
+
+
+def expect(r, status, *needles):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert "error" in body and "error_type" in body, body
+    for n in needles:
+        assert n in r.text, (n, r.text)
+    return body
+
+
+CASES = {
+    "malformed_json": lambda s, run: (post(s, "/api/v1/optim_step", data=b'{"model_id": '), 400, ["malformed JSON"]),
+    "wrong_type": lambda s, run: (
+        post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": "fast"}}),
+        400, ["adam_params.learning_rate"]),
+    "missing_field": lambda s, run: (
+        post(s, "/api/v1/create_model", {"session_id": run["session"]}), 400, ["base_model"]),
+    "unknown_model": lambda s, run: (
+        post(s, "/api/v1/optim_step", {"model_id": "nope", "adam_params": {}}), 404, ["nope"]),
+    "unknown_future": lambda s, run: (post(s, "/api/v1/retrieve_future", {"request_id": "nope"}), 404, ["nope"]),
+    "unknown_session": lambda s, run: (
+        post(s, "/api/v1/create_model", {"session_id": "nope", "base_model": MODEL_NAME}), 404, ["session"]),
+    "unknown_base_model": lambda s, run: (
+        post(s, "/api/v1/create_model", {"session_id": run["session"], "base_model": "gpt-9"}), 400, ["base_model"]),
+    "rank_zero": lambda s, run: (
+        post(s, "/api/v1/create_model",
+             {"session_id": run["session"], "base_model": MODEL_NAME, "lora_config": {"rank": 0}}), 400, ["rank"]),
+    "out_of_vocab": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_body(run["model_id"], [1, 2, 10**7], [2, 3, 4], [1, 1, 1])),
+        400, ["model_input", "10000000"]),
+    "mismatched_lengths": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_body(run["model_id"], [1, 2, 3], [2, 3], [1, 1])),
+        400, ["target_tokens"]),
+    "nan_learning_rate": lambda s, run: (
+        post(s, "/api/v1/optim_step", data=b'{"model_id": "%s", "adam_params": {"learning_rate": NaN}}'
+             % run["model_id"].encode()), 400, ["malformed JSON"]),
+    "negative_learning_rate": lambda s, run: (
+        post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": -1}}),
+        400, ["adam_params.learning_rate"]),
+    "huge_max_tokens": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 10**9}}),
+        400, ["sampling_params.max_tokens"]),
+    "unknown_loss": lambda s, run: (
+        post(s, "/api/v1/forward_backward",
+             {**fb_body(run["model_id"], [1], [2], [1]),
+              "forward_backward_input": {**fb_body(run["model_id"], [1], [2], [1])["forward_backward_input"],
+                                         "loss_fn": "hinge"}}),
+        400, ["loss_fn", "hinge"]),
+    "bad_checkpoint_path": lambda s, run: (
+        post(s, "/api/v1/load_weights", {"model_id": run["model_id"], "path": "/etc/passwd"}), 400, ["path"]),
+    "bad_checkpoint_name": lambda s, run: (
+        post(s, "/api/v1/save_weights", {"model_id": run["model_id"], "path": "../escape"}), 400, ["path"]),
+    "oversized_body": lambda s, run: (
+        post(s, "/api/v1/optim_step", data=b"[" + b"1," * (3 * 1024 * 1024) + b"1]"), 413, ["limit"]),
+    "no_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={}), 401, ["X-API-Key"]),
+    "wrong_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={"X-API-Key": "tml-guess-1234"}),
+                                 401, ["unknown API key"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_named_4xx_and_the_server_keeps_serving(keyed_server, run, case):
+    r, status, needles = CASES[case](keyed_server, run)
+    expect(r, status, *needles)
+    assert requests.get(keyed_server.url + "/api/v1/healthz", timeout=5).ok
+
+
+def test_bad_input_leaves_other_tenants_untouched(keyed_server, run):
+    hb = {"X-API-Key": BOB}
+    s = post(keyed_server, "/api/v1/create_session", {}, headers=hb).json()["session_id"]
+    p = post(keyed_server, "/api/v1/create_model", {"session_id": s, "base_model": MODEL_NAME,
+                                                    "lora_config": {"rank": 4, "seed": 1}}, headers=hb).json()
+    post(keyed_server, "/api/v1/retrieve_future", {"request_id": p["request_id"]}, headers=hb)
+    body = fb_body(p["model_id"], [1, 2, 3, 4], [2, 3, 4, 5], [1, 1, 1, 1])
+    body["forward_only"] = True
+
+    def loss():
+        f = post(keyed_server, "/api/v1/forward_backward", body, headers=hb).json()
+        r = post(keyed_server, "/api/v1/retrieve_future", {"request_id": f["request_id"]}, headers=hb).json()
+        return r["metrics"]["loss:sum"]
+
+    before = loss()
+    for case in CASES.values():
+        case(keyed_server, run)
+    assert loss() == before
+
+
+def test_sync_sample_route_and_stats(keyed_server, tokenizer):
+    body = {"base_model": MODEL_NAME, "num_samples": 2,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokenizer("The capital of France is").input_ids}]},
+            "sampling_params": {"max_tokens": 6, "temperature": 0.0}}
+    r = post(keyed_server, "/api/v1/sample", body)
+    assert r.status_code == 200, r.text
+    seqs = r.json()["sequences"]
+    assert len(seqs) == 2 and seqs[0]["tokens"] == seqs[1]["tokens"]
+    assert "Paris" in tokenizer.decode(seqs[0]["tokens"])
+    stats = requests.get(keyed_server.url + "/api/model-stats", headers=H).json()
+    assert stats["base_model"] == MODEL_NAME and stats["done"] > 0
+    metrics = requests.get(keyed_server.url + "/metrics").text
+    assert "loraloom_jobs_total{outcome=\"done\"}" in metrics
+    assert "loraloom_batches_total" in metrics

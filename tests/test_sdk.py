@@ -1,0 +1,143 @@
+"""The official `tinker` SDK against loraloom over real HTTP on 127.0.0.1, as a user's script."""
+
+import concurrent.futures
+
+import pytest
+import requests
+import tinker
+from tinker import types
+
+from conftest import ALICE, BOB, MODEL_NAME
+
+PAIRS = [
+    ("Q: What colour is the loom? A:", " The loom is violet."),
+    ("Q: Who weaves the adapters? A:", " Loraloom weaves them."),
+    ("Q: Where does the thread go? A:", " Into the warp."),
+    ("Q: How many shuttles? A:", " Exactly seven."),
+]
+
+
+def make_datum(tokenizer, prompt, answer):
+    p = tokenizer(prompt).input_ids
+    a = tokenizer(answer).input_ids + [tokenizer.eos_token_id]
+    tokens = p + a
+    weights = [0.0] * (len(p) - 1) + [1.0] * len(a)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
+
+
+def client(server, key=ALICE):
+    return tinker.ServiceClient(base_url=server.url, api_key=key)
+
+
+def test_a_user_script_fine_tunes_and_samples_the_trained_answer(keyed_server, tokenizer):
+    sc = client(keyed_server)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=16, seed=0).result()
+    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
+    losses = []
+    for _ in range(20):
+        fb = tc.forward_backward(data, "cross_entropy")
+        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        losses.append(fb.result().metrics["loss:sum"])
+        opt.result()
+    assert losses[-1] < losses[0] / 2, losses
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt, answer = PAIRS[0]
+    res = sampler.sample(
+        types.ModelInput.from_ints(tokenizer(prompt).input_ids),
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=12, temperature=0.0),
+    ).result()
+    text = tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
+    assert text.strip().startswith(answer.strip()), (text, losses)
+    assert res.sequences[0].logprobs is not None and len(res.sequences[0].logprobs) == len(res.sequences[0].tokens)
+    # compute_logprobs: one per prompt token, the first is None.
+    lps = sampler.compute_logprobs(types.ModelInput.from_ints(tokenizer(prompt).input_ids)).result()
+    assert lps[0] is None and all(isinstance(x, float) and x <= 0 for x in lps[1:])
+
+
+def test_forward_returns_logprobs_without_training(keyed_server, tokenizer):
+    sc = client(keyed_server)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+    data = [make_datum(tokenizer, *PAIRS[1])]
+    a = tc.forward(data, "cross_entropy").result()
+    b = tc.forward(data, "cross_entropy").result()
+    assert a.metrics["loss:sum"] == b.metrics["loss:sum"]
+    out = a.loss_fn_outputs[0]
+    n = len(data[0].model_input.to_ints())
+    assert len(out["logprobs"].tolist()) == n
+    # forward_backward then optim_step changes the loss; forward alone did not.
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    c = tc.forward(data, "cross_entropy").result()
+    assert c.metrics["loss:sum"] < a.metrics["loss:sum"]
+
+
+def test_save_state_then_load_into_a_new_client_continues_identically(keyed_server, tokenizer):
+    sc = client(keyed_server)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=3).result()
+    data = [make_datum(tokenizer, p, a) for p, a in PAIRS[:2]]
+    for _ in range(2):
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    path = tc.save_state("after-2").result().path
+    assert path.endswith("/weights/after-2")
+    resumed = sc.create_training_client_from_state_with_optimizer(path).result()
+    for _ in range(2):
+        la = tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        lb = resumed.forward_backward(data, "cross_entropy").result().metrics["loss:sum"]
+        assert la == pytest.approx(lb, rel=1e-6, abs=1e-6)
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    # load_state into an existing client as well.
+    other = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8).result()
+    other.load_state_with_optimizer(path).result()
+    rest = tinker.RestClient(base_url=keyed_server.url, api_key=ALICE)
+    ckpts = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert any(c.tinker_path == path for c in ckpts)
+
+
+def test_two_tenants_train_concurrently_and_cannot_see_each_other(keyed_server, tokenizer):
+    def train(key):
+        sc = client(keyed_server, key)
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        data = [make_datum(tokenizer, *PAIRS[2])]
+        fut = None
+        for _ in range(3):
+            fut = tc.forward_backward(data, "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        path = tc.save_state("mine").result().path
+        return tc.model_id, path, fut.request_id if hasattr(fut, "request_id") else None
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        (a_model, a_path, _), (b_model, b_path, _) = pool.map(train, [ALICE, BOB])
+
+    alice = tinker.RestClient(base_url=keyed_server.url, api_key=ALICE)
+    runs = [r.training_run_id for r in alice.list_training_runs(limit=100).result().training_runs]
+    assert a_model in runs and b_model not in runs
+    h = {"X-API-Key": BOB}
+    # Alice's ids answer 404 to Bob, as if absent.
+    r = requests.post(keyed_server.url + "/api/v1/get_info", json={"model_id": a_model}, headers=h)
+    assert r.status_code == 404
+    r = requests.get(keyed_server.url + f"/api/v1/training_runs/{a_model}", headers=h)
+    assert r.status_code == 404
+    r = requests.post(keyed_server.url + "/api/v1/weights_info", json={"tinker_path": a_path}, headers=h)
+    assert r.status_code == 404
+    r = requests.post(keyed_server.url + "/api/v1/optim_step",
+                      json={"model_id": a_model, "adam_params": {"learning_rate": 1e-3}}, headers=h)
+    assert r.status_code == 404
+    # Bob cannot sample from Alice's checkpoint either.
+    s = requests.post(keyed_server.url + "/api/v1/create_session", json={}, headers=h).json()["session_id"]
+    r = requests.post(keyed_server.url + "/api/v1/create_sampling_session",
+                      json={"session_id": s, "model_path": a_path}, headers=h)
+    assert r.status_code == 404
+    # Nor see Alice's futures.
+    sa = requests.post(keyed_server.url + "/api/v1/create_session", json={}, headers={"X-API-Key": ALICE}).json()
+    p = requests.post(keyed_server.url + "/api/v1/optim_step",
+                      json={"model_id": a_model, "adam_params": {"learning_rate": 1e-3}},
+                      headers={"X-API-Key": ALICE}).json()
+    r = requests.post(keyed_server.url + "/api/v1/retrieve_future", json={"request_id": p["request_id"]}, headers=h)
+    assert r.status_code == 404
+    assert sa["session_id"]
