@@ -41,6 +41,8 @@ run: model build-release
 	./target/release/loraloom serve --host $(HOST) --port $(PORT) --model default --data-dir $(DATA_DIR)
 
 test: model build
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
 	$(PYTHON) -m pytest -q tests
 
@@ -52,7 +54,7 @@ fmt:
 	cargo fmt --all
 
 bench: model build-release
-	./scripts/bench_forward.sh
+	./scripts/bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -78,7 +78,7 @@ pub fn router(state: AppState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::Engine(EngineError::NotFound {
-        what: "route",
+        what: "route".into(),
         id: "this path".into(),
     })
 }
@@ -118,16 +118,24 @@ fn new_id(prefix: &str) -> String {
     )
 }
 
-async fn create_session(State(state): State<AppState>, Tenant(tenant): Tenant) -> Json<Value> {
+async fn create_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<Value>> {
     let id = new_id("session");
-    state.sessions.insert(
-        id.clone(),
-        Session {
-            tenant,
-            created: loraloom_engine::registry::unix_now(),
-        },
-    );
-    Json(json!({"session_id": id, "type": "create_session"}))
+    let session = Session {
+        tenant,
+        created: loraloom_engine::registry::unix_now(),
+    };
+    if let Some(store) = state.engine.registry().store() {
+        store.put_session(&loraloom_engine::SessionRow {
+            id: id.clone(),
+            tenant: session.tenant.clone(),
+            created: session.created,
+        })?;
+    }
+    state.sessions.insert(id.clone(), session);
+    Ok(Json(json!({"session_id": id, "type": "create_session"})))
 }
 
 /// The session `id` if the tenant owns it.
@@ -135,7 +143,7 @@ fn session(state: &AppState, tenant: &str, id: &str) -> ApiResult<Session> {
     match state.sessions.get(id) {
         Some(s) if s.tenant == tenant => Ok(s.clone()),
         _ => Err(ApiError::Engine(EngineError::NotFound {
-            what: "session",
+            what: "session".into(),
             id: id.to_string(),
         })),
     }

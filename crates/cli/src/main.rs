@@ -1,4 +1,6 @@
-//! The `loraloom` binary: `serve` starts the HTTP server on one base model.
+//! The `loraloom` binary: `serve` starts the HTTP server on one base model; `bench` measures.
+
+mod bench;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,8 +11,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use dashmap::DashMap;
+use loraloom_api::state::Session;
 use loraloom_api::{parse_keys, router, AppState, Auth};
-use loraloom_engine::{Backend, BaseModel, Engine, EngineConfig, Limits, ModelWorker, Registry};
+use loraloom_engine::{
+    Backend, BaseModel, Engine, EngineConfig, Limits, ModelWorker, Registry, SqliteStore, Store,
+};
 
 /// Name under which the embedded default model is served.
 const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -29,6 +34,56 @@ struct Cli {
 enum Command {
     /// Serve the Tinker API over HTTP.
     Serve(ServeArgs),
+    /// Measure throughput (JSON lines; `scripts/bench` adds the baselines and ratios).
+    Bench(BenchArgs),
+}
+
+/// Flags of `bench`.
+#[derive(Args)]
+struct BenchArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "LORALOOM_MODEL")]
+    model: PathBuf,
+    /// What to measure: roofline, forward, train, decode, engine (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "roofline,forward,train,decode,engine"
+    )]
+    what: Vec<String>,
+    /// Timed repetitions (median reported).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Tenant counts of the engine benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    tenants: Vec<usize>,
+    /// Steps per tenant in the engine benchmark.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let base = bench::load(&args.model)?;
+    let decoder = base.decoder();
+    for what in &args.what {
+        match what.as_str() {
+            "roofline" => bench::roofline(args.iters)?,
+            "forward" => bench::forward(decoder, 4, 128, args.iters)?,
+            "train" => bench::train(decoder, 4, 128, args.iters)?,
+            "decode" => {
+                bench::decode(decoder, 1, 0, 32, args.iters)?;
+                bench::decode(decoder, 8, 1, 32, args.iters)?;
+                bench::decode(decoder, 8, 8, 32, args.iters)?;
+            }
+            "engine" => {
+                for &n in &args.tenants {
+                    bench::engine(&base, n, 128, args.steps)?;
+                }
+            }
+            other => anyhow::bail!("unknown benchmark `{other}`"),
+        }
+    }
+    Ok(())
 }
 
 /// Flags of `serve`. No `Debug`: it carries API keys.
@@ -83,6 +138,10 @@ struct ServeArgs {
     /// How long one retrieve_future waits before answering "try again" (the SDK times out at 45 s).
     #[arg(long, env = "LORALOOM_LONG_POLL_SECS", default_value_t = 20)]
     long_poll_secs: u64,
+    /// Write each run's state to disk after every optimizer step, before acknowledging it, so a
+    /// crash loses no acknowledged step (`false`: only on graceful shutdown).
+    #[arg(long, env = "LORALOOM_STEP_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
+    step_snapshots: bool,
     /// Largest accepted request body in bytes.
     #[arg(long, env = "LORALOOM_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -151,14 +210,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model from {}", dir.display()))?;
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
     let device = format!("{:?}", base.decoder().device());
-    let registry = Arc::new(Registry::new(args.data_dir.clone()));
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&args.data_dir).context("opening the store")?);
+    let registry = Arc::new(
+        Registry::durable(args.data_dir.clone(), store.clone()).context("reading the store")?,
+    );
     let backends: Vec<Box<dyn Backend>> = (0..args.workers)
         .map(|_| {
-            Box::new(ModelWorker::new(
-                base.decoder().shallow_clone(),
-                registry.clone(),
-                Some(base.tokenizer().clone()),
-            )) as Box<dyn Backend>
+            Box::new(
+                ModelWorker::new(
+                    base.decoder().shallow_clone(),
+                    registry.clone(),
+                    Some(base.tokenizer().clone()),
+                )
+                .with_step_snapshots(args.step_snapshots),
+            ) as Box<dyn Backend>
         })
         .collect();
     let config = EngineConfig {
@@ -173,10 +239,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let engine = Engine::start(config, registry, backends);
     drop(base);
+    let restarted = engine.restore().context("restoring state")?;
+    let sessions = DashMap::new();
+    for row in store.sessions().context("reading sessions")? {
+        sessions.insert(
+            row.id,
+            Session {
+                tenant: row.tenant,
+                created: row.created,
+            },
+        );
+    }
+    tracing::info!(
+        runs = engine.stats().models,
+        sessions = sessions.len(),
+        interrupted_jobs = restarted,
+        "state restored"
+    );
     let state = AppState {
         engine: engine.clone(),
         auth: Arc::new(auth),
-        sessions: Arc::new(DashMap::new()),
+        sessions: Arc::new(sessions),
         long_poll: Duration::from_secs(args.long_poll_secs),
         max_body_bytes: args.max_body_bytes,
         device,
@@ -222,5 +305,6 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => bench(args),
     }
 }

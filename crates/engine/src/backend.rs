@@ -30,6 +30,11 @@ pub struct ModelWorker {
     decoder: Decoder,
     registry: Arc<Registry>,
     tokenizer: Option<Arc<TextTokenizer>>,
+    snapshot_every_step: bool,
+    /// libtorch's intra-op thread count, read on the creating thread. OpenMP's setting is per
+    /// thread: a fresh worker thread would otherwise run every op on one core.
+    intra_op_threads: i32,
+    threads_set: bool,
 }
 
 impl ModelWorker {
@@ -43,7 +48,48 @@ impl ModelWorker {
             decoder,
             registry,
             tokenizer,
+            snapshot_every_step: false,
+            intra_op_threads: loraloom_model::intra_op_threads(),
+            threads_set: false,
         }
+    }
+
+    /// Also writes each run's state (adapter + optimizer) to its snapshot directory after every
+    /// optimizer step, before the step is acknowledged, so a crash loses no acknowledged step.
+    pub fn with_step_snapshots(mut self, on: bool) -> Self {
+        self.snapshot_every_step = on;
+        self
+    }
+
+    fn restore(&self, job: &Job) -> Result<Output> {
+        let Work::Restore { spec } = &job.work else {
+            unreachable!("restore job")
+        };
+        let entry = self.model_of(job)?;
+        let dir = self.registry.snapshot_dir(&entry.key);
+        let (adapter, optimizer) = if dir.join("adapter_config.json").exists() {
+            let loaded = checkpoint::load(
+                &dir,
+                self.decoder.config(),
+                self.decoder.device(),
+                self.decoder.kind(),
+            )?;
+            (loaded.adapter, loaded.optimizer)
+        } else {
+            let fresh = LoraAdapter::new(
+                spec.clone(),
+                self.decoder.config(),
+                self.decoder.device(),
+                self.decoder.kind(),
+            )?;
+            (fresh, None)
+        };
+        let mut guard = entry.lock();
+        guard.adapter = Some(adapter);
+        guard.optimizer = optimizer;
+        Ok(Output::Created {
+            model_id: entry.key.model_id.clone(),
+        })
     }
 
     fn model_of(&self, job: &Job) -> Result<Arc<ModelEntry>> {
@@ -147,6 +193,9 @@ impl ModelWorker {
             .as_mut()
             .expect("set above")
             .step(&params_list, params)?;
+        if self.snapshot_every_step {
+            snapshot(&self.registry, &entry, adapter, state.optimizer.as_ref())?;
+        }
         entry.touch();
         Ok(Output::OptimStep(stats))
     }
@@ -245,13 +294,13 @@ impl ModelWorker {
             dir,
             created: unix_now(),
             spec: adapter.spec().clone(),
-        });
+        })?;
         if let Some(key) = sampler {
             self.registry.add_sampler(
                 key.clone(),
                 SamplerSource::Checkpoint(path.clone()),
                 &entry.base_model,
-            );
+            )?;
         }
         entry.touch();
         Ok(Output::Saved {
@@ -323,7 +372,7 @@ impl ModelWorker {
             let Some(guard) = guards.get(&job.queue) else {
                 let sid = job.queue.id().to_string();
                 results[i] = Some(Err(EngineError::NotFound {
-                    what: "sampling session",
+                    what: "sampling session".into(),
                     id: sid,
                 }));
                 continue;
@@ -398,6 +447,10 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 
 impl Backend for ModelWorker {
     fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
+        if !self.threads_set {
+            loraloom_model::set_intra_op_threads(self.intra_op_threads);
+            self.threads_set = true;
+        }
         let Some(first) = jobs.first() else {
             return Vec::new();
         };
@@ -409,6 +462,7 @@ impl Backend for ModelWorker {
                 .iter()
                 .map(|j| match &j.work {
                     Work::Create { .. } => self.create(j),
+                    Work::Restore { .. } => self.restore(j),
                     Work::Save { .. } => self.save(j),
                     Work::Load { .. } => self.load(j),
                     _ => unreachable!("solo jobs are create/save/load"),
@@ -416,6 +470,24 @@ impl Backend for ModelWorker {
                 .collect(),
         }
     }
+}
+
+/// Writes a run's adapter and optimizer to its snapshot directory (atomically).
+pub fn snapshot(
+    registry: &Registry,
+    entry: &ModelEntry,
+    adapter: &LoraAdapter,
+    optimizer: Option<&AdamState>,
+) -> Result<()> {
+    checkpoint::save(
+        &SaveRequest {
+            adapter,
+            optimizer,
+            base_model: &entry.base_model,
+        },
+        &registry.snapshot_dir(&entry.key),
+    )?;
+    Ok(())
 }
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).

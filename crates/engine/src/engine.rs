@@ -17,7 +17,7 @@ use loraloom_model::sample::validate_sampling;
 use loraloom_model::train::validate_request;
 use loraloom_model::LoraSpec;
 
-use crate::backend::{check_checkpoint, Backend};
+use crate::backend::{check_checkpoint, snapshot, Backend};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
@@ -155,7 +155,10 @@ impl Engine {
         let inner = Arc::new(Inner {
             sched: Mutex::new(SchedState::new(config.limits)),
             wake: Condvar::new(),
-            futures: FutureStore::new(config.future_ttl),
+            futures: match registry.store() {
+                Some(store) => FutureStore::durable(config.future_ttl, store.clone()),
+                None => FutureStore::new(config.future_ttl),
+            },
             registry,
             counters: Counters::default(),
             base: config.base,
@@ -216,7 +219,7 @@ impl Engine {
                 ..
             } => validate_sampling(config, prompt, *num_samples, params)?,
             Work::OptimStep { params } => params.validate()?,
-            Work::Create { .. } | Work::Save { .. } => {}
+            Work::Create { .. } | Work::Restore { .. } | Work::Save { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
@@ -279,7 +282,7 @@ impl Engine {
         }
         self.inner
             .registry
-            .add_sampler(key, source, &self.inner.base.name);
+            .add_sampler(key, source, &self.inner.base.name)?;
         Ok(())
     }
 
@@ -325,6 +328,40 @@ impl Engine {
         for h in handles {
             let _ = h.join();
         }
+        if self.inner.registry.store().is_some() {
+            self.snapshot_all();
+        }
+    }
+
+    /// Writes every resident run's state to its snapshot directory (graceful shutdown).
+    pub fn snapshot_all(&self) {
+        for entry in self.inner.registry.all_models() {
+            let state = entry.lock();
+            if let Some(adapter) = &state.adapter {
+                if let Err(e) = snapshot(
+                    &self.inner.registry,
+                    &entry,
+                    adapter,
+                    state.optimizer.as_ref(),
+                ) {
+                    tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot snapshot a run");
+                }
+            }
+        }
+    }
+
+    /// After a restart: fails the futures that were queued or running ("server restarted") and
+    /// queues a restore job for every run, which reloads its latest snapshot. Returns the number
+    /// of futures failed that way.
+    pub fn restore(&self) -> Result<usize> {
+        let restarted = self.inner.futures.restore()?;
+        for entry in self.inner.registry.all_models() {
+            let work = Work::Restore {
+                spec: entry.spec.clone(),
+            };
+            self.submit(QueueKey::Model(entry.key.clone()), work)?;
+        }
+        Ok(restarted)
     }
 
     /// Admission and start order per queue (when recording was enabled).

@@ -3,13 +3,13 @@
 use loraloom_model::ModelError;
 
 /// Everything a submission or a job can fail with.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum EngineError {
     /// An id that does not exist for this tenant (another tenant's ids are reported the same way).
     #[error("{what} `{id}` not found")]
     NotFound {
         /// What kind of id.
-        what: &'static str,
+        what: String,
         /// The id as given.
         id: String,
     },

@@ -13,9 +13,11 @@ use tokio::time::Instant;
 
 use crate::error::{EngineError, Result};
 use crate::job::{Output, RequestId, TenantId};
+use crate::registry::unix_now;
+use crate::store::{FutureRow, Store};
 
 /// Where a request is in its life.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum FutureState {
     /// Waiting in its queue.
     Queued,
@@ -57,6 +59,18 @@ struct Entry {
 pub struct FutureStore {
     inner: Arc<Mutex<HashMap<RequestId, Entry>>>,
     ttl: Duration,
+    durable: Option<Arc<dyn Store>>,
+}
+
+fn row(id: &str, tenant: &str, state: &FutureState) -> FutureRow {
+    let terminal = state.is_terminal();
+    FutureRow {
+        id: id.to_string(),
+        tenant: tenant.to_string(),
+        state: state.name().to_string(),
+        outcome_json: terminal.then(|| serde_json::to_string(state).unwrap_or_default()),
+        finished: terminal.then(unix_now),
+    }
 }
 
 impl FutureStore {
@@ -65,7 +79,61 @@ impl FutureStore {
         FutureStore {
             inner: Arc::new(Mutex::new(HashMap::new())),
             ttl,
+            durable: None,
         }
+    }
+
+    /// Like [`FutureStore::new`], writing every admission and outcome through to `durable`.
+    pub fn durable(ttl: Duration, durable: Arc<dyn Store>) -> Self {
+        FutureStore {
+            durable: Some(durable),
+            ..FutureStore::new(ttl)
+        }
+    }
+
+    fn persist(&self, id: &str, tenant: &str, state: &FutureState) {
+        if let Some(store) = &self.durable {
+            if let Err(e) = store.put_future(&row(id, tenant, state)) {
+                tracing::error!(error = %e, request_id = id, "cannot persist a future");
+            }
+        }
+    }
+
+    /// Reloads futures from the durable store after a restart: finished ones keep their
+    /// outcome; ones that were queued or running fail with "server restarted". Returns how
+    /// many were failed that way.
+    pub fn restore(&self) -> Result<usize> {
+        let Some(store) = &self.durable else {
+            return Ok(0);
+        };
+        let mut restarted = 0;
+        for r in store.futures()? {
+            let state = r
+                .outcome_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
+                .filter(FutureState::is_terminal);
+            let state = match state {
+                Some(s) => s,
+                None => {
+                    restarted += 1;
+                    let failed = FutureState::Failed(EngineError::ServerRestarted);
+                    self.persist(&r.id, &r.tenant, &failed);
+                    failed
+                }
+            };
+            let mut map = self.lock();
+            map.insert(
+                r.id.clone(),
+                Entry {
+                    tenant: r.tenant,
+                    state,
+                    finished_at: Some(Instant::now()),
+                    notify: Arc::new(Notify::new()),
+                },
+            );
+        }
+        Ok(restarted)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Entry>> {
@@ -74,6 +142,7 @@ impl FutureStore {
 
     /// Registers a new request of `tenant` as queued.
     pub fn insert(&self, id: &str, tenant: &str) {
+        self.persist(id, tenant, &FutureState::Queued);
         self.lock().insert(
             id.to_string(),
             Entry {
@@ -85,12 +154,6 @@ impl FutureStore {
         );
     }
 
-    /// Registers an already finished request (restored after a restart).
-    pub fn insert_finished(&self, id: &str, tenant: &str, state: FutureState) {
-        self.insert(id, tenant);
-        self.set(id, state);
-    }
-
     /// Moves a request to `state`, waking its waiters. Terminal states are final.
     pub fn set(&self, id: &str, state: FutureState) {
         let mut map = self.lock();
@@ -100,6 +163,8 @@ impl FutureStore {
             }
             if state.is_terminal() {
                 entry.finished_at = Some(Instant::now());
+                // Durable before any waiter sees it: an acknowledged result survives a crash.
+                self.persist(id, &entry.tenant, &state);
             }
             entry.state = state;
             entry.notify.notify_waiters();
@@ -112,7 +177,7 @@ impl FutureStore {
         match map.get(id) {
             Some(e) if e.tenant == tenant => Ok(e.state.clone()),
             _ => Err(EngineError::NotFound {
-                what: "request",
+                what: "request".into(),
                 id: id.to_string(),
             }),
         }
@@ -133,7 +198,7 @@ impl FutureStore {
                     }
                     _ => {
                         return Err(EngineError::NotFound {
-                            what: "request",
+                            what: "request".into(),
                             id: id.to_string(),
                         })
                     }
@@ -162,7 +227,14 @@ impl FutureStore {
             e.finished_at
                 .is_none_or(|t| now.saturating_duration_since(t) <= ttl)
         });
-        before - map.len()
+        let purged = before - map.len();
+        drop(map);
+        if let Some(store) = &self.durable {
+            if let Err(e) = store.purge_futures(unix_now() - ttl.as_secs_f64()) {
+                tracing::error!(error = %e, "cannot purge stored futures");
+            }
+        }
+        purged
     }
 
     /// Counts of entries by state name.

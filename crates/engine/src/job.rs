@@ -58,7 +58,7 @@ impl QueueKey {
 }
 
 /// Which checkpoint files to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CheckpointKind {
     /// Adapter + optimizer (`save_state`; `tinker://<run>/weights/<name>`).
     State,
@@ -85,6 +85,11 @@ pub enum Work {
         spec: LoraSpec,
         /// Load weights (and optionally the optimizer) from this checkpoint path instead.
         from: Option<(String, bool)>,
+    },
+    /// Rebuild a run after a restart from its latest snapshot (or, without one, from its seed).
+    Restore {
+        /// The run's spec.
+        spec: LoraSpec,
     },
     /// `forward_backward` (`backward`) or `forward`.
     ForwardBackward {
@@ -149,7 +154,9 @@ impl Work {
             Work::ForwardBackward { backward, .. } => BatchClass::Train(*backward),
             Work::OptimStep { .. } => BatchClass::Optim,
             Work::Sample { .. } => BatchClass::Sample,
-            Work::Create { .. } | Work::Save { .. } | Work::Load { .. } => BatchClass::Solo,
+            Work::Create { .. } | Work::Restore { .. } | Work::Save { .. } | Work::Load { .. } => {
+                BatchClass::Solo
+            }
         }
     }
 
@@ -171,6 +178,7 @@ impl Work {
     pub fn name(&self) -> &'static str {
         match self {
             Work::Create { .. } => "create_model",
+            Work::Restore { .. } => "restore",
             Work::ForwardBackward { backward: true, .. } => "forward_backward",
             Work::ForwardBackward {
                 backward: false, ..
@@ -191,7 +199,7 @@ impl Work {
 }
 
 /// A job's result.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Output {
     /// The run exists and is ready.
     Created {

@@ -11,6 +11,7 @@ pub mod futures;
 pub mod job;
 pub mod queue;
 pub mod registry;
+pub mod store;
 
 pub use backend::{Backend, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
@@ -20,3 +21,4 @@ pub use futures::{FutureState, FutureStore};
 pub use job::{CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work};
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};
+pub use store::{SessionRow, SqliteStore, Store};

@@ -12,6 +12,7 @@ use loraloom_model::{AdamState, LoraAdapter, LoraSpec};
 
 use crate::error::{EngineError, Result};
 use crate::job::{CheckpointKind, ModelKey, SamplerKey};
+use crate::store::{CheckpointRow, ModelRow, SamplerRow, Store};
 
 /// Seconds since the epoch.
 pub fn unix_now() -> f64 {
@@ -93,7 +94,7 @@ impl SamplerEntry {
 }
 
 /// A saved checkpoint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CheckpointRecord {
     /// Owner.
     pub tenant: String,
@@ -161,23 +162,112 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Every run, session and checkpoint.
+/// Every run, session and checkpoint; with a durable store, every change is written through.
 pub struct Registry {
     data_dir: PathBuf,
     models: DashMap<ModelKey, Arc<ModelEntry>>,
     samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
     checkpoints: DashMap<(String, String), CheckpointRecord>,
+    durable: Option<Arc<dyn Store>>,
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 impl Registry {
-    /// An empty registry keeping checkpoints under `data_dir/checkpoints`.
+    /// An empty, in-memory registry keeping checkpoints under `data_dir/checkpoints`.
     pub fn new(data_dir: PathBuf) -> Self {
         Registry {
             data_dir,
             models: DashMap::new(),
             samplers: DashMap::new(),
             checkpoints: DashMap::new(),
+            durable: None,
         }
+    }
+
+    /// A registry backed by `store`, reloaded from it (runs come back without weights: their
+    /// restore jobs read the latest snapshot).
+    pub fn durable(data_dir: PathBuf, store: Arc<dyn Store>) -> Result<Self> {
+        let registry = Registry {
+            durable: Some(store.clone()),
+            ..Registry::new(data_dir)
+        };
+        for row in store.checkpoints()? {
+            match serde_json::from_str::<CheckpointRecord>(&row.record_json) {
+                Ok(record) => {
+                    registry.checkpoints.insert((row.tenant, row.path), record);
+                }
+                Err(e) => {
+                    tracing::error!(path = %row.path, error = %e, "unreadable checkpoint record")
+                }
+            }
+        }
+        for row in store.samplers()? {
+            let source = row
+                .checkpoint
+                .map_or(SamplerSource::Base, SamplerSource::Checkpoint);
+            let key = SamplerKey {
+                tenant: row.tenant,
+                sampler_id: row.sampler_id,
+            };
+            registry.insert_sampler(key, source, &row.base_model);
+        }
+        for row in store.models()? {
+            let spec: LoraSpec = match serde_json::from_str(&row.spec_json) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(model_id = %row.model_id, error = %e, "unreadable run record");
+                    continue;
+                }
+            };
+            let key = ModelKey {
+                tenant: row.tenant,
+                model_id: row.model_id,
+            };
+            let metadata =
+                serde_json::from_str(&row.metadata_json).unwrap_or(serde_json::Value::Null);
+            let entry = Self::entry(key.clone(), &row.base_model, spec, metadata, row.created);
+            registry.models.insert(key, entry);
+        }
+        Ok(registry)
+    }
+
+    /// The durable store, if any.
+    pub fn store(&self) -> Option<&Arc<dyn Store>> {
+        self.durable.as_ref()
+    }
+
+    fn entry(
+        key: ModelKey,
+        base_model: &str,
+        spec: LoraSpec,
+        user_metadata: serde_json::Value,
+        created: f64,
+    ) -> Arc<ModelEntry> {
+        Arc::new(ModelEntry {
+            key,
+            base_model: base_model.to_string(),
+            spec,
+            user_metadata,
+            created,
+            last_access: std::sync::atomic::AtomicU64::new(unix_now().to_bits()),
+            state: Mutex::new(RunState::default()),
+        })
+    }
+
+    /// Every run (all tenants).
+    pub fn all_models(&self) -> Vec<Arc<ModelEntry>> {
+        self.models.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Where a run's latest state is kept between steps and across restarts.
+    pub fn snapshot_dir(&self, key: &ModelKey) -> PathBuf {
+        self.data_dir
+            .join("runs")
+            .join(hex(&key.tenant))
+            .join(hex(&key.model_id))
     }
 
     /// Registers a new run (its adapter is built by its create job).
@@ -188,25 +278,33 @@ impl Registry {
         spec: LoraSpec,
         user_metadata: serde_json::Value,
     ) -> Result<Arc<ModelEntry>> {
-        let entry = Arc::new(ModelEntry {
-            key: key.clone(),
-            base_model: base_model.to_string(),
-            spec,
-            user_metadata,
-            created: unix_now(),
-            last_access: std::sync::atomic::AtomicU64::new(unix_now().to_bits()),
-            state: Mutex::new(RunState::default()),
-        });
+        let entry = Self::entry(key.clone(), base_model, spec, user_metadata, unix_now());
         match self.models.entry(key) {
-            dashmap::mapref::entry::Entry::Occupied(o) => Err(EngineError::invalid(
-                "model_id",
-                format!("run `{}` already exists", o.key().model_id),
-            )),
+            dashmap::mapref::entry::Entry::Occupied(o) => {
+                return Err(EngineError::invalid(
+                    "model_id",
+                    format!("run `{}` already exists", o.key().model_id),
+                ))
+            }
             dashmap::mapref::entry::Entry::Vacant(v) => {
                 v.insert(entry.clone());
-                Ok(entry)
             }
         }
+        if let Some(store) = &self.durable {
+            let row = ModelRow {
+                tenant: entry.key.tenant.clone(),
+                model_id: entry.key.model_id.clone(),
+                base_model: entry.base_model.clone(),
+                spec_json: to_json(&entry.spec),
+                metadata_json: to_json(&entry.user_metadata),
+                created: entry.created,
+            };
+            if let Err(e) = store.put_model(&row) {
+                self.models.remove(&entry.key);
+                return Err(e);
+            }
+        }
+        Ok(entry)
     }
 
     /// The run `model_id` of `tenant`.
@@ -219,7 +317,7 @@ impl Registry {
             .get(&key)
             .map(|e| e.value().clone())
             .ok_or_else(|| EngineError::NotFound {
-                what: "model",
+                what: "model".into(),
                 id: model_id.to_string(),
             })
     }
@@ -232,11 +330,14 @@ impl Registry {
         };
         self.models
             .remove(&key)
-            .map(|_| ())
             .ok_or_else(|| EngineError::NotFound {
-                what: "model",
+                what: "model".into(),
                 id: model_id.to_string(),
-            })
+            })?;
+        if let Some(store) = &self.durable {
+            store.delete_model(tenant, model_id)?;
+        }
+        Ok(())
     }
 
     /// The tenant's runs, oldest first.
@@ -262,6 +363,27 @@ impl Registry {
         key: SamplerKey,
         source: SamplerSource,
         base_model: &str,
+    ) -> Result<Arc<SamplerEntry>> {
+        if let Some(store) = &self.durable {
+            let checkpoint = match &source {
+                SamplerSource::Base => None,
+                SamplerSource::Checkpoint(p) => Some(p.clone()),
+            };
+            store.put_sampler(&SamplerRow {
+                tenant: key.tenant.clone(),
+                sampler_id: key.sampler_id.clone(),
+                checkpoint,
+                base_model: base_model.to_string(),
+            })?;
+        }
+        Ok(self.insert_sampler(key, source, base_model))
+    }
+
+    fn insert_sampler(
+        &self,
+        key: SamplerKey,
+        source: SamplerSource,
+        base_model: &str,
     ) -> Arc<SamplerEntry> {
         let entry = Arc::new(SamplerEntry {
             key: key.clone(),
@@ -283,7 +405,7 @@ impl Registry {
             .get(&key)
             .map(|e| e.value().clone())
             .ok_or_else(|| EngineError::NotFound {
-                what: "sampling session",
+                what: "sampling session".into(),
                 id: sampler_id.to_string(),
             })
     }
@@ -305,9 +427,17 @@ impl Registry {
     }
 
     /// Records a written checkpoint (replacing one with the same path).
-    pub fn add_checkpoint(&self, record: CheckpointRecord) {
+    pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
+        if let Some(store) = &self.durable {
+            store.put_checkpoint(&CheckpointRow {
+                tenant: record.tenant.clone(),
+                path: record.path.clone(),
+                record_json: to_json(&record),
+            })?;
+        }
         self.checkpoints
             .insert((record.tenant.clone(), record.path.clone()), record);
+        Ok(())
     }
 
     /// The checkpoint at `path` if it belongs to `tenant`.
@@ -317,7 +447,7 @@ impl Registry {
             .get(&(tenant.to_string(), path.to_string()))
             .map(|r| r.value().clone())
             .ok_or_else(|| EngineError::NotFound {
-                what: "checkpoint",
+                what: "checkpoint".into(),
                 id: path.to_string(),
             })
     }

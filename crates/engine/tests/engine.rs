@@ -289,7 +289,7 @@ fn unknown_runs_and_shutdown_are_clear_errors() {
     assert_eq!(
         err,
         EngineError::NotFound {
-            what: "model",
+            what: "model".into(),
             id: "nope".into()
         }
     );
@@ -503,7 +503,7 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
     assert_eq!(
         wait(&engine, "bad", &b),
         FutureState::Failed(EngineError::NotFound {
-            what: "model",
+            what: "model".into(),
             id: "run".into()
         })
     );

@@ -96,7 +96,7 @@ pub struct AdamState {
 }
 
 /// What one optimizer step did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepStats {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,

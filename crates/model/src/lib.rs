@@ -33,6 +33,17 @@ pub use sample::{
 pub use tokenizer::TextTokenizer;
 pub use train::{forward_backward, Datum, DatumOutput, RequestOutput, TrainRequest};
 
+/// libtorch's intra-op thread count as seen by the calling thread.
+pub fn intra_op_threads() -> i32 {
+    tch::get_num_threads()
+}
+
+/// Sets libtorch's intra-op thread count for the calling thread (OpenMP keeps it per thread, so
+/// every worker thread must set it).
+pub fn set_intra_op_threads(n: i32) {
+    tch::set_num_threads(n)
+}
+
 /// Picks CUDA when libtorch sees a GPU, else the CPU.
 pub fn default_device() -> tch::Device {
     tch::Device::cuda_if_available()

@@ -91,7 +91,7 @@ impl Target {
 }
 
 /// What an adapter looks like: the options of the SDK's LoRA config plus alpha.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraSpec {
     /// Rank `r` (≥ 1).
     pub rank: i64,

@@ -63,7 +63,7 @@ impl Default for SamplingParams {
 pub const MAX_NUM_SAMPLES: i64 = 128;
 
 /// Why a sequence ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopReason {
     /// A stop token or string.
     Stop,
@@ -72,7 +72,7 @@ pub enum StopReason {
 }
 
 /// One generated sequence.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SampledSequence {
     /// Generated tokens (the stop token included when one ended it).
     pub tokens: Vec<i64>,
@@ -98,7 +98,7 @@ pub struct SampleRequest<'a> {
 }
 
 /// The result of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SampleOutput {
     /// `num_samples` sequences.
     pub sequences: Vec<SampledSequence>,

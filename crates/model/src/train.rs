@@ -35,7 +35,7 @@ pub struct TrainRequest<'a> {
 }
 
 /// Per-datum outputs, as the SDK names them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatumOutput {
     /// Model log-probability of each target token.
     pub logprobs: Vec<f32>,
@@ -44,7 +44,7 @@ pub struct DatumOutput {
 }
 
 /// Result of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RequestOutput {
     /// One entry per datum, in order.
     pub outputs: Vec<DatumOutput>,

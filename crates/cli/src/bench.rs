@@ -1,0 +1,379 @@
+//! `loraloom bench`: throughput of loraloom's own paths on a checkpoint, printed as JSON lines
+//! (`scripts/bench` runs it beside the Python baselines and prints the ratios).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use loraloom_engine::{
+    Backend, BaseModel, Engine, EngineConfig, FutureState, Limits, ModelKey, ModelWorker, QueueKey,
+    Registry, Work,
+};
+use loraloom_model::{
+    forward_backward, sample, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
+    LossInputs, SampleRequest, SamplingParams, Stop, TrainRequest,
+};
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+fn spec(seed: u64) -> LoraSpec {
+    LoraSpec {
+        rank: 16,
+        alpha: 32.0,
+        seed,
+        train_attn: true,
+        train_mlp: true,
+        train_unembed: true,
+    }
+}
+
+fn datum(seed: usize, len: usize, vocab: i64) -> Datum {
+    let toks: Vec<i64> = (0..=len)
+        .map(|j| ((seed * 7919 + j * 104_729) as i64) % (vocab - 200) + 100)
+        .collect();
+    Datum {
+        input_tokens: toks[..len].to_vec(),
+        loss_inputs: LossInputs {
+            target_tokens: toks[1..].to_vec(),
+            weights: Some(vec![1.0; len]),
+            logprobs: None,
+            advantages: None,
+        },
+    }
+}
+
+fn emit(what: &str, value: serde_json::Value) {
+    let mut v = value;
+    v["what"] = json!(what);
+    println!("{v}");
+}
+
+/// Seconds per call of `f`, the median of `iters` timed runs after one warm-up.
+fn time_it(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Dense f32 matmul throughput of this machine through libtorch (the roofline).
+pub fn roofline(iters: usize) -> anyhow::Result<()> {
+    let n = 2048;
+    let a = Tensor::randn([n, n], (Kind::Float, tch::Device::Cpu));
+    let b = Tensor::randn([n, n], (Kind::Float, tch::Device::Cpu));
+    let secs = time_it(iters, || {
+        let _ = a.f_matmul(&b)?;
+        Ok(())
+    })?;
+    let flops = 2.0 * (n as f64).powi(3) / secs;
+    emit("matmul_roofline", json!({"gflops": flops / 1e9, "n": n}));
+    Ok(())
+}
+
+/// Forward (no grad) of batch × len tokens on the base model.
+pub fn forward(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let ids: Vec<i64> = (0..batch)
+        .flat_map(|b| datum(b, len, vocab).input_tokens)
+        .collect();
+    let ids = Tensor::from_slice(&ids).view([batch as i64, len as i64]);
+    let secs = time_it(iters, || {
+        let _logits = tch::no_grad(|| decoder.forward(&ids, None))?;
+        Ok(())
+    })?;
+    emit(
+        "forward",
+        json!({"batch": batch, "len": len, "seconds": secs, "tokens_per_s": (batch * len) as f64 / secs}),
+    );
+    Ok(())
+}
+
+/// forward_backward + optim_step of one adapter (rank 16, all targets) on batch × len tokens.
+pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let data: Vec<Datum> = (0..batch).map(|b| datum(b, len, vocab)).collect();
+    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device(), decoder.kind())?;
+    let mut opt = AdamState::new(&adapter.parameters())?;
+    let hp = AdamParams::default();
+    let secs = time_it(iters, || {
+        let req = TrainRequest {
+            adapter: Some(&adapter),
+            loss: LossFn::CrossEntropy,
+            data: &data,
+        };
+        forward_backward(decoder, &[req], true)?;
+        opt.step(&adapter.parameters(), &hp)?;
+        Ok(())
+    })?;
+    let params = decoder.num_parameters() as f64;
+    emit(
+        "train_step",
+        json!({"batch": batch, "len": len, "seconds": secs, "tokens_per_s": (batch * len) as f64 / secs,
+               "flops_per_token": 4.0 * params}),
+    );
+    Ok(())
+}
+
+/// Greedy decode of `sequences` sequences over `adapters` adapters (0 = base model).
+pub fn decode(
+    decoder: &Decoder,
+    sequences: usize,
+    adapters: usize,
+    new_tokens: i64,
+    iters: usize,
+) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let owned: Vec<LoraAdapter> = (0..adapters)
+        .map(|i| {
+            LoraAdapter::new(
+                spec(i as u64),
+                decoder.config(),
+                decoder.device(),
+                decoder.kind(),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let prompt = datum(1, 16, vocab).input_tokens;
+    let params = SamplingParams {
+        max_tokens: new_tokens,
+        temperature: 0.0,
+        stop: Stop::Never,
+        ..SamplingParams::default()
+    };
+    let requests: Vec<SampleRequest> = match sequences.checked_div(adapters) {
+        None => vec![SampleRequest {
+            adapter: None,
+            prompt: prompt.clone(),
+            num_samples: sequences as i64,
+            params: params.clone(),
+            prompt_logprobs: false,
+        }],
+        Some(per) => owned
+            .iter()
+            .map(|a| SampleRequest {
+                adapter: Some(a),
+                prompt: prompt.clone(),
+                num_samples: per as i64,
+                params: params.clone(),
+                prompt_logprobs: false,
+            })
+            .collect(),
+    };
+    let secs = time_it(iters, || {
+        sample(decoder, &requests, None)?;
+        Ok(())
+    })?;
+    let tokens = sequences as f64 * new_tokens as f64;
+    emit(
+        "decode",
+        json!({"sequences": sequences, "adapters": adapters, "new_tokens": new_tokens, "seconds": secs,
+               "tokens_per_s": tokens / secs}),
+    );
+    Ok(())
+}
+
+fn wait_done(
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    tenant: &str,
+    id: &str,
+) -> anyhow::Result<()> {
+    loop {
+        match rt.block_on(engine.wait(tenant, id, Duration::from_secs(600)))? {
+            FutureState::Done(_) => return Ok(()),
+            FutureState::Failed(e) => anyhow::bail!("job failed: {e}"),
+            _ => continue,
+        }
+    }
+}
+
+/// Engine throughput: `tenants` clients each doing `steps` × (forward_backward 1×len + optim_step),
+/// against (a) one tenant sending the same tokens as one batch and (b) the seed design.
+pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> anyhow::Result<()> {
+    let decoder = base.decoder();
+    let vocab = decoder.config().vocab_size;
+    let hp = AdamParams::default();
+    let tokens = (tenants * len * steps) as f64;
+
+    // loraloom: tenants on their own threads through the engine (one worker).
+    let registry = Arc::new(Registry::new(
+        std::env::temp_dir().join(format!("loraloom-bench-{}", std::process::id())),
+    ));
+    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
+    let config = EngineConfig {
+        limits: Limits::default(),
+        future_ttl: Duration::from_secs(600),
+        base: base.info().clone(),
+    };
+    let engine = Engine::start(config, registry, vec![Box::new(worker) as Box<dyn Backend>]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    for t in 0..tenants {
+        let key = ModelKey {
+            tenant: format!("t{t}"),
+            model_id: "run".into(),
+        };
+        let id = engine.create_model(key, spec(t as u64), serde_json::Value::Null, None)?;
+        wait_done(&engine, &rt, &format!("t{t}"), &id)?;
+    }
+    // Warm-up: one untimed step per tenant (allocator and thread pools).
+    for t in 0..tenants {
+        let q = QueueKey::Model(ModelKey {
+            tenant: format!("t{t}"),
+            model_id: "run".into(),
+        });
+        let fb = Work::ForwardBackward {
+            data: vec![datum(t, len, vocab)],
+            loss: LossFn::CrossEntropy,
+            backward: true,
+        };
+        engine.submit(q.clone(), fb)?;
+        let id = engine.submit(q, Work::OptimStep { params: hp })?;
+        wait_done(&engine, &rt, &format!("t{t}"), &id)?;
+    }
+    let warm = engine.stats();
+    let started = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..tenants)
+            .map(|t| {
+                let engine = engine.clone();
+                s.spawn(move || -> anyhow::Result<()> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()?;
+                    let tenant = format!("t{t}");
+                    let q = QueueKey::Model(ModelKey {
+                        tenant: tenant.clone(),
+                        model_id: "run".into(),
+                    });
+                    for step in 0..steps {
+                        let fb = Work::ForwardBackward {
+                            data: vec![datum(t * 1000 + step, len, vocab)],
+                            loss: LossFn::CrossEntropy,
+                            backward: true,
+                        };
+                        engine.submit(q.clone(), fb)?;
+                        let id = engine.submit(q.clone(), Work::OptimStep { params: hp })?;
+                        wait_done(&engine, &rt, &tenant, &id)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("tenant thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let engine_secs = started.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    let (batches, batched) = (
+        stats.batches - warm.batches,
+        stats.batched_jobs - warm.batched_jobs,
+    );
+    engine.shutdown(true);
+
+    // (a) one tenant, the same tokens as one batch per step.
+    let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device(), decoder.kind())?;
+    let mut opt = AdamState::new(&single.parameters())?;
+    let warmup = vec![datum(0, len, vocab)];
+    forward_backward(
+        decoder,
+        &[TrainRequest {
+            adapter: Some(&single),
+            loss: LossFn::CrossEntropy,
+            data: &warmup,
+        }],
+        true,
+    )?;
+    opt.step(&single.parameters(), &hp)?;
+    let started = Instant::now();
+    for step in 0..steps {
+        let data: Vec<Datum> = (0..tenants)
+            .map(|t| datum(t * 1000 + step, len, vocab))
+            .collect();
+        let req = TrainRequest {
+            adapter: Some(&single),
+            loss: LossFn::CrossEntropy,
+            data: &data,
+        };
+        forward_backward(decoder, &[req], true)?;
+        opt.step(&single.parameters(), &hp)?;
+    }
+    let one_batch_secs = started.elapsed().as_secs_f64();
+
+    // (b) the seed design: a thread per job, a lock per adapter, no batching (each thread with
+    // libtorch's full intra-op thread count, as the engine's worker has).
+    let threads = tch::get_num_threads();
+    let adapters: Vec<Arc<Mutex<(LoraAdapter, AdamState)>>> = (0..tenants)
+        .map(|t| -> anyhow::Result<_> {
+            let a = LoraAdapter::new(
+                spec(t as u64),
+                decoder.config(),
+                decoder.device(),
+                decoder.kind(),
+            )?;
+            let o = AdamState::new(&a.parameters())?;
+            Ok(Arc::new(Mutex::new((a, o))))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..tenants)
+            .map(|t| {
+                let slot = adapters[t].clone();
+                let dec = decoder.shallow_clone();
+                s.spawn(move || -> anyhow::Result<()> {
+                    tch::set_num_threads(threads);
+                    for step in 0..steps {
+                        let guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                        let (adapter, _) = &*guard;
+                        let data = vec![datum(t * 1000 + step, len, vocab)];
+                        let req = TrainRequest {
+                            adapter: Some(adapter),
+                            loss: LossFn::CrossEntropy,
+                            data: &data,
+                        };
+                        forward_backward(&dec, &[req], true)?;
+                        drop(guard);
+                        let mut guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                        let (adapter, opt) = &mut *guard;
+                        opt.step(&adapter.parameters(), &hp)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let seed_secs = started.elapsed().as_secs_f64();
+    emit(
+        "engine",
+        json!({
+            "tenants": tenants, "len": len, "steps": steps,
+            "loraloom_tokens_per_s": tokens / engine_secs,
+            "one_batch_tokens_per_s": tokens / one_batch_secs,
+            "seed_design_tokens_per_s": tokens / seed_secs,
+            "vs_one_batch": one_batch_secs / engine_secs,
+            "vs_seed_design": seed_secs / engine_secs,
+            "mean_batch_size": batched as f64 / batches.max(1) as f64,
+        }),
+    );
+    Ok(())
+}
+
+/// Loads the model for a bench run.
+pub fn load(dir: &Path) -> anyhow::Result<BaseModel> {
+    BaseModel::load("bench", dir).with_context(|| format!("loading {}", dir.display()))
+}

@@ -1,0 +1,372 @@
+//! The durable store: sessions, training runs, sampling sessions, the checkpoint index and every
+//! future with its result. [`Store`] is the contract (a PostgreSQL implementation can follow for
+//! several servers sharing state); [`SqliteStore`] is the embedded default, one file in the data
+//! directory. Checkpoint and run-snapshot files live beside it.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{EngineError, Result};
+
+/// A client session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    /// Session id.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// Creation time (unix seconds).
+    pub created: f64,
+}
+
+/// A training run (its weights live in snapshot and checkpoint files).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRow {
+    /// Owner.
+    pub tenant: String,
+    /// Run id.
+    pub model_id: String,
+    /// Base model name.
+    pub base_model: String,
+    /// LoRA spec as JSON.
+    pub spec_json: String,
+    /// Client metadata as JSON.
+    pub metadata_json: String,
+    /// Creation time (unix seconds).
+    pub created: f64,
+}
+
+/// A sampling session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerRow {
+    /// Owner.
+    pub tenant: String,
+    /// Session id.
+    pub sampler_id: String,
+    /// Checkpoint path, or `None` for the base model.
+    pub checkpoint: Option<String>,
+    /// Base model name.
+    pub base_model: String,
+}
+
+/// A checkpoint in the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRow {
+    /// Owner.
+    pub tenant: String,
+    /// `tinker://` path.
+    pub path: String,
+    /// The record as JSON.
+    pub record_json: String,
+}
+
+/// A future: its state name and, once finished, its outcome as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FutureRow {
+    /// Request id.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// `queued`, `done` or `failed`.
+    pub state: String,
+    /// Output or error as JSON when finished.
+    pub outcome_json: Option<String>,
+    /// Finish time (unix seconds).
+    pub finished: Option<f64>,
+}
+
+/// Where loraloom keeps what must survive a restart.
+pub trait Store: Send + Sync {
+    /// Records a session.
+    fn put_session(&self, row: &SessionRow) -> Result<()>;
+    /// Every session.
+    fn sessions(&self) -> Result<Vec<SessionRow>>;
+    /// Records (or replaces) a run.
+    fn put_model(&self, row: &ModelRow) -> Result<()>;
+    /// Forgets a run.
+    fn delete_model(&self, tenant: &str, model_id: &str) -> Result<()>;
+    /// Every run.
+    fn models(&self) -> Result<Vec<ModelRow>>;
+    /// Records a sampling session.
+    fn put_sampler(&self, row: &SamplerRow) -> Result<()>;
+    /// Every sampling session.
+    fn samplers(&self) -> Result<Vec<SamplerRow>>;
+    /// Records (or replaces) a checkpoint.
+    fn put_checkpoint(&self, row: &CheckpointRow) -> Result<()>;
+    /// Every checkpoint.
+    fn checkpoints(&self) -> Result<Vec<CheckpointRow>>;
+    /// Records (or updates) a future.
+    fn put_future(&self, row: &FutureRow) -> Result<()>;
+    /// Every future.
+    fn futures(&self) -> Result<Vec<FutureRow>>;
+    /// Forgets futures finished before `unix_time`; returns how many.
+    fn purge_futures(&self, unix_time: f64) -> Result<usize>;
+}
+
+/// SQLite in one file (WAL journal: a killed process loses no committed row).
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+fn db_err(e: rusqlite::Error) -> EngineError {
+    EngineError::Internal(format!("store: {e}"))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS models (tenant TEXT NOT NULL, model_id TEXT NOT NULL, base_model TEXT NOT NULL,
+  spec TEXT NOT NULL, metadata TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (tenant, model_id));
+CREATE TABLE IF NOT EXISTS samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL, checkpoint TEXT,
+  base_model TEXT NOT NULL, PRIMARY KEY (tenant, sampler_id));
+CREATE TABLE IF NOT EXISTS checkpoints (tenant TEXT NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL,
+  PRIMARY KEY (tenant, path));
+CREATE TABLE IF NOT EXISTS futures (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
+  outcome TEXT, finished REAL);
+CREATE INDEX IF NOT EXISTS futures_finished ON futures (finished);
+";
+
+impl SqliteStore {
+    /// Opens (creating when absent) `loraloom.db` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| EngineError::Internal(format!("store: {e}")))?;
+        Self::from_connection(Connection::open(data_dir.join("loraloom.db")).map_err(db_err)?)
+    }
+
+    /// A private in-memory database (tests).
+    pub fn in_memory() -> Result<Self> {
+        Self::from_connection(Connection::open_in_memory().map_err(db_err)?)
+    }
+
+    fn from_connection(conn: Connection) -> Result<Self> {
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn).map_err(db_err)
+    }
+}
+
+impl Store for SqliteStore {
+    fn put_session(&self, r: &SessionRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO sessions (id, tenant, created) VALUES (?1, ?2, ?3)",
+                params![r.id, r.tenant, r.created],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn sessions(&self) -> Result<Vec<SessionRow>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, tenant, created FROM sessions")?;
+            let rows = st.query_map([], |r| {
+                Ok(SessionRow {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    created: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn put_model(&self, r: &ModelRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO models (tenant, model_id, base_model, spec, metadata, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.tenant, r.model_id, r.base_model, r.spec_json, r.metadata_json, r.created],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn delete_model(&self, tenant: &str, model_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM models WHERE tenant = ?1 AND model_id = ?2",
+                params![tenant, model_id],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn models(&self) -> Result<Vec<ModelRow>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT tenant, model_id, base_model, spec, metadata, created FROM models ORDER BY created")?;
+            let rows = st.query_map([], |r| {
+                Ok(ModelRow {
+                    tenant: r.get(0)?,
+                    model_id: r.get(1)?,
+                    base_model: r.get(2)?,
+                    spec_json: r.get(3)?,
+                    metadata_json: r.get(4)?,
+                    created: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn put_sampler(&self, r: &SamplerRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO samplers (tenant, sampler_id, checkpoint, base_model) VALUES (?1, ?2, ?3, ?4)",
+                params![r.tenant, r.sampler_id, r.checkpoint, r.base_model],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn samplers(&self) -> Result<Vec<SamplerRow>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT tenant, sampler_id, checkpoint, base_model FROM samplers")?;
+            let rows = st.query_map([], |r| {
+                Ok(SamplerRow {
+                    tenant: r.get(0)?,
+                    sampler_id: r.get(1)?,
+                    checkpoint: r.get(2)?,
+                    base_model: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn put_checkpoint(&self, r: &CheckpointRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO checkpoints (tenant, path, record) VALUES (?1, ?2, ?3)",
+                params![r.tenant, r.path, r.record_json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn checkpoints(&self) -> Result<Vec<CheckpointRow>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT tenant, path, record FROM checkpoints")?;
+            let rows = st.query_map([], |r| {
+                Ok(CheckpointRow {
+                    tenant: r.get(0)?,
+                    path: r.get(1)?,
+                    record_json: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn put_future(&self, r: &FutureRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO futures (id, tenant, state, outcome, finished) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.id, r.tenant, r.state, r.outcome_json, r.finished],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn futures(&self) -> Result<Vec<FutureRow>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, tenant, state, outcome, finished FROM futures")?;
+            let rows = st.query_map([], |r| {
+                Ok(FutureRow {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    state: r.get(2)?,
+                    outcome_json: r.get(3)?,
+                    finished: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn purge_futures(&self, unix_time: f64) -> Result<usize> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM futures WHERE finished IS NOT NULL AND finished < ?1",
+                params![unix_time],
+            )
+        })
+    }
+}
+
+/// Whether a store row exists (used by tests).
+pub fn has_future(store: &SqliteStore, id: &str) -> Result<bool> {
+    store.with(|c| {
+        c.query_row("SELECT 1 FROM futures WHERE id = ?1", params![id], |_| {
+            Ok(())
+        })
+        .optional()
+        .map(|o| o.is_some())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_round_trip_and_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("loraloom-store-{}", uuid::Uuid::new_v4()));
+        {
+            let s = SqliteStore::open(&dir).unwrap();
+            s.put_session(&SessionRow {
+                id: "s".into(),
+                tenant: "t".into(),
+                created: 1.0,
+            })
+            .unwrap();
+            let m = ModelRow {
+                tenant: "t".into(),
+                model_id: "m".into(),
+                base_model: "b".into(),
+                spec_json: "{}".into(),
+                metadata_json: "null".into(),
+                created: 2.0,
+            };
+            s.put_model(&m).unwrap();
+            s.put_future(&FutureRow {
+                id: "f".into(),
+                tenant: "t".into(),
+                state: "queued".into(),
+                outcome_json: None,
+                finished: None,
+            })
+            .unwrap();
+            s.put_future(&FutureRow {
+                id: "g".into(),
+                tenant: "t".into(),
+                state: "done".into(),
+                outcome_json: Some("{}".into()),
+                finished: Some(5.0),
+            })
+            .unwrap();
+        }
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(s.sessions().unwrap().len(), 1);
+        assert_eq!(s.models().unwrap()[0].model_id, "m");
+        assert_eq!(s.futures().unwrap().len(), 2);
+        assert_eq!(s.purge_futures(10.0).unwrap(), 1);
+        assert!(has_future(&s, "f").unwrap());
+        s.delete_model("t", "m").unwrap();
+        assert!(s.models().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,127 @@
+"""Nothing acknowledged is lost: kill -9 and SIGTERM, then a restart on the same data dir."""
+
+import signal
+import time
+
+import requests
+
+from conftest import MODEL_NAME, Server
+
+H = {"X-API-Key": "tml-durable"}
+
+
+def call(srv, path, body):
+    r = requests.post(srv.url + path, json=body, headers=H, timeout=60)
+    assert r.status_code == 200, (path, r.status_code, r.text)
+    return r.json()
+
+
+def result(srv, request_id, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = call(srv, "/api/v1/retrieve_future", {"request_id": request_id})
+        if r.get("type") != "try_again":
+            return r
+    raise AssertionError(f"future {request_id} did not finish")
+
+
+def fb(model_id, n=1, length=32, forward_only=False, shift=0):
+    data = []
+    for i in range(n):
+        toks = [(i * 37 + j * 11 + shift) % 4000 + 100 for j in range(length + 1)]
+        data.append({
+            "model_input": {"chunks": [{"type": "encoded_text", "tokens": toks[:-1]}]},
+            "loss_fn_inputs": {"target_tokens": {"data": toks[1:], "dtype": "int64"},
+                               "weights": {"data": [1.0] * length, "dtype": "float32"}},
+        })
+    return {"model_id": model_id, "forward_only": forward_only,
+            "forward_backward_input": {"data": data, "loss_fn": "cross_entropy"}}
+
+
+def new_run(srv, rank=8, seed=1):
+    s = call(srv, "/api/v1/create_session", {})["session_id"]
+    p = call(srv, "/api/v1/create_model", {"session_id": s, "base_model": MODEL_NAME,
+                                           "lora_config": {"rank": rank, "seed": seed}})
+    assert result(srv, p["request_id"])["model_id"] == p["model_id"]
+    return s, p["model_id"]
+
+
+def step(srv, model_id):
+    f = call(srv, "/api/v1/forward_backward", fb(model_id))
+    o = call(srv, "/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}})
+    return result(srv, f["request_id"]), result(srv, o["request_id"]), f["request_id"]
+
+
+def forward_loss(srv, model_id):
+    f = call(srv, "/api/v1/forward_backward", fb(model_id, forward_only=True, shift=5))
+    return result(srv, f["request_id"])["metrics"]["loss:sum"]
+
+
+def test_kill_9_mid_training_loses_nothing_acknowledged(tmp_path):
+    srv = Server(tmp_path)
+    try:
+        session, model = new_run(srv)
+        first_fb, _, first_fb_id = step(srv, model)
+        step(srv, model)
+        saved = result(srv, call(srv, "/api/v1/save_weights", {"model_id": model, "path": "ck1"})["request_id"])
+        path = saved["path"]
+        loss_at_ck = forward_loss(srv, model)
+        step(srv, model)
+        loss_acknowledged = forward_loss(srv, model)
+        # Work in flight when the process dies.
+        in_flight = [call(srv, "/api/v1/forward_backward", fb(model, n=8, length=128))["request_id"] for _ in range(4)]
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
+        srv.log.close()
+
+    srv = Server(tmp_path)
+    try:
+        runs = requests.get(srv.url + "/api/v1/training_runs", headers=H).json()["training_runs"]
+        assert [r["training_run_id"] for r in runs] == [model]
+        ckpts = requests.get(srv.url + f"/api/v1/training_runs/{model}/checkpoints", headers=H).json()["checkpoints"]
+        assert [c["tinker_path"] for c in ckpts] == [path]
+        # A finished future returns the same result.
+        assert result(srv, first_fb_id) == first_fb
+        # In-flight ones report the restart.
+        last = result(srv, in_flight[-1])
+        assert "server restarted" in last["error"] and last["category"] == "server", last
+        # The run continues from its last acknowledged step.
+        assert forward_loss(srv, model) == loss_acknowledged
+        # The checkpoint loads with identical weights into a new run.
+        p = call(srv, "/api/v1/load_weights", {"session_id": session, "model_seq_id": 99, "path": path,
+                                               "optimizer": True})
+        assert result(srv, p["request_id"])["model_id"] == p["model_id"]
+        assert forward_loss(srv, p["model_id"]) == loss_at_ck
+        # And the old session still works.
+        call(srv, "/api/v1/session_heartbeat", {"session_id": session})
+    finally:
+        srv.stop()
+
+
+def test_sigterm_finishes_the_running_batch_and_exits_0(tmp_path):
+    srv = Server(tmp_path)
+    try:
+        _, model = new_run(srv)
+        step(srv, model)
+        before = forward_loss(srv, model)
+        long_job = call(srv, "/api/v1/forward_backward", fb(model, n=16, length=256))["request_id"]
+        queued = call(srv, "/api/v1/optim_step", {"model_id": model, "adam_params": {"learning_rate": 1e-2}})
+        deadline = time.time() + 60
+        while requests.get(srv.url + "/api/model-stats", headers=H).json()["running"] == 0:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=300) == 0, srv.output()
+    finally:
+        srv.stop()
+
+    srv = Server(tmp_path)
+    try:
+        done = result(srv, long_job)
+        assert "metrics" in done, done
+        failed = result(srv, queued["request_id"])
+        assert "server restarted" in failed["error"]
+        assert forward_loss(srv, model) == before
+    finally:
+        srv.stop()
