@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained(os.environ.get("MODEL_DIR", "data/models/SmolLM2-135M-Instruct"))
 service = tinker.ServiceClient(base_url=os.environ.get("LORALOOM_URL", "http://127.0.0.1:8000"), api_key="tml-local")
-trainer = service.create_lora_training_client(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", rank=16).result()
+trainer = service.create_lora_training_client(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", rank=16, seed=0).result()
 
 def datum(prompt, answer):
     p, a = tok(prompt).input_ids, tok(answer).input_ids + [tok.eos_token_id]
