@@ -18,7 +18,7 @@ export LORALOOM_DEFAULT_MODEL_DIR := $(CURDIR)/$(DEFAULT_MODEL)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: run test build build-release venv model lint fmt bench clean-venv
+.PHONY: run test build build-release venv model lint fmt bench soak clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -52,6 +52,9 @@ lint: venv
 
 fmt:
 	cargo fmt --all
+
+soak: model build
+	LORALOOM_SOAK_SECS=600 $(PYTHON) -m pytest -q -s tests/test_soak.py
 
 bench: model build-release
 	./scripts/bench

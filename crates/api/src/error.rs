@@ -39,6 +39,7 @@ impl ApiError {
                 EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
                 EngineError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
                 EngineError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+                EngineError::LimitReached(_) => StatusCode::FORBIDDEN,
                 EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 EngineError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
                 EngineError::Cancelled => StatusCode::CONFLICT,

@@ -568,16 +568,22 @@ fn submit_sample(state: &AppState, tenant: &str, body: SampleRequest) -> ApiResu
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
-            // A one-off session for clients that name the model directly.
+            // Clients that name the model directly share one session per source, so repeated
+            // calls do not accumulate sessions.
             let source = sampler_source(state, body.base_model.as_deref(), body.model_path)?;
-            let id = new_id("sampler");
-            state.engine.create_sampler(
-                SamplerKey {
-                    tenant: tenant.to_string(),
-                    sampler_id: id.clone(),
-                },
-                source,
-            )?;
+            let id = match &source {
+                SamplerSource::Base => "direct:base".to_string(),
+                SamplerSource::Checkpoint(path) => format!("direct:{path}"),
+            };
+            if state.engine.registry().sampler(tenant, &id).is_err() {
+                state.engine.create_sampler(
+                    SamplerKey {
+                        tenant: tenant.to_string(),
+                        sampler_id: id.clone(),
+                    },
+                    source,
+                )?;
+            }
             id
         }
     };

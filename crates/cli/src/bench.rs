@@ -210,6 +210,8 @@ pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> any
         limits: Limits::default(),
         future_ttl: Duration::from_secs(600),
         base: base.info().clone(),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker) as Box<dyn Backend>]);
     let rt = tokio::runtime::Builder::new_current_thread()

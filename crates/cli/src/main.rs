@@ -117,6 +117,12 @@ struct ServeArgs {
     /// A file of API keys, one `tenant=tml-...` (or `tenant tml-...`) per line.
     #[arg(long, env = "LORALOOM_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// Training runs one tenant may hold (0 = unlimited).
+    #[arg(long, env = "LORALOOM_MAX_RUNS_PER_TENANT", default_value_t = 64)]
+    max_runs_per_tenant: usize,
+    /// Training runs the server may hold in total (0 = unlimited).
+    #[arg(long, env = "LORALOOM_MAX_RUNS", default_value_t = 1024)]
+    max_runs: usize,
     /// Worker threads running model work (1 is best on CPU).
     #[arg(long, env = "LORALOOM_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -236,6 +242,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
         base: base.info().clone(),
+        max_runs_per_tenant: args.max_runs_per_tenant,
+        max_runs: args.max_runs,
     };
     let engine = Engine::start(config, registry, backends);
     drop(base);

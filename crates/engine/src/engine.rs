@@ -34,6 +34,10 @@ pub struct EngineConfig {
     pub future_ttl: Duration,
     /// The served base model.
     pub base: BaseModelInfo,
+    /// Training runs one tenant may have (0 = unlimited).
+    pub max_runs_per_tenant: usize,
+    /// Training runs all tenants may have together (0 = unlimited).
+    pub max_runs: usize,
 }
 
 /// Counters of one queue (a run or a sampling session).
@@ -103,6 +107,8 @@ struct Inner {
     registry: Arc<Registry>,
     counters: Counters,
     base: BaseModelInfo,
+    /// (per tenant, overall) run limits, 0 = unlimited.
+    run_limits: (usize, usize),
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// Records, per queue, the order jobs were admitted and started in (tests of ordering).
     order_log: Option<Mutex<OrderLog>>,
@@ -162,6 +168,7 @@ impl Engine {
             registry,
             counters: Counters::default(),
             base: config.base,
+            run_limits: (config.max_runs_per_tenant, config.max_runs),
             workers: Mutex::new(Vec::new()),
             order_log: record.then(|| Mutex::new(OrderLog::default())),
         });
@@ -262,6 +269,19 @@ impl Engine {
             check_checkpoint(&self.inner.registry, &key.tenant, path)?;
         }
         spec.validate(&self.inner.base.config)?;
+        let (per_tenant, overall) = self.inner.run_limits;
+        let mine = self.inner.registry.models_of(&key.tenant).len();
+        if per_tenant > 0 && mine >= per_tenant {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant has {mine} training runs (limit {per_tenant}); unload one first"
+            )));
+        }
+        let all = self.inner.registry.model_count();
+        if overall > 0 && all >= overall {
+            return Err(EngineError::LimitReached(format!(
+                "the server holds {all} training runs (limit {overall})"
+            )));
+        }
         self.inner.registry.add_model(
             key.clone(),
             &self.inner.base.name,

@@ -24,6 +24,10 @@ pub enum EngineError {
     /// A queue or resource limit is full: try again later.
     #[error("server busy: {0}; try again later")]
     Overloaded(String),
+    /// A resource limit (runs per tenant, runs overall) is reached; retrying will not help
+    /// until something is released.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// The job waited in its queue longer than the queue timeout.
     #[error("job waited {waited_s:.1}s in the queue (limit {limit_s:.1}s) and was dropped")]
     TimedOut {
@@ -61,6 +65,7 @@ impl EngineError {
             EngineError::NotFound { .. } => "not_found",
             EngineError::InvalidInput { .. } => "invalid_input",
             EngineError::Overloaded(_) => "overloaded",
+            EngineError::LimitReached(_) => "limit_reached",
             EngineError::TimedOut { .. } => "timed_out",
             EngineError::Cancelled => "cancelled",
             EngineError::ServerRestarted => "server_restarted",
@@ -76,6 +81,7 @@ impl EngineError {
             EngineError::NotFound { .. }
                 | EngineError::InvalidInput { .. }
                 | EngineError::Cancelled
+                | EngineError::LimitReached(_)
         )
     }
 }

@@ -97,6 +97,8 @@ fn fake_engine(limits: Limits, workers: usize) -> (Engine, Arc<Mutex<Vec<usize>>
         limits,
         future_ttl: Duration::from_secs(60),
         base: info(tiny_config()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
     };
     let registry = Arc::new(Registry::new(temp_dir("fake")));
     (
@@ -376,6 +378,8 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(60),
         base: info(decoder.config().clone()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker)]);
     let hp = AdamParams {
@@ -464,6 +468,8 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(60),
         base: info(decoder.config().clone()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker)]);
     let (good, bad) = (key("good", "run"), key("bad", "run"));
