@@ -55,7 +55,7 @@ def run(n: int, base_model: str, concurrent: bool) -> tuple[float, dict]:
 
 def main() -> None:
     counts = [int(a) for a in sys.argv[1:]] or [4]
-    caps = tinker.ServiceClient(base_url=URL, api_key=KEY).get_server_capabilities()
+    caps = tinker.RestClient(base_url=URL, api_key=KEY).get_server_capabilities().result()
     base_model = caps.supported_models[0].model_name
     print(f"server {URL}, model {base_model}, {STEPS} steps of 1 x {SEQ_LEN} tokens + 16-token sample per user")
     speedup = 0.0
