@@ -368,8 +368,8 @@ fn data(seed: i64) -> Vec<Datum> {
         .collect()
 }
 
-#[test]
-fn four_tenants_batched_train_exactly_like_each_alone() {
+/// An engine with one libtorch worker over a tiny random llama, and the decoder itself.
+fn model_engine() -> (Engine, Decoder) {
     let dir = tiny_checkpoint();
     let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
     let registry = Arc::new(Registry::new(temp_dir("reg")));
@@ -381,7 +381,15 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
         max_runs_per_tenant: 0,
         max_runs: 0,
     };
-    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    (
+        Engine::start(config, registry, vec![Box::new(worker)]),
+        decoder,
+    )
+}
+
+#[test]
+fn four_tenants_batched_train_exactly_like_each_alone() {
+    let (engine, decoder) = model_engine();
     let hp = AdamParams {
         learning_rate: 1e-2,
         ..AdamParams::default()
@@ -460,18 +468,7 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
 
 #[test]
 fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
-    let registry = Arc::new(Registry::new(temp_dir("reg2")));
-    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
-    let config = EngineConfig {
-        limits: Limits::default(),
-        future_ttl: Duration::from_secs(60),
-        base: info(decoder.config().clone()),
-        max_runs_per_tenant: 0,
-        max_runs: 0,
-    };
-    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    let (engine, _decoder) = model_engine();
     let (good, bad) = (key("good", "run"), key("bad", "run"));
     let c1 = engine
         .create_model(good.clone(), spec(4, 1), serde_json::Value::Null, None)

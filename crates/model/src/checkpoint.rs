@@ -119,20 +119,11 @@ fn write_files(request: &SaveRequest, dir: &Path) -> Result<()> {
         tensors.push((peft_key(module, "B"), cpu_f32(&pair.b)?));
     }
     write_safetensors(&tensors, &dir.join(ADAPTER_FILE))?;
-    let target_modules = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-        Target::Unembed,
-    ]
-    .into_iter()
-    .filter(|t| spec.targets(*t))
-    .map(|t| t.hf_name().to_string())
-    .collect();
+    let target_modules = Target::ALL
+        .into_iter()
+        .filter(|t| spec.targets(*t))
+        .map(|t| t.hf_name().to_string())
+        .collect();
     let config = PeftConfig {
         peft_type: "LORA".into(),
         task_type: "CAUSAL_LM".into(),
@@ -174,6 +165,14 @@ fn write_files(request: &SaveRequest, dir: &Path) -> Result<()> {
         .and_then(|f| f.sync_all())
         .map_err(|e| io(dir, e))?;
     Ok(())
+}
+
+/// Every tensor of a safetensors file by name.
+fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
+        .map_err(|e| io(path, std::io::Error::other(e.to_string())))?
+        .into_iter()
+        .collect())
 }
 
 fn cpu_f32(t: &Tensor) -> Result<Tensor> {
@@ -252,10 +251,7 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Res
     };
     let mut adapter = LoraAdapter::new(spec, config, device, kind)?;
     let weights_path = dir.join(ADAPTER_FILE);
-    let mut tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights_path)
-        .map_err(|e| io(&weights_path, std::io::Error::other(e.to_string())))?
-        .into_iter()
-        .collect();
+    let mut tensors = read_tensors(&weights_path)?;
     let mut take = |name: &str, shape: [i64; 2]| -> Result<Tensor> {
         let t = tensors
             .remove(name)
@@ -270,37 +266,25 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Res
         Ok(t)
     };
     let rank = adapter.spec().rank;
-    for layer in 0..config.num_layers as usize {
-        for target in Target::BLOCK {
-            load_pair(
-                &mut adapter,
-                Some(layer),
-                target,
-                config,
-                rank,
-                device,
-                kind,
-                &mut take,
-            )?;
-        }
+    let slots = (0..config.num_layers as usize)
+        .flat_map(|l| Target::BLOCK.map(|t| (Some(l), t)))
+        .chain([(None, Target::Unembed)]);
+    for (layer, target) in slots {
+        load_pair(
+            &mut adapter,
+            layer,
+            target,
+            config,
+            rank,
+            device,
+            kind,
+            &mut take,
+        )?;
     }
-    load_pair(
-        &mut adapter,
-        None,
-        Target::Unembed,
-        config,
-        rank,
-        device,
-        kind,
-        &mut take,
-    )?;
 
     let optimizer = if dir.join(OPTIMIZER_FILE).exists() {
         let path = dir.join(OPTIMIZER_FILE);
-        let mut moments: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
-            .map_err(|e| io(&path, std::io::Error::other(e.to_string())))?
-            .into_iter()
-            .collect();
+        let mut moments = read_tensors(&path)?;
         let mut exp_avg = Vec::new();
         let mut exp_avg_sq = Vec::new();
         for (module, pair) in adapter.named_pairs() {

@@ -47,6 +47,18 @@ impl Target {
         Target::Down,
     ];
 
+    /// Every target: the block targets, then the unembedding.
+    pub const ALL: [Target; 8] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+        Target::Unembed,
+    ];
+
     fn block_index(self) -> Option<usize> {
         Target::BLOCK.iter().position(|&t| t == self)
     }

@@ -12,32 +12,14 @@ use common::*;
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::{
-    forward_backward, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraBatch, LoraSpec,
-    LossFn, LossInputs, TrainRequest,
+    forward_backward, AdamParams, AdamState, Datum, LoraAdapter, LoraBatch, LoraSpec, LossFn,
+    LossInputs, TrainRequest,
 };
 use tch::{Device, Kind, Tensor};
-
-fn tiny_llama(tag: &str) -> (TempDir, Decoder) {
-    let dir = TempDir::new(tag);
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
-    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    (dir, decoder)
-}
 
 fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
     let scale = want.abs().max().double_value(&[]).max(1e-12);
     max_abs_diff(got, want) / scale
-}
-
-fn vec_i64(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(&t.contiguous().view([-1])).unwrap()
-}
-
-fn vec_f32(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
 }
 
 /// The oracle's batch as datums (real positions only).

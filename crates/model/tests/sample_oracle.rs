@@ -11,15 +11,7 @@ use loraloom_model::checkpoint;
 use loraloom_model::{
     sample, Decoder, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
 };
-use tch::{Device, Kind, Tensor};
-
-fn vec_i64(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(&t.contiguous().view([-1])).unwrap()
-}
-
-fn vec_f32(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
-}
+use tch::{Device, Kind};
 
 fn greedy(max_tokens: i64) -> SamplingParams {
     SamplingParams {
@@ -150,16 +142,6 @@ fn greedy_on_the_default_model_equals_transformers_for_32_tokens() {
     check_against_oracle(&decoder, None, &file, 32);
 }
 
-fn tiny(tag: &str) -> (TempDir, Decoder) {
-    let dir = TempDir::new(tag);
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
-    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    (dir, decoder)
-}
-
 fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
     (0..n)
         .map(|i| {
@@ -185,7 +167,7 @@ fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
 
 #[test]
 fn eight_sequences_over_four_adapters_equal_each_alone() {
-    let (_dir, decoder) = tiny("mixed");
+    let (_dir, decoder) = tiny_llama("mixed");
     let adapters = adapters(&decoder, 4);
     let params = |seed| SamplingParams {
         max_tokens: 12,
@@ -227,7 +209,7 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
 
 #[test]
 fn top_k_1_is_greedy_and_seeds_reproduce() {
-    let (_dir, decoder) = tiny("seeds");
+    let (_dir, decoder) = tiny_llama("seeds");
     let run = |params: SamplingParams| {
         let req = SampleRequest {
             adapter: None,
@@ -262,7 +244,7 @@ fn top_k_1_is_greedy_and_seeds_reproduce() {
 
 #[test]
 fn stop_tokens_end_sequences_and_limits_are_checked_first() {
-    let (_dir, decoder) = tiny("limits");
+    let (_dir, decoder) = tiny_llama("limits");
     let req = |params: SamplingParams, prompt: Vec<i64>| SampleRequest {
         adapter: None,
         prompt,

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tch::Tensor;
+use loraloom_model::Decoder;
+use tch::{Device, Kind, Tensor};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -89,4 +90,25 @@ pub fn default_model_dir() -> PathBuf {
     std::env::var_os("LORALOOM_DEFAULT_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("data/models/SmolLM2-135M-Instruct"))
+}
+
+/// A tiny random llama checkpoint made by the oracle, and the decoder loaded from it.
+pub fn tiny_llama(tag: &str) -> (TempDir, Decoder) {
+    let dir = TempDir::new(tag);
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    (dir, decoder)
+}
+
+/// The values of an integer tensor.
+pub fn vec_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(&t.contiguous().view([-1])).unwrap()
+}
+
+/// The values of a float tensor as f32.
+pub fn vec_f32(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
 }
