@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{LoraAdapter, LoraBatch, Segment};
+use crate::lora::{LoraAdapter, LoraBatch, Segment, StackedAdapters};
 use crate::rng::SplitMix64;
 
 /// When a sequence stops besides `max_tokens`.
@@ -260,6 +260,13 @@ fn run(
     }
     let mut cache = KvCache::concat(caches)?;
     let mut logits = Tensor::f_cat(&next_logits, 0)?;
+    // With several adapters in the batch, stack them once and gather per row at every step.
+    let (distinct, slot_of_request) = adapter_slots(requests);
+    let stacked = if distinct.len() > 1 {
+        Some(StackedAdapters::new(&distinct, decoder.config())?)
+    } else {
+        None
+    };
 
     loop {
         // Choose the next token of every live row.
@@ -306,8 +313,16 @@ fn run(
             rows = kept_rows;
             sample_index = kept_index;
         }
-        let segments = segments(&rows, requests);
-        let lora = LoraBatch::new(segments)?;
+        let lora = match &stacked {
+            Some(stacks) => {
+                let slots: Vec<i64> = rows
+                    .iter()
+                    .map(|r| slot_of_request[r.request].unwrap_or(stacks.base_slot()))
+                    .collect();
+                LoraBatch::gathered(stacks, &slots)?
+            }
+            None => LoraBatch::new(segments(&rows, requests))?,
+        };
         let hidden = decoder.decode_step(&next_ids, &mut cache, Some(&lora))?;
         logits = decoder.logits(&hidden, Some(&lora))?;
     }
@@ -318,6 +333,26 @@ fn run(
             .collect();
     }
     Ok(outputs)
+}
+
+/// The distinct adapters of `requests` and, per request, the slot of its adapter among them.
+fn adapter_slots<'a>(requests: &[SampleRequest<'a>]) -> (Vec<&'a LoraAdapter>, Vec<Option<i64>>) {
+    let mut distinct: Vec<&'a LoraAdapter> = Vec::new();
+    let slots = requests
+        .iter()
+        .map(|r| {
+            r.adapter.map(
+                |a| match distinct.iter().position(|d| std::ptr::eq(*d, a)) {
+                    Some(i) => i as i64,
+                    None => {
+                        distinct.push(a);
+                        distinct.len() as i64 - 1
+                    }
+                },
+            )
+        })
+        .collect();
+    (distinct, slots)
 }
 
 /// Contiguous runs of rows that use an adapter.
