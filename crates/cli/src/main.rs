@@ -123,6 +123,10 @@ struct ServeArgs {
     /// Training runs the server may hold in total (0 = unlimited).
     #[arg(long, env = "LORALOOM_MAX_RUNS", default_value_t = 1024)]
     max_runs: usize,
+    /// Runs whose weights stay in memory (0 = all); least recently used idle runs beyond this
+    /// are written to their snapshot and reloaded by their next job.
+    #[arg(long, env = "LORALOOM_MAX_RESIDENT_RUNS", default_value_t = 0)]
+    max_resident_runs: usize,
     /// Worker threads running model work (1 is best on CPU).
     #[arg(long, env = "LORALOOM_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -229,7 +233,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     registry.clone(),
                     Some(base.tokenizer().clone()),
                 )
-                .with_step_snapshots(args.step_snapshots),
+                .with_step_snapshots(args.step_snapshots)
+                .with_max_resident(args.max_resident_runs),
             ) as Box<dyn Backend>
         })
         .collect();

@@ -16,7 +16,8 @@ use loraloom_model::{
 use crate::error::{EngineError, Result};
 use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, Work};
 use crate::registry::{
-    parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, SamplerSource,
+    parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, RunState,
+    SamplerSource,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
@@ -35,6 +36,7 @@ pub struct ModelWorker {
     /// thread: a fresh worker thread would otherwise run every op on one core.
     intra_op_threads: i32,
     threads_set: bool,
+    max_resident: usize,
 }
 
 impl ModelWorker {
@@ -51,6 +53,7 @@ impl ModelWorker {
             snapshot_every_step: false,
             intra_op_threads: loraloom_model::intra_op_threads(),
             threads_set: false,
+            max_resident: 0,
         }
     }
 
@@ -61,13 +64,70 @@ impl ModelWorker {
         self
     }
 
-    fn restore(&self, job: &Job) -> Result<Output> {
-        let Work::Restore { spec } = &job.work else {
-            unreachable!("restore job")
-        };
-        let entry = self.model_of(job)?;
+    /// Keeps at most `n` runs' weights in memory (0 = no limit): after each batch the least
+    /// recently used idle runs are written to their snapshots and dropped; their next job reloads
+    /// them.
+    pub fn with_max_resident(mut self, n: usize) -> Self {
+        self.max_resident = n;
+        self
+    }
+
+    /// Reloads an evicted run's weights before a job uses them.
+    fn make_resident(&self, entry: &ModelEntry, state: &mut RunState) -> Result<()> {
+        if state.adapter.is_none() && state.evicted {
+            let (adapter, optimizer) = self.snapshot_or_fresh(entry)?;
+            state.adapter = Some(adapter);
+            state.optimizer = optimizer;
+            state.evicted = false;
+        }
+        Ok(())
+    }
+
+    /// Evicts least recently used idle runs until at most `max_resident` hold weights. Runs with
+    /// gradients waiting for an optimizer step, or locked by another worker, stay.
+    fn evict_idle(&self) {
+        if self.max_resident == 0 {
+            return;
+        }
+        let mut resident: Vec<Arc<ModelEntry>> = self
+            .registry
+            .all_models()
+            .into_iter()
+            .filter(|e| e.try_lock().is_some_and(|s| s.adapter.is_some()))
+            .collect();
+        if resident.len() <= self.max_resident {
+            return;
+        }
+        resident.sort_by(|a, b| a.last_access().total_cmp(&b.last_access()));
+        let excess = resident.len() - self.max_resident;
+        for entry in resident.into_iter().take(excess) {
+            let Some(mut state) = entry.try_lock() else {
+                continue;
+            };
+            let Some(adapter) = state.adapter.as_ref() else {
+                continue;
+            };
+            if adapter.has_pending_gradients() {
+                continue;
+            }
+            match snapshot(&self.registry, &entry, adapter, state.optimizer.as_ref()) {
+                Ok(()) => {
+                    state.adapter = None;
+                    state.optimizer = None;
+                    state.evicted = true;
+                    tracing::debug!(model_id = %entry.key.model_id, "evicted an idle run to disk");
+                }
+                Err(e) => {
+                    tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot evict a run")
+                }
+            }
+        }
+    }
+
+    /// The run's latest snapshot, or a fresh adapter from its seed when it has none.
+    fn snapshot_or_fresh(&self, entry: &ModelEntry) -> Result<(LoraAdapter, Option<AdamState>)> {
         let dir = self.registry.snapshot_dir(&entry.key);
-        let (adapter, optimizer) = if dir.join("adapter_config.json").exists() {
+        Ok(if dir.join("adapter_config.json").exists() {
             let loaded = checkpoint::load(
                 &dir,
                 self.decoder.config(),
@@ -77,16 +137,22 @@ impl ModelWorker {
             (loaded.adapter, loaded.optimizer)
         } else {
             let fresh = LoraAdapter::new(
-                spec.clone(),
+                entry.spec.clone(),
                 self.decoder.config(),
                 self.decoder.device(),
                 self.decoder.kind(),
             )?;
             (fresh, None)
-        };
+        })
+    }
+
+    fn restore(&self, job: &Job) -> Result<Output> {
+        let entry = self.model_of(job)?;
+        let (adapter, optimizer) = self.snapshot_or_fresh(&entry)?;
         let mut guard = entry.lock();
         guard.adapter = Some(adapter);
         guard.optimizer = optimizer;
+        guard.evicted = false;
         Ok(Output::Created {
             model_id: entry.key.model_id.clone(),
         })
@@ -115,12 +181,22 @@ impl ModelWorker {
                 }
             })
             .collect();
-        let guards: Vec<_> = entries
+        let mut guards: Vec<_> = entries
             .iter()
             .map(|e| e.as_ref().map(|e| e.lock()))
             .collect();
+        for (i, (entry, guard)) in entries.iter().zip(guards.iter_mut()).enumerate() {
+            if let (Some(entry), Some(guard)) = (entry, guard) {
+                if let Err(e) = self.make_resident(entry, guard) {
+                    results[i] = Some(Err(e));
+                }
+            }
+        }
         let mut runnable = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
             let (Some(guard), Work::ForwardBackward { data, loss, .. }) = (&guards[i], &job.work)
             else {
                 continue;
@@ -179,6 +255,7 @@ impl ModelWorker {
         params.validate()?;
         let entry = self.model_of(job)?;
         let mut guard = entry.lock();
+        self.make_resident(&entry, &mut guard)?;
         let state = &mut *guard;
         let adapter = state
             .adapter
@@ -230,6 +307,7 @@ impl ModelWorker {
         let mut guard = entry.lock();
         guard.adapter = Some(adapter);
         guard.optimizer = optimizer;
+        guard.evicted = false;
         Ok(Output::Created {
             model_id: entry.key.model_id.clone(),
         })
@@ -255,7 +333,8 @@ impl ModelWorker {
             unreachable!("save job")
         };
         let entry = self.model_of(job)?;
-        let guard = entry.lock();
+        let mut guard = entry.lock();
+        self.make_resident(&entry, &mut guard)?;
         let adapter = guard
             .adapter
             .as_ref()
@@ -322,6 +401,7 @@ impl ModelWorker {
         let mut guard = entry.lock();
         guard.adapter = Some(loaded.adapter);
         guard.optimizer = if *with_optimizer {
+            guard.evicted = false;
             loaded.optimizer
         } else {
             None
@@ -454,7 +534,7 @@ impl Backend for ModelWorker {
         let Some(first) = jobs.first() else {
             return Vec::new();
         };
-        match first.work.class() {
+        let results = match first.work.class() {
             BatchClass::Train(backward) => self.train(jobs, backward),
             BatchClass::Sample => self.sample(jobs),
             BatchClass::Optim => jobs.iter().map(|j| self.optim(j)).collect(),
@@ -462,13 +542,15 @@ impl Backend for ModelWorker {
                 .iter()
                 .map(|j| match &j.work {
                     Work::Create { .. } => self.create(j),
-                    Work::Restore { .. } => self.restore(j),
+                    Work::Restore => self.restore(j),
                     Work::Save { .. } => self.save(j),
                     Work::Load { .. } => self.load(j),
                     _ => unreachable!("solo jobs are create/save/load"),
                 })
                 .collect(),
-        }
+        };
+        self.evict_idle();
+        results
     }
 }
 

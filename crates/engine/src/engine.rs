@@ -226,7 +226,7 @@ impl Engine {
                 ..
             } => validate_sampling(config, prompt, *num_samples, params)?,
             Work::OptimStep { params } => params.validate()?,
-            Work::Create { .. } | Work::Restore { .. } | Work::Save { .. } => {}
+            Work::Create { .. } | Work::Restore | Work::Save { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
@@ -376,10 +376,7 @@ impl Engine {
     pub fn restore(&self) -> Result<usize> {
         let restarted = self.inner.futures.restore()?;
         for entry in self.inner.registry.all_models() {
-            let work = Work::Restore {
-                spec: entry.spec.clone(),
-            };
-            self.submit(QueueKey::Model(entry.key.clone()), work)?;
+            self.submit(QueueKey::Model(entry.key.clone()), Work::Restore)?;
         }
         Ok(restarted)
     }

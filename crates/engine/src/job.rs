@@ -87,10 +87,7 @@ pub enum Work {
         from: Option<(String, bool)>,
     },
     /// Rebuild a run after a restart from its latest snapshot (or, without one, from its seed).
-    Restore {
-        /// The run's spec.
-        spec: LoraSpec,
-    },
+    Restore,
     /// `forward_backward` (`backward`) or `forward`.
     ForwardBackward {
         /// The datums.
@@ -154,7 +151,7 @@ impl Work {
             Work::ForwardBackward { backward, .. } => BatchClass::Train(*backward),
             Work::OptimStep { .. } => BatchClass::Optim,
             Work::Sample { .. } => BatchClass::Sample,
-            Work::Create { .. } | Work::Restore { .. } | Work::Save { .. } | Work::Load { .. } => {
+            Work::Create { .. } | Work::Restore | Work::Save { .. } | Work::Load { .. } => {
                 BatchClass::Solo
             }
         }
@@ -178,7 +175,7 @@ impl Work {
     pub fn name(&self) -> &'static str {
         match self {
             Work::Create { .. } => "create_model",
-            Work::Restore { .. } => "restore",
+            Work::Restore => "restore",
             Work::ForwardBackward { backward: true, .. } => "forward_backward",
             Work::ForwardBackward {
                 backward: false, ..

@@ -29,6 +29,8 @@ pub struct RunState {
     pub adapter: Option<LoraAdapter>,
     /// Adam moments, created at the first step.
     pub optimizer: Option<AdamState>,
+    /// The weights were moved to the run's snapshot to free memory; the next job reloads them.
+    pub evicted: bool,
 }
 
 /// A training run.
@@ -52,6 +54,15 @@ impl ModelEntry {
     /// Locks the run's state (held only by the worker running its job).
     pub fn lock(&self) -> MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The run's state if no other thread holds it.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, RunState>> {
+        match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Records an access now.

@@ -370,10 +370,16 @@ fn data(seed: i64) -> Vec<Datum> {
 
 /// An engine with one libtorch worker over a tiny random llama, and the decoder itself.
 fn model_engine() -> (Engine, Decoder) {
+    model_engine_with(0)
+}
+
+/// Like [`model_engine`], keeping at most `max_resident` runs in memory.
+fn model_engine_with(max_resident: usize) -> (Engine, Decoder) {
     let dir = tiny_checkpoint();
     let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
     let registry = Arc::new(Registry::new(temp_dir("reg")));
-    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
+    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None)
+        .with_max_resident(max_resident);
     let config = EngineConfig {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(60),
@@ -511,5 +517,69 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         })
     );
     assert_eq!(engine.stats().max_batch, 2, "both jobs shared one batch");
+    engine.shutdown(true);
+}
+
+#[test]
+fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
+    let (engine, decoder) = model_engine_with(1);
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let (a, b) = (key("t", "a"), key("t", "b"));
+    let step = |k: &ModelKey, seed: i64| {
+        let q = QueueKey::Model(k.clone());
+        let fb = Work::ForwardBackward {
+            data: data(seed),
+            loss: LossFn::CrossEntropy,
+            backward: true,
+        };
+        engine.submit(q.clone(), fb).unwrap();
+        let id = engine.submit(q, Work::OptimStep { params: hp }).unwrap();
+        assert!(matches!(
+            wait(&engine, &k.tenant, &id),
+            FutureState::Done(_)
+        ));
+    };
+    for (k, seed) in [(&a, 1), (&b, 2)] {
+        let id = engine
+            .create_model(k.clone(), spec(4, seed), serde_json::Value::Null, None)
+            .unwrap();
+        wait(&engine, &k.tenant, &id);
+    }
+    step(&a, 0);
+    step(&a, 0);
+    step(&b, 1);
+    {
+        let entry = engine.registry().model("t", "a").unwrap();
+        let state = entry.lock();
+        assert!(
+            state.adapter.is_none() && state.evicted,
+            "a was evicted while b trained"
+        );
+    }
+    step(&a, 0);
+
+    // The same three steps without eviction.
+    let alone = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let mut opt = AdamState::new(&alone.parameters()).unwrap();
+    let d = data(0);
+    for _ in 0..3 {
+        let req = TrainRequest {
+            adapter: Some(&alone),
+            loss: LossFn::CrossEntropy,
+            data: &d,
+        };
+        forward_backward(&decoder, &[req], true).unwrap();
+        opt.step(&alone.parameters(), &hp).unwrap();
+    }
+    let entry = engine.registry().model("t", "a").unwrap();
+    let state = entry.lock();
+    let trained = state.adapter.as_ref().expect("a is resident again");
+    for (p, q) in trained.parameters().iter().zip(alone.parameters()) {
+        assert_eq!((*p - q).abs().max().double_value(&[]), 0.0);
+    }
+    drop(state);
     engine.shutdown(true);
 }

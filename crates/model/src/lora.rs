@@ -260,6 +260,14 @@ impl LoraAdapter {
         out
     }
 
+    /// Whether a backward pass left gradients that no optimizer step has consumed yet.
+    pub fn has_pending_gradients(&self) -> bool {
+        self.parameters().iter().any(|p| {
+            let g = p.grad();
+            g.defined() && g.abs().max().double_value(&[]) > 0.0
+        })
+    }
+
     /// All trainable tensors (A then B of each pair, in [`LoraAdapter::named_pairs`] order).
     pub fn parameters(&self) -> Vec<&Tensor> {
         self.named_pairs()
