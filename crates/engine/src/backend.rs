@@ -220,24 +220,12 @@ impl ModelWorker {
                 Err(e) => results[i] = Some(Err(e.into())),
             }
         }
-        let requests: Vec<TrainRequest> = runnable.iter().map(|(_, r)| *r).collect();
-        match forward_backward(&self.decoder, &requests, backward) {
-            Ok(outputs) => {
-                for ((i, _), out) in runnable.iter().zip(outputs) {
-                    results[*i] = Some(Ok(Output::ForwardBackward(out)));
-                }
-            }
-            Err(batch_err) => {
-                // One job's failure must not fail the others: retry each alone.
-                tracing::warn!(error = %batch_err, jobs = runnable.len(), "fused batch failed; retrying jobs alone");
-                for (i, req) in &runnable {
-                    let out = forward_backward(&self.decoder, &[*req], backward)
-                        .map(|mut o| Output::ForwardBackward(o.remove(0)))
-                        .map_err(EngineError::from);
-                    results[*i] = Some(out);
-                }
-            }
-        }
+        fused_or_alone(
+            &runnable,
+            &mut results,
+            |reqs| forward_backward(&self.decoder, reqs, backward),
+            Output::ForwardBackward,
+        );
         drop(guards);
         for e in entries.iter().flatten() {
             e.touch();
@@ -490,27 +478,43 @@ impl ModelWorker {
         } else {
             None
         };
-        let requests: Vec<SampleRequest> = runnable.iter().map(|(_, r)| r.clone()).collect();
-        match sample(&self.decoder, &requests, detokenize) {
-            Ok(outputs) => {
-                for ((i, _), out) in runnable.iter().zip(outputs) {
-                    results[*i] = Some(Ok(Output::Sample(out)));
-                }
-            }
-            Err(batch_err) => {
-                tracing::warn!(error = %batch_err, jobs = runnable.len(), "sampling batch failed; retrying jobs alone");
-                for (i, req) in &runnable {
-                    let out = sample(&self.decoder, std::slice::from_ref(req), detokenize)
-                        .map(|mut o| Output::Sample(o.remove(0)))
-                        .map_err(EngineError::from);
-                    results[*i] = Some(out);
-                }
-            }
-        }
+        fused_or_alone(
+            &runnable,
+            &mut results,
+            |reqs| sample(&self.decoder, reqs, detokenize),
+            Output::Sample,
+        );
         results
             .into_iter()
             .map(|r| r.expect("every job has a result"))
             .collect()
+    }
+}
+
+/// Runs the `runnable` requests as one fused call; if that fails, runs each alone, so one
+/// request's failure cannot fail the others. Each outcome lands in `results[index]`.
+fn fused_or_alone<R: Clone, O>(
+    runnable: &[(usize, R)],
+    results: &mut [Option<Result<Output>>],
+    run: impl Fn(&[R]) -> loraloom_model::Result<Vec<O>>,
+    wrap: impl Fn(O) -> Output,
+) {
+    let requests: Vec<R> = runnable.iter().map(|(_, r)| r.clone()).collect();
+    match run(&requests) {
+        Ok(outputs) => {
+            for ((i, _), out) in runnable.iter().zip(outputs) {
+                results[*i] = Some(Ok(wrap(out)));
+            }
+        }
+        Err(batch_err) => {
+            tracing::warn!(error = %batch_err, jobs = runnable.len(), "fused batch failed; retrying jobs alone");
+            for (i, req) in runnable {
+                let out = run(std::slice::from_ref(req))
+                    .map(|mut o| wrap(o.remove(0)))
+                    .map_err(EngineError::from);
+                results[*i] = Some(out);
+            }
+        }
     }
 }
 
