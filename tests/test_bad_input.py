@@ -143,3 +143,6 @@ def test_sync_sample_route_and_stats(keyed_server, tokenizer):
     metrics = requests.get(keyed_server.url + "/metrics").text
     assert "loraloom_jobs_total{outcome=\"done\"}" in metrics
     assert "loraloom_batches_total" in metrics
+    assert 'loraloom_job_duration_seconds_bucket{le="+Inf"}' in metrics
+    assert "# TYPE loraloom_tenant_jobs_queued gauge" in metrics
+    assert "tml-" not in metrics, "keys never appear in metrics"

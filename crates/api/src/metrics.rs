@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use crate::error::ApiResult;
 use crate::extract::Tenant;
 use crate::state::AppState;
+use loraloom_engine::LATENCY_BUCKETS;
 
 /// Prometheus text exposition of the engine's counters.
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
@@ -92,6 +93,32 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         "gauge",
         "Training runs registered.",
         &[(String::new(), s.models as f64)],
+    );
+    // Tenants are labelled by their configured name, never by their key.
+    let by_tenant: Vec<(String, f64)> = s
+        .queued_by_tenant
+        .iter()
+        .map(|(t, n)| (format!("{{tenant=\"{}\"}}", t.replace('"', "'")), *n as f64))
+        .collect();
+    metric(
+        "tenant_jobs_queued",
+        "gauge",
+        "Jobs waiting, per tenant.",
+        &by_tenant,
+    );
+    let mut latency: Vec<(String, f64)> = LATENCY_BUCKETS
+        .iter()
+        .zip(s.latency.buckets)
+        .map(|(le, n)| (format!("_bucket{{le=\"{le}\"}}"), n as f64))
+        .collect();
+    latency.push(("_bucket{le=\"+Inf\"}".into(), s.latency.count as f64));
+    latency.push(("_sum".into(), s.latency.sum));
+    latency.push(("_count".into(), s.latency.count as f64));
+    metric(
+        "job_duration_seconds",
+        "histogram",
+        "Job latency from admission to outcome.",
+        &latency,
     );
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -62,6 +62,10 @@ pub struct QueueStats {
 pub struct StatsSnapshot {
     /// Jobs waiting.
     pub queued: usize,
+    /// Jobs waiting, per tenant.
+    pub queued_by_tenant: Vec<(String, usize)>,
+    /// Job latency from admission to outcome.
+    pub latency: Histogram,
     /// Jobs running.
     pub running: u64,
     /// Jobs finished successfully.
@@ -98,6 +102,33 @@ struct Counters {
     busy_ns: AtomicU64,
     per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
     failures: Mutex<HashMap<String, u64>>,
+    latency: Mutex<Histogram>,
+}
+
+/// Upper bounds (seconds) of the job latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A cumulative histogram of job latencies (admission to outcome), Prometheus style.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Count of observations `<=` each bound of [`LATENCY_BUCKETS`].
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    /// All observations.
+    pub count: u64,
+    /// Sum of observations (seconds).
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(self.buckets.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
 }
 
 struct Inner {
@@ -401,8 +432,14 @@ impl Engine {
         let c = &self.inner.counters;
         let mut queues: Vec<QueueStats> = lock(&c.per_queue).values().cloned().collect();
         queues.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
+        let (queued, queued_by_tenant) = {
+            let st = lock(&self.inner.sched);
+            (st.queued(), st.queued_by_tenant())
+        };
         StatsSnapshot {
-            queued: lock(&self.inner.sched).queued(),
+            queued,
+            queued_by_tenant,
+            latency: lock(&c.latency).clone(),
             running: c.running.load(Ordering::Relaxed),
             done: c.done.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
@@ -438,6 +475,7 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
             ..QueueStats::default()
         });
     q.last_access = unix_now();
+    lock(&c.latency).observe(job.enqueued.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {
             q.done += 1;

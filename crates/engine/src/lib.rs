@@ -15,7 +15,9 @@ pub mod store;
 
 pub use backend::{Backend, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
-pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot};
+pub use engine::{
+    Engine, EngineConfig, Histogram, OrderLog, QueueStats, StatsSnapshot, LATENCY_BUCKETS,
+};
 pub use error::{EngineError, Result};
 pub use futures::{FutureState, FutureStore};
 pub use job::{CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work};

@@ -76,6 +76,17 @@ impl SchedState {
         self.per_tenant.get(tenant).copied().unwrap_or(0)
     }
 
+    /// Jobs waiting per tenant (tenants with none are omitted), sorted by tenant.
+    pub fn queued_by_tenant(&self) -> Vec<(TenantId, usize)> {
+        let mut out: Vec<(TenantId, usize)> = self
+            .per_tenant
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Jobs waiting in one queue.
     pub fn queue_depth(&self, key: &QueueKey) -> usize {
         self.queues.get(key).map_or(0, VecDeque::len)
