@@ -1,5 +1,6 @@
 """A bounded soak: 16 clients of mixed work against one server, zero failed requests, and RSS
-after warm-up growing less than 5%. `make test` runs LORALOOM_SOAK_SECS (default 60);
+after warm-up growing less than 5%. `make test` runs LORALOOM_SOAK_SECS (default 180: shorter runs
+have not finished warming up: oneDNN primitive caches and allocator pools still grow at 60 s);
 `make soak` runs the full 10 minutes."""
 
 import os
@@ -10,7 +11,7 @@ import requests
 
 from conftest import MODEL_NAME, Server
 
-SECS = float(os.environ.get("LORALOOM_SOAK_SECS", "60"))
+SECS = float(os.environ.get("LORALOOM_SOAK_SECS", "180"))
 CLIENTS = 16
 
 
@@ -85,11 +86,23 @@ def test_bounded_soak_has_no_failures_and_flat_memory(tmp_path):
         threads = [threading.Thread(target=c.run, args=(stop_at,)) for c in clients]
         for t in threads:
             t.start()
-        time.sleep(SECS / 2)
-        warm = rss_bytes(srv.proc.pid)
+        # RSS swings by hundreds of MiB within one training step (libtorch allocates and frees
+        # whole activations), so compare medians of two windows rather than two instants:
+        # warm-up window [1/3, 1/2] of the run against the last sixth.
+        samples = []
+        while any(t.is_alive() for t in threads):
+            samples.append((time.time() - start, rss_bytes(srv.proc.pid)))
+            time.sleep(0.25)
         for t in threads:
             t.join()
-        end = rss_bytes(srv.proc.pid)
+
+        def median_between(lo, hi):
+            window = sorted(r for t, r in samples if lo * SECS <= t <= hi * SECS)
+            assert window, (lo, hi, len(samples))
+            return window[len(window) // 2]
+
+        warm = median_between(1 / 3, 1 / 2)
+        end = median_between(5 / 6, 1.0)
         errors = [e for c in clients for e in c.errors]
         total = sum(c.requests for c in clients)
         assert not errors, errors[:5]

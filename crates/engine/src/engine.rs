@@ -523,6 +523,12 @@ fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>
 fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
     let mut last_purge = Instant::now();
     loop {
+        // Expired results are dropped between batches (outside the scheduler lock), so a busy
+        // server purges as regularly as an idle one.
+        if last_purge.elapsed() > Duration::from_secs(10) {
+            inner.futures.purge(tokio::time::Instant::now());
+            last_purge = Instant::now();
+        }
         let batch = {
             let mut st = lock(&inner.sched);
             loop {
@@ -549,10 +555,6 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                     .wait_timeout(st, Duration::from_millis(250))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
-                if last_purge.elapsed() > Duration::from_secs(10) {
-                    inner.futures.purge(tokio::time::Instant::now());
-                    last_purge = Instant::now();
-                }
             }
         };
         let c = &inner.counters;
