@@ -16,7 +16,7 @@ def datum(prompt, answer):
 data = [datum("Q: What is loraloom? A:", " A LoRA server."), datum("Q: Who owns the GPU? A:", " We all do.")]
 for step in range(15):
     loss = trainer.forward_backward(data, "cross_entropy")
-    trainer.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    trainer.optim_step(types.AdamParams(learning_rate=2e-3)).result()
     print(f"step {step}: loss {loss.result().metrics['loss:sum']:.3f}")
 
 sampler = trainer.save_weights_and_get_sampling_client().result()

@@ -24,6 +24,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, data_dir: Path, *extra: str):
+        self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir / "server.log", "w+")

@@ -37,21 +37,24 @@ def test_a_user_script_fine_tunes_and_samples_the_trained_answer(keyed_server, t
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=16, seed=0).result()
     data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
     losses = []
+    # 1e-3: loss falls smoothly (119 -> 0.02 here). At 5e-3 with the SDK's default eps (1e-12)
+    # the loss oscillates chaotically in peft and loraloom alike, so the outcome would depend
+    # on rounding (see test_sdk_matches_peft.py for the step-by-step comparison).
     for _ in range(20):
         fb = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        opt = tc.optim_step(types.AdamParams(learning_rate=1e-3))
         losses.append(fb.result().metrics["loss:sum"])
         opt.result()
     assert losses[-1] < losses[0] / 2, losses
     sampler = tc.save_weights_and_get_sampling_client().result()
-    prompt, answer = PAIRS[0]
-    res = sampler.sample(
-        types.ModelInput.from_ints(tokenizer(prompt).input_ids),
-        num_samples=1,
-        sampling_params=types.SamplingParams(max_tokens=12, temperature=0.0),
-    ).result()
-    text = tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
-    assert text.strip().startswith(answer.strip()), (text, losses)
+    for prompt, answer in PAIRS:
+        res = sampler.sample(
+            types.ModelInput.from_ints(tokenizer(prompt).input_ids),
+            num_samples=1,
+            sampling_params=types.SamplingParams(max_tokens=12, temperature=0.0),
+        ).result()
+        text = tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
+        assert text.strip().startswith(answer.strip()), (prompt, text, losses)
     assert res.sequences[0].logprobs is not None and len(res.sequences[0].logprobs) == len(res.sequences[0].tokens)
     # compute_logprobs: one per prompt token, the first is None.
     lps = sampler.compute_logprobs(types.ModelInput.from_ints(tokenizer(prompt).input_ids)).result()
