@@ -68,3 +68,20 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         parse_json(&bytes).map(JsonBody)
     }
 }
+
+/// A query string; a bad one is a JSON 400 naming the problem.
+pub struct JsonQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for JsonQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| JsonQuery(q.0))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))
+    }
+}

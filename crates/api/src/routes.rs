@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, JsonBody, RawBody, Tenant};
+use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
 use crate::results::{output_response, sample_json, PROTOBUF};
 use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
@@ -551,6 +551,43 @@ struct SampleRequest {
     prompt_logprobs: bool,
     #[serde(default)]
     topk_prompt_logprobs: i64,
+    #[serde(default)]
+    topk_sample_logprobs: i64,
+    #[serde(default)]
+    target_prompt_logprobs: Option<Value>,
+    #[serde(default)]
+    prompt_alt_tokens_k: i64,
+    #[serde(default)]
+    prompt_logprobs_last_n: Option<i64>,
+}
+
+impl SampleRequest {
+    /// Refuses, before any work, the SDK's sampling options loraloom does not compute (rather
+    /// than answering without them).
+    fn refuse_unsupported(&self) -> ApiResult<()> {
+        let unsupported = [
+            ("topk_prompt_logprobs", self.topk_prompt_logprobs != 0),
+            ("topk_sample_logprobs", self.topk_sample_logprobs != 0),
+            (
+                "target_prompt_logprobs",
+                self.target_prompt_logprobs
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
+            ("prompt_alt_tokens_k", self.prompt_alt_tokens_k != 0),
+            (
+                "prompt_logprobs_last_n",
+                self.prompt_logprobs_last_n.is_some(),
+            ),
+        ];
+        match unsupported.into_iter().find(|(_, given)| *given) {
+            Some((field, _)) => Err(ApiError::invalid(
+                field,
+                "is not supported by this server (prompt_logprobs is)",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 fn one() -> i64 {
@@ -559,12 +596,7 @@ fn one() -> i64 {
 
 /// Submits a sampling job; returns its request id and sample count.
 fn submit_sample(state: &AppState, tenant: &str, body: SampleRequest) -> ApiResult<(String, i64)> {
-    if body.topk_prompt_logprobs > 0 {
-        return Err(ApiError::invalid(
-            "topk_prompt_logprobs",
-            "top-k prompt logprobs are not supported",
-        ));
-    }
+    body.refuse_unsupported()?;
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
@@ -784,7 +816,7 @@ fn string_map(v: &Value) -> Value {
 async fn list_runs(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Query(page): Query<Page>,
+    JsonQuery(page): JsonQuery<Page>,
 ) -> Json<Value> {
     let runs = state.engine.registry().models_of(&tenant);
     let total = runs.len();
@@ -824,7 +856,7 @@ async fn list_run_checkpoints(
 async fn list_checkpoints(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Query(page): Query<Page>,
+    JsonQuery(page): JsonQuery<Page>,
 ) -> Json<Value> {
     let all = state.engine.registry().checkpoints_of(&tenant, None);
     let total = all.len();

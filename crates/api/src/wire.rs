@@ -364,8 +364,8 @@ pub struct LoraConfig {
     /// Rank (SDK default 32).
     #[serde(default = "default_rank")]
     pub rank: i64,
-    /// Seed of the initialisation.
-    #[serde(default)]
+    /// Seed of the initialisation (any 64-bit integer, negative too, as Python allows).
+    #[serde(default, deserialize_with = "any_seed")]
     pub seed: Option<u64>,
     /// Adapt the MLP.
     #[serde(default = "yes")]
@@ -376,6 +376,20 @@ pub struct LoraConfig {
     /// Adapt the unembedding.
     #[serde(default = "yes")]
     pub train_unembed: bool,
+}
+
+/// A seed given as any signed or unsigned 64-bit integer; a negative one keeps its bits.
+fn any_seed<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Unsigned(u64),
+        Signed(i64),
+    }
+    Ok(Option::<Seed>::deserialize(de)?.map(|seed| match seed {
+        Seed::Unsigned(u) => u,
+        Seed::Signed(i) => i as u64,
+    }))
 }
 
 fn default_rank() -> i64 {
@@ -456,8 +470,8 @@ pub struct WireSamplingParams {
     /// Tokens to generate (default 16... the SDK leaves it to the server).
     #[serde(default)]
     pub max_tokens: Option<i64>,
-    /// Seed.
-    #[serde(default)]
+    /// Seed (any 64-bit integer, negative too, as Python allows).
+    #[serde(default, deserialize_with = "any_seed")]
     pub seed: Option<u64>,
     /// Stop condition.
     #[serde(default)]

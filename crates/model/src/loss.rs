@@ -12,8 +12,9 @@
 //! | `cispo` | `-w · sg(clamp(r, lo, hi)) · lp · A` |
 //! | `dro` | `-w · (lp · A - β/2 · (lp - q)²)` |
 //!
-//! `w` (`weights`) is optional for the RL losses and defaults to 1, so the documented formulas
-//! hold exactly when it is absent; given, it masks tokens as it does for cross-entropy.
+//! `w` (`weights`) is optional for every loss and defaults to 1 (as the SDK's own `forward`
+//! example sends only `target_tokens`), so the documented formulas hold exactly when it is
+//! absent; given, it masks and scales tokens.
 
 use tch::{Kind, Tensor};
 
@@ -186,7 +187,7 @@ impl LossInputs {
             }
         };
         let policy = loss.needs_policy_inputs();
-        check("weights", &self.weights, !policy)?;
+        check("weights", &self.weights, false)?;
         check("logprobs", &self.logprobs, policy)?;
         check("advantages", &self.advantages, policy)?;
         Ok(())
@@ -311,6 +312,14 @@ mod tests {
             err.to_string().contains("weights") || err.to_string().contains("logprobs"),
             "{err}"
         );
+        let unweighted = LossInputs {
+            weights: None,
+            ..inputs.clone()
+        };
+        unweighted.validate(&LossFn::CrossEntropy, 3, 10).unwrap();
+        let lp = Tensor::from_slice(&[-1.0f32, -2.0, -0.5]);
+        let loss = elementwise_loss(&LossFn::CrossEntropy, &lp, &unweighted).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&loss).unwrap(), vec![1.0, 2.0, 0.5]);
         let oov = LossInputs {
             target_tokens: vec![1, 10, 3],
             weights: Some(vec![1.0; 3]),
