@@ -96,6 +96,20 @@ CASES = {
         post(s, "/api/v1/save_weights", {"model_id": run["model_id"], "path": "../escape"}), 400, ["path"]),
     "oversized_body": lambda s, run: (
         post(s, "/api/v1/optim_step", data=b"[" + b"1," * (3 * 1024 * 1024) + b"1]"), 413, ["limit"]),
+    "unsupported_sample_option": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 5,
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4}}),
+        400, ["topk_sample_logprobs"]),
+    "bad_query_string": lambda s, run: (
+        requests.get(s.url + "/api/v1/training_runs?limit=many", headers=H), 400, ["query"]),
+    "request_too_large_when_padded": lambda s, run: (
+        post(s, "/api/v1/forward_backward",
+             {**fb_body(run["model_id"], [1], [2], [1]),
+              "forward_backward_input": {"loss_fn": "cross_entropy", "data": [
+                  fb_body(run["model_id"], [1] * n, [2] * n, [1] * n)["forward_backward_input"]["data"][0]
+                  for n in [2048] + [1] * 16]}}),
+        400, ["data", "padded"]),
     "no_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={}), 401, ["X-API-Key"]),
     "wrong_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={"X-API-Key": "tml-guess-1234"}),
                                  401, ["unknown API key"]),
@@ -146,3 +160,19 @@ def test_sync_sample_route_and_stats(keyed_server, tokenizer):
     assert 'loraloom_job_duration_seconds_bucket{le="+Inf"}' in metrics
     assert "# TYPE loraloom_tenant_jobs_queued gauge" in metrics
     assert "tml-" not in metrics, "keys never appear in metrics"
+
+
+def test_lenient_inputs_the_sdk_allows_are_accepted(keyed_server, run):
+    # cross_entropy without weights (the SDK's own forward() example) weighs every token 1.
+    body = fb_body(run["model_id"], [1, 2, 3], [2, 3, 4], [1, 1, 1])
+    body["forward_only"] = True
+    weighted = post(keyed_server, "/api/v1/forward_backward", body).json()
+    del body["forward_backward_input"]["data"][0]["loss_fn_inputs"]["weights"]
+    unweighted = post(keyed_server, "/api/v1/forward_backward", body).json()
+    res = [post(keyed_server, "/api/v1/retrieve_future", {"request_id": f["request_id"]}).json()
+           for f in (weighted, unweighted)]
+    assert res[0]["metrics"]["loss:sum"] == res[1]["metrics"]["loss:sum"], res
+    # Python seeds may be negative.
+    p = post(keyed_server, "/api/v1/create_model", {"session_id": run["session"], "base_model": MODEL_NAME,
+                                                    "lora_config": {"rank": 4, "seed": -3}})
+    assert p.status_code == 200, p.text

@@ -125,3 +125,39 @@ def test_sigterm_finishes_the_running_batch_and_exits_0(tmp_path):
         assert forward_loss(srv, model) == before
     finally:
         srv.stop()
+
+
+def kill_9(srv):
+    srv.proc.kill()
+    srv.proc.wait()
+    srv.log.close()
+
+
+def test_kill_9_keeps_loaded_runs_and_refuses_a_step_whose_gradients_were_lost(tmp_path):
+    srv = Server(tmp_path)
+    try:
+        session, model = new_run(srv)
+        step(srv, model)
+        path = result(srv, call(srv, "/api/v1/save_weights", {"model_id": model, "path": "ck"})["request_id"])["path"]
+        loss_at_ck = forward_loss(srv, model)
+        step(srv, model)
+        # A run created from the checkpoint, then killed before its first step.
+        p = call(srv, "/api/v1/load_weights", {"session_id": session, "model_seq_id": 7, "path": path,
+                                               "optimizer": True})
+        loaded = result(srv, p["request_id"])["model_id"]
+        # Gradients acknowledged, then killed before the optimizer step.
+        result(srv, call(srv, "/api/v1/forward_backward", fb(model))["request_id"])
+    finally:
+        kill_9(srv)
+
+    srv = Server(tmp_path)
+    try:
+        assert forward_loss(srv, loaded) == loss_at_ck
+        lost = result(srv, call(srv, "/api/v1/optim_step",
+                                {"model_id": model, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        assert "gradients accumulated before the server restarted were lost" in lost["error"], lost
+        # The refusal discarded the partial gradients; training goes on normally.
+        fb_out, optim_out, _ = step(srv, model)
+        assert "metrics" in fb_out and "metrics" in optim_out, (fb_out, optim_out)
+    finally:
+        srv.stop()

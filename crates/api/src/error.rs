@@ -42,7 +42,7 @@ impl ApiError {
                 EngineError::LimitReached(_) => StatusCode::FORBIDDEN,
                 EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 EngineError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
-                EngineError::Cancelled => StatusCode::CONFLICT,
+                EngineError::Cancelled | EngineError::GradientsLost => StatusCode::CONFLICT,
                 EngineError::ServerRestarted | EngineError::Internal(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }

@@ -133,6 +133,10 @@ struct ServeArgs {
     /// Token budget of one fused batch.
     #[arg(long, env = "LORALOOM_MAX_BATCH_TOKENS", default_value_t = 8192)]
     max_batch_tokens: usize,
+    /// Largest forward_backward / forward request in padded tokens (datums x longest datum);
+    /// larger requests are refused (split them into several calls).
+    #[arg(long, env = "LORALOOM_MAX_REQUEST_TOKENS", default_value_t = 32768)]
+    max_request_tokens: usize,
     /// Jobs one tenant may have queued.
     #[arg(long, env = "LORALOOM_MAX_QUEUED_PER_TENANT", default_value_t = 256)]
     max_queued_per_tenant: usize,
@@ -243,6 +247,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             per_tenant: args.max_queued_per_tenant,
             total: args.max_queued,
             max_batch_tokens: args.max_batch_tokens,
+            max_request_tokens: args.max_request_tokens,
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),

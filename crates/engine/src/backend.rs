@@ -17,7 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, Work};
 use crate::registry::{
     parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, RunState,
-    SamplerSource,
+    SamplerSource, PENDING_MARKER,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
@@ -72,15 +72,38 @@ impl ModelWorker {
         self
     }
 
-    /// Reloads an evicted run's weights before a job uses them.
+    /// Reloads an evicted run's weights before a job uses them (after a restart every run starts
+    /// evicted). A snapshot marked as holding unconsumed gradients means they were lost.
     fn make_resident(&self, entry: &ModelEntry, state: &mut RunState) -> Result<()> {
         if state.adapter.is_none() && state.evicted {
             let (adapter, optimizer) = self.snapshot_or_fresh(entry)?;
             state.adapter = Some(adapter);
             state.optimizer = optimizer;
             state.evicted = false;
+            let marked = self
+                .registry
+                .snapshot_dir(&entry.key)
+                .join(PENDING_MARKER)
+                .exists();
+            state.pending_marked = marked;
+            state.gradients_lost = marked;
         }
         Ok(())
+    }
+
+    /// Records in the run's snapshot directory, before a `forward_backward` is acknowledged, that
+    /// the run holds gradients no optimizer step has consumed (durable mode only).
+    fn mark_pending(&self, entry: &ModelEntry, state: &mut RunState) {
+        if !self.snapshot_every_step || state.pending_marked {
+            return;
+        }
+        let dir = self.registry.snapshot_dir(&entry.key);
+        match write_marker(&dir) {
+            Ok(()) => state.pending_marked = true,
+            Err(e) => {
+                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients")
+            }
+        }
     }
 
     /// Evicts least recently used idle runs until at most `max_resident` hold weights. Runs with
@@ -107,10 +130,10 @@ impl ModelWorker {
             let Some(adapter) = state.adapter.as_ref() else {
                 continue;
             };
-            if adapter.has_pending_gradients() {
+            if adapter.has_pending_gradients() || state.gradients_lost {
                 continue;
             }
-            match snapshot(&self.registry, &entry, adapter, state.optimizer.as_ref()) {
+            match snapshot(&self.registry, &entry, &state) {
                 Ok(()) => {
                     state.adapter = None;
                     state.optimizer = None;
@@ -127,6 +150,7 @@ impl ModelWorker {
     /// The run's latest snapshot, or a fresh adapter from its seed when it has none.
     fn snapshot_or_fresh(&self, entry: &ModelEntry) -> Result<(LoraAdapter, Option<AdamState>)> {
         let dir = self.registry.snapshot_dir(&entry.key);
+        checkpoint::recover(&dir)?;
         Ok(if dir.join("adapter_config.json").exists() {
             let loaded = checkpoint::load(
                 &dir,
@@ -143,18 +167,6 @@ impl ModelWorker {
                 self.decoder.kind(),
             )?;
             (fresh, None)
-        })
-    }
-
-    fn restore(&self, job: &Job) -> Result<Output> {
-        let entry = self.model_of(job)?;
-        let (adapter, optimizer) = self.snapshot_or_fresh(&entry)?;
-        let mut guard = entry.lock();
-        guard.adapter = Some(adapter);
-        guard.optimizer = optimizer;
-        guard.evicted = false;
-        Ok(Output::Created {
-            model_id: entry.key.model_id.clone(),
         })
     }
 
@@ -226,6 +238,16 @@ impl ModelWorker {
             |reqs| forward_backward(&self.decoder, reqs, backward),
             Output::ForwardBackward,
         );
+        let ran: Vec<usize> = runnable.into_iter().map(|(i, _)| i).collect();
+        if backward {
+            for i in ran {
+                if let (Some(Ok(_)), Some(entry), Some(guard)) =
+                    (&results[i], &entries[i], &mut guards[i])
+                {
+                    self.mark_pending(entry, guard);
+                }
+            }
+        }
         drop(guards);
         for e in entries.iter().flatten() {
             e.touch();
@@ -249,6 +271,15 @@ impl ModelWorker {
             .adapter
             .as_ref()
             .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
+        if state.gradients_lost {
+            adapter.zero_grad()?;
+            state.gradients_lost = false;
+            if self.snapshot_every_step {
+                snapshot(&self.registry, &entry, state)?;
+                state.pending_marked = false;
+            }
+            return Err(EngineError::GradientsLost);
+        }
         let params_list = adapter.parameters();
         if state.optimizer.is_none() {
             state.optimizer = Some(AdamState::new(&params_list)?);
@@ -259,7 +290,8 @@ impl ModelWorker {
             .expect("set above")
             .step(&params_list, params)?;
         if self.snapshot_every_step {
-            snapshot(&self.registry, &entry, adapter, state.optimizer.as_ref())?;
+            snapshot(&self.registry, &entry, state)?;
+            state.pending_marked = false;
         }
         entry.touch();
         Ok(Output::OptimStep(stats))
@@ -293,9 +325,15 @@ impl ModelWorker {
             }
         };
         let mut guard = entry.lock();
-        guard.adapter = Some(adapter);
-        guard.optimizer = optimizer;
-        guard.evicted = false;
+        *guard = RunState {
+            adapter: Some(adapter),
+            optimizer,
+            ..RunState::default()
+        };
+        if self.snapshot_every_step {
+            // A run loaded from a checkpoint must come back as loaded after a crash.
+            snapshot(&self.registry, &entry, &guard)?;
+        }
         Ok(Output::Created {
             model_id: entry.key.model_id.clone(),
         })
@@ -387,13 +425,14 @@ impl ModelWorker {
         let entry = self.model_of(job)?;
         let loaded = self.load_checkpoint(&entry.key.tenant, path)?;
         let mut guard = entry.lock();
-        guard.adapter = Some(loaded.adapter);
-        guard.optimizer = if *with_optimizer {
-            guard.evicted = false;
-            loaded.optimizer
-        } else {
-            None
+        *guard = RunState {
+            adapter: Some(loaded.adapter),
+            optimizer: loaded.optimizer.filter(|_| *with_optimizer),
+            ..RunState::default()
         };
+        if self.snapshot_every_step {
+            snapshot(&self.registry, &entry, &guard)?;
+        }
         entry.touch();
         Ok(Output::Loaded { path: path.clone() })
     }
@@ -546,7 +585,6 @@ impl Backend for ModelWorker {
                 .iter()
                 .map(|j| match &j.work {
                     Work::Create { .. } => self.create(j),
-                    Work::Restore => self.restore(j),
                     Work::Save { .. } => self.save(j),
                     Work::Load { .. } => self.load(j),
                     _ => unreachable!("solo jobs are create/save/load"),
@@ -558,22 +596,33 @@ impl Backend for ModelWorker {
     }
 }
 
-/// Writes a run's adapter and optimizer to its snapshot directory (atomically).
-pub fn snapshot(
-    registry: &Registry,
-    entry: &ModelEntry,
-    adapter: &LoraAdapter,
-    optimizer: Option<&AdamState>,
-) -> Result<()> {
+/// Writes a run's adapter and optimizer to its snapshot directory (atomically), with the
+/// [`PENDING_MARKER`] when gradients would be lost by a restart. A run without weights has
+/// nothing to write.
+pub fn snapshot(registry: &Registry, entry: &ModelEntry, state: &RunState) -> Result<()> {
+    let Some(adapter) = &state.adapter else {
+        return Ok(());
+    };
+    let dir = registry.snapshot_dir(&entry.key);
     checkpoint::save(
         &SaveRequest {
             adapter,
-            optimizer,
+            optimizer: state.optimizer.as_ref(),
             base_model: &entry.base_model,
         },
-        &registry.snapshot_dir(&entry.key),
+        &dir,
     )?;
+    if state.gradients_lost || adapter.has_pending_gradients() {
+        write_marker(&dir).map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
+    }
     Ok(())
+}
+
+/// Creates the [`PENDING_MARKER`] in `dir` durably.
+fn write_marker(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(dir.join(PENDING_MARKER))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).

@@ -249,7 +249,21 @@ impl Engine {
             Work::Load { path, .. } => {
                 check_checkpoint(&self.inner.registry, queue.tenant(), path)?
             }
-            Work::ForwardBackward { data, loss, .. } => validate_request(config, loss, data)?,
+            Work::ForwardBackward { data, loss, .. } => {
+                validate_request(config, loss, data)?;
+                let longest = data.iter().map(|d| d.input_tokens.len()).max().unwrap_or(0);
+                let padded = data.len() * longest;
+                let limit = lock(&self.inner.sched).limits().max_request_tokens;
+                if padded > limit {
+                    return Err(EngineError::invalid(
+                        "data",
+                        format!(
+                            "{} datums padded to the longest ({longest} tokens) make {padded} tokens, more than this server's limit of {limit} per request; split them into several calls",
+                            data.len()
+                        ),
+                    ));
+                }
+            }
             Work::Sample {
                 prompt,
                 num_samples,
@@ -257,16 +271,25 @@ impl Engine {
                 ..
             } => validate_sampling(config, prompt, *num_samples, params)?,
             Work::OptimStep { params } => params.validate()?,
-            Work::Create { .. } | Work::Restore | Work::Save { .. } => {}
+            Work::Create { .. } | Work::Save { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
+        // One span per job, carried to the worker: tenant (its configured name, never a key),
+        // run or session, request id and kind.
+        let span = tracing::info_span!(
+            "job",
+            request_id = %id,
+            tenant = %tenant,
+            queue = %queue.id(),
+            kind = work.name()
+        );
         let job = Job {
             id: id.clone(),
             queue,
             work,
             enqueued: Instant::now(),
-            span: tracing::Span::current(),
+            span,
         };
         self.inner.futures.insert(&id, &tenant);
         let key = job.queue.clone();
@@ -388,28 +411,17 @@ impl Engine {
     pub fn snapshot_all(&self) {
         for entry in self.inner.registry.all_models() {
             let state = entry.lock();
-            if let Some(adapter) = &state.adapter {
-                if let Err(e) = snapshot(
-                    &self.inner.registry,
-                    &entry,
-                    adapter,
-                    state.optimizer.as_ref(),
-                ) {
-                    tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot snapshot a run");
-                }
+            if let Err(e) = snapshot(&self.inner.registry, &entry, &state) {
+                tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot snapshot a run");
             }
         }
     }
 
-    /// After a restart: fails the futures that were queued or running ("server restarted") and
-    /// queues a restore job for every run, which reloads its latest snapshot. Returns the number
-    /// of futures failed that way.
+    /// After a restart: fails the futures that were queued or running ("server restarted").
+    /// Returns how many. Runs need nothing here: the registry reloads them as evicted, so each
+    /// run's first job reads its latest snapshot under its own mutex, in its FIFO order.
     pub fn restore(&self) -> Result<usize> {
-        let restarted = self.inner.futures.restore()?;
-        for entry in self.inner.registry.all_models() {
-            self.submit(QueueKey::Model(entry.key.clone()), Work::Restore)?;
-        }
-        Ok(restarted)
+        self.inner.futures.restore()
     }
 
     /// Admission and start order per queue (when recording was enabled).
@@ -589,10 +601,10 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
         );
         let mut keys: Vec<QueueKey> = Vec::with_capacity(batch.len());
         for (job, result) in batch.iter().zip(results) {
-            if let Err(e) = &result {
-                job.span
-                    .in_scope(|| tracing::debug!(request_id = %job.id, error = %e, "job failed"));
-            }
+            job.span.in_scope(|| match &result {
+                Ok(_) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), "job done"),
+                Err(e) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), error = %e, "job failed"),
+            });
             record(&inner, job, result);
             if !keys.contains(&job.queue) {
                 keys.push(job.queue.clone());

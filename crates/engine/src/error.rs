@@ -42,6 +42,10 @@ pub enum EngineError {
     /// The server stopped (or restarted) before the job finished.
     #[error("server restarted before the job finished")]
     ServerRestarted,
+    /// Gradients accumulated by `forward_backward` before a restart were lost, so the optimizer
+    /// step that would have used them is refused (and the partial gradients discarded).
+    #[error("gradients accumulated before the server restarted were lost; run forward_backward again, then optim_step")]
+    GradientsLost,
     /// The server is shutting down and admits no new work.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -69,6 +73,7 @@ impl EngineError {
             EngineError::TimedOut { .. } => "timed_out",
             EngineError::Cancelled => "cancelled",
             EngineError::ServerRestarted => "server_restarted",
+            EngineError::GradientsLost => "gradients_lost",
             EngineError::ShuttingDown => "shutting_down",
             EngineError::Internal(_) => "internal",
         }

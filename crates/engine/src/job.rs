@@ -86,8 +86,6 @@ pub enum Work {
         /// Load weights (and optionally the optimizer) from this checkpoint path instead.
         from: Option<(String, bool)>,
     },
-    /// Rebuild a run after a restart from its latest snapshot (or, without one, from its seed).
-    Restore,
     /// `forward_backward` (`backward`) or `forward`.
     ForwardBackward {
         /// The datums.
@@ -151,9 +149,7 @@ impl Work {
             Work::ForwardBackward { backward, .. } => BatchClass::Train(*backward),
             Work::OptimStep { .. } => BatchClass::Optim,
             Work::Sample { .. } => BatchClass::Sample,
-            Work::Create { .. } | Work::Restore | Work::Save { .. } | Work::Load { .. } => {
-                BatchClass::Solo
-            }
+            Work::Create { .. } | Work::Save { .. } | Work::Load { .. } => BatchClass::Solo,
         }
     }
 
@@ -175,7 +171,6 @@ impl Work {
     pub fn name(&self) -> &'static str {
         match self {
             Work::Create { .. } => "create_model",
-            Work::Restore => "restore",
             Work::ForwardBackward { backward: true, .. } => "forward_backward",
             Work::ForwardBackward {
                 backward: false, ..

@@ -22,6 +22,9 @@ pub struct Limits {
     pub total: usize,
     /// Token budget of one fused batch (a single larger job still runs, alone).
     pub max_batch_tokens: usize,
+    /// Largest `forward_backward` / `forward` request, in padded tokens (datums × the longest
+    /// datum's length): what one request makes the model hold at once.
+    pub max_request_tokens: usize,
     /// Jobs waiting longer than this fail.
     pub queue_timeout: Duration,
 }
@@ -32,6 +35,7 @@ impl Default for Limits {
             per_tenant: 256,
             total: 4096,
             max_batch_tokens: 8192,
+            max_request_tokens: 32768,
             queue_timeout: Duration::from_secs(600),
         }
     }

@@ -31,7 +31,16 @@ pub struct RunState {
     pub optimizer: Option<AdamState>,
     /// The weights were moved to the run's snapshot to free memory; the next job reloads them.
     pub evicted: bool,
+    /// The run's snapshot is marked as holding unconsumed gradients (see [`PENDING_MARKER`]).
+    pub pending_marked: bool,
+    /// Gradients acknowledged before a restart were lost: the next optimizer step is refused.
+    pub gradients_lost: bool,
 }
+
+/// A file in a run's snapshot directory saying that `forward_backward` accumulated gradients
+/// which no optimizer step has consumed. Gradients are not persisted, so when a restarted run
+/// finds this marker its next `optim_step` fails instead of stepping with partial gradients.
+pub const PENDING_MARKER: &str = "pending_gradients";
 
 /// A training run.
 pub struct ModelEntry {
@@ -198,8 +207,8 @@ impl Registry {
         }
     }
 
-    /// A registry backed by `store`, reloaded from it (runs come back without weights: their
-    /// restore jobs read the latest snapshot).
+    /// A registry backed by `store`, reloaded from it (runs come back evicted: each run's first
+    /// job reads its latest snapshot, or rebuilds it from its seed when it has none).
     pub fn durable(data_dir: PathBuf, store: Arc<dyn Store>) -> Result<Self> {
         let registry = Registry {
             durable: Some(store.clone()),
@@ -240,6 +249,7 @@ impl Registry {
             let metadata =
                 serde_json::from_str(&row.metadata_json).unwrap_or(serde_json::Value::Null);
             let entry = Self::entry(key.clone(), &row.base_model, spec, metadata, row.created);
+            entry.lock().evicted = true;
             registry.models.insert(key, entry);
         }
         Ok(registry)
@@ -333,7 +343,7 @@ impl Registry {
             })
     }
 
-    /// Removes a run (its checkpoints stay).
+    /// Removes a run and its snapshot (its checkpoints stay).
     pub fn remove_model(&self, tenant: &str, model_id: &str) -> Result<()> {
         let key = ModelKey {
             tenant: tenant.to_string(),
@@ -347,6 +357,12 @@ impl Registry {
             })?;
         if let Some(store) = &self.durable {
             store.delete_model(tenant, model_id)?;
+        }
+        let snapshot = self.snapshot_dir(&key);
+        if snapshot.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&snapshot) {
+                tracing::warn!(model_id, error = %e, "cannot remove an unloaded run's snapshot");
+            }
         }
         Ok(())
     }

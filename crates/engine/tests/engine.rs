@@ -232,8 +232,8 @@ fn full_queues_refuse_and_cancel_and_timeout_fail_futures() {
     let limits = Limits {
         per_tenant: 3,
         total: 100,
-        max_batch_tokens: 8192,
         queue_timeout: Duration::from_millis(300),
+        ..Limits::default()
     };
     let (engine, _) = fake_engine(limits, 1);
     engine

@@ -147,9 +147,11 @@ impl AdamState {
             }
             let grad_norm = sq_sum.sqrt();
             if !grad_norm.is_finite() {
+                // Discarded, or every later step of this run would fail the same way.
+                zero_grads(params)?;
                 return Err(ModelError::invalid(
                     "gradients",
-                    "the accumulated gradient is not finite; the step was not applied",
+                    "the accumulated gradient is not finite; the step was not applied and the gradients were discarded",
                 ));
             }
             let clip = if hp.grad_clip_norm > 0.0 {
@@ -182,16 +184,22 @@ impl AdamState {
                 let update = m.f_div(&denom)?.f_mul_scalar(step_size)?;
                 let _ = p.f_sub_(&update)?;
             }
-            for p in params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.f_zero_()?;
-                }
-            }
+            zero_grads(params)?;
             Ok(StepStats {
                 grad_norm,
                 step: self.step,
             })
         })
     }
+}
+
+/// Zeroes the accumulated gradients of `params` (those that have one).
+pub fn zero_grads(params: &[&Tensor]) -> Result<()> {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.f_zero_()?;
+        }
+    }
+    Ok(())
 }

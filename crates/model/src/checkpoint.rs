@@ -97,6 +97,36 @@ pub fn save(request: &SaveRequest, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Undoes a replacement that [`save`] did not finish: between its two renames `dir` is absent and
+/// the previous version waits in a `.NAME.old-*` sibling. Renames the newest such sibling back.
+/// Does nothing when `dir` exists or no sibling does.
+pub fn recover(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!(".{}.old-", name.to_string_lossy());
+    let Ok(siblings) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let newest = siblings
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .max_by_key(|n| {
+            n.rsplit('-')
+                .next()
+                .and_then(|nanos| nanos.parse::<u128>().ok())
+                .unwrap_or(0)
+        });
+    if let Some(old) = newest {
+        std::fs::rename(parent.join(&old), dir).map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
 fn unique_sibling(dir: &Path, tag: &str) -> PathBuf {
     let name = dir
         .file_name()
@@ -208,6 +238,7 @@ pub struct Loaded {
 
 /// Reads a checkpoint written by [`save`] or by `peft`'s `save_pretrained` for `config`'s model.
 pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Result<Loaded> {
+    recover(dir)?;
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, e))?;
     let peft: PeftConfig = serde_json::from_str(&text)

@@ -260,12 +260,22 @@ impl LoraAdapter {
         out
     }
 
-    /// Whether a backward pass left gradients that no optimizer step has consumed yet.
+    /// Whether a backward pass left gradients that no optimizer step has consumed yet (a
+    /// gradient that cannot be read counts as pending).
     pub fn has_pending_gradients(&self) -> bool {
         self.parameters().iter().any(|p| {
             let g = p.grad();
-            g.defined() && g.abs().max().double_value(&[]) > 0.0
+            g.defined()
+                && g.f_abs()
+                    .and_then(|a| a.f_max())
+                    .and_then(|m| m.f_double_value(&[]))
+                    .map_or(true, |m| m != 0.0)
         })
+    }
+
+    /// Discards the accumulated gradients.
+    pub fn zero_grad(&self) -> Result<()> {
+        crate::adam::zero_grads(&self.parameters())
     }
 
     /// All trainable tensors (A then B of each pair, in [`LoraAdapter::named_pairs`] order).
