@@ -144,3 +144,13 @@ def test_two_tenants_train_concurrently_and_cannot_see_each_other(keyed_server, 
     r = requests.post(keyed_server.url + "/api/v1/retrieve_future", json={"request_id": p["request_id"]}, headers=h)
     assert r.status_code == 404
     assert sa["session_id"]
+    # Bob cannot delete Alice's checkpoint; Alice can, with the SDK's RestClient.
+    bob = tinker.RestClient(base_url=keyed_server.url, api_key=BOB)
+    with pytest.raises(tinker.NotFoundError):
+        bob.delete_checkpoint_from_tinker_path(a_path).result()
+    assert any(c.tinker_path == a_path for c in alice.list_checkpoints(a_model).result().checkpoints)
+    alice.delete_checkpoint_from_tinker_path(a_path).result()
+    assert all(c.tinker_path != a_path for c in alice.list_checkpoints(a_model).result().checkpoints)
+    r = requests.post(keyed_server.url + "/api/v1/weights_info", json={"tinker_path": a_path},
+                      headers={"X-API-Key": ALICE})
+    assert r.status_code == 404

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use loraloom_engine::registry::{parse_checkpoint_path, validate_name};
 use loraloom_engine::{
@@ -66,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/training_runs/{id}/checkpoints",
             get(list_run_checkpoints),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}",
+            delete(delete_checkpoint),
         )
         .route("/api/v1/checkpoints", get(list_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
@@ -851,6 +855,17 @@ async fn list_run_checkpoints(
     }
     let items: Vec<Value> = checkpoints.iter().map(checkpoint_json).collect();
     Ok(Json(json!({"checkpoints": items})))
+}
+
+/// `RestClient.delete_checkpoint(run, "weights/NAME")` (and `..._from_tinker_path`).
+async fn delete_checkpoint(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state.engine.registry().remove_checkpoint(&tenant, &path)?;
+    Ok(Json(json!({})))
 }
 
 async fn list_checkpoints(

@@ -479,6 +479,30 @@ impl Registry {
             })
     }
 
+    /// Deletes the checkpoint at `path` of `tenant`: its record, then its files. Sampling
+    /// sessions that already loaded it keep their weights; others can no longer load it.
+    pub fn remove_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
+        parse_checkpoint_path(path)?;
+        let key = (tenant.to_string(), path.to_string());
+        let (_, record) = self
+            .checkpoints
+            .remove(&key)
+            .ok_or_else(|| EngineError::NotFound {
+                what: "checkpoint".into(),
+                id: path.to_string(),
+            })?;
+        if let Some(store) = &self.durable {
+            if let Err(e) = store.delete_checkpoint(tenant, path) {
+                self.checkpoints.insert(key, record);
+                return Err(e);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&record.dir) {
+            tracing::warn!(path, error = %e, "cannot remove a deleted checkpoint's files");
+        }
+        Ok(())
+    }
+
     /// The tenant's checkpoints (of one run when given), oldest first.
     pub fn checkpoints_of(&self, tenant: &str, model_id: Option<&str>) -> Vec<CheckpointRecord> {
         let mut out: Vec<CheckpointRecord> = self

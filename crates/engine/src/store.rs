@@ -97,6 +97,8 @@ pub trait Store: Send + Sync {
     fn put_checkpoint(&self, row: &CheckpointRow) -> Result<()>;
     /// Every checkpoint.
     fn checkpoints(&self) -> Result<Vec<CheckpointRow>>;
+    /// Forgets a checkpoint.
+    fn delete_checkpoint(&self, tenant: &str, path: &str) -> Result<()>;
     /// Records (or updates) a future.
     fn put_future(&self, row: &FutureRow) -> Result<()>;
     /// Every future.
@@ -268,6 +270,16 @@ impl Store for SqliteStore {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    fn delete_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM checkpoints WHERE tenant = ?1 AND path = ?2",
+                params![tenant, path],
+            )
+            .map(|_| ())
         })
     }
 
