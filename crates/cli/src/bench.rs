@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use loraloom_engine::{
-    Backend, BaseModel, Engine, EngineConfig, FutureState, Limits, ModelKey, ModelWorker, QueueKey,
-    Registry, Work,
+    Backend, BaseModel, BaseModelInfo, Engine, EngineConfig, FutureState, Limits, ModelKey,
+    ModelWorker, QueueKey, Registry, Work,
 };
 use loraloom_model::{
     forward_backward, sample, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
@@ -47,6 +47,22 @@ fn emit(what: &str, value: serde_json::Value) {
     let mut v = value;
     v["what"] = json!(what);
     println!("{v}");
+}
+
+/// Runs `f` on a thread of its own and waits for it to end.
+///
+/// libtorch's OpenMP runtime (libgomp) keeps a pool of helper threads per thread that ran
+/// parallel work, until that thread exits, and lets idle helpers spin (cheap wake-ups) only
+/// while the process holds no more such threads than cores; beyond that every parallel region
+/// pays a sleeping wake-up. Measured here: a train step on a fresh thread took 1.24 s while the
+/// thread that loaded the model was alive, 0.82-0.86 s once it had exited. So the load and each
+/// measurement run on a thread that then ends, and no measurement pays for another's pool.
+pub fn isolated<T: Send>(f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
+    })
 }
 
 /// Seconds per call of `f`, the median of `iters` timed runs after one warm-up.
@@ -195,21 +211,56 @@ fn wait_done(
 
 /// Engine throughput: `tenants` clients each doing `steps` × (forward_backward 1×len + optim_step),
 /// against (a) one tenant sending the same tokens as one batch and (b) the seed design.
-pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> anyhow::Result<()> {
-    let decoder = base.decoder();
+pub fn engine(
+    info: &BaseModelInfo,
+    decoder: &Decoder,
+    tenants: usize,
+    len: usize,
+    steps: usize,
+) -> anyhow::Result<()> {
+    let tokens = (tenants * len * steps) as f64;
+    let d = decoder.shallow_clone();
+    let (engine_secs, mean_batch) = isolated(move || through_engine(info, d, tenants, len, steps))?;
+    let d = decoder.shallow_clone();
+    let one_batch_secs = isolated(move || one_batch(&d, tenants, len, steps))?;
+    let d = decoder.shallow_clone();
+    let seed_secs = isolated(move || seed_design(&d, tenants, len, steps))?;
+    emit(
+        "engine",
+        json!({
+            "tenants": tenants, "len": len, "steps": steps,
+            "loraloom_tokens_per_s": tokens / engine_secs,
+            "one_batch_tokens_per_s": tokens / one_batch_secs,
+            "seed_design_tokens_per_s": tokens / seed_secs,
+            "vs_one_batch": one_batch_secs / engine_secs,
+            "vs_seed_design": seed_secs / engine_secs,
+            "mean_batch_size": mean_batch,
+        }),
+    );
+    Ok(())
+}
+
+/// loraloom: tenants on their own threads through the engine (one worker). Returns the seconds
+/// and the mean batch size.
+fn through_engine(
+    info: &BaseModelInfo,
+    decoder: Decoder,
+    tenants: usize,
+    len: usize,
+    steps: usize,
+) -> anyhow::Result<(f64, f64)> {
     let vocab = decoder.config().vocab_size;
     let hp = AdamParams::default();
-    let tokens = (tenants * len * steps) as f64;
 
     // loraloom: tenants on their own threads through the engine (one worker).
     let registry = Arc::new(Registry::new(
         std::env::temp_dir().join(format!("loraloom-bench-{}", std::process::id())),
     ));
-    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None);
+    let worker = ModelWorker::new(decoder, registry.clone(), None);
     let config = EngineConfig {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(600),
-        base: base.info().clone(),
+        base: info.clone(),
         max_runs_per_tenant: 0,
         max_runs: 0,
     };
@@ -282,8 +333,13 @@ pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> any
         stats.batched_jobs - warm.batched_jobs,
     );
     engine.shutdown(true);
+    Ok((engine_secs, batched as f64 / batches.max(1) as f64))
+}
 
-    // (a) one tenant, the same tokens as one batch per step.
+/// (a) one tenant, the same tokens as one batch per step. Returns the seconds.
+fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> anyhow::Result<f64> {
+    let vocab = decoder.config().vocab_size;
+    let hp = AdamParams::default();
     let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device(), decoder.kind())?;
     let mut opt = AdamState::new(&single.parameters())?;
     let warmup = vec![datum(0, len, vocab)];
@@ -310,10 +366,14 @@ pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> any
         forward_backward(decoder, &[req], true)?;
         opt.step(&single.parameters(), &hp)?;
     }
-    let one_batch_secs = started.elapsed().as_secs_f64();
+    Ok(started.elapsed().as_secs_f64())
+}
 
-    // (b) the seed design: a thread per job, a lock per adapter, no batching (each thread with
-    // libtorch's full intra-op thread count, as the engine's worker has).
+/// (b) the seed design: a thread per job, a lock per adapter, no batching (each thread with
+/// libtorch's full intra-op thread count, as the engine's worker has). Returns the seconds.
+fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> anyhow::Result<f64> {
+    let vocab = decoder.config().vocab_size;
+    let hp = AdamParams::default();
     let threads = tch::get_num_threads();
     let adapters: Vec<Arc<Mutex<(LoraAdapter, AdamState)>>> = (0..tenants)
         .map(|t| -> anyhow::Result<_> {
@@ -359,20 +419,7 @@ pub fn engine(base: &BaseModel, tenants: usize, len: usize, steps: usize) -> any
         }
         Ok(())
     })?;
-    let seed_secs = started.elapsed().as_secs_f64();
-    emit(
-        "engine",
-        json!({
-            "tenants": tenants, "len": len, "steps": steps,
-            "loraloom_tokens_per_s": tokens / engine_secs,
-            "one_batch_tokens_per_s": tokens / one_batch_secs,
-            "seed_design_tokens_per_s": tokens / seed_secs,
-            "vs_one_batch": one_batch_secs / engine_secs,
-            "vs_seed_design": seed_secs / engine_secs,
-            "mean_batch_size": batched as f64 / batches.max(1) as f64,
-        }),
-    );
-    Ok(())
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// Loads the model for a bench run.

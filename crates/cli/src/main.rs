@@ -63,21 +63,24 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let base = bench::load(&args.model)?;
-    let decoder = base.decoder();
+    // The main thread never runs libtorch work: the load and each measurement run on a thread
+    // of their own (see `bench::isolated`).
+    let base = bench::isolated(|| bench::load(&args.model))?;
+    let iters = args.iters;
     for what in &args.what {
+        let d = base.decoder().shallow_clone();
         match what.as_str() {
-            "roofline" => bench::roofline(args.iters)?,
-            "forward" => bench::forward(decoder, 4, 128, args.iters)?,
-            "train" => bench::train(decoder, 4, 128, args.iters)?,
-            "decode" => {
-                bench::decode(decoder, 1, 0, 32, args.iters)?;
-                bench::decode(decoder, 8, 1, 32, args.iters)?;
-                bench::decode(decoder, 8, 8, 32, args.iters)?;
-            }
+            "roofline" => bench::isolated(|| bench::roofline(iters))?,
+            "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
+            "train" => bench::isolated(move || bench::train(&d, 4, 128, iters))?,
+            "decode" => bench::isolated(move || {
+                bench::decode(&d, 1, 0, 32, iters)?;
+                bench::decode(&d, 8, 1, 32, iters)?;
+                bench::decode(&d, 8, 8, 32, iters)
+            })?,
             "engine" => {
                 for &n in &args.tenants {
-                    bench::engine(&base, n, 128, args.steps)?;
+                    bench::engine(base.info(), &d, n, 128, args.steps)?;
                 }
             }
             other => anyhow::bail!("unknown benchmark `{other}`"),
@@ -218,9 +221,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (dir, name) = resolve_model(&args)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    // Loaded on a thread that then ends, so that the workers are the only threads holding
+    // libtorch's OpenMP pools (see CONCURRENCY.md: a lingering pool slows every worker).
     let load_dir = dir.clone();
-    let base = tokio::task::spawn_blocking(move || BaseModel::load(&name, &load_dir))
+    let loader = std::thread::Builder::new()
+        .name("loraloom-load".into())
+        .spawn(move || BaseModel::load(&name, &load_dir))?;
+    let base = tokio::task::spawn_blocking(move || loader.join())
         .await?
+        .map_err(|_| anyhow::anyhow!("the model loader panicked"))?
         .with_context(|| format!("loading model from {}", dir.display()))?;
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
     let device = format!("{:?}", base.decoder().device());
