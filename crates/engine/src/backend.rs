@@ -3,6 +3,7 @@
 //! whose decoder shares the base weights with every other worker (shallow clones).
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use loraloom_model::checkpoint::{self, SaveRequest};
@@ -580,20 +581,33 @@ impl Backend for ModelWorker {
         let results = match first.work.class() {
             BatchClass::Train(backward) => self.train(jobs, backward),
             BatchClass::Sample => self.sample(jobs),
-            BatchClass::Optim => jobs.iter().map(|j| self.optim(j)).collect(),
+            // Each step takes effect on its own: a panic in one must not re-run the others
+            // (the engine retries a panicked batch job by job).
+            BatchClass::Optim => jobs.iter().map(|j| contained(|| self.optim(j))).collect(),
             BatchClass::Solo => jobs
                 .iter()
-                .map(|j| match &j.work {
-                    Work::Create { .. } => self.create(j),
-                    Work::Save { .. } => self.save(j),
-                    Work::Load { .. } => self.load(j),
-                    _ => unreachable!("solo jobs are create/save/load"),
+                .map(|j| {
+                    contained(|| match &j.work {
+                        Work::Create { .. } => self.create(j),
+                        Work::Save { .. } => self.save(j),
+                        Work::Load { .. } => self.load(j),
+                        _ => unreachable!("solo jobs are create/save/load"),
+                    })
                 })
                 .collect(),
         };
-        self.evict_idle();
+        // After the results exist: a panic here must not re-run jobs that already succeeded.
+        if catch_unwind(AssertUnwindSafe(|| self.evict_idle())).is_err() {
+            tracing::error!("evicting idle runs panicked; they stay resident");
+        }
         results
     }
+}
+
+/// Runs one job's work, turning a panic into that job's failure.
+fn contained(work: impl FnOnce() -> Result<Output>) -> Result<Output> {
+    catch_unwind(AssertUnwindSafe(work))
+        .unwrap_or_else(|_| Err(EngineError::Internal("the job panicked".into())))
 }
 
 /// Writes a run's adapter and optimizer to its snapshot directory (atomically), with the
