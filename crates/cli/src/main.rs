@@ -130,6 +130,10 @@ struct ServeArgs {
     /// are written to their snapshot and reloaded by their next job.
     #[arg(long, env = "LORALOOM_MAX_RESIDENT_RUNS", default_value_t = 0)]
     max_resident_runs: usize,
+    /// Sampling sessions whose checkpoint weights stay loaded (0 = all); least recently used
+    /// idle ones beyond this are dropped and reloaded by their next sample.
+    #[arg(long, env = "LORALOOM_MAX_RESIDENT_SAMPLERS", default_value_t = 32)]
+    max_resident_samplers: usize,
     /// Worker threads running model work (1 is best on CPU).
     #[arg(long, env = "LORALOOM_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -247,7 +251,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     Some(base.tokenizer().clone()),
                 )
                 .with_step_snapshots(args.step_snapshots)
-                .with_max_resident(args.max_resident_runs),
+                .with_max_resident(args.max_resident_runs)
+                .with_max_resident_samplers(args.max_resident_samplers),
             ) as Box<dyn Backend>
         })
         .collect();

@@ -38,6 +38,7 @@ pub struct ModelWorker {
     intra_op_threads: i32,
     threads_set: bool,
     max_resident: usize,
+    max_resident_samplers: usize,
 }
 
 impl ModelWorker {
@@ -55,6 +56,7 @@ impl ModelWorker {
             intra_op_threads: loraloom_model::intra_op_threads(),
             threads_set: false,
             max_resident: 0,
+            max_resident_samplers: 0,
         }
     }
 
@@ -71,6 +73,38 @@ impl ModelWorker {
     pub fn with_max_resident(mut self, n: usize) -> Self {
         self.max_resident = n;
         self
+    }
+
+    /// Keeps at most `n` sampling sessions' checkpoint weights loaded (0 = no limit): after each
+    /// batch the least recently used idle ones are dropped; their next sample reloads them.
+    pub fn with_max_resident_samplers(mut self, n: usize) -> Self {
+        self.max_resident_samplers = n;
+        self
+    }
+
+    /// Drops the loaded weights of the least recently used idle sampling sessions beyond
+    /// `max_resident_samplers` (sessions locked by another worker stay).
+    fn evict_idle_samplers(&self) {
+        if self.max_resident_samplers == 0 {
+            return;
+        }
+        let mut loaded: Vec<Arc<crate::registry::SamplerEntry>> = self
+            .registry
+            .all_samplers()
+            .into_iter()
+            .filter(|e| matches!(e.source, SamplerSource::Checkpoint(_)))
+            .filter(|e| e.try_lock().is_some_and(|slot| slot.is_some()))
+            .collect();
+        if loaded.len() <= self.max_resident_samplers {
+            return;
+        }
+        loaded.sort_by(|a, b| a.last_access.get().total_cmp(&b.last_access.get()));
+        let excess = loaded.len() - self.max_resident_samplers;
+        for entry in loaded.into_iter().take(excess) {
+            if let Some(mut slot) = entry.try_lock() {
+                *slot = None;
+            }
+        }
     }
 
     /// Reloads an evicted run's weights before a job uses them (after a restart every run starts
@@ -466,6 +500,7 @@ impl ModelWorker {
                 });
             match loaded {
                 Ok(entry) => {
+                    entry.last_access.touch();
                     sessions.insert(job.queue.clone(), entry);
                 }
                 Err(e) => results[i] = Some(Err(e)),
@@ -597,8 +632,12 @@ impl Backend for ModelWorker {
                 .collect(),
         };
         // After the results exist: a panic here must not re-run jobs that already succeeded.
-        if catch_unwind(AssertUnwindSafe(|| self.evict_idle())).is_err() {
-            tracing::error!("evicting idle runs panicked; they stay resident");
+        let evicted = catch_unwind(AssertUnwindSafe(|| {
+            self.evict_idle();
+            self.evict_idle_samplers();
+        }));
+        if evicted.is_err() {
+            tracing::error!("evicting idle runs or samplers panicked; they stay resident");
         }
         results
     }

@@ -54,9 +54,40 @@ pub struct ModelEntry {
     pub user_metadata: serde_json::Value,
     /// Creation time (unix seconds).
     pub created: f64,
-    /// Last time a job of this run finished (unix seconds, as bits for lock-free updates).
-    last_access: std::sync::atomic::AtomicU64,
+    /// Last time a job of this run finished.
+    last_access: LastAccess,
     state: Mutex<RunState>,
+}
+
+/// A last-access time (unix seconds, stored as bits so it updates without a lock).
+pub struct LastAccess(std::sync::atomic::AtomicU64);
+
+impl LastAccess {
+    /// Now.
+    pub fn now() -> Self {
+        LastAccess(std::sync::atomic::AtomicU64::new(unix_now().to_bits()))
+    }
+
+    /// Records an access now.
+    pub fn touch(&self) {
+        self.0
+            .store(unix_now().to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last access (unix seconds).
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// `mutex`'s guard if no other thread holds it (a poisoned lock is taken over: its holder
+/// panicked inside a contained job and the state is still the last consistent one).
+fn try_lock<T>(mutex: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match mutex.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 impl ModelEntry {
@@ -67,22 +98,17 @@ impl ModelEntry {
 
     /// The run's state if no other thread holds it.
     pub fn try_lock(&self) -> Option<MutexGuard<'_, RunState>> {
-        match self.state.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        try_lock(&self.state)
     }
 
     /// Records an access now.
     pub fn touch(&self) {
-        self.last_access
-            .store(unix_now().to_bits(), std::sync::atomic::Ordering::Relaxed);
+        self.last_access.touch()
     }
 
     /// Last access (unix seconds).
     pub fn last_access(&self) -> f64 {
-        f64::from_bits(self.last_access.load(std::sync::atomic::Ordering::Relaxed))
+        self.last_access.get()
     }
 }
 
@@ -95,7 +121,8 @@ pub enum SamplerSource {
     Checkpoint(String),
 }
 
-/// A sampling session; its adapter is loaded on first use.
+/// A sampling session; its adapter is loaded on first use, and may be dropped again when idle
+/// (the next use reloads it from its checkpoint).
 pub struct SamplerEntry {
     /// Owner and id.
     pub key: SamplerKey,
@@ -103,6 +130,8 @@ pub struct SamplerEntry {
     pub source: SamplerSource,
     /// Base model name.
     pub base_model: String,
+    /// Last time it sampled.
+    pub last_access: LastAccess,
     state: Mutex<Option<LoraAdapter>>,
 }
 
@@ -110,6 +139,11 @@ impl SamplerEntry {
     /// Locks the loaded adapter slot.
     pub fn lock(&self) -> MutexGuard<'_, Option<LoraAdapter>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loaded adapter slot if no other thread holds it.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, Option<LoraAdapter>>> {
+        try_lock(&self.state)
     }
 }
 
@@ -273,7 +307,7 @@ impl Registry {
             spec,
             user_metadata,
             created,
-            last_access: std::sync::atomic::AtomicU64::new(unix_now().to_bits()),
+            last_access: LastAccess::now(),
             state: Mutex::new(RunState::default()),
         })
     }
@@ -416,10 +450,16 @@ impl Registry {
             key: key.clone(),
             source,
             base_model: base_model.to_string(),
+            last_access: LastAccess::now(),
             state: Mutex::new(None),
         });
         self.samplers.insert(key, entry.clone());
         entry
+    }
+
+    /// Every sampling session (all tenants).
+    pub fn all_samplers(&self) -> Vec<Arc<SamplerEntry>> {
+        self.samplers.iter().map(|e| e.value().clone()).collect()
     }
 
     /// The session `sampler_id` of `tenant`.

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use loraloom_engine::job::Job;
 use loraloom_engine::{
-    Backend, BaseModelInfo, Engine, EngineConfig, EngineError, FutureState, Limits, ModelKey,
-    ModelWorker, Output, QueueKey, Registry, Result, Work,
+    Backend, BaseModelInfo, CheckpointKind, Engine, EngineConfig, EngineError, FutureState, Limits,
+    ModelKey, ModelWorker, Output, QueueKey, Registry, Result, SamplerKey, Work,
 };
 use loraloom_model::{
     forward_backward, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
-    LossInputs, ModelConfig, StepStats, TrainRequest,
+    LossInputs, ModelConfig, SamplingParams, StepStats, Stop, TrainRequest,
 };
 use tch::{Device, Kind};
 
@@ -370,16 +370,18 @@ fn data(seed: i64) -> Vec<Datum> {
 
 /// An engine with one libtorch worker over a tiny random llama, and the decoder itself.
 fn model_engine() -> (Engine, Decoder) {
-    model_engine_with(0)
+    model_engine_with(0, 0)
 }
 
-/// Like [`model_engine`], keeping at most `max_resident` runs in memory.
-fn model_engine_with(max_resident: usize) -> (Engine, Decoder) {
+/// Like [`model_engine`], keeping at most `max_resident` runs and `max_samplers` sampling
+/// sessions' weights in memory.
+fn model_engine_with(max_resident: usize, max_samplers: usize) -> (Engine, Decoder) {
     let dir = tiny_checkpoint();
     let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
     let registry = Arc::new(Registry::new(temp_dir("reg")));
     let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None)
-        .with_max_resident(max_resident);
+        .with_max_resident(max_resident)
+        .with_max_resident_samplers(max_samplers);
     let config = EngineConfig {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(60),
@@ -522,7 +524,7 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
 
 #[test]
 fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
-    let (engine, decoder) = model_engine_with(1);
+    let (engine, decoder) = model_engine_with(1, 0);
     let hp = AdamParams {
         learning_rate: 1e-2,
         ..AdamParams::default()
@@ -581,5 +583,69 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
         assert_eq!((*p - q).abs().max().double_value(&[]), 0.0);
     }
     drop(state);
+    engine.shutdown(true);
+}
+
+#[test]
+fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
+    let (engine, _) = model_engine_with(0, 1);
+    let run = key("t", "run");
+    let id = engine
+        .create_model(run.clone(), spec(4, 7), serde_json::Value::Null, None)
+        .unwrap();
+    wait(&engine, "t", &id);
+    let session = |name: &str| SamplerKey {
+        tenant: "t".into(),
+        sampler_id: name.into(),
+    };
+    for name in ["a", "b"] {
+        let save = Work::Save {
+            name: name.into(),
+            kind: CheckpointKind::Sampler,
+            sampler: Some(session(name)),
+        };
+        let id = engine.submit(QueueKey::Model(run.clone()), save).unwrap();
+        assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
+    }
+    let sample = |name: &str| {
+        let work = Work::Sample {
+            prompt: vec![5, 6, 7],
+            num_samples: 2,
+            params: SamplingParams {
+                max_tokens: 6,
+                temperature: 1.0,
+                top_k: -1,
+                top_p: 1.0,
+                seed: Some(11),
+                stop: Stop::Never,
+            },
+            prompt_logprobs: false,
+        };
+        let id = engine
+            .submit(QueueKey::Sampler(session(name)), work)
+            .unwrap();
+        match wait(&engine, "t", &id) {
+            FutureState::Done(Output::Sample(out)) => out
+                .sequences
+                .into_iter()
+                .map(|s| (s.tokens, s.logprobs))
+                .collect::<Vec<_>>(),
+            other => panic!("sampling failed: {other:?}"),
+        }
+    };
+    let loaded = |name: &str| {
+        engine
+            .registry()
+            .sampler("t", name)
+            .unwrap()
+            .lock()
+            .is_some()
+    };
+    let first = sample("a");
+    assert!(loaded("a"));
+    sample("b");
+    assert!(loaded("b") && !loaded("a"), "a was dropped when b loaded");
+    assert_eq!(sample("a"), first, "a reloads the same weights");
+    assert!(loaded("a") && !loaded("b"));
     engine.shutdown(true);
 }
