@@ -92,7 +92,13 @@ impl ModelWorker {
             .registry
             .all_samplers()
             .into_iter()
-            .filter(|e| matches!(e.source, SamplerSource::Checkpoint(_)))
+            // Only weights that can be reloaded: a deleted checkpoint's sessions keep theirs.
+            .filter(|e| match &e.source {
+                SamplerSource::Checkpoint(path) => {
+                    self.registry.checkpoint(&e.key.tenant, path).is_ok()
+                }
+                SamplerSource::Base => false,
+            })
             .filter(|e| e.try_lock().is_some_and(|slot| slot.is_some()))
             .collect();
         if loaded.len() <= self.max_resident_samplers {
@@ -309,9 +315,10 @@ impl ModelWorker {
         if state.gradients_lost {
             adapter.zero_grad()?;
             state.gradients_lost = false;
-            if self.snapshot_every_step {
-                snapshot(&self.registry, &entry, state)?;
-                state.pending_marked = false;
+            state.pending_marked = false;
+            let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the pending-gradients marker");
             }
             return Err(EngineError::GradientsLost);
         }
@@ -368,6 +375,13 @@ impl ModelWorker {
         if self.snapshot_every_step {
             // A run loaded from a checkpoint must come back as loaded after a crash.
             snapshot(&self.registry, &entry, &guard)?;
+        } else {
+            // A reused run id must not come back with an unloaded run's snapshot.
+            let stale = self.registry.snapshot_dir(&entry.key);
+            if stale.exists() {
+                std::fs::remove_dir_all(&stale)
+                    .map_err(|e| EngineError::Internal(format!("{}: {e}", stale.display())))?;
+            }
         }
         Ok(Output::Created {
             model_id: entry.key.model_id.clone(),
@@ -474,7 +488,7 @@ impl ModelWorker {
 
     fn sample(&self, jobs: &[Job]) -> Vec<Result<Output>> {
         let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
-        // Resolve and (lazily) load each distinct session once.
+        // Resolve each distinct session once.
         let mut sessions: HashMap<QueueKey, Arc<crate::registry::SamplerEntry>> = HashMap::new();
         for (i, job) in jobs.iter().enumerate() {
             let QueueKey::Sampler(k) = &job.queue else {
@@ -487,29 +501,38 @@ impl ModelWorker {
             if sessions.contains_key(&job.queue) {
                 continue;
             }
-            let loaded = self
-                .registry
-                .sampler(&k.tenant, &k.sampler_id)
-                .and_then(|entry| {
-                    let mut slot = entry.lock();
-                    if let (None, SamplerSource::Checkpoint(path)) = (&*slot, &entry.source) {
-                        *slot = Some(self.load_checkpoint(&k.tenant, path)?.adapter);
-                    }
-                    drop(slot);
-                    Ok(entry)
-                });
-            match loaded {
+            match self.registry.sampler(&k.tenant, &k.sampler_id) {
                 Ok(entry) => {
-                    entry.last_access.touch();
                     sessions.insert(job.queue.clone(), entry);
                 }
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let guards: HashMap<&QueueKey, _> = sessions.iter().map(|(k, e)| (k, e.lock())).collect();
+        // Lock each session and (re)load its weights under that same guard, held until the
+        // batch is sampled, so eviction (which only try_locks) cannot empty it in between.
+        let mut guards = HashMap::new();
+        let mut unloadable: HashMap<&QueueKey, EngineError> = HashMap::new();
+        for (key, entry) in &sessions {
+            let mut slot = entry.lock();
+            if let (None, SamplerSource::Checkpoint(path)) = (&*slot, &entry.source) {
+                match self.load_checkpoint(&entry.key.tenant, path) {
+                    Ok(loaded) => *slot = Some(loaded.adapter),
+                    Err(e) => {
+                        unloadable.insert(key, e);
+                        continue;
+                    }
+                }
+            }
+            entry.last_access.touch();
+            guards.insert(key, slot);
+        }
         let mut runnable: Vec<(usize, SampleRequest)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             if results[i].is_some() {
+                continue;
+            }
+            if let Some(e) = unloadable.get(&job.queue) {
+                results[i] = Some(Err(e.clone()));
                 continue;
             }
             let Some(guard) = guards.get(&job.queue) else {

@@ -87,6 +87,7 @@ impl EngineError {
                 | EngineError::InvalidInput { .. }
                 | EngineError::Cancelled
                 | EngineError::LimitReached(_)
+                | EngineError::GradientsLost
         )
     }
 }

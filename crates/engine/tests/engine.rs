@@ -605,13 +605,22 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
         tenant: "t".into(),
         sampler_id: name.into(),
     };
-    for name in ["a", "b"] {
+    // a and b hold different trained weights (a fresh adapter would equal the base model).
+    let q = QueueKey::Model(run.clone());
+    for (seed, name) in [(1, "a"), (2, "b")] {
+        let fb = Work::ForwardBackward {
+            data: data(seed),
+            loss: LossFn::CrossEntropy,
+            backward: true,
+        };
+        engine.submit(q.clone(), fb).unwrap();
+        engine.submit(q.clone(), optim(0.5)).unwrap();
         let save = Work::Save {
             name: name.into(),
             kind: CheckpointKind::Sampler,
             sampler: Some(session(name)),
         };
-        let id = engine.submit(QueueKey::Model(run.clone()), save).unwrap();
+        let id = engine.submit(q.clone(), save).unwrap();
         assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
     }
     let sample = |name: &str| {
@@ -650,7 +659,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     };
     let first = sample("a");
     assert!(loaded("a"));
-    sample("b");
+    assert_ne!(sample("b"), first, "a and b sample differently");
     assert!(loaded("b") && !loaded("a"), "a was dropped when b loaded");
     assert_eq!(sample("a"), first, "a reloads the same weights");
     assert!(loaded("a") && !loaded("b"));

@@ -98,8 +98,9 @@ pub fn save(request: &SaveRequest, dir: &Path) -> Result<()> {
 }
 
 /// Undoes a replacement that [`save`] did not finish: between its two renames `dir` is absent and
-/// the previous version waits in a `.NAME.old-*` sibling. Renames the newest such sibling back.
-/// Does nothing when `dir` exists or no sibling does.
+/// the previous version waits in a `.NAME.old-PID-NANOS` sibling. Renames the newest such
+/// sibling of another process (one that died mid-save) back; this process's own siblings belong
+/// to a save still in flight. Does nothing when `dir` exists or no sibling does.
 pub fn recover(dir: &Path) -> Result<()> {
     if dir.exists() {
         return Ok(());
@@ -108,13 +109,14 @@ pub fn recover(dir: &Path) -> Result<()> {
         return Ok(());
     };
     let prefix = format!(".{}.old-", name.to_string_lossy());
+    let ours = format!("{prefix}{}-", std::process::id());
     let Ok(siblings) = std::fs::read_dir(parent) else {
         return Ok(());
     };
     let newest = siblings
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| n.starts_with(&prefix) && !n.starts_with(&ours))
         .max_by_key(|n| {
             n.rsplit('-')
                 .next()
@@ -368,4 +370,32 @@ fn load_pair(
     let b = take(&peft_key(&module, "B"), [out, rank])?;
     *pair = LoraPair::leaf(a, b, device, kind)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recover;
+
+    #[test]
+    fn recover_restores_a_dead_process_save_and_leaves_in_flight_ones() {
+        let root = std::env::temp_dir().join(format!("loraloom-recover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("snap");
+        // A save of another (dead) process stopped between its renames: two old versions.
+        for (nanos, tag) in [(5, "older"), (9, "newer")] {
+            let old = root.join(format!(".snap.old-1-{nanos}"));
+            std::fs::create_dir_all(&old).unwrap();
+            std::fs::write(old.join("which"), tag).unwrap();
+        }
+        recover(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("which")).unwrap(), "newer");
+        // This process's own sibling is a save in flight: not touched.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let ours = root.join(format!(".snap.old-{}-7", std::process::id()));
+        std::fs::create_dir_all(&ours).unwrap();
+        std::fs::remove_dir_all(root.join(".snap.old-1-5")).unwrap();
+        recover(&dir).unwrap();
+        assert!(ours.exists() && !dir.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
