@@ -138,8 +138,7 @@ impl ModelWorker {
         if !self.snapshot_every_step || state.pending_marked {
             return;
         }
-        let dir = self.registry.snapshot_dir(&entry.key);
-        match write_marker(&dir) {
+        match write_marker(&self.registry, entry) {
             Ok(()) => state.pending_marked = true,
             Err(e) => {
                 tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients")
@@ -672,33 +671,29 @@ fn contained(work: impl FnOnce() -> Result<Output>) -> Result<Output> {
         .unwrap_or_else(|_| Err(EngineError::Internal("the job panicked".into())))
 }
 
-/// Writes a run's adapter and optimizer to its snapshot directory (atomically), with the
-/// [`PENDING_MARKER`] when gradients would be lost by a restart. A run without weights has
-/// nothing to write.
+/// Writes a run's adapter and optimizer to its snapshot directory (atomically; the new directory
+/// holds no [`PENDING_MARKER`]). A run without weights has nothing to write.
 pub fn snapshot(registry: &Registry, entry: &ModelEntry, state: &RunState) -> Result<()> {
     let Some(adapter) = &state.adapter else {
         return Ok(());
     };
-    let dir = registry.snapshot_dir(&entry.key);
     checkpoint::save(
         &SaveRequest {
             adapter,
             optimizer: state.optimizer.as_ref(),
             base_model: &entry.base_model,
         },
-        &dir,
+        &registry.snapshot_dir(&entry.key),
     )?;
-    if state.gradients_lost || adapter.has_pending_gradients() {
-        write_marker(&dir).map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
-    }
     Ok(())
 }
 
-/// Creates the [`PENDING_MARKER`] in `dir` durably.
-fn write_marker(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+/// Creates the run's [`PENDING_MARKER`] durably.
+pub fn write_marker(registry: &Registry, entry: &ModelEntry) -> std::io::Result<()> {
+    let dir = registry.snapshot_dir(&entry.key);
+    std::fs::create_dir_all(&dir)?;
     std::fs::File::create(dir.join(PENDING_MARKER))?.sync_all()?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(&dir)?.sync_all()
 }
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).

@@ -17,7 +17,7 @@ use loraloom_model::sample::validate_sampling;
 use loraloom_model::train::validate_request;
 use loraloom_model::LoraSpec;
 
-use crate::backend::{check_checkpoint, snapshot, Backend};
+use crate::backend::{check_checkpoint, snapshot, write_marker, Backend};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
@@ -413,6 +413,18 @@ impl Engine {
             let state = entry.lock();
             if let Err(e) = snapshot(&self.inner.registry, &entry, &state) {
                 tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot snapshot a run");
+                continue;
+            }
+            // The only snapshot that can be taken with gradients waiting for a step: say so.
+            let pending = state.gradients_lost
+                || state
+                    .adapter
+                    .as_ref()
+                    .is_some_and(|a| a.has_pending_gradients());
+            if pending {
+                if let Err(e) = write_marker(&self.inner.registry, &entry) {
+                    tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients");
+                }
             }
         }
     }
