@@ -44,6 +44,7 @@ test: model build
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	scripts/check_cuda_link.sh
 	$(PYTHON) -m pytest -q tests
 
 lint: venv
