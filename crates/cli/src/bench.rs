@@ -114,8 +114,8 @@ pub fn forward(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> any
 pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let data: Vec<Datum> = (0..batch).map(|b| datum(b, len, vocab)).collect();
-    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device(), decoder.kind())?;
-    let mut opt = AdamState::new(&adapter.parameters())?;
+    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let mut opt = AdamState::new(&adapter)?;
     let hp = AdamParams::default();
     let secs = time_it(iters, || {
         let req = TrainRequest {
@@ -124,7 +124,7 @@ pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyho
             data: &data,
         };
         forward_backward(decoder, &[req], true)?;
-        opt.step(&adapter.parameters(), &hp)?;
+        opt.step(&adapter, &hp)?;
         Ok(())
     })?;
     let params = decoder.num_parameters() as f64;
@@ -146,14 +146,7 @@ pub fn decode(
 ) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
-        .map(|i| {
-            LoraAdapter::new(
-                spec(i as u64),
-                decoder.config(),
-                decoder.device(),
-                decoder.kind(),
-            )
-        })
+        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
         .collect::<Result<_, _>>()?;
     let prompt = datum(1, 16, vocab).input_tokens;
     let params = SamplingParams {
@@ -340,8 +333,8 @@ fn through_engine(
 fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> anyhow::Result<f64> {
     let vocab = decoder.config().vocab_size;
     let hp = AdamParams::default();
-    let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device(), decoder.kind())?;
-    let mut opt = AdamState::new(&single.parameters())?;
+    let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let mut opt = AdamState::new(&single)?;
     let warmup = vec![datum(0, len, vocab)];
     forward_backward(
         decoder,
@@ -352,7 +345,7 @@ fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> any
         }],
         true,
     )?;
-    opt.step(&single.parameters(), &hp)?;
+    opt.step(&single, &hp)?;
     let started = Instant::now();
     for step in 0..steps {
         let data: Vec<Datum> = (0..tenants)
@@ -364,7 +357,7 @@ fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> any
             data: &data,
         };
         forward_backward(decoder, &[req], true)?;
-        opt.step(&single.parameters(), &hp)?;
+        opt.step(&single, &hp)?;
     }
     Ok(started.elapsed().as_secs_f64())
 }
@@ -377,13 +370,8 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
     let threads = tch::get_num_threads();
     let adapters: Vec<Arc<Mutex<(LoraAdapter, AdamState)>>> = (0..tenants)
         .map(|t| -> anyhow::Result<_> {
-            let a = LoraAdapter::new(
-                spec(t as u64),
-                decoder.config(),
-                decoder.device(),
-                decoder.kind(),
-            )?;
-            let o = AdamState::new(&a.parameters())?;
+            let a = LoraAdapter::new(spec(t as u64), decoder.config(), decoder.device())?;
+            let o = AdamState::new(&a)?;
             Ok(Arc::new(Mutex::new((a, o))))
         })
         .collect::<anyhow::Result<_>>()?;
@@ -408,7 +396,7 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
                         drop(guard);
                         let mut guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                         let (adapter, opt) = &mut *guard;
-                        opt.step(&adapter.parameters(), &hp)?;
+                        opt.step(adapter, &hp)?;
                     }
                     Ok(())
                 })
@@ -423,6 +411,6 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
 }
 
 /// Loads the model for a bench run.
-pub fn load(dir: &Path) -> anyhow::Result<BaseModel> {
-    BaseModel::load("bench", dir).with_context(|| format!("loading {}", dir.display()))
+pub fn load(dir: &Path, device: tch::Device) -> anyhow::Result<BaseModel> {
+    BaseModel::load("bench", dir, device).with_context(|| format!("loading {}", dir.display()))
 }

@@ -60,12 +60,16 @@ struct BenchArgs {
     /// Steps per tenant in the engine benchmark.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Where the model runs: auto (a GPU when libtorch sees one), cpu, cuda or cuda:N.
+    #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
+    device: String,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // The main thread never runs libtorch work: the load and each measurement run on a thread
     // of their own (see `bench::isolated`).
-    let base = bench::isolated(|| bench::load(&args.model))?;
+    let device = loraloom_model::parse_device(&args.device)?;
+    let base = bench::isolated(|| bench::load(&args.model, device))?;
     let iters = args.iters;
     for what in &args.what {
         let d = base.decoder().shallow_clone();
@@ -102,6 +106,10 @@ struct ServeArgs {
     /// (config.json, *.safetensors, tokenizer.json).
     #[arg(long, env = "LORALOOM_MODEL", default_value = "default")]
     model: String,
+    /// Where the model runs: auto (the first GPU when libtorch sees one, else the CPU), cpu,
+    /// cuda or cuda:N. On a GPU the base model runs in bf16; adapters and optimizer state stay f32.
+    #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
+    device: String,
     /// Name clients use as `base_model` (defaults to the model's directory name).
     #[arg(long, env = "LORALOOM_MODEL_NAME")]
     model_name: Option<String>,
@@ -223,6 +231,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--workers must be at least 1");
     }
     let (dir, name) = resolve_model(&args)?;
+    let device = loraloom_model::parse_device(&args.device).context("--device")?;
+    tracing::info!(
+        device = %loraloom_model::device_name(device),
+        requested = %args.device,
+        gpus_visible = tch::Cuda::device_count(),
+        "model device"
+    );
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     // Loaded on a thread that then ends, so that the workers are the only threads holding
@@ -230,13 +245,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let load_dir = dir.clone();
     let loader = std::thread::Builder::new()
         .name("loraloom-load".into())
-        .spawn(move || BaseModel::load(&name, &load_dir))?;
+        .spawn(move || BaseModel::load(&name, &load_dir, device))?;
     let base = tokio::task::spawn_blocking(move || loader.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the model loader panicked"))?
         .with_context(|| format!("loading model from {}", dir.display()))?;
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
-    let device = format!("{:?}", base.decoder().device());
+    let device = loraloom_model::device_name(base.decoder().device());
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&args.data_dir).context("opening the store")?);
     let registry = Arc::new(

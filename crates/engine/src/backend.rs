@@ -10,8 +10,8 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
 use loraloom_model::train::validate_request;
 use loraloom_model::{
-    forward_backward, sample, AdamState, Decoder, LoraAdapter, SampleRequest, TextTokenizer,
-    TrainRequest,
+    forward_backward, sample, step_many, AdamState, Decoder, LoraAdapter, ModelError,
+    SampleRequest, StepJob, TextTokenizer, TrainRequest,
 };
 
 use crate::error::{EngineError, Result};
@@ -192,19 +192,13 @@ impl ModelWorker {
         let dir = self.registry.snapshot_dir(&entry.key);
         checkpoint::recover(&dir)?;
         Ok(if dir.join("adapter_config.json").exists() {
-            let loaded = checkpoint::load(
-                &dir,
-                self.decoder.config(),
-                self.decoder.device(),
-                self.decoder.kind(),
-            )?;
+            let loaded = checkpoint::load(&dir, self.decoder.config(), self.decoder.device())?;
             (loaded.adapter, loaded.optimizer)
         } else {
             let fresh = LoraAdapter::new(
                 entry.spec.clone(),
                 self.decoder.config(),
                 self.decoder.device(),
-                self.decoder.kind(),
             )?;
             (fresh, None)
         })
@@ -298,15 +292,100 @@ impl ModelWorker {
             .collect()
     }
 
-    fn optim(&self, job: &Job) -> Result<Output> {
-        let Work::OptimStep { params } = &job.work else {
-            unreachable!("optim batch holds optim jobs")
+    /// One fused AdamW step for every run of the batch (each with its own hyperparameters);
+    /// each run's snapshot is written before its step is acknowledged.
+    fn optim(&self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
+        let entries: Vec<Option<Arc<ModelEntry>>> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let Work::OptimStep { params } = &j.work else {
+                    unreachable!("optim batch holds optim jobs")
+                };
+                match params
+                    .validate()
+                    .map_err(EngineError::from)
+                    .and_then(|()| self.model_of(j))
+                {
+                    Ok(e) => Some(e),
+                    Err(err) => {
+                        results[i] = Some(Err(err));
+                        None
+                    }
+                }
+            })
+            .collect();
+        let mut guards: Vec<_> = entries
+            .iter()
+            .map(|e| e.as_ref().map(|e| e.lock()))
+            .collect();
+        let mut stepping = Vec::new();
+        for (i, (entry, guard)) in entries.iter().zip(guards.iter_mut()).enumerate() {
+            let (Some(entry), Some(state)) = (entry, guard) else {
+                continue;
+            };
+            match self.prepare_step(entry, state) {
+                Ok(()) => stepping.push(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let outcomes = {
+            let mut step_jobs: Vec<StepJob> = Vec::with_capacity(stepping.len());
+            let mut states: Vec<&mut RunState> = guards
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| stepping.contains(i))
+                .map(|(_, g)| &mut **g.as_mut().expect("locked above"))
+                .collect();
+            for (state, &i) in states.iter_mut().zip(&stepping) {
+                let Work::OptimStep { params } = &jobs[i].work else {
+                    unreachable!("optim batch holds optim jobs")
+                };
+                let RunState {
+                    adapter, optimizer, ..
+                } = &mut **state;
+                step_jobs.push(StepJob {
+                    adapter: adapter.as_ref().expect("prepared"),
+                    state: optimizer.as_mut().expect("prepared"),
+                    params: *params,
+                });
+            }
+            // A panic must fail these steps, not re-run them (the engine retries panicked
+            // batches job by job).
+            catch_unwind(AssertUnwindSafe(|| step_many(&mut step_jobs))).unwrap_or_else(|_| {
+                tracing::error!(runs = step_jobs.len(), "the fused optimizer step panicked");
+                step_jobs
+                    .iter()
+                    .map(|_| Err(ModelError::invalid("optimizer", "the step panicked")))
+                    .collect()
+            })
         };
-        params.validate()?;
-        let entry = self.model_of(job)?;
-        let mut guard = entry.lock();
-        self.make_resident(&entry, &mut guard)?;
-        let state = &mut *guard;
+        for (i, outcome) in stepping.into_iter().zip(outcomes) {
+            let entry = entries[i].as_ref().expect("stepping runs have entries");
+            let state = guards[i].as_mut().expect("stepping runs are locked");
+            results[i] = Some(outcome.map_err(EngineError::from).and_then(|stats| {
+                if self.snapshot_every_step {
+                    snapshot(&self.registry, entry, state)?;
+                    state.pending_marked = false;
+                }
+                Ok(Output::OptimStep(stats))
+            }));
+        }
+        drop(guards);
+        for e in entries.iter().flatten() {
+            e.touch();
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every job has a result"))
+            .collect()
+    }
+
+    /// Makes a run ready for an optimizer step: resident, with an optimizer. Fails (and clears
+    /// the condition) when a crash lost its gradients.
+    fn prepare_step(&self, entry: &ModelEntry, state: &mut RunState) -> Result<()> {
+        self.make_resident(entry, state)?;
         let adapter = state
             .adapter
             .as_ref()
@@ -321,21 +400,10 @@ impl ModelWorker {
             }
             return Err(EngineError::GradientsLost);
         }
-        let params_list = adapter.parameters();
         if state.optimizer.is_none() {
-            state.optimizer = Some(AdamState::new(&params_list)?);
+            state.optimizer = Some(AdamState::new(adapter)?);
         }
-        let stats = state
-            .optimizer
-            .as_mut()
-            .expect("set above")
-            .step(&params_list, params)?;
-        if self.snapshot_every_step {
-            snapshot(&self.registry, &entry, state)?;
-            state.pending_marked = false;
-        }
-        entry.touch();
-        Ok(Output::OptimStep(stats))
+        Ok(())
     }
 
     fn create(&self, job: &Job) -> Result<Output> {
@@ -345,12 +413,7 @@ impl ModelWorker {
         let entry = self.model_of(job)?;
         let (adapter, optimizer) = match from {
             None => (
-                LoraAdapter::new(
-                    spec.clone(),
-                    self.decoder.config(),
-                    self.decoder.device(),
-                    self.decoder.kind(),
-                )?,
+                LoraAdapter::new(spec.clone(), self.decoder.config(), self.decoder.device())?,
                 None,
             ),
             Some((path, with_optimizer)) => {
@@ -393,7 +456,6 @@ impl ModelWorker {
             &record.dir,
             self.decoder.config(),
             self.decoder.device(),
-            self.decoder.kind(),
         )?)
     }
 
@@ -422,7 +484,7 @@ impl ModelWorker {
                 // A state saved before the first step still restores as a fresh optimizer.
                 optimizer_slot = match &guard.optimizer {
                     Some(_) => None,
-                    None => Some(AdamState::new(&adapter.parameters())?),
+                    None => Some(AdamState::new(adapter)?),
                 };
                 guard.optimizer.as_ref().or(optimizer_slot.as_ref())
             }
@@ -638,9 +700,7 @@ impl Backend for ModelWorker {
         let results = match first.work.class() {
             BatchClass::Train(backward) => self.train(jobs, backward),
             BatchClass::Sample => self.sample(jobs),
-            // Each step takes effect on its own: a panic in one must not re-run the others
-            // (the engine retries a panicked batch job by job).
-            BatchClass::Optim => jobs.iter().map(|j| contained(|| self.optim(j))).collect(),
+            BatchClass::Optim => self.optim(jobs),
             BatchClass::Solo => jobs
                 .iter()
                 .map(|j| {

@@ -31,9 +31,14 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads the checkpoint in `dir` on the default device and names it `name`.
-    pub fn load(name: &str, dir: &Path) -> Result<Self, ModelError> {
-        let decoder = Decoder::load(dir, loraloom_model::default_device(), None)?;
+    /// Loads the checkpoint in `dir` on `device` (f32 on the CPU, bf16 on a GPU) and names it
+    /// `name`.
+    pub fn load(
+        name: &str,
+        dir: &Path,
+        device: loraloom_model::Device,
+    ) -> Result<Self, ModelError> {
+        let decoder = Decoder::load(dir, device, None)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let info = BaseModelInfo {
             name: name.to_string(),

@@ -12,7 +12,7 @@ use loraloom_engine::{
     ModelKey, ModelWorker, Output, QueueKey, Registry, Result, SamplerKey, Work,
 };
 use loraloom_model::{
-    forward_backward, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
+    forward_backward, AdamParams, AdamState, Datum, Decoder, Field, LoraAdapter, LoraSpec, LossFn,
     LossInputs, ModelConfig, SamplingParams, StepStats, Stop, TrainRequest,
 };
 use tch::{Device, Kind};
@@ -448,14 +448,9 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
     );
 
     for (i, k) in tenants.iter().enumerate() {
-        let alone = LoraAdapter::new(
-            spec(2 + i as i64, i as u64),
-            decoder.config(),
-            Device::Cpu,
-            Kind::Float,
-        )
-        .unwrap();
-        let mut opt = AdamState::new(&alone.parameters()).unwrap();
+        let alone =
+            LoraAdapter::new(spec(2 + i as i64, i as u64), decoder.config(), Device::Cpu).unwrap();
+        let mut opt = AdamState::new(&alone).unwrap();
         let d = data(i as i64);
         for _ in 0..3 {
             let req = TrainRequest {
@@ -464,13 +459,15 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
                 data: &d,
             };
             forward_backward(&decoder, &[req], true).unwrap();
-            opt.step(&alone.parameters(), &hp).unwrap();
+            opt.step(&alone, &hp).unwrap();
         }
         let entry = engine.registry().model(&k.tenant, "run").unwrap();
         let state = entry.lock();
         let trained = state.adapter.as_ref().unwrap();
-        for (p, q) in trained.parameters().iter().zip(alone.parameters()) {
-            let diff = (*p - q).abs().max().double_value(&[]);
+        {
+            let p = trained.row().view(Field::Params).unwrap();
+            let q = alone.row().view(Field::Params).unwrap();
+            let diff = (&p - &q).abs().max().double_value(&[]);
             let scale = q.abs().max().double_value(&[]);
             assert!(
                 diff <= 1e-5 * scale.max(1.0),
@@ -571,8 +568,8 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
     step(&a, 0);
 
     // The same three steps without eviction.
-    let alone = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu, Kind::Float).unwrap();
-    let mut opt = AdamState::new(&alone.parameters()).unwrap();
+    let alone = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu).unwrap();
+    let mut opt = AdamState::new(&alone).unwrap();
     let d = data(0);
     for _ in 0..3 {
         let req = TrainRequest {
@@ -581,14 +578,14 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
             data: &d,
         };
         forward_backward(&decoder, &[req], true).unwrap();
-        opt.step(&alone.parameters(), &hp).unwrap();
+        opt.step(&alone, &hp).unwrap();
     }
     let entry = engine.registry().model("t", "a").unwrap();
     let state = entry.lock();
     let trained = state.adapter.as_ref().expect("a is resident again");
-    for (p, q) in trained.parameters().iter().zip(alone.parameters()) {
-        assert_eq!((*p - q).abs().max().double_value(&[]), 0.0);
-    }
+    let p = trained.row().view(Field::Params).unwrap();
+    let q = alone.row().view(Field::Params).unwrap();
+    assert_eq!((&p - &q).abs().max().double_value(&[]), 0.0);
     drop(state);
     engine.shutdown(true);
 }

@@ -1,10 +1,20 @@
 //! Adam with bias correction, decoupled weight decay and optional gradient clipping, exactly as
 //! `torch.optim.AdamW` (which is `torch.optim.Adam` when `weight_decay` is 0) and
 //! `torch.nn.utils.clip_grad_norm_` compute them.
+//!
+//! [`step_many`] steps many adapters at once: the adapters' weights, gradients and moments are
+//! rows of their layout's slab ([`crate::slab`]), so one step gathers the rows of every run in
+//! the batch, applies AdamW with each run's own hyperparameters as per-row factors, and writes
+//! the rows back: a fixed number of kernels per slab (and per memory-bounded column chunk), not
+//! per run or per tensor.
 
-use tch::Tensor;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::lora::LoraAdapter;
+use crate::slab::{Field, Slab};
 
 /// The SDK's `AdamParams`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,14 +95,11 @@ impl AdamParams {
     }
 }
 
-/// Per-adapter optimizer state: step count and both moments of every parameter.
+/// Per-run optimizer state besides the moments (which live in the adapter's slab row).
+#[derive(Debug)]
 pub struct AdamState {
     /// Steps taken.
     pub step: i64,
-    /// First moments, aligned with the adapter's parameters.
-    pub exp_avg: Vec<Tensor>,
-    /// Second moments, aligned with the adapter's parameters.
-    pub exp_avg_sq: Vec<Tensor>,
 }
 
 /// What one optimizer step did.
@@ -105,101 +112,219 @@ pub struct StepStats {
 }
 
 impl AdamState {
-    /// Zero moments for `params`.
-    pub fn new(params: &[&Tensor]) -> Result<Self> {
-        let zeros =
-            |p: &&Tensor| -> Result<Tensor> { Ok(p.f_zeros_like()?.set_requires_grad(false)) };
-        Ok(AdamState {
-            step: 0,
-            exp_avg: params.iter().map(zeros).collect::<Result<_>>()?,
-            exp_avg_sq: params.iter().map(zeros).collect::<Result<_>>()?,
-        })
+    /// A fresh optimizer for `adapter`: step 0, moments zeroed.
+    pub fn new(adapter: &LoraAdapter) -> Result<Self> {
+        adapter.row().zero(Field::ExpAvg)?;
+        adapter.row().zero(Field::ExpAvgSq)?;
+        Ok(AdamState { step: 0 })
     }
 
-    /// Applies one step to `params` using their accumulated gradients, then zeroes the gradients.
-    /// Parameters without a gradient (never reached by a backward) are left untouched.
-    pub fn step(&mut self, params: &[&Tensor], hp: &AdamParams) -> Result<StepStats> {
-        hp.validate()?;
-        if params.len() != self.exp_avg.len() {
-            return Err(ModelError::invalid(
-                "optimizer_state",
-                format!(
-                    "has {} moments for {} parameters",
-                    self.exp_avg.len(),
-                    params.len()
-                ),
-            ));
+    /// Applies one step to `adapter` using its accumulated gradients, then zeroes them.
+    pub fn step(&mut self, adapter: &LoraAdapter, hp: &AdamParams) -> Result<StepStats> {
+        let mut jobs = [StepJob {
+            adapter,
+            state: self,
+            params: *hp,
+        }];
+        step_many(&mut jobs).pop().expect("one result per job")
+    }
+}
+
+/// One run's share of a fused optimizer step.
+pub struct StepJob<'a> {
+    /// The run's adapter.
+    pub adapter: &'a LoraAdapter,
+    /// Its optimizer state.
+    pub state: &'a mut AdamState,
+    /// Its hyperparameters.
+    pub params: AdamParams,
+}
+
+/// Elements of one gathered temporary (`[runs, columns]`): bounds the step's extra memory.
+const CHUNK_ELEMENTS: i64 = 1 << 26;
+
+/// Steps every job's adapter with its own hyperparameters, then zeroes its gradients; one
+/// result per job, in order. A run whose gradient norm is not finite is not stepped (its
+/// gradients are discarded, or every later step would fail the same way); invalid
+/// hyperparameters fail only their own job.
+pub fn step_many(jobs: &mut [StepJob]) -> Vec<Result<StepStats>> {
+    let mut results: Vec<Option<Result<StepStats>>> = jobs
+        .iter()
+        .map(|j| j.params.validate().err().map(Err))
+        .collect();
+    let mut groups: Vec<(Arc<Slab>, Vec<usize>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if results[i].is_some() {
+            continue;
         }
-        tch::no_grad(|| -> Result<StepStats> {
-            let grads: Vec<Option<Tensor>> = params
-                .iter()
-                .map(|p| {
-                    let g = p.grad();
-                    g.defined().then_some(g)
-                })
-                .collect();
-            let mut sq_sum = 0.0;
-            for g in grads.iter().flatten() {
-                sq_sum += g
-                    .f_pow_tensor_scalar(2)?
-                    .f_sum(tch::Kind::Double)?
-                    .f_double_value(&[])?;
+        let slab = job.adapter.row().slab();
+        match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slab)) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((slab.clone(), vec![i])),
+        }
+    }
+    for (slab, members) in groups {
+        match step_group(&slab, jobs, &members) {
+            Ok(outcomes) => {
+                for (i, outcome) in members.into_iter().zip(outcomes) {
+                    results[i] = Some(outcome);
+                }
             }
-            let grad_norm = sq_sum.sqrt();
-            if !grad_norm.is_finite() {
-                // Discarded, or every later step of this run would fail the same way.
-                zero_grads(params)?;
-                return Err(ModelError::invalid(
-                    "gradients",
-                    "the accumulated gradient is not finite; the step was not applied and the gradients were discarded",
-                ));
+            Err(e) => {
+                let message = e.to_string();
+                for i in members {
+                    results[i] = Some(Err(ModelError::Torch(tch::TchError::Torch(
+                        message.clone(),
+                    ))));
+                }
             }
-            let clip = if hp.grad_clip_norm > 0.0 {
-                (hp.grad_clip_norm / (grad_norm + 1e-6)).min(1.0)
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every job has a result"))
+        .collect()
+}
+
+/// Per-run factors of one step, as `[runs, 1]` f32 columns.
+struct Factors {
+    clip: Option<Tensor>,
+    decay: Option<Tensor>,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    one_minus_beta2: Tensor,
+    bias2_sqrt: Tensor,
+    eps: Tensor,
+    step_size: Tensor,
+}
+
+impl Factors {
+    fn new(runs: &[(AdamParams, f64, i64)], device: Device) -> Result<Self> {
+        let column = |f: &dyn Fn(&(AdamParams, f64, i64)) -> f64| -> Result<Tensor> {
+            let values: Vec<f32> = runs.iter().map(|r| f(r) as f32).collect();
+            Ok(Tensor::from_slice(&values)
+                .f_to_device(device)?
+                .f_view([-1, 1])?)
+        };
+        let clip_of = |(hp, norm, _): &(AdamParams, f64, i64)| {
+            if hp.grad_clip_norm > 0.0 {
+                (hp.grad_clip_norm / (norm + 1e-6)).min(1.0)
             } else {
                 1.0
-            };
-            self.step += 1;
-            let t = self.step as i32;
-            let bias1 = 1.0 - hp.beta1.powi(t);
-            let bias2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt();
-            let step_size = hp.learning_rate / bias1;
-            for (i, p) in params.iter().enumerate() {
-                let Some(g) = &grads[i] else { continue };
-                let g = if clip < 1.0 {
-                    g.f_mul_scalar(clip)?
-                } else {
-                    g.shallow_clone()
-                };
-                let mut p = (*p).shallow_clone();
-                if hp.weight_decay > 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - hp.learning_rate * hp.weight_decay)?;
-                }
-                let m = &mut self.exp_avg[i];
-                let _ = m.f_lerp_(&g, 1.0 - hp.beta1)?;
-                let v = &mut self.exp_avg_sq[i];
-                let _ = v.f_mul_scalar_(hp.beta2)?;
-                let _ = v.f_addcmul_(&g, &g.f_mul_scalar(1.0 - hp.beta2)?)?;
-                let denom = v.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(hp.eps)?;
-                let update = m.f_div(&denom)?.f_mul_scalar(step_size)?;
-                let _ = p.f_sub_(&update)?;
             }
-            zero_grads(params)?;
-            Ok(StepStats {
-                grad_norm,
-                step: self.step,
-            })
+        };
+        let any_clip = runs.iter().any(|r| clip_of(r) < 1.0);
+        let any_decay = runs.iter().any(|(hp, _, _)| hp.weight_decay > 0.0);
+        Ok(Factors {
+            clip: if any_clip {
+                Some(column(&clip_of)?)
+            } else {
+                None
+            },
+            decay: if any_decay {
+                Some(column(&|(hp, _, _)| {
+                    1.0 - hp.learning_rate * hp.weight_decay
+                })?)
+            } else {
+                None
+            },
+            one_minus_beta1: column(&|(hp, _, _)| 1.0 - hp.beta1)?,
+            beta2: column(&|(hp, _, _)| hp.beta2)?,
+            one_minus_beta2: column(&|(hp, _, _)| 1.0 - hp.beta2)?,
+            bias2_sqrt: column(&|(hp, _, t)| (1.0 - hp.beta2.powi(*t as i32)).sqrt())?,
+            eps: column(&|(hp, _, _)| hp.eps)?,
+            step_size: column(&|(hp, _, t)| hp.learning_rate / (1.0 - hp.beta1.powi(*t as i32)))?,
         })
     }
 }
 
-/// Zeroes the accumulated gradients of `params` (those that have one).
-pub fn zero_grads(params: &[&Tensor]) -> Result<()> {
-    for p in params {
-        let mut g = p.grad();
-        if g.defined() {
-            let _ = g.f_zero_()?;
-        }
-    }
-    Ok(())
+/// One fused step over `members` (indices into `jobs`), all rows of `slab`.
+fn step_group(
+    slab: &Slab,
+    jobs: &mut [StepJob],
+    members: &[usize],
+) -> Result<Vec<Result<StepStats>>> {
+    let device = slab.device();
+    let numel = slab.layout().numel;
+    let chunk = |runs: usize| (CHUNK_ELEMENTS / runs.max(1) as i64).clamp(1, numel.max(1));
+    slab.with(|t| -> Result<Vec<Result<StepStats>>> {
+        tch::no_grad(|| {
+            let rows: Vec<i64> = members.iter().map(|&i| jobs[i].adapter.row().index()).collect();
+            let index = Tensor::from_slice(&rows).f_to_device(device)?;
+            // Pass 1: each run's global gradient norm (one host transfer for all runs).
+            let mut sq = Tensor::f_zeros([rows.len() as i64], (Kind::Double, device))?;
+            let cols = chunk(rows.len());
+            for start in (0..numel).step_by(cols as usize) {
+                let width = cols.min(numel - start);
+                let g = t.grads.f_narrow(1, start, width)?.f_index_select(0, &index)?;
+                sq = sq.f_add(&g.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
+            }
+            let norms = Vec::<f64>::try_from(sq.f_sqrt()?.f_to_device(Device::Cpu)?)?;
+            let mut outcomes: Vec<Option<Result<StepStats>>> = members.iter().map(|_| None).collect();
+            let mut stepping = Vec::new();
+            for (m, &norm) in norms.iter().enumerate() {
+                if norm.is_finite() {
+                    stepping.push(m);
+                    continue;
+                }
+                let _ = t.grads.f_select(0, rows[m])?.f_zero_()?;
+                jobs[members[m]].adapter.zero_grad_flag();
+                outcomes[m] = Some(Err(ModelError::invalid(
+                    "gradients",
+                    "the accumulated gradient is not finite; the step was not applied and the gradients were discarded",
+                )));
+            }
+            if !stepping.is_empty() {
+                let runs: Vec<(AdamParams, f64, i64)> = stepping
+                    .iter()
+                    .map(|&m| {
+                        let job = &jobs[members[m]];
+                        (job.params, norms[m], job.state.step + 1)
+                    })
+                    .collect();
+                let f = Factors::new(&runs, device)?;
+                let step_rows: Vec<i64> = stepping.iter().map(|&m| rows[m]).collect();
+                let index = Tensor::from_slice(&step_rows).f_to_device(device)?;
+                let cols = chunk(step_rows.len());
+                for start in (0..numel).step_by(cols as usize) {
+                    let width = cols.min(numel - start);
+                    let gather = |field: &Tensor| -> Result<Tensor> {
+                        Ok(field.f_narrow(1, start, width)?.f_index_select(0, &index)?)
+                    };
+                    let mut g = gather(&t.grads)?;
+                    if let Some(clip) = &f.clip {
+                        g = g.f_mul(clip)?;
+                    }
+                    let mut p = gather(&t.params)?;
+                    if let Some(decay) = &f.decay {
+                        let _ = p.f_mul_(decay)?;
+                    }
+                    let mut m = gather(&t.exp_avg)?;
+                    let _ = m.f_lerp_tensor_(&g, &f.one_minus_beta1)?;
+                    let mut v = gather(&t.exp_avg_sq)?;
+                    let _ = v.f_mul_(&f.beta2)?;
+                    let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
+                    let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
+                    let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
+                    for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
+                        let _ = field.f_narrow(1, start, width)?.f_index_copy_(0, &index, value)?;
+                    }
+                }
+                let _ = t.grads.f_index_fill_(0, &index, 0.0)?;
+                for (&m, (_, norm, step)) in stepping.iter().zip(&runs) {
+                    let job = &mut jobs[members[m]];
+                    job.state.step = *step;
+                    job.adapter.zero_grad_flag();
+                    outcomes[m] = Some(Ok(StepStats {
+                        grad_norm: *norm,
+                        step: *step,
+                    }));
+                }
+            }
+            Ok(outcomes
+                .into_iter()
+                .map(|o| o.expect("every run has an outcome"))
+                .collect())
+        })
+    })
 }

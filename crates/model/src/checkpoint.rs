@@ -21,7 +21,8 @@ use tch::{Device, Kind, Tensor};
 use crate::adam::AdamState;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::{LoraAdapter, LoraPair, LoraSpec, Target};
+use crate::lora::{LoraAdapter, LoraSpec, Target};
+use crate::slab::Field;
 
 const ADAPTER_FILE: &str = "adapter_model.safetensors";
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -174,22 +175,19 @@ fn write_files(request: &SaveRequest, dir: &Path) -> Result<()> {
         step: request.optimizer.map(|o| o.step),
     };
     write_json(&dir.join(EXTRA_FILE), &extra)?;
-    if let Some(opt) = request.optimizer {
-        let params = adapter.parameters();
-        let names: Vec<String> = pairs
-            .iter()
-            .flat_map(|(m, _)| [peft_key(m, "A"), peft_key(m, "B")])
-            .collect();
-        if opt.exp_avg.len() != params.len() {
-            return Err(ModelError::invalid(
-                "optimizer_state",
-                "does not match the adapter's parameters",
-            ));
-        }
-        let mut moments = Vec::with_capacity(names.len() * 2);
-        for (i, name) in names.iter().enumerate() {
-            moments.push((format!("{name}.exp_avg"), cpu_f32(&opt.exp_avg[i])?));
-            moments.push((format!("{name}.exp_avg_sq"), cpu_f32(&opt.exp_avg_sq[i])?));
+    if request.optimizer.is_some() {
+        let mut moments = Vec::with_capacity(pairs.len() * 4);
+        for (suffix, field) in [("exp_avg", Field::ExpAvg), ("exp_avg_sq", Field::ExpAvgSq)] {
+            for (module, pair) in adapter.named_field_pairs(field)? {
+                moments.push((
+                    format!("{}.{suffix}", peft_key(&module, "A")),
+                    cpu_f32(&pair.a)?,
+                ));
+                moments.push((
+                    format!("{}.{suffix}", peft_key(&module, "B")),
+                    cpu_f32(&pair.b)?,
+                ));
+            }
         }
         write_safetensors(&moments, &dir.join(OPTIMIZER_FILE))?;
     }
@@ -239,7 +237,7 @@ pub struct Loaded {
 }
 
 /// Reads a checkpoint written by [`save`] or by `peft`'s `save_pretrained` for `config`'s model.
-pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Result<Loaded> {
+pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> {
     recover(dir)?;
     let config_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, e))?;
@@ -282,67 +280,28 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Res
         train_mlp: has(&mlp),
         train_unembed: any(&["lm_head"]),
     };
-    let mut adapter = LoraAdapter::new(spec, config, device, kind)?;
+    let adapter = LoraAdapter::zeroed(spec, config, device)?;
     let weights_path = dir.join(ADAPTER_FILE);
     let mut tensors = read_tensors(&weights_path)?;
-    let mut take = |name: &str, shape: [i64; 2]| -> Result<Tensor> {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        if t.size() != shape {
-            return Err(ModelError::WrongShape {
-                name: name.to_string(),
-                found: t.size(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(t)
-    };
     let rank = adapter.spec().rank;
-    let slots = (0..config.num_layers as usize)
-        .flat_map(|l| Target::BLOCK.map(|t| (Some(l), t)))
-        .chain([(None, Target::Unembed)]);
-    for (layer, target) in slots {
-        load_pair(
-            &mut adapter,
-            layer,
-            target,
-            config,
-            rank,
-            device,
-            kind,
-            &mut take,
-        )?;
-    }
-
-    let optimizer = if dir.join(OPTIMIZER_FILE).exists() {
-        let path = dir.join(OPTIMIZER_FILE);
-        let mut moments = read_tensors(&path)?;
-        let mut exp_avg = Vec::new();
-        let mut exp_avg_sq = Vec::new();
-        for (module, pair) in adapter.named_pairs() {
-            for (half, p) in [("A", &pair.a), ("B", &pair.b)] {
-                let key = peft_key(&module, half);
-                for (suffix, out) in [("exp_avg", &mut exp_avg), ("exp_avg_sq", &mut exp_avg_sq)] {
-                    let name = format!("{key}.{suffix}");
-                    let t = moments
-                        .remove(&name)
-                        .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
-                    if t.size() != p.size() {
-                        return Err(ModelError::WrongShape {
-                            name,
-                            found: t.size(),
-                            expected: p.size(),
-                        });
-                    }
-                    out.push(t.f_to_kind(kind)?.f_to_device(device)?);
-                }
-            }
+    let layout = adapter.layout().clone();
+    let read = |tensors: &mut HashMap<String, Tensor>, field: Field, suffix: &str| {
+        for e in &layout.entries {
+            let module = e.target.module_path(e.layer);
+            let key = |half| format!("{}{suffix}", peft_key(&module, half));
+            let a = take(tensors, &key("A"), &[rank, e.inp])?;
+            let b = take(tensors, &key("B"), &[e.out, rank])?;
+            adapter.set_pair(field, e.layer, e.target, &a, &b)?;
         }
+        Ok::<(), ModelError>(())
+    };
+    read(&mut tensors, Field::Params, "")?;
+    let optimizer = if dir.join(OPTIMIZER_FILE).exists() {
+        let mut moments = read_tensors(&dir.join(OPTIMIZER_FILE))?;
+        read(&mut moments, Field::ExpAvg, ".exp_avg")?;
+        read(&mut moments, Field::ExpAvgSq, ".exp_avg_sq")?;
         Some(AdamState {
             step: extra.as_ref().and_then(|e| e.step).unwrap_or(0),
-            exp_avg,
-            exp_avg_sq,
         })
     } else {
         None
@@ -350,26 +309,19 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device, kind: Kind) -> Res
     Ok(Loaded { adapter, optimizer })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn load_pair(
-    adapter: &mut LoraAdapter,
-    layer: Option<usize>,
-    target: Target,
-    config: &ModelConfig,
-    rank: i64,
-    device: Device,
-    kind: Kind,
-    take: &mut impl FnMut(&str, [i64; 2]) -> Result<Tensor>,
-) -> Result<()> {
-    let Some(pair) = adapter.pair_mut(layer, target) else {
-        return Ok(());
-    };
-    let module = target.module_path(layer);
-    let (out, inp) = target.dims(config);
-    let a = take(&peft_key(&module, "A"), [rank, inp])?;
-    let b = take(&peft_key(&module, "B"), [out, rank])?;
-    *pair = LoraPair::leaf(a, b, device, kind)?;
-    Ok(())
+/// Removes tensor `name` from `tensors`, checking its shape.
+fn take(tensors: &mut HashMap<String, Tensor>, name: &str, shape: &[i64]) -> Result<Tensor> {
+    let t = tensors
+        .remove(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if t.size() != shape {
+        return Err(ModelError::WrongShape {
+            name: name.to_string(),
+            found: t.size(),
+            expected: shape.to_vec(),
+        });
+    }
+    Ok(t)
 }
 
 #[cfg(test)]

@@ -17,19 +17,23 @@ pub mod loss;
 pub mod rng;
 pub mod rope;
 pub mod sample;
+pub mod slab;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
-pub use adam::{AdamParams, AdamState, StepStats};
+pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use config::{Architecture, ModelConfig};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
-pub use lora::{LoraAdapter, LoraBatch, LoraSpec, Segment, Target};
+pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
 pub use loss::{LossFn, LossInputs};
 pub use sample::{
     sample, SampleOutput, SampleRequest, SampledSequence, SamplingParams, Stop, StopReason,
 };
+pub use slab::Field;
+/// The device type of every tensor (re-exported so that callers need not depend on `tch`).
+pub use tch::Device;
 pub use tokenizer::TextTokenizer;
 pub use train::{forward_backward, Datum, DatumOutput, RequestOutput, TrainRequest};
 
@@ -44,7 +48,51 @@ pub fn set_intra_op_threads(n: i32) {
     tch::set_num_threads(n)
 }
 
-/// Picks CUDA when libtorch sees a GPU, else the CPU.
-pub fn default_device() -> tch::Device {
-    tch::Device::cuda_if_available()
+/// Resolves a device choice: `auto` (the first GPU when libtorch sees one, else the CPU), `cpu`,
+/// `cuda` (the first GPU) or `cuda:N`. Asking for a GPU libtorch cannot see is an error, never a
+/// silent fallback to the CPU.
+pub fn parse_device(choice: &str) -> Result<tch::Device> {
+    let gpus = tch::Cuda::device_count();
+    let cuda = |index: i64| -> Result<tch::Device> {
+        if index < gpus {
+            Ok(tch::Device::Cuda(index as usize))
+        } else {
+            Err(ModelError::invalid(
+                "device",
+                format!(
+                    "`{choice}` asks for GPU {index}, but libtorch sees {gpus} GPU(s){}",
+                    if gpus == 0 {
+                        " (is this libtorch built with CUDA, and is a driver installed?)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        }
+    };
+    match choice.trim() {
+        "auto" => Ok(if gpus > 0 {
+            tch::Device::Cuda(0)
+        } else {
+            tch::Device::Cpu
+        }),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<i64>) {
+            Some(Ok(index)) if index >= 0 => cuda(index),
+            _ => Err(ModelError::invalid(
+                "device",
+                format!("`{choice}` is not one of auto, cpu, cuda, cuda:N"),
+            )),
+        },
+    }
+}
+
+/// A device as users write it (`cpu`, `cuda:0`).
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }

@@ -1,18 +1,22 @@
-//! LoRA adapters and the segmented multi-adapter application.
+//! LoRA adapters and their multi-adapter application.
 //!
 //! An adapter holds `A` (`[rank, in]`) and `B` (`[out, rank]`) per targeted linear layer; the
-//! layer's output becomes `W x + scale · B (A x)` with `scale = alpha / rank`. A [`LoraBatch`]
-//! assigns contiguous row ranges of a batch to adapters: the base matmul runs once over all rows,
-//! each segment adds its own adapter's delta, and autograd routes gradients to each adapter's
-//! own tensors.
+//! layer's output becomes `W x + scale · B (A x)` with `scale = alpha / rank`. Adapters live as
+//! rows of stacked storage ([`crate::slab`]). A batch gathers its adapters into
+//! [`AdapterStack`]s (one per layout) and a [`LoraBatch`] says which rows use which member: the
+//! base matmul runs once over all rows, and each layer's deltas cost a fixed number of batched
+//! kernels per stack, however many adapters the batch holds. One backward yields every member's
+//! gradients, which go back to the slab with one `index_add_`.
 
-use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
+use crate::slab::{Field, Layout, Row, Slab};
 
 /// Linear layers LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,10 +62,6 @@ impl Target {
         Target::Down,
         Target::Unembed,
     ];
-
-    fn block_index(self) -> Option<usize> {
-        Target::BLOCK.iter().position(|&t| t == self)
-    }
 
     /// The module name Hugging Face / peft use (`q_proj`, ..., `lm_head`).
     pub fn hf_name(self) -> &'static str {
@@ -170,7 +170,7 @@ impl LoraSpec {
     }
 }
 
-/// One adapted layer: `A` `[rank, in]` and `B` `[out, rank]`, both trainable leaves.
+/// One adapted layer's `A` (`[rank, in]`) and `B` (`[out, rank]`): views of an adapter's row.
 pub struct LoraPair {
     /// Down-projection.
     pub a: Tensor,
@@ -178,46 +178,47 @@ pub struct LoraPair {
     pub b: Tensor,
 }
 
-/// A LoRA adapter over every targeted layer of one model.
+/// A LoRA adapter over every targeted layer of one model: its weights, gradients and Adam
+/// moments are one row of its layout's [`Slab`] (f32 on the model's device, whatever dtype the
+/// model computes in).
 pub struct LoraAdapter {
     spec: LoraSpec,
-    blocks: Vec<[Option<LoraPair>; 7]>,
-    unembed: Option<LoraPair>,
+    row: Row,
+    /// A backward pass added gradients that no optimizer step or `zero_grad` has consumed.
+    pending: AtomicBool,
 }
 
 impl LoraAdapter {
     /// A fresh adapter: `A` as peft initialises it (Kaiming-uniform with `a = √5`, i.e.
     /// uniform in `±1/√in`), `B` zeros, so the model's outputs are unchanged.
-    pub fn new(spec: LoraSpec, config: &ModelConfig, device: Device, kind: Kind) -> Result<Self> {
-        spec.validate(config)?;
-        let mut rng = SplitMix64::new(spec.seed);
-        let rank = spec.rank;
-        let mut fresh = |target: Target| -> Result<Option<LoraPair>> {
-            if !spec.targets(target) {
-                return Ok(None);
+    pub fn new(spec: LoraSpec, config: &ModelConfig, device: Device) -> Result<Self> {
+        let adapter = Self::zeroed(spec, config, device)?;
+        let layout = adapter.layout().clone();
+        let rank = adapter.spec.rank;
+        let mut rng = SplitMix64::new(adapter.spec.seed);
+        let mut values = vec![0f32; layout.numel as usize];
+        for e in &layout.entries {
+            let bound = 1.0 / (e.inp as f64).sqrt();
+            // Row-major [R, inp]: the first `rank` rows are the adapter's, the rest padding.
+            let start = e.a_offset as usize;
+            for v in &mut values[start..start + (rank * e.inp) as usize] {
+                *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
             }
-            let (out, inp) = target.dims(config);
-            let bound = 1.0 / (inp as f64).sqrt();
-            let values: Vec<f32> = (0..rank * inp)
-                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
-                .collect();
-            let a = Tensor::from_slice(&values).f_view([rank, inp])?;
-            let b = Tensor::f_zeros([out, rank], (Kind::Float, Device::Cpu))?;
-            Ok(Some(LoraPair::leaf(a, b, device, kind)?))
-        };
-        let mut blocks = Vec::with_capacity(config.num_layers as usize);
-        for _ in 0..config.num_layers {
-            let mut layer: [Option<LoraPair>; 7] = Default::default();
-            for (slot, target) in layer.iter_mut().zip(Target::BLOCK) {
-                *slot = fresh(target)?;
-            }
-            blocks.push(layer);
         }
-        let unembed = fresh(Target::Unembed)?;
+        adapter
+            .row
+            .write(Field::Params, &Tensor::from_slice(&values))?;
+        Ok(adapter)
+    }
+
+    /// An adapter of `spec` whose weights, gradients and moments are all zero.
+    pub fn zeroed(spec: LoraSpec, config: &ModelConfig, device: Device) -> Result<Self> {
+        spec.validate(config)?;
+        let slab = Slab::of(Layout::new(&spec, config), device);
         Ok(LoraAdapter {
             spec,
-            blocks,
-            unembed,
+            row: slab.allocate()?,
+            pending: AtomicBool::new(false),
         })
     }
 
@@ -226,266 +227,349 @@ impl LoraAdapter {
         &self.spec
     }
 
-    /// The pair adapting `target` of `layer` (`None` layer for the unembedding).
-    pub fn pair(&self, layer: Option<usize>, target: Target) -> Option<&LoraPair> {
-        match (target.block_index(), layer) {
-            (Some(i), Some(l)) => self.blocks.get(l).and_then(|b| b[i].as_ref()),
-            _ if target == Target::Unembed => self.unembed.as_ref(),
-            _ => None,
-        }
+    /// The row layout (bucket rank, adapted layers).
+    pub fn layout(&self) -> &Arc<Layout> {
+        self.row.slab().layout()
     }
 
-    /// Mutable access to a pair, e.g. to set given weights.
-    pub fn pair_mut(&mut self, layer: Option<usize>, target: Target) -> Option<&mut LoraPair> {
-        match (target.block_index(), layer) {
-            (Some(i), Some(l)) => self.blocks.get_mut(l).and_then(|b| b[i].as_mut()),
-            _ if target == Target::Unembed => self.unembed.as_mut(),
-            _ => None,
-        }
+    /// The adapter's row in its slab.
+    pub fn row(&self) -> &Row {
+        &self.row
     }
 
-    /// Every adapted layer with its module path, in a stable order.
-    pub fn named_pairs(&self) -> Vec<(String, &LoraPair)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.blocks.iter().enumerate() {
-            for (slot, target) in layer.iter().zip(Target::BLOCK) {
-                if let Some(pair) = slot {
-                    out.push((target.module_path(Some(l)), pair));
-                }
-            }
-        }
-        if let Some(pair) = &self.unembed {
-            out.push((Target::Unembed.module_path(None), pair));
-        }
-        out
+    /// The weights of `target` in `layer` (`None` layer for the unembedding), when adapted.
+    pub fn pair(&self, layer: Option<usize>, target: Target) -> Option<LoraPair> {
+        self.field_pair(Field::Params, layer, target).ok().flatten()
     }
 
-    /// Whether a backward pass left gradients that no optimizer step has consumed yet (a
-    /// gradient that cannot be read counts as pending).
-    pub fn has_pending_gradients(&self) -> bool {
-        self.parameters().iter().any(|p| {
-            let g = p.grad();
-            g.defined()
-                && g.f_abs()
-                    .and_then(|a| a.f_max())
-                    .and_then(|m| m.f_double_value(&[]))
-                    .map_or(true, |m| m != 0.0)
+    /// `field`'s `A` and `B` of `target` in `layer` (views at the adapter's own rank).
+    pub fn field_pair(
+        &self,
+        field: Field,
+        layer: Option<usize>,
+        target: Target,
+    ) -> Result<Option<LoraPair>> {
+        let layout = self.layout();
+        let Some((_, entry)) = layout.entry(layer, target) else {
+            return Ok(None);
+        };
+        let row = self.row.view(field)?;
+        let (a, b) = layout.pair_views(&row, entry, self.spec.rank)?;
+        Ok(Some(LoraPair { a, b }))
+    }
+
+    /// Overwrites `field`'s `A` and `B` of `target` in `layer` (a no-op when not adapted).
+    pub fn set_pair(
+        &self,
+        field: Field,
+        layer: Option<usize>,
+        target: Target,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<()> {
+        let layout = self.layout().clone();
+        let Some((_, entry)) = layout.entry(layer, target) else {
+            return Ok(());
+        };
+        let slab = self.row.slab();
+        slab.with(|t| -> Result<()> {
+            let row = t.field(field).f_select(0, self.row.index())?;
+            let (mut va, mut vb) = layout.pair_views(&row, entry, self.spec.rank)?;
+            va.f_copy_(&a.f_to_device(slab.device())?.f_to_kind(Kind::Float)?)?;
+            vb.f_copy_(&b.f_to_device(slab.device())?.f_to_kind(Kind::Float)?)?;
+            Ok(())
         })
+    }
+
+    /// Every adapted layer's `field` with its module path, in row order.
+    pub fn named_field_pairs(&self, field: Field) -> Result<Vec<(String, LoraPair)>> {
+        let layout = self.layout();
+        let row = self.row.view(field)?;
+        layout
+            .entries
+            .iter()
+            .map(|e| {
+                let (a, b) = layout.pair_views(&row, e, self.spec.rank)?;
+                Ok((e.target.module_path(e.layer), LoraPair { a, b }))
+            })
+            .collect()
+    }
+
+    /// Every adapted layer's weights with its module path, in row order.
+    pub fn named_pairs(&self) -> Vec<(String, LoraPair)> {
+        self.named_field_pairs(Field::Params).unwrap_or_default()
+    }
+
+    /// Trainable parameters (at the adapter's own rank, padding excluded).
+    pub fn num_parameters(&self) -> i64 {
+        let r = self.spec.rank;
+        self.layout()
+            .entries
+            .iter()
+            .map(|e| r * (e.inp + e.out))
+            .sum()
+    }
+
+    /// Whether a backward pass left gradients that no optimizer step has consumed yet.
+    pub fn has_pending_gradients(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Records that a backward pass added gradients.
+    pub(crate) fn mark_pending(&self) {
+        self.pending.store(true, Ordering::Release);
     }
 
     /// Discards the accumulated gradients.
     pub fn zero_grad(&self) -> Result<()> {
-        crate::adam::zero_grads(&self.parameters())
+        self.row.zero(Field::Grads)?;
+        self.zero_grad_flag();
+        Ok(())
     }
 
-    /// All trainable tensors (A then B of each pair, in [`LoraAdapter::named_pairs`] order).
-    pub fn parameters(&self) -> Vec<&Tensor> {
-        self.named_pairs()
-            .into_iter()
-            .flat_map(|(_, p)| [&p.a, &p.b])
-            .collect()
-    }
-}
-
-impl LoraPair {
-    /// Builds a trainable pair from given values.
-    pub fn leaf(a: Tensor, b: Tensor, device: Device, kind: Kind) -> Result<Self> {
-        Ok(LoraPair {
-            a: a.f_to_kind(kind)?
-                .f_to_device(device)?
-                .set_requires_grad(true),
-            b: b.f_to_kind(kind)?
-                .f_to_device(device)?
-                .set_requires_grad(true),
-        })
+    /// Records that the gradient row was zeroed (by the caller, under the slab's lock).
+    pub(crate) fn zero_grad_flag(&self) {
+        self.pending.store(false, Ordering::Release);
     }
 }
 
-/// Rows `rows` of a batch use `adapter`.
-pub struct Segment<'a> {
-    /// Contiguous batch rows.
-    pub rows: Range<i64>,
-    /// The adapter of those rows.
-    pub adapter: &'a LoraAdapter,
+/// The adapters of one batch that share a slab, gathered once into compute tensors: per adapted
+/// layer `A` `[K, R, in]` and `B` `[K, out, R]` (member `k` is `adapters[k]`), in the model's
+/// dtype. Trainable stacks make each `A` and `B` an autograd leaf, so one backward yields every
+/// member's gradients at once ([`AdapterStack::accumulate`] adds them to the slab).
+pub struct AdapterStack {
+    slab: Arc<Slab>,
+    slots: Tensor,
+    /// Each member's adapter address: an identity, never dereferenced.
+    adapters: Vec<usize>,
+    scales: Vec<f64>,
+    scale_t: Tensor,
+    pairs: Vec<(Tensor, Tensor)>,
 }
 
-/// The adapter assignment of one batch. Either contiguous, non-overlapping row segments (rows
-/// outside every segment run the base model; autograd reaches each adapter's own tensors), or,
-/// for inference over many adapters, a slot per row into [`StackedAdapters`].
-pub struct LoraBatch<'a> {
-    segments: Vec<Segment<'a>>,
-    gathered: Option<(&'a StackedAdapters, Tensor)>,
-}
-
-/// Every adapter's A and B for each targeted layer, stacked on a new first dimension (padded
-/// with zeros to the largest rank, B pre-multiplied by its adapter's scale) plus an all-zero slot
-/// for rows without an adapter. A batch whose rows use many different adapters then applies all
-/// deltas of a layer with two gathers and two batched matmuls, instead of a few small ops per
-/// adapter. Inference only (the stacks are copies, gradients do not reach the adapters).
-pub struct StackedAdapters {
-    stacks: std::collections::HashMap<(Option<usize>, Target), (Tensor, Tensor)>,
-    zero_slot: i64,
-}
-
-impl StackedAdapters {
-    /// Stacks `adapters` (slot `i` is `adapters[i]`; slot `adapters.len()` is the base model).
-    pub fn new(adapters: &[&LoraAdapter], config: &ModelConfig) -> Result<Self> {
-        let max_rank = adapters.iter().map(|a| a.spec().rank).max().unwrap_or(1);
-        let mut stacks = std::collections::HashMap::new();
-        let slots = (0..config.num_layers as usize)
-            .flat_map(|l| Target::BLOCK.map(|t| (Some(l), t)))
-            .chain([(None, Target::Unembed)]);
-        for (layer, target) in slots {
-            if adapters.iter().all(|a| a.pair(layer, target).is_none()) {
-                continue;
-            }
-            let (out, inp) = target.dims(config);
-            let mut a_parts = Vec::with_capacity(adapters.len() + 1);
-            let mut b_parts = Vec::with_capacity(adapters.len() + 1);
-            let like = adapters
-                .iter()
-                .find_map(|a| a.pair(layer, target))
-                .map(|p| &p.a)
-                .expect("at least one adapter targets this layer");
-            let zeros = |shape: [i64; 2]| Tensor::f_zeros(shape, (like.kind(), like.device()));
-            for adapter in adapters {
-                match adapter.pair(layer, target) {
-                    Some(p) => {
-                        let r = adapter.spec().rank;
-                        let pad = max_rank - r;
-                        let a = p.a.f_detach()?;
-                        let b = p.b.f_detach()?.f_mul_scalar(adapter.spec().scale())?;
-                        a_parts.push(if pad > 0 {
-                            Tensor::f_cat(&[a, zeros([pad, inp])?], 0)?
-                        } else {
-                            a
-                        });
-                        b_parts.push(if pad > 0 {
-                            Tensor::f_cat(&[b, zeros([out, pad])?], 1)?
-                        } else {
-                            b
-                        });
-                    }
-                    None => {
-                        a_parts.push(zeros([max_rank, inp])?);
-                        b_parts.push(zeros([out, max_rank])?);
-                    }
-                }
-            }
-            a_parts.push(zeros([max_rank, inp])?);
-            b_parts.push(zeros([out, max_rank])?);
-            stacks.insert(
-                (layer, target),
-                (Tensor::f_stack(&a_parts, 0)?, Tensor::f_stack(&b_parts, 0)?),
-            );
+impl AdapterStack {
+    /// Gathers `adapters` (all of one slab) into a stack computing in `kind`.
+    pub fn new(adapters: &[&LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
+        let Some(first) = adapters.first() else {
+            return Err(ModelError::invalid("adapters", "an empty stack"));
+        };
+        let slab = first.row().slab().clone();
+        if adapters.iter().any(|a| !Arc::ptr_eq(a.row().slab(), &slab)) {
+            return Err(ModelError::invalid(
+                "adapters",
+                "a stack holds adapters of one layout",
+            ));
         }
-        Ok(StackedAdapters {
-            stacks,
-            zero_slot: adapters.len() as i64,
+        let device = slab.device();
+        let slots: Vec<i64> = adapters.iter().map(|a| a.row().index()).collect();
+        let slots = Tensor::from_slice(&slots).f_to_device(device)?;
+        let buffer = slab
+            .with(|t| t.params.f_index_select(0, &slots))?
+            .f_to_kind(kind)?;
+        let layout = slab.layout().clone();
+        let k = adapters.len() as i64;
+        let r = layout.key.rank;
+        let mut pairs = Vec::with_capacity(layout.entries.len());
+        for e in &layout.entries {
+            let a = buffer
+                .f_narrow(1, e.a_offset, r * e.inp)?
+                .f_view([k, r, e.inp])?;
+            let b = buffer
+                .f_narrow(1, e.b_offset, e.out * r)?
+                .f_view([k, e.out, r])?;
+            pairs.push(if trainable {
+                (a.set_requires_grad(true), b.set_requires_grad(true))
+            } else {
+                (a, b)
+            });
+        }
+        let scales: Vec<f64> = adapters.iter().map(|a| a.spec().scale()).collect();
+        let scale_t = Tensor::from_slice(&scales)
+            .f_to_kind(kind)?
+            .f_to_device(device)?
+            .f_view([k, 1, 1])?;
+        Ok(AdapterStack {
+            slab,
+            slots,
+            adapters: adapters.iter().map(|a| identity(a)).collect(),
+            scales,
+            scale_t,
+            pairs,
         })
     }
 
-    /// The slot of rows that use no adapter.
-    pub fn base_slot(&self) -> i64 {
-        self.zero_slot
+    /// Members in the stack.
+    pub fn len(&self) -> usize {
+        self.scales.len()
     }
+
+    /// Whether the stack is empty (never: [`AdapterStack::new`] refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.scales.is_empty()
+    }
+
+    /// The member index of `adapter`, when it is in the stack.
+    pub fn member(&self, adapter: &LoraAdapter) -> Option<i64> {
+        self.adapters
+            .iter()
+            .position(|&p| p == identity(adapter))
+            .map(|i| i as i64)
+    }
+
+    fn pair(&self, layer: Option<usize>, target: Target) -> Option<&(Tensor, Tensor)> {
+        self.slab
+            .layout()
+            .entry(layer, target)
+            .map(|(i, _)| &self.pairs[i])
+    }
+
+    /// The autograd leaves (`A`, then `B`, of each adapted layer in row order).
+    pub fn leaves(&self) -> Vec<&Tensor> {
+        self.pairs.iter().flat_map(|(a, b)| [a, b]).collect()
+    }
+
+    /// Adds `grads` (aligned with [`AdapterStack::leaves`]; undefined = zero) to the members'
+    /// gradient rows: one concatenation and one `index_add_`, whatever the number of members.
+    pub fn accumulate(&self, grads: &[Tensor], adapters: &[&LoraAdapter]) -> Result<()> {
+        let k = self.len() as i64;
+        let leaves = self.leaves();
+        if grads.len() != leaves.len() {
+            return Err(ModelError::invalid(
+                "grads",
+                format!("{} gradients for {} leaves", grads.len(), leaves.len()),
+            ));
+        }
+        let flat = grads
+            .iter()
+            .zip(&leaves)
+            .map(|(g, leaf)| {
+                let g = if g.defined() {
+                    g.shallow_clone()
+                } else {
+                    leaf.f_zeros_like()?
+                };
+                Ok(g.f_reshape([k, -1])?)
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let flat = Tensor::f_cat(&flat, 1)?.f_to_kind(Kind::Float)?;
+        let _ = self
+            .slab
+            .with(|t| t.grads.f_index_add_(0, &self.slots, &flat))?;
+        for a in adapters {
+            a.mark_pending();
+        }
+        Ok(())
+    }
+}
+
+/// An adapter's address, to recognise it (never turned back into a reference).
+fn identity(adapter: &LoraAdapter) -> usize {
+    adapter as *const LoraAdapter as usize
+}
+
+/// Which members of a stack a batch part's rows use.
+enum Members {
+    /// Every row uses member `k` (scale given).
+    One(i64, f64),
+    /// Rows come in `K` consecutive blocks of `m` rows, block `k` using member `k`.
+    Blocks(i64),
+    /// Row `i` uses member `index[i]`; `scale` is `[rows, 1, 1]`.
+    Gather { index: Tensor, scale: Tensor },
+}
+
+/// The rows of a batch that use one stack.
+struct Part<'a> {
+    stack: &'a AdapterStack,
+    /// `None`: every row of the batch, in order; else the batch rows (ascending).
+    rows: Option<Tensor>,
+    members: Members,
+}
+
+/// The adapter assignment of one batch: which rows use which member of which [`AdapterStack`]
+/// (rows outside every part run the base model). The delta of a layer costs a fixed number of
+/// kernels per stack, whatever the number of adapters in it.
+pub struct LoraBatch<'a> {
+    parts: Vec<Part<'a>>,
+    rows: i64,
 }
 
 impl<'a> LoraBatch<'a> {
-    /// Each row `i` uses slot `slots[i]` of `stacks`.
-    pub fn gathered(stacks: &'a StackedAdapters, slots: &[i64]) -> Result<Self> {
-        if let Some(&bad) = slots.iter().find(|&&s| s < 0 || s > stacks.zero_slot) {
+    /// Row `i` of a batch of `assignment.len()` rows uses member `m` of stack `s` when
+    /// `assignment[i] == Some((s, m))`, the base model when `None`.
+    pub fn new(assignment: &[Option<(&'a AdapterStack, i64)>]) -> Result<Self> {
+        let rows = assignment.len() as i64;
+        let mut groups: Vec<(&'a AdapterStack, Vec<i64>, Vec<i64>)> = Vec::new();
+        for (row, slot) in assignment.iter().enumerate() {
+            let Some((stack, member)) = *slot else {
+                continue;
+            };
+            if member < 0 || member >= stack.len() as i64 {
+                return Err(ModelError::invalid(
+                    "assignment",
+                    format!("member {member} of a stack of {}", stack.len()),
+                ));
+            }
+            match groups.iter_mut().find(|g| std::ptr::eq(g.0, stack)) {
+                Some(g) => {
+                    g.1.push(row as i64);
+                    g.2.push(member);
+                }
+                None => groups.push((stack, vec![row as i64], vec![member])),
+            }
+        }
+        let mut parts = Vec::with_capacity(groups.len());
+        for (stack, batch_rows, members) in groups {
+            let device = stack.slots.device();
+            let all = batch_rows.len() as i64 == rows;
+            let k = stack.len() as i64;
+            let n = members.len() as i64;
+            let members = if members.iter().all(|&m| m == members[0]) {
+                Members::One(members[0], stack.scales[members[0] as usize])
+            } else if n % k == 0
+                && members
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &m)| m == i as i64 / (n / k))
+            {
+                Members::Blocks(n / k)
+            } else {
+                let index = Tensor::from_slice(&members).f_to_device(device)?;
+                let scale = stack.scale_t.f_index_select(0, &index)?;
+                Members::Gather { index, scale }
+            };
+            parts.push(Part {
+                stack,
+                rows: if all {
+                    None
+                } else {
+                    Some(Tensor::from_slice(&batch_rows).f_to_device(device)?)
+                },
+                members,
+            });
+        }
+        Ok(LoraBatch { parts, rows })
+    }
+
+    /// Every one of `rows` rows uses member `member` of `stack`.
+    pub fn one(stack: &'a AdapterStack, member: i64, rows: i64) -> Result<Self> {
+        Self::new(&vec![Some((stack, member)); rows as usize])
+    }
+
+    /// Checks the assignment covers a batch of `rows` rows.
+    pub fn check_rows(&self, rows: i64) -> Result<()> {
+        if self.rows != rows {
             return Err(ModelError::invalid(
-                "slots",
-                format!("slot {bad} does not exist"),
+                "lora",
+                format!(
+                    "an adapter assignment of {} rows for a batch of {rows} rows",
+                    self.rows
+                ),
             ));
         }
-        let device = stacks
-            .stacks
-            .values()
-            .next()
-            .map_or(tch::Device::Cpu, |(a, _)| a.device());
-        Ok(LoraBatch {
-            segments: Vec::new(),
-            gathered: Some((stacks, Tensor::from_slice(slots).f_to_device(device)?)),
-        })
+        Ok(())
     }
 
-    fn add_gathered(
-        stacks: &StackedAdapters,
-        slots: &Tensor,
-        base: Tensor,
-        x: &Tensor,
-        layer: Option<usize>,
-        target: Target,
-    ) -> Result<Tensor> {
-        let Some((a, b)) = stacks.stacks.get(&(layer, target)) else {
-            return Ok(base);
-        };
-        let flat = x.dim() == 2;
-        let x3 = if flat {
-            x.f_unsqueeze(1)?
-        } else {
-            x.shallow_clone()
-        };
-        let a_rows = a.f_index_select(0, slots)?;
-        let b_rows = b.f_index_select(0, slots)?;
-        let delta = x3
-            .f_bmm(&a_rows.f_transpose(1, 2)?)?
-            .f_bmm(&b_rows.f_transpose(1, 2)?)?;
-        let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };
-        Ok(base.f_add(&delta)?)
-    }
-
-    /// Validates that segments are ordered, non-empty and disjoint.
-    pub fn new(segments: Vec<Segment<'a>>) -> Result<Self> {
-        let mut end = 0;
-        for s in &segments {
-            if s.rows.start < end || s.rows.end <= s.rows.start {
-                return Err(ModelError::invalid(
-                    "segments",
-                    format!("segment rows {:?} overlap or are out of order", s.rows),
-                ));
-            }
-            end = s.rows.end;
-        }
-        Ok(LoraBatch {
-            segments,
-            gathered: None,
-        })
-    }
-
-    /// One adapter for every row of a batch of `rows` rows.
-    pub fn single(adapter: &'a LoraAdapter, rows: i64) -> Self {
-        LoraBatch {
-            segments: vec![Segment {
-                rows: 0..rows,
-                adapter,
-            }],
-            gathered: None,
-        }
-    }
-
-    /// Checks the segments fit a batch of `rows` rows.
-    pub fn check_rows(&self, rows: i64) -> Result<()> {
-        if let Some((_, slots)) = &self.gathered {
-            if slots.size()[0] != rows {
-                return Err(ModelError::invalid(
-                    "slots",
-                    format!("{} slots for a batch of {rows} rows", slots.size()[0]),
-                ));
-            }
-        }
-        match self.segments.last() {
-            Some(s) if s.rows.end > rows => Err(ModelError::invalid(
-                "segments",
-                format!("segment rows {:?} exceed the batch of {rows} rows", s.rows),
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// `base + delta`, where each segment's rows get `scale · (x A^T) B^T` of its adapter.
+    /// `base + delta`, where each row gets `scale · (x A^T) B^T` of its adapter.
     ///
     /// `x` is `[batch, seq, in]` (or `[batch, in]`); `base` is the layer's output for all rows.
     pub fn add_delta(
@@ -495,46 +579,42 @@ impl<'a> LoraBatch<'a> {
         layer: Option<usize>,
         target: Target,
     ) -> Result<Tensor> {
-        if let Some((stacks, slots)) = &self.gathered {
-            return Self::add_gathered(stacks, slots, base, x, layer, target);
-        }
-        let rows = x.size()[0];
-        let mut pieces: Vec<Tensor> = Vec::new();
-        let mut covered = 0;
-        let mut any = false;
-        let zeros = |n: i64| -> Result<Tensor> {
-            let mut shape = base.size();
-            shape[0] = n;
-            Ok(Tensor::f_zeros(
-                shape.as_slice(),
-                (base.kind(), base.device()),
-            )?)
-        };
-        for seg in &self.segments {
-            if seg.rows.start > covered {
-                pieces.push(zeros(seg.rows.start - covered)?);
-            }
-            let len = seg.rows.end - seg.rows.start;
-            match seg.adapter.pair(layer, target) {
-                Some(pair) => {
-                    let xs = x.f_narrow(0, seg.rows.start, len)?;
-                    let delta = xs
-                        .f_matmul(&pair.a.f_tr()?)?
-                        .f_matmul(&pair.b.f_tr()?)?
-                        .f_mul_scalar(seg.adapter.spec.scale())?;
-                    pieces.push(delta);
-                    any = true;
+        let mut out = base;
+        for part in &self.parts {
+            let Some((a, b)) = part.stack.pair(layer, target) else {
+                continue;
+            };
+            let xs = match &part.rows {
+                None => x.shallow_clone(),
+                Some(rows) => x.f_index_select(0, rows)?,
+            };
+            let flat = xs.dim() == 2;
+            let xs = if flat { xs.f_unsqueeze(1)? } else { xs };
+            let (n, seq, inp) = (xs.size()[0], xs.size()[1], xs.size()[2]);
+            let delta = match &part.members {
+                Members::One(k, scale) => xs
+                    .f_matmul(&a.f_select(0, *k)?.f_tr()?)?
+                    .f_mul_scalar(*scale)?
+                    .f_matmul(&b.f_select(0, *k)?.f_tr()?)?,
+                Members::Blocks(m) => {
+                    let k = n / m;
+                    xs.f_reshape([k, m * seq, inp])?
+                        .f_bmm(&a.f_transpose(1, 2)?)?
+                        .f_mul(&part.stack.scale_t)?
+                        .f_bmm(&b.f_transpose(1, 2)?)?
+                        .f_reshape([n, seq, -1])?
                 }
-                None => pieces.push(zeros(len)?),
-            }
-            covered = seg.rows.end;
+                Members::Gather { index, scale } => xs
+                    .f_bmm(&a.f_index_select(0, index)?.f_transpose(1, 2)?)?
+                    .f_mul(scale)?
+                    .f_bmm(&b.f_index_select(0, index)?.f_transpose(1, 2)?)?,
+            };
+            let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };
+            out = match &part.rows {
+                None => out.f_add(&delta)?,
+                Some(rows) => out.f_index_add(0, rows, &delta)?,
+            };
         }
-        if !any {
-            return Ok(base);
-        }
-        if covered < rows {
-            pieces.push(zeros(rows - covered)?);
-        }
-        Ok(base.f_add(&Tensor::f_cat(&pieces, 0)?)?)
+        Ok(out)
     }
 }

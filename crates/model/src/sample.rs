@@ -13,8 +13,9 @@ use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{LoraAdapter, LoraBatch, Segment, StackedAdapters};
+use crate::lora::{LoraAdapter, LoraBatch};
 use crate::rng::SplitMix64;
+use crate::train::StackSet;
 
 /// When a sequence stops besides `max_tokens`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,10 +233,20 @@ fn run(
     let mut caches = Vec::with_capacity(requests.len());
     let mut next_logits: Vec<Tensor> = Vec::new();
 
+    // Every distinct adapter gathered once (a stack per layout), for prefill and every step.
+    let adapters: Vec<Option<&LoraAdapter>> = requests.iter().map(|r| r.adapter).collect();
+    let stacks = StackSet::new(&adapters, decoder.kind(), false)?;
+    let slot_of_request = requests
+        .iter()
+        .map(|r| r.adapter.map(|a| stacks.member(a)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+
     // Prefill each prompt once; its samples share the cache rows.
     for (ri, r) in requests.iter().enumerate() {
         let ids = Tensor::from_slice(&r.prompt).f_view([1, -1])?;
-        let lora = r.adapter.map(|a| LoraBatch::single(a, 1));
+        let lora = slot_of_request[ri]
+            .map(|(stack, member)| LoraBatch::one(stack, member, 1))
+            .transpose()?;
         let (hidden, cache) = decoder.prefill(&ids, lora.as_ref())?;
         if r.prompt_logprobs {
             let logits = decoder.logits(&hidden, lora.as_ref())?.f_get(0)?;
@@ -260,13 +271,6 @@ fn run(
     }
     let mut cache = KvCache::concat(caches)?;
     let mut logits = Tensor::f_cat(&next_logits, 0)?;
-    // With several adapters in the batch, stack them once and gather per row at every step.
-    let (distinct, slot_of_request) = adapter_slots(requests);
-    let stacked = if distinct.len() > 1 {
-        Some(StackedAdapters::new(&distinct, decoder.config())?)
-    } else {
-        None
-    };
 
     loop {
         // Choose the next token of every live row.
@@ -313,16 +317,8 @@ fn run(
             rows = kept_rows;
             sample_index = kept_index;
         }
-        let lora = match &stacked {
-            Some(stacks) => {
-                let slots: Vec<i64> = rows
-                    .iter()
-                    .map(|r| slot_of_request[r.request].unwrap_or(stacks.base_slot()))
-                    .collect();
-                LoraBatch::gathered(stacks, &slots)?
-            }
-            None => LoraBatch::new(segments(&rows, requests))?,
-        };
+        let assignment: Vec<_> = rows.iter().map(|r| slot_of_request[r.request]).collect();
+        let lora = LoraBatch::new(&assignment)?;
         let hidden = decoder.decode_step(&next_ids, &mut cache, Some(&lora))?;
         logits = decoder.logits(&hidden, Some(&lora))?;
     }
@@ -333,47 +329,6 @@ fn run(
             .collect();
     }
     Ok(outputs)
-}
-
-/// The distinct adapters of `requests` and, per request, the slot of its adapter among them.
-fn adapter_slots<'a>(requests: &[SampleRequest<'a>]) -> (Vec<&'a LoraAdapter>, Vec<Option<i64>>) {
-    let mut distinct: Vec<&'a LoraAdapter> = Vec::new();
-    let slots = requests
-        .iter()
-        .map(|r| {
-            r.adapter.map(
-                |a| match distinct.iter().position(|d| std::ptr::eq(*d, a)) {
-                    Some(i) => i as i64,
-                    None => {
-                        distinct.push(a);
-                        distinct.len() as i64 - 1
-                    }
-                },
-            )
-        })
-        .collect();
-    (distinct, slots)
-}
-
-/// Contiguous runs of rows that use an adapter.
-fn segments<'a>(rows: &[Row], requests: &[SampleRequest<'a>]) -> Vec<Segment<'a>> {
-    let mut out: Vec<Segment<'a>> = Vec::new();
-    let mut i = 0;
-    while i < rows.len() {
-        let req = rows[i].request;
-        let mut j = i;
-        while j < rows.len() && rows[j].request == req {
-            j += 1;
-        }
-        if let Some(adapter) = requests[req].adapter {
-            out.push(Segment {
-                rows: i as i64..j as i64,
-                adapter,
-            });
-        }
-        i = j;
-    }
-    out
 }
 
 fn stop_reason(

@@ -12,8 +12,8 @@ use common::*;
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::{
-    forward_backward, AdamParams, AdamState, Datum, LoraAdapter, LoraBatch, LoraSpec, LossFn,
-    LossInputs, TrainRequest,
+    forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Field, LoraAdapter,
+    LoraBatch, LoraSpec, LossFn, LossInputs, StepJob, TrainRequest,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -43,6 +43,16 @@ fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
         .collect()
 }
 
+/// A one-member stack of `adapter` for direct decoder calls (f32, no gradients).
+fn stack_of(adapter: &LoraAdapter) -> AdapterStack {
+    AdapterStack::new(&[adapter], Kind::Float, false).unwrap()
+}
+
+/// A copy of one of the adapter's slab rows.
+fn row_of(adapter: &LoraAdapter, field: Field) -> Tensor {
+    adapter.row().view(field).unwrap().copy()
+}
+
 fn spec(rank: i64, seed: u64) -> LoraSpec {
     LoraSpec {
         rank,
@@ -57,10 +67,11 @@ fn spec(rank: i64, seed: u64) -> LoraSpec {
 #[test]
 fn fresh_adapter_leaves_base_logits_unchanged() {
     let (_dir, decoder) = tiny_llama("fresh");
-    let adapter = LoraAdapter::new(spec(8, 3), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let adapter = LoraAdapter::new(spec(8, 3), decoder.config(), Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[3i64, 17, 99, 4, 5, 6]).view([2, 3]);
     let base = tch::no_grad(|| decoder.forward(&ids, None)).unwrap();
-    let lora = LoraBatch::single(&adapter, 2);
+    let stack = stack_of(&adapter);
+    let lora = LoraBatch::one(&stack, 0, 2).unwrap();
     let adapted = tch::no_grad(|| decoder.forward(&ids, Some(&lora))).unwrap();
     assert_eq!(max_abs_diff(&base, &adapted), 0.0);
     // ... and A is not zero: the adapter is real, B = 0 is what keeps outputs equal.
@@ -83,13 +94,8 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
         ],
     );
     let expected = read_tensors(&out.path().join("expected.safetensors"));
-    let loaded = checkpoint::load(
-        &out.path().join("adapter"),
-        decoder.config(),
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
+    let loaded =
+        checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu).unwrap();
     let adapter = loaded.adapter;
     assert_eq!(adapter.spec().rank, 4);
     assert_eq!(adapter.spec().alpha, 8.0);
@@ -97,7 +103,8 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
     // Logits at real positions.
     let lengths = vec_i64(&expected["lengths"]);
     let ids = &expected["input_ids"];
-    let lora = LoraBatch::single(&adapter, ids.size()[0]);
+    let stack = stack_of(&adapter);
+    let lora = LoraBatch::one(&stack, 0, ids.size()[0]).unwrap();
     let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
     for (i, &n) in lengths.iter().enumerate() {
         let d = max_abs_diff(
@@ -129,11 +136,11 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
         assert_eq!(result.outputs[i].elementwise_loss[0], 0.0);
     }
     let mut checked = 0;
-    for (module, pair) in adapter.named_pairs() {
+    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
         for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
             let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
             let want = &expected[&key];
-            let rel = rel_diff(&t.grad(), want);
+            let rel = rel_diff(t, want);
             assert!(rel < 1e-4, "{key}: relative diff {rel}");
             checked += 1;
         }
@@ -144,7 +151,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
 #[test]
 fn forward_computes_outputs_without_touching_gradients() {
     let (_dir, decoder) = tiny_llama("fwd");
-    let adapter = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let adapter = LoraAdapter::new(spec(4, 1), decoder.config(), Device::Cpu).unwrap();
     let data = vec![Datum {
         input_tokens: vec![1, 2, 3, 4],
         loss_inputs: LossInputs {
@@ -160,14 +167,25 @@ fn forward_computes_outputs_without_touching_gradients() {
         data: &data,
     };
     let fwd = forward_backward(&decoder, &[req()], false).unwrap();
-    assert!(adapter.parameters().iter().all(|p| !p.grad().defined()));
+    assert!(!adapter.has_pending_gradients());
+    assert_eq!(
+        row_of(&adapter, Field::Grads).abs().max().double_value(&[]),
+        0.0
+    );
     let fb = forward_backward(&decoder, &[req()], true).unwrap();
     assert_eq!(fwd, fb);
-    let g1 = adapter.named_pairs()[0].1.b.grad().copy();
+    assert!(adapter.has_pending_gradients());
+    let g1 = adapter.named_field_pairs(Field::Grads).unwrap()[0]
+        .1
+        .b
+        .copy();
     assert!(g1.abs().max().double_value(&[]) > 0.0);
     // A second forward_backward accumulates: the gradient doubles.
     forward_backward(&decoder, &[req()], true).unwrap();
-    let g2 = adapter.named_pairs()[0].1.b.grad();
+    let g2 = adapter.named_field_pairs(Field::Grads).unwrap()[0]
+        .1
+        .b
+        .copy();
     assert!(rel_diff(&g2, &(&g1 * 2.0)) < 1e-6);
 }
 
@@ -204,8 +222,25 @@ fn losses_and_their_gradients_match_torch_formulas() {
     }
 }
 
+/// Writes `parts` (flattened, then zero padding) as `field` of the adapter's row.
+fn write_row(adapter: &LoraAdapter, field: Field, parts: &[&Tensor]) {
+    let flat: Vec<Tensor> = parts.iter().map(|t| t.flatten(0, -1)).collect();
+    let flat = Tensor::cat(&flat, 0);
+    let numel = adapter.layout().numel;
+    let padded = Tensor::cat(
+        &[
+            flat.shallow_clone(),
+            Tensor::zeros([numel - flat.size()[0]], (Kind::Float, Device::Cpu)),
+        ],
+        0,
+    );
+    adapter.row().write(field, &padded).unwrap();
+}
+
 #[test]
-fn five_adam_steps_match_torch() {
+fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
+    let (_dir, decoder) = tiny_llama("adam");
+    let cfg = decoder.config();
     let out = TempDir::new("adam");
     let path = out.path().join("adam.safetensors");
     oracle("lora_oracle.py", &["adam", path.to_str().unwrap()]);
@@ -215,42 +250,79 @@ fn five_adam_steps_match_torch() {
         ("adamw", 3e-3, 0.8, 0.99, 1e-6, 0.1, 0.0),
         ("clipped", 1e-2, 0.9, 0.999, 1e-8, 0.0, 0.5),
     ];
-    for (name, lr, b1, b2, eps, wd, clip) in cases {
-        let params: Vec<Tensor> = (0..3)
-            .map(|i| e[&format!("p0.{i}")].copy().set_requires_grad(true))
-            .collect();
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let mut state = AdamState::new(&refs).unwrap();
-        let hp = AdamParams {
-            learning_rate: lr,
-            beta1: b1,
-            beta2: b2,
-            eps,
-            weight_decay: wd,
-            grad_clip_norm: clip,
-        };
-        for step in 0..5 {
-            // Put the oracle's gradient into .grad through autograd: d/dp sum(p * g) = g.
-            let loss = params
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p * &e[&format!("grad.{step}.{i}")]).sum(Kind::Float))
-                .reduce(|a, b| a + b)
-                .unwrap();
-            loss.backward();
-            state.step(&refs, &hp).unwrap();
-            for (i, p) in params.iter().enumerate() {
-                let d = max_abs_diff(p, &e[&format!("{name}.{step}.{i}")]);
-                assert!(d < 1e-5, "{name} step {step} param {i}: {d}");
-                assert_eq!(
-                    p.grad().abs().max().double_value(&[]),
-                    0.0,
-                    "grads are zeroed after the step"
-                );
-            }
-        }
-        assert_eq!(state.step, 5);
+    // One run per case, all in one slab, stepped together; a fourth run of the same slab is
+    // not in the batch and must keep bit-identical weights and moments.
+    let p0: Vec<&Tensor> = (0..3).map(|i| &e[&format!("p0.{i}")]).collect();
+    let runs: Vec<LoraAdapter> = (0..4)
+        .map(|i| LoraAdapter::new(spec(4, 40 + i), cfg, Device::Cpu).unwrap())
+        .collect();
+    for run in &runs[..3] {
+        write_row(run, Field::Params, &p0);
     }
+    let bystander = &runs[3];
+    let mut states: Vec<AdamState> = runs.iter().map(|r| AdamState::new(r).unwrap()).collect();
+    let mut bystander_state = states.pop().unwrap();
+    write_row(bystander, Field::Grads, &[&e["grad.0.0"]]);
+    bystander_state
+        .step(bystander, &AdamParams::default())
+        .unwrap();
+    let before: Vec<Tensor> = [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
+        .map(|f| row_of(bystander, f))
+        .into();
+    let numel: i64 = p0.iter().map(|t| t.numel() as i64).sum();
+    for step in 0..5 {
+        let grads: Vec<&Tensor> = (0..3).map(|i| &e[&format!("grad.{step}.{i}")]).collect();
+        for run in &runs[..3] {
+            write_row(run, Field::Grads, &grads);
+        }
+        let mut jobs: Vec<StepJob> = runs[..3]
+            .iter()
+            .zip(states.iter_mut())
+            .zip(cases)
+            .map(
+                |((adapter, state), (_, lr, b1, b2, eps, wd, clip))| StepJob {
+                    adapter,
+                    state,
+                    params: AdamParams {
+                        learning_rate: lr,
+                        beta1: b1,
+                        beta2: b2,
+                        eps,
+                        weight_decay: wd,
+                        grad_clip_norm: clip,
+                    },
+                },
+            )
+            .collect();
+        for outcome in step_many(&mut jobs) {
+            assert_eq!(outcome.unwrap().step, step + 1);
+        }
+        for (run, (name, ..)) in runs[..3].iter().zip(cases) {
+            let want: Vec<Tensor> = (0..3)
+                .map(|i| e[&format!("{name}.{step}.{i}")].flatten(0, -1))
+                .collect();
+            let got = row_of(run, Field::Params);
+            let d = max_abs_diff(&got.narrow(0, 0, numel), &Tensor::cat(&want, 0));
+            assert!(d < 1e-5, "{name} step {step}: {d}");
+            let rest = got.narrow(0, numel, got.size()[0] - numel);
+            assert_eq!(
+                rest.abs().max().double_value(&[]),
+                0.0,
+                "zero padding stays zero"
+            );
+            assert_eq!(row_of(run, Field::Grads).abs().max().double_value(&[]), 0.0);
+        }
+    }
+    for (field, was) in [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
+        .into_iter()
+        .zip(&before)
+    {
+        assert!(
+            row_of(bystander, field).equal(was),
+            "{field:?} of a run outside the batch changed"
+        );
+    }
+    assert!(states.iter().all(|s| s.step == 5));
 }
 
 fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
@@ -279,60 +351,98 @@ fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
 /// Gives B non-zero values so every gradient path is exercised.
 fn perturb(adapter: &LoraAdapter, seed: i64) {
     tch::manual_seed(seed);
-    tch::no_grad(|| {
-        for p in adapter.parameters() {
-            let noise = p.randn_like() * 0.05;
-            let _ = p.shallow_clone().f_add_(&noise).unwrap();
-        }
-    });
+    let layers: Vec<_> = adapter
+        .layout()
+        .entries
+        .iter()
+        .map(|e| (e.layer, e.target))
+        .collect();
+    for (layer, target) in layers {
+        let pair = adapter.pair(layer, target).unwrap();
+        let a = &pair.a + pair.a.randn_like() * 0.05;
+        let b = &pair.b + pair.b.randn_like() * 0.05;
+        adapter
+            .set_pair(Field::Params, layer, target, &a, &b)
+            .unwrap();
+    }
 }
 
-#[test]
-fn a_fused_batch_of_three_adapters_equals_each_alone() {
-    let (_dir, decoder) = tiny_llama("fused");
+/// Runs requests of `specs` (datum counts `counts`, `None` = the base model) fused in one
+/// forward_backward and each alone; losses and every gradient must agree.
+fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) {
+    let (_dir, decoder) = tiny_llama(name);
     let cfg = decoder.config();
-    let specs = [spec(2, 11), spec(4, 12), spec(8, 13)];
-    let make = || -> Vec<LoraAdapter> {
+    let make = || -> Vec<Option<LoraAdapter>> {
         specs
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let a = LoraAdapter::new(s.clone(), cfg, Device::Cpu, Kind::Float).unwrap();
-                perturb(&a, i as i64);
-                a
+                s.clone().map(|s| {
+                    let a = LoraAdapter::new(s, cfg, Device::Cpu).unwrap();
+                    perturb(&a, i as i64);
+                    a
+                })
             })
             .collect()
     };
     let (fused, alone) = (make(), make());
-    let data: Vec<Vec<Datum>> = (0..3)
-        .map(|i| train_data(i, i as usize + 1, 5 + 3 * i as usize))
+    let data: Vec<Vec<Datum>> = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| train_data(i as i64, n, 5 + 3 * (i % 3)))
         .collect();
-    let losses = [
-        LossFn::CrossEntropy,
-        LossFn::CrossEntropy,
-        LossFn::CrossEntropy,
-    ];
-    let requests: Vec<TrainRequest> = (0..3)
+    let requests: Vec<TrainRequest> = (0..specs.len())
         .map(|i| TrainRequest {
-            adapter: Some(&fused[i]),
-            loss: losses[i],
+            adapter: fused[i].as_ref(),
+            loss: LossFn::CrossEntropy,
             data: &data[i],
         })
         .collect();
     let fused_out = forward_backward(&decoder, &requests, true).unwrap();
-    for i in 0..3 {
+    for i in 0..specs.len() {
         let req = TrainRequest {
-            adapter: Some(&alone[i]),
-            loss: losses[i],
+            adapter: alone[i].as_ref(),
+            loss: LossFn::CrossEntropy,
             data: &data[i],
         };
         let out = forward_backward(&decoder, &[req], true).unwrap().remove(0);
         assert!((out.loss_sum - fused_out[i].loss_sum).abs() < 1e-5 * out.loss_sum.abs().max(1.0));
-        for (pf, pa) in fused[i].parameters().iter().zip(alone[i].parameters()) {
-            let rel = rel_diff(&pf.grad(), &pa.grad());
-            assert!(rel < 1e-5, "adapter {i}: gradient differs by {rel}");
+        if let (Some(f), Some(a)) = (&fused[i], &alone[i]) {
+            let rel = rel_diff(&row_of(f, Field::Grads), &row_of(a, Field::Grads));
+            assert!(rel < 1e-5, "request {i}: gradient differs by {rel}");
+            assert!(row_of(a, Field::Grads).abs().max().double_value(&[]) > 0.0);
         }
     }
+}
+
+fn with_targets(mut s: LoraSpec, attn: bool, mlp: bool, unembed: bool) -> LoraSpec {
+    (s.train_attn, s.train_mlp, s.train_unembed) = (attn, mlp, unembed);
+    s
+}
+
+#[test]
+fn a_fused_batch_of_mixed_ranks_and_targets_equals_each_alone() {
+    // Ranks 2, 3 and 4 (3 and 4 share the rank-4 slab, 3 padded), 8; one run without MLP
+    // targets; a base-model request; one datum per run except two.
+    fused_equals_alone(
+        "fused-mixed",
+        &[
+            Some(spec(2, 11)),
+            Some(spec(3, 12)),
+            None,
+            Some(spec(4, 13)),
+            Some(with_targets(spec(8, 14), true, false, true)),
+        ],
+        &[1, 2, 1, 3, 1],
+    );
+}
+
+#[test]
+fn a_fused_batch_of_many_runs_of_one_layout_equals_each_alone() {
+    // Six runs in one slab: equal datum counts (blocks of rows), then uneven ones (gathers).
+    let specs: Vec<Option<LoraSpec>> = (0..6).map(|i| Some(spec(4, 20 + i))).collect();
+    fused_equals_alone("fused-blocks", &specs, &[2; 6]);
+    fused_equals_alone("fused-gather", &specs, &[1, 3, 1, 2, 1, 1]);
 }
 
 #[test]
@@ -351,11 +461,11 @@ fn save_state_then_load_continues_identically() {
             data: &data,
         };
         let loss = forward_backward(&decoder, &[req], true).unwrap()[0].loss_sum;
-        opt.step(&adapter.parameters(), &hp).unwrap();
+        opt.step(adapter, &hp).unwrap();
         loss
     };
-    let adapter = LoraAdapter::new(spec(4, 9), cfg, Device::Cpu, Kind::Float).unwrap();
-    let mut opt = AdamState::new(&adapter.parameters()).unwrap();
+    let adapter = LoraAdapter::new(spec(4, 9), cfg, Device::Cpu).unwrap();
+    let mut opt = AdamState::new(&adapter).unwrap();
     for _ in 0..3 {
         step(&adapter, &mut opt);
     }
@@ -370,7 +480,7 @@ fn save_state_then_load_continues_identically() {
         checkpoint::save(&req, &path).unwrap();
     };
     save(&opt);
-    let loaded = checkpoint::load(&path, cfg, Device::Cpu, Kind::Float).unwrap();
+    let loaded = checkpoint::load(&path, cfg, Device::Cpu).unwrap();
     let resumed = loaded.adapter;
     let mut resumed_opt = loaded.optimizer.expect("full state has the optimizer");
     assert_eq!(resumed_opt.step, 3);
@@ -380,20 +490,23 @@ fn save_state_then_load_continues_identically() {
         let b = step(&resumed, &mut resumed_opt);
         assert_eq!(a, b, "losses after resuming must be identical");
     }
-    for (p, q) in adapter.parameters().iter().zip(resumed.parameters()) {
-        assert_eq!(max_abs_diff(p, q), 0.0);
-    }
+    assert_eq!(
+        max_abs_diff(
+            &row_of(&adapter, Field::Params),
+            &row_of(&resumed, Field::Params)
+        ),
+        0.0
+    );
     // Saving again under the same name replaces the checkpoint atomically.
     save(&opt);
-    let reloaded = checkpoint::load(&path, cfg, Device::Cpu, Kind::Float).unwrap();
+    let reloaded = checkpoint::load(&path, cfg, Device::Cpu).unwrap();
     assert_eq!(reloaded.optimizer.unwrap().step, 5);
 }
 
 #[test]
 fn exported_adapter_gives_the_same_logits_in_peft() {
     let (dir, decoder) = tiny_llama("export");
-    let adapter =
-        LoraAdapter::new(spec(4, 21), decoder.config(), Device::Cpu, Kind::Float).unwrap();
+    let adapter = LoraAdapter::new(spec(4, 21), decoder.config(), Device::Cpu).unwrap();
     perturb(&adapter, 21);
     let out = TempDir::new("export-out");
     let adapter_dir = out.path().join("sampler");
@@ -414,7 +527,8 @@ fn exported_adapter_gives_the_same_logits_in_peft() {
         ],
     );
     let e = read_tensors(&logits_path);
-    let lora = LoraBatch::single(&adapter, 1);
+    let stack = stack_of(&adapter);
+    let lora = LoraBatch::one(&stack, 0, 1).unwrap();
     let ours = tch::no_grad(|| decoder.forward(&e["input_ids"], Some(&lora))).unwrap();
     let base = tch::no_grad(|| decoder.forward(&e["input_ids"], None)).unwrap();
     assert!(
@@ -429,7 +543,7 @@ fn exported_adapter_gives_the_same_logits_in_peft() {
 fn bad_training_inputs_are_named_errors() {
     let (_dir, decoder) = tiny_llama("badin");
     let cfg = decoder.config();
-    let adapter = LoraAdapter::new(spec(4, 1), cfg, Device::Cpu, Kind::Float).unwrap();
+    let adapter = LoraAdapter::new(spec(4, 1), cfg, Device::Cpu).unwrap();
     let run = |d: Datum, loss: LossFn| {
         let data = vec![d];
         let req = TrainRequest {
@@ -461,23 +575,23 @@ fn bad_training_inputs_are_named_errors() {
     let err = run(good(), LossFn::ImportanceSampling);
     assert!(err.contains("loss_fn_inputs.logprobs"), "{err}");
     let mut s = spec(0, 1);
-    let err = LoraAdapter::new(s.clone(), cfg, Device::Cpu, Kind::Float)
+    let err = LoraAdapter::new(s.clone(), cfg, Device::Cpu)
         .map(|_| ())
         .unwrap_err();
     assert!(err.to_string().contains("rank"), "{err}");
     s.rank = 4;
     s.alpha = f64::NAN;
-    assert!(LoraAdapter::new(s, cfg, Device::Cpu, Kind::Float)
+    assert!(LoraAdapter::new(s, cfg, Device::Cpu)
         .map(|_| ())
         .unwrap_err()
         .to_string()
         .contains("alpha"));
-    let mut opt = AdamState::new(&adapter.parameters()).unwrap();
+    let mut opt = AdamState::new(&adapter).unwrap();
     let bad = AdamParams {
         learning_rate: f64::NAN,
         ..AdamParams::default()
     };
-    let err = opt.step(&adapter.parameters(), &bad).unwrap_err();
+    let err = opt.step(&adapter, &bad).unwrap_err();
     assert!(
         err.to_string().contains("adam_params.learning_rate"),
         "{err}"
@@ -487,7 +601,7 @@ fn bad_training_inputs_are_named_errors() {
         ..AdamParams::default()
     };
     assert!(opt
-        .step(&adapter.parameters(), &bad)
+        .step(&adapter, &bad)
         .unwrap_err()
         .to_string()
         .contains("beta2"));

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use loraloom_model::checkpoint;
 use loraloom_model::{
-    sample, Decoder, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
+    sample, Decoder, Field, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
 };
 use tch::{Device, Kind};
 
@@ -118,7 +118,7 @@ fn greedy_with_an_adapter_equals_peft_generate() {
         ],
     );
     let decoder = Decoder::load(p, Device::Cpu, Some(Kind::Float)).unwrap();
-    let adapter = checkpoint::load(&adapter_dir, decoder.config(), Device::Cpu, Kind::Float)
+    let adapter = checkpoint::load(&adapter_dir, decoder.config(), Device::Cpu)
         .unwrap()
         .adapter;
     check_against_oracle(&decoder, Some(&adapter), &file, 16);
@@ -153,13 +153,19 @@ fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
                 train_mlp: i % 2 == 0,
                 train_unembed: i == 1,
             };
-            let a = LoraAdapter::new(spec, decoder.config(), Device::Cpu, Kind::Float).unwrap();
+            let a = LoraAdapter::new(spec, decoder.config(), Device::Cpu).unwrap();
             tch::manual_seed(100 + i as i64);
-            tch::no_grad(|| {
-                for p in a.parameters() {
-                    let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.1)).unwrap();
-                }
-            });
+            let layers: Vec<_> = a
+                .layout()
+                .entries
+                .iter()
+                .map(|e| (e.layer, e.target))
+                .collect();
+            for (layer, target) in layers {
+                let p = a.pair(layer, target).unwrap();
+                let (pa, pb) = (&p.a + p.a.randn_like() * 0.1, &p.b + p.b.randn_like() * 0.1);
+                a.set_pair(Field::Params, layer, target, &pa, &pb).unwrap();
+            }
             a
         })
         .collect()
