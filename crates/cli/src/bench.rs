@@ -11,8 +11,8 @@ use loraloom_engine::{
     ModelWorker, QueueKey, Registry, Work,
 };
 use loraloom_model::{
-    forward_backward, sample, AdamParams, AdamState, Datum, Decoder, LoraAdapter, LoraSpec, LossFn,
-    LossInputs, SampleRequest, SamplingParams, Stop, TrainRequest,
+    forward_backward, sample, step_many, AdamParams, AdamState, Datum, Decoder, LoraAdapter,
+    LoraSpec, LossFn, LossInputs, SampleRequest, SamplingParams, StepJob, Stop, TrainRequest,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -185,6 +185,51 @@ pub fn decode(
                "tokens_per_s": tokens / secs}),
     );
     Ok(())
+}
+
+/// One fused optimizer step over `runs` runs (rank 16, all targets), against one run's step.
+pub fn optim(decoder: &Decoder, runs: &[usize], iters: usize) -> anyhow::Result<()> {
+    let hp = AdamParams::default();
+    let mut one_run = None;
+    for &n in runs {
+        let adapters: Vec<LoraAdapter> = (0..n)
+            .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+            .collect::<Result<_, _>>()?;
+        let mut states: Vec<AdamState> = adapters
+            .iter()
+            .map(AdamState::new)
+            .collect::<Result<_, _>>()?;
+        let secs = time_it(iters, || {
+            let mut jobs: Vec<StepJob> = adapters
+                .iter()
+                .zip(states.iter_mut())
+                .map(|(adapter, state)| StepJob {
+                    adapter,
+                    state,
+                    params: hp,
+                })
+                .collect();
+            for outcome in step_many(&mut jobs) {
+                outcome?;
+            }
+            sync(decoder.device());
+            Ok(())
+        })?;
+        let base = *one_run.get_or_insert(if n == 1 { secs } else { f64::NAN });
+        emit(
+            "optim_step",
+            json!({"runs": n, "seconds": secs, "vs_one_run": secs / base,
+                   "parameters_per_run": adapters[0].num_parameters()}),
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the device's queued work (timings on a GPU would otherwise measure launches only).
+fn sync(device: tch::Device) {
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
 fn wait_done(

@@ -44,7 +44,7 @@ struct BenchArgs {
     /// Checkpoint directory.
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
-    /// What to measure: roofline, forward, train, decode, engine (comma-separated).
+    /// What to measure: roofline, forward, train, decode, optim, engine (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -82,6 +82,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 bench::decode(&d, 8, 1, 32, iters)?;
                 bench::decode(&d, 8, 8, 32, iters)
             })?,
+            "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "engine" => {
                 for &n in &args.tenants {
                     bench::engine(base.info(), &d, n, 128, args.steps)?;

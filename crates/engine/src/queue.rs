@@ -54,7 +54,12 @@ pub struct SchedState {
     total: usize,
     closed: bool,
     paused: bool,
+    /// The ring head that the last batches passed over for a larger class, and how many times.
+    passed_over: Option<(QueueKey, u32)>,
 }
+
+/// How many batches in a row may pass over the ring head for a class with more ready jobs.
+const MAX_PASSES: u32 = 2;
 
 impl SchedState {
     /// Empty state with `limits`.
@@ -220,9 +225,12 @@ impl SchedState {
         if self.paused {
             return None;
         }
-        let first = self.ready.pop_front()?;
-        let head = self.queues.get(&first)?.front()?;
-        let class = head.work.class();
+        let class = self.choose_class()?;
+        let at = self
+            .ready
+            .iter()
+            .position(|k| self.head_class(k) == Some(class))?;
+        let first = self.ready.remove(at)?;
         let budget = self.limits.max_batch_tokens;
         let mut tokens = 0usize;
         let mut batch = Vec::new();
@@ -249,6 +257,47 @@ impl SchedState {
             self.busy.insert(key);
         }
         Some(batch)
+    }
+
+    fn head_class(&self, key: &QueueKey) -> Option<BatchClass> {
+        self.queues.get(key)?.front().map(|j| j.work.class())
+    }
+
+    /// The class of the next batch: the ring head's, unless another class has more ready queues
+    /// (then all of that class run together, which keeps tenants that step in lockstep in one
+    /// batch instead of splitting each round); the head is passed over at most [`MAX_PASSES`]
+    /// times in a row, so no class starves.
+    fn choose_class(&mut self) -> Option<BatchClass> {
+        let head = self.ready.front()?.clone();
+        let head_class = self.head_class(&head)?;
+        let passes = match &self.passed_over {
+            Some((key, n)) if *key == head => *n,
+            _ => 0,
+        };
+        let mut counts: Vec<(BatchClass, usize)> = Vec::new();
+        for key in &self.ready {
+            match self.head_class(key) {
+                Some(BatchClass::Solo) | None => {}
+                Some(c) => match counts.iter_mut().find(|(k, _)| *k == c) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((c, 1)),
+                },
+            }
+        }
+        let of = |c: BatchClass| counts.iter().find(|(k, _)| *k == c).map_or(1, |(_, n)| *n);
+        let best = counts.iter().max_by_key(|(_, n)| *n).copied();
+        match best {
+            Some((class, n))
+                if class != head_class && n > of(head_class) && passes < MAX_PASSES =>
+            {
+                self.passed_over = Some((head, passes + 1));
+                Some(class)
+            }
+            _ => {
+                self.passed_over = None;
+                Some(head_class)
+            }
+        }
     }
 
     /// Moves the head job of `key` (and, for sampling, following jobs that fit) into `batch`.
@@ -331,6 +380,40 @@ mod tests {
 
     fn ids(batch: &[Job]) -> Vec<&str> {
         batch.iter().map(|j| j.id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_class_with_more_ready_queues_goes_first_but_never_starves_the_head() {
+        let mut s = SchedState::new(Limits::default());
+        // The ring head is a lone sampling job; three runs wait with optimizer steps.
+        let sampler = QueueKey::Sampler(SamplerKey {
+            tenant: "t".into(),
+            sampler_id: "s".into(),
+        });
+        s.push(job("s0", sampler.clone(), sample_work(4))).unwrap();
+        for q in ["a", "b", "c"] {
+            s.push(job(&format!("{q}0"), model("t", q), optim()))
+                .unwrap();
+        }
+        let b = s.next_batch().unwrap();
+        assert_eq!(ids(&b), ["a0", "b0", "c0"], "the larger class runs first");
+        s.finish(&[model("t", "a"), model("t", "b"), model("t", "c")]);
+        for round in 1..=2 {
+            for q in ["a", "b", "c"] {
+                s.push(job(&format!("{q}{round}"), model("t", q), optim()))
+                    .unwrap();
+            }
+            if round == 1 {
+                let b = s.next_batch().unwrap();
+                assert_eq!(ids(&b), ["a1", "b1", "c1"], "passed over a second time");
+                s.finish(&[model("t", "a"), model("t", "b"), model("t", "c")]);
+            }
+        }
+        assert_eq!(
+            ids(&s.next_batch().unwrap()),
+            ["s0"],
+            "after two passes the head goes first"
+        );
     }
 
     #[test]

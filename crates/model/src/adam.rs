@@ -238,6 +238,34 @@ impl Factors {
     }
 }
 
+/// The slab rows a step updates: a range is updated in place through views; other sets are
+/// gathered into temporaries and written back.
+enum Selected {
+    /// `n` consecutive rows from `lo`.
+    Range(i64, i64),
+    /// Rows by index (ascending).
+    Index(Tensor),
+}
+
+impl Selected {
+    fn of(rows: &[i64], device: Device) -> Result<Self> {
+        let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        Ok(if consecutive {
+            Selected::Range(rows[0], rows.len() as i64)
+        } else {
+            Selected::Index(Tensor::from_slice(rows).f_to_device(device)?)
+        })
+    }
+
+    /// The selected rows of `columns` (`[capacity, width]`): a view for a range, else a copy.
+    fn take(&self, columns: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Selected::Range(lo, n) => columns.f_narrow(0, *lo, *n)?,
+            Selected::Index(index) => columns.f_index_select(0, index)?,
+        })
+    }
+}
+
 /// One fused step over `members` (indices into `jobs`), all rows of `slab`.
 fn step_group(
     slab: &Slab,
@@ -275,6 +303,8 @@ fn step_group(
                 )));
             }
             if !stepping.is_empty() {
+                // Row order: rows allocated together form a range, stepped in place.
+                stepping.sort_by_key(|&m| rows[m]);
                 let runs: Vec<(AdamParams, f64, i64)> = stepping
                     .iter()
                     .map(|&m| {
@@ -284,13 +314,11 @@ fn step_group(
                     .collect();
                 let f = Factors::new(&runs, device)?;
                 let step_rows: Vec<i64> = stepping.iter().map(|&m| rows[m]).collect();
-                let index = Tensor::from_slice(&step_rows).f_to_device(device)?;
+                let selected = Selected::of(&step_rows, device)?;
                 let cols = chunk(step_rows.len());
                 for start in (0..numel).step_by(cols as usize) {
                     let width = cols.min(numel - start);
-                    let gather = |field: &Tensor| -> Result<Tensor> {
-                        Ok(field.f_narrow(1, start, width)?.f_index_select(0, &index)?)
-                    };
+                    let gather = |field: &Tensor| selected.take(&field.f_narrow(1, start, width)?);
                     let mut g = gather(&t.grads)?;
                     if let Some(clip) = &f.clip {
                         g = g.f_mul(clip)?;
@@ -306,11 +334,20 @@ fn step_group(
                     let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
                     let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
                     let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
-                    for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
-                        let _ = field.f_narrow(1, start, width)?.f_index_copy_(0, &index, value)?;
+                    if let Selected::Index(index) = &selected {
+                        for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
+                            let _ = field.f_narrow(1, start, width)?.f_index_copy_(0, index, value)?;
+                        }
                     }
                 }
-                let _ = t.grads.f_index_fill_(0, &index, 0.0)?;
+                match &selected {
+                    Selected::Range(lo, n) => {
+                        let _ = t.grads.f_narrow(0, *lo, *n)?.f_zero_()?;
+                    }
+                    Selected::Index(index) => {
+                        let _ = t.grads.f_index_fill_(0, index, 0.0)?;
+                    }
+                }
                 for (&m, (_, norm, step)) in stepping.iter().zip(&runs) {
                     let job = &mut jobs[members[m]];
                     job.state.step = *step;

@@ -250,38 +250,51 @@ fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
         ("adamw", 3e-3, 0.8, 0.99, 1e-6, 0.1, 0.0),
         ("clipped", 1e-2, 0.9, 0.999, 1e-8, 0.0, 0.5),
     ];
-    // One run per case, all in one slab, stepped together; a fourth run of the same slab is
-    // not in the batch and must keep bit-identical weights and moments.
+    // Two trios of runs, one run per case, all in one slab; each trio is stepped together (the
+    // first on consecutive rows, updated in place; the second on rows with a gap, gathered and
+    // written back). The runs in the gaps are in no batch and must keep bit-identical weights
+    // and moments.
     let p0: Vec<&Tensor> = (0..3).map(|i| &e[&format!("p0.{i}")]).collect();
-    let runs: Vec<LoraAdapter> = (0..4)
+    let all: Vec<LoraAdapter> = (0..8)
         .map(|i| LoraAdapter::new(spec(4, 40 + i), cfg, Device::Cpu).unwrap())
         .collect();
-    for run in &runs[..3] {
-        write_row(run, Field::Params, &p0);
+    let trios = [[0usize, 1, 2], [4, 6, 7]];
+    for &i in trios.iter().flatten() {
+        write_row(&all[i], Field::Params, &p0);
     }
-    let bystander = &runs[3];
-    let mut states: Vec<AdamState> = runs.iter().map(|r| AdamState::new(r).unwrap()).collect();
-    let mut bystander_state = states.pop().unwrap();
-    write_row(bystander, Field::Grads, &[&e["grad.0.0"]]);
-    bystander_state
-        .step(bystander, &AdamParams::default())
-        .unwrap();
-    let before: Vec<Tensor> = [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
-        .map(|f| row_of(bystander, f))
-        .into();
+    let mut states: Vec<AdamState> = all.iter().map(|r| AdamState::new(r).unwrap()).collect();
+    let bystanders = [3usize, 5];
+    for &i in &bystanders {
+        write_row(&all[i], Field::Grads, &[&e["grad.0.0"]]);
+        states[i].step(&all[i], &AdamParams::default()).unwrap();
+    }
+    let before: Vec<Vec<Tensor>> = bystanders
+        .iter()
+        .map(|&i| {
+            [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
+                .map(|f| row_of(&all[i], f))
+                .into()
+        })
+        .collect();
     let numel: i64 = p0.iter().map(|t| t.numel() as i64).sum();
     for step in 0..5 {
         let grads: Vec<&Tensor> = (0..3).map(|i| &e[&format!("grad.{step}.{i}")]).collect();
-        for run in &runs[..3] {
-            write_row(run, Field::Grads, &grads);
-        }
-        let mut jobs: Vec<StepJob> = runs[..3]
-            .iter()
-            .zip(states.iter_mut())
-            .zip(cases)
-            .map(
-                |((adapter, state), (_, lr, b1, b2, eps, wd, clip))| StepJob {
-                    adapter,
+        for trio in trios {
+            for &i in &trio {
+                write_row(&all[i], Field::Grads, &grads);
+            }
+            let mut trio_states: Vec<&mut AdamState> = states
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| trio.contains(i))
+                .map(|(_, s)| s)
+                .collect();
+            let mut jobs: Vec<StepJob> = trio
+                .iter()
+                .zip(trio_states.iter_mut())
+                .zip(cases)
+                .map(|((&i, state), (_, lr, b1, b2, eps, wd, clip))| StepJob {
+                    adapter: &all[i],
                     state,
                     params: AdamParams {
                         learning_rate: lr,
@@ -291,38 +304,45 @@ fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
                         weight_decay: wd,
                         grad_clip_norm: clip,
                     },
-                },
-            )
-            .collect();
-        for outcome in step_many(&mut jobs) {
-            assert_eq!(outcome.unwrap().step, step + 1);
-        }
-        for (run, (name, ..)) in runs[..3].iter().zip(cases) {
-            let want: Vec<Tensor> = (0..3)
-                .map(|i| e[&format!("{name}.{step}.{i}")].flatten(0, -1))
+                })
                 .collect();
-            let got = row_of(run, Field::Params);
-            let d = max_abs_diff(&got.narrow(0, 0, numel), &Tensor::cat(&want, 0));
-            assert!(d < 1e-5, "{name} step {step}: {d}");
-            let rest = got.narrow(0, numel, got.size()[0] - numel);
-            assert_eq!(
-                rest.abs().max().double_value(&[]),
-                0.0,
-                "zero padding stays zero"
-            );
-            assert_eq!(row_of(run, Field::Grads).abs().max().double_value(&[]), 0.0);
+            for outcome in step_many(&mut jobs) {
+                assert_eq!(outcome.unwrap().step, step + 1);
+            }
+            for (&i, (name, ..)) in trio.iter().zip(cases) {
+                let want: Vec<Tensor> = (0..3)
+                    .map(|k| e[&format!("{name}.{step}.{k}")].flatten(0, -1))
+                    .collect();
+                let got = row_of(&all[i], Field::Params);
+                let d = max_abs_diff(&got.narrow(0, 0, numel), &Tensor::cat(&want, 0));
+                assert!(d < 1e-5, "{name} (run {i}) step {step}: {d}");
+                let rest = got.narrow(0, numel, got.size()[0] - numel);
+                assert_eq!(
+                    rest.abs().max().double_value(&[]),
+                    0.0,
+                    "zero padding stays zero"
+                );
+                assert_eq!(
+                    row_of(&all[i], Field::Grads).abs().max().double_value(&[]),
+                    0.0
+                );
+            }
         }
     }
-    for (field, was) in [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
-        .into_iter()
-        .zip(&before)
-    {
-        assert!(
-            row_of(bystander, field).equal(was),
-            "{field:?} of a run outside the batch changed"
-        );
+    for (&i, was) in bystanders.iter().zip(&before) {
+        for (field, was) in [Field::Params, Field::ExpAvg, Field::ExpAvgSq]
+            .into_iter()
+            .zip(was)
+        {
+            assert!(
+                row_of(&all[i], field).equal(was),
+                "{field:?} of run {i} (in no batch) changed"
+            );
+        }
     }
-    assert!(states.iter().all(|s| s.step == 5));
+    for &i in trios.iter().flatten() {
+        assert_eq!(states[i].step, 5);
+    }
 }
 
 fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
