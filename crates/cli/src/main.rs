@@ -159,6 +159,10 @@ struct ServeArgs {
     /// Jobs all tenants may have queued together.
     #[arg(long, env = "LORALOOM_MAX_QUEUED", default_value_t = 4096)]
     max_queued: usize,
+    /// How long (ms) a batch smaller than the previous batch of its kind may wait for the rest
+    /// of the tenants stepping with it, so that they share one batch (0 = never wait).
+    #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
+    batch_fill_wait_ms: u64,
     /// Jobs waiting longer than this fail.
     #[arg(long, env = "LORALOOM_QUEUE_TIMEOUT_SECS", default_value_t = 600)]
     queue_timeout_secs: u64,
@@ -279,6 +283,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_batch_tokens: args.max_batch_tokens,
             max_request_tokens: args.max_request_tokens,
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
+            batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
         base: base.info().clone(),

@@ -568,15 +568,18 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                         }),
                     );
                 }
-                if let Some(batch) = st.next_batch() {
-                    break batch;
-                }
+                let wait = match st.next_batch_filled(Instant::now()) {
+                    Ok(batch) => break batch,
+                    Err(fill) => fill.map_or(Duration::from_millis(250), |d| {
+                        d.min(Duration::from_millis(250))
+                    }),
+                };
                 if st.is_closed() && st.queued() == 0 {
                     return;
                 }
                 st = inner
                     .wake
-                    .wait_timeout(st, Duration::from_millis(250))
+                    .wait_timeout(st, wait)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }

@@ -27,6 +27,10 @@ pub struct Limits {
     pub max_request_tokens: usize,
     /// Jobs waiting longer than this fail.
     pub queue_timeout: Duration,
+    /// How long a batch smaller than the previous batch of its class may wait for the rest of
+    /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
+    /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
+    pub batch_fill_wait: Duration,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             max_batch_tokens: 8192,
             max_request_tokens: 32768,
             queue_timeout: Duration::from_secs(600),
+            batch_fill_wait: Duration::from_millis(10),
         }
     }
 }
@@ -56,6 +61,8 @@ pub struct SchedState {
     paused: bool,
     /// The ring head that the last batches passed over for a larger class, and how many times.
     passed_over: Option<(QueueKey, u32)>,
+    /// Size of the last batch of each class.
+    last_size: Vec<(BatchClass, usize)>,
 }
 
 /// How many batches in a row may pass over the ring head for a class with more ready jobs.
@@ -225,7 +232,8 @@ impl SchedState {
         if self.paused {
             return None;
         }
-        let class = self.choose_class()?;
+        let (class, passing) = self.choose_class()?;
+        self.passed_over = passing;
         let at = self
             .ready
             .iter()
@@ -256,7 +264,58 @@ impl SchedState {
         for key in taken {
             self.busy.insert(key);
         }
+        match self.last_size.iter_mut().find(|(c, _)| *c == class) {
+            Some((_, n)) => *n = batch.len(),
+            None => self.last_size.push((class, batch.len())),
+        }
         Some(batch)
+    }
+
+    /// [`SchedState::next_batch`], except that a batch smaller than the previous batch of its
+    /// class is held back while its oldest job has waited less than
+    /// [`Limits::batch_fill_wait`]: `Err(Some(d))` says to look again within `d` (or at the next
+    /// submission), `Err(None)` that nothing is ready.
+    pub fn next_batch_filled(&mut self, now: Instant) -> Result<Vec<Job>, Option<Duration>> {
+        let fill = self.limits.batch_fill_wait;
+        if !self.paused && !fill.is_zero() {
+            if let Some((class, _)) = self.choose_class() {
+                let last = self
+                    .last_size
+                    .iter()
+                    .find(|(c, _)| *c == class)
+                    .map_or(0, |(_, n)| *n);
+                let (size, oldest) = self.candidates(class);
+                if let Some(oldest) = oldest {
+                    let waited = now.saturating_duration_since(oldest);
+                    if size < last && waited < fill {
+                        return Err(Some(fill - waited));
+                    }
+                }
+            }
+        }
+        self.next_batch().ok_or(None)
+    }
+
+    /// How many ready queues' heads of `class` a batch would take now (within the token
+    /// budget), and when the oldest of them was enqueued.
+    fn candidates(&self, class: BatchClass) -> (usize, Option<Instant>) {
+        let budget = self.limits.max_batch_tokens;
+        let (mut size, mut tokens, mut oldest) = (0, 0, None::<Instant>);
+        for key in &self.ready {
+            let Some(job) = self.queues.get(key).and_then(|q| q.front()) else {
+                continue;
+            };
+            if job.work.class() != class || (size > 0 && tokens + job.work.tokens() > budget) {
+                continue;
+            }
+            size += 1;
+            tokens += job.work.tokens();
+            oldest = Some(oldest.map_or(job.enqueued, |o| o.min(job.enqueued)));
+            if class == BatchClass::Solo {
+                break;
+            }
+        }
+        (size, oldest)
     }
 
     fn head_class(&self, key: &QueueKey) -> Option<BatchClass> {
@@ -267,7 +326,7 @@ impl SchedState {
     /// (then all of that class run together, which keeps tenants that step in lockstep in one
     /// batch instead of splitting each round); the head is passed over at most [`MAX_PASSES`]
     /// times in a row, so no class starves.
-    fn choose_class(&mut self) -> Option<BatchClass> {
+    fn choose_class(&self) -> Option<(BatchClass, Option<(QueueKey, u32)>)> {
         let head = self.ready.front()?.clone();
         let head_class = self.head_class(&head)?;
         let passes = match &self.passed_over {
@@ -290,13 +349,9 @@ impl SchedState {
             Some((class, n))
                 if class != head_class && n > of(head_class) && passes < MAX_PASSES =>
             {
-                self.passed_over = Some((head, passes + 1));
-                Some(class)
+                Some((class, Some((head, passes + 1))))
             }
-            _ => {
-                self.passed_over = None;
-                Some(head_class)
-            }
+            _ => Some((head_class, None)),
         }
     }
 
@@ -414,6 +469,32 @@ mod tests {
             ["s0"],
             "after two passes the head goes first"
         );
+    }
+
+    #[test]
+    fn a_batch_smaller_than_the_last_waits_briefly_for_its_peers() {
+        let mut s = SchedState::new(Limits::default());
+        let keys: Vec<QueueKey> = ["a", "b", "c"].iter().map(|q| model("t", q)).collect();
+        for k in &keys {
+            s.push(job("x", k.clone(), optim())).unwrap();
+        }
+        let now = Instant::now();
+        assert_eq!(s.next_batch_filled(now).unwrap().len(), 3);
+        s.finish(&keys);
+        s.push(job("a1", keys[0].clone(), optim())).unwrap();
+        let wait = s.next_batch_filled(Instant::now()).unwrap_err();
+        assert!(wait.is_some_and(|d| d <= Limits::default().batch_fill_wait));
+        s.push(job("b1", keys[1].clone(), optim())).unwrap();
+        s.push(job("c1", keys[2].clone(), optim())).unwrap();
+        assert_eq!(
+            ids(&s.next_batch_filled(Instant::now()).unwrap()),
+            ["a1", "b1", "c1"]
+        );
+        s.finish(&keys);
+        // A peer that does not come: the lone job goes once it has waited the fill time.
+        s.push(job("a2", keys[0].clone(), optim())).unwrap();
+        let later = Instant::now() + Limits::default().batch_fill_wait;
+        assert_eq!(ids(&s.next_batch_filled(later).unwrap()), ["a2"]);
     }
 
     #[test]
