@@ -159,7 +159,7 @@ struct ServeArgs {
     /// Jobs all tenants may have queued together.
     #[arg(long, env = "LORALOOM_MAX_QUEUED", default_value_t = 4096)]
     max_queued: usize,
-    /// How long (ms) a batch smaller than the previous batch of its kind may wait for the rest
+    /// How long (ms) a batch smaller than the recent batches of its kind may wait for the rest
     /// of the tenants stepping with it, so that they share one batch (0 = never wait).
     #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
     batch_fill_wait_ms: u64,

@@ -27,7 +27,7 @@ pub struct Limits {
     pub max_request_tokens: usize,
     /// Jobs waiting longer than this fail.
     pub queue_timeout: Duration,
-    /// How long a batch smaller than the previous batch of its class may wait for the rest of
+    /// How long a batch smaller than the recent batches of its class may wait for the rest of
     /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
     /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
     pub batch_fill_wait: Duration,
@@ -61,12 +61,15 @@ pub struct SchedState {
     paused: bool,
     /// The ring head that the last batches passed over for a larger class, and how many times.
     passed_over: Option<(QueueKey, u32)>,
-    /// Size of the last batch of each class.
-    last_size: Vec<(BatchClass, usize)>,
+    /// Sizes of the last [`RECENT_BATCHES`] batches of each class, newest last.
+    recent_sizes: Vec<(BatchClass, VecDeque<usize>)>,
 }
 
 /// How many batches in a row may pass over the ring head for a class with more ready jobs.
 const MAX_PASSES: u32 = 2;
+
+/// How many recent batches of a class set the size a new batch of it waits to reach.
+const RECENT_BATCHES: usize = 4;
 
 impl SchedState {
     /// Empty state with `limits`.
@@ -264,15 +267,23 @@ impl SchedState {
         for key in taken {
             self.busy.insert(key);
         }
-        match self.last_size.iter_mut().find(|(c, _)| *c == class) {
-            Some((_, n)) => *n = batch.len(),
-            None => self.last_size.push((class, batch.len())),
+        let at = match self.recent_sizes.iter().position(|(c, _)| *c == class) {
+            Some(at) => at,
+            None => {
+                self.recent_sizes.push((class, VecDeque::new()));
+                self.recent_sizes.len() - 1
+            }
+        };
+        let sizes = &mut self.recent_sizes[at].1;
+        if sizes.len() == RECENT_BATCHES {
+            sizes.pop_front();
         }
+        sizes.push_back(batch.len());
         Some(batch)
     }
 
-    /// [`SchedState::next_batch`], except that a batch smaller than the previous batch of its
-    /// class is held back while its oldest job has waited less than
+    /// [`SchedState::next_batch`], except that a batch smaller than the largest of the recent
+    /// batches of its class is held back while its oldest job has waited less than
     /// [`Limits::batch_fill_wait`]: `Err(Some(d))` says to look again within `d` (or at the next
     /// submission), `Err(None)` that nothing is ready.
     pub fn next_batch_filled(&mut self, now: Instant) -> Result<Vec<Job>, Option<Duration>> {
@@ -280,10 +291,11 @@ impl SchedState {
         if !self.paused && !fill.is_zero() {
             if let Some((class, _)) = self.choose_class() {
                 let last = self
-                    .last_size
+                    .recent_sizes
                     .iter()
                     .find(|(c, _)| *c == class)
-                    .map_or(0, |(_, n)| *n);
+                    .and_then(|(_, sizes)| sizes.iter().max().copied())
+                    .unwrap_or(0);
                 let (size, oldest) = self.candidates(class);
                 if let Some(oldest) = oldest {
                     let waited = now.saturating_duration_since(oldest);
