@@ -40,6 +40,11 @@ if d1 and d8:
     print(f"| decode 8 adapters vs 8 sequences of 1 adapter | {d8['tokens_per_s']:.0f} | {d1['tokens_per_s']:.0f} | "
           f"{d8['tokens_per_s'] / d1['tokens_per_s']:.2f}x |")
 for e in by.get("engine", []):
-    print(f"| engine {e['tenants']} tenants x (fb 1x{e['len']} + optim) tokens/s | {e['loraloom_tokens_per_s']:.0f} | "
+    model = e.get("model", "default")
+    print(f"| engine ({model} model) {e['tenants']} tenants x (fb 1x{e['len']} + optim) tokens/s | {e['loraloom_tokens_per_s']:.0f} | "
           f"one batch {e['one_batch_tokens_per_s']:.0f} / seed design {e['seed_design_tokens_per_s']:.0f} | "
           f"{e['vs_one_batch']:.2f}x / {e['vs_seed_design']:.2f}x (mean batch {e['mean_batch_size']:.1f}) |")
+for o in by.get("optim_step", []):
+    model = o.get("model", "default")
+    print(f"| fused optimizer step, {o['runs']} runs ({model} model, {o['parameters_per_run']} parameters per run) | "
+          f"{o['seconds'] * 1e3:.2f} ms | one run | {o['vs_one_run']:.1f}x the time |")

@@ -361,16 +361,52 @@ impl ModelWorker {
                     .collect()
             })
         };
+        let mut stepped = Vec::new();
         for (i, outcome) in stepping.into_iter().zip(outcomes) {
-            let entry = entries[i].as_ref().expect("stepping runs have entries");
-            let state = guards[i].as_mut().expect("stepping runs are locked");
-            results[i] = Some(outcome.map_err(EngineError::from).and_then(|stats| {
-                if self.snapshot_every_step {
-                    snapshot(&self.registry, entry, state)?;
-                    state.pending_marked = false;
-                }
-                Ok(Output::OptimStep(stats))
-            }));
+            match outcome {
+                Ok(stats) => stepped.push((i, stats)),
+                Err(e) => results[i] = Some(Err(e.into())),
+            }
+        }
+        // Every stepped run's snapshot, written together and made durable before any step is
+        // acknowledged.
+        let saved: Vec<Result<()>> = if self.snapshot_every_step {
+            let dirs: Vec<_> = stepped
+                .iter()
+                .map(|(i, _)| {
+                    let entry = entries[*i].as_ref().expect("stepped runs have entries");
+                    self.registry.snapshot_dir(&entry.key)
+                })
+                .collect();
+            let requests: Vec<(SaveRequest, &std::path::Path)> = stepped
+                .iter()
+                .zip(&dirs)
+                .map(|((i, _), dir)| {
+                    let entry = entries[*i].as_ref().expect("stepped runs have entries");
+                    let state = guards[*i].as_ref().expect("stepped runs are locked");
+                    let request = SaveRequest {
+                        adapter: state.adapter.as_ref().expect("stepped runs are resident"),
+                        optimizer: state.optimizer.as_ref(),
+                        base_model: &entry.base_model,
+                    };
+                    (request, dir.as_path())
+                })
+                .collect();
+            checkpoint::save_all(&requests)
+                .into_iter()
+                .map(|r| r.map_err(EngineError::from))
+                .collect()
+        } else {
+            stepped.iter().map(|_| Ok(())).collect()
+        };
+        for ((i, stats), saved) in stepped.into_iter().zip(saved) {
+            if self.snapshot_every_step && saved.is_ok() {
+                guards[i]
+                    .as_mut()
+                    .expect("stepped runs are locked")
+                    .pending_marked = false;
+            }
+            results[i] = Some(saved.map(|()| Output::OptimStep(stats)));
         }
         drop(guards);
         for e in entries.iter().flatten() {

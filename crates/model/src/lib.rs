@@ -2,9 +2,11 @@
 //!
 //! It owns Hugging Face config parsing and safetensors loading ([`config`], [`weights`]), the
 //! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
-//! LoRA adapters applied per batch segment ([`lora`]), the Tinker losses ([`loss`]), fused
-//! multi-adapter training steps ([`train`]), Adam ([`adam`]), PEFT-layout checkpoints
-//! ([`checkpoint`]) and KV-cache sampling batched across adapters ([`sample`], [`kv_cache`]). It knows nothing of HTTP, tenants or queues.
+//! LoRA adapters stored stacked in per-layout slabs ([`slab`]) and applied to a batch of many
+//! adapters with a fixed number of kernels per layer ([`lora`]), the Tinker losses ([`loss`]),
+//! fused multi-adapter training steps ([`train`]), one fused AdamW step over many runs
+//! ([`adam`]), PEFT-layout checkpoints ([`checkpoint`]) and KV-cache sampling batched across
+//! adapters ([`sample`], [`kv_cache`]). It knows nothing of HTTP, tenants or queues.
 
 pub mod adam;
 pub mod checkpoint;

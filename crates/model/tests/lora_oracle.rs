@@ -524,6 +524,62 @@ fn save_state_then_load_continues_identically() {
 }
 
 #[test]
+fn checkpoints_saved_together_load_back_like_single_saves() {
+    let (_dir, decoder) = tiny_llama("save-all");
+    let cfg = decoder.config();
+    let out = TempDir::new("save-all-out");
+    let runs: Vec<LoraAdapter> = (0..3)
+        .map(|i| {
+            let a = LoraAdapter::new(spec(2 + 2 * i, 60 + i as u64), cfg, Device::Cpu).unwrap();
+            perturb(&a, 60 + i);
+            a
+        })
+        .collect();
+    let states: Vec<AdamState> = runs.iter().map(|r| AdamState::new(r).unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|i| out.path().join(format!("run{i}"))).collect();
+    // One directory already holds an older checkpoint, which the batch replaces.
+    checkpoint::save(
+        &SaveRequest {
+            adapter: &runs[2],
+            optimizer: None,
+            base_model: "tiny",
+        },
+        &dirs[0],
+    )
+    .unwrap();
+    let requests: Vec<(SaveRequest, &std::path::Path)> = runs
+        .iter()
+        .zip(&states)
+        .zip(&dirs)
+        .map(|((adapter, state), dir)| {
+            let request = SaveRequest {
+                adapter,
+                optimizer: Some(state),
+                base_model: "tiny",
+            };
+            (request, dir.as_path())
+        })
+        .collect();
+    for outcome in checkpoint::save_all(&requests) {
+        outcome.unwrap();
+    }
+    for (run, dir) in runs.iter().zip(&dirs) {
+        let loaded = checkpoint::load(dir, cfg, Device::Cpu).unwrap();
+        assert_eq!(loaded.adapter.spec(), run.spec());
+        assert!(loaded.optimizer.is_some());
+        for field in [Field::Params, Field::ExpAvg, Field::ExpAvgSq] {
+            assert!(row_of(&loaded.adapter, field).equal(&row_of(run, field)));
+        }
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary directories stay behind");
+}
+
+#[test]
 fn exported_adapter_gives_the_same_logits_in_peft() {
     let (dir, decoder) = tiny_llama("export");
     let adapter = LoraAdapter::new(spec(4, 21), decoder.config(), Device::Cpu).unwrap();
