@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
@@ -204,6 +204,26 @@ impl ModelWorker {
         })
     }
 
+    /// Each job's run, after `check`; a job whose check or lookup fails gets its error in
+    /// `results` and no run.
+    fn runs_of(
+        &self,
+        jobs: &[Job],
+        results: &mut [Option<Result<Output>>],
+        check: impl Fn(&Job) -> Result<()>,
+    ) -> Vec<Option<Arc<ModelEntry>>> {
+        jobs.iter()
+            .enumerate()
+            .map(|(i, j)| match check(j).and_then(|()| self.model_of(j)) {
+                Ok(e) => Some(e),
+                Err(err) => {
+                    results[i] = Some(Err(err));
+                    None
+                }
+            })
+            .collect()
+    }
+
     fn model_of(&self, job: &Job) -> Result<Arc<ModelEntry>> {
         match &job.queue {
             QueueKey::Model(k) => self.registry.model(&k.tenant, &k.model_id),
@@ -216,21 +236,8 @@ impl ModelWorker {
 
     fn train(&self, jobs: &[Job], backward: bool) -> Vec<Result<Output>> {
         let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
-        let entries: Vec<Option<Arc<ModelEntry>>> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| match self.model_of(j) {
-                Ok(e) => Some(e),
-                Err(err) => {
-                    results[i] = Some(Err(err));
-                    None
-                }
-            })
-            .collect();
-        let mut guards: Vec<_> = entries
-            .iter()
-            .map(|e| e.as_ref().map(|e| e.lock()))
-            .collect();
+        let entries = self.runs_of(jobs, &mut results, |_| Ok(()));
+        let mut guards = lock_all(&entries);
         for (i, (entry, guard)) in entries.iter().zip(guards.iter_mut()).enumerate() {
             if let (Some(entry), Some(guard)) = (entry, guard) {
                 if let Err(e) = self.make_resident(entry, guard) {
@@ -296,30 +303,11 @@ impl ModelWorker {
     /// each run's snapshot is written before its step is acknowledged.
     fn optim(&self, jobs: &[Job]) -> Vec<Result<Output>> {
         let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
-        let entries: Vec<Option<Arc<ModelEntry>>> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| {
-                let Work::OptimStep { params } = &j.work else {
-                    unreachable!("optim batch holds optim jobs")
-                };
-                match params
-                    .validate()
-                    .map_err(EngineError::from)
-                    .and_then(|()| self.model_of(j))
-                {
-                    Ok(e) => Some(e),
-                    Err(err) => {
-                        results[i] = Some(Err(err));
-                        None
-                    }
-                }
-            })
-            .collect();
-        let mut guards: Vec<_> = entries
-            .iter()
-            .map(|e| e.as_ref().map(|e| e.lock()))
-            .collect();
+        let entries = self.runs_of(jobs, &mut results, |j| match &j.work {
+            Work::OptimStep { params } => Ok(params.validate()?),
+            _ => unreachable!("optim batch holds optim jobs"),
+        });
+        let mut guards = lock_all(&entries);
         let mut stepping = Vec::new();
         for (i, (entry, guard)) in entries.iter().zip(guards.iter_mut()).enumerate() {
             let (Some(entry), Some(state)) = (entry, guard) else {
@@ -759,6 +747,14 @@ impl Backend for ModelWorker {
         }
         results
     }
+}
+
+/// Locks every run of a batch (runs of one batch are distinct: no two workers want one run).
+fn lock_all(entries: &[Option<Arc<ModelEntry>>]) -> Vec<Option<MutexGuard<'_, RunState>>> {
+    entries
+        .iter()
+        .map(|e| e.as_ref().map(|e| e.lock()))
+        .collect()
 }
 
 /// Runs one job's work, turning a panic into that job's failure.

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use loraloom_model::checkpoint;
 use loraloom_model::{
-    sample, Decoder, Field, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
+    sample, Decoder, LoraAdapter, LoraSpec, SampleRequest, SamplingParams, Stop, StopReason,
 };
 use tch::{Device, Kind};
 
@@ -154,18 +154,7 @@ fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
                 train_unembed: i == 1,
             };
             let a = LoraAdapter::new(spec, decoder.config(), Device::Cpu).unwrap();
-            tch::manual_seed(100 + i as i64);
-            let layers: Vec<_> = a
-                .layout()
-                .entries
-                .iter()
-                .map(|e| (e.layer, e.target))
-                .collect();
-            for (layer, target) in layers {
-                let p = a.pair(layer, target).unwrap();
-                let (pa, pb) = (&p.a + p.a.randn_like() * 0.1, &p.b + p.b.randn_like() * 0.1);
-                a.set_pair(Field::Params, layer, target, &pa, &pb).unwrap();
-            }
+            perturb(&a, 100 + i as i64, 0.1);
             a
         })
         .collect()

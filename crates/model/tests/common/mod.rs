@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use loraloom_model::Decoder;
+use loraloom_model::{Decoder, Field, LoraAdapter};
 use tch::{Device, Kind, Tensor};
 
 /// The repository root.
@@ -111,4 +111,24 @@ pub fn vec_i64(t: &Tensor) -> Vec<i64> {
 /// The values of a float tensor as f32.
 pub fn vec_f32(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
+}
+
+/// Adds Gaussian noise of standard deviation `scale` (seeded) to every adapted layer's A and B,
+/// so that B is non-zero and every gradient path is exercised (padding stays zero).
+pub fn perturb(adapter: &LoraAdapter, seed: i64, scale: f64) {
+    tch::manual_seed(seed);
+    let layers: Vec<_> = adapter
+        .layout()
+        .entries
+        .iter()
+        .map(|e| (e.layer, e.target))
+        .collect();
+    for (layer, target) in layers {
+        let pair = adapter.pair(layer, target).unwrap();
+        let a = &pair.a + pair.a.randn_like() * scale;
+        let b = &pair.b + pair.b.randn_like() * scale;
+        adapter
+            .set_pair(Field::Params, layer, target, &a, &b)
+            .unwrap();
+    }
 }
