@@ -290,13 +290,7 @@ impl ModelWorker {
             }
         }
         drop(guards);
-        for e in entries.iter().flatten() {
-            e.touch();
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every job has a result"))
-            .collect()
+        finish_runs(&entries, results)
     }
 
     /// One fused AdamW step for every run of the batch (each with its own hyperparameters);
@@ -397,13 +391,7 @@ impl ModelWorker {
             results[i] = Some(saved.map(|()| Output::OptimStep(stats)));
         }
         drop(guards);
-        for e in entries.iter().flatten() {
-            e.touch();
-        }
-        results
-            .into_iter()
-            .map(|r| r.expect("every job has a result"))
-            .collect()
+        finish_runs(&entries, results)
     }
 
     /// Makes a run ready for an optimizer step: resident, with an optimizer. Fails (and clears
@@ -747,6 +735,20 @@ impl Backend for ModelWorker {
         }
         results
     }
+}
+
+/// Marks a batch's runs as used (for eviction) and unwraps every job's result.
+fn finish_runs(
+    entries: &[Option<Arc<ModelEntry>>],
+    results: Vec<Option<Result<Output>>>,
+) -> Vec<Result<Output>> {
+    for e in entries.iter().flatten() {
+        e.touch();
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every job has a result"))
+        .collect()
 }
 
 /// Locks every run of a batch (runs of one batch are distinct: no two workers want one run).
