@@ -337,19 +337,18 @@ impl LoraAdapter {
 /// layer `A` `[K, R, in]` and `B` `[K, out, R]` (member `k` is `adapters[k]`), in the model's
 /// dtype. Trainable stacks make each `A` and `B` an autograd leaf, so one backward yields every
 /// member's gradients at once ([`AdapterStack::accumulate`] adds them to the slab).
-pub struct AdapterStack {
+pub struct AdapterStack<'a> {
     slab: Arc<Slab>,
     slots: Tensor,
-    /// Each member's adapter address: an identity, never dereferenced.
-    adapters: Vec<usize>,
+    adapters: Vec<&'a LoraAdapter>,
     scales: Vec<f64>,
     scale_t: Tensor,
     pairs: Vec<(Tensor, Tensor)>,
 }
 
-impl AdapterStack {
+impl<'a> AdapterStack<'a> {
     /// Gathers `adapters` (all of one slab) into a stack computing in `kind`.
-    pub fn new(adapters: &[&LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
+    pub fn new(adapters: &[&'a LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
         let Some(first) = adapters.first() else {
             return Err(ModelError::invalid("adapters", "an empty stack"));
         };
@@ -391,7 +390,7 @@ impl AdapterStack {
         Ok(AdapterStack {
             slab,
             slots,
-            adapters: adapters.iter().map(|a| identity(a)).collect(),
+            adapters: adapters.to_vec(),
             scales,
             scale_t,
             pairs,
@@ -412,7 +411,7 @@ impl AdapterStack {
     pub fn member(&self, adapter: &LoraAdapter) -> Option<i64> {
         self.adapters
             .iter()
-            .position(|&p| p == identity(adapter))
+            .position(|&a| std::ptr::eq(a, adapter))
             .map(|i| i as i64)
     }
 
@@ -430,7 +429,7 @@ impl AdapterStack {
 
     /// Adds `grads` (aligned with [`AdapterStack::leaves`]; undefined = zero) to the members'
     /// gradient rows: one concatenation and one `index_add_`, whatever the number of members.
-    pub fn accumulate(&self, grads: &[Tensor], adapters: &[&LoraAdapter]) -> Result<()> {
+    pub fn accumulate(&self, grads: &[Tensor]) -> Result<()> {
         let k = self.len() as i64;
         let leaves = self.leaves();
         if grads.len() != leaves.len() {
@@ -455,16 +454,70 @@ impl AdapterStack {
         let _ = self
             .slab
             .with(|t| t.grads.f_index_add_(0, &self.slots, &flat))?;
-        for a in adapters {
+        for a in &self.adapters {
             a.mark_pending();
         }
         Ok(())
     }
 }
 
-/// An adapter's address, to recognise it (never turned back into a reference).
-fn identity(adapter: &LoraAdapter) -> usize {
-    adapter as *const LoraAdapter as usize
+/// The distinct adapters of a batch, gathered into one [`AdapterStack`] per slab: what a
+/// training batch and a sampling batch both build before their [`LoraBatch`]es.
+pub(crate) struct StackSet<'a> {
+    stacks: Vec<AdapterStack<'a>>,
+}
+
+impl<'a> StackSet<'a> {
+    /// Stacks the distinct adapters among `adapters` (`None`s are base-model rows).
+    pub(crate) fn new(
+        adapters: &[Option<&'a LoraAdapter>],
+        kind: Kind,
+        trainable: bool,
+    ) -> Result<Self> {
+        let mut groups: Vec<Vec<&'a LoraAdapter>> = Vec::new();
+        for a in adapters.iter().flatten() {
+            if groups.iter().flatten().any(|b| std::ptr::eq(*a, *b)) {
+                continue;
+            }
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(g[0].row().slab(), a.row().slab()))
+            {
+                Some(g) => g.push(a),
+                None => groups.push(vec![a]),
+            }
+        }
+        let stacks = groups
+            .iter()
+            .map(|g| AdapterStack::new(g, kind, trainable))
+            .collect::<Result<_>>()?;
+        Ok(StackSet { stacks })
+    }
+
+    /// The stack and member index of `adapter`.
+    pub(crate) fn member(&self, adapter: &LoraAdapter) -> Result<(&AdapterStack<'a>, i64)> {
+        self.stacks
+            .iter()
+            .find_map(|s| s.member(adapter).map(|m| (s, m)))
+            .ok_or_else(|| ModelError::invalid("adapter", "not in this batch's stacks"))
+    }
+
+    /// One backward pass from `loss` to every stack's leaves; each member's gradients are added
+    /// to its slab row.
+    pub(crate) fn backward(&self, loss: &Tensor) -> Result<()> {
+        let leaves: Vec<&Tensor> = self.stacks.iter().flat_map(|s| s.leaves()).collect();
+        if leaves.is_empty() {
+            return Ok(());
+        }
+        let grads = Tensor::f_run_backward(&[loss], &leaves, false, false)?;
+        let mut rest = grads.as_slice();
+        for stack in &self.stacks {
+            let (mine, others) = rest.split_at(stack.leaves().len());
+            stack.accumulate(mine)?;
+            rest = others;
+        }
+        Ok(())
+    }
 }
 
 /// Which members of a stack a batch part's rows use.
@@ -479,7 +532,7 @@ enum Members {
 
 /// The rows of a batch that use one stack.
 struct Part<'a> {
-    stack: &'a AdapterStack,
+    stack: &'a AdapterStack<'a>,
     /// `None`: every row of the batch, in order; else the batch rows (ascending).
     rows: Option<Tensor>,
     members: Members,
@@ -496,9 +549,9 @@ pub struct LoraBatch<'a> {
 impl<'a> LoraBatch<'a> {
     /// Row `i` of a batch of `assignment.len()` rows uses member `m` of stack `s` when
     /// `assignment[i] == Some((s, m))`, the base model when `None`.
-    pub fn new(assignment: &[Option<(&'a AdapterStack, i64)>]) -> Result<Self> {
+    pub fn new(assignment: &[Option<(&'a AdapterStack<'a>, i64)>]) -> Result<Self> {
         let rows = assignment.len() as i64;
-        let mut groups: Vec<(&'a AdapterStack, Vec<i64>, Vec<i64>)> = Vec::new();
+        let mut groups: Vec<(&'a AdapterStack<'a>, Vec<i64>, Vec<i64>)> = Vec::new();
         for (row, slot) in assignment.iter().enumerate() {
             let Some((stack, member)) = *slot else {
                 continue;
@@ -551,7 +604,7 @@ impl<'a> LoraBatch<'a> {
     }
 
     /// Every one of `rows` rows uses member `member` of `stack`.
-    pub fn one(stack: &'a AdapterStack, member: i64, rows: i64) -> Result<Self> {
+    pub fn one(stack: &'a AdapterStack<'a>, member: i64, rows: i64) -> Result<Self> {
         Self::new(&vec![Some((stack, member)); rows as usize])
     }
 

@@ -13,9 +13,8 @@ use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{LoraAdapter, LoraBatch};
+use crate::lora::{LoraAdapter, LoraBatch, StackSet};
 use crate::rng::SplitMix64;
-use crate::train::StackSet;
 
 /// When a sequence stops besides `max_tokens`.
 #[derive(Debug, Clone, PartialEq, Eq)]

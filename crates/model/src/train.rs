@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
-use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
+use crate::lora::{LoraAdapter, LoraBatch, StackSet};
 use crate::loss::{elementwise_loss, target_logprobs, LossFn, LossInputs};
 
 /// One training example: the model input and the loss's per-token inputs.
@@ -157,64 +157,6 @@ fn run(decoder: &Decoder, requests: &[TrainRequest], backward: bool) -> Result<V
         }
     }
     Ok(results)
-}
-
-/// The distinct adapters of a batch, gathered into one [`AdapterStack`] per slab.
-pub(crate) struct StackSet<'a> {
-    stacks: Vec<(AdapterStack, Vec<&'a LoraAdapter>)>,
-}
-
-impl<'a> StackSet<'a> {
-    /// Stacks the distinct adapters among `adapters` (`None`s are base-model rows).
-    pub(crate) fn new(
-        adapters: &[Option<&'a LoraAdapter>],
-        kind: Kind,
-        trainable: bool,
-    ) -> Result<Self> {
-        let mut groups: Vec<Vec<&'a LoraAdapter>> = Vec::new();
-        for a in adapters.iter().flatten() {
-            if groups.iter().flatten().any(|b| std::ptr::eq(*a, *b)) {
-                continue;
-            }
-            match groups
-                .iter_mut()
-                .find(|g| std::sync::Arc::ptr_eq(g[0].row().slab(), a.row().slab()))
-            {
-                Some(g) => g.push(a),
-                None => groups.push(vec![a]),
-            }
-        }
-        let stacks = groups
-            .into_iter()
-            .map(|g| Ok((AdapterStack::new(&g, kind, trainable)?, g)))
-            .collect::<Result<_>>()?;
-        Ok(StackSet { stacks })
-    }
-
-    /// The stack and member index of `adapter`.
-    pub(crate) fn member(&self, adapter: &LoraAdapter) -> Result<(&AdapterStack, i64)> {
-        self.stacks
-            .iter()
-            .find_map(|(s, _)| s.member(adapter).map(|m| (s, m)))
-            .ok_or_else(|| ModelError::invalid("adapter", "not in this batch's stacks"))
-    }
-
-    /// One backward pass from `loss` to every stack's leaves; each member's gradients are added
-    /// to its slab row.
-    fn backward(&self, loss: &Tensor) -> Result<()> {
-        let leaves: Vec<&Tensor> = self.stacks.iter().flat_map(|(s, _)| s.leaves()).collect();
-        if leaves.is_empty() {
-            return Ok(());
-        }
-        let grads = Tensor::f_run_backward(&[loss], &leaves, false, false)?;
-        let mut rest = grads.as_slice();
-        for (stack, adapters) in &self.stacks {
-            let (mine, others) = rest.split_at(stack.leaves().len());
-            stack.accumulate(mine, adapters)?;
-            rest = others;
-        }
-        Ok(())
-    }
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
