@@ -23,6 +23,7 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraAdapter, LoraSpec, Target};
 use crate::slab::Field;
+use crate::weights::take_checked;
 
 const ADAPTER_FILE: &str = "adapter_model.safetensors";
 const CONFIG_FILE: &str = "adapter_config.json";
@@ -377,8 +378,8 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
         for e in &layout.entries {
             let module = e.target.module_path(e.layer);
             let key = |half| format!("{}{suffix}", peft_key(&module, half));
-            let a = take(tensors, &key("A"), &[rank, e.inp])?;
-            let b = take(tensors, &key("B"), &[e.out, rank])?;
+            let a = take_checked(tensors, &key("A"), &[rank, e.inp])?;
+            let b = take_checked(tensors, &key("B"), &[e.out, rank])?;
             adapter.set_pair(field, e.layer, e.target, &a, &b)?;
         }
         Ok::<(), ModelError>(())
@@ -395,21 +396,6 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
         None
     };
     Ok(Loaded { adapter, optimizer })
-}
-
-/// Removes tensor `name` from `tensors`, checking its shape.
-fn take(tensors: &mut HashMap<String, Tensor>, name: &str, shape: &[i64]) -> Result<Tensor> {
-    let t = tensors
-        .remove(name)
-        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-    if t.size() != shape {
-        return Err(ModelError::WrongShape {
-            name: name.to_string(),
-            found: t.size(),
-            expected: shape.to_vec(),
-        });
-    }
-    Ok(t)
 }
 
 #[cfg(test)]

@@ -73,18 +73,7 @@ impl WeightStore {
 
     /// Removes `name` from the store, checking its shape; the result is frozen (no grad).
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let tensor = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        if tensor.size() != shape {
-            return Err(ModelError::WrongShape {
-                name: name.to_string(),
-                found: tensor.size(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(tensor
+        Ok(take_checked(&mut self.tensors, name, shape)?
             .f_to_kind(self.kind)?
             .f_to_device(self.device)?
             .set_requires_grad(false))
@@ -105,4 +94,24 @@ impl WeightStore {
         names.sort();
         names
     }
+}
+
+/// Removes tensor `name` from `tensors`, checking its shape (missing and misshapen tensors are
+/// named errors).
+pub(crate) fn take_checked(
+    tensors: &mut HashMap<String, Tensor>,
+    name: &str,
+    shape: &[i64],
+) -> Result<Tensor> {
+    let tensor = tensors
+        .remove(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if tensor.size() != shape {
+        return Err(ModelError::WrongShape {
+            name: name.to_string(),
+            found: tensor.size(),
+            expected: shape.to_vec(),
+        });
+    }
+    Ok(tensor)
 }
