@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::lora::LoraAdapter;
-use crate::slab::{Field, Slab};
+use crate::slab::{Field, Slab, SlabTensors};
 
 /// The SDK's `AdamParams`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -238,8 +238,8 @@ impl Factors {
     }
 }
 
-/// The slab rows a step updates: a range is updated in place through views; other sets are
-/// gathered into temporaries and written back.
+/// The slab rows a step reads and updates: a range is used in place through views; other sets
+/// are gathered into temporaries and written back.
 enum Selected {
     /// `n` consecutive rows from `lo`.
     Range(i64, i64),
@@ -248,6 +248,7 @@ enum Selected {
 }
 
 impl Selected {
+    /// `rows` must be ascending.
     fn of(rows: &[i64], device: Device) -> Result<Self> {
         let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
         Ok(if consecutive {
@@ -257,6 +258,13 @@ impl Selected {
         })
     }
 
+    fn len(&self) -> i64 {
+        match self {
+            Selected::Range(_, n) => *n,
+            Selected::Index(index) => index.size()[0],
+        }
+    }
+
     /// The selected rows of `columns` (`[capacity, width]`): a view for a range, else a copy.
     fn take(&self, columns: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -264,6 +272,66 @@ impl Selected {
             Selected::Index(index) => columns.f_index_select(0, index)?,
         })
     }
+
+    /// Zeroes the selected rows of `tensor`.
+    fn zero(&self, tensor: &Tensor) -> Result<()> {
+        let _ = match self {
+            Selected::Range(lo, n) => tensor.f_narrow(0, *lo, *n)?.f_zero_()?,
+            Selected::Index(index) => tensor.shallow_clone().f_index_fill_(0, index, 0.0)?,
+        };
+        Ok(())
+    }
+
+    /// Column chunks `(start, width)` of a `numel`-wide row that bound each temporary of a step
+    /// over these rows to [`CHUNK_ELEMENTS`].
+    fn chunks(&self, numel: i64) -> impl Iterator<Item = (i64, i64)> {
+        let cols = (CHUNK_ELEMENTS / self.len().max(1)).clamp(1, numel.max(1));
+        (0..numel)
+            .step_by(cols as usize)
+            .map(move |start| (start, cols.min(numel - start)))
+    }
+}
+
+/// Each selected row's gradient norm (one host transfer for all of them).
+fn grad_norms(t: &SlabTensors, rows: &Selected, numel: i64, device: Device) -> Result<Vec<f64>> {
+    let mut sq = Tensor::f_zeros([rows.len()], (Kind::Double, device))?;
+    for (start, width) in rows.chunks(numel) {
+        let g = rows.take(&t.grads.f_narrow(1, start, width)?)?;
+        sq = sq.f_add(&g.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
+    }
+    Ok(Vec::<f64>::try_from(
+        sq.f_sqrt()?.f_to_device(Device::Cpu)?,
+    )?)
+}
+
+/// AdamW on the selected rows (row `i` with the factors' row `i`), then their gradients zeroed.
+fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<()> {
+    for (start, width) in rows.chunks(numel) {
+        let gather = |field: &Tensor| rows.take(&field.f_narrow(1, start, width)?);
+        let mut g = gather(&t.grads)?;
+        if let Some(clip) = &f.clip {
+            g = g.f_mul(clip)?;
+        }
+        let mut p = gather(&t.params)?;
+        if let Some(decay) = &f.decay {
+            let _ = p.f_mul_(decay)?;
+        }
+        let mut m = gather(&t.exp_avg)?;
+        let _ = m.f_lerp_tensor_(&g, &f.one_minus_beta1)?;
+        let mut v = gather(&t.exp_avg_sq)?;
+        let _ = v.f_mul_(&f.beta2)?;
+        let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
+        let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
+        let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
+        if let Selected::Index(index) = rows {
+            for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
+                let _ = field
+                    .f_narrow(1, start, width)?
+                    .f_index_copy_(0, index, value)?;
+            }
+        }
+    }
+    rows.zero(&t.grads)
 }
 
 /// One fused step over `members` (indices into `jobs`), all rows of `slab`.
@@ -274,94 +342,58 @@ fn step_group(
 ) -> Result<Vec<Result<StepStats>>> {
     let device = slab.device();
     let numel = slab.layout().numel;
-    let chunk = |runs: usize| (CHUNK_ELEMENTS / runs.max(1) as i64).clamp(1, numel.max(1));
-    slab.with(|t| -> Result<Vec<Result<StepStats>>> {
-        tch::no_grad(|| {
-            let rows: Vec<i64> = members.iter().map(|&i| jobs[i].adapter.row().index()).collect();
-            let index = Tensor::from_slice(&rows).f_to_device(device)?;
-            // Pass 1: each run's global gradient norm (one host transfer for all runs).
-            let mut sq = Tensor::f_zeros([rows.len() as i64], (Kind::Double, device))?;
-            let cols = chunk(rows.len());
-            for start in (0..numel).step_by(cols as usize) {
-                let width = cols.min(numel - start);
-                let g = t.grads.f_narrow(1, start, width)?.f_index_select(0, &index)?;
-                sq = sq.f_add(&g.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
-            }
-            let norms = Vec::<f64>::try_from(sq.f_sqrt()?.f_to_device(Device::Cpu)?)?;
-            let mut outcomes: Vec<Option<Result<StepStats>>> = members.iter().map(|_| None).collect();
+    let rows: Vec<i64> = members
+        .iter()
+        .map(|&i| jobs[i].adapter.row().index())
+        .collect();
+    // Row order: rows allocated together form a range, read and updated in place.
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by_key(|&m| rows[m]);
+    let rows_of = |ms: &[usize]| -> Vec<i64> { ms.iter().map(|&m| rows[m]).collect() };
+    let mut outcomes: Vec<Option<Result<StepStats>>> = members.iter().map(|_| None).collect();
+    slab.with(|t| {
+        tch::no_grad(|| -> Result<()> {
+            let all = Selected::of(&rows_of(&order), device)?;
+            let norms = grad_norms(t, &all, numel, device)?;
             let mut stepping = Vec::new();
-            for (m, &norm) in norms.iter().enumerate() {
+            let mut runs: Vec<(AdamParams, f64, i64)> = Vec::new();
+            for (&m, &norm) in order.iter().zip(&norms) {
+                let job = &jobs[members[m]];
                 if norm.is_finite() {
                     stepping.push(m);
+                    runs.push((job.params, norm, job.state.step + 1));
                     continue;
                 }
                 let _ = t.grads.f_select(0, rows[m])?.f_zero_()?;
-                jobs[members[m]].adapter.zero_grad_flag();
+                job.adapter.zero_grad_flag();
                 outcomes[m] = Some(Err(ModelError::invalid(
                     "gradients",
                     "the accumulated gradient is not finite; the step was not applied and the gradients were discarded",
                 )));
             }
-            if !stepping.is_empty() {
-                // Row order: rows allocated together form a range, stepped in place.
-                stepping.sort_by_key(|&m| rows[m]);
-                let runs: Vec<(AdamParams, f64, i64)> = stepping
-                    .iter()
-                    .map(|&m| {
-                        let job = &jobs[members[m]];
-                        (job.params, norms[m], job.state.step + 1)
-                    })
-                    .collect();
-                let f = Factors::new(&runs, device)?;
-                let step_rows: Vec<i64> = stepping.iter().map(|&m| rows[m]).collect();
-                let selected = Selected::of(&step_rows, device)?;
-                let cols = chunk(step_rows.len());
-                for start in (0..numel).step_by(cols as usize) {
-                    let width = cols.min(numel - start);
-                    let gather = |field: &Tensor| selected.take(&field.f_narrow(1, start, width)?);
-                    let mut g = gather(&t.grads)?;
-                    if let Some(clip) = &f.clip {
-                        g = g.f_mul(clip)?;
-                    }
-                    let mut p = gather(&t.params)?;
-                    if let Some(decay) = &f.decay {
-                        let _ = p.f_mul_(decay)?;
-                    }
-                    let mut m = gather(&t.exp_avg)?;
-                    let _ = m.f_lerp_tensor_(&g, &f.one_minus_beta1)?;
-                    let mut v = gather(&t.exp_avg_sq)?;
-                    let _ = v.f_mul_(&f.beta2)?;
-                    let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
-                    let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
-                    let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
-                    if let Selected::Index(index) = &selected {
-                        for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
-                            let _ = field.f_narrow(1, start, width)?.f_index_copy_(0, index, value)?;
-                        }
-                    }
-                }
-                match &selected {
-                    Selected::Range(lo, n) => {
-                        let _ = t.grads.f_narrow(0, *lo, *n)?.f_zero_()?;
-                    }
-                    Selected::Index(index) => {
-                        let _ = t.grads.f_index_fill_(0, index, 0.0)?;
-                    }
-                }
-                for (&m, (_, norm, step)) in stepping.iter().zip(&runs) {
-                    let job = &mut jobs[members[m]];
-                    job.state.step = *step;
-                    job.adapter.zero_grad_flag();
-                    outcomes[m] = Some(Ok(StepStats {
-                        grad_norm: *norm,
-                        step: *step,
-                    }));
-                }
+            if stepping.is_empty() {
+                return Ok(());
             }
-            Ok(outcomes
-                .into_iter()
-                .map(|o| o.expect("every run has an outcome"))
-                .collect())
+            let selected = if stepping.len() == order.len() {
+                all
+            } else {
+                Selected::of(&rows_of(&stepping), device)?
+            };
+            adamw(t, &selected, &Factors::new(&runs, device)?, numel)?;
+            for (&m, (_, norm, step)) in stepping.iter().zip(&runs) {
+                let job = &mut jobs[members[m]];
+                job.state.step = *step;
+                job.adapter.zero_grad_flag();
+                outcomes[m] = Some(Ok(StepStats {
+                    grad_norm: *norm,
+                    step: *step,
+                }));
+            }
+            Ok(())
         })
-    })
+    })?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every run has an outcome"))
+        .collect())
 }

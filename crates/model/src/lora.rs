@@ -272,11 +272,12 @@ impl LoraAdapter {
             return Ok(());
         };
         let slab = self.row.slab();
+        let (a, b) = (slab.convert(a)?, slab.convert(b)?);
         slab.with(|t| -> Result<()> {
             let row = t.field(field).f_select(0, self.row.index())?;
             let (mut va, mut vb) = layout.pair_views(&row, entry, self.spec.rank)?;
-            va.f_copy_(&a.f_to_device(slab.device())?.f_to_kind(Kind::Float)?)?;
-            vb.f_copy_(&b.f_to_device(slab.device())?.f_to_kind(Kind::Float)?)?;
+            va.f_copy_(&a)?;
+            vb.f_copy_(&b)?;
             Ok(())
         })
     }

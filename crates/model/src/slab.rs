@@ -289,9 +289,10 @@ impl Slab {
         })
     }
 
-    /// Rows allocated now.
-    pub fn rows_in_use(&self) -> i64 {
-        self.with(|t| t.capacity - t.free.len() as i64)
+    /// `values` on the slab's device as f32 (done before taking the lock, so copies from the
+    /// host never hold other workers back).
+    pub fn convert(&self, values: &Tensor) -> Result<Tensor> {
+        Ok(values.f_to_device(self.device)?.f_to_kind(Kind::Float)?)
     }
 }
 
@@ -320,10 +321,8 @@ impl Row {
 
     /// Overwrites the row of `field` with `values` (`[numel]`, any device and float kind).
     pub fn write(&self, field: Field, values: &Tensor) -> Result<()> {
+        let values = self.slab.convert(values)?;
         self.slab.with(|t| -> Result<()> {
-            let values = values
-                .f_to_device(self.slab.device)?
-                .f_to_kind(Kind::Float)?;
             t.field(field).f_select(0, self.index)?.f_copy_(&values)?;
             Ok(())
         })
