@@ -61,7 +61,9 @@ pub struct SchedState {
     paused: bool,
     /// The ring head that the last batches passed over for a larger class, and how many times.
     passed_over: Option<(QueueKey, u32)>,
-    /// Sizes of the last [`RECENT_BATCHES`] batches of each class, newest last.
+    /// How many queues each of the last [`RECENT_BATCHES`] batches of each class drew from,
+    /// newest last (queues, not jobs: a batch fill compares it with ready queue heads, and one
+    /// sampling session can put several jobs into a batch).
     recent_sizes: Vec<(BatchClass, VecDeque<usize>)>,
 }
 
@@ -264,6 +266,7 @@ impl SchedState {
             }
             self.ready = skipped;
         }
+        let queues = taken.len();
         for key in taken {
             self.busy.insert(key);
         }
@@ -278,7 +281,7 @@ impl SchedState {
         if sizes.len() == RECENT_BATCHES {
             sizes.pop_front();
         }
-        sizes.push_back(batch.len());
+        sizes.push_back(queues);
         Some(batch)
     }
 
@@ -507,6 +510,27 @@ mod tests {
         s.push(job("a2", keys[0].clone(), optim())).unwrap();
         let later = Instant::now() + Limits::default().batch_fill_wait;
         assert_eq!(ids(&s.next_batch_filled(later).unwrap()), ["a2"]);
+    }
+
+    #[test]
+    fn several_jobs_of_one_sampling_session_do_not_make_the_next_batch_wait() {
+        let mut s = SchedState::new(Limits::default());
+        let sampler = QueueKey::Sampler(SamplerKey {
+            tenant: "t".into(),
+            sampler_id: "s".into(),
+        });
+        for i in 0..3 {
+            s.push(job(&format!("s{i}"), sampler.clone(), sample_work(4)))
+                .unwrap();
+        }
+        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
+        s.finish(std::slice::from_ref(&sampler));
+        s.push(job("s3", sampler.clone(), sample_work(4))).unwrap();
+        assert_eq!(
+            ids(&s.next_batch_filled(Instant::now()).unwrap()),
+            ["s3"],
+            "the same session alone is as large as its last batch"
+        );
     }
 
     #[test]
