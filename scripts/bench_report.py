@@ -48,3 +48,11 @@ for o in by.get("optim_step", []):
     model = o.get("model", "default")
     print(f"| fused optimizer step, {o['runs']} runs ({model} model, {o['parameters_per_run']} parameters per run) | "
           f"{o['seconds'] * 1e3:.2f} ms | one run | {o['vs_one_run']:.1f}x the time |")
+a, c = one("sample_alone"), one("sample_crowd")
+if a and c:
+    print(f"| HTTP sampling, {c['requests']} concurrent requests over {c['adapters']} adapters, max_tokens 16-64 (tiny64 model) "
+          f"tokens/s | {c['tokens_per_s']:.0f} | one request alone {a['tokens_per_s']:.0f} | {c['vs_alone']:.2f}x (goal >= 10x) |")
+n = one("sample_num_samples")
+if n:
+    print(f"| HTTP sampling, num_samples 16 vs 1 (tiny64 model, 32 tokens) | {n['n16_s'] * 1e3:.0f} ms, "
+          f"{n['prefills_n16']:.0f} prefill | {n['n1_s'] * 1e3:.0f} ms | {n['ratio']:.2f}x the time (goal <= 2x) |")

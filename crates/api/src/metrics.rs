@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::error::ApiResult;
 use crate::extract::Tenant;
 use crate::state::AppState;
-use loraloom_engine::LATENCY_BUCKETS;
+use loraloom_engine::{Histogram, LATENCY_BUCKETS};
 
 /// Prometheus text exposition of the engine's counters.
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
@@ -106,21 +106,56 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         "Jobs waiting, per tenant.",
         &by_tenant,
     );
-    let mut latency: Vec<(String, f64)> = LATENCY_BUCKETS
-        .iter()
-        .zip(s.latency.buckets)
-        .map(|(le, n)| (format!("_bucket{{le=\"{le}\"}}"), n as f64))
-        .collect();
-    latency.push(("_bucket{le=\"+Inf\"}".into(), s.latency.count as f64));
-    latency.push(("_sum".into(), s.latency.sum));
-    latency.push(("_count".into(), s.latency.count as f64));
     metric(
         "job_duration_seconds",
         "histogram",
         "Job latency from admission to outcome.",
-        &latency,
+        &histogram(&s.latency),
+    );
+    metric(
+        "sample_prefills_total",
+        "counter",
+        "Sampling prompts prefilled (one per request, whatever its num_samples).",
+        &[(String::new(), s.prefills as f64)],
+    );
+    metric(
+        "decode_steps_total",
+        "counter",
+        "Decode steps run.",
+        &[(String::new(), s.decode_steps as f64)],
+    );
+    metric(
+        "decode_tokens_total",
+        "counter",
+        "Tokens sampled; divided by decode_steps_total, the mean decode batch occupancy.",
+        &[(String::new(), s.decode_tokens as f64)],
+    );
+    metric(
+        "decode_seconds_total",
+        "counter",
+        "Seconds spent in decode steps.",
+        &[(String::new(), s.decode_seconds)],
+    );
+    metric(
+        "time_to_first_token_seconds",
+        "histogram",
+        "Time from a sampling request's admission to its first sampled token.",
+        &histogram(&s.first_token),
     );
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The samples of a histogram metric (`_bucket`s, `_sum`, `_count`).
+fn histogram(h: &Histogram) -> Vec<(String, f64)> {
+    let mut samples: Vec<(String, f64)> = LATENCY_BUCKETS
+        .iter()
+        .zip(h.buckets)
+        .map(|(le, n)| (format!("_bucket{{le=\"{le}\"}}"), n as f64))
+        .collect();
+    samples.push(("_bucket{le=\"+Inf\"}".into(), h.count as f64));
+    samples.push(("_sum".into(), h.sum));
+    samples.push(("_count".into(), h.count as f64));
+    samples
 }
 
 /// Usage per model for the caller's tenant, plus server-wide counters.
@@ -143,11 +178,7 @@ pub async fn model_stats(
         .iter()
         .map(|e| json!({"model_id": e.key.model_id, "lora_rank": e.spec.rank, "last_access": e.last_access()}))
         .collect();
-    let mean_batch = if s.batches > 0 {
-        s.batched_jobs as f64 / s.batches as f64
-    } else {
-        0.0
-    };
+    let mean_batch = ratio(s.batched_jobs as f64, s.batches as f64);
     Ok(Json(json!({
         "base_model": base.name,
         "summary": base.summary,
@@ -161,7 +192,24 @@ pub async fn model_stats(
         "mean_batch_size": mean_batch,
         "max_batch_size": s.max_batch,
         "tokens": s.tokens,
+        "sampling": {
+            "prefills": s.prefills,
+            "decode_steps": s.decode_steps,
+            "decode_tokens": s.decode_tokens,
+            "mean_decode_batch": ratio(s.decode_tokens as f64, s.decode_steps as f64),
+            "decode_tokens_per_s": ratio(s.decode_tokens as f64, s.decode_seconds),
+            "mean_time_to_first_token_s": ratio(s.first_token.sum, s.first_token.count as f64),
+        },
         "your_models": runs,
         "your_queues": mine,
     })))
+}
+
+/// `a / b`, 0 when `b` is 0.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
 }

@@ -80,7 +80,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "decode" => bench::isolated(move || {
                 bench::decode(&d, 1, 0, 32, iters)?;
                 bench::decode(&d, 8, 1, 32, iters)?;
-                bench::decode(&d, 8, 8, 32, iters)
+                bench::decode(&d, 8, 8, 32, iters)?;
+                bench::decode(&d, 32, 8, 32, iters)
             })?,
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "engine" => {
@@ -163,6 +164,11 @@ struct ServeArgs {
     /// of the tenants stepping with it, so that they share one batch (0 = never wait).
     #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
     batch_fill_wait_ms: u64,
+    /// Key/value cache entries a worker's decode loop may hold (num_samples x (prompt +
+    /// max_tokens) per sampling request); requests beyond it wait in their queue. A larger
+    /// request still runs, once the loop is empty.
+    #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
+    max_kv_tokens: usize,
     /// Jobs waiting longer than this fail.
     #[arg(long, env = "LORALOOM_QUEUE_TIMEOUT_SECS", default_value_t = 600)]
     queue_timeout_secs: u64,
@@ -284,6 +290,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_request_tokens: args.max_request_tokens,
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
+            max_kv_tokens: args.max_kv_tokens,
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
         base: base.info().clone(),

@@ -10,21 +10,77 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
 use loraloom_model::train::validate_request;
 use loraloom_model::{
-    forward_backward, sample, step_many, AdamState, Decoder, LoraAdapter, ModelError,
-    SampleRequest, StepJob, TextTokenizer, TrainRequest,
+    forward_backward, step_many, AdamState, Decoder, Generation, LoraAdapter, ModelError,
+    RequestTag, SampleRequest, StepJob, TextTokenizer, TrainRequest,
 };
 
 use crate::error::{EngineError, Result};
-use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, Work};
+use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, Work};
 use crate::registry::{
     parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, RunState,
     SamplerSource, PENDING_MARKER,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
+///
+/// Sampling goes through a continuous decode loop instead: [`Backend::admit`] adds sampling
+/// jobs to it at a token boundary and [`Backend::step`] advances every job in it by one token,
+/// returning those that ended. The defaults run admitted jobs to completion at once (backends
+/// without a decode loop).
 pub trait Backend: Send {
     /// Executes `jobs` (all of one [`BatchClass`]), one result per job.
     fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>>;
+
+    /// Adds sampling jobs to the decode loop. Per job: its result when it already ended (it
+    /// failed validation, say), `None` when it is in progress.
+    fn admit(&mut self, jobs: &[Job]) -> Admitted {
+        Admitted {
+            results: self.run(jobs).into_iter().map(Some).collect(),
+            prefills: 0,
+        }
+    }
+
+    /// One decode step of the jobs in progress.
+    fn step(&mut self) -> DecodeStep {
+        DecodeStep::default()
+    }
+
+    /// Sampling jobs in progress.
+    fn decoding(&self) -> usize {
+        0
+    }
+
+    /// Abandons every sampling job in progress (after a panic) and returns their ids.
+    fn abort_decoding(&mut self) -> Vec<RequestId> {
+        Vec::new()
+    }
+}
+
+/// What [`Backend::admit`] did.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// Per job: its result when it already ended, `None` when it is decoding.
+    pub results: Vec<Option<Result<Output>>>,
+    /// Prompts prefilled (one per job that joined, whatever its `num_samples`).
+    pub prefills: u64,
+}
+
+/// What one [`Backend::step`] did.
+#[derive(Debug, Default)]
+pub struct DecodeStep {
+    /// Jobs that ended this step, with their results.
+    pub finished: Vec<(RequestId, Result<Output>)>,
+    /// Jobs whose first tokens were chosen this step.
+    pub first_tokens: Vec<RequestId>,
+    /// Tokens chosen (one per live sequence).
+    pub tokens: usize,
+}
+
+/// The decode loop of a [`ModelWorker`]: the generation and which job each request is.
+struct Decoding {
+    generation: Generation,
+    jobs: HashMap<RequestTag, RequestId>,
+    next_tag: RequestTag,
 }
 
 /// The libtorch backend.
@@ -39,6 +95,7 @@ pub struct ModelWorker {
     threads_set: bool,
     max_resident: usize,
     max_resident_samplers: usize,
+    decoding: Decoding,
 }
 
 impl ModelWorker {
@@ -48,6 +105,7 @@ impl ModelWorker {
         registry: Arc<Registry>,
         tokenizer: Option<Arc<TextTokenizer>>,
     ) -> Self {
+        let kind = decoder.kind();
         ModelWorker {
             decoder,
             registry,
@@ -57,6 +115,11 @@ impl ModelWorker {
             threads_set: false,
             max_resident: 0,
             max_resident_samplers: 0,
+            decoding: Decoding {
+                generation: Generation::new(kind),
+                jobs: HashMap::new(),
+                next_tag: 0,
+            },
         }
     }
 
@@ -559,7 +622,9 @@ impl ModelWorker {
         Ok(Output::Loaded { path: path.clone() })
     }
 
-    fn sample(&self, jobs: &[Job]) -> Vec<Result<Output>> {
+    /// Adds sampling jobs to the decode loop. Each session is locked (and its weights reloaded
+    /// when evicted) only while its jobs join: the loop keeps its own copy of the weights.
+    fn admit_samples(&mut self, jobs: &[Job]) -> Admitted {
         let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
         // Resolve each distinct session once.
         let mut sessions: HashMap<QueueKey, Arc<crate::registry::SamplerEntry>> = HashMap::new();
@@ -581,8 +646,6 @@ impl ModelWorker {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        // Lock each session and (re)load its weights under that same guard, held until the
-        // batch is sampled, so eviction (which only try_locks) cannot empty it in between.
         let mut guards = HashMap::new();
         let mut unloadable: HashMap<&QueueKey, EngineError> = HashMap::new();
         for (key, entry) in &sessions {
@@ -599,7 +662,10 @@ impl ModelWorker {
             entry.last_access.touch();
             guards.insert(key, slot);
         }
-        let mut runnable: Vec<(usize, SampleRequest)> = Vec::new();
+        let can_detokenize = self.tokenizer.is_some();
+        let d = &mut self.decoding;
+        let before = d.generation.prefills();
+        let mut joining: Vec<(usize, RequestTag, SampleRequest)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             if results[i].is_some() {
                 continue;
@@ -623,7 +689,8 @@ impl ModelWorker {
                 prompt_logprobs,
             } = &job.work
             else {
-                unreachable!("sample batch holds sample jobs")
+                results[i] = Some(Err(EngineError::invalid("work", "not a sample job")));
+                continue;
             };
             let request = SampleRequest {
                 adapter: guard.as_ref(),
@@ -632,11 +699,31 @@ impl ModelWorker {
                 params: params.clone(),
                 prompt_logprobs: *prompt_logprobs,
             };
-            match loraloom_model::sample::validate(&self.decoder, &request) {
-                Ok(()) => runnable.push((i, request)),
-                Err(e) => results[i] = Some(Err(e.into())),
+            let tag = d.next_tag;
+            d.next_tag += 1;
+            joining.push((i, tag, request));
+        }
+        let tagged: Vec<(RequestTag, &SampleRequest)> =
+            joining.iter().map(|(_, tag, r)| (*tag, r)).collect();
+        let joined = d
+            .generation
+            .admit_many(&self.decoder, &tagged, can_detokenize);
+        for ((i, tag, _), result) in joining.iter().zip(joined) {
+            match result {
+                Ok(()) => {
+                    d.jobs.insert(*tag, jobs[*i].id.clone());
+                }
+                Err(e) => results[*i] = Some(Err(e.into())),
             }
         }
+        Admitted {
+            results,
+            prefills: d.generation.prefills() - before,
+        }
+    }
+
+    /// One step of the decode loop; a failed step fails every job in it.
+    fn decode_step(&mut self) -> DecodeStep {
         let tokenizer = self.tokenizer.clone();
         let detok = move |ids: &[i64]| {
             tokenizer
@@ -649,15 +736,57 @@ impl ModelWorker {
         } else {
             None
         };
-        fused_or_alone(
-            &runnable,
-            &mut results,
-            |reqs| sample(&self.decoder, reqs, detokenize),
-            Output::Sample,
-        );
-        results
-            .into_iter()
-            .map(|r| r.expect("every job has a result"))
+        let d = &mut self.decoding;
+        match d.generation.step(&self.decoder, detokenize) {
+            Ok(report) => {
+                let id = |tag: &RequestTag| d.jobs.get(tag).cloned().unwrap_or_default();
+                let first_tokens = report.first_tokens.iter().map(id).collect();
+                let finished = report
+                    .finished
+                    .into_iter()
+                    .map(|(tag, out)| {
+                        let job = d.jobs.remove(&tag).unwrap_or_default();
+                        (job, Ok(Output::Sample(out)))
+                    })
+                    .collect();
+                DecodeStep {
+                    finished,
+                    first_tokens,
+                    tokens: report.tokens,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = d.jobs.len(), "a decode step failed; failing its jobs");
+                let err = EngineError::from(e);
+                let finished = d
+                    .generation
+                    .clear()
+                    .into_iter()
+                    .filter_map(|tag| d.jobs.remove(&tag))
+                    .map(|job| (job, Err(err.clone())))
+                    .collect();
+                d.jobs.clear();
+                DecodeStep {
+                    finished,
+                    ..DecodeStep::default()
+                }
+            }
+        }
+    }
+
+    /// Runs sampling jobs to completion (a backend used without the engine's decode loop).
+    fn sample(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let admitted = self.admit_samples(jobs);
+        let mut by_id: HashMap<RequestId, Result<Output>> = HashMap::new();
+        while !self.decoding.jobs.is_empty() {
+            by_id.extend(self.decode_step().finished);
+        }
+        jobs.iter()
+            .zip(admitted.results)
+            .map(|(job, r)| {
+                r.or_else(|| by_id.remove(&job.id))
+                    .unwrap_or_else(|| Err(EngineError::Internal("sampling lost the job".into())))
+            })
             .collect()
     }
 }
@@ -725,7 +854,38 @@ impl Backend for ModelWorker {
                 })
                 .collect(),
         };
-        // After the results exist: a panic here must not re-run jobs that already succeeded.
+        self.evict_after_batch();
+        results
+    }
+
+    fn admit(&mut self, jobs: &[Job]) -> Admitted {
+        if !self.threads_set {
+            loraloom_model::set_intra_op_threads(self.intra_op_threads);
+            self.threads_set = true;
+        }
+        let admitted = self.admit_samples(jobs);
+        self.evict_after_batch();
+        admitted
+    }
+
+    fn step(&mut self) -> DecodeStep {
+        self.decode_step()
+    }
+
+    fn decoding(&self) -> usize {
+        self.decoding.jobs.len()
+    }
+
+    fn abort_decoding(&mut self) -> Vec<RequestId> {
+        self.decoding.generation.clear();
+        self.decoding.jobs.drain().map(|(_, id)| id).collect()
+    }
+}
+
+impl ModelWorker {
+    /// Evicts idle runs and sampling sessions beyond their limits. Runs after results exist: a
+    /// panic here must not re-run jobs that already succeeded.
+    fn evict_after_batch(&self) {
         let evicted = catch_unwind(AssertUnwindSafe(|| {
             self.evict_idle();
             self.evict_idle_samplers();
@@ -733,7 +893,6 @@ impl Backend for ModelWorker {
         if evicted.is_err() {
             tracing::error!("evicting idle runs or samplers panicked; they stay resident");
         }
-        results
     }
 }
 

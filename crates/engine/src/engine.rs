@@ -21,7 +21,7 @@ use crate::backend::{check_checkpoint, snapshot, write_marker, Backend};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
-use crate::job::{Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, Work};
+use crate::job::{BatchClass, Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, Work};
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, Registry, SamplerSource};
 
@@ -88,6 +88,16 @@ pub struct StatsSnapshot {
     pub queues: Vec<QueueStats>,
     /// Training runs registered.
     pub models: usize,
+    /// Sampling prompts prefilled (one per request, whatever its `num_samples`).
+    pub prefills: u64,
+    /// Decode steps run.
+    pub decode_steps: u64,
+    /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
+    pub decode_tokens: u64,
+    /// Seconds spent in decode steps.
+    pub decode_seconds: f64,
+    /// Time from a sampling job's admission to its first sampled token.
+    pub first_token: Histogram,
 }
 
 #[derive(Default)]
@@ -103,6 +113,11 @@ struct Counters {
     per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
     failures: Mutex<HashMap<String, u64>>,
     latency: Mutex<Histogram>,
+    prefills: AtomicU64,
+    decode_steps: AtomicU64,
+    decode_tokens: AtomicU64,
+    decode_ns: AtomicU64,
+    first_token: Mutex<Histogram>,
 }
 
 /// Upper bounds (seconds) of the job latency histogram's buckets.
@@ -475,6 +490,11 @@ impl Engine {
             failures_by_kind: lock(&c.failures).clone(),
             queues,
             models: self.inner.registry.model_count(),
+            prefills: c.prefills.load(Ordering::Relaxed),
+            decode_steps: c.decode_steps.load(Ordering::Relaxed),
+            decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
+            decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            first_token: lock(&c.first_token).clone(),
         }
     }
 
@@ -544,8 +564,20 @@ fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>
     }
 }
 
+/// Sampling jobs in a worker's decode loop.
+#[derive(Default)]
+struct LiveJobs {
+    jobs: HashMap<RequestId, Job>,
+    /// Sum of their [`Work::kv_tokens`].
+    kv_tokens: usize,
+}
+
+/// A worker: takes batches from the scheduler and runs them on its backend. While its decode
+/// loop holds sampling jobs it never waits: at each token boundary it lets waiting sampling jobs
+/// join the loop, runs at most one batch of another class, then advances the loop one step.
 fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
     let mut last_purge = Instant::now();
+    let mut live = LiveJobs::default();
     loop {
         // Expired results are dropped between batches (outside the scheduler lock), so a busy
         // server purges as regularly as an idle one.
@@ -553,7 +585,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             inner.futures.purge(tokio::time::Instant::now());
             last_purge = Instant::now();
         }
-        let batch = {
+        let (joining, batch) = {
             let mut st = lock(&inner.sched);
             loop {
                 let limit = st.limits().queue_timeout;
@@ -568,8 +600,15 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                         }),
                     );
                 }
+                if !live.jobs.is_empty() {
+                    let budget = st.limits().max_kv_tokens;
+                    break st.next_at_step_boundary(live.kv_tokens, budget);
+                }
                 let wait = match st.next_batch_filled(Instant::now()) {
-                    Ok(batch) => break batch,
+                    Ok(batch) if batch[0].work.class() == BatchClass::Sample => {
+                        break (batch, Vec::new())
+                    }
+                    Ok(batch) => break (Vec::new(), batch),
                     Err(fill) => fill.map_or(Duration::from_millis(250), |d| {
                         d.min(Duration::from_millis(250))
                     }),
@@ -584,49 +623,163 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                     .unwrap_or_else(|e| e.into_inner().0);
             }
         };
-        let c = &inner.counters;
-        c.running.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for job in &batch {
-            inner.futures.set(&job.id, FutureState::Running);
-            if let Some(log) = &inner.order_log {
-                lock(log)
-                    .started
-                    .entry(job.queue.clone())
-                    .or_default()
-                    .push(job.id.clone());
-            }
+        if !joining.is_empty() {
+            admit(&inner, backend.as_mut(), joining, &mut live);
         }
-        let span = tracing::info_span!(
-            "batch",
-            kind = batch[0].work.name(),
-            jobs = batch.len(),
-            tokens = batch.iter().map(|j| j.work.tokens()).sum::<usize>()
-        );
-        let started = Instant::now();
-        let results = span.in_scope(|| run_contained(backend.as_mut(), &batch));
-        c.busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        c.batches.fetch_add(1, Ordering::Relaxed);
-        c.batched_jobs
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        c.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
-        c.tokens.fetch_add(
-            batch.iter().map(|j| j.work.tokens() as u64).sum(),
-            Ordering::Relaxed,
-        );
-        let mut keys: Vec<QueueKey> = Vec::with_capacity(batch.len());
-        for (job, result) in batch.iter().zip(results) {
-            job.span.in_scope(|| match &result {
-                Ok(_) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), "job done"),
-                Err(e) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), error = %e, "job failed"),
-            });
-            record(&inner, job, result);
-            if !keys.contains(&job.queue) {
-                keys.push(job.queue.clone());
-            }
+        if !batch.is_empty() {
+            run_batch(&inner, backend.as_mut(), batch);
         }
-        c.running.fetch_sub(batch.len() as u64, Ordering::Relaxed);
-        lock(&inner.sched).finish(&keys);
-        inner.wake.notify_all();
+        if !live.jobs.is_empty() {
+            decode_step(&inner, backend.as_mut(), &mut live);
+        }
     }
+}
+
+/// Marks a batch's jobs running (and logs their start order).
+fn start_jobs(inner: &Inner, batch: &[Job]) {
+    inner
+        .counters
+        .running
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    for job in batch {
+        inner.futures.set(&job.id, FutureState::Running);
+        if let Some(log) = &inner.order_log {
+            lock(log)
+                .started
+                .entry(job.queue.clone())
+                .or_default()
+                .push(job.id.clone());
+        }
+    }
+}
+
+/// Counts a batch's jobs and tokens.
+fn count_batch(inner: &Inner, batch: &[Job], started: Instant) {
+    let c = &inner.counters;
+    c.busy_ns
+        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    c.batches.fetch_add(1, Ordering::Relaxed);
+    c.batched_jobs
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    c.max_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+    c.tokens.fetch_add(
+        batch.iter().map(|j| j.work.tokens() as u64).sum(),
+        Ordering::Relaxed,
+    );
+}
+
+/// Records one job's outcome (and logs it).
+fn finish_job(inner: &Inner, job: &Job, result: Result<Output>) {
+    job.span.in_scope(|| match &result {
+        Ok(_) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), "job done"),
+        Err(e) => tracing::debug!(seconds = job.enqueued.elapsed().as_secs_f64(), error = %e, "job failed"),
+    });
+    record(inner, job, result);
+    inner.counters.running.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Runs a batch of a class other than sampling to completion.
+fn run_batch(inner: &Inner, backend: &mut dyn Backend, batch: Vec<Job>) {
+    start_jobs(inner, &batch);
+    let span = tracing::info_span!(
+        "batch",
+        kind = batch[0].work.name(),
+        jobs = batch.len(),
+        tokens = batch.iter().map(|j| j.work.tokens()).sum::<usize>()
+    );
+    let started = Instant::now();
+    let results = span.in_scope(|| run_contained(backend, &batch));
+    count_batch(inner, &batch, started);
+    let mut keys: Vec<QueueKey> = Vec::with_capacity(batch.len());
+    for (job, result) in batch.iter().zip(results) {
+        finish_job(inner, job, result);
+        if !keys.contains(&job.queue) {
+            keys.push(job.queue.clone());
+        }
+    }
+    lock(&inner.sched).finish(&keys);
+    inner.wake.notify_all();
+}
+
+/// Adds sampling jobs to the worker's decode loop (prefilling their prompts).
+fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut LiveJobs) {
+    start_jobs(inner, &jobs);
+    let span = tracing::info_span!("admit", jobs = jobs.len());
+    let started = Instant::now();
+    let admitted = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| backend.admit(&jobs))));
+    count_batch(inner, &jobs, started);
+    let c = &inner.counters;
+    let admitted = match admitted {
+        Ok(a) if a.results.len() == jobs.len() => a,
+        _ => {
+            tracing::error!(jobs = jobs.len(), "admitting sampling jobs panicked");
+            abort_decoding(inner, backend, live);
+            for job in &jobs {
+                finish_job(
+                    inner,
+                    job,
+                    Err(EngineError::Internal("the job panicked".into())),
+                );
+            }
+            return;
+        }
+    };
+    c.prefills.fetch_add(admitted.prefills, Ordering::Relaxed);
+    for (job, result) in jobs.into_iter().zip(admitted.results) {
+        match result {
+            Some(result) => finish_job(inner, &job, result),
+            None => {
+                live.kv_tokens += job.work.kv_tokens();
+                live.jobs.insert(job.id.clone(), job);
+            }
+        }
+    }
+}
+
+/// Advances the decode loop one token and records the jobs that ended.
+fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
+    let started = Instant::now();
+    let step = match catch_unwind(AssertUnwindSafe(|| backend.step())) {
+        Ok(step) => step,
+        Err(_) => {
+            tracing::error!(jobs = live.jobs.len(), "a decode step panicked");
+            abort_decoding(inner, backend, live);
+            return;
+        }
+    };
+    let c = &inner.counters;
+    let ns = started.elapsed().as_nanos() as u64;
+    c.busy_ns.fetch_add(ns, Ordering::Relaxed);
+    c.decode_ns.fetch_add(ns, Ordering::Relaxed);
+    c.decode_steps.fetch_add(1, Ordering::Relaxed);
+    c.decode_tokens
+        .fetch_add(step.tokens as u64, Ordering::Relaxed);
+    for id in &step.first_tokens {
+        if let Some(job) = live.jobs.get(id) {
+            lock(&c.first_token).observe(job.enqueued.elapsed().as_secs_f64());
+        }
+    }
+    for (id, result) in step.finished {
+        if let Some(job) = live.jobs.remove(&id) {
+            live.kv_tokens -= job.work.kv_tokens();
+            finish_job(inner, &job, result);
+        }
+    }
+    if backend.decoding() == 0 && !live.jobs.is_empty() {
+        // The backend lost track of jobs (it must report every one it ends).
+        abort_decoding(inner, backend, live);
+    }
+}
+
+/// Fails every job of the decode loop (after a panic, or jobs the backend lost).
+fn abort_decoding(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
+    let _ = catch_unwind(AssertUnwindSafe(|| backend.abort_decoding()));
+    for (_, job) in live.jobs.drain() {
+        finish_job(
+            inner,
+            &job,
+            Err(EngineError::Internal("sampling failed".into())),
+        );
+    }
+    live.kv_tokens = 0;
 }

@@ -167,6 +167,22 @@ impl Work {
         }
     }
 
+    /// Key/value cache entries the job holds while it decodes (`num_samples × (prompt +
+    /// max_tokens)`; 0 for jobs that do not decode).
+    pub fn kv_tokens(&self) -> usize {
+        match self {
+            Work::Sample {
+                prompt,
+                num_samples,
+                params,
+                ..
+            } => {
+                (*num_samples).max(0) as usize * (prompt.len() + params.max_tokens.max(0) as usize)
+            }
+            _ => 0,
+        }
+    }
+
     /// Short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {

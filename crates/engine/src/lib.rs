@@ -13,7 +13,7 @@ pub mod queue;
 pub mod registry;
 pub mod store;
 
-pub use backend::{Backend, ModelWorker};
+pub use backend::{Admitted, Backend, DecodeStep, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
 pub use engine::{
     Engine, EngineConfig, Histogram, OrderLog, QueueStats, StatsSnapshot, LATENCY_BUCKETS,

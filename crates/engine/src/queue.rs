@@ -31,6 +31,10 @@ pub struct Limits {
     /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
     /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
     pub batch_fill_wait: Duration,
+    /// Key/value cache entries (`num_samples × (prompt + max_tokens)` per job) a running decode
+    /// loop may hold: sampling jobs join it while their need fits, the rest wait in their queue.
+    /// A larger job still runs, once the loop is empty.
+    pub max_kv_tokens: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +46,7 @@ impl Default for Limits {
             max_request_tokens: 32768,
             queue_timeout: Duration::from_secs(600),
             batch_fill_wait: Duration::from_millis(10),
+            max_kv_tokens: 65536,
         }
     }
 }
@@ -234,10 +239,15 @@ impl SchedState {
     /// queues may contribute several jobs. The queues taken become busy until
     /// [`SchedState::finish`].
     pub fn next_batch(&mut self) -> Option<Vec<Job>> {
+        self.next_batch_except(None)
+    }
+
+    /// [`SchedState::next_batch`] over the ready queues whose head is not of class `except`.
+    fn next_batch_except(&mut self, except: Option<BatchClass>) -> Option<Vec<Job>> {
         if self.paused {
             return None;
         }
-        let (class, passing) = self.choose_class()?;
+        let (class, passing) = self.choose_class(except)?;
         self.passed_over = passing;
         let at = self
             .ready
@@ -267,9 +277,7 @@ impl SchedState {
             self.ready = skipped;
         }
         let queues = taken.len();
-        for key in taken {
-            self.busy.insert(key);
-        }
+        self.mark_taken(taken);
         let at = match self.recent_sizes.iter().position(|(c, _)| *c == class) {
             Some(at) => at,
             None => {
@@ -285,6 +293,61 @@ impl SchedState {
         Some(batch)
     }
 
+    /// Marks queues whose jobs were taken: a training run's queue is busy until
+    /// [`SchedState::finish`]; a sampling session's queue (read-only jobs, which may run in any
+    /// number at once) goes back to the ring when jobs remain.
+    fn mark_taken(&mut self, taken: Vec<QueueKey>) {
+        for key in taken {
+            match key {
+                QueueKey::Sampler(_) => {
+                    if self.queues.contains_key(&key) && !self.ready.contains(&key) {
+                        self.ready.push_back(key);
+                    }
+                }
+                QueueKey::Model(_) => {
+                    self.busy.insert(key);
+                }
+            }
+        }
+    }
+
+    /// What a worker whose decode loop is running takes at a token boundary, without waiting:
+    /// the sampling jobs at the head of ready queues whose KV need fits `kv_budget` with the
+    /// `kv_in_use` of the jobs decoding (to join the loop), and the next batch of another class
+    /// (to run before the next decode step), either possibly empty.
+    pub fn next_at_step_boundary(
+        &mut self,
+        kv_in_use: usize,
+        kv_budget: usize,
+    ) -> (Vec<Job>, Vec<Job>) {
+        if self.paused {
+            return (Vec::new(), Vec::new());
+        }
+        let mut joining = Vec::new();
+        let mut kv = kv_in_use;
+        let mut taken = Vec::new();
+        for key in self.ready.clone() {
+            if !matches!(key, QueueKey::Sampler(_)) {
+                continue;
+            }
+            while let Some(job) = self.queues.get(&key).and_then(|q| q.front()) {
+                if job.work.class() != BatchClass::Sample || kv + job.work.kv_tokens() > kv_budget {
+                    break;
+                }
+                kv += job.work.kv_tokens();
+                joining.push(self.pop_job(&key).expect("front exists"));
+            }
+            if !self.queues.contains_key(&key) {
+                taken.push(key);
+            }
+        }
+        self.ready.retain(|k| !taken.contains(k));
+        let other = self
+            .next_batch_except(Some(BatchClass::Sample))
+            .unwrap_or_default();
+        (joining, other)
+    }
+
     /// [`SchedState::next_batch`], except that a batch smaller than the largest of the recent
     /// batches of its class is held back while its oldest job has waited less than
     /// [`Limits::batch_fill_wait`]: `Err(Some(d))` says to look again within `d` (or at the next
@@ -292,7 +355,7 @@ impl SchedState {
     pub fn next_batch_filled(&mut self, now: Instant) -> Result<Vec<Job>, Option<Duration>> {
         let fill = self.limits.batch_fill_wait;
         if !self.paused && !fill.is_zero() {
-            if let Some((class, _)) = self.choose_class() {
+            if let Some((class, _)) = self.choose_class(None) {
                 let last = self
                     .recent_sizes
                     .iter()
@@ -340,16 +403,23 @@ impl SchedState {
     /// The class of the next batch: the ring head's, unless another class has more ready queues
     /// (then all of that class run together, which keeps tenants that step in lockstep in one
     /// batch instead of splitting each round); the head is passed over at most [`MAX_PASSES`]
-    /// times in a row, so no class starves.
-    fn choose_class(&self) -> Option<(BatchClass, Option<(QueueKey, u32)>)> {
-        let head = self.ready.front()?.clone();
+    /// times in a row, so no class starves. Queues whose head is of class `except` are ignored.
+    fn choose_class(
+        &self,
+        except: Option<BatchClass>,
+    ) -> Option<(BatchClass, Option<(QueueKey, u32)>)> {
+        let eligible = |k: &QueueKey| {
+            let class = self.head_class(k);
+            class.is_some() && class != except
+        };
+        let head = self.ready.iter().find(|k| eligible(k))?.clone();
         let head_class = self.head_class(&head)?;
         let passes = match &self.passed_over {
             Some((key, n)) if *key == head => *n,
             _ => 0,
         };
         let mut counts: Vec<(BatchClass, usize)> = Vec::new();
-        for key in &self.ready {
+        for key in self.ready.iter().filter(|k| eligible(k)) {
             match self.head_class(key) {
                 Some(BatchClass::Solo) | None => {}
                 Some(c) => match counts.iter_mut().find(|(k, _)| *k == c) {
@@ -531,6 +601,45 @@ mod tests {
             ["s3"],
             "the same session alone is as large as its last batch"
         );
+    }
+
+    #[test]
+    fn at_a_token_boundary_sampling_joins_within_the_kv_budget_and_training_comes_along() {
+        let mut s = SchedState::new(Limits::default());
+        let session = |id: &str| {
+            QueueKey::Sampler(SamplerKey {
+                tenant: "t".into(),
+                sampler_id: id.into(),
+            })
+        };
+        // Each job needs 1 × (2 + 8) = 10 KV entries.
+        for (i, q) in ["a", "a", "b", "c"].iter().enumerate() {
+            s.push(job(&format!("{q}{i}"), session(q), sample_work(8)))
+                .unwrap();
+        }
+        s.push(job("m0", model("t", "m"), optim())).unwrap();
+        s.push(job("m1", model("t", "m"), optim())).unwrap();
+        // 75 of 100 in use: two jobs fit.
+        let (joining, other) = s.next_at_step_boundary(75, 100);
+        assert_eq!(
+            ids(&joining),
+            ["a0", "a1"],
+            "a session's jobs need not wait for each other"
+        );
+        assert_eq!(
+            ids(&other),
+            ["m0"],
+            "a training batch runs before the next step"
+        );
+        let (joining, other) = s.next_at_step_boundary(95, 100);
+        assert!(
+            joining.is_empty() && other.is_empty(),
+            "the run is busy; b does not fit"
+        );
+        s.finish(&[model("t", "m")]);
+        let (joining, other) = s.next_at_step_boundary(80, 100);
+        assert_eq!((ids(&joining), ids(&other)), (vec!["b2", "c3"], vec!["m1"]));
+        assert_eq!(s.queued(), 0);
     }
 
     #[test]

@@ -662,3 +662,158 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     assert!(loaded("a") && !loaded("b"));
     engine.shutdown(true);
 }
+
+/// A backend with a decode loop: each sampling job makes one token per step until it has
+/// `max_tokens`; jobs asking for [`HELD`] tokens decode until `release` is set.
+struct FakeDecoder {
+    live: Vec<(String, i64)>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+    log: ExecutionLog,
+}
+
+/// (what, job ids) in execution order: "admit" or a batch's work name.
+type ExecutionLog = Arc<Mutex<Vec<(String, Vec<String>)>>>;
+
+const HELD: i64 = 100;
+
+impl Backend for FakeDecoder {
+    fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
+        let ids = jobs.iter().map(|j| j.id.clone()).collect();
+        self.log
+            .lock()
+            .unwrap()
+            .push((jobs[0].work.name().into(), ids));
+        jobs.iter()
+            .map(|_| {
+                Ok(Output::OptimStep(StepStats {
+                    grad_norm: 0.0,
+                    step: 1,
+                }))
+            })
+            .collect()
+    }
+
+    fn admit(&mut self, jobs: &[Job]) -> loraloom_engine::Admitted {
+        let ids = jobs.iter().map(|j| j.id.clone()).collect();
+        self.log.lock().unwrap().push(("admit".into(), ids));
+        for job in jobs {
+            let Work::Sample { params, .. } = &job.work else {
+                panic!("only sampling jobs join the decode loop")
+            };
+            self.live.push((job.id.clone(), params.max_tokens));
+        }
+        loraloom_engine::Admitted {
+            results: jobs.iter().map(|_| None).collect(),
+            prefills: jobs.len() as u64,
+        }
+    }
+
+    fn step(&mut self) -> loraloom_engine::DecodeStep {
+        std::thread::sleep(Duration::from_millis(1));
+        let released = self.release.load(std::sync::atomic::Ordering::SeqCst);
+        let mut step = loraloom_engine::DecodeStep {
+            tokens: self.live.len(),
+            ..Default::default()
+        };
+        for (_, left) in &mut self.live {
+            if *left != HELD || released {
+                *left = if *left == HELD { 1 } else { *left } - 1;
+            }
+        }
+        let (done, live): (Vec<_>, Vec<_>) = self.live.drain(..).partition(|(_, left)| *left == 0);
+        self.live = live;
+        for (id, _) in done {
+            let out = loraloom_model::SampleOutput {
+                sequences: Vec::new(),
+                prompt_logprobs: None,
+            };
+            step.finished.push((id, Ok(Output::Sample(out))));
+        }
+        step
+    }
+
+    fn decoding(&self) -> usize {
+        self.live.len()
+    }
+}
+
+#[test]
+fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend = FakeDecoder {
+        live: Vec::new(),
+        release: release.clone(),
+        log: log.clone(),
+    };
+    let config = EngineConfig {
+        limits: Limits {
+            max_kv_tokens: 200,
+            ..Limits::default()
+        },
+        future_ttl: Duration::from_secs(60),
+        base: info(tiny_config()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
+    };
+    let registry = Arc::new(Registry::new(temp_dir("decode")));
+    registry
+        .add_model(key("t", "run"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    let engine = Engine::start(config, registry, vec![Box::new(backend)]);
+    let session = |name: &str| {
+        let key = SamplerKey {
+            tenant: "t".into(),
+            sampler_id: name.into(),
+        };
+        engine
+            .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
+            .unwrap();
+        QueueKey::Sampler(key)
+    };
+    let (a, b) = (session("a"), session("b"));
+    let sample = |max_tokens: i64| Work::Sample {
+        prompt: vec![1],
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens,
+            ..SamplingParams::default()
+        },
+        prompt_logprobs: false,
+    };
+    let held = engine.submit(a.clone(), sample(HELD)).unwrap();
+    while !matches!(
+        engine.futures().get("t", &held).unwrap(),
+        FutureState::Running
+    ) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // While `held` decodes: a short job of another session, a second job of the same session
+    // (sessions are read-only: their jobs need not wait for each other) and a training step.
+    let short = engine.submit(b, sample(3)).unwrap();
+    let same = engine.submit(a, sample(2)).unwrap();
+    let step = engine
+        .submit(QueueKey::Model(key("t", "run")), optim(0.1))
+        .unwrap();
+    for id in [&short, &same, &step] {
+        assert!(matches!(wait(&engine, "t", id), FutureState::Done(_)));
+    }
+    assert!(
+        matches!(
+            engine.futures().get("t", &held).unwrap(),
+            FutureState::Running
+        ),
+        "the long generation is still decoding"
+    );
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(wait(&engine, "t", &held), FutureState::Done(_)));
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log[0], ("admit".to_string(), vec![held.clone()]));
+    assert!(log
+        .iter()
+        .any(|(w, ids)| w == "optim_step" && ids == &vec![step.clone()]));
+    let stats = engine.stats();
+    assert_eq!(stats.prefills, 3);
+    assert!(stats.decode_steps > 0 && stats.first_token.count == 0);
+    engine.shutdown(true);
+}

@@ -419,6 +419,57 @@ impl Decoder {
         Ok((hidden, cache))
     }
 
+    /// [`Decoder::prefill`] of prompts of different lengths in one pass: row `i` of `input_ids`
+    /// (`[rows, seq]`) holds its prompt in columns `pads[i]..seq` (left padding, any token id
+    /// before). Padding columns attend only to themselves, real ones causally to the row's real
+    /// columns; the cache records the padding so decode steps never attend to it.
+    pub fn prefill_padded(
+        &self,
+        input_ids: &Tensor,
+        pads: &[i64],
+        lora: Option<&LoraBatch>,
+    ) -> Result<(Tensor, KvCache)> {
+        if pads.iter().all(|&p| p == 0) {
+            return self.prefill(input_ids, lora);
+        }
+        let ids = self.checked_ids(input_ids, lora)?;
+        let (rows, seq) = (ids.size()[0], ids.size()[1]);
+        if pads.len() as i64 != rows || pads.iter().any(|&p| p < 0 || p >= seq) {
+            return Err(ModelError::invalid(
+                "pads",
+                format!("{} pads for {rows} rows of {seq} columns", pads.len()),
+            ));
+        }
+        let device = self.device;
+        let pad = Tensor::from_slice(pads)
+            .f_to_device(device)?
+            .f_view([rows, 1])?;
+        let cols = Tensor::f_arange(seq, (Kind::Int64, device))?;
+        let positions = cols.f_unsqueeze(0)?.f_sub(&pad)?.f_clamp_min(0)?;
+        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
+        // [rows, 1, seq (query), seq (key)]
+        let query = cols.f_view([1, seq, 1])?;
+        let key = cols.f_view([1, 1, seq])?;
+        let causal = key.f_le_tensor(&query)?;
+        let real_key = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
+        let own = key.f_eq_tensor(&query)?;
+        let mask = causal
+            .f_logical_and(&real_key)?
+            .f_logical_or(&own)?
+            .f_unsqueeze(1)?;
+        let ctx = Attend {
+            cos: cos.f_unsqueeze(1)?,
+            sin: sin.f_unsqueeze(1)?,
+            mask: Some(mask),
+        };
+        let mut cache = KvCache {
+            layers: Vec::with_capacity(self.blocks.len()),
+            pad: pads.to_vec(),
+        };
+        let hidden = self.run_blocks(&ids, &ctx, lora, Some(&mut cache))?;
+        Ok((hidden, cache))
+    }
+
     /// Appends one token per row (`ids`, one per cache row) to `cache` and returns the final
     /// hidden state of each row, `[rows, hidden]`.
     pub fn decode_step(
@@ -446,7 +497,20 @@ impl Decoder {
                 ),
             ));
         }
-        let input = self.checked_ids(&Tensor::from_slice(ids).f_view([-1, 1])?, lora)?;
+        // Checked on the host: a device-side range check would cost two syncs per token.
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!("token ids must lie in [0, {vocab}), found {bad}"),
+            ));
+        }
+        if let Some(batch) = lora {
+            batch.check_rows(ids.len() as i64)?;
+        }
+        let input = Tensor::from_slice(ids)
+            .f_view([-1, 1])?
+            .f_to_device(self.device)?;
         let positions = Tensor::from_slice(&positions)
             .f_to_device(self.device)?
             .f_unsqueeze(1)?;

@@ -53,24 +53,46 @@ impl KvCache {
             .f_unsqueeze(1)?)
     }
 
-    /// Repeats every row `n` times (`num_samples` sequences sharing one prefill).
-    pub fn repeat_rows(&self, n: i64) -> Result<KvCache> {
-        let layers = self
-            .layers
+    /// Repeats row `i` `counts[i]` times, in order (`num_samples` sequences sharing one
+    /// prefill).
+    pub fn repeat_rows(&self, counts: &[i64]) -> Result<KvCache> {
+        let rows: Vec<i64> = counts
             .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.f_repeat_interleave_self_int(n, 0, None)?,
-                    v.f_repeat_interleave_self_int(n, 0, None)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let pad = self
-            .pad
-            .iter()
-            .flat_map(|&p| std::iter::repeat_n(p, n as usize))
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n.max(0) as usize))
             .collect();
-        Ok(KvCache { layers, pad })
+        self.select(&rows)
+    }
+
+    /// A second handle on the same tensors.
+    pub fn shallow_clone(&self) -> KvCache {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
+                .collect(),
+            pad: self.pad.clone(),
+        }
+    }
+
+    /// Drops the leading columns that are padding in every row (after long rows left).
+    pub fn trim_padding(&mut self) -> Result<()> {
+        let Some(&cut) = self.pad.iter().min() else {
+            return Ok(());
+        };
+        if cut == 0 {
+            return Ok(());
+        }
+        let len = self.len();
+        for (k, v) in &mut self.layers {
+            *k = k.f_narrow(2, cut, len - cut)?;
+            *v = v.f_narrow(2, cut, len - cut)?;
+        }
+        for p in &mut self.pad {
+            *p -= cut;
+        }
+        Ok(())
     }
 
     /// Keeps only `rows`, in that order.

@@ -31,7 +31,8 @@ pub use error::{ModelError, Result};
 pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
 pub use loss::{LossFn, LossInputs};
 pub use sample::{
-    sample, SampleOutput, SampleRequest, SampledSequence, SamplingParams, Stop, StopReason,
+    sample, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence, SamplingParams,
+    StepReport, Stop, StopReason,
 };
 pub use slab::Field;
 /// The device type of every tensor (re-exported so that callers need not depend on `tch`).

@@ -185,7 +185,8 @@ pub struct LoraAdapter {
     spec: LoraSpec,
     row: Row,
     /// A backward pass added gradients that no optimizer step or `zero_grad` has consumed.
-    pending: AtomicBool,
+    /// Shared with the [`AdapterStack`]s the adapter is gathered into (its identity there).
+    pending: Arc<AtomicBool>,
 }
 
 impl LoraAdapter {
@@ -218,7 +219,7 @@ impl LoraAdapter {
         Ok(LoraAdapter {
             spec,
             row: slab.allocate()?,
-            pending: AtomicBool::new(false),
+            pending: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -316,11 +317,6 @@ impl LoraAdapter {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Records that a backward pass added gradients.
-    pub(crate) fn mark_pending(&self) {
-        self.pending.store(true, Ordering::Release);
-    }
-
     /// Discards the accumulated gradients.
     pub fn zero_grad(&self) -> Result<()> {
         self.row.zero(Field::Grads)?;
@@ -335,21 +331,32 @@ impl LoraAdapter {
 }
 
 /// The adapters of one batch that share a slab, gathered once into compute tensors: per adapted
-/// layer `A` `[K, R, in]` and `B` `[K, out, R]` (member `k` is `adapters[k]`), in the model's
-/// dtype. Trainable stacks make each `A` and `B` an autograd leaf, so one backward yields every
-/// member's gradients at once ([`AdapterStack::accumulate`] adds them to the slab).
-pub struct AdapterStack<'a> {
+/// layer `A` `[K, R, in]` and `B` `[K, out, R]` (member `k` is the `k`-th adapter gathered), in
+/// the model's dtype. Trainable stacks make each `A` and `B` an autograd leaf, so one backward
+/// yields every member's gradients at once ([`AdapterStack::accumulate`] adds them to the slab).
+///
+/// A stack owns copies of its members' weights, so it may outlive their borrows: a decode loop
+/// keeps one across steps, adding members as sequences of new adapters join
+/// ([`AdapterStack::push`]) and dropping unused ones ([`AdapterStack::compact`]).
+pub struct AdapterStack {
     slab: Arc<Slab>,
-    slots: Tensor,
-    adapters: Vec<&'a LoraAdapter>,
+    kind: Kind,
+    trainable: bool,
+    /// Each member's slab row (for [`AdapterStack::accumulate`]).
+    slots: Vec<i64>,
+    slots_t: Tensor,
+    /// Each member's pending-gradient flag: its identity, and what a backward sets.
+    members: Vec<Arc<AtomicBool>>,
     scales: Vec<f64>,
     scale_t: Tensor,
+    /// `[K, numel]` in the compute dtype; `pairs` are views of it.
+    buffer: Tensor,
     pairs: Vec<(Tensor, Tensor)>,
 }
 
-impl<'a> AdapterStack<'a> {
+impl AdapterStack {
     /// Gathers `adapters` (all of one slab) into a stack computing in `kind`.
-    pub fn new(adapters: &[&'a LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
+    pub fn new(adapters: &[&LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
         let Some(first) = adapters.first() else {
             return Err(ModelError::invalid("adapters", "an empty stack"));
         };
@@ -360,42 +367,116 @@ impl<'a> AdapterStack<'a> {
                 "a stack holds adapters of one layout",
             ));
         }
-        let device = slab.device();
         let slots: Vec<i64> = adapters.iter().map(|a| a.row().index()).collect();
-        let slots = Tensor::from_slice(&slots).f_to_device(device)?;
-        let buffer = slab
-            .with(|t| t.params.f_index_select(0, &slots))?
-            .f_to_kind(kind)?;
-        let layout = slab.layout().clone();
-        let k = adapters.len() as i64;
+        let buffer = gather_rows(&slab, &slots, kind)?;
+        let mut stack = AdapterStack {
+            slab,
+            kind,
+            trainable,
+            slots_t: Tensor::new(),
+            slots,
+            members: adapters.iter().map(|a| a.pending.clone()).collect(),
+            scales: adapters.iter().map(|a| a.spec().scale()).collect(),
+            scale_t: Tensor::new(),
+            buffer,
+            pairs: Vec::new(),
+        };
+        stack.rebuild_views()?;
+        Ok(stack)
+    }
+
+    /// Recomputes the per-layer views, the slot index and the scales after the members changed.
+    fn rebuild_views(&mut self) -> Result<()> {
+        let device = self.slab.device();
+        let layout = self.slab.layout().clone();
+        let k = self.members.len() as i64;
         let r = layout.key.rank;
         let mut pairs = Vec::with_capacity(layout.entries.len());
         for e in &layout.entries {
-            let a = buffer
+            let a = self
+                .buffer
                 .f_narrow(1, e.a_offset, r * e.inp)?
                 .f_view([k, r, e.inp])?;
-            let b = buffer
+            let b = self
+                .buffer
                 .f_narrow(1, e.b_offset, e.out * r)?
                 .f_view([k, e.out, r])?;
-            pairs.push(if trainable {
+            pairs.push(if self.trainable {
                 (a.set_requires_grad(true), b.set_requires_grad(true))
             } else {
                 (a, b)
             });
         }
-        let scales: Vec<f64> = adapters.iter().map(|a| a.spec().scale()).collect();
-        let scale_t = Tensor::from_slice(&scales)
-            .f_to_kind(kind)?
+        self.pairs = pairs;
+        self.slots_t = Tensor::from_slice(&self.slots).f_to_device(device)?;
+        self.scale_t = Tensor::from_slice(&self.scales)
+            .f_to_kind(self.kind)?
             .f_to_device(device)?
             .f_view([k, 1, 1])?;
-        Ok(AdapterStack {
-            slab,
-            slots,
-            adapters: adapters.to_vec(),
-            scales,
-            scale_t,
-            pairs,
-        })
+        Ok(())
+    }
+
+    /// Adds `adapter` (of this stack's slab) as a new member and returns its index; an adapter
+    /// already in the stack returns its existing index. Only for stacks that are not trainable.
+    pub fn push(&mut self, adapter: &LoraAdapter) -> Result<i64> {
+        if let Some(m) = self.member(adapter) {
+            return Ok(m);
+        }
+        if self.trainable {
+            return Err(ModelError::invalid(
+                "adapters",
+                "a trainable stack is fixed",
+            ));
+        }
+        if !Arc::ptr_eq(adapter.row().slab(), &self.slab) {
+            return Err(ModelError::invalid(
+                "adapters",
+                "a stack holds adapters of one layout",
+            ));
+        }
+        let row = gather_rows(&self.slab, &[adapter.row().index()], self.kind)?;
+        self.buffer = Tensor::f_cat(&[&self.buffer, &row], 0)?;
+        self.slots.push(adapter.row().index());
+        self.members.push(adapter.pending.clone());
+        self.scales.push(adapter.spec().scale());
+        self.rebuild_views()?;
+        Ok(self.members.len() as i64 - 1)
+    }
+
+    /// Keeps only the members whose `keep` flag is set (in order) and returns each old member's
+    /// new index. Only for stacks that are not trainable.
+    pub fn compact(&mut self, keep: &[bool]) -> Result<Vec<Option<i64>>> {
+        if self.trainable || keep.len() != self.members.len() {
+            return Err(ModelError::invalid(
+                "keep",
+                "one flag per member of a stack that is not trainable",
+            ));
+        }
+        let mut remap = Vec::with_capacity(keep.len());
+        let mut kept = Vec::new();
+        for (i, &k) in keep.iter().enumerate() {
+            remap.push(k.then_some(kept.len() as i64));
+            if k {
+                kept.push(i as i64);
+            }
+        }
+        if kept.is_empty() {
+            return Err(ModelError::invalid(
+                "keep",
+                "a stack keeps one member at least",
+            ));
+        }
+        let index = Tensor::from_slice(&kept).f_to_device(self.slab.device())?;
+        self.buffer = self.buffer.f_index_select(0, &index)?;
+        let pick = |i: i64| i as usize;
+        self.slots = kept.iter().map(|&i| self.slots[pick(i)]).collect();
+        self.members = kept
+            .iter()
+            .map(|&i| self.members[pick(i)].clone())
+            .collect();
+        self.scales = kept.iter().map(|&i| self.scales[pick(i)]).collect();
+        self.rebuild_views()?;
+        Ok(remap)
     }
 
     /// Members in the stack.
@@ -408,11 +489,16 @@ impl<'a> AdapterStack<'a> {
         self.scales.is_empty()
     }
 
+    /// Whether `adapter` belongs to this stack's slab (layout and device).
+    pub fn fits(&self, adapter: &LoraAdapter) -> bool {
+        Arc::ptr_eq(adapter.row().slab(), &self.slab)
+    }
+
     /// The member index of `adapter`, when it is in the stack.
     pub fn member(&self, adapter: &LoraAdapter) -> Option<i64> {
-        self.adapters
+        self.members
             .iter()
-            .position(|&a| std::ptr::eq(a, adapter))
+            .position(|m| Arc::ptr_eq(m, &adapter.pending))
             .map(|i| i as i64)
     }
 
@@ -454,28 +540,36 @@ impl<'a> AdapterStack<'a> {
         let flat = Tensor::f_cat(&flat, 1)?.f_to_kind(Kind::Float)?;
         let _ = self
             .slab
-            .with(|t| t.grads.f_index_add_(0, &self.slots, &flat))?;
-        for a in &self.adapters {
-            a.mark_pending();
+            .with(|t| t.grads.f_index_add_(0, &self.slots_t, &flat))?;
+        for pending in &self.members {
+            pending.store(true, Ordering::Release);
         }
         Ok(())
     }
 }
 
-/// The distinct adapters of a batch, gathered into one [`AdapterStack`] per slab: what a
-/// training batch and a sampling batch both build before their [`LoraBatch`]es.
-pub(crate) struct StackSet<'a> {
-    stacks: Vec<AdapterStack<'a>>,
+/// The weights of slab rows `slots`, `[slots.len(), numel]` in `kind`.
+fn gather_rows(slab: &Slab, slots: &[i64], kind: Kind) -> Result<Tensor> {
+    let index = Tensor::from_slice(slots).f_to_device(slab.device())?;
+    Ok(slab
+        .with(|t| t.params.f_index_select(0, &index))?
+        .f_to_kind(kind)?)
 }
 
-impl<'a> StackSet<'a> {
+/// The distinct adapters of a batch, gathered into one [`AdapterStack`] per slab: what a
+/// training batch and a sampling batch both build before their [`LoraBatch`]es.
+pub(crate) struct StackSet {
+    stacks: Vec<AdapterStack>,
+}
+
+impl StackSet {
     /// Stacks the distinct adapters among `adapters` (`None`s are base-model rows).
     pub(crate) fn new(
-        adapters: &[Option<&'a LoraAdapter>],
+        adapters: &[Option<&LoraAdapter>],
         kind: Kind,
         trainable: bool,
     ) -> Result<Self> {
-        let mut groups: Vec<Vec<&'a LoraAdapter>> = Vec::new();
+        let mut groups: Vec<Vec<&LoraAdapter>> = Vec::new();
         for a in adapters.iter().flatten() {
             if groups.iter().flatten().any(|b| std::ptr::eq(*a, *b)) {
                 continue;
@@ -496,7 +590,7 @@ impl<'a> StackSet<'a> {
     }
 
     /// The stack and member index of `adapter`.
-    pub(crate) fn member(&self, adapter: &LoraAdapter) -> Result<(&AdapterStack<'a>, i64)> {
+    pub(crate) fn member(&self, adapter: &LoraAdapter) -> Result<(&AdapterStack, i64)> {
         self.stacks
             .iter()
             .find_map(|s| s.member(adapter).map(|m| (s, m)))
@@ -533,7 +627,7 @@ enum Members {
 
 /// The rows of a batch that use one stack.
 struct Part<'a> {
-    stack: &'a AdapterStack<'a>,
+    stack: &'a AdapterStack,
     /// `None`: every row of the batch, in order; else the batch rows (ascending).
     rows: Option<Tensor>,
     members: Members,
@@ -550,9 +644,9 @@ pub struct LoraBatch<'a> {
 impl<'a> LoraBatch<'a> {
     /// Row `i` of a batch of `assignment.len()` rows uses member `m` of stack `s` when
     /// `assignment[i] == Some((s, m))`, the base model when `None`.
-    pub fn new(assignment: &[Option<(&'a AdapterStack<'a>, i64)>]) -> Result<Self> {
+    pub fn new(assignment: &[Option<(&'a AdapterStack, i64)>]) -> Result<Self> {
         let rows = assignment.len() as i64;
-        let mut groups: Vec<(&'a AdapterStack<'a>, Vec<i64>, Vec<i64>)> = Vec::new();
+        let mut groups: Vec<(&'a AdapterStack, Vec<i64>, Vec<i64>)> = Vec::new();
         for (row, slot) in assignment.iter().enumerate() {
             let Some((stack, member)) = *slot else {
                 continue;
@@ -573,7 +667,7 @@ impl<'a> LoraBatch<'a> {
         }
         let mut parts = Vec::with_capacity(groups.len());
         for (stack, batch_rows, members) in groups {
-            let device = stack.slots.device();
+            let device = stack.slots_t.device();
             let all = batch_rows.len() as i64 == rows;
             let k = stack.len() as i64;
             let n = members.len() as i64;
@@ -605,7 +699,7 @@ impl<'a> LoraBatch<'a> {
     }
 
     /// Every one of `rows` rows uses member `member` of `stack`.
-    pub fn one(stack: &'a AdapterStack<'a>, member: i64, rows: i64) -> Result<Self> {
+    pub fn one(stack: &'a AdapterStack, member: i64, rows: i64) -> Result<Self> {
         Self::new(&vec![Some((stack, member)); rows as usize])
     }
 

@@ -1,11 +1,14 @@
-//! Generation with a KV cache, batched across requests and adapters.
+//! Generation with a KV cache, batched across requests and adapters, with requests joining and
+//! leaving at token boundaries ([`Generation`]).
 //!
 //! Each request's prompt is prefilled once; its `num_samples` sequences share that prefill
-//! (the cache rows are repeated). All sequences of all requests then advance together, one
-//! decode step per token, each row with its own adapter (segmented LoRA). A sequence that stops
-//! leaves the batch. Token choice happens on the CPU from each row's logits with a per-sequence
-//! random stream derived from `(seed, sample index)`, so results do not depend on which other
-//! sequences share the batch.
+//! (the cache rows are repeated). All live sequences of all requests advance together, one
+//! decode step per token, each row with its own adapter (stacked LoRA). A sequence that stops
+//! leaves the batch at once. Token choice happens on the CPU from each row's logits with a
+//! per-sequence random stream derived from `(seed, sample index)`, so results do not depend on
+//! which other sequences share the batch.
+
+use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
@@ -13,7 +16,7 @@ use crate::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{LoraAdapter, LoraBatch, StackSet};
+use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
 use crate::rng::SplitMix64;
 
 /// When a sequence stops besides `max_tokens`.
@@ -185,12 +188,439 @@ pub fn validate_sampling(
     Ok(())
 }
 
-/// One live sequence in the decode batch.
+/// Identifies a request inside a [`Generation`] (the caller's choice, e.g. a job number).
+pub type RequestTag = u64;
+
+/// A request whose sequences are being generated.
+struct Live {
+    params: SamplingParams,
+    /// Its adapter's stack (index into [`Generation::stacks`]) and member; `None` for the base.
+    member: Option<(usize, i64)>,
+    sequences: Vec<Option<SampledSequence>>,
+    unfinished: usize,
+    prompt_logprobs: Option<Vec<Option<f32>>>,
+    /// Whether its sequences chose their first tokens yet.
+    started: bool,
+}
+
+/// One live sequence: a row of the KV cache and of the pending logits.
 struct Row {
-    request: usize,
+    request: RequestTag,
+    sample: usize,
     tokens: Vec<i64>,
     logprobs: Vec<f32>,
     rng: SplitMix64,
+}
+
+/// What one [`Generation::step`] did.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    /// Requests whose every sequence ended this step, with their outputs.
+    pub finished: Vec<(RequestTag, SampleOutput)>,
+    /// Requests whose sequences chose their first tokens this step.
+    pub first_tokens: Vec<RequestTag>,
+    /// Tokens chosen this step (one per live sequence).
+    pub tokens: usize,
+}
+
+/// A decode loop that requests join and leave at token boundaries (continuous batching).
+///
+/// [`Generation::admit`] prefills a request's prompt once (its `num_samples` sequences share the
+/// prefill: the cache rows are repeated) and adds its sequences to the batch;
+/// [`Generation::step`] chooses the next token of every live sequence, retires the sequences
+/// that stopped (a request finishes with its last sequence) and runs one decode step for the
+/// rest, each row with its own adapter. Adapters are gathered into owned [`AdapterStack`]s when
+/// their first request joins, so the caller need not keep them borrowed between steps. Token
+/// choice uses a per-sequence random stream derived from `(seed, sample index)`, so what a
+/// sequence draws does not depend on what else shares the batch.
+pub struct Generation {
+    kind: Kind,
+    stacks: Vec<AdapterStack>,
+    live: HashMap<RequestTag, Live>,
+    rows: Vec<Row>,
+    /// Keys and values of `rows`, row-aligned.
+    cache: Option<KvCache>,
+    /// Next-token logits `[rows, vocab]` of `rows`.
+    logits: Option<Tensor>,
+    prefills: u64,
+}
+
+impl Generation {
+    /// An empty loop computing adapters in `kind` (the decoder's dtype).
+    pub fn new(kind: Kind) -> Self {
+        Generation {
+            kind,
+            stacks: Vec::new(),
+            live: HashMap::new(),
+            rows: Vec::new(),
+            cache: None,
+            logits: None,
+            prefills: 0,
+        }
+    }
+
+    /// Whether no request is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Requests in progress.
+    pub fn requests(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Live sequences (rows of the decode batch).
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Prompts prefilled so far (one per admitted request, whatever its `num_samples`).
+    pub fn prefills(&self) -> u64 {
+        self.prefills
+    }
+
+    /// Validates `request`, prefills its prompt and adds its sequences to the batch under
+    /// `tag` (unique among the requests in progress). On error nothing changes.
+    pub fn admit(
+        &mut self,
+        decoder: &Decoder,
+        tag: RequestTag,
+        request: &SampleRequest,
+        can_detokenize: bool,
+    ) -> Result<()> {
+        self.admit_many(decoder, &[(tag, request)], can_detokenize)
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// [`Generation::admit`] for several requests, whose prompts are prefilled together in one
+    /// left-padded pass. One result per request; a failed request changes nothing.
+    pub fn admit_many(
+        &mut self,
+        decoder: &Decoder,
+        requests: &[(RequestTag, &SampleRequest)],
+        can_detokenize: bool,
+    ) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = requests
+            .iter()
+            .map(|(tag, r)| self.check(decoder, *tag, r, can_detokenize))
+            .collect();
+        let mut tags = std::collections::HashSet::new();
+        for (i, (tag, _)) in requests.iter().enumerate() {
+            if results[i].is_ok() && !tags.insert(*tag) {
+                results[i] = Err(ModelError::invalid(
+                    "tag",
+                    format!("request {tag} appears twice"),
+                ));
+            }
+        }
+        let valid: Vec<usize> = (0..requests.len())
+            .filter(|&i| results[i].is_ok())
+            .collect();
+        if valid.is_empty() {
+            return results;
+        }
+        let batch: Vec<(RequestTag, &SampleRequest)> = valid.iter().map(|&i| requests[i]).collect();
+        match tch::no_grad(|| self.prefill_and_join(decoder, &batch)) {
+            Ok(()) => {}
+            Err(e) if batch.len() == 1 => results[valid[0]] = Err(e),
+            Err(e) => {
+                // One request must not fail the others: retry each alone.
+                tracing::warn!(error = %e, requests = batch.len(), "a joint prefill failed; prefilling alone");
+                for (&i, one) in valid.iter().zip(&batch) {
+                    results[i] =
+                        tch::no_grad(|| self.prefill_and_join(decoder, std::slice::from_ref(one)));
+                }
+            }
+        }
+        results
+    }
+
+    /// Checks one request before it joins.
+    fn check(
+        &self,
+        decoder: &Decoder,
+        tag: RequestTag,
+        request: &SampleRequest,
+        can_detokenize: bool,
+    ) -> Result<()> {
+        validate(decoder, request)?;
+        if matches!(request.params.stop, Stop::Strings(_)) && !can_detokenize {
+            return Err(ModelError::invalid(
+                "sampling_params.stop",
+                "stop strings need the model's tokenizer",
+            ));
+        }
+        if self.live.contains_key(&tag) {
+            return Err(ModelError::invalid(
+                "tag",
+                format!("request {tag} is already live"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stack and member of `adapter`, adding it to the loop's stacks when new.
+    fn member_of(&mut self, adapter: &LoraAdapter) -> Result<(usize, i64)> {
+        Ok(match self.stacks.iter().position(|s| s.fits(adapter)) {
+            Some(i) => (i, self.stacks[i].push(adapter)?),
+            None => {
+                self.stacks
+                    .push(AdapterStack::new(&[adapter], self.kind, false)?);
+                (self.stacks.len() - 1, 0)
+            }
+        })
+    }
+
+    /// Prefills the (validated) requests' prompts in one left-padded pass and adds their
+    /// sequences to the batch; on error the batch is unchanged (an unused stack member may stay
+    /// until the next compaction).
+    fn prefill_and_join(
+        &mut self,
+        decoder: &Decoder,
+        requests: &[(RequestTag, &SampleRequest)],
+    ) -> Result<()> {
+        let members = requests
+            .iter()
+            .map(|(_, r)| r.adapter.map(|a| self.member_of(a)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let seq = requests
+            .iter()
+            .map(|(_, r)| r.prompt.len())
+            .max()
+            .unwrap_or(0) as i64;
+        let pads: Vec<i64> = requests
+            .iter()
+            .map(|(_, r)| seq - r.prompt.len() as i64)
+            .collect();
+        let mut ids = vec![0i64; requests.len() * seq as usize];
+        for (i, (_, r)) in requests.iter().enumerate() {
+            let start = i * seq as usize + pads[i] as usize;
+            ids[start..start + r.prompt.len()].copy_from_slice(&r.prompt);
+        }
+        let ids = Tensor::from_slice(&ids).f_view([requests.len() as i64, seq])?;
+        let assignment: Vec<_> = members
+            .iter()
+            .map(|m| m.map(|(s, k)| (&self.stacks[s], k)))
+            .collect();
+        let lora = LoraBatch::new(&assignment)?;
+        let (hidden, cache) = decoder.prefill_padded(&ids, &pads, Some(&lora))?;
+        let mut prompt_lps = Vec::with_capacity(requests.len());
+        for (i, (_, r)) in requests.iter().enumerate() {
+            prompt_lps.push(if r.prompt_logprobs {
+                let own =
+                    hidden
+                        .f_narrow(0, i as i64, 1)?
+                        .f_narrow(1, pads[i], r.prompt.len() as i64)?;
+                let one = LoraBatch::new(&assignment[i..i + 1])?;
+                let logits = decoder.logits(&own, Some(&one))?.f_get(0)?;
+                Some(prompt_logprobs(&logits, &r.prompt)?)
+            } else {
+                None
+            });
+        }
+        let last = hidden.f_select(1, seq - 1)?;
+        let logits = decoder.logits(&last, Some(&lora))?;
+        let counts: Vec<i64> = requests.iter().map(|(_, r)| r.num_samples).collect();
+        let cache = cache.repeat_rows(&counts)?;
+        let repeat: Vec<i64> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize))
+            .collect();
+        let logits = logits.f_index_select(
+            0,
+            &Tensor::from_slice(&repeat).f_to_device(logits.device())?,
+        )?;
+        // Everything that can fail has run; now join the batch.
+        let (cache, logits) = match (&self.cache, &self.logits) {
+            (Some(c), Some(l)) => (
+                KvCache::concat(vec![c.shallow_clone(), cache])?,
+                Tensor::f_cat(&[l, &logits], 0)?,
+            ),
+            _ => (cache, logits),
+        };
+        self.cache = Some(cache);
+        self.logits = Some(logits);
+        for ((tag, r), (member, prompt_lp)) in
+            requests.iter().zip(members.into_iter().zip(prompt_lps))
+        {
+            self.prefills += 1;
+            let seed = r.params.seed.unwrap_or_else(random_seed);
+            for s in 0..r.num_samples as usize {
+                self.rows.push(Row {
+                    request: *tag,
+                    sample: s,
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    rng: SplitMix64::new(sample_seed(seed, s)),
+                });
+            }
+            self.live.insert(
+                *tag,
+                Live {
+                    params: r.params.clone(),
+                    member,
+                    sequences: vec![None; r.num_samples as usize],
+                    unfinished: r.num_samples as usize,
+                    prompt_logprobs: prompt_lp,
+                    started: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Chooses the next token of every live sequence, retires those that stopped and runs one
+    /// decode step for the others. After an error the loop is unusable: [`Generation::clear`] it.
+    pub fn step(
+        &mut self,
+        decoder: &Decoder,
+        detokenize: Option<Detokenize>,
+    ) -> Result<StepReport> {
+        tch::no_grad(|| self.step_inner(decoder, detokenize))
+    }
+
+    fn step_inner(
+        &mut self,
+        decoder: &Decoder,
+        detokenize: Option<Detokenize>,
+    ) -> Result<StepReport> {
+        let mut report = StepReport::default();
+        let Some(logits) = self.logits.take() else {
+            return Ok(report);
+        };
+        let picks: Vec<Pick> = self
+            .rows
+            .iter_mut()
+            .map(|row| Pick::new(&self.live[&row.request].params, &mut row.rng))
+            .collect();
+        let chosen = choose_tokens(&logits, &picks)?;
+        let mut keep: Vec<i64> = Vec::with_capacity(self.rows.len());
+        let mut next_ids: Vec<i64> = Vec::with_capacity(self.rows.len());
+        let rows = std::mem::take(&mut self.rows);
+        let total = rows.len();
+        let mut kept_rows = Vec::with_capacity(rows.len());
+        report.tokens = rows.len();
+        for (i, mut row) in rows.into_iter().enumerate() {
+            let live = self
+                .live
+                .get_mut(&row.request)
+                .expect("a row's request is live");
+            if !live.started {
+                live.started = true;
+                report.first_tokens.push(row.request);
+            }
+            let (token, logprob) = chosen[i];
+            row.tokens.push(token);
+            row.logprobs.push(logprob);
+            match stop_reason(decoder, &live.params, &row.tokens, detokenize) {
+                Some(reason) => {
+                    live.sequences[row.sample] = Some(SampledSequence {
+                        tokens: row.tokens,
+                        logprobs: row.logprobs,
+                        stop_reason: reason,
+                    });
+                    live.unfinished -= 1;
+                    if live.unfinished == 0 {
+                        let done = self.live.remove(&row.request).expect("live");
+                        report.finished.push((
+                            row.request,
+                            SampleOutput {
+                                sequences: done
+                                    .sequences
+                                    .into_iter()
+                                    .map(|s| s.expect("every sequence finished"))
+                                    .collect(),
+                                prompt_logprobs: done.prompt_logprobs,
+                            },
+                        ));
+                    }
+                }
+                None => {
+                    keep.push(i as i64);
+                    next_ids.push(token);
+                    kept_rows.push(row);
+                }
+            }
+        }
+        self.rows = kept_rows;
+        if self.rows.is_empty() {
+            self.cache = None;
+            self.stacks.clear();
+            return Ok(report);
+        }
+        let mut cache = self.cache.take().expect("live rows have a cache");
+        if keep.len() < total {
+            cache = cache.select(&keep)?;
+            cache.trim_padding()?;
+            self.compact_stacks()?;
+        }
+        let assignment: Vec<_> = self
+            .rows
+            .iter()
+            .map(|r| {
+                self.live[&r.request]
+                    .member
+                    .map(|(s, m)| (&self.stacks[s], m))
+            })
+            .collect();
+        let lora = LoraBatch::new(&assignment)?;
+        let hidden = decoder.decode_step(&next_ids, &mut cache, Some(&lora))?;
+        self.logits = Some(decoder.logits(&hidden, Some(&lora))?);
+        self.cache = Some(cache);
+        Ok(report)
+    }
+
+    /// Drops stacks no live request uses and compacts stacks mostly made of departed members.
+    fn compact_stacks(&mut self) -> Result<()> {
+        let mut used: Vec<Vec<bool>> = self.stacks.iter().map(|s| vec![false; s.len()]).collect();
+        for live in self.live.values() {
+            if let Some((s, m)) = live.member {
+                used[s][m as usize] = true;
+            }
+        }
+        let mut new_index: Vec<Option<usize>> = Vec::with_capacity(self.stacks.len());
+        let mut remaps: Vec<Option<Vec<Option<i64>>>> = Vec::with_capacity(self.stacks.len());
+        let mut kept = Vec::with_capacity(self.stacks.len());
+        for (mut stack, flags) in std::mem::take(&mut self.stacks).into_iter().zip(&used) {
+            let in_use = flags.iter().filter(|&&u| u).count();
+            if in_use == 0 {
+                new_index.push(None);
+                remaps.push(None);
+                continue;
+            }
+            let remap = if stack.len() > 2 * in_use + 4 {
+                Some(stack.compact(flags)?)
+            } else {
+                None
+            };
+            new_index.push(Some(kept.len()));
+            remaps.push(remap);
+            kept.push(stack);
+        }
+        self.stacks = kept;
+        for live in self.live.values_mut() {
+            if let Some((s, m)) = live.member {
+                let stack = new_index[s].expect("a used stack is kept");
+                let member = match &remaps[s] {
+                    Some(remap) => remap[m as usize].expect("a used member is kept"),
+                    None => m,
+                };
+                live.member = Some((stack, member));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops every request in progress (after a failed step) and returns their tags.
+    pub fn clear(&mut self) -> Vec<RequestTag> {
+        self.rows.clear();
+        self.cache = None;
+        self.logits = None;
+        self.stacks.clear();
+        self.live.drain().map(|(tag, _)| tag).collect()
+    }
 }
 
 /// Generates for every request in one decode loop.
@@ -199,145 +629,35 @@ pub fn sample(
     requests: &[SampleRequest],
     detokenize: Option<Detokenize>,
 ) -> Result<Vec<SampleOutput>> {
-    for r in requests {
-        validate(decoder, r)?;
-        if matches!(r.params.stop, Stop::Strings(_)) && detokenize.is_none() {
-            return Err(ModelError::invalid(
-                "sampling_params.stop",
-                "stop strings need the model's tokenizer",
-            ));
-        }
-    }
-    tch::no_grad(|| run(decoder, requests, detokenize))
-}
-
-fn run(
-    decoder: &Decoder,
-    requests: &[SampleRequest],
-    detokenize: Option<Detokenize>,
-) -> Result<Vec<SampleOutput>> {
-    let mut outputs: Vec<SampleOutput> = requests
+    let mut generation = Generation::new(decoder.kind());
+    let tagged: Vec<(RequestTag, &SampleRequest)> = requests
         .iter()
-        .map(|_| SampleOutput {
-            sequences: Vec::new(),
-            prompt_logprobs: None,
-        })
+        .enumerate()
+        .map(|(i, r)| (i as RequestTag, r))
         .collect();
-    let mut finished: Vec<Vec<Option<SampledSequence>>> = requests
-        .iter()
-        .map(|r| vec![None; r.num_samples as usize])
-        .collect();
-    let mut rows: Vec<Row> = Vec::new();
-    let mut sample_index: Vec<usize> = Vec::new();
-    let mut caches = Vec::with_capacity(requests.len());
-    let mut next_logits: Vec<Tensor> = Vec::new();
-
-    // Every distinct adapter gathered once (a stack per layout), for prefill and every step.
-    let adapters: Vec<Option<&LoraAdapter>> = requests.iter().map(|r| r.adapter).collect();
-    let stacks = StackSet::new(&adapters, decoder.kind(), false)?;
-    let slot_of_request = requests
-        .iter()
-        .map(|r| r.adapter.map(|a| stacks.member(a)).transpose())
-        .collect::<Result<Vec<_>>>()?;
-
-    // Prefill each prompt once; its samples share the cache rows.
-    for (ri, r) in requests.iter().enumerate() {
-        let ids = Tensor::from_slice(&r.prompt).f_view([1, -1])?;
-        let lora = slot_of_request[ri]
-            .map(|(stack, member)| LoraBatch::one(stack, member, 1))
-            .transpose()?;
-        let (hidden, cache) = decoder.prefill(&ids, lora.as_ref())?;
-        if r.prompt_logprobs {
-            let logits = decoder.logits(&hidden, lora.as_ref())?.f_get(0)?;
-            outputs[ri].prompt_logprobs = Some(prompt_logprobs(&logits, &r.prompt)?);
-        }
-        let last = hidden
-            .f_narrow(1, r.prompt.len() as i64 - 1, 1)?
-            .f_squeeze_dim(1)?;
-        let logits = decoder.logits(&last, lora.as_ref())?;
-        caches.push(cache.repeat_rows(r.num_samples)?);
-        let seed = r.params.seed.unwrap_or_else(random_seed);
-        for s in 0..r.num_samples as usize {
-            rows.push(Row {
-                request: ri,
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                rng: SplitMix64::new(seed ^ (s as u64).wrapping_mul(0xA076_1D64_78BD_642F)),
-            });
-            sample_index.push(s);
-            next_logits.push(logits.shallow_clone());
+    for result in generation.admit_many(decoder, &tagged, detokenize.is_some()) {
+        result?;
+    }
+    let mut outputs: Vec<Option<SampleOutput>> = vec![None; requests.len()];
+    while !generation.is_empty() {
+        for (tag, out) in generation.step(decoder, detokenize)?.finished {
+            outputs[tag as usize] = Some(out);
         }
     }
-    let mut cache = KvCache::concat(caches)?;
-    let mut logits = Tensor::f_cat(&next_logits, 0)?;
-
-    loop {
-        // Choose the next token of every live row.
-        let host = logits
-            .f_to_kind(Kind::Float)?
-            .f_to_device(tch::Device::Cpu)?;
-        let vocab = host.size()[1] as usize;
-        let flat = Vec::<f32>::try_from(host.f_view([-1])?)?;
-        let mut keep: Vec<i64> = Vec::with_capacity(rows.len());
-        let mut next_ids: Vec<i64> = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter_mut().enumerate() {
-            let r = &requests[row.request];
-            let (token, logprob) =
-                choose(&flat[i * vocab..(i + 1) * vocab], &r.params, &mut row.rng);
-            row.tokens.push(token);
-            row.logprobs.push(logprob);
-            match stop_reason(decoder, r, &row.tokens, detokenize) {
-                Some(reason) => {
-                    finished[row.request][sample_index[i]] = Some(SampledSequence {
-                        tokens: std::mem::take(&mut row.tokens),
-                        logprobs: std::mem::take(&mut row.logprobs),
-                        stop_reason: reason,
-                    });
-                }
-                None => {
-                    keep.push(i as i64);
-                    next_ids.push(token);
-                }
-            }
-        }
-        if keep.is_empty() {
-            break;
-        }
-        if keep.len() < rows.len() {
-            cache = cache.select(&keep)?;
-            let mut kept_rows = Vec::with_capacity(keep.len());
-            let mut kept_index = Vec::with_capacity(keep.len());
-            for (i, row) in rows.into_iter().enumerate() {
-                if keep.binary_search(&(i as i64)).is_ok() {
-                    kept_rows.push(row);
-                    kept_index.push(sample_index[i]);
-                }
-            }
-            rows = kept_rows;
-            sample_index = kept_index;
-        }
-        let assignment: Vec<_> = rows.iter().map(|r| slot_of_request[r.request]).collect();
-        let lora = LoraBatch::new(&assignment)?;
-        let hidden = decoder.decode_step(&next_ids, &mut cache, Some(&lora))?;
-        logits = decoder.logits(&hidden, Some(&lora))?;
-    }
-    for (ri, out) in outputs.iter_mut().enumerate() {
-        out.sequences = finished[ri]
-            .iter_mut()
-            .map(|s| s.take().expect("every sample finishes"))
-            .collect();
-    }
-    Ok(outputs)
+    Ok(outputs
+        .into_iter()
+        .map(|o| o.expect("every request finishes"))
+        .collect())
 }
 
 fn stop_reason(
     decoder: &Decoder,
-    r: &SampleRequest,
+    params: &SamplingParams,
     tokens: &[i64],
     detokenize: Option<Detokenize>,
 ) -> Option<StopReason> {
     let last = *tokens.last()?;
-    let stopped = match &r.params.stop {
+    let stopped = match &params.stop {
         Stop::Eos => decoder.config().eos_token_ids.contains(&last),
         Stop::Never => false,
         Stop::Tokens(ids) => ids.contains(&last),
@@ -351,7 +671,7 @@ fn stop_reason(
     };
     if stopped {
         Some(StopReason::Stop)
-    } else if tokens.len() as i64 >= r.params.max_tokens {
+    } else if tokens.len() as i64 >= params.max_tokens {
         Some(StopReason::Length)
     } else {
         None
@@ -372,6 +692,12 @@ fn prompt_logprobs(logits: &Tensor, prompt: &[i64]) -> Result<Vec<Option<f32>>> 
     Ok(out)
 }
 
+/// The random stream of sample `index` of a request seeded `seed`: it draws exactly like a
+/// one-sample request seeded `sample_seed(seed, index)` (sample 0 uses `seed` itself).
+pub fn sample_seed(seed: u64, index: usize) -> u64 {
+    seed ^ (index as u64).wrapping_mul(0xA076_1D64_78BD_642F)
+}
+
 fn random_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -385,73 +711,147 @@ fn random_seed() -> u64 {
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Picks a token from raw logits; returns it with its log-probability under the unmodified
-/// model distribution.
-pub fn choose(logits: &[f32], p: &SamplingParams, rng: &mut SplitMix64) -> (i64, f32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_norm = max as f64
-        + logits
-            .iter()
-            .map(|&x| ((x - max) as f64).exp())
-            .sum::<f64>()
-            .ln();
-    let logprob = |t: usize| (logits[t] as f64 - log_norm) as f32;
-    let greedy = p.temperature == 0.0 || p.top_k == 1;
-    if greedy {
-        let best = argmax(logits);
-        return (best as i64, logprob(best));
-    }
-    // Candidates sorted by logit, cut to top_k.
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    let k = if p.top_k > 0 {
-        (p.top_k as usize).min(logits.len())
-    } else {
-        logits.len()
-    };
-    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, by_logit);
-        order.truncate(k);
-    }
-    order.sort_unstable_by(by_logit);
-    let t = p.temperature;
-    let weights: Vec<f64> = order
-        .iter()
-        .map(|&i| (((logits[i] - max) as f64) / t).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    // Nucleus: the smallest prefix whose mass reaches top_p.
-    let mut keep = weights.len();
-    if p.top_p < 1.0 {
-        let mut mass = 0.0;
-        for (i, w) in weights.iter().enumerate() {
-            mass += w / total;
-            if mass >= p.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    let kept_total: f64 = weights[..keep].iter().sum();
-    let mut u = rng.next_f64() * kept_total;
-    for (i, w) in weights[..keep].iter().enumerate() {
-        if u < *w {
-            return (order[i] as i64, logprob(order[i]));
-        }
-        u -= w;
-    }
-    let last = order[keep - 1];
-    (last as i64, logprob(last))
+/// How one row picks its next token: its sampling parameters and, unless greedy, a uniform
+/// draw from its own random stream.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick {
+    greedy: bool,
+    temperature: f64,
+    top_k: i64,
+    top_p: f64,
+    uniform: f64,
 }
 
-fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+impl Pick {
+    /// The pick of a row sampled with `p`; draws from `rng` unless greedy.
+    pub fn new(p: &SamplingParams, rng: &mut SplitMix64) -> Pick {
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        Pick {
+            greedy,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            uniform: if greedy { 0.0 } else { rng.next_f64() },
         }
     }
-    best
+}
+
+/// Chooses one token per row of `logits` (`[rows, vocab]`) on the logits' device and returns
+/// each with its log-probability under the unmodified distribution (temperature 1, before
+/// top-k/top-p): one device-to-host transfer for the whole batch.
+///
+/// Greedy rows take the argmax (the first one on ties). Sampled rows scale by their temperature,
+/// keep the tokens whose logit reaches the row's `top_k`-th largest and then the smallest set of
+/// most likely tokens whose mass reaches `top_p` (thresholds, so tokens tied at a threshold are
+/// all kept), and invert the cumulative distribution of what is kept in token-id order at the
+/// row's uniform draw. Every quantity is computed per row, so a row's token does not depend on
+/// which other rows share the batch.
+pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32)>> {
+    let rows = picks.len() as i64;
+    let size = logits.size();
+    if size.len() != 2 || size[0] != rows {
+        return Err(ModelError::invalid(
+            "logits",
+            format!("expected [{rows}, vocab], got {size:?}"),
+        ));
+    }
+    let vocab = size[1];
+    let device = logits.device();
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let logprobs = logits.f_log_softmax(-1, Kind::Float)?;
+    let mut ids = logits.f_argmax(-1, false)?;
+    if picks.iter().any(|p| !p.greedy) {
+        // Per row: greedy flag, temperature, top-k (vocab when unlimited), top-p, uniform.
+        let mut packed = Vec::with_capacity(5 * picks.len());
+        packed.extend(picks.iter().map(|p| if p.greedy { 1.0 } else { 0.0 }));
+        packed.extend(
+            picks
+                .iter()
+                .map(|p| if p.greedy { 1.0 } else { p.temperature }),
+        );
+        packed.extend(picks.iter().map(|p| {
+            if p.top_k > 0 {
+                p.top_k.min(vocab) as f64
+            } else {
+                vocab as f64
+            }
+        }));
+        packed.extend(picks.iter().map(|p| p.top_p));
+        packed.extend(picks.iter().map(|p| p.uniform));
+        let packed = Tensor::from_slice(&packed)
+            .f_view([5, rows, 1])?
+            .f_to_device(device)?;
+        let column = |i: i64| packed.f_get(i);
+        let (greedy, temperature, top_k, top_p, uniform) = (
+            column(0)?.f_to_kind(Kind::Bool)?,
+            column(1)?.f_to_kind(Kind::Float)?,
+            column(2)?.f_to_kind(Kind::Int64)?,
+            column(3)?.f_to_kind(Kind::Float)?,
+            column(4)?.f_to_kind(Kind::Float)?,
+        );
+        let mut scaled = logits.f_div(&temperature)?;
+        let max_k = picks
+            .iter()
+            .filter(|p| !p.greedy && p.top_k > 0)
+            .map(|p| p.top_k.min(vocab))
+            .max();
+        if let Some(max_k) = max_k {
+            // Each row's k-th largest logit (rows without a limit keep everything).
+            let (top, _) = scaled.f_topk(max_k, -1, true, true)?;
+            let kth = top.f_gather(1, &top_k.f_clamp_max(max_k)?.f_sub_scalar(1)?, false)?;
+            let unlimited = top_k.f_ge(vocab)?;
+            let kth = kth.f_masked_fill(&unlimited, f64::NEG_INFINITY)?;
+            scaled = scaled.f_masked_fill(&scaled.f_lt_tensor(&kth)?, f64::NEG_INFINITY)?;
+        }
+        let mut weights = scaled.f_softmax(-1, Kind::Float)?;
+        if picks.iter().any(|p| !p.greedy && p.top_p < 1.0) {
+            // The nucleus: the most likely tokens until their mass reaches top_p; its least
+            // likely member's probability is the row's threshold.
+            let (sorted, _) = weights.f_sort(-1, true)?;
+            let before = sorted.f_cumsum(-1, Kind::Float)?.f_sub(&sorted)?;
+            let size = before.f_lt_tensor(&top_p)?.f_sum_dim_intlist(
+                [-1i64].as_slice(),
+                true,
+                Kind::Int64,
+            )?;
+            let threshold = sorted.f_gather(1, &size.f_clamp_min(1)?.f_sub_scalar(1)?, false)?;
+            let threshold = threshold.f_masked_fill(&top_p.f_ge(1.0)?, 0.0)?;
+            weights = weights.f_mul(&weights.f_ge_tensor(&threshold)?)?;
+        }
+        let cumulative = weights.f_cumsum(-1, Kind::Float)?;
+        let target = cumulative.f_narrow(1, vocab - 1, 1)?.f_mul(&uniform)?;
+        let drawn = cumulative.f_le_tensor(&target)?.f_sum_dim_intlist(
+            [-1i64].as_slice(),
+            true,
+            Kind::Int64,
+        )?;
+        // Rounding can put the target at the very end: take the last token with weight then.
+        let positions = Tensor::f_arange(vocab, (Kind::Int64, device))?;
+        let last = positions
+            .f_mul(&weights.f_gt(0.0)?)?
+            .f_amax([-1i64].as_slice(), true)?;
+        let drawn = drawn.f_minimum(&last)?.f_squeeze_dim(1)?;
+        ids = drawn.f_where_self(&greedy.f_squeeze_dim(1)?.f_logical_not()?, &ids)?;
+    }
+    let chosen = logprobs
+        .f_gather(1, &ids.f_unsqueeze(1)?, false)?
+        .f_squeeze_dim(1)?;
+    // One transfer: ids travel as f64 (exact for any vocabulary), with their log-probabilities.
+    let host = Tensor::f_stack(
+        &[
+            ids.f_to_kind(Kind::Double)?,
+            chosen.f_to_kind(Kind::Double)?,
+        ],
+        0,
+    )?
+    .f_to_device(tch::Device::Cpu)?;
+    let values = Vec::<f64>::try_from(host.f_view([-1])?)?;
+    let (ids, lps) = values.split_at(picks.len());
+    Ok(ids
+        .iter()
+        .zip(lps)
+        .map(|(&id, &lp)| (id as i64, lp as f32))
+        .collect())
 }
 
 #[cfg(test)]
@@ -467,38 +867,96 @@ mod tests {
         }
     }
 
+    /// Chooses for `n` copies of `logits`, row `i` with `params[i % params.len()]`, each row
+    /// drawing from its own stream.
+    fn choose_n(logits: &[f32], params: &[SamplingParams], n: usize, seed: u64) -> Vec<(i64, f32)> {
+        let picks: Vec<Pick> = (0..n)
+            .map(|i| {
+                let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                Pick::new(&params[i % params.len()], &mut rng)
+            })
+            .collect();
+        let rows: Vec<f32> = (0..n).flat_map(|_| logits.iter().copied()).collect();
+        let t = Tensor::from_slice(&rows).view([n as i64, logits.len() as i64]);
+        choose_tokens(&t, &picks).unwrap()
+    }
+
+    fn count(chosen: &[(i64, f32)], token: i64) -> usize {
+        chosen.iter().filter(|(t, _)| *t == token).count()
+    }
+
     #[test]
     fn greedy_and_top_k_1_pick_the_argmax_with_its_logprob() {
         let logits = [0.5f32, 3.0, -1.0, 2.9];
-        let mut rng = SplitMix64::new(1);
-        let (t, lp) = choose(&logits, &params(0.0, -1, 1.0), &mut rng);
-        assert_eq!(t, 1);
+        let chosen = choose_n(&logits, &[params(0.0, -1, 1.0), params(0.7, 1, 1.0)], 2, 1);
         let norm: f64 = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
-        assert!((lp as f64 - (3.0 - norm)).abs() < 1e-6);
-        assert_eq!(choose(&logits, &params(0.7, 1, 1.0), &mut rng).0, 1);
+        for (t, lp) in chosen {
+            assert_eq!(t, 1);
+            assert!((lp as f64 - (3.0 - norm)).abs() < 1e-6);
+        }
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0f32, 4.0, 0.0, -2.0, -3.0];
-        let mut rng = SplitMix64::new(7);
-        for _ in 0..200 {
-            assert!(choose(&logits, &params(1.0, 2, 1.0), &mut rng).0 < 2);
-            // p(0) ≈ 0.72 < 0.8 <= p(0) + p(1): the nucleus is {0, 1}.
-            assert!(choose(&logits, &params(1.0, -1, 0.8), &mut rng).0 < 2);
-        }
+        // p(0) ≈ 0.72 < 0.8 <= p(0) + p(1): the nucleus is {0, 1}.
+        let chosen = choose_n(
+            &logits,
+            &[params(1.0, 2, 1.0), params(1.0, -1, 0.8)],
+            400,
+            7,
+        );
+        assert!(chosen.iter().all(|(t, _)| *t < 2));
+        assert!(count(&chosen, 1) > 40, "both kept tokens are drawn");
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
-        let logits = [0.0f32, (3.0f32).ln()];
-        let mut rng = SplitMix64::new(3);
-        let ones = (0..4000)
-            .filter(|_| choose(&logits, &params(1.0, -1, 1.0), &mut rng).0 == 1)
-            .count();
+        // p = (0.1, 0.6, 0.3); with top_k 2 the support is {1, 2} with (2/3, 1/3); at
+        // temperature 0.5 the probabilities are squared and renormalised: (1/46, 36/46, 9/46).
+        let logits = [0.1f32.ln(), 0.6f32.ln(), 0.3f32.ln()];
+        let n = 6000;
+        let plain = choose_n(&logits, &[params(1.0, -1, 1.0)], n, 3);
+        let cut = choose_n(&logits, &[params(1.0, 2, 1.0)], n, 4);
+        let cold = choose_n(&logits, &[params(0.5, 0, 1.0)], n, 5);
+        let near = |got: usize, p: f64| {
+            (got as f64 - p * n as f64).abs() < 4.0 * (p * n as f64).sqrt() + 5.0
+        };
         assert!(
-            (2800..3200).contains(&ones),
-            "{ones} of 4000, expected ~3000"
+            near(count(&plain, 0), 0.1) && near(count(&plain, 1), 0.6),
+            "plain"
         );
+        assert!(
+            count(&cut, 0) == 0 && near(count(&cut, 1), 2.0 / 3.0),
+            "top_k"
+        );
+        assert!(
+            near(count(&cold, 0), 1.0 / 46.0) && near(count(&cold, 1), 36.0 / 46.0),
+            "temperature"
+        );
+        // The returned log-probability is the model's, whatever the sampling parameters.
+        for (t, lp) in cut.iter().chain(&cold) {
+            assert!((lp - logits[*t as usize]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_row_draws_the_same_token_whatever_shares_its_batch() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
+        let mine = params(0.9, 20, 0.9);
+        let alone = choose_n(&logits, std::slice::from_ref(&mine), 1, 11)[0];
+        // The same stream as row 0 of a batch with greedy, unlimited and other truncations.
+        let crowd = choose_n(
+            &logits,
+            &[
+                mine,
+                params(0.0, -1, 1.0),
+                params(1.0, -1, 1.0),
+                params(1.3, 3, 0.5),
+            ],
+            8,
+            11,
+        );
+        assert_eq!(crowd[0], alone);
     }
 }

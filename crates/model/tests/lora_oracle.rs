@@ -44,7 +44,7 @@ fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
 }
 
 /// A one-member stack of `adapter` for direct decoder calls (f32, no gradients).
-fn stack_of(adapter: &LoraAdapter) -> AdapterStack<'_> {
+fn stack_of(adapter: &LoraAdapter) -> AdapterStack {
     AdapterStack::new(&[adapter], Kind::Float, false).unwrap()
 }
 

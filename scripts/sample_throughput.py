@@ -1,0 +1,140 @@
+"""Sampling throughput over real HTTP with the official `tinker` SDK (issue 11's CPU proxy).
+
+Starts `loraloom serve` on MODEL_DIR (default: the tiny model of `make bench`, where per-op
+overhead dominates as kernel launches do on a GPU), makes 8 adapters, then measures:
+
+  alone      one request (max_tokens 64, no early stop) at a time: generated tokens/s
+  crowd      32 concurrent requests over the 8 adapters, max_tokens 16..64: tokens/s, and its
+             ratio to `alone` (goal >= 10x)
+  n16        one request with num_samples 16 vs num_samples 1 (same prompt, max_tokens 32):
+             the time ratio (goal <= 2x) and the prefills it did (from /metrics; goal 1)
+
+Prints one JSON line per measurement.
+usage: python scripts/sample_throughput.py [MODEL_DIR] [BINARY]
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import tinker
+from tinker import types
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "tml-sample-throughput"
+ADAPTERS = 8
+CROWD = 32
+REPEATS = int(os.environ.get("BENCH_ITERS", "3"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def params(max_tokens: int) -> types.SamplingParams:
+    return types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=7, stop=[])
+
+
+def prompt(i: int) -> types.ModelInput:
+    return types.ModelInput.from_ints([(i * 37 + j * 11) % 900 + 20 for j in range(8 + i % 5)])
+
+
+def generated(res) -> int:
+    return sum(len(s.tokens) for s in res.sequences)
+
+
+def main() -> None:
+    model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "data/models/tiny64")
+    binary = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "target/release/loraloom")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    data = tempfile.mkdtemp(prefix="loraloom-sample-bench-")
+    log = open(os.path.join(data, "server.log"), "w")
+    server = subprocess.Popen(
+        [binary, "serve", "--port", str(port), "--model", model, "--data-dir", data],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/v1/healthz", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("server did not start")
+                time.sleep(0.2)
+        sc = tinker.ServiceClient(base_url=url, api_key=KEY)
+        base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+        samplers = []
+        for i in range(ADAPTERS):
+            tc = sc.create_lora_training_client(base_model=base, rank=8, seed=i).result()
+            samplers.append(tc.save_weights_and_get_sampling_client().result())
+        # Warm up every sampler (loads its weights).
+        for s in samplers:
+            s.sample(prompt(0), 1, params(4)).result()
+
+        alone_rates = []
+        for r in range(REPEATS):
+            t = time.perf_counter()
+            res = samplers[r % ADAPTERS].sample(prompt(r), 1, params(64)).result()
+            alone_rates.append(generated(res) / (time.perf_counter() - t))
+        alone = max(alone_rates)
+        print(json.dumps({"what": "sample_alone", "tokens_per_s": round(alone, 1)}))
+
+        crowd_rates = []
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            futures = [
+                samplers[i % ADAPTERS].sample(prompt(i), 1, params(16 + 16 * (i % 4)))
+                for i in range(CROWD)
+            ]
+            tokens = sum(generated(f.result()) for f in futures)
+            crowd_rates.append(tokens / (time.perf_counter() - t))
+        crowd = max(crowd_rates)
+        print(json.dumps({"what": "sample_crowd", "requests": CROWD, "adapters": ADAPTERS,
+                          "tokens_per_s": round(crowd, 1), "vs_alone": round(crowd / alone, 2)}))
+
+        times = {}
+        prefills = None
+        for n in (1, 16):
+            best = float("inf")
+            for _ in range(REPEATS):
+                before = metric(url, "loraloom_sample_prefills_total")
+                t = time.perf_counter()
+                res = samplers[0].sample(prompt(3), n, params(32)).result()
+                best = min(best, time.perf_counter() - t)
+                assert len(res.sequences) == n
+                if n == 16:
+                    prefills = metric(url, "loraloom_sample_prefills_total") - before
+            times[n] = best
+        print(json.dumps({"what": "sample_num_samples", "n1_s": round(times[1], 4),
+                          "n16_s": round(times[16], 4), "ratio": round(times[16] / times[1], 2),
+                          "prefills_n16": prefills}))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
