@@ -113,6 +113,16 @@ pub struct Decoder {
 }
 
 /// Rotary tables and the attention mask of one pass.
+/// What a pass does with the key/value cache.
+enum Cache<'a> {
+    /// Nothing (training and scoring passes).
+    None,
+    /// Collects every layer's keys and values (a prefill).
+    Fill(&'a mut Vec<(Tensor, Tensor)>),
+    /// Writes the new tokens' keys and values after the cache's window and attends over both.
+    Append(&'a KvCache),
+}
+
 struct Attend {
     /// Broadcastable to `[batch, heads, seq, head_dim]`.
     cos: Tensor,
@@ -392,7 +402,7 @@ impl Decoder {
             sin,
             mask: None,
         };
-        self.run_blocks(&ids, &ctx, lora, None)
+        self.run_blocks(&ids, &ctx, lora, Cache::None)
     }
 
     /// Runs prompts `[rows, seq]` (no padding) and returns the final hidden states
@@ -411,12 +421,12 @@ impl Decoder {
             sin,
             mask: None,
         };
-        let mut cache = KvCache {
-            layers: Vec::with_capacity(self.blocks.len()),
-            pad: vec![0; rows as usize],
-        };
-        let hidden = self.run_blocks(&ids, &ctx, lora, Some(&mut cache))?;
-        Ok((hidden, cache))
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
+        Ok((
+            hidden,
+            KvCache::from_prefill(layers, vec![0; rows as usize]),
+        ))
     }
 
     /// [`Decoder::prefill`] of prompts of different lengths in one pass: row `i` of `input_ids`
@@ -462,12 +472,9 @@ impl Decoder {
             sin: sin.f_unsqueeze(1)?,
             mask: Some(mask),
         };
-        let mut cache = KvCache {
-            layers: Vec::with_capacity(self.blocks.len()),
-            pad: pads.to_vec(),
-        };
-        let hidden = self.run_blocks(&ids, &ctx, lora, Some(&mut cache))?;
-        Ok((hidden, cache))
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
+        Ok((hidden, KvCache::from_prefill(layers, pads.to_vec())))
     }
 
     /// Appends one token per row (`ids`, one per cache row) to `cache` and returns the final
@@ -520,7 +527,9 @@ impl Decoder {
             sin: sin.f_unsqueeze(1)?,
             mask: Some(cache.key_mask(1)?),
         };
-        let hidden = self.run_blocks(&input, &ctx, lora, Some(cache))?;
+        cache.reserve(1)?;
+        let hidden = self.run_blocks(&input, &ctx, lora, Cache::Append(cache))?;
+        cache.advance(1);
         Ok(hidden.f_squeeze_dim(1)?)
     }
 
@@ -559,26 +568,25 @@ impl Decoder {
         Ok(ids)
     }
 
-    /// Embeds `ids`, runs every block (reading and extending `cache` when given) and applies the
+    /// Embeds `ids`, runs every block (filling or extending `cache` as asked) and applies the
     /// final norm.
     fn run_blocks(
         &self,
         ids: &Tensor,
         ctx: &Attend,
         lora: Option<&LoraBatch>,
-        mut cache: Option<&mut KvCache>,
+        mut cache: Cache,
     ) -> Result<Tensor> {
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let past = cache.as_deref().and_then(|c| c.layers.get(i));
+            let past = match &cache {
+                Cache::Append(c) => Some((*c, i)),
+                _ => None,
+            };
             let (out, k, v) = self.block_forward(block, i, &x, ctx, past, lora)?;
             x = out;
-            if let Some(c) = cache.as_deref_mut() {
-                if i < c.layers.len() {
-                    c.layers[i] = (k, v);
-                } else {
-                    c.layers.push((k, v));
-                }
+            if let Cache::Fill(layers) = &mut cache {
+                layers.push((k, v));
             }
         }
         self.final_norm.forward(&x)
@@ -600,7 +608,7 @@ impl Decoder {
         layer: usize,
         x: &Tensor,
         ctx: &Attend,
-        past: Option<&(Tensor, Tensor)>,
+        past: Option<(&KvCache, usize)>,
         lora: Option<&LoraBatch>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
@@ -633,7 +641,7 @@ impl Decoder {
         let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
         let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
         let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::f_cat(&[pk, &k], 2)?, Tensor::f_cat(&[pv, &v], 2)?),
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
         let attn = Tensor::f_scaled_dot_product_attention(

@@ -1,48 +1,75 @@
-//! Key/value cache of a decode batch.
+//! Key/value cache of a decode batch, preallocated: a decode step writes its token's keys and
+//! values in place, so tokens cost no reallocation and no copy of the cache.
 //!
-//! Rows are left-padded: row `i` holds valid keys in columns `pad[i]..len` of every layer's
-//! `[batch, kv_heads, len, head_dim]` tensors, so all rows append their next token in the same
-//! column and batches of different prompt lengths can be merged by padding on the left.
+//! Each layer holds `[batch, kv_heads, capacity, head_dim]` buffers; the columns in use are the
+//! window `start..start + len`. Rows are left-padded within the window: row `i` holds valid keys
+//! in window columns `pad[i]..len`, so all rows append their next token in the same column and
+//! batches of different prompt lengths can be merged by padding on the left. When the window
+//! reaches the end of the buffers they are reallocated with room for many more tokens (a
+//! geometric growth, so a sequence of `n` tokens reallocates `O(log n)` times).
 
 use tch::Tensor;
 
 use crate::error::Result;
 
+/// Fewest free columns a reallocation leaves.
+const MIN_HEADROOM: i64 = 64;
+
 /// Cached keys and values of every layer for a batch of sequences.
 pub struct KvCache {
-    /// `(keys, values)` per layer, each `[batch, kv_heads, len, head_dim]`.
+    /// `(keys, values)` buffers per layer, each `[batch, kv_heads, capacity, head_dim]`.
     pub(crate) layers: Vec<(Tensor, Tensor)>,
-    /// Leading padding columns of each row.
+    /// First column of the window in use.
+    pub(crate) start: i64,
+    /// Columns in use (the longest row's length).
+    pub(crate) len: i64,
+    /// Leading padding columns of each row, within the window.
     pub(crate) pad: Vec<i64>,
 }
 
 impl KvCache {
+    /// A cache holding the keys and values of a prefill (`[batch, kv_heads, seq, head_dim]` per
+    /// layer, no free columns yet).
+    pub(crate) fn from_prefill(layers: Vec<(Tensor, Tensor)>, pad: Vec<i64>) -> KvCache {
+        let len = layers.first().map_or(0, |(k, _)| k.size()[2]);
+        KvCache {
+            layers,
+            start: 0,
+            len,
+            pad,
+        }
+    }
+
     /// Rows in the cache.
     pub fn rows(&self) -> usize {
         self.pad.len()
     }
 
-    /// Columns (longest row's length).
+    /// Columns in use (the longest row's length).
     pub fn len(&self) -> i64 {
-        self.layers.first().map_or(0, |(k, _)| k.size()[2])
+        self.len
     }
 
     /// Whether the cache holds no columns.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Columns the buffers hold.
+    pub fn capacity(&self) -> i64 {
+        self.layers.first().map_or(0, |(k, _)| k.size()[2])
     }
 
     /// Position of the next token of each row (its number of real tokens so far).
     pub fn next_positions(&self) -> Vec<i64> {
-        let len = self.len();
-        self.pad.iter().map(|p| len - p).collect()
+        self.pad.iter().map(|p| self.len - p).collect()
     }
 
     /// Boolean mask `[batch, 1, 1, len + extra]`: which key columns each row may attend to once
     /// `extra` new columns are appended.
     pub(crate) fn key_mask(&self, extra: i64) -> Result<Tensor> {
         let device = self.layers[0].0.device();
-        let cols = Tensor::f_arange(self.len() + extra, (tch::Kind::Int64, device))?;
+        let cols = Tensor::f_arange(self.len + extra, (tch::Kind::Int64, device))?;
         let pad = Tensor::from_slice(&self.pad)
             .f_to_device(device)?
             .f_unsqueeze(1)?;
@@ -51,6 +78,44 @@ impl KvCache {
             .f_ge_tensor(&pad)?
             .f_unsqueeze(1)?
             .f_unsqueeze(1)?)
+    }
+
+    /// Makes room for `extra` more columns after the window, reallocating the buffers (window
+    /// moved to column 0, at least [`MIN_HEADROOM`] and the window's length free) only when they
+    /// lack it.
+    pub(crate) fn reserve(&mut self, extra: i64) -> Result<()> {
+        if self.start + self.len + extra <= self.capacity() {
+            return Ok(());
+        }
+        let capacity = self.len + extra.max(self.len).max(MIN_HEADROOM);
+        let (start, len) = (self.start, self.len);
+        for (k, v) in &mut self.layers {
+            *k = moved(k, start, len, 0, capacity)?;
+            *v = moved(v, start, len, 0, capacity)?;
+        }
+        self.start = 0;
+        Ok(())
+    }
+
+    /// Writes `t` new columns of keys and values (`[batch, kv_heads, t, head_dim]`) of `layer`
+    /// after the window (room must be [`KvCache::reserve`]d) and returns that layer's keys and
+    /// values over the window plus the new columns (views of the buffers). The window grows by
+    /// `t` only in [`KvCache::advance`], once every layer has written.
+    pub(crate) fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.size()[2];
+        let (kb, vb) = &self.layers[layer];
+        let at = self.start + self.len;
+        kb.f_narrow(2, at, t)?.f_copy_(k)?;
+        vb.f_narrow(2, at, t)?.f_copy_(v)?;
+        Ok((
+            kb.f_narrow(2, self.start, self.len + t)?,
+            vb.f_narrow(2, self.start, self.len + t)?,
+        ))
+    }
+
+    /// Grows the window by the `t` columns every layer [`KvCache::append`]ed.
+    pub(crate) fn advance(&mut self, t: i64) {
+        self.len += t;
     }
 
     /// Repeats row `i` `counts[i]` times, in order (`num_samples` sequences sharing one
@@ -64,7 +129,7 @@ impl KvCache {
         self.select(&rows)
     }
 
-    /// A second handle on the same tensors.
+    /// A second handle on the same buffers.
     pub fn shallow_clone(&self) -> KvCache {
         KvCache {
             layers: self
@@ -72,30 +137,25 @@ impl KvCache {
                 .iter()
                 .map(|(k, v)| (k.shallow_clone(), v.shallow_clone()))
                 .collect(),
+            start: self.start,
+            len: self.len,
             pad: self.pad.clone(),
         }
     }
 
     /// Drops the leading columns that are padding in every row (after long rows left).
-    pub fn trim_padding(&mut self) -> Result<()> {
-        let Some(&cut) = self.pad.iter().min() else {
-            return Ok(());
-        };
-        if cut == 0 {
-            return Ok(());
+    pub fn trim_padding(&mut self) {
+        let cut = self.pad.iter().copied().min().unwrap_or(0);
+        if cut > 0 {
+            self.start += cut;
+            self.len -= cut;
+            for p in &mut self.pad {
+                *p -= cut;
+            }
         }
-        let len = self.len();
-        for (k, v) in &mut self.layers {
-            *k = k.f_narrow(2, cut, len - cut)?;
-            *v = v.f_narrow(2, cut, len - cut)?;
-        }
-        for p in &mut self.pad {
-            *p -= cut;
-        }
-        Ok(())
     }
 
-    /// Keeps only `rows`, in that order.
+    /// Keeps only `rows`, in that order (new buffers of the same capacity).
     pub fn select(&self, rows: &[i64]) -> Result<KvCache> {
         let device = self.layers[0].0.device();
         let index = Tensor::from_slice(rows).f_to_device(device)?;
@@ -105,38 +165,60 @@ impl KvCache {
             .map(|(k, v)| Ok((k.f_index_select(0, &index)?, v.f_index_select(0, &index)?)))
             .collect::<Result<_>>()?;
         let pad = rows.iter().map(|&r| self.pad[r as usize]).collect();
-        Ok(KvCache { layers, pad })
+        Ok(KvCache {
+            layers,
+            start: self.start,
+            len: self.len,
+            pad,
+        })
     }
 
-    /// Stacks caches row-wise, left-padding the shorter ones.
+    /// Stacks caches row-wise into new buffers, left-padding the shorter windows.
     pub fn concat(caches: Vec<KvCache>) -> Result<KvCache> {
-        let len = caches.iter().map(KvCache::len).max().unwrap_or(0);
+        let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
+        let capacity = caches
+            .iter()
+            .map(|c| c.capacity() - c.start - c.len)
+            .max()
+            .unwrap_or(0)
+            .max(0)
+            + len;
         let num_layers = caches.first().map_or(0, |c| c.layers.len());
         let mut pad = Vec::new();
         let mut per_layer: Vec<(Vec<Tensor>, Vec<Tensor>)> =
             (0..num_layers).map(|_| (Vec::new(), Vec::new())).collect();
-        for cache in caches {
-            let extra = len - cache.len();
+        for cache in &caches {
+            let extra = len - cache.len;
             pad.extend(cache.pad.iter().map(|p| p + extra));
-            for (i, (k, v)) in cache.layers.into_iter().enumerate() {
-                per_layer[i].0.push(left_pad(k, extra)?);
-                per_layer[i].1.push(left_pad(v, extra)?);
+            for (i, (k, v)) in cache.layers.iter().enumerate() {
+                per_layer[i]
+                    .0
+                    .push(moved(k, cache.start, cache.len, extra, capacity)?);
+                per_layer[i]
+                    .1
+                    .push(moved(v, cache.start, cache.len, extra, capacity)?);
             }
         }
         let layers = per_layer
             .into_iter()
             .map(|(ks, vs)| Ok((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?)))
             .collect::<Result<_>>()?;
-        Ok(KvCache { layers, pad })
+        Ok(KvCache {
+            layers,
+            start: 0,
+            len,
+            pad,
+        })
     }
 }
 
-fn left_pad(t: Tensor, extra: i64) -> Result<Tensor> {
-    if extra == 0 {
-        return Ok(t);
-    }
+/// A buffer of `capacity` columns holding `t`'s columns `start..start + len` at column `at`
+/// (zeros elsewhere).
+fn moved(t: &Tensor, start: i64, len: i64, at: i64, capacity: i64) -> Result<Tensor> {
     let mut shape = t.size();
-    shape[2] = extra;
-    let zeros = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
-    Ok(Tensor::f_cat(&[zeros, t], 2)?)
+    shape[2] = capacity;
+    let out = Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?;
+    out.f_narrow(2, at, len)?
+        .f_copy_(&t.f_narrow(2, start, len)?)?;
+    Ok(out)
 }

@@ -553,7 +553,7 @@ impl Generation {
         let mut cache = self.cache.take().expect("live rows have a cache");
         if keep.len() < total {
             cache = cache.select(&keep)?;
-            cache.trim_padding()?;
+            cache.trim_padding();
             self.compact_stacks()?;
         }
         let assignment: Vec<_> = self

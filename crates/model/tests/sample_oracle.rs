@@ -452,3 +452,52 @@ fn stop_tokens_end_sequences_and_limits_are_checked_first() {
     p.stop = Stop::Strings(vec!["x".into()]);
     assert!(err(p, vec![1]).contains("tokenizer"));
 }
+
+/// Sampled tokens' logprobs equal one forward pass (no cache) over the prompt and the sampled
+/// tokens. 110 tokens outgrow the cache's first allocation (window + 64 free columns), so its
+/// reallocation, and rows of one request leaving at different steps, are covered too.
+#[test]
+fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
+    let (_dir, decoder) = tiny_llama("forward-check");
+    let adapter = &adapters(&decoder, 1)[0];
+    let prompt = vec![11, 12, 13, 14, 15];
+    let request = SampleRequest {
+        adapter: Some(adapter),
+        prompt: prompt.clone(),
+        num_samples: 3,
+        params: SamplingParams {
+            max_tokens: 110,
+            temperature: 1.0,
+            seed: Some(5),
+            // Stops end the samples at different steps.
+            stop: Stop::Tokens(vec![7, 8]),
+            ..SamplingParams::default()
+        },
+        prompt_logprobs: false,
+    };
+    let out = sample(&decoder, &[request], None).unwrap().remove(0);
+    assert!(
+        out.sequences.iter().any(|s| s.tokens.len() > 70),
+        "long enough to grow the cache"
+    );
+    let stack = loraloom_model::AdapterStack::new(&[adapter], Kind::Float, false).unwrap();
+    for seq in &out.sequences {
+        let mut ids = prompt.clone();
+        ids.extend(&seq.tokens);
+        let input = tch::Tensor::from_slice(&ids).view([1, -1]);
+        let lora = loraloom_model::LoraBatch::one(&stack, 0, 1).unwrap();
+        let logits = tch::no_grad(|| decoder.forward(&input, Some(&lora)).unwrap()).get(0);
+        let lp = logits.log_softmax(-1, Kind::Float);
+        let want: Vec<f32> = seq
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| lp.double_value(&[(prompt.len() + i - 1) as i64, t]) as f32)
+            .collect();
+        assert!(
+            close(&seq.logprobs, &want, 1e-4),
+            "{:?} vs {want:?}",
+            seq.logprobs
+        );
+    }
+}
