@@ -56,3 +56,8 @@ n = one("sample_num_samples")
 if n:
     print(f"| HTTP sampling, num_samples 16 vs 1 (tiny64 model, 32 tokens) | {n['n16_s'] * 1e3:.0f} ms, "
           f"{n['prefills_n16']:.0f} prefill | {n['n1_s'] * 1e3:.0f} ms | {n['ratio']:.2f}x the time (goal <= 2x) |")
+b = one("sample_behind_long")
+if b:
+    print(f"| HTTP sampling, 8 short requests (16 tokens) sent while a 512-token one decodes (tiny64 model), mean latency | "
+          f"{b['short_behind_long_s'] * 1e3:.0f} ms | one short request alone {b['short_alone_s'] * 1e3:.0f} ms "
+          f"(the long one's remaining time: {b['long_rest_s'] * 1e3:.0f} ms) | {b['ratio']:.2f}x |")

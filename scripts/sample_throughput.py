@@ -8,6 +8,9 @@ overhead dominates as kernel launches do on a GPU), makes 8 adapters, then measu
              ratio to `alone` (goal >= 10x)
   n16        one request with num_samples 16 vs num_samples 1 (same prompt, max_tokens 32):
              the time ratio (goal <= 2x) and the prefills it did (from /metrics; goal 1)
+  behind     8 short requests (16 tokens) sent just after a long one (512 tokens) started: their
+             mean latency against one short request alone (continuous batching: near 1x;
+             a batch that runs to its longest sequence: the long request's duration)
 
 Prints one JSON line per measurement.
 usage: python scripts/sample_throughput.py [MODEL_DIR] [BINARY]
@@ -57,6 +60,12 @@ def prompt(i: int) -> types.ModelInput:
 
 def generated(res) -> int:
     return sum(len(s.tokens) for s in res.sequences)
+
+
+def timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -127,6 +136,27 @@ def main() -> None:
         print(json.dumps({"what": "sample_num_samples", "n1_s": round(times[1], 4),
                           "n16_s": round(times[16], 4), "ratio": round(times[16] / times[1], 2),
                           "prefills_n16": prefills}))
+        short_alone = min(timed(lambda: samplers[1].sample(prompt(5), 1, params(16)).result())
+                          for _ in range(REPEATS))
+        behind = []
+        for _ in range(REPEATS):
+            long = samplers[0].sample(prompt(1), 1, params(512))
+            time.sleep(0.05)
+            t = time.perf_counter()
+            shorts = [samplers[1 + i % 7].sample(prompt(i), 1, params(16)) for i in range(8)]
+            done = []
+            for f in shorts:
+                f.result()
+                done.append(time.perf_counter() - t)
+            long_s = time.perf_counter() - t
+            long.result()
+            long_s = max(long_s, time.perf_counter() - t)
+            behind.append((sum(done) / len(done), long_s))
+        mean_short = min(b[0] for b in behind)
+        print(json.dumps({"what": "sample_behind_long", "short_alone_s": round(short_alone, 4),
+                          "short_behind_long_s": round(mean_short, 4),
+                          "long_rest_s": round(min(b[1] for b in behind), 4),
+                          "ratio": round(mean_short / short_alone, 2)}))
     finally:
         server.terminate()
         try:
