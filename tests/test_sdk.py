@@ -154,3 +154,35 @@ def test_two_tenants_train_concurrently_and_cannot_see_each_other(keyed_server, 
     r = requests.post(keyed_server.url + "/api/v1/weights_info", json={"tinker_path": a_path},
                       headers={"X-API-Key": ALICE})
     assert r.status_code == 404
+
+
+def metric(server, name):
+    text = requests.get(server.url + "/metrics").text
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + " "))
+
+
+def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_finish(server):
+    """num_samples completions share their prompt's prefill (counted); requests sent together,
+    of different lengths, each finish with exactly what they asked for; a seeded request draws
+    the same tokens alone and among them."""
+    sc = tinker.ServiceClient(base_url=server.url, api_key="tml-anyone")
+    sampler = sc.create_sampling_client(base_model=MODEL_NAME)
+    prompt = types.ModelInput.from_ints([1, 504, 3437, 314, 260])
+    seeded = types.SamplingParams(max_tokens=6, temperature=1.0, seed=42, stop=[])
+    before = metric(server, "loraloom_sample_prefills_total")
+    res = sampler.sample(prompt, num_samples=4, sampling_params=seeded).result()
+    assert metric(server, "loraloom_sample_prefills_total") - before == 1
+    assert len(res.sequences) == 4 and all(len(s.tokens) == 6 for s in res.sequences)
+    alone = res.sequences[0].tokens
+    futures = [
+        sampler.sample(prompt, num_samples=1,
+                       sampling_params=types.SamplingParams(max_tokens=2 + 3 * i, temperature=0.8, stop=[]))
+        for i in range(5)
+    ]
+    crowded = sampler.sample(prompt, num_samples=1, sampling_params=seeded)
+    for i, f in enumerate(futures):
+        assert len(f.result().sequences[0].tokens) == 2 + 3 * i
+    assert crowded.result().sequences[0].tokens == alone
+    stats = requests.get(server.url + "/api/model-stats", headers={"X-API-Key": "tml-anyone"}).json()["sampling"]
+    assert stats["prefills"] >= 7 and stats["decode_tokens"] >= stats["decode_steps"] > 0
+    assert stats["mean_time_to_first_token_s"] > 0
