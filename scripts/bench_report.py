@@ -39,6 +39,12 @@ d1, d8 = one("decode", sequences=8, adapters=1), one("decode", sequences=8, adap
 if d1 and d8:
     print(f"| decode 8 adapters vs 8 sequences of 1 adapter | {d8['tokens_per_s']:.0f} | {d1['tokens_per_s']:.0f} | "
           f"{d8['tokens_per_s'] / d1['tokens_per_s']:.2f}x |")
+for e in by.get("decode", []):
+    if e.get("interleaved") and d1:
+        model = e.get("model", "default")
+        print(f"| decode ({model} model) {e['sequences']} sequences, one request each over {e['adapters']} adapters "
+              f"(mixed rows) tokens/s | {e['tokens_per_s']:.0f} | 8 sequences of 1 adapter {d1['tokens_per_s']:.0f} | "
+              f"{e['tokens_per_s'] / d1['tokens_per_s']:.2f}x |")
 for e in by.get("engine", []):
     model = e.get("model", "default")
     print(f"| engine ({model} model) {e['tenants']} tenants x (fb 1x{e['len']} + optim) tokens/s | {e['loraloom_tokens_per_s']:.0f} | "

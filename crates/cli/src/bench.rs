@@ -136,13 +136,17 @@ pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyho
     Ok(())
 }
 
-/// Greedy decode of `sequences` sequences over `adapters` adapters (0 = base model).
+/// Greedy decode of `sequences` sequences over `adapters` adapters (0 = base model): one
+/// request per adapter with its share of the sequences as `num_samples` or, `interleaved`, one
+/// request per sequence, sequence `i` on adapter `i % adapters` (rows of mixed adapters, as
+/// concurrent users make them).
 pub fn decode(
     decoder: &Decoder,
     sequences: usize,
     adapters: usize,
     new_tokens: i64,
     iters: usize,
+    interleaved: bool,
 ) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
@@ -156,6 +160,15 @@ pub fn decode(
         ..SamplingParams::default()
     };
     let requests: Vec<SampleRequest> = match sequences.checked_div(adapters) {
+        Some(_) if interleaved => (0..sequences)
+            .map(|i| SampleRequest {
+                adapter: Some(&owned[i % adapters]),
+                prompt: prompt.clone(),
+                num_samples: 1,
+                params: params.clone(),
+                prompt_logprobs: false,
+            })
+            .collect(),
         None => vec![SampleRequest {
             adapter: None,
             prompt: prompt.clone(),
@@ -181,8 +194,8 @@ pub fn decode(
     let tokens = sequences as f64 * new_tokens as f64;
     emit(
         "decode",
-        json!({"sequences": sequences, "adapters": adapters, "new_tokens": new_tokens, "seconds": secs,
-               "tokens_per_s": tokens / secs}),
+        json!({"sequences": sequences, "adapters": adapters, "interleaved": interleaved,
+               "new_tokens": new_tokens, "seconds": secs, "tokens_per_s": tokens / secs}),
     );
     Ok(())
 }

@@ -78,10 +78,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
             "train" => bench::isolated(move || bench::train(&d, 4, 128, iters))?,
             "decode" => bench::isolated(move || {
-                bench::decode(&d, 1, 0, 32, iters)?;
-                bench::decode(&d, 8, 1, 32, iters)?;
-                bench::decode(&d, 8, 8, 32, iters)?;
-                bench::decode(&d, 32, 8, 32, iters)
+                bench::decode(&d, 1, 0, 32, iters, false)?;
+                bench::decode(&d, 8, 1, 32, iters, false)?;
+                bench::decode(&d, 8, 8, 32, iters, false)?;
+                bench::decode(&d, 32, 8, 32, iters, true)
             })?,
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "engine" => {

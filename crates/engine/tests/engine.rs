@@ -59,6 +59,18 @@ fn key(tenant: &str, id: &str) -> ModelKey {
     }
 }
 
+/// One successful optimizer step per job (what the fake backends answer).
+fn stepped(jobs: &[Job]) -> Vec<Result<Output>> {
+    jobs.iter()
+        .map(|_| {
+            Ok(Output::OptimStep(StepStats {
+                grad_norm: 0.0,
+                step: 1,
+            }))
+        })
+        .collect()
+}
+
 /// A backend that only records batch sizes; `poison` jobs (beta1 == 0.5) panic the batch.
 struct Fake {
     batches: Arc<Mutex<Vec<usize>>>,
@@ -73,14 +85,7 @@ impl Backend for Fake {
             panic!("poisoned batch");
         }
         self.batches.lock().unwrap().push(jobs.len());
-        jobs.iter()
-            .map(|_| {
-                Ok(Output::OptimStep(StepStats {
-                    grad_norm: 0.0,
-                    step: 1,
-                }))
-            })
-            .collect()
+        stepped(jobs)
     }
 }
 
@@ -683,14 +688,7 @@ impl Backend for FakeDecoder {
             .lock()
             .unwrap()
             .push((jobs[0].work.name().into(), ids));
-        jobs.iter()
-            .map(|_| {
-                Ok(Output::OptimStep(StepStats {
-                    grad_norm: 0.0,
-                    step: 1,
-                }))
-            })
-            .collect()
+        stepped(jobs)
     }
 
     fn admit(&mut self, jobs: &[Job]) -> loraloom_engine::Admitted {

@@ -352,6 +352,10 @@ pub struct AdapterStack {
     /// `[K, numel]` in the compute dtype; `pairs` are views of it.
     buffer: Tensor,
     pairs: Vec<(Tensor, Tensor)>,
+    /// Stacks that are not trainable: per adapted layer, every member's `A` side by side,
+    /// transposed (`[in, K·R]`), and every member's `B` stacked (`[K·R, out]`), contiguous, for
+    /// rows of mixed members ([`LoraBatch`]'s dense mode: two matmuls per layer, no gather).
+    dense: Vec<(Tensor, Tensor)>,
 }
 
 impl AdapterStack {
@@ -380,6 +384,7 @@ impl AdapterStack {
             scale_t: Tensor::new(),
             buffer,
             pairs: Vec::new(),
+            dense: Vec::new(),
         };
         stack.rebuild_views()?;
         Ok(stack)
@@ -408,6 +413,21 @@ impl AdapterStack {
             });
         }
         self.pairs = pairs;
+        self.dense = if self.trainable {
+            Vec::new()
+        } else {
+            self.pairs
+                .iter()
+                .map(|(a, b)| {
+                    let a_t = a.f_reshape([k * r, -1])?.f_tr()?.f_contiguous()?;
+                    let b_s = b
+                        .f_permute([0, 2, 1])?
+                        .f_reshape([k * r, -1])?
+                        .f_contiguous()?;
+                    Ok((a_t, b_s))
+                })
+                .collect::<Result<_>>()?
+        };
         self.slots_t = Tensor::from_slice(&self.slots).f_to_device(device)?;
         self.scale_t = Tensor::from_slice(&self.scales)
             .f_to_kind(self.kind)?
@@ -507,6 +527,13 @@ impl AdapterStack {
             .layout()
             .entry(layer, target)
             .map(|(i, _)| &self.pairs[i])
+    }
+
+    fn dense_pair(&self, layer: Option<usize>, target: Target) -> Option<&(Tensor, Tensor)> {
+        self.slab
+            .layout()
+            .entry(layer, target)
+            .and_then(|(i, _)| self.dense.get(i))
     }
 
     /// The autograd leaves (`A`, then `B`, of each adapted layer in row order).
@@ -623,6 +650,12 @@ enum Members {
     Blocks(i64),
     /// Row `i` uses member `index[i]`; `scale` is `[rows, 1, 1]`.
     Gather { index: Tensor, scale: Tensor },
+    /// Stacks that are not trainable, rows of mixed members: every row goes through every
+    /// member's `A` at once (`[rows, K·R]`), `mask` (`[rows, 1, K·R]`) keeps the row's own
+    /// member's block times its scale, and every member's `B` at once maps that back. The
+    /// products with other members' blocks are zeros: wasted arithmetic, `K` times the LoRA
+    /// part, which is small beside the base layer, instead of a per-row copy of `A` and `B`.
+    Dense { mask: Tensor },
 }
 
 /// The rows of a batch that use one stack.
@@ -680,6 +713,18 @@ impl<'a> LoraBatch<'a> {
                     .all(|(i, &m)| m == i as i64 / (n / k))
             {
                 Members::Blocks(n / k)
+            } else if !stack.trainable {
+                let r = stack.slab.layout().key.rank as usize;
+                let mut mask = vec![0f32; members.len() * k as usize * r];
+                for (i, &m) in members.iter().enumerate() {
+                    let start = (i * k as usize + m as usize) * r;
+                    mask[start..start + r].fill(stack.scales[m as usize] as f32);
+                }
+                let mask = Tensor::from_slice(&mask)
+                    .f_view([n, 1, k * r as i64])?
+                    .f_to_kind(stack.kind)?
+                    .f_to_device(device)?;
+                Members::Dense { mask }
             } else {
                 let index = Tensor::from_slice(&members).f_to_device(device)?;
                 let scale = stack.scale_t.f_index_select(0, &index)?;
@@ -756,6 +801,13 @@ impl<'a> LoraBatch<'a> {
                     .f_bmm(&a.f_index_select(0, index)?.f_transpose(1, 2)?)?
                     .f_mul(scale)?
                     .f_bmm(&b.f_index_select(0, index)?.f_transpose(1, 2)?)?,
+                Members::Dense { mask } => {
+                    let (a_t, b_s) = part
+                        .stack
+                        .dense_pair(layer, target)
+                        .expect("a stack that is not trainable has dense pairs");
+                    xs.f_matmul(a_t)?.f_mul(mask)?.f_matmul(b_s)?
+                }
             };
             let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };
             out = match &part.rows {
