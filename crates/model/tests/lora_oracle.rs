@@ -675,3 +675,55 @@ fn bad_training_inputs_are_named_errors() {
         .contains("beta2"));
     assert_eq!(opt.step, 0, "a rejected step changes nothing");
 }
+
+/// Rows of mixed members of a stack that is not trainable (decode, `forward`) go through every
+/// member's `A` and `B` at once under a mask; each row's logits must equal that row alone with
+/// its own adapter. f32; the masked products add exact zeros, so only summation order differs.
+#[test]
+fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
+    let (_dir, decoder) = tiny_llama("dense");
+    let cfg = decoder.config();
+    let adapters: Vec<LoraAdapter> = (0..3)
+        .map(|i| {
+            // Ranks 3, 4, 4: one slab of bucket rank 4 (rank 3 padded).
+            let a = LoraAdapter::new(spec(3 + i.min(1), 40 + i as u64), cfg, Device::Cpu).unwrap();
+            perturb(&a, 60 + i, 0.1);
+            a
+        })
+        .collect();
+    let refs: Vec<&LoraAdapter> = adapters.iter().collect();
+    let stack = AdapterStack::new(&refs, Kind::Float, false).unwrap();
+    let members = [2i64, 0, 1, 1, 0, 2];
+    let ids =
+        Tensor::from_slice(&[5i64, 9, 2, 7, 1, 3, 3, 8, 4, 6, 2, 2, 9, 1, 5, 4, 7, 7]).view([6, 3]);
+    let assignment: Vec<_> = members.iter().map(|&m| Some((&stack, m))).collect();
+    let mixed = tch::no_grad(|| {
+        decoder
+            .forward(&ids, Some(&LoraBatch::new(&assignment).unwrap()))
+            .unwrap()
+    });
+    for (row, &m) in members.iter().enumerate() {
+        let own = AdapterStack::new(&[&adapters[m as usize]], Kind::Float, false).unwrap();
+        let alone = tch::no_grad(|| {
+            decoder
+                .forward(
+                    &ids.narrow(0, row as i64, 1),
+                    Some(&LoraBatch::one(&own, 0, 1).unwrap()),
+                )
+                .unwrap()
+        });
+        let err = rel_diff(&mixed.narrow(0, row as i64, 1), &alone);
+        assert!(err < 1e-5, "row {row} (member {m}): relative error {err}");
+    }
+    // And the adapters matter: a row with another member's adapter differs.
+    let other = AdapterStack::new(&[&adapters[0]], Kind::Float, false).unwrap();
+    let wrong = tch::no_grad(|| {
+        decoder
+            .forward(
+                &ids.narrow(0, 0, 1),
+                Some(&LoraBatch::one(&other, 0, 1).unwrap()),
+            )
+            .unwrap()
+    });
+    assert!(rel_diff(&mixed.narrow(0, 0, 1), &wrong) > 1e-3);
+}
