@@ -741,7 +741,7 @@ impl ModelWorker {
             Ok(report) => {
                 let id = |tag: &RequestTag| d.jobs.get(tag).cloned().unwrap_or_default();
                 let first_tokens = report.first_tokens.iter().map(id).collect();
-                let finished = report
+                let mut finished: Vec<(RequestId, Result<Output>)> = report
                     .finished
                     .into_iter()
                     .map(|(tag, out)| {
@@ -749,6 +749,10 @@ impl ModelWorker {
                         (job, Ok(Output::Sample(out)))
                     })
                     .collect();
+                for (tag, e) in report.failed {
+                    let job = d.jobs.remove(&tag).unwrap_or_default();
+                    finished.push((job, Err(e.into())));
+                }
                 DecodeStep {
                     finished,
                     first_tokens,

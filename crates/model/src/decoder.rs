@@ -533,6 +533,69 @@ impl Decoder {
         Ok(hidden.f_squeeze_dim(1)?)
     }
 
+    /// Appends `ids` (several tokens of the cache's single row: the next chunk of a long
+    /// prompt) to `cache` and returns their final hidden states `[1, ids.len(), hidden]`. Each
+    /// new token attends to the cached ones and causally to the chunk.
+    pub fn extend(
+        &self,
+        ids: &[i64],
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        if cache.rows() != 1 || ids.is_empty() {
+            return Err(ModelError::invalid(
+                "ids",
+                "extending needs a cache of one row and at least one token",
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!("token ids must lie in [0, {vocab}), found {bad}"),
+            ));
+        }
+        if let Some(batch) = lora {
+            batch.check_rows(1)?;
+        }
+        let t = ids.len() as i64;
+        let start = cache.next_positions()[0];
+        if start + t > self.config.max_position_embeddings {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!(
+                    "sequence of {} tokens exceeds the model's context of {}",
+                    start + t,
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let device = self.device;
+        let input = Tensor::from_slice(ids)
+            .f_view([1, t])?
+            .f_to_device(device)?;
+        let positions =
+            Tensor::f_arange_start(start, start + t, (Kind::Int64, device))?.f_unsqueeze(0)?;
+        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
+        // [1, 1, t, len + t]: past columns from the row's first real one, then causal.
+        let len = cache.len();
+        let key = Tensor::f_arange(len + t, (Kind::Int64, device))?.f_view([1, len + t])?;
+        let query = Tensor::f_arange_start(len, len + t, (Kind::Int64, device))?.f_view([t, 1])?;
+        let mask = key
+            .f_le_tensor(&query)?
+            .f_logical_and(&key.f_ge(cache.pad[0])?)?
+            .f_view([1, 1, t, len + t])?;
+        let ctx = Attend {
+            cos: cos.f_unsqueeze(1)?,
+            sin: sin.f_unsqueeze(1)?,
+            mask: Some(mask),
+        };
+        cache.reserve(t)?;
+        let hidden = self.run_blocks(&input, &ctx, lora, Cache::Append(cache))?;
+        cache.advance(t);
+        Ok(hidden)
+    }
+
     fn checked_ids(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
         let size = input_ids.size();
         if size.len() != 2 {

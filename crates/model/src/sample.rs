@@ -8,7 +8,7 @@
 //! per-sequence random stream derived from `(seed, sample index)`, so results do not depend on
 //! which other sequences share the batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use tch::{Kind, Tensor};
 
@@ -221,6 +221,8 @@ pub struct StepReport {
     pub first_tokens: Vec<RequestTag>,
     /// Tokens chosen this step (one per live sequence).
     pub tokens: usize,
+    /// Requests whose long prompt failed to prefill (only they fail).
+    pub failed: Vec<(RequestTag, ModelError)>,
 }
 
 /// A decode loop that requests join and leave at token boundaries (continuous batching).
@@ -229,7 +231,10 @@ pub struct StepReport {
 /// prefill: the cache rows are repeated) and adds its sequences to the batch;
 /// [`Generation::step`] chooses the next token of every live sequence, retires the sequences
 /// that stopped (a request finishes with its last sequence) and runs one decode step for the
-/// rest, each row with its own adapter. Adapters are gathered into owned [`AdapterStack`]s when
+/// rest, each row with its own adapter. A prompt longer than the prefill chunk
+/// ([`PREFILL_CHUNK`] tokens by default) is prefilled one chunk per step, the first in line,
+/// while the batch goes on decoding, and joins when it is complete. Adapters are gathered into
+/// owned [`AdapterStack`]s when
 /// their first request joins, so the caller need not keep them borrowed between steps. Token
 /// choice uses a per-sequence random stream derived from `(seed, sample index)`, so what a
 /// sequence draws does not depend on what else shares the batch.
@@ -243,7 +248,38 @@ pub struct Generation {
     /// Next-token logits `[rows, vocab]` of `rows`.
     logits: Option<Tensor>,
     prefills: u64,
+    /// Requests whose prompt is longer than `prefill_chunk`, prefilled one chunk per step (the
+    /// first one in line) before they join, so a long prompt never stalls the loop for more than
+    /// one chunk.
+    prefilling: VecDeque<Prefilling>,
+    prefill_chunk: usize,
 }
+
+/// A request whose long prompt is being prefilled chunk by chunk.
+struct Prefilling {
+    tag: RequestTag,
+    params: SamplingParams,
+    num_samples: i64,
+    prompt: Vec<i64>,
+    member: Option<(usize, i64)>,
+    /// Prompt tokens prefilled so far, and their cache.
+    done: usize,
+    cache: Option<KvCache>,
+    /// Prompt logprobs so far (`[None]` for the first token), when asked.
+    prompt_logprobs: Option<Vec<Option<f32>>>,
+}
+
+/// A request whose prompt is prefilled, about to join the batch.
+struct Joining {
+    tag: RequestTag,
+    params: SamplingParams,
+    num_samples: i64,
+    member: Option<(usize, i64)>,
+    prompt_logprobs: Option<Vec<Option<f32>>>,
+}
+
+/// Default [`Generation::with_prefill_chunk`]: prompts up to this long are prefilled in one pass.
+pub const PREFILL_CHUNK: usize = 512;
 
 impl Generation {
     /// An empty loop computing adapters in `kind` (the decoder's dtype).
@@ -256,17 +292,25 @@ impl Generation {
             cache: None,
             logits: None,
             prefills: 0,
+            prefilling: VecDeque::new(),
+            prefill_chunk: PREFILL_CHUNK,
         }
+    }
+
+    /// Prefills prompts longer than `tokens` in chunks of `tokens`, one chunk per step.
+    pub fn with_prefill_chunk(mut self, tokens: usize) -> Self {
+        self.prefill_chunk = tokens.max(1);
+        self
     }
 
     /// Whether no request is in progress.
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.live.is_empty() && self.prefilling.is_empty()
     }
 
-    /// Requests in progress.
+    /// Requests in progress (decoding or still prefilling).
     pub fn requests(&self) -> usize {
-        self.live.len()
+        self.live.len() + self.prefilling.len()
     }
 
     /// Live sequences (rows of the decode batch).
@@ -314,8 +358,30 @@ impl Generation {
                 ));
             }
         }
+        // Long prompts are prefilled a chunk per step; the others together, now.
+        for (i, (tag, r)) in requests.iter().enumerate() {
+            if results[i].is_err() || r.prompt.len() <= self.prefill_chunk {
+                continue;
+            }
+            results[i] = r
+                .adapter
+                .map(|a| self.member_of(a))
+                .transpose()
+                .map(|member| {
+                    self.prefilling.push_back(Prefilling {
+                        tag: *tag,
+                        params: r.params.clone(),
+                        num_samples: r.num_samples,
+                        prompt: r.prompt.clone(),
+                        member,
+                        done: 0,
+                        cache: None,
+                        prompt_logprobs: r.prompt_logprobs.then(|| vec![None]),
+                    });
+                });
+        }
         let valid: Vec<usize> = (0..requests.len())
-            .filter(|&i| results[i].is_ok())
+            .filter(|&i| results[i].is_ok() && requests[i].1.prompt.len() <= self.prefill_chunk)
             .collect();
         if valid.is_empty() {
             return results;
@@ -351,7 +417,7 @@ impl Generation {
                 "stop strings need the model's tokenizer",
             ));
         }
-        if self.live.contains_key(&tag) {
+        if self.live.contains_key(&tag) || self.prefilling.iter().any(|p| p.tag == tag) {
             return Err(ModelError::invalid(
                 "tag",
                 format!("request {tag} is already live"),
@@ -421,7 +487,25 @@ impl Generation {
         }
         let last = hidden.f_select(1, seq - 1)?;
         let logits = decoder.logits(&last, Some(&lora))?;
-        let counts: Vec<i64> = requests.iter().map(|(_, r)| r.num_samples).collect();
+        let joining = requests
+            .iter()
+            .zip(members.into_iter().zip(prompt_lps))
+            .map(|((tag, r), (member, prompt_logprobs))| Joining {
+                tag: *tag,
+                params: r.params.clone(),
+                num_samples: r.num_samples,
+                member,
+                prompt_logprobs,
+            })
+            .collect();
+        self.join(cache, logits, joining)
+    }
+
+    /// Adds prefilled requests to the batch: `cache` and `logits` (`[requests, vocab]`, each
+    /// request's last prompt position) hold one row per request, repeated here for its
+    /// `num_samples` sequences. On error the batch is unchanged.
+    fn join(&mut self, cache: KvCache, logits: Tensor, joining: Vec<Joining>) -> Result<()> {
+        let counts: Vec<i64> = joining.iter().map(|j| j.num_samples).collect();
         let cache = cache.repeat_rows(&counts)?;
         let repeat: Vec<i64> = counts
             .iter()
@@ -442,14 +526,12 @@ impl Generation {
         };
         self.cache = Some(cache);
         self.logits = Some(logits);
-        for ((tag, r), (member, prompt_lp)) in
-            requests.iter().zip(members.into_iter().zip(prompt_lps))
-        {
+        for j in joining {
             self.prefills += 1;
-            let seed = r.params.seed.unwrap_or_else(random_seed);
-            for s in 0..r.num_samples as usize {
+            let seed = j.params.seed.unwrap_or_else(random_seed);
+            for s in 0..j.num_samples as usize {
                 self.rows.push(Row {
-                    request: *tag,
+                    request: j.tag,
                     sample: s,
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
@@ -457,18 +539,88 @@ impl Generation {
                 });
             }
             self.live.insert(
-                *tag,
+                j.tag,
                 Live {
-                    params: r.params.clone(),
-                    member,
-                    sequences: vec![None; r.num_samples as usize],
-                    unfinished: r.num_samples as usize,
-                    prompt_logprobs: prompt_lp,
+                    sequences: vec![None; j.num_samples as usize],
+                    unfinished: j.num_samples as usize,
+                    params: j.params,
+                    member: j.member,
+                    prompt_logprobs: j.prompt_logprobs,
                     started: false,
                 },
             );
         }
         Ok(())
+    }
+
+    /// Prefills the next chunk of the first long prompt in line; a prompt done joins the batch.
+    /// A failure fails that request only (returned).
+    fn advance_prefill(&mut self, decoder: &Decoder) -> Option<(RequestTag, ModelError)> {
+        let mut p = self.prefilling.pop_front()?;
+        match self.prefill_chunk_of(decoder, &mut p) {
+            Ok(None) => {
+                self.prefilling.push_front(p);
+                None
+            }
+            Ok(Some((cache, logits))) => {
+                let joining = Joining {
+                    tag: p.tag,
+                    params: p.params,
+                    num_samples: p.num_samples,
+                    member: p.member,
+                    prompt_logprobs: p.prompt_logprobs,
+                };
+                self.join(cache, logits, vec![joining])
+                    .err()
+                    .map(|e| (p.tag, e))
+            }
+            Err(e) => Some((p.tag, e)),
+        }
+    }
+
+    /// One chunk of `p`'s prompt; when it was the last, the cache and the last position's logits.
+    fn prefill_chunk_of(
+        &self,
+        decoder: &Decoder,
+        p: &mut Prefilling,
+    ) -> Result<Option<(KvCache, Tensor)>> {
+        let len = p.prompt.len();
+        let end = (p.done + self.prefill_chunk).min(len);
+        let ids = &p.prompt[p.done..end];
+        let lora = p
+            .member
+            .map(|(s, m)| LoraBatch::one(&self.stacks[s], m, 1))
+            .transpose()?;
+        let hidden = match &mut p.cache {
+            None => {
+                let input = Tensor::from_slice(ids).f_view([1, -1])?;
+                let (hidden, cache) = decoder.prefill(&input, lora.as_ref())?;
+                p.cache = Some(cache);
+                hidden
+            }
+            Some(cache) => decoder.extend(ids, cache, lora.as_ref())?,
+        };
+        if let Some(lps) = &mut p.prompt_logprobs {
+            // Position i of the chunk predicts prompt token done + i + 1.
+            let targets = &p.prompt[p.done + 1..(end + 1).min(len)];
+            if !targets.is_empty() {
+                let own = hidden.f_narrow(1, 0, targets.len() as i64)?;
+                let logits = decoder.logits(&own, lora.as_ref())?.f_get(0)?;
+                let lp = crate::loss::target_logprobs(&logits, targets)?;
+                lps.extend(
+                    Vec::<f32>::try_from(&lp.f_to_device(tch::Device::Cpu)?)?
+                        .into_iter()
+                        .map(Some),
+                );
+            }
+        }
+        p.done = end;
+        if end < len {
+            return Ok(None);
+        }
+        let last = hidden.f_select(1, ids.len() as i64 - 1)?;
+        let logits = decoder.logits(&last, lora.as_ref())?;
+        Ok(Some((p.cache.take().expect("prefilled"), logits)))
     }
 
     /// Chooses the next token of every live sequence, retires those that stopped and runs one
@@ -487,6 +639,9 @@ impl Generation {
         detokenize: Option<Detokenize>,
     ) -> Result<StepReport> {
         let mut report = StepReport::default();
+        if let Some(failed) = tch::no_grad(|| self.advance_prefill(decoder)) {
+            report.failed.push(failed);
+        }
         let Some(logits) = self.logits.take() else {
             return Ok(report);
         };
@@ -547,7 +702,9 @@ impl Generation {
         self.rows = kept_rows;
         if self.rows.is_empty() {
             self.cache = None;
-            self.stacks.clear();
+            if self.prefilling.is_empty() {
+                self.stacks.clear();
+            }
             return Ok(report);
         }
         let mut cache = self.cache.take().expect("live rows have a cache");
@@ -575,10 +732,12 @@ impl Generation {
     /// Drops stacks no live request uses and compacts stacks mostly made of departed members.
     fn compact_stacks(&mut self) -> Result<()> {
         let mut used: Vec<Vec<bool>> = self.stacks.iter().map(|s| vec![false; s.len()]).collect();
-        for live in self.live.values() {
-            if let Some((s, m)) = live.member {
-                used[s][m as usize] = true;
-            }
+        let members = self.live.values().map(|l| l.member);
+        for (s, m) in members
+            .chain(self.prefilling.iter().map(|p| p.member))
+            .flatten()
+        {
+            used[s][m as usize] = true;
         }
         let mut new_index: Vec<Option<usize>> = Vec::with_capacity(self.stacks.len());
         let mut remaps: Vec<Option<Vec<Option<i64>>>> = Vec::with_capacity(self.stacks.len());
@@ -600,16 +759,20 @@ impl Generation {
             kept.push(stack);
         }
         self.stacks = kept;
-        for live in self.live.values_mut() {
-            if let Some((s, m)) = live.member {
+        let remap = |member: &mut Option<(usize, i64)>| {
+            if let Some((s, m)) = *member {
                 let stack = new_index[s].expect("a used stack is kept");
-                let member = match &remaps[s] {
+                let m = match &remaps[s] {
                     Some(remap) => remap[m as usize].expect("a used member is kept"),
                     None => m,
                 };
-                live.member = Some((stack, member));
+                *member = Some((stack, m));
             }
-        }
+        };
+        self.live.values_mut().for_each(|l| remap(&mut l.member));
+        self.prefilling
+            .iter_mut()
+            .for_each(|p| remap(&mut p.member));
         Ok(())
     }
 
@@ -619,7 +782,10 @@ impl Generation {
         self.cache = None;
         self.logits = None;
         self.stacks.clear();
-        self.live.drain().map(|(tag, _)| tag).collect()
+        let prefilling = self.prefilling.drain(..).map(|p| p.tag);
+        let mut tags: Vec<RequestTag> = prefilling.collect();
+        tags.extend(self.live.drain().map(|(tag, _)| tag));
+        tags
     }
 }
 
@@ -640,7 +806,11 @@ pub fn sample(
     }
     let mut outputs: Vec<Option<SampleOutput>> = vec![None; requests.len()];
     while !generation.is_empty() {
-        for (tag, out) in generation.step(decoder, detokenize)?.finished {
+        let report = generation.step(decoder, detokenize)?;
+        if let Some((_, e)) = report.failed.into_iter().next() {
+            return Err(e);
+        }
+        for (tag, out) in report.finished {
             outputs[tag as usize] = Some(out);
         }
     }

@@ -501,3 +501,69 @@ fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
         );
     }
 }
+
+/// A prompt longer than the prefill chunk is prefilled a chunk per step while another request
+/// decodes, then joins: its tokens, logprobs and prompt logprobs equal a one-pass prefill (which
+/// the transformers oracles above check), and the other request is unaffected.
+#[test]
+fn long_prompts_prefilled_in_chunks_equal_one_pass() {
+    let (_dir, decoder) = tiny_llama("chunks");
+    let adapter = &adapters(&decoder, 1)[0];
+    let long = SampleRequest {
+        adapter: Some(adapter),
+        prompt: (0..40).map(|i| (i * 13 + 7) % 120 + 1).collect(),
+        num_samples: 2,
+        params: SamplingParams {
+            max_tokens: 10,
+            temperature: 0.7,
+            seed: Some(3),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        },
+        prompt_logprobs: true,
+    };
+    let short = SampleRequest {
+        adapter: None,
+        prompt: vec![4, 5, 6],
+        num_samples: 1,
+        params: greedy(12),
+        prompt_logprobs: false,
+    };
+    let mut g = Generation::new(decoder.kind()).with_prefill_chunk(16);
+    g.admit(&decoder, 0, &short, false).unwrap();
+    g.admit(&decoder, 1, &long, false).unwrap();
+    assert_eq!(g.requests(), 2);
+    let mut done: HashMap<u64, SampleOutput> = HashMap::new();
+    let mut steps_before_join = 0;
+    while !g.is_empty() {
+        let report = g.step(&decoder, None).unwrap();
+        assert!(report.failed.is_empty());
+        if g.rows() < 3 && !done.contains_key(&0) {
+            steps_before_join += 1;
+        }
+        done.extend(report.finished);
+    }
+    assert!(
+        steps_before_join >= 2,
+        "40 tokens in chunks of 16 take three steps to prefill"
+    );
+    let one_pass = sample(&decoder, &[long.clone(), short.clone()], None).unwrap();
+    for (tag, want) in [(1u64, &one_pass[0]), (0, &one_pass[1])] {
+        let got = &done[&tag];
+        for (a, b) in got.sequences.iter().zip(&want.sequences) {
+            assert_eq!(a.tokens, b.tokens, "request {tag}");
+            assert!(close(&a.logprobs, &b.logprobs, 1e-4), "request {tag}");
+        }
+    }
+    let lps = |o: &SampleOutput| -> Vec<f32> {
+        o.prompt_logprobs.as_ref().unwrap()[1..]
+            .iter()
+            .map(|x| x.unwrap())
+            .collect()
+    };
+    assert_eq!(done[&1].prompt_logprobs.as_ref().unwrap().len(), 40);
+    assert!(
+        close(&lps(&done[&1]), &lps(&one_pass[0]), 1e-4),
+        "prompt logprobs"
+    );
+}
