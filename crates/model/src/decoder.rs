@@ -504,17 +504,7 @@ impl Decoder {
                 ),
             ));
         }
-        // Checked on the host: a device-side range check would cost two syncs per token.
-        let vocab = self.config.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(ModelError::invalid(
-                "input_ids",
-                format!("token ids must lie in [0, {vocab}), found {bad}"),
-            ));
-        }
-        if let Some(batch) = lora {
-            batch.check_rows(ids.len() as i64)?;
-        }
+        self.check_host_ids(ids, ids.len() as i64, lora)?;
         let input = Tensor::from_slice(ids)
             .f_view([-1, 1])?
             .f_to_device(self.device)?;
@@ -548,16 +538,7 @@ impl Decoder {
                 "extending needs a cache of one row and at least one token",
             ));
         }
-        let vocab = self.config.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(ModelError::invalid(
-                "input_ids",
-                format!("token ids must lie in [0, {vocab}), found {bad}"),
-            ));
-        }
-        if let Some(batch) = lora {
-            batch.check_rows(1)?;
-        }
+        self.check_host_ids(ids, 1, lora)?;
         let t = ids.len() as i64;
         let start = cache.next_positions()[0];
         if start + t > self.config.max_position_embeddings {
@@ -594,6 +575,22 @@ impl Decoder {
         let hidden = self.run_blocks(&input, &ctx, lora, Cache::Append(cache))?;
         cache.advance(t);
         Ok(hidden)
+    }
+
+    /// Checks token ids still on the host (a device-side range check would cost two syncs per
+    /// token) and that `lora` covers `rows` rows.
+    fn check_host_ids(&self, ids: &[i64], rows: i64, lora: Option<&LoraBatch>) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(ModelError::invalid(
+                "input_ids",
+                format!("token ids must lie in [0, {vocab}), found {bad}"),
+            ));
+        }
+        match lora {
+            Some(batch) => batch.check_rows(rows),
+            None => Ok(()),
+        }
     }
 
     fn checked_ids(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
