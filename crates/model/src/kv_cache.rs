@@ -173,7 +173,8 @@ impl KvCache {
         })
     }
 
-    /// Stacks caches row-wise into new buffers, left-padding the shorter windows.
+    /// Stacks caches row-wise into new buffers, left-padding the shorter windows: each window is
+    /// copied once, straight into its place.
     pub fn concat(caches: Vec<KvCache>) -> Result<KvCache> {
         let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
         let capacity = caches
@@ -183,26 +184,36 @@ impl KvCache {
             .unwrap_or(0)
             .max(0)
             + len;
-        let num_layers = caches.first().map_or(0, |c| c.layers.len());
-        let mut pad = Vec::new();
-        let mut per_layer: Vec<(Vec<Tensor>, Vec<Tensor>)> =
-            (0..num_layers).map(|_| (Vec::new(), Vec::new())).collect();
+        let rows: i64 = caches.iter().map(|c| c.rows() as i64).sum();
+        let Some(first) = caches.first() else {
+            return Ok(KvCache::from_prefill(Vec::new(), Vec::new()));
+        };
+        let buffer = |t: &Tensor| -> Result<Tensor> {
+            let mut shape = t.size();
+            shape[0] = rows;
+            shape[2] = capacity;
+            Ok(Tensor::f_zeros(shape.as_slice(), (t.kind(), t.device()))?)
+        };
+        let layers = first
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((buffer(k)?, buffer(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut pad = Vec::with_capacity(rows as usize);
+        let mut row = 0;
         for cache in &caches {
             let extra = len - cache.len;
+            let n = cache.rows() as i64;
             pad.extend(cache.pad.iter().map(|p| p + extra));
-            for (i, (k, v)) in cache.layers.iter().enumerate() {
-                per_layer[i]
-                    .0
-                    .push(moved(k, cache.start, cache.len, extra, capacity)?);
-                per_layer[i]
-                    .1
-                    .push(moved(v, cache.start, cache.len, extra, capacity)?);
+            for ((k, v), (ck, cv)) in layers.iter().zip(&cache.layers) {
+                for (dst, src) in [(k, ck), (v, cv)] {
+                    dst.f_narrow(0, row, n)?
+                        .f_narrow(2, extra, cache.len)?
+                        .f_copy_(&src.f_narrow(2, cache.start, cache.len)?)?;
+                }
             }
+            row += n;
         }
-        let layers = per_layer
-            .into_iter()
-            .map(|(ks, vs)| Ok((Tensor::f_cat(&ks, 0)?, Tensor::f_cat(&vs, 0)?)))
-            .collect::<Result<_>>()?;
         Ok(KvCache {
             layers,
             start: 0,

@@ -4,9 +4,9 @@
 //! Each request's prompt is prefilled once; its `num_samples` sequences share that prefill
 //! (the cache rows are repeated). All live sequences of all requests advance together, one
 //! decode step per token, each row with its own adapter (stacked LoRA). A sequence that stops
-//! leaves the batch at once. Token choice happens on the CPU from each row's logits with a
-//! per-sequence random stream derived from `(seed, sample index)`, so results do not depend on
-//! which other sequences share the batch.
+//! leaves the batch at once. Tokens are chosen on the logits' device ([`choose_tokens`]) with a
+//! uniform draw per sequence from its own random stream, derived from `(seed, sample index)`,
+//! so results do not depend on which other sequences share the batch.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -234,8 +234,8 @@ pub struct StepReport {
 /// rest, each row with its own adapter. A prompt longer than the prefill chunk
 /// ([`PREFILL_CHUNK`] tokens by default) is prefilled one chunk per step, the first in line,
 /// while the batch goes on decoding, and joins when it is complete. Adapters are gathered into
-/// owned [`AdapterStack`]s when
-/// their first request joins, so the caller need not keep them borrowed between steps. Token
+/// owned [`AdapterStack`]s when their first request joins, so the caller need not keep them
+/// borrowed between steps. Token
 /// choice uses a per-sequence random stream derived from `(seed, sample index)`, so what a
 /// sequence draws does not depend on what else shares the batch.
 pub struct Generation {
@@ -606,12 +606,7 @@ impl Generation {
             if !targets.is_empty() {
                 let own = hidden.f_narrow(1, 0, targets.len() as i64)?;
                 let logits = decoder.logits(&own, lora.as_ref())?.f_get(0)?;
-                let lp = crate::loss::target_logprobs(&logits, targets)?;
-                lps.extend(
-                    Vec::<f32>::try_from(&lp.f_to_device(tch::Device::Cpu)?)?
-                        .into_iter()
-                        .map(Some),
-                );
+                lps.extend(logprobs_on_host(&logits, targets)?);
             }
         }
         p.done = end;
@@ -639,7 +634,7 @@ impl Generation {
         detokenize: Option<Detokenize>,
     ) -> Result<StepReport> {
         let mut report = StepReport::default();
-        if let Some(failed) = tch::no_grad(|| self.advance_prefill(decoder)) {
+        if let Some(failed) = self.advance_prefill(decoder) {
             report.failed.push(failed);
         }
         let Some(logits) = self.logits.take() else {
@@ -849,17 +844,22 @@ fn stop_reason(
 }
 
 fn prompt_logprobs(logits: &Tensor, prompt: &[i64]) -> Result<Vec<Option<f32>>> {
-    let n = prompt.len() as i64;
     let mut out = vec![None];
-    if n > 1 {
-        let lp = crate::loss::target_logprobs(&logits.f_narrow(0, 0, n - 1)?, &prompt[1..])?;
-        out.extend(
-            Vec::<f32>::try_from(&lp.f_to_device(tch::Device::Cpu)?)?
-                .into_iter()
-                .map(Some),
-        );
+    if prompt.len() > 1 {
+        out.extend(logprobs_on_host(logits, &prompt[1..])?);
     }
     Ok(out)
+}
+
+/// The log-probability of each of `targets` under the matching leading rows of `logits`
+/// (`[positions, vocab]`), on the host.
+fn logprobs_on_host(logits: &Tensor, targets: &[i64]) -> Result<Vec<Option<f32>>> {
+    let logits = logits.f_narrow(0, 0, targets.len() as i64)?;
+    let lp = crate::loss::target_logprobs(&logits, targets)?;
+    Ok(Vec::<f32>::try_from(&lp.f_to_device(tch::Device::Cpu)?)?
+        .into_iter()
+        .map(Some)
+        .collect())
 }
 
 /// The random stream of sample `index` of a request seeded `seed`: it draws exactly like a
