@@ -236,8 +236,8 @@ impl SchedState {
 
     /// Takes the next batch: the head job of the first ready queue decides the class; heads of
     /// later ready queues of the same class join while the token budget allows. Sampling
-    /// queues may contribute several jobs. The queues taken become busy until
-    /// [`SchedState::finish`].
+    /// queues may contribute several jobs. Training runs' queues taken become busy until
+    /// [`SchedState::finish`]; sampling sessions' queues never do ([`SchedState::mark_taken`]).
     pub fn next_batch(&mut self) -> Option<Vec<Job>> {
         self.next_batch_except(None)
     }
