@@ -81,7 +81,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 bench::decode(&d, 1, 0, 32, iters, false)?;
                 bench::decode(&d, 8, 1, 32, iters, false)?;
                 bench::decode(&d, 8, 8, 32, iters, false)?;
-                bench::decode(&d, 32, 8, 32, iters, true)
+                bench::decode(&d, 32, 8, 32, iters, true)?;
+                // Issue 11's GPU goal: 64 sequences over 16 adapters against 64 of one adapter
+                // (both one request per sequence, so both prefill 64 prompts).
+                bench::decode(&d, 64, 1, 32, iters, true)?;
+                bench::decode(&d, 64, 16, 32, iters, true)
             })?,
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "engine" => {

@@ -67,14 +67,13 @@ impl RmsNorm {
         })
     }
 
+    /// `weight * (x / rms(x))`: libtorch's `rms_norm` normalises in f32 and rounds to `x`'s
+    /// dtype (transformers' `hidden.to(float32)` ... `.to(input_dtype)`), in one operation where
+    /// the spelled-out formula took six; the weight multiplies after the rounding, as there.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let kind = x.kind();
-        let xf = x.f_to_kind(Kind::Float)?;
-        let variance = xf
-            .f_pow_tensor_scalar(2)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let normed = xf.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        Ok(self.weight.f_mul(&normed.f_to_kind(kind)?)?)
+        let dim = x.size().last().copied().unwrap_or(1);
+        let normed = x.f_rms_norm([dim], None::<&Tensor>, self.eps)?;
+        Ok(self.weight.f_mul(&normed)?)
     }
 }
 
@@ -704,16 +703,36 @@ impl Decoder {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let attn = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            ctx.mask.as_ref(),
-            0.0,
-            ctx.mask.is_none(),
-            None,
-            c.num_kv_heads != c.num_heads,
-        )?;
+        let attn = if t == 1 && c.num_kv_heads != c.num_heads {
+            // One query per row (a decode step): the query heads sharing a key/value head become
+            // that head's query positions, so attention needs no expanded copy of the cache (no
+            // GQA) and fused kernels accept the mask. A single query sees every key it is not
+            // masked from: nothing causal within the step.
+            let group = c.num_heads / c.num_kv_heads;
+            let q = q.f_reshape([b, c.num_kv_heads, group, c.head_dim])?;
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.mask.as_ref(),
+                0.0,
+                false,
+                None,
+                false,
+            )?
+            .f_reshape([b, c.num_heads, 1, c.head_dim])?
+        } else {
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                ctx.mask.as_ref(),
+                0.0,
+                ctx.mask.is_none(),
+                None,
+                c.num_kv_heads != c.num_heads,
+            )?
+        };
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;

@@ -353,8 +353,9 @@ pub struct AdapterStack {
     buffer: Tensor,
     pairs: Vec<(Tensor, Tensor)>,
     /// Stacks that are not trainable: per adapted layer, every member's `A` side by side,
-    /// transposed (`[in, K·R]`), and every member's `B` stacked (`[K·R, out]`), contiguous, for
-    /// rows of mixed members ([`LoraBatch`]'s dense mode: two matmuls per layer, no gather).
+    /// transposed (`[in, K·R]`), and every member's `B` times its scale, stacked (`[K·R, out]`),
+    /// contiguous: what [`LoraBatch`] computes an inference delta with (two matmuls per layer,
+    /// the second one fused with the add, no gather).
     dense: Vec<(Tensor, Tensor)>,
 }
 
@@ -413,6 +414,11 @@ impl AdapterStack {
             });
         }
         self.pairs = pairs;
+        self.slots_t = Tensor::from_slice(&self.slots).f_to_device(device)?;
+        self.scale_t = Tensor::from_slice(&self.scales)
+            .f_to_kind(self.kind)?
+            .f_to_device(device)?
+            .f_view([k, 1, 1])?;
         self.dense = if self.trainable {
             Vec::new()
         } else {
@@ -422,17 +428,12 @@ impl AdapterStack {
                     let a_t = a.f_reshape([k * r, -1])?.f_tr()?.f_contiguous()?;
                     let b_s = b
                         .f_permute([0, 2, 1])?
-                        .f_reshape([k * r, -1])?
-                        .f_contiguous()?;
+                        .f_mul(&self.scale_t)?
+                        .f_reshape([k * r, -1])?;
                     Ok((a_t, b_s))
                 })
                 .collect::<Result<_>>()?
         };
-        self.slots_t = Tensor::from_slice(&self.slots).f_to_device(device)?;
-        self.scale_t = Tensor::from_slice(&self.scales)
-            .f_to_kind(self.kind)?
-            .f_to_device(device)?
-            .f_view([k, 1, 1])?;
         Ok(())
     }
 
@@ -651,8 +652,8 @@ enum Members {
     /// Row `i` uses member `index[i]`; `scale` is `[rows, 1, 1]`.
     Gather { index: Tensor, scale: Tensor },
     /// Stacks that are not trainable, rows of mixed members: every row goes through every
-    /// member's `A` at once (`[rows, K·R]`), `mask` (`[rows, 1, K·R]`) keeps the row's own
-    /// member's block times its scale, and every member's `B` at once maps that back. The
+    /// member's `A` at once (`[rows, K·R]`), `mask` (`[rows, 1, K·R]`, ones and zeros) keeps the
+    /// row's own member's block, and every member's scaled `B` at once maps that back. The
     /// products with other members' blocks are zeros: wasted arithmetic, `K` times the LoRA
     /// part, which is small beside the base layer, instead of a per-row copy of `A` and `B`.
     Dense { mask: Tensor },
@@ -664,6 +665,47 @@ struct Part<'a> {
     /// `None`: every row of the batch, in order; else the batch rows (ascending).
     rows: Option<Tensor>,
     members: Members,
+}
+
+impl Part<'_> {
+    /// `out + delta` for a stack that is not trainable, from its dense pair (`a_t` `[in, K·R]`,
+    /// `b_s` `[K·R, out]` with the scales folded in): one member uses its own block of both, mixed
+    /// members mask the others' blocks. Two or three kernels, the second product fused with the
+    /// add into `out` (`addmm_`): decode is bound by the number of operations per layer.
+    fn add_dense(&self, out: Tensor, x: &Tensor, a_t: &Tensor, b_s: &Tensor) -> Result<Tensor> {
+        let r = self.stack.slab.layout().key.rank;
+        let (a_t, b_s) = match self.members {
+            Members::One(k, _) if self.stack.len() > 1 => {
+                (a_t.f_narrow(1, k * r, r)?, b_s.f_narrow(0, k * r, r)?)
+            }
+            _ => (a_t.shallow_clone(), b_s.shallow_clone()),
+        };
+        let xs = match &self.rows {
+            None => x.shallow_clone(),
+            Some(rows) => x.f_index_select(0, rows)?,
+        };
+        let mut dims = xs.size();
+        let inp = dims.pop().unwrap_or(1);
+        let mut xa = xs.f_reshape([-1, inp])?.f_mm(&a_t)?;
+        if let Members::Dense { mask } = &self.members {
+            let (n, cols) = (mask.size()[0], mask.size()[2]);
+            xa = xa.f_view([n, -1, cols])?.f_mul(mask)?.f_view([-1, cols])?;
+        }
+        let width = b_s.size()[1];
+        match &self.rows {
+            None if out.is_contiguous() => {
+                let mut rows_of_out = out.f_view([-1, width])?;
+                let _ = rows_of_out.f_addmm_(&xa, &b_s)?;
+                Ok(out)
+            }
+            None => Ok(out.f_add(&xa.f_mm(&b_s)?.f_view_as(&out)?)?),
+            Some(rows) => {
+                dims.push(width);
+                let delta = xa.f_mm(&b_s)?.f_view(dims.as_slice())?;
+                Ok(out.f_index_add(0, rows, &delta)?)
+            }
+        }
+    }
 }
 
 /// The adapter assignment of one batch: which rows use which member of which [`AdapterStack`]
@@ -718,7 +760,7 @@ impl<'a> LoraBatch<'a> {
                 let mut mask = vec![0f32; members.len() * k as usize * r];
                 for (i, &m) in members.iter().enumerate() {
                     let start = (i * k as usize + m as usize) * r;
-                    mask[start..start + r].fill(stack.scales[m as usize] as f32);
+                    mask[start..start + r].fill(1.0);
                 }
                 let mask = Tensor::from_slice(&mask)
                     .f_view([n, 1, k * r as i64])?
@@ -777,6 +819,12 @@ impl<'a> LoraBatch<'a> {
             let Some((a, b)) = part.stack.pair(layer, target) else {
                 continue;
             };
+            if let (Some((a_t, b_s)), Members::One(..) | Members::Dense { .. }) =
+                (part.stack.dense_pair(layer, target), &part.members)
+            {
+                out = part.add_dense(out, x, a_t, b_s)?;
+                continue;
+            }
             let xs = match &part.rows {
                 None => x.shallow_clone(),
                 Some(rows) => x.f_index_select(0, rows)?,
@@ -801,12 +849,11 @@ impl<'a> LoraBatch<'a> {
                     .f_bmm(&a.f_index_select(0, index)?.f_transpose(1, 2)?)?
                     .f_mul(scale)?
                     .f_bmm(&b.f_index_select(0, index)?.f_transpose(1, 2)?)?,
-                Members::Dense { mask } => {
-                    let (a_t, b_s) = part
-                        .stack
-                        .dense_pair(layer, target)
-                        .expect("a stack that is not trainable has dense pairs");
-                    xs.f_matmul(a_t)?.f_mul(mask)?.f_matmul(b_s)?
+                Members::Dense { .. } => {
+                    return Err(ModelError::invalid(
+                        "lora",
+                        "mixed members of a trainable stack must be gathered",
+                    ))
                 }
             };
             let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };

@@ -715,6 +715,46 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
         let err = rel_diff(&mixed.narrow(0, row as i64, 1), &alone);
         assert!(err < 1e-5, "row {row} (member {m}): relative error {err}");
     }
+    // One member of the three for every row (its own block of the dense pair), and a batch
+    // whose rows 1 and 4 run the base model (the delta goes to the other rows only): each row
+    // equals the trainable stack's path (products with the scale, no dense pair) alone.
+    let plain = |row: i64, m: Option<usize>| {
+        let own = m.map(|m| AdapterStack::new(&[&adapters[m]], Kind::Float, true).unwrap());
+        let batch = own.as_ref().map(|s| LoraBatch::one(s, 0, 1).unwrap());
+        tch::no_grad(|| {
+            decoder
+                .forward(&ids.narrow(0, row, 1), batch.as_ref())
+                .unwrap()
+        })
+    };
+    let all_one = tch::no_grad(|| {
+        decoder
+            .forward(&ids, Some(&LoraBatch::one(&stack, 1, 6).unwrap()))
+            .unwrap()
+    });
+    let some_base: Vec<_> = members
+        .iter()
+        .enumerate()
+        .map(|(row, &m)| (row % 3 != 1).then_some((&stack, m)))
+        .collect();
+    let partial = tch::no_grad(|| {
+        decoder
+            .forward(&ids, Some(&LoraBatch::new(&some_base).unwrap()))
+            .unwrap()
+    });
+    for row in 0..6i64 {
+        let err = rel_diff(&all_one.narrow(0, row, 1), &plain(row, Some(1)));
+        assert!(
+            err < 1e-5,
+            "row {row}, member 1 for all: relative error {err}"
+        );
+        let m = (row % 3 != 1).then_some(members[row as usize] as usize);
+        let err = rel_diff(&partial.narrow(0, row, 1), &plain(row, m));
+        assert!(
+            err < 1e-5,
+            "row {row} ({m:?}), some base rows: relative error {err}"
+        );
+    }
     // And the adapters matter: a row with another member's adapter differs.
     let other = AdapterStack::new(&[&adapters[0]], Kind::Float, false).unwrap();
     let wrong = tch::no_grad(|| {
