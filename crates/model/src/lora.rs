@@ -360,8 +360,16 @@ pub struct AdapterStack {
 }
 
 impl AdapterStack {
-    /// Gathers `adapters` (all of one slab) into a stack computing in `kind`.
+    /// Gathers `adapters` (all of one slab; an adapter listed twice is one member) into a
+    /// stack computing in `kind`.
     pub fn new(adapters: &[&LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
+        let mut unique: Vec<&LoraAdapter> = Vec::with_capacity(adapters.len());
+        for &a in adapters {
+            if !unique.iter().any(|u| Arc::ptr_eq(&u.pending, &a.pending)) {
+                unique.push(a);
+            }
+        }
+        let adapters = unique.as_slice();
         let Some(first) = adapters.first() else {
             return Err(ModelError::invalid("adapters", "an empty stack"));
         };
@@ -440,28 +448,48 @@ impl AdapterStack {
     /// Adds `adapter` (of this stack's slab) as a new member and returns its index; an adapter
     /// already in the stack returns its existing index. Only for stacks that are not trainable.
     pub fn push(&mut self, adapter: &LoraAdapter) -> Result<i64> {
-        if let Some(m) = self.member(adapter) {
-            return Ok(m);
-        }
+        Ok(self.push_many(&[adapter])?[0])
+    }
+
+    /// Adds every adapter of `adapters` not yet a member (all of this stack's slab) and returns
+    /// each one's member index: one gather, one concatenation and one rebuild of the views
+    /// however many join (requests joining a decode loop together bring their adapters at
+    /// once). Only for stacks that are not trainable.
+    pub fn push_many(&mut self, adapters: &[&LoraAdapter]) -> Result<Vec<i64>> {
         if self.trainable {
             return Err(ModelError::invalid(
                 "adapters",
                 "a trainable stack is fixed",
             ));
         }
-        if !Arc::ptr_eq(adapter.row().slab(), &self.slab) {
+        if adapters.iter().any(|a| !self.fits(a)) {
             return Err(ModelError::invalid(
                 "adapters",
                 "a stack holds adapters of one layout",
             ));
         }
-        let row = gather_rows(&self.slab, &[adapter.row().index()], self.kind)?;
-        self.buffer = Tensor::f_cat(&[&self.buffer, &row], 0)?;
-        self.slots.push(adapter.row().index());
-        self.members.push(adapter.pending.clone());
-        self.scales.push(adapter.spec().scale());
-        self.rebuild_views()?;
-        Ok(self.members.len() as i64 - 1)
+        let mut joining: Vec<&LoraAdapter> = Vec::new();
+        for &a in adapters {
+            let known = self.member(a).is_some()
+                || joining.iter().any(|j| Arc::ptr_eq(&j.pending, &a.pending));
+            if !known {
+                joining.push(a);
+            }
+        }
+        if !joining.is_empty() {
+            let slots: Vec<i64> = joining.iter().map(|a| a.row().index()).collect();
+            let rows = gather_rows(&self.slab, &slots, self.kind)?;
+            self.buffer = Tensor::f_cat(&[&self.buffer, &rows], 0)?;
+            self.slots.extend(slots);
+            self.members
+                .extend(joining.iter().map(|a| a.pending.clone()));
+            self.scales.extend(joining.iter().map(|a| a.spec().scale()));
+            self.rebuild_views()?;
+        }
+        Ok(adapters
+            .iter()
+            .map(|a| self.member(a).expect("every adapter is a member now"))
+            .collect())
     }
 
     /// Keeps only the members whose `keep` flag is set (in order) and returns each old member's

@@ -9,6 +9,7 @@
 //! so results do not depend on which other sequences share the batch.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
@@ -363,10 +364,9 @@ impl Generation {
             if results[i].is_err() || r.prompt.len() <= self.prefill_chunk {
                 continue;
             }
-            results[i] = r
-                .adapter
-                .map(|a| self.member_of(a))
-                .transpose()
+            results[i] = self
+                .members_of(&[r.adapter])
+                .map(|members| members[0])
                 .map(|member| {
                     self.prefilling.push_back(Prefilling {
                         tag: *tag,
@@ -426,16 +426,53 @@ impl Generation {
         Ok(())
     }
 
-    /// The stack and member of `adapter`, adding it to the loop's stacks when new.
-    fn member_of(&mut self, adapter: &LoraAdapter) -> Result<(usize, i64)> {
-        Ok(match self.stacks.iter().position(|s| s.fits(adapter)) {
-            Some(i) => (i, self.stacks[i].push(adapter)?),
-            None => {
-                self.stacks
-                    .push(AdapterStack::new(&[adapter], self.kind, false)?);
-                (self.stacks.len() - 1, 0)
+    /// The stack and member of each adapter (`None` for base-model requests), adding the new
+    /// ones to the loop's stacks: one [`AdapterStack::push_many`] per stack (or one new stack
+    /// per new layout), so a crowd joining at once rebuilds each stack's views once.
+    fn members_of(
+        &mut self,
+        adapters: &[Option<&LoraAdapter>],
+    ) -> Result<Vec<Option<(usize, i64)>>> {
+        let mut joining: Vec<Vec<&LoraAdapter>> = vec![Vec::new(); self.stacks.len()];
+        for &a in adapters.iter().flatten() {
+            match self.stacks.iter().position(|s| s.fits(a)) {
+                Some(i) => joining[i].push(a),
+                None => match joining[self.stacks.len()..]
+                    .iter_mut()
+                    .find(|group| Arc::ptr_eq(group[0].row().slab(), a.row().slab()))
+                {
+                    Some(group) => group.push(a),
+                    None => joining.push(vec![a]),
+                },
             }
-        })
+        }
+        let existing = self.stacks.len();
+        for (i, group) in joining.iter().enumerate() {
+            if i < existing {
+                if !group.is_empty() {
+                    self.stacks[i].push_many(group)?;
+                }
+            } else {
+                self.stacks
+                    .push(AdapterStack::new(group, self.kind, false)?);
+            }
+        }
+        Ok(adapters
+            .iter()
+            .map(|a| {
+                a.map(|a| {
+                    let i = self
+                        .stacks
+                        .iter()
+                        .position(|s| s.fits(a))
+                        .expect("every adapter has a stack now");
+                    let m = self.stacks[i]
+                        .member(a)
+                        .expect("every adapter is a member of its stack now");
+                    (i, m)
+                })
+            })
+            .collect())
     }
 
     /// Prefills the (validated) requests' prompts in one left-padded pass and adds their
@@ -446,10 +483,8 @@ impl Generation {
         decoder: &Decoder,
         requests: &[(RequestTag, &SampleRequest)],
     ) -> Result<()> {
-        let members = requests
-            .iter()
-            .map(|(_, r)| r.adapter.map(|a| self.member_of(a)).transpose())
-            .collect::<Result<Vec<_>>>()?;
+        let adapters: Vec<Option<&LoraAdapter>> = requests.iter().map(|(_, r)| r.adapter).collect();
+        let members = self.members_of(&adapters)?;
         let seq = requests
             .iter()
             .map(|(_, r)| r.prompt.len())

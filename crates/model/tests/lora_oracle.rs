@@ -767,3 +767,41 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
     });
     assert!(rel_diff(&mixed.narrow(0, 0, 1), &wrong) > 1e-3);
 }
+
+/// Requests joining a decode loop together bring their adapters at once: `push_many` adds each
+/// new adapter once, existing members keep their indices, a stack built from a list with
+/// repeats holds each adapter once, and each member index computes that adapter's delta.
+#[test]
+fn push_many_adds_each_new_adapter_once_and_keeps_member_indices() {
+    let (_dir, decoder) = tiny_llama("push");
+    let cfg = decoder.config();
+    let adapters: Vec<LoraAdapter> = (0..3)
+        .map(|i| {
+            let a = LoraAdapter::new(spec(4, 80 + i as u64), cfg, Device::Cpu).unwrap();
+            perturb(&a, 90 + i, 0.1);
+            a
+        })
+        .collect();
+    let (a, b, c) = (&adapters[0], &adapters[1], &adapters[2]);
+    let mut stack = AdapterStack::new(&[a, a], Kind::Float, false).unwrap();
+    assert_eq!(stack.len(), 1);
+    assert_eq!(stack.push_many(&[b, a, c, b]).unwrap(), vec![1, 0, 2, 1]);
+    assert_eq!(stack.len(), 3);
+    assert_eq!(stack.push(c).unwrap(), 2);
+    let ids = Tensor::from_slice(&[5i64, 9, 2, 7]).view([1, 4]);
+    for (m, adapter) in [a, b, c].into_iter().enumerate() {
+        let own = AdapterStack::new(&[adapter], Kind::Float, true).unwrap();
+        let (got, want) = tch::no_grad(|| {
+            (
+                decoder
+                    .forward(&ids, Some(&LoraBatch::one(&stack, m as i64, 1).unwrap()))
+                    .unwrap(),
+                decoder
+                    .forward(&ids, Some(&LoraBatch::one(&own, 0, 1).unwrap()))
+                    .unwrap(),
+            )
+        });
+        let err = rel_diff(&got, &want);
+        assert!(err < 1e-5, "member {m}: relative error {err}");
+    }
+}
