@@ -304,6 +304,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::start(config, registry, backends);
     drop(base);
     let restarted = engine.restore().context("restoring state")?;
+    // Saves that a crash interrupted leave staging directories (checkpoints and run snapshots
+    // sit at most six levels under the data directory).
+    let stale = loraloom_model::checkpoint::remove_stale(&args.data_dir, 6)
+        .context("removing what interrupted saves left")?;
+    if stale > 0 {
+        tracing::info!(stale, "removed directories left by interrupted saves");
+    }
     let sessions = DashMap::new();
     for row in store.sessions().context("reading sessions")? {
         sessions.insert(

@@ -398,9 +398,93 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
     Ok(Loaded { adapter, optimizer })
 }
 
+/// What saves of other processes (which died mid-save) left under `root`, tidied at start:
+/// each staging directory (`.NAME.tmp-PID-NANOS`) is removed; a previous version
+/// (`.NAME.old-PID-NANOS`) is first renamed back when `NAME` is missing ([`recover`]), and the
+/// others are removed once `NAME` exists. This process's own siblings (saves in flight) are
+/// left alone. Walks at most `depth` levels; returns how many directories were removed.
+pub fn remove_stale(root: &Path, depth: usize) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(0);
+    };
+    let ours = format!("-{}-", std::process::id());
+    let mut removed = 0;
+    let mut subdirs = Vec::new();
+    for entry in entries.flatten() {
+        if !entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let staged = file_name.strip_prefix('.').and_then(|rest| {
+            [".tmp", ".old"].into_iter().find_map(|tag| {
+                let at = rest.rfind(&format!("{tag}-"))?;
+                let suffix = &rest[at + tag.len()..];
+                Some((&rest[..at], tag, suffix))
+            })
+        });
+        match staged {
+            Some((_, _, suffix)) if suffix.starts_with(&ours) => {}
+            Some((name, tag, _)) => {
+                let dir = root.join(name);
+                if tag == ".old" {
+                    recover(&dir)?;
+                }
+                let path = entry.path();
+                if path.exists() && (tag == ".tmp" || dir.exists()) {
+                    std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
+                    removed += 1;
+                }
+            }
+            None if depth > 0 => subdirs.push(entry.path()),
+            None => {}
+        }
+    }
+    for dir in subdirs {
+        removed += remove_stale(&dir, depth - 1)?;
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::recover;
+    use super::{recover, remove_stale};
+
+    #[test]
+    fn stale_staging_and_old_versions_are_tidied_and_in_flight_ones_kept() {
+        let root = std::env::temp_dir().join(format!("loraloom-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let run = root.join("checkpoints").join("ab").join("cd");
+        let make = |name: &str| {
+            let d = run.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("which"), name).unwrap();
+        };
+        make("kept");
+        make(".kept.old-1-5"); // NAME exists: removed
+        make(".gone.old-1-5"); // NAME missing: renamed back to `gone`
+        make(".half.tmp-1-9"); // a dead save's staging: removed
+        let in_flight = format!(".busy.tmp-{}-3", std::process::id());
+        make(&in_flight); // this process's save in flight: kept
+        assert_eq!(remove_stale(&root, 4).unwrap(), 2);
+        let names: std::collections::BTreeSet<String> = std::fs::read_dir(&run)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let want: std::collections::BTreeSet<String> = ["kept", "gone", in_flight.as_str()]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(names, want);
+        assert_eq!(
+            std::fs::read_to_string(run.join("gone").join("which")).unwrap(),
+            ".gone.old-1-5"
+        );
+        // Too shallow a walk reaches nothing.
+        make(".late.tmp-1-1");
+        assert_eq!(remove_stale(&root, 1).unwrap(), 0);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn recover_restores_a_dead_process_save_and_leaves_in_flight_ones() {
