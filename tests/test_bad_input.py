@@ -59,6 +59,7 @@ CASES = {
         post(s, "/api/v1/create_model", {"session_id": run["session"]}), 400, ["base_model"]),
     "unknown_model": lambda s, run: (
         post(s, "/api/v1/optim_step", {"model_id": "nope", "adam_params": {}}), 404, ["nope"]),
+    "unknown_route": lambda s, run: (post(s, "/api/v1/no_such_route", {}), 404, ["POST /api/v1/no_such_route"]),
     "unknown_future": lambda s, run: (post(s, "/api/v1/retrieve_future", {"request_id": "nope"}), 404, ["nope"]),
     "unknown_session": lambda s, run: (
         post(s, "/api/v1/create_model", {"session_id": "nope", "base_model": MODEL_NAME}), 404, ["session"]),

@@ -40,11 +40,13 @@ def test_a_user_script_fine_tunes_and_samples_the_trained_answer(keyed_server, t
     # 1e-3: loss falls smoothly (119 -> 0.02 here). At 5e-3 with the SDK's default eps (1e-12)
     # the loss oscillates chaotically in peft and loraloom alike, so the outcome would depend
     # on rounding (see test_sdk_matches_peft.py for the step-by-step comparison).
-    for _ in range(20):
+    for i in range(20):
         fb = tc.forward_backward(data, "cross_entropy")
         opt = tc.optim_step(types.AdamParams(learning_rate=1e-3))
         losses.append(fb.result().metrics["loss:sum"])
-        opt.result()
+        metrics = opt.result().metrics
+        # No `step` key: tinker-cookbook merges these into rows keyed by its own integer step.
+        assert "step" not in metrics and metrics["optimizer_step"] == i + 1, metrics
     assert losses[-1] < losses[0] / 2, losses
     sampler = tc.save_weights_and_get_sampling_client().result()
     for prompt, answer in PAIRS:

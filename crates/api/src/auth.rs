@@ -63,13 +63,14 @@ impl Auth {
 }
 
 /// Parses `tenant=tml-key` pairs (from flags) and lines of a keys file (`tenant tml-key` or
-/// `tenant=tml-key`; `#` comments). Rejects keys without the SDK's `tml-` prefix and duplicates.
+/// `tenant=tml-key`; a `#` at the start of a line or after a space starts a comment, a `#`
+/// inside a key is part of it). Rejects keys without the SDK's `tml-` prefix and duplicates.
 pub fn parse_keys<'a>(
     entries: impl IntoIterator<Item = &'a str>,
 ) -> Result<HashMap<String, String>, String> {
     let mut keys = HashMap::new();
     for (n, raw) in entries.into_iter().enumerate() {
-        let line = raw.split('#').next().unwrap_or("").trim();
+        let line = without_comment(raw).trim();
         if line.is_empty() {
             continue;
         }
@@ -89,6 +90,13 @@ pub fn parse_keys<'a>(
         }
     }
     Ok(keys)
+}
+
+/// `line` up to its comment: a `#` at the start or after whitespace.
+fn without_comment(line: &str) -> &str {
+    line.char_indices()
+        .find(|&(i, c)| c == '#' && line[..i].chars().last().is_none_or(char::is_whitespace))
+        .map_or(line, |(i, _)| &line[..i])
 }
 
 #[cfg(test)]
@@ -123,6 +131,21 @@ mod tests {
             SINGLE_TENANT
         );
         assert!(auth.tenant(&headers("sk-nope")).is_err());
+    }
+
+    #[test]
+    fn a_hash_inside_a_key_is_kept_and_comments_are_dropped() {
+        let keys = parse_keys([
+            "alice=tml-ab#cd12",
+            "bob tml-bob-22 # Bob's key",
+            "  # a comment line",
+            "carol=tml-carol#1 #note",
+        ])
+        .unwrap();
+        assert_eq!(keys.get("tml-ab#cd12").map(String::as_str), Some("alice"));
+        assert_eq!(keys.get("tml-bob-22").map(String::as_str), Some("bob"));
+        assert_eq!(keys.get("tml-carol#1").map(String::as_str), Some("carol"));
+        assert_eq!(keys.len(), 3);
     }
 
     #[test]

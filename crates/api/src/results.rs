@@ -134,8 +134,10 @@ pub fn output_response(out: &Output, proto_ok: bool) -> Response {
 pub fn output_json(out: &Output) -> Value {
     match out {
         Output::Created { model_id } => json!({"model_id": model_id}),
+        // Not `step`: tinker-cookbook merges these metrics into its own rows, whose `step` is
+        // the loop's integer step.
         Output::OptimStep(s) => {
-            json!({"metrics": {"grad_norm": s.grad_norm, "step": s.step as f64}})
+            json!({"metrics": {"grad_norm": s.grad_norm, "optimizer_step": s.step as f64}})
         }
         Output::Saved { path, sampler_id } => match sampler_id {
             Some(id) => json!({"path": path, "sampling_session_id": id}),

@@ -80,10 +80,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> ApiError {
+/// A 404 that names the method and path asked for (the path cut to 200 characters).
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let path: String = uri.path().chars().take(200).collect();
     ApiError::Engine(EngineError::NotFound {
         what: "route".into(),
-        id: "this path".into(),
+        id: format!("{method} {path}"),
     })
 }
 
