@@ -1,6 +1,7 @@
 //! The axum router and its handlers. Every mutating call follows one path: parse the wire body
 //! (naming bad fields) → authenticate → build engine work → submit → answer a promise.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -20,12 +21,17 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
+use crate::idempotency::Replays;
 use crate::results::{output_response, sample_json, PROTOBUF};
 use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
 
 /// LoRA alpha of every adapter (the SDK sends none; Tinker-compatible servers use 32).
 pub const LORA_ALPHA: f64 = 32.0;
+
+/// How long a response is kept for retries with the same idempotency key (the SDK retries
+/// within a few minutes).
+pub const REPLAY_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// Every route loraloom serves.
 pub fn router(state: AppState) -> Router {
@@ -77,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::metrics::prometheus))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(Replays::new(REPLAY_TTL)),
+            crate::idempotency::replay,
+        ))
         .with_state(state)
 }
 
