@@ -3,9 +3,8 @@ request, so a request resent after its response was lost must not do its work tw
 
 import requests
 
+import test_bad_input as bad_input
 from conftest import ALICE, BOB, MODEL_NAME
-
-H = {"X-API-Key": ALICE}
 
 
 def post(server, path, body, key=None, api_key=ALICE):
@@ -22,20 +21,7 @@ def result(server, promise, api_key=ALICE):
 
 
 def fb_body(model_id):
-    tokens, targets = [1, 2, 3, 4], [2, 3, 4, 5]
-    return {
-        "model_id": model_id,
-        "forward_backward_input": {
-            "loss_fn": "cross_entropy",
-            "data": [{
-                "model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens}]},
-                "loss_fn_inputs": {
-                    "target_tokens": {"data": targets, "dtype": "int64", "shape": [4]},
-                    "weights": {"data": [1.0] * 4, "dtype": "float32", "shape": [4]},
-                },
-            }],
-        },
-    }
+    return bad_input.fb_body(model_id, [1, 2, 3, 4], [2, 3, 4, 5], [1.0] * 4)
 
 
 def test_a_resent_request_replays_its_first_response_and_runs_once(keyed_server):

@@ -703,35 +703,32 @@ impl Decoder {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
+        let attend = |q: &Tensor, causal: bool, gqa: bool| {
+            Tensor::f_scaled_dot_product_attention(
+                q,
+                &k,
+                &v,
+                ctx.mask.as_ref(),
+                0.0,
+                causal,
+                None,
+                gqa,
+            )
+        };
         let attn = if t == 1 && c.num_kv_heads != c.num_heads {
             // One query per row (a decode step): the query heads sharing a key/value head become
             // that head's query positions, so attention needs no expanded copy of the cache (no
             // GQA) and fused kernels accept the mask. A single query sees every key it is not
             // masked from: nothing causal within the step.
             let group = c.num_heads / c.num_kv_heads;
-            let q = q.f_reshape([b, c.num_kv_heads, group, c.head_dim])?;
-            Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                ctx.mask.as_ref(),
-                0.0,
+            attend(
+                &q.f_reshape([b, c.num_kv_heads, group, c.head_dim])?,
                 false,
-                None,
                 false,
             )?
             .f_reshape([b, c.num_heads, 1, c.head_dim])?
         } else {
-            Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                ctx.mask.as_ref(),
-                0.0,
-                ctx.mask.is_none(),
-                None,
-                c.num_kv_heads != c.num_heads,
-            )?
+            attend(&q, ctx.mask.is_none(), c.num_kv_heads != c.num_heads)?
         };
         let attn = attn
             .f_transpose(1, 2)?
