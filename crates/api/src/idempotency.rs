@@ -56,13 +56,16 @@ struct Sent {
 }
 
 impl Sent {
-    fn replay(&self) -> Response {
+    /// The response again, marked with [`REPLAY_HEADER`] when it answers a retry.
+    fn response(&self, replayed: bool) -> Response {
         let mut response = Response::new(Body::from(self.body.clone()));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers.clone();
-        response
-            .headers_mut()
-            .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
+        if replayed {
+            response
+                .headers_mut()
+                .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
+        }
         response
     }
 }
@@ -189,7 +192,7 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
             Role::Retry(mut response) => {
                 if let Ok(sent) = response.wait_for(Option::is_some).await {
                     if let Some(sent) = sent.as_ref() {
-                        return sent.replay();
+                        return sent.response(true);
                     }
                 }
                 // The first attempt ended without a response to replay: run this one.
@@ -226,10 +229,8 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
                     headers: parts.headers,
                     body,
                 };
-                let _ = tx.send(Some(sent.clone()));
-                let mut response = Response::new(Body::from(sent.body));
-                *response.status_mut() = sent.status;
-                *response.headers_mut() = sent.headers;
+                let response = sent.response(false);
+                let _ = tx.send(Some(sent));
                 return response;
             }
         }

@@ -455,7 +455,6 @@ impl Decoder {
             .f_view([rows, 1])?;
         let cols = Tensor::f_arange(seq, (Kind::Int64, device))?;
         let positions = cols.f_unsqueeze(0)?.f_sub(&pad)?.f_clamp_min(0)?;
-        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
         // [rows, 1, seq (query), seq (key)]
         let query = cols.f_view([1, seq, 1])?;
         let key = cols.f_view([1, 1, seq])?;
@@ -466,11 +465,7 @@ impl Decoder {
             .f_logical_and(&real_key)?
             .f_logical_or(&own)?
             .f_unsqueeze(1)?;
-        let ctx = Attend {
-            cos: cos.f_unsqueeze(1)?,
-            sin: sin.f_unsqueeze(1)?,
-            mask: Some(mask),
-        };
+        let ctx = self.attend_at(&positions, mask)?;
         let mut layers = Vec::with_capacity(self.blocks.len());
         let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
         Ok((hidden, KvCache::from_prefill(layers, pads.to_vec())))
@@ -510,15 +505,8 @@ impl Decoder {
         let positions = Tensor::from_slice(&positions)
             .f_to_device(self.device)?
             .f_unsqueeze(1)?;
-        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
-        let ctx = Attend {
-            cos: cos.f_unsqueeze(1)?,
-            sin: sin.f_unsqueeze(1)?,
-            mask: Some(cache.key_mask(1)?),
-        };
-        cache.reserve(1)?;
-        let hidden = self.run_blocks(&input, &ctx, lora, Cache::Append(cache))?;
-        cache.advance(1);
+        let ctx = self.attend_at(&positions, cache.key_mask(1)?)?;
+        let hidden = self.run_appending(&input, &ctx, lora, cache)?;
         Ok(hidden.f_squeeze_dim(1)?)
     }
 
@@ -556,7 +544,6 @@ impl Decoder {
             .f_to_device(device)?;
         let positions =
             Tensor::f_arange_start(start, start + t, (Kind::Int64, device))?.f_unsqueeze(0)?;
-        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
         // [1, 1, t, len + t]: past columns from the row's first real one, then causal.
         let len = cache.len();
         let key = Tensor::f_arange(len + t, (Kind::Int64, device))?.f_view([1, len + t])?;
@@ -565,13 +552,32 @@ impl Decoder {
             .f_le_tensor(&query)?
             .f_logical_and(&key.f_ge(cache.pad[0])?)?
             .f_view([1, 1, t, len + t])?;
-        let ctx = Attend {
+        let ctx = self.attend_at(&positions, mask)?;
+        self.run_appending(&input, &ctx, lora, cache)
+    }
+
+    /// Rotary tables for `positions` (`[rows, seq]`, broadcast over heads) and `mask`.
+    fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
+        let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
+        Ok(Attend {
             cos: cos.f_unsqueeze(1)?,
             sin: sin.f_unsqueeze(1)?,
             mask: Some(mask),
-        };
+        })
+    }
+
+    /// Runs `input` (`[rows, t]`) after `cache`'s window, writing its keys and values there:
+    /// room is reserved first and the window advanced after.
+    fn run_appending(
+        &self,
+        input: &Tensor,
+        ctx: &Attend,
+        lora: Option<&LoraBatch>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let t = input.size()[1];
         cache.reserve(t)?;
-        let hidden = self.run_blocks(&input, &ctx, lora, Cache::Append(cache))?;
+        let hidden = self.run_blocks(input, ctx, lora, Cache::Append(cache))?;
         cache.advance(t);
         Ok(hidden)
     }

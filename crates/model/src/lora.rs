@@ -363,12 +363,7 @@ impl AdapterStack {
     /// Gathers `adapters` (all of one slab; an adapter listed twice is one member) into a
     /// stack computing in `kind`.
     pub fn new(adapters: &[&LoraAdapter], kind: Kind, trainable: bool) -> Result<Self> {
-        let mut unique: Vec<&LoraAdapter> = Vec::with_capacity(adapters.len());
-        for &a in adapters {
-            if !unique.iter().any(|u| Arc::ptr_eq(&u.pending, &a.pending)) {
-                unique.push(a);
-            }
-        }
+        let unique = distinct(adapters);
         let adapters = unique.as_slice();
         let Some(first) = adapters.first() else {
             return Err(ModelError::invalid("adapters", "an empty stack"));
@@ -468,14 +463,8 @@ impl AdapterStack {
                 "a stack holds adapters of one layout",
             ));
         }
-        let mut joining: Vec<&LoraAdapter> = Vec::new();
-        for &a in adapters {
-            let known = self.member(a).is_some()
-                || joining.iter().any(|j| Arc::ptr_eq(&j.pending, &a.pending));
-            if !known {
-                joining.push(a);
-            }
-        }
+        let mut joining = distinct(adapters);
+        joining.retain(|a| self.member(a).is_none());
         if !joining.is_empty() {
             let slots: Vec<i64> = joining.iter().map(|a| a.row().index()).collect();
             let rows = gather_rows(&self.slab, &slots, self.kind)?;
@@ -602,6 +591,17 @@ impl AdapterStack {
         }
         Ok(())
     }
+}
+
+/// `adapters` without repeats (identity: the pending-gradient flag), in first-seen order.
+fn distinct<'a>(adapters: &[&'a LoraAdapter]) -> Vec<&'a LoraAdapter> {
+    let mut unique: Vec<&LoraAdapter> = Vec::with_capacity(adapters.len());
+    for &a in adapters {
+        if !unique.iter().any(|u| Arc::ptr_eq(&u.pending, &a.pending)) {
+            unique.push(a);
+        }
+    }
+    unique
 }
 
 /// The weights of slab rows `slots`, `[slots.len(), numel]` in `kind`.
