@@ -256,18 +256,14 @@ pub struct Generation {
     prefill_chunk: usize,
 }
 
-/// A request whose long prompt is being prefilled chunk by chunk.
+/// A request whose long prompt is being prefilled chunk by chunk: what joins the batch when it
+/// is done, and the prompt's progress.
 struct Prefilling {
-    tag: RequestTag,
-    params: SamplingParams,
-    num_samples: i64,
+    request: Joining,
     prompt: Vec<i64>,
-    member: Option<(usize, i64)>,
     /// Prompt tokens prefilled so far, and their cache.
     done: usize,
     cache: Option<KvCache>,
-    /// Prompt logprobs so far (`[None]` for the first token), when asked.
-    prompt_logprobs: Option<Vec<Option<f32>>>,
 }
 
 /// A request whose prompt is prefilled, about to join the batch.
@@ -276,6 +272,7 @@ struct Joining {
     params: SamplingParams,
     num_samples: i64,
     member: Option<(usize, i64)>,
+    /// Prompt logprobs (`[None]` for the first token; filled as chunks are prefilled), when asked.
     prompt_logprobs: Option<Vec<Option<f32>>>,
 }
 
@@ -369,14 +366,16 @@ impl Generation {
                 .map(|members| members[0])
                 .map(|member| {
                     self.prefilling.push_back(Prefilling {
-                        tag: *tag,
-                        params: r.params.clone(),
-                        num_samples: r.num_samples,
+                        request: Joining {
+                            tag: *tag,
+                            params: r.params.clone(),
+                            num_samples: r.num_samples,
+                            member,
+                            prompt_logprobs: r.prompt_logprobs.then(|| vec![None]),
+                        },
                         prompt: r.prompt.clone(),
-                        member,
                         done: 0,
                         cache: None,
-                        prompt_logprobs: r.prompt_logprobs.then(|| vec![None]),
                     });
                 });
         }
@@ -417,7 +416,7 @@ impl Generation {
                 "stop strings need the model's tokenizer",
             ));
         }
-        if self.live.contains_key(&tag) || self.prefilling.iter().any(|p| p.tag == tag) {
+        if self.live.contains_key(&tag) || self.prefilling.iter().any(|p| p.request.tag == tag) {
             return Err(ModelError::invalid(
                 "tag",
                 format!("request {tag} is already live"),
@@ -598,18 +597,12 @@ impl Generation {
                 None
             }
             Ok(Some((cache, logits))) => {
-                let joining = Joining {
-                    tag: p.tag,
-                    params: p.params,
-                    num_samples: p.num_samples,
-                    member: p.member,
-                    prompt_logprobs: p.prompt_logprobs,
-                };
-                self.join(cache, logits, vec![joining])
+                let tag = p.request.tag;
+                self.join(cache, logits, vec![p.request])
                     .err()
-                    .map(|e| (p.tag, e))
+                    .map(|e| (tag, e))
             }
-            Err(e) => Some((p.tag, e)),
+            Err(e) => Some((p.request.tag, e)),
         }
     }
 
@@ -623,6 +616,7 @@ impl Generation {
         let end = (p.done + self.prefill_chunk).min(len);
         let ids = &p.prompt[p.done..end];
         let lora = p
+            .request
             .member
             .map(|(s, m)| LoraBatch::one(&self.stacks[s], m, 1))
             .transpose()?;
@@ -635,7 +629,7 @@ impl Generation {
             }
             Some(cache) => decoder.extend(ids, cache, lora.as_ref())?,
         };
-        if let Some(lps) = &mut p.prompt_logprobs {
+        if let Some(lps) = &mut p.request.prompt_logprobs {
             // Position i of the chunk predicts prompt token done + i + 1.
             let targets = &p.prompt[p.done + 1..(end + 1).min(len)];
             if !targets.is_empty() {
@@ -764,7 +758,7 @@ impl Generation {
         let mut used: Vec<Vec<bool>> = self.stacks.iter().map(|s| vec![false; s.len()]).collect();
         let members = self.live.values().map(|l| l.member);
         for (s, m) in members
-            .chain(self.prefilling.iter().map(|p| p.member))
+            .chain(self.prefilling.iter().map(|p| p.request.member))
             .flatten()
         {
             used[s][m as usize] = true;
@@ -802,7 +796,7 @@ impl Generation {
         self.live.values_mut().for_each(|l| remap(&mut l.member));
         self.prefilling
             .iter_mut()
-            .for_each(|p| remap(&mut p.member));
+            .for_each(|p| remap(&mut p.request.member));
         Ok(())
     }
 
@@ -812,7 +806,7 @@ impl Generation {
         self.cache = None;
         self.logits = None;
         self.stacks.clear();
-        let prefilling = self.prefilling.drain(..).map(|p| p.tag);
+        let prefilling = self.prefilling.drain(..).map(|p| p.request.tag);
         let mut tags: Vec<RequestTag> = prefilling.collect();
         tags.extend(self.live.drain().map(|(tag, _)| tag));
         tags
