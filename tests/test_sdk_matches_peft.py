@@ -21,14 +21,14 @@ from test_sdk import PAIRS, make_datum
 STEPS, LR, TOLERANCE = 8, 1e-3, 1e-3
 
 
-def peft_losses(adapter_dir, data):
+def peft_losses(adapter_dir, data, steps=STEPS, lr=LR):
     base = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     params = [p for p in model.parameters() if p.requires_grad]
     # The SDK's AdamParams defaults: betas (0.9, 0.95), eps 1e-12.
-    opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.95), eps=1e-12)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95), eps=1e-12)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         total = 0.0
         for d in data:

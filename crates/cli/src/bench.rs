@@ -12,7 +12,8 @@ use loraloom_engine::{
 };
 use loraloom_model::{
     forward_backward, sample, step_many, AdamParams, AdamState, Datum, Decoder, LoraAdapter,
-    LoraSpec, LossFn, LossInputs, SampleRequest, SamplingParams, StepJob, Stop, TrainRequest,
+    LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams, StepJob, Stop,
+    TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -123,7 +124,7 @@ pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyho
             loss: LossFn::CrossEntropy,
             data: &data,
         };
-        forward_backward(decoder, &[req], true)?;
+        forward_backward(decoder, &[req], true, NO_LIMIT)?;
         opt.step(&adapter, &hp)?;
         Ok(())
     })?;
@@ -134,6 +135,46 @@ pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyho
                "flops_per_token": 4.0 * params}),
     );
     Ok(())
+}
+
+/// forward_backward of one datum of `len` tokens (rank 16, all targets) within `budget` bytes
+/// of activations: seconds, how the pass was split, and the process's resident memory before
+/// and at its peak (`VmHWM`: run it as the only benchmark of its process).
+pub fn long_datum(decoder: &Decoder, len: usize, budget: u64) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let data = vec![datum(0, len, vocab)];
+    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let cost = PassCost::new(decoder.config(), decoder.kind());
+    let plan = loraloom_model::memory::plan(&[len], true, &cost, budget)?;
+    let rss_before = proc_status_kib("VmRSS");
+    let start = Instant::now();
+    let req = TrainRequest {
+        adapter: Some(&adapter),
+        loss: LossFn::CrossEntropy,
+        data: &data,
+    };
+    forward_backward(decoder, &[req], true, budget)?;
+    emit(
+        "long_datum",
+        json!({"len": len, "seconds": start.elapsed().as_secs_f64(),
+               "budget_bytes": budget, "mode": format!("{:?}", plan.micro_batches[0].mode),
+               "loss_chunk": plan.loss_chunk,
+               "rss_before_kib": rss_before, "peak_rss_kib": proc_status_kib("VmHWM")}),
+    );
+    Ok(())
+}
+
+/// A `kB` field of `/proc/self/status` (0 where unreadable).
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Greedy decode of `sequences` sequences over `adapters` adapters (0 = base model): one
@@ -402,6 +443,7 @@ fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> any
             data: &warmup,
         }],
         true,
+        NO_LIMIT,
     )?;
     opt.step(&single, &hp)?;
     let started = Instant::now();
@@ -414,7 +456,7 @@ fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> any
             loss: LossFn::CrossEntropy,
             data: &data,
         };
-        forward_backward(decoder, &[req], true)?;
+        forward_backward(decoder, &[req], true, NO_LIMIT)?;
         opt.step(&single, &hp)?;
     }
     Ok(started.elapsed().as_secs_f64())
@@ -450,7 +492,7 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
                             loss: LossFn::CrossEntropy,
                             data: &data,
                         };
-                        forward_backward(&dec, &[req], true)?;
+                        forward_backward(&dec, &[req], true, NO_LIMIT)?;
                         drop(guard);
                         let mut guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                         let (adapter, opt) = &mut *guard;

@@ -1,6 +1,7 @@
 //! The `loraloom` binary: `serve` starts the HTTP server on one base model; `bench` measures.
 
 mod bench;
+mod budget;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,7 +45,8 @@ struct BenchArgs {
     /// Checkpoint directory.
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
-    /// What to measure: roofline, forward, train, decode, optim, engine (comma-separated).
+    /// What to measure: roofline, forward, train, decode, optim, engine, long (comma-separated;
+    /// `long` reports the process's peak memory, so run it alone).
     #[arg(
         long,
         value_delimiter = ',',
@@ -63,6 +65,12 @@ struct BenchArgs {
     /// Where the model runs: auto (a GPU when libtorch sees one), cpu, cuda or cuda:N.
     #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
     device: String,
+    /// Tokens of the datum of the `long` benchmark.
+    #[arg(long, default_value_t = 8192)]
+    len: usize,
+    /// Activation memory budget of the `long` benchmark (`auto` as for `serve`, or a size).
+    #[arg(long, default_value = "auto")]
+    memory_budget: String,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -88,6 +96,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 bench::decode(&d, 64, 16, 32, iters, true)
             })?,
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
+            "long" => {
+                let (budget, _) = budget::resolve(&args.memory_budget, d.device(), 1)?;
+                let len = args.len;
+                bench::isolated(move || bench::long_datum(&d, len, budget))?
+            }
             "engine" => {
                 for &n in &args.tenants {
                     bench::engine(base.info(), &d, n, 128, args.steps)?;
@@ -158,6 +171,12 @@ struct ServeArgs {
     /// larger requests are refused (split them into several calls).
     #[arg(long, env = "LORALOOM_MAX_REQUEST_TOKENS", default_value_t = 32768)]
     max_request_tokens: usize,
+    /// Activation memory one training or scoring pass may hold: `auto` (half of the memory
+    /// free once the model is loaded, RAM or the GPU's, over the workers) or a size such as
+    /// `8G`. Larger batches run in micro-batches (same gradients), a datum too long for it runs
+    /// with activation checkpointing, and one too long even so is refused with a 400.
+    #[arg(long, env = "LORALOOM_MEMORY_BUDGET", default_value = "auto")]
+    memory_budget: String,
     /// Jobs one tenant may have queued.
     #[arg(long, env = "LORALOOM_MAX_QUEUED_PER_TENANT", default_value_t = 256)]
     max_queued_per_tenant: usize,
@@ -272,6 +291,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Arc::new(
         Registry::durable(args.data_dir.clone(), store.clone()).context("reading the store")?,
     );
+    let (memory_budget, budget_source) =
+        budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
+    tracing::info!("memory budget: {budget_source}");
     let backends: Vec<Box<dyn Backend>> = (0..args.workers)
         .map(|_| {
             Box::new(
@@ -282,7 +304,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 )
                 .with_step_snapshots(args.step_snapshots)
                 .with_max_resident(args.max_resident_runs)
-                .with_max_resident_samplers(args.max_resident_samplers),
+                .with_max_resident_samplers(args.max_resident_samplers)
+                .with_memory_budget(memory_budget),
             ) as Box<dyn Backend>
         })
         .collect();
@@ -292,6 +315,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             total: args.max_queued,
             max_batch_tokens: args.max_batch_tokens,
             max_request_tokens: args.max_request_tokens,
+            memory_budget,
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
             max_kv_tokens: args.max_kv_tokens,

@@ -95,6 +95,8 @@ pub struct ModelWorker {
     threads_set: bool,
     max_resident: usize,
     max_resident_samplers: usize,
+    /// Activation memory one training or scoring pass may hold, in bytes.
+    memory_budget: u64,
     decoding: Decoding,
 }
 
@@ -115,6 +117,7 @@ impl ModelWorker {
             threads_set: false,
             max_resident: 0,
             max_resident_samplers: 0,
+            memory_budget: loraloom_model::NO_LIMIT,
             decoding: Decoding {
                 generation: Generation::new(kind),
                 jobs: HashMap::new(),
@@ -135,6 +138,13 @@ impl ModelWorker {
     /// them.
     pub fn with_max_resident(mut self, n: usize) -> Self {
         self.max_resident = n;
+        self
+    }
+
+    /// Runs each `forward_backward` / `forward` batch in micro-batches whose activations fit
+    /// `bytes` (see [`loraloom_model::memory`]); the default never splits.
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = bytes;
         self
     }
 
@@ -339,7 +349,7 @@ impl ModelWorker {
         fused_or_alone(
             &runnable,
             &mut results,
-            |reqs| forward_backward(&self.decoder, reqs, backward),
+            |reqs| forward_backward(&self.decoder, reqs, backward, self.memory_budget),
             Output::ForwardBackward,
         );
         let ran: Vec<usize> = runnable.into_iter().map(|(i, _)| i).collect();

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use loraloom_model::{Decoder, ModelConfig, ModelError, TextTokenizer};
+use loraloom_model::{Decoder, ModelConfig, ModelError, PassCost, TextTokenizer};
 
 /// What clients may know about the served model.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +18,8 @@ pub struct BaseModelInfo {
     pub summary: String,
     /// The model's configuration (for validating LoRA specs at submission).
     pub config: ModelConfig,
+    /// What a training pass of it holds per token (for refusing what no memory budget fits).
+    pub pass_cost: PassCost,
 }
 
 /// The base model: loaded once. libtorch tensors are `Send` but not `Sync`, so each worker
@@ -46,6 +48,7 @@ impl BaseModel {
             vocab_size: decoder.config().vocab_size,
             summary: decoder.summary(),
             config: decoder.config().clone(),
+            pass_cost: PassCost::new(decoder.config(), decoder.kind()),
         };
         Ok(BaseModel {
             info,

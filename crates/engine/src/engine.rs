@@ -264,11 +264,29 @@ impl Engine {
             Work::Load { path, .. } => {
                 check_checkpoint(&self.inner.registry, queue.tenant(), path)?
             }
-            Work::ForwardBackward { data, loss, .. } => {
+            Work::ForwardBackward {
+                data,
+                loss,
+                backward,
+                ..
+            } => {
                 validate_request(config, loss, data)?;
-                let longest = data.iter().map(|d| d.input_tokens.len()).max().unwrap_or(0);
+                let lengths: Vec<usize> = data.iter().map(|d| d.input_tokens.len()).collect();
+                let longest = lengths.iter().copied().max().unwrap_or(0);
                 let padded = data.len() * longest;
-                let limit = lock(&self.inner.sched).limits().max_request_tokens;
+                let (limit, budget) = {
+                    let sched = lock(&self.inner.sched);
+                    (
+                        sched.limits().max_request_tokens,
+                        sched.limits().memory_budget,
+                    )
+                };
+                loraloom_model::memory::check_fits(
+                    &lengths,
+                    *backward,
+                    &self.inner.base.pass_cost,
+                    budget,
+                )?;
                 if padded > limit {
                     return Err(EngineError::invalid(
                         "data",

@@ -25,6 +25,9 @@ pub struct Limits {
     /// Largest `forward_backward` / `forward` request, in padded tokens (datums × the longest
     /// datum's length): what one request makes the model hold at once.
     pub max_request_tokens: usize,
+    /// Activation memory one training or scoring pass may hold, in bytes: a datum that cannot
+    /// run within it even with activation checkpointing is refused at submission.
+    pub memory_budget: u64,
     /// Jobs waiting longer than this fail.
     pub queue_timeout: Duration,
     /// How long a batch smaller than the recent batches of its class may wait for the rest of
@@ -44,6 +47,7 @@ impl Default for Limits {
             total: 4096,
             max_batch_tokens: 8192,
             max_request_tokens: 32768,
+            memory_budget: loraloom_model::NO_LIMIT,
             queue_timeout: Duration::from_secs(600),
             batch_fill_wait: Duration::from_millis(10),
             max_kv_tokens: 65536,

@@ -13,7 +13,7 @@ use loraloom_engine::{
 };
 use loraloom_model::{
     forward_backward, AdamParams, AdamState, Datum, Decoder, Field, LoraAdapter, LoraSpec, LossFn,
-    LossInputs, ModelConfig, SamplingParams, StepStats, Stop, TrainRequest,
+    LossInputs, ModelConfig, PassCost, SamplingParams, StepStats, Stop, TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind};
 
@@ -31,6 +31,7 @@ fn info(config: ModelConfig) -> BaseModelInfo {
         max_context_length: config.max_position_embeddings,
         vocab_size: config.vocab_size,
         summary: "tiny".into(),
+        pass_cost: PassCost::new(&config, Kind::Float),
         config,
     }
 }
@@ -463,7 +464,7 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
                 loss: LossFn::CrossEntropy,
                 data: &d,
             };
-            forward_backward(&decoder, &[req], true).unwrap();
+            forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
             opt.step(&alone, &hp).unwrap();
         }
         let entry = engine.registry().model(&k.tenant, "run").unwrap();
@@ -582,7 +583,7 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
             loss: LossFn::CrossEntropy,
             data: &d,
         };
-        forward_backward(&decoder, &[req], true).unwrap();
+        forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
         opt.step(&alone, &hp).unwrap();
     }
     let entry = engine.registry().model("t", "a").unwrap();

@@ -130,6 +130,28 @@ struct Attend {
     mask: Option<Tensor>,
 }
 
+/// A pass run with activation checkpointing, waiting for its backward pass
+/// ([`Decoder::hidden_states_checkpointed`]).
+pub struct Checkpointed {
+    ctx: Attend,
+    /// The input of every block (no graph).
+    inputs: Vec<Tensor>,
+    /// The last block's output, an autograd leaf.
+    top: Tensor,
+    /// Final-normed hidden states `[batch, seq, hidden]`, with a graph back to `top`.
+    pub hidden: Tensor,
+}
+
+/// Back-propagates `grad` (the gradient of a loss with respect to `output`) into `output`'s
+/// graph: the gradient of `sum(output · grad)` with `grad` constant is exactly `grad`.
+pub(crate) fn backward_with(output: &Tensor, grad: &Tensor) -> Result<()> {
+    output
+        .f_mul(&grad.f_detach()?.f_to_kind(output.kind())?)?
+        .f_sum(Kind::Float)?
+        .f_backward()?;
+    Ok(())
+}
+
 /// Applies a linear layer plus any LoRA delta the batch holds for `(layer, target)`.
 fn project(
     linear: &Linear,
@@ -402,6 +424,78 @@ impl Decoder {
             mask: None,
         };
         self.run_blocks(&ids, &ctx, lora, Cache::None)
+    }
+
+    /// [`Decoder::hidden_states`] with activation checkpointing: the blocks run without a graph,
+    /// keeping only each block's input; only the final norm's graph is built. The returned pass
+    /// holds the hidden states (whose graph reaches the last block's output) until
+    /// [`Decoder::backward_checkpointed`] recomputes the blocks one at a time. Memory: one
+    /// `[batch, seq, hidden]` tensor per layer instead of every layer's activations.
+    pub fn hidden_states_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Checkpointed> {
+        let ids = self.checked_ids(input_ids, lora)?;
+        let seq = ids.size()[1];
+        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
+        let ctx = Attend {
+            cos,
+            sin,
+            mask: None,
+        };
+        let (inputs, top) = tch::no_grad(|| -> Result<(Vec<Tensor>, Tensor)> {
+            let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+            let mut inputs = Vec::with_capacity(self.blocks.len());
+            for (i, block) in self.blocks.iter().enumerate() {
+                let (out, _, _) = self.block_forward(block, i, &x, &ctx, None, lora)?;
+                inputs.push(x);
+                x = out;
+            }
+            Ok((inputs, x))
+        })?;
+        let top = top.set_requires_grad(true);
+        let hidden = self.final_norm.forward(&top)?;
+        Ok(Checkpointed {
+            ctx,
+            inputs,
+            top,
+            hidden,
+        })
+    }
+
+    /// The backward pass of a checkpointed pass, given the gradient of the loss with respect to
+    /// its hidden states: each block is recomputed from its kept input, with a graph, and its
+    /// gradient taken before the next; LoRA leaves accumulate their gradients (`.grad`).
+    pub fn backward_checkpointed(
+        &self,
+        pass: Checkpointed,
+        lora: Option<&LoraBatch>,
+        grad: &Tensor,
+    ) -> Result<()> {
+        let Checkpointed {
+            ctx,
+            inputs,
+            top,
+            hidden,
+        } = pass;
+        backward_with(&hidden, grad)?;
+        drop(hidden);
+        let mut grad = top.f_grad()?;
+        drop(top);
+        for (i, input) in inputs.into_iter().enumerate().rev() {
+            if !grad.defined() {
+                break;
+            }
+            let x = input.f_detach()?.set_requires_grad(i > 0);
+            let (out, _, _) = self.block_forward(&self.blocks[i], i, &x, &ctx, None, lora)?;
+            if out.requires_grad() {
+                backward_with(&out, &grad)?;
+            }
+            drop(out);
+            grad = if i > 0 { x.f_grad()? } else { Tensor::new() };
+        }
+        Ok(())
     }
 
     /// Runs prompts `[rows, seq]` (no padding) and returns the final hidden states

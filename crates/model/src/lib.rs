@@ -4,7 +4,7 @@
 //! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
 //! LoRA adapters stored stacked in per-layout slabs ([`slab`]) and applied to a batch of many
 //! adapters with a fixed number of kernels per layer ([`lora`]), the Tinker losses ([`loss`]),
-//! fused multi-adapter training steps ([`train`]), one fused AdamW step over many runs
+//! fused multi-adapter training steps split to fit a memory budget ([`train`], [`memory`]), one fused AdamW step over many runs
 //! ([`adam`]), PEFT-layout checkpoints ([`checkpoint`]) and KV-cache sampling batched across
 //! adapters ([`sample`], [`kv_cache`]). It knows nothing of HTTP, tenants or queues.
 
@@ -16,6 +16,7 @@ pub mod error;
 pub mod kv_cache;
 pub mod lora;
 pub mod loss;
+pub mod memory;
 pub mod rng;
 pub mod rope;
 pub mod sample;
@@ -30,6 +31,7 @@ pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
 pub use loss::{LossFn, LossInputs};
+pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{
     sample, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence, SamplingParams,
     StepReport, Stop, StopReason,

@@ -653,19 +653,19 @@ impl StackSet {
             .ok_or_else(|| ModelError::invalid("adapter", "not in this batch's stacks"))
     }
 
-    /// One backward pass from `loss` to every stack's leaves; each member's gradients are added
-    /// to its slab row.
-    pub(crate) fn backward(&self, loss: &Tensor) -> Result<()> {
-        let leaves: Vec<&Tensor> = self.stacks.iter().flat_map(|s| s.leaves()).collect();
-        if leaves.is_empty() {
-            return Ok(());
-        }
-        let grads = Tensor::f_run_backward(&[loss], &leaves, false, false)?;
-        let mut rest = grads.as_slice();
+    /// Adds what the backward calls of a batch left in every stack's leaves (`.grad`) to each
+    /// member's gradient row. Called once, after every call succeeded, so a failed batch adds
+    /// nothing.
+    pub(crate) fn accumulate_leaf_grads(&self) -> Result<()> {
         for stack in &self.stacks {
-            let (mine, others) = rest.split_at(stack.leaves().len());
-            stack.accumulate(mine)?;
-            rest = others;
+            let grads = stack
+                .leaves()
+                .iter()
+                .map(|leaf| Ok(leaf.f_grad()?))
+                .collect::<Result<Vec<Tensor>>>()?;
+            if grads.iter().any(Tensor::defined) {
+                stack.accumulate(&grads)?;
+            }
         }
         Ok(())
     }

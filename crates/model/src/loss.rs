@@ -145,6 +145,17 @@ pub struct LossInputs {
 }
 
 impl LossInputs {
+    /// The inputs of positions `range` (a chunk of the datum).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> LossInputs {
+        let part = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[range.clone()].to_vec());
+        LossInputs {
+            target_tokens: self.target_tokens[range.clone()].to_vec(),
+            weights: part(&self.weights),
+            logprobs: part(&self.logprobs),
+            advantages: part(&self.advantages),
+        }
+    }
+
     /// Checks lengths against `len` (the model input's length), finiteness, and that the loss
     /// has what it needs.
     pub fn validate(&self, loss: &LossFn, len: usize, vocab: i64) -> Result<()> {

@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use common::*;
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
+use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
     forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Field, LoraAdapter,
-    LoraBatch, LoraSpec, LossFn, LossInputs, StepJob, TrainRequest,
+    LoraBatch, LoraSpec, LossFn, LossInputs, ModelConfig, PassCost, StepJob, TrainRequest,
+    NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -121,7 +123,9 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
         loss: LossFn::CrossEntropy,
         data: &data,
     };
-    let result = forward_backward(&decoder, &[req], true).unwrap().remove(0);
+    let result = forward_backward(&decoder, &[req], true, NO_LIMIT)
+        .unwrap()
+        .remove(0);
     let want_loss = expected["loss"].double_value(&[0]);
     assert!(
         (result.loss_sum - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
@@ -166,13 +170,13 @@ fn forward_computes_outputs_without_touching_gradients() {
         loss: LossFn::CrossEntropy,
         data: &data,
     };
-    let fwd = forward_backward(&decoder, &[req()], false).unwrap();
+    let fwd = forward_backward(&decoder, &[req()], false, NO_LIMIT).unwrap();
     assert!(!adapter.has_pending_gradients());
     assert_eq!(
         row_of(&adapter, Field::Grads).abs().max().double_value(&[]),
         0.0
     );
-    let fb = forward_backward(&decoder, &[req()], true).unwrap();
+    let fb = forward_backward(&decoder, &[req()], true, NO_LIMIT).unwrap();
     assert_eq!(fwd, fb);
     assert!(adapter.has_pending_gradients());
     let g1 = adapter.named_field_pairs(Field::Grads).unwrap()[0]
@@ -181,7 +185,7 @@ fn forward_computes_outputs_without_touching_gradients() {
         .copy();
     assert!(g1.abs().max().double_value(&[]) > 0.0);
     // A second forward_backward accumulates: the gradient doubles.
-    forward_backward(&decoder, &[req()], true).unwrap();
+    forward_backward(&decoder, &[req()], true, NO_LIMIT).unwrap();
     let g2 = adapter.named_field_pairs(Field::Grads).unwrap()[0]
         .1
         .b
@@ -410,14 +414,16 @@ fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) 
             data: &data[i],
         })
         .collect();
-    let fused_out = forward_backward(&decoder, &requests, true).unwrap();
+    let fused_out = forward_backward(&decoder, &requests, true, NO_LIMIT).unwrap();
     for i in 0..specs.len() {
         let req = TrainRequest {
             adapter: alone[i].as_ref(),
             loss: LossFn::CrossEntropy,
             data: &data[i],
         };
-        let out = forward_backward(&decoder, &[req], true).unwrap().remove(0);
+        let out = forward_backward(&decoder, &[req], true, NO_LIMIT)
+            .unwrap()
+            .remove(0);
         assert!((out.loss_sum - fused_out[i].loss_sum).abs() < 1e-5 * out.loss_sum.abs().max(1.0));
         if let (Some(f), Some(a)) = (&fused[i], &alone[i]) {
             let rel = rel_diff(&row_of(f, Field::Grads), &row_of(a, Field::Grads));
@@ -457,6 +463,118 @@ fn a_fused_batch_of_many_runs_of_one_layout_equals_each_alone() {
     fused_equals_alone("fused-gather", &specs, &[1, 3, 1, 2, 1, 1]);
 }
 
+/// Exact copies of `adapters` (weights only), for running the same batch twice.
+fn copies(adapters: &[Option<LoraAdapter>], cfg: &ModelConfig) -> Vec<Option<LoraAdapter>> {
+    adapters
+        .iter()
+        .map(|f| {
+            f.as_ref().map(|f| {
+                let a = LoraAdapter::new(f.spec().clone(), cfg, Device::Cpu).unwrap();
+                a.row()
+                    .write(Field::Params, &row_of(f, Field::Params))
+                    .unwrap();
+                a
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_split_to_fit_a_memory_budget_equals_one_pass() {
+    let (_dir, decoder) = tiny_llama("budget");
+    let cfg = decoder.config().clone();
+    let specs = [
+        Some(with_targets(spec(4, 31), true, true, true)),
+        None,
+        Some(spec(2, 32)),
+    ];
+    let whole: Vec<Option<LoraAdapter>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.clone().map(|s| {
+                let a = LoraAdapter::new(s, &cfg, Device::Cpu).unwrap();
+                perturb(&a, 40 + i as i64, 0.05);
+                a
+            })
+        })
+        .collect();
+    let split = copies(&whole, &cfg);
+    // Short datums around one long one, which alone exceeds the budget without checkpointing.
+    let mut first = train_data(1, 3, 9);
+    first.insert(1, train_data(2, 1, 60).remove(0));
+    let data = [first, train_data(3, 2, 12), train_data(4, 4, 7)];
+    fn batch<'a>(
+        adapters: &'a [Option<LoraAdapter>],
+        data: &'a [Vec<Datum>],
+    ) -> Vec<TrainRequest<'a>> {
+        (0..data.len())
+            .map(|i| TrainRequest {
+                adapter: adapters[i].as_ref(),
+                loss: LossFn::CrossEntropy,
+                data: &data[i],
+            })
+            .collect()
+    }
+    // The budget: the long datum fits only checkpointed, the loss runs in chunks shorter than
+    // it, and the batch needs several micro-batches (checked, so the test cannot pass vacuously).
+    let cost = PassCost::new(&cfg, Kind::Float);
+    // A loss chunk takes a sixteenth of the budget: what is left holds the checkpointed datum.
+    let budget = cost.activation_bytes(60, Mode::Checkpointed) * 16 / 15 + cost.loss_bytes(2);
+    let lengths: Vec<usize> = data
+        .iter()
+        .flatten()
+        .map(|d| d.input_tokens.len())
+        .collect();
+    let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
+    assert!(plan.micro_batches.len() >= 3, "{plan:?}");
+    assert!(plan.loss_chunk < 60, "{plan:?}");
+    assert!(
+        plan.micro_batches
+            .iter()
+            .any(|m| m.mode == Mode::Checkpointed && m.rows == (1..2)),
+        "{plan:?}"
+    );
+
+    let one = forward_backward(&decoder, &batch(&whole, &data), true, NO_LIMIT).unwrap();
+    let parts = forward_backward(&decoder, &batch(&split, &data), true, budget).unwrap();
+    for (i, (a, b)) in one.iter().zip(&parts).enumerate() {
+        assert!(
+            (a.loss_sum - b.loss_sum).abs() <= 1e-5 * a.loss_sum.abs().max(1.0),
+            "request {i}: {} vs {}",
+            a.loss_sum,
+            b.loss_sum
+        );
+        for (x, y) in a.outputs.iter().zip(&b.outputs) {
+            let lp = Tensor::from_slice(&x.logprobs);
+            assert!(rel_diff(&Tensor::from_slice(&y.logprobs), &lp) < 1e-5);
+            let el = Tensor::from_slice(&x.elementwise_loss);
+            assert!(rel_diff(&Tensor::from_slice(&y.elementwise_loss), &el) < 1e-5);
+        }
+    }
+    for (w, s) in whole.iter().zip(&split) {
+        if let (Some(w), Some(s)) = (w, s) {
+            let want = row_of(w, Field::Grads);
+            assert!(want.abs().max().double_value(&[]) > 0.0);
+            let rel = rel_diff(&row_of(s, Field::Grads), &want);
+            assert!(rel < 1e-5, "gradient differs by {rel}");
+        }
+    }
+    // Scoring (no graph) under the same budget gives the same log-probabilities.
+    let scored = forward_backward(&decoder, &batch(&split, &data), false, budget).unwrap();
+    for (a, b) in one.iter().zip(&scored) {
+        for (x, y) in a.outputs.iter().zip(&b.outputs) {
+            let lp = Tensor::from_slice(&x.logprobs);
+            assert!(rel_diff(&Tensor::from_slice(&y.logprobs), &lp) < 1e-5);
+        }
+    }
+    // What cannot fit even checkpointed is refused before any gradient changes.
+    let before = row_of(split[0].as_ref().unwrap(), Field::Grads);
+    let err = forward_backward(&decoder, &batch(&split, &data), true, budget / 4).unwrap_err();
+    assert!(err.to_string().contains("--memory-budget"), "{err}");
+    assert!(rel_diff(&row_of(split[0].as_ref().unwrap(), Field::Grads), &before) == 0.0);
+}
+
 #[test]
 fn save_state_then_load_continues_identically() {
     let (_dir, decoder) = tiny_llama("resume");
@@ -472,7 +590,7 @@ fn save_state_then_load_continues_identically() {
             loss: LossFn::CrossEntropy,
             data: &data,
         };
-        let loss = forward_backward(&decoder, &[req], true).unwrap()[0].loss_sum;
+        let loss = forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap()[0].loss_sum;
         opt.step(adapter, &hp).unwrap();
         loss
     };
@@ -619,7 +737,7 @@ fn bad_training_inputs_are_named_errors() {
             loss,
             data: &data,
         };
-        forward_backward(&decoder, &[req], true)
+        forward_backward(&decoder, &[req], true, NO_LIMIT)
             .unwrap_err()
             .to_string()
     };

@@ -1,0 +1,86 @@
+//! The activation memory budget of one training pass (`--memory-budget`).
+
+use loraloom_model::{human_bytes, parse_bytes, Device};
+
+/// The share of the memory free after the model loaded that training passes may use together;
+/// the rest is for resident adapters, sampling caches and the allocator's slack.
+const AUTO_SHARE: f64 = 0.5;
+
+/// Used when the free memory cannot be read.
+const FALLBACK: u64 = 4 << 30;
+
+/// Resolves `--memory-budget` (`auto` or a size such as `8G`) into bytes per pass, with a
+/// line saying where the figure came from. `auto` divides half of the memory free now (RAM on
+/// the CPU, the GPU's own memory on a GPU) among the `workers`, which can run passes at once.
+pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(u64, String)> {
+    if choice.trim() != "auto" {
+        let bytes = parse_bytes(choice).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
+        return Ok((bytes, format!("{} per pass (set)", human_bytes(bytes))));
+    }
+    let (free, source) = match device {
+        Device::Cuda(index) => (gpu_free(index), "the GPU's free memory"),
+        _ => (ram_available(), "available RAM"),
+    };
+    Ok(match free {
+        Some(free) => {
+            let bytes = (free as f64 * AUTO_SHARE) as u64 / workers.max(1) as u64;
+            (
+                bytes,
+                format!(
+                    "{} per pass (auto: half of {} {source}, over {workers} worker(s))",
+                    human_bytes(bytes),
+                    human_bytes(free)
+                ),
+            )
+        }
+        None => (
+            FALLBACK,
+            format!(
+                "{} per pass (auto: {source} could not be read; set --memory-budget)",
+                human_bytes(FALLBACK)
+            ),
+        ),
+    })
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn ram_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Free memory of GPU `index` as `nvidia-smi` reports it (libtorch's bindings do not expose
+/// `cudaMemGetInfo`), in bytes.
+fn gpu_free(index: usize) -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=memory.free",
+            "--format=csv,noheader,nounits",
+            "-i",
+            &index.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some(mib << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_auto_resolve() {
+        let (bytes, why) = resolve("8G", Device::Cpu, 2).unwrap();
+        assert_eq!(bytes, 8 << 30);
+        assert!(why.contains("8.0 GiB"), "{why}");
+        let (one, _) = resolve("auto", Device::Cpu, 1).unwrap();
+        assert!(one > 0);
+        assert!(resolve("lots", Device::Cpu, 1).is_err());
+    }
+}
