@@ -4,9 +4,10 @@
 //! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
 //! LoRA adapters stored stacked in per-layout slabs ([`slab`]) and applied to a batch of many
 //! adapters with a fixed number of kernels per layer ([`lora`]), the Tinker losses ([`loss`]),
-//! fused multi-adapter training steps split to fit a memory budget ([`train`], [`memory`]), one fused AdamW step over many runs
-//! ([`adam`]), PEFT-layout checkpoints ([`checkpoint`]) and KV-cache sampling batched across
-//! adapters ([`sample`], [`kv_cache`]). It knows nothing of HTTP, tenants or queues.
+//! fused multi-adapter training steps split to fit a memory budget ([`train`], [`memory`]), one
+//! fused AdamW step over many runs ([`adam`]), PEFT-layout checkpoints ([`checkpoint`]) and
+//! KV-cache sampling batched across adapters ([`sample`], [`kv_cache`]). It knows nothing of
+//! HTTP, tenants or queues.
 
 pub mod adam;
 pub mod checkpoint;
