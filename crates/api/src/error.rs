@@ -24,6 +24,9 @@ pub enum ApiError {
     /// A body over the size limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(usize),
+    /// A body that did not arrive in time.
+    #[error("request body was not received within {0} s (--body-timeout-secs)")]
+    BodyTimeout(u64),
 }
 
 impl ApiError {
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -60,6 +64,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::BodyTimeout(_) => "body_timeout",
         }
     }
 

@@ -23,7 +23,8 @@ impl FromRequestParts<AppState> for Tenant {
     }
 }
 
-/// The raw body, within the size limit.
+/// The raw body, within the size limit, read within the body timeout (a client that stops
+/// sending mid-body gets a 408 and its connection is closed).
 pub struct RawBody(pub Bytes);
 
 impl FromRequest<AppState> for RawBody {
@@ -31,7 +32,12 @@ impl FromRequest<AppState> for RawBody {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let limit = state.max_body_bytes;
-        match Bytes::from_request(req, state).await {
+        let deadline = state.body_timeout;
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
+        match read
+            .await
+            .map_err(|_| ApiError::BodyTimeout(deadline.as_secs()))?
+        {
             Ok(b) => Ok(RawBody(b)),
             Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::TooLarge(limit))

@@ -10,9 +10,11 @@ pub mod metrics;
 pub mod proto;
 pub mod results;
 pub mod routes;
+pub mod serve;
 pub mod state;
 pub mod wire;
 
 pub use auth::{parse_keys, Auth};
 pub use routes::router;
+pub use serve::{serve, ServeOptions};
 pub use state::AppState;

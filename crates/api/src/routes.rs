@@ -87,7 +87,29 @@ pub fn router(state: AppState) -> Router {
             Arc::new(Replays::new(REPLAY_TTL)),
             crate::idempotency::replay,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            limit,
+            reject_oversized,
+        ))
         .with_state(state)
+}
+
+/// Answers 413 at once when the declared `Content-Length` is over the limit, before anything
+/// reads the body (the connection then closes instead of receiving it).
+async fn reject_oversized(
+    State(limit): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => ApiError::TooLarge(limit).into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 /// A 404 that names the method and path asked for (the path cut to 200 characters).
@@ -113,7 +135,7 @@ async fn capabilities(State(state): State<AppState>) -> Json<Value> {
     }]}))
 }
 
-async fn client_config() -> Json<Value> {
+async fn client_config(_body: RawBody) -> Json<Value> {
     Json(json!({
         "pjwt_auth_enabled": false,
         "proto_compress_fwdbwd": false,
@@ -123,7 +145,7 @@ async fn client_config() -> Json<Value> {
     }))
 }
 
-async fn telemetry(_tenant: Tenant) -> Json<Value> {
+async fn telemetry(_tenant: Tenant, _body: RawBody) -> Json<Value> {
     Json(json!({"status": "accepted"}))
 }
 
@@ -137,6 +159,7 @@ fn new_id(prefix: &str) -> String {
 async fn create_session(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
+    _body: RawBody,
 ) -> ApiResult<Json<Value>> {
     let id = new_id("session");
     let session = Session {
@@ -179,7 +202,7 @@ async fn heartbeat(
     Ok(Json(json!({"type": "session_heartbeat"})))
 }
 
-async fn finish_session(Tenant(_tenant): Tenant) -> Json<Value> {
+async fn finish_session(Tenant(_tenant): Tenant, _body: RawBody) -> Json<Value> {
     Json(json!({}))
 }
 

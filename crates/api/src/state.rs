@@ -30,6 +30,8 @@ pub struct AppState {
     pub long_poll: Duration,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
     /// Where the model runs, for stats.
     pub device: String,
 }

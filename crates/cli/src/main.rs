@@ -205,6 +205,17 @@ struct ServeArgs {
     /// crash loses no acknowledged step (`false`: only on graceful shutdown).
     #[arg(long, env = "LORALOOM_STEP_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
     step_snapshots: bool,
+    /// Seconds a client has to send a request's complete headers; also the longest a kept-alive
+    /// connection may stay idle between requests.
+    #[arg(long, env = "LORALOOM_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    header_timeout_secs: u64,
+    /// Seconds a request body may take to arrive (408 after).
+    #[arg(long, env = "LORALOOM_BODY_TIMEOUT_SECS", default_value_t = 60)]
+    body_timeout_secs: u64,
+    /// Open connections at most (0 = the open files limit less 256); at the cap, the oldest
+    /// connection with no request in progress is closed for each new one.
+    #[arg(long, env = "LORALOOM_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
     /// Largest accepted request body in bytes.
     #[arg(long, env = "LORALOOM_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -357,18 +368,58 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         sessions: Arc::new(sessions),
         long_poll: Duration::from_secs(args.long_poll_secs),
         max_body_bytes: args.max_body_bytes,
+        body_timeout: Duration::from_secs(args.body_timeout_secs),
         device,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, workers = args.workers, "loraloom listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let files = raise_open_files_limit();
+    let max_connections = match args.max_connections {
+        0 => (files.saturating_sub(FILES_KEPT_FOR_OTHER_USES) as usize).max(16),
+        n => n,
+    };
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        workers = args.workers,
+        max_connections,
+        open_files_limit = files,
+        "loraloom listening"
+    );
+    let options = loraloom_api::ServeOptions {
+        header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+        max_connections,
+        // Long polls answer within `long_poll`; a little more for requests being answered.
+        shutdown_grace: Duration::from_secs(args.long_poll_secs + 10),
+    };
+    loraloom_api::serve(listener, router(state), options, shutdown_signal()).await;
     tracing::info!("stopping: finishing running work");
     tokio::task::spawn_blocking(move || engine.shutdown(false)).await?;
     Ok(())
+}
+
+/// File descriptors kept out of `--max-connections auto` for the database, checkpoints and
+/// snapshots being written, and libraries.
+const FILES_KEPT_FOR_OTHER_USES: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit (often 1,024 soft against a much
+/// larger hard limit) and returns the limit now in force.
+fn raise_open_files_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(hard)) = (limit.current, limit.maximum) {
+        if current < hard {
+            limit.current = Some(hard);
+            match setrlimit(Resource::Nofile, limit) {
+                Ok(()) => return hard,
+                Err(error) => {
+                    tracing::warn!(%error, current, hard, "could not raise the open files limit");
+                    return current;
+                }
+            }
+        }
+    }
+    limit.current.unwrap_or(65_536)
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,123 @@
+"""Connection hygiene: idle and half-open sockets cannot keep a keyed client out, slow headers
+and bodies are cut off, an oversized Content-Length gets an early 413, and endpoints that
+ignore their body still leave the kept-alive connection usable.
+
+Bounds are generous (seconds where the server acts in milliseconds) so that a loaded machine
+does not fail them; each names the flag it checks.
+"""
+
+import resource
+import socket
+import time
+
+import pytest
+import requests
+
+from conftest import ALICE, Server
+
+# The test process opens over a thousand sockets: lift its own limit first.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+HEADERS = {"X-API-Key": ALICE}
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("conns"), "--api-key", f"alice={ALICE}",
+                 "--header-timeout-secs", "2", "--body-timeout-secs", "2", "--max-connections", "64")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("conns-default"), "--api-key", f"alice={ALICE}")
+    yield srv
+    srv.stop()
+
+
+def idle_sockets(server, n):
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        socks.append(s)
+    return socks
+
+
+def closed_by_server(sock, wait):
+    """True when the server closed `sock` within `wait` seconds."""
+    sock.settimeout(wait)
+    try:
+        return sock.recv(1024) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def keyed_request(server):
+    r = requests.get(server.url + "/api/v1/training_runs", headers=HEADERS, timeout=5)
+    assert r.status_code == 200, r.text
+
+
+def test_a_keyed_request_is_served_with_1100_idle_connections_open(default_server):
+    socks = idle_sockets(default_server, 1100)
+    try:
+        keyed_request(default_server)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_at_the_connection_cap_the_oldest_idle_connections_make_room(strict_server):
+    socks = idle_sockets(strict_server, 100)
+    try:
+        keyed_request(strict_server)
+        # 101 connections against a cap of 64: the oldest idle ones were closed.
+        closed = sum(closed_by_server(s, 0.2) for s in socks[:40])
+        assert closed >= 30, closed
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_partial_headers_are_cut_off_by_the_header_timeout(strict_server):
+    s = socket.create_connection(("127.0.0.1", strict_server.port))
+    s.sendall(b"GET /api/v1/healthz HTTP/1.1\r\nHost: x\r\n")
+    assert closed_by_server(s, 20), "--header-timeout-secs 2 did not close a stalled request head"
+    s.close()
+
+
+def test_a_stalled_body_gets_a_408(strict_server):
+    s = socket.create_connection(("127.0.0.1", strict_server.port))
+    s.sendall(b"POST /api/v1/create_session HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ALICE.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"tags\":")
+    s.settimeout(20)
+    reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b"body-timeout-secs" in reply
+    s.close()
+
+
+def test_an_oversized_content_length_gets_an_early_413(strict_server):
+    s = socket.create_connection(("127.0.0.1", strict_server.port))
+    s.sendall(b"POST /api/v1/forward_backward HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ALICE.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
+    s.settimeout(20)
+    reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413"), reply
+    assert b"payload_too_large" in reply
+    s.close()
+
+
+def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_server):
+    with requests.Session() as http:
+        http.headers.update(HEADERS)
+        for i in range(10):
+            body = {"tags": ["x" * 2000], "user_metadata": {"i": i}, "sdk_version": "0"}
+            r = http.post(strict_server.url + "/api/v1/create_session", json=body, timeout=5)
+            assert r.status_code == 200, r.text
+            r = http.post(strict_server.url + "/api/v1/telemetry", json={"events": ["e" * 5000]}, timeout=5)
+            assert r.status_code == 200, r.text
+    keyed_request(strict_server)
