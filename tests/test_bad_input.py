@@ -97,6 +97,11 @@ CASES = {
         post(s, "/api/v1/save_weights", {"model_id": run["model_id"], "path": "../escape"}), 400, ["path"]),
     "oversized_body": lambda s, run: (
         post(s, "/api/v1/optim_step", data=b"[" + b"1," * (3 * 1024 * 1024) + b"1]"), 413, ["limit"]),
+    "too_many_stop_strings": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
+        400, ["sampling_params.stop", "64"]),
     "unsupported_sample_option": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 5,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

@@ -44,7 +44,9 @@ impl ApiError {
                 EngineError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
                 EngineError::LimitReached(_) => StatusCode::FORBIDDEN,
                 EngineError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-                EngineError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+                EngineError::TimedOut { .. } | EngineError::RanTooLong { .. } => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
                 EngineError::Cancelled | EngineError::GradientsLost => StatusCode::CONFLICT,
                 EngineError::ServerRestarted | EngineError::Internal(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR

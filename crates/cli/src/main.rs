@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the Tinker API over HTTP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Measure throughput (JSON lines; `scripts/bench` adds the baselines and ratios).
     Bench(BenchArgs),
 }
@@ -192,6 +192,10 @@ struct ServeArgs {
     /// request still runs, once the loop is empty.
     #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
     max_kv_tokens: usize,
+    /// Longest a sampling request may decode (0 = no limit); beyond, it is stopped between two
+    /// tokens and fails `time_limit`.
+    #[arg(long, env = "LORALOOM_MAX_SAMPLE_SECS", default_value_t = 600)]
+    max_sample_secs: u64,
     /// Jobs waiting longer than this fail.
     #[arg(long, env = "LORALOOM_QUEUE_TIMEOUT_SECS", default_value_t = 600)]
     queue_timeout_secs: u64,
@@ -330,6 +334,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
             max_kv_tokens: args.max_kv_tokens,
+            max_sample_time: Duration::from_secs(args.max_sample_secs),
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
         base: base.info().clone(),
@@ -450,7 +455,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Bench(args) => bench(args),
     }
 }

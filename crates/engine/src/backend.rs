@@ -54,6 +54,14 @@ pub trait Backend: Send {
     fn abort_decoding(&mut self) -> Vec<RequestId> {
         Vec::new()
     }
+
+    /// Drops the sampling jobs `ids` from the decode loop between two steps, the others going
+    /// on unchanged; returns the ids dropped (every job in progress when the loop had to be
+    /// abandoned instead).
+    fn drop_decoding(&mut self, ids: &[RequestId]) -> Vec<RequestId> {
+        let _ = ids;
+        Vec::new()
+    }
 }
 
 /// What [`Backend::admit`] did.
@@ -893,6 +901,26 @@ impl Backend for ModelWorker {
     fn abort_decoding(&mut self) -> Vec<RequestId> {
         self.decoding.generation.clear();
         self.decoding.jobs.drain().map(|(_, id)| id).collect()
+    }
+
+    fn drop_decoding(&mut self, ids: &[RequestId]) -> Vec<RequestId> {
+        let tags: Vec<RequestTag> = self
+            .decoding
+            .jobs
+            .iter()
+            .filter(|(_, id)| ids.contains(id))
+            .map(|(tag, _)| *tag)
+            .collect();
+        match self.decoding.generation.remove(&tags) {
+            Ok(removed) => removed
+                .iter()
+                .filter_map(|tag| self.decoding.jobs.remove(tag))
+                .collect(),
+            Err(error) => {
+                tracing::error!(%error, "dropping sampling jobs failed; abandoning the decode loop");
+                self.abort_decoding()
+            }
+        }
     }
 }
 

@@ -398,9 +398,14 @@ impl Engine {
         self.inner.futures.wait(tenant, id, timeout).await
     }
 
-    /// Cancels a queued job of `tenant`; running or finished jobs are not affected.
+    /// Cancels a job of `tenant`: a queued one at once, a sampling job in a decode loop at its
+    /// worker's next token boundary (its future then fails "cancelled"; one that ends in the
+    /// same step keeps its result). Other running and finished jobs are not affected (false).
     pub fn cancel(&self, tenant: &str, id: &str) -> Result<bool> {
         let state = self.inner.futures.get(tenant, id)?;
+        if state == FutureState::Running {
+            return Ok(lock(&self.inner.sched).request_cancel(id));
+        }
         if state != FutureState::Queued {
             return Ok(false);
         }
@@ -424,6 +429,7 @@ impl Engine {
             if finish_queue {
                 Vec::new()
             } else {
+                st.stop_decoding();
                 st.drain()
             }
         };
@@ -586,8 +592,28 @@ fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>
 #[derive(Default)]
 struct LiveJobs {
     jobs: HashMap<RequestId, Job>,
+    /// When each joined the loop.
+    started: HashMap<RequestId, Instant>,
     /// Sum of their [`Work::kv_tokens`].
     kv_tokens: usize,
+    /// Jobs that left the loop since the scheduler last heard of it.
+    ended: Vec<RequestId>,
+}
+
+impl LiveJobs {
+    fn insert(&mut self, job: Job) {
+        self.kv_tokens += job.work.kv_tokens();
+        self.started.insert(job.id.clone(), Instant::now());
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    fn remove(&mut self, id: &RequestId) -> Option<Job> {
+        let job = self.jobs.remove(id)?;
+        self.kv_tokens -= job.work.kv_tokens();
+        self.started.remove(id);
+        self.ended.push(id.clone());
+        Some(job)
+    }
 }
 
 /// A worker: takes batches from the scheduler and runs them on its backend. While its decode
@@ -603,9 +629,14 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             inner.futures.purge(tokio::time::Instant::now());
             last_purge = Instant::now();
         }
-        let (joining, batch) = {
+        let (joining, batch, stopping) = {
             let mut st = lock(&inner.sched);
-            loop {
+            st.unmark_decoding(&std::mem::take(&mut live.ended));
+            let stopping = st.decoding_to_stop(
+                live.started.iter().map(|(id, at)| (id, *at)),
+                Instant::now(),
+            );
+            let (joining, batch) = loop {
                 let limit = st.limits().queue_timeout;
                 for job in st.expire(Instant::now()) {
                     let waited = job.enqueued.elapsed();
@@ -639,8 +670,13 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                     .wait_timeout(st, wait)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
-            }
+            };
+            st.mark_decoding(joining.iter().map(|j| j.id.clone()));
+            (joining, batch, stopping)
         };
+        if !stopping.is_empty() {
+            stop_decoding(&inner, backend.as_mut(), &mut live, stopping);
+        }
         if !joining.is_empty() {
             admit(&inner, backend.as_mut(), joining, &mut live);
         }
@@ -745,11 +781,11 @@ fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut Li
     c.prefills.fetch_add(admitted.prefills, Ordering::Relaxed);
     for (job, result) in jobs.into_iter().zip(admitted.results) {
         match result {
-            Some(result) => finish_job(inner, &job, result),
-            None => {
-                live.kv_tokens += job.work.kv_tokens();
-                live.jobs.insert(job.id.clone(), job);
+            Some(result) => {
+                live.ended.push(job.id.clone());
+                finish_job(inner, &job, result);
             }
+            None => live.insert(job),
         }
     }
 }
@@ -778,8 +814,7 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         }
     }
     for (id, result) in step.finished {
-        if let Some(job) = live.jobs.remove(&id) {
-            live.kv_tokens -= job.work.kv_tokens();
+        if let Some(job) = live.remove(&id) {
             finish_job(inner, &job, result);
         }
     }
@@ -789,15 +824,50 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
     }
 }
 
+/// Drops sampling jobs from the decode loop between two steps (cancelled, over the time limit,
+/// or shutdown) and fails each with its reason; the others go on decoding.
+fn stop_decoding(
+    inner: &Inner,
+    backend: &mut dyn Backend,
+    live: &mut LiveJobs,
+    stopping: Vec<(RequestId, EngineError)>,
+) {
+    let ids: Vec<RequestId> = stopping.iter().map(|(id, _)| id.clone()).collect();
+    let dropped = match catch_unwind(AssertUnwindSafe(|| backend.drop_decoding(&ids))) {
+        Ok(dropped) => dropped,
+        Err(_) => {
+            tracing::error!(jobs = live.jobs.len(), "dropping sampling jobs panicked");
+            abort_decoding(inner, backend, live);
+            return;
+        }
+    };
+    for id in dropped {
+        let Some(job) = live.remove(&id) else {
+            continue;
+        };
+        let why = stopping
+            .iter()
+            .find(|(stopped, _)| *stopped == id)
+            .map(|(_, why)| why.clone())
+            // The backend gave up its whole loop (a failed removal).
+            .unwrap_or_else(|| EngineError::Internal("sampling failed".into()));
+        job.span
+            .in_scope(|| tracing::info!(reason = why.kind(), "sampling job stopped"));
+        finish_job(inner, &job, Err(why));
+    }
+}
+
 /// Fails every job of the decode loop (after a panic, or jobs the backend lost).
 fn abort_decoding(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
     let _ = catch_unwind(AssertUnwindSafe(|| backend.abort_decoding()));
-    for (_, job) in live.jobs.drain() {
-        finish_job(
-            inner,
-            &job,
-            Err(EngineError::Internal("sampling failed".into())),
-        );
+    let ids: Vec<RequestId> = live.jobs.keys().cloned().collect();
+    for id in ids {
+        if let Some(job) = live.remove(&id) {
+            finish_job(
+                inner,
+                &job,
+                Err(EngineError::Internal("sampling failed".into())),
+            );
+        }
     }
-    live.kv_tokens = 0;
 }

@@ -36,7 +36,15 @@ pub enum EngineError {
         /// The limit.
         limit_s: f64,
     },
-    /// The job was cancelled before it ran.
+    /// A sampling job decoded longer than the server's limit and was stopped.
+    #[error("sampling ran {ran_s:.1}s, over this server's limit of {limit_s:.1}s per request (--max-sample-secs); ask for fewer samples or tokens")]
+    RanTooLong {
+        /// Seconds it ran.
+        ran_s: f64,
+        /// The limit.
+        limit_s: f64,
+    },
+    /// The job was cancelled (queued, or a sampling job between two tokens).
     #[error("job was cancelled")]
     Cancelled,
     /// The server stopped (or restarted) before the job finished.
@@ -71,6 +79,7 @@ impl EngineError {
             EngineError::Overloaded(_) => "overloaded",
             EngineError::LimitReached(_) => "limit_reached",
             EngineError::TimedOut { .. } => "timed_out",
+            EngineError::RanTooLong { .. } => "time_limit",
             EngineError::Cancelled => "cancelled",
             EngineError::ServerRestarted => "server_restarted",
             EngineError::GradientsLost => "gradients_lost",
@@ -86,6 +95,7 @@ impl EngineError {
             EngineError::NotFound { .. }
                 | EngineError::InvalidInput { .. }
                 | EngineError::Cancelled
+                | EngineError::RanTooLong { .. }
                 | EngineError::LimitReached(_)
                 | EngineError::GradientsLost
         )

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
-use crate::job::{BatchClass, Job, QueueKey, TenantId};
+use crate::job::{BatchClass, Job, QueueKey, RequestId, TenantId};
 
 /// Admission and batching limits.
 #[derive(Debug, Clone)]
@@ -34,6 +34,9 @@ pub struct Limits {
     /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
     /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
     pub batch_fill_wait: Duration,
+    /// Longest a sampling job may decode (0 = no limit); beyond, it is dropped at the next
+    /// token boundary and fails.
+    pub max_sample_time: Duration,
     /// Key/value cache entries (`num_samples × (prompt + max_tokens)` per job) a running decode
     /// loop may hold: sampling jobs join it while their need fits, the rest wait in their queue.
     /// A larger job still runs, once the loop is empty.
@@ -51,6 +54,7 @@ impl Default for Limits {
             queue_timeout: Duration::from_secs(600),
             batch_fill_wait: Duration::from_millis(10),
             max_kv_tokens: 65536,
+            max_sample_time: Duration::from_secs(600),
         }
     }
 }
@@ -74,6 +78,14 @@ pub struct SchedState {
     /// newest last (queues, not jobs: a batch fill compares it with ready queue heads, and one
     /// sampling session can put several jobs into a batch).
     recent_sizes: Vec<(BatchClass, VecDeque<usize>)>,
+    /// Sampling jobs in some worker's decode loop.
+    decoding: HashSet<RequestId>,
+    /// Of those, the ones a client cancelled: their worker drops them at its next token
+    /// boundary.
+    cancel_requests: HashSet<RequestId>,
+    /// Shutdown without finishing the queue: workers drop their sampling jobs at the next token
+    /// boundary ("server restarted") instead of decoding them to the end.
+    stop_decoding: bool,
 }
 
 /// How many batches in a row may pass over the ring head for a class with more ready jobs.
@@ -130,6 +142,64 @@ impl SchedState {
     /// Holds (or releases) every queued job: no batch starts while paused.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// Asks workers to drop their sampling jobs at the next token boundary (shutdown).
+    pub fn stop_decoding(&mut self) {
+        self.stop_decoding = true;
+    }
+
+    /// Records sampling jobs that joined a decode loop.
+    pub fn mark_decoding(&mut self, ids: impl IntoIterator<Item = RequestId>) {
+        self.decoding.extend(ids);
+    }
+
+    /// Forgets sampling jobs that left their decode loop.
+    pub fn unmark_decoding(&mut self, ids: &[RequestId]) {
+        for id in ids {
+            self.decoding.remove(id);
+            self.cancel_requests.remove(id);
+        }
+    }
+
+    /// Asks for a running sampling job to be dropped at its worker's next token boundary.
+    /// False when `id` is not in a decode loop (a running job of another kind cannot be
+    /// cancelled).
+    pub fn request_cancel(&mut self, id: &str) -> bool {
+        let decoding = self.decoding.contains(id);
+        if decoding {
+            self.cancel_requests.insert(id.to_string());
+        }
+        decoding
+    }
+
+    /// Which of `live` (a worker's sampling jobs, with the time each started) to drop now, and
+    /// why: all of them at shutdown, else those cancelled and those running longer than
+    /// [`Limits::max_sample_time`].
+    pub fn decoding_to_stop<'a>(
+        &mut self,
+        live: impl Iterator<Item = (&'a RequestId, Instant)>,
+        now: Instant,
+    ) -> Vec<(RequestId, EngineError)> {
+        let limit = self.limits.max_sample_time;
+        let mut stop = Vec::new();
+        for (id, started) in live {
+            let ran = now.saturating_duration_since(started);
+            let why = if self.stop_decoding {
+                EngineError::ServerRestarted
+            } else if self.cancel_requests.remove(id) {
+                EngineError::Cancelled
+            } else if !limit.is_zero() && ran > limit {
+                EngineError::RanTooLong {
+                    ran_s: ran.as_secs_f64(),
+                    limit_s: limit.as_secs_f64(),
+                }
+            } else {
+                continue;
+            };
+            stop.push((id.clone(), why));
+        }
+        stop
     }
 
     /// Whether [`SchedState::close`] was called.

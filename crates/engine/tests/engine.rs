@@ -734,6 +734,128 @@ impl Backend for FakeDecoder {
     fn decoding(&self) -> usize {
         self.live.len()
     }
+
+    fn drop_decoding(&mut self, ids: &[String]) -> Vec<String> {
+        let (dropped, live): (Vec<_>, Vec<_>) =
+            self.live.drain(..).partition(|(id, _)| ids.contains(id));
+        self.live = live;
+        dropped.into_iter().map(|(id, _)| id).collect()
+    }
+}
+
+/// An engine over a [`FakeDecoder`] with `limits`, one base-model sampling session per name in
+/// `sessions`, and the flag that releases [`HELD`] jobs.
+fn decode_engine(
+    limits: Limits,
+    sessions: &[&str],
+) -> (Engine, Vec<QueueKey>, Arc<std::sync::atomic::AtomicBool>) {
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = FakeDecoder {
+        live: Vec::new(),
+        release: release.clone(),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    let config = EngineConfig {
+        limits,
+        future_ttl: Duration::from_secs(60),
+        base: info(tiny_config()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
+    };
+    let registry = Arc::new(Registry::new(temp_dir("decode-stop")));
+    let engine = Engine::start(config, registry, vec![Box::new(backend)]);
+    let keys = sessions
+        .iter()
+        .map(|name| {
+            let key = SamplerKey {
+                tenant: "t".into(),
+                sampler_id: name.to_string(),
+            };
+            engine
+                .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
+                .unwrap();
+            QueueKey::Sampler(key)
+        })
+        .collect();
+    (engine, keys, release)
+}
+
+fn held_sample() -> Work {
+    Work::Sample {
+        prompt: vec![1],
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens: HELD,
+            ..SamplingParams::default()
+        },
+        prompt_logprobs: false,
+    }
+}
+
+fn wait_running(engine: &Engine, id: &str) {
+    while !matches!(engine.futures().get("t", id).unwrap(), FutureState::Running) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_running_sampling_job_is_cancelled_between_tokens_and_the_others_go_on() {
+    let (engine, keys, release) = decode_engine(Limits::default(), &["a", "b"]);
+    let a = engine.submit(keys[0].clone(), held_sample()).unwrap();
+    let b = engine.submit(keys[1].clone(), held_sample()).unwrap();
+    wait_running(&engine, &a);
+    wait_running(&engine, &b);
+    assert!(
+        engine.cancel("t", &a).unwrap(),
+        "a decoding job can be cancelled"
+    );
+    assert!(matches!(
+        wait(&engine, "t", &a),
+        FutureState::Failed(EngineError::Cancelled)
+    ));
+    assert!(
+        matches!(engine.futures().get("t", &b).unwrap(), FutureState::Running),
+        "the other job goes on decoding"
+    );
+    assert!(
+        !engine.cancel("t", &a).unwrap(),
+        "a finished job is not cancelled"
+    );
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(wait(&engine, "t", &b), FutureState::Done(_)));
+    engine.shutdown(true);
+}
+
+#[test]
+fn sampling_over_its_time_limit_fails_and_shutdown_stops_decoding() {
+    let limits = Limits {
+        max_sample_time: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let (engine, keys, _release) = decode_engine(limits, &["a"]);
+    let id = engine.submit(keys[0].clone(), held_sample()).unwrap();
+    match wait(&engine, "t", &id) {
+        FutureState::Failed(EngineError::RanTooLong { limit_s, .. }) => {
+            assert!((limit_s - 0.05).abs() < 1e-9)
+        }
+        other => panic!("expected time_limit, got {other:?}"),
+    }
+    engine.shutdown(true);
+
+    // Without a time limit, a held job would decode forever: shutdown (not finishing the
+    // queue) stops it between two tokens as "server restarted" and returns.
+    let limits = Limits {
+        max_sample_time: Duration::ZERO,
+        ..Limits::default()
+    };
+    let (engine, keys, _release) = decode_engine(limits, &["a"]);
+    let id = engine.submit(keys[0].clone(), held_sample()).unwrap();
+    wait_running(&engine, &id);
+    engine.shutdown(false);
+    assert!(matches!(
+        engine.futures().get("t", &id).unwrap(),
+        FutureState::Failed(EngineError::ServerRestarted)
+    ));
 }
 
 #[test]

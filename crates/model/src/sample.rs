@@ -177,16 +177,40 @@ pub fn validate_sampling(
         ));
     }
     match &p.stop {
+        Stop::Tokens(ids) if ids.len() > MAX_STOP_SEQUENCES => {
+            return Err(too_many_stops(ids.len()))
+        }
         Stop::Tokens(ids) => c.check_tokens("sampling_params.stop", ids)?,
+        Stop::Strings(s) if s.len() > MAX_STOP_SEQUENCES => return Err(too_many_stops(s.len())),
         Stop::Strings(s) if s.iter().any(String::is_empty) => {
             return Err(ModelError::invalid(
                 "sampling_params.stop",
                 "stop strings must not be empty",
             ))
         }
+        Stop::Strings(s) if s.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) => {
+            return Err(ModelError::invalid(
+                "sampling_params.stop",
+                format!("a stop string may hold at most {MAX_STOP_STRING_BYTES} bytes"),
+            ))
+        }
         _ => {}
     }
     Ok(())
+}
+
+/// Stop strings or tokens one request may give: each is checked after every token of every
+/// sequence, so their number multiplies the cost of a step.
+pub const MAX_STOP_SEQUENCES: usize = 64;
+
+/// Longest stop string, in bytes (the generated text's tail is compared with it every token).
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+
+fn too_many_stops(n: usize) -> ModelError {
+    ModelError::invalid(
+        "sampling_params.stop",
+        format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {n}"),
+    )
 }
 
 /// Identifies a request inside a [`Generation`] (the caller's choice, e.g. a job number).
@@ -798,6 +822,52 @@ impl Generation {
             .iter_mut()
             .for_each(|p| remap(&mut p.request.member));
         Ok(())
+    }
+
+    /// Drops the requests `tags` (cancelled, or over their time limit) between steps; the others
+    /// go on as if the dropped ones had never joined. Returns the tags that were in progress. On
+    /// error the loop is unusable: [`Generation::clear`] it.
+    pub fn remove(&mut self, tags: &[RequestTag]) -> Result<Vec<RequestTag>> {
+        let mut removed = Vec::new();
+        self.prefilling.retain(|p| {
+            let drop = tags.contains(&p.request.tag);
+            if drop {
+                removed.push(p.request.tag);
+            }
+            !drop
+        });
+        let gone: Vec<RequestTag> = tags
+            .iter()
+            .copied()
+            .filter(|t| self.live.remove(t).is_some())
+            .collect();
+        if !gone.is_empty() {
+            let keep: Vec<i64> = (0..self.rows.len() as i64)
+                .filter(|&i| !gone.contains(&self.rows[i as usize].request))
+                .collect();
+            self.rows.retain(|r| !gone.contains(&r.request));
+            if self.rows.is_empty() {
+                self.cache = None;
+                self.logits = None;
+            } else {
+                if let Some(logits) = self.logits.take() {
+                    let index = Tensor::from_slice(&keep).f_to_device(logits.device())?;
+                    self.logits = Some(logits.f_index_select(0, &index)?);
+                }
+                if let Some(cache) = self.cache.take() {
+                    let mut cache = cache.select(&keep)?;
+                    cache.trim_padding();
+                    self.cache = Some(cache);
+                }
+            }
+            removed.extend(gone);
+        }
+        if self.is_empty() {
+            self.stacks.clear();
+        } else if !removed.is_empty() {
+            self.compact_stacks()?;
+        }
+        Ok(removed)
     }
 
     /// Drops every request in progress (after a failed step) and returns their tags.
