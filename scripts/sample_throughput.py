@@ -42,7 +42,8 @@ def free_port() -> int:
 
 
 def metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    request = urllib.request.Request(url + "/metrics", headers={"X-API-Key": KEY})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):

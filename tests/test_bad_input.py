@@ -160,8 +160,10 @@ def test_sync_sample_route_and_stats(keyed_server, tokenizer):
     assert "Paris" in tokenizer.decode(seqs[0]["tokens"])
     stats = requests.get(keyed_server.url + "/api/model-stats", headers=H).json()
     assert stats["base_model"] == MODEL_NAME and stats["done"] > 0
-    metrics = requests.get(keyed_server.url + "/metrics").text
+    assert requests.get(keyed_server.url + "/metrics").status_code == 401, "/metrics needs a key"
+    metrics = requests.get(keyed_server.url + "/metrics", headers=H).text
     assert "loraloom_jobs_total{outcome=\"done\"}" in metrics
+    assert 'tenant="bob"' not in metrics, "a tenant sees no other tenant's series"
     assert "loraloom_batches_total" in metrics
     assert 'loraloom_job_duration_seconds_bucket{le="+Inf"}' in metrics
     assert "# TYPE loraloom_tenant_jobs_queued gauge" in metrics

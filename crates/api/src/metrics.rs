@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Value};
@@ -14,8 +15,18 @@ use crate::extract::Tenant;
 use crate::state::AppState;
 use loraloom_engine::{Histogram, LATENCY_BUCKETS};
 
-/// Prometheus text exposition of the engine's counters.
-pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus text exposition of the engine's counters. It needs an API key, and the series
+/// labelled by tenant show only the caller's own; with `--public-metrics` it needs none and
+/// shows no tenant's.
+pub async fn prometheus(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    let caller = if state.public_metrics {
+        None
+    } else {
+        Some(state.auth.tenant(&headers)?)
+    };
     let s = state.engine.stats();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -98,6 +109,7 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let by_tenant: Vec<(String, f64)> = s
         .queued_by_tenant
         .iter()
+        .filter(|(t, _)| caller.as_deref() == Some(t.as_str()))
         .map(|(t, n)| (format!("{{tenant=\"{}\"}}", t.replace('"', "'")), *n as f64))
         .collect();
     metric(
@@ -142,7 +154,7 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         "Time from a sampling request's admission to its first sampled token.",
         &histogram(&s.first_token),
     );
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
 
 /// The samples of a histogram metric (`_bucket`s, `_sum`, `_count`).

@@ -32,6 +32,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// `/metrics` answers without a key (and shows no tenant's series).
+    pub public_metrics: bool,
     /// Where the model runs, for stats.
     pub device: String,
 }

@@ -220,6 +220,10 @@ struct ServeArgs {
     /// connection with no request in progress is closed for each new one.
     #[arg(long, env = "LORALOOM_MAX_CONNECTIONS", default_value_t = 0)]
     max_connections: usize,
+    /// Serve `/metrics` without an API key (then without any tenant's series). By default it
+    /// needs a key and its per-tenant series show only the caller's tenant.
+    #[arg(long, env = "LORALOOM_PUBLIC_METRICS")]
+    public_metrics: bool,
     /// Largest accepted request body in bytes.
     #[arg(long, env = "LORALOOM_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -374,6 +378,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         long_poll: Duration::from_secs(args.long_poll_secs),
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.body_timeout_secs),
+        public_metrics: args.public_metrics,
         device,
     };
     let listener = tokio::net::TcpListener::bind(addr)
