@@ -80,6 +80,9 @@ CASES = {
     "negative_learning_rate": lambda s, run: (
         post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": -1}}),
         400, ["adam_params.learning_rate"]),
+    "absurd_learning_rate": lambda s, run: (
+        post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": 1e30}}),
+        400, ["adam_params.learning_rate", "10"]),
     "huge_max_tokens": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

@@ -47,6 +47,11 @@ impl Default for AdamParams {
     }
 }
 
+/// Largest accepted learning rate. An Adam step moves each weight by about the learning rate,
+/// so beyond this a single step overflows activations and leaves the run producing NaN for good
+/// (its gradients are then discarded at every step); useful LoRA rates are below 1e-2.
+pub const MAX_LEARNING_RATE: f64 = 10.0;
+
 impl AdamParams {
     /// Rejects NaN, infinite, negative or out-of-range values, naming the field.
     pub fn validate(&self) -> Result<()> {
@@ -63,8 +68,8 @@ impl AdamParams {
         field(
             "learning_rate",
             self.learning_rate,
-            self.learning_rate >= 0.0,
-            "a finite number >= 0",
+            (0.0..=MAX_LEARNING_RATE).contains(&self.learning_rate),
+            &format!("in [0, {MAX_LEARNING_RATE}]"),
         )?;
         field(
             "beta1",
