@@ -86,6 +86,33 @@ pub struct SchedState {
     /// Shutdown without finishing the queue: workers drop their sampling jobs at the next token
     /// boundary ("server restarted") instead of decoding them to the end.
     stop_decoding: bool,
+    /// When each tenant last had a queue taken into a batch (a count of queues taken overall).
+    served: HashMap<TenantId, u64>,
+    serve_count: u64,
+}
+
+/// `ring` reordered tenant by tenant: every tenant's first queue (tenants in order of first
+/// appearance), then every tenant's second, and so on; `started` (the tenant whose queue began
+/// the batch) already had its first.
+fn interleave_by_tenant(ring: &[QueueKey], started: &str) -> Vec<QueueKey> {
+    let mut rank: HashMap<&str, usize> = HashMap::from([(started, 1)]);
+    let mut keyed: Vec<(usize, usize, &QueueKey)> = Vec::with_capacity(ring.len());
+    let mut tenants: Vec<&str> = Vec::new();
+    for key in ring {
+        let tenant = key.tenant();
+        let nth = rank.entry(tenant).or_insert(0);
+        let order = match tenants.iter().position(|t| *t == tenant) {
+            Some(i) => i,
+            None => {
+                tenants.push(tenant);
+                tenants.len() - 1
+            }
+        };
+        keyed.push((*nth, order, key));
+        *nth += 1;
+    }
+    keyed.sort_by_key(|(nth, order, _)| (*nth, *order));
+    keyed.into_iter().map(|(_, _, k)| k.clone()).collect()
 }
 
 /// How many batches in a row may pass over the ring head for a class with more ready jobs.
@@ -142,6 +169,11 @@ impl SchedState {
     /// Holds (or releases) every queued job: no batch starts while paused.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// When `tenant` last had a queue taken into a batch (0: never).
+    fn last_served(&self, tenant: &str) -> u64 {
+        self.served.get(tenant).copied().unwrap_or(0)
     }
 
     /// Asks workers to drop their sampling jobs at the next token boundary (shutdown).
@@ -323,10 +355,16 @@ impl SchedState {
         }
         let (class, passing) = self.choose_class(except)?;
         self.passed_over = passing;
+        // The batch starts with the queue of this class whose tenant was served longest ago
+        // (ring order among a tenant's queues and between equals): a tenant with many queues
+        // gets no more turns than one with a single queue.
         let at = self
             .ready
             .iter()
-            .position(|k| self.head_class(k) == Some(class))?;
+            .enumerate()
+            .filter(|(_, k)| self.head_class(k) == Some(class))
+            .min_by_key(|(i, k)| (self.last_served(k.tenant()), *i))
+            .map(|(i, _)| i)?;
         let first = self.ready.remove(at)?;
         let budget = self.limits.max_batch_tokens;
         let mut tokens = 0usize;
@@ -334,8 +372,11 @@ impl SchedState {
         let mut taken = vec![first.clone()];
         self.take_from(&first, class, budget, &mut tokens, &mut batch);
         if class != BatchClass::Solo {
-            let mut skipped = VecDeque::new();
-            while let Some(key) = self.ready.pop_front() {
+            // Other queues join tenant by tenant (each tenant's first ready queue, then each
+            // one's second, ...), so one tenant's many queues cannot fill the budget first.
+            let ring: Vec<QueueKey> = std::mem::take(&mut self.ready).into();
+            let mut skipped: Vec<QueueKey> = Vec::new();
+            for key in interleave_by_tenant(&ring, first.tenant()) {
                 let fits = self
                     .queues
                     .get(&key)
@@ -345,10 +386,16 @@ impl SchedState {
                     self.take_from(&key, class, budget, &mut tokens, &mut batch);
                     taken.push(key);
                 } else {
-                    skipped.push_back(key);
+                    skipped.push(key);
                 }
             }
-            self.ready = skipped;
+            // Queues passed over keep their ring order.
+            self.ready = ring.into_iter().filter(|k| skipped.contains(k)).collect();
+        }
+        for key in &taken {
+            self.serve_count += 1;
+            self.served
+                .insert(key.tenant().to_string(), self.serve_count);
         }
         let queues = taken.len();
         self.mark_taken(taken);
@@ -594,6 +641,79 @@ mod tests {
 
     fn ids(batch: &[Job]) -> Vec<&str> {
         batch.iter().map(|j| j.id.as_str()).collect()
+    }
+
+    fn train_work(tokens: usize) -> Work {
+        Work::ForwardBackward {
+            data: vec![loraloom_model::Datum {
+                input_tokens: vec![1; tokens],
+                loss_inputs: loraloom_model::LossInputs {
+                    target_tokens: vec![1; tokens],
+                    weights: None,
+                    logprobs: None,
+                    advantages: None,
+                },
+            }],
+            loss: loraloom_model::LossFn::CrossEntropy,
+            backward: true,
+        }
+    }
+
+    #[test]
+    fn a_tenant_with_many_queues_delays_another_by_at_most_two_of_its_jobs() {
+        // Tenant a floods 8 runs with jobs of the whole batch budget (no two fit together);
+        // tenant b then submits one small job.
+        let limits = Limits::default();
+        let budget = limits.max_batch_tokens;
+        let mut s = SchedState::new(limits);
+        for r in 0..8 {
+            for j in 0..4 {
+                let id = format!("a{r}-{j}");
+                s.push(job(&id, model("a", &format!("run{r}")), train_work(budget)))
+                    .unwrap();
+            }
+        }
+        // a's first batch is running when b's job arrives.
+        let running = s.next_batch().unwrap();
+        assert_eq!(running.len(), 1);
+        s.push(job("b0", model("b", "run"), train_work(16)))
+            .unwrap();
+        s.finish(&[running[0].queue.clone()]);
+        let mut a_jobs_before_b = 1;
+        loop {
+            let batch = s.next_batch().unwrap();
+            if batch.iter().any(|j| j.id == "b0") {
+                break;
+            }
+            a_jobs_before_b += batch.len();
+            let keys: Vec<QueueKey> = batch.iter().map(|j| j.queue.clone()).collect();
+            s.finish(&keys);
+        }
+        assert!(
+            a_jobs_before_b <= 2,
+            "b waited for {a_jobs_before_b} of a's jobs"
+        );
+    }
+
+    #[test]
+    fn batches_fill_tenant_by_tenant() {
+        // Budget for three jobs: a's four queues come first in the ring, b's one last.
+        let limits = Limits {
+            max_batch_tokens: 300,
+            ..Limits::default()
+        };
+        let mut s = SchedState::new(limits);
+        for r in 0..4 {
+            s.push(job(
+                &format!("a{r}"),
+                model("a", &format!("r{r}")),
+                train_work(100),
+            ))
+            .unwrap();
+        }
+        s.push(job("b0", model("b", "r"), train_work(100))).unwrap();
+        let batch = s.next_batch().unwrap();
+        assert_eq!(ids(&batch), ["a0", "b0", "a1"]);
     }
 
     #[test]
