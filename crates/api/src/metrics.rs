@@ -214,6 +214,7 @@ pub async fn model_stats(
         },
         "your_models": runs,
         "your_queues": mine,
+        "your_usage": state.engine.usage(&tenant),
     })))
 }
 

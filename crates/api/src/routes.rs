@@ -908,10 +908,12 @@ async fn list_checkpoints(
     Tenant(tenant): Tenant,
     JsonQuery(page): JsonQuery<Page>,
 ) -> Json<Value> {
+    // Newest first, as the SDK documents `list_user_checkpoints`.
     let all = state.engine.registry().checkpoints_of(&tenant, None);
     let total = all.len();
     let items: Vec<Value> = all
         .iter()
+        .rev()
         .skip(page.offset)
         .take(page.limit.max(1))
         .map(checkpoint_json)

@@ -192,6 +192,26 @@ struct ServeArgs {
     /// request still runs, once the loop is empty.
     #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
     max_kv_tokens: usize,
+    /// Sampling sessions one tenant may hold (0 = no limit). Registering one more removes the
+    /// tenant's least recently used sessions unused for 60 s (with the checkpoints
+    /// `save_weights_and_get_sampling_client` saved for them alone).
+    #[arg(long, env = "LORALOOM_MAX_SAMPLERS_PER_TENANT", default_value_t = 1024)]
+    max_samplers_per_tenant: usize,
+    /// Listed checkpoints one tenant may hold (0 = no limit).
+    #[arg(
+        long,
+        env = "LORALOOM_MAX_CHECKPOINTS_PER_TENANT",
+        default_value_t = 1000
+    )]
+    max_checkpoints_per_tenant: usize,
+    /// Bytes of checkpoints one tenant may hold: `auto` (half of the data directory's free disk
+    /// space at start), a size such as `20G`, or 0 (no limit).
+    #[arg(
+        long,
+        env = "LORALOOM_MAX_CHECKPOINT_BYTES_PER_TENANT",
+        default_value = "auto"
+    )]
+    max_checkpoint_bytes_per_tenant: String,
     /// Longest a sampling request may decode (0 = no limit); beyond, it is stopped between two
     /// tokens and fails `time_limit`.
     #[arg(long, env = "LORALOOM_MAX_SAMPLE_SECS", default_value_t = 600)]
@@ -313,6 +333,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (memory_budget, budget_source) =
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
+    registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
+    let checkpoint_bytes = match args.max_checkpoint_bytes_per_tenant.trim() {
+        "auto" => free_disk_bytes(&args.data_dir) / 2,
+        "0" => 0,
+        size => loraloom_model::parse_bytes(size)
+            .map_err(|e| anyhow::anyhow!("--max-checkpoint-bytes-per-tenant: {e}"))?,
+    };
+    tracing::info!(
+        max_checkpoints_per_tenant = args.max_checkpoints_per_tenant,
+        max_checkpoint_bytes_per_tenant = checkpoint_bytes,
+        max_samplers_per_tenant = args.max_samplers_per_tenant,
+        "tenant quotas"
+    );
     let backends: Vec<Box<dyn Backend>> = (0..args.workers)
         .map(|_| {
             Box::new(
@@ -339,6 +372,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
             max_kv_tokens: args.max_kv_tokens,
             max_sample_time: Duration::from_secs(args.max_sample_secs),
+            max_checkpoints_per_tenant: args.max_checkpoints_per_tenant,
+            max_checkpoint_bytes_per_tenant: checkpoint_bytes,
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
         base: base.info().clone(),
@@ -406,6 +441,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopping: finishing running work");
     tokio::task::spawn_blocking(move || engine.shutdown(false)).await?;
     Ok(())
+}
+
+/// Free bytes on the filesystem holding `dir` (0 when unknown: no limit then).
+fn free_disk_bytes(dir: &std::path::Path) -> u64 {
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => st.f_bavail.saturating_mul(st.f_frsize),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the free disk space; no checkpoint byte limit");
+            0
+        }
+    }
 }
 
 /// File descriptors kept out of `--max-connections auto` for the database, checkpoints and

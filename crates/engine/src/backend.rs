@@ -602,13 +602,19 @@ impl ModelWorker {
             dir,
             created: unix_now(),
             spec: adapter.spec().clone(),
+            ephemeral: sampler.is_some(),
         })?;
         if let Some(key) = sampler {
-            self.registry.add_sampler(
+            let added = self.registry.add_sampler(
                 key.clone(),
                 SamplerSource::Checkpoint(path.clone()),
                 &entry.base_model,
-            )?;
+            );
+            if let Err(e) = added {
+                // The checkpoint existed only for this session.
+                let _ = self.registry.remove_checkpoint(tenant, &path);
+                return Err(e);
+            }
         }
         entry.touch();
         Ok(Output::Saved {

@@ -160,6 +160,29 @@ struct Inner {
     order_log: Option<Mutex<OrderLog>>,
 }
 
+/// What one tenant holds, against its limits (0 = no limit).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TenantUsage {
+    /// Training runs.
+    pub runs: usize,
+    /// `--max-runs-per-tenant`.
+    pub runs_limit: usize,
+    /// Sampling sessions.
+    pub sampling_sessions: usize,
+    /// Listed checkpoints.
+    pub checkpoints: usize,
+    /// `--max-checkpoints-per-tenant`.
+    pub checkpoints_limit: usize,
+    /// Bytes of listed checkpoints.
+    pub checkpoint_bytes: u64,
+    /// `--max-checkpoint-bytes-per-tenant`.
+    pub checkpoint_bytes_limit: u64,
+    /// Jobs waiting.
+    pub queued_jobs: usize,
+    /// `--max-queued-per-tenant`.
+    pub queued_jobs_limit: usize,
+}
+
 /// Per queue: request ids in admission order and in start order.
 #[derive(Debug, Clone, Default)]
 pub struct OrderLog {
@@ -255,7 +278,9 @@ impl Engine {
                 self.inner.registry.model(&k.tenant, &k.model_id)?;
             }
             QueueKey::Sampler(k) => {
-                self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
+                // Counts as a use: a session with queued work is never removed to make room.
+                let entry = self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
+                entry.last_access.touch();
             }
         }
         // Refuse what can never run before it takes a place in a queue.
@@ -304,6 +329,7 @@ impl Engine {
                 ..
             } => validate_sampling(config, prompt, *num_samples, params)?,
             Work::OptimStep { params } => params.validate()?,
+            Work::Save { sampler: None, .. } => self.check_checkpoint_quota(queue.tenant())?,
             Work::Create { .. } | Work::Save { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
@@ -380,6 +406,49 @@ impl Engine {
             let _ = self.inner.registry.remove_model(&key.tenant, &key.model_id);
         }
         submitted
+    }
+
+    /// Refuses a named save when the tenant's listed checkpoints reach their count or byte limit.
+    fn check_checkpoint_quota(&self, tenant: &str) -> Result<()> {
+        let (count_limit, bytes_limit) = {
+            let sched = lock(&self.inner.sched);
+            let l = sched.limits();
+            (
+                l.max_checkpoints_per_tenant,
+                l.max_checkpoint_bytes_per_tenant,
+            )
+        };
+        let mine = self.inner.registry.checkpoints_of(tenant, None);
+        if count_limit > 0 && mine.len() >= count_limit {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant has {} checkpoints (limit {count_limit}, --max-checkpoints-per-tenant); delete some first",
+                mine.len()
+            )));
+        }
+        let bytes: u64 = mine.iter().map(|c| c.size_bytes).sum();
+        if bytes_limit > 0 && bytes >= bytes_limit {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant's checkpoints hold {bytes} bytes (limit {bytes_limit}, --max-checkpoint-bytes-per-tenant); delete some first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The tenant's usage against its limits, for `/api/model-stats`.
+    pub fn usage(&self, tenant: &str) -> TenantUsage {
+        let limits = lock(&self.inner.sched).limits().clone();
+        let checkpoints = self.inner.registry.checkpoints_of(tenant, None);
+        TenantUsage {
+            runs: self.inner.registry.models_of(tenant).len(),
+            runs_limit: self.inner.run_limits.0,
+            sampling_sessions: self.inner.registry.sampler_count(tenant),
+            checkpoints: checkpoints.len(),
+            checkpoints_limit: limits.max_checkpoints_per_tenant,
+            checkpoint_bytes: checkpoints.iter().map(|c| c.size_bytes).sum(),
+            checkpoint_bytes_limit: limits.max_checkpoint_bytes_per_tenant,
+            queued_jobs: lock(&self.inner.sched).queued_for(tenant),
+            queued_jobs_limit: limits.per_tenant,
+        }
     }
 
     /// Registers a sampling session over the base model or one of the tenant's checkpoints.

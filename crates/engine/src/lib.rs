@@ -16,7 +16,8 @@ pub mod store;
 pub use backend::{Admitted, Backend, DecodeStep, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
 pub use engine::{
-    Engine, EngineConfig, Histogram, OrderLog, QueueStats, StatsSnapshot, LATENCY_BUCKETS,
+    Engine, EngineConfig, Histogram, OrderLog, QueueStats, StatsSnapshot, TenantUsage,
+    LATENCY_BUCKETS,
 };
 pub use error::{EngineError, Result};
 pub use futures::{FutureState, FutureStore};

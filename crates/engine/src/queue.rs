@@ -34,6 +34,11 @@ pub struct Limits {
     /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
     /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
     pub batch_fill_wait: Duration,
+    /// Listed checkpoints one tenant may hold (0 = no limit); saving another is refused.
+    pub max_checkpoints_per_tenant: usize,
+    /// Bytes of listed checkpoints one tenant may hold (0 = no limit); once reached, saving
+    /// another is refused.
+    pub max_checkpoint_bytes_per_tenant: u64,
     /// Longest a sampling job may decode (0 = no limit); beyond, it is dropped at the next
     /// token boundary and fails.
     pub max_sample_time: Duration,
@@ -55,6 +60,8 @@ impl Default for Limits {
             batch_fill_wait: Duration::from_millis(10),
             max_kv_tokens: 65536,
             max_sample_time: Duration::from_secs(600),
+            max_checkpoints_per_tenant: 0,
+            max_checkpoint_bytes_per_tenant: 0,
         }
     }
 }

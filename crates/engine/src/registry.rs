@@ -168,6 +168,10 @@ pub struct CheckpointRecord {
     pub size_bytes: u64,
     /// The adapter's LoRA configuration.
     pub spec: LoraSpec,
+    /// Saved for one sampling session (`save_weights_and_get_sampling_client`): not listed,
+    /// not counted against checkpoint quotas, deleted with its session.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// The parts of a `tinker://<run>/<kind>/<name>` path.
@@ -223,7 +227,14 @@ pub struct Registry {
     samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
     checkpoints: DashMap<(String, String), CheckpointRecord>,
     durable: Option<Arc<dyn Store>>,
+    /// Sampling sessions one tenant may hold (0 = no limit).
+    max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
+    /// Seconds a session must have been unused before it is removed to make room.
+    sampler_min_idle_s: std::sync::atomic::AtomicU64,
 }
+
+/// A sampling session used this recently is never removed to make room for another.
+pub const SAMPLER_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
@@ -238,7 +249,24 @@ impl Registry {
             samplers: DashMap::new(),
             checkpoints: DashMap::new(),
             durable: None,
+            max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
+            sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
         }
+    }
+
+    /// Limits the sampling sessions of each tenant to `n` (0 = no limit): registering one more
+    /// first removes the tenant's least recently used idle sessions (unused for
+    /// [`SAMPLER_MIN_IDLE`], not being loaded), with their ephemeral checkpoints.
+    pub fn set_max_samplers_per_tenant(&self, n: usize) {
+        self.max_samplers_per_tenant
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long a session must have been unused before it may be removed to make room
+    /// (default [`SAMPLER_MIN_IDLE`]).
+    pub fn set_sampler_min_idle(&self, idle: std::time::Duration) {
+        self.sampler_min_idle_s
+            .store(idle.as_secs(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A registry backed by `store`, reloaded from it (runs come back evicted: each run's first
@@ -418,13 +446,15 @@ impl Registry {
         self.models.len()
     }
 
-    /// Registers a sampling session.
+    /// Registers a sampling session, within the tenant's limit (see
+    /// [`Registry::set_max_samplers_per_tenant`]).
     pub fn add_sampler(
         &self,
         key: SamplerKey,
         source: SamplerSource,
         base_model: &str,
     ) -> Result<Arc<SamplerEntry>> {
+        self.make_room_for_sampler(&key.tenant)?;
         if let Some(store) = &self.durable {
             let checkpoint = match &source {
                 SamplerSource::Base => None,
@@ -455,6 +485,80 @@ impl Registry {
         });
         self.samplers.insert(key, entry.clone());
         entry
+    }
+
+    /// Removes the tenant's least recently used idle sessions until one more fits its limit.
+    fn make_room_for_sampler(&self, tenant: &str) -> Result<()> {
+        let limit = self
+            .max_samplers_per_tenant
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if limit == 0 {
+            return Ok(());
+        }
+        let mut mine: Vec<Arc<SamplerEntry>> = self
+            .samplers
+            .iter()
+            .filter(|e| e.key().tenant == tenant)
+            .map(|e| e.value().clone())
+            .collect();
+        if mine.len() < limit {
+            return Ok(());
+        }
+        mine.sort_by(|a, b| a.last_access.get().total_cmp(&b.last_access.get()));
+        let min_idle = self
+            .sampler_min_idle_s
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let idle_before = unix_now() - min_idle as f64;
+        let mut excess = mine.len() + 1 - limit;
+        for entry in mine {
+            if excess == 0 {
+                break;
+            }
+            if entry.last_access.get() > idle_before {
+                break;
+            }
+            // A session a worker is loading or gathering right now stays.
+            let Some(guard) = entry.try_lock() else {
+                continue;
+            };
+            drop(guard);
+            self.remove_sampler(&entry)?;
+            excess -= 1;
+        }
+        if excess > 0 {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant has {} sampling sessions, all used in the last {min_idle} s (limit {limit}, --max-samplers-per-tenant)",
+                self.sampler_count(tenant),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forgets a sampling session, and deletes its checkpoint when that was saved for it alone.
+    fn remove_sampler(&self, entry: &SamplerEntry) -> Result<()> {
+        if let Some(store) = &self.durable {
+            store.delete_sampler(&entry.key.tenant, &entry.key.sampler_id)?;
+        }
+        self.samplers.remove(&entry.key);
+        if let SamplerSource::Checkpoint(path) = &entry.source {
+            let ephemeral = self
+                .checkpoints
+                .get(&(entry.key.tenant.clone(), path.clone()))
+                .is_some_and(|r| r.ephemeral);
+            if ephemeral {
+                self.remove_checkpoint(&entry.key.tenant, path)?;
+            }
+        }
+        tracing::debug!(tenant = %entry.key.tenant, sampler_id = %entry.key.sampler_id, "removed an idle sampling session");
+        Ok(())
+    }
+
+    /// The tenant's sampling sessions.
+    pub fn sampler_count(&self, tenant: &str) -> usize {
+        self.samplers
+            .iter()
+            .filter(|e| e.key().tenant == tenant)
+            .count()
     }
 
     /// Every sampling session (all tenants).
@@ -543,12 +647,15 @@ impl Registry {
         Ok(())
     }
 
-    /// The tenant's checkpoints (of one run when given), oldest first.
+    /// The tenant's listed checkpoints (of one run when given; ephemeral ones excluded), oldest
+    /// first.
     pub fn checkpoints_of(&self, tenant: &str, model_id: Option<&str>) -> Vec<CheckpointRecord> {
         let mut out: Vec<CheckpointRecord> = self
             .checkpoints
             .iter()
-            .filter(|r| r.tenant == tenant && model_id.is_none_or(|m| r.model_id == m))
+            .filter(|r| {
+                r.tenant == tenant && !r.ephemeral && model_id.is_none_or(|m| r.model_id == m)
+            })
             .map(|r| r.value().clone())
             .collect();
         out.sort_by(|a, b| a.created.total_cmp(&b.created).then(a.path.cmp(&b.path)));
@@ -574,5 +681,95 @@ mod tests {
         assert!(validate_name("ok-name_1.0").is_ok());
         assert!(validate_name("../etc").is_err());
         assert!(validate_name("a/b").is_err());
+    }
+
+    fn record(dir: &std::path::Path, name: &str, ephemeral: bool) -> CheckpointRecord {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        CheckpointRecord {
+            tenant: "t".into(),
+            model_id: "run".into(),
+            kind: CheckpointKind::Sampler,
+            name: name.into(),
+            path: format!("tinker://run/sampler_weights/{name}"),
+            dir,
+            created: unix_now(),
+            size_bytes: 1,
+            spec: LoraSpec {
+                rank: 2,
+                alpha: 4.0,
+                seed: 0,
+                train_attn: true,
+                train_mlp: true,
+                train_unembed: false,
+            },
+            ephemeral,
+        }
+    }
+
+    #[test]
+    fn beyond_its_limit_a_tenant_loses_its_least_recently_used_idle_sessions() {
+        let dir = std::env::temp_dir().join(format!("loraloom-reg-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        registry.set_max_samplers_per_tenant(2);
+        registry.set_sampler_min_idle(std::time::Duration::ZERO);
+        let session = |name: &str, checkpoint: &CheckpointRecord| {
+            let key = SamplerKey {
+                tenant: "t".into(),
+                sampler_id: name.into(),
+            };
+            registry.add_checkpoint(checkpoint.clone()).unwrap();
+            let source = SamplerSource::Checkpoint(checkpoint.path.clone());
+            registry.add_sampler(key, source, "base").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let (one, two, three) = (
+            record(&dir, "one", true),
+            record(&dir, "two", false),
+            record(&dir, "three", true),
+        );
+        session("s1", &one);
+        session("s2", &two);
+        // Another tenant's sessions count only against its own limit.
+        registry
+            .add_sampler(
+                SamplerKey {
+                    tenant: "u".into(),
+                    sampler_id: "x".into(),
+                },
+                SamplerSource::Base,
+                "base",
+            )
+            .unwrap();
+        session("s3", &three);
+        assert_eq!(registry.sampler_count("t"), 2);
+        assert!(registry.sampler("t", "s1").is_err(), "the oldest went");
+        assert!(!one.dir.exists(), "with the checkpoint saved for it alone");
+        assert!(registry.checkpoint("t", &one.path).is_err());
+        assert_eq!(registry.sampler_count("u"), 1);
+        // Ephemeral checkpoints are not listed.
+        let listed: Vec<String> = registry
+            .checkpoints_of("t", None)
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(listed, ["two"]);
+        // s2's named checkpoint stays when s2 goes.
+        session("s4", &record(&dir, "four", true));
+        assert!(registry.sampler("t", "s2").is_err() && two.dir.exists());
+        // Sessions used within the idle window are never removed: the limit refuses instead.
+        registry.set_sampler_min_idle(std::time::Duration::from_secs(3600));
+        let key = SamplerKey {
+            tenant: "t".into(),
+            sampler_id: "s5".into(),
+        };
+        let Err(err) = registry.add_sampler(key, SamplerSource::Base, "base") else {
+            panic!("a sixth session fits a limit of 2 with none idle")
+        };
+        assert!(
+            err.to_string().contains("--max-samplers-per-tenant"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -93,6 +93,8 @@ pub trait Store: Send + Sync {
     fn put_sampler(&self, row: &SamplerRow) -> Result<()>;
     /// Every sampling session.
     fn samplers(&self) -> Result<Vec<SamplerRow>>;
+    /// Forgets a sampling session.
+    fn delete_sampler(&self, tenant: &str, sampler_id: &str) -> Result<()>;
     /// Records (or replaces) a checkpoint.
     fn put_checkpoint(&self, row: &CheckpointRow) -> Result<()>;
     /// Every checkpoint.
@@ -270,6 +272,16 @@ impl Store for SqliteStore {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    fn delete_sampler(&self, tenant: &str, sampler_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM samplers WHERE tenant = ?1 AND sampler_id = ?2",
+                params![tenant, sampler_id],
+            )
+            .map(|_| ())
         })
     }
 
