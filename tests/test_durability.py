@@ -68,8 +68,10 @@ def test_kill_9_mid_training_loses_nothing_acknowledged(tmp_path):
         loss_at_ck = forward_loss(srv, model)
         step(srv, model)
         loss_acknowledged = forward_loss(srv, model)
-        # Work in flight when the process dies.
+        # Work in flight when the process dies, and a create from the checkpoint queued behind it.
         in_flight = [call(srv, "/api/v1/forward_backward", fb(model, n=8, length=128))["request_id"] for _ in range(4)]
+        create = call(srv, "/api/v1/load_weights", {"session_id": session, "model_seq_id": 50, "path": path,
+                                                    "optimizer": True})
     finally:
         srv.proc.kill()
         srv.proc.wait()
@@ -78,7 +80,18 @@ def test_kill_9_mid_training_loses_nothing_acknowledged(tmp_path):
     srv = Server(tmp_path)
     try:
         runs = requests.get(srv.url + "/api/v1/training_runs", headers=H).json()["training_runs"]
-        assert [r["training_run_id"] for r in runs] == [model]
+        created = result(srv, create["request_id"])
+        if "error" in created:
+            # The create never ran: its run is gone, and the client's retry creates it.
+            assert "server restarted" in created["error"], created
+            assert [r["training_run_id"] for r in runs] == [model]
+            retry = call(srv, "/api/v1/load_weights", {"session_id": session, "model_seq_id": 50, "path": path,
+                                                       "optimizer": True})
+            assert result(srv, retry["request_id"])["model_id"] == create["model_id"]
+        else:
+            assert sorted(r["training_run_id"] for r in runs) == sorted([model, create["model_id"]])
+        # Either way the run holds the checkpoint's weights, not fresh ones.
+        assert forward_loss(srv, create["model_id"]) == loss_at_ck
         ckpts = requests.get(srv.url + f"/api/v1/training_runs/{model}/checkpoints", headers=H).json()["checkpoints"]
         assert [c["tinker_path"] for c in ckpts] == [path]
         # A finished future returns the same result.

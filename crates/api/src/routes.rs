@@ -7,12 +7,12 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use loraloom_engine::registry::{parse_checkpoint_path, validate_name};
 use loraloom_engine::{
     CheckpointKind, CheckpointRecord, EngineError, FutureState, ModelKey, QueueKey, SamplerKey,
-    SamplerSource, Work,
+    SamplerSource, SaveOptions, Work,
 };
 use loraloom_model::LoraSpec;
 use prost::Message;
@@ -76,6 +76,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}",
             delete(delete_checkpoint),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
+            put(set_checkpoint_ttl),
         )
         .route("/api/v1/checkpoints", get(list_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
@@ -401,6 +405,25 @@ struct SaveRequest {
     path: Option<String>,
     #[serde(default)]
     sampling_session_seq_id: Option<i64>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    overwrite: Option<bool>,
+    #[serde(default)]
+    user_metadata: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl SaveRequest {
+    /// The save's options; `overwrite` defaults to `overwrite_by_default` when the request does
+    /// not say (the SDK's `save_state` always does; `save_weights_for_sampler` has no such flag
+    /// and replaces).
+    fn options(&self, overwrite_by_default: bool) -> SaveOptions {
+        SaveOptions {
+            ttl_seconds: self.ttl_seconds,
+            overwrite: self.overwrite.unwrap_or(overwrite_by_default),
+            user_metadata: self.user_metadata.clone(),
+        }
+    }
 }
 
 fn checkpoint_name(given: Option<String>, prefix: &str) -> ApiResult<String> {
@@ -414,11 +437,13 @@ async fn save_weights(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<SaveRequest>,
 ) -> ApiResult<Json<Promise>> {
+    let options = body.options(false);
     let name = checkpoint_name(body.path, "state")?;
     let work = Work::Save {
         name,
         kind: CheckpointKind::State,
         sampler: None,
+        options,
     };
     let id = state
         .engine
@@ -443,11 +468,13 @@ async fn save_weights_for_sampler(
             None => new_id("sampler"),
         },
     });
+    let options = body.options(true);
     let name = checkpoint_name(body.path, "sampler")?;
     let work = Work::Save {
         name,
         kind: CheckpointKind::Sampler,
         sampler,
+        options,
     };
     let id = state
         .engine
@@ -803,6 +830,8 @@ fn checkpoint_json(c: &CheckpointRecord) -> Value {
         "tinker_path": c.path,
         "size_bytes": c.size_bytes,
         "public": false,
+        "user_metadata": c.user_metadata,
+        "expires_at": c.expires_at.map(iso),
     })
 }
 
@@ -900,6 +929,27 @@ async fn delete_checkpoint(
 ) -> ApiResult<Json<Value>> {
     let path = format!("tinker://{id}/{kind}/{name}");
     state.engine.registry().remove_checkpoint(&tenant, &path)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct TtlRequest {
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+/// `set_checkpoint_ttl_from_tinker_path`: the checkpoint expires `ttl_seconds` from now, or
+/// never with `null`.
+async fn set_checkpoint_ttl(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<TtlRequest>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state
+        .engine
+        .set_checkpoint_ttl(&tenant, &path, body.ttl_seconds)?;
     Ok(Json(json!({})))
 }
 

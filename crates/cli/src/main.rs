@@ -197,6 +197,10 @@ struct ServeArgs {
     /// `save_weights_and_get_sampling_client` saved for them alone).
     #[arg(long, env = "LORALOOM_MAX_SAMPLERS_PER_TENANT", default_value_t = 1024)]
     max_samplers_per_tenant: usize,
+    /// Shortest `ttl_seconds` a checkpoint may be given (the SDK documents one hour; expired
+    /// checkpoints are deleted within about 5 s).
+    #[arg(long, env = "LORALOOM_MIN_CHECKPOINT_TTL_SECS", default_value_t = 3600)]
+    min_checkpoint_ttl_secs: u64,
     /// Listed checkpoints one tenant may hold (0 = no limit).
     #[arg(
         long,
@@ -373,6 +377,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_kv_tokens: args.max_kv_tokens,
             max_sample_time: Duration::from_secs(args.max_sample_secs),
             max_checkpoints_per_tenant: args.max_checkpoints_per_tenant,
+            min_checkpoint_ttl: Duration::from_secs(args.min_checkpoint_ttl_secs),
             max_checkpoint_bytes_per_tenant: checkpoint_bytes,
         },
         future_ttl: Duration::from_secs(args.future_ttl_secs),
@@ -389,6 +394,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("removing what interrupted saves left")?;
     if stale > 0 {
         tracing::info!(stale, "removed directories left by interrupted saves");
+    }
+    if args.step_snapshots {
+        let unfinished = engine.registry().remove_unfinished_runs();
+        if !unfinished.is_empty() {
+            tracing::info!(
+                runs = unfinished.len(),
+                "removed runs whose create never finished (a retry creates them again)"
+            );
+        }
     }
     let sessions = DashMap::new();
     for row in store.sessions().context("reading sessions")? {

@@ -557,6 +557,7 @@ impl ModelWorker {
             name,
             kind,
             sampler,
+            options,
         } = &job.work
         else {
             unreachable!("save job")
@@ -570,6 +571,10 @@ impl ModelWorker {
             .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
         let tenant = &entry.key.tenant;
         let model_id = &entry.key.model_id;
+        let path = format!("tinker://{model_id}/{}/{name}", kind.segment());
+        if !options.overwrite && self.registry.checkpoint(tenant, &path).is_ok() {
+            return Err(exists(&path));
+        }
         let dir = self.registry.checkpoint_dir(tenant, model_id, *kind, name);
         let optimizer_slot;
         let optimizer = match kind {
@@ -591,7 +596,7 @@ impl ModelWorker {
             },
             &dir,
         )?;
-        let path = format!("tinker://{model_id}/{}/{name}", kind.segment());
+        let created = unix_now();
         self.registry.add_checkpoint(CheckpointRecord {
             tenant: tenant.clone(),
             model_id: model_id.clone(),
@@ -600,9 +605,11 @@ impl ModelWorker {
             path: path.clone(),
             size_bytes: dir_size(&dir),
             dir,
-            created: unix_now(),
+            created,
             spec: adapter.spec().clone(),
             ephemeral: sampler.is_some(),
+            expires_at: options.ttl_seconds.map(|ttl| created + ttl as f64),
+            user_metadata: options.user_metadata.clone(),
         })?;
         if let Some(key) = sampler {
             let added = self.registry.add_sampler(
@@ -844,6 +851,14 @@ fn fused_or_alone<R: Clone, O>(
             }
         }
     }
+}
+
+/// Saving over an existing checkpoint without `overwrite`.
+pub fn exists(path: &str) -> EngineError {
+    EngineError::invalid(
+        "path",
+        format!("checkpoint `{path}` already exists; save with overwrite=True to replace it"),
+    )
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {

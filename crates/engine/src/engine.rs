@@ -253,6 +253,11 @@ impl Engine {
             })
             .collect();
         *lock(&inner.workers) = handles;
+        let reaper = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("loraloom-reaper".into())
+            .spawn(move || reap_checkpoints(reaper))
+            .expect("spawning the checkpoint reaper");
         Engine { inner }
     }
 
@@ -329,8 +334,26 @@ impl Engine {
                 ..
             } => validate_sampling(config, prompt, *num_samples, params)?,
             Work::OptimStep { params } => params.validate()?,
-            Work::Save { sampler: None, .. } => self.check_checkpoint_quota(queue.tenant())?,
-            Work::Create { .. } | Work::Save { .. } => {}
+            Work::Save {
+                name,
+                kind,
+                sampler,
+                options,
+            } => {
+                self.check_ttl(options.ttl_seconds)?;
+                if let QueueKey::Model(k) = &queue {
+                    let path = format!("tinker://{}/{}/{name}", k.model_id, kind.segment());
+                    if !options.overwrite
+                        && self.inner.registry.checkpoint(&k.tenant, &path).is_ok()
+                    {
+                        return Err(crate::backend::exists(&path));
+                    }
+                }
+                if sampler.is_none() {
+                    self.check_checkpoint_quota(queue.tenant())?;
+                }
+            }
+            Work::Create { .. } => {}
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
@@ -406,6 +429,36 @@ impl Engine {
             let _ = self.inner.registry.remove_model(&key.tenant, &key.model_id);
         }
         submitted
+    }
+
+    /// Checks a checkpoint lifetime: from `--min-checkpoint-ttl-secs` to ten years.
+    fn check_ttl(&self, ttl_seconds: Option<u64>) -> Result<()> {
+        const TEN_YEARS: u64 = 10 * 365 * 86_400;
+        let min = lock(&self.inner.sched)
+            .limits()
+            .min_checkpoint_ttl
+            .as_secs();
+        match ttl_seconds {
+            Some(ttl) if ttl < min || ttl > TEN_YEARS => Err(EngineError::invalid(
+                "ttl_seconds",
+                format!("must be between {min} and {TEN_YEARS} seconds (ten years), got {ttl}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sets the lifetime of a checkpoint of `tenant` from now (`None`: kept until deleted).
+    pub fn set_checkpoint_ttl(
+        &self,
+        tenant: &str,
+        path: &str,
+        ttl_seconds: Option<u64>,
+    ) -> Result<()> {
+        self.check_ttl(ttl_seconds)?;
+        let expires_at = ttl_seconds.map(|ttl| crate::registry::unix_now() + ttl as f64);
+        self.inner
+            .registry
+            .set_checkpoint_expiry(tenant, path, expires_at)
     }
 
     /// Refuses a named save when the tenant's listed checkpoints reach their count or byte limit.
@@ -633,6 +686,28 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
             Err(e) => FutureState::Failed(e),
         },
     );
+}
+
+/// How often expired checkpoints are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(5);
+
+/// Deletes expired checkpoints every [`REAP_EVERY`], on its own thread (workers may be idle
+/// for hours, and deleting files is no scheduler work), until the engine is dropped or closed.
+fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
+    loop {
+        std::thread::sleep(REAP_EVERY);
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if lock(&inner.sched).is_closed() {
+            return;
+        }
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            inner
+                .registry
+                .expire_checkpoints(crate::registry::unix_now())
+        }));
+    }
 }
 
 /// Runs a batch, containing panics: after a panic every job is retried alone.

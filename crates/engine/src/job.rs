@@ -76,6 +76,17 @@ impl CheckpointKind {
     }
 }
 
+/// How a checkpoint is saved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SaveOptions {
+    /// Seconds until the checkpoint is deleted (`None`: kept until deleted).
+    pub ttl_seconds: Option<u64>,
+    /// Replace a checkpoint of the same name (otherwise saving over one is refused).
+    pub overwrite: bool,
+    /// The client's metadata, returned with the checkpoint.
+    pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
+}
+
 /// The work of a job.
 #[derive(Debug, Clone)]
 pub enum Work {
@@ -108,6 +119,8 @@ pub enum Work {
         kind: CheckpointKind,
         /// Also open a sampling session with this key over the saved weights.
         sampler: Option<SamplerKey>,
+        /// Lifetime, replacement and metadata.
+        options: SaveOptions,
     },
     /// Replace the adapter's weights (and optionally optimizer) from a checkpoint path.
     Load {

@@ -21,7 +21,9 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use futures::{FutureState, FutureStore};
-pub use job::{CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work};
+pub use job::{
+    CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, SaveOptions, TenantId, Work,
+};
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};
 pub use store::{SessionRow, SqliteStore, Store};

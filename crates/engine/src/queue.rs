@@ -34,6 +34,8 @@ pub struct Limits {
     /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
     /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
     pub batch_fill_wait: Duration,
+    /// Shortest `ttl_seconds` a checkpoint may be given (the SDK documents one hour).
+    pub min_checkpoint_ttl: Duration,
     /// Listed checkpoints one tenant may hold (0 = no limit); saving another is refused.
     pub max_checkpoints_per_tenant: usize,
     /// Bytes of listed checkpoints one tenant may hold (0 = no limit); once reached, saving
@@ -61,6 +63,7 @@ impl Default for Limits {
             max_kv_tokens: 65536,
             max_sample_time: Duration::from_secs(600),
             max_checkpoints_per_tenant: 0,
+            min_checkpoint_ttl: Duration::from_secs(3600),
             max_checkpoint_bytes_per_tenant: 0,
         }
     }

@@ -172,6 +172,12 @@ pub struct CheckpointRecord {
     /// not counted against checkpoint quotas, deleted with its session.
     #[serde(default)]
     pub ephemeral: bool,
+    /// When it is deleted (unix seconds; `None`: kept until deleted).
+    #[serde(default)]
+    pub expires_at: Option<f64>,
+    /// The client's metadata.
+    #[serde(default)]
+    pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The parts of a `tinker://<run>/<kind>/<name>` path.
@@ -343,6 +349,31 @@ impl Registry {
     /// Every run (all tenants).
     pub fn all_models(&self) -> Vec<Arc<ModelEntry>> {
         self.models.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Removes every run without a snapshot and returns them. Call it at start, after
+    /// interrupted snapshot writes were recovered, when runs are snapshotted at every step: a
+    /// run's create writes its first snapshot before it is acknowledged, so a run without one
+    /// is a create that never finished (a crash while it was queued). Left registered, it would
+    /// come back with fresh weights (not the checkpoint it was created from), and the client's
+    /// retry would fail "already exists".
+    pub fn remove_unfinished_runs(&self) -> Vec<ModelKey> {
+        let unfinished: Vec<ModelKey> = self
+            .models
+            .iter()
+            .filter(|e| !self.snapshot_dir(e.key()).exists())
+            .map(|e| e.key().clone())
+            .collect();
+        unfinished
+            .into_iter()
+            .filter(|key| match self.remove_model(&key.tenant, &key.model_id) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(model_id = %key.model_id, error = %e, "cannot remove a run whose create never finished");
+                    false
+                }
+            })
+            .collect()
     }
 
     /// Where a run's latest state is kept between steps and across restarts.
@@ -553,6 +584,42 @@ impl Registry {
         Ok(())
     }
 
+    /// Sets (or, with `None`, clears) when the checkpoint at `path` of `tenant` expires.
+    pub fn set_checkpoint_expiry(
+        &self,
+        tenant: &str,
+        path: &str,
+        expires_at: Option<f64>,
+    ) -> Result<()> {
+        let mut record = self.checkpoint(tenant, path)?;
+        record.expires_at = expires_at;
+        self.add_checkpoint(record)
+    }
+
+    /// Deletes every checkpoint whose expiry is at or before `now` (unix seconds); returns how
+    /// many.
+    pub fn expire_checkpoints(&self, now: f64) -> usize {
+        let expired: Vec<(String, String)> = self
+            .checkpoints
+            .iter()
+            .filter(|r| r.expires_at.is_some_and(|t| t <= now))
+            .map(|r| r.key().clone())
+            .collect();
+        let mut removed = 0;
+        for (tenant, path) in expired {
+            match self.remove_checkpoint(&tenant, &path) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(%tenant, %path, "checkpoint expired and was deleted");
+                }
+                // Deleted meanwhile (by its owner, or another worker's sweep).
+                Err(EngineError::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(%path, error = %e, "cannot delete an expired checkpoint"),
+            }
+        }
+        removed
+    }
+
     /// The tenant's sampling sessions.
     pub fn sampler_count(&self, tenant: &str) -> usize {
         self.samplers
@@ -695,6 +762,8 @@ mod tests {
             dir,
             created: unix_now(),
             size_bytes: 1,
+            expires_at: None,
+            user_metadata: None,
             spec: LoraSpec {
                 rank: 2,
                 alpha: 4.0,

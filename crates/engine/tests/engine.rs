@@ -622,6 +622,10 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
             name: name.into(),
             kind: CheckpointKind::Sampler,
             sampler: Some(session(name)),
+            options: loraloom_engine::job::SaveOptions {
+                overwrite: true,
+                ..Default::default()
+            },
         };
         let id = engine.submit(q.clone(), save).unwrap();
         assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
