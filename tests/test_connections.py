@@ -89,26 +89,26 @@ def test_partial_headers_are_cut_off_by_the_header_timeout(strict_server):
     s.close()
 
 
+def first_reply(server, path, content_length, body):
+    """Sends a keyed POST head declaring `content_length` and then only `body`; returns the first
+    bytes the server answers (within a generous 20 s)."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ALICE}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode() + body)
+        s.settimeout(20)
+        return s.recv(4096)
+
+
 def test_a_stalled_body_gets_a_408(strict_server):
-    s = socket.create_connection(("127.0.0.1", strict_server.port))
-    s.sendall(b"POST /api/v1/create_session HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ALICE.encode()
-              + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"tags\":")
-    s.settimeout(20)
-    reply = s.recv(4096)
+    reply = first_reply(strict_server, "/api/v1/create_session", 100, b'{"tags":')
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"body-timeout-secs" in reply
-    s.close()
 
 
 def test_an_oversized_content_length_gets_an_early_413(strict_server):
-    s = socket.create_connection(("127.0.0.1", strict_server.port))
-    s.sendall(b"POST /api/v1/forward_backward HTTP/1.1\r\nHost: x\r\nX-API-Key: " + ALICE.encode()
-              + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
-    s.settimeout(20)
-    reply = s.recv(4096)
+    reply = first_reply(strict_server, "/api/v1/forward_backward", 10_000_000_000, b"")
     assert reply.startswith(b"HTTP/1.1 413"), reply
     assert b"payload_too_large" in reply
-    s.close()
 
 
 def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_server):

@@ -36,6 +36,17 @@ fn info(config: ModelConfig) -> BaseModelInfo {
     }
 }
 
+/// The configuration of an engine over a fake backend: the tiny model's shape, no run limits.
+fn fake_config(limits: Limits) -> EngineConfig {
+    EngineConfig {
+        limits,
+        future_ttl: Duration::from_secs(60),
+        base: info(tiny_config()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
+    }
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("loraloom-engine-{tag}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -99,13 +110,7 @@ fn fake_engine(limits: Limits, workers: usize) -> (Engine, Arc<Mutex<Vec<usize>>
             }) as Box<dyn Backend>
         })
         .collect();
-    let config = EngineConfig {
-        limits,
-        future_ttl: Duration::from_secs(60),
-        base: info(tiny_config()),
-        max_runs_per_tenant: 0,
-        max_runs: 0,
-    };
+    let config = fake_config(limits);
     let registry = Arc::new(Registry::new(temp_dir("fake")));
     (
         Engine::start_recording_order(config, registry, backends),
@@ -759,13 +764,7 @@ fn decode_engine(
         release: release.clone(),
         log: Arc::new(Mutex::new(Vec::new())),
     };
-    let config = EngineConfig {
-        limits,
-        future_ttl: Duration::from_secs(60),
-        base: info(tiny_config()),
-        max_runs_per_tenant: 0,
-        max_runs: 0,
-    };
+    let config = fake_config(limits);
     let registry = Arc::new(Registry::new(temp_dir("decode-stop")));
     let engine = Engine::start(config, registry, vec![Box::new(backend)]);
     let keys = sessions
@@ -871,16 +870,10 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         release: release.clone(),
         log: log.clone(),
     };
-    let config = EngineConfig {
-        limits: Limits {
-            max_kv_tokens: 200,
-            ..Limits::default()
-        },
-        future_ttl: Duration::from_secs(60),
-        base: info(tiny_config()),
-        max_runs_per_tenant: 0,
-        max_runs: 0,
-    };
+    let config = fake_config(Limits {
+        max_kv_tokens: 200,
+        ..Limits::default()
+    });
     let registry = Arc::new(Registry::new(temp_dir("decode")));
     registry
         .add_model(key("t", "run"), "tiny", spec(4, 0), serde_json::Value::Null)

@@ -415,14 +415,7 @@ impl Decoder {
 
     /// Final-normed hidden states `[batch, seq, hidden]` (causal, every row from position 0).
     pub fn hidden_states(&self, input_ids: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
-        let ids = self.checked_ids(input_ids, lora)?;
-        let seq = ids.size()[1];
-        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
-        let ctx = Attend {
-            cos,
-            sin,
-            mask: None,
-        };
+        let (ids, ctx) = self.causal_from_start(input_ids, lora)?;
         self.run_blocks(&ids, &ctx, lora, Cache::None)
     }
 
@@ -436,14 +429,7 @@ impl Decoder {
         input_ids: &Tensor,
         lora: Option<&LoraBatch>,
     ) -> Result<Checkpointed> {
-        let ids = self.checked_ids(input_ids, lora)?;
-        let seq = ids.size()[1];
-        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
-        let ctx = Attend {
-            cos,
-            sin,
-            mask: None,
-        };
+        let (ids, ctx) = self.causal_from_start(input_ids, lora)?;
         let (inputs, top) = tch::no_grad(|| -> Result<(Vec<Tensor>, Tensor)> {
             let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
             let mut inputs = Vec::with_capacity(self.blocks.len());
@@ -506,14 +492,8 @@ impl Decoder {
         input_ids: &Tensor,
         lora: Option<&LoraBatch>,
     ) -> Result<(Tensor, KvCache)> {
-        let ids = self.checked_ids(input_ids, lora)?;
-        let (rows, seq) = (ids.size()[0], ids.size()[1]);
-        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
-        let ctx = Attend {
-            cos,
-            sin,
-            mask: None,
-        };
+        let (ids, ctx) = self.causal_from_start(input_ids, lora)?;
+        let rows = ids.size()[0];
         let mut layers = Vec::with_capacity(self.blocks.len());
         let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
         Ok((
@@ -648,6 +628,25 @@ impl Decoder {
             .f_view([1, 1, t, len + t])?;
         let ctx = self.attend_at(&positions, mask)?;
         self.run_appending(&input, &ctx, lora, cache)
+    }
+
+    /// The checked ids of a pass whose rows all start at position 0 and attend causally, and
+    /// its rotary tables.
+    fn causal_from_start(
+        &self,
+        input_ids: &Tensor,
+        lora: Option<&LoraBatch>,
+    ) -> Result<(Tensor, Attend)> {
+        let ids = self.checked_ids(input_ids, lora)?;
+        let (cos, sin) = self.rope.cos_sin(0, ids.size()[1], self.kind)?;
+        Ok((
+            ids,
+            Attend {
+                cos,
+                sin,
+                mask: None,
+            },
+        ))
     }
 
     /// Rotary tables for `positions` (`[rows, seq]`, broadcast over heads) and `mask`.

@@ -390,18 +390,7 @@ fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) 
         .collect();
     // Exact copies (libtorch's random generator is shared by the tests running in parallel, so
     // perturbing twice with the same seed need not give the same weights).
-    let alone: Vec<Option<LoraAdapter>> = fused
-        .iter()
-        .map(|f| {
-            f.as_ref().map(|f| {
-                let a = LoraAdapter::new(f.spec().clone(), cfg, Device::Cpu).unwrap();
-                a.row()
-                    .write(Field::Params, &row_of(f, Field::Params))
-                    .unwrap();
-                a
-            })
-        })
-        .collect();
+    let alone = copies(&fused, cfg);
     let data: Vec<Vec<Datum>> = counts
         .iter()
         .enumerate()
