@@ -17,8 +17,8 @@ use loraloom_model::{
 use crate::error::{EngineError, Result};
 use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, Work};
 use crate::registry::{
-    parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry, RunState,
-    SamplerSource, PENDING_MARKER,
+    checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry,
+    RunState, SamplerSource, PENDING_MARKER,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
@@ -571,10 +571,9 @@ impl ModelWorker {
             .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
         let tenant = &entry.key.tenant;
         let model_id = &entry.key.model_id;
-        let path = format!("tinker://{model_id}/{}/{name}", kind.segment());
-        if !options.overwrite && self.registry.checkpoint(tenant, &path).is_ok() {
-            return Err(exists(&path));
-        }
+        let path = checkpoint_path(model_id, *kind, name);
+        self.registry
+            .check_overwrite(tenant, &path, options.overwrite)?;
         let dir = self.registry.checkpoint_dir(tenant, model_id, *kind, name);
         let optimizer_slot;
         let optimizer = match kind {
@@ -851,14 +850,6 @@ fn fused_or_alone<R: Clone, O>(
             }
         }
     }
-}
-
-/// Saving over an existing checkpoint without `overwrite`.
-pub fn exists(path: &str) -> EngineError {
-    EngineError::invalid(
-        "path",
-        format!("checkpoint `{path}` already exists; save with overwrite=True to replace it"),
-    )
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {

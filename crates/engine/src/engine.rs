@@ -342,12 +342,10 @@ impl Engine {
             } => {
                 self.check_ttl(options.ttl_seconds)?;
                 if let QueueKey::Model(k) = &queue {
-                    let path = format!("tinker://{}/{}/{name}", k.model_id, kind.segment());
-                    if !options.overwrite
-                        && self.inner.registry.checkpoint(&k.tenant, &path).is_ok()
-                    {
-                        return Err(crate::backend::exists(&path));
-                    }
+                    let path = crate::registry::checkpoint_path(&k.model_id, *kind, name);
+                    self.inner
+                        .registry
+                        .check_overwrite(&k.tenant, &path, options.overwrite)?;
                 }
                 if sampler.is_none() {
                     self.check_checkpoint_quota(queue.tenant())?;
@@ -471,14 +469,12 @@ impl Engine {
                 l.max_checkpoint_bytes_per_tenant,
             )
         };
-        let mine = self.inner.registry.checkpoints_of(tenant, None);
-        if count_limit > 0 && mine.len() >= count_limit {
+        let (count, bytes) = self.inner.registry.checkpoint_usage(tenant);
+        if count_limit > 0 && count >= count_limit {
             return Err(EngineError::LimitReached(format!(
-                "this tenant has {} checkpoints (limit {count_limit}, --max-checkpoints-per-tenant); delete some first",
-                mine.len()
+                "this tenant has {count} checkpoints (limit {count_limit}, --max-checkpoints-per-tenant); delete some first"
             )));
         }
-        let bytes: u64 = mine.iter().map(|c| c.size_bytes).sum();
         if bytes_limit > 0 && bytes >= bytes_limit {
             return Err(EngineError::LimitReached(format!(
                 "this tenant's checkpoints hold {bytes} bytes (limit {bytes_limit}, --max-checkpoint-bytes-per-tenant); delete some first"
@@ -489,17 +485,20 @@ impl Engine {
 
     /// The tenant's usage against its limits, for `/api/model-stats`.
     pub fn usage(&self, tenant: &str) -> TenantUsage {
-        let limits = lock(&self.inner.sched).limits().clone();
-        let checkpoints = self.inner.registry.checkpoints_of(tenant, None);
+        let (limits, queued_jobs) = {
+            let sched = lock(&self.inner.sched);
+            (sched.limits().clone(), sched.queued_for(tenant))
+        };
+        let (checkpoints, checkpoint_bytes) = self.inner.registry.checkpoint_usage(tenant);
         TenantUsage {
             runs: self.inner.registry.models_of(tenant).len(),
             runs_limit: self.inner.run_limits.0,
             sampling_sessions: self.inner.registry.sampler_count(tenant),
-            checkpoints: checkpoints.len(),
+            checkpoints,
             checkpoints_limit: limits.max_checkpoints_per_tenant,
-            checkpoint_bytes: checkpoints.iter().map(|c| c.size_bytes).sum(),
+            checkpoint_bytes,
             checkpoint_bytes_limit: limits.max_checkpoint_bytes_per_tenant,
-            queued_jobs: lock(&self.inner.sched).queued_for(tenant),
+            queued_jobs,
             queued_jobs_limit: limits.per_tenant,
         }
     }
@@ -735,9 +734,8 @@ fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>
 /// Sampling jobs in a worker's decode loop.
 #[derive(Default)]
 struct LiveJobs {
-    jobs: HashMap<RequestId, Job>,
-    /// When each joined the loop.
-    started: HashMap<RequestId, Instant>,
+    /// Each job, with when it joined the loop.
+    jobs: HashMap<RequestId, (Job, Instant)>,
     /// Sum of their [`Work::kv_tokens`].
     kv_tokens: usize,
     /// Jobs that left the loop since the scheduler last heard of it.
@@ -747,14 +745,12 @@ struct LiveJobs {
 impl LiveJobs {
     fn insert(&mut self, job: Job) {
         self.kv_tokens += job.work.kv_tokens();
-        self.started.insert(job.id.clone(), Instant::now());
-        self.jobs.insert(job.id.clone(), job);
+        self.jobs.insert(job.id.clone(), (job, Instant::now()));
     }
 
     fn remove(&mut self, id: &RequestId) -> Option<Job> {
-        let job = self.jobs.remove(id)?;
+        let (job, _) = self.jobs.remove(id)?;
         self.kv_tokens -= job.work.kv_tokens();
-        self.started.remove(id);
         self.ended.push(id.clone());
         Some(job)
     }
@@ -777,7 +773,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             let mut st = lock(&inner.sched);
             st.unmark_decoding(&std::mem::take(&mut live.ended));
             let stopping = st.decoding_to_stop(
-                live.started.iter().map(|(id, at)| (id, *at)),
+                live.jobs.iter().map(|(id, (_, started))| (id, *started)),
                 Instant::now(),
             );
             let (joining, batch) = loop {
@@ -953,7 +949,7 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
     c.decode_tokens
         .fetch_add(step.tokens as u64, Ordering::Relaxed);
     for id in &step.first_tokens {
-        if let Some(job) = live.jobs.get(id) {
+        if let Some((job, _)) = live.jobs.get(id) {
             lock(&c.first_token).observe(job.enqueued.elapsed().as_secs_f64());
         }
     }

@@ -180,6 +180,12 @@ pub struct CheckpointRecord {
     pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// The path of a checkpoint, `tinker://<run>/<kind>/<name>` (what [`parse_checkpoint_path`]
+/// reads).
+pub fn checkpoint_path(model_id: &str, kind: CheckpointKind, name: &str) -> String {
+    format!("tinker://{model_id}/{}/{name}", kind.segment())
+}
+
 /// The parts of a `tinker://<run>/<kind>/<name>` path.
 pub fn parse_checkpoint_path(path: &str) -> Result<(String, CheckpointKind, String)> {
     let bad = || {
@@ -582,6 +588,27 @@ impl Registry {
         }
         tracing::debug!(tenant = %entry.key.tenant, sampler_id = %entry.key.sampler_id, "removed an idle sampling session");
         Ok(())
+    }
+
+    /// Refuses to save over the checkpoint at `path` of `tenant` unless `overwrite`: checked when
+    /// a save is submitted, and again when it runs (an earlier save of the same name may have
+    /// been queued in between).
+    pub fn check_overwrite(&self, tenant: &str, path: &str, overwrite: bool) -> Result<()> {
+        if !overwrite && self.checkpoint(tenant, path).is_ok() {
+            return Err(EngineError::invalid(
+                "path",
+                format!(
+                    "checkpoint `{path}` already exists; save with overwrite=True to replace it"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many listed checkpoints the tenant holds, and their bytes on disk.
+    pub fn checkpoint_usage(&self, tenant: &str) -> (usize, u64) {
+        let mine = self.checkpoints_of(tenant, None);
+        (mine.len(), mine.iter().map(|c| c.size_bytes).sum())
     }
 
     /// Sets (or, with `None`, clears) when the checkpoint at `path` of `tenant` expires.

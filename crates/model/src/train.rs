@@ -157,25 +157,26 @@ fn run(
         }
         let ids = Tensor::from_slice(&ids).f_view([part.len() as i64, micro.len as i64])?;
         let lora = LoraBatch::new(slots)?;
-        match micro.mode {
-            Mode::Checkpointed => {
-                let pass = decoder.hidden_states_checkpointed(&ids, Some(&lora))?;
-                let losses = Losses::new(&pass.hidden, backward)?;
-                losses.run(decoder, part, slots, plan.loss_chunk, &mut outputs)?;
-                if let Some(grad) = losses.hidden_grad()? {
-                    decoder.backward_checkpointed(pass, Some(&lora), &grad)?;
-                }
+        let checkpointed = match micro.mode {
+            Mode::Checkpointed => Some(decoder.hidden_states_checkpointed(&ids, Some(&lora))?),
+            Mode::Full | Mode::NoGrad => None,
+        };
+        let hidden = match &checkpointed {
+            Some(pass) => pass.hidden.shallow_clone(),
+            None => decoder.hidden_states(&ids, Some(&lora))?,
+        };
+        let losses = Losses::new(&hidden, backward)?;
+        losses.run(decoder, part, slots, plan.loss_chunk, &mut outputs)?;
+        let Some(grad) = losses.hidden_grad()? else {
+            continue;
+        };
+        match checkpointed {
+            Some(pass) => {
+                drop(hidden);
+                decoder.backward_checkpointed(pass, Some(&lora), &grad)?;
             }
-            Mode::Full | Mode::NoGrad => {
-                let hidden = decoder.hidden_states(&ids, Some(&lora))?;
-                let losses = Losses::new(&hidden, backward)?;
-                losses.run(decoder, part, slots, plan.loss_chunk, &mut outputs)?;
-                if let Some(grad) = losses.hidden_grad()? {
-                    if hidden.requires_grad() {
-                        backward_with(&hidden, &grad)?;
-                    }
-                }
-            }
+            None if hidden.requires_grad() => backward_with(&hidden, &grad)?,
+            None => {}
         }
     }
     if backward {
