@@ -63,3 +63,34 @@ def test_keys_are_per_tenant_and_4xx_answers_are_replayed(keyed_server):
     r1 = post(s, "/api/v1/optim_step", bad, key="bad-1")
     r2 = post(s, "/api/v1/optim_step", bad, key="bad-1")
     assert r1.status_code == r2.status_code == 404 and r1.json() == r2.json()
+
+
+def test_a_resent_numbered_body_runs_once_without_a_key(keyed_server):
+    """A client that sends no idempotency key is still safe to retry: the SDK numbers every
+    request (`seq_id`, `model_seq_id`), and the same numbered body again is a resend."""
+    s = keyed_server
+    session = post(s, "/api/v1/create_session", {}).json()["session_id"]
+    create = {"session_id": session, "model_seq_id": 0, "base_model": MODEL_NAME,
+              "lora_config": {"rank": 4}}
+    first = post(s, "/api/v1/create_model", create)
+    again = post(s, "/api/v1/create_model", create)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json() == first.json() and again.headers.get("x-idempotent-replay") == "true"
+    model_id = result(s, first.json())["model_id"]
+
+    fb = dict(fb_body(model_id), seq_id=1)
+    a = post(s, "/api/v1/forward_backward", fb).json()
+    assert post(s, "/api/v1/forward_backward", fb).json() == a
+    result(s, a)
+    step = {"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}
+    a = post(s, "/api/v1/optim_step", step).json()
+    assert post(s, "/api/v1/optim_step", step).json() == a
+    assert result(s, a)["metrics"]["optimizer_step"] == 1
+    # The next number is new work; so is the same number with other contents (a client that
+    # numbers afresh); and the same body from another tenant is that tenant's own request.
+    b = post(s, "/api/v1/optim_step", dict(step, seq_id=3)).json()
+    assert result(s, b)["metrics"]["optimizer_step"] == 2
+    c = post(s, "/api/v1/optim_step", dict(step, adam_params={"learning_rate": 2e-3})).json()
+    assert result(s, c)["metrics"]["optimizer_step"] == 3
+    theirs = post(s, "/api/v1/optim_step", step, api_key=BOB)
+    assert theirs.status_code == 404, theirs.text

@@ -1,6 +1,8 @@
 //! Extractors: the caller's tenant and bodies whose every failure is a JSON 4xx naming the
 //! problem (axum's own rejections answer plain text).
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -31,19 +33,24 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.max_body_bytes;
-        let deadline = state.body_timeout;
-        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
-        match read
+        read_body(req, state.max_body_bytes, state.body_timeout)
             .await
-            .map_err(|_| ApiError::BodyTimeout(deadline.as_secs()))?
-        {
-            Ok(b) => Ok(RawBody(b)),
-            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::TooLarge(limit))
-            }
-            Err(e) => Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+            .map(RawBody)
+    }
+}
+
+/// Reads a request's body: at most `limit` bytes, within `deadline`.
+pub async fn read_body(req: Request, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    let read = tokio::time::timeout(deadline, Bytes::from_request(req, &()));
+    match read
+        .await
+        .map_err(|_| ApiError::BodyTimeout(deadline.as_secs()))?
+    {
+        Ok(b) => Ok(b),
+        Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::TooLarge(limit))
         }
+        Err(e) => Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
     }
 }
 

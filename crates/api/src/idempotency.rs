@@ -4,10 +4,16 @@
 //! gradient, a `create_model` failing "already exists"). A retry that arrives while the first
 //! attempt is still running waits for its response.
 //!
-//! Responses are remembered per (API key, method and path, idempotency key) for [`Replays`]'
-//! time to live, in memory: a restart forgets them. Only responses a retry should see again are
-//! kept: not 5xx, 408 or 429 (a retry of those runs again), and not those of routes that only
-//! read (their retries are harmless and their answers can be large).
+//! A request without that header is recognised by its sequence number instead: the SDK numbers
+//! every request of a training or sampling client (`seq_id`, and `model_seq_id` /
+//! `sampling_session_seq_id` for the runs and sessions it creates), so a body that carries one
+//! and is byte for byte the same as an earlier one is a resend of it (a client that numbers
+//! afresh sends different bodies for different work: another run, other data or parameters).
+//!
+//! Responses are remembered per (API key, method and path, idempotency key or body digest) for
+//! [`Replays`]' time to live, in memory: a restart forgets them. Only responses a retry should
+//! see again are kept: not 5xx, 408 or 429 (a retry of those runs again), and not those of routes
+//! that only read (their retries are harmless and their answers can be large).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,10 +23,16 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use prost::Message;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::extract::read_body;
 
 /// The header the SDK sends its idempotency key in.
 pub const KEY_HEADER: &str = "x-idempotency-key";
@@ -38,6 +50,18 @@ const READ_ONLY: &[&str] = &[
     "/api/v1/client/config",
     "/api/v1/client/dynamic_config",
     "/api/v1/cancel_future",
+];
+/// Routes whose bodies the SDK numbers: a numbered body sent again is a retry.
+const SEQUENCED: &[&str] = &[
+    "/api/v1/create_model",
+    "/api/v1/create_sampling_session",
+    "/api/v1/forward_backward",
+    "/api/v1/forward",
+    "/api/v1/optim_step",
+    "/api/v1/save_weights",
+    "/api/v1/save_weights_for_sampler",
+    "/api/v1/load_weights",
+    "/api/v1/asample",
 ];
 /// Longest idempotency key honoured (longer ones are served without replay).
 const MAX_KEY_BYTES: usize = 256;
@@ -79,42 +103,73 @@ struct Slot {
     response: watch::Receiver<Option<Sent>>,
 }
 
-/// Remembered responses of requests that carried an idempotency key.
+/// How the replay layer reads a body it needs to recognise a resend: whose (only callers with a
+/// valid key), how much, how fast (the limits the handlers apply).
+pub struct BodyRules {
+    /// The API keys.
+    pub auth: Arc<Auth>,
+    /// Largest body read.
+    pub max_bytes: usize,
+    /// How long a body may take to arrive.
+    pub timeout: Duration,
+}
+
+/// Remembered responses of requests that carried an idempotency key or a sequence number.
 pub struct Replays {
     ttl: Duration,
+    bodies: BodyRules,
     slots: DashMap<Key, Slot>,
     inserted: AtomicU64,
 }
 
 impl Replays {
-    /// Remembers each response for `ttl`.
-    pub fn new(ttl: Duration) -> Self {
+    /// Remembers each response for `ttl`; reads bodies by `bodies`.
+    pub fn new(ttl: Duration, bodies: BodyRules) -> Self {
         Replays {
             ttl,
+            bodies,
             slots: DashMap::new(),
             inserted: AtomicU64::new(0),
         }
     }
 
-    /// The replay key of `request`, when it has one and may be replayed.
-    fn key_of(request: &Request) -> Option<Key> {
+    /// The replay key of `request` (with the request itself, its body read when the key is
+    /// the body's digest), or a response to send at once (the body could not be read).
+    async fn key_of(&self, request: Request) -> Result<(Option<Key>, Request), Response> {
         if request.method() == Method::GET || READ_ONLY.contains(&request.uri().path()) {
-            return None;
+            return Ok((None, request));
         }
         let headers = request.headers();
-        let key = headers.get(KEY_HEADER)?.to_str().ok()?;
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return None;
-        }
         let api_key = headers
             .get("x-api-key")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        Some((
-            api_key.to_string(),
-            format!("{} {}", request.method(), request.uri().path()),
-            key.to_string(),
-        ))
+            .unwrap_or("")
+            .to_string();
+        let route = format!("{} {}", request.method(), request.uri().path());
+        if let Some(key) = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()) {
+            let usable = !key.is_empty() && key.len() <= MAX_KEY_BYTES;
+            let key = usable.then(|| (api_key, route, format!("header:{key}")));
+            return Ok((key, request));
+        }
+        // Only a caller the server knows gets its body read here; others get their 401.
+        if !SEQUENCED.contains(&request.uri().path()) || self.bodies.auth.tenant(headers).is_err() {
+            return Ok((None, request));
+        }
+        let protobuf = crate::results::is_protobuf(headers);
+        let (parts, body) = request.into_parts();
+        let mut reading = Request::new(body);
+        *reading.extensions_mut() = parts.extensions.clone();
+        let bytes = read_body(reading, self.bodies.max_bytes, self.bodies.timeout)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let key = is_numbered(&bytes, protobuf).then(|| {
+            let digest: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            (api_key, route, format!("body:{digest}"))
+        });
+        Ok((key, Request::from_parts(parts, Body::from(bytes))))
     }
 
     /// Drops expired entries every [`SWEEP_EVERY`] insertions.
@@ -128,6 +183,28 @@ impl Replays {
                 .retain(|_, slot| slot.created.elapsed() < self.ttl);
         }
     }
+}
+
+/// The sequence numbers a request body may carry; any one present numbers it.
+#[derive(Deserialize)]
+struct SequenceNumbers {
+    #[serde(default)]
+    seq_id: Option<i64>,
+    #[serde(default)]
+    model_seq_id: Option<i64>,
+    #[serde(default)]
+    sampling_session_seq_id: Option<i64>,
+}
+
+/// Whether a body carries a sequence number (protobuf bodies: a nonzero `seq_id`). A body that
+/// does not parse is not numbered: its handler answers the error.
+fn is_numbered(body: &[u8], protobuf: bool) -> bool {
+    if protobuf {
+        return crate::proto::ForwardBackwardRequest::decode(body).is_ok_and(|r| r.seq_id != 0);
+    }
+    serde_json::from_slice::<SequenceNumbers>(body).is_ok_and(|n| {
+        n.seq_id.is_some() || n.model_seq_id.is_some() || n.sampling_session_seq_id.is_some()
+    })
 }
 
 /// Who answers a request with a key.
@@ -161,7 +238,11 @@ impl Drop for Unpublished<'_> {
 /// The middleware: replays the response of an earlier attempt with the same key, waits for one
 /// still running, or runs the request and remembers its response.
 pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next: Next) -> Response {
-    let Some(key) = Replays::key_of(&request) else {
+    let (key, request) = match replays.key_of(request).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let Some(key) = key else {
         return next.run(request).await;
     };
     loop {
@@ -250,7 +331,12 @@ mod tests {
     /// A route answering `status` with "call N" (N counts its runs) after a short pause, so
     /// that concurrent attempts overlap.
     fn app(calls: Arc<AtomicUsize>, status: StatusCode) -> Router {
-        let replays = Arc::new(Replays::new(Duration::from_secs(60)));
+        let bodies = BodyRules {
+            auth: Arc::new(Auth::new(Default::default())),
+            max_bytes: 1 << 20,
+            timeout: Duration::from_secs(5),
+        };
+        let replays = Arc::new(Replays::new(Duration::from_secs(60), bodies));
         Router::new()
             .route(
                 "/api/v1/optim_step",
@@ -268,6 +354,16 @@ mod tests {
 
     /// Status, body and whether it was a replay.
     async fn send(app: &Router, key: Option<&str>, api_key: &str) -> (StatusCode, String, bool) {
+        send_body(app, key, api_key, "").await
+    }
+
+    /// [`send`] with a JSON body.
+    async fn send_body(
+        app: &Router,
+        key: Option<&str>,
+        api_key: &str,
+        body: &str,
+    ) -> (StatusCode, String, bool) {
         let mut request = Request::builder()
             .method(Method::POST)
             .uri("/api/v1/optim_step")
@@ -277,7 +373,7 @@ mod tests {
         }
         let response = app
             .clone()
-            .oneshot(request.body(Body::empty()).unwrap())
+            .oneshot(request.body(Body::from(body.to_string())).unwrap())
             .await
             .unwrap();
         let status = response.status();
@@ -321,5 +417,34 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert!(!a.2 && !b.2 && !c.2);
         assert_eq!(c.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_numbered_body_sent_again_gets_the_first_response() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = app(calls.clone(), StatusCode::OK);
+        let step = r#"{"model_id": "m", "seq_id": 3, "adam_params": {}}"#;
+        let (a, b) = tokio::join!(
+            send_body(&app, None, "tml-a", step),
+            send_body(&app, None, "tml-a", step)
+        );
+        let c = send_body(&app, None, "tml-a", step).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(c.2 && (a.2 != b.2) && [a.1, b.1, c.1].iter().all(|r| r == "call 1"));
+        // Another number, other contents, another tenant's key: each runs.
+        let next = r#"{"model_id": "m", "seq_id": 4, "adam_params": {}}"#;
+        assert_eq!(send_body(&app, None, "tml-a", next).await.1, "call 2");
+        let other = r#"{"model_id": "n", "seq_id": 3, "adam_params": {}}"#;
+        assert_eq!(send_body(&app, None, "tml-a", other).await.1, "call 3");
+        assert_eq!(send_body(&app, None, "tml-b", step).await.1, "call 4");
+        // Unnumbered bodies, and bodies that do not parse, run every time.
+        let plain = r#"{"model_id": "m", "adam_params": {}}"#;
+        assert_eq!(send_body(&app, None, "tml-a", plain).await.1, "call 5");
+        assert_eq!(send_body(&app, None, "tml-a", plain).await.1, "call 6");
+        assert_eq!(send_body(&app, None, "tml-a", "{").await.1, "call 7");
+        assert_eq!(send_body(&app, None, "tml-a", "{").await.1, "call 8");
+        // A caller without a valid key is never replayed (its body is not even read here).
+        assert_eq!(send_body(&app, None, "nope", step).await.1, "call 9");
+        assert_eq!(send_body(&app, None, "nope", step).await.1, "call 10");
     }
 }

@@ -1,7 +1,8 @@
 //! Engine outputs → what the SDK parses: JSON for most results, protobuf for
 //! `ForwardBackwardOutput` and `SampleResponse` when the client accepts it.
 
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{HeaderName, ACCEPT, CONTENT_TYPE};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraloom_engine::Output;
@@ -13,6 +14,24 @@ use crate::proto;
 
 /// Content type of protobuf bodies.
 pub const PROTOBUF: &str = "application/x-protobuf";
+
+/// Whether `headers` name protobuf in `name`.
+fn names_protobuf(headers: &HeaderMap, name: HeaderName) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(PROTOBUF))
+}
+
+/// Whether a request body is protobuf (by its content type).
+pub fn is_protobuf(headers: &HeaderMap) -> bool {
+    names_protobuf(headers, CONTENT_TYPE)
+}
+
+/// Whether the client accepts a protobuf answer.
+pub fn accepts_protobuf(headers: &HeaderMap) -> bool {
+    names_protobuf(headers, ACCEPT)
+}
 
 fn tensor_json(values: &[f32]) -> Value {
     json!({"data": values, "dtype": "float32", "shape": [values.len()]})

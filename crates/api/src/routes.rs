@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
-use crate::idempotency::Replays;
-use crate::results::{output_response, sample_json, PROTOBUF};
+use crate::idempotency::{BodyRules, Replays};
+use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json};
 use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
 
@@ -86,11 +86,19 @@ pub fn router(state: AppState) -> Router {
         .route("/api/model-stats", get(crate::metrics::model_stats))
         .route("/metrics", get(crate::metrics::prometheus))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
+        // The replay layer may read a body itself, so the body limit goes on outside it.
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(Replays::new(REPLAY_TTL)),
+            Arc::new(Replays::new(
+                REPLAY_TTL,
+                BodyRules {
+                    auth: state.auth.clone(),
+                    max_bytes: limit,
+                    timeout: state.body_timeout,
+                },
+            )),
             crate::idempotency::replay,
         ))
+        .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             limit,
             reject_oversized,
@@ -329,13 +337,6 @@ fn model_queue(tenant: &str, model_id: &str) -> QueueKey {
         tenant: tenant.to_string(),
         model_id: model_id.to_string(),
     })
-}
-
-fn is_protobuf(headers: &HeaderMap) -> bool {
-    headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(PROTOBUF))
 }
 
 fn submit_train(
@@ -752,10 +753,7 @@ async fn retrieve_future(
     headers: HeaderMap,
     JsonBody(body): JsonBody<FutureRef>,
 ) -> ApiResult<Response> {
-    let proto_ok = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(PROTOBUF));
+    let proto_ok = accepts_protobuf(&headers);
     let state_now = state
         .engine
         .wait(&tenant, &body.request_id, state.long_poll)
