@@ -188,3 +188,20 @@ def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_fin
     stats = requests.get(server.url + "/api/model-stats", headers={"X-API-Key": "tml-anyone"}).json()["sampling"]
     assert stats["prefills"] >= 7 and stats["decode_tokens"] >= stats["decode_steps"] > 0
     assert stats["mean_time_to_first_token_s"] > 0
+
+
+def test_get_tokenizer_loads_offline_and_other_optimizers_are_refused_by_name(keyed_server, tokenizer):
+    """`get_tokenizer()` needs no network on the server's machine (the tests run with
+    HF_HUB_OFFLINE=1): `tokenizer_id` is the model's directory. An optimizer other than AdamW is
+    a 400 naming it, never an AdamW run in its place."""
+    sc = client(keyed_server)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+    theirs = tc.get_tokenizer()
+    text = "Loraloom weaves adapters, 42 of them."
+    assert theirs(text).input_ids == tokenizer(text).input_ids
+    with pytest.raises(tinker.BadRequestError, match="optimizer_config.type.*dimuon"):
+        sc.create_lora_training_client(
+            base_model=MODEL_NAME, rank=4, optimizer=types.DimuonOptimizerConfig()
+        ).result()
+    with pytest.raises(tinker.BadRequestError, match="optimizer_params.type.*dimuon"):
+        tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()

@@ -236,6 +236,31 @@ struct CreateModelRequest {
     user_metadata: Option<Value>,
     #[serde(default)]
     lora_config: Option<LoraConfig>,
+    #[serde(default)]
+    optimizer_config: Option<OptimizerFamily>,
+}
+
+/// The optimizer family a run or a step names (`optimizer_config`, `optimizer_params`).
+#[derive(Deserialize)]
+struct OptimizerFamily {
+    #[serde(rename = "type")]
+    family: String,
+}
+
+impl OptimizerFamily {
+    /// Refuses any family but AdamW, naming `field`.
+    fn check(&self, field: &str) -> ApiResult<()> {
+        if self.family == "adamw" {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            format!("{field}.type"),
+            format!(
+                "optimizer `{}` is not supported; this server trains with AdamW (`adamw`)",
+                self.family
+            ),
+        ))
+    }
 }
 
 fn check_base_model(state: &AppState, name: &str) -> ApiResult<()> {
@@ -264,6 +289,9 @@ async fn create_model(
 ) -> ApiResult<Json<Promise>> {
     session(&state, &tenant, &body.session_id)?;
     check_base_model(&state, &body.base_model)?;
+    if let Some(optimizer) = &body.optimizer_config {
+        optimizer.check("optimizer_config")?;
+    }
     let lora = body.lora_config.unwrap_or(LoraConfig {
         rank: 32,
         seed: None,
@@ -311,7 +339,7 @@ async fn get_info(
     Ok(Json(json!({
         "type": "get_info",
         "model_id": body.model_id,
-        "model_data": {"arch": base.config.architecture.name(), "model_name": entry.base_model, "tokenizer_id": entry.base_model},
+        "model_data": {"arch": base.config.architecture.name(), "model_name": entry.base_model, "tokenizer_id": state.tokenizer_id},
         "is_lora": true,
         "lora_rank": entry.spec.rank,
         "model_name": entry.base_model,
@@ -383,7 +411,11 @@ async fn forward(
 #[derive(Deserialize)]
 struct OptimStepRequest {
     model_id: String,
-    adam_params: WireAdamParams,
+    #[serde(default)]
+    adam_params: Option<WireAdamParams>,
+    /// What the SDK sends instead of `adam_params` for another optimizer family.
+    #[serde(default)]
+    optimizer_params: Option<OptimizerFamily>,
 }
 
 async fn optim_step(
@@ -391,7 +423,13 @@ async fn optim_step(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<OptimStepRequest>,
 ) -> ApiResult<Json<Promise>> {
-    let params = body.adam_params.into_params()?;
+    if let Some(other) = &body.optimizer_params {
+        other.check("optimizer_params")?;
+    }
+    let params = body
+        .adam_params
+        .ok_or_else(|| ApiError::invalid("adam_params", "missing field `adam_params`"))?
+        .into_params()?;
     let id = state.engine.submit(
         model_queue(&tenant, &body.model_id),
         Work::OptimStep { params },

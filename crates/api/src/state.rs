@@ -36,4 +36,6 @@ pub struct AppState {
     pub public_metrics: bool,
     /// Where the model runs, for stats.
     pub device: String,
+    /// What the SDK loads the tokenizer from (a directory or a Hugging Face name).
+    pub tokenizer_id: String,
 }

@@ -132,6 +132,11 @@ struct ServeArgs {
     /// Name clients use as `base_model` (defaults to the model's directory name).
     #[arg(long, env = "LORALOOM_MODEL_NAME")]
     model_name: Option<String>,
+    /// What the SDK's `get_tokenizer()` loads (`get_info`'s `tokenizer_id`). Defaults to the
+    /// model's directory, which it loads with no network on this machine; give a Hugging Face
+    /// name for clients on other machines.
+    #[arg(long, env = "LORALOOM_TOKENIZER_ID")]
+    tokenizer_id: Option<String>,
     /// Where models, checkpoints and the database live.
     #[arg(long, env = "LORALOOM_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
@@ -308,6 +313,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--workers must be at least 1");
     }
     let (dir, name) = resolve_model(&args)?;
+    let tokenizer_id = match &args.tokenizer_id {
+        Some(id) => id.clone(),
+        None => std::fs::canonicalize(&dir)
+            .unwrap_or_else(|_| dir.clone())
+            .to_string_lossy()
+            .into_owned(),
+    };
     let device = loraloom_model::parse_device(&args.device).context("--device")?;
     tracing::info!(
         device = %loraloom_model::device_name(device),
@@ -429,6 +441,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         public_metrics: args.public_metrics,
         device,
+        tokenizer_id,
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
