@@ -1,0 +1,189 @@
+//! Checkpoints: saves, loads' sources, listing, deletion, time to live, weights info.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct SaveRequest {
+    model_id: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    sampling_session_seq_id: Option<i64>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    overwrite: Option<bool>,
+    #[serde(default)]
+    user_metadata: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl SaveRequest {
+    /// The save's options; `overwrite` defaults to `overwrite_by_default` when the request does
+    /// not say (the SDK's `save_state` always does; `save_weights_for_sampler` has no such flag
+    /// and replaces).
+    fn options(&self, overwrite_by_default: bool) -> SaveOptions {
+        SaveOptions {
+            ttl_seconds: self.ttl_seconds,
+            overwrite: self.overwrite.unwrap_or(overwrite_by_default),
+            user_metadata: self.user_metadata.clone(),
+        }
+    }
+}
+
+fn checkpoint_name(given: Option<String>, prefix: &str) -> ApiResult<String> {
+    let name = given.unwrap_or_else(|| new_id(prefix));
+    validate_name(&name)?;
+    Ok(name)
+}
+
+pub(super) async fn save_weights(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<SaveRequest>,
+) -> ApiResult<Json<Promise>> {
+    let options = body.options(false);
+    let name = checkpoint_name(body.path, "state")?;
+    let work = Work::Save {
+        name,
+        kind: CheckpointKind::State,
+        sampler: None,
+        options,
+    };
+    let id = state
+        .engine
+        .submit(model_queue(&tenant, &body.model_id), work)?;
+    Ok(promise(id, Some(body.model_id)))
+}
+
+pub(super) async fn save_weights_for_sampler(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<SaveRequest>,
+) -> ApiResult<Json<Promise>> {
+    // Without a name (save_weights_and_get_sampling_client) the result must carry a session.
+    let sampler = body.path.is_none().then(|| SamplerKey {
+        tenant: tenant.clone(),
+        sampler_id: match body.sampling_session_seq_id {
+            Some(n) => format!(
+                "{}:sample:{n}:{}",
+                body.model_id,
+                uuid::Uuid::new_v4().simple()
+            ),
+            None => new_id("sampler"),
+        },
+    });
+    let options = body.options(true);
+    let name = checkpoint_name(body.path, "sampler")?;
+    let work = Work::Save {
+        name,
+        kind: CheckpointKind::Sampler,
+        sampler,
+        options,
+    };
+    let id = state
+        .engine
+        .submit(model_queue(&tenant, &body.model_id), work)?;
+    Ok(promise(id, Some(body.model_id)))
+}
+
+pub(super) fn checkpoint_json(c: &CheckpointRecord) -> Value {
+    json!({
+        "checkpoint_id": format!("{}/{}", c.kind.segment(), c.name),
+        "checkpoint_type": match c.kind { CheckpointKind::State => "training", CheckpointKind::Sampler => "sampler" },
+        "time": iso(c.created),
+        "tinker_path": c.path,
+        "size_bytes": c.size_bytes,
+        "public": false,
+        "user_metadata": c.user_metadata,
+        "expires_at": c.expires_at.map(iso),
+    })
+}
+
+pub(super) async fn list_run_checkpoints(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let checkpoints = state.engine.registry().checkpoints_of(&tenant, Some(&id));
+    if checkpoints.is_empty() {
+        state.engine.registry().model(&tenant, &id)?;
+    }
+    let items: Vec<Value> = checkpoints.iter().map(checkpoint_json).collect();
+    Ok(Json(json!({"checkpoints": items})))
+}
+
+/// `RestClient.delete_checkpoint(run, "weights/NAME")` (and `..._from_tinker_path`).
+pub(super) async fn delete_checkpoint(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state.engine.registry().remove_checkpoint(&tenant, &path)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct TtlRequest {
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+/// `set_checkpoint_ttl_from_tinker_path`: the checkpoint expires `ttl_seconds` from now, or
+/// never with `null`.
+pub(super) async fn set_checkpoint_ttl(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<TtlRequest>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state
+        .engine
+        .set_checkpoint_ttl(&tenant, &path, body.ttl_seconds)?;
+    Ok(Json(json!({})))
+}
+
+pub(super) async fn list_checkpoints(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonQuery(page): JsonQuery<Page>,
+) -> Json<Value> {
+    // Newest first, as the SDK documents `list_user_checkpoints`.
+    let all = state.engine.registry().checkpoints_of(&tenant, None);
+    let total = all.len();
+    let items: Vec<Value> = all
+        .iter()
+        .rev()
+        .skip(page.offset)
+        .take(page.limit.max(1))
+        .map(checkpoint_json)
+        .collect();
+    Json(
+        json!({"checkpoints": items, "cursor": {"offset": page.offset, "limit": page.limit, "total_count": total}}),
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct WeightsInfoRequest {
+    tinker_path: String,
+}
+
+pub(super) async fn weights_info(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<WeightsInfoRequest>,
+) -> ApiResult<Json<Value>> {
+    let c = state
+        .engine
+        .registry()
+        .checkpoint(&tenant, &body.tinker_path)?;
+    Ok(Json(json!({
+        "base_model": state.engine.base().name,
+        "is_lora": true,
+        "lora_rank": c.spec.rank,
+        "train_unembed": c.spec.train_unembed,
+        "train_mlp": c.spec.train_mlp,
+        "train_attn": c.spec.train_attn,
+    })))
+}

@@ -1,0 +1,262 @@
+//! The axum router, with its handlers in one module per resource (sessions, runs, checkpoints,
+//! sampling, futures) and what they share here. Every mutating call follows one path: parse the
+//! wire body (naming bad fields) → authenticate → build engine work → submit → answer a promise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use loraloom_engine::registry::{parse_checkpoint_path, validate_name};
+use loraloom_engine::{
+    CheckpointKind, CheckpointRecord, EngineError, FutureState, ModelKey, QueueKey, SamplerKey,
+    SamplerSource, SaveOptions, Work,
+};
+use loraloom_model::LoraSpec;
+use prost::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
+use crate::idempotency::{BodyRules, Replays};
+use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json};
+use crate::state::{AppState, Session};
+use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
+
+mod checkpoints;
+mod futures;
+mod runs;
+mod sampling;
+mod sessions;
+
+use self::checkpoints::*;
+use self::futures::*;
+use self::runs::*;
+use self::sampling::*;
+use self::sessions::*;
+
+/// LoRA alpha of every adapter (the SDK sends none; Tinker-compatible servers use 32).
+pub const LORA_ALPHA: f64 = 32.0;
+
+/// How long a response is kept for retries with the same idempotency key (the SDK retries
+/// within a few minutes).
+pub const REPLAY_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Every route loraloom serves.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/api/v1/healthz", get(healthz))
+        .route("/api/v1/get_server_capabilities", get(capabilities))
+        .route("/api/v1/client/config", post(client_config))
+        .route("/api/v1/client/dynamic_config", post(client_config))
+        .route("/api/v1/create_session", post(create_session))
+        .route("/api/v1/session_heartbeat", post(heartbeat))
+        .route("/api/v1/sessions/{id}/finish", post(finish_session))
+        .route("/api/v1/telemetry", post(telemetry))
+        .route("/api/v1/create_model", post(create_model))
+        .route("/api/v1/get_info", post(get_info))
+        .route("/api/v1/unload_model", post(unload_model))
+        .route("/api/v1/forward_backward", post(forward_backward))
+        .route("/api/v1/forward", post(forward))
+        .route("/api/v1/optim_step", post(optim_step))
+        .route("/api/v1/save_weights", post(save_weights))
+        .route(
+            "/api/v1/save_weights_for_sampler",
+            post(save_weights_for_sampler),
+        )
+        .route("/api/v1/load_weights", post(load_weights))
+        .route(
+            "/api/v1/create_sampling_session",
+            post(create_sampling_session),
+        )
+        .route("/api/v1/samplers/{id}", get(get_sampler))
+        .route("/api/v1/asample", post(asample))
+        .route("/api/v1/sample", post(sample_sync))
+        .route("/api/v1/retrieve_future", post(retrieve_future))
+        .route("/retrieve_future", post(retrieve_future))
+        .route("/api/v1/cancel_future", post(cancel_future))
+        .route("/api/v1/training_runs", get(list_runs))
+        .route("/api/v1/training_runs/{id}", get(get_run))
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints",
+            get(list_run_checkpoints),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}",
+            delete(delete_checkpoint),
+        )
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
+            put(set_checkpoint_ttl),
+        )
+        .route("/api/v1/checkpoints", get(list_checkpoints))
+        .route("/api/v1/weights_info", post(weights_info))
+        .route("/api/model-stats", get(crate::metrics::model_stats))
+        .route("/metrics", get(crate::metrics::prometheus))
+        .fallback(not_found)
+        // The replay layer may read a body itself, so the body limit goes on outside it.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(Replays::new(
+                REPLAY_TTL,
+                BodyRules {
+                    auth: state.auth.clone(),
+                    max_bytes: limit,
+                    timeout: state.body_timeout,
+                },
+            )),
+            crate::idempotency::replay,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            limit,
+            reject_oversized,
+        ))
+        .with_state(state)
+}
+
+/// Answers 413 at once when the declared `Content-Length` is over the limit, before anything
+/// reads the body (the connection then closes instead of receiving it).
+async fn reject_oversized(
+    State(limit): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => ApiError::TooLarge(limit).into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// A 404 that names the method and path asked for (the path cut to 200 characters).
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let path: String = uri.path().chars().take(200).collect();
+    ApiError::Engine(EngineError::NotFound {
+        what: "route".into(),
+        id: format!("{method} {path}"),
+    })
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn capabilities(State(state): State<AppState>) -> Json<Value> {
+    let base = state.engine.base();
+    Json(json!({"supported_models": [{
+        "model_name": base.name,
+        "max_context_length": base.max_context_length,
+        "trainable": true,
+        "sampleable": true,
+    }]}))
+}
+
+async fn client_config(_body: RawBody) -> Json<Value> {
+    Json(json!({
+        "pjwt_auth_enabled": false,
+        "proto_compress_fwdbwd": false,
+        "sample_use_retrieve_futures": false,
+        "sample_join_sampling_session": false,
+        "custom_loss_server_side": false,
+    }))
+}
+
+async fn telemetry(_tenant: Tenant, _body: RawBody) -> Json<Value> {
+    Json(json!({"status": "accepted"}))
+}
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    )
+}
+
+fn promise(request_id: String, model_id: Option<String>) -> Json<Promise> {
+    Json(Promise {
+        request_id,
+        model_id,
+        sample_sequence_ids: None,
+    })
+}
+
+fn check_base_model(state: &AppState, name: &str) -> ApiResult<()> {
+    let served = &state.engine.base().name;
+    if name == served {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "base_model",
+            format!("`{name}` is not served here (this server serves `{served}`)"),
+        ))
+    }
+}
+
+fn model_queue(tenant: &str, model_id: &str) -> QueueKey {
+    QueueKey::Model(ModelKey {
+        tenant: tenant.to_string(),
+        model_id: model_id.to_string(),
+    })
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    offset: usize,
+}
+
+fn default_limit() -> usize {
+    20
+}
+
+/// Unix seconds as an RFC 3339 UTC time, to the microsecond (what the SDK's datetime fields
+/// parse).
+fn iso(t: f64) -> String {
+    let nanos = (t * 1e6).round() as i128 * 1000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn string_map(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_string)),
+                    )
+                })
+                .collect(),
+        ),
+        _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::iso;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso(1_764_072_000.0), "2025-11-25T12:00:00Z");
+        assert_eq!(iso(1_764_072_000.25), "2025-11-25T12:00:00.25Z");
+    }
+}

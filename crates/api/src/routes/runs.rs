@@ -1,0 +1,302 @@
+//! Training runs: create (fresh or from a checkpoint), info, unload, forward/backward passes,
+//! optimizer steps, listing.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct CreateModelRequest {
+    session_id: String,
+    #[serde(default)]
+    model_seq_id: Option<i64>,
+    base_model: String,
+    #[serde(default)]
+    user_metadata: Option<Value>,
+    #[serde(default)]
+    lora_config: Option<LoraConfig>,
+    #[serde(default)]
+    optimizer_config: Option<OptimizerFamily>,
+}
+
+/// The optimizer family a run or a step names (`optimizer_config`, `optimizer_params`).
+#[derive(Deserialize)]
+pub(super) struct OptimizerFamily {
+    #[serde(rename = "type")]
+    family: String,
+}
+
+impl OptimizerFamily {
+    /// Refuses any family but AdamW, naming `field`.
+    fn check(&self, field: &str) -> ApiResult<()> {
+        if self.family == "adamw" {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            format!("{field}.type"),
+            format!(
+                "optimizer `{}` is not supported; this server trains with AdamW (`adamw`)",
+                self.family
+            ),
+        ))
+    }
+}
+
+fn run_id(session_id: &str, seq: Option<i64>) -> String {
+    match seq {
+        Some(n) => format!("{session_id}:train:{n}"),
+        None => format!("{session_id}:train:{}", uuid::Uuid::new_v4().simple()),
+    }
+}
+
+pub(super) async fn create_model(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<CreateModelRequest>,
+) -> ApiResult<Json<Promise>> {
+    session(&state, &tenant, &body.session_id)?;
+    check_base_model(&state, &body.base_model)?;
+    if let Some(optimizer) = &body.optimizer_config {
+        optimizer.check("optimizer_config")?;
+    }
+    let lora = body.lora_config.unwrap_or(LoraConfig {
+        rank: 32,
+        seed: None,
+        train_mlp: true,
+        train_attn: true,
+        train_unembed: true,
+    });
+    let spec = LoraSpec {
+        rank: lora.rank,
+        alpha: LORA_ALPHA,
+        seed: lora.seed.unwrap_or_else(rand_seed),
+        train_attn: lora.train_attn,
+        train_mlp: lora.train_mlp,
+        train_unembed: lora.train_unembed,
+    };
+    let model_id = run_id(&body.session_id, body.model_seq_id);
+    let key = ModelKey {
+        tenant,
+        model_id: model_id.clone(),
+    };
+    let id =
+        state
+            .engine
+            .create_model(key, spec, body.user_metadata.unwrap_or(Value::Null), None)?;
+    Ok(promise(id, Some(model_id)))
+}
+
+fn rand_seed() -> u64 {
+    let u = uuid::Uuid::new_v4();
+    u.as_u64_pair().0
+}
+
+#[derive(Deserialize)]
+pub(super) struct ModelRef {
+    model_id: String,
+}
+
+pub(super) async fn get_info(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<ModelRef>,
+) -> ApiResult<Json<Value>> {
+    let entry = state.engine.registry().model(&tenant, &body.model_id)?;
+    let base = state.engine.base();
+    Ok(Json(json!({
+        "type": "get_info",
+        "model_id": body.model_id,
+        "model_data": {"arch": base.config.architecture.name(), "model_name": entry.base_model, "tokenizer_id": state.tokenizer_id},
+        "is_lora": true,
+        "lora_rank": entry.spec.rank,
+        "model_name": entry.base_model,
+    })))
+}
+
+pub(super) async fn unload_model(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<ModelRef>,
+) -> ApiResult<Json<Value>> {
+    state
+        .engine
+        .registry()
+        .remove_model(&tenant, &body.model_id)?;
+    Ok(Json(
+        json!({"model_id": body.model_id, "type": "unload_model"}),
+    ))
+}
+
+fn submit_train(
+    state: &AppState,
+    tenant: &str,
+    input: wire::TrainInput,
+) -> ApiResult<Json<Promise>> {
+    let work = Work::ForwardBackward {
+        data: input.data,
+        loss: input.loss,
+        backward: input.backward,
+    };
+    let id = state
+        .engine
+        .submit(model_queue(tenant, &input.model_id), work)?;
+    Ok(promise(id, Some(input.model_id)))
+}
+
+pub(super) async fn forward_backward(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> ApiResult<Json<Promise>> {
+    let input = if is_protobuf(&headers) {
+        let req = crate::proto::ForwardBackwardRequest::decode(body.as_ref()).map_err(|e| {
+            ApiError::BadRequest(format!("malformed protobuf ForwardBackwardRequest: {e}"))
+        })?;
+        wire::proto_train_input(req)?
+    } else {
+        parse_json::<wire::JsonForwardBackwardRequest>(&body)?.into_input(false)?
+    };
+    submit_train(&state, &tenant, input)
+}
+
+pub(super) async fn forward(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<wire::JsonForwardBackwardRequest>,
+) -> ApiResult<Json<Promise>> {
+    submit_train(&state, &tenant, body.into_input(true)?)
+}
+
+#[derive(Deserialize)]
+pub(super) struct OptimStepRequest {
+    model_id: String,
+    #[serde(default)]
+    adam_params: Option<WireAdamParams>,
+    /// What the SDK sends instead of `adam_params` for another optimizer family.
+    #[serde(default)]
+    optimizer_params: Option<OptimizerFamily>,
+}
+
+pub(super) async fn optim_step(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<OptimStepRequest>,
+) -> ApiResult<Json<Promise>> {
+    if let Some(other) = &body.optimizer_params {
+        other.check("optimizer_params")?;
+    }
+    let params = body
+        .adam_params
+        .ok_or_else(|| ApiError::invalid("adam_params", "missing field `adam_params`"))?
+        .into_params()?;
+    let id = state.engine.submit(
+        model_queue(&tenant, &body.model_id),
+        Work::OptimStep { params },
+    )?;
+    Ok(promise(id, Some(body.model_id)))
+}
+
+#[derive(Deserialize)]
+pub(super) struct LoadRequest {
+    #[serde(default)]
+    model_id: Option<String>,
+    path: String,
+    #[serde(default)]
+    optimizer: bool,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    model_seq_id: Option<i64>,
+    #[serde(default)]
+    user_metadata: Option<Value>,
+}
+
+pub(super) async fn load_weights(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<LoadRequest>,
+) -> ApiResult<Json<Promise>> {
+    parse_checkpoint_path(&body.path)?;
+    if let Some(model_id) = body.model_id {
+        let work = Work::Load {
+            path: body.path,
+            with_optimizer: body.optimizer,
+        };
+        let id = state.engine.submit(model_queue(&tenant, &model_id), work)?;
+        return Ok(promise(id, Some(model_id)));
+    }
+    // create_training_client_from_state: a new run in the session, initialised from the path.
+    let session_id = body.session_id.ok_or_else(|| {
+        ApiError::invalid("model_id", "either model_id or session_id is required")
+    })?;
+    session(&state, &tenant, &session_id)?;
+    let record: CheckpointRecord = state.engine.registry().checkpoint(&tenant, &body.path)?;
+    let model_id = run_id(&session_id, body.model_seq_id);
+    let key = ModelKey {
+        tenant,
+        model_id: model_id.clone(),
+    };
+    let id = state.engine.create_model(
+        key,
+        record.spec,
+        body.user_metadata.unwrap_or(Value::Null),
+        Some((body.path, body.optimizer)),
+    )?;
+    Ok(promise(id, Some(model_id)))
+}
+
+fn run_json(
+    state: &AppState,
+    tenant: &str,
+    entry: &loraloom_engine::registry::ModelEntry,
+) -> Value {
+    let checkpoints = state
+        .engine
+        .registry()
+        .checkpoints_of(tenant, Some(&entry.key.model_id));
+    let last = |kind| {
+        checkpoints
+            .iter()
+            .rev()
+            .find(|c| c.kind == kind)
+            .map(checkpoint_json)
+    };
+    json!({
+        "training_run_id": entry.key.model_id,
+        "base_model": entry.base_model,
+        "model_owner": tenant,
+        "is_lora": true,
+        "corrupted": false,
+        "lora_rank": entry.spec.rank,
+        "last_request_time": iso(entry.last_access()),
+        "last_checkpoint": last(CheckpointKind::State),
+        "last_sampler_checkpoint": last(CheckpointKind::Sampler),
+        "user_metadata": string_map(&entry.user_metadata),
+    })
+}
+
+pub(super) async fn list_runs(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonQuery(page): JsonQuery<Page>,
+) -> Json<Value> {
+    let runs = state.engine.registry().models_of(&tenant);
+    let total = runs.len();
+    let items: Vec<Value> = runs
+        .iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .map(|e| run_json(&state, &tenant, e))
+        .collect();
+    Json(
+        json!({"training_runs": items, "cursor": {"offset": page.offset, "limit": page.limit, "total_count": total}}),
+    )
+}
+
+pub(super) async fn get_run(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let entry = state.engine.registry().model(&tenant, &id)?;
+    Ok(Json(run_json(&state, &tenant, &entry)))
+}

@@ -1,0 +1,213 @@
+//! Sampling sessions and sample requests.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct CreateSamplingSessionRequest {
+    session_id: String,
+    #[serde(default)]
+    sampling_session_seq_id: Option<i64>,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    model_path: Option<String>,
+}
+
+fn sampler_source(
+    state: &AppState,
+    base_model: Option<&str>,
+    model_path: Option<String>,
+) -> ApiResult<SamplerSource> {
+    match (model_path, base_model) {
+        (Some(path), _) => {
+            parse_checkpoint_path(&path)?;
+            Ok(SamplerSource::Checkpoint(path))
+        }
+        (None, Some(name)) => {
+            check_base_model(state, name)?;
+            Ok(SamplerSource::Base)
+        }
+        (None, None) => Err(ApiError::invalid(
+            "base_model",
+            "either base_model or model_path is required",
+        )),
+    }
+}
+
+pub(super) async fn create_sampling_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<CreateSamplingSessionRequest>,
+) -> ApiResult<Json<Value>> {
+    session(&state, &tenant, &body.session_id)?;
+    let source = sampler_source(&state, body.base_model.as_deref(), body.model_path)?;
+    let sampler_id = match body.sampling_session_seq_id {
+        Some(n) => format!("{}:sample:{n}", body.session_id),
+        None => new_id("sampler"),
+    };
+    state.engine.create_sampler(
+        SamplerKey {
+            tenant,
+            sampler_id: sampler_id.clone(),
+        },
+        source,
+    )?;
+    Ok(Json(
+        json!({"sampling_session_id": sampler_id, "type": "create_sampling_session"}),
+    ))
+}
+
+pub(super) async fn get_sampler(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let entry = state.engine.registry().sampler(&tenant, &id)?;
+    let path = match &entry.source {
+        SamplerSource::Base => None,
+        SamplerSource::Checkpoint(p) => Some(p.clone()),
+    };
+    Ok(Json(
+        json!({"sampler_id": id, "base_model": entry.base_model, "model_path": path}),
+    ))
+}
+
+#[derive(Deserialize)]
+pub(super) struct SampleRequest {
+    #[serde(default)]
+    sampling_session_id: Option<String>,
+    #[serde(default)]
+    base_model: Option<String>,
+    #[serde(default)]
+    model_path: Option<String>,
+    prompt: ModelInput,
+    #[serde(default = "one")]
+    num_samples: i64,
+    sampling_params: WireSamplingParams,
+    #[serde(default)]
+    prompt_logprobs: bool,
+    #[serde(default)]
+    topk_prompt_logprobs: i64,
+    #[serde(default)]
+    topk_sample_logprobs: i64,
+    #[serde(default)]
+    target_prompt_logprobs: Option<Value>,
+    #[serde(default)]
+    prompt_alt_tokens_k: i64,
+    #[serde(default)]
+    prompt_logprobs_last_n: Option<i64>,
+}
+
+impl SampleRequest {
+    /// Refuses, before any work, the SDK's sampling options loraloom does not compute (rather
+    /// than answering without them).
+    fn refuse_unsupported(&self) -> ApiResult<()> {
+        let unsupported = [
+            ("topk_prompt_logprobs", self.topk_prompt_logprobs != 0),
+            ("topk_sample_logprobs", self.topk_sample_logprobs != 0),
+            (
+                "target_prompt_logprobs",
+                self.target_prompt_logprobs
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
+            ("prompt_alt_tokens_k", self.prompt_alt_tokens_k != 0),
+            (
+                "prompt_logprobs_last_n",
+                self.prompt_logprobs_last_n.is_some(),
+            ),
+        ];
+        match unsupported.into_iter().find(|(_, given)| *given) {
+            Some((field, _)) => Err(ApiError::invalid(
+                field,
+                "is not supported by this server (prompt_logprobs is)",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Submits a sampling job; returns its request id and sample count.
+fn submit_sample(state: &AppState, tenant: &str, body: SampleRequest) -> ApiResult<(String, i64)> {
+    body.refuse_unsupported()?;
+    let sampler_id = match body.sampling_session_id {
+        Some(id) => id,
+        None => {
+            // Clients that name the model directly share one session per source, so repeated
+            // calls do not accumulate sessions.
+            let source = sampler_source(state, body.base_model.as_deref(), body.model_path)?;
+            let id = match &source {
+                SamplerSource::Base => "direct:base".to_string(),
+                SamplerSource::Checkpoint(path) => format!("direct:{path}"),
+            };
+            if state.engine.registry().sampler(tenant, &id).is_err() {
+                state.engine.create_sampler(
+                    SamplerKey {
+                        tenant: tenant.to_string(),
+                        sampler_id: id.clone(),
+                    },
+                    source,
+                )?;
+            }
+            id
+        }
+    };
+    let prompt = body.prompt.tokens("prompt")?;
+    let work = Work::Sample {
+        prompt,
+        num_samples: body.num_samples,
+        params: body.sampling_params.into_params(),
+        prompt_logprobs: body.prompt_logprobs,
+    };
+    let queue = QueueKey::Sampler(SamplerKey {
+        tenant: tenant.to_string(),
+        sampler_id,
+    });
+    let id = state.engine.submit(queue, work)?;
+    Ok((id, body.num_samples))
+}
+
+pub(super) async fn asample(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<SampleRequest>,
+) -> ApiResult<Json<Promise>> {
+    let (id, n) = submit_sample(&state, &tenant, body)?;
+    let sequence_ids = (0..n.max(0)).map(|i| format!("{id}:{i}")).collect();
+    Ok(Json(Promise {
+        request_id: id,
+        model_id: None,
+        sample_sequence_ids: Some(sequence_ids),
+    }))
+}
+
+/// The seed's synchronous sampling route: waits for the result and answers JSON.
+pub(super) async fn sample_sync(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<SampleRequest>,
+) -> ApiResult<Response> {
+    let (id, _) = submit_sample(&state, &tenant, body)?;
+    loop {
+        match state
+            .engine
+            .wait(&tenant, &id, Duration::from_secs(60))
+            .await?
+        {
+            FutureState::Done(loraloom_engine::Output::Sample(out)) => {
+                return Ok(Json(sample_json(&out)).into_response())
+            }
+            FutureState::Done(_) => {
+                return Err(ApiError::Engine(EngineError::Internal(
+                    "unexpected result".into(),
+                )))
+            }
+            FutureState::Failed(e) => return Err(e.into()),
+            FutureState::Queued | FutureState::Running => continue,
+        }
+    }
+}
