@@ -115,7 +115,7 @@ def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_serv
     with requests.Session() as http:
         http.headers.update(HEADERS)
         for i in range(10):
-            body = {"tags": ["x" * 2000], "user_metadata": {"i": i}, "sdk_version": "0"}
+            body = {"tags": ["x" * 200], "user_metadata": {"i": i, "pad": "p" * 2000}, "sdk_version": "0"}
             r = http.post(strict_server.url + "/api/v1/create_session", json=body, timeout=5)
             assert r.status_code == 200, r.text
             r = http.post(strict_server.url + "/api/v1/telemetry", json={"events": ["e" * 5000]}, timeout=5)

@@ -24,6 +24,9 @@ pub enum ApiError {
     /// A body over the size limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(usize),
+    /// A request against a session its client has finished.
+    #[error("{0}")]
+    SessionFinished(String),
     /// A body that did not arrive in time.
     #[error("request body was not received within {0} s (--body-timeout-secs)")]
     BodyTimeout(u64),
@@ -54,6 +57,7 @@ impl ApiError {
             },
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::SessionFinished(_) => StatusCode::GONE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
@@ -65,6 +69,7 @@ impl ApiError {
             ApiError::Engine(e) => e.kind(),
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::SessionFinished(_) => "session_finished",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::BodyTimeout(_) => "body_timeout",
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use loraloom_engine::Engine;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
 
@@ -15,6 +16,40 @@ pub struct Session {
     pub tenant: String,
     /// Creation time (unix seconds).
     pub created: f64,
+    /// What the client said about it and what became of it (stored as JSON).
+    pub details: SessionDetails,
+}
+
+/// A session's description and fate: everything about it but its owner and creation time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionDetails {
+    /// Tags the SDK sends.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The client's metadata.
+    #[serde(default)]
+    pub user_metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A name for display and search.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// The project it belongs to (none: the default project).
+    #[serde(default)]
+    pub project_id: Option<String>,
+    /// How its client finished it (`ServiceClient.close`); a finished session takes no new
+    /// runs or sampling sessions.
+    #[serde(default)]
+    pub finished: Option<SessionFinish>,
+}
+
+/// A client's report that it is done with a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionFinish {
+    /// `success`, `errored` or `interrupted`.
+    pub reason: String,
+    /// The client's explanation.
+    pub detail: Option<String>,
+    /// When (unix seconds).
+    pub at: f64,
 }
 
 /// Handler state (cheap to clone).

@@ -423,6 +423,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Session {
                 tenant: row.tenant,
                 created: row.created,
+                // A row this version cannot read keeps its owner and time, not its details.
+                details: serde_json::from_str(&row.details_json).unwrap_or_default(),
             },
         );
     }

@@ -19,6 +19,8 @@ pub struct SessionRow {
     pub tenant: String,
     /// Creation time (unix seconds).
     pub created: f64,
+    /// What the client said about it and what became of it, as JSON (the API layer's shape).
+    pub details_json: String,
 }
 
 /// A training run (its weights live in snapshot and checkpoint files).
@@ -119,7 +121,8 @@ fn db_err(e: rusqlite::Error) -> EngineError {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL,
+  details TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS models (tenant TEXT NOT NULL, model_id TEXT NOT NULL, base_model TEXT NOT NULL,
   spec TEXT NOT NULL, metadata TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (tenant, model_id));
 CREATE TABLE IF NOT EXISTS samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL, checkpoint TEXT,
@@ -150,6 +153,7 @@ impl SqliteStore {
         )
         .map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate(&conn).map_err(db_err)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
@@ -161,12 +165,23 @@ impl SqliteStore {
     }
 }
 
+/// Brings a database written by an older loraloom up to [`SCHEMA`]: columns added since.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_details = conn
+        .prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'details'")?
+        .exists([])?;
+    if !has_details {
+        conn.execute_batch("ALTER TABLE sessions ADD COLUMN details TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn put_session(&self, r: &SessionRow) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO sessions (id, tenant, created) VALUES (?1, ?2, ?3)",
-                params![r.id, r.tenant, r.created],
+                "INSERT OR REPLACE INTO sessions (id, tenant, created, details) VALUES (?1, ?2, ?3, ?4)",
+                params![r.id, r.tenant, r.created, r.details_json],
             )
             .map(|_| ())
         })
@@ -174,12 +189,13 @@ impl Store for SqliteStore {
 
     fn sessions(&self) -> Result<Vec<SessionRow>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, tenant, created FROM sessions")?;
+            let mut st = c.prepare("SELECT id, tenant, created, details FROM sessions")?;
             let rows = st.query_map([], |r| {
                 Ok(SessionRow {
                     id: r.get(0)?,
                     tenant: r.get(1)?,
                     created: r.get(2)?,
+                    details_json: r.get(3)?,
                 })
             })?;
             rows.collect()
@@ -355,6 +371,7 @@ mod tests {
                 id: "s".into(),
                 tenant: "t".into(),
                 created: 1.0,
+                details_json: "{\"display_name\": \"d\"}".into(),
             })
             .unwrap();
             let m = ModelRow {
@@ -384,13 +401,39 @@ mod tests {
             .unwrap();
         }
         let s = SqliteStore::open(&dir).unwrap();
-        assert_eq!(s.sessions().unwrap().len(), 1);
+        assert_eq!(
+            s.sessions().unwrap()[0].details_json,
+            "{\"display_name\": \"d\"}"
+        );
         assert_eq!(s.models().unwrap()[0].model_id, "m");
         assert_eq!(s.futures().unwrap().len(), 2);
         assert_eq!(s.purge_futures(10.0).unwrap(), 1);
         assert!(has_future(&s, "f").unwrap());
         s.delete_model("t", "m").unwrap();
         assert!(s.models().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_database_from_before_session_details_gains_the_column() {
+        let dir = std::env::temp_dir().join(format!("loraloom-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let c = Connection::open(dir.join("loraloom.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL);
+                 INSERT INTO sessions VALUES ('old', 't', 1.0);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&dir).unwrap();
+        assert_eq!(s.sessions().unwrap()[0].details_json, "{}");
+        drop(s);
+        // Opening again finds the column and leaves it be.
+        assert_eq!(
+            SqliteStore::open(&dir).unwrap().sessions().unwrap().len(),
+            1
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -56,7 +56,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/client/dynamic_config", post(client_config))
         .route("/api/v1/create_session", post(create_session))
         .route("/api/v1/session_heartbeat", post(heartbeat))
+        .route("/api/v1/sessions", get(list_sessions))
+        .route("/api/v1/sessions/search", post(search_sessions))
+        .route("/api/v1/sessions/{id}", get(get_session))
         .route("/api/v1/sessions/{id}/finish", post(finish_session))
+        .route("/api/v1/sessions/{id}/project", put(assign_project))
         .route("/api/v1/telemetry", post(telemetry))
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))
@@ -214,6 +218,9 @@ struct Page {
     limit: usize,
     #[serde(default)]
     offset: usize,
+    /// Only what belongs to this project (training runs).
+    #[serde(default)]
+    project_id: Option<String>,
 }
 
 fn default_limit() -> usize {

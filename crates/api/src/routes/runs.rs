@@ -279,7 +279,15 @@ pub(super) async fn list_runs(
     Tenant(tenant): Tenant,
     JsonQuery(page): JsonQuery<Page>,
 ) -> Json<Value> {
-    let runs = state.engine.registry().models_of(&tenant);
+    let mut runs = state.engine.registry().models_of(&tenant);
+    if let Some(project) = &page.project_id {
+        // A run belongs to its session's project.
+        runs.retain(|e| {
+            session_of_run(&e.key.model_id)
+                .and_then(|id| state.sessions.get(id))
+                .is_some_and(|s| project_of(&s) == project)
+        });
+    }
     let total = runs.len();
     let items: Vec<Value> = runs
         .iter()
