@@ -16,23 +16,24 @@ SEQ_LEN = 128
 
 def user(index: int, base_model: str, out: dict) -> None:
     started = time.perf_counter()
-    sc = tinker.ServiceClient(base_url=URL, api_key=KEY)
-    tc = sc.create_lora_training_client(base_model=base_model, rank=16, seed=index).result()
-    tokens = [(index * 131 + j * 17) % 30000 + 100 for j in range(SEQ_LEN + 1)]
-    datum = types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_LEN},
-    )
-    losses = []
-    for _ in range(STEPS):
-        fb = tc.forward_backward([datum], "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
-        losses.append(fb.result().metrics["loss:sum"])
-        opt.result()
-    sampler = tc.save_weights_and_get_sampling_client().result()
-    res = sampler.sample(types.ModelInput.from_ints(tokens[:16]), num_samples=1,
-                         sampling_params=types.SamplingParams(max_tokens=16, temperature=0.0)).result()
-    assert len(res.sequences[0].tokens) > 0
+    # Closed explicitly (the with block): an SDK client left to interpreter exit can abort it.
+    with tinker.ServiceClient(base_url=URL, api_key=KEY) as sc:
+        tc = sc.create_lora_training_client(base_model=base_model, rank=16, seed=index).result()
+        tokens = [(index * 131 + j * 17) % 30000 + 100 for j in range(SEQ_LEN + 1)]
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * SEQ_LEN},
+        )
+        losses = []
+        for _ in range(STEPS):
+            fb = tc.forward_backward([datum], "cross_entropy")
+            opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
+            losses.append(fb.result().metrics["loss:sum"])
+            opt.result()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        res = sampler.sample(types.ModelInput.from_ints(tokens[:16]), num_samples=1,
+                             sampling_params=types.SamplingParams(max_tokens=16, temperature=0.0)).result()
+        assert len(res.sequences[0].tokens) > 0
     out[index] = {"seconds": time.perf_counter() - started, "first_loss": losses[0], "last_loss": losses[-1]}
 
 

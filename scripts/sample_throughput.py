@@ -158,6 +158,8 @@ def main() -> None:
                           "short_behind_long_s": round(mean_short, 4),
                           "long_rest_s": round(min(b[1] for b in behind), 4),
                           "ratio": round(mean_short / short_alone, 2)}))
+        # Closed before the server stops: an SDK client left to interpreter exit can abort it.
+        sc.close("success").result()
     finally:
         server.terminate()
         try:

@@ -105,11 +105,17 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
         400, ["sampling_params.stop", "64"]),
-    "unsupported_sample_option": lambda s, run: (
-        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 5,
+    "sample_top_k_too_wide": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 500,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4}}),
-        400, ["topk_sample_logprobs"]),
+        400, ["topk_sample_logprobs", "128"]),
+    "sample_target_ids_out_of_vocab": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "target_prompt_logprobs": {"data": [10**9], "dtype": "int64", "shape": [1, 1]},
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4}}),
+        400, ["target_prompt_logprobs", "vocabulary"]),
     "bad_query_string": lambda s, run: (
         requests.get(s.url + "/api/v1/training_runs?limit=many", headers=H), 400, ["query"]),
     "request_too_large_when_padded": lambda s, run: (

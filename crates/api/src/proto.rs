@@ -205,6 +205,41 @@ pub struct SampledSequence {
     /// float32 logprobs.
     #[prost(bytes = "vec", optional, tag = "3")]
     pub logprobs: Option<Vec<u8>>,
+    /// The most likely tokens at each generated position, when asked.
+    #[prost(message, optional, tag = "4")]
+    pub topk_sampled_logprobs: Option<TopkLogprobs>,
+}
+
+/// `TopkLogprobs`: two `[length, k]` row-major matrices; short rows are padded with token 0 and
+/// logprob [`TOPK_MASK_LOGPROB`], and a position with nothing is all padding.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TopkLogprobs {
+    /// int32 token ids.
+    #[prost(bytes = "vec", tag = "1")]
+    pub token_ids: Vec<u8>,
+    /// float32 logprobs.
+    #[prost(bytes = "vec", tag = "2")]
+    pub logprobs: Vec<u8>,
+    /// Entries per position.
+    #[prost(uint32, tag = "3")]
+    pub k: u32,
+    /// Positions.
+    #[prost(uint32, tag = "4")]
+    pub length: u32,
+}
+
+/// The logprob of `TopkLogprobs` padding (the SDK's `MASK_LOGPROB`).
+pub const TOPK_MASK_LOGPROB: f32 = -99999.0;
+
+/// `PromptAltTokens`: `[len - 1, k]` ids (int64) and their logprobs (float32).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PromptAltTokens {
+    /// Drawn ids.
+    #[prost(message, optional, tag = "1")]
+    pub tokens: Option<Tensor>,
+    /// Their logprobs.
+    #[prost(message, optional, tag = "2")]
+    pub logprobs: Option<Tensor>,
 }
 
 /// `SampleResponse`.
@@ -216,9 +251,18 @@ pub struct SampleResponse {
     /// float32 per prompt token, NaN where absent.
     #[prost(bytes = "vec", optional, tag = "2")]
     pub prompt_logprobs: Option<Vec<u8>>,
+    /// The most likely tokens at each prompt position, when asked.
+    #[prost(message, optional, tag = "3")]
+    pub topk_prompt_logprobs: Option<TopkLogprobs>,
     /// Prompt tokens served from a cache.
     #[prost(int32, tag = "4")]
     pub prompt_cache_hit_tokens: i32,
+    /// float32 `[len - 1, K]` logprobs of the requested ids, when asked.
+    #[prost(message, optional, tag = "5")]
+    pub target_prompt_logprobs: Option<Tensor>,
+    /// Alternative draws at each prompt position, when asked.
+    #[prost(message, optional, tag = "6")]
+    pub prompt_alt_tokens: Option<PromptAltTokens>,
 }
 
 /// Little-endian bytes of `f32`s.

@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraloom_engine::Output;
-use loraloom_model::{RequestOutput, SampleOutput, StopReason};
+use loraloom_model::{RequestOutput, SampleOutput, StopReason, TopK};
 use prost::Message;
 use serde_json::{json, Value};
 
@@ -94,14 +94,84 @@ pub fn forward_backward_proto(out: &RequestOutput) -> Vec<u8> {
     msg.encode_to_vec()
 }
 
+/// Top-k rows as JSON: `[[id, logprob], ...]` per position, `null` where nothing was scored.
+fn top_k_json<'a>(rows: impl IntoIterator<Item = Option<&'a TopK>>) -> Value {
+    Value::Array(
+        rows.into_iter()
+            .map(|row| row.map_or(Value::Null, |r| json!(r)))
+            .collect(),
+    )
+}
+
+/// A `[rows, cols]` matrix as the SDK's JSON `TensorData`.
+fn matrix_json<T: serde::Serialize>(rows: &[Vec<T>], dtype: &str) -> Value {
+    let data: Vec<&T> = rows.iter().flatten().collect();
+    json!({"data": data, "dtype": dtype, "shape": [rows.len(), width(rows)]})
+}
+
 /// `SampleResponse` as JSON.
 pub fn sample_json(out: &SampleOutput) -> Value {
     let sequences: Vec<Value> = out
         .sequences
         .iter()
-        .map(|s| json!({"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": stop_name(s.stop_reason)}))
+        .map(|s| {
+            let mut seq = json!({"tokens": s.tokens, "logprobs": s.logprobs, "stop_reason": stop_name(s.stop_reason)});
+            if let Some(top) = &s.top_k {
+                seq["topk_logprobs"] = top_k_json(top.iter().map(Some));
+            }
+            seq
+        })
         .collect();
-    json!({"type": "sample", "sequences": sequences, "prompt_logprobs": out.prompt_logprobs})
+    let prompt = &out.prompt;
+    let mut body =
+        json!({"type": "sample", "sequences": sequences, "prompt_logprobs": prompt.logprobs});
+    if let Some(top) = &prompt.top_k {
+        body["topk_prompt_logprobs"] = top_k_json(top.iter().map(Option::as_ref));
+    }
+    if let Some(targets) = &prompt.targets {
+        body["target_prompt_logprobs"] = matrix_json(targets, "float32");
+    }
+    if let Some(alt) = &prompt.alt {
+        body["prompt_alt_tokens"] = json!({
+            "tokens": matrix_json(&alt.tokens, "int64"),
+            "logprobs": matrix_json(&alt.logprobs, "float32"),
+        });
+    }
+    body
+}
+
+/// Top-k rows as the protobuf `TopkLogprobs` (`k` the widest row; padding where shorter).
+fn top_k_proto(rows: &[Option<&TopK>]) -> proto::TopkLogprobs {
+    let k = rows.iter().flatten().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids: Vec<i32> = Vec::with_capacity(rows.len() * k);
+    let mut logprobs: Vec<f32> = Vec::with_capacity(rows.len() * k);
+    for row in rows {
+        let row: &[(i64, f32)] = row.map_or(&[], |r| r.as_slice());
+        ids.extend(row.iter().map(|&(t, _)| t as i32));
+        logprobs.extend(row.iter().map(|&(_, l)| l));
+        ids.extend(std::iter::repeat_n(0, k - row.len()));
+        logprobs.extend(std::iter::repeat_n(proto::TOPK_MASK_LOGPROB, k - row.len()));
+    }
+    proto::TopkLogprobs {
+        token_ids: proto::i32_bytes(&ids),
+        logprobs: proto::f32_bytes(&logprobs),
+        k: k as u32,
+        length: rows.len() as u32,
+    }
+}
+
+/// Columns of a matrix (of its first row).
+fn width<T>(rows: &[Vec<T>]) -> usize {
+    rows.first().map_or(0, Vec::len)
+}
+
+/// A dense `[rows, cols]` protobuf `Tensor`.
+fn tensor_proto(bytes: Vec<u8>, dtype: i32, rows: usize, cols: usize) -> proto::Tensor {
+    proto::Tensor {
+        encoding: Some(proto::Encoding::Dense(bytes)),
+        dtype,
+        shape: vec![rows as i64, cols as i64],
+    }
 }
 
 /// `SampleResponse` as protobuf (absent prompt logprobs are NaN, as the SDK expects).
@@ -118,17 +188,54 @@ pub fn sample_proto(out: &SampleOutput) -> Vec<u8> {
                 },
                 tokens: proto::i32_bytes(&tokens),
                 logprobs: Some(proto::f32_bytes(&s.logprobs)),
+                topk_sampled_logprobs: s
+                    .top_k
+                    .as_ref()
+                    .map(|top| top_k_proto(&top.iter().map(Some).collect::<Vec<_>>())),
             }
         })
         .collect();
-    let prompt_logprobs = out.prompt_logprobs.as_ref().map(|lp| {
+    let prompt = &out.prompt;
+    let prompt_logprobs = prompt.logprobs.as_ref().map(|lp| {
         let values: Vec<f32> = lp.iter().map(|x| x.unwrap_or(f32::NAN)).collect();
         proto::f32_bytes(&values)
     });
     proto::SampleResponse {
         sequences,
         prompt_logprobs,
+        topk_prompt_logprobs: prompt
+            .top_k
+            .as_ref()
+            .map(|top| top_k_proto(&top.iter().map(Option::as_ref).collect::<Vec<_>>())),
         prompt_cache_hit_tokens: 0,
+        target_prompt_logprobs: prompt.targets.as_ref().map(|t| {
+            let values: Vec<f32> = t.iter().flatten().copied().collect();
+            tensor_proto(
+                proto::f32_bytes(&values),
+                proto::dtype::FLOAT32,
+                t.len(),
+                width(t),
+            )
+        }),
+        prompt_alt_tokens: prompt.alt.as_ref().map(|alt| {
+            let ids: Vec<i64> = alt.tokens.iter().flatten().copied().collect();
+            let lps: Vec<f32> = alt.logprobs.iter().flatten().copied().collect();
+            let (rows, k) = (alt.tokens.len(), width(&alt.tokens));
+            proto::PromptAltTokens {
+                tokens: Some(tensor_proto(
+                    proto::i64_bytes(&ids),
+                    proto::dtype::INT64,
+                    rows,
+                    k,
+                )),
+                logprobs: Some(tensor_proto(
+                    proto::f32_bytes(&lps),
+                    proto::dtype::FLOAT32,
+                    rows,
+                    k,
+                )),
+            }
+        }),
     }
     .encode_to_vec()
 }

@@ -67,9 +67,12 @@ pub struct TensorData {
     /// Shape.
     #[serde(default)]
     pub shape: Option<Vec<i64>>,
-    /// Present for sparse tensors.
+    /// Row pointers of a sparse CSR tensor.
     #[serde(default)]
     pub sparse_crow_indices: Option<Vec<i64>>,
+    /// Column indices of a sparse CSR tensor.
+    #[serde(default)]
+    pub sparse_col_indices: Option<Vec<i64>>,
 }
 
 /// A loss input before validation.
@@ -145,6 +148,64 @@ impl TensorData {
             other => Err(ApiError::invalid(
                 format!("{field}.dtype"),
                 format!("unknown dtype `{other}`"),
+            )),
+        }
+    }
+}
+
+impl TensorData {
+    /// A 2-D int64 matrix of token ids, dense or sparse CSR; cells a sparse tensor does not
+    /// list are `fill`.
+    pub fn into_id_matrix(self, field: &str, fill: i64) -> ApiResult<Vec<Vec<i64>>> {
+        let invalid = |reason: String| ApiError::invalid(field, reason);
+        let shape = self.shape.clone().unwrap_or_default();
+        let [rows, cols] = shape[..] else {
+            return Err(invalid(format!(
+                "must be 2-D [positions, ids], got shape {shape:?}"
+            )));
+        };
+        if rows < 0 || cols < 0 {
+            return Err(invalid(format!("bad shape {shape:?}")));
+        }
+        if !matches!(self.dtype.as_deref(), None | Some("int64")) {
+            return Err(invalid("must have dtype int64".into()));
+        }
+        if self.data.iter().any(|x| x.fract() != 0.0 || !x.is_finite()) {
+            return Err(invalid("must hold integers".into()));
+        }
+        let (rows, cols) = (rows as usize, cols as usize);
+        let ids: Vec<i64> = self.data.iter().map(|&x| x as i64).collect();
+        match (self.sparse_crow_indices, self.sparse_col_indices) {
+            (None, None) => {
+                if ids.len() != rows * cols {
+                    return Err(invalid(format!(
+                        "shape {shape:?} does not match its {} values",
+                        ids.len()
+                    )));
+                }
+                Ok(ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect())
+            }
+            (Some(crow), Some(col)) => {
+                let bad_layout = || invalid("inconsistent sparse CSR indices".into());
+                if crow.len() != rows + 1 || col.len() != ids.len() || crow[0] != 0 {
+                    return Err(bad_layout());
+                }
+                let mut dense = vec![vec![fill; cols]; rows];
+                for (r, span) in crow.windows(2).enumerate() {
+                    let (start, end) = (span[0], span[1]);
+                    if start > end || end as usize > ids.len() {
+                        return Err(bad_layout());
+                    }
+                    for i in start as usize..end as usize {
+                        let c = usize::try_from(col[i]).map_err(|_| bad_layout())?;
+                        *dense[r].get_mut(c).ok_or_else(bad_layout)? = ids[i];
+                    }
+                }
+                Ok(dense)
+            }
+            _ => Err(ApiError::invalid(
+                field,
+                "a sparse tensor needs both crow and col indices",
             )),
         }
     }

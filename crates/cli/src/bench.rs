@@ -207,7 +207,7 @@ pub fn decode(
                 prompt: prompt.clone(),
                 num_samples: 1,
                 params: params.clone(),
-                prompt_logprobs: false,
+                scoring: loraloom_model::Scoring::prompt_logprobs(false),
             })
             .collect(),
         None => vec![SampleRequest {
@@ -215,7 +215,7 @@ pub fn decode(
             prompt: prompt.clone(),
             num_samples: sequences as i64,
             params: params.clone(),
-            prompt_logprobs: false,
+            scoring: loraloom_model::Scoring::prompt_logprobs(false),
         }],
         Some(per) => owned
             .iter()
@@ -224,7 +224,7 @@ pub fn decode(
                 prompt: prompt.clone(),
                 num_samples: per as i64,
                 params: params.clone(),
-                prompt_logprobs: false,
+                scoring: loraloom_model::Scoring::prompt_logprobs(false),
             })
             .collect(),
     };

@@ -716,7 +716,7 @@ impl ModelWorker {
                 prompt,
                 num_samples,
                 params,
-                prompt_logprobs,
+                scoring,
             } = &job.work
             else {
                 results[i] = Some(Err(EngineError::invalid("work", "not a sample job")));
@@ -727,7 +727,7 @@ impl ModelWorker {
                 prompt: prompt.clone(),
                 num_samples: *num_samples,
                 params: params.clone(),
-                prompt_logprobs: *prompt_logprobs,
+                scoring: scoring.clone(),
             };
             let tag = d.next_tag;
             d.next_tag += 1;

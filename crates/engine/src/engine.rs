@@ -331,8 +331,11 @@ impl Engine {
                 prompt,
                 num_samples,
                 params,
-                ..
-            } => validate_sampling(config, prompt, *num_samples, params)?,
+                scoring,
+            } => {
+                validate_sampling(config, prompt, *num_samples, params)?;
+                scoring.validate(prompt.len(), config.vocab_size)?;
+            }
             Work::OptimStep { params } => params.validate()?,
             Work::Save {
                 name,

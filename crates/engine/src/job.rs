@@ -137,8 +137,8 @@ pub enum Work {
         num_samples: i64,
         /// Sampling parameters.
         params: SamplingParams,
-        /// Return prompt log-probabilities.
-        prompt_logprobs: bool,
+        /// What to compute besides the samples (prompt logprobs and the other extras).
+        scoring: loraloom_model::Scoring,
     },
 }
 

@@ -645,7 +645,7 @@ mod tests {
                 max_tokens,
                 ..SamplingParams::default()
             },
-            prompt_logprobs: false,
+            scoring: loraloom_model::Scoring::prompt_logprobs(false),
         }
     }
 

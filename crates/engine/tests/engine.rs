@@ -647,7 +647,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
                 seed: Some(11),
                 stop: Stop::Never,
             },
-            prompt_logprobs: false,
+            scoring: loraloom_model::Scoring::prompt_logprobs(false),
         };
         let id = engine
             .submit(QueueKey::Sampler(session(name)), work)
@@ -733,7 +733,7 @@ impl Backend for FakeDecoder {
         for (id, _) in done {
             let out = loraloom_model::SampleOutput {
                 sequences: Vec::new(),
-                prompt_logprobs: None,
+                prompt: Default::default(),
             };
             step.finished.push((id, Ok(Output::Sample(out))));
         }
@@ -791,7 +791,7 @@ fn held_sample() -> Work {
             max_tokens: HELD,
             ..SamplingParams::default()
         },
-        prompt_logprobs: false,
+        scoring: loraloom_model::Scoring::prompt_logprobs(false),
     }
 }
 
@@ -897,7 +897,7 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
             max_tokens,
             ..SamplingParams::default()
         },
-        prompt_logprobs: false,
+        scoring: loraloom_model::Scoring::prompt_logprobs(false),
     };
     let held = engine.submit(a.clone(), sample(HELD)).unwrap();
     while !matches!(

@@ -21,6 +21,7 @@ pub mod memory;
 pub mod rng;
 pub mod rope;
 pub mod sample;
+pub mod scoring;
 pub mod slab;
 pub mod tokenizer;
 pub mod train;
@@ -37,6 +38,7 @@ pub use sample::{
     sample, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence, SamplingParams,
     StepReport, Stop, StopReason,
 };
+pub use scoring::{AltTokens, PromptScores, Scoring, TopK, MAX_SCORED_WIDTH};
 pub use slab::Field;
 /// The device type of every tensor (re-exported so that callers need not depend on `tch`).
 pub use tch::Device;

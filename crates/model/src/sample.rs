@@ -19,6 +19,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
 use crate::rng::SplitMix64;
+use crate::scoring::{top_k_rows, PromptScorer, PromptScores, Scoring, TopK};
 
 /// When a sequence stops besides `max_tokens`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +85,9 @@ pub struct SampledSequence {
     pub logprobs: Vec<f32>,
     /// Why it ended.
     pub stop_reason: StopReason,
+    /// The most likely tokens at each generated position, when asked (`topk_sample_logprobs`).
+    #[serde(default)]
+    pub top_k: Option<Vec<TopK>>,
 }
 
 /// One sampling request.
@@ -97,8 +101,8 @@ pub struct SampleRequest<'a> {
     pub num_samples: i64,
     /// Sampling parameters.
     pub params: SamplingParams,
-    /// Also return the log-probability of each prompt token given its prefix.
-    pub prompt_logprobs: bool,
+    /// What to compute besides the samples (prompt logprobs and the other extras).
+    pub scoring: Scoring,
 }
 
 /// The result of one request.
@@ -106,8 +110,9 @@ pub struct SampleRequest<'a> {
 pub struct SampleOutput {
     /// `num_samples` sequences.
     pub sequences: Vec<SampledSequence>,
-    /// Per prompt token (`None` for the first), when asked.
-    pub prompt_logprobs: Option<Vec<Option<f32>>>,
+    /// What was asked about the prompt (its logprobs and the other extras).
+    #[serde(flatten)]
+    pub prompt: PromptScores,
 }
 
 /// Turns token ids into text, for stop strings.
@@ -115,7 +120,9 @@ pub type Detokenize<'a> = &'a dyn Fn(&[i64]) -> String;
 
 /// Checks a request before any work starts; errors name the field.
 pub fn validate(decoder: &Decoder, r: &SampleRequest) -> Result<()> {
-    validate_sampling(decoder.config(), &r.prompt, r.num_samples, &r.params)
+    validate_sampling(decoder.config(), &r.prompt, r.num_samples, &r.params)?;
+    r.scoring
+        .validate(r.prompt.len(), decoder.config().vocab_size)
 }
 
 /// Checks a sampling request against the model's configuration (usable before queueing).
@@ -223,7 +230,9 @@ struct Live {
     member: Option<(usize, i64)>,
     sequences: Vec<Option<SampledSequence>>,
     unfinished: usize,
-    prompt_logprobs: Option<Vec<Option<f32>>>,
+    prompt: PromptScores,
+    /// How many of the most likely tokens to report at each generated position.
+    sample_top_k: usize,
     /// Whether its sequences chose their first tokens yet.
     started: bool,
 }
@@ -234,6 +243,8 @@ struct Row {
     sample: usize,
     tokens: Vec<i64>,
     logprobs: Vec<f32>,
+    /// The most likely tokens at each generated position (when its request asks).
+    top_k: Vec<TopK>,
     rng: SplitMix64,
 }
 
@@ -296,8 +307,29 @@ struct Joining {
     params: SamplingParams,
     num_samples: i64,
     member: Option<(usize, i64)>,
-    /// Prompt logprobs (`[None]` for the first token; filled as chunks are prefilled), when asked.
-    prompt_logprobs: Option<Vec<Option<f32>>>,
+    /// What the request asks about its prompt, filled as its chunks are prefilled.
+    scorer: PromptScorer,
+    /// How many of the most likely tokens to report at each generated position.
+    sample_top_k: usize,
+}
+
+impl Joining {
+    /// `request` under `tag`, computed with the adapter `member`.
+    fn new(tag: RequestTag, request: &SampleRequest, member: Option<(usize, i64)>) -> Self {
+        // Alternative prompt draws use a stream no sample uses.
+        let seed = request
+            .params
+            .seed
+            .map_or_else(random_seed, |s| sample_seed(s, usize::MAX));
+        Joining {
+            tag,
+            params: request.params.clone(),
+            num_samples: request.num_samples,
+            member,
+            scorer: PromptScorer::new(&request.scoring, request.params.temperature, seed),
+            sample_top_k: request.scoring.sample_top_k,
+        }
+    }
 }
 
 /// Default [`Generation::with_prefill_chunk`]: prompts up to this long are prefilled in one pass.
@@ -390,13 +422,7 @@ impl Generation {
                 .map(|members| members[0])
                 .map(|member| {
                     self.prefilling.push_back(Prefilling {
-                        request: Joining {
-                            tag: *tag,
-                            params: r.params.clone(),
-                            num_samples: r.num_samples,
-                            member,
-                            prompt_logprobs: r.prompt_logprobs.then(|| vec![None]),
-                        },
+                        request: Joining::new(*tag, r, member),
                         prompt: r.prompt.clone(),
                         done: 0,
                         cache: None,
@@ -529,33 +555,23 @@ impl Generation {
             .collect();
         let lora = LoraBatch::new(&assignment)?;
         let (hidden, cache) = decoder.prefill_padded(&ids, &pads, Some(&lora))?;
-        let mut prompt_lps = Vec::with_capacity(requests.len());
-        for (i, (_, r)) in requests.iter().enumerate() {
-            prompt_lps.push(if r.prompt_logprobs {
-                let own =
-                    hidden
-                        .f_narrow(0, i as i64, 1)?
-                        .f_narrow(1, pads[i], r.prompt.len() as i64)?;
+        let mut joining: Vec<Joining> = Vec::with_capacity(requests.len());
+        for (i, ((tag, r), member)) in requests.iter().zip(members).enumerate() {
+            let mut request = Joining::new(*tag, r, member);
+            let scored = r.prompt.len() as i64 - 1;
+            if request.scorer.is_needed() && scored > 0 {
+                // Position j predicts prompt token j + 1.
+                let own = hidden
+                    .f_narrow(0, i as i64, 1)?
+                    .f_narrow(1, pads[i], scored)?;
                 let one = LoraBatch::new(&assignment[i..i + 1])?;
                 let logits = decoder.logits(&own, Some(&one))?.f_get(0)?;
-                Some(prompt_logprobs(&logits, &r.prompt)?)
-            } else {
-                None
-            });
+                request.scorer.add(&r.prompt, 0, &logits)?;
+            }
+            joining.push(request);
         }
         let last = hidden.f_select(1, seq - 1)?;
         let logits = decoder.logits(&last, Some(&lora))?;
-        let joining = requests
-            .iter()
-            .zip(members.into_iter().zip(prompt_lps))
-            .map(|((tag, r), (member, prompt_logprobs))| Joining {
-                tag: *tag,
-                params: r.params.clone(),
-                num_samples: r.num_samples,
-                member,
-                prompt_logprobs,
-            })
-            .collect();
         self.join(cache, logits, joining)
     }
 
@@ -593,6 +609,7 @@ impl Generation {
                     sample: s,
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
+                    top_k: Vec::new(),
                     rng: SplitMix64::new(sample_seed(seed, s)),
                 });
             }
@@ -603,7 +620,8 @@ impl Generation {
                     unfinished: j.num_samples as usize,
                     params: j.params,
                     member: j.member,
-                    prompt_logprobs: j.prompt_logprobs,
+                    prompt: j.scorer.finish(),
+                    sample_top_k: j.sample_top_k,
                     started: false,
                 },
             );
@@ -653,13 +671,13 @@ impl Generation {
             }
             Some(cache) => decoder.extend(ids, cache, lora.as_ref())?,
         };
-        if let Some(lps) = &mut p.request.prompt_logprobs {
+        if p.request.scorer.is_needed() {
             // Position i of the chunk predicts prompt token done + i + 1.
-            let targets = &p.prompt[p.done + 1..(end + 1).min(len)];
-            if !targets.is_empty() {
-                let own = hidden.f_narrow(1, 0, targets.len() as i64)?;
+            let scored = end.min(len - 1) - p.done;
+            if scored > 0 {
+                let own = hidden.f_narrow(1, 0, scored as i64)?;
                 let logits = decoder.logits(&own, lora.as_ref())?.f_get(0)?;
-                lps.extend(logprobs_on_host(&logits, targets)?);
+                p.request.scorer.add(&p.prompt, p.done, &logits)?;
             }
         }
         p.done = end;
@@ -699,6 +717,17 @@ impl Generation {
             .map(|row| Pick::new(&self.live[&row.request].params, &mut row.rng))
             .collect();
         let chosen = choose_tokens(&logits, &picks)?;
+        let widest = self
+            .rows
+            .iter()
+            .map(|row| self.live[&row.request].sample_top_k)
+            .max()
+            .unwrap_or(0);
+        let mut top_k = if widest > 0 {
+            top_k_rows(&logits, widest)?
+        } else {
+            Vec::new()
+        };
         let mut keep: Vec<i64> = Vec::with_capacity(self.rows.len());
         let mut next_ids: Vec<i64> = Vec::with_capacity(self.rows.len());
         let rows = std::mem::take(&mut self.rows);
@@ -717,12 +746,18 @@ impl Generation {
             let (token, logprob) = chosen[i];
             row.tokens.push(token);
             row.logprobs.push(logprob);
+            if live.sample_top_k > 0 {
+                let mut mine = std::mem::take(&mut top_k[i]);
+                mine.truncate(live.sample_top_k);
+                row.top_k.push(mine);
+            }
             match stop_reason(decoder, &live.params, &row.tokens, detokenize) {
                 Some(reason) => {
                     live.sequences[row.sample] = Some(SampledSequence {
                         tokens: row.tokens,
                         logprobs: row.logprobs,
                         stop_reason: reason,
+                        top_k: (live.sample_top_k > 0).then_some(row.top_k),
                     });
                     live.unfinished -= 1;
                     if live.unfinished == 0 {
@@ -735,7 +770,7 @@ impl Generation {
                                     .into_iter()
                                     .map(|s| s.expect("every sequence finished"))
                                     .collect(),
-                                prompt_logprobs: done.prompt_logprobs,
+                                prompt: done.prompt,
                             },
                         ));
                     }
@@ -940,25 +975,6 @@ fn stop_reason(
     } else {
         None
     }
-}
-
-fn prompt_logprobs(logits: &Tensor, prompt: &[i64]) -> Result<Vec<Option<f32>>> {
-    let mut out = vec![None];
-    if prompt.len() > 1 {
-        out.extend(logprobs_on_host(logits, &prompt[1..])?);
-    }
-    Ok(out)
-}
-
-/// The log-probability of each of `targets` under the matching leading rows of `logits`
-/// (`[positions, vocab]`), on the host.
-fn logprobs_on_host(logits: &Tensor, targets: &[i64]) -> Result<Vec<Option<f32>>> {
-    let logits = logits.f_narrow(0, 0, targets.len() as i64)?;
-    let lp = crate::loss::target_logprobs(&logits, targets)?;
-    Ok(Vec::<f32>::try_from(&lp.f_to_device(tch::Device::Cpu)?)?
-        .into_iter()
-        .map(Some)
-        .collect())
 }
 
 /// The random stream of sample `index` of a request seeded `seed`: it draws exactly like a

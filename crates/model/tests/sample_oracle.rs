@@ -11,7 +11,7 @@ use loraloom_model::checkpoint;
 use loraloom_model::sample::sample_seed;
 use loraloom_model::{
     sample, Decoder, Generation, LoraAdapter, LoraSpec, SampleOutput, SampleRequest,
-    SamplingParams, Stop, StopReason,
+    SamplingParams, Scoring, Stop, StopReason, TopK,
 };
 use std::collections::HashMap;
 use tch::{Device, Kind};
@@ -44,7 +44,7 @@ fn check_against_oracle(
             prompt: vec_i64(&e[&format!("prompt.{i}")]),
             num_samples: 1,
             params: greedy(new_tokens),
-            prompt_logprobs: true,
+            scoring: Scoring::prompt_logprobs(true),
         })
         .collect();
     let out = sample(decoder, &requests, None).unwrap();
@@ -62,7 +62,7 @@ fn check_against_oracle(
             "prompt {i}: logprobs {:?} vs {want:?}",
             seq.logprobs
         );
-        let plp = o.prompt_logprobs.as_ref().unwrap();
+        let plp = o.prompt.logprobs.as_ref().unwrap();
         assert_eq!(plp[0], None);
         let got: Vec<f32> = plp[1..].iter().map(|x| x.unwrap()).collect();
         assert!(
@@ -147,7 +147,7 @@ fn check_continuous_against_oracle(
         prompt: vec_i64(&e[&format!("prompt.{i}")]),
         num_samples: 1,
         params: greedy(new_tokens - 3 * i as i64),
-        prompt_logprobs: true,
+        scoring: Scoring::prompt_logprobs(true),
     };
     let other_request = |j: usize| SampleRequest {
         adapter: Some(&others[j]),
@@ -163,7 +163,7 @@ fn check_continuous_against_oracle(
             stop: Stop::Never,
             ..SamplingParams::default()
         },
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     // (step, tag): oracle prompt i joins at step 2i (tag i); other j at step 3j + 1 (tag 100+j);
     // two join together at step 4.
@@ -209,7 +209,7 @@ fn check_continuous_against_oracle(
             close(&seq.logprobs, &want_lp[..m], 1e-4),
             "prompt {i}: logprobs"
         );
-        let plp: Vec<f32> = out.prompt_logprobs.as_ref().unwrap()[1..]
+        let plp: Vec<f32> = out.prompt.logprobs.as_ref().unwrap()[1..]
             .iter()
             .map(|x| x.unwrap())
             .collect();
@@ -246,7 +246,7 @@ fn num_samples_equal_separate_requests_with_their_sample_seeds() {
             stop: Stop::Never,
             ..SamplingParams::default()
         },
-        prompt_logprobs: true,
+        scoring: Scoring::prompt_logprobs(true),
     };
     let mut g = Generation::new(decoder.kind());
     g.admit(&decoder, 0, &request(4, 123), false).unwrap();
@@ -268,7 +268,7 @@ fn num_samples_equal_separate_requests_with_their_sample_seeds() {
         assert_eq!(a.tokens, b.sequences[0].tokens, "sample {i}");
         assert!(close(&a.logprobs, &b.sequences[0].logprobs, 1e-4));
         let lps = |o: &SampleOutput| -> Vec<f32> {
-            o.prompt_logprobs.as_ref().unwrap()[1..]
+            o.prompt.logprobs.as_ref().unwrap()[1..]
                 .iter()
                 .map(|x| x.unwrap())
                 .collect()
@@ -340,7 +340,7 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
         prompt: prompts[i].clone(),
         num_samples: 2,
         params: params(40 + i as u64),
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     let together = sample(&decoder, &(0..4).map(request).collect::<Vec<_>>(), None).unwrap();
     for (i, mixed) in together.iter().enumerate() {
@@ -372,7 +372,7 @@ fn top_k_1_is_greedy_and_seeds_reproduce() {
             prompt: vec![3, 1, 4, 1, 5],
             num_samples: 3,
             params,
-            prompt_logprobs: false,
+            scoring: Scoring::prompt_logprobs(false),
         };
         sample(&decoder, &[req], None).unwrap().remove(0).sequences
     };
@@ -406,7 +406,7 @@ fn stop_tokens_end_sequences_and_limits_are_checked_first() {
         prompt,
         num_samples: 1,
         params,
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     // Stop on the greedy continuation's third token.
     let g = sample(&decoder, &[req(greedy(6), vec![1, 2, 3])], None)
@@ -473,7 +473,7 @@ fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
             stop: Stop::Tokens(vec![7, 8]),
             ..SamplingParams::default()
         },
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     let out = sample(&decoder, &[request], None).unwrap().remove(0);
     assert!(
@@ -520,14 +520,21 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
             stop: Stop::Never,
             ..SamplingParams::default()
         },
-        prompt_logprobs: true,
+        scoring: Scoring {
+            prompt_logprobs: true,
+            prompt_top_k: 4,
+            prompt_last_n: None,
+            prompt_targets: Some((0..39).map(|i| vec![i % 120, -1, 7]).collect()),
+            prompt_alt_k: 3,
+            sample_top_k: 3,
+        },
     };
     let short = SampleRequest {
         adapter: None,
         prompt: vec![4, 5, 6],
         num_samples: 1,
         params: greedy(12),
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     let mut g = Generation::new(decoder.kind()).with_prefill_chunk(16);
     g.admit(&decoder, 0, &short, false).unwrap();
@@ -556,15 +563,60 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
         }
     }
     let lps = |o: &SampleOutput| -> Vec<f32> {
-        o.prompt_logprobs.as_ref().unwrap()[1..]
+        o.prompt.logprobs.as_ref().unwrap()[1..]
             .iter()
             .map(|x| x.unwrap())
             .collect()
     };
-    assert_eq!(done[&1].prompt_logprobs.as_ref().unwrap().len(), 40);
+    assert_eq!(done[&1].prompt.logprobs.as_ref().unwrap().len(), 40);
     assert!(
         close(&lps(&done[&1]), &lps(&one_pass[0]), 1e-4),
         "prompt logprobs"
+    );
+    // Every extra, computed a chunk at a time, equals one pass.
+    let (chunked, whole) = (&done[&1], &one_pass[0]);
+    let same_top_k = |a: &TopK, b: &TopK| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() <= 1e-4)
+    };
+    let (a, b) = (
+        chunked.prompt.top_k.as_ref().unwrap(),
+        whole.prompt.top_k.as_ref().unwrap(),
+    );
+    assert_eq!(a.len(), 40);
+    assert!(a[0].is_none() && a[1..].iter().all(Option::is_some));
+    assert!(a.iter().zip(b).all(|(x, y)| match (x, y) {
+        (Some(x), Some(y)) => x.len() == 4 && same_top_k(x, y),
+        (x, y) => x.is_none() && y.is_none(),
+    }));
+    let flat = |m: &Vec<Vec<f32>>| m.concat();
+    let (a, b) = (
+        chunked.prompt.targets.as_ref().unwrap(),
+        whole.prompt.targets.as_ref().unwrap(),
+    );
+    assert_eq!(a.len(), 39);
+    assert!(a.iter().all(|row| row[1] == 0.0), "-1 cells are 0.0");
+    assert!(close(&flat(a), &flat(b), 1e-4), "target logprobs");
+    let (a, b) = (
+        chunked.prompt.alt.as_ref().unwrap(),
+        whole.prompt.alt.as_ref().unwrap(),
+    );
+    assert_eq!(a.tokens, b.tokens, "seeded alternative draws");
+    assert!(a.tokens.len() == 39 && a.tokens.iter().all(|r| r.len() == 3));
+    assert!(close(&flat(&a.logprobs), &flat(&b.logprobs), 1e-4));
+    for (x, y) in chunked.sequences.iter().zip(&whole.sequences) {
+        let (x, y) = (x.top_k.as_ref().unwrap(), y.top_k.as_ref().unwrap());
+        assert_eq!(x.len(), 10);
+        assert!(x
+            .iter()
+            .zip(y)
+            .all(|(p, q)| p.len() == 3 && same_top_k(p, q)));
+    }
+    assert!(
+        done[&0].sequences[0].top_k.is_none(),
+        "not asked, not computed"
     );
 }
 
@@ -588,7 +640,7 @@ fn removing_a_request_between_steps_leaves_the_others_unchanged() {
             stop: Stop::Never,
             ..SamplingParams::default()
         },
-        prompt_logprobs: false,
+        scoring: Scoring::prompt_logprobs(false),
     };
     let mut g = Generation::new(decoder.kind());
     for i in 0..3 {

@@ -1,5 +1,7 @@
 //! Sampling sessions and sample requests.
 
+use loraloom_model::Scoring;
+
 use super::*;
 
 #[derive(Deserialize)]
@@ -91,7 +93,7 @@ pub(super) struct SampleRequest {
     #[serde(default)]
     topk_sample_logprobs: i64,
     #[serde(default)]
-    target_prompt_logprobs: Option<Value>,
+    target_prompt_logprobs: Option<wire::TensorData>,
     #[serde(default)]
     prompt_alt_tokens_k: i64,
     #[serde(default)]
@@ -99,31 +101,33 @@ pub(super) struct SampleRequest {
 }
 
 impl SampleRequest {
-    /// Refuses, before any work, the SDK's sampling options loraloom does not compute (rather
-    /// than answering without them).
-    fn refuse_unsupported(&self) -> ApiResult<()> {
-        let unsupported = [
-            ("topk_prompt_logprobs", self.topk_prompt_logprobs != 0),
-            ("topk_sample_logprobs", self.topk_sample_logprobs != 0),
-            (
-                "target_prompt_logprobs",
-                self.target_prompt_logprobs
-                    .as_ref()
-                    .is_some_and(|v| !v.is_null()),
-            ),
-            ("prompt_alt_tokens_k", self.prompt_alt_tokens_k != 0),
-            (
-                "prompt_logprobs_last_n",
-                self.prompt_logprobs_last_n.is_some(),
-            ),
-        ];
-        match unsupported.into_iter().find(|(_, given)| *given) {
-            Some((field, _)) => Err(ApiError::invalid(
-                field,
-                "is not supported by this server (prompt_logprobs is)",
-            )),
-            None => Ok(()),
-        }
+    /// The extras asked for besides the samples (bounds against the prompt and the vocabulary
+    /// are checked at submission).
+    fn scoring(&mut self) -> ApiResult<Scoring> {
+        let width = |field: &str, n: i64| {
+            usize::try_from(n).map_err(|_| ApiError::invalid(field, "must not be negative"))
+        };
+        let prompt_last_n = match self.prompt_logprobs_last_n {
+            Some(n) if n < 1 => {
+                return Err(ApiError::invalid(
+                    "prompt_logprobs_last_n",
+                    "must be at least 1",
+                ))
+            }
+            n => n.map(|n| n as usize),
+        };
+        Ok(Scoring {
+            prompt_logprobs: self.prompt_logprobs,
+            prompt_top_k: width("topk_prompt_logprobs", self.topk_prompt_logprobs)?,
+            prompt_last_n,
+            prompt_targets: self
+                .target_prompt_logprobs
+                .take()
+                .map(|t| t.into_id_matrix("target_prompt_logprobs", -1))
+                .transpose()?,
+            prompt_alt_k: width("prompt_alt_tokens_k", self.prompt_alt_tokens_k)?,
+            sample_top_k: width("topk_sample_logprobs", self.topk_sample_logprobs)?,
+        })
     }
 }
 
@@ -132,8 +136,12 @@ fn one() -> i64 {
 }
 
 /// Submits a sampling job; returns its request id and sample count.
-fn submit_sample(state: &AppState, tenant: &str, body: SampleRequest) -> ApiResult<(String, i64)> {
-    body.refuse_unsupported()?;
+fn submit_sample(
+    state: &AppState,
+    tenant: &str,
+    mut body: SampleRequest,
+) -> ApiResult<(String, i64)> {
+    let scoring = body.scoring()?;
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
@@ -161,7 +169,7 @@ fn submit_sample(state: &AppState, tenant: &str, body: SampleRequest) -> ApiResu
         prompt,
         num_samples: body.num_samples,
         params: body.sampling_params.into_params(),
-        prompt_logprobs: body.prompt_logprobs,
+        scoring,
     };
     let queue = QueueKey::Sampler(SamplerKey {
         tenant: tenant.to_string(),
