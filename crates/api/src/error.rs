@@ -24,6 +24,9 @@ pub enum ApiError {
     /// A body over the size limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(usize),
+    /// A download link that is not valid (forged, altered or expired).
+    #[error("{0}")]
+    Forbidden(String),
     /// A request against a session its client has finished.
     #[error("{0}")]
     SessionFinished(String),
@@ -58,6 +61,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::SessionFinished(_) => StatusCode::GONE,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::SessionFinished(_) => "session_finished",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::BodyTimeout(_) => "body_timeout",
         }

@@ -3,6 +3,7 @@
 //! engine results into what the official `tinker` SDK parses. See `docs/protocol.md`.
 
 pub mod auth;
+pub mod downloads;
 pub mod error;
 pub mod extract;
 pub mod idempotency;

@@ -73,4 +73,8 @@ pub struct AppState {
     pub device: String,
     /// What the SDK loads the tokenizer from (a directory or a Hugging Face name).
     pub tokenizer_id: String,
+    /// Signs the download URLs of exported weights.
+    pub downloads: Arc<crate::downloads::Signer>,
+    /// The base of URLs handed to clients (`--public-url`); `None`: the request's own host.
+    pub public_url: Option<String>,
 }

@@ -137,6 +137,10 @@ struct ServeArgs {
     /// name for clients on other machines.
     #[arg(long, env = "LORALOOM_TOKENIZER_ID")]
     tokenizer_id: Option<String>,
+    /// The base of the URLs handed to clients (download links of exported weights), e.g.
+    /// `https://loom.example.com` behind a proxy. Defaults to the host a request came in by.
+    #[arg(long, env = "LORALOOM_PUBLIC_URL")]
+    public_url: Option<String>,
     /// Where models, checkpoints and the database live.
     #[arg(long, env = "LORALOOM_DATA_DIR", default_value = "data")]
     data_dir: PathBuf,
@@ -444,6 +448,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_metrics: args.public_metrics,
         device,
         tokenizer_id,
+        downloads: Arc::new(
+            loraloom_api::downloads::Signer::in_dir(&args.data_dir)
+                .context("the download-URL key in the data directory")?,
+        ),
+        public_url: args.public_url.clone(),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await

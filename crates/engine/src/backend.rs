@@ -585,7 +585,7 @@ impl ModelWorker {
                 };
                 guard.optimizer.as_ref().or(optimizer_slot.as_ref())
             }
-            CheckpointKind::Sampler => None,
+            CheckpointKind::Sampler | CheckpointKind::External => None,
         };
         checkpoint::save(
             &SaveRequest {
@@ -595,6 +595,14 @@ impl ModelWorker {
             },
             &dir,
         )?;
+        if !options.encrypt_to.is_empty() {
+            let recipients = crate::export::parse_recipients(&options.encrypt_to)?;
+            if let Err(e) = crate::export::encrypt_dir(&dir, &recipients) {
+                // Never leave an export half in plaintext.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
         let created = unix_now();
         self.registry.add_checkpoint(CheckpointRecord {
             tenant: tenant.clone(),
@@ -1005,6 +1013,11 @@ pub fn write_marker(registry: &Registry, entry: &ModelEntry) -> std::io::Result<
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).
 pub fn check_checkpoint(registry: &Registry, tenant: &str, path: &str) -> Result<()> {
-    parse_checkpoint_path(path)?;
+    if parse_checkpoint_path(path)?.1 == CheckpointKind::External {
+        return Err(EngineError::invalid(
+            "path",
+            "external weights are for download only; load the run's state (weights) or sampler weights",
+        ));
+    }
     registry.checkpoint(tenant, path).map(|_| ())
 }

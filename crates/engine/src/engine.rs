@@ -344,6 +344,7 @@ impl Engine {
                 options,
             } => {
                 self.check_ttl(options.ttl_seconds)?;
+                crate::export::parse_recipients(&options.encrypt_to)?;
                 if let QueueKey::Model(k) = &queue {
                     let path = crate::registry::checkpoint_path(&k.model_id, *kind, name);
                     self.inner

@@ -64,6 +64,9 @@ pub enum CheckpointKind {
     State,
     /// Adapter only (`save_weights_for_sampler`; `tinker://<run>/sampler_weights/<name>`).
     Sampler,
+    /// Adapter only, for download (`save_weights_external`;
+    /// `tinker://<run>/external_weights/<name>`), perhaps encrypted; never loaded back.
+    External,
 }
 
 impl CheckpointKind {
@@ -72,6 +75,7 @@ impl CheckpointKind {
         match self {
             CheckpointKind::State => "weights",
             CheckpointKind::Sampler => "sampler_weights",
+            CheckpointKind::External => "external_weights",
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct SaveOptions {
     pub overwrite: bool,
     /// The client's metadata, returned with the checkpoint.
     pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// `age` recipients an export's files are encrypted to (none: plaintext).
+    pub encrypt_to: Vec<String>,
 }
 
 /// The work of a job.
@@ -213,6 +219,10 @@ impl Work {
                 kind: CheckpointKind::Sampler,
                 ..
             } => "save_weights_for_sampler",
+            Work::Save {
+                kind: CheckpointKind::External,
+                ..
+            } => "save_weights_external",
             Work::Load { .. } => "load_state",
             Work::Sample { .. } => "sample",
         }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod base;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod futures;
 pub mod job;
 pub mod queue;

@@ -191,7 +191,7 @@ pub fn parse_checkpoint_path(path: &str) -> Result<(String, CheckpointKind, Stri
     let bad = || {
         EngineError::invalid(
             "path",
-            format!("`{path}` is not a checkpoint path of the form tinker://<run>/(weights|sampler_weights)/<name>"),
+            format!("`{path}` is not a checkpoint path of the form tinker://<run>/(weights|sampler_weights|external_weights)/<name>"),
         )
     };
     let rest = path.strip_prefix("tinker://").ok_or_else(bad)?;
@@ -202,6 +202,7 @@ pub fn parse_checkpoint_path(path: &str) -> Result<(String, CheckpointKind, Stri
     let kind = match *kind {
         "weights" => CheckpointKind::State,
         "sampler_weights" => CheckpointKind::Sampler,
+        "external_weights" => CheckpointKind::External,
         _ => return Err(bad()),
     };
     if run.is_empty() || name.is_empty() {

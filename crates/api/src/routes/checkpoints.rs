@@ -1,5 +1,7 @@
 //! Checkpoints: saves, loads' sources, listing, deletion, time to live, weights info.
 
+use crate::downloads::{Grant, URL_LIFETIME_SECS};
+
 use super::*;
 
 #[derive(Deserialize)]
@@ -26,6 +28,7 @@ impl SaveRequest {
             ttl_seconds: self.ttl_seconds,
             overwrite: self.overwrite.unwrap_or(overwrite_by_default),
             user_metadata: self.user_metadata.clone(),
+            encrypt_to: Vec::new(),
         }
     }
 }
@@ -89,7 +92,7 @@ pub(super) async fn save_weights_for_sampler(
 pub(super) fn checkpoint_json(c: &CheckpointRecord) -> Value {
     json!({
         "checkpoint_id": format!("{}/{}", c.kind.segment(), c.name),
-        "checkpoint_type": match c.kind { CheckpointKind::State => "training", CheckpointKind::Sampler => "sampler" },
+        "checkpoint_type": match c.kind { CheckpointKind::State => "training", CheckpointKind::Sampler => "sampler", CheckpointKind::External => "external" },
         "time": iso(c.created),
         "tinker_path": c.path,
         "size_bytes": c.size_bytes,
@@ -186,4 +189,146 @@ pub(super) async fn weights_info(
         "train_mlp": c.spec.train_mlp,
         "train_attn": c.spec.train_attn,
     })))
+}
+
+#[derive(Deserialize)]
+pub(super) struct SaveExternalRequest {
+    model_id: String,
+    path: String,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    age_encryption_recipients: Option<Vec<String>>,
+}
+
+/// `TrainingClient.save_weights_external`: the adapter in PEFT's layout, for download, each file
+/// encrypted to the `age` recipients when the request names some. A name in use is replaced
+/// (the SDK's CLI exports every download as `download`).
+pub(super) async fn save_weights_external(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<SaveExternalRequest>,
+) -> ApiResult<Json<Promise>> {
+    let work = Work::Save {
+        name: checkpoint_name(Some(body.path), "external")?,
+        kind: CheckpointKind::External,
+        sampler: None,
+        options: SaveOptions {
+            ttl_seconds: body.ttl_seconds,
+            overwrite: true,
+            user_metadata: None,
+            encrypt_to: body.age_encryption_recipients.unwrap_or_default(),
+        },
+    };
+    let id = state
+        .engine
+        .submit(model_queue(&tenant, &body.model_id), work)?;
+    Ok(promise(id, Some(body.model_id)))
+}
+
+/// The base of URLs given to the client: `--public-url`, or the scheme and host it reached us by.
+fn public_base(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let scheme = header("x-forwarded-proto").unwrap_or("http");
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .unwrap_or("127.0.0.1");
+    format!("{scheme}://{host}")
+}
+
+/// The files of a checkpoint directory (names, sorted; no staging files).
+fn files_of(dir: &std::path::Path) -> ApiResult<Vec<String>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Internal(format!("listing {}: {e}", dir.display())))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `RestClient.get_external_weights_urls`: one signed URL per file of an export, valid for an
+/// hour, fetchable without credentials.
+pub(super) async fn external_weights_urls(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    if parse_checkpoint_path(&path)?.1 != CheckpointKind::External {
+        return Err(ApiError::invalid(
+            "checkpoint_id",
+            "only external weights (save_weights_external) have download URLs",
+        ));
+    }
+    let record = state.engine.registry().checkpoint(&tenant, &path)?;
+    let expires = loraloom_engine::registry::unix_now() as u64 + URL_LIFETIME_SECS;
+    let base = public_base(&state, &headers);
+    let urls: serde_json::Map<String, Value> = files_of(&record.dir)?
+        .into_iter()
+        .map(|file| {
+            let token = state.downloads.sign(&Grant {
+                tenant: tenant.clone(),
+                path: path.clone(),
+                file: file.clone(),
+                expires,
+            });
+            let url = format!("{base}/api/v1/downloads/{token}/{file}");
+            (file, Value::String(url))
+        })
+        .collect();
+    Ok(Json(json!({"urls": urls, "expires": iso(expires as f64)})))
+}
+
+/// A file of an export, by a signed URL (no API key: the signature is the credential). A
+/// checkpoint deleted or expired since is gone.
+pub(super) async fn download(
+    State(state): State<AppState>,
+    Path((token, file)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let grant = state
+        .downloads
+        .verify(&token, loraloom_engine::registry::unix_now() as u64)?;
+    if grant.file != file {
+        return Err(ApiError::Forbidden(
+            "this download link is not valid".into(),
+        ));
+    }
+    let record = state
+        .engine
+        .registry()
+        .checkpoint(&grant.tenant, &grant.path)?;
+    // Signed names come from the directory listing; never a path.
+    let gone = || {
+        ApiError::Engine(EngineError::NotFound {
+            what: "file".into(),
+            id: file.clone(),
+        })
+    };
+    if file.contains('/') || file.starts_with('.') {
+        return Err(gone());
+    }
+    let opened = tokio::fs::File::open(record.dir.join(&file))
+        .await
+        .map_err(|_| gone())?;
+    let length = opened.metadata().await.map_err(|_| gone())?.len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(opened));
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }

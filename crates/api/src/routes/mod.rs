@@ -98,6 +98,12 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl",
             put(set_checkpoint_ttl),
         )
+        .route("/api/v1/save_weights_external", post(save_weights_external))
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls",
+            get(external_weights_urls),
+        )
+        .route("/api/v1/downloads/{token}/{file}", get(download))
         .route("/api/v1/checkpoints", get(list_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
         .route("/api/model-stats", get(crate::metrics::model_stats))
