@@ -53,7 +53,9 @@ impl ApiError {
                 EngineError::TimedOut { .. } | EngineError::RanTooLong { .. } => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
-                EngineError::Cancelled | EngineError::GradientsLost => StatusCode::CONFLICT,
+                EngineError::Cancelled | EngineError::GradientsLost | EngineError::Conflict(_) => {
+                    StatusCode::CONFLICT
+                }
                 EngineError::ServerRestarted | EngineError::Internal(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }

@@ -175,9 +175,10 @@ impl ModelWorker {
             .into_iter()
             // Only weights that can be reloaded: a deleted checkpoint's sessions keep theirs.
             .filter(|e| match &e.source {
-                SamplerSource::Checkpoint(path) => {
-                    self.registry.checkpoint(&e.key.tenant, path).is_ok()
-                }
+                SamplerSource::Checkpoint(path) => self
+                    .registry
+                    .readable_checkpoint(&e.key.tenant, path)
+                    .is_ok(),
                 SamplerSource::Base => false,
             })
             .filter(|e| e.try_lock().is_some_and(|slot| slot.is_some()))
@@ -544,7 +545,7 @@ impl ModelWorker {
     }
 
     fn load_checkpoint(&self, tenant: &str, path: &str) -> Result<checkpoint::Loaded> {
-        let record = self.registry.checkpoint(tenant, path)?;
+        let record = self.registry.readable_checkpoint(tenant, path)?;
         Ok(checkpoint::load(
             &record.dir,
             self.decoder.config(),
@@ -617,6 +618,11 @@ impl ModelWorker {
             ephemeral: sampler.is_some(),
             expires_at: options.ttl_seconds.map(|ttl| created + ttl as f64),
             user_metadata: options.user_metadata.clone(),
+            // A checkpoint saved over a published one stays published.
+            public: self
+                .registry
+                .checkpoint(tenant, &path)
+                .is_ok_and(|old| old.public),
         })?;
         if let Some(key) = sampler {
             let added = self.registry.add_sampler(
@@ -1019,5 +1025,5 @@ pub fn check_checkpoint(registry: &Registry, tenant: &str, path: &str) -> Result
             "external weights are for download only; load the run's state (weights) or sampler weights",
         ));
     }
-    registry.checkpoint(tenant, path).map(|_| ())
+    registry.readable_checkpoint(tenant, path).map(|_| ())
 }

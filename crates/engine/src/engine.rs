@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
 use crate::job::{BatchClass, Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, Work};
 use crate::queue::{Limits, SchedState};
-use crate::registry::{unix_now, Registry, SamplerSource};
+use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -461,6 +461,30 @@ impl Engine {
         self.inner
             .registry
             .set_checkpoint_expiry(tenant, path, expires_at)
+    }
+
+    /// Copies a checkpoint `tenant` may read (its own, or a published one) to its run
+    /// `model_id` (`copy_weights`), within its checkpoint quota; files are shared, not
+    /// duplicated, where the filesystem allows.
+    pub fn copy_checkpoint(
+        &self,
+        tenant: &str,
+        source: &str,
+        model_id: &str,
+        ttl_seconds: Option<u64>,
+    ) -> Result<CheckpointRecord> {
+        self.check_ttl(ttl_seconds)?;
+        self.check_checkpoint_quota(tenant)?;
+        if self.inner.registry.model(tenant, model_id).is_ok() {
+            return Err(EngineError::invalid(
+                "model_seq_id",
+                format!("`{model_id}` is a training run; copies go to a slot of their own"),
+            ));
+        }
+        let expires_at = ttl_seconds.map(|ttl| crate::registry::unix_now() + ttl as f64);
+        self.inner
+            .registry
+            .copy_checkpoint(tenant, source, model_id, expires_at)
     }
 
     /// Refuses a named save when the tenant's listed checkpoints reach their count or byte limit.

@@ -44,6 +44,9 @@ pub enum EngineError {
         /// The limit.
         limit_s: f64,
     },
+    /// The request conflicts with the current state (e.g. publishing what is already public).
+    #[error("{0}")]
+    Conflict(String),
     /// The job was cancelled (queued, or a sampling job between two tokens).
     #[error("job was cancelled")]
     Cancelled,
@@ -81,6 +84,7 @@ impl EngineError {
             EngineError::TimedOut { .. } => "timed_out",
             EngineError::RanTooLong { .. } => "time_limit",
             EngineError::Cancelled => "cancelled",
+            EngineError::Conflict(_) => "conflict",
             EngineError::ServerRestarted => "server_restarted",
             EngineError::GradientsLost => "gradients_lost",
             EngineError::ShuttingDown => "shutting_down",
@@ -95,6 +99,7 @@ impl EngineError {
             EngineError::NotFound { .. }
                 | EngineError::InvalidInput { .. }
                 | EngineError::Cancelled
+                | EngineError::Conflict(_)
                 | EngineError::RanTooLong { .. }
                 | EngineError::LimitReached(_)
                 | EngineError::GradientsLost

@@ -3,7 +3,7 @@
 //! Runs and sessions live in `DashMap`s; each entry's mutable state sits behind its own mutex,
 //! so work on one run never waits on another run's lock.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -178,6 +178,39 @@ pub struct CheckpointRecord {
     /// The client's metadata.
     #[serde(default)]
     pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Published: every tenant may read it (load, sample, copy); only its owner changes it.
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// Fills `to` (absent) with the files of `from`: hard links, or copies where linking fails
+/// (another filesystem). Written under a staging name and renamed, so `to` is whole or absent.
+fn link_or_copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let io = |e: std::io::Error| EngineError::Internal(format!("copying a checkpoint: {e}"));
+    let parent = to
+        .parent()
+        .ok_or_else(|| EngineError::Internal("a checkpoint directory has no parent".into()))?;
+    std::fs::create_dir_all(parent).map_err(io)?;
+    let staging = parent.join(format!(".copy-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&staging).map_err(io)?;
+    let filled = (|| {
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            let target = staging.join(entry.file_name());
+            if std::fs::hard_link(entry.path(), &target).is_err() {
+                std::fs::copy(entry.path(), &target)?;
+            }
+        }
+        std::fs::rename(&staging, to)
+    })();
+    if let Err(e) = filled {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(io(e));
+    }
+    Ok(())
 }
 
 /// The path of a checkpoint, `tinker://<run>/<kind>/<name>` (what [`parse_checkpoint_path`]
@@ -718,6 +751,67 @@ impl Registry {
             })
     }
 
+    /// The checkpoint at `path` if `tenant` may read it: its own, or one its owner published.
+    pub fn readable_checkpoint(&self, tenant: &str, path: &str) -> Result<CheckpointRecord> {
+        self.checkpoint(tenant, path).or_else(|e| {
+            self.checkpoints
+                .iter()
+                .find(|r| r.public && r.path == path)
+                .map(|r| r.value().clone())
+                .ok_or(e)
+        })
+    }
+
+    /// Publishes (or makes private again) the checkpoint at `path` of `tenant`; 409 when it
+    /// already is.
+    pub fn set_checkpoint_public(&self, tenant: &str, path: &str, public: bool) -> Result<()> {
+        let mut record = self.checkpoint(tenant, path)?;
+        if record.public == public {
+            return Err(EngineError::Conflict(format!(
+                "checkpoint `{path}` is already {}",
+                if public { "public" } else { "private" }
+            )));
+        }
+        record.public = public;
+        self.add_checkpoint(record)
+    }
+
+    /// Copies the checkpoint `source` (one `tenant` may read) to run `model_id` of `tenant`,
+    /// same kind and name, as hard links where the filesystem allows (no bytes duplicated;
+    /// deleting either leaves the other whole), expiring at `expires_at`.
+    pub fn copy_checkpoint(
+        &self,
+        tenant: &str,
+        source: &str,
+        model_id: &str,
+        expires_at: Option<f64>,
+    ) -> Result<CheckpointRecord> {
+        let from = self.readable_checkpoint(tenant, source)?;
+        let path = checkpoint_path(model_id, from.kind, &from.name);
+        if self.checkpoint(tenant, &path).is_ok() {
+            // Not a 409: the SDK retries those for minutes.
+            return Err(EngineError::invalid(
+                "model_seq_id",
+                format!("checkpoint `{path}` already exists; copy into another slot"),
+            ));
+        }
+        let dir = self.checkpoint_dir(tenant, model_id, from.kind, &from.name);
+        link_or_copy_dir(&from.dir, &dir)?;
+        let record = CheckpointRecord {
+            tenant: tenant.to_string(),
+            model_id: model_id.to_string(),
+            path,
+            dir,
+            created: unix_now(),
+            ephemeral: false,
+            expires_at,
+            public: false,
+            ..from
+        };
+        self.add_checkpoint(record.clone())?;
+        Ok(record)
+    }
+
     /// Deletes the checkpoint at `path` of `tenant`: its record, then its files. Sampling
     /// sessions that already loaded it keep their weights; others can no longer load it.
     pub fn remove_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
@@ -801,7 +895,35 @@ mod tests {
                 train_unembed: false,
             },
             ephemeral,
+            public: false,
         }
+    }
+
+    #[test]
+    fn a_published_checkpoint_is_readable_by_all_and_copies_share_its_files() {
+        let dir = std::env::temp_dir().join(format!("loraloom-publish-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        let one = record(&dir.join("src"), "one", false);
+        std::fs::write(one.dir.join("adapter_model.safetensors"), b"weights").unwrap();
+        registry.add_checkpoint(one.clone()).unwrap();
+        assert!(registry.readable_checkpoint("u", &one.path).is_err());
+        assert!(registry.set_checkpoint_public("u", &one.path, true).is_err());
+        registry.set_checkpoint_public("t", &one.path, true).unwrap();
+        assert!(matches!(
+            registry.set_checkpoint_public("t", &one.path, true),
+            Err(EngineError::Conflict(_))
+        ));
+        assert_eq!(registry.readable_checkpoint("u", &one.path).unwrap().tenant, "t");
+        assert!(registry.checkpoint("u", &one.path).is_err(), "readable, not owned");
+        let copy = registry
+            .copy_checkpoint("u", &one.path, "u-run", None)
+            .unwrap();
+        assert_eq!((copy.tenant.as_str(), copy.public), ("u", false));
+        assert_eq!(copy.path, "tinker://u-run/sampler_weights/one");
+        registry.remove_checkpoint("t", &one.path).unwrap();
+        let copied = std::fs::read(copy.dir.join("adapter_model.safetensors")).unwrap();
+        assert_eq!(copied, b"weights", "the copy outlives its source");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Checkpoints: saves, loads' sources, listing, deletion, time to live, weights info.
 
 use crate::downloads::{Grant, URL_LIFETIME_SECS};
+use crate::routes::sessions::create_copy_session;
 
 use super::*;
 
@@ -96,7 +97,7 @@ pub(super) fn checkpoint_json(c: &CheckpointRecord) -> Value {
         "time": iso(c.created),
         "tinker_path": c.path,
         "size_bytes": c.size_bytes,
-        "public": false,
+        "public": c.public,
         "user_metadata": c.user_metadata,
         "expires_at": c.expires_at.map(iso),
     })
@@ -180,7 +181,7 @@ pub(super) async fn weights_info(
     let c = state
         .engine
         .registry()
-        .checkpoint(&tenant, &body.tinker_path)?;
+        .readable_checkpoint(&tenant, &body.tinker_path)?;
     Ok(Json(json!({
         "base_model": state.engine.base().name,
         "is_lora": true,
@@ -331,4 +332,86 @@ pub(super) async fn download(
         body,
     )
         .into_response())
+}
+
+/// `RestClient.publish_checkpoint_from_tinker_path` (POST) and `unpublish_...` (DELETE): a
+/// published checkpoint is readable by every tenant (loaded, sampled, copied), never changed by
+/// any but its owner. 409 when it already is in that state.
+pub(super) async fn publish_checkpoint(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+    _body: RawBody,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state
+        .engine
+        .registry()
+        .set_checkpoint_public(&tenant, &path, true)?;
+    Ok(Json(json!({})))
+}
+
+/// See [`publish_checkpoint`].
+pub(super) async fn unpublish_checkpoint(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let path = format!("tinker://{id}/{kind}/{name}");
+    state
+        .engine
+        .registry()
+        .set_checkpoint_public(&tenant, &path, false)?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub(super) struct CopyRequest {
+    source_path: String,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    model_seq_id: Option<i64>,
+    #[serde(default)]
+    destination_project_id: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+/// `RestClient.copy_weights`: a copy of a checkpoint the caller may read (its own or a
+/// published one) in a run slot of its own that is never trained: `model_seq_id` of
+/// `session_id`, or a new session in `destination_project_id`. Same kind and name; files are
+/// shared with the source where the filesystem allows, and deleting either leaves the other.
+pub(super) async fn copy_weights(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<CopyRequest>,
+) -> ApiResult<Json<Value>> {
+    let model_id = match (
+        &body.session_id,
+        body.model_seq_id,
+        &body.destination_project_id,
+    ) {
+        (Some(session_id), Some(seq), _) => {
+            session(&state, &tenant, session_id)?;
+            format!("{session_id}:train:{seq}")
+        }
+        (None, None, Some(project)) => {
+            let session_id = create_copy_session(&state, &tenant, project, &body.source_path)?;
+            format!("{session_id}:train:0")
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "destination_project_id",
+                "give a destination project, or both session_id and model_seq_id",
+            ))
+        }
+    };
+    let engine = state.engine.clone();
+    let record = tokio::task::spawn_blocking(move || {
+        engine.copy_checkpoint(&tenant, &body.source_path, &model_id, body.ttl_seconds)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("copy task: {e}")))??;
+    Ok(Json(json!({"tinker_path": record.path})))
 }

@@ -31,7 +31,7 @@ mod checkpoints;
 mod futures;
 mod runs;
 mod sampling;
-mod sessions;
+pub(crate) mod sessions;
 
 use self::checkpoints::*;
 use self::futures::*;
@@ -99,6 +99,11 @@ pub fn router(state: AppState) -> Router {
             put(set_checkpoint_ttl),
         )
         .route("/api/v1/save_weights_external", post(save_weights_external))
+        .route("/api/v1/copy_weights", post(copy_weights))
+        .route(
+            "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish",
+            post(publish_checkpoint).delete(unpublish_checkpoint),
+        )
         .route(
             "/api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls",
             get(external_weights_urls),

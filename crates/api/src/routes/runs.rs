@@ -229,7 +229,10 @@ pub(super) async fn load_weights(
         ApiError::invalid("model_id", "either model_id or session_id is required")
     })?;
     session(&state, &tenant, &session_id)?;
-    let record: CheckpointRecord = state.engine.registry().checkpoint(&tenant, &body.path)?;
+    let record: CheckpointRecord = state
+        .engine
+        .registry()
+        .readable_checkpoint(&tenant, &body.path)?;
     let model_id = run_id(&session_id, body.model_seq_id);
     let key = ModelKey {
         tenant,

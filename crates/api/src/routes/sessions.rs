@@ -108,6 +108,39 @@ pub(super) async fn create_session(
     Ok(Json(json!({"session_id": id, "type": "create_session"})))
 }
 
+/// A session for a copy made into `project` (`copy_weights` without a session), finished at
+/// once: it only gives the copy's run slot a project.
+pub(super) fn create_copy_session(
+    state: &AppState,
+    tenant: &str,
+    project: &str,
+    source: &str,
+) -> ApiResult<String> {
+    check_label("destination_project_id", project)?;
+    let id = new_id("session");
+    let now = loraloom_engine::registry::unix_now();
+    let session = Session {
+        tenant: tenant.to_string(),
+        created: now,
+        details: SessionDetails {
+            display_name: Some(format!(
+                "copy of {}",
+                source.chars().take(200).collect::<String>()
+            )),
+            project_id: Some(project.to_string()),
+            finished: Some(SessionFinish {
+                reason: "success".into(),
+                detail: Some("copy_weights".into()),
+                at: now,
+            }),
+            ..SessionDetails::default()
+        },
+    };
+    persist(state, &id, &session)?;
+    state.sessions.insert(id.clone(), session);
+    Ok(id)
+}
+
 /// Writes a session's row (when the server keeps a store).
 fn persist(state: &AppState, id: &str, session: &Session) -> ApiResult<()> {
     if let Some(store) = state.engine.registry().store() {

@@ -1,0 +1,90 @@
+"""Publishing and copying checkpoints through the SDK: a published checkpoint is readable by
+every tenant (loaded into a run, sampled, copied) and changed by none but its owner; a copy
+lives on when its source is deleted or unpublished, and loads the same weights."""
+
+import pytest
+import requests
+import tinker
+from tinker import types
+
+from conftest import ALICE, BOB, MODEL_NAME, Server
+from test_sdk import PAIRS, make_datum
+
+KEYS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}")
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("publish"), *KEYS)
+    yield s
+    s.stop()
+
+
+def greedy(sampler, tokenizer):
+    prompt = types.ModelInput.from_ints(tokenizer(PAIRS[2][0]).input_ids)
+    params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    return sampler.sample(prompt, num_samples=1, sampling_params=params).result().sequences[0].tokens
+
+
+def test_publish_then_others_read_but_never_write_and_copies_outlive_their_source(srv, tokenizer):
+    alice = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+    tc = alice.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=5).result()
+    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
+    for _ in range(3):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+    state = tc.save_state("shared").result().path
+    weights = tc.save_weights_for_sampler("shared-sampler").result().path
+    expected = greedy(alice.create_sampling_client(model_path=weights), tokenizer)
+
+    rest_a = tinker.RestClient(base_url=srv.url, api_key=ALICE)
+    rest_b = tinker.RestClient(base_url=srv.url, api_key=BOB)
+    bob = tinker.ServiceClient(base_url=srv.url, api_key=BOB)
+    with pytest.raises(tinker.NotFoundError):
+        bob.create_sampling_client(model_path=weights).sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=1)).result()
+
+    rest_a.publish_checkpoint_from_tinker_path(weights).result()
+    rest_a.publish_checkpoint_from_tinker_path(state).result()
+    # Already public: 409, as the SDK documents (sent raw: the SDK retries 409s for minutes).
+    run, kind, name = weights.removeprefix("tinker://").split("/")
+    again = requests.post(f"{srv.url}/api/v1/training_runs/{run}/checkpoints/{kind}/{name}/publish",
+                          headers={"X-API-Key": ALICE})
+    assert again.status_code == 409, again.text
+    listed = {c.tinker_path: c for c in rest_a.list_user_checkpoints().result().checkpoints}
+    assert listed[weights].public and listed[state].public
+
+    # Bob reads: samples it, trains from it, copies it.
+    assert greedy(bob.create_sampling_client(model_path=weights), tokenizer) == expected
+    bob_tc = bob.create_training_client_from_state(state).result()
+    assert greedy(bob_tc.save_weights_and_get_sampling_client().result(), tokenizer) == expected
+    assert rest_b.get_weights_info_by_tinker_path(state).result().lora_rank == 4
+    bobs_copy = rest_b.copy_weights(weights, "bobs-archive").result()
+    assert bobs_copy != weights and bobs_copy.endswith("/sampler_weights/shared-sampler")
+    # ... but never writes.
+    for attempt in (lambda: rest_b.delete_checkpoint_from_tinker_path(weights),
+                    lambda: rest_b.unpublish_checkpoint_from_tinker_path(weights),
+                    lambda: rest_b.set_checkpoint_ttl_from_tinker_path(weights, 7200)):
+        with pytest.raises(tinker.NotFoundError):
+            attempt().result()
+    assert weights not in {c.tinker_path for c in rest_b.list_user_checkpoints().result().checkpoints}
+
+    # Alice's own copy, with a TTL, into a project; then the source goes away.
+    mine = rest_a.copy_weights(state, "archive", ttl_seconds=7200).result()
+    copied = {c.tinker_path: c for c in rest_a.list_user_checkpoints().result().checkpoints}[mine]
+    assert copied.expires_at is not None and not copied.public
+    rest_a.unpublish_checkpoint_from_tinker_path(weights).result()
+    rest_a.delete_checkpoint_from_tinker_path(weights).result()
+    rest_a.delete_checkpoint_from_tinker_path(state).result()
+    with pytest.raises(tinker.NotFoundError):
+        bob.create_sampling_client(model_path=weights).sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=1)).result()
+    assert greedy(bob.create_sampling_client(model_path=bobs_copy), tokenizer) == expected
+    restored = alice.create_training_client_from_state(mine).result()
+    assert greedy(restored.save_weights_and_get_sampling_client().result(), tokenizer) == expected
+    # A copy needs a destination.
+    r = requests.post(srv.url + "/api/v1/copy_weights", headers={"X-API-Key": ALICE},
+                      json={"source_path": mine})
+    assert r.status_code == 400 and r.json()["field"] == "destination_project_id", r.text
+    alice.close("success").result()
+    bob.close("success").result()
