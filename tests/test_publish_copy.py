@@ -88,3 +88,28 @@ def test_publish_then_others_read_but_never_write_and_copies_outlive_their_sourc
     assert r.status_code == 400 and r.json()["field"] == "destination_project_id", r.text
     alice.close("success").result()
     bob.close("success").result()
+
+
+def test_inflight_samplers_follow_the_runs_latest_inflight_save(srv, tokenizer):
+    """`kind="inflight"`: every inflight sampling client of a run samples the weights of the
+    run's latest inflight save (as a snapshot of those weights does); snapshots stay fixed."""
+    sc = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=9).result()
+    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
+    first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    before = greedy(first, tokenizer)
+    assert greedy(snapshot, tokenizer) == before
+    for _ in range(6):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    second = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    now = greedy(tc.save_weights_and_get_sampling_client().result(), tokenizer)
+    assert now != before, "training changed the greedy answer"
+    assert greedy(second, tokenizer) == now
+    assert greedy(first, tokenizer) == now, "the earlier inflight client moved to the new weights"
+    assert greedy(snapshot, tokenizer) == before, "a snapshot never moves"
+    r = requests.post(srv.url + "/api/v1/save_weights_for_sampler", headers={"X-API-Key": ALICE},
+                      json={"model_id": tc.model_id, "sampling_session_seq_id": 9, "kind": "eventual"})
+    assert r.status_code == 400 and r.json()["field"] == "kind", r.text
+    sc.close("success").result()

@@ -625,11 +625,18 @@ impl ModelWorker {
                 .is_ok_and(|old| old.public),
         })?;
         if let Some(key) = sampler {
-            let added = self.registry.add_sampler(
-                key.clone(),
-                SamplerSource::Checkpoint(path.clone()),
-                &entry.base_model,
-            );
+            let added = if options.inflight {
+                self.registry
+                    .add_inflight_sampler(key.clone(), &path, &entry.base_model, model_id)
+            } else {
+                self.registry
+                    .add_sampler(
+                        key.clone(),
+                        SamplerSource::Checkpoint(path.clone()),
+                        &entry.base_model,
+                    )
+                    .map(|_| ())
+            };
             if let Err(e) = added {
                 // The checkpoint existed only for this session.
                 let _ = self.registry.remove_checkpoint(tenant, &path);

@@ -91,6 +91,9 @@ pub struct SaveOptions {
     pub user_metadata: Option<std::collections::BTreeMap<String, String>>,
     /// `age` recipients an export's files are encrypted to (none: plaintext).
     pub encrypt_to: Vec<String>,
+    /// The sampling session follows the run's inflight weights (`kind="inflight"`): later
+    /// inflight saves of the run move it, and the run's other inflight sessions, onto theirs.
+    pub inflight: bool,
 }
 
 /// The work of a job.

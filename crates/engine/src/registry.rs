@@ -132,6 +132,9 @@ pub struct SamplerEntry {
     pub base_model: String,
     /// Last time it sampled.
     pub last_access: LastAccess,
+    /// The run whose inflight weights it follows (`kind="inflight"`): each later inflight save
+    /// of that run repoints it (in memory; after a restart it keeps the weights it had).
+    pub inflight_of: Option<String>,
     state: Mutex<Option<LoraAdapter>>,
 }
 
@@ -340,7 +343,7 @@ impl Registry {
                 tenant: row.tenant,
                 sampler_id: row.sampler_id,
             };
-            registry.insert_sampler(key, source, &row.base_model);
+            registry.insert_sampler(key, source, &row.base_model, None);
         }
         for row in store.models()? {
             let spec: LoraSpec = match serde_json::from_str(&row.spec_json) {
@@ -538,7 +541,67 @@ impl Registry {
                 base_model: base_model.to_string(),
             })?;
         }
-        Ok(self.insert_sampler(key, source, base_model))
+        Ok(self.insert_sampler(key, source, base_model, None))
+    }
+
+    /// Registers an inflight sampling session of run `model_id` on the checkpoint just saved
+    /// at `path`, and moves every earlier inflight session of that run onto it: they load it
+    /// at their next sample (a sample already decoding finishes on the weights it began with).
+    /// Checkpoints saved for those sessions alone, now unused, are deleted.
+    pub fn add_inflight_sampler(
+        &self,
+        key: SamplerKey,
+        path: &str,
+        base_model: &str,
+        model_id: &str,
+    ) -> Result<()> {
+        self.add_sampler(
+            key.clone(),
+            SamplerSource::Checkpoint(path.to_string()),
+            base_model,
+        )?;
+        let following: Vec<Arc<SamplerEntry>> = self
+            .samplers
+            .iter()
+            .filter(|e| e.key().tenant == key.tenant && e.inflight_of.as_deref() == Some(model_id))
+            .map(|e| e.value().clone())
+            .collect();
+        let source = SamplerSource::Checkpoint(path.to_string());
+        let repointed =
+            self.insert_sampler(key.clone(), source.clone(), base_model, Some(model_id));
+        repointed.last_access.touch();
+        for old in following {
+            if let Some(store) = &self.durable {
+                store.put_sampler(&SamplerRow {
+                    tenant: old.key.tenant.clone(),
+                    sampler_id: old.key.sampler_id.clone(),
+                    checkpoint: Some(path.to_string()),
+                    base_model: base_model.to_string(),
+                })?;
+            }
+            self.insert_sampler(old.key.clone(), source.clone(), base_model, Some(model_id));
+            if let SamplerSource::Checkpoint(before) = &old.source {
+                self.remove_unused_ephemeral(&key.tenant, before)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the checkpoint at `path` of `tenant` if it was saved for sampling sessions alone
+    /// and none uses it any more.
+    fn remove_unused_ephemeral(&self, tenant: &str, path: &str) -> Result<()> {
+        let ephemeral = self
+            .checkpoints
+            .get(&(tenant.to_string(), path.to_string()))
+            .is_some_and(|r| r.ephemeral);
+        let used = self.samplers.iter().any(|e| {
+            e.key().tenant == tenant
+                && matches!(&e.source, SamplerSource::Checkpoint(p) if p == path)
+        });
+        if ephemeral && !used {
+            self.remove_checkpoint(tenant, path)?;
+        }
+        Ok(())
     }
 
     fn insert_sampler(
@@ -546,12 +609,14 @@ impl Registry {
         key: SamplerKey,
         source: SamplerSource,
         base_model: &str,
+        inflight_of: Option<&str>,
     ) -> Arc<SamplerEntry> {
         let entry = Arc::new(SamplerEntry {
             key: key.clone(),
             source,
             base_model: base_model.to_string(),
             last_access: LastAccess::now(),
+            inflight_of: inflight_of.map(str::to_string),
             state: Mutex::new(None),
         });
         self.samplers.insert(key, entry.clone());
@@ -612,13 +677,8 @@ impl Registry {
         }
         self.samplers.remove(&entry.key);
         if let SamplerSource::Checkpoint(path) = &entry.source {
-            let ephemeral = self
-                .checkpoints
-                .get(&(entry.key.tenant.clone(), path.clone()))
-                .is_some_and(|r| r.ephemeral);
-            if ephemeral {
-                self.remove_checkpoint(&entry.key.tenant, path)?;
-            }
+            // Inflight sessions share one: deleted with the last of them.
+            self.remove_unused_ephemeral(&entry.key.tenant, path)?;
         }
         tracing::debug!(tenant = %entry.key.tenant, sampler_id = %entry.key.sampler_id, "removed an idle sampling session");
         Ok(())
@@ -900,6 +960,41 @@ mod tests {
     }
 
     #[test]
+    fn an_inflight_save_moves_the_runs_inflight_sessions_and_frees_what_they_left() {
+        let dir = std::env::temp_dir().join(format!("loraloom-inflight-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        let key = |id: &str| SamplerKey {
+            tenant: "t".into(),
+            sampler_id: id.into(),
+        };
+        let (w1, w2) = (record(&dir, "w1", true), record(&dir, "w2", true));
+        registry.add_checkpoint(w1.clone()).unwrap();
+        registry
+            .add_inflight_sampler(key("a"), &w1.path, "base", "run")
+            .unwrap();
+        registry.add_checkpoint(w2.clone()).unwrap();
+        registry
+            .add_inflight_sampler(key("b"), &w2.path, "base", "run")
+            .unwrap();
+        for id in ["a", "b"] {
+            let entry = registry.sampler("t", id).unwrap();
+            assert_eq!(
+                entry.source,
+                SamplerSource::Checkpoint(w2.path.clone()),
+                "{id}"
+            );
+            assert_eq!(entry.inflight_of.as_deref(), Some("run"));
+        }
+        assert!(
+            registry.checkpoint("t", &w1.path).is_err(),
+            "nothing uses w1 any more"
+        );
+        assert!(!w1.dir.exists());
+        assert!(registry.checkpoint("t", &w2.path).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn a_published_checkpoint_is_readable_by_all_and_copies_share_its_files() {
         let dir = std::env::temp_dir().join(format!("loraloom-publish-{}", uuid::Uuid::new_v4()));
         let registry = Registry::new(dir.clone());
@@ -907,14 +1002,24 @@ mod tests {
         std::fs::write(one.dir.join("adapter_model.safetensors"), b"weights").unwrap();
         registry.add_checkpoint(one.clone()).unwrap();
         assert!(registry.readable_checkpoint("u", &one.path).is_err());
-        assert!(registry.set_checkpoint_public("u", &one.path, true).is_err());
-        registry.set_checkpoint_public("t", &one.path, true).unwrap();
+        assert!(registry
+            .set_checkpoint_public("u", &one.path, true)
+            .is_err());
+        registry
+            .set_checkpoint_public("t", &one.path, true)
+            .unwrap();
         assert!(matches!(
             registry.set_checkpoint_public("t", &one.path, true),
             Err(EngineError::Conflict(_))
         ));
-        assert_eq!(registry.readable_checkpoint("u", &one.path).unwrap().tenant, "t");
-        assert!(registry.checkpoint("u", &one.path).is_err(), "readable, not owned");
+        assert_eq!(
+            registry.readable_checkpoint("u", &one.path).unwrap().tenant,
+            "t"
+        );
+        assert!(
+            registry.checkpoint("u", &one.path).is_err(),
+            "readable, not owned"
+        );
         let copy = registry
             .copy_checkpoint("u", &one.path, "u-run", None)
             .unwrap();

@@ -18,6 +18,9 @@ pub(super) struct SaveRequest {
     overwrite: Option<bool>,
     #[serde(default)]
     user_metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// `snapshot` (fixed weights) or `inflight` (follows the run's later inflight saves).
+    #[serde(default)]
+    kind: Option<String>,
 }
 
 impl SaveRequest {
@@ -30,6 +33,7 @@ impl SaveRequest {
             overwrite: self.overwrite.unwrap_or(overwrite_by_default),
             user_metadata: self.user_metadata.clone(),
             encrypt_to: Vec::new(),
+            inflight: self.kind.as_deref() == Some("inflight"),
         }
     }
 }
@@ -64,6 +68,14 @@ pub(super) async fn save_weights_for_sampler(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<SaveRequest>,
 ) -> ApiResult<Json<Promise>> {
+    if let Some(kind) = body.kind.as_deref() {
+        if !["snapshot", "inflight"].contains(&kind) {
+            return Err(ApiError::invalid(
+                "kind",
+                format!("`{kind}` is neither `snapshot` nor `inflight`"),
+            ));
+        }
+    }
     // Without a name (save_weights_and_get_sampling_client) the result must carry a session.
     let sampler = body.path.is_none().then(|| SamplerKey {
         tenant: tenant.clone(),
@@ -219,6 +231,7 @@ pub(super) async fn save_weights_external(
             overwrite: true,
             user_metadata: None,
             encrypt_to: body.age_encryption_recipients.unwrap_or_default(),
+            inflight: false,
         },
     };
     let id = state
