@@ -105,6 +105,11 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
         400, ["sampling_params.stop", "64"]),
+    "server_side_custom_loss": lambda s, run: (
+        post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
+                                                 forward_backward_input={"loss_fn": "custom", "data": [],
+                                                                         "loss_fn_config": {"loss_id": 1}})),
+        400, ["loss_fn", "forward_backward_custom"]),
     "sample_top_k_too_wide": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 500,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

@@ -331,6 +331,7 @@ impl JsonForwardBackwardRequest {
     /// Validates into engine types.
     pub fn into_input(self, force_forward: bool) -> ApiResult<TrainInput> {
         let input = self.forward_backward_input;
+        refuse_server_side_custom(&input.loss_fn)?;
         let config: Vec<(String, f64)> = input
             .loss_fn_config
             .unwrap_or_default()
@@ -356,8 +357,21 @@ impl JsonForwardBackwardRequest {
     }
 }
 
+/// Refuses the SDK's server-side custom losses (`create_custom_loss`): the client config tells
+/// the SDK this server has none, so `forward_backward_custom` computes them on the client.
+fn refuse_server_side_custom(loss_fn: &str) -> ApiResult<()> {
+    if loss_fn == "custom" {
+        return Err(ApiError::invalid(
+            "loss_fn",
+            "server-side custom losses (create_custom_loss) are not available on this server; forward_backward_custom computes the loss on the client",
+        ));
+    }
+    Ok(())
+}
+
 /// Converts the SDK's protobuf request.
 pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainInput> {
+    refuse_server_side_custom(&req.loss_fn)?;
     let mut config: Vec<(String, f64)> = Vec::new();
     for (k, v) in req.loss_fn_config_v2 {
         match v.value {
