@@ -264,10 +264,11 @@ pub fn build_datum(
     let weights = inputs.remove("weights").map(RawTensor::floats);
     let logprobs = inputs.remove("logprobs").map(RawTensor::floats);
     let advantages = inputs.remove("advantages").map(RawTensor::floats);
+    let sequence_ratio_mask = inputs.remove("sequence_ratio_mask").map(RawTensor::floats);
     if let Some(name) = inputs.keys().next() {
         return Err(ApiError::invalid(
             field(name),
-            "is not an input loraloom's losses use (target_tokens, weights, logprobs, advantages)",
+            "is not an input loraloom's losses use (target_tokens, weights, logprobs, advantages, sequence_ratio_mask)",
         ));
     }
     Ok(Datum {
@@ -277,6 +278,7 @@ pub fn build_datum(
             weights,
             logprobs,
             advantages,
+            sequence_ratio_mask,
         },
     })
 }

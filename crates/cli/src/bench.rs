@@ -40,6 +40,7 @@ fn datum(seed: usize, len: usize, vocab: i64) -> Datum {
             weights: Some(vec![1.0; len]),
             logprobs: None,
             advantages: None,
+            sequence_ratio_mask: None,
         },
     }
 }

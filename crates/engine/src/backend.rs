@@ -456,7 +456,12 @@ impl ModelWorker {
                     (request, dir.as_path())
                 })
                 .collect();
-            checkpoint::save_all(&requests)
+            let saved = checkpoint::save_all(&requests);
+            for (i, _) in &stepped {
+                let entry = entries[*i].as_ref().expect("stepped runs have entries");
+                self.registry.discard_if_removed(entry);
+            }
+            saved
                 .into_iter()
                 .map(|r| r.map_err(EngineError::from))
                 .collect()
@@ -1005,14 +1010,16 @@ pub fn snapshot(registry: &Registry, entry: &ModelEntry, state: &RunState) -> Re
     let Some(adapter) = &state.adapter else {
         return Ok(());
     };
-    checkpoint::save(
+    let saved = checkpoint::save(
         &SaveRequest {
             adapter,
             optimizer: state.optimizer.as_ref(),
             base_model: &entry.base_model,
         },
         &registry.snapshot_dir(&entry.key),
-    )?;
+    );
+    registry.discard_if_removed(entry);
+    saved?;
     Ok(())
 }
 
@@ -1021,7 +1028,9 @@ pub fn write_marker(registry: &Registry, entry: &ModelEntry) -> std::io::Result<
     let dir = registry.snapshot_dir(&entry.key);
     std::fs::create_dir_all(&dir)?;
     std::fs::File::create(dir.join(PENDING_MARKER))?.sync_all()?;
-    std::fs::File::open(&dir)?.sync_all()
+    let synced = std::fs::File::open(&dir)?.sync_all();
+    registry.discard_if_removed(entry);
+    synced
 }
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).

@@ -662,6 +662,7 @@ mod tests {
                     weights: None,
                     logprobs: None,
                     advantages: None,
+                    sequence_ratio_mask: None,
                 },
             }],
             loss: loraloom_model::LossFn::CrossEntropy,

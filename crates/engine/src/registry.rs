@@ -56,6 +56,9 @@ pub struct ModelEntry {
     pub created: f64,
     /// Last time a job of this run finished.
     last_access: LastAccess,
+    /// Set when the run is unloaded (before its snapshot is deleted): a job of it still running
+    /// then deletes whatever snapshot it writes (see [`Registry::discard_if_removed`]).
+    removed: std::sync::atomic::AtomicBool,
     state: Mutex<RunState>,
 }
 
@@ -385,6 +388,7 @@ impl Registry {
             user_metadata,
             created,
             last_access: LastAccess::now(),
+            removed: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(RunState::default()),
         })
     }
@@ -485,12 +489,17 @@ impl Registry {
             tenant: tenant.to_string(),
             model_id: model_id.to_string(),
         };
-        self.models
+        let (_, entry) = self
+            .models
             .remove(&key)
             .ok_or_else(|| EngineError::NotFound {
                 what: "model".into(),
                 id: model_id.to_string(),
             })?;
+        // Before the snapshot goes: a job of the run still running sees it after writing one.
+        entry
+            .removed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(store) = &self.durable {
             store.delete_model(tenant, model_id)?;
         }
@@ -501,6 +510,20 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the snapshot a job just wrote for `entry` if the run was unloaded meanwhile, so
+    /// an unloaded run never leaves one behind (the unload marks the run before deleting its
+    /// snapshot, and a writer checks the mark after writing: whichever comes second deletes).
+    pub fn discard_if_removed(&self, entry: &ModelEntry) {
+        if entry.removed.load(std::sync::atomic::Ordering::SeqCst) {
+            let dir = self.snapshot_dir(&entry.key);
+            if dir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove an unloaded run's snapshot");
+                }
+            }
+        }
     }
 
     /// The tenant's runs, oldest first.
@@ -957,6 +980,39 @@ mod tests {
             ephemeral,
             public: false,
         }
+    }
+
+    #[test]
+    fn a_snapshot_written_after_its_run_was_unloaded_is_deleted() {
+        let dir = std::env::temp_dir().join(format!("loraloom-unload-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        let key = ModelKey {
+            tenant: "t".into(),
+            model_id: "run".into(),
+        };
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: true,
+            train_unembed: false,
+        };
+        let entry = registry
+            .add_model(key.clone(), "base", spec, serde_json::Value::Null)
+            .unwrap();
+        let snapshot = registry.snapshot_dir(&key);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        registry.discard_if_removed(&entry);
+        assert!(snapshot.exists(), "a live run keeps its snapshot");
+        registry.remove_model("t", "run").unwrap();
+        assert!(!snapshot.exists());
+        // A job of the run that was still running writes its snapshot after the unload.
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join("adapter_model.safetensors"), b"late").unwrap();
+        registry.discard_if_removed(&entry);
+        assert!(!snapshot.exists(), "the late snapshot is deleted");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

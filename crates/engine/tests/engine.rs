@@ -380,6 +380,7 @@ fn data(seed: i64) -> Vec<Datum> {
                     weights: Some(vec![1.0; 8]),
                     logprobs: None,
                     advantages: None,
+                    sequence_ratio_mask: None,
                 },
             }
         })

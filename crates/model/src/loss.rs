@@ -11,6 +11,13 @@
 //! | `ppo` | `-w · min(r · A, clamp(r, lo, hi) · A)` |
 //! | `cispo` | `-w · sg(clamp(r, lo, hi)) · lp · A` |
 //! | `dro` | `-w · (lp · A - β/2 · (lp - q)²)` |
+//! | `gspo` | `-w · min(s_t · A, clamp(s_t, lo, hi) · A)` |
+//!
+//! GSPO is the token-level variant Tinker documents: the sequence ratio
+//! `s = exp(mean over the tokens `sequence_ratio_mask` marks of sg(lp) - q)`, and each token
+//! carries `s_t = sg(s) · exp(lp - sg(lp))` (the sequence ratio's value, its own token's
+//! gradient). `dro`'s penalty applies at every position, as Tinker's documented code does (a
+//! prompt token sent with advantage 0 and sampler logprob 0 still pays `β/2 · lp²`).
 //!
 //! `w` (`weights`) is optional for every loss and defaults to 1 (as the SDK's own `forward`
 //! example sends only `target_tokens`), so the documented formulas hold exactly when it is
@@ -45,6 +52,13 @@ pub enum LossFn {
     Dro {
         /// Penalty strength (default 0.1).
         beta: f64,
+    },
+    /// GSPO (token-level): PPO's clipped objective on the sequence's ratio.
+    Gspo {
+        /// Lower ratio bound (default 0.8, as `ppo`'s).
+        clip_low: f64,
+        /// Upper ratio bound (default 1.2).
+        clip_high: f64,
     },
 }
 
@@ -108,6 +122,13 @@ impl LossFn {
                     clip_high,
                 }
             }
+            "gspo" => {
+                let (clip_low, clip_high) = clip(0.8, 1.2)?;
+                LossFn::Gspo {
+                    clip_low,
+                    clip_high,
+                }
+            }
             "dro" => {
                 known(&["beta"])?;
                 LossFn::Dro {
@@ -118,7 +139,7 @@ impl LossFn {
                 return Err(ModelError::invalid(
                     "loss_fn",
                     format!(
-                        "unknown loss `{other}` (supported: cross_entropy, importance_sampling, ppo, cispo, dro)"
+                        "unknown loss `{other}` (supported: cross_entropy, importance_sampling, ppo, cispo, dro, gspo)"
                     ),
                 ))
             }
@@ -128,6 +149,33 @@ impl LossFn {
     /// Whether the loss reads the sampler's `logprobs` and `advantages`.
     pub fn needs_policy_inputs(&self) -> bool {
         !matches!(self, LossFn::CrossEntropy)
+    }
+
+    /// Whether a token's loss depends on the whole sequence (GSPO's sequence ratio), so the
+    /// sequence's log ratio is computed before its losses.
+    pub fn needs_sequence_ratio(&self) -> bool {
+        matches!(self, LossFn::Gspo { .. })
+    }
+}
+
+/// GSPO's sequence log ratio: the mean of `lp - q` over the positions `mask` marks (0 when it
+/// marks none), from every position's `lp` (detached) and the datum's inputs.
+pub fn sequence_log_ratio(lp: &[f32], inputs: &LossInputs) -> f64 {
+    let (Some(q), Some(mask)) = (&inputs.logprobs, &inputs.sequence_ratio_mask) else {
+        return 0.0;
+    };
+    let (sum, count) = lp
+        .iter()
+        .zip(q)
+        .zip(mask)
+        .filter(|(_, &m)| m != 0.0)
+        .fold((0.0f64, 0usize), |(s, n), ((&l, &q), _)| {
+            (s + f64::from(l) - f64::from(q), n + 1)
+        });
+    if count == 0 {
+        0.0
+    } else {
+        sum / count as f64
     }
 }
 
@@ -142,6 +190,8 @@ pub struct LossInputs {
     pub logprobs: Option<Vec<f32>>,
     /// Per-token advantages (RL losses).
     pub advantages: Option<Vec<f32>>,
+    /// The tokens GSPO's sequence ratio averages over (nonzero: included).
+    pub sequence_ratio_mask: Option<Vec<f32>>,
 }
 
 impl LossInputs {
@@ -153,6 +203,7 @@ impl LossInputs {
             weights: part(&self.weights),
             logprobs: part(&self.logprobs),
             advantages: part(&self.advantages),
+            sequence_ratio_mask: part(&self.sequence_ratio_mask),
         }
     }
 
@@ -201,6 +252,11 @@ impl LossInputs {
         check("weights", &self.weights, false)?;
         check("logprobs", &self.logprobs, policy)?;
         check("advantages", &self.advantages, policy)?;
+        check(
+            "sequence_ratio_mask",
+            &self.sequence_ratio_mask,
+            loss.needs_sequence_ratio(),
+        )?;
         Ok(())
     }
 }
@@ -222,8 +278,15 @@ pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
     Ok(picked.f_sub(&norm)?)
 }
 
-/// The per-token loss `[len]` of one datum given its target log-probabilities `lp` `[len]`.
-pub fn elementwise_loss(loss: &LossFn, lp: &Tensor, inputs: &LossInputs) -> Result<Tensor> {
+/// The per-token loss `[len]` of one datum (or a chunk of it) given its target
+/// log-probabilities `lp` `[len]`; `sequence_log_ratio` is the whole datum's
+/// [`sequence_log_ratio`] (GSPO only).
+pub fn elementwise_loss(
+    loss: &LossFn,
+    lp: &Tensor,
+    inputs: &LossInputs,
+    sequence_log_ratio: f64,
+) -> Result<Tensor> {
     let weights = match &inputs.weights {
         Some(w) => Some(float_tensor(w, lp)?),
         None => None,
@@ -264,6 +327,19 @@ pub fn elementwise_loss(loss: &LossFn, lp: &Tensor, inputs: &LossInputs) -> Resu
                         .f_pow_tensor_scalar(2)?
                         .f_mul_scalar(0.5 * beta)?;
                     lp.f_mul(&adv)?.f_sub(&penalty)?
+                }
+                LossFn::Gspo {
+                    clip_low,
+                    clip_high,
+                } => {
+                    // Value exp(sequence log ratio); gradient through the token's own lp.
+                    let ratio = lp
+                        .f_sub(&lp.f_detach()?)?
+                        .f_add_scalar(sequence_log_ratio)?
+                        .f_exp()?;
+                    let unclipped = ratio.f_mul(&adv)?;
+                    let clipped = ratio.f_clamp(clip_low, clip_high)?.f_mul(&adv)?;
+                    unclipped.f_minimum(&clipped)?
                 }
                 LossFn::CrossEntropy => unreachable!("handled above"),
             }
@@ -311,6 +387,7 @@ mod tests {
             weights: Some(vec![1.0, f32::NAN, 1.0]),
             logprobs: None,
             advantages: None,
+            sequence_ratio_mask: None,
         };
         let err = inputs.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
         assert!(err.to_string().contains("loss_fn_inputs.weights"), "{err}");
@@ -329,18 +406,63 @@ mod tests {
         };
         unweighted.validate(&LossFn::CrossEntropy, 3, 10).unwrap();
         let lp = Tensor::from_slice(&[-1.0f32, -2.0, -0.5]);
-        let loss = elementwise_loss(&LossFn::CrossEntropy, &lp, &unweighted).unwrap();
+        let loss = elementwise_loss(&LossFn::CrossEntropy, &lp, &unweighted, 0.0).unwrap();
         assert_eq!(Vec::<f32>::try_from(&loss).unwrap(), vec![1.0, 2.0, 0.5]);
         let oov = LossInputs {
             target_tokens: vec![1, 10, 3],
             weights: Some(vec![1.0; 3]),
             logprobs: None,
             advantages: None,
+            sequence_ratio_mask: None,
         };
         assert!(oov
             .validate(&LossFn::CrossEntropy, 3, 10)
             .unwrap_err()
             .to_string()
             .contains("10"));
+    }
+
+    #[test]
+    fn gspo_carries_the_sequence_ratio_and_each_tokens_own_gradient() {
+        let inputs = LossInputs {
+            target_tokens: vec![1, 2, 3],
+            weights: None,
+            logprobs: Some(vec![-1.1, -2.3, -0.9]),
+            advantages: Some(vec![1.0, 1.0, -0.5]),
+            sequence_ratio_mask: Some(vec![0.0, 1.0, 1.0]),
+        };
+        let lp_values = [-1.0f32, -2.0, -0.5];
+        // Over the masked positions: ((-2.0 + 2.3) + (-0.5 + 0.9)) / 2.
+        let log_ratio = sequence_log_ratio(&lp_values, &inputs);
+        assert!((log_ratio - 0.35).abs() < 1e-6, "{log_ratio}");
+        let s = log_ratio.exp();
+        let lp = Tensor::from_slice(&lp_values).set_requires_grad(true);
+        let gspo = LossFn::from_name("gspo", &[]).unwrap();
+        let loss = elementwise_loss(&gspo, &lp, &inputs, log_ratio).unwrap();
+        // s = 1.419 > 1.2: positive advantages take the clipped (constant) term; the negative
+        // one keeps s · A, whose gradient with respect to its own lp is s · A.
+        let want = [-1.2, -1.2, 0.5 * s];
+        let got = Vec::<f32>::try_from(&loss).unwrap();
+        assert!(
+            got.iter()
+                .zip(want)
+                .all(|(g, w)| (f64::from(*g) - w).abs() < 1e-5),
+            "{got:?}"
+        );
+        loss.sum(Kind::Float).backward();
+        let grad = Vec::<f32>::try_from(&lp.grad()).unwrap();
+        let want = [0.0, 0.0, 0.5 * s];
+        assert!(
+            grad.iter()
+                .zip(want)
+                .all(|(g, w)| (f64::from(*g) - w).abs() < 1e-5),
+            "{grad:?}"
+        );
+        let missing = LossInputs {
+            sequence_ratio_mask: None,
+            ..inputs
+        };
+        let err = missing.validate(&gspo, 3, 10).unwrap_err();
+        assert!(err.to_string().contains("sequence_ratio_mask"), "{err}");
     }
 }

@@ -14,7 +14,7 @@ use crate::decoder::backward_with;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::lora::{AdapterStack, LoraAdapter, LoraBatch, StackSet};
-use crate::loss::{elementwise_loss, target_logprobs, LossFn, LossInputs};
+use crate::loss::{elementwise_loss, sequence_log_ratio, target_logprobs, LossFn, LossInputs};
 use crate::memory::{self, Mode, PassCost};
 
 /// One training example: the model input and the loss's per-token inputs.
@@ -237,6 +237,27 @@ impl Losses {
                 elementwise_loss: Vec::with_capacity(n),
             };
             let mut loss_sum = 0.0;
+            // GSPO's losses need the whole sequence's ratio first: one pass without gradients.
+            let sequence_log_ratio = if row.loss.needs_sequence_ratio() {
+                let mut lp_all: Vec<f32> = Vec::with_capacity(n);
+                tch::no_grad(|| -> Result<()> {
+                    for start in (0..n).step_by(chunk.max(1)) {
+                        let len = chunk.min(n - start);
+                        let hidden = self.hidden.f_narrow(0, r as i64, 1)?.f_narrow(
+                            1,
+                            start as i64,
+                            len as i64,
+                        )?;
+                        let logits = decoder.logits(&hidden, lora.as_ref())?.f_squeeze_dim(0)?;
+                        let targets = &row.datum.loss_inputs.target_tokens[start..start + len];
+                        lp_all.extend(to_vec(&target_logprobs(&logits, targets)?)?);
+                    }
+                    Ok(())
+                })?;
+                sequence_log_ratio(&lp_all, &row.datum.loss_inputs)
+            } else {
+                0.0
+            };
             for start in (0..n).step_by(chunk.max(1)) {
                 let len = chunk.min(n - start);
                 let hidden =
@@ -246,7 +267,7 @@ impl Losses {
                 let logits = decoder.logits(&hidden, lora.as_ref())?.f_squeeze_dim(0)?;
                 let inputs = row.datum.loss_inputs.slice(start..start + len);
                 let lp = target_logprobs(&logits, &inputs.target_tokens)?;
-                let el = elementwise_loss(&row.loss, &lp, &inputs)?;
+                let el = elementwise_loss(&row.loss, &lp, &inputs, sequence_log_ratio)?;
                 let sum = el.f_sum(Kind::Float)?;
                 loss_sum += sum.f_double_value(&[])?;
                 output.logprobs.extend(to_vec(&lp)?);

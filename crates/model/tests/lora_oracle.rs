@@ -39,6 +39,7 @@ fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
                     weights: Some(vec_f32(&row("weights"))),
                     logprobs: None,
                     advantages: None,
+                    sequence_ratio_mask: None,
                 },
             }
         })
@@ -163,6 +164,7 @@ fn forward_computes_outputs_without_touching_gradients() {
             weights: Some(vec![1.0; 4]),
             logprobs: None,
             advantages: None,
+            sequence_ratio_mask: None,
         },
     }];
     let req = || TrainRequest {
@@ -205,6 +207,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
         weights: weights.then(|| vec_f32(&e["weights"])),
         logprobs: Some(vec_f32(&e["sampling_logprobs"])),
         advantages: Some(vec_f32(&e["advantages"])),
+        sequence_ratio_mask: None,
     };
     let cases: Vec<(&str, LossFn, bool)> = vec![
         ("cross_entropy", LossFn::CrossEntropy, true),
@@ -217,7 +220,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
     for (name, loss, weighted) in cases {
         let logits = e["logits"].copy().set_requires_grad(true);
         let lp = target_logprobs(&logits, &targets).unwrap();
-        let el = elementwise_loss(&loss, &lp, &inputs(weighted)).unwrap();
+        let el = elementwise_loss(&loss, &lp, &inputs(weighted), 0.0).unwrap();
         el.sum(Kind::Float).backward();
         let d_el = max_abs_diff(&el, &e[&format!("{name}.elementwise")]);
         let d_grad = max_abs_diff(&logits.grad(), &e[&format!("{name}.grad")]);
@@ -366,6 +369,7 @@ fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
                     ),
                     logprobs: None,
                     advantages: None,
+                    sequence_ratio_mask: None,
                 },
             }
         })
