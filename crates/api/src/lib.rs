@@ -9,6 +9,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod metrics;
 pub mod proto;
+pub mod responses;
 pub mod results;
 pub mod routes;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! Checkpoints: saves, loads' sources, listing, deletion, time to live, weights info.
 
 use crate::downloads::{Grant, URL_LIFETIME_SECS};
+use crate::responses::{Checkpoint, CheckpointsList, CopyWeights, Cursor, ExternalWeightsUrls};
 use crate::routes::sessions::create_copy_session;
 
 use super::*;
@@ -102,30 +103,19 @@ pub(super) async fn save_weights_for_sampler(
     Ok(promise(id, Some(body.model_id)))
 }
 
-pub(super) fn checkpoint_json(c: &CheckpointRecord) -> Value {
-    json!({
-        "checkpoint_id": format!("{}/{}", c.kind.segment(), c.name),
-        "checkpoint_type": match c.kind { CheckpointKind::State => "training", CheckpointKind::Sampler => "sampler", CheckpointKind::External => "external" },
-        "time": iso(c.created),
-        "tinker_path": c.path,
-        "size_bytes": c.size_bytes,
-        "public": c.public,
-        "user_metadata": c.user_metadata,
-        "expires_at": c.expires_at.map(iso),
-    })
-}
-
 pub(super) async fn list_run_checkpoints(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CheckpointsList>> {
     let checkpoints = state.engine.registry().checkpoints_of(&tenant, Some(&id));
     if checkpoints.is_empty() {
         state.engine.registry().model(&tenant, &id)?;
     }
-    let items: Vec<Value> = checkpoints.iter().map(checkpoint_json).collect();
-    Ok(Json(json!({"checkpoints": items})))
+    Ok(Json(CheckpointsList {
+        checkpoints: checkpoints.iter().map(Checkpoint::from).collect(),
+        cursor: None,
+    }))
 }
 
 /// `RestClient.delete_checkpoint(run, "weights/NAME")` (and `..._from_tinker_path`).
@@ -164,20 +154,25 @@ pub(super) async fn list_checkpoints(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonQuery(page): JsonQuery<Page>,
-) -> Json<Value> {
+) -> Json<CheckpointsList> {
     // Newest first, as the SDK documents `list_user_checkpoints`.
     let all = state.engine.registry().checkpoints_of(&tenant, None);
-    let total = all.len();
-    let items: Vec<Value> = all
+    let total_count = all.len();
+    let checkpoints = all
         .iter()
         .rev()
         .skip(page.offset)
         .take(page.limit.max(1))
-        .map(checkpoint_json)
+        .map(Checkpoint::from)
         .collect();
-    Json(
-        json!({"checkpoints": items, "cursor": {"offset": page.offset, "limit": page.limit, "total_count": total}}),
-    )
+    Json(CheckpointsList {
+        checkpoints,
+        cursor: Some(Cursor {
+            offset: page.offset,
+            limit: page.limit,
+            total_count,
+        }),
+    })
 }
 
 #[derive(Deserialize)]
@@ -274,7 +269,7 @@ pub(super) async fn external_weights_urls(
     Tenant(tenant): Tenant,
     headers: HeaderMap,
     Path((id, kind, name)): Path<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ExternalWeightsUrls>> {
     let path = format!("tinker://{id}/{kind}/{name}");
     if parse_checkpoint_path(&path)?.1 != CheckpointKind::External {
         return Err(ApiError::invalid(
@@ -285,7 +280,7 @@ pub(super) async fn external_weights_urls(
     let record = state.engine.registry().checkpoint(&tenant, &path)?;
     let expires = loraloom_engine::registry::unix_now() as u64 + URL_LIFETIME_SECS;
     let base = public_base(&state, &headers);
-    let urls: serde_json::Map<String, Value> = files_of(&record.dir)?
+    let urls = files_of(&record.dir)?
         .into_iter()
         .map(|file| {
             let token = state.downloads.sign(&Grant {
@@ -295,10 +290,13 @@ pub(super) async fn external_weights_urls(
                 expires,
             });
             let url = format!("{base}/api/v1/downloads/{token}/{file}");
-            (file, Value::String(url))
+            (file, url)
         })
         .collect();
-    Ok(Json(json!({"urls": urls, "expires": iso(expires as f64)})))
+    Ok(Json(ExternalWeightsUrls {
+        urls,
+        expires: iso(expires as f64),
+    }))
 }
 
 /// A file of an export, by a signed URL (no API key: the signature is the credential). A
@@ -399,7 +397,7 @@ pub(super) async fn copy_weights(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<CopyRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CopyWeights>> {
     let model_id = match (
         &body.session_id,
         body.model_seq_id,
@@ -426,5 +424,7 @@ pub(super) async fn copy_weights(
     })
     .await
     .map_err(|e| EngineError::Internal(format!("copy task: {e}")))??;
-    Ok(Json(json!({"tinker_path": record.path})))
+    Ok(Json(CopyWeights {
+        tinker_path: record.path,
+    }))
 }

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
 use crate::idempotency::{BodyRules, Replays};
+use crate::responses::{iso, string_map};
 use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json};
 use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
@@ -236,45 +237,4 @@ struct Page {
 
 fn default_limit() -> usize {
     20
-}
-
-/// Unix seconds as an RFC 3339 UTC time, to the microsecond (what the SDK's datetime fields
-/// parse).
-fn iso(t: f64) -> String {
-    let nanos = (t * 1e6).round() as i128 * 1000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
-fn string_map(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        Value::String(v.as_str().map_or_else(|| v.to_string(), str::to_string)),
-                    )
-                })
-                .collect(),
-        ),
-        _ => Value::Null,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::iso;
-
-    #[test]
-    fn iso_dates() {
-        assert_eq!(iso(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso(1_764_072_000.0), "2025-11-25T12:00:00Z");
-        assert_eq!(iso(1_764_072_000.25), "2025-11-25T12:00:00.25Z");
-    }
 }

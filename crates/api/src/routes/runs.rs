@@ -1,6 +1,8 @@
 //! Training runs: create (fresh or from a checkpoint), info, unload, forward/backward passes,
 //! optimizer steps, listing.
 
+use crate::responses::{Checkpoint, Cursor, TrainingRun, TrainingRunsList};
+
 use super::*;
 
 #[derive(Deserialize)]
@@ -247,11 +249,11 @@ pub(super) async fn load_weights(
     Ok(promise(id, Some(model_id)))
 }
 
-fn run_json(
+fn training_run(
     state: &AppState,
     tenant: &str,
     entry: &loraloom_engine::registry::ModelEntry,
-) -> Value {
+) -> TrainingRun {
     let checkpoints = state
         .engine
         .registry()
@@ -261,27 +263,27 @@ fn run_json(
             .iter()
             .rev()
             .find(|c| c.kind == kind)
-            .map(checkpoint_json)
+            .map(Checkpoint::from)
     };
-    json!({
-        "training_run_id": entry.key.model_id,
-        "base_model": entry.base_model,
-        "model_owner": tenant,
-        "is_lora": true,
-        "corrupted": false,
-        "lora_rank": entry.spec.rank,
-        "last_request_time": iso(entry.last_access()),
-        "last_checkpoint": last(CheckpointKind::State),
-        "last_sampler_checkpoint": last(CheckpointKind::Sampler),
-        "user_metadata": string_map(&entry.user_metadata),
-    })
+    TrainingRun {
+        training_run_id: entry.key.model_id.clone(),
+        base_model: entry.base_model.clone(),
+        model_owner: tenant.to_string(),
+        is_lora: true,
+        corrupted: false,
+        lora_rank: entry.spec.rank,
+        last_request_time: iso(entry.last_access()),
+        last_checkpoint: last(CheckpointKind::State),
+        last_sampler_checkpoint: last(CheckpointKind::Sampler),
+        user_metadata: string_map(&entry.user_metadata),
+    }
 }
 
 pub(super) async fn list_runs(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonQuery(page): JsonQuery<Page>,
-) -> Json<Value> {
+) -> Json<TrainingRunsList> {
     let mut runs = state.engine.registry().models_of(&tenant);
     if let Some(project) = &page.project_id {
         // A run belongs to its session's project.
@@ -291,23 +293,28 @@ pub(super) async fn list_runs(
                 .is_some_and(|s| project_of(&s) == project)
         });
     }
-    let total = runs.len();
-    let items: Vec<Value> = runs
+    let total_count = runs.len();
+    let training_runs = runs
         .iter()
         .skip(page.offset)
         .take(page.limit)
-        .map(|e| run_json(&state, &tenant, e))
+        .map(|e| training_run(&state, &tenant, e))
         .collect();
-    Json(
-        json!({"training_runs": items, "cursor": {"offset": page.offset, "limit": page.limit, "total_count": total}}),
-    )
+    Json(TrainingRunsList {
+        training_runs,
+        cursor: Cursor {
+            offset: page.offset,
+            limit: page.limit,
+            total_count,
+        },
+    })
 }
 
 pub(super) async fn get_run(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TrainingRun>> {
     let entry = state.engine.registry().model(&tenant, &id)?;
-    Ok(Json(run_json(&state, &tenant, &entry)))
+    Ok(Json(training_run(&state, &tenant, &entry)))
 }

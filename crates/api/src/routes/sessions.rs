@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use serde_json::Map;
 
 use super::*;
+use crate::responses::{
+    GetSession, ListSessions, SessionSearch, SessionSearchCursor, SessionSummary,
+};
 use crate::state::{SessionDetails, SessionFinish};
 
 /// The project of sessions created without one.
@@ -291,7 +294,7 @@ pub(super) async fn get_session(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GetSession>> {
     let session = owned(&state, &tenant, &id)?;
     let registry = state.engine.registry();
     let mut runs: Vec<String> = registry
@@ -308,20 +311,20 @@ pub(super) async fn get_session(
         .map(|e| e.key.sampler_id.clone())
         .collect();
     samplers.sort();
-    Ok(Json(json!({
-        "training_run_ids": runs,
-        "sampler_ids": samplers,
-        "user_metadata": metadata_strings(&session.details),
-        "display_name": session.details.display_name,
-    })))
+    Ok(Json(GetSession {
+        training_run_ids: runs,
+        sampler_ids: samplers,
+        user_metadata: metadata_strings(&session.details),
+        display_name: session.details.display_name,
+    }))
 }
 
 /// The metadata as the SDK's `dict[str, str]`.
-fn metadata_strings(details: &SessionDetails) -> Value {
+fn metadata_strings(details: &SessionDetails) -> Option<BTreeMap<String, String>> {
     details
         .user_metadata
         .as_ref()
-        .map_or(Value::Null, |m| string_map(&Value::Object(m.clone())))
+        .and_then(|m| string_map(&Value::Object(m.clone())))
 }
 
 /// The tenant's sessions, newest first (ties by id, descending).
@@ -351,14 +354,14 @@ pub(super) async fn list_sessions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonQuery(page): JsonQuery<Page>,
-) -> Json<Value> {
-    let ids: Vec<String> = sessions_of(&state, &tenant)
+) -> Json<ListSessions> {
+    let sessions = sessions_of(&state, &tenant)
         .into_iter()
         .skip(page.offset)
         .take(page.limit)
         .map(|(id, _)| id)
         .collect();
-    Json(json!({"sessions": ids}))
+    Json(ListSessions { sessions })
 }
 
 #[derive(Deserialize)]
@@ -503,7 +506,7 @@ pub(super) async fn search_sessions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonBody(request): JsonBody<SearchRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<SessionSearch>> {
     let limit = request.limit.unwrap_or(SEARCH_LIMIT.0);
     if !(1..=SEARCH_LIMIT.1).contains(&limit) {
         return Err(ApiError::invalid(
@@ -543,30 +546,34 @@ pub(super) async fn search_sessions(
     let page: Vec<(String, Session)> = matching.by_ref().take(limit as usize).collect();
     let more = matching.next().is_some();
     let next_cursor = match (more, page.last()) {
-        (true, Some((id, s))) => json!({"last_created_at": iso(s.created), "last_session_id": id}),
-        _ => Value::Null,
+        (true, Some((id, s))) => Some(SessionSearchCursor {
+            last_created_at: iso(s.created),
+            last_session_id: id.clone(),
+        }),
+        _ => None,
     };
-    let summaries: Vec<Value> = page
+    let sessions = page
         .iter()
         .map(|(id, s)| {
             let (count, bytes) = checkpoints
                 .iter()
                 .filter(|c| belongs_to(&c.model_id, id))
                 .fold((0u64, 0u64), |(n, b), c| (n + 1, b + c.size_bytes));
-            json!({
-                "session_id": id,
-                "created_at": iso(s.created),
-                "owner": tenant,
-                "project_id": project_of(s),
-                "status": status_json(s.details.finished.as_ref()),
-                "checkpoints_count": count,
-                "display_name": s.details.display_name,
-                "user_metadata": metadata_strings(&s.details),
-                "checkpoint_storage_bytes": bytes,
-            })
+            SessionSummary {
+                session_id: id.clone(),
+                created_at: iso(s.created),
+                owner: tenant.clone(),
+                project_id: project_of(s).to_string(),
+                status: status_json(s.details.finished.as_ref()),
+                checkpoints_count: count,
+                display_name: s.details.display_name.clone(),
+                user_metadata: metadata_strings(&s.details),
+                checkpoint_storage_bytes: bytes,
+            }
         })
         .collect();
-    Ok(Json(
-        json!({"sessions": summaries, "next_cursor": next_cursor}),
-    ))
+    Ok(Json(SessionSearch {
+        sessions,
+        next_cursor,
+    }))
 }
