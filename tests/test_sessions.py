@@ -73,6 +73,14 @@ def test_sessions_are_listed_searched_moved_and_closed(data_dir):
         with pytest.raises(tinker.BadRequestError, match="project_id"):
             rest.assign_session_project(second, "").result()
 
+        # The session's timeline, as a trace Perfetto opens: its run's jobs on the run's track.
+        trace = requests.get(rest.export_session_trace(first).result(), timeout=30).json()
+        tracks = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+        jobs = [(tracks[e["tid"]], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"]
+        assert (tc.model_id, "create_model") in jobs and (tc.model_id, "save_state") in jobs, jobs
+        assert all(e["dur"] >= 0 for e in trace["traceEvents"] if e["ph"] == "X")
+        assert all(q.startswith(first + ":") for q, _ in jobs), "only this session's jobs"
+
         # close() ends the session: the first reason stays, nothing new is created in it.
         sc.close("success", detail="done weaving").result()
         finished = search(statuses=[types.ClientFinishedSessionStatusQuery(reasons=["success"])])
@@ -100,6 +108,8 @@ def test_sessions_are_listed_searched_moved_and_closed(data_dir):
             theirs.get_session(first).result()
         with pytest.raises(tinker.NotFoundError):
             theirs.assign_session_project(first, "mine").result()
+        with pytest.raises(tinker.NotFoundError):
+            theirs.export_session_trace(first).result()
         assert theirs.search_sessions(types.SessionSearchRequest(
             owner=types.AccessibleSearchOwner())).result().sessions == []
         bad = requests.post(f"{srv.url}/api/v1/sessions/{second}/finish",

@@ -120,6 +120,9 @@ struct Counters {
     first_token: Mutex<Histogram>,
 }
 
+/// Finished jobs kept for session traces (all tenants; ~200 bytes each).
+const TIMELINE_JOBS: usize = 100_000;
+
 /// Upper bounds (seconds) of the job latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -152,6 +155,8 @@ struct Inner {
     futures: FutureStore,
     registry: Arc<Registry>,
     counters: Counters,
+    /// Finished jobs, for session traces.
+    timeline: crate::timeline::Timeline,
     base: BaseModelInfo,
     /// (per tenant, overall) run limits, 0 = unlimited.
     run_limits: (usize, usize),
@@ -236,6 +241,7 @@ impl Engine {
             },
             registry,
             counters: Counters::default(),
+            timeline: crate::timeline::Timeline::new(TIMELINE_JOBS),
             base: config.base,
             run_limits: (config.max_runs_per_tenant, config.max_runs),
             workers: Mutex::new(Vec::new()),
@@ -487,6 +493,16 @@ impl Engine {
             .copy_checkpoint(tenant, source, model_id, expires_at)
     }
 
+    /// The tenant's recently finished jobs on the runs and sampling sessions `belongs` accepts,
+    /// oldest first (the last 100,000 jobs of the server are kept, in memory).
+    pub fn timeline(
+        &self,
+        tenant: &str,
+        belongs: impl Fn(&str) -> bool,
+    ) -> Vec<crate::timeline::JobRecord> {
+        self.inner.timeline.of(tenant, belongs)
+    }
+
     /// Refuses a named save when the tenant's listed checkpoints reach their count or byte limit.
     fn check_checkpoint_quota(&self, tenant: &str) -> Result<()> {
         let (count_limit, bytes_limit) = {
@@ -692,7 +708,18 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
             ..QueueStats::default()
         });
     q.last_access = unix_now();
-    lock(&c.latency).observe(job.enqueued.elapsed().as_secs_f64());
+    let waited = job.enqueued.elapsed().as_secs_f64();
+    lock(&c.latency).observe(waited);
+    let now = unix_now();
+    inner.timeline.push(crate::timeline::JobRecord {
+        tenant: job.queue.tenant().to_string(),
+        queue_id: job.queue.id().to_string(),
+        request_id: job.id.clone(),
+        kind: job.work.name(),
+        enqueued: now - waited,
+        finished: now,
+        ok: result.is_ok(),
+    });
     match &result {
         Ok(_) => {
             q.done += 1;

@@ -13,6 +13,7 @@ pub mod job;
 pub mod queue;
 pub mod registry;
 pub mod store;
+pub mod timeline;
 
 pub use backend::{Admitted, Backend, DecodeStep, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};

@@ -2,7 +2,7 @@
 
 use crate::downloads::{Grant, URL_LIFETIME_SECS};
 use crate::responses::{Checkpoint, CheckpointsList, CopyWeights, Cursor, ExternalWeightsUrls};
-use crate::routes::sessions::create_copy_session;
+use crate::routes::sessions::{create_copy_session, session_trace, TRACE_PREFIX};
 
 use super::*;
 
@@ -236,7 +236,7 @@ pub(super) async fn save_weights_external(
 }
 
 /// The base of URLs given to the client: `--public-url`, or the scheme and host it reached us by.
-fn public_base(state: &AppState, headers: &HeaderMap) -> String {
+pub(super) fn public_base(state: &AppState, headers: &HeaderMap) -> String {
     if let Some(url) = &state.public_url {
         return url.trim_end_matches('/').to_string();
     }
@@ -312,6 +312,10 @@ pub(super) async fn download(
         return Err(ApiError::Forbidden(
             "this download link is not valid".into(),
         ));
+    }
+    if let Some(session) = grant.path.strip_prefix(TRACE_PREFIX) {
+        let trace = session_trace(&state, &grant.tenant, session);
+        return Ok(Json(trace).into_response());
     }
     let record = state
         .engine

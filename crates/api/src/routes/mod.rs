@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sessions/{id}", get(get_session))
         .route("/api/v1/sessions/{id}/finish", post(finish_session))
         .route("/api/v1/sessions/{id}/project", put(assign_project))
+        .route("/api/v1/sessions/{id}/trace_export", get(trace_export))
         .route("/api/v1/telemetry", post(telemetry))
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))

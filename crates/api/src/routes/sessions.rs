@@ -12,6 +12,7 @@ use super::*;
 use crate::responses::{
     GetSession, ListSessions, SessionSearch, SessionSearchCursor, SessionSummary,
 };
+use crate::routes::checkpoints::public_base;
 use crate::state::{SessionDetails, SessionFinish};
 
 /// The project of sessions created without one.
@@ -576,4 +577,61 @@ pub(super) async fn search_sessions(
         sessions,
         next_cursor,
     }))
+}
+
+/// The grant path of a session's trace (download URLs name it instead of a checkpoint).
+pub(super) const TRACE_PREFIX: &str = "trace:";
+
+/// `RestClient.export_session_trace`: a download URL of the session's timeline, built when
+/// fetched, so it is always ready (the SDK polls until it is).
+pub(super) async fn trace_export(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    owned(&state, &tenant, &id)?;
+    let expires =
+        loraloom_engine::registry::unix_now() as u64 + crate::downloads::URL_LIFETIME_SECS;
+    let file = format!("{id}.json");
+    let token = state.downloads.sign(&crate::downloads::Grant {
+        tenant,
+        path: format!("{TRACE_PREFIX}{id}"),
+        file: file.clone(),
+        expires,
+    });
+    let url = format!(
+        "{}/api/v1/downloads/{token}/{file}",
+        public_base(&state, &headers)
+    );
+    Ok(Json(json!({"status": "ready", "url": url})))
+}
+
+/// The session's jobs as a Chrome trace (JSON, which Perfetto opens): one track per run or
+/// sampling session, one slice per job from submission to outcome.
+pub(super) fn session_trace(state: &AppState, tenant: &str, id: &str) -> Value {
+    let jobs = state.engine.timeline(tenant, |queue| belongs_to(queue, id));
+    let mut tracks: Vec<&str> = jobs.iter().map(|j| j.queue_id.as_str()).collect();
+    tracks.sort();
+    tracks.dedup();
+    let track = |queue: &str| tracks.binary_search(&queue).unwrap_or(0) + 1;
+    let micros = |t: f64| (t * 1e6).round() as i64;
+    let mut events: Vec<Value> = tracks
+        .iter()
+        .map(|q| json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": track(q), "args": {"name": q}}))
+        .collect();
+    events.push(json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": format!("session {id}")}}));
+    events.extend(jobs.iter().map(|j| {
+        json!({
+            "name": j.kind,
+            "cat": "job",
+            "ph": "X",
+            "pid": 1,
+            "tid": track(&j.queue_id),
+            "ts": micros(j.enqueued),
+            "dur": micros(j.finished) - micros(j.enqueued),
+            "args": {"request_id": j.request_id, "ok": j.ok},
+        })
+    }));
+    json!({"traceEvents": events, "displayTimeUnit": "ms"})
 }
