@@ -105,6 +105,10 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
         400, ["sampling_params.stop", "64"]),
+    "stable_reinforce_named": lambda s, run: (
+        post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
+                                                 forward_backward_input={"loss_fn": "stable_reinforce", "data": []})),
+        400, ["loss_fn", "stable_reinforce", "gspo"]),
     "server_side_custom_loss": lambda s, run: (
         post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
                                                  forward_backward_input={"loss_fn": "custom", "data": [],

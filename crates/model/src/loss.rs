@@ -135,6 +135,12 @@ impl LossFn {
                     beta: get("beta", 0.1)?,
                 }
             }
+            "stable_reinforce" => {
+                return Err(ModelError::invalid(
+                    "loss_fn",
+                    "stable_reinforce is not available on this server (its objective is not published); use importance_sampling, ppo, cispo or gspo (tinker-cookbook: set the loss_fn of your RL config)",
+                ))
+            }
             other => {
                 return Err(ModelError::invalid(
                     "loss_fn",
