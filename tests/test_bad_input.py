@@ -119,6 +119,13 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4}}),
         400, ["topk_sample_logprobs", "128"]),
+    "sample_target_ids_absurd_sparse_shape": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "target_prompt_logprobs": {"data": [], "dtype": "int64", "shape": [1, 4_000_000_000],
+                                                               "sparse_crow_indices": [0, 0], "sparse_col_indices": []},
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4}}),
+        400, ["target_prompt_logprobs", "shape"]),
     "sample_target_ids_out_of_vocab": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
                                     "target_prompt_logprobs": {"data": [10**9], "dtype": "int64", "shape": [1, 1]},

@@ -59,6 +59,9 @@ impl Signer {
         let file = dir.join("download-url.key");
         match std::fs::read(&file) {
             Ok(key) if key.len() >= 32 => return Ok(Signer::new(key)),
+            // Unreadable is an error, not a reason to replace the key (every URL handed out
+            // would stop working).
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             Ok(_) | Err(_) => {}
         }
         std::fs::create_dir_all(dir)?;

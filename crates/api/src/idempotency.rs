@@ -94,7 +94,7 @@ impl Sent {
     }
 }
 
-/// (API key, method and path, idempotency key).
+/// (tenant and credential, method and path, idempotency key or body digest).
 type Key = (String, String, String);
 
 /// One remembered request: its response once sent (`None` while the first attempt runs).
@@ -140,19 +140,23 @@ impl Replays {
             return Ok((None, request));
         }
         let headers = request.headers();
-        let api_key = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        // Only a caller the server knows is replayed (others get their 401, and no body is read
+        // for them); responses are remembered per tenant and credential (X-API-Key or Bearer).
+        let Ok(tenant) = self.bodies.auth.tenant(headers) else {
+            return Ok((None, request));
+        };
+        let credential = ["x-api-key", "authorization"]
+            .iter()
+            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+            .unwrap_or("");
+        let owner = format!("{tenant}\n{credential}");
         let route = format!("{} {}", request.method(), request.uri().path());
         if let Some(key) = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()) {
             let usable = !key.is_empty() && key.len() <= MAX_KEY_BYTES;
-            let key = usable.then(|| (api_key, route, format!("header:{key}")));
+            let key = usable.then(|| (owner, route, format!("header:{key}")));
             return Ok((key, request));
         }
-        // Only a caller the server knows gets its body read here; others get their 401.
-        if !SEQUENCED.contains(&request.uri().path()) || self.bodies.auth.tenant(headers).is_err() {
+        if !SEQUENCED.contains(&request.uri().path()) {
             return Ok((None, request));
         }
         let protobuf = crate::results::is_protobuf(headers);
@@ -167,7 +171,7 @@ impl Replays {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();
-            (api_key, route, format!("body:{digest}"))
+            (owner, route, format!("body:{digest}"))
         });
         Ok((key, Request::from_parts(parts, Body::from(bytes))))
     }

@@ -153,6 +153,9 @@ impl TensorData {
     }
 }
 
+/// Most rows of an id matrix (more than any context holds).
+const MAX_ID_ROWS: i64 = 1 << 20;
+
 impl TensorData {
     /// A 2-D int64 matrix of token ids, dense or sparse CSR; cells a sparse tensor does not
     /// list are `fill`.
@@ -164,8 +167,12 @@ impl TensorData {
                 "must be 2-D [positions, ids], got shape {shape:?}"
             )));
         };
-        if rows < 0 || cols < 0 {
-            return Err(invalid(format!("bad shape {shape:?}")));
+        // Bounded before anything is allocated from it (the model checks the exact bounds).
+        let widest = loraloom_model::MAX_SCORED_WIDTH as i64;
+        if !(0..=MAX_ID_ROWS).contains(&rows) || !(1..=widest).contains(&cols) {
+            return Err(invalid(format!(
+                "shape {shape:?}: at most {MAX_ID_ROWS} rows of 1 to {widest} ids"
+            )));
         }
         if !matches!(self.dtype.as_deref(), None | Some("int64")) {
             return Err(invalid("must have dtype int64".into()));

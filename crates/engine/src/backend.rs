@@ -593,24 +593,21 @@ impl ModelWorker {
             }
             CheckpointKind::Sampler | CheckpointKind::External => None,
         };
-        checkpoint::save(
-            &SaveRequest {
-                adapter,
-                optimizer,
-                base_model: &entry.base_model,
-            },
-            &dir,
-        )?;
-        if !options.encrypt_to.is_empty() {
+        let request = SaveRequest {
+            adapter,
+            optimizer,
+            base_model: &entry.base_model,
+        };
+        if options.encrypt_to.is_empty() {
+            checkpoint::save(&request, &dir)?;
+        } else {
+            // Encrypted where no URL reaches it, then moved into place: the export's path
+            // never holds plaintext.
             let recipients = crate::export::parse_recipients(&options.encrypt_to)?;
-            if let Err(e) = crate::export::encrypt_dir(&dir, &recipients) {
-                // Never leave an export half in plaintext.
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
+            crate::export::save_encrypted(&request, &dir, &recipients)?;
         }
         let created = unix_now();
-        self.registry.add_checkpoint(CheckpointRecord {
+        self.registry.add_saved_checkpoint(CheckpointRecord {
             tenant: tenant.clone(),
             model_id: model_id.clone(),
             kind: *kind,
@@ -623,11 +620,7 @@ impl ModelWorker {
             ephemeral: sampler.is_some(),
             expires_at: options.ttl_seconds.map(|ttl| created + ttl as f64),
             user_metadata: options.user_metadata.clone(),
-            // A checkpoint saved over a published one stays published.
-            public: self
-                .registry
-                .checkpoint(tenant, &path)
-                .is_ok_and(|old| old.public),
+            public: false,
         })?;
         if let Some(key) = sampler {
             let added = if options.inflight {

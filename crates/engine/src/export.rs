@@ -46,6 +46,41 @@ pub fn parse_recipients(given: &[String]) -> Result<Vec<Box<dyn age::Recipient +
         .collect()
 }
 
+/// Saves `request` to `dir` with every file encrypted to `recipients`: written and encrypted in
+/// a staging directory (`.NAME.tmp-PID-NANOS`, which a restart tidies), then renamed into place,
+/// replacing an earlier export of the name.
+pub fn save_encrypted(
+    request: &loraloom_model::checkpoint::SaveRequest,
+    dir: &Path,
+    recipients: &[Box<dyn age::Recipient + Send>],
+) -> Result<()> {
+    let io = |e: std::io::Error| EngineError::Internal(format!("placing an export: {e}"));
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| EngineError::Internal("an export has no name".into()))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let staging = dir.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    let placed = (|| {
+        loraloom_model::checkpoint::save(request, &staging)?;
+        encrypt_dir(&staging, recipients)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io)?;
+        }
+        std::fs::rename(&staging, dir).map_err(io)?;
+        if let Some(parent) = dir.parent() {
+            File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    })();
+    if placed.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    placed
+}
+
 /// Encrypts every file of `dir` to `recipients` as `<file>.age` (written under a temporary
 /// name, synced, renamed), then removes the plaintext.
 pub fn encrypt_dir(dir: &Path, recipients: &[Box<dyn age::Recipient + Send>]) -> Result<()> {

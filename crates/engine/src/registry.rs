@@ -208,9 +208,13 @@ fn link_or_copy_dir(from: &Path, to: &Path) -> Result<()> {
             let target = staging.join(entry.file_name());
             if std::fs::hard_link(entry.path(), &target).is_err() {
                 std::fs::copy(entry.path(), &target)?;
+                std::fs::File::open(&target)?.sync_all()?;
             }
         }
-        std::fs::rename(&staging, to)
+        // Durable before the record that points at it is written.
+        std::fs::File::open(&staging)?.sync_all()?;
+        std::fs::rename(&staging, to)?;
+        std::fs::File::open(parent)?.sync_all()
     })();
     if let Err(e) = filled {
         let _ = std::fs::remove_dir_all(&staging);
@@ -283,7 +287,14 @@ pub struct Registry {
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
     /// Seconds a session must have been unused before it is removed to make room.
     sampler_min_idle_s: std::sync::atomic::AtomicU64,
+    /// Checkpoints inflight sessions moved off while a worker still held those sessions
+    /// (loading from them): deleted by [`Registry::sweep_left_checkpoints`] once nothing holds
+    /// or uses them.
+    left_behind: Mutex<Vec<LeftBehind>>,
 }
+
+/// A checkpoint inflight sessions moved off: (tenant, path, the sessions as they were).
+type LeftBehind = (String, String, Vec<std::sync::Weak<SamplerEntry>>);
 
 /// A sampling session used this recently is never removed to make room for another.
 pub const SAMPLER_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -303,6 +314,7 @@ impl Registry {
             durable: None,
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
             sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
+            left_behind: Mutex::new(Vec::new()),
         }
     }
 
@@ -516,7 +528,10 @@ impl Registry {
     /// an unloaded run never leaves one behind (the unload marks the run before deleting its
     /// snapshot, and a writer checks the mark after writing: whichever comes second deletes).
     pub fn discard_if_removed(&self, entry: &ModelEntry) {
-        if entry.removed.load(std::sync::atomic::Ordering::SeqCst) {
+        // A run created again under the same id owns the directory now.
+        if entry.removed.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.models.contains_key(&entry.key)
+        {
             let dir = self.snapshot_dir(&entry.key);
             if dir.exists() {
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -593,7 +608,15 @@ impl Registry {
         let repointed =
             self.insert_sampler(key.clone(), source.clone(), base_model, Some(model_id));
         repointed.last_access.touch();
+        let mut left: Vec<(String, std::sync::Weak<SamplerEntry>)> = Vec::new();
         for old in following {
+            // Only a session still registered as it was (not removed meanwhile) moves.
+            let Some(mut slot) = self.samplers.get_mut(&old.key) else {
+                continue;
+            };
+            if !Arc::ptr_eq(&slot, &old) {
+                continue;
+            }
             if let Some(store) = &self.durable {
                 store.put_sampler(&SamplerRow {
                     tenant: old.key.tenant.clone(),
@@ -602,12 +625,52 @@ impl Registry {
                     base_model: base_model.to_string(),
                 })?;
             }
-            self.insert_sampler(old.key.clone(), source.clone(), base_model, Some(model_id));
+            *slot = Arc::new(SamplerEntry {
+                key: old.key.clone(),
+                source: source.clone(),
+                base_model: base_model.to_string(),
+                last_access: LastAccess::now(),
+                inflight_of: Some(model_id.to_string()),
+                state: Mutex::new(None),
+            });
+            drop(slot);
             if let SamplerSource::Checkpoint(before) = &old.source {
-                self.remove_unused_ephemeral(&key.tenant, before)?;
+                left.push((before.clone(), Arc::downgrade(&old)));
             }
         }
+        if !left.is_empty() {
+            let mut left_behind = self.left_behind.lock().unwrap_or_else(|e| e.into_inner());
+            for (before, holder) in left {
+                match left_behind
+                    .iter_mut()
+                    .find(|(t, p, _)| *t == key.tenant && *p == before)
+                {
+                    Some((_, _, holders)) => holders.push(holder),
+                    None => left_behind.push((key.tenant.clone(), before, vec![holder])),
+                }
+            }
+        }
+        self.sweep_left_checkpoints();
         Ok(())
+    }
+
+    /// Deletes the checkpoints inflight sessions moved off, once no worker still holds one of
+    /// those sessions and no session uses them (called at each inflight save and by the
+    /// reaper).
+    pub fn sweep_left_checkpoints(&self) {
+        let ready: Vec<(String, String)> = {
+            let mut left_behind = self.left_behind.lock().unwrap_or_else(|e| e.into_inner());
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut *left_behind)
+                .into_iter()
+                .partition(|(_, _, holders)| holders.iter().all(|h| h.strong_count() == 0));
+            *left_behind = waiting;
+            ready.into_iter().map(|(t, p, _)| (t, p)).collect()
+        };
+        for (tenant, path) in ready {
+            if let Err(e) = self.remove_unused_ephemeral(&tenant, &path) {
+                tracing::warn!(%path, error = %e, "cannot delete a checkpoint inflight sessions left");
+            }
+        }
     }
 
     /// Deletes the checkpoint at `path` of `tenant` if it was saved for sampling sessions alone
@@ -617,10 +680,11 @@ impl Registry {
             .checkpoints
             .get(&(tenant.to_string(), path.to_string()))
             .is_some_and(|r| r.ephemeral);
-        let used = self.samplers.iter().any(|e| {
-            e.key().tenant == tenant
-                && matches!(&e.source, SamplerSource::Checkpoint(p) if p == path)
-        });
+        // Any tenant's session: a published checkpoint may be sampled by others.
+        let used = self
+            .samplers
+            .iter()
+            .any(|e| matches!(&e.source, SamplerSource::Checkpoint(p) if p == path));
         if ephemeral && !used {
             self.remove_checkpoint(tenant, path)?;
         }
@@ -735,14 +799,66 @@ impl Registry {
         path: &str,
         expires_at: Option<f64>,
     ) -> Result<()> {
-        let mut record = self.checkpoint(tenant, path)?;
-        record.expires_at = expires_at;
-        self.add_checkpoint(record)
+        self.update_checkpoint(tenant, path, |record| {
+            record.expires_at = expires_at;
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to the checkpoint at `path` of `tenant` and stores the result, all
+    /// under the record's map entry, so changes of one checkpoint (and its deletion) never
+    /// overwrite each other.
+    fn update_checkpoint(
+        &self,
+        tenant: &str,
+        path: &str,
+        change: impl FnOnce(&mut CheckpointRecord) -> Result<()>,
+    ) -> Result<()> {
+        parse_checkpoint_path(path)?;
+        let key = (tenant.to_string(), path.to_string());
+        let mut entry = self
+            .checkpoints
+            .get_mut(&key)
+            .ok_or_else(|| EngineError::NotFound {
+                what: "checkpoint".into(),
+                id: path.to_string(),
+            })?;
+        let mut record = entry.clone();
+        change(&mut record)?;
+        if let Some(store) = &self.durable {
+            store.put_checkpoint(&CheckpointRow {
+                tenant: record.tenant.clone(),
+                path: record.path.clone(),
+                record_json: to_json(&record),
+            })?;
+        }
+        *entry = record;
+        Ok(())
+    }
+
+    /// Records a checkpoint just saved; one saved over a published checkpoint stays published
+    /// (decided under the record's map entry, so a concurrent unpublish is not undone).
+    pub fn add_saved_checkpoint(&self, mut record: CheckpointRecord) -> Result<()> {
+        let key = (record.tenant.clone(), record.path.clone());
+        let slot = self.checkpoints.entry(key);
+        if let dashmap::mapref::entry::Entry::Occupied(old) = &slot {
+            record.public = old.get().public;
+        }
+        if let Some(store) = &self.durable {
+            store.put_checkpoint(&CheckpointRow {
+                tenant: record.tenant.clone(),
+                path: record.path.clone(),
+                record_json: to_json(&record),
+            })?;
+        }
+        slot.insert(record);
+        Ok(())
     }
 
     /// Deletes every checkpoint whose expiry is at or before `now` (unix seconds); returns how
     /// many.
     pub fn expire_checkpoints(&self, now: f64) -> usize {
+        self.sweep_left_checkpoints();
         let expired: Vec<(String, String)> = self
             .checkpoints
             .iter()
@@ -848,15 +964,16 @@ impl Registry {
     /// Publishes (or makes private again) the checkpoint at `path` of `tenant`; 409 when it
     /// already is.
     pub fn set_checkpoint_public(&self, tenant: &str, path: &str, public: bool) -> Result<()> {
-        let mut record = self.checkpoint(tenant, path)?;
-        if record.public == public {
-            return Err(EngineError::Conflict(format!(
-                "checkpoint `{path}` is already {}",
-                if public { "public" } else { "private" }
-            )));
-        }
-        record.public = public;
-        self.add_checkpoint(record)
+        self.update_checkpoint(tenant, path, |record| {
+            if record.public == public {
+                return Err(EngineError::Conflict(format!(
+                    "checkpoint `{path}` is already {}",
+                    if public { "public" } else { "private" }
+                )));
+            }
+            record.public = public;
+            Ok(())
+        })
     }
 
     /// Copies the checkpoint `source` (one `tenant` may read) to run `model_id` of `tenant`,

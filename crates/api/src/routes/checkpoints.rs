@@ -402,6 +402,11 @@ pub(super) async fn copy_weights(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<CopyRequest>,
 ) -> ApiResult<Json<CopyWeights>> {
+    // Before a destination session is made for it.
+    state
+        .engine
+        .registry()
+        .readable_checkpoint(&tenant, &body.source_path)?;
     let model_id = match (
         &body.session_id,
         body.model_seq_id,
