@@ -120,7 +120,7 @@ struct Counters {
     first_token: Mutex<Histogram>,
 }
 
-/// Finished jobs kept for session traces (all tenants; ~200 bytes each).
+/// Finished jobs kept for session traces (all tenants; 64 bytes each, allocated at start).
 const TIMELINE_JOBS: usize = 100_000;
 
 /// Upper bounds (seconds) of the job latency histogram's buckets.
@@ -711,15 +711,15 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
     let waited = job.enqueued.elapsed().as_secs_f64();
     lock(&c.latency).observe(waited);
     let now = unix_now();
-    inner.timeline.push(crate::timeline::JobRecord {
-        tenant: job.queue.tenant().to_string(),
-        queue_id: job.queue.id().to_string(),
-        request_id: job.id.clone(),
-        kind: job.work.name(),
-        enqueued: now - waited,
-        finished: now,
-        ok: result.is_ok(),
-    });
+    inner.timeline.push(
+        job.queue.tenant(),
+        job.queue.id(),
+        &job.id,
+        job.work.name(),
+        now - waited,
+        now,
+        result.is_ok(),
+    );
     match &result {
         Ok(_) => {
             q.done += 1;

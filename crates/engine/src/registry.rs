@@ -825,13 +825,7 @@ impl Registry {
             })?;
         let mut record = entry.clone();
         change(&mut record)?;
-        if let Some(store) = &self.durable {
-            store.put_checkpoint(&CheckpointRow {
-                tenant: record.tenant.clone(),
-                path: record.path.clone(),
-                record_json: to_json(&record),
-            })?;
-        }
+        self.store_checkpoint(&record)?;
         *entry = record;
         Ok(())
     }
@@ -844,13 +838,7 @@ impl Registry {
         if let dashmap::mapref::entry::Entry::Occupied(old) = &slot {
             record.public = old.get().public;
         }
-        if let Some(store) = &self.durable {
-            store.put_checkpoint(&CheckpointRow {
-                tenant: record.tenant.clone(),
-                path: record.path.clone(),
-                record_json: to_json(&record),
-            })?;
-        }
+        self.store_checkpoint(&record)?;
         slot.insert(record);
         Ok(())
     }
@@ -924,15 +912,21 @@ impl Registry {
             .join(name)
     }
 
-    /// Records a written checkpoint (replacing one with the same path).
-    pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
+    /// Writes a checkpoint's row (when the registry keeps a store).
+    fn store_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
         if let Some(store) = &self.durable {
             store.put_checkpoint(&CheckpointRow {
                 tenant: record.tenant.clone(),
                 path: record.path.clone(),
-                record_json: to_json(&record),
+                record_json: to_json(record),
             })?;
         }
+        Ok(())
+    }
+
+    /// Records a written checkpoint (replacing one with the same path).
+    pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
+        self.store_checkpoint(&record)?;
         self.checkpoints
             .insert((record.tenant.clone(), record.path.clone()), record);
         Ok(())

@@ -611,7 +611,7 @@ pub(super) async fn trace_export(
 /// sampling session, one slice per job from submission to outcome.
 pub(super) fn session_trace(state: &AppState, tenant: &str, id: &str) -> Value {
     let jobs = state.engine.timeline(tenant, |queue| belongs_to(queue, id));
-    let mut tracks: Vec<&str> = jobs.iter().map(|j| j.queue_id.as_str()).collect();
+    let mut tracks: Vec<&str> = jobs.iter().map(|j| &*j.queue_id).collect();
     tracks.sort();
     tracks.dedup();
     let track = |queue: &str| tracks.binary_search(&queue).unwrap_or(0) + 1;
@@ -630,7 +630,7 @@ pub(super) fn session_trace(state: &AppState, tenant: &str, id: &str) -> Value {
             "tid": track(&j.queue_id),
             "ts": micros(j.enqueued),
             "dur": micros(j.finished) - micros(j.enqueued),
-            "args": {"request_id": j.request_id, "ok": j.ok},
+            "args": {"request_id": j.request_id.to_string(), "ok": j.ok},
         })
     }));
     json!({"traceEvents": events, "displayTimeUnit": "ms"})
