@@ -62,6 +62,8 @@ class Server:
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ALICE = "tml-alice-0123456789"
 BOB = "tml-bob-0123456789"
+# Server flags for two keyed tenants, alice and bob.
+TWO_TENANTS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}")
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +77,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def keyed_server(tmp_path_factory):
     """Two tenants, alice and bob; a small body limit for the size test."""
-    srv = Server(tmp_path_factory.mktemp("keyed"), "--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}",
+    srv = Server(tmp_path_factory.mktemp("keyed"), *TWO_TENANTS,
                  "--max-body-bytes", str(4 * 1024 * 1024), "--long-poll-secs", "5")
     yield srv
     srv.stop()

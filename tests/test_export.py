@@ -18,16 +18,15 @@ from peft import PeftModel
 from tinker import types
 from transformers import AutoModelForCausalLM
 
-from conftest import ALICE, BOB, DEFAULT_MODEL_DIR, MODEL_NAME, Server
+from conftest import ALICE, BOB, TWO_TENANTS, DEFAULT_MODEL_DIR, MODEL_NAME, Server
 from test_sdk import PAIRS, make_datum
 
-KEYS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}")
 NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def export_server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("export"), *KEYS)
+    srv = Server(tmp_path_factory.mktemp("export"), *TWO_TENANTS)
     yield srv
     srv.stop()
 

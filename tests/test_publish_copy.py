@@ -7,15 +7,14 @@ import requests
 import tinker
 from tinker import types
 
-from conftest import ALICE, BOB, MODEL_NAME, Server
+from conftest import ALICE, BOB, TWO_TENANTS, MODEL_NAME, Server
 from test_sdk import PAIRS, make_datum
 
-KEYS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}")
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("publish"), *KEYS)
+    s = Server(tmp_path_factory.mktemp("publish"), *TWO_TENANTS)
     yield s
     s.stop()
 

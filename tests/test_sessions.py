@@ -7,7 +7,7 @@ import requests
 import tinker
 from tinker import types
 
-from conftest import ALICE, BOB, MODEL_NAME, Server
+from conftest import ALICE, BOB, TWO_TENANTS, MODEL_NAME, Server
 
 # search_sessions is marked experimental in the SDK.
 pytestmark = pytest.mark.filterwarnings("ignore::tinker.ExperimentalWarning")
@@ -18,7 +18,6 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sessions")
 
 
-KEYS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}")
 
 
 def newest_session(rest):
@@ -26,7 +25,7 @@ def newest_session(rest):
 
 
 def test_sessions_are_listed_searched_moved_and_closed(data_dir):
-    srv = Server(data_dir, *KEYS)
+    srv = Server(data_dir, *TWO_TENANTS)
     try:
         rest = tinker.RestClient(base_url=srv.url, api_key=ALICE)
         sc = tinker.ServiceClient(
@@ -120,7 +119,7 @@ def test_sessions_are_listed_searched_moved_and_closed(data_dir):
         srv.stop()
 
     # A restart keeps every session, its details and its fate.
-    srv = Server(data_dir, *KEYS)
+    srv = Server(data_dir, *TWO_TENANTS)
     try:
         rest = tinker.RestClient(base_url=srv.url, api_key=ALICE)
         assert rest.list_sessions().result().sessions[:2] == [second, first]

@@ -293,6 +293,23 @@ pub struct Registry {
     left_behind: Mutex<Vec<LeftBehind>>,
 }
 
+/// A sampling session with nothing loaded yet, used now.
+fn sampler_entry(
+    key: SamplerKey,
+    source: SamplerSource,
+    base_model: &str,
+    inflight_of: Option<&str>,
+) -> Arc<SamplerEntry> {
+    Arc::new(SamplerEntry {
+        key,
+        source,
+        base_model: base_model.to_string(),
+        last_access: LastAccess::now(),
+        inflight_of: inflight_of.map(str::to_string),
+        state: Mutex::new(None),
+    })
+}
+
 /// A checkpoint inflight sessions moved off: (tenant, path, the sessions as they were).
 type LeftBehind = (String, String, Vec<std::sync::Weak<SamplerEntry>>);
 
@@ -358,7 +375,8 @@ impl Registry {
                 tenant: row.tenant,
                 sampler_id: row.sampler_id,
             };
-            registry.insert_sampler(key, source, &row.base_model, None);
+            let entry = sampler_entry(key.clone(), source, &row.base_model, None);
+            registry.samplers.insert(key, entry);
         }
         for row in store.models()? {
             let spec: LoraSpec = match serde_json::from_str(&row.spec_json) {
@@ -515,13 +533,19 @@ impl Registry {
         if let Some(store) = &self.durable {
             store.delete_model(tenant, model_id)?;
         }
-        let snapshot = self.snapshot_dir(&key);
-        if snapshot.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&snapshot) {
-                tracing::warn!(model_id, error = %e, "cannot remove an unloaded run's snapshot");
+        self.remove_snapshot(&key);
+        Ok(())
+    }
+
+    /// Deletes an unloaded run's snapshot directory (a failure is logged: the run is gone
+    /// either way).
+    fn remove_snapshot(&self, key: &ModelKey) {
+        let dir = self.snapshot_dir(key);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(model_id = %key.model_id, error = %e, "cannot remove an unloaded run's snapshot");
             }
         }
-        Ok(())
     }
 
     /// Deletes the snapshot a job just wrote for `entry` if the run was unloaded meanwhile, so
@@ -532,12 +556,7 @@ impl Registry {
         if entry.removed.load(std::sync::atomic::Ordering::SeqCst)
             && !self.models.contains_key(&entry.key)
         {
-            let dir = self.snapshot_dir(&entry.key);
-            if dir.exists() {
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove an unloaded run's snapshot");
-                }
-            }
+            self.remove_snapshot(&entry.key);
         }
     }
 
@@ -566,9 +585,33 @@ impl Registry {
         source: SamplerSource,
         base_model: &str,
     ) -> Result<Arc<SamplerEntry>> {
+        self.register_sampler(key, source, base_model, None)
+    }
+
+    /// [`Registry::add_sampler`], following run `inflight_of`'s inflight saves when given.
+    fn register_sampler(
+        &self,
+        key: SamplerKey,
+        source: SamplerSource,
+        base_model: &str,
+        inflight_of: Option<&str>,
+    ) -> Result<Arc<SamplerEntry>> {
         self.make_room_for_sampler(&key.tenant)?;
+        self.store_sampler(&key, &source, base_model)?;
+        let entry = sampler_entry(key.clone(), source, base_model, inflight_of);
+        self.samplers.insert(key, entry.clone());
+        Ok(entry)
+    }
+
+    /// Writes a sampling session's row (when the registry keeps a store).
+    fn store_sampler(
+        &self,
+        key: &SamplerKey,
+        source: &SamplerSource,
+        base_model: &str,
+    ) -> Result<()> {
         if let Some(store) = &self.durable {
-            let checkpoint = match &source {
+            let checkpoint = match source {
                 SamplerSource::Base => None,
                 SamplerSource::Checkpoint(p) => Some(p.clone()),
             };
@@ -579,7 +622,7 @@ impl Registry {
                 base_model: base_model.to_string(),
             })?;
         }
-        Ok(self.insert_sampler(key, source, base_model, None))
+        Ok(())
     }
 
     /// Registers an inflight sampling session of run `model_id` on the checkpoint just saved
@@ -593,11 +636,6 @@ impl Registry {
         base_model: &str,
         model_id: &str,
     ) -> Result<()> {
-        self.add_sampler(
-            key.clone(),
-            SamplerSource::Checkpoint(path.to_string()),
-            base_model,
-        )?;
         let following: Vec<Arc<SamplerEntry>> = self
             .samplers
             .iter()
@@ -605,9 +643,7 @@ impl Registry {
             .map(|e| e.value().clone())
             .collect();
         let source = SamplerSource::Checkpoint(path.to_string());
-        let repointed =
-            self.insert_sampler(key.clone(), source.clone(), base_model, Some(model_id));
-        repointed.last_access.touch();
+        self.register_sampler(key.clone(), source.clone(), base_model, Some(model_id))?;
         let mut left: Vec<(String, std::sync::Weak<SamplerEntry>)> = Vec::new();
         for old in following {
             // Only a session still registered as it was (not removed meanwhile) moves.
@@ -617,22 +653,8 @@ impl Registry {
             if !Arc::ptr_eq(&slot, &old) {
                 continue;
             }
-            if let Some(store) = &self.durable {
-                store.put_sampler(&SamplerRow {
-                    tenant: old.key.tenant.clone(),
-                    sampler_id: old.key.sampler_id.clone(),
-                    checkpoint: Some(path.to_string()),
-                    base_model: base_model.to_string(),
-                })?;
-            }
-            *slot = Arc::new(SamplerEntry {
-                key: old.key.clone(),
-                source: source.clone(),
-                base_model: base_model.to_string(),
-                last_access: LastAccess::now(),
-                inflight_of: Some(model_id.to_string()),
-                state: Mutex::new(None),
-            });
+            self.store_sampler(&old.key, &source, base_model)?;
+            *slot = sampler_entry(old.key.clone(), source.clone(), base_model, Some(model_id));
             drop(slot);
             if let SamplerSource::Checkpoint(before) = &old.source {
                 left.push((before.clone(), Arc::downgrade(&old)));
@@ -689,25 +711,6 @@ impl Registry {
             self.remove_checkpoint(tenant, path)?;
         }
         Ok(())
-    }
-
-    fn insert_sampler(
-        &self,
-        key: SamplerKey,
-        source: SamplerSource,
-        base_model: &str,
-        inflight_of: Option<&str>,
-    ) -> Arc<SamplerEntry> {
-        let entry = Arc::new(SamplerEntry {
-            key: key.clone(),
-            source,
-            base_model: base_model.to_string(),
-            last_access: LastAccess::now(),
-            inflight_of: inflight_of.map(str::to_string),
-            state: Mutex::new(None),
-        });
-        self.samplers.insert(key, entry.clone());
-        entry
     }
 
     /// Removes the tenant's least recently used idle sessions until one more fits its limit.

@@ -215,6 +215,25 @@ impl Losses {
         Ok(Losses { hidden, backward })
     }
 
+    /// The log-probabilities of `targets` at row `r`'s positions from `start` (one chunk of
+    /// the row's logits, computed and freed here).
+    fn chunk_logprobs(
+        &self,
+        decoder: &Decoder,
+        r: usize,
+        start: usize,
+        targets: &[i64],
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden.f_narrow(0, r as i64, 1)?.f_narrow(
+            1,
+            start as i64,
+            targets.len() as i64,
+        )?;
+        let logits = decoder.logits(&hidden, lora)?.f_squeeze_dim(0)?;
+        target_logprobs(&logits, targets)
+    }
+
     /// Computes every row's outputs and loss sum (appended to `outputs` in row order). Chunks'
     /// losses are summed until they hold `chunk` tokens of logits, then their gradient is taken
     /// and their logits freed: one backward call for a batch that fits one chunk.
@@ -243,14 +262,9 @@ impl Losses {
                 tch::no_grad(|| -> Result<()> {
                     for start in (0..n).step_by(chunk.max(1)) {
                         let len = chunk.min(n - start);
-                        let hidden = self.hidden.f_narrow(0, r as i64, 1)?.f_narrow(
-                            1,
-                            start as i64,
-                            len as i64,
-                        )?;
-                        let logits = decoder.logits(&hidden, lora.as_ref())?.f_squeeze_dim(0)?;
                         let targets = &row.datum.loss_inputs.target_tokens[start..start + len];
-                        lp_all.extend(to_vec(&target_logprobs(&logits, targets)?)?);
+                        let lp = self.chunk_logprobs(decoder, r, start, targets, lora.as_ref())?;
+                        lp_all.extend(to_vec(&lp)?);
                     }
                     Ok(())
                 })?;
@@ -260,13 +274,9 @@ impl Losses {
             };
             for start in (0..n).step_by(chunk.max(1)) {
                 let len = chunk.min(n - start);
-                let hidden =
-                    self.hidden
-                        .f_narrow(0, r as i64, 1)?
-                        .f_narrow(1, start as i64, len as i64)?;
-                let logits = decoder.logits(&hidden, lora.as_ref())?.f_squeeze_dim(0)?;
                 let inputs = row.datum.loss_inputs.slice(start..start + len);
-                let lp = target_logprobs(&logits, &inputs.target_tokens)?;
+                let lp =
+                    self.chunk_logprobs(decoder, r, start, &inputs.target_tokens, lora.as_ref())?;
                 let el = elementwise_loss(&row.loss, &lp, &inputs, sequence_log_ratio)?;
                 let sum = el.f_sum(Kind::Float)?;
                 loss_sum += sum.f_double_value(&[])?;

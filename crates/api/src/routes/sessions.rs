@@ -101,15 +101,21 @@ pub(super) async fn create_session(
     } else {
         parse_json(&body)?
     };
+    let id = register(&state, &tenant, request.details()?)?;
+    Ok(Json(json!({"session_id": id, "type": "create_session"})))
+}
+
+/// Creates a session of `tenant` with `details`, stored; returns its id.
+fn register(state: &AppState, tenant: &str, details: SessionDetails) -> ApiResult<String> {
     let id = new_id("session");
     let session = Session {
-        tenant,
+        tenant: tenant.to_string(),
         created: loraloom_engine::registry::unix_now(),
-        details: request.details()?,
+        details,
     };
-    persist(&state, &id, &session)?;
+    persist(state, &id, &session)?;
     state.sessions.insert(id.clone(), session);
-    Ok(Json(json!({"session_id": id, "type": "create_session"})))
+    Ok(id)
 }
 
 /// A session for a copy made into `project` (`copy_weights` without a session), finished at
@@ -121,28 +127,20 @@ pub(super) fn create_copy_session(
     source: &str,
 ) -> ApiResult<String> {
     check_label("destination_project_id", project)?;
-    let id = new_id("session");
-    let now = loraloom_engine::registry::unix_now();
-    let session = Session {
-        tenant: tenant.to_string(),
-        created: now,
-        details: SessionDetails {
-            display_name: Some(format!(
-                "copy of {}",
-                source.chars().take(200).collect::<String>()
-            )),
-            project_id: Some(project.to_string()),
-            finished: Some(SessionFinish {
-                reason: "success".into(),
-                detail: Some("copy_weights".into()),
-                at: now,
-            }),
-            ..SessionDetails::default()
-        },
+    let details = SessionDetails {
+        display_name: Some(format!(
+            "copy of {}",
+            source.chars().take(200).collect::<String>()
+        )),
+        project_id: Some(project.to_string()),
+        finished: Some(SessionFinish {
+            reason: "success".into(),
+            detail: Some("copy_weights".into()),
+            at: loraloom_engine::registry::unix_now(),
+        }),
+        ..SessionDetails::default()
     };
-    persist(state, &id, &session)?;
-    state.sessions.insert(id.clone(), session);
-    Ok(id)
+    register(state, tenant, details)
 }
 
 /// Writes a session's row (when the server keeps a store).
@@ -615,7 +613,6 @@ pub(super) fn session_trace(state: &AppState, tenant: &str, id: &str) -> Value {
     tracks.sort();
     tracks.dedup();
     let track = |queue: &str| tracks.binary_search(&queue).unwrap_or(0) + 1;
-    let micros = |t: f64| (t * 1e6).round() as i64;
     let mut events: Vec<Value> = tracks
         .iter()
         .map(|q| json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": track(q), "args": {"name": q}}))
