@@ -7,13 +7,13 @@ pub mod downloads;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
-pub mod metrics;
 pub mod proto;
 pub mod responses;
 pub mod results;
 pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod stats;
 pub mod wire;
 
 pub use auth::{parse_keys, Auth};

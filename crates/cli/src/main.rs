@@ -381,6 +381,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ) as Box<dyn Backend>
         })
         .collect();
+    // Before the engine starts, so that no job's histogram sample is dropped.
+    loraloom_api::stats::install_recorder();
     let config = EngineConfig {
         limits: Limits {
             per_tenant: args.max_queued_per_tenant,

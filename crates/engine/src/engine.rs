@@ -64,8 +64,6 @@ pub struct StatsSnapshot {
     pub queued: usize,
     /// Jobs waiting, per tenant.
     pub queued_by_tenant: Vec<(String, usize)>,
-    /// Job latency from admission to outcome.
-    pub latency: Histogram,
     /// Jobs running.
     pub running: u64,
     /// Jobs finished successfully.
@@ -96,8 +94,10 @@ pub struct StatsSnapshot {
     pub decode_tokens: u64,
     /// Seconds spent in decode steps.
     pub decode_seconds: f64,
-    /// Time from a sampling job's admission to its first sampled token.
-    pub first_token: Histogram,
+    /// Sampling jobs that sampled a first token.
+    pub first_tokens: u64,
+    /// Their summed time from admission to first token (seconds).
+    pub first_token_seconds: f64,
 }
 
 #[derive(Default)]
@@ -112,42 +112,16 @@ struct Counters {
     busy_ns: AtomicU64,
     per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
     failures: Mutex<HashMap<String, u64>>,
-    latency: Mutex<Histogram>,
     prefills: AtomicU64,
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
-    first_token: Mutex<Histogram>,
+    first_tokens: AtomicU64,
+    first_token_ns: AtomicU64,
 }
 
 /// Finished jobs kept for session traces (all tenants; 64 bytes each, allocated at start).
 const TIMELINE_JOBS: usize = 100_000;
-
-/// Upper bounds (seconds) of the job latency histogram's buckets.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-
-/// A cumulative histogram of job latencies (admission to outcome), Prometheus style.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Histogram {
-    /// Count of observations `<=` each bound of [`LATENCY_BUCKETS`].
-    pub buckets: [u64; LATENCY_BUCKETS.len()],
-    /// All observations.
-    pub count: u64,
-    /// Sum of observations (seconds).
-    pub sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(self.buckets.iter_mut()) {
-            if seconds <= *bound {
-                *n += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-}
 
 struct Inner {
     sched: Mutex<SchedState>,
@@ -667,7 +641,6 @@ impl Engine {
         StatsSnapshot {
             queued,
             queued_by_tenant,
-            latency: lock(&c.latency).clone(),
             running: c.running.load(Ordering::Relaxed),
             done: c.done.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
@@ -683,7 +656,8 @@ impl Engine {
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            first_token: lock(&c.first_token).clone(),
+            first_tokens: c.first_tokens.load(Ordering::Relaxed),
+            first_token_seconds: c.first_token_ns.load(Ordering::Relaxed) as f64 / 1e9,
         }
     }
 
@@ -709,7 +683,7 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
         });
     q.last_access = unix_now();
     let waited = job.enqueued.elapsed().as_secs_f64();
-    lock(&c.latency).observe(waited);
+    metrics::histogram!(crate::metric::JOB_SECONDS).record(waited);
     let now = unix_now();
     inner.timeline.push(
         job.queue.tenant(),
@@ -905,8 +879,10 @@ fn start_jobs(inner: &Inner, batch: &[Job]) {
 /// Counts a batch's jobs and tokens.
 fn count_batch(inner: &Inner, batch: &[Job], started: Instant) {
     let c = &inner.counters;
+    let took = started.elapsed();
+    metrics::histogram!(crate::metric::BATCH_SECONDS).record(took.as_secs_f64());
     c.busy_ns
-        .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     c.batches.fetch_add(1, Ordering::Relaxed);
     c.batched_jobs
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -997,7 +973,9 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         }
     };
     let c = &inner.counters;
-    let ns = started.elapsed().as_nanos() as u64;
+    let took = started.elapsed();
+    metrics::histogram!(crate::metric::DECODE_STEP_SECONDS).record(took.as_secs_f64());
+    let ns = took.as_nanos() as u64;
     c.busy_ns.fetch_add(ns, Ordering::Relaxed);
     c.decode_ns.fetch_add(ns, Ordering::Relaxed);
     c.decode_steps.fetch_add(1, Ordering::Relaxed);
@@ -1005,7 +983,11 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         .fetch_add(step.tokens as u64, Ordering::Relaxed);
     for id in &step.first_tokens {
         if let Some((job, _)) = live.jobs.get(id) {
-            lock(&c.first_token).observe(job.enqueued.elapsed().as_secs_f64());
+            let waited = job.enqueued.elapsed();
+            metrics::histogram!(crate::metric::FIRST_TOKEN_SECONDS).record(waited.as_secs_f64());
+            c.first_tokens.fetch_add(1, Ordering::Relaxed);
+            c.first_token_ns
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
     }
     for (id, result) in step.finished {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod futures;
 pub mod job;
+pub mod metric;
 pub mod queue;
 pub mod registry;
 pub mod store;
@@ -17,10 +18,7 @@ pub mod timeline;
 
 pub use backend::{Admitted, Backend, DecodeStep, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
-pub use engine::{
-    Engine, EngineConfig, Histogram, OrderLog, QueueStats, StatsSnapshot, TenantUsage,
-    LATENCY_BUCKETS,
-};
+pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot, TenantUsage};
 pub use error::{EngineError, Result};
 pub use futures::{FutureState, FutureStore};
 pub use job::{

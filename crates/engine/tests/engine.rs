@@ -933,6 +933,6 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         .any(|(w, ids)| w == "optim_step" && ids == &vec![step.clone()]));
     let stats = engine.stats();
     assert_eq!(stats.prefills, 3);
-    assert!(stats.decode_steps > 0 && stats.first_token.count == 0);
+    assert!(stats.decode_steps > 0 && stats.first_tokens == 0);
     engine.shutdown(true);
 }

@@ -113,8 +113,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/downloads/{token}/{file}", get(download))
         .route("/api/v1/checkpoints", get(list_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
-        .route("/api/model-stats", get(crate::metrics::model_stats))
-        .route("/metrics", get(crate::metrics::prometheus))
+        .route("/api/model-stats", get(crate::stats::model_stats))
+        .route("/metrics", get(crate::stats::prometheus))
         .fallback(not_found)
         // The replay layer may read a body itself, so the body limit goes on outside it.
         .layer(axum::middleware::from_fn_with_state(
