@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import ALICE, Server
+from conftest import ALICE, MODEL_NAME, Server
 
 # The test process opens over a thousand sockets: lift its own limit first.
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -121,3 +121,30 @@ def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_serv
             r = http.post(strict_server.url + "/api/v1/telemetry", json={"events": ["e" * 5000]}, timeout=5)
             assert r.status_code == 200, r.text
     keyed_request(strict_server)
+
+
+def test_every_request_has_an_id_that_its_log_lines_and_its_jobs_carry(tmp_path, monkeypatch):
+    """A client's `X-Request-Id` is answered back and a missing one is made; the id is in the
+    request's log lines and in those its engine job logs on the worker thread."""
+    monkeypatch.setenv("RUST_LOG", "info,loraloom_engine=debug,tower_http=debug")
+    srv = Server(tmp_path, "--api-key", f"alice={ALICE}")
+    try:
+        made = requests.get(srv.url + "/api/v1/healthz")
+        assert len(made.headers["x-request-id"]) == 36, made.headers  # a UUID
+        session = requests.post(srv.url + "/api/v1/create_session", json={}, headers=HEADERS).json()
+        create = {"session_id": session["session_id"], "base_model": MODEL_NAME,
+                  "lora_config": {"rank": 4}}
+        r = requests.post(srv.url + "/api/v1/create_model", json=create,
+                          headers={**HEADERS, "X-Request-Id": "trace-me-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-42", r.text
+        future = r.json()["request_id"]
+        done = requests.post(srv.url + "/api/v1/retrieve_future", json={"request_id": future},
+                             headers=HEADERS)
+        assert done.status_code == 200, done.text
+    finally:
+        srv.stop()
+    log = (tmp_path / "server.log").read_text()
+    tagged = [line for line in log.splitlines() if "trace-me-42" in line]
+    assert any('route="/api/v1/create_model"' in line for line in tagged), tagged
+    # The job's own line (logged by the worker) sits inside the request's span.
+    assert any(future in line and "job done" in line for line in tagged), tagged

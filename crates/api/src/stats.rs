@@ -249,7 +249,10 @@ mod tests {
             ..StatsSnapshot::default()
         };
         let alice = render(&s, Some("alice"));
-        assert!(alice.contains("loraloom_jobs_total{outcome=\"done\"} 7"), "{alice}");
+        assert!(
+            alice.contains("loraloom_jobs_total{outcome=\"done\"} 7"),
+            "{alice}"
+        );
         assert!(alice.contains("loraloom_job_failures_total{error_type=\"time_limit\"} 2"));
         assert!(alice.contains("# TYPE loraloom_jobs_total counter"));
         assert!(alice.contains("loraloom_tenant_jobs_queued{tenant=\"alice\"} 2"));

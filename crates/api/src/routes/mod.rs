@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::HeaderMap;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, State};
+use axum::http::{HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
@@ -19,6 +19,8 @@ use loraloom_model::LoraSpec;
 use prost::Message;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
@@ -133,7 +135,39 @@ pub fn router(state: AppState) -> Router {
             limit,
             reject_oversized,
         ))
+        // Outermost: every request gets an id (the client's `X-Request-Id`, or a new UUID),
+        // answered in the response, and a span that carries it into every log line of the
+        // request, the jobs it submits included (their spans are children of it).
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(PropagateRequestIdLayer::x_request_id()),
+        )
         .with_state(state)
+}
+
+/// The header naming a request in logs and in its response.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-chosen request id shown in logs (longer ones are cut there, not in the
+/// response).
+const MAX_LOGGED_REQUEST_ID: usize = 128;
+
+/// The span of one HTTP request: its `X-Request-Id`, method and route template. The template,
+/// never the path itself: a download URL's path holds its token.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let id = id.get(..MAX_LOGGED_REQUEST_ID).unwrap_or(id);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(no route)", MatchedPath::as_str);
+    tracing::info_span!("http", x_request_id = id, method = %req.method(), route)
 }
 
 /// Answers 413 at once when the declared `Content-Length` is over the limit, before anything
