@@ -18,7 +18,7 @@ export LORALOOM_DEFAULT_MODEL_DIR := $(CURDIR)/$(DEFAULT_MODEL)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: run test build build-release venv model lint fmt bench soak clean-venv
+.PHONY: run test build build-release venv model lint fmt bench soak fuzz clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -56,6 +56,12 @@ fmt:
 
 soak: model build
 	LORALOOM_SOAK_SECS=600 $(PYTHON) -m pytest -q -s tests/test_soak.py
+
+# Hostile payloads for 10 minutes (a fresh seed each time; FUZZ_SECS to change); findings are
+# written to fuzz-findings.jsonl with the seed that replays them.
+FUZZ_SECS ?= 600
+fuzz: model build
+	$(PYTHON) tests/fuzz_http.py --secs $(FUZZ_SECS) --out fuzz-findings.jsonl
 
 bench: model build-release
 	./scripts/bench

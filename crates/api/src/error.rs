@@ -33,6 +33,9 @@ pub enum ApiError {
     /// A body that did not arrive in time.
     #[error("request body was not received within {0} s (--body-timeout-secs)")]
     BodyTimeout(u64),
+    /// A known route asked with a method it does not serve (`METHOD path`).
+    #[error("route `{0}` does not take this method")]
+    MethodNotAllowed(String),
 }
 
 impl ApiError {
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -79,6 +83,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 

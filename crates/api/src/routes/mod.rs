@@ -118,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/model-stats", get(crate::stats::model_stats))
         .route("/metrics", get(crate::stats::prometheus))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // The replay layer may read a body itself, so the body limit goes on outside it.
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(Replays::new(
@@ -195,6 +196,11 @@ async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError
         what: "route".into(),
         id: format!("{method} {path}"),
     })
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let path: String = uri.path().chars().take(200).collect();
+    ApiError::MethodNotAllowed(format!("{method} {path}"))
 }
 
 async fn healthz() -> Json<Value> {
