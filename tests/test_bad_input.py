@@ -51,6 +51,8 @@ def expect(r, status, *needles):
 
 
 CASES = {
+    "wrong_method": lambda s, run: (
+        requests.get(s.url + "/api/v1/optim_step", headers=H), 405, ["GET /api/v1/optim_step"]),
     "malformed_json": lambda s, run: (post(s, "/api/v1/optim_step", data=b'{"model_id": '), 400, ["malformed JSON"]),
     "wrong_type": lambda s, run: (
         post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": "fast"}}),
