@@ -1,7 +1,8 @@
 """Per-tenant quotas: listed checkpoints by count (--max-checkpoints-per-tenant), sampling
 sessions (--max-samplers-per-tenant, whose removal of idle sessions the engine's unit tests
-cover); checkpoints saved for one sampling session are not listed; /api/model-stats shows each
-tenant its usage against the limits."""
+cover), resident adapter memory (--max-resident-bytes-per-tenant); checkpoints saved for one
+sampling session are not listed; /api/model-stats shows each tenant its usage against the
+limits."""
 
 import pytest
 import requests
@@ -47,3 +48,40 @@ def test_checkpoint_and_session_limits_are_named_and_usage_is_shown(quota_server
     # Deleting one makes room again.
     rest.delete_checkpoint_from_tinker_path(first).result()
     tc.save_state("third").result()
+
+
+def test_a_tenants_resident_adapters_stay_under_its_memory_limit(tmp_path):
+    """--max-resident-bytes-per-tenant: runs beyond it are evicted to disk after each batch and
+    train on when used again; a run larger than the limit alone is refused, naming the flag."""
+    srv = Server(tmp_path, "--max-resident-bytes-per-tenant", "100M")
+    try:
+        sc = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        datum = tinker.types.Datum(
+            model_input=tinker.types.ModelInput.from_ints([1, 504, 3437, 314]),
+            loss_fn_inputs={"target_tokens": [504, 3437, 314, 260], "weights": [1.0] * 4})
+
+        def usage():
+            return requests.get(srv.url + "/api/model-stats", headers={"X-API-Key": KEY}).json()["your_usage"]
+
+        def train(tc):
+            loss = tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+            tc.optim_step(tinker.types.AdamParams(learning_rate=1e-2)).result()
+            return loss
+
+        first = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        losses = [train(first)]
+        one = usage()["resident_bytes"]
+        assert 0 < one <= 100 << 20 and usage()["resident_bytes_limit"] == 100 << 20, usage()
+        with pytest.raises(tinker.PermissionDeniedError) as refused:
+            sc.create_lora_training_client(base_model=MODEL_NAME, rank=64).result()
+        assert "--max-resident-bytes-per-tenant" in str(refused.value)
+        others = [sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result() for _ in range(5)]
+        for tc in others:
+            train(tc)
+            assert usage()["resident_bytes"] <= 100 << 20, usage()
+        assert 6 * one > 100 << 20, "the runs would not fit without eviction"
+        # The first run was evicted to disk; it reloads and goes on learning.
+        losses += [train(first), train(first)]
+        assert losses[2] < losses[1] < losses[0], losses
+    finally:
+        srv.stop()

@@ -1,4 +1,6 @@
-//! The activation memory budget of one training pass (`--memory-budget`).
+//! Memory limits resolved from the machine: the activation budget of one training pass
+//! (`--memory-budget`) and the resident adapters of one tenant
+//! (`--max-resident-bytes-per-tenant`).
 
 use loraloom_model::{human_bytes, parse_bytes, Device};
 
@@ -17,10 +19,7 @@ pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(
         let bytes = parse_bytes(choice).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
         return Ok((bytes, format!("{} per pass (set)", human_bytes(bytes))));
     }
-    let (free, source) = match device {
-        Device::Cuda(index) => (gpu_free(index), "the GPU's free memory"),
-        _ => (ram_available(), "available RAM"),
-    };
+    let (free, source) = free_memory(device);
     Ok(match free {
         Some(free) => {
             let bytes = (free as f64 * AUTO_SHARE) as u64 / workers.max(1) as u64;
@@ -41,6 +40,45 @@ pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(
             ),
         ),
     })
+}
+
+/// The share of the memory free after the model loaded that one tenant's resident adapters
+/// may hold by default.
+const TENANT_RESIDENT_SHARE: f64 = 0.25;
+
+/// Resolves `--max-resident-bytes-per-tenant` (`auto`, a size such as `4G`, or 0 for no
+/// limit) into bytes, with a line saying where the figure came from. `auto` is a quarter of
+/// the memory free now (RAM, or the GPU's memory on a GPU, where adapters live).
+pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, String)> {
+    match choice.trim() {
+        "0" => Ok((0, "no limit".into())),
+        "auto" => {
+            let (free, source) = free_memory(device);
+            let free = free.unwrap_or(FALLBACK * 2);
+            let bytes = (free as f64 * TENANT_RESIDENT_SHARE) as u64;
+            Ok((
+                bytes,
+                format!(
+                    "{} (auto: a quarter of {} {source})",
+                    human_bytes(bytes),
+                    human_bytes(free)
+                ),
+            ))
+        }
+        size => {
+            let bytes = parse_bytes(size)
+                .map_err(|e| anyhow::anyhow!("--max-resident-bytes-per-tenant: {e}"))?;
+            Ok((bytes, format!("{} (set)", human_bytes(bytes))))
+        }
+    }
+}
+
+/// The memory free now where the model runs, and what it is.
+fn free_memory(device: Device) -> (Option<u64>, &'static str) {
+    match device {
+        Device::Cuda(index) => (gpu_free(index), "the GPU's free memory"),
+        _ => (ram_available(), "available RAM"),
+    }
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.

@@ -170,6 +170,18 @@ struct ServeArgs {
     /// idle ones beyond this are dropped and reloaded by their next sample.
     #[arg(long, env = "LORALOOM_MAX_RESIDENT_SAMPLERS", default_value_t = 32)]
     max_resident_samplers: usize,
+    /// Bytes of adapters one tenant may keep in memory, runs and sampling sessions together
+    /// (each run holds weights, gradients and two Adam moments): `auto` (a quarter of the
+    /// memory free once the model is loaded, RAM or the GPU's), a size such as `4G`, or 0 (no
+    /// limit). After each batch the tenant's least recently used idle ones beyond it are
+    /// evicted (runs to their snapshot, reloaded by their next job); a run larger than it alone
+    /// is refused at creation.
+    #[arg(
+        long,
+        env = "LORALOOM_MAX_RESIDENT_BYTES_PER_TENANT",
+        default_value = "auto"
+    )]
+    max_resident_bytes_per_tenant: String,
     /// Worker threads running model work (1 is best on CPU).
     #[arg(long, env = "LORALOOM_WORKERS", default_value_t = 1)]
     workers: usize,
@@ -354,6 +366,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
     registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
+    let (resident_limit, resident_source) =
+        budget::tenant_resident(&args.max_resident_bytes_per_tenant, base.decoder().device())?;
+    tracing::info!("resident adapters per tenant: {resident_source}");
+    registry.set_max_resident_bytes_per_tenant(resident_limit);
     let checkpoint_bytes = match args.max_checkpoint_bytes_per_tenant.trim() {
         "auto" => free_disk_bytes(&args.data_dir) / 2,
         "0" => 0,

@@ -17,8 +17,8 @@ use loraloom_model::{
 use crate::error::{EngineError, Result};
 use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, Work};
 use crate::registry::{
-    checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, ModelEntry, Registry,
-    RunState, SamplerSource, PENDING_MARKER,
+    checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, Holder, ModelEntry,
+    Registry, ResidentAdapter, RunState, SamplerSource, PENDING_MARKER,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
@@ -246,25 +246,76 @@ impl ModelWorker {
         resident.sort_by(|a, b| a.last_access().total_cmp(&b.last_access()));
         let excess = resident.len() - self.max_resident;
         for entry in resident.into_iter().take(excess) {
-            let Some(mut state) = entry.try_lock() else {
-                continue;
-            };
-            let Some(adapter) = state.adapter.as_ref() else {
-                continue;
-            };
-            if adapter.has_pending_gradients() || state.gradients_lost {
+            self.evict_run(&entry);
+        }
+    }
+
+    /// Writes an idle run to its snapshot and drops its weights and optimizer state; its next
+    /// job reloads them. Runs with gradients waiting for an optimizer step, or locked by another
+    /// worker, stay. Whether it was evicted.
+    fn evict_run(&self, entry: &ModelEntry) -> bool {
+        let Some(mut state) = entry.try_lock() else {
+            return false;
+        };
+        let Some(adapter) = state.adapter.as_ref() else {
+            return false;
+        };
+        if adapter.has_pending_gradients() || state.gradients_lost {
+            return false;
+        }
+        match snapshot(&self.registry, entry, &state) {
+            Ok(()) => {
+                state.adapter = None;
+                state.optimizer = None;
+                state.evicted = true;
+                tracing::debug!(model_id = %entry.key.model_id, "evicted an idle run to disk");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot evict a run");
+                false
+            }
+        }
+    }
+
+    /// Evicts each tenant's least recently used idle runs and sampling sessions while its
+    /// resident adapters take more than `--max-resident-bytes-per-tenant`. A session whose
+    /// checkpoint was deleted is dropped as well: its next sample then fails not-found (nothing
+    /// can reload it), instead of it holding memory for good.
+    fn evict_over_tenant_quota(&self) {
+        let limit = self.registry.max_resident_bytes_per_tenant();
+        if limit == 0 {
+            return;
+        }
+        let mut by_tenant: HashMap<String, Vec<ResidentAdapter>> = HashMap::new();
+        for adapter in self.registry.resident_adapters() {
+            by_tenant
+                .entry(adapter.tenant.clone())
+                .or_default()
+                .push(adapter);
+        }
+        for (tenant, mut adapters) in by_tenant {
+            let mut held: u64 = adapters.iter().map(|a| a.bytes).sum();
+            if held <= limit {
                 continue;
             }
-            match snapshot(&self.registry, &entry, &state) {
-                Ok(()) => {
-                    state.adapter = None;
-                    state.optimizer = None;
-                    state.evicted = true;
-                    tracing::debug!(model_id = %entry.key.model_id, "evicted an idle run to disk");
+            adapters.sort_by(|a, b| a.last_access.total_cmp(&b.last_access));
+            for adapter in adapters {
+                if held <= limit {
+                    break;
                 }
-                Err(e) => {
-                    tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot evict a run")
+                let evicted = match &adapter.holder {
+                    Holder::Run(entry) => self.evict_run(entry),
+                    Holder::Sampler(entry) => entry
+                        .try_lock()
+                        .is_some_and(|mut slot| slot.take().is_some()),
+                };
+                if evicted {
+                    held -= adapter.bytes;
                 }
+            }
+            if held > limit {
+                tracing::debug!(%tenant, held, limit, "a tenant's busy adapters stay above its resident limit");
             }
         }
     }
@@ -960,6 +1011,7 @@ impl ModelWorker {
     /// panic here must not re-run jobs that already succeeded.
     fn evict_after_batch(&self) {
         let evicted = catch_unwind(AssertUnwindSafe(|| {
+            self.evict_over_tenant_quota();
             self.evict_idle();
             self.evict_idle_samplers();
         }));

@@ -160,6 +160,10 @@ pub struct TenantUsage {
     pub queued_jobs: usize,
     /// `--max-queued-per-tenant`.
     pub queued_jobs_limit: usize,
+    /// Bytes of resident adapters (runs and sampling sessions) no worker is using right now.
+    pub resident_bytes: u64,
+    /// `--max-resident-bytes-per-tenant` (0 = no limit).
+    pub resident_bytes_limit: u64,
 }
 
 /// Per queue: request ids in admission order and in start order.
@@ -387,6 +391,17 @@ impl Engine {
             check_checkpoint(&self.inner.registry, &key.tenant, path)?;
         }
         spec.validate(&self.inner.base.config)?;
+        let resident_limit = self.inner.registry.max_resident_bytes_per_tenant();
+        let resident = spec.resident_bytes(&self.inner.base.config);
+        if resident_limit > 0 && resident > resident_limit {
+            return Err(EngineError::LimitReached(format!(
+                "a run of rank {} holds {} in memory, more than this tenant may hold \
+                 (--max-resident-bytes-per-tenant {}); use a lower rank",
+                spec.rank,
+                loraloom_model::human_bytes(resident),
+                loraloom_model::human_bytes(resident_limit)
+            )));
+        }
         let (per_tenant, overall) = self.inner.run_limits;
         let mine = self.inner.registry.models_of(&key.tenant).len();
         if per_tenant > 0 && mine >= per_tenant {
@@ -518,6 +533,8 @@ impl Engine {
             checkpoint_bytes_limit: limits.max_checkpoint_bytes_per_tenant,
             queued_jobs,
             queued_jobs_limit: limits.per_tenant,
+            resident_bytes: self.inner.registry.resident_bytes(tenant),
+            resident_bytes_limit: self.inner.registry.max_resident_bytes_per_tenant(),
         }
     }
 

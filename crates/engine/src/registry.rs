@@ -287,6 +287,9 @@ pub struct Registry {
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
     /// Seconds a session must have been unused before it is removed to make room.
     sampler_min_idle_s: std::sync::atomic::AtomicU64,
+    /// Bytes of resident adapters (runs and sampling sessions) one tenant may hold (0 = no
+    /// limit); workers evict beyond it after each batch.
+    max_resident_bytes_per_tenant: std::sync::atomic::AtomicU64,
     /// Checkpoints inflight sessions moved off while a worker still held those sessions
     /// (loading from them): deleted by [`Registry::sweep_left_checkpoints`] once nothing holds
     /// or uses them.
@@ -313,6 +316,26 @@ fn sampler_entry(
 /// A checkpoint inflight sessions moved off: (tenant, path, the sessions as they were).
 type LeftBehind = (String, String, Vec<std::sync::Weak<SamplerEntry>>);
 
+/// A resident adapter (see [`Registry::resident_adapters`]).
+pub struct ResidentAdapter {
+    /// Its owner.
+    pub tenant: String,
+    /// Bytes it holds ([`loraloom_model::LoraAdapter::resident_bytes`]).
+    pub bytes: u64,
+    /// Last time it was used (unix seconds).
+    pub last_access: f64,
+    /// The run or sampling session holding it.
+    pub holder: Holder,
+}
+
+/// What holds a resident adapter.
+pub enum Holder {
+    /// A training run.
+    Run(Arc<ModelEntry>),
+    /// A sampling session.
+    Sampler(Arc<SamplerEntry>),
+}
+
 /// A sampling session used this recently is never removed to make room for another.
 pub const SAMPLER_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -330,6 +353,7 @@ impl Registry {
             checkpoints: DashMap::new(),
             durable: None,
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
+            max_resident_bytes_per_tenant: std::sync::atomic::AtomicU64::new(0),
             sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
             left_behind: Mutex::new(Vec::new()),
         }
@@ -341,6 +365,53 @@ impl Registry {
     pub fn set_max_samplers_per_tenant(&self, n: usize) {
         self.max_samplers_per_tenant
             .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Limits the bytes of resident adapters each tenant holds to `n` (0 = no limit): a run
+    /// larger than that alone is refused at creation, and workers evict a tenant's least
+    /// recently used idle runs and sessions beyond it after each batch.
+    pub fn set_max_resident_bytes_per_tenant(&self, n: u64) {
+        self.max_resident_bytes_per_tenant
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`Registry::set_max_resident_bytes_per_tenant`].
+    pub fn max_resident_bytes_per_tenant(&self) -> u64 {
+        self.max_resident_bytes_per_tenant
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every resident adapter no worker is using this instant: (tenant, bytes, last access,
+    /// which). Entries a worker holds are skipped: they are in use and cannot be evicted.
+    pub fn resident_adapters(&self) -> Vec<ResidentAdapter> {
+        let runs = self.all_models().into_iter().filter_map(|e| {
+            let bytes = e.try_lock()?.adapter.as_ref()?.resident_bytes();
+            Some(ResidentAdapter {
+                tenant: e.key.tenant.clone(),
+                bytes,
+                last_access: e.last_access(),
+                holder: Holder::Run(e),
+            })
+        });
+        let samplers = self.all_samplers().into_iter().filter_map(|e| {
+            let bytes = e.try_lock()?.as_ref()?.resident_bytes();
+            Some(ResidentAdapter {
+                tenant: e.key.tenant.clone(),
+                bytes,
+                last_access: e.last_access.get(),
+                holder: Holder::Sampler(e),
+            })
+        });
+        runs.chain(samplers).collect()
+    }
+
+    /// Bytes of `tenant`'s resident adapters that no worker is using this instant.
+    pub fn resident_bytes(&self, tenant: &str) -> u64 {
+        self.resident_adapters()
+            .iter()
+            .filter(|r| r.tenant == tenant)
+            .map(|r| r.bytes)
+            .sum()
     }
 
     /// How long a session must have been unused before it may be removed to make room

@@ -603,6 +603,67 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
 }
 
 #[test]
+fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_other_tenants() {
+    let (engine, decoder) = model_engine();
+    let one = spec(4, 0).resident_bytes(decoder.config());
+    engine.registry().set_max_resident_bytes_per_tenant(2 * one);
+    let create = |k: &ModelKey| {
+        let id = engine
+            .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
+            .unwrap();
+        assert!(matches!(
+            wait(&engine, &k.tenant, &id),
+            FutureState::Done(_)
+        ));
+    };
+    let step = |k: &ModelKey| {
+        let q = QueueKey::Model(k.clone());
+        let fb = Work::ForwardBackward {
+            data: data(0),
+            loss: LossFn::CrossEntropy,
+            backward: true,
+        };
+        engine.submit(q.clone(), fb).unwrap();
+        let hp = AdamParams::default();
+        let id = engine.submit(q, Work::OptimStep { params: hp }).unwrap();
+        assert!(matches!(
+            wait(&engine, &k.tenant, &id),
+            FutureState::Done(_)
+        ));
+    };
+    let resident = |k: &ModelKey| {
+        let entry = engine.registry().model(&k.tenant, &k.model_id).unwrap();
+        let state = entry.lock();
+        state.adapter.is_some()
+    };
+    // The other tenant's run is the least recently used of all, and stays.
+    let x = key("u", "x");
+    create(&x);
+    let (a, b, c) = (key("t", "a"), key("t", "b"), key("t", "c"));
+    for k in [&a, &b, &c] {
+        create(k);
+    }
+    assert!(!resident(&a) && resident(&b) && resident(&c) && resident(&x));
+    step(&a);
+    assert!(resident(&a) && !resident(&b) && resident(&c) && resident(&x));
+    let usage = engine.usage("t");
+    assert_eq!(
+        (usage.resident_bytes, usage.resident_bytes_limit),
+        (2 * one, 2 * one)
+    );
+    assert_eq!(engine.usage("u").resident_bytes, one);
+    // A run larger than the limit alone is refused before anything is queued.
+    let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
+    match big {
+        Err(EngineError::LimitReached(why)) => {
+            assert!(why.contains("--max-resident-bytes-per-tenant"), "{why}")
+        }
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    engine.shutdown(true);
+}
+
+#[test]
 fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     let (engine, _) = model_engine_with(0, 1);
     let run = key("t", "run");

@@ -120,6 +120,12 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// Bytes one resident adapter of this spec holds on `config`'s model: a slab row of
+    /// weights, gradients and both Adam moments, f32, at its rank bucket (padding included).
+    pub fn resident_bytes(&self, config: &ModelConfig) -> u64 {
+        row_bytes(&Layout::new(self, config))
+    }
+
     /// Checks the spec against the model; names the offending field.
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         if self.rank < 1 {
@@ -187,6 +193,11 @@ pub struct LoraAdapter {
     /// A backward pass added gradients that no optimizer step or `zero_grad` has consumed.
     /// Shared with the [`AdapterStack`]s the adapter is gathered into (its identity there).
     pending: Arc<AtomicBool>,
+}
+
+/// Bytes of one slab row of `layout`: four f32 tensors (weights, gradients, two moments).
+fn row_bytes(layout: &Layout) -> u64 {
+    layout.numel as u64 * 4 * std::mem::size_of::<f32>() as u64
 }
 
 impl LoraAdapter {
@@ -300,6 +311,11 @@ impl LoraAdapter {
     /// Every adapted layer's weights with its module path, in row order.
     pub fn named_pairs(&self) -> Vec<(String, LoraPair)> {
         self.named_field_pairs(Field::Params).unwrap_or_default()
+    }
+
+    /// Bytes the adapter holds while resident: its slab row (see [`LoraSpec::resident_bytes`]).
+    pub fn resident_bytes(&self) -> u64 {
+        row_bytes(self.layout())
     }
 
     /// Trainable parameters (at the adapter's own rank, padding excluded).
