@@ -21,7 +21,9 @@ use crate::backend::{check_checkpoint, snapshot, write_marker, Backend};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
-use crate::job::{BatchClass, Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, Work};
+use crate::job::{
+    BatchClass, Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work,
+};
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
 
@@ -784,19 +786,33 @@ struct LiveJobs {
     jobs: HashMap<RequestId, (Job, Instant)>,
     /// Sum of their [`Work::kv_tokens`].
     kv_tokens: usize,
+    /// The same sum per tenant (tenants with none are absent).
+    kv_by_tenant: HashMap<TenantId, usize>,
     /// Jobs that left the loop since the scheduler last heard of it.
     ended: Vec<RequestId>,
 }
 
 impl LiveJobs {
     fn insert(&mut self, job: Job) {
-        self.kv_tokens += job.work.kv_tokens();
+        let need = job.work.kv_tokens();
+        self.kv_tokens += need;
+        *self
+            .kv_by_tenant
+            .entry(job.queue.tenant().to_string())
+            .or_default() += need;
         self.jobs.insert(job.id.clone(), (job, Instant::now()));
     }
 
     fn remove(&mut self, id: &RequestId) -> Option<Job> {
         let (job, _) = self.jobs.remove(id)?;
-        self.kv_tokens -= job.work.kv_tokens();
+        let need = job.work.kv_tokens();
+        self.kv_tokens -= need;
+        if let Some(held) = self.kv_by_tenant.get_mut(job.queue.tenant()) {
+            *held -= need;
+            if *held == 0 {
+                self.kv_by_tenant.remove(job.queue.tenant());
+            }
+        }
         self.ended.push(id.clone());
         Some(job)
     }
@@ -837,7 +853,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                 }
                 if !live.jobs.is_empty() {
                     let budget = st.limits().max_kv_tokens;
-                    break st.next_at_step_boundary(live.kv_tokens, budget);
+                    break st.next_at_step_boundary(&live.kv_by_tenant, live.kv_tokens, budget);
                 }
                 let wait = match st.next_batch_filled(Instant::now()) {
                     Ok(batch) if batch[0].work.class() == BatchClass::Sample => {

@@ -443,11 +443,17 @@ impl SchedState {
     }
 
     /// What a worker whose decode loop is running takes at a token boundary, without waiting:
-    /// the sampling jobs at the head of ready queues whose KV need fits `kv_budget` with the
-    /// `kv_in_use` of the jobs decoding (to join the loop), and the next batch of another class
-    /// (to run before the next decode step), either possibly empty.
+    /// sampling jobs to join the loop within `kv_budget` (with the `kv_in_use` of the jobs
+    /// decoding, `held` of it per tenant), and the next batch of another class (to run before
+    /// the next decode step), either possibly empty.
+    ///
+    /// Joining is fair between tenants, not queues: the next job always comes from the tenant
+    /// holding the least KV in the loop (ring order among equals), so a tenant's many sessions
+    /// get no more room than one session of another. When that job does not fit, no job joins
+    /// at this boundary: a tenant holding more may not take the room it is waiting for.
     pub fn next_at_step_boundary(
         &mut self,
+        held: &HashMap<TenantId, usize>,
         kv_in_use: usize,
         kv_budget: usize,
     ) -> (Vec<Job>, Vec<Job>) {
@@ -456,23 +462,34 @@ impl SchedState {
         }
         let mut joining = Vec::new();
         let mut kv = kv_in_use;
-        let mut taken = Vec::new();
-        for key in self.ready.clone() {
-            if !matches!(key, QueueKey::Sampler(_)) {
-                continue;
+        let mut held = held.clone();
+        loop {
+            let next = self
+                .ready
+                .iter()
+                .enumerate()
+                .filter(|(_, key)| matches!(key, QueueKey::Sampler(_)))
+                .filter_map(|(place, key)| {
+                    let head = self.queues.get(key)?.front()?;
+                    (head.work.class() == BatchClass::Sample).then(|| {
+                        let holds = held.get(key.tenant()).copied().unwrap_or(0);
+                        ((holds, place), key.clone(), head.work.kv_tokens())
+                    })
+                })
+                .min_by_key(|(order, _, _)| *order);
+            let Some((_, key, need)) = next else {
+                break;
+            };
+            if kv + need > kv_budget {
+                break;
             }
-            while let Some(job) = self.queues.get(&key).and_then(|q| q.front()) {
-                if job.work.class() != BatchClass::Sample || kv + job.work.kv_tokens() > kv_budget {
-                    break;
-                }
-                kv += job.work.kv_tokens();
-                joining.push(self.pop_job(&key).expect("front exists"));
-            }
+            kv += need;
+            *held.entry(key.tenant().to_string()).or_default() += need;
+            joining.push(self.pop_job(&key).expect("a head exists"));
             if !self.queues.contains_key(&key) {
-                taken.push(key);
+                self.ready.retain(|k| k != &key);
             }
         }
-        self.ready.retain(|k| !taken.contains(k));
         let other = self
             .next_batch_except(Some(BatchClass::Sample))
             .unwrap_or_default();
@@ -825,7 +842,7 @@ mod tests {
         s.push(job("m0", model("t", "m"), optim())).unwrap();
         s.push(job("m1", model("t", "m"), optim())).unwrap();
         // 75 of 100 in use: two jobs fit.
-        let (joining, other) = s.next_at_step_boundary(75, 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 75, 100);
         assert_eq!(
             ids(&joining),
             ["a0", "a1"],
@@ -836,15 +853,60 @@ mod tests {
             ["m0"],
             "a training batch runs before the next step"
         );
-        let (joining, other) = s.next_at_step_boundary(95, 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 95, 100);
         assert!(
             joining.is_empty() && other.is_empty(),
             "the run is busy; b does not fit"
         );
         s.finish(&[model("t", "m")]);
-        let (joining, other) = s.next_at_step_boundary(80, 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 80, 100);
         assert_eq!((ids(&joining), ids(&other)), (vec!["b2", "c3"], vec!["m1"]));
         assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn at_a_token_boundary_the_tenant_holding_the_least_kv_joins_first_and_keeps_its_turn() {
+        let mut s = SchedState::new(Limits::default());
+        let session = |tenant: &str, id: &str| {
+            QueueKey::Sampler(SamplerKey {
+                tenant: tenant.into(),
+                sampler_id: id.into(),
+            })
+        };
+        // The flooding tenant has eight sessions ahead of the other's one in the ring; each
+        // job needs 10 KV entries, the other's second one 30.
+        for i in 0..8 {
+            s.push(job(
+                &format!("f{i}"),
+                session("flood", &format!("s{i}")),
+                sample_work(8),
+            ))
+            .unwrap();
+        }
+        s.push(job("o0", session("other", "s"), sample_work(8)))
+            .unwrap();
+        s.push(job("o1", session("other", "s"), sample_work(28)))
+            .unwrap();
+        // The loop holds 80 of 100, all the flooder's: the other tenant's job takes the room.
+        let held: HashMap<TenantId, usize> = [("flood".to_string(), 80)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, 80, 100);
+        assert_eq!(
+            ids(&joining),
+            ["o0"],
+            "the least-holding tenant first; o1 then waits for room"
+        );
+        // o1 (30) still waits: the flooder, holding more, may not take the 10 free.
+        let held: HashMap<TenantId, usize> =
+            [("flood".to_string(), 80), ("other".to_string(), 10)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, 90, 100);
+        assert!(
+            joining.is_empty(),
+            "the room is kept for o1: {:?}",
+            ids(&joining)
+        );
+        let held: HashMap<TenantId, usize> = [("flood".to_string(), 60)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, 60, 100);
+        assert_eq!(ids(&joining), ["o1", "f0"], "then the flooder's turn");
     }
 
     #[test]
