@@ -122,9 +122,9 @@ pub(super) async fn list_run_checkpoints(
 pub(super) async fn delete_checkpoint(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
+    Path(route): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let path = format!("tinker://{id}/{kind}/{name}");
+    let path = routed_path(route);
     state.engine.registry().remove_checkpoint(&tenant, &path)?;
     Ok(Json(json!({})))
 }
@@ -140,10 +140,10 @@ pub(super) struct TtlRequest {
 pub(super) async fn set_checkpoint_ttl(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
+    Path(route): Path<(String, String, String)>,
     JsonBody(body): JsonBody<TtlRequest>,
 ) -> ApiResult<Json<Value>> {
-    let path = format!("tinker://{id}/{kind}/{name}");
+    let path = routed_path(route);
     state
         .engine
         .set_checkpoint_ttl(&tenant, &path, body.ttl_seconds)?;
@@ -268,9 +268,9 @@ pub(super) async fn external_weights_urls(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     headers: HeaderMap,
-    Path((id, kind, name)): Path<(String, String, String)>,
+    Path(route): Path<(String, String, String)>,
 ) -> ApiResult<Json<ExternalWeightsUrls>> {
-    let path = format!("tinker://{id}/{kind}/{name}");
+    let path = routed_path(route);
     if parse_checkpoint_path(&path)?.1 != CheckpointKind::External {
         return Err(ApiError::invalid(
             "checkpoint_id",
@@ -355,10 +355,10 @@ pub(super) async fn download(
 pub(super) async fn publish_checkpoint(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
+    Path(route): Path<(String, String, String)>,
     _body: RawBody,
 ) -> ApiResult<Json<Value>> {
-    let path = format!("tinker://{id}/{kind}/{name}");
+    let path = routed_path(route);
     state
         .engine
         .registry()
@@ -370,9 +370,9 @@ pub(super) async fn publish_checkpoint(
 pub(super) async fn unpublish_checkpoint(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
-    Path((id, kind, name)): Path<(String, String, String)>,
+    Path(route): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let path = format!("tinker://{id}/{kind}/{name}");
+    let path = routed_path(route);
     state
         .engine
         .registry()
@@ -436,4 +436,11 @@ pub(super) async fn copy_weights(
     Ok(Json(CopyWeights {
         tinker_path: record.path,
     }))
+}
+
+/// The `tinker://` path of the checkpoint a route names
+/// (`/training_runs/{id}/checkpoints/{kind}/{name}`), as the client wrote it (parsing, and
+/// refusing what is not a checkpoint path, is the registry's).
+fn routed_path((id, kind, name): (String, String, String)) -> String {
+    format!("tinker://{id}/{kind}/{name}")
 }
