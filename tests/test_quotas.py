@@ -65,10 +65,10 @@ def test_a_tenants_resident_adapters_stay_under_its_memory_limit(tmp_path):
 
         def train(tc):
             loss = tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
-            tc.optim_step(tinker.types.AdamParams(learning_rate=1e-2)).result()
+            tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result()
             return loss
 
-        first = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        first = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
         losses = [train(first)]
         one = usage()["resident_bytes"]
         assert 0 < one <= 100 << 20 and usage()["resident_bytes_limit"] == 100 << 20, usage()
@@ -83,5 +83,39 @@ def test_a_tenants_resident_adapters_stay_under_its_memory_limit(tmp_path):
         # The first run was evicted to disk; it reloads and goes on learning.
         losses += [train(first), train(first)]
         assert losses[2] < losses[1] < losses[0], losses
+    finally:
+        srv.stop()
+
+
+def test_sessions_per_tenant_forget_the_oldest_empty_ones_then_refuse(tmp_path):
+    """--max-sessions-per-tenant: one more session forgets the tenant's oldest session holding
+    nothing; when every session holds a run, creating one is a 403 naming the flag."""
+    srv = Server(tmp_path, "--max-sessions-per-tenant", "3", "--api-key", f"q={KEY}", "--api-key", "o=tml-other")
+    h = {"X-API-Key": KEY}
+    try:
+        def session():
+            r = requests.post(srv.url + "/api/v1/create_session", json={}, headers=h)
+            return r
+
+        def run_in(sid):
+            p = requests.post(srv.url + "/api/v1/create_model", headers=h, json={
+                "session_id": sid, "base_model": MODEL_NAME, "lora_config": {"rank": 4}}).json()
+            done = requests.post(srv.url + "/api/v1/retrieve_future", json={"request_id": p["request_id"]},
+                                 headers=h).json()
+            assert done["model_id"] == p["model_id"], done
+
+        def listed():
+            return set(requests.get(srv.url + "/api/v1/sessions?limit=100", headers=h).json()["sessions"])
+
+        a, b, c = (session().json()["session_id"] for _ in range(3))
+        run_in(a)
+        d = session().json()["session_id"]
+        assert listed() == {a, c, d}, "the oldest empty session (b) made room"
+        run_in(c)
+        run_in(d)
+        refused = session()
+        assert refused.status_code == 403 and "--max-sessions-per-tenant" in refused.text, refused.text
+        other = requests.post(srv.url + "/api/v1/create_session", json={}, headers={"X-API-Key": "tml-other"})
+        assert other.status_code == 200, "another tenant is not limited by this one's sessions"
     finally:
         srv.stop()

@@ -67,6 +67,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Sessions one tenant may hold (`--max-sessions-per-tenant`, 0 = no limit).
+    pub max_sessions_per_tenant: usize,
     /// `/metrics` answers without a key (and shows no tenant's series).
     pub public_metrics: bool,
     /// Where the model runs, for stats.

@@ -213,6 +213,15 @@ struct ServeArgs {
     /// request still runs, once the loop is empty.
     #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
     max_kv_tokens: usize,
+    /// Client sessions (`create_session`, one per SDK ServiceClient) one tenant may hold (0 = no
+    /// limit). Creating one more forgets the tenant's oldest sessions that hold no training run,
+    /// sampling session or checkpoint; when every one holds something it is refused (403).
+    #[arg(
+        long,
+        env = "LORALOOM_MAX_SESSIONS_PER_TENANT",
+        default_value_t = 10_000
+    )]
+    max_sessions_per_tenant: usize,
     /// Sampling sessions one tenant may hold (0 = no limit). Registering one more removes the
     /// tenant's least recently used sessions unused for 60 s (with the checkpoints
     /// `save_weights_and_get_sampling_client` saved for them alone).
@@ -463,6 +472,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         long_poll: Duration::from_secs(args.long_poll_secs),
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.body_timeout_secs),
+        max_sessions_per_tenant: args.max_sessions_per_tenant,
         public_metrics: args.public_metrics,
         device,
         tokenizer_id,

@@ -83,6 +83,8 @@ pub struct FutureRow {
 pub trait Store: Send + Sync {
     /// Records a session.
     fn put_session(&self, row: &SessionRow) -> Result<()>;
+    /// Forgets a session.
+    fn delete_session(&self, id: &str) -> Result<()>;
     /// Every session.
     fn sessions(&self) -> Result<Vec<SessionRow>>;
     /// Records (or replaces) a run.
@@ -184,6 +186,13 @@ impl Store for SqliteStore {
                 params![r.id, r.tenant, r.created, r.details_json],
             )
             .map(|_| ())
+        })
+    }
+
+    fn delete_session(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM sessions WHERE id = ?1", params![id])
+                .map(|_| ())
         })
     }
 

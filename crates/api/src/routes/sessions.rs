@@ -107,6 +107,7 @@ pub(super) async fn create_session(
 
 /// Creates a session of `tenant` with `details`, stored; returns its id.
 fn register(state: &AppState, tenant: &str, details: SessionDetails) -> ApiResult<String> {
+    make_room(state, tenant)?;
     let id = new_id("session");
     let session = Session {
         tenant: tenant.to_string(),
@@ -265,6 +266,67 @@ pub(super) async fn finish_session(
         });
     })?;
     Ok(Json(json!({})))
+}
+
+/// Keeps `tenant` within `--max-sessions-per-tenant`: at the limit, its oldest sessions that
+/// hold nothing (no training run, sampling session or checkpoint of theirs exists) are
+/// forgotten, row and all, to make room for one more; when every session holds something the
+/// request is refused, naming the flag. Concurrent creations may pass the limit by a few.
+fn make_room(state: &AppState, tenant: &str) -> ApiResult<()> {
+    let limit = state.max_sessions_per_tenant;
+    if limit == 0 {
+        return Ok(());
+    }
+    let mut mine: Vec<(f64, String)> = state
+        .sessions
+        .iter()
+        .filter(|e| e.tenant == tenant)
+        .map(|e| (e.created, e.key().clone()))
+        .collect();
+    if mine.len() < limit {
+        return Ok(());
+    }
+    mine.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    let mut excess = mine.len() + 1 - limit;
+    let registry = state.engine.registry();
+    let runs: Vec<String> = registry
+        .models_of(tenant)
+        .iter()
+        .map(|e| e.key.model_id.clone())
+        .chain(
+            registry
+                .all_samplers()
+                .iter()
+                .filter(|e| e.key.tenant == tenant)
+                .map(|e| e.key.sampler_id.clone()),
+        )
+        .chain(
+            registry
+                .checkpoints_of(tenant, None)
+                .into_iter()
+                .map(|c| c.model_id),
+        )
+        .collect();
+    for (_, id) in mine {
+        if excess == 0 {
+            break;
+        }
+        if runs.iter().any(|child| belongs_to(child, &id)) {
+            continue;
+        }
+        if let Some(store) = registry.store() {
+            store.delete_session(&id)?;
+        }
+        state.sessions.remove(&id);
+        excess -= 1;
+    }
+    if excess > 0 {
+        return Err(ApiError::Engine(EngineError::LimitReached(format!(
+            "this tenant holds {limit} sessions, each with a training run, sampling session or \
+             checkpoint (--max-sessions-per-tenant {limit}); unload runs or delete checkpoints first"
+        ))));
+    }
+    Ok(())
 }
 
 /// Whether a run or sampling session id belongs to session `id`.
