@@ -156,6 +156,15 @@ struct ServeArgs {
     /// A file of API keys, one `tenant=tml-...` (or `tenant tml-...`) per line.
     #[arg(long, env = "LORALOOM_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// A tenant's scheduling weight as `tenant=W` (1 to 1000; repeatable, comma-separated in the
+    /// env variable; others weigh 1): a tenant of weight W gets W turns for each turn of a
+    /// tenant of weight 1, to start a batch and to join one, when the budget cannot take all.
+    #[arg(
+        long = "tenant-weight",
+        env = "LORALOOM_TENANT_WEIGHTS",
+        value_delimiter = ','
+    )]
+    tenant_weights: Vec<String>,
     /// Training runs one tenant may hold (0 = unlimited).
     #[arg(long, env = "LORALOOM_MAX_RUNS_PER_TENANT", default_value_t = 64)]
     max_runs_per_tenant: usize,
@@ -309,6 +318,26 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
     Ok((dir, name))
 }
 
+/// `--tenant-weight` entries (`tenant=W`, W from 1 to 1000) by tenant.
+fn parse_tenant_weights(entries: &[String]) -> anyhow::Result<HashMap<String, u32>> {
+    entries
+        .iter()
+        .map(|entry| {
+            let bad = || {
+                anyhow::anyhow!(
+                    "--tenant-weight `{entry}`: expected tenant=W with W from 1 to 1000"
+                )
+            };
+            let (tenant, weight) = entry.split_once('=').ok_or_else(bad)?;
+            let weight: u32 = weight.trim().parse().map_err(|_| bad())?;
+            if tenant.trim().is_empty() || !(1..=1000).contains(&weight) {
+                return Err(bad());
+            }
+            Ok((tenant.trim().to_string(), weight))
+        })
+        .collect()
+}
+
 fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
     let mut entries: Vec<String> = args.api_keys.clone();
     if let Some(file) = &args.api_keys_file {
@@ -323,6 +352,7 @@ fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth = load_auth(&args)?;
+    let tenant_weights = parse_tenant_weights(&args.tenant_weights)?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;
@@ -389,6 +419,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_checkpoints_per_tenant = args.max_checkpoints_per_tenant,
         max_checkpoint_bytes_per_tenant = checkpoint_bytes,
         max_samplers_per_tenant = args.max_samplers_per_tenant,
+        max_sessions_per_tenant = args.max_sessions_per_tenant,
+        ?tenant_weights,
         "tenant quotas"
     );
     let backends: Vec<Box<dyn Backend>> = (0..args.workers)
@@ -418,6 +450,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
             max_kv_tokens: args.max_kv_tokens,
+            tenant_weights: tenant_weights.clone(),
             max_sample_time: Duration::from_secs(args.max_sample_secs),
             max_checkpoints_per_tenant: args.max_checkpoints_per_tenant,
             min_checkpoint_ttl: Duration::from_secs(args.min_checkpoint_ttl_secs),
@@ -577,5 +610,23 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Bench(args) => bench(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_weights_parse_and_bad_ones_name_the_flag() {
+        let ok = parse_tenant_weights(&["gold=3".into(), " team b = 10".into()]).unwrap();
+        assert_eq!(
+            ok,
+            HashMap::from([("gold".into(), 3), ("team b".into(), 10)])
+        );
+        for bad in ["gold", "gold=0", "gold=1001", "=2", "gold=x"] {
+            let err = parse_tenant_weights(&[bad.into()]).unwrap_err().to_string();
+            assert!(err.contains("--tenant-weight"), "{bad}: {err}");
+        }
     }
 }

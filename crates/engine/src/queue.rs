@@ -48,6 +48,9 @@ pub struct Limits {
     /// loop may hold: sampling jobs join it while their need fits, the rest wait in their queue.
     /// A larger job still runs, once the loop is empty.
     pub max_kv_tokens: usize,
+    /// Scheduling weights by tenant (absent: 1): a tenant of weight `w` gets `w` turns for
+    /// every one of a tenant of weight 1, both to start a batch and to join one.
+    pub tenant_weights: HashMap<TenantId, u32>,
 }
 
 impl Default for Limits {
@@ -65,6 +68,7 @@ impl Default for Limits {
             max_checkpoints_per_tenant: 0,
             min_checkpoint_ttl: Duration::from_secs(3600),
             max_checkpoint_bytes_per_tenant: 0,
+            tenant_weights: HashMap::new(),
         }
     }
 }
@@ -96,15 +100,22 @@ pub struct SchedState {
     /// Shutdown without finishing the queue: workers drop their sampling jobs at the next token
     /// boundary ("server restarted") instead of decoding them to the end.
     stop_decoding: bool,
-    /// When each tenant last had a queue taken into a batch (a count of queues taken overall).
+    /// When each tenant last used up its turns (a count of turns used up overall); a tenant
+    /// of weight `w` uses up its turn every `w` queues taken.
     served: HashMap<TenantId, u64>,
     serve_count: u64,
+    /// Queues taken of each tenant since it last used up its turn (below its weight).
+    credit: HashMap<TenantId, u32>,
 }
 
-/// `ring` reordered tenant by tenant: every tenant's first queue (tenants in order of first
-/// appearance), then every tenant's second, and so on; `started` (the tenant whose queue began
-/// the batch) already had its first.
-fn interleave_by_tenant(ring: &[QueueKey], started: &str) -> Vec<QueueKey> {
+/// `ring` reordered tenant by tenant, in rounds: each round takes `weight` queues of every
+/// tenant (tenants in order of first appearance, a tenant's queues in ring order); `started`
+/// (the tenant whose queue began the batch) already had its first.
+fn interleave_by_tenant(
+    ring: &[QueueKey],
+    started: &str,
+    weight: impl Fn(&str) -> u32,
+) -> Vec<QueueKey> {
     let mut rank: HashMap<&str, usize> = HashMap::from([(started, 1)]);
     let mut keyed: Vec<(usize, usize, &QueueKey)> = Vec::with_capacity(ring.len());
     let mut tenants: Vec<&str> = Vec::new();
@@ -118,7 +129,7 @@ fn interleave_by_tenant(ring: &[QueueKey], started: &str) -> Vec<QueueKey> {
                 tenants.len() - 1
             }
         };
-        keyed.push((*nth, order, key));
+        keyed.push((*nth / weight(tenant) as usize, order, key));
         *nth += 1;
     }
     keyed.sort_by_key(|(nth, order, _)| (*nth, *order));
@@ -181,9 +192,19 @@ impl SchedState {
         self.paused = paused;
     }
 
-    /// When `tenant` last had a queue taken into a batch (0: never).
+    /// When `tenant` last used up its turn (0: never).
     fn last_served(&self, tenant: &str) -> u64 {
         self.served.get(tenant).copied().unwrap_or(0)
+    }
+
+    /// The scheduling weight of `tenant` (at least 1).
+    fn weight(&self, tenant: &str) -> u32 {
+        self.limits
+            .tenant_weights
+            .get(tenant)
+            .copied()
+            .unwrap_or(1)
+            .max(1)
     }
 
     /// Asks workers to drop their sampling jobs at the next token boundary (shutdown).
@@ -365,9 +386,9 @@ impl SchedState {
         }
         let (class, passing) = self.choose_class(except)?;
         self.passed_over = passing;
-        // The batch starts with the queue of this class whose tenant was served longest ago
-        // (ring order among a tenant's queues and between equals): a tenant with many queues
-        // gets no more turns than one with a single queue.
+        // The batch starts with the queue of this class whose tenant used up its turn longest
+        // ago (ring order among a tenant's queues and between equals): a tenant with many
+        // queues gets no more turns than one with a single queue, a tenant of weight w gets w.
         let at = self
             .ready
             .iter()
@@ -386,7 +407,9 @@ impl SchedState {
             // one's second, ...), so one tenant's many queues cannot fill the budget first.
             let ring: Vec<QueueKey> = std::mem::take(&mut self.ready).into();
             let mut skipped: Vec<QueueKey> = Vec::new();
-            for key in interleave_by_tenant(&ring, first.tenant()) {
+            let weights = |tenant: &str| self.weight(tenant);
+            let order = interleave_by_tenant(&ring, first.tenant(), weights);
+            for key in order {
                 let fits = self
                     .queues
                     .get(&key)
@@ -403,9 +426,15 @@ impl SchedState {
             self.ready = ring.into_iter().filter(|k| skipped.contains(k)).collect();
         }
         for key in &taken {
-            self.serve_count += 1;
-            self.served
-                .insert(key.tenant().to_string(), self.serve_count);
+            let tenant = key.tenant();
+            let weight = self.weight(tenant);
+            let credit = self.credit.entry(tenant.to_string()).or_insert(0);
+            *credit += 1;
+            if *credit >= weight {
+                *credit = 0;
+                self.serve_count += 1;
+                self.served.insert(tenant.to_string(), self.serve_count);
+            }
         }
         let queues = taken.len();
         self.mark_taken(taken);
@@ -721,6 +750,71 @@ mod tests {
             a_jobs_before_b <= 2,
             "b waited for {a_jobs_before_b} of a's jobs"
         );
+    }
+
+    #[test]
+    fn a_tenant_of_weight_three_gets_three_turns_for_each_of_a_tenant_of_weight_one() {
+        // Both tenants flood 4 runs each with jobs of the whole batch budget, so each batch
+        // holds one job and the order of batches is the order of turns.
+        let mut limits = Limits::default();
+        limits.tenant_weights.insert("gold".into(), 3);
+        let budget = limits.max_batch_tokens;
+        let mut s = SchedState::new(limits);
+        for r in 0..4 {
+            for j in 0..6 {
+                for tenant in ["gold", "plain"] {
+                    let id = format!("{tenant}{r}-{j}");
+                    s.push(job(
+                        &id,
+                        model(tenant, &format!("run{r}")),
+                        train_work(budget),
+                    ))
+                    .unwrap();
+                }
+            }
+        }
+        let mut turns = String::new();
+        for _ in 0..24 {
+            let batch = s.next_batch().unwrap();
+            assert_eq!(batch.len(), 1);
+            turns.push(if batch[0].queue.tenant() == "gold" {
+                'G'
+            } else {
+                'p'
+            });
+            s.finish(&[batch[0].queue.clone()]);
+        }
+        let gold = turns.matches('G').count();
+        assert_eq!(gold, 18, "three of every four turns: {turns}");
+        assert!(!turns.contains("GGGG") && !turns.contains("pp"), "{turns}");
+    }
+
+    #[test]
+    fn batches_of_a_weighted_tenant_take_its_weight_of_queues_per_round() {
+        // Budget for four jobs: gold (weight 2) has three queues first in the ring, plain two.
+        let mut limits = Limits {
+            max_batch_tokens: 400,
+            ..Limits::default()
+        };
+        limits.tenant_weights.insert("gold".into(), 2);
+        let mut s = SchedState::new(limits);
+        for r in 0..3 {
+            s.push(job(
+                &format!("g{r}"),
+                model("gold", &format!("r{r}")),
+                train_work(100),
+            ))
+            .unwrap();
+        }
+        for r in 0..2 {
+            s.push(job(
+                &format!("p{r}"),
+                model("plain", &format!("r{r}")),
+                train_work(100),
+            ))
+            .unwrap();
+        }
+        assert_eq!(ids(&s.next_batch().unwrap()), ["g0", "g1", "p0", "g2"]);
     }
 
     #[test]
