@@ -174,3 +174,35 @@ def test_kill_9_keeps_loaded_runs_and_refuses_a_step_whose_gradients_were_lost(t
         assert "metrics" in fb_out and "metrics" in optim_out, (fb_out, optim_out)
     finally:
         srv.stop()
+
+
+def test_inflight_sampling_sessions_follow_their_run_after_a_restart(tmp_path):
+    """A `kind="inflight"` sampling session keeps following its run's latest inflight save
+    after the server restarts (which run it follows is stored with it)."""
+    def inflight(srv, model_id, seq):
+        p = call(srv, "/api/v1/save_weights_for_sampler",
+                  {"model_id": model_id, "sampling_session_seq_id": seq, "kind": "inflight"})
+        return result(srv, p["request_id"])["sampling_session_id"]
+
+    def greedy(srv, sampler):
+        r = call(srv, "/api/v1/sample", {
+            "sampling_session_id": sampler, "num_samples": 1,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 504, 3437, 314, 260]}]},
+            "sampling_params": {"max_tokens": 8, "temperature": 0.0, "stop": []}})
+        return r["sequences"][0]["tokens"]
+
+    srv = Server(tmp_path)
+    _, model = new_run(srv)
+    first = inflight(srv, model, 1)
+    before = greedy(srv, first)
+    srv.stop()
+    srv = Server(tmp_path)
+    try:
+        for _ in range(4):
+            step(srv, model)
+        latest = inflight(srv, model, 2)
+        now = greedy(srv, latest)
+        assert now != before, "training changed the greedy answer"
+        assert greedy(srv, first) == now, "the inflight session from before the restart moved on"
+    finally:
+        srv.stop()

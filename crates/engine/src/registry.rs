@@ -136,7 +136,7 @@ pub struct SamplerEntry {
     /// Last time it sampled.
     pub last_access: LastAccess,
     /// The run whose inflight weights it follows (`kind="inflight"`): each later inflight save
-    /// of that run repoints it (in memory; after a restart it keeps the weights it had).
+    /// of that run repoints it (stored, so it goes on following after a restart).
     pub inflight_of: Option<String>,
     state: Mutex<Option<LoraAdapter>>,
 }
@@ -446,7 +446,8 @@ impl Registry {
                 tenant: row.tenant,
                 sampler_id: row.sampler_id,
             };
-            let entry = sampler_entry(key.clone(), source, &row.base_model, None);
+            let inflight_of = row.inflight_of.as_deref();
+            let entry = sampler_entry(key.clone(), source, &row.base_model, inflight_of);
             registry.samplers.insert(key, entry);
         }
         for row in store.models()? {
@@ -668,7 +669,7 @@ impl Registry {
         inflight_of: Option<&str>,
     ) -> Result<Arc<SamplerEntry>> {
         self.make_room_for_sampler(&key.tenant)?;
-        self.store_sampler(&key, &source, base_model)?;
+        self.store_sampler(&key, &source, base_model, inflight_of)?;
         let entry = sampler_entry(key.clone(), source, base_model, inflight_of);
         self.samplers.insert(key, entry.clone());
         Ok(entry)
@@ -680,6 +681,7 @@ impl Registry {
         key: &SamplerKey,
         source: &SamplerSource,
         base_model: &str,
+        inflight_of: Option<&str>,
     ) -> Result<()> {
         if let Some(store) = &self.durable {
             let checkpoint = match source {
@@ -691,6 +693,7 @@ impl Registry {
                 sampler_id: key.sampler_id.clone(),
                 checkpoint,
                 base_model: base_model.to_string(),
+                inflight_of: inflight_of.map(str::to_string),
             })?;
         }
         Ok(())
@@ -724,7 +727,7 @@ impl Registry {
             if !Arc::ptr_eq(&slot, &old) {
                 continue;
             }
-            self.store_sampler(&old.key, &source, base_model)?;
+            self.store_sampler(&old.key, &source, base_model, Some(model_id))?;
             *slot = sampler_entry(old.key.clone(), source.clone(), base_model, Some(model_id));
             drop(slot);
             if let SamplerSource::Checkpoint(before) = &old.source {

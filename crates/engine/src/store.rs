@@ -51,6 +51,8 @@ pub struct SamplerRow {
     pub checkpoint: Option<String>,
     /// Base model name.
     pub base_model: String,
+    /// The run whose inflight saves it follows (`kind="inflight"`), if any.
+    pub inflight_of: Option<String>,
 }
 
 /// A checkpoint in the index.
@@ -128,7 +130,7 @@ CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS models (tenant TEXT NOT NULL, model_id TEXT NOT NULL, base_model TEXT NOT NULL,
   spec TEXT NOT NULL, metadata TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (tenant, model_id));
 CREATE TABLE IF NOT EXISTS samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL, checkpoint TEXT,
-  base_model TEXT NOT NULL, PRIMARY KEY (tenant, sampler_id));
+  base_model TEXT NOT NULL, inflight_of TEXT, PRIMARY KEY (tenant, sampler_id));
 CREATE TABLE IF NOT EXISTS checkpoints (tenant TEXT NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL,
   PRIMARY KEY (tenant, path));
 CREATE TABLE IF NOT EXISTS futures (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
@@ -174,6 +176,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_details {
         conn.execute_batch("ALTER TABLE sessions ADD COLUMN details TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    let has_inflight = conn
+        .prepare("SELECT 1 FROM pragma_table_info('samplers') WHERE name = 'inflight_of'")?
+        .exists([])?;
+    if !has_inflight {
+        conn.execute_batch("ALTER TABLE samplers ADD COLUMN inflight_of TEXT")?;
     }
     Ok(())
 }
@@ -253,8 +261,8 @@ impl Store for SqliteStore {
     fn put_sampler(&self, r: &SamplerRow) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO samplers (tenant, sampler_id, checkpoint, base_model) VALUES (?1, ?2, ?3, ?4)",
-                params![r.tenant, r.sampler_id, r.checkpoint, r.base_model],
+                "INSERT OR REPLACE INTO samplers (tenant, sampler_id, checkpoint, base_model, inflight_of) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.tenant, r.sampler_id, r.checkpoint, r.base_model, r.inflight_of],
             )
             .map(|_| ())
         })
@@ -262,14 +270,16 @@ impl Store for SqliteStore {
 
     fn samplers(&self) -> Result<Vec<SamplerRow>> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT tenant, sampler_id, checkpoint, base_model FROM samplers")?;
+            let mut st = c.prepare(
+                "SELECT tenant, sampler_id, checkpoint, base_model, inflight_of FROM samplers",
+            )?;
             let rows = st.query_map([], |r| {
                 Ok(SamplerRow {
                     tenant: r.get(0)?,
                     sampler_id: r.get(1)?,
                     checkpoint: r.get(2)?,
                     base_model: r.get(3)?,
+                    inflight_of: r.get(4)?,
                 })
             })?;
             rows.collect()
@@ -424,19 +434,32 @@ mod tests {
     }
 
     #[test]
-    fn a_database_from_before_session_details_gains_the_column() {
+    fn a_database_from_before_session_details_and_inflight_samplers_gains_the_columns() {
         let dir = std::env::temp_dir().join(format!("loraloom-store-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         {
             let c = Connection::open(dir.join("loraloom.db")).unwrap();
             c.execute_batch(
                 "CREATE TABLE sessions (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created REAL NOT NULL);
-                 INSERT INTO sessions VALUES ('old', 't', 1.0);",
+                 INSERT INTO sessions VALUES ('old', 't', 1.0);
+                 CREATE TABLE samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL, checkpoint TEXT,
+                   base_model TEXT NOT NULL, PRIMARY KEY (tenant, sampler_id));
+                 INSERT INTO samplers VALUES ('t', 's', NULL, 'base');",
             )
             .unwrap();
         }
         let s = SqliteStore::open(&dir).unwrap();
         assert_eq!(s.sessions().unwrap()[0].details_json, "{}");
+        assert_eq!(s.samplers().unwrap()[0].inflight_of, None);
+        let follower = SamplerRow {
+            tenant: "t".into(),
+            sampler_id: "f".into(),
+            checkpoint: Some("tinker://run/sampler_weights/w".into()),
+            base_model: "base".into(),
+            inflight_of: Some("run".into()),
+        };
+        s.put_sampler(&follower).unwrap();
+        assert!(s.samplers().unwrap().contains(&follower));
         drop(s);
         // Opening again finds the column and leaves it be.
         assert_eq!(
