@@ -85,6 +85,10 @@ CASES = {
     "absurd_learning_rate": lambda s, run: (
         post(s, "/api/v1/optim_step", {"model_id": run["model_id"], "adam_params": {"learning_rate": 1e30}}),
         400, ["adam_params.learning_rate", "10"]),
+    "weight_decay_beyond_one_over_lr": lambda s, run: (
+        post(s, "/api/v1/optim_step", {"model_id": run["model_id"],
+                                       "adam_params": {"learning_rate": 1.0, "weight_decay": 5.0}}),
+        400, ["adam_params.weight_decay", "learning_rate"]),
     "huge_max_tokens": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

@@ -115,6 +115,8 @@ def test_sessions_per_tenant_forget_the_oldest_empty_ones_then_refuse(tmp_path):
         run_in(d)
         refused = session()
         assert refused.status_code == 403 and "--max-sessions-per-tenant" in refused.text, refused.text
+        usage = requests.get(srv.url + "/api/model-stats", headers=h).json()["your_usage"]
+        assert (usage["sessions"], usage["sessions_limit"]) == (3, 3), usage
         other = requests.post(srv.url + "/api/v1/create_session", json={}, headers={"X-API-Key": "tml-other"})
         assert other.status_code == 200, "another tenant is not limited by this one's sessions"
     finally:

@@ -216,8 +216,16 @@ pub async fn model_stats(
         },
         "your_models": runs,
         "your_queues": mine,
-        "your_usage": state.engine.usage(&tenant),
+        "your_usage": usage(&state, &tenant),
     })))
+}
+
+/// The tenant's usage against its limits: the engine's, plus its client sessions.
+fn usage(state: &AppState, tenant: &str) -> Value {
+    let mut usage = json!(state.engine.usage(tenant));
+    usage["sessions"] = json!(state.sessions.iter().filter(|s| s.tenant == tenant).count());
+    usage["sessions_limit"] = json!(state.max_sessions_per_tenant);
+    usage
 }
 
 /// `a / b`, 0 when `b` is 0.

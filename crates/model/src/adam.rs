@@ -90,6 +90,17 @@ impl AdamParams {
             self.weight_decay >= 0.0,
             "a finite number >= 0",
         )?;
+        // Decoupled decay scales the weights by 1 - lr * wd each step: beyond 1 it flips their
+        // sign and grows them until they overflow.
+        field(
+            "weight_decay",
+            self.weight_decay,
+            self.learning_rate * self.weight_decay <= 1.0,
+            &format!(
+                "at most 1 / learning_rate = {} (each step scales the weights by 1 - learning_rate * weight_decay)",
+                1.0 / self.learning_rate
+            ),
+        )?;
         field(
             "grad_clip_norm",
             self.grad_clip_norm,
