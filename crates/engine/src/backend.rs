@@ -480,6 +480,11 @@ impl ModelWorker {
         for (i, outcome) in stepping.into_iter().zip(outcomes) {
             match outcome {
                 Ok(stats) => stepped.push((i, stats)),
+                Err(ModelError::NonFiniteStep) => {
+                    let entry = entries[i].as_ref().expect("stepping runs have entries");
+                    let state = guards[i].as_mut().expect("stepping runs are locked");
+                    results[i] = Some(Err(self.roll_back(entry, state)));
+                }
                 Err(e) => results[i] = Some(Err(e.into())),
             }
         }
@@ -530,6 +535,37 @@ impl ModelWorker {
         }
         drop(guards);
         finish_runs(&entries, results)
+    }
+
+    /// Undoes a step that made the run's weights non-finite. With step snapshots the run's
+    /// snapshot holds its state from before the step: the weights are dropped and its next job
+    /// reloads that state (the gradients the step consumed are gone, and so is their pending
+    /// marker). Without, nothing holds that state, and the error says what to do instead.
+    fn roll_back(&self, entry: &ModelEntry, state: &mut RunState) -> EngineError {
+        if !self.snapshot_every_step {
+            return EngineError::invalid(
+                "adam_params",
+                "the step made the weights non-finite (NaN or infinite) and cannot be undone \
+                 without --step-snapshots; load the run's last checkpoint",
+            );
+        }
+        *state = RunState {
+            evicted: true,
+            ..RunState::default()
+        };
+        let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
+        if let Err(e) = std::fs::remove_file(&marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the pending-gradients marker");
+            }
+        }
+        tracing::warn!(model_id = %entry.key.model_id, "a step made the weights non-finite; rolled back");
+        EngineError::invalid(
+            "adam_params",
+            "the step made the weights non-finite (NaN or infinite): it was refused, the run is \
+             back at its state before the step and its gradients were discarded; lower \
+             learning_rate or raise eps",
+        )
     }
 
     /// Makes a run ready for an optimizer step: resident, with an optimizer. Fails (and clears

@@ -113,6 +113,7 @@ impl From<ModelError> for EngineError {
             ModelError::InvalidInput { field, reason } => {
                 EngineError::InvalidInput { field, reason }
             }
+            ModelError::NonFiniteStep => EngineError::invalid("adam_params", e.to_string()),
             ModelError::MissingTensor(_)
             | ModelError::WrongShape { .. }
             | ModelError::Config(_) => EngineError::invalid("checkpoint", e.to_string()),

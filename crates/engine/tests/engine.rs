@@ -603,6 +603,86 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
 }
 
 #[test]
+fn a_step_that_makes_the_weights_non_finite_is_refused_and_rolled_back() {
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let registry = Arc::new(Registry::new(temp_dir("rollback")));
+    let worker =
+        ModelWorker::new(decoder.shallow_clone(), registry.clone(), None).with_step_snapshots(true);
+    let config = EngineConfig {
+        limits: Limits::default(),
+        future_ttl: Duration::from_secs(60),
+        base: info(decoder.config().clone()),
+        max_runs_per_tenant: 0,
+        max_runs: 0,
+    };
+    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    let k = key("t", "a");
+    let q = QueueKey::Model(k.clone());
+    let id = engine
+        .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
+        .unwrap();
+    wait(&engine, "t", &id);
+    let run = |work: Work| {
+        let id = engine.submit(q.clone(), work).unwrap();
+        wait(&engine, "t", &id)
+    };
+    let fb = || Work::ForwardBackward {
+        data: data(0),
+        loss: LossFn::CrossEntropy,
+        backward: true,
+    };
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let params = || {
+        let entry = engine.registry().model("t", "a").unwrap();
+        let state = entry.lock();
+        let adapter = state.adapter.as_ref().expect("resident");
+        adapter.row().view(Field::Params).unwrap().copy()
+    };
+    assert!(matches!(run(fb()), FutureState::Done(_)));
+    assert!(matches!(
+        run(Work::OptimStep { params: hp }),
+        FutureState::Done(_)
+    ));
+    let good = params();
+    // Gradients are finite; a weight gone bad before the step makes the new weights non-finite.
+    assert!(matches!(run(fb()), FutureState::Done(_)));
+    {
+        let entry = engine.registry().model("t", "a").unwrap();
+        let state = entry.lock();
+        let row = state
+            .adapter
+            .as_ref()
+            .unwrap()
+            .row()
+            .view(Field::Params)
+            .unwrap();
+        let _ = row.get(0).fill_(f64::INFINITY);
+    }
+    match run(Work::OptimStep { params: hp }) {
+        FutureState::Failed(EngineError::InvalidInput { field, reason }) => {
+            assert_eq!(field, "adam_params");
+            assert!(
+                reason.contains("back at its state before the step"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected the step refused, got {other:?}"),
+    }
+    // The next job reloads the state from before the refused step, and training goes on.
+    assert!(matches!(run(fb()), FutureState::Done(_)));
+    assert_eq!((params() - &good).abs().max().double_value(&[]), 0.0);
+    assert!(matches!(
+        run(Work::OptimStep { params: hp }),
+        FutureState::Done(_)
+    ));
+    engine.shutdown(true);
+}
+
+#[test]
 fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_other_tenants() {
     let (engine, decoder) = model_engine();
     let one = spec(4, 0).resident_bytes(decoder.config());

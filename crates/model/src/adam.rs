@@ -161,8 +161,10 @@ const CHUNK_ELEMENTS: i64 = 1 << 26;
 
 /// Steps every job's adapter with its own hyperparameters, then zeroes its gradients; one
 /// result per job, in order. A run whose gradient norm is not finite is not stepped (its
-/// gradients are discarded, or every later step would fail the same way); invalid
-/// hyperparameters fail only their own job.
+/// gradients are discarded, or every later step would fail the same way); a run whose new
+/// weights are not finite fails [`ModelError::NonFiniteStep`] (its step is not counted, and its
+/// row and moments hold the bad step until the caller restores them); invalid hyperparameters
+/// fail only their own job.
 pub fn step_many(jobs: &mut [StepJob]) -> Vec<Result<StepStats>> {
     let mut results: Vec<Option<Result<StepStats>>> = jobs
         .iter()
@@ -321,7 +323,9 @@ fn grad_norms(t: &SlabTensors, rows: &Selected, numel: i64, device: Device) -> R
 }
 
 /// AdamW on the selected rows (row `i` with the factors' row `i`), then their gradients zeroed.
-fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<()> {
+/// Whether each row's new weights are all finite (one host transfer for all of them).
+fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<Vec<bool>> {
+    let mut finite: Option<Tensor> = None;
     for (start, width) in rows.chunks(numel) {
         let gather = |field: &Tensor| rows.take(&field.f_narrow(1, start, width)?);
         let mut g = gather(&t.grads)?;
@@ -339,6 +343,11 @@ fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<()
         let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
         let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
         let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
+        let chunk_finite = p.f_isfinite()?.f_all_dim(1, false)?;
+        finite = Some(match finite {
+            Some(so_far) => so_far.f_logical_and(&chunk_finite)?,
+            None => chunk_finite,
+        });
         if let Selected::Index(index) = rows {
             for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
                 let _ = field
@@ -347,7 +356,11 @@ fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<()
             }
         }
     }
-    rows.zero(&t.grads)
+    rows.zero(&t.grads)?;
+    match finite {
+        Some(finite) => Ok(Vec::<bool>::try_from(finite.f_to_device(Device::Cpu)?)?),
+        None => Ok(vec![true; rows.len() as usize]),
+    }
 }
 
 /// One fused step over `members` (indices into `jobs`), all rows of `slab`.
@@ -395,11 +408,15 @@ fn step_group(
             } else {
                 Selected::of(&rows_of(&stepping), device)?
             };
-            adamw(t, &selected, &Factors::new(&runs, device)?, numel)?;
-            for (&m, (_, norm, step)) in stepping.iter().zip(&runs) {
+            let finite = adamw(t, &selected, &Factors::new(&runs, device)?, numel)?;
+            for ((&m, (_, norm, step)), finite) in stepping.iter().zip(&runs).zip(finite) {
                 let job = &mut jobs[members[m]];
-                job.state.step = *step;
                 job.adapter.zero_grad_flag();
+                if !finite {
+                    outcomes[m] = Some(Err(ModelError::NonFiniteStep));
+                    continue;
+                }
+                job.state.step = *step;
                 outcomes[m] = Some(Ok(StepStats {
                     grad_norm: *norm,
                     step: *step,

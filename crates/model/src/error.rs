@@ -32,6 +32,10 @@ pub enum ModelError {
         /// Shape the config implies.
         expected: Vec<i64>,
     },
+    /// An optimizer step left the run's weights non-finite; the step was not counted and the
+    /// gradients were discarded, but the row holds the bad values until the caller restores it.
+    #[error("the optimizer step made the weights non-finite (NaN or infinite)")]
+    NonFiniteStep,
     /// Input that cannot be run (bad token ids, mismatched lengths, ...); names the field.
     #[error("invalid `{field}`: {reason}")]
     InvalidInput {
