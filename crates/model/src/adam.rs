@@ -325,7 +325,7 @@ fn grad_norms(t: &SlabTensors, rows: &Selected, numel: i64, device: Device) -> R
 /// AdamW on the selected rows (row `i` with the factors' row `i`), then their gradients zeroed.
 /// Whether each row's new weights are all finite (one host transfer for all of them).
 fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<Vec<bool>> {
-    let mut finite: Option<Tensor> = None;
+    let mut sums: Option<Tensor> = None;
     for (start, width) in rows.chunks(numel) {
         let gather = |field: &Tensor| rows.take(&field.f_narrow(1, start, width)?);
         let mut g = gather(&t.grads)?;
@@ -343,10 +343,12 @@ fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<Ve
         let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
         let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
         let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
-        let chunk_finite = p.f_isfinite()?.f_all_dim(1, false)?;
-        finite = Some(match finite {
-            Some(so_far) => so_far.f_logical_and(&chunk_finite)?,
-            None => chunk_finite,
+        // A row's sum is finite exactly when all its weights are (NaN and infinities carry
+        // through a sum; finite weights large enough to overflow it are broken anyway).
+        let chunk_sums = p.f_sum_dim_intlist(1, false, Kind::Float)?;
+        sums = Some(match sums {
+            Some(so_far) => so_far.f_add(&chunk_sums)?,
+            None => chunk_sums,
         });
         if let Selected::Index(index) = rows {
             for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
@@ -357,10 +359,13 @@ fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<Ve
         }
     }
     rows.zero(&t.grads)?;
-    match finite {
-        Some(finite) => Ok(Vec::<bool>::try_from(finite.f_to_device(Device::Cpu)?)?),
-        None => Ok(vec![true; rows.len() as usize]),
-    }
+    Ok(match sums {
+        Some(sums) => Vec::<f32>::try_from(sums.f_to_device(Device::Cpu)?)?
+            .into_iter()
+            .map(f32::is_finite)
+            .collect(),
+        None => vec![true; rows.len() as usize],
+    })
 }
 
 /// One fused step over `members` (indices into `jobs`), all rows of `slab`.
