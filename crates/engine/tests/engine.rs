@@ -395,12 +395,23 @@ fn model_engine() -> (Engine, Decoder) {
 /// Like [`model_engine`], keeping at most `max_resident` runs and `max_samplers` sampling
 /// sessions' weights in memory.
 fn model_engine_with(max_resident: usize, max_samplers: usize) -> (Engine, Decoder) {
+    model_engine_of(|worker| {
+        worker
+            .with_max_resident(max_resident)
+            .with_max_resident_samplers(max_samplers)
+    })
+}
+
+/// Like [`model_engine`], with its worker configured by `configure`.
+fn model_engine_of(configure: impl FnOnce(ModelWorker) -> ModelWorker) -> (Engine, Decoder) {
     let dir = tiny_checkpoint();
     let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
     let registry = Arc::new(Registry::new(temp_dir("reg")));
-    let worker = ModelWorker::new(decoder.shallow_clone(), registry.clone(), None)
-        .with_max_resident(max_resident)
-        .with_max_resident_samplers(max_samplers);
+    let worker = configure(ModelWorker::new(
+        decoder.shallow_clone(),
+        registry.clone(),
+        None,
+    ));
     let config = EngineConfig {
         limits: Limits::default(),
         future_ttl: Duration::from_secs(60),
@@ -604,19 +615,7 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
 
 #[test]
 fn a_step_that_makes_the_weights_non_finite_is_refused_and_rolled_back() {
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
-    let registry = Arc::new(Registry::new(temp_dir("rollback")));
-    let worker =
-        ModelWorker::new(decoder.shallow_clone(), registry.clone(), None).with_step_snapshots(true);
-    let config = EngineConfig {
-        limits: Limits::default(),
-        future_ttl: Duration::from_secs(60),
-        base: info(decoder.config().clone()),
-        max_runs_per_tenant: 0,
-        max_runs: 0,
-    };
-    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    let (engine, _) = model_engine_of(|worker| worker.with_step_snapshots(true));
     let k = key("t", "a");
     let q = QueueKey::Model(k.clone());
     let id = engine
