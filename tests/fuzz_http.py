@@ -386,23 +386,29 @@ class Round:
                                      r.status_code if r is not None else None, r.text[:500] if r is not None else ""))
 
     def settle_futures(self, deadline: float):
-        """Every accepted job either succeeded or failed with a user-facing error."""
+        """Every accepted job either succeeded or failed with a user-facing error, by the
+        deadline (a server that never answers a future is a finding too)."""
         for fid, method, path, headers, body in self.futures:
-            while time.time() < deadline:
+            settled = False
+            while not settled and time.time() < deadline:
                 try:
                     r = requests.post(self.url + "/api/v1/retrieve_future", json={"request_id": fid},
                                       headers={"X-API-Key": ALICE}, timeout=REQUEST_TIMEOUT)
                 except requests.RequestException:
                     break
-                if r.status_code == 408 or r.json().get("type") == "try_again":
+                if r.status_code == 408 or ("json" in r.headers.get("content-type", "")
+                                             and r.json().get("type") == "try_again"):
+                    time.sleep(0.05)
                     continue
+                settled = True
                 if r.status_code >= 500:
                     self.find(f"future answered {r.status_code}", method, path, headers, body, r)
                 else:
                     a = r.json() if "json" in r.headers.get("content-type", "") else {}
                     if a.get("error_type") == "internal":
                         self.find("future failed internal", method, path, headers, body, r)
-                break
+            if not settled:
+                self.find(f"future {fid} unsettled at the deadline", method, path, headers, body)
 
 
 def healthy(url: str) -> bool:
@@ -433,7 +439,7 @@ def fuzz(data_dir: Path, seed: int, secs: float, max_requests: int, out: Path | 
             if n % 100 == 0 and not healthy(srv.url):
                 rnd.find("server unhealthy", "GET", "/api/v1/healthz", {}, b"")
                 break
-        rnd.settle_futures(time.time() + 120)
+        rnd.settle_futures(time.time() + 300)
         findings = rnd.findings
         if srv.proc.poll() is not None:
             findings.append(Finding(f"server exited with {srv.proc.returncode}", "", "", {}, ""))

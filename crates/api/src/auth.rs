@@ -30,6 +30,16 @@ impl Auth {
         Auth { keys }
     }
 
+    /// Whether `tenant` is a configured tenant (every name is, in single-tenant mode, where the
+    /// only tenant is [`SINGLE_TENANT`]).
+    pub fn knows_tenant(&self, tenant: &str) -> bool {
+        if self.keys.is_empty() {
+            tenant == SINGLE_TENANT
+        } else {
+            self.keys.values().any(|t| t == tenant)
+        }
+    }
+
     /// Whether any `tml-` key is accepted (no keys configured).
     pub fn is_single_tenant(&self) -> bool {
         self.keys.is_empty()

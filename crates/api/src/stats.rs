@@ -54,7 +54,7 @@ pub fn install_recorder() -> &'static PrometheusHandle {
         describe_histogram!(
             metric::BATCH_SECONDS,
             Unit::Seconds,
-            "Worker time per batch other than decode steps; its sum is busy time."
+            "Worker time per batch other than decode steps."
         );
         describe_histogram!(
             metric::DECODE_STEP_SECONDS,
@@ -167,7 +167,7 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
     );
     count(
         "loraloom_decode_tokens_total",
-        "Tokens sampled; divided by the decode step count, the mean decode batch occupancy.",
+        "Tokens sampled; divided by loraloom_decode_step_seconds_count, the mean decode batch occupancy.",
         s.decode_tokens,
     );
 }

@@ -353,6 +353,9 @@ fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let auth = load_auth(&args)?;
     let tenant_weights = parse_tenant_weights(&args.tenant_weights)?;
+    if let Some(unknown) = tenant_weights.keys().find(|t| !auth.knows_tenant(t)) {
+        anyhow::bail!("--tenant-weight names `{unknown}`, which no API key belongs to");
+    }
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("bad --host/--port {}:{}", args.host, args.port))?;

@@ -5,7 +5,7 @@
 
 /// Seconds from a job's admission to its outcome.
 pub const JOB_SECONDS: &str = "loraloom_job_duration_seconds";
-/// Seconds a worker spent computing one batch other than a decode step (its sum is busy time).
+/// Seconds a worker spent computing one batch other than a decode step.
 pub const BATCH_SECONDS: &str = "loraloom_batch_seconds";
 /// Seconds one decode step took, over every sequence decoding at that moment.
 pub const DECODE_STEP_SECONDS: &str = "loraloom_decode_step_seconds";

@@ -477,9 +477,11 @@ impl SchedState {
     /// the next decode step), either possibly empty.
     ///
     /// Joining is fair between tenants, not queues: the next job always comes from the tenant
-    /// holding the least KV in the loop (ring order among equals), so a tenant's many sessions
-    /// get no more room than one session of another. When that job does not fit, no job joins
-    /// at this boundary: a tenant holding more may not take the room it is waiting for.
+    /// holding the least KV in the loop per unit of its weight (ring order among equals), so a
+    /// tenant's many sessions get no more room than one session of another. When that job does
+    /// not fit, no job joins at this boundary: a tenant holding more may not take the room it
+    /// is waiting for. A job larger than the whole budget is passed over (it runs alone once
+    /// the loop is empty).
     pub fn next_at_step_boundary(
         &mut self,
         held: &HashMap<TenantId, usize>,
@@ -500,9 +502,13 @@ impl SchedState {
                 .filter(|(_, key)| matches!(key, QueueKey::Sampler(_)))
                 .filter_map(|(place, key)| {
                     let head = self.queues.get(key)?.front()?;
-                    (head.work.class() == BatchClass::Sample).then(|| {
+                    let need = head.work.kv_tokens();
+                    // A job larger than the whole budget runs only once the loop is empty
+                    // (`next_batch`); waiting for it here would hold every other tenant back.
+                    (head.work.class() == BatchClass::Sample && need <= kv_budget).then(|| {
                         let holds = held.get(key.tenant()).copied().unwrap_or(0);
-                        ((holds, place), key.clone(), head.work.kv_tokens())
+                        let share = holds as u64 * 1000 / u64::from(self.weight(key.tenant()));
+                        ((share, place), key.clone(), need)
                     })
                 })
                 .min_by_key(|(order, _, _)| *order);
@@ -1001,6 +1007,28 @@ mod tests {
         let held: HashMap<TenantId, usize> = [("flood".to_string(), 60)].into();
         let (joining, _) = s.next_at_step_boundary(&held, 60, 100);
         assert_eq!(ids(&joining), ["o1", "f0"], "then the flooder's turn");
+    }
+
+    #[test]
+    fn a_job_larger_than_the_whole_kv_budget_does_not_hold_other_tenants_back() {
+        let mut s = SchedState::new(Limits::default());
+        let session = |tenant: &str| {
+            QueueKey::Sampler(SamplerKey {
+                tenant: tenant.into(),
+                sampler_id: "s".into(),
+            })
+        };
+        s.push(job("huge", session("big"), sample_work(198)))
+            .unwrap();
+        s.push(job("small", session("other"), sample_work(8)))
+            .unwrap();
+        let held: HashMap<TenantId, usize> = [("other".to_string(), 50)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, 50, 100);
+        assert_eq!(
+            ids(&joining),
+            ["small"],
+            "the 200-entry job waits for an empty loop"
+        );
     }
 
     #[test]

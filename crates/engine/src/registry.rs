@@ -384,32 +384,46 @@ impl Registry {
     /// Every resident adapter no worker is using this instant: (tenant, bytes, last access,
     /// which). Entries a worker holds are skipped: they are in use and cannot be evicted.
     pub fn resident_adapters(&self) -> Vec<ResidentAdapter> {
-        let runs = self.all_models().into_iter().filter_map(|e| {
-            let bytes = e.try_lock()?.adapter.as_ref()?.resident_bytes();
-            Some(ResidentAdapter {
-                tenant: e.key.tenant.clone(),
-                bytes,
-                last_access: e.last_access(),
-                holder: Holder::Run(e),
-            })
-        });
-        let samplers = self.all_samplers().into_iter().filter_map(|e| {
-            let bytes = e.try_lock()?.as_ref()?.resident_bytes();
-            Some(ResidentAdapter {
-                tenant: e.key.tenant.clone(),
-                bytes,
-                last_access: e.last_access.get(),
-                holder: Holder::Sampler(e),
-            })
-        });
+        self.resident_adapters_of(None)
+    }
+
+    /// [`Registry::resident_adapters`] of one tenant, or of all (`None`); other tenants'
+    /// entries are never locked.
+    fn resident_adapters_of(&self, tenant: Option<&str>) -> Vec<ResidentAdapter> {
+        let mine = |owner: &str| tenant.is_none_or(|t| t == owner);
+        let runs = self
+            .all_models()
+            .into_iter()
+            .filter(|e| mine(&e.key.tenant))
+            .filter_map(|e| {
+                let bytes = e.try_lock()?.adapter.as_ref()?.resident_bytes();
+                Some(ResidentAdapter {
+                    tenant: e.key.tenant.clone(),
+                    bytes,
+                    last_access: e.last_access(),
+                    holder: Holder::Run(e),
+                })
+            });
+        let samplers = self
+            .all_samplers()
+            .into_iter()
+            .filter(|e| mine(&e.key.tenant))
+            .filter_map(|e| {
+                let bytes = e.try_lock()?.as_ref()?.resident_bytes();
+                Some(ResidentAdapter {
+                    tenant: e.key.tenant.clone(),
+                    bytes,
+                    last_access: e.last_access.get(),
+                    holder: Holder::Sampler(e),
+                })
+            });
         runs.chain(samplers).collect()
     }
 
     /// Bytes of `tenant`'s resident adapters that no worker is using this instant.
     pub fn resident_bytes(&self, tenant: &str) -> u64 {
-        self.resident_adapters()
+        self.resident_adapters_of(Some(tenant))
             .iter()
-            .filter(|r| r.tenant == tenant)
             .map(|r| r.bytes)
             .sum()
     }

@@ -268,8 +268,8 @@ pub(super) async fn finish_session(
     Ok(Json(json!({})))
 }
 
-/// Keeps `tenant` within `--max-sessions-per-tenant`: at the limit, its oldest sessions that
-/// hold nothing (no training run, sampling session or checkpoint of theirs exists) are
+/// Keeps `tenant` within `--max-sessions-per-tenant`: at the limit, its finished sessions, then
+/// its oldest, that hold nothing (no training run, sampling session or checkpoint of theirs exists) are
 /// forgotten, row and all, to make room for one more; when every session holds something the
 /// request is refused, naming the flag. Concurrent creations may pass the limit by a few.
 fn make_room(state: &AppState, tenant: &str) -> ApiResult<()> {
@@ -277,16 +277,22 @@ fn make_room(state: &AppState, tenant: &str) -> ApiResult<()> {
     if limit == 0 {
         return Ok(());
     }
-    let mut mine: Vec<(f64, String)> = state
+    // Finished sessions go first, then the oldest.
+    let mut mine: Vec<(bool, f64, String)> = state
         .sessions
         .iter()
         .filter(|e| e.tenant == tenant)
-        .map(|e| (e.created, e.key().clone()))
+        .map(|e| (e.details.finished.is_none(), e.created, e.key().clone()))
         .collect();
     if mine.len() < limit {
         return Ok(());
     }
-    mine.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    mine.sort_by(|a, b| {
+        (a.0, a.1)
+            .partial_cmp(&(b.0, b.1))
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.2.cmp(&b.2))
+    });
     let mut excess = mine.len() + 1 - limit;
     let registry = state.engine.registry();
     let runs: Vec<String> = registry
@@ -307,17 +313,19 @@ fn make_room(state: &AppState, tenant: &str) -> ApiResult<()> {
                 .map(|c| c.model_id),
         )
         .collect();
-    for (_, id) in mine {
+    for (_, _, id) in mine {
         if excess == 0 {
             break;
         }
         if runs.iter().any(|child| belongs_to(child, &id)) {
             continue;
         }
+        // The map entry first: a change of the session racing this one then finds no session
+        // instead of writing its row back after the delete.
+        state.sessions.remove(&id);
         if let Some(store) = registry.store() {
             store.delete_session(&id)?;
         }
-        state.sessions.remove(&id);
         excess -= 1;
     }
     if excess > 0 {
