@@ -80,8 +80,6 @@ pub struct StatsSnapshot {
     pub max_batch: u64,
     /// Tokens put through the model.
     pub tokens: u64,
-    /// Seconds workers spent computing.
-    pub busy_seconds: f64,
     /// Failures by error kind.
     pub failures_by_kind: HashMap<String, u64>,
     /// Per queue.
@@ -111,7 +109,6 @@ struct Counters {
     batched_jobs: AtomicU64,
     max_batch: AtomicU64,
     tokens: AtomicU64,
-    busy_ns: AtomicU64,
     per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
     failures: Mutex<HashMap<String, u64>>,
     prefills: AtomicU64,
@@ -667,7 +664,6 @@ impl Engine {
             batched_jobs: c.batched_jobs.load(Ordering::Relaxed),
             max_batch: c.max_batch.load(Ordering::Relaxed),
             tokens: c.tokens.load(Ordering::Relaxed),
-            busy_seconds: c.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
             failures_by_kind: lock(&c.failures).clone(),
             queues,
             models: self.inner.registry.model_count(),
@@ -912,10 +908,7 @@ fn start_jobs(inner: &Inner, batch: &[Job]) {
 /// Counts a batch's jobs and tokens.
 fn count_batch(inner: &Inner, batch: &[Job], started: Instant) {
     let c = &inner.counters;
-    let took = started.elapsed();
-    metrics::histogram!(crate::metric::BATCH_SECONDS).record(took.as_secs_f64());
-    c.busy_ns
-        .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    metrics::histogram!(crate::metric::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     c.batches.fetch_add(1, Ordering::Relaxed);
     c.batched_jobs
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -1008,9 +1001,8 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
     let c = &inner.counters;
     let took = started.elapsed();
     metrics::histogram!(crate::metric::DECODE_STEP_SECONDS).record(took.as_secs_f64());
-    let ns = took.as_nanos() as u64;
-    c.busy_ns.fetch_add(ns, Ordering::Relaxed);
-    c.decode_ns.fetch_add(ns, Ordering::Relaxed);
+    c.decode_ns
+        .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     c.decode_steps.fetch_add(1, Ordering::Relaxed);
     c.decode_tokens
         .fetch_add(step.tokens as u64, Ordering::Relaxed);
