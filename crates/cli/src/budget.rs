@@ -46,31 +46,39 @@ pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(
 /// may hold by default.
 const TENANT_RESIDENT_SHARE: f64 = 0.25;
 
-/// Resolves `--max-resident-bytes-per-tenant` (`auto`, a size such as `4G`, or 0 for no
-/// limit) into bytes, with a line saying where the figure came from. `auto` is a quarter of
-/// the memory free now (RAM, or the GPU's memory on a GPU, where adapters live).
-pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, String)> {
-    match choice.trim() {
-        "0" => Ok((0, "no limit".into())),
+/// Resolves a per-tenant byte limit `flag` given as `auto` (`auto()` gives the bytes and where
+/// they came from), `0` (no limit) or a size such as `4G`, into bytes with a line saying where
+/// the figure came from.
+pub fn byte_limit(
+    flag: &str,
+    choice: &str,
+    auto: impl FnOnce() -> (u64, String),
+) -> anyhow::Result<(u64, String)> {
+    Ok(match choice.trim() {
+        "0" => (0, "no limit".into()),
         "auto" => {
-            let (free, source) = free_memory(device);
-            let free = free.unwrap_or(FALLBACK * 2);
-            let bytes = (free as f64 * TENANT_RESIDENT_SHARE) as u64;
-            Ok((
-                bytes,
-                format!(
-                    "{} (auto: a quarter of {} {source})",
-                    human_bytes(bytes),
-                    human_bytes(free)
-                ),
-            ))
+            let (bytes, source) = auto();
+            (bytes, format!("{} (auto: {source})", human_bytes(bytes)))
         }
         size => {
-            let bytes = parse_bytes(size)
-                .map_err(|e| anyhow::anyhow!("--max-resident-bytes-per-tenant: {e}"))?;
-            Ok((bytes, format!("{} (set)", human_bytes(bytes))))
+            let bytes = parse_bytes(size).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+            (bytes, format!("{} (set)", human_bytes(bytes)))
         }
-    }
+    })
+}
+
+/// Resolves `--max-resident-bytes-per-tenant` ([`byte_limit`]); `auto` is a quarter of the
+/// memory free now (RAM, or the GPU's memory on a GPU, where adapters live).
+pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, String)> {
+    byte_limit("--max-resident-bytes-per-tenant", choice, || {
+        let (free, source) = free_memory(device);
+        let free = free.unwrap_or(FALLBACK * 2);
+        let bytes = (free as f64 * TENANT_RESIDENT_SHARE) as u64;
+        (
+            bytes,
+            format!("a quarter of {} {source}", human_bytes(free)),
+        )
+    })
 }
 
 /// The memory free now where the model runs, and what it is.
@@ -120,5 +128,15 @@ mod tests {
         let (one, _) = resolve("auto", Device::Cpu, 1).unwrap();
         assert!(one > 0);
         assert!(resolve("lots", Device::Cpu, 1).is_err());
+    }
+
+    #[test]
+    fn byte_limits_are_auto_none_or_a_size_and_bad_ones_name_the_flag() {
+        let auto = || (7, "seven".to_string());
+        assert_eq!(byte_limit("--f", "0", auto).unwrap().0, 0);
+        assert_eq!(byte_limit("--f", " auto ", auto).unwrap().0, 7);
+        assert_eq!(byte_limit("--f", "4G", auto).unwrap().0, 4 << 30);
+        let err = byte_limit("--f", "lots", auto).unwrap_err().to_string();
+        assert!(err.starts_with("--f:"), "{err}");
     }
 }

@@ -412,12 +412,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget::tenant_resident(&args.max_resident_bytes_per_tenant, base.decoder().device())?;
     tracing::info!("resident adapters per tenant: {resident_source}");
     registry.set_max_resident_bytes_per_tenant(resident_limit);
-    let checkpoint_bytes = match args.max_checkpoint_bytes_per_tenant.trim() {
-        "auto" => free_disk_bytes(&args.data_dir) / 2,
-        "0" => 0,
-        size => loraloom_model::parse_bytes(size)
-            .map_err(|e| anyhow::anyhow!("--max-checkpoint-bytes-per-tenant: {e}"))?,
-    };
+    let (checkpoint_bytes, checkpoint_source) = budget::byte_limit(
+        "--max-checkpoint-bytes-per-tenant",
+        &args.max_checkpoint_bytes_per_tenant,
+        || {
+            let free = free_disk_bytes(&args.data_dir);
+            (
+                free / 2,
+                format!("half of {} free disk", loraloom_model::human_bytes(free)),
+            )
+        },
+    )?;
+    tracing::info!("checkpoint bytes per tenant: {checkpoint_source}");
     tracing::info!(
         max_checkpoints_per_tenant = args.max_checkpoints_per_tenant,
         max_checkpoint_bytes_per_tenant = checkpoint_bytes,
