@@ -493,7 +493,9 @@ impl SchedState {
         }
         let mut joining = Vec::new();
         let mut kv = kv_in_use;
-        let mut held = held.clone();
+        // What joins here, per tenant, on top of `held` (an empty map allocates nothing, so a
+        // step at which nothing joins costs no copy of `held`).
+        let mut joined: HashMap<TenantId, usize> = HashMap::new();
         loop {
             let next = self
                 .ready
@@ -506,8 +508,10 @@ impl SchedState {
                     // A job larger than the whole budget runs only once the loop is empty
                     // (`next_batch`); waiting for it here would hold every other tenant back.
                     (head.work.class() == BatchClass::Sample && need <= kv_budget).then(|| {
-                        let holds = held.get(key.tenant()).copied().unwrap_or(0);
-                        let share = holds as u64 * 1000 / u64::from(self.weight(key.tenant()));
+                        let tenant = key.tenant();
+                        let holds = held.get(tenant).copied().unwrap_or(0)
+                            + joined.get(tenant).copied().unwrap_or(0);
+                        let share = holds as u64 * 1000 / u64::from(self.weight(tenant));
                         ((share, place), key.clone(), need)
                     })
                 })
@@ -519,7 +523,7 @@ impl SchedState {
                 break;
             }
             kv += need;
-            *held.entry(key.tenant().to_string()).or_default() += need;
+            *joined.entry(key.tenant().to_string()).or_default() += need;
             joining.push(self.pop_job(&key).expect("a head exists"));
             if !self.queues.contains_key(&key) {
                 self.ready.retain(|k| k != &key);

@@ -967,6 +967,15 @@ impl Registry {
             .count()
     }
 
+    /// The sampling sessions of `tenant`.
+    pub fn samplers_of(&self, tenant: &str) -> Vec<Arc<SamplerEntry>> {
+        self.samplers
+            .iter()
+            .filter(|e| e.key().tenant == tenant)
+            .map(|e| e.value().clone())
+            .collect()
+    }
+
     /// Every sampling session (all tenants).
     pub fn all_samplers(&self) -> Vec<Arc<SamplerEntry>> {
         self.samplers.iter().map(|e| e.value().clone()).collect()

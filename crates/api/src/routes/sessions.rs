@@ -301,9 +301,8 @@ fn make_room(state: &AppState, tenant: &str) -> ApiResult<()> {
         .map(|e| e.key.model_id.clone())
         .chain(
             registry
-                .all_samplers()
+                .samplers_of(tenant)
                 .iter()
-                .filter(|e| e.key.tenant == tenant)
                 .map(|e| e.key.sampler_id.clone()),
         )
         .chain(
@@ -374,9 +373,9 @@ pub(super) async fn get_session(
         .collect();
     runs.sort();
     let mut samplers: Vec<String> = registry
-        .all_samplers()
+        .samplers_of(&tenant)
         .iter()
-        .filter(|e| e.key.tenant == tenant && belongs_to(&e.key.sampler_id, &id))
+        .filter(|e| belongs_to(&e.key.sampler_id, &id))
         .map(|e| e.key.sampler_id.clone())
         .collect();
     samplers.sort();
