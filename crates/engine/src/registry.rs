@@ -1166,6 +1166,18 @@ mod tests {
         assert!(validate_name("a/b").is_err());
     }
 
+    /// A rank-2 spec of attention and MLP layers.
+    fn small_spec() -> LoraSpec {
+        LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: true,
+            train_unembed: false,
+        }
+    }
+
     fn record(dir: &std::path::Path, name: &str, ephemeral: bool) -> CheckpointRecord {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -1180,14 +1192,7 @@ mod tests {
             size_bytes: 1,
             expires_at: None,
             user_metadata: None,
-            spec: LoraSpec {
-                rank: 2,
-                alpha: 4.0,
-                seed: 0,
-                train_attn: true,
-                train_mlp: true,
-                train_unembed: false,
-            },
+            spec: small_spec(),
             ephemeral,
             public: false,
         }
@@ -1201,14 +1206,7 @@ mod tests {
             tenant: "t".into(),
             model_id: "run".into(),
         };
-        let spec = LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            seed: 0,
-            train_attn: true,
-            train_mlp: true,
-            train_unembed: false,
-        };
+        let spec = small_spec();
         let entry = registry
             .add_model(key.clone(), "base", spec, serde_json::Value::Null)
             .unwrap();
