@@ -19,7 +19,7 @@ from tinker import types
 from transformers import AutoModelForCausalLM
 
 from conftest import ALICE, BOB, TWO_TENANTS, DEFAULT_MODEL_DIR, MODEL_NAME, Server
-from test_sdk import PAIRS, make_datum
+from test_sdk import PAIRS, train_on_pairs
 
 NEW_TOKENS = 12
 
@@ -35,10 +35,7 @@ def export_server(tmp_path_factory):
 def trained(export_server, tokenizer):
     sc = tinker.ServiceClient(base_url=export_server.url, api_key=ALICE)
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=3).result()
-    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
-    for _ in range(4):
-        tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=2e-3)).result()
+    train_on_pairs(tc, tokenizer, steps=4, learning_rate=2e-3)
     state = tc.save_state("final").result().path
     sampler = tc.save_weights_and_get_sampling_client().result()
     yield tc, state, sampler

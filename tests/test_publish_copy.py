@@ -8,7 +8,7 @@ import tinker
 from tinker import types
 
 from conftest import ALICE, BOB, TWO_TENANTS, MODEL_NAME, Server
-from test_sdk import PAIRS, make_datum
+from test_sdk import PAIRS, train_on_pairs
 
 
 
@@ -28,10 +28,7 @@ def greedy(sampler, tokenizer):
 def test_publish_then_others_read_but_never_write_and_copies_outlive_their_source(srv, tokenizer):
     alice = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
     tc = alice.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=5).result()
-    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
-    for _ in range(3):
-        tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
+    train_on_pairs(tc, tokenizer, steps=3, learning_rate=3e-3)
     state = tc.save_state("shared").result().path
     weights = tc.save_weights_for_sampler("shared-sampler").result().path
     expected = greedy(alice.create_sampling_client(model_path=weights), tokenizer)
@@ -94,14 +91,11 @@ def test_inflight_samplers_follow_the_runs_latest_inflight_save(srv, tokenizer):
     run's latest inflight save (as a snapshot of those weights does); snapshots stay fixed."""
     sc = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=9).result()
-    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
     first = tc.save_weights_and_get_sampling_client(kind="inflight").result()
     snapshot = tc.save_weights_and_get_sampling_client().result()
     before = greedy(first, tokenizer)
     assert greedy(snapshot, tokenizer) == before
-    for _ in range(6):
-        tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+    train_on_pairs(tc, tokenizer, steps=6, learning_rate=5e-3)
     second = tc.save_weights_and_get_sampling_client(kind="inflight").result()
     now = greedy(tc.save_weights_and_get_sampling_client().result(), tokenizer)
     assert now != before, "training changed the greedy answer"

@@ -28,6 +28,14 @@ def make_datum(tokenizer, prompt, answer):
     )
 
 
+def train_on_pairs(tc, tokenizer, steps, learning_rate):
+    """`steps` rounds of cross-entropy forward_backward on PAIRS, each followed by an AdamW step."""
+    data = [make_datum(tokenizer, p, a) for p, a in PAIRS]
+    for _ in range(steps):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=learning_rate)).result()
+
+
 def client(server, key=ALICE):
     return tinker.ServiceClient(base_url=server.url, api_key=key)
 
