@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod proto;
+pub mod provenance;
 pub mod responses;
 pub mod results;
 pub mod routes;

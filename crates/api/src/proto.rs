@@ -165,6 +165,45 @@ pub struct Datum {
     /// Loss inputs by name.
     #[prost(map = "string, message", tag = "2")]
     pub loss_fn_inputs: HashMap<String, Tensor>,
+    /// Where each model input token came from (runs tiling the input).
+    #[prost(message, repeated, tag = "3")]
+    pub model_input_spans: Vec<ProvenanceSpan>,
+    /// Where each target token came from (runs tiling `target_tokens`).
+    #[prost(message, repeated, tag = "4")]
+    pub loss_fn_input_spans: Vec<ProvenanceSpan>,
+}
+
+/// `PromptProvenanceSpan` and `SampledProvenanceSpan` (the same fields).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SpanRun {
+    /// `SampledSequence.sequence_id`.
+    #[prost(string, tag = "1")]
+    pub sequence_id: String,
+    /// Position of the run in the sequence's prompt or sampled tokens.
+    #[prost(int64, tag = "2")]
+    pub offset: i64,
+    /// Tokens covered.
+    #[prost(int64, tag = "3")]
+    pub length: i64,
+}
+
+/// `ProvenanceSpan.span` oneof.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum SpanKind {
+    /// Tokens of a sampling request's prompt.
+    #[prost(message, tag = "1")]
+    PromptTokens(SpanRun),
+    /// Tokens a sampled sequence produced.
+    #[prost(message, tag = "2")]
+    SampledTokens(SpanRun),
+}
+
+/// `ProvenanceSpan`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProvenanceSpan {
+    /// The run.
+    #[prost(oneof = "SpanKind", tags = "1, 2")]
+    pub span: Option<SpanKind>,
 }
 
 /// `ForwardBackwardRequest`.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
 use crate::proto;
+use crate::provenance;
 
 /// `ModelInput`: a list of chunks; only token chunks are meaningful to a text model.
 #[derive(Debug, Deserialize)]
@@ -286,6 +287,7 @@ pub fn build_datum(
             logprobs,
             advantages,
             sequence_ratio_mask,
+            recorded: None,
         },
     })
 }
@@ -298,6 +300,12 @@ pub struct JsonDatum {
     /// Loss inputs by name.
     #[serde(default)]
     pub loss_fn_inputs: HashMap<String, TensorData>,
+    /// Where each model input token came from.
+    #[serde(default)]
+    pub model_input_spans: Option<Vec<provenance::JsonSpan>>,
+    /// Where each target token came from.
+    #[serde(default)]
+    pub loss_fn_input_spans: Option<Vec<provenance::JsonSpan>>,
 }
 
 /// JSON body of `forward_backward` / `forward` for clients without protobuf.
@@ -334,6 +342,8 @@ pub struct TrainInput {
     pub loss: LossFn,
     /// Accumulate gradients.
     pub backward: bool,
+    /// Each datum's provenance spans, if it has them.
+    pub provenance: Vec<Option<provenance::Provenance>>,
 }
 
 impl JsonForwardBackwardRequest {
@@ -348,6 +358,7 @@ impl JsonForwardBackwardRequest {
             .collect();
         let loss = LossFn::from_name(&input.loss_fn, &config).map_err(to_api)?;
         let mut data = Vec::with_capacity(input.data.len());
+        let mut spans = Vec::with_capacity(input.data.len());
         for (i, d) in input.data.into_iter().enumerate() {
             let tokens = d.model_input.tokens(&format!("data[{i}].model_input"))?;
             let mut raw = HashMap::new();
@@ -355,13 +366,24 @@ impl JsonForwardBackwardRequest {
                 let f = format!("data[{i}].loss_fn_inputs.{name}");
                 raw.insert(name, t.into_raw(&f)?);
             }
-            data.push(build_datum(i, tokens, raw)?);
+            let datum = build_datum(i, tokens, raw)?;
+            let model_input = provenance::from_json(
+                &format!("data[{i}].model_input_spans"),
+                d.model_input_spans.unwrap_or_default(),
+            )?;
+            let targets = provenance::from_json(
+                &format!("data[{i}].loss_fn_input_spans"),
+                d.loss_fn_input_spans.unwrap_or_default(),
+            )?;
+            spans.push(provenance::check(i, &datum, model_input, targets)?);
+            data.push(datum);
         }
         Ok(TrainInput {
             model_id: self.model_id,
             data,
             loss,
             backward: !(self.forward_only || force_forward),
+            provenance: spans,
         })
     }
 }
@@ -400,6 +422,7 @@ pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainI
     }
     let loss = LossFn::from_name(&req.loss_fn, &config).map_err(to_api)?;
     let mut data = Vec::with_capacity(req.data.len());
+    let mut spans = Vec::with_capacity(req.data.len());
     for (i, d) in req.data.into_iter().enumerate() {
         let mut tokens = Vec::new();
         for (c, chunk) in d.model_input.into_iter().enumerate() {
@@ -428,13 +451,22 @@ pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainI
             let f = format!("data[{i}].loss_fn_inputs.{name}");
             raw.insert(name, proto_tensor(&f, t)?);
         }
-        data.push(build_datum(i, tokens, raw)?);
+        let datum = build_datum(i, tokens, raw)?;
+        let model_input =
+            provenance::from_proto(&format!("data[{i}].model_input_spans"), d.model_input_spans)?;
+        let targets = provenance::from_proto(
+            &format!("data[{i}].loss_fn_input_spans"),
+            d.loss_fn_input_spans,
+        )?;
+        spans.push(provenance::check(i, &datum, model_input, targets)?);
+        data.push(datum);
     }
     Ok(TrainInput {
         model_id: req.model_id,
         data,
         loss,
         backward: !req.forward_only,
+        provenance: spans,
     })
 }
 

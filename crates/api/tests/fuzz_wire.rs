@@ -20,6 +20,22 @@ const VALID_JSON: &str = r#"{"model_id":"m","forward_backward_input":{"loss_fn":
 "target_tokens":{"data":[2,3,4],"dtype":"int64","shape":[3]},"logprobs":{"data":[-1,-2,-3],"dtype":"float32"},
 "advantages":{"data":[0.5,0.1,-1],"dtype":"float32","shape":[3]}}}]}}"#;
 
+/// A provenance run over `length` tokens of sequence `s:0`.
+fn span(prompt: bool, offset: i64, length: i64) -> proto::ProvenanceSpan {
+    let run = proto::SpanRun {
+        sequence_id: "s:0".into(),
+        offset,
+        length,
+    };
+    proto::ProvenanceSpan {
+        span: Some(if prompt {
+            proto::SpanKind::PromptTokens(run)
+        } else {
+            proto::SpanKind::SampledTokens(run)
+        }),
+    }
+}
+
 fn valid_proto() -> Vec<u8> {
     let tensor = |dtype, bytes: Vec<u8>, n| proto::Tensor {
         encoding: Some(proto::Encoding::Dense(bytes)),
@@ -44,6 +60,8 @@ fn valid_proto() -> Vec<u8> {
         ]
         .into_iter()
         .collect(),
+        model_input_spans: vec![span(true, 0, 1), span(false, 0, 2)],
+        loss_fn_input_spans: vec![span(true, 1, 0), span(false, 0, 3)],
     };
     ForwardBackwardRequest {
         model_id: "m".into(),
@@ -90,6 +108,8 @@ fn the_valid_seeds_decode() {
     let proto = ForwardBackwardRequest::decode(valid_proto().as_slice()).unwrap();
     let input = proto_train_input(proto).unwrap();
     assert_eq!(input.data[0].loss_inputs.target_tokens, vec![2, 3, 4]);
+    let spans = input.provenance[0].as_ref().expect("the spans decode");
+    assert_eq!((spans.model_input.len(), spans.targets.len()), (2, 2));
 }
 
 #[test]

@@ -41,6 +41,7 @@ fn datum(seed: usize, len: usize, vocab: i64) -> Datum {
             logprobs: None,
             advantages: None,
             sequence_ratio_mask: None,
+            recorded: None,
         },
     }
 }
@@ -356,6 +357,7 @@ fn through_engine(
         base: info.clone(),
         max_runs_per_tenant: 0,
         max_runs: 0,
+        max_recorded_samples_per_tenant: 1000,
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker) as Box<dyn Backend>]);
     let rt = tokio::runtime::Builder::new_current_thread()

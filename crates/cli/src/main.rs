@@ -171,6 +171,16 @@ struct ServeArgs {
     /// Training runs the server may hold in total (0 = unlimited).
     #[arg(long, env = "LORALOOM_MAX_RUNS", default_value_t = 1024)]
     max_runs: usize,
+    /// Sampled sequences one tenant may have recorded for `stable_reinforce`
+    /// (`record_stability_info`); beyond it the least recently used are forgotten. Each is
+    /// kept a day after it was sampled or last trained on.
+    #[arg(
+        long,
+        env = "LORALOOM_MAX_RECORDED_SAMPLES_PER_TENANT",
+        default_value_t = 200_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_recorded_samples_per_tenant: u64,
     /// Runs whose weights stay in memory (0 = all); least recently used idle runs beyond this
     /// are written to their snapshot and reloaded by their next job.
     #[arg(long, env = "LORALOOM_MAX_RESIDENT_RUNS", default_value_t = 0)]
@@ -469,6 +479,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         base: base.info().clone(),
         max_runs_per_tenant: args.max_runs_per_tenant,
         max_runs: args.max_runs,
+        max_recorded_samples_per_tenant: args.max_recorded_samples_per_tenant as usize,
     };
     let engine = Engine::start(config, registry, backends);
     drop(base);

@@ -823,6 +823,7 @@ impl ModelWorker {
                 num_samples,
                 params,
                 scoring,
+                ..
             } = &job.work
             else {
                 results[i] = Some(Err(EngineError::invalid("work", "not a sample job")));

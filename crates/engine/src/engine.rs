@@ -26,6 +26,7 @@ use crate::job::{
 };
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
+use crate::store::{SampleRow, SqliteStore, Store};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -40,7 +41,14 @@ pub struct EngineConfig {
     pub max_runs_per_tenant: usize,
     /// Training runs all tenants may have together (0 = unlimited).
     pub max_runs: usize,
+    /// Sampled sequences recorded for `stable_reinforce` one tenant keeps (least recently used
+    /// forgotten first).
+    pub max_recorded_samples_per_tenant: usize,
 }
+
+/// How long a recorded sampled sequence is kept after it was sampled or last trained on (the
+/// day Tinker documents).
+pub const RECORDED_SAMPLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Counters of one queue (a run or a sampling session).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,6 +142,11 @@ struct Inner {
     /// (per tenant, overall) run limits, 0 = unlimited.
     run_limits: (usize, usize),
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Where sampled sequences are recorded for `stable_reinforce`: the durable store, or an
+    /// in-memory one when the registry has none.
+    samples: Arc<dyn Store>,
+    /// `max_recorded_samples_per_tenant`.
+    max_recorded_samples: usize,
     /// Records, per queue, the order jobs were admitted and started in (tests of ordering).
     order_log: Option<Mutex<OrderLog>>,
 }
@@ -209,8 +222,14 @@ impl Engine {
         backends: Vec<Box<dyn Backend>>,
         record: bool,
     ) -> Engine {
+        let samples: Arc<dyn Store> = match registry.store() {
+            Some(store) => store.clone(),
+            None => Arc::new(SqliteStore::in_memory().expect("an in-memory SQLite database")),
+        };
         let inner = Arc::new(Inner {
             sched: Mutex::new(SchedState::new(config.limits)),
+            samples,
+            max_recorded_samples: config.max_recorded_samples_per_tenant,
             wake: Condvar::new(),
             futures: match registry.store() {
                 Some(store) => FutureStore::durable(config.future_ttl, store.clone()),
@@ -257,6 +276,22 @@ impl Engine {
     /// The futures store.
     pub fn futures(&self) -> &FutureStore {
         &self.inner.futures
+    }
+
+    /// The tenant's sampled sequences recorded for `stable_reinforce` among `ids` (unknown or
+    /// expired ids are absent), each marked used now (which restarts its day).
+    pub fn use_recorded_samples(
+        &self,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, SampleRow>> {
+        Ok(self
+            .inner
+            .samples
+            .use_samples(tenant, ids, unix_now())?
+            .into_iter()
+            .map(|row| (row.id.clone(), row))
+            .collect())
     }
 
     /// Queues `work` on `queue`; returns the request id of its future.
@@ -315,6 +350,7 @@ impl Engine {
                 num_samples,
                 params,
                 scoring,
+                ..
             } => {
                 validate_sampling(config, prompt, *num_samples, params)?;
                 scoring.validate(prompt.len(), config.vocab_size)?;
@@ -687,6 +723,7 @@ impl Engine {
 }
 
 fn record(inner: &Inner, job: &Job, result: Result<Output>) {
+    let result = result.and_then(|out| record_samples(inner, job, out));
     let c = &inner.counters;
     let mut per_queue = lock(&c.per_queue);
     let q = per_queue
@@ -731,6 +768,41 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
     );
 }
 
+/// Records the sequences of a finished sampling job that asked for it (`record_stability_info`)
+/// before its future settles, so any sequence id the client sees can be trained on.
+fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
+    let (
+        Work::Sample {
+            prompt,
+            record_stability: true,
+            ..
+        },
+        Output::Sample(sample),
+    ) = (&job.work, &out)
+    else {
+        return Ok(out);
+    };
+    let now = unix_now();
+    let rows: Vec<SampleRow> = sample
+        .sequences
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| SampleRow {
+            tenant: job.queue.tenant().to_string(),
+            id: format!("{}:{i}", job.id),
+            sampler: job.queue.id().to_string(),
+            prompt: prompt.clone(),
+            tokens: seq.tokens.clone(),
+            logprobs: seq.logprobs.clone(),
+            used: now,
+        })
+        .collect();
+    inner
+        .samples
+        .put_samples(job.queue.tenant(), &rows, inner.max_recorded_samples)?;
+    Ok(out)
+}
+
 /// How often expired checkpoints are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
@@ -746,9 +818,14 @@ fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
             return;
         }
         let _ = catch_unwind(AssertUnwindSafe(|| {
-            inner
-                .registry
-                .expire_checkpoints(crate::registry::unix_now())
+            let now = crate::registry::unix_now();
+            inner.registry.expire_checkpoints(now);
+            if let Err(e) = inner
+                .samples
+                .purge_samples(now - RECORDED_SAMPLE_TTL.as_secs_f64())
+            {
+                tracing::warn!(error = %e, "could not forget expired recorded samples");
+            }
         }));
     }
 }

@@ -148,6 +148,8 @@ pub enum Work {
         params: SamplingParams,
         /// What to compute besides the samples (prompt logprobs and the other extras).
         scoring: loraloom_model::Scoring,
+        /// Record each sampled sequence for `stable_reinforce` (`record_stability_info`).
+        record_stability: bool,
     },
 }
 

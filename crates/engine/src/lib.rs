@@ -26,4 +26,4 @@ pub use job::{
 };
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};
-pub use store::{SessionRow, SqliteStore, Store};
+pub use store::{SampleRow, SessionRow, SqliteStore, Store};

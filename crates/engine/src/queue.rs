@@ -702,6 +702,7 @@ mod tests {
                 ..SamplingParams::default()
             },
             scoring: loraloom_model::Scoring::prompt_logprobs(false),
+            record_stability: false,
         }
     }
 
@@ -719,6 +720,7 @@ mod tests {
                     logprobs: None,
                     advantages: None,
                     sequence_ratio_mask: None,
+                    recorded: None,
                 },
             }],
             loss: loraloom_model::LossFn::CrossEntropy,

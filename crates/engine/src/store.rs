@@ -1,5 +1,5 @@
-//! The durable store: sessions, training runs, sampling sessions, the checkpoint index and every
-//! future with its result. [`Store`] is the contract (a PostgreSQL implementation can follow for
+//! The durable store: sessions, training runs, sampling sessions, the checkpoint index, every
+//! future with its result, and the sampled sequences recorded for `stable_reinforce`. [`Store`] is the contract (a PostgreSQL implementation can follow for
 //! several servers sharing state); [`SqliteStore`] is the embedded default, one file in the data
 //! directory. Checkpoint and run-snapshot files live beside it.
 
@@ -81,6 +81,26 @@ pub struct FutureRow {
     pub finished: Option<f64>,
 }
 
+/// A sampled sequence recorded at sampling time (`record_stability_info`), which
+/// `stable_reinforce` training requests name by its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRow {
+    /// Owner.
+    pub tenant: String,
+    /// `SampledSequence.sequence_id` (`<request id>:<index>`).
+    pub id: String,
+    /// The sampling session that drew it.
+    pub sampler: String,
+    /// The request's prompt.
+    pub prompt: Vec<i64>,
+    /// The sampled tokens.
+    pub tokens: Vec<i64>,
+    /// The sampler's log-probability of each sampled token.
+    pub logprobs: Vec<f32>,
+    /// When it was sampled or last named by a training request (unix seconds).
+    pub used: f64,
+}
+
 /// Where loraloom keeps what must survive a restart.
 pub trait Store: Send + Sync {
     /// Records a session.
@@ -113,6 +133,14 @@ pub trait Store: Send + Sync {
     fn futures(&self) -> Result<Vec<FutureRow>>;
     /// Forgets futures finished before `unix_time`; returns how many.
     fn purge_futures(&self, unix_time: f64) -> Result<usize>;
+    /// Records sampled sequences of one tenant (in one transaction), then forgets that tenant's
+    /// least recently used ones beyond `keep`.
+    fn put_samples(&self, tenant: &str, rows: &[SampleRow], keep: usize) -> Result<()>;
+    /// The tenant's recorded sequences among `ids` (unknown ids are absent), each marked used
+    /// at `now`.
+    fn use_samples(&self, tenant: &str, ids: &[String], now: f64) -> Result<Vec<SampleRow>>;
+    /// Forgets recorded sequences unused since `unix_time`; returns how many.
+    fn purge_samples(&self, unix_time: f64) -> Result<usize>;
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -136,6 +164,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (tenant TEXT NOT NULL, path TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS futures (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
   outcome TEXT, finished REAL);
 CREATE INDEX IF NOT EXISTS futures_finished ON futures (finished);
+CREATE TABLE IF NOT EXISTS samples (tenant TEXT NOT NULL, id TEXT NOT NULL, sampler TEXT NOT NULL,
+  prompt BLOB NOT NULL, tokens BLOB NOT NULL, logprobs BLOB NOT NULL, used REAL NOT NULL,
+  PRIMARY KEY (tenant, id));
+CREATE INDEX IF NOT EXISTS samples_used ON samples (tenant, used);
 ";
 
 impl SqliteStore {
@@ -364,6 +396,106 @@ impl Store for SqliteStore {
             )
         })
     }
+
+    fn put_samples(&self, tenant: &str, rows: &[SampleRow], keep: usize) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO samples (tenant, id, sampler, prompt, tokens, logprobs, used)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(db_err)?;
+            for r in rows {
+                let logprobs: Vec<u8> = r.logprobs.iter().flat_map(|x| x.to_le_bytes()).collect();
+                st.execute(params![
+                    tenant,
+                    r.id,
+                    r.sampler,
+                    token_blob(&r.prompt),
+                    token_blob(&r.tokens),
+                    logprobs,
+                    r.used
+                ])
+                .map_err(db_err)?;
+            }
+            let held: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM samples WHERE tenant = ?1",
+                    params![tenant],
+                    |r| r.get(0),
+                )
+                .map_err(db_err)?;
+            let excess = held - i64::try_from(keep).unwrap_or(i64::MAX);
+            if excess > 0 {
+                tx.execute(
+                    "DELETE FROM samples WHERE rowid IN
+                       (SELECT rowid FROM samples WHERE tenant = ?1 ORDER BY used LIMIT ?2)",
+                    params![tenant, excess],
+                )
+                .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    fn use_samples(&self, tenant: &str, ids: &[String], now: f64) -> Result<Vec<SampleRow>> {
+        self.with(|c| {
+            let mut get = c.prepare_cached(
+                "SELECT sampler, prompt, tokens, logprobs FROM samples WHERE tenant = ?1 AND id = ?2",
+            )?;
+            let mut touch =
+                c.prepare_cached("UPDATE samples SET used = ?3 WHERE tenant = ?1 AND id = ?2")?;
+            let mut rows = Vec::new();
+            for id in ids {
+                let row = get
+                    .query_row(params![tenant, id], |r| {
+                        Ok(SampleRow {
+                            tenant: tenant.to_string(),
+                            id: id.clone(),
+                            sampler: r.get(0)?,
+                            prompt: blob_tokens(&r.get::<_, Vec<u8>>(1)?),
+                            tokens: blob_tokens(&r.get::<_, Vec<u8>>(2)?),
+                            logprobs: blob_floats(&r.get::<_, Vec<u8>>(3)?),
+                            used: now,
+                        })
+                    })
+                    .optional()?;
+                if let Some(row) = row {
+                    touch.execute(params![tenant, id, now])?;
+                    rows.push(row);
+                }
+            }
+            Ok(rows)
+        })
+    }
+
+    fn purge_samples(&self, unix_time: f64) -> Result<usize> {
+        self.with(|c| c.execute("DELETE FROM samples WHERE used < ?1", params![unix_time]))
+    }
+}
+
+/// Token ids as little-endian i32s (ids are vocabulary indices).
+fn token_blob(tokens: &[i64]) -> Vec<u8> {
+    tokens
+        .iter()
+        .flat_map(|&t| (t as i32).to_le_bytes())
+        .collect()
+}
+
+fn blob_tokens(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+fn blob_floats(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// Whether a store row exists (used by tests).
@@ -431,6 +563,37 @@ mod tests {
         s.delete_model("t", "m").unwrap();
         assert!(s.models().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn recorded_samples_are_per_tenant_bounded_and_expire_unless_used() {
+        let s = SqliteStore::in_memory().unwrap();
+        let row = |id: &str, used: f64| SampleRow {
+            tenant: "t".into(),
+            id: id.into(),
+            sampler: "sess:sample:0".into(),
+            prompt: vec![1, 2, 3],
+            tokens: vec![70_000, 5],
+            logprobs: vec![-0.5, -1.25],
+            used,
+        };
+        s.put_samples("t", &[row("a", 1.0), row("b", 2.0)], 10)
+            .unwrap();
+        // Another tenant cannot read them.
+        assert!(s.use_samples("u", &["a".into()], 3.0).unwrap().is_empty());
+        let got = s.use_samples("t", &["a".into(), "zz".into()], 5.0).unwrap();
+        assert_eq!(got, vec![row("a", 5.0)]);
+        // Over the limit, the least recently used ("b", not the just-used "a") goes.
+        s.put_samples("t", &[row("c", 3.0)], 2).unwrap();
+        let ids = ["a", "b", "c"].map(String::from);
+        let left: Vec<String> = s
+            .use_samples("t", &ids, 6.0)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, ["a", "c"]);
+        assert_eq!(s.purge_samples(6.5).unwrap(), 2);
     }
 
     #[test]

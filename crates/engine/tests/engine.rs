@@ -44,6 +44,7 @@ fn fake_config(limits: Limits) -> EngineConfig {
         base: info(tiny_config()),
         max_runs_per_tenant: 0,
         max_runs: 0,
+        max_recorded_samples_per_tenant: 1000,
     }
 }
 
@@ -381,6 +382,7 @@ fn data(seed: i64) -> Vec<Datum> {
                     logprobs: None,
                     advantages: None,
                     sequence_ratio_mask: None,
+                    recorded: None,
                 },
             }
         })
@@ -418,6 +420,7 @@ fn model_engine_of(configure: impl FnOnce(ModelWorker) -> ModelWorker) -> (Engin
         base: info(decoder.config().clone()),
         max_runs_per_tenant: 0,
         max_runs: 0,
+        max_recorded_samples_per_tenant: 1000,
     };
     (
         Engine::start(config, registry, vec![Box::new(worker)]),
@@ -789,6 +792,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
                 stop: Stop::Never,
             },
             scoring: loraloom_model::Scoring::prompt_logprobs(false),
+            record_stability: false,
         };
         let id = engine
             .submit(QueueKey::Sampler(session(name)), work)
@@ -933,6 +937,7 @@ fn held_sample() -> Work {
             ..SamplingParams::default()
         },
         scoring: loraloom_model::Scoring::prompt_logprobs(false),
+        record_stability: false,
     }
 }
 
@@ -1039,6 +1044,7 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
             ..SamplingParams::default()
         },
         scoring: loraloom_model::Scoring::prompt_logprobs(false),
+        record_stability: false,
     };
     let held = engine.submit(a.clone(), sample(HELD)).unwrap();
     while !matches!(

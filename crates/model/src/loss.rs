@@ -12,12 +12,21 @@
 //! | `cispo` | `-w · sg(clamp(r, lo, hi)) · lp · A` |
 //! | `dro` | `-w · (lp · A - β/2 · (lp - q)²)` |
 //! | `gspo` | `-w · min(s_t · A, clamp(s_t, lo, hi) · A)` |
+//! | `stable_reinforce` | `-w · m · (sg(min(r, hi)) · lp · A - κ · (r - 1 - (lp - q)))` |
 //!
 //! GSPO is the token-level variant Tinker documents: the sequence ratio
 //! `s = exp(mean over the tokens `sequence_ratio_mask` marks of sg(lp) - q)`, and each token
 //! carries `s_t = sg(s) · exp(lp - sg(lp))` (the sequence ratio's value, its own token's
 //! gradient). `dro`'s penalty applies at every position, as Tinker's documented code does (a
 //! prompt token sent with advantage 0 and sampler logprob 0 still pays `β/2 · lp²`).
+//!
+//! `stable_reinforce` is loraloom's own objective: Thinking Machines describe the loss (a
+//! REINFORCE variant that stays stable off-policy, fed by what the sampler recorded) but have not
+//! published its formula. Here it is REINFORCE with truncated importance weights (the ratio capped
+//! at `hi`, default 2, and never differentiated) plus, with `kl_coeff` κ > 0, the k3 estimate of
+//! KL(sampler ‖ policy), whose gradient `(r - 1)·∇lp` pulls the policy back toward the sampler.
+//! `m` (`recorded`) marks the targets that are sampled tokens; `q` there is the log-probability
+//! the server recorded when it sampled them, never a value the client sends.
 //!
 //! `w` (`weights`) is optional for every loss and defaults to 1 (as the SDK's own `forward`
 //! example sends only `target_tokens`), so the documented formulas hold exactly when it is
@@ -59,6 +68,14 @@ pub enum LossFn {
         clip_low: f64,
         /// Upper ratio bound (default 1.2).
         clip_high: f64,
+    },
+    /// StableReinforce (loraloom's objective, see the module docs): REINFORCE over the sampled
+    /// tokens with truncated importance weights against the recorded sampler log-probabilities.
+    StableReinforce {
+        /// Cap of the importance weight (default 2.0).
+        clip_high: f64,
+        /// Strength of the KL(sampler ‖ policy) penalty (default 0).
+        kl_coeff: f64,
     },
 }
 
@@ -136,16 +153,31 @@ impl LossFn {
                 }
             }
             "stable_reinforce" => {
-                return Err(ModelError::invalid(
-                    "loss_fn",
-                    "stable_reinforce is not available on this server (its objective is not published); use importance_sampling, ppo, cispo or gspo (tinker-cookbook: set the loss_fn of your RL config)",
-                ))
+                known(&["clip_high_threshold", "kl_coeff"])?;
+                let clip_high = get("clip_high_threshold", 2.0)?;
+                if clip_high <= 0.0 {
+                    return Err(ModelError::invalid(
+                        "loss_fn_config.clip_high_threshold",
+                        format!("must be positive, got {clip_high}"),
+                    ));
+                }
+                let kl_coeff = get("kl_coeff", 0.0)?;
+                if kl_coeff < 0.0 {
+                    return Err(ModelError::invalid(
+                        "loss_fn_config.kl_coeff",
+                        format!("must be >= 0, got {kl_coeff}"),
+                    ));
+                }
+                LossFn::StableReinforce {
+                    clip_high,
+                    kl_coeff,
+                }
             }
             other => {
                 return Err(ModelError::invalid(
                     "loss_fn",
                     format!(
-                        "unknown loss `{other}` (supported: cross_entropy, importance_sampling, ppo, cispo, dro, gspo)"
+                        "unknown loss `{other}` (supported: cross_entropy, importance_sampling, ppo, cispo, dro, gspo, stable_reinforce)"
                     ),
                 ))
             }
@@ -161,6 +193,13 @@ impl LossFn {
     /// sequence's log ratio is computed before its losses.
     pub fn needs_sequence_ratio(&self) -> bool {
         matches!(self, LossFn::Gspo { .. })
+    }
+
+    /// Whether the loss trains only on tokens whose sampling the server recorded
+    /// (`stable_reinforce`): the server fills `logprobs` and `recorded` from the datum's
+    /// provenance spans.
+    pub fn needs_recorded_samples(&self) -> bool {
+        matches!(self, LossFn::StableReinforce { .. })
     }
 }
 
@@ -198,6 +237,9 @@ pub struct LossInputs {
     pub advantages: Option<Vec<f32>>,
     /// The tokens GSPO's sequence ratio averages over (nonzero: included).
     pub sequence_ratio_mask: Option<Vec<f32>>,
+    /// 1 where the target is a sampled token the server recorded (`stable_reinforce`), 0
+    /// elsewhere; filled by the server from the datum's provenance, never read from the wire.
+    pub recorded: Option<Vec<f32>>,
 }
 
 impl LossInputs {
@@ -210,6 +252,7 @@ impl LossInputs {
             logprobs: part(&self.logprobs),
             advantages: part(&self.advantages),
             sequence_ratio_mask: part(&self.sequence_ratio_mask),
+            recorded: part(&self.recorded),
         }
     }
 
@@ -263,6 +306,13 @@ impl LossInputs {
             &self.sequence_ratio_mask,
             loss.needs_sequence_ratio(),
         )?;
+        if loss.needs_recorded_samples() && self.recorded.is_none() {
+            return Err(ModelError::invalid(
+                "loss_fn_input_spans",
+                "stable_reinforce needs provenance spans naming the sampled sequences (sample with record_stability_info=True, then Datum.with_provenance)",
+            ));
+        }
+        check("recorded", &self.recorded, false)?;
         Ok(())
     }
 }
@@ -347,6 +397,20 @@ pub fn elementwise_loss(
                     let clipped = ratio.f_clamp(clip_low, clip_high)?.f_mul(&adv)?;
                     unclipped.f_minimum(&clipped)?
                 }
+                LossFn::StableReinforce {
+                    clip_high,
+                    kl_coeff,
+                } => {
+                    let recorded = policy(&inputs.recorded, "recorded")?;
+                    let log_ratio = lp.f_sub(&q)?;
+                    let weight = ratio.f_clamp_max(clip_high)?.f_detach()?;
+                    let reinforce = weight.f_mul(lp)?.f_mul(&adv)?;
+                    // k3: r - 1 - log r >= 0, an unbiased estimate of KL(sampler ‖ policy).
+                    let k3 = ratio.f_sub_scalar(1.0)?.f_sub(&log_ratio)?;
+                    reinforce
+                        .f_sub(&k3.f_mul_scalar(kl_coeff)?)?
+                        .f_mul(&recorded)?
+                }
                 LossFn::CrossEntropy => unreachable!("handled above"),
             }
         }
@@ -394,6 +458,7 @@ mod tests {
             logprobs: None,
             advantages: None,
             sequence_ratio_mask: None,
+            recorded: None,
         };
         let err = inputs.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
         assert!(err.to_string().contains("loss_fn_inputs.weights"), "{err}");
@@ -420,6 +485,7 @@ mod tests {
             logprobs: None,
             advantages: None,
             sequence_ratio_mask: None,
+            recorded: None,
         };
         assert!(oov
             .validate(&LossFn::CrossEntropy, 3, 10)
@@ -436,6 +502,7 @@ mod tests {
             logprobs: Some(vec![-1.1, -2.3, -0.9]),
             advantages: Some(vec![1.0, 1.0, -0.5]),
             sequence_ratio_mask: Some(vec![0.0, 1.0, 1.0]),
+            recorded: None,
         };
         let lp_values = [-1.0f32, -2.0, -0.5];
         // Over the masked positions: ((-2.0 + 2.3) + (-0.5 + 0.9)) / 2.
@@ -470,5 +537,68 @@ mod tests {
         };
         let err = missing.validate(&gspo, 3, 10).unwrap_err();
         assert!(err.to_string().contains("sequence_ratio_mask"), "{err}");
+    }
+
+    #[test]
+    fn stable_reinforce_truncates_the_weight_and_pulls_toward_the_sampler() {
+        let inputs = LossInputs {
+            target_tokens: vec![1, 2, 3],
+            weights: None,
+            logprobs: Some(vec![0.0, -2.5, -0.4]),
+            advantages: Some(vec![0.0, 2.0, -1.0]),
+            sequence_ratio_mask: None,
+            recorded: Some(vec![0.0, 1.0, 1.0]),
+        };
+        let lp_values = [-1.0f64, -2.0, -0.5];
+        let loss = LossFn::from_name("stable_reinforce", &[("kl_coeff".into(), 0.5)]).unwrap();
+        inputs.validate(&loss, 3, 10).unwrap();
+        let lp = Tensor::from_slice(&lp_values.map(|v| v as f32)).set_requires_grad(true);
+        let per_token = elementwise_loss(&loss, &lp, &inputs, 0.0).unwrap();
+        // Position 0 is a prompt token (not recorded): no loss, no gradient.
+        // Position 1: r = e^0.5 = 1.649 < 2; position 2: r = e^-0.1.
+        let (lp1, lp2) = (lp_values[1], lp_values[2]);
+        let (r1, r2) = ((0.5f64).exp(), (-0.1f64).exp());
+        let k3 = |r: f64| r - 1.0 - r.ln();
+        let want = [
+            0.0,
+            -(r1 * lp1 * 2.0 - 0.5 * k3(r1)),
+            -(-(r2 * lp2) - 0.5 * k3(r2)),
+        ];
+        let got = Vec::<f32>::try_from(&per_token).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        per_token.sum(Kind::Float).backward();
+        // d/dlp: -(sg(min(r, 2)) · A - κ · (r - 1)).
+        let want = [
+            0.0,
+            -(r1 * 2.0 - 0.5 * (r1 - 1.0)),
+            -(-r2 - 0.5 * (r2 - 1.0)),
+        ];
+        let grad = Vec::<f32>::try_from(&lp.grad()).unwrap();
+        for (g, w) in grad.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-5, "{grad:?} vs {want:?}");
+        }
+        // A ratio above the cap contributes the capped weight.
+        let far = LossInputs {
+            logprobs: Some(vec![0.0, -4.0, -0.4]),
+            ..inputs.clone()
+        };
+        let lp = Tensor::from_slice(&lp_values.map(|v| v as f32)).set_requires_grad(true);
+        let capped = LossFn::from_name("stable_reinforce", &[]).unwrap();
+        elementwise_loss(&capped, &lp, &far, 0.0)
+            .unwrap()
+            .sum(Kind::Float)
+            .backward();
+        let grad = Vec::<f32>::try_from(&lp.grad()).unwrap();
+        assert!((f64::from(grad[1]) + 2.0 * 2.0).abs() < 1e-5, "{grad:?}");
+        let unrecorded = LossInputs {
+            recorded: None,
+            ..inputs
+        };
+        let err = unrecorded.validate(&loss, 3, 10).unwrap_err();
+        assert!(err.to_string().contains("loss_fn_input_spans"), "{err}");
+        let err = LossFn::from_name("stable_reinforce", &[("kl_coeff".into(), -1.0)]).unwrap_err();
+        assert!(err.to_string().contains("kl_coeff"), "{err}");
     }
 }

@@ -40,6 +40,7 @@ fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
                     logprobs: None,
                     advantages: None,
                     sequence_ratio_mask: None,
+                    recorded: None,
                 },
             }
         })
@@ -165,6 +166,7 @@ fn forward_computes_outputs_without_touching_gradients() {
             logprobs: None,
             advantages: None,
             sequence_ratio_mask: None,
+            recorded: None,
         },
     }];
     let req = || TrainRequest {
@@ -208,6 +210,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
         logprobs: Some(vec_f32(&e["sampling_logprobs"])),
         advantages: Some(vec_f32(&e["advantages"])),
         sequence_ratio_mask: None,
+        recorded: None,
     };
     let cases: Vec<(&str, LossFn, bool)> = vec![
         ("cross_entropy", LossFn::CrossEntropy, true),
@@ -370,6 +373,7 @@ fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
                     logprobs: None,
                     advantages: None,
                     sequence_ratio_mask: None,
+                    recorded: None,
                 },
             }
         })

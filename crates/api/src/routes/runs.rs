@@ -130,8 +130,17 @@ pub(super) async fn unload_model(
 fn submit_train(
     state: &AppState,
     tenant: &str,
-    input: wire::TrainInput,
+    mut input: wire::TrainInput,
 ) -> ApiResult<Json<Promise>> {
+    if input.loss.needs_recorded_samples() {
+        crate::provenance::resolve(
+            &state.engine,
+            tenant,
+            &input.model_id,
+            &mut input.data,
+            &input.provenance,
+        )?;
+    }
     let work = Work::ForwardBackward {
         data: input.data,
         loss: input.loss,

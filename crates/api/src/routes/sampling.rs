@@ -98,6 +98,9 @@ pub(super) struct SampleRequest {
     prompt_alt_tokens_k: i64,
     #[serde(default)]
     prompt_logprobs_last_n: Option<i64>,
+    /// Record each sequence for `stable_reinforce`, under its `sequence_id`.
+    #[serde(default)]
+    record_stability_info: Option<bool>,
 }
 
 impl SampleRequest {
@@ -170,6 +173,7 @@ fn submit_sample(
         num_samples: body.num_samples,
         params: body.sampling_params.into_params(),
         scoring,
+        record_stability: body.record_stability_info.unwrap_or(false),
     };
     let queue = QueueKey::Sampler(SamplerKey {
         tenant: tenant.to_string(),

@@ -1,0 +1,342 @@
+//! Provenance spans (`Datum.model_input_spans` / `loss_fn_input_spans`): which sampled sequence
+//! each token of a datum came from, as runs that tile the model input and the targets.
+//!
+//! Every loss checks the tiling. `stable_reinforce` also resolves the spans against the sequences
+//! the server recorded when it sampled them (`record_stability_info`): each covered token must be
+//! the recorded one, advantages must be 0 off the sampled tokens, and the sampler
+//! log-probabilities the loss uses are the recorded ones, whatever `logprobs` the client sent.
+
+use std::collections::HashMap;
+
+use loraloom_engine::{Engine, SampleRow};
+use loraloom_model::Datum;
+use serde::Deserialize;
+
+use crate::error::{ApiError, ApiResult};
+use crate::proto;
+
+/// Which tokens of a recorded sequence a run reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The sampling request's prompt.
+    Prompt,
+    /// The tokens the sequence sampled.
+    Sampled,
+}
+
+/// One run: `length` tokens from position `offset` of a recorded sequence's prompt or sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    /// Prompt or sampled tokens.
+    pub source: Source,
+    /// `SampledSequence.sequence_id`.
+    pub sequence_id: String,
+    /// Start within the source.
+    pub offset: usize,
+    /// Tokens covered.
+    pub length: usize,
+}
+
+/// A datum's provenance: runs tiling its model input and its targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// Runs over `model_input`.
+    pub model_input: Vec<Span>,
+    /// Runs over `loss_fn_inputs.target_tokens`.
+    pub targets: Vec<Span>,
+}
+
+/// The JSON form of a span: `{"prompt_tokens": {..}}` or `{"sampled_tokens": {..}}`, as the
+/// protobuf oneof names them.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum JsonSpan {
+    /// A prompt run.
+    PromptTokens(JsonRun),
+    /// A sampled run.
+    SampledTokens(JsonRun),
+}
+
+/// The fields of a JSON span.
+#[derive(Debug, Deserialize)]
+pub struct JsonRun {
+    /// `SampledSequence.sequence_id`.
+    pub sequence_id: String,
+    /// Start within the source.
+    #[serde(default)]
+    pub offset: i64,
+    /// Tokens covered.
+    pub length: i64,
+}
+
+fn run(
+    field: &str,
+    source: Source,
+    sequence_id: String,
+    offset: i64,
+    length: i64,
+) -> ApiResult<Span> {
+    if sequence_id.is_empty() {
+        return Err(ApiError::invalid(
+            format!("{field}.sequence_id"),
+            "must not be empty",
+        ));
+    }
+    let count = |name: &str, v: i64| {
+        usize::try_from(v).map_err(|_| {
+            ApiError::invalid(format!("{field}.{name}"), format!("must be >= 0, got {v}"))
+        })
+    };
+    Ok(Span {
+        source,
+        sequence_id,
+        offset: count("offset", offset)?,
+        length: count("length", length)?,
+    })
+}
+
+/// Converts protobuf spans; `field` names the list.
+pub fn from_proto(field: &str, spans: Vec<proto::ProvenanceSpan>) -> ApiResult<Vec<Span>> {
+    spans
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let f = format!("{field}[{j}]");
+            match s.span {
+                Some(proto::SpanKind::PromptTokens(r)) => {
+                    run(&f, Source::Prompt, r.sequence_id, r.offset, r.length)
+                }
+                Some(proto::SpanKind::SampledTokens(r)) => {
+                    run(&f, Source::Sampled, r.sequence_id, r.offset, r.length)
+                }
+                None => Err(ApiError::invalid(
+                    f,
+                    "names neither prompt_tokens nor sampled_tokens",
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Converts JSON spans; `field` names the list.
+pub fn from_json(field: &str, spans: Vec<JsonSpan>) -> ApiResult<Vec<Span>> {
+    spans
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let f = format!("{field}[{j}]");
+            match s {
+                JsonSpan::PromptTokens(r) => {
+                    run(&f, Source::Prompt, r.sequence_id, r.offset, r.length)
+                }
+                JsonSpan::SampledTokens(r) => {
+                    run(&f, Source::Sampled, r.sequence_id, r.offset, r.length)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Datum `index`'s provenance from its two span lists (both empty: none), checked to tile its
+/// model input and targets.
+pub fn check(
+    index: usize,
+    datum: &Datum,
+    model_input: Vec<Span>,
+    targets: Vec<Span>,
+) -> ApiResult<Option<Provenance>> {
+    let field = |name: &str| format!("data[{index}].{name}");
+    match (model_input.is_empty(), targets.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {}
+        (true, false) => {
+            return Err(ApiError::invalid(
+                field("model_input_spans"),
+                "provenance comes as a pair: loss_fn_input_spans is set, model_input_spans is not",
+            ))
+        }
+        (false, true) => {
+            return Err(ApiError::invalid(
+                field("loss_fn_input_spans"),
+                "provenance comes as a pair: model_input_spans is set, loss_fn_input_spans is not",
+            ))
+        }
+    }
+    for (name, spans, len) in [
+        ("model_input_spans", &model_input, datum.input_tokens.len()),
+        (
+            "loss_fn_input_spans",
+            &targets,
+            datum.loss_inputs.target_tokens.len(),
+        ),
+    ] {
+        // Runs of length 0 are allowed, but not without bound.
+        if spans.len() > len + 16 {
+            return Err(ApiError::invalid(
+                field(name),
+                format!("{} runs for {len} tokens", spans.len()),
+            ));
+        }
+        let covered: usize = spans.iter().map(|s| s.length).sum();
+        if covered != len {
+            return Err(ApiError::invalid(
+                field(name),
+                format!("runs cover {covered} tokens but the field has {len}; they must tile it"),
+            ));
+        }
+    }
+    Ok(Some(Provenance {
+        model_input,
+        targets,
+    }))
+}
+
+/// The client session an id belongs to (`<session>:train:..`, `<session>:sample:..`); samplers
+/// named by model path (`direct:..`) belong to none.
+fn session_of(id: &str) -> Option<&str> {
+    if id.starts_with("direct:") {
+        None
+    } else {
+        id.split(':').next()
+    }
+}
+
+/// Fills each datum's `logprobs` and `recorded` from the sequences its provenance names, for
+/// `stable_reinforce` on run `model_id` of `tenant`. Errors name the datum and span.
+pub fn resolve(
+    engine: &Engine,
+    tenant: &str,
+    model_id: &str,
+    data: &mut [Datum],
+    provenance: &[Option<Provenance>],
+) -> ApiResult<()> {
+    let mut ids: Vec<String> = provenance
+        .iter()
+        .flatten()
+        .flat_map(|p| p.model_input.iter().chain(&p.targets))
+        .map(|s| s.sequence_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let records = engine.use_recorded_samples(tenant, &ids)?;
+    for (i, datum) in data.iter_mut().enumerate() {
+        let Some(Some(prov)) = provenance.get(i) else {
+            return Err(ApiError::invalid(
+                format!("data[{i}].loss_fn_input_spans"),
+                "stable_reinforce needs provenance on every datum: sample with record_stability_info=True and attach the sequence ids with Datum.with_provenance",
+            ));
+        };
+        let lookup = |field: String, span: &Span| -> ApiResult<&[i64]> {
+            let record = recorded(&records, &field, span, model_id)?;
+            let source = match span.source {
+                Source::Prompt => &record.prompt,
+                Source::Sampled => &record.tokens,
+            };
+            source
+                .get(span.offset..span.offset + span.length)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        field,
+                        format!(
+                            "positions {}..{} are outside the {} {} tokens of sequence `{}`",
+                            span.offset,
+                            span.offset + span.length,
+                            source.len(),
+                            match span.source {
+                                Source::Prompt => "prompt",
+                                Source::Sampled => "sampled",
+                            },
+                            span.sequence_id
+                        ),
+                    )
+                })
+        };
+        let mut at = 0;
+        for (j, span) in prov.model_input.iter().enumerate() {
+            let field = format!("data[{i}].model_input_spans[{j}]");
+            let want = lookup(field.clone(), span)?;
+            if datum.input_tokens[at..at + span.length] != *want {
+                return Err(mismatch(&field, "model_input", at, span));
+            }
+            at += span.length;
+        }
+        let inputs = &mut datum.loss_inputs;
+        let n = inputs.target_tokens.len();
+        let mut logprobs = vec![0.0f32; n];
+        let mut mask = vec![0.0f32; n];
+        let advantages = inputs.advantages.as_deref().unwrap_or(&[]);
+        let mut at = 0;
+        for (j, span) in prov.targets.iter().enumerate() {
+            let field = format!("data[{i}].loss_fn_input_spans[{j}]");
+            let want = lookup(field.clone(), span)?;
+            if inputs.target_tokens[at..at + span.length] != *want {
+                return Err(mismatch(&field, "loss_fn_inputs.target_tokens", at, span));
+            }
+            match span.source {
+                Source::Sampled => {
+                    let record = &records[&span.sequence_id];
+                    let q = &record.logprobs[span.offset..span.offset + span.length];
+                    logprobs[at..at + span.length].copy_from_slice(q);
+                    mask[at..at + span.length].fill(1.0);
+                }
+                Source::Prompt => {
+                    if let Some(p) = (at..at + span.length)
+                        .find(|&p| advantages.get(p).is_some_and(|&a| a != 0.0))
+                    {
+                        return Err(ApiError::invalid(
+                            format!("data[{i}].loss_fn_inputs.advantages"),
+                            format!("position {p} is a prompt token ({field}); stable_reinforce trains only sampled tokens, so its advantage must be 0"),
+                        ));
+                    }
+                }
+            }
+            at += span.length;
+        }
+        inputs.logprobs = Some(logprobs);
+        inputs.recorded = Some(mask);
+    }
+    Ok(())
+}
+
+/// The record a span names, if the tenant has it and it was sampled in the run's session.
+fn recorded<'a>(
+    records: &'a HashMap<String, SampleRow>,
+    field: &str,
+    span: &Span,
+    model_id: &str,
+) -> ApiResult<&'a SampleRow> {
+    let record = records.get(&span.sequence_id).ok_or_else(|| {
+        ApiError::invalid(
+            format!("{field}.sequence_id"),
+            format!(
+                "no recorded sequence `{}`: sample with record_stability_info=True (records last a day after their last use)",
+                span.sequence_id
+            ),
+        )
+    })?;
+    if let (Some(sampled), Some(training)) = (session_of(&record.sampler), session_of(model_id)) {
+        if sampled != training {
+            return Err(ApiError::invalid(
+                format!("{field}.sequence_id"),
+                format!(
+                    "sequence `{}` was sampled in session `{sampled}`, not in this run's session `{training}`",
+                    span.sequence_id
+                ),
+            ));
+        }
+    }
+    Ok(record)
+}
+
+fn mismatch(field: &str, what: &str, at: usize, span: &Span) -> ApiError {
+    ApiError::invalid(
+        field,
+        format!(
+            "{what} positions {at}..{} are not the tokens at {}..{} of sequence `{}` as sampled",
+            at + span.length,
+            span.offset,
+            span.offset + span.length,
+            span.sequence_id
+        ),
+    )
+}

@@ -1,0 +1,192 @@
+"""`stable_reinforce` through the SDK, as tinker-cookbook's RL loops send it: sample with
+`record_stability_info=True`, name each sequence in the datum's provenance spans, train.
+
+Thinking Machines have not published the objective; loraloom's (crates/model/src/loss.rs) is
+REINFORCE with truncated importance weights against the sampler log-probabilities the server
+recorded, plus a k3 KL(sampler ‖ policy) penalty:
+
+  r = exp(lp - q)   (q: the recorded sampler logprob, never the client's)
+  L = -Σ_t m_t · (sg(min(r, hi)) · A_t · lp_t - κ · (r - 1 - (lp - q)))
+
+over the sampled targets (m_t = 1). The oracle is that formula in torch with transformers'
+logprobs on the same weights (a fresh adapter, B = 0, computes the base model). Tolerances:
+1e-4 on per-token logprobs (f32 against f32); 2e-3 on the loss sum (~30 tokens, and r depends on
+the sampler's logprob of each token, which the decode loop computes in a different order)."""
+
+import pytest
+import requests
+import tinker
+import torch
+from tinker import types
+from transformers import AutoModelForCausalLM
+
+from conftest import ALICE, BOB, DEFAULT_MODEL_DIR, MODEL_NAME
+
+PROMPT = [1, 504, 3437, 314, 260, 2386, 30, 5248, 17, 42]
+
+
+def torch_stable_reinforce(lp, q, adv, mask, hi=2.0, kl=0.0):
+    ratio = torch.exp(lp - q)
+    k3 = ratio - 1 - (lp - q)
+    per_token = ratio.clamp(max=hi).detach() * adv * lp - kl * k3
+    return -(per_token * mask).sum()
+
+
+def with_provenance(prompt, sampled, sequence_id, advantage):
+    """The cookbook's datum (recipes/rl_loop.py): prompt then sample, shifted by one."""
+    tokens = prompt + sampled
+    n_prompt = len(prompt)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            # Deliberately wrong: the server must use what it recorded.
+            "logprobs": [0.0] * (len(tokens) - 1),
+            "advantages": [0.0] * (n_prompt - 1) + [advantage] * len(sampled),
+        },
+    )
+    return datum.with_provenance(
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sequence_id, length=n_prompt),
+            types.SampledProvenanceSpan(sequence_id=sequence_id, length=len(sampled) - 1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sequence_id, offset=1, length=n_prompt - 1),
+            types.SampledProvenanceSpan(sequence_id=sequence_id, length=len(sampled)),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def sampled(keyed_server):
+    sc = tinker.ServiceClient(base_url=keyed_server.url, api_key=ALICE)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+    sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=7)
+    response = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=3,
+                              sampling_params=params).result()
+    seqs = [s for s in response.sequences if len(s.tokens) >= 2]
+    assert seqs, "every sequence stopped after one token"
+    assert len({s.sequence_id for s in response.sequences}) == 3
+    yield sc, tc, seqs
+    sc.close("success").result()
+
+
+def test_loss_and_gradient_follow_the_formula_on_recorded_logprobs(sampled):
+    _, tc, seqs = sampled
+    base = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+    advantages = [1.0, -0.5, 0.25][: len(seqs)]
+    data = [with_provenance(PROMPT, s.tokens, s.sequence_id, a) for s, a in zip(seqs, advantages)]
+    for config, hi, kl in ((None, 2.0, 0.0), ({"kl_coeff": 0.1, "clip_high_threshold": 1.01}, 1.01, 0.1)):
+        out = tc.forward(data, "stable_reinforce", config).result()
+        want = 0.0
+        for i, (seq, adv) in enumerate(zip(seqs, advantages)):
+            tokens = PROMPT + seq.tokens
+            with torch.no_grad():
+                logits = base(torch.tensor([tokens[:-1]])).logits[0].float()
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+            got_lp = torch.tensor(out.loss_fn_outputs[i]["logprobs"].data)
+            assert torch.allclose(got_lp, lp, atol=1e-4)
+            n_prompt = len(PROMPT) - 1
+            q = torch.tensor([0.0] * n_prompt + list(seq.logprobs))
+            a = torch.tensor([0.0] * n_prompt + [adv] * len(seq.tokens))
+            mask = torch.tensor([0.0] * n_prompt + [1.0] * len(seq.tokens))
+            want += torch_stable_reinforce(lp, q, a, mask, hi, kl).item()
+        assert abs(out.metrics["loss:sum"] - want) < 2e-3, (config, out.metrics["loss:sum"], want)
+    # And it trains: a step on positive advantages raises the sampled tokens' logprobs.
+    before = tc.forward(data[:1], "stable_reinforce").result().loss_fn_outputs[0]["logprobs"].data
+    tc.forward_backward(data[:1], "stable_reinforce").result()
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    after = tc.forward(data[:1], "stable_reinforce").result().loss_fn_outputs[0]["logprobs"].data
+    n_prompt = len(PROMPT) - 1
+    assert sum(after[n_prompt:]) > sum(before[n_prompt:])
+
+
+def test_bad_provenance_is_a_400_naming_the_field(sampled):
+    _, tc, seqs = sampled
+    seq = seqs[0]
+    good = with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)
+
+    def refused(datum, *needles):
+        with pytest.raises(tinker.BadRequestError) as e:
+            tc.forward_backward([datum], "stable_reinforce").result()
+        for n in needles:
+            assert n in str(e.value), (n, str(e.value))
+
+    bare = types.Datum(model_input=good.model_input, loss_fn_inputs=good.loss_fn_inputs)
+    refused(bare, "data[0].loss_fn_input_spans", "record_stability_info")
+    other = with_provenance(PROMPT, [seq.tokens[0] + 1] + seq.tokens[1:], seq.sequence_id, 1.0)
+    refused(other, "data[0].model_input_spans[1]", "as sampled")
+    unknown = with_provenance(PROMPT, seq.tokens, "no-such-request:0", 1.0)
+    refused(unknown, "sequence_id", "no recorded sequence")
+    prompt_advantage = types.Datum(
+        model_input=good.model_input,
+        loss_fn_inputs={**good.loss_fn_inputs, "advantages": [1.0] * len(good.loss_fn_inputs["target_tokens"].data)},
+        model_input_spans=good.model_input_spans,
+        loss_fn_input_spans=good.loss_fn_input_spans,
+    )
+    refused(prompt_advantage, "data[0].loss_fn_inputs.advantages", "prompt token")
+    with pytest.raises(tinker.BadRequestError, match="kl_coeff"):
+        tc.forward_backward([good], "stable_reinforce", {"kl_coeff": -1.0}).result()
+    # The good datum still trains after all that.
+    tc.forward_backward([good], "stable_reinforce").result()
+
+
+def test_another_tenant_cannot_train_on_the_sequences(keyed_server, sampled):
+    _, _, seqs = sampled
+    seq = seqs[0]
+    sc = tinker.ServiceClient(base_url=keyed_server.url, api_key=BOB)
+    tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+    with pytest.raises(tinker.BadRequestError, match="no recorded sequence"):
+        tc.forward_backward([with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)],
+                            "stable_reinforce").result()
+    sc.close("success").result()
+
+
+def test_sequences_without_record_stability_info_are_not_recorded(keyed_server, sampled):
+    _, tc, _ = sampled
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    seq = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=1,
+                         sampling_params=types.SamplingParams(max_tokens=4, seed=1)).result().sequences[0]
+    with pytest.raises(tinker.BadRequestError, match="no recorded sequence"):
+        tc.forward_backward([with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)],
+                            "stable_reinforce").result()
+
+
+def test_json_clients_send_spans_as_the_protobuf_oneof(keyed_server, sampled):
+    _, tc, seqs = sampled
+    seq = seqs[0]
+    tokens = PROMPT + seq.tokens
+    n = len(tokens) - 1
+
+    def body(target_spans):
+        return {
+            "model_id": tc.model_id,
+            "forward_backward_input": {
+                "loss_fn": "stable_reinforce",
+                "data": [{
+                    "model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens[:-1]}]},
+                    "loss_fn_inputs": {
+                        "target_tokens": {"data": tokens[1:], "dtype": "int64", "shape": [n]},
+                        "advantages": {"data": [0.0] * (len(PROMPT) - 1) + [1.0] * len(seq.tokens),
+                                       "dtype": "float32", "shape": [n]},
+                    },
+                    "model_input_spans": [
+                        {"prompt_tokens": {"sequence_id": seq.sequence_id, "length": len(PROMPT)}},
+                        {"sampled_tokens": {"sequence_id": seq.sequence_id, "length": len(seq.tokens) - 1}},
+                    ],
+                    "loss_fn_input_spans": target_spans,
+                }],
+            },
+        }
+
+    good = [
+        {"prompt_tokens": {"sequence_id": seq.sequence_id, "offset": 1, "length": len(PROMPT) - 1}},
+        {"sampled_tokens": {"sequence_id": seq.sequence_id, "length": len(seq.tokens)}},
+    ]
+    h = {"X-API-Key": ALICE}
+    r = requests.post(keyed_server.url + "/api/v1/forward", json=body(good), headers=h)
+    assert r.status_code == 200, r.text
+    short = good[:1]
+    r = requests.post(keyed_server.url + "/api/v1/forward", json=body(short), headers=h)
+    assert r.status_code == 400 and "loss_fn_input_spans" in r.text and "tile" in r.text, r.text
