@@ -20,10 +20,11 @@ export TRANSFORMERS_VERBOSITY := error
 
 .PHONY: run test build build-release venv model lint fmt bench soak fuzz clean-venv
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-cookbook.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps -r requirements-cookbook.txt
 	touch $@
 
 venv: $(VENV)/.installed

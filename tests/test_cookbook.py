@@ -1,0 +1,28 @@
+"""tinker-cookbook (0.6.1, unchanged) against loraloom: its async RL trains with the default
+AsyncConfig loss, `stable_reinforce`, on samples up to two steps stale, and its metrics rows
+keep their integer steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import DEFAULT_MODEL_DIR
+
+SCRIPT = Path(__file__).parent / "cookbook" / "async_rl.py"
+
+
+def test_async_rl_with_the_default_async_config_trains(server, tmp_path):
+    log_dir = tmp_path / "log"
+    env = {**os.environ, "TINKER_API_KEY": "tml-cookbook"}
+    done = subprocess.run([sys.executable, str(SCRIPT), server.url, str(log_dir), str(DEFAULT_MODEL_DIR)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(len(rows))), [r.get("step") for r in rows]
+    trained = [r for r in rows if "grad_norm" in r]
+    assert len(trained) == 5, rows
+    assert all(r["grad_norm"] > 0 for r in trained), [r["grad_norm"] for r in trained]
+    # Sampling ran ahead of training: later steps trained on samples from older weights.
+    assert max(r["async/staleness_max"] for r in trained) >= 1, trained
