@@ -2,16 +2,17 @@
 `record_stability_info=True`, name each sequence in the datum's provenance spans, train.
 
 Thinking Machines have not published the objective; loraloom's (crates/model/src/loss.rs) is
-REINFORCE with truncated importance weights against the sampler log-probabilities the server
-recorded, plus a k3 KL(sampler ‖ policy) penalty:
+REINFORCE with truncated importance weights against the log-probabilities the server recorded
+when it drew each token, plus a k3 KL(sampler ‖ policy) penalty:
 
-  r = exp(lp - q)   (q: the recorded sampler logprob, never the client's)
+  r = exp(lp - q)   (q: the token's logprob under the tempered, truncated distribution it was
+                     drawn from, as recorded; never the client's `logprobs`)
   L = -Σ_t m_t · (sg(min(r, hi)) · A_t · lp_t - κ · (r - 1 - (lp - q)))
 
 over the sampled targets (m_t = 1). The oracle is that formula in torch with transformers'
 logprobs on the same weights (a fresh adapter, B = 0, computes the base model). Tolerances:
 1e-4 on per-token logprobs (f32 against f32); 2e-3 on the loss sum (~30 tokens, and r depends on
-the sampler's logprob of each token, which the decode loop computes in a different order)."""
+each token's drawn logprob, which the decode loop computes incrementally, in another order)."""
 
 import pytest
 import requests
@@ -62,49 +63,62 @@ def sampled(keyed_server):
     sc = tinker.ServiceClient(base_url=keyed_server.url, api_key=ALICE)
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
     sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
-    params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=7)
-    response = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=3,
-                              sampling_params=params).result()
-    seqs = [s for s in response.sequences if len(s.tokens) >= 2]
-    assert seqs, "every sequence stopped after one token"
-    assert len({s.sequence_id for s in response.sequences}) == 3
+    seqs = {}
+    for temperature in (1.0, 0.7):
+        params = types.SamplingParams(max_tokens=10, temperature=temperature, seed=7)
+        response = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=3,
+                                  sampling_params=params).result()
+        seqs[temperature] = [s for s in response.sequences if len(s.tokens) >= 2]
+        assert seqs[temperature], "every sequence stopped after one token"
+        assert len({s.sequence_id for s in response.sequences}) == 3
     yield sc, tc, seqs
     sc.close("success").result()
 
 
-def test_loss_and_gradient_follow_the_formula_on_recorded_logprobs(sampled):
-    _, tc, seqs = sampled
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_loss_follows_the_formula_on_the_logprobs_tokens_were_drawn_with(sampled, temperature):
+    """q is each token's logprob under the distribution it was drawn from: at temperature 0.7,
+    log_softmax(logits / 0.7), not the temperature-1 logprob the response carries."""
+    _, tc, by_temperature = sampled
+    seqs = by_temperature[temperature]
     base = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
     advantages = [1.0, -0.5, 0.25][: len(seqs)]
     data = [with_provenance(PROMPT, s.tokens, s.sequence_id, a) for s, a in zip(seqs, advantages)]
+    n_prompt = len(PROMPT) - 1
     for config, hi, kl in ((None, 2.0, 0.0), ({"kl_coeff": 0.1, "clip_high_threshold": 1.01}, 1.01, 0.1)):
         out = tc.forward(data, "stable_reinforce", config).result()
         want = 0.0
         for i, (seq, adv) in enumerate(zip(seqs, advantages)):
             tokens = PROMPT + seq.tokens
+            targets = torch.tensor(tokens[1:])[:, None]
             with torch.no_grad():
                 logits = base(torch.tensor([tokens[:-1]])).logits[0].float()
-            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+            lp = torch.log_softmax(logits, -1).gather(1, targets)[:, 0]
+            drawn = torch.log_softmax(logits / temperature, -1).gather(1, targets)[:, 0]
             got_lp = torch.tensor(out.loss_fn_outputs[i]["logprobs"].data)
             assert torch.allclose(got_lp, lp, atol=1e-4)
-            n_prompt = len(PROMPT) - 1
-            q = torch.tensor([0.0] * n_prompt + list(seq.logprobs))
+            q = torch.cat([torch.zeros(n_prompt), drawn[n_prompt:]])
             a = torch.tensor([0.0] * n_prompt + [adv] * len(seq.tokens))
             mask = torch.tensor([0.0] * n_prompt + [1.0] * len(seq.tokens))
             want += torch_stable_reinforce(lp, q, a, mask, hi, kl).item()
         assert abs(out.metrics["loss:sum"] - want) < 2e-3, (config, out.metrics["loss:sum"], want)
-    # And it trains: a step on positive advantages raises the sampled tokens' logprobs.
+
+
+def test_a_step_raises_the_logprobs_of_tokens_with_positive_advantage(sampled):
+    _, tc, by_temperature = sampled
+    seq = by_temperature[1.0][0]
+    data = [with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)]
+    n_prompt = len(PROMPT) - 1
     before = tc.forward(data[:1], "stable_reinforce").result().loss_fn_outputs[0]["logprobs"].data
     tc.forward_backward(data[:1], "stable_reinforce").result()
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     after = tc.forward(data[:1], "stable_reinforce").result().loss_fn_outputs[0]["logprobs"].data
-    n_prompt = len(PROMPT) - 1
     assert sum(after[n_prompt:]) > sum(before[n_prompt:])
 
 
 def test_bad_provenance_is_a_400_naming_the_field(sampled):
-    _, tc, seqs = sampled
-    seq = seqs[0]
+    _, tc, by_temperature = sampled
+    seq = by_temperature[1.0][0]
     good = with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)
 
     def refused(datum, *needles):
@@ -133,8 +147,7 @@ def test_bad_provenance_is_a_400_naming_the_field(sampled):
 
 
 def test_another_tenant_cannot_train_on_the_sequences(keyed_server, sampled):
-    _, _, seqs = sampled
-    seq = seqs[0]
+    seq = sampled[2][1.0][0]
     sc = tinker.ServiceClient(base_url=keyed_server.url, api_key=BOB)
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
     with pytest.raises(tinker.BadRequestError, match="no recorded sequence"):
@@ -154,8 +167,8 @@ def test_sequences_without_record_stability_info_are_not_recorded(keyed_server, 
 
 
 def test_json_clients_send_spans_as_the_protobuf_oneof(keyed_server, sampled):
-    _, tc, seqs = sampled
-    seq = seqs[0]
+    _, tc, by_temperature = sampled
+    seq = by_temperature[1.0][0]
     tokens = PROMPT + seq.tokens
     n = len(tokens) - 1
 

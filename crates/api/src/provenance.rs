@@ -275,7 +275,17 @@ pub fn resolve(
             match span.source {
                 Source::Sampled => {
                     let record = &records[&span.sequence_id];
-                    let q = &record.logprobs[span.offset..span.offset + span.length];
+                    let q = record
+                        .logprobs
+                        .get(span.offset..span.offset + span.length)
+                        .ok_or_else(|| {
+                            ApiError::Engine(loraloom_engine::EngineError::Internal(format!(
+                                "recorded sequence `{}` has {} logprobs for {} tokens",
+                                span.sequence_id,
+                                record.logprobs.len(),
+                                record.tokens.len()
+                            )))
+                        })?;
                     logprobs[at..at + span.length].copy_from_slice(q);
                     mask[at..at + span.length].fill(1.0);
                 }

@@ -793,7 +793,8 @@ fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
             sampler: job.queue.id().to_string(),
             prompt: prompt.clone(),
             tokens: seq.tokens.clone(),
-            logprobs: seq.logprobs.clone(),
+            // The behaviour policy: what each token was drawn from (temperature, top-k, top-p).
+            logprobs: seq.drawn_logprobs.clone(),
             used: now,
         })
         .collect();

@@ -95,7 +95,7 @@ pub struct SampleRow {
     pub prompt: Vec<i64>,
     /// The sampled tokens.
     pub tokens: Vec<i64>,
-    /// The sampler's log-probability of each sampled token.
+    /// Each sampled token's log-probability under the distribution it was drawn from.
     pub logprobs: Vec<f32>,
     /// When it was sampled or last named by a training request (unix seconds).
     pub used: f64,

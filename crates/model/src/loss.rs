@@ -26,7 +26,8 @@
 //! at `hi`, default 2, and never differentiated) plus, with `kl_coeff` κ > 0, the k3 estimate of
 //! KL(sampler ‖ policy), whose gradient `(r - 1)·∇lp` pulls the policy back toward the sampler.
 //! `m` (`recorded`) marks the targets that are sampled tokens; `q` there is the log-probability
-//! the server recorded when it sampled them, never a value the client sends.
+//! each was drawn with (after temperature, top-k and top-p), recorded by the server when it
+//! sampled them, never a value the client sends.
 //!
 //! `w` (`weights`) is optional for every loss and defaults to 1 (as the SDK's own `forward`
 //! example sends only `target_tokens`), so the documented formulas hold exactly when it is

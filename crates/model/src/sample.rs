@@ -88,6 +88,11 @@ pub struct SampledSequence {
     /// The most likely tokens at each generated position, when asked (`topk_sample_logprobs`).
     #[serde(default)]
     pub top_k: Option<Vec<TopK>>,
+    /// Log-probability of each generated token under the distribution it was drawn from (after
+    /// temperature, top-k and top-p; 0 for greedy picks): the behaviour policy that
+    /// `stable_reinforce` weighs against. Recorded by the server, never sent to clients.
+    #[serde(skip)]
+    pub drawn_logprobs: Vec<f32>,
 }
 
 /// One sampling request.
@@ -243,6 +248,8 @@ struct Row {
     sample: usize,
     tokens: Vec<i64>,
     logprobs: Vec<f32>,
+    /// See [`SampledSequence::drawn_logprobs`].
+    drawn_logprobs: Vec<f32>,
     /// The most likely tokens at each generated position (when its request asks).
     top_k: Vec<TopK>,
     rng: SplitMix64,
@@ -609,6 +616,7 @@ impl Generation {
                     sample: s,
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
+                    drawn_logprobs: Vec::new(),
                     top_k: Vec::new(),
                     rng: SplitMix64::new(sample_seed(seed, s)),
                 });
@@ -743,9 +751,10 @@ impl Generation {
                 live.started = true;
                 report.first_tokens.push(row.request);
             }
-            let (token, logprob) = chosen[i];
+            let (token, logprob, drawn) = chosen[i];
             row.tokens.push(token);
             row.logprobs.push(logprob);
+            row.drawn_logprobs.push(drawn);
             if live.sample_top_k > 0 {
                 let mut mine = std::mem::take(&mut top_k[i]);
                 mine.truncate(live.sample_top_k);
@@ -758,6 +767,7 @@ impl Generation {
                         logprobs: row.logprobs,
                         stop_reason: reason,
                         top_k: (live.sample_top_k > 0).then_some(row.top_k),
+                        drawn_logprobs: row.drawn_logprobs,
                     });
                     live.unfinished -= 1;
                     if live.unfinished == 0 {
@@ -1023,7 +1033,8 @@ impl Pick {
 
 /// Chooses one token per row of `logits` (`[rows, vocab]`) on the logits' device and returns
 /// each with its log-probability under the unmodified distribution (temperature 1, before
-/// top-k/top-p): one device-to-host transfer for the whole batch.
+/// top-k/top-p) and under the distribution it was drawn from (0 for greedy rows): one
+/// device-to-host transfer for the whole batch.
 ///
 /// Greedy rows take the argmax (the first one on ties). Sampled rows scale by their temperature,
 /// keep the tokens whose logit reaches the row's `top_k`-th largest and then the smallest set of
@@ -1031,7 +1042,7 @@ impl Pick {
 /// all kept), and invert the cumulative distribution of what is kept in token-id order at the
 /// row's uniform draw. Every quantity is computed per row, so a row's token does not depend on
 /// which other rows share the batch.
-pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32)>> {
+pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f32)>> {
     let rows = picks.len() as i64;
     let size = logits.size();
     if size.len() != 2 || size[0] != rows {
@@ -1045,6 +1056,8 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32)>>
     let logits = logits.f_to_kind(Kind::Float)?;
     let logprobs = logits.f_log_softmax(-1, Kind::Float)?;
     let mut ids = logits.f_argmax(-1, false)?;
+    // Greedy rows draw with certainty (log 1 = 0); an all-greedy batch computes nothing more.
+    let mut drawn_logprobs = None;
     if picks.iter().any(|p| !p.greedy) {
         // Per row: greedy flag, temperature, top-k (vocab when unlimited), top-p, uniform.
         let mut packed = Vec::with_capacity(5 * picks.len());
@@ -1104,7 +1117,8 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32)>>
             weights = weights.f_mul(&weights.f_ge_tensor(&threshold)?)?;
         }
         let cumulative = weights.f_cumsum(-1, Kind::Float)?;
-        let target = cumulative.f_narrow(1, vocab - 1, 1)?.f_mul(&uniform)?;
+        let kept_mass = cumulative.f_narrow(1, vocab - 1, 1)?;
+        let target = kept_mass.f_mul(&uniform)?;
         let drawn = cumulative.f_le_tensor(&target)?.f_sum_dim_intlist(
             [-1i64].as_slice(),
             true,
@@ -1117,25 +1131,33 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32)>>
             .f_amax([-1i64].as_slice(), true)?;
         let drawn = drawn.f_minimum(&last)?.f_squeeze_dim(1)?;
         ids = drawn.f_where_self(&greedy.f_squeeze_dim(1)?.f_logical_not()?, &ids)?;
+        // The drawn token's share of the mass that was kept.
+        drawn_logprobs = Some(
+            weights
+                .f_gather(1, &ids.f_unsqueeze(1)?, false)?
+                .f_div(&kept_mass)?
+                .f_log()?
+                .f_masked_fill(&greedy, 0.0)?
+                .f_squeeze_dim(1)?,
+        );
     }
     let chosen = logprobs
         .f_gather(1, &ids.f_unsqueeze(1)?, false)?
         .f_squeeze_dim(1)?;
     // One transfer: ids travel as f64 (exact for any vocabulary), with their log-probabilities.
-    let host = Tensor::f_stack(
-        &[
-            ids.f_to_kind(Kind::Double)?,
-            chosen.f_to_kind(Kind::Double)?,
-        ],
-        0,
-    )?
-    .f_to_device(tch::Device::Cpu)?;
+    let mut rows_out = vec![
+        ids.f_to_kind(Kind::Double)?,
+        chosen.f_to_kind(Kind::Double)?,
+    ];
+    if let Some(drawn) = &drawn_logprobs {
+        rows_out.push(drawn.f_to_kind(Kind::Double)?);
+    }
+    let host = Tensor::f_stack(&rows_out, 0)?.f_to_device(tch::Device::Cpu)?;
     let values = Vec::<f64>::try_from(host.f_view([-1])?)?;
-    let (ids, lps) = values.split_at(picks.len());
-    Ok(ids
-        .iter()
-        .zip(lps)
-        .map(|(&id, &lp)| (id as i64, lp as f32))
+    let n = picks.len();
+    let drawn = |i: usize| values.get(2 * n + i).map_or(0.0, |&v| v as f32);
+    Ok((0..n)
+        .map(|i| (values[i] as i64, values[n + i] as f32, drawn(i)))
         .collect())
 }
 
@@ -1154,7 +1176,12 @@ mod tests {
 
     /// Chooses for `n` copies of `logits`, row `i` with `params[i % params.len()]`, each row
     /// drawing from its own stream.
-    fn choose_n(logits: &[f32], params: &[SamplingParams], n: usize, seed: u64) -> Vec<(i64, f32)> {
+    fn choose_n(
+        logits: &[f32],
+        params: &[SamplingParams],
+        n: usize,
+        seed: u64,
+    ) -> Vec<(i64, f32, f32)> {
         let picks: Vec<Pick> = (0..n)
             .map(|i| {
                 let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
@@ -1166,8 +1193,8 @@ mod tests {
         choose_tokens(&t, &picks).unwrap()
     }
 
-    fn count(chosen: &[(i64, f32)], token: i64) -> usize {
-        chosen.iter().filter(|(t, _)| *t == token).count()
+    fn count(chosen: &[(i64, f32, f32)], token: i64) -> usize {
+        chosen.iter().filter(|(t, _, _)| *t == token).count()
     }
 
     #[test]
@@ -1175,9 +1202,44 @@ mod tests {
         let logits = [0.5f32, 3.0, -1.0, 2.9];
         let chosen = choose_n(&logits, &[params(0.0, -1, 1.0), params(0.7, 1, 1.0)], 2, 1);
         let norm: f64 = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
-        for (t, lp) in chosen {
+        for (t, lp, drawn) in chosen {
             assert_eq!(t, 1);
             assert!((lp as f64 - (3.0 - norm)).abs() < 1e-6);
+            // A greedy pick is certain under the distribution it was drawn from.
+            assert_eq!(drawn, 0.0);
+        }
+        // So is one that shares its batch with sampled rows, whose draws are not certain.
+        let mixed = choose_n(&logits, &[params(0.0, -1, 1.0), params(1.0, -1, 1.0)], 4, 1);
+        for (i, (_, lp, drawn)) in mixed.into_iter().enumerate() {
+            let want = if i % 2 == 0 { 0.0 } else { lp };
+            assert!((drawn - want).abs() < 1e-6, "row {i}: {drawn} vs {want}");
+        }
+    }
+
+    #[test]
+    fn the_drawn_logprob_is_under_the_tempered_and_truncated_distribution() {
+        let logits = [5.0f32, 4.0, 0.0, -2.0, -3.0];
+        let log_softmax = |xs: &[f64], i: usize| {
+            let norm = xs.iter().map(|x| x.exp()).sum::<f64>().ln();
+            xs[i] - norm
+        };
+        let full: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
+        let cold: Vec<f64> = full.iter().map(|x| x / 0.5).collect();
+        let cases = [
+            (params(1.0, -1, 1.0), full.clone()),
+            (params(1.0, 2, 1.0), full[..2].to_vec()),
+            (params(0.5, -1, 1.0), cold),
+        ];
+        for (p, support) in cases {
+            for (t, lp, drawn) in choose_n(&logits, &[p.clone()], 50, 9) {
+                let t = t as usize;
+                assert!((f64::from(lp) - log_softmax(&full, t)).abs() < 1e-5);
+                let want = log_softmax(&support, t);
+                assert!(
+                    (f64::from(drawn) - want).abs() < 1e-5,
+                    "{p:?}: {drawn} vs {want}"
+                );
+            }
         }
     }
 
@@ -1191,7 +1253,7 @@ mod tests {
             400,
             7,
         );
-        assert!(chosen.iter().all(|(t, _)| *t < 2));
+        assert!(chosen.iter().all(|(t, _, _)| *t < 2));
         assert!(count(&chosen, 1) > 40, "both kept tokens are drawn");
     }
 
@@ -1220,7 +1282,7 @@ mod tests {
             "temperature"
         );
         // The returned log-probability is the model's, whatever the sampling parameters.
-        for (t, lp) in cut.iter().chain(&cold) {
+        for (t, lp, _) in cut.iter().chain(&cold) {
             assert!((lp - logits[*t as usize]).abs() < 1e-5);
         }
     }
