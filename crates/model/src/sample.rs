@@ -1231,7 +1231,7 @@ mod tests {
             (params(0.5, -1, 1.0), cold),
         ];
         for (p, support) in cases {
-            for (t, lp, drawn) in choose_n(&logits, &[p.clone()], 50, 9) {
+            for (t, lp, drawn) in choose_n(&logits, std::slice::from_ref(&p), 50, 9) {
                 let t = t as usize;
                 assert!((f64::from(lp) - log_softmax(&full, t)).abs() < 1e-5);
                 let want = log_softmax(&support, t);
