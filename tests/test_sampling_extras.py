@@ -88,19 +88,25 @@ def test_last_n_scores_only_the_tail(sampler, oracle):
 
 def test_target_prompt_logprobs_dense_and_sparse(sampler, oracle):
     lp = oracle(PROMPT)
-    ids = torch.full((len(PROMPT) - 1, 2), -1, dtype=torch.int64)
+    # Three cells of 28: sparse enough that the SDK encodes it as CSR.
+    ids = torch.full((len(PROMPT) - 1, 4), -1, dtype=torch.int64)
     ids[0, 0], ids[3, 1], ids[len(PROMPT) - 2, 0] = 42, 7, PROMPT[-1]
-    for target in (types.TensorData.from_torch(ids), types.TensorData.from_torch_sparse(ids, pad_value=-1)):
+    sparse = types.TensorData.from_torch_sparse(ids, pad_value=-1)
+    assert sparse.sparse_crow_indices is not None
+    for target in (types.TensorData.from_torch(ids), sparse):
         res = sampler.sample(
             types.ModelInput.from_ints(PROMPT), num_samples=1,
             sampling_params=types.SamplingParams(max_tokens=1), target_prompt_logprobs=target,
         ).result()
-        got = res.target_prompt_logprobs.to_torch()
-        if got.is_sparse_csr:
-            got = got.to_dense()
-        assert list(got.shape) == [len(PROMPT) - 1, 2]
+        # "The same shape and layout" as the request: a sparse request is answered sparse, with
+        # its own cells (to_torch densifies either).
+        answer = res.target_prompt_logprobs
+        assert answer.sparse_crow_indices == target.sparse_crow_indices
+        assert answer.sparse_col_indices == target.sparse_col_indices
+        got = answer.to_torch()
+        assert list(got.shape) == [len(PROMPT) - 1, 4]
         for i in range(len(PROMPT) - 1):
-            for j in range(2):
+            for j in range(4):
                 want = 0.0 if ids[i, j] < 0 else lp[i, ids[i, j]].item()
                 assert close(got[i, j].item(), want), (i, j)
     with pytest.raises(tinker.BadRequestError, match="target_prompt_logprobs"):

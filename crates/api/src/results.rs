@@ -129,7 +129,16 @@ pub fn sample_json(out: &SampleOutput) -> Value {
         body["topk_prompt_logprobs"] = top_k_json(top.iter().map(Option::as_ref));
     }
     if let Some(targets) = &prompt.targets {
-        body["target_prompt_logprobs"] = matrix_json(targets, "float32");
+        body["target_prompt_logprobs"] = match &prompt.targets_layout {
+            Some(layout) => json!({
+                "data": layout.gather(targets),
+                "dtype": "float32",
+                "shape": [targets.len(), width(targets)],
+                "sparse_crow_indices": layout.crow,
+                "sparse_col_indices": layout.col,
+            }),
+            None => matrix_json(targets, "float32"),
+        };
     }
     if let Some(alt) = &prompt.alt {
         body["prompt_alt_tokens"] = json!({
@@ -209,13 +218,22 @@ pub fn sample_proto(out: &SampleOutput) -> Vec<u8> {
             .map(|top| top_k_proto(&top.iter().map(Option::as_ref).collect::<Vec<_>>())),
         prompt_cache_hit_tokens: 0,
         target_prompt_logprobs: prompt.targets.as_ref().map(|t| {
-            let values: Vec<f32> = t.iter().flatten().copied().collect();
-            tensor_proto(
-                proto::f32_bytes(&values),
-                proto::dtype::FLOAT32,
-                t.len(),
-                width(t),
-            )
+            let (rows, cols) = (t.len(), width(t));
+            match &prompt.targets_layout {
+                Some(layout) => proto::Tensor {
+                    encoding: Some(proto::Encoding::SparseCsr(proto::SparseCsr {
+                        values: proto::f32_bytes(&layout.gather(t)),
+                        crow_indices: proto::i64_bytes(&layout.crow),
+                        col_indices: proto::i64_bytes(&layout.col),
+                    })),
+                    dtype: proto::dtype::FLOAT32,
+                    shape: vec![rows as i64, cols as i64],
+                },
+                None => {
+                    let values: Vec<f32> = t.iter().flatten().copied().collect();
+                    tensor_proto(proto::f32_bytes(&values), proto::dtype::FLOAT32, rows, cols)
+                }
+            }
         }),
         prompt_alt_tokens: prompt.alt.as_ref().map(|alt| {
             let ids: Vec<i64> = alt.tokens.iter().flatten().copied().collect();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use loraloom_model::{AdamParams, Datum, LossFn, LossInputs, SamplingParams, Stop};
+use loraloom_model::{AdamParams, CsrLayout, Datum, LossFn, LossInputs, SamplingParams, Stop};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
@@ -158,9 +158,13 @@ impl TensorData {
 const MAX_ID_ROWS: i64 = 1 << 20;
 
 impl TensorData {
-    /// A 2-D int64 matrix of token ids, dense or sparse CSR; cells a sparse tensor does not
-    /// list are `fill`.
-    pub fn into_id_matrix(self, field: &str, fill: i64) -> ApiResult<Vec<Vec<i64>>> {
+    /// A 2-D int64 matrix of token ids, dense or sparse CSR (then with its layout); cells a
+    /// sparse tensor does not list are `fill`.
+    pub fn into_id_matrix(
+        self,
+        field: &str,
+        fill: i64,
+    ) -> ApiResult<(Vec<Vec<i64>>, Option<CsrLayout>)> {
         let invalid = |reason: String| ApiError::invalid(field, reason);
         let shape = self.shape.clone().unwrap_or_default();
         let [rows, cols] = shape[..] else {
@@ -191,7 +195,7 @@ impl TensorData {
                         ids.len()
                     )));
                 }
-                Ok(ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect())
+                Ok((ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect(), None))
             }
             (Some(crow), Some(col)) => {
                 let bad_layout = || invalid("inconsistent sparse CSR indices".into());
@@ -209,7 +213,7 @@ impl TensorData {
                         *dense[r].get_mut(c).ok_or_else(bad_layout)? = ids[i];
                     }
                 }
-                Ok(dense)
+                Ok((dense, Some(CsrLayout { crow, col })))
             }
             _ => Err(ApiError::invalid(
                 field,

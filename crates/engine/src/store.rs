@@ -442,11 +442,13 @@ impl Store for SqliteStore {
 
     fn use_samples(&self, tenant: &str, ids: &[String], now: f64) -> Result<Vec<SampleRow>> {
         self.with(|c| {
-            let mut get = c.prepare_cached(
+            // One transaction: a request may name thousands of sequences.
+            let tx = c.unchecked_transaction()?;
+            let mut get = tx.prepare_cached(
                 "SELECT sampler, prompt, tokens, logprobs FROM samples WHERE tenant = ?1 AND id = ?2",
             )?;
             let mut touch =
-                c.prepare_cached("UPDATE samples SET used = ?3 WHERE tenant = ?1 AND id = ?2")?;
+                tx.prepare_cached("UPDATE samples SET used = ?3 WHERE tenant = ?1 AND id = ?2")?;
             let mut rows = Vec::new();
             for id in ids {
                 let row = get
@@ -467,6 +469,8 @@ impl Store for SqliteStore {
                     rows.push(row);
                 }
             }
+            drop((get, touch));
+            tx.commit()?;
             Ok(rows)
         })
     }

@@ -38,7 +38,7 @@ pub use sample::{
     sample, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence, SamplingParams,
     StepReport, Stop, StopReason,
 };
-pub use scoring::{AltTokens, PromptScores, Scoring, TopK, MAX_SCORED_WIDTH};
+pub use scoring::{AltTokens, CsrLayout, PromptScores, Scoring, TopK, MAX_SCORED_WIDTH};
 pub use slab::Field;
 /// The device type of every tensor (re-exported so that callers need not depend on `tch`).
 pub use tch::Device;

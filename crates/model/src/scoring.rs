@@ -30,6 +30,8 @@ pub struct Scoring {
     /// Ids to score at each prompt position after the first, `[len - 1][K]`, `-1` for none
     /// (`target_prompt_logprobs`).
     pub prompt_targets: Option<Vec<Vec<i64>>>,
+    /// The cells `prompt_targets` listed when it came sparse; the answer keeps that layout.
+    pub prompt_targets_layout: Option<CsrLayout>,
     /// Tokens drawn at each prompt position after the first, at the request's temperature
     /// (`prompt_alt_tokens_k`; 0: none).
     pub prompt_alt_k: usize,
@@ -129,6 +131,30 @@ pub struct AltTokens {
     pub logprobs: Vec<Vec<f32>>,
 }
 
+/// The cells of a sparse (CSR) `[rows, cols]` matrix: row `r` lists columns
+/// `col[crow[r]..crow[r + 1]]`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CsrLayout {
+    /// `rows + 1` offsets into `col`.
+    pub crow: Vec<i64>,
+    /// Column of each listed cell.
+    pub col: Vec<i64>,
+}
+
+impl CsrLayout {
+    /// The values of `dense` at the listed cells, in order (cells outside it give 0).
+    pub fn gather<T: Copy + Default>(&self, dense: &[Vec<T>]) -> Vec<T> {
+        let mut values = Vec::with_capacity(self.col.len());
+        for (r, span) in self.crow.windows(2).enumerate() {
+            for &c in &self.col[span[0] as usize..span[1] as usize] {
+                let cell = dense.get(r).and_then(|row| row.get(c as usize));
+                values.push(cell.copied().unwrap_or_default());
+            }
+        }
+        values
+    }
+}
+
 /// What a request learned about its prompt, filled as its prompt is prefilled.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PromptScores {
@@ -141,6 +167,9 @@ pub struct PromptScores {
     /// `[len - 1][K]`: the logprobs of the requested ids (0.0 where the request had -1).
     #[serde(default, rename = "prompt_targets")]
     pub targets: Option<Vec<Vec<f32>>>,
+    /// The request's sparse layout of `targets`, which the answer keeps (`None`: dense).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets_layout: Option<CsrLayout>,
     /// The alternative draws.
     #[serde(default, rename = "prompt_alt")]
     pub alt: Option<AltTokens>,
@@ -168,6 +197,7 @@ impl PromptScorer {
                 logprobs: scoring.prompt_logprobs.then(|| vec![None]),
                 top_k: (scoring.prompt_top_k > 0).then(|| vec![None]),
                 targets: scoring.prompt_targets.as_ref().map(|_| Vec::new()),
+                targets_layout: scoring.prompt_targets_layout.clone(),
                 alt: (scoring.prompt_alt_k > 0).then(AltTokens::default),
             },
         }
@@ -309,6 +339,7 @@ mod tests {
             prompt_top_k: MAX_SCORED_WIDTH,
             prompt_last_n: Some(3),
             prompt_targets: Some(vec![vec![-1, 5], vec![99, -1], vec![-1, -1]]),
+            prompt_targets_layout: None,
             prompt_alt_k: 1,
             sample_top_k: 2,
         };

@@ -525,6 +525,7 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
             prompt_top_k: 4,
             prompt_last_n: None,
             prompt_targets: Some((0..39).map(|i| vec![i % 120, -1, 7]).collect()),
+            prompt_targets_layout: None,
             prompt_alt_k: 3,
             sample_top_k: 3,
         },

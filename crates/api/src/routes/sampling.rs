@@ -119,15 +119,19 @@ impl SampleRequest {
             }
             n => n.map(|n| n as usize),
         };
+        let (prompt_targets, prompt_targets_layout) = match self.target_prompt_logprobs.take() {
+            Some(t) => {
+                let (ids, layout) = t.into_id_matrix("target_prompt_logprobs", -1)?;
+                (Some(ids), layout)
+            }
+            None => (None, None),
+        };
         Ok(Scoring {
             prompt_logprobs: self.prompt_logprobs,
             prompt_top_k: width("topk_prompt_logprobs", self.topk_prompt_logprobs)?,
             prompt_last_n,
-            prompt_targets: self
-                .target_prompt_logprobs
-                .take()
-                .map(|t| t.into_id_matrix("target_prompt_logprobs", -1))
-                .transpose()?,
+            prompt_targets,
+            prompt_targets_layout,
             prompt_alt_k: width("prompt_alt_tokens_k", self.prompt_alt_tokens_k)?,
             sample_top_k: width("topk_sample_logprobs", self.topk_sample_logprobs)?,
         })
