@@ -21,7 +21,7 @@ import torch
 from tinker import types
 from transformers import AutoModelForCausalLM
 
-from conftest import ALICE, BOB, DEFAULT_MODEL_DIR, MODEL_NAME
+from conftest import ALICE, BOB, DEFAULT_MODEL_DIR, MODEL_NAME, Server
 
 PROMPT = [1, 504, 3437, 314, 260, 2386, 30, 5248, 17, 42]
 
@@ -56,6 +56,26 @@ def with_provenance(prompt, sampled, sequence_id, advantage):
             types.SampledProvenanceSpan(sequence_id=sequence_id, length=len(sampled)),
         ],
     )
+
+
+def json_forward(model_id, datum, target_spans=None):
+    """A JSON `forward` body for `datum` (clients without protobuf): spans as the protobuf oneof,
+    `{"prompt_tokens": {...}}` / `{"sampled_tokens": {...}}`."""
+    def spans(runs):
+        return [{"prompt_tokens" if isinstance(r, types.PromptProvenanceSpan) else "sampled_tokens":
+                 {"sequence_id": r.sequence_id, "offset": r.offset, "length": r.length}} for r in runs]
+
+    def tensor(name, dtype):
+        values = list(datum.loss_fn_inputs[name].data)
+        return {"data": values, "dtype": dtype, "shape": [len(values)]}
+
+    return {"model_id": model_id, "forward_backward_input": {"loss_fn": "stable_reinforce", "data": [{
+        "model_input": {"chunks": [{"type": "encoded_text", "tokens": datum.model_input.to_ints()}]},
+        "loss_fn_inputs": {"target_tokens": tensor("target_tokens", "int64"),
+                           "advantages": tensor("advantages", "float32")},
+        "model_input_spans": spans(datum.model_input_spans),
+        "loss_fn_input_spans": spans(target_spans if target_spans is not None else datum.loss_fn_input_spans),
+    }]}}
 
 
 @pytest.fixture(scope="module")
@@ -169,37 +189,39 @@ def test_sequences_without_record_stability_info_are_not_recorded(keyed_server, 
 def test_json_clients_send_spans_as_the_protobuf_oneof(keyed_server, sampled):
     _, tc, by_temperature = sampled
     seq = by_temperature[1.0][0]
-    tokens = PROMPT + seq.tokens
-    n = len(tokens) - 1
-
-    def body(target_spans):
-        return {
-            "model_id": tc.model_id,
-            "forward_backward_input": {
-                "loss_fn": "stable_reinforce",
-                "data": [{
-                    "model_input": {"chunks": [{"type": "encoded_text", "tokens": tokens[:-1]}]},
-                    "loss_fn_inputs": {
-                        "target_tokens": {"data": tokens[1:], "dtype": "int64", "shape": [n]},
-                        "advantages": {"data": [0.0] * (len(PROMPT) - 1) + [1.0] * len(seq.tokens),
-                                       "dtype": "float32", "shape": [n]},
-                    },
-                    "model_input_spans": [
-                        {"prompt_tokens": {"sequence_id": seq.sequence_id, "length": len(PROMPT)}},
-                        {"sampled_tokens": {"sequence_id": seq.sequence_id, "length": len(seq.tokens) - 1}},
-                    ],
-                    "loss_fn_input_spans": target_spans,
-                }],
-            },
-        }
-
-    good = [
-        {"prompt_tokens": {"sequence_id": seq.sequence_id, "offset": 1, "length": len(PROMPT) - 1}},
-        {"sampled_tokens": {"sequence_id": seq.sequence_id, "length": len(seq.tokens)}},
-    ]
+    datum = with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0)
     h = {"X-API-Key": ALICE}
-    r = requests.post(keyed_server.url + "/api/v1/forward", json=body(good), headers=h)
+    r = requests.post(keyed_server.url + "/api/v1/forward", json=json_forward(tc.model_id, datum), headers=h)
     assert r.status_code == 200, r.text
-    short = good[:1]
-    r = requests.post(keyed_server.url + "/api/v1/forward", json=body(short), headers=h)
+    short = json_forward(tc.model_id, datum, datum.loss_fn_input_spans[:1])
+    r = requests.post(keyed_server.url + "/api/v1/forward", json=short, headers=h)
     assert r.status_code == 400 and "loss_fn_input_spans" in r.text and "tile" in r.text, r.text
+
+
+def test_recorded_sequences_survive_a_kill_9(tmp_path):
+    srv = Server(tmp_path)
+    try:
+        sc = tinker.ServiceClient(base_url=srv.url, api_key="tml-durable")
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+        sampler = tc.save_weights_and_get_sampling_client(record_stability_info=True).result()
+        seq = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=1,
+                             sampling_params=types.SamplingParams(max_tokens=6, seed=3)).result().sequences[0]
+        # Only acknowledged work counts: the sequence id reached the client, so it was recorded.
+        srv.proc.kill()
+        srv.proc.wait()
+    finally:
+        srv.stop()
+    srv = Server(tmp_path)
+    try:
+        body = json_forward(tc.model_id, with_provenance(PROMPT, seq.tokens, seq.sequence_id, 1.0))
+        h = {"X-API-Key": "tml-durable"}
+        r = requests.post(srv.url + "/api/v1/forward", json=body, headers=h)
+        assert r.status_code == 200, r.text
+        while True:
+            out = requests.post(srv.url + "/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]},
+                                headers=h).json()
+            if out.get("type") != "try_again":
+                break
+        assert "loss:sum" in out["metrics"], out
+    finally:
+        srv.stop()
