@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str):
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -31,7 +31,7 @@ class Server:
         self.proc = subprocess.Popen(
             [str(BINARY), "serve", "--port", str(self.port), "--model", str(DEFAULT_MODEL_DIR),
              "--model-name", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data-dir", str(data_dir), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -111,10 +111,11 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
         400, ["sampling_params.stop", "64"]),
-    "stable_reinforce_named": lambda s, run: (
-        post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
-                                                 forward_backward_input={"loss_fn": "stable_reinforce", "data": []})),
-        400, ["loss_fn", "stable_reinforce", "gspo"]),
+    "stable_reinforce_without_provenance": lambda s, run: (
+        post(s, "/api/v1/forward_backward", {**fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
+             "forward_backward_input": {**fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0])["forward_backward_input"],
+                                        "loss_fn": "stable_reinforce"}}),
+        400, ["data[0].loss_fn_input_spans", "record_stability_info"]),
     "server_side_custom_loss": lambda s, run: (
         post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
                                                  forward_backward_input={"loss_fn": "custom", "data": [],
@@ -132,6 +133,27 @@ CASES = {
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
                                     "sampling_params": {"max_tokens": 4}}),
         400, ["target_prompt_logprobs", "shape"]),
+    "sample_target_ids_unsorted_sparse_columns": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "target_prompt_logprobs": {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
+                                                               "sparse_crow_indices": [0, 2], "sparse_col_indices": [3, 1]},
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4}}),
+        400, ["target_prompt_logprobs", "sparse CSR"]),
+    "sample_target_ids_sparse_offsets_short_of_the_values": lambda s, run: (
+        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
+                                    "target_prompt_logprobs": {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
+                                                               "sparse_crow_indices": [0, 1], "sparse_col_indices": [0, 1]},
+                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 4}}),
+        400, ["target_prompt_logprobs", "sparse CSR"]),
+    "forward_backward_span_lengths_overflow": lambda s, run: (
+        post(s, "/api/v1/forward_backward", {**fb_body(run["model_id"], [1, 2, 3], [2, 3, 4], [1.0] * 3),
+             "forward_backward_input": {"loss_fn": "cross_entropy", "data": [{
+                 **fb_body(run["model_id"], [1, 2, 3], [2, 3, 4], [1.0] * 3)["forward_backward_input"]["data"][0],
+                 "model_input_spans": [{"prompt_tokens": {"sequence_id": "x:0", "length": 3}}],
+                 "loss_fn_input_spans": [{"sampled_tokens": {"sequence_id": "x:0", "length": 2**63 - 1}}] * 3}]}}),
+        400, ["data[0].loss_fn_input_spans", "tile"]),
     "sample_target_ids_out_of_vocab": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
                                     "target_prompt_logprobs": {"data": [10**9], "dtype": "int64", "shape": [1, 1]},

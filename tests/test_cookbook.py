@@ -23,6 +23,8 @@ def test_async_rl_with_the_default_async_config_trains(server, tmp_path):
     assert [r["step"] for r in rows] == list(range(len(rows))), [r.get("step") for r in rows]
     trained = [r for r in rows if "grad_norm" in r]
     assert len(trained) == 5, rows
-    assert all(r["grad_norm"] > 0 for r in trained), [r["grad_norm"] for r in trained]
+    # A step whose every group got equal rewards has no advantage to train on (rare: 4 groups
+    # of 4 with p ≈ 0.6 each); the others train.
+    assert sum(r["grad_norm"] > 0 for r in trained) >= 4, [r["grad_norm"] for r in trained]
     # Sampling ran ahead of training: later steps trained on samples from older weights.
     assert max(r["async/staleness_max"] for r in trained) >= 1, trained

@@ -177,8 +177,11 @@ pub fn check(
                 format!("{} runs for {len} tokens", spans.len()),
             ));
         }
-        let covered: usize = spans.iter().map(|s| s.length).sum();
-        if covered != len {
+        let covered = spans
+            .iter()
+            .try_fold(0usize, |sum, s| sum.checked_add(s.length));
+        if covered != Some(len) {
+            let covered = covered.map_or("more than 2^64".to_string(), |c| c.to_string());
             return Err(ApiError::invalid(
                 field(name),
                 format!("runs cover {covered} tokens but the field has {len}; they must tile it"),
@@ -191,13 +194,13 @@ pub fn check(
     }))
 }
 
-/// The client session an id belongs to (`<session>:train:..`, `<session>:sample:..`); samplers
-/// named by model path (`direct:..`) belong to none.
+/// The client session an id belongs to (`<session>:train:..`, `<session>:sample:..`). Samplers
+/// named by model path (`direct:..`) and sessions created without a client session
+/// (`sampler-<hex>`) belong to none, and are not checked.
 fn session_of(id: &str) -> Option<&str> {
-    if id.starts_with("direct:") {
-        None
-    } else {
-        id.split(':').next()
+    match id.split_once(':') {
+        Some(("direct", _)) | None => None,
+        Some((session, _)) => Some(session),
     }
 }
 
@@ -349,4 +352,84 @@ fn mismatch(field: &str, what: &str, at: usize, span: &Span) -> ApiError {
             span.sequence_id
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loraloom_model::LossInputs;
+
+    fn datum(len: usize) -> Datum {
+        Datum {
+            input_tokens: vec![1; len],
+            loss_inputs: LossInputs {
+                target_tokens: vec![2; len],
+                weights: None,
+                logprobs: None,
+                advantages: None,
+                sequence_ratio_mask: None,
+                recorded: None,
+            },
+        }
+    }
+
+    fn span(source: Source, length: usize) -> Span {
+        Span {
+            source,
+            sequence_id: "r:0".into(),
+            offset: 0,
+            length,
+        }
+    }
+
+    #[test]
+    fn spans_must_come_in_pairs_and_tile_their_field() {
+        let d = datum(5);
+        let tiling = || vec![span(Source::Prompt, 2), span(Source::Sampled, 3)];
+        assert!(check(0, &d, vec![], vec![]).unwrap().is_none());
+        assert!(check(0, &d, tiling(), tiling()).unwrap().is_some());
+        let err = check(0, &d, tiling(), vec![]).unwrap_err().to_string();
+        assert!(err.contains("data[0].loss_fn_input_spans"), "{err}");
+        let short = vec![span(Source::Prompt, 2)];
+        let err = check(3, &d, tiling(), short).unwrap_err().to_string();
+        assert!(
+            err.contains("data[3].loss_fn_input_spans") && err.contains("cover 2"),
+            "{err}"
+        );
+        // Lengths that overflow when summed are an error, not a panic.
+        let huge = vec![span(Source::Sampled, usize::MAX / 2 + 1); 2];
+        let err = check(0, &d, tiling(), huge).unwrap_err().to_string();
+        assert!(err.contains("more than 2^64"), "{err}");
+        // Empty runs are allowed, but not without bound.
+        let many = vec![span(Source::Prompt, 0); 100];
+        let err = check(0, &d, many, tiling()).unwrap_err().to_string();
+        assert!(err.contains("100 runs"), "{err}");
+    }
+
+    #[test]
+    fn sessions_come_from_ids_that_have_one() {
+        assert_eq!(session_of("session-1:train:0"), Some("session-1"));
+        assert_eq!(session_of("session-1:train:0:sample:2"), Some("session-1"));
+        assert_eq!(session_of("direct:tinker://x/sampler_weights/y"), None);
+        assert_eq!(session_of("sampler-00ff"), None);
+    }
+
+    #[test]
+    fn negative_offsets_and_lengths_name_the_field() {
+        let bad = proto::ProvenanceSpan {
+            span: Some(proto::SpanKind::SampledTokens(proto::SpanRun {
+                sequence_id: "r:0".into(),
+                offset: -1,
+                length: 2,
+            })),
+        };
+        let err = from_proto("data[0].model_input_spans", vec![bad])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data[0].model_input_spans[0].offset"), "{err}");
+        let err = from_proto("x", vec![proto::ProvenanceSpan { span: None }])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x[0]"), "{err}");
+    }
 }

@@ -198,18 +198,30 @@ impl TensorData {
                 Ok((ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect(), None))
             }
             (Some(crow), Some(col)) => {
+                // torch's CSR invariants (the answer keeps this layout, and the SDK checks them
+                // when it reads it): rows+1 offsets from 0 to nnz, never decreasing, and within a
+                // row strictly increasing columns inside the matrix.
                 let bad_layout = || invalid("inconsistent sparse CSR indices".into());
-                if crow.len() != rows + 1 || col.len() != ids.len() || crow[0] != 0 {
+                let nnz = ids.len() as i64;
+                if crow.len() != rows + 1
+                    || col.len() != ids.len()
+                    || crow[0] != 0
+                    || crow[rows] != nnz
+                {
                     return Err(bad_layout());
                 }
                 let mut dense = vec![vec![fill; cols]; rows];
                 for (r, span) in crow.windows(2).enumerate() {
                     let (start, end) = (span[0], span[1]);
-                    if start > end || end as usize > ids.len() {
+                    if start > end || end > nnz {
                         return Err(bad_layout());
                     }
-                    for i in start as usize..end as usize {
-                        let c = usize::try_from(col[i]).map_err(|_| bad_layout())?;
+                    let row = &col[start as usize..end as usize];
+                    if row.windows(2).any(|w| w[0] >= w[1]) {
+                        return Err(bad_layout());
+                    }
+                    for (i, &c) in (start as usize..).zip(row) {
+                        let c = usize::try_from(c).map_err(|_| bad_layout())?;
                         *dense[r].get_mut(c).ok_or_else(bad_layout)? = ids[i];
                     }
                 }

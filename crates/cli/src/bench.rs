@@ -179,7 +179,8 @@ fn proc_status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Greedy decode of `sequences` sequences over `adapters` adapters (0 = base model): one
+/// Decode (greedy at `temperature` 0, else seeded draws) of `sequences` sequences over
+/// `adapters` adapters (0 = base model): one
 /// request per adapter with its share of the sequences as `num_samples` or, `interleaved`, one
 /// request per sequence, sequence `i` on adapter `i % adapters` (rows of mixed adapters, as
 /// concurrent users make them).
@@ -190,6 +191,7 @@ pub fn decode(
     new_tokens: i64,
     iters: usize,
     interleaved: bool,
+    temperature: f64,
 ) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
@@ -198,7 +200,8 @@ pub fn decode(
     let prompt = datum(1, 16, vocab).input_tokens;
     let params = SamplingParams {
         max_tokens: new_tokens,
-        temperature: 0.0,
+        temperature,
+        seed: Some(0),
         stop: Stop::Never,
         ..SamplingParams::default()
     };

@@ -65,6 +65,9 @@ struct BenchArgs {
     /// Where the model runs: auto (a GPU when libtorch sees one), cpu, cuda or cuda:N.
     #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
     device: String,
+    /// Sampling temperature of the `decode` benchmark (0: greedy; RL samples at 1).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
     /// Tokens of the datum of the `long` benchmark.
     #[arg(long, default_value_t = 8192)]
     len: usize,
@@ -85,16 +88,19 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "roofline" => bench::isolated(|| bench::roofline(iters))?,
             "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
             "train" => bench::isolated(move || bench::train(&d, 4, 128, iters))?,
-            "decode" => bench::isolated(move || {
-                bench::decode(&d, 1, 0, 32, iters, false)?;
-                bench::decode(&d, 8, 1, 32, iters, false)?;
-                bench::decode(&d, 8, 8, 32, iters, false)?;
-                bench::decode(&d, 32, 8, 32, iters, true)?;
-                // Issue 11's GPU goal: 64 sequences over 16 adapters against 64 of one adapter
-                // (both one request per sequence, so both prefill 64 prompts).
-                bench::decode(&d, 64, 1, 32, iters, true)?;
-                bench::decode(&d, 64, 16, 32, iters, true)
-            })?,
+            "decode" => {
+                let t = args.temperature;
+                bench::isolated(move || {
+                    bench::decode(&d, 1, 0, 32, iters, false, t)?;
+                    bench::decode(&d, 8, 1, 32, iters, false, t)?;
+                    bench::decode(&d, 8, 8, 32, iters, false, t)?;
+                    bench::decode(&d, 32, 8, 32, iters, true, t)?;
+                    // Issue 11's GPU goal: 64 sequences over 16 adapters against 64 of one
+                    // adapter (both one request per sequence, so both prefill 64 prompts).
+                    bench::decode(&d, 64, 1, 32, iters, true, t)?;
+                    bench::decode(&d, 64, 16, 32, iters, true, t)
+                })?
+            }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "long" => {
                 let (budget, _) = budget::resolve(&args.memory_budget, d.device(), 1)?;
@@ -172,12 +178,12 @@ struct ServeArgs {
     #[arg(long, env = "LORALOOM_MAX_RUNS", default_value_t = 1024)]
     max_runs: usize,
     /// Sampled sequences one tenant may have recorded for `stable_reinforce`
-    /// (`record_stability_info`); beyond it the least recently used are forgotten. Each is
-    /// kept a day after it was sampled or last trained on.
+    /// (`record_stability_info`); beyond it the least recently used are forgotten (checked every
+    /// minute). Each is kept a day after it was sampled or last trained on.
     #[arg(
         long,
         env = "LORALOOM_MAX_RECORDED_SAMPLES_PER_TENANT",
-        default_value_t = 200_000,
+        default_value_t = 50_000,
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     max_recorded_samples_per_tenant: u64,

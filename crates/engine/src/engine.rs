@@ -798,19 +798,23 @@ fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
             used: now,
         })
         .collect();
-    inner
-        .samples
-        .put_samples(job.queue.tenant(), &rows, inner.max_recorded_samples)?;
+    inner.samples.put_samples(job.queue.tenant(), &rows)?;
     Ok(out)
 }
+
+/// How often (in reaper rounds) recorded samples past their day or their tenant's limit are
+/// forgotten: every minute.
+const PURGE_SAMPLES_EVERY: u32 = 12;
 
 /// How often expired checkpoints are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
-/// Deletes expired checkpoints every [`REAP_EVERY`], on its own thread (workers may be idle
-/// for hours, and deleting files is no scheduler work), until the engine is dropped or closed.
+/// Deletes expired checkpoints every [`REAP_EVERY`] and forgets recorded samples past their
+/// day or their tenant's limit every [`PURGE_SAMPLES_EVERY`] rounds, on its own thread (workers
+/// may be idle for hours, and deleting files is no scheduler work), until the engine is dropped
+/// or closed.
 fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
-    loop {
+    for round in 1u32.. {
         std::thread::sleep(REAP_EVERY);
         let Some(inner) = inner.upgrade() else {
             return;
@@ -821,11 +825,14 @@ fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
         let _ = catch_unwind(AssertUnwindSafe(|| {
             let now = crate::registry::unix_now();
             inner.registry.expire_checkpoints(now);
-            if let Err(e) = inner
-                .samples
-                .purge_samples(now - RECORDED_SAMPLE_TTL.as_secs_f64())
-            {
-                tracing::warn!(error = %e, "could not forget expired recorded samples");
+            if round % PURGE_SAMPLES_EVERY == 0 {
+                let expired = now - RECORDED_SAMPLE_TTL.as_secs_f64();
+                if let Err(e) = inner
+                    .samples
+                    .purge_samples(expired, inner.max_recorded_samples)
+                {
+                    tracing::warn!(error = %e, "could not forget recorded samples");
+                }
             }
         }));
     }

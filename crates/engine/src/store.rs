@@ -133,14 +133,14 @@ pub trait Store: Send + Sync {
     fn futures(&self) -> Result<Vec<FutureRow>>;
     /// Forgets futures finished before `unix_time`; returns how many.
     fn purge_futures(&self, unix_time: f64) -> Result<usize>;
-    /// Records sampled sequences of one tenant (in one transaction), then forgets that tenant's
-    /// least recently used ones beyond `keep`.
-    fn put_samples(&self, tenant: &str, rows: &[SampleRow], keep: usize) -> Result<()>;
+    /// Records sampled sequences of one tenant (in one transaction).
+    fn put_samples(&self, tenant: &str, rows: &[SampleRow]) -> Result<()>;
     /// The tenant's recorded sequences among `ids` (unknown ids are absent), each marked used
     /// at `now`.
     fn use_samples(&self, tenant: &str, ids: &[String], now: f64) -> Result<Vec<SampleRow>>;
-    /// Forgets recorded sequences unused since `unix_time`; returns how many.
-    fn purge_samples(&self, unix_time: f64) -> Result<usize>;
+    /// Forgets recorded sequences unused since `unix_time`, then each tenant's least recently
+    /// used ones beyond `keep_per_tenant`; returns how many.
+    fn purge_samples(&self, unix_time: f64, keep_per_tenant: usize) -> Result<usize>;
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -168,6 +168,7 @@ CREATE TABLE IF NOT EXISTS samples (tenant TEXT NOT NULL, id TEXT NOT NULL, samp
   prompt BLOB NOT NULL, tokens BLOB NOT NULL, logprobs BLOB NOT NULL, used REAL NOT NULL,
   PRIMARY KEY (tenant, id));
 CREATE INDEX IF NOT EXISTS samples_used ON samples (tenant, used);
+CREATE INDEX IF NOT EXISTS samples_age ON samples (used);
 ";
 
 impl SqliteStore {
@@ -397,7 +398,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_samples(&self, tenant: &str, rows: &[SampleRow], keep: usize) -> Result<()> {
+    fn put_samples(&self, tenant: &str, rows: &[SampleRow]) -> Result<()> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let tx = conn.transaction().map_err(db_err)?;
         {
@@ -418,22 +419,6 @@ impl Store for SqliteStore {
                     logprobs,
                     r.used
                 ])
-                .map_err(db_err)?;
-            }
-            let held: i64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM samples WHERE tenant = ?1",
-                    params![tenant],
-                    |r| r.get(0),
-                )
-                .map_err(db_err)?;
-            let excess = held - i64::try_from(keep).unwrap_or(i64::MAX);
-            if excess > 0 {
-                tx.execute(
-                    "DELETE FROM samples WHERE rowid IN
-                       (SELECT rowid FROM samples WHERE tenant = ?1 ORDER BY used LIMIT ?2)",
-                    params![tenant, excess],
-                )
                 .map_err(db_err)?;
             }
         }
@@ -475,8 +460,25 @@ impl Store for SqliteStore {
         })
     }
 
-    fn purge_samples(&self, unix_time: f64) -> Result<usize> {
-        self.with(|c| c.execute("DELETE FROM samples WHERE used < ?1", params![unix_time]))
+    fn purge_samples(&self, unix_time: f64, keep_per_tenant: usize) -> Result<usize> {
+        self.with(|c| {
+            let mut gone = c.execute("DELETE FROM samples WHERE used < ?1", params![unix_time])?;
+            let keep = i64::try_from(keep_per_tenant).unwrap_or(i64::MAX);
+            let over: Vec<(String, i64)> = c
+                .prepare(
+                    "SELECT tenant, COUNT(*) FROM samples GROUP BY tenant HAVING COUNT(*) > ?1",
+                )?
+                .query_map(params![keep], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (tenant, held) in over {
+                gone += c.execute(
+                    "DELETE FROM samples WHERE rowid IN
+                       (SELECT rowid FROM samples WHERE tenant = ?1 ORDER BY used LIMIT ?2)",
+                    params![tenant, held - keep],
+                )?;
+            }
+            Ok(gone)
+        })
     }
 }
 
@@ -581,14 +583,15 @@ mod tests {
             logprobs: vec![-0.5, -1.25],
             used,
         };
-        s.put_samples("t", &[row("a", 1.0), row("b", 2.0)], 10)
-            .unwrap();
+        s.put_samples("t", &[row("a", 1.0), row("b", 2.0)]).unwrap();
         // Another tenant cannot read them.
         assert!(s.use_samples("u", &["a".into()], 3.0).unwrap().is_empty());
         let got = s.use_samples("t", &["a".into(), "zz".into()], 5.0).unwrap();
         assert_eq!(got, vec![row("a", 5.0)]);
         // Over the limit, the least recently used ("b", not the just-used "a") goes.
-        s.put_samples("t", &[row("c", 3.0)], 2).unwrap();
+        s.put_samples("t", &[row("c", 3.0)]).unwrap();
+        s.put_samples("u", &[row("d", 3.0)]).unwrap();
+        assert_eq!(s.purge_samples(0.0, 2).unwrap(), 1);
         let ids = ["a", "b", "c"].map(String::from);
         let left: Vec<String> = s
             .use_samples("t", &ids, 6.0)
@@ -597,7 +600,8 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(left, ["a", "c"]);
-        assert_eq!(s.purge_samples(6.5).unwrap(), 2);
+        // Then by age: everything unused since 6.5 (the other tenant's too).
+        assert_eq!(s.purge_samples(6.5, 2).unwrap(), 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! | `cispo` | `-w · sg(clamp(r, lo, hi)) · lp · A` |
 //! | `dro` | `-w · (lp · A - β/2 · (lp - q)²)` |
 //! | `gspo` | `-w · min(s_t · A, clamp(s_t, lo, hi) · A)` |
-//! | `stable_reinforce` | `-w · m · (sg(min(r, hi)) · lp · A - κ · (r - 1 - (lp - q)))` |
+//! | `stable_reinforce` | `-w · m · (sg(min(r, hi)) · lp · A - κ · (ρ - 1 - log ρ))` |
 //!
 //! GSPO is the token-level variant Tinker documents: the sequence ratio
 //! `s = exp(mean over the tokens `sequence_ratio_mask` marks of sg(lp) - q)`, and each token
@@ -24,7 +24,8 @@
 //! REINFORCE variant that stays stable off-policy, fed by what the sampler recorded) but have not
 //! published its formula. Here it is REINFORCE with truncated importance weights (the ratio capped
 //! at `hi`, default 2, and never differentiated) plus, with `kl_coeff` κ > 0, the k3 estimate of
-//! KL(sampler ‖ policy), whose gradient `(r - 1)·∇lp` pulls the policy back toward the sampler.
+//! KL(sampler ‖ policy), whose gradient `(ρ - 1)·∇lp` pulls the policy back toward the sampler
+//! (`ρ` is `r` with its log bounded by [`KL_LOG_RATIO_BOUND`], so the term stays finite).
 //! `m` (`recorded`) marks the targets that are sampled tokens; `q` there is the log-probability
 //! each was drawn with (after temperature, top-k and top-p), recorded by the server when it
 //! sampled them, never a value the client sends.
@@ -335,6 +336,10 @@ pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
     Ok(picked.f_sub(&norm)?)
 }
 
+/// Bound of `stable_reinforce`'s log ratio inside its KL term: e^20 ≈ 5·10⁸ keeps the term and
+/// its gradient finite in f32 (beyond it the penalty's gradient is 0, as a clamp's is).
+pub const KL_LOG_RATIO_BOUND: f64 = 20.0;
+
 /// The per-token loss `[len]` of one datum (or a chunk of it) given its target
 /// log-probabilities `lp` `[len]`; `sequence_log_ratio` is the whole datum's
 /// [`sequence_log_ratio`] (GSPO only).
@@ -403,11 +408,14 @@ pub fn elementwise_loss(
                     kl_coeff,
                 } => {
                     let recorded = policy(&inputs.recorded, "recorded")?;
-                    let log_ratio = lp.f_sub(&q)?;
                     let weight = ratio.f_clamp_max(clip_high)?.f_detach()?;
                     let reinforce = weight.f_mul(lp)?.f_mul(&adv)?;
-                    // k3: r - 1 - log r >= 0, an unbiased estimate of KL(sampler ‖ policy).
-                    let k3 = ratio.f_sub_scalar(1.0)?.f_sub(&log_ratio)?;
+                    // k3: r - 1 - log r >= 0, an unbiased estimate of KL(sampler ‖ policy); its
+                    // log ratio is bounded (±KL_LOG_RATIO_BOUND) so it stays finite in f32.
+                    let log_ratio = lp
+                        .f_sub(&q)?
+                        .f_clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)?;
+                    let k3 = log_ratio.f_exp()?.f_sub_scalar(1.0)?.f_sub(&log_ratio)?;
                     reinforce
                         .f_sub(&k3.f_mul_scalar(kl_coeff)?)?
                         .f_mul(&recorded)?

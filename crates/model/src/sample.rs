@@ -1225,9 +1225,11 @@ mod tests {
         };
         let full: Vec<f64> = logits.iter().map(|&x| f64::from(x)).collect();
         let cold: Vec<f64> = full.iter().map(|x| x / 0.5).collect();
+        // p(0) ≈ 0.72 < 0.8 <= p(0) + p(1): top_p 0.8 keeps {0, 1}, as top_k 2 does.
         let cases = [
             (params(1.0, -1, 1.0), full.clone()),
             (params(1.0, 2, 1.0), full[..2].to_vec()),
+            (params(1.0, -1, 0.8), full[..2].to_vec()),
             (params(0.5, -1, 1.0), cold),
         ];
         for (p, support) in cases {
