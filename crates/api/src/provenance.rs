@@ -221,7 +221,10 @@ pub fn resolve(
         .collect();
     ids.sort();
     ids.dedup();
-    let records = engine.use_recorded_samples(tenant, &ids)?;
+    let records = Records {
+        rows: engine.use_recorded_samples(tenant, &ids)?,
+        model_id,
+    };
     for (i, datum) in data.iter_mut().enumerate() {
         let Some(Some(prov)) = provenance.get(i) else {
             return Err(ApiError::invalid(
@@ -229,38 +232,10 @@ pub fn resolve(
                 "stable_reinforce needs provenance on every datum: sample with record_stability_info=True and attach the sequence ids with Datum.with_provenance",
             ));
         };
-        let lookup = |field: String, span: &Span| -> ApiResult<&[i64]> {
-            let record = recorded(&records, &field, span, model_id)?;
-            let source = match span.source {
-                Source::Prompt => &record.prompt,
-                Source::Sampled => &record.tokens,
-            };
-            source
-                .get(span.offset..span.offset + span.length)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        field,
-                        format!(
-                            "positions {}..{} are outside the {} {} tokens of sequence `{}`",
-                            span.offset,
-                            span.offset + span.length,
-                            source.len(),
-                            match span.source {
-                                Source::Prompt => "prompt",
-                                Source::Sampled => "sampled",
-                            },
-                            span.sequence_id
-                        ),
-                    )
-                })
-        };
         let mut at = 0;
         for (j, span) in prov.model_input.iter().enumerate() {
             let field = format!("data[{i}].model_input_spans[{j}]");
-            let want = lookup(field.clone(), span)?;
-            if datum.input_tokens[at..at + span.length] != *want {
-                return Err(mismatch(&field, "model_input", at, span));
-            }
+            records.reproduced(&field, "model_input", &datum.input_tokens, at, span)?;
             at += span.length;
         }
         let inputs = &mut datum.loss_inputs;
@@ -271,13 +246,11 @@ pub fn resolve(
         let mut at = 0;
         for (j, span) in prov.targets.iter().enumerate() {
             let field = format!("data[{i}].loss_fn_input_spans[{j}]");
-            let want = lookup(field.clone(), span)?;
-            if inputs.target_tokens[at..at + span.length] != *want {
-                return Err(mismatch(&field, "loss_fn_inputs.target_tokens", at, span));
-            }
+            let what = "loss_fn_inputs.target_tokens";
+            let record = records.reproduced(&field, what, &inputs.target_tokens, at, span)?;
+            let run = at..at + span.length;
             match span.source {
                 Source::Sampled => {
-                    let record = &records[&span.sequence_id];
                     let q = record
                         .logprobs
                         .get(span.offset..span.offset + span.length)
@@ -289,11 +262,12 @@ pub fn resolve(
                                 record.tokens.len()
                             )))
                         })?;
-                    logprobs[at..at + span.length].copy_from_slice(q);
-                    mask[at..at + span.length].fill(1.0);
+                    logprobs[run.clone()].copy_from_slice(q);
+                    mask[run].fill(1.0);
                 }
                 Source::Prompt => {
-                    if let Some(p) = (at..at + span.length)
+                    if let Some(p) = run
+                        .into_iter()
                         .find(|&p| advantages.get(p).is_some_and(|&a| a != 0.0))
                     {
                         return Err(ApiError::invalid(
@@ -311,47 +285,81 @@ pub fn resolve(
     Ok(())
 }
 
-/// The record a span names, if the tenant has it and it was sampled in the run's session.
-fn recorded<'a>(
-    records: &'a HashMap<String, SampleRow>,
-    field: &str,
-    span: &Span,
-    model_id: &str,
-) -> ApiResult<&'a SampleRow> {
-    let record = records.get(&span.sequence_id).ok_or_else(|| {
-        ApiError::invalid(
-            format!("{field}.sequence_id"),
-            format!(
-                "no recorded sequence `{}`: sample with record_stability_info=True (records last a day after their last use)",
-                span.sequence_id
-            ),
-        )
-    })?;
-    if let (Some(sampled), Some(training)) = (session_of(&record.sampler), session_of(model_id)) {
-        if sampled != training {
+/// The tenant's recorded sequences a request names, for run `model_id`.
+struct Records<'a> {
+    rows: HashMap<String, SampleRow>,
+    model_id: &'a str,
+}
+
+impl Records<'_> {
+    /// The record `span` names, once `tokens[at..]` (the span's run of a datum field, `what`,
+    /// whose spans are checked to tile it) is shown to be the tokens it names. `field` names the
+    /// span in errors.
+    fn reproduced(
+        &self,
+        field: &str,
+        what: &str,
+        tokens: &[i64],
+        at: usize,
+        span: &Span,
+    ) -> ApiResult<&SampleRow> {
+        let record = self.named(field, span)?;
+        let (source, kind) = match span.source {
+            Source::Prompt => (&record.prompt, "prompt"),
+            Source::Sampled => (&record.tokens, "sampled"),
+        };
+        let end = span.offset + span.length;
+        let Some(want) = source.get(span.offset..end) else {
             return Err(ApiError::invalid(
-                format!("{field}.sequence_id"),
+                field,
                 format!(
-                    "sequence `{}` was sampled in session `{sampled}`, not in this run's session `{training}`",
+                    "positions {}..{end} are outside the {} {kind} tokens of sequence `{}`",
+                    span.offset,
+                    source.len(),
+                    span.sequence_id
+                ),
+            ));
+        };
+        if tokens[at..at + span.length] != *want {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{what} positions {at}..{} are not the tokens at {}..{end} of sequence `{}` as sampled",
+                    at + span.length,
+                    span.offset,
                     span.sequence_id
                 ),
             ));
         }
+        Ok(record)
     }
-    Ok(record)
-}
 
-fn mismatch(field: &str, what: &str, at: usize, span: &Span) -> ApiError {
-    ApiError::invalid(
-        field,
-        format!(
-            "{what} positions {at}..{} are not the tokens at {}..{} of sequence `{}` as sampled",
-            at + span.length,
-            span.offset,
-            span.offset + span.length,
-            span.sequence_id
-        ),
-    )
+    /// The record a span names, if the tenant has it and it was sampled in the run's session.
+    fn named(&self, field: &str, span: &Span) -> ApiResult<&SampleRow> {
+        let record = self.rows.get(&span.sequence_id).ok_or_else(|| {
+            ApiError::invalid(
+                format!("{field}.sequence_id"),
+                format!(
+                    "no recorded sequence `{}`: sample with record_stability_info=True (records last a day after their last use)",
+                    span.sequence_id
+                ),
+            )
+        })?;
+        if let (Some(sampled), Some(training)) =
+            (session_of(&record.sampler), session_of(self.model_id))
+        {
+            if sampled != training {
+                return Err(ApiError::invalid(
+                    format!("{field}.sequence_id"),
+                    format!(
+                        "sequence `{}` was sampled in session `{sampled}`, not in this run's session `{training}`",
+                        span.sequence_id
+                    ),
+                ));
+            }
+        }
+        Ok(record)
+    }
 }
 
 #[cfg(test)]
