@@ -222,19 +222,22 @@ impl Engine {
         backends: Vec<Box<dyn Backend>>,
         record: bool,
     ) -> Engine {
-        let samples: Arc<dyn Store> = match registry.store() {
-            Some(store) => store.clone(),
-            None => Arc::new(SqliteStore::in_memory().expect("an in-memory SQLite database")),
+        let (futures, samples): (FutureStore, Arc<dyn Store>) = match registry.store() {
+            Some(store) => (
+                FutureStore::durable(config.future_ttl, store.clone()),
+                store.clone(),
+            ),
+            None => (
+                FutureStore::new(config.future_ttl),
+                Arc::new(SqliteStore::in_memory().expect("an in-memory SQLite database")),
+            ),
         };
         let inner = Arc::new(Inner {
             sched: Mutex::new(SchedState::new(config.limits)),
             samples,
             max_recorded_samples: config.max_recorded_samples_per_tenant,
             wake: Condvar::new(),
-            futures: match registry.store() {
-                Some(store) => FutureStore::durable(config.future_ttl, store.clone()),
-                None => FutureStore::new(config.future_ttl),
-            },
+            futures,
             registry,
             counters: Counters::default(),
             timeline: crate::timeline::Timeline::new(TIMELINE_JOBS),
