@@ -728,6 +728,19 @@ mod tests {
         }
     }
 
+    /// Queues one 100-token forward_backward on each of `tenant`'s runs `r0..r{n-1}`, with
+    /// job ids `{prefix}0..`.
+    fn push_runs(s: &mut SchedState, tenant: &str, prefix: &str, n: usize) {
+        for r in 0..n {
+            s.push(job(
+                &format!("{prefix}{r}"),
+                model(tenant, &format!("r{r}")),
+                train_work(100),
+            ))
+            .unwrap();
+        }
+    }
+
     #[test]
     fn a_tenant_with_many_queues_delays_another_by_at_most_two_of_its_jobs() {
         // Tenant a floods 8 runs with jobs of the whole batch budget (no two fit together);
@@ -810,22 +823,8 @@ mod tests {
         };
         limits.tenant_weights.insert("gold".into(), 2);
         let mut s = SchedState::new(limits);
-        for r in 0..3 {
-            s.push(job(
-                &format!("g{r}"),
-                model("gold", &format!("r{r}")),
-                train_work(100),
-            ))
-            .unwrap();
-        }
-        for r in 0..2 {
-            s.push(job(
-                &format!("p{r}"),
-                model("plain", &format!("r{r}")),
-                train_work(100),
-            ))
-            .unwrap();
-        }
+        push_runs(&mut s, "gold", "g", 3);
+        push_runs(&mut s, "plain", "p", 2);
         assert_eq!(ids(&s.next_batch().unwrap()), ["g0", "g1", "p0", "g2"]);
     }
 
@@ -837,14 +836,7 @@ mod tests {
             ..Limits::default()
         };
         let mut s = SchedState::new(limits);
-        for r in 0..4 {
-            s.push(job(
-                &format!("a{r}"),
-                model("a", &format!("r{r}")),
-                train_work(100),
-            ))
-            .unwrap();
-        }
+        push_runs(&mut s, "a", "a", 4);
         s.push(job("b0", model("b", "r"), train_work(100))).unwrap();
         let batch = s.next_batch().unwrap();
         assert_eq!(ids(&batch), ["a0", "b0", "a1"]);
