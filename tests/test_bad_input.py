@@ -41,6 +41,21 @@ def fb_body(model_id, tokens, targets, weights):
     }
 
 
+def fb_with(model_id, loss_fn="cross_entropy", **datum_fields):
+    """A one-datum forward_backward body with `loss_fn` and extra fields on the datum."""
+    body = fb_body(model_id, [1, 2, 3], [2, 3, 4], [1.0] * 3)
+    body["forward_backward_input"]["loss_fn"] = loss_fn
+    body["forward_backward_input"]["data"][0].update(datum_fields)
+    return body
+
+
+def sample_with_targets(server, target_prompt_logprobs):
+    """An asample request for a two-token prompt with `target_prompt_logprobs`."""
+    return post(server, "/api/v1/asample", {
+        "base_model": MODEL_NAME, "num_samples": 1, "target_prompt_logprobs": target_prompt_logprobs,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 4}})
+
+
 def expect(r, status, *needles):
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
@@ -112,9 +127,7 @@ CASES = {
                                     "sampling_params": {"max_tokens": 4, "stop": [f"s{i}" for i in range(65)]}}),
         400, ["sampling_params.stop", "64"]),
     "stable_reinforce_without_provenance": lambda s, run: (
-        post(s, "/api/v1/forward_backward", {**fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
-             "forward_backward_input": {**fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0])["forward_backward_input"],
-                                        "loss_fn": "stable_reinforce"}}),
+        post(s, "/api/v1/forward_backward", fb_with(run["model_id"], "stable_reinforce")),
         400, ["data[0].loss_fn_input_spans", "record_stability_info"]),
     "server_side_custom_loss": lambda s, run: (
         post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
@@ -127,38 +140,25 @@ CASES = {
                                     "sampling_params": {"max_tokens": 4}}),
         400, ["topk_sample_logprobs", "128"]),
     "sample_target_ids_absurd_sparse_shape": lambda s, run: (
-        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
-                                    "target_prompt_logprobs": {"data": [], "dtype": "int64", "shape": [1, 4_000_000_000],
-                                                               "sparse_crow_indices": [0, 0], "sparse_col_indices": []},
-                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                    "sampling_params": {"max_tokens": 4}}),
+        sample_with_targets(s, {"data": [], "dtype": "int64", "shape": [1, 4_000_000_000],
+                                "sparse_crow_indices": [0, 0], "sparse_col_indices": []}),
         400, ["target_prompt_logprobs", "shape"]),
     "sample_target_ids_unsorted_sparse_columns": lambda s, run: (
-        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
-                                    "target_prompt_logprobs": {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
-                                                               "sparse_crow_indices": [0, 2], "sparse_col_indices": [3, 1]},
-                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                    "sampling_params": {"max_tokens": 4}}),
+        sample_with_targets(s, {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
+                                "sparse_crow_indices": [0, 2], "sparse_col_indices": [3, 1]}),
         400, ["target_prompt_logprobs", "sparse CSR"]),
     "sample_target_ids_sparse_offsets_short_of_the_values": lambda s, run: (
-        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
-                                    "target_prompt_logprobs": {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
-                                                               "sparse_crow_indices": [0, 1], "sparse_col_indices": [0, 1]},
-                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                    "sampling_params": {"max_tokens": 4}}),
+        sample_with_targets(s, {"data": [5, 6], "dtype": "int64", "shape": [1, 4],
+                                "sparse_crow_indices": [0, 1], "sparse_col_indices": [0, 1]}),
         400, ["target_prompt_logprobs", "sparse CSR"]),
     "forward_backward_span_lengths_overflow": lambda s, run: (
-        post(s, "/api/v1/forward_backward", {**fb_body(run["model_id"], [1, 2, 3], [2, 3, 4], [1.0] * 3),
-             "forward_backward_input": {"loss_fn": "cross_entropy", "data": [{
-                 **fb_body(run["model_id"], [1, 2, 3], [2, 3, 4], [1.0] * 3)["forward_backward_input"]["data"][0],
-                 "model_input_spans": [{"prompt_tokens": {"sequence_id": "x:0", "length": 3}}],
-                 "loss_fn_input_spans": [{"sampled_tokens": {"sequence_id": "x:0", "length": 2**63 - 1}}] * 3}]}}),
+        post(s, "/api/v1/forward_backward", fb_with(
+            run["model_id"],
+            model_input_spans=[{"prompt_tokens": {"sequence_id": "x:0", "length": 3}}],
+            loss_fn_input_spans=[{"sampled_tokens": {"sequence_id": "x:0", "length": 2**63 - 1}}] * 3)),
         400, ["data[0].loss_fn_input_spans", "tile"]),
     "sample_target_ids_out_of_vocab": lambda s, run: (
-        post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1,
-                                    "target_prompt_logprobs": {"data": [10**9], "dtype": "int64", "shape": [1, 1]},
-                                    "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                    "sampling_params": {"max_tokens": 4}}),
+        sample_with_targets(s, {"data": [10**9], "dtype": "int64", "shape": [1, 1]}),
         400, ["target_prompt_logprobs", "vocabulary"]),
     "bad_query_string": lambda s, run: (
         requests.get(s.url + "/api/v1/training_runs?limit=many", headers=H), 400, ["query"]),
