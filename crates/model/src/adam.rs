@@ -3,14 +3,15 @@
 //! `torch.nn.utils.clip_grad_norm_` compute them.
 //!
 //! [`step_many`] steps many adapters at once: the adapters' weights, gradients and moments are
-//! rows of their layout's slab ([`crate::slab`]), so one step gathers the rows of every run in
-//! the batch, applies AdamW with each run's own hyperparameters as per-row factors, and writes
-//! the rows back: a fixed number of kernels per slab (and per memory-bounded column chunk), not
-//! per run or per tensor.
+//! rows of their layout's slab ([`crate::slab`]), and one step hands the rows of every run in
+//! the batch, as tensor lists, to PyTorch's fused multi-tensor AdamW kernel (the one
+//! `torch.optim.AdamW(fused=True)` uses), once per distinct set of hyperparameters: each weight,
+//! gradient and moment is read and written once, in place, and the number of kernels does not
+//! grow with the number of runs. Gradient norms, clipping and the finiteness check are per row.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use tch::{Device, Kind, Tensor};
+use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::lora::LoraAdapter;
@@ -156,9 +157,6 @@ pub struct StepJob<'a> {
     pub params: AdamParams,
 }
 
-/// Elements of one gathered temporary (`[runs, columns]`): bounds the step's extra memory.
-const CHUNK_ELEMENTS: i64 = 1 << 26;
-
 /// Steps every job's adapter with its own hyperparameters, then zeroes its gradients; one
 /// result per job, in order. A run whose gradient norm is not finite is not stepped (its
 /// gradients are discarded, or every later step would fail the same way); a run whose new
@@ -204,168 +202,159 @@ pub fn step_many(jobs: &mut [StepJob]) -> Vec<Result<StepStats>> {
         .collect()
 }
 
-/// Per-run factors of one step, as `[runs, 1]` f32 columns.
-struct Factors {
-    clip: Option<Tensor>,
-    decay: Option<Tensor>,
-    one_minus_beta1: Tensor,
-    beta2: Tensor,
-    one_minus_beta2: Tensor,
-    bias2_sqrt: Tensor,
-    eps: Tensor,
-    step_size: Tensor,
-}
+/// PyTorch's fused multi-tensor AdamW (`torch._fused_adamw_`, which tch does not bind) as a
+/// TorchScript module holding only that call; written by `scripts/make_fused_adamw.py`.
+static FUSED_ADAMW_MODULE: &[u8] = include_bytes!("../assets/fused_adamw.pt");
 
-impl Factors {
-    fn new(runs: &[(AdamParams, f64, i64)], device: Device) -> Result<Self> {
-        let column = |f: &dyn Fn(&(AdamParams, f64, i64)) -> f64| -> Result<Tensor> {
-            let values: Vec<f32> = runs.iter().map(|r| f(r) as f32).collect();
-            Ok(Tensor::from_slice(&values)
-                .f_to_device(device)?
-                .f_view([-1, 1])?)
-        };
-        let clip_of = |(hp, norm, _): &(AdamParams, f64, i64)| {
-            if hp.grad_clip_norm > 0.0 {
-                (hp.grad_clip_norm / (norm + 1e-6)).min(1.0)
-            } else {
-                1.0
-            }
-        };
-        let any_clip = runs.iter().any(|r| clip_of(r) < 1.0);
-        let any_decay = runs.iter().any(|(hp, _, _)| hp.weight_decay > 0.0);
-        Ok(Factors {
-            clip: if any_clip {
-                Some(column(&clip_of)?)
-            } else {
-                None
-            },
-            decay: if any_decay {
-                Some(column(&|(hp, _, _)| {
-                    1.0 - hp.learning_rate * hp.weight_decay
-                })?)
-            } else {
-                None
-            },
-            one_minus_beta1: column(&|(hp, _, _)| 1.0 - hp.beta1)?,
-            beta2: column(&|(hp, _, _)| hp.beta2)?,
-            one_minus_beta2: column(&|(hp, _, _)| 1.0 - hp.beta2)?,
-            bias2_sqrt: column(&|(hp, _, t)| (1.0 - hp.beta2.powi(*t as i32)).sqrt())?,
-            eps: column(&|(hp, _, _)| hp.eps)?,
-            step_size: column(&|(hp, _, t)| hp.learning_rate / (1.0 - hp.beta1.powi(*t as i32)))?,
-        })
-    }
-}
+/// The loaded module, or why it could not be loaded (kept, so every step reports it).
+static FUSED_ADAMW: LazyLock<std::result::Result<CModule, String>> = LazyLock::new(|| {
+    CModule::load_data(&mut &FUSED_ADAMW_MODULE[..])
+        .map_err(|e| format!("loading the fused AdamW module: {e}"))
+});
 
-/// The slab rows a step reads and updates: a range is used in place through views; other sets
-/// are gathered into temporaries and written back.
+/// The slab rows a step reads and updates.
 enum Selected {
-    /// `n` consecutive rows from `lo`.
+    /// `n` consecutive rows from `lo`: one kernel per reduction over all of them.
     Range(i64, i64),
-    /// Rows by index (ascending).
-    Index(Tensor),
+    /// Rows by index (ascending): one kernel per row.
+    Rows(Vec<i64>),
 }
 
 impl Selected {
-    /// `rows` must be ascending.
-    fn of(rows: &[i64], device: Device) -> Result<Self> {
-        let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
-        Ok(if consecutive {
+    /// `rows` must be ascending and not empty.
+    fn of(rows: &[i64]) -> Self {
+        if rows.windows(2).all(|w| w[1] == w[0] + 1) {
             Selected::Range(rows[0], rows.len() as i64)
         } else {
-            Selected::Index(Tensor::from_slice(rows).f_to_device(device)?)
-        })
-    }
-
-    fn len(&self) -> i64 {
-        match self {
-            Selected::Range(_, n) => *n,
-            Selected::Index(index) => index.size()[0],
+            Selected::Rows(rows.to_vec())
         }
     }
 
-    /// The selected rows of `columns` (`[capacity, width]`): a view for a range, else a copy.
-    fn take(&self, columns: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Selected::Range(lo, n) => columns.f_narrow(0, *lo, *n)?,
-            Selected::Index(index) => columns.f_index_select(0, index)?,
-        })
+    /// `reduce` (over the last dimension) of each selected row of `tensor`, copied to the host
+    /// in one transfer.
+    fn reduce(
+        &self,
+        tensor: &Tensor,
+        reduce: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<f32>> {
+        let per_row = match self {
+            Selected::Range(lo, n) => reduce(&tensor.f_narrow(0, *lo, *n)?)?,
+            Selected::Rows(rows) => {
+                let each = rows
+                    .iter()
+                    .map(|&r| reduce(&tensor.f_select(0, r)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::f_stack(&each, 0)?
+            }
+        };
+        Ok(Vec::<f32>::try_from(per_row.f_to_device(Device::Cpu)?)?)
     }
 
     /// Zeroes the selected rows of `tensor`.
     fn zero(&self, tensor: &Tensor) -> Result<()> {
-        let _ = match self {
-            Selected::Range(lo, n) => tensor.f_narrow(0, *lo, *n)?.f_zero_()?,
-            Selected::Index(index) => tensor.shallow_clone().f_index_fill_(0, index, 0.0)?,
-        };
-        Ok(())
-    }
-
-    /// Column chunks `(start, width)` of a `numel`-wide row that bound each temporary of a step
-    /// over these rows to [`CHUNK_ELEMENTS`].
-    fn chunks(&self, numel: i64) -> impl Iterator<Item = (i64, i64)> {
-        let cols = (CHUNK_ELEMENTS / self.len().max(1)).clamp(1, numel.max(1));
-        (0..numel)
-            .step_by(cols as usize)
-            .map(move |start| (start, cols.min(numel - start)))
-    }
-}
-
-/// Each selected row's gradient norm (one host transfer for all of them).
-fn grad_norms(t: &SlabTensors, rows: &Selected, numel: i64, device: Device) -> Result<Vec<f64>> {
-    let mut sq = Tensor::f_zeros([rows.len()], (Kind::Double, device))?;
-    for (start, width) in rows.chunks(numel) {
-        let g = rows.take(&t.grads.f_narrow(1, start, width)?)?;
-        sq = sq.f_add(&g.f_square()?.f_sum_dim_intlist(1, false, Kind::Double)?)?;
-    }
-    Ok(Vec::<f64>::try_from(
-        sq.f_sqrt()?.f_to_device(Device::Cpu)?,
-    )?)
-}
-
-/// AdamW on the selected rows (row `i` with the factors' row `i`), then their gradients zeroed.
-/// Whether each row's new weights are all finite (one host transfer for all of them).
-fn adamw(t: &SlabTensors, rows: &Selected, f: &Factors, numel: i64) -> Result<Vec<bool>> {
-    let mut sums: Option<Tensor> = None;
-    for (start, width) in rows.chunks(numel) {
-        let gather = |field: &Tensor| rows.take(&field.f_narrow(1, start, width)?);
-        let mut g = gather(&t.grads)?;
-        if let Some(clip) = &f.clip {
-            g = g.f_mul(clip)?;
-        }
-        let mut p = gather(&t.params)?;
-        if let Some(decay) = &f.decay {
-            let _ = p.f_mul_(decay)?;
-        }
-        let mut m = gather(&t.exp_avg)?;
-        let _ = m.f_lerp_tensor_(&g, &f.one_minus_beta1)?;
-        let mut v = gather(&t.exp_avg_sq)?;
-        let _ = v.f_mul_(&f.beta2)?;
-        let _ = v.f_addcmul_(&g, &g.f_mul(&f.one_minus_beta2)?)?;
-        let denom = v.f_sqrt()?.f_div(&f.bias2_sqrt)?.f_add(&f.eps)?;
-        let _ = p.f_sub_(&m.f_div(&denom)?.f_mul(&f.step_size)?)?;
-        // A row's sum is finite exactly when all its weights are (NaN and infinities carry
-        // through a sum; finite weights large enough to overflow it are broken anyway).
-        let chunk_sums = p.f_sum_dim_intlist(1, false, Kind::Float)?;
-        sums = Some(match sums {
-            Some(so_far) => so_far.f_add(&chunk_sums)?,
-            None => chunk_sums,
-        });
-        if let Selected::Index(index) = rows {
-            for (field, value) in [(&t.params, &p), (&t.exp_avg, &m), (&t.exp_avg_sq, &v)] {
-                let _ = field
-                    .f_narrow(1, start, width)?
-                    .f_index_copy_(0, index, value)?;
+        match self {
+            Selected::Range(lo, n) => {
+                let _ = tensor.f_narrow(0, *lo, *n)?.f_zero_()?;
+            }
+            Selected::Rows(rows) => {
+                for &r in rows {
+                    let _ = tensor.f_select(0, r)?.f_zero_()?;
+                }
             }
         }
+        Ok(())
     }
-    rows.zero(&t.grads)?;
-    Ok(match sums {
-        Some(sums) => Vec::<f32>::try_from(sums.f_to_device(Device::Cpu)?)?
-            .into_iter()
-            .map(f32::is_finite)
-            .collect(),
-        None => vec![true; rows.len() as usize],
+}
+
+/// Each selected row's gradient norm (f32, as `torch.nn.utils.clip_grad_norm_` computes it).
+fn grad_norms(t: &SlabTensors, rows: &Selected) -> Result<Vec<f32>> {
+    rows.reduce(&t.grads, |g| {
+        Ok(g.f_norm_scalaropt_dim(2.0, [-1i64].as_slice(), false)?)
     })
+}
+
+/// One run's share of [`adamw`].
+struct RowStep {
+    row: i64,
+    params: AdamParams,
+    grad_norm: f64,
+    /// The step being taken (1 for the first).
+    step: i64,
+}
+
+impl RowStep {
+    /// The factor `clip_grad_norm_` scales this run's gradients by, when it clips them.
+    fn clip(&self) -> Option<f64> {
+        let max = self.params.grad_clip_norm;
+        let factor = max / (self.grad_norm + 1e-6);
+        (max > 0.0 && factor < 1.0).then_some(factor)
+    }
+
+    /// What must be equal for runs to share one call of the fused kernel.
+    fn group_key(&self) -> [u64; 5] {
+        let hp = &self.params;
+        [
+            hp.learning_rate,
+            hp.beta1,
+            hp.beta2,
+            hp.weight_decay,
+            hp.eps,
+        ]
+        .map(f64::to_bits)
+    }
+}
+
+/// AdamW on each run's row with its own hyperparameters: its gradients clipped in place where
+/// its `grad_clip_norm` asks, then one call of the fused kernel per distinct set of the other
+/// hyperparameters (usually one for the whole batch) over the rows as a tensor list, updating
+/// weights and moments in place. The caller zeroes the gradients.
+fn adamw(t: &SlabTensors, runs: &[RowStep], device: Device) -> Result<()> {
+    let module = FUSED_ADAMW
+        .as_ref()
+        .map_err(|e| ModelError::Torch(tch::TchError::Torch(e.clone())))?;
+    for run in runs {
+        if let Some(clip) = run.clip() {
+            let _ = t.grads.f_select(0, run.row)?.f_mul_scalar_(clip)?;
+        }
+    }
+    // The kernel reads each tensor's step from a device tensor, as torch.optim keeps it.
+    let steps: Vec<f32> = runs.iter().map(|r| r.step as f32).collect();
+    let steps = Tensor::from_slice(&steps).f_to_device(device)?;
+    let mut groups: Vec<([u64; 5], Vec<usize>)> = Vec::new();
+    for (i, run) in runs.iter().enumerate() {
+        let key = run.group_key();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    for (_, members) in groups {
+        let rows_of = |field: &Tensor| -> Result<IValue> {
+            let rows = members
+                .iter()
+                .map(|&i| field.f_select(0, runs[i].row))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(IValue::TensorList(rows))
+        };
+        let step_list = members
+            .iter()
+            .map(|&i| steps.f_select(0, i as i64))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let hp = &runs[members[0]].params;
+        module.forward_is(&[
+            rows_of(&t.params)?,
+            rows_of(&t.grads)?,
+            rows_of(&t.exp_avg)?,
+            rows_of(&t.exp_avg_sq)?,
+            IValue::TensorList(step_list),
+            IValue::Double(hp.learning_rate),
+            IValue::Double(hp.beta1),
+            IValue::Double(hp.beta2),
+            IValue::Double(hp.weight_decay),
+            IValue::Double(hp.eps),
+        ])?;
+    }
+    Ok(())
 }
 
 /// One fused step over `members` (indices into `jobs`), all rows of `slab`.
@@ -375,27 +364,31 @@ fn step_group(
     members: &[usize],
 ) -> Result<Vec<Result<StepStats>>> {
     let device = slab.device();
-    let numel = slab.layout().numel;
     let rows: Vec<i64> = members
         .iter()
         .map(|&i| jobs[i].adapter.row().index())
         .collect();
-    // Row order: rows allocated together form a range, read and updated in place.
+    // Row order: rows allocated together form a range, reduced and zeroed by one kernel each.
     let mut order: Vec<usize> = (0..members.len()).collect();
     order.sort_by_key(|&m| rows[m]);
     let rows_of = |ms: &[usize]| -> Vec<i64> { ms.iter().map(|&m| rows[m]).collect() };
     let mut outcomes: Vec<Option<Result<StepStats>>> = members.iter().map(|_| None).collect();
     slab.with(|t| {
         tch::no_grad(|| -> Result<()> {
-            let all = Selected::of(&rows_of(&order), device)?;
-            let norms = grad_norms(t, &all, numel, device)?;
+            let all = Selected::of(&rows_of(&order));
+            let norms = grad_norms(t, &all)?;
             let mut stepping = Vec::new();
-            let mut runs: Vec<(AdamParams, f64, i64)> = Vec::new();
+            let mut runs = Vec::new();
             for (&m, &norm) in order.iter().zip(&norms) {
                 let job = &jobs[members[m]];
                 if norm.is_finite() {
                     stepping.push(m);
-                    runs.push((job.params, norm, job.state.step + 1));
+                    runs.push(RowStep {
+                        row: rows[m],
+                        params: job.params,
+                        grad_norm: f64::from(norm),
+                        step: job.state.step + 1,
+                    });
                     continue;
                 }
                 let _ = t.grads.f_select(0, rows[m])?.f_zero_()?;
@@ -411,20 +404,26 @@ fn step_group(
             let selected = if stepping.len() == order.len() {
                 all
             } else {
-                Selected::of(&rows_of(&stepping), device)?
+                Selected::of(&rows_of(&stepping))
             };
-            let finite = adamw(t, &selected, &Factors::new(&runs, device)?, numel)?;
-            for ((&m, (_, norm, step)), finite) in stepping.iter().zip(&runs).zip(finite) {
+            adamw(t, &runs, device)?;
+            selected.zero(&t.grads)?;
+            // A row's sum is finite exactly when all its weights are (NaN and infinities carry
+            // through a sum; finite weights large enough to overflow it are broken anyway).
+            let sums = selected.reduce(&t.params, |p| {
+                Ok(p.f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?)
+            })?;
+            for ((&m, run), sum) in stepping.iter().zip(&runs).zip(sums) {
                 let job = &mut jobs[members[m]];
                 job.adapter.zero_grad_flag();
-                if !finite {
+                if !sum.is_finite() {
                     outcomes[m] = Some(Err(ModelError::NonFiniteStep));
                     continue;
                 }
-                job.state.step = *step;
+                job.state.step = run.step;
                 outcomes[m] = Some(Ok(StepStats {
-                    grad_norm: *norm,
-                    step: *step,
+                    grad_norm: run.grad_norm,
+                    step: run.step,
                 }));
             }
             Ok(())

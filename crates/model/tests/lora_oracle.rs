@@ -248,6 +248,76 @@ fn write_row(adapter: &LoraAdapter, field: Field, parts: &[&Tensor]) {
 }
 
 #[test]
+fn runs_sharing_hyperparameters_at_different_steps_step_together_as_alone() {
+    // Runs with equal hyperparameters share one call of the fused kernel, each with its own
+    // step count (bias correction) and gradient clipping; each must end where it would alone.
+    let (_dir, decoder) = tiny_llama("adam-group");
+    let cfg = decoder.config();
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        weight_decay: 0.05,
+        ..AdamParams::default()
+    };
+    let clipped = AdamParams {
+        grad_clip_norm: 1e-3,
+        ..hp
+    };
+    // Runs 0 and 1 are stepped together, 2 and 3 (the same starting rows) alone.
+    let runs: Vec<LoraAdapter> = (0..4)
+        .map(|i| LoraAdapter::new(spec(4, 70 + i % 2), cfg, Device::Cpu).unwrap())
+        .collect();
+    let mut states: Vec<AdamState> = runs.iter().map(|r| AdamState::new(r).unwrap()).collect();
+    let numel = runs[0].layout().numel;
+    let grad = |seed: i64| {
+        tch::manual_seed(seed);
+        Tensor::randn([numel], (Kind::Float, Device::Cpu))
+    };
+    // Runs 0 and 2 are three steps ahead.
+    for k in 0..3 {
+        for i in [0, 2] {
+            runs[i].row().write(Field::Grads, &grad(k)).unwrap();
+            states[i].step(&runs[i], &hp).unwrap();
+        }
+    }
+    for k in 3..5 {
+        for (i, run) in runs.iter().enumerate() {
+            let g = grad(k + i as i64 % 2);
+            run.row().write(Field::Grads, &g).unwrap();
+        }
+        let params = if k == 4 { clipped } else { hp };
+        let (together, alone) = states.split_at_mut(2);
+        let (s0, s1) = together.split_at_mut(1);
+        let mut jobs = [
+            StepJob {
+                adapter: &runs[0],
+                state: &mut s0[0],
+                params,
+            },
+            StepJob {
+                adapter: &runs[1],
+                state: &mut s1[0],
+                params,
+            },
+        ];
+        let fused: Vec<_> = step_many(&mut jobs)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        for (j, state) in alone.iter_mut().enumerate() {
+            let stats = state.step(&runs[j + 2], &params).unwrap();
+            assert_eq!(stats, fused[j], "run {j}, step {k}");
+        }
+    }
+    assert_eq!((states[0].step, states[1].step), (5, 2));
+    for i in 0..2 {
+        for field in [Field::Params, Field::ExpAvg, Field::ExpAvgSq] {
+            let d = max_abs_diff(&row_of(&runs[i], field), &row_of(&runs[i + 2], field));
+            assert!(d <= 1e-7, "{field:?} of run {i}: {d}");
+        }
+    }
+}
+
+#[test]
 fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
     let (_dir, decoder) = tiny_llama("adam");
     let cfg = decoder.config();
