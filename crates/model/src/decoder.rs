@@ -46,6 +46,63 @@ impl Linear {
     }
 }
 
+/// Frozen linear layers that read the same input (q/k/v, gate/up), stored as one
+/// `[sum of outputs, in]` matrix: one matmul computes every output, which are then views of one
+/// result. Fewer, larger kernels per layer than one matmul per projection, with the same
+/// products per output element.
+pub struct FusedLinear {
+    /// The layers' weights stacked along the output dimension.
+    weight: Tensor,
+    /// Their biases, concatenated, when the family has them.
+    bias: Option<Tensor>,
+    /// Each layer's output width, in order.
+    outs: Vec<i64>,
+}
+
+impl FusedLinear {
+    fn shallow_clone(&self) -> Self {
+        FusedLinear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            outs: self.outs.clone(),
+        }
+    }
+
+    /// Loads the layers `(prefix, out)` of input width `inp` and stacks them.
+    fn load(
+        store: &mut WeightStore,
+        layers: &[(String, i64)],
+        inp: i64,
+        bias: bool,
+    ) -> Result<Self> {
+        let parts = layers
+            .iter()
+            .map(|(prefix, out)| Linear::load(store, prefix, *out, inp, bias))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
+        Ok(FusedLinear {
+            weight: Tensor::f_cat(&weights, 0)?,
+            bias: biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
+            outs: layers.iter().map(|(_, out)| *out).collect(),
+        })
+    }
+
+    /// The `N` layers' outputs for `x` (`[.., in]`): views `[.., out_i]` of one matmul's result.
+    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        x.f_linear(&self.weight, self.bias.as_ref())?
+            .f_split_with_sizes(self.outs.as_slice(), -1)?
+            .try_into()
+            .map_err(|parts: Vec<Tensor>| {
+                ModelError::invalid("projection", format!("{} outputs, not {N}", parts.len()))
+            })
+    }
+
+    fn num_parameters(&self) -> i64 {
+        self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
+    }
+}
+
 /// RMSNorm computed in f32, as transformers does.
 pub struct RmsNorm {
     weight: Tensor,
@@ -78,17 +135,16 @@ impl RmsNorm {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: FusedLinear,
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: FusedLinear,
     down: Linear,
 }
 
@@ -123,7 +179,7 @@ enum Cache<'a> {
 }
 
 struct Attend {
-    /// Broadcastable to `[batch, heads, seq, head_dim]`.
+    /// Broadcastable to `[batch, seq, heads, head_dim]`.
     cos: Tensor,
     sin: Tensor,
     /// Boolean `[batch, 1, seq, keys]` (true = attend); `None` means plain causal attention.
@@ -152,15 +208,15 @@ pub(crate) fn backward_with(output: &Tensor, grad: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Applies a linear layer plus any LoRA delta the batch holds for `(layer, target)`.
-fn project(
-    linear: &Linear,
+/// `base` (a projection's output for `x`) plus any LoRA delta the batch holds for
+/// `(layer, target)`.
+fn with_delta(
+    base: Tensor,
     x: &Tensor,
     lora: Option<&LoraBatch>,
     layer: usize,
     target: Target,
 ) -> Result<Tensor> {
-    let base = linear.forward(x)?;
     match lora {
         Some(batch) => batch.add_delta(base, x, Some(layer), target),
         None => Ok(base),
@@ -214,24 +270,13 @@ impl Decoder {
                 )
             };
             let attn = Attention {
-                q: Linear::load(
+                qkv: FusedLinear::load(
                     store,
-                    &format!("{p}.self_attn.q_proj"),
-                    c.num_heads * d,
-                    h,
-                    c.qkv_bias,
-                )?,
-                k: Linear::load(
-                    store,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.num_kv_heads * d,
-                    h,
-                    c.qkv_bias,
-                )?,
-                v: Linear::load(
-                    store,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.num_kv_heads * d,
+                    &[
+                        (format!("{p}.self_attn.q_proj"), c.num_heads * d),
+                        (format!("{p}.self_attn.k_proj"), c.num_kv_heads * d),
+                        (format!("{p}.self_attn.v_proj"), c.num_kv_heads * d),
+                    ],
                     h,
                     c.qkv_bias,
                 )?,
@@ -254,17 +299,12 @@ impl Decoder {
                 },
             };
             let mlp = Mlp {
-                gate: Linear::load(
+                gate_up: FusedLinear::load(
                     store,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                up: Linear::load(
-                    store,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
+                    &[
+                        (format!("{p}.mlp.gate_proj"), c.intermediate_size),
+                        (format!("{p}.mlp.up_proj"), c.intermediate_size),
+                    ],
                     h,
                     c.mlp_bias,
                 )?,
@@ -323,17 +363,14 @@ impl Decoder {
             .map(|b| Block {
                 input_norm: b.input_norm.shallow_clone(),
                 attn: Attention {
-                    q: b.attn.q.shallow_clone(),
-                    k: b.attn.k.shallow_clone(),
-                    v: b.attn.v.shallow_clone(),
+                    qkv: b.attn.qkv.shallow_clone(),
                     o: b.attn.o.shallow_clone(),
                     q_norm: b.attn.q_norm.as_ref().map(RmsNorm::shallow_clone),
                     k_norm: b.attn.k_norm.as_ref().map(RmsNorm::shallow_clone),
                 },
                 post_attn_norm: b.post_attn_norm.shallow_clone(),
                 mlp: Mlp {
-                    gate: b.mlp.gate.shallow_clone(),
-                    up: b.mlp.up.shallow_clone(),
+                    gate_up: b.mlp.gate_up.shallow_clone(),
                     down: b.mlp.down.shallow_clone(),
                 },
             })
@@ -372,8 +409,8 @@ impl Decoder {
         let mut n = self.embed.numel() as i64 + self.final_norm.weight.numel() as i64;
         n += self.lm_head.as_ref().map_or(0, |t| t.numel() as i64);
         for b in &self.blocks {
-            n += lin(&b.attn.q) + lin(&b.attn.k) + lin(&b.attn.v) + lin(&b.attn.o);
-            n += lin(&b.mlp.gate) + lin(&b.mlp.up) + lin(&b.mlp.down);
+            n += b.attn.qkv.num_parameters() + lin(&b.attn.o);
+            n += b.mlp.gate_up.num_parameters() + lin(&b.mlp.down);
             n += b.input_norm.weight.numel() as i64 + b.post_attn_norm.weight.numel() as i64;
             for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {
                 n += norm.weight.numel() as i64;
@@ -642,8 +679,8 @@ impl Decoder {
         Ok((
             ids,
             Attend {
-                cos,
-                sin,
+                cos: cos.f_unsqueeze(1)?,
+                sin: sin.f_unsqueeze(1)?,
                 mask: None,
             },
         ))
@@ -653,8 +690,8 @@ impl Decoder {
     fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
         Ok(Attend {
-            cos: cos.f_unsqueeze(1)?,
-            sin: sin.f_unsqueeze(1)?,
+            cos: cos.f_unsqueeze(2)?,
+            sin: sin.f_unsqueeze(2)?,
             mask: Some(mask),
         })
     }
@@ -744,7 +781,9 @@ impl Decoder {
             let (out, k, v) = self.block_forward(block, i, &x, ctx, past, lora)?;
             x = out;
             if let Cache::Fill(layers) = &mut cache {
-                layers.push((k, v));
+                // Views of the fused projection's output: copies, so the cache does not keep
+                // the queries alive.
+                layers.push((k.f_contiguous()?, v.f_contiguous()?));
             }
         }
         self.final_norm.forward(&x)
@@ -773,31 +812,37 @@ impl Decoder {
         let (b, t) = (x.size()[0], x.size()[1]);
         let h = block.input_norm.forward(x)?;
         let a = &block.attn;
+        // `[b, t, n, head_dim]`, per-head normed where the family does (Qwen3).
         let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let y = y.f_view([b, t, n, c.head_dim])?;
-            let y = match norm {
+            Ok(match norm {
                 Some(norm) => norm.forward(&y)?,
                 None => y,
-            };
-            Ok(y.f_transpose(1, 2)?)
+            })
         };
+        let [q, k, v] = a.qkv.forward(&h)?;
         let q = heads(
-            project(&a.q, &h, lora, layer, Target::Q)?,
+            with_delta(q, &h, lora, layer, Target::Q)?,
             c.num_heads,
             &a.q_norm,
         )?;
         let k = heads(
-            project(&a.k, &h, lora, layer, Target::K)?,
+            with_delta(k, &h, lora, layer, Target::K)?,
             c.num_kv_heads,
             &a.k_norm,
         )?;
         let v = heads(
-            project(&a.v, &h, lora, layer, Target::V)?,
+            with_delta(v, &h, lora, layer, Target::V)?,
             c.num_kv_heads,
             &None,
-        )?;
-        let q = Rope::apply(&q, &ctx.cos, &ctx.sin)?;
-        let k = Rope::apply(&k, &ctx.cos, &ctx.sin)?;
+        )?
+        .f_transpose(1, 2)?;
+        // The query and key heads side by side, rotated by one set of operations.
+        let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
+        let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
+        let k = qk
+            .f_narrow(2, c.num_heads, c.num_kv_heads)?
+            .f_transpose(1, 2)?;
         let (k, v) = match past {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
@@ -832,12 +877,15 @@ impl Decoder {
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;
-        let x = x.f_add(&project(&a.o, &attn, lora, layer, Target::O)?)?;
+        let o = a.o.forward(&attn)?;
+        let x = x.f_add(&with_delta(o, &attn, lora, layer, Target::O)?)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
-        let gate = project(&m.gate, &h, lora, layer, Target::Gate)?.f_silu()?;
-        let up = project(&m.up, &h, lora, layer, Target::Up)?;
-        let down = project(&m.down, &gate.f_mul(&up)?, lora, layer, Target::Down)?;
+        let [gate, up] = m.gate_up.forward(&h)?;
+        let gate = with_delta(gate, &h, lora, layer, Target::Gate)?.f_silu()?;
+        let up = with_delta(up, &h, lora, layer, Target::Up)?;
+        let gated = gate.f_mul(&up)?;
+        let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
         Ok((x.f_add(&down)?, k, v))
     }
 }

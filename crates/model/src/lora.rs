@@ -737,12 +737,15 @@ impl Part<'_> {
         }
         let width = b_s.size()[1];
         match &self.rows {
-            None if out.is_contiguous() => {
-                let mut rows_of_out = out.f_view([-1, width])?;
-                let _ = rows_of_out.f_addmm_(&xa, &b_s)?;
-                Ok(out)
-            }
-            None => Ok(out.f_add(&xa.f_mm(&b_s)?.f_view_as(&out)?)?),
+            // In place when `out`'s rows form one matrix: a contiguous tensor, or one
+            // projection's columns of a fused projection's output.
+            None => match out.f_view([-1, width]) {
+                Ok(mut rows_of_out) => {
+                    let _ = rows_of_out.f_addmm_(&xa, &b_s)?;
+                    Ok(out)
+                }
+                Err(_) => Ok(out.f_add(&xa.f_mm(&b_s)?.f_view_as(&out)?)?),
+            },
             Some(rows) => {
                 dims.push(width);
                 let delta = xa.f_mm(&b_s)?.f_view(dims.as_slice())?;

@@ -75,7 +75,7 @@ impl Rope {
         ))
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]` by the tables of [`Rope::cos_sin_at`]
+    /// Rotates `x` `[batch, seq, heads, head_dim]` by the tables of [`Rope::cos_sin_at`]
     /// (broadcastable to it): `x·cos + rotate_half(x)·sin`, where `rotate_half(x) =
     /// [-x₂, x₁]`, is computed as `x·cos + roll(x)·[-sin, sin]` with `roll(x) = [x₂, x₁]`: the
     /// same products (negation is exact), in four operations instead of seven.
