@@ -223,6 +223,20 @@ fn with_delta(
     }
 }
 
+/// [`with_delta`] for the outputs of one fused projection of `x` (`outs[i]` for `targets[i]`).
+fn with_deltas<const N: usize>(
+    outs: [Tensor; N],
+    x: &Tensor,
+    lora: Option<&LoraBatch>,
+    layer: usize,
+    targets: [Target; N],
+) -> Result<[Tensor; N]> {
+    match lora {
+        Some(batch) => batch.add_deltas(outs, x, layer, targets),
+        None => Ok(outs),
+    }
+}
+
 impl Decoder {
     /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors).
     ///
@@ -820,23 +834,16 @@ impl Decoder {
                 None => y,
             })
         };
-        let [q, k, v] = a.qkv.forward(&h)?;
-        let q = heads(
-            with_delta(q, &h, lora, layer, Target::Q)?,
-            c.num_heads,
-            &a.q_norm,
+        let [q, k, v] = with_deltas(
+            a.qkv.forward(&h)?,
+            &h,
+            lora,
+            layer,
+            [Target::Q, Target::K, Target::V],
         )?;
-        let k = heads(
-            with_delta(k, &h, lora, layer, Target::K)?,
-            c.num_kv_heads,
-            &a.k_norm,
-        )?;
-        let v = heads(
-            with_delta(v, &h, lora, layer, Target::V)?,
-            c.num_kv_heads,
-            &None,
-        )?
-        .f_transpose(1, 2)?;
+        let q = heads(q, c.num_heads, &a.q_norm)?;
+        let k = heads(k, c.num_kv_heads, &a.k_norm)?;
+        let v = heads(v, c.num_kv_heads, &None)?.f_transpose(1, 2)?;
         // The query and key heads side by side, rotated by one set of operations.
         let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
         let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
@@ -881,10 +888,14 @@ impl Decoder {
         let x = x.f_add(&with_delta(o, &attn, lora, layer, Target::O)?)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
-        let [gate, up] = m.gate_up.forward(&h)?;
-        let gate = with_delta(gate, &h, lora, layer, Target::Gate)?.f_silu()?;
-        let up = with_delta(up, &h, lora, layer, Target::Up)?;
-        let gated = gate.f_mul(&up)?;
+        let [gate, up] = with_deltas(
+            m.gate_up.forward(&h)?,
+            &h,
+            lora,
+            layer,
+            [Target::Gate, Target::Up],
+        )?;
+        let gated = gate.f_silu()?.f_mul(&up)?;
         let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
         Ok((x.f_add(&down)?, k, v))
     }

@@ -8,6 +8,7 @@
 //! kernels per stack, however many adapters the batch holds. One backward yields every member's
 //! gradients, which go back to the slab with one `index_add_`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -17,6 +18,13 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
 use crate::slab::{Field, Layout, Row, Slab};
+
+/// Targets that read the same input and that the decoder projects with one fused matmul
+/// (q/k/v, gate/up): an inference stack also multiplies that input by their `A`s at once.
+const FUSED_GROUPS: [&[Target]; 2] = [
+    &[Target::Q, Target::K, Target::V],
+    &[Target::Gate, Target::Up],
+];
 
 /// Linear layers LoRA can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -373,6 +381,10 @@ pub struct AdapterStack {
     /// contiguous: what [`LoraBatch`] computes an inference delta with (two matmuls per layer,
     /// the second one fused with the add, no gather).
     dense: Vec<(Tensor, Tensor)>,
+    /// Stacks that are not trainable: per layer and [`FUSED_GROUPS`] index, the group's dense
+    /// `A`s side by side (`[in, n·K·R]`, one target after the other) when the layout adapts
+    /// every target of the group; those targets' `dense` `A`s are views of it.
+    fused_a: HashMap<(usize, usize), Tensor>,
 }
 
 impl AdapterStack {
@@ -405,6 +417,7 @@ impl AdapterStack {
             buffer,
             pairs: Vec::new(),
             dense: Vec::new(),
+            fused_a: HashMap::new(),
         };
         stack.rebuild_views()?;
         Ok(stack)
@@ -453,6 +466,28 @@ impl AdapterStack {
                 })
                 .collect::<Result<_>>()?
         };
+        self.fused_a.clear();
+        if !self.trainable {
+            let mut layers: Vec<usize> = layout.entries.iter().filter_map(|e| e.layer).collect();
+            layers.dedup();
+            for layer in layers {
+                for (group, targets) in FUSED_GROUPS.iter().enumerate() {
+                    let found: Option<Vec<usize>> = targets
+                        .iter()
+                        .map(|&t| layout.entry(Some(layer), t).map(|(i, _)| i))
+                        .collect();
+                    let Some(entries) = found else {
+                        continue;
+                    };
+                    let parts: Vec<&Tensor> = entries.iter().map(|&i| &self.dense[i].0).collect();
+                    let fused = Tensor::f_cat(&parts, 1)?;
+                    for (j, &i) in entries.iter().enumerate() {
+                        self.dense[i].0 = fused.f_narrow(1, j as i64 * k * r, k * r)?;
+                    }
+                    self.fused_a.insert((layer, group), fused);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -712,6 +747,16 @@ struct Part<'a> {
 }
 
 impl Part<'_> {
+    /// The part's rows of `x` (`[batch, seq, in]` or `[batch, in]`) as a matrix `[rows·seq, in]`.
+    fn rows_of(&self, x: &Tensor) -> Result<Tensor> {
+        let xs = match &self.rows {
+            None => x.shallow_clone(),
+            Some(rows) => x.f_index_select(0, rows)?,
+        };
+        let inp = xs.size().last().copied().unwrap_or(1);
+        Ok(xs.f_reshape([-1, inp])?)
+    }
+
     /// `out + delta` for a stack that is not trainable, from its dense pair (`a_t` `[in, K·R]`,
     /// `b_s` `[K·R, out]` with the scales folded in): one member uses its own block of both, mixed
     /// members mask the others' blocks. Two or three kernels, the second product fused with the
@@ -724,34 +769,110 @@ impl Part<'_> {
             }
             _ => (a_t.shallow_clone(), b_s.shallow_clone()),
         };
-        let xs = match &self.rows {
-            None => x.shallow_clone(),
-            Some(rows) => x.f_index_select(0, rows)?,
+        let xa = self.rows_of(x)?.f_mm(&a_t)?;
+        self.add_dense_product(out, xa, &b_s)
+    }
+
+    /// `out + (xa · b_s)` for the part's rows, `xa` (`[rows·seq, K·R]`) being their product
+    /// with the dense `A` (masked here for mixed members).
+    fn add_dense_product(&self, out: Tensor, xa: Tensor, b_s: &Tensor) -> Result<Tensor> {
+        let xa = match &self.members {
+            Members::Dense { mask } => {
+                let (n, cols) = (mask.size()[0], mask.size()[2]);
+                xa.f_view([n, -1, cols])?.f_mul(mask)?.f_view([-1, cols])?
+            }
+            _ => xa,
         };
-        let mut dims = xs.size();
-        let inp = dims.pop().unwrap_or(1);
-        let mut xa = xs.f_reshape([-1, inp])?.f_mm(&a_t)?;
-        if let Members::Dense { mask } = &self.members {
-            let (n, cols) = (mask.size()[0], mask.size()[2]);
-            xa = xa.f_view([n, -1, cols])?.f_mul(mask)?.f_view([-1, cols])?;
-        }
         let width = b_s.size()[1];
         match &self.rows {
             // In place when `out`'s rows form one matrix: a contiguous tensor, or one
             // projection's columns of a fused projection's output.
             None => match out.f_view([-1, width]) {
                 Ok(mut rows_of_out) => {
-                    let _ = rows_of_out.f_addmm_(&xa, &b_s)?;
+                    let _ = rows_of_out.f_addmm_(&xa, b_s)?;
                     Ok(out)
                 }
-                Err(_) => Ok(out.f_add(&xa.f_mm(&b_s)?.f_view_as(&out)?)?),
+                Err(_) => Ok(out.f_add(&xa.f_mm(b_s)?.f_view_as(&out)?)?),
             },
             Some(rows) => {
-                dims.push(width);
-                let delta = xa.f_mm(&b_s)?.f_view(dims.as_slice())?;
+                let mut dims = out.size();
+                dims[0] = rows.size()[0];
+                let delta = xa.f_mm(b_s)?.f_view(dims.as_slice())?;
                 Ok(out.f_index_add(0, rows, &delta)?)
             }
         }
+    }
+
+    /// The stack's fused `A` of `targets` in `layer` (one of [`FUSED_GROUPS`]), when this part
+    /// multiplies by all of them at once: its rows use every member (mixed) or the stack has
+    /// one member. (Rows of one member of a larger stack use that member's blocks, which are
+    /// not side by side across targets.)
+    fn fused_a(&self, layer: usize, targets: &[Target]) -> Option<&Tensor> {
+        let group = FUSED_GROUPS.iter().position(|g| *g == targets)?;
+        let whole = match self.members {
+            Members::Dense { .. } => true,
+            Members::One(..) => self.stack.len() == 1,
+            Members::Blocks(_) | Members::Gather { .. } => false,
+        };
+        if whole {
+            self.stack.fused_a.get(&(layer, group))
+        } else {
+            None
+        }
+    }
+
+    /// `out` plus this part's delta for `(layer, target)` (see [`LoraBatch::add_delta`]).
+    fn add_delta(
+        &self,
+        out: Tensor,
+        x: &Tensor,
+        layer: Option<usize>,
+        target: Target,
+    ) -> Result<Tensor> {
+        let Some((a, b)) = self.stack.pair(layer, target) else {
+            return Ok(out);
+        };
+        if let (Some((a_t, b_s)), Members::One(..) | Members::Dense { .. }) =
+            (self.stack.dense_pair(layer, target), &self.members)
+        {
+            return self.add_dense(out, x, a_t, b_s);
+        }
+        let xs = match &self.rows {
+            None => x.shallow_clone(),
+            Some(rows) => x.f_index_select(0, rows)?,
+        };
+        let flat = xs.dim() == 2;
+        let xs = if flat { xs.f_unsqueeze(1)? } else { xs };
+        let (n, seq, inp) = (xs.size()[0], xs.size()[1], xs.size()[2]);
+        let delta = match &self.members {
+            Members::One(k, scale) => xs
+                .f_matmul(&a.f_select(0, *k)?.f_tr()?)?
+                .f_mul_scalar(*scale)?
+                .f_matmul(&b.f_select(0, *k)?.f_tr()?)?,
+            Members::Blocks(m) => {
+                let k = n / m;
+                xs.f_reshape([k, m * seq, inp])?
+                    .f_bmm(&a.f_transpose(1, 2)?)?
+                    .f_mul(&self.stack.scale_t)?
+                    .f_bmm(&b.f_transpose(1, 2)?)?
+                    .f_reshape([n, seq, -1])?
+            }
+            Members::Gather { index, scale } => xs
+                .f_bmm(&a.f_index_select(0, index)?.f_transpose(1, 2)?)?
+                .f_mul(scale)?
+                .f_bmm(&b.f_index_select(0, index)?.f_transpose(1, 2)?)?,
+            Members::Dense { .. } => {
+                return Err(ModelError::invalid(
+                    "lora",
+                    "mixed members of a trainable stack must be gathered",
+                ))
+            }
+        };
+        let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };
+        Ok(match &self.rows {
+            None => out.f_add(&delta)?,
+            Some(rows) => out.f_index_add(0, rows, &delta)?,
+        })
     }
 }
 
@@ -863,52 +984,42 @@ impl<'a> LoraBatch<'a> {
     ) -> Result<Tensor> {
         let mut out = base;
         for part in &self.parts {
-            let Some((a, b)) = part.stack.pair(layer, target) else {
-                continue;
-            };
-            if let (Some((a_t, b_s)), Members::One(..) | Members::Dense { .. }) =
-                (part.stack.dense_pair(layer, target), &part.members)
-            {
-                out = part.add_dense(out, x, a_t, b_s)?;
-                continue;
-            }
-            let xs = match &part.rows {
-                None => x.shallow_clone(),
-                Some(rows) => x.f_index_select(0, rows)?,
-            };
-            let flat = xs.dim() == 2;
-            let xs = if flat { xs.f_unsqueeze(1)? } else { xs };
-            let (n, seq, inp) = (xs.size()[0], xs.size()[1], xs.size()[2]);
-            let delta = match &part.members {
-                Members::One(k, scale) => xs
-                    .f_matmul(&a.f_select(0, *k)?.f_tr()?)?
-                    .f_mul_scalar(*scale)?
-                    .f_matmul(&b.f_select(0, *k)?.f_tr()?)?,
-                Members::Blocks(m) => {
-                    let k = n / m;
-                    xs.f_reshape([k, m * seq, inp])?
-                        .f_bmm(&a.f_transpose(1, 2)?)?
-                        .f_mul(&part.stack.scale_t)?
-                        .f_bmm(&b.f_transpose(1, 2)?)?
-                        .f_reshape([n, seq, -1])?
-                }
-                Members::Gather { index, scale } => xs
-                    .f_bmm(&a.f_index_select(0, index)?.f_transpose(1, 2)?)?
-                    .f_mul(scale)?
-                    .f_bmm(&b.f_index_select(0, index)?.f_transpose(1, 2)?)?,
-                Members::Dense { .. } => {
-                    return Err(ModelError::invalid(
-                        "lora",
-                        "mixed members of a trainable stack must be gathered",
-                    ))
-                }
-            };
-            let delta = if flat { delta.f_squeeze_dim(1)? } else { delta };
-            out = match &part.rows {
-                None => out.f_add(&delta)?,
-                Some(rows) => out.f_index_add(0, rows, &delta)?,
-            };
+            out = part.add_delta(out, x, layer, target)?;
         }
         Ok(out)
+    }
+
+    /// [`LoraBatch::add_delta`] for each of `targets` (one of [`FUSED_GROUPS`]), `outs[i]` being
+    /// the output of `targets[i]`, all read from `x`. A stack that is not trainable multiplies
+    /// `x` by the group's `A`s in one matmul, then adds each target's product with its `B`
+    /// (`N - 1` fewer kernels per stack than one target at a time).
+    pub fn add_deltas<const N: usize>(
+        &self,
+        mut outs: [Tensor; N],
+        x: &Tensor,
+        layer: usize,
+        targets: [Target; N],
+    ) -> Result<[Tensor; N]> {
+        for part in &self.parts {
+            let fused = match part.fused_a(layer, &targets) {
+                Some(a) => {
+                    let xa = part.rows_of(x)?.f_mm(a)?;
+                    let width = xa.size()[1] / N as i64;
+                    Some((xa, width))
+                }
+                None => None,
+            };
+            for (i, &target) in targets.iter().enumerate() {
+                let out = std::mem::replace(&mut outs[i], Tensor::new());
+                outs[i] = match (&fused, part.stack.dense_pair(Some(layer), target)) {
+                    (Some((xa, width)), Some((_, b_s))) => {
+                        let xa = xa.f_narrow(1, i as i64 * width, *width)?;
+                        part.add_dense_product(out, xa, b_s)?
+                    }
+                    _ => part.add_delta(out, x, Some(layer), target)?,
+                };
+            }
+        }
+        Ok(outs)
     }
 }
