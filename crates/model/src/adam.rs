@@ -112,6 +112,21 @@ impl AdamParams {
     }
 }
 
+/// The indices of `items` (`(index, key)`) grouped by key (`same`), groups in first-seen order.
+fn group_by<K>(
+    items: impl IntoIterator<Item = (usize, K)>,
+    same: impl Fn(&K, &K) -> bool,
+) -> Vec<(K, Vec<usize>)> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for (i, key) in items {
+        match groups.iter_mut().find(|(k, _)| same(k, &key)) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key, vec![i])),
+        }
+    }
+    groups
+}
+
 /// Per-run optimizer state besides the moments (which live in the adapter's slab row).
 #[derive(Debug)]
 pub struct AdamState {
@@ -168,18 +183,12 @@ pub fn step_many(jobs: &mut [StepJob]) -> Vec<Result<StepStats>> {
         .iter()
         .map(|j| j.params.validate().err().map(Err))
         .collect();
-    let mut groups: Vec<(Arc<Slab>, Vec<usize>)> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
-        if results[i].is_some() {
-            continue;
-        }
-        let slab = job.adapter.row().slab();
-        match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, slab)) {
-            Some((_, members)) => members.push(i),
-            None => groups.push((slab.clone(), vec![i])),
-        }
-    }
-    for (slab, members) in groups {
+    let valid = jobs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| results[*i].is_none())
+        .map(|(i, job)| (i, job.adapter.row().slab().clone()));
+    for (slab, members) in group_by(valid, Arc::ptr_eq) {
         match step_group(&slab, jobs, &members) {
             Ok(outcomes) => {
                 for (i, outcome) in members.into_iter().zip(outcomes) {
@@ -320,15 +329,8 @@ fn adamw(t: &SlabTensors, runs: &[RowStep], device: Device) -> Result<()> {
     // The kernel reads each tensor's step from a device tensor, as torch.optim keeps it.
     let steps: Vec<f32> = runs.iter().map(|r| r.step as f32).collect();
     let steps = Tensor::from_slice(&steps).f_to_device(device)?;
-    let mut groups: Vec<([u64; 5], Vec<usize>)> = Vec::new();
-    for (i, run) in runs.iter().enumerate() {
-        let key = run.group_key();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push(i),
-            None => groups.push((key, vec![i])),
-        }
-    }
-    for (_, members) in groups {
+    let keys = runs.iter().map(RowStep::group_key).enumerate();
+    for (_, members) in group_by(keys, |a, b| a == b) {
         let rows_of = |field: &Tensor| -> Result<IValue> {
             let rows = members
                 .iter()

@@ -44,17 +44,19 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
+
+    fn num_parameters(&self) -> i64 {
+        self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
+    }
 }
 
-/// Frozen linear layers that read the same input (q/k/v, gate/up), stored as one
-/// `[sum of outputs, in]` matrix: one matmul computes every output, which are then views of one
+/// Frozen linear layers that read the same input (q/k/v, gate/up), stored as one linear layer
+/// of `[sum of outputs, in]`: one matmul computes every output, which are then views of one
 /// result. Fewer, larger kernels per layer than one matmul per projection, with the same
 /// products per output element.
 pub struct FusedLinear {
-    /// The layers' weights stacked along the output dimension.
-    weight: Tensor,
-    /// Their biases, concatenated, when the family has them.
-    bias: Option<Tensor>,
+    /// The layers' weights (and biases) stacked along the output dimension.
+    stacked: Linear,
     /// Each layer's output width, in order.
     outs: Vec<i64>,
 }
@@ -62,8 +64,7 @@ pub struct FusedLinear {
 impl FusedLinear {
     fn shallow_clone(&self) -> Self {
         FusedLinear {
-            weight: self.weight.shallow_clone(),
-            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            stacked: self.stacked.shallow_clone(),
             outs: self.outs.clone(),
         }
     }
@@ -82,24 +83,23 @@ impl FusedLinear {
         let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
         Ok(FusedLinear {
-            weight: Tensor::f_cat(&weights, 0)?,
-            bias: biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
+            stacked: Linear {
+                weight: Tensor::f_cat(&weights, 0)?,
+                bias: biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
+            },
             outs: layers.iter().map(|(_, out)| *out).collect(),
         })
     }
 
     /// The `N` layers' outputs for `x` (`[.., in]`): views `[.., out_i]` of one matmul's result.
     fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
-        x.f_linear(&self.weight, self.bias.as_ref())?
+        self.stacked
+            .forward(x)?
             .f_split_with_sizes(self.outs.as_slice(), -1)?
             .try_into()
             .map_err(|parts: Vec<Tensor>| {
                 ModelError::invalid("projection", format!("{} outputs, not {N}", parts.len()))
             })
-    }
-
-    fn num_parameters(&self) -> i64 {
-        self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
     }
 }
 
@@ -418,13 +418,11 @@ impl Decoder {
 
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
-        let lin =
-            |l: &Linear| l.weight.numel() as i64 + l.bias.as_ref().map_or(0, |b| b.numel() as i64);
         let mut n = self.embed.numel() as i64 + self.final_norm.weight.numel() as i64;
         n += self.lm_head.as_ref().map_or(0, |t| t.numel() as i64);
         for b in &self.blocks {
-            n += b.attn.qkv.num_parameters() + lin(&b.attn.o);
-            n += b.mlp.gate_up.num_parameters() + lin(&b.mlp.down);
+            n += b.attn.qkv.stacked.num_parameters() + b.attn.o.num_parameters();
+            n += b.mlp.gate_up.stacked.num_parameters() + b.mlp.down.num_parameters();
             n += b.input_norm.weight.numel() as i64 + b.post_attn_norm.weight.numel() as i64;
             for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {
                 n += norm.weight.numel() as i64;

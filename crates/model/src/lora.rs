@@ -747,12 +747,17 @@ struct Part<'a> {
 }
 
 impl Part<'_> {
-    /// The part's rows of `x` (`[batch, seq, in]` or `[batch, in]`) as a matrix `[rows·seq, in]`.
-    fn rows_of(&self, x: &Tensor) -> Result<Tensor> {
-        let xs = match &self.rows {
+    /// The part's rows of `x` (a batch-major tensor).
+    fn select(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.rows {
             None => x.shallow_clone(),
             Some(rows) => x.f_index_select(0, rows)?,
-        };
+        })
+    }
+
+    /// The part's rows of `x` (`[batch, seq, in]` or `[batch, in]`) as a matrix `[rows·seq, in]`.
+    fn rows_of(&self, x: &Tensor) -> Result<Tensor> {
+        let xs = self.select(x)?;
         let inp = xs.size().last().copied().unwrap_or(1);
         Ok(xs.f_reshape([-1, inp])?)
     }
@@ -837,10 +842,7 @@ impl Part<'_> {
         {
             return self.add_dense(out, x, a_t, b_s);
         }
-        let xs = match &self.rows {
-            None => x.shallow_clone(),
-            Some(rows) => x.f_index_select(0, rows)?,
-        };
+        let xs = self.select(x)?;
         let flat = xs.dim() == 2;
         let xs = if flat { xs.f_unsqueeze(1)? } else { xs };
         let (n, seq, inp) = (xs.size()[0], xs.size()[1], xs.size()[2]);
