@@ -319,10 +319,12 @@ impl LossInputs {
     }
 }
 
+/// `values` as a tensor of `like`'s shape, device and element type.
 fn float_tensor(values: &[f32], like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_slice(values)
         .f_to_device(like.device())?
-        .f_to_kind(like.kind())?)
+        .f_to_kind(like.kind())?
+        .f_view(like.size().as_slice())?)
 }
 
 /// Log-probabilities `[len]` of `targets` under `logits` `[len, vocab]`, computed in f32.
@@ -340,14 +342,15 @@ pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
 /// its gradient finite in f32 (beyond it the penalty's gradient is 0, as a clamp's is).
 pub const KL_LOG_RATIO_BOUND: f64 = 20.0;
 
-/// The per-token loss `[len]` of one datum (or a chunk of it) given its target
-/// log-probabilities `lp` `[len]`; `sequence_log_ratio` is the whole datum's
-/// [`sequence_log_ratio`] (GSPO only).
+/// The per-token loss of datums (or chunks of them) given their target log-probabilities `lp`:
+/// `[len]` for one datum, or `[rows, len]` for rows of equal (padded) length, `inputs` holding
+/// their values row after row. `sequence_log_ratios` holds each row's whole-datum
+/// [`sequence_log_ratio`] (read by GSPO only).
 pub fn elementwise_loss(
     loss: &LossFn,
     lp: &Tensor,
     inputs: &LossInputs,
-    sequence_log_ratio: f64,
+    sequence_log_ratios: &[f64],
 ) -> Result<Tensor> {
     let weights = match &inputs.weights {
         Some(w) => Some(float_tensor(w, lp)?),
@@ -395,10 +398,23 @@ pub fn elementwise_loss(
                     clip_high,
                 } => {
                     // Value exp(sequence log ratio); gradient through the token's own lp.
-                    let ratio = lp
-                        .f_sub(&lp.f_detach()?)?
-                        .f_add_scalar(sequence_log_ratio)?
-                        .f_exp()?;
+                    let rows = if lp.dim() == 2 { lp.size()[0] } else { 1 };
+                    if sequence_log_ratios.len() as i64 != rows {
+                        return Err(ModelError::invalid(
+                            "sequence_log_ratios",
+                            format!("{} ratios for {rows} rows", sequence_log_ratios.len()),
+                        ));
+                    }
+                    let per_row: Vec<f32> = sequence_log_ratios.iter().map(|&r| r as f32).collect();
+                    let s = Tensor::from_slice(&per_row)
+                        .f_to_device(lp.device())?
+                        .f_to_kind(lp.kind())?;
+                    let s = if lp.dim() == 2 {
+                        s.f_view([rows, 1])?
+                    } else {
+                        s
+                    };
+                    let ratio = lp.f_sub(&lp.f_detach()?)?.f_add(&s)?.f_exp()?;
                     let unclipped = ratio.f_mul(&adv)?;
                     let clipped = ratio.f_clamp(clip_low, clip_high)?.f_mul(&adv)?;
                     unclipped.f_minimum(&clipped)?
@@ -486,7 +502,7 @@ mod tests {
         };
         unweighted.validate(&LossFn::CrossEntropy, 3, 10).unwrap();
         let lp = Tensor::from_slice(&[-1.0f32, -2.0, -0.5]);
-        let loss = elementwise_loss(&LossFn::CrossEntropy, &lp, &unweighted, 0.0).unwrap();
+        let loss = elementwise_loss(&LossFn::CrossEntropy, &lp, &unweighted, &[0.0]).unwrap();
         assert_eq!(Vec::<f32>::try_from(&loss).unwrap(), vec![1.0, 2.0, 0.5]);
         let oov = LossInputs {
             target_tokens: vec![1, 10, 3],
@@ -520,7 +536,7 @@ mod tests {
         let s = log_ratio.exp();
         let lp = Tensor::from_slice(&lp_values).set_requires_grad(true);
         let gspo = LossFn::from_name("gspo", &[]).unwrap();
-        let loss = elementwise_loss(&gspo, &lp, &inputs, log_ratio).unwrap();
+        let loss = elementwise_loss(&gspo, &lp, &inputs, &[log_ratio]).unwrap();
         // s = 1.419 > 1.2: positive advantages take the clipped (constant) term; the negative
         // one keeps s · A, whose gradient with respect to its own lp is s · A.
         let want = [-1.2, -1.2, 0.5 * s];
@@ -562,7 +578,7 @@ mod tests {
         let loss = LossFn::from_name("stable_reinforce", &[("kl_coeff".into(), 0.5)]).unwrap();
         inputs.validate(&loss, 3, 10).unwrap();
         let lp = Tensor::from_slice(&lp_values.map(|v| v as f32)).set_requires_grad(true);
-        let per_token = elementwise_loss(&loss, &lp, &inputs, 0.0).unwrap();
+        let per_token = elementwise_loss(&loss, &lp, &inputs, &[0.0]).unwrap();
         // Position 0 is a prompt token (not recorded): no loss, no gradient.
         // Position 1: r = e^0.5 = 1.649 < 2; position 2: r = e^-0.1.
         let (lp1, lp2) = (lp_values[1], lp_values[2]);
@@ -595,7 +611,7 @@ mod tests {
         };
         let lp = Tensor::from_slice(&lp_values.map(|v| v as f32)).set_requires_grad(true);
         let capped = LossFn::from_name("stable_reinforce", &[]).unwrap();
-        elementwise_loss(&capped, &lp, &far, 0.0)
+        elementwise_loss(&capped, &lp, &far, &[0.0])
             .unwrap()
             .sum(Kind::Float)
             .backward();

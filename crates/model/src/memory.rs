@@ -125,7 +125,7 @@ pub struct Plan {
     /// Covering every row once, in order.
     pub micro_batches: Vec<MicroBatch>,
     /// Tokens per loss chunk: logits are computed, and their gradient taken, this many tokens
-    /// at a time.
+    /// at a time (padded tokens: a chunk holds several rows when their padded lengths fit).
     pub loss_chunk: usize,
 }
 
@@ -137,7 +137,7 @@ pub fn plan(lengths: &[usize], backward: bool, cost: &PassCost, budget: u64) -> 
     let per_loss_token = cost.loss_bytes(1).max(1);
     let loss_chunk = ((budget / LOSS_SHARE / per_loss_token) as usize)
         .max(MIN_LOSS_CHUNK)
-        .min(longest.max(1));
+        .min((longest * lengths.len()).max(1));
     let activations = budget.saturating_sub(cost.loss_bytes(loss_chunk as u64));
     let mode = if backward { Mode::Full } else { Mode::NoGrad };
     let mut micro_batches: Vec<MicroBatch> = Vec::new();
@@ -277,7 +277,8 @@ mod tests {
                 mode: Mode::Full
             }]
         );
-        assert_eq!(plan.loss_chunk, 128);
+        // A sixteenth of the budget holds 682 tokens of logits; the batch has 4 x 128 padded.
+        assert_eq!(plan.loss_chunk, 512);
     }
 
     #[test]

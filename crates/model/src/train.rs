@@ -7,6 +7,8 @@
 //! other terms do not depend on its tensors). Gradients accumulate across calls until the
 //! optimizer step zeroes them.
 
+use std::ops::Range;
+
 use tch::{Kind, Tensor};
 
 use crate::config::ModelConfig;
@@ -195,10 +197,99 @@ fn run(
         .collect())
 }
 
+/// A piece of a micro-batch's loss: rows `rows` (consecutive, of one loss function), positions
+/// `start..start + len` of each, shorter rows padded to `len`.
+struct LossChunk {
+    rows: Range<usize>,
+    start: usize,
+    len: usize,
+}
+
+impl LossChunk {
+    /// How many of row `row`'s positions (a row of the chunk) the chunk covers.
+    fn covered(&self, row: &Row) -> usize {
+        row.datum
+            .input_tokens
+            .len()
+            .saturating_sub(self.start)
+            .min(self.len)
+    }
+}
+
+/// Splits a micro-batch's rows into loss chunks of at most `chunk` padded tokens: consecutive
+/// rows of one loss function together (their logits are one matmul), a row longer than `chunk`
+/// alone, in pieces.
+fn loss_chunks(rows: &[Row], chunk: usize) -> Vec<LossChunk> {
+    let chunk = chunk.max(1);
+    let mut chunks = Vec::new();
+    let mut first = 0;
+    while first < rows.len() {
+        let n = rows[first].datum.input_tokens.len();
+        if n > chunk {
+            chunks.extend((0..n).step_by(chunk).map(|start| LossChunk {
+                rows: first..first + 1,
+                start,
+                len: chunk.min(n - start),
+            }));
+            first += 1;
+            continue;
+        }
+        let (mut end, mut longest) = (first + 1, n);
+        while let Some(next) = rows.get(end) {
+            let padded = longest.max(next.datum.input_tokens.len());
+            if next.loss != rows[first].loss || padded * (end + 1 - first) > chunk {
+                break;
+            }
+            (end, longest) = (end + 1, padded);
+        }
+        chunks.push(LossChunk {
+            rows: first..end,
+            start: 0,
+            len: longest,
+        });
+        first = end;
+    }
+    chunks
+}
+
+/// The loss inputs of `chunk`'s rows `rows`, row after row, each padded to the chunk's length.
+/// Padding gets weight 0 (and 0 for every other input), so its loss and gradient are 0.
+fn padded_inputs(rows: &[Row], chunk: &LossChunk) -> LossInputs {
+    let (start, len) = (chunk.start, chunk.len);
+    let padded = rows.iter().any(|row| chunk.covered(row) < len);
+    let field = |get: fn(&LossInputs) -> &Option<Vec<f32>>, default: Option<f32>| {
+        let absent = rows.iter().all(|row| get(&row.datum.loss_inputs).is_none());
+        if absent && (default.is_none() || !padded) {
+            return None;
+        }
+        let mut out = vec![0f32; rows.len() * len];
+        for (i, row) in rows.iter().enumerate() {
+            let n = chunk.covered(row);
+            let dst = &mut out[i * len..i * len + n];
+            match get(&row.datum.loss_inputs) {
+                Some(values) => dst.copy_from_slice(&values[start..start + n]),
+                None => dst.fill(default.unwrap_or(0.0)),
+            }
+        }
+        Some(out)
+    };
+    LossInputs {
+        target_tokens: Vec::new(),
+        weights: field(|i| &i.weights, Some(1.0)),
+        logprobs: field(|i| &i.logprobs, None),
+        advantages: field(|i| &i.advantages, None),
+        sequence_ratio_mask: None,
+        recorded: field(|i| &i.recorded, None),
+    }
+}
+
 /// The loss side of one micro-batch: logits, log-probabilities and losses, a chunk of tokens at
 /// a time. With a backward pass the chunks read a detached copy of the hidden states, so each
 /// chunk's gradient can be taken (and its logits freed) before the next; the summed gradient
 /// with respect to the hidden states then goes back through the blocks once.
+///
+/// A chunk holds as many rows as fit its token budget: its logits, log-probabilities and losses
+/// are a fixed number of operations and one device-to-host copy, whatever its number of rows.
 struct Losses {
     /// The hidden states the chunks read: an autograd leaf when there is a backward pass.
     hidden: Tensor,
@@ -215,23 +306,69 @@ impl Losses {
         Ok(Losses { hidden, backward })
     }
 
-    /// The log-probabilities of `targets` at row `r`'s positions from `start` (one chunk of
-    /// the row's logits, computed and freed here).
+    /// The log-probabilities `[rows, len]` of `chunk`'s targets (0 at padding); `rows` and
+    /// `slots` are the chunk's. Its logits are computed and freed here.
     fn chunk_logprobs(
         &self,
         decoder: &Decoder,
-        r: usize,
-        start: usize,
-        targets: &[i64],
-        lora: Option<&LoraBatch>,
+        chunk: &LossChunk,
+        rows: &[Row],
+        slots: &[Option<(&AdapterStack, i64)>],
     ) -> Result<Tensor> {
-        let hidden = self.hidden.f_narrow(0, r as i64, 1)?.f_narrow(
-            1,
-            start as i64,
-            targets.len() as i64,
-        )?;
-        let logits = decoder.logits(&hidden, lora)?.f_squeeze_dim(0)?;
-        target_logprobs(&logits, targets)
+        let (n, len) = (rows.len() as i64, chunk.len as i64);
+        let hidden = self
+            .hidden
+            .f_narrow(0, chunk.rows.start as i64, n)?
+            .f_narrow(1, chunk.start as i64, len)?;
+        let lora = if slots.iter().any(Option::is_some) {
+            Some(LoraBatch::new(slots)?)
+        } else {
+            None
+        };
+        let logits = decoder.logits(&hidden, lora.as_ref())?;
+        let mut targets = vec![0i64; rows.len() * chunk.len];
+        for (i, row) in rows.iter().enumerate() {
+            let covered = chunk.covered(row);
+            let from = &row.datum.loss_inputs.target_tokens[chunk.start..chunk.start + covered];
+            targets[i * chunk.len..i * chunk.len + covered].copy_from_slice(from);
+        }
+        let vocab = logits.size()[2];
+        Ok(target_logprobs(&logits.f_view([-1, vocab])?, &targets)?.f_view([n, len])?)
+    }
+
+    /// GSPO's sequence log ratio of each row (0 for other losses): the rows' log-probabilities
+    /// first, without a graph, since every token's loss depends on its whole sequence.
+    fn sequence_log_ratios(
+        &self,
+        decoder: &Decoder,
+        rows: &[Row],
+        slots: &[Option<(&AdapterStack, i64)>],
+        chunks: &[LossChunk],
+    ) -> Result<Vec<f64>> {
+        let mut ratios = vec![0.0; rows.len()];
+        let needed = |c: &&LossChunk| rows[c.rows.start].loss.needs_sequence_ratio();
+        if !chunks.iter().any(|c| needed(&c)) {
+            return Ok(ratios);
+        }
+        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+        tch::no_grad(|| -> Result<()> {
+            for c in chunks.iter().filter(needed) {
+                let part = &rows[c.rows.clone()];
+                let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
+                let lp = to_vec(&lp.f_view([-1])?)?;
+                for (i, row) in part.iter().enumerate() {
+                    let at = i * c.len;
+                    lps[c.rows.start + i].extend_from_slice(&lp[at..at + c.covered(row)]);
+                }
+            }
+            Ok(())
+        })?;
+        for ((ratio, row), lp) in ratios.iter_mut().zip(rows).zip(&lps) {
+            if row.loss.needs_sequence_ratio() {
+                *ratio = sequence_log_ratio(lp, &row.datum.loss_inputs);
+            }
+        }
+        Ok(ratios)
     }
 
     /// Computes every row's outputs and loss sum (appended to `outputs` in row order). Chunks'
@@ -245,57 +382,51 @@ impl Losses {
         chunk: usize,
         outputs: &mut Vec<(DatumOutput, f64)>,
     ) -> Result<()> {
-        let mut pending: Option<(Tensor, usize)> = None;
-        for (r, (row, slot)) in rows.iter().zip(slots).enumerate() {
-            let lora = slot
-                .map(|(stack, k)| LoraBatch::one(stack, k, 1))
-                .transpose()?;
+        let chunks = loss_chunks(rows, chunk);
+        let ratios = self.sequence_log_ratios(decoder, rows, slots, &chunks)?;
+        let first = outputs.len();
+        outputs.extend(rows.iter().map(|row| {
             let n = row.datum.input_tokens.len();
-            let mut output = DatumOutput {
+            let output = DatumOutput {
                 logprobs: Vec::with_capacity(n),
                 elementwise_loss: Vec::with_capacity(n),
             };
-            let mut loss_sum = 0.0;
-            // GSPO's losses need the whole sequence's ratio first: one pass without gradients.
-            let sequence_log_ratio = if row.loss.needs_sequence_ratio() {
-                let mut lp_all: Vec<f32> = Vec::with_capacity(n);
-                tch::no_grad(|| -> Result<()> {
-                    for start in (0..n).step_by(chunk.max(1)) {
-                        let len = chunk.min(n - start);
-                        let targets = &row.datum.loss_inputs.target_tokens[start..start + len];
-                        let lp = self.chunk_logprobs(decoder, r, start, targets, lora.as_ref())?;
-                        lp_all.extend(to_vec(&lp)?);
-                    }
-                    Ok(())
-                })?;
-                sequence_log_ratio(&lp_all, &row.datum.loss_inputs)
-            } else {
-                0.0
-            };
-            for start in (0..n).step_by(chunk.max(1)) {
-                let len = chunk.min(n - start);
-                let inputs = row.datum.loss_inputs.slice(start..start + len);
-                let lp =
-                    self.chunk_logprobs(decoder, r, start, &inputs.target_tokens, lora.as_ref())?;
-                let el = elementwise_loss(&row.loss, &lp, &inputs, sequence_log_ratio)?;
-                let sum = el.f_sum(Kind::Float)?;
-                loss_sum += sum.f_double_value(&[])?;
-                output.logprobs.extend(to_vec(&lp)?);
-                output.elementwise_loss.extend(to_vec(&el)?);
-                if self.backward && sum.requires_grad() {
-                    pending = match pending.take() {
-                        Some((total, tokens)) if tokens + len <= chunk => {
-                            Some((total.f_add(&sum)?, tokens + len))
-                        }
-                        Some((total, _)) => {
-                            total.f_backward()?;
-                            Some((sum, len))
-                        }
-                        None => Some((sum, len)),
-                    };
-                }
+            (output, 0.0)
+        }));
+        let mut pending: Option<(Tensor, usize)> = None;
+        for c in &chunks {
+            let part = &rows[c.rows.clone()];
+            let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
+            let inputs = padded_inputs(part, c);
+            let el = elementwise_loss(&part[0].loss, &lp, &inputs, &ratios[c.rows.clone()])?;
+            let sums = el.f_sum_dim_intlist(1, false, Kind::Float)?;
+            // One copy to the host for the whole chunk: log-probabilities, losses, row sums.
+            let host = to_vec(&Tensor::f_cat(
+                &[lp.f_view([-1])?, el.f_view([-1])?, sums],
+                0,
+            )?)?;
+            let cells = part.len() * c.len;
+            for (i, row) in part.iter().enumerate() {
+                let (at, covered) = (i * c.len, c.covered(row));
+                let (output, sum) = &mut outputs[first + c.rows.start + i];
+                output.logprobs.extend_from_slice(&host[at..at + covered]);
+                let losses = &host[cells + at..cells + at + covered];
+                output.elementwise_loss.extend_from_slice(losses);
+                *sum += f64::from(host[2 * cells + i]);
             }
-            outputs.push((output, loss_sum));
+            if self.backward && el.requires_grad() {
+                let total = el.f_sum(Kind::Float)?;
+                pending = match pending.take() {
+                    Some((sum, tokens)) if tokens + cells <= chunk => {
+                        Some((sum.f_add(&total)?, tokens + cells))
+                    }
+                    Some((sum, _)) => {
+                        sum.f_backward()?;
+                        Some((total, cells))
+                    }
+                    None => Some((total, cells)),
+                };
+            }
         }
         if let Some((total, _)) = pending {
             total.f_backward()?;

@@ -15,8 +15,8 @@ use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
     forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Field, LoraAdapter,
-    LoraBatch, LoraSpec, LossFn, LossInputs, ModelConfig, PassCost, StepJob, TrainRequest,
-    NO_LIMIT,
+    LoraBatch, LoraSpec, LossFn, LossInputs, ModelConfig, PassCost, RequestOutput, StepJob,
+    TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -231,7 +231,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
     for (name, loss, weighted) in cases {
         let logits = e["logits"].copy().set_requires_grad(true);
         let lp = target_logprobs(&logits, &targets).unwrap();
-        let el = elementwise_loss(&loss, &lp, &inputs(weighted), 0.0).unwrap();
+        let el = elementwise_loss(&loss, &lp, &inputs(weighted), &[0.0]).unwrap();
         el.sum(Kind::Float).backward();
         let d_el = max_abs_diff(&el, &e[&format!("{name}.elementwise")]);
         let d_grad = max_abs_diff(&logits.grad(), &e[&format!("{name}.grad")]);
@@ -536,6 +536,132 @@ fn a_fused_batch_of_many_runs_of_one_layout_equals_each_alone() {
     let specs: Vec<Option<LoraSpec>> = (0..6).map(|i| Some(spec(4, 20 + i))).collect();
     fused_equals_alone("fused-blocks", &specs, &[2; 6]);
     fused_equals_alone("fused-gather", &specs, &[1, 3, 1, 2, 1, 1]);
+}
+
+/// `train_data` with the sampler inputs RL losses read (log-probabilities near the model's,
+/// advantages of both signs, GSPO's mask leaving out the first position).
+fn rl_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
+    let mut data = train_data(seed, n, len);
+    for (i, d) in data.iter_mut().enumerate() {
+        let l = d.input_tokens.len();
+        let at = |j: usize| (seed as usize + i + j) % 5;
+        let inputs = &mut d.loss_inputs;
+        inputs.logprobs = Some((0..l).map(|j| -4.2 - 0.2 * at(j) as f32).collect());
+        inputs.advantages = Some(
+            (0..l)
+                .map(|j| if at(j) == 0 { -0.5 } else { 1.0 })
+                .collect(),
+        );
+        inputs.sequence_ratio_mask = Some((0..l).map(|j| f32::from(j > 0)).collect());
+    }
+    data
+}
+
+#[test]
+fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
+    // Requests of four losses, one adapter each (one without the unembedding), datums of
+    // different lengths: whole, and with loss chunks shorter than the longest datum, so that a
+    // chunk holds several rows (padded) or a piece of one, and GSPO's ratio spans pieces;
+    // against each datum alone.
+    let (_dir, decoder) = tiny_llama("fused-losses");
+    let cfg = decoder.config().clone();
+    let losses = [
+        LossFn::CrossEntropy,
+        LossFn::from_name("ppo", &[]).unwrap(),
+        LossFn::from_name("gspo", &[]).unwrap(),
+        LossFn::from_name("importance_sampling", &[]).unwrap(),
+    ];
+    let specs = [
+        spec(4, 61),
+        spec(4, 62),
+        with_targets(spec(4, 63), true, true, false),
+        spec(4, 64),
+    ];
+    let data: Vec<Vec<Datum>> = (0..losses.len())
+        .map(|i| {
+            let mut d = rl_data(i as i64, 2, 6 + 10 * i);
+            d.extend(rl_data(10 + i as i64, 1, 3));
+            d
+        })
+        .collect();
+    let adapters: Vec<Option<LoraAdapter>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let a = LoraAdapter::new(s.clone(), &cfg, Device::Cpu).unwrap();
+            perturb(&a, 70 + i as i64, 0.05);
+            Some(a)
+        })
+        .collect();
+    let batch = |adapters: &[Option<LoraAdapter>], budget: u64| {
+        let requests: Vec<TrainRequest> = (0..losses.len())
+            .map(|i| TrainRequest {
+                adapter: adapters[i].as_ref(),
+                loss: losses[i],
+                data: &data[i],
+            })
+            .collect();
+        forward_backward(&decoder, &requests, true, budget).unwrap()
+    };
+    let lengths: Vec<usize> = data
+        .iter()
+        .flatten()
+        .map(|d| d.input_tokens.len())
+        .collect();
+    let cost = PassCost::new(&cfg, Kind::Float);
+    // The smallest budget (in steps of a sixteenth) that fits the batch: the loss takes a
+    // sixteenth of it, which must be less than the longest datum.
+    let budget = (1..)
+        .map(|k| k * cost.loss_bytes(1) * 16)
+        .find(|&b| memory::plan(&lengths, true, &cost, b).is_ok())
+        .unwrap();
+    let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
+    assert!(plan.loss_chunk < 26, "{plan:?}");
+    let alone = copies(&adapters, &cfg);
+    let chunked = copies(&adapters, &cfg);
+    let whole_out = batch(&adapters, NO_LIMIT);
+    let chunked_out = batch(&chunked, budget);
+    for i in 0..losses.len() {
+        // Each datum alone (no padding anywhere); its gradients add up in the adapter.
+        let mut want = RequestOutput {
+            outputs: Vec::new(),
+            loss_sum: 0.0,
+        };
+        for datum in &data[i] {
+            let req = TrainRequest {
+                adapter: alone[i].as_ref(),
+                loss: losses[i],
+                data: std::slice::from_ref(datum),
+            };
+            let mut out = forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
+            want.loss_sum += out[0].loss_sum;
+            want.outputs.append(&mut out[0].outputs);
+        }
+        let want_grads = row_of(alone[i].as_ref().unwrap(), Field::Grads);
+        assert!(want_grads.abs().max().double_value(&[]) > 0.0);
+        for (name, got, fused) in [
+            ("whole", &whole_out[i], &adapters[i]),
+            ("chunked", &chunked_out[i], &chunked[i]),
+        ] {
+            let at = format!("{name} request {i} ({:?})", losses[i]);
+            let tol = 1e-5 * want.loss_sum.abs().max(1.0);
+            assert!((got.loss_sum - want.loss_sum).abs() < tol, "{at}: loss");
+            for (g, w) in got.outputs.iter().zip(&want.outputs) {
+                assert_eq!(g.logprobs.len(), w.logprobs.len(), "{at}");
+                let lp = rel_diff(
+                    &Tensor::from_slice(&g.logprobs),
+                    &Tensor::from_slice(&w.logprobs),
+                );
+                let el = rel_diff(
+                    &Tensor::from_slice(&g.elementwise_loss),
+                    &Tensor::from_slice(&w.elementwise_loss),
+                );
+                assert!(lp < 1e-5 && el < 1e-5, "{at}: logprobs {lp}, losses {el}");
+            }
+            let rel = rel_diff(&row_of(fused.as_ref().unwrap(), Field::Grads), &want_grads);
+            assert!(rel < 1e-5, "{at}: gradient differs by {rel}");
+        }
+    }
 }
 
 /// Exact copies of `adapters` (weights only), for running the same batch twice.
