@@ -45,6 +45,19 @@ impl Linear {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 
+    /// `residual + forward(x)`: the projection and a residual connection, in one kernel
+    /// (`addmm`) when the layer has no bias.
+    fn forward_onto(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.bias.is_some() {
+            return Ok(residual.f_add(&self.forward(x)?)?);
+        }
+        let (out, inp) = (self.weight.size()[0], self.weight.size()[1]);
+        let sum = residual
+            .f_reshape([-1, out])?
+            .f_addmm(&x.f_reshape([-1, inp])?, &self.weight.f_tr()?)?;
+        Ok(sum.f_view(residual.size().as_slice())?)
+    }
+
     fn num_parameters(&self) -> i64 {
         self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
     }
@@ -167,7 +180,6 @@ pub struct Decoder {
     kind: Kind,
 }
 
-/// Rotary tables and the attention mask of one pass.
 /// What a pass does with the key/value cache.
 enum Cache<'a> {
     /// Nothing (training and scoring passes).
@@ -178,11 +190,13 @@ enum Cache<'a> {
     Append(&'a KvCache),
 }
 
+/// Rotary tables and the attention mask of one pass.
 struct Attend {
     /// Broadcastable to `[batch, seq, heads, head_dim]`.
     cos: Tensor,
     sin: Tensor,
-    /// Boolean `[batch, 1, seq, keys]` (true = attend); `None` means plain causal attention.
+    /// Additive `[batch, 1, seq, keys]` in the model's element type (0 = attend, -inf = not),
+    /// see [`Decoder::attend_at`]; `None` means plain causal attention.
     mask: Option<Tensor>,
 }
 
@@ -698,13 +712,26 @@ impl Decoder {
         ))
     }
 
-    /// Rotary tables for `positions` (`[rows, seq]`, broadcast over heads) and `mask`.
+    /// Rotary tables for `positions` (`[rows, seq]`, broadcast over heads) and the boolean
+    /// `mask` (true = attend) as an additive one.
+    ///
+    /// Attention turns a boolean mask into an additive one on every call, and fused kernels copy
+    /// a mask whose rows do not start at a multiple of 16 elements: made here, once per pass,
+    /// in storage of padded rows, every layer reads it as it is.
     fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
+        let mut size = mask.size();
+        let keys = size.last().copied().unwrap_or(1);
+        if let Some(last) = size.last_mut() {
+            *last = (keys + 15) / 16 * 16;
+        }
+        let storage = Tensor::f_full(&size, f64::NEG_INFINITY, (self.kind, self.device))?;
+        let mut additive = storage.f_narrow(-1, 0, keys)?;
+        let _ = additive.f_masked_fill_(&mask, 0.0)?;
         Ok(Attend {
             cos: cos.f_unsqueeze(2)?,
             sin: sin.f_unsqueeze(2)?,
-            mask: Some(mask),
+            mask: Some(additive),
         })
     }
 
@@ -882,8 +909,9 @@ impl Decoder {
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;
-        let o = a.o.forward(&attn)?;
-        let x = x.f_add(&with_delta(o, &attn, lora, layer, Target::O)?)?;
+        // The residual connections are folded into the O and down projections (the LoRA delta
+        // is then added to their sum).
+        let x = with_delta(a.o.forward_onto(&attn, x)?, &attn, lora, layer, Target::O)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
         let [gate, up] = with_deltas(
@@ -894,7 +922,7 @@ impl Decoder {
             [Target::Gate, Target::Up],
         )?;
         let gated = gate.f_silu()?.f_mul(&up)?;
-        let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
-        Ok((x.f_add(&down)?, k, v))
+        let out = m.down.forward_onto(&gated, &x)?;
+        Ok((with_delta(out, &gated, lora, layer, Target::Down)?, k, v))
     }
 }
