@@ -2,7 +2,7 @@
 //! (`scripts/bench` runs it beside the Python baselines and prints the ratios).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -390,15 +390,20 @@ fn through_engine(
         wait_done(&engine, &rt, &format!("t{t}"), &id)?;
     }
     let warm = engine.stats();
-    let started = Instant::now();
+    // The clock starts once every tenant's thread is up (a real client is already running).
+    let ready = Barrier::new(tenants + 1);
+    let mut started = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..tenants)
             .map(|t| {
                 let engine = engine.clone();
+                let ready = &ready;
                 s.spawn(move || -> anyhow::Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_time()
-                        .build()?;
+                        .build();
+                    ready.wait();
+                    let rt = rt?;
                     let tenant = format!("t{t}");
                     let q = QueueKey::Model(ModelKey {
                         tenant: tenant.clone(),
@@ -418,6 +423,8 @@ fn through_engine(
                 })
             })
             .collect();
+        ready.wait();
+        started = Instant::now();
         for h in handles {
             h.join()
                 .map_err(|_| anyhow::anyhow!("tenant thread panicked"))??;
@@ -481,14 +488,17 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
             Ok(Arc::new(Mutex::new((a, o))))
         })
         .collect::<anyhow::Result<_>>()?;
-    let started = Instant::now();
+    let ready = Barrier::new(tenants + 1);
+    let mut started = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..tenants)
             .map(|t| {
                 let slot = adapters[t].clone();
                 let dec = decoder.shallow_clone();
+                let ready = &ready;
                 s.spawn(move || -> anyhow::Result<()> {
                     tch::set_num_threads(threads);
+                    ready.wait();
                     for step in 0..steps {
                         let guard = slot.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                         let (adapter, _) = &*guard;
@@ -508,6 +518,8 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
                 })
             })
             .collect();
+        ready.wait();
+        started = Instant::now();
         for h in handles {
             h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
         }

@@ -68,12 +68,31 @@ struct BenchArgs {
     /// Sampling temperature of the `decode` benchmark (0: greedy; RL samples at 1).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Datums x tokens of the `train` benchmark's batch (many short datums show what each datum
+    /// costs beyond its tokens).
+    #[arg(long, default_value = "4x128", value_parser = parse_shape)]
+    train_shape: (usize, usize),
     /// Tokens of the datum of the `long` benchmark.
     #[arg(long, default_value_t = 8192)]
     len: usize,
     /// Activation memory budget of the `long` benchmark (`auto` as for `serve`, or a size).
     #[arg(long, default_value = "auto")]
     memory_budget: String,
+}
+
+/// `BATCHxLEN` (e.g. `4x128`), both positive.
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (batch, len) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}`: expected BATCHxLEN, e.g. 4x128"))?;
+    let positive = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("`{v}` is not a positive integer"))
+    };
+    Ok((positive(batch)?, positive(len)?))
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -87,7 +106,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         match what.as_str() {
             "roofline" => bench::isolated(|| bench::roofline(iters))?,
             "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
-            "train" => bench::isolated(move || bench::train(&d, 4, 128, iters))?,
+            "train" => {
+                let (batch, len) = args.train_shape;
+                bench::isolated(move || bench::train(&d, batch, len, iters))?
+            }
             "decode" => {
                 let t = args.temperature;
                 bench::isolated(move || {

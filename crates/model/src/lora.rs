@@ -598,6 +598,12 @@ impl AdapterStack {
             .map(|(i, _)| &self.pairs[i])
     }
 
+    /// The rank of the members' unembedding LoRA, when their layout adapts the unembedding.
+    pub(crate) fn unembed_rank(&self) -> Option<i64> {
+        let layout = self.slab.layout();
+        layout.entry(None, Target::Unembed).map(|_| layout.key.rank)
+    }
+
     fn dense_pair(&self, layer: Option<usize>, target: Target) -> Option<&(Tensor, Tensor)> {
         self.slab
             .layout()

@@ -17,7 +17,8 @@
 //! GSPO is the token-level variant Tinker documents: the sequence ratio
 //! `s = exp(mean over the tokens `sequence_ratio_mask` marks of sg(lp) - q)`, and each token
 //! carries `s_t = sg(s) · exp(lp - sg(lp))` (the sequence ratio's value, its own token's
-//! gradient). `dro`'s penalty applies at every position, as Tinker's documented code does (a
+//! gradient); the sequence ratio's log is bounded by [`KL_LOG_RATIO_BOUND`] (`s` within
+//! e^±20), so it stays finite in f32. `dro`'s penalty applies at every position, as Tinker's documented code does (a
 //! prompt token sent with advantage 0 and sampler logprob 0 still pays `β/2 · lp²`).
 //!
 //! `stable_reinforce` is loraloom's own objective: Thinking Machines describe the loss (a
@@ -245,19 +246,6 @@ pub struct LossInputs {
 }
 
 impl LossInputs {
-    /// The inputs of positions `range` (a chunk of the datum).
-    pub fn slice(&self, range: std::ops::Range<usize>) -> LossInputs {
-        let part = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[range.clone()].to_vec());
-        LossInputs {
-            target_tokens: self.target_tokens[range.clone()].to_vec(),
-            weights: part(&self.weights),
-            logprobs: part(&self.logprobs),
-            advantages: part(&self.advantages),
-            sequence_ratio_mask: part(&self.sequence_ratio_mask),
-            recorded: part(&self.recorded),
-        }
-    }
-
     /// Checks lengths against `len` (the model input's length), finiteness, and that the loss
     /// has what it needs.
     pub fn validate(&self, loss: &LossFn, len: usize, vocab: i64) -> Result<()> {
@@ -338,8 +326,9 @@ pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
     Ok(picked.f_sub(&norm)?)
 }
 
-/// Bound of `stable_reinforce`'s log ratio inside its KL term: e^20 ≈ 5·10⁸ keeps the term and
-/// its gradient finite in f32 (beyond it the penalty's gradient is 0, as a clamp's is).
+/// Bound of the log ratios that are exponentiated whole: `stable_reinforce`'s inside its KL
+/// term and GSPO's sequence ratio. e^20 ≈ 5·10⁸ keeps the terms and their gradients finite in
+/// f32 (beyond it a clamped term's gradient is 0, as a clamp's is).
 pub const KL_LOG_RATIO_BOUND: f64 = 20.0;
 
 /// The per-token loss of datums (or chunks of them) given their target log-probabilities `lp`:
@@ -397,7 +386,9 @@ pub fn elementwise_loss(
                     clip_low,
                     clip_high,
                 } => {
-                    // Value exp(sequence log ratio); gradient through the token's own lp.
+                    // Value exp(sequence log ratio); gradient through the token's own lp. The
+                    // ratio's log is bounded (±KL_LOG_RATIO_BOUND), so it stays finite in f32
+                    // and a token of advantage 0 (padding included) has loss 0, not NaN.
                     let rows = if lp.dim() == 2 { lp.size()[0] } else { 1 };
                     if sequence_log_ratios.len() as i64 != rows {
                         return Err(ModelError::invalid(
@@ -405,15 +396,12 @@ pub fn elementwise_loss(
                             format!("{} ratios for {rows} rows", sequence_log_ratios.len()),
                         ));
                     }
-                    let per_row: Vec<f32> = sequence_log_ratios.iter().map(|&r| r as f32).collect();
-                    let s = Tensor::from_slice(&per_row)
-                        .f_to_device(lp.device())?
-                        .f_to_kind(lp.kind())?;
-                    let s = if lp.dim() == 2 {
-                        s.f_view([rows, 1])?
-                    } else {
-                        s
-                    };
+                    let per_row: Vec<f32> = sequence_log_ratios
+                        .iter()
+                        .map(|&r| r.clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND) as f32)
+                        .collect();
+                    // `[rows, 1]` (or `[1]`), broadcast over each row's positions.
+                    let s = float_tensor(&per_row, &lp.f_narrow(-1, 0, 1)?)?;
                     let ratio = lp.f_sub(&lp.f_detach()?)?.f_add(&s)?.f_exp()?;
                     let unclipped = ratio.f_mul(&adv)?;
                     let clipped = ratio.f_clamp(clip_low, clip_high)?.f_mul(&adv)?;

@@ -197,16 +197,19 @@ fn run(
         .collect())
 }
 
-/// A piece of a micro-batch's loss: rows `rows` (consecutive, of one loss function), positions
-/// `start..start + len` of each, shorter rows padded to `len`.
+/// A piece of a micro-batch's loss: consecutive rows of one loss function over the same
+/// positions, the shorter rows padded.
 struct LossChunk {
+    /// The rows (indices into the micro-batch).
     rows: Range<usize>,
+    /// The first position.
     start: usize,
+    /// Positions per row: the longest row's share, to which the others are padded.
     len: usize,
 }
 
 impl LossChunk {
-    /// How many of row `row`'s positions (a row of the chunk) the chunk covers.
+    /// How many of `row`'s positions (a row of the chunk) the chunk covers.
     fn covered(&self, row: &Row) -> usize {
         row.datum
             .input_tokens
@@ -214,13 +217,52 @@ impl LossChunk {
             .saturating_sub(self.start)
             .min(self.len)
     }
+
+    /// Per-position values of the chunk's `rows` at its positions, row after row, each padded
+    /// to the chunk's length with `pad`; a row for which `values` has none gets `default`.
+    fn padded<T: Copy + 'static>(
+        &self,
+        rows: &[Row],
+        pad: T,
+        default: T,
+        values: impl for<'d> Fn(&'d Datum) -> Option<&'d [T]>,
+    ) -> Vec<T> {
+        let mut out = vec![pad; rows.len() * self.len];
+        for (i, row) in rows.iter().enumerate() {
+            let n = self.covered(row);
+            let dst = &mut out[i * self.len..i * self.len + n];
+            match values(row.datum) {
+                Some(v) => dst.copy_from_slice(&v[self.start..self.start + n]),
+                None => dst.fill(default),
+            }
+        }
+        out
+    }
+
+    /// Row `i` (`row`) of a `[rows, len]` result of the chunk, without its padding.
+    fn unpadded<'a, T>(&self, values: &'a [T], i: usize, row: &Row) -> &'a [T] {
+        &values[i * self.len..i * self.len + self.covered(row)]
+    }
 }
 
-/// Splits a micro-batch's rows into loss chunks of at most `chunk` padded tokens: consecutive
-/// rows of one loss function together (their logits are one matmul), a row longer than `chunk`
-/// alone, in pieces.
-fn loss_chunks(rows: &[Row], chunk: usize) -> Vec<LossChunk> {
+/// Splits a micro-batch's rows (`slots`: their adapters) into loss chunks of at most `chunk`
+/// padded tokens: consecutive rows of one loss function together (their logits are one
+/// matmul), a row longer than `chunk` alone, in pieces.
+///
+/// Rows of different adapters in one chunk each get their own copy of their unembedding LoRA
+/// `B` (`[vocab, rank]`, and its gradient): charged as `rank` more tokens per row.
+fn loss_chunks(
+    rows: &[Row],
+    slots: &[Option<(&AdapterStack, i64)>],
+    chunk: usize,
+) -> Vec<LossChunk> {
     let chunk = chunk.max(1);
+    let gathered = |r: usize| slots[r].and_then(|(s, _)| s.unembed_rank()).unwrap_or(0) as usize;
+    let same_slot = |a: usize, b: usize| match (slots[a], slots[b]) {
+        (None, None) => true,
+        (Some((s, m)), Some((t, n))) => std::ptr::eq(s, t) && m == n,
+        _ => false,
+    };
     let mut chunks = Vec::new();
     let mut first = 0;
     while first < rows.len() {
@@ -234,13 +276,16 @@ fn loss_chunks(rows: &[Row], chunk: usize) -> Vec<LossChunk> {
             first += 1;
             continue;
         }
-        let (mut end, mut longest) = (first + 1, n);
+        let (mut end, mut longest, mut mixed, mut copies) = (first + 1, n, false, gathered(first));
         while let Some(next) = rows.get(end) {
             let padded = longest.max(next.datum.input_tokens.len());
-            if next.loss != rows[first].loss || padded * (end + 1 - first) > chunk {
+            let now_mixed = mixed || !same_slot(first, end);
+            let now_copies = copies + gathered(end);
+            let cost = padded * (end + 1 - first) + if now_mixed { now_copies } else { 0 };
+            if next.loss != rows[first].loss || cost > chunk {
                 break;
             }
-            (end, longest) = (end + 1, padded);
+            (end, longest, mixed, copies) = (end + 1, padded, now_mixed, now_copies);
         }
         chunks.push(LossChunk {
             rows: first..end,
@@ -252,26 +297,19 @@ fn loss_chunks(rows: &[Row], chunk: usize) -> Vec<LossChunk> {
     chunks
 }
 
-/// The loss inputs of `chunk`'s rows `rows`, row after row, each padded to the chunk's length.
-/// Padding gets weight 0 (and 0 for every other input), so its loss and gradient are 0.
+/// The loss inputs of `chunk`'s rows `rows`, padded (see [`LossChunk::padded`]). Padding gets
+/// weight 0 (and 0 for every other input), so its loss and gradient are 0. A row without an
+/// input other than the weights gets 0 too: the loss reads such an input only when every row
+/// has it (checked by [`validate_request`]).
 fn padded_inputs(rows: &[Row], chunk: &LossChunk) -> LossInputs {
-    let (start, len) = (chunk.start, chunk.len);
-    let padded = rows.iter().any(|row| chunk.covered(row) < len);
+    let padded = rows.iter().any(|row| chunk.covered(row) < chunk.len);
     let field = |get: fn(&LossInputs) -> &Option<Vec<f32>>, default: Option<f32>| {
         let absent = rows.iter().all(|row| get(&row.datum.loss_inputs).is_none());
         if absent && (default.is_none() || !padded) {
             return None;
         }
-        let mut out = vec![0f32; rows.len() * len];
-        for (i, row) in rows.iter().enumerate() {
-            let n = chunk.covered(row);
-            let dst = &mut out[i * len..i * len + n];
-            match get(&row.datum.loss_inputs) {
-                Some(values) => dst.copy_from_slice(&values[start..start + n]),
-                None => dst.fill(default.unwrap_or(0.0)),
-            }
-        }
-        Some(out)
+        let fill = default.unwrap_or(0.0);
+        Some(chunk.padded(rows, 0.0, fill, |d| get(&d.loss_inputs).as_deref()))
     };
     LossInputs {
         target_tokens: Vec::new(),
@@ -320,18 +358,8 @@ impl Losses {
             .hidden
             .f_narrow(0, chunk.rows.start as i64, n)?
             .f_narrow(1, chunk.start as i64, len)?;
-        let lora = if slots.iter().any(Option::is_some) {
-            Some(LoraBatch::new(slots)?)
-        } else {
-            None
-        };
-        let logits = decoder.logits(&hidden, lora.as_ref())?;
-        let mut targets = vec![0i64; rows.len() * chunk.len];
-        for (i, row) in rows.iter().enumerate() {
-            let covered = chunk.covered(row);
-            let from = &row.datum.loss_inputs.target_tokens[chunk.start..chunk.start + covered];
-            targets[i * chunk.len..i * chunk.len + covered].copy_from_slice(from);
-        }
+        let logits = decoder.logits(&hidden, Some(&LoraBatch::new(slots)?))?;
+        let targets = chunk.padded(rows, 0, 0, |d| Some(&d.loss_inputs.target_tokens[..]));
         let vocab = logits.size()[2];
         Ok(target_logprobs(&logits.f_view([-1, vocab])?, &targets)?.f_view([n, len])?)
     }
@@ -357,8 +385,7 @@ impl Losses {
                 let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
                 let lp = to_vec(&lp.f_view([-1])?)?;
                 for (i, row) in part.iter().enumerate() {
-                    let at = i * c.len;
-                    lps[c.rows.start + i].extend_from_slice(&lp[at..at + c.covered(row)]);
+                    lps[c.rows.start + i].extend_from_slice(c.unpadded(&lp, i, row));
                 }
             }
             Ok(())
@@ -372,8 +399,8 @@ impl Losses {
     }
 
     /// Computes every row's outputs and loss sum (appended to `outputs` in row order). Chunks'
-    /// losses are summed until they hold `chunk` tokens of logits, then their gradient is taken
-    /// and their logits freed: one backward call for a batch that fits one chunk.
+    /// losses are summed while they hold at most `chunk` tokens of logits, then their gradient
+    /// is taken and their logits freed: one backward call for a batch that fits one chunk.
     fn run(
         &self,
         decoder: &Decoder,
@@ -382,7 +409,7 @@ impl Losses {
         chunk: usize,
         outputs: &mut Vec<(DatumOutput, f64)>,
     ) -> Result<()> {
-        let chunks = loss_chunks(rows, chunk);
+        let chunks = loss_chunks(rows, slots, chunk);
         let ratios = self.sequence_log_ratios(decoder, rows, slots, &chunks)?;
         let first = outputs.len();
         outputs.extend(rows.iter().map(|row| {
@@ -393,9 +420,13 @@ impl Losses {
             };
             (output, 0.0)
         }));
-        let mut pending: Option<(Tensor, usize)> = None;
+        let mut pending = Pending::default();
         for c in &chunks {
             let part = &rows[c.rows.clone()];
+            let cells = part.len() * c.len;
+            if pending.tokens + cells > chunk {
+                pending.backward()?;
+            }
             let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
             let inputs = padded_inputs(part, c);
             let el = elementwise_loss(&part[0].loss, &lp, &inputs, &ratios[c.rows.clone()])?;
@@ -405,33 +436,21 @@ impl Losses {
                 &[lp.f_view([-1])?, el.f_view([-1])?, sums],
                 0,
             )?)?;
-            let cells = part.len() * c.len;
-            for (i, row) in part.iter().enumerate() {
-                let (at, covered) = (i * c.len, c.covered(row));
-                let (output, sum) = &mut outputs[first + c.rows.start + i];
-                output.logprobs.extend_from_slice(&host[at..at + covered]);
-                let losses = &host[cells + at..cells + at + covered];
-                output.elementwise_loss.extend_from_slice(losses);
-                *sum += f64::from(host[2 * cells + i]);
+            let (lps, rest) = host.split_at(cells);
+            let (losses, sums) = rest.split_at(cells);
+            let mine = &mut outputs[first + c.rows.start..first + c.rows.end];
+            for (i, (row, (output, sum))) in part.iter().zip(mine).enumerate() {
+                output.logprobs.extend_from_slice(c.unpadded(lps, i, row));
+                output
+                    .elementwise_loss
+                    .extend_from_slice(c.unpadded(losses, i, row));
+                *sum += f64::from(sums[i]);
             }
             if self.backward && el.requires_grad() {
-                let total = el.f_sum(Kind::Float)?;
-                pending = match pending.take() {
-                    Some((sum, tokens)) if tokens + cells <= chunk => {
-                        Some((sum.f_add(&total)?, tokens + cells))
-                    }
-                    Some((sum, _)) => {
-                        sum.f_backward()?;
-                        Some((total, cells))
-                    }
-                    None => Some((total, cells)),
-                };
+                pending.add(el.f_sum(Kind::Float)?, cells)?;
             }
         }
-        if let Some((total, _)) = pending {
-            total.f_backward()?;
-        }
-        Ok(())
+        pending.backward()
     }
 
     /// The loss's gradient with respect to the hidden states, once every chunk ran (`None`
@@ -442,6 +461,34 @@ impl Losses {
         }
         let grad = self.hidden.f_grad()?;
         Ok(grad.defined().then_some(grad))
+    }
+}
+
+/// Loss chunks whose backward pass has not run yet: their summed loss and their tokens of
+/// logits (kept alive by the graph until then).
+#[derive(Default)]
+struct Pending {
+    sum: Option<Tensor>,
+    tokens: usize,
+}
+
+impl Pending {
+    fn add(&mut self, loss: Tensor, tokens: usize) -> Result<()> {
+        self.sum = Some(match self.sum.take() {
+            Some(sum) => sum.f_add(&loss)?,
+            None => loss,
+        });
+        self.tokens += tokens;
+        Ok(())
+    }
+
+    /// Takes the gradient of what is pending (its logits are freed).
+    fn backward(&mut self) -> Result<()> {
+        if let Some(sum) = self.sum.take() {
+            sum.f_backward()?;
+        }
+        self.tokens = 0;
+        Ok(())
     }
 }
 

@@ -559,27 +559,29 @@ fn rl_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
 
 #[test]
 fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
-    // Requests of four losses, one adapter each (one without the unembedding), datums of
-    // different lengths: whole, and with loss chunks shorter than the longest datum, so that a
-    // chunk holds several rows (padded) or a piece of one, and GSPO's ratio spans pieces;
-    // against each datum alone.
+    // Requests of four losses over datums of different lengths: two of cross-entropy (one on
+    // the base model), PPO, GSPO (an adapter without the unembedding), two of importance
+    // sampling; whole, and with loss chunks shorter than the longest datum, so that a chunk
+    // holds several rows (padded, of different adapters) or a piece of one, and GSPO's ratio
+    // spans pieces; against each datum alone.
     let (_dir, decoder) = tiny_llama("fused-losses");
     let cfg = decoder.config().clone();
-    let losses = [
-        LossFn::CrossEntropy,
-        LossFn::from_name("ppo", &[]).unwrap(),
-        LossFn::from_name("gspo", &[]).unwrap(),
-        LossFn::from_name("importance_sampling", &[]).unwrap(),
-    ];
+    let ppo = LossFn::from_name("ppo", &[]).unwrap();
+    let gspo = LossFn::from_name("gspo", &[]).unwrap();
+    let is = LossFn::from_name("importance_sampling", &[]).unwrap();
+    let ce = LossFn::CrossEntropy;
+    let losses = [ce, ce, ppo, gspo, is, is];
     let specs = [
-        spec(4, 61),
-        spec(4, 62),
-        with_targets(spec(4, 63), true, true, false),
-        spec(4, 64),
+        Some(spec(4, 61)),
+        None,
+        Some(spec(4, 62)),
+        Some(with_targets(spec(4, 63), true, true, false)),
+        Some(spec(4, 64)),
+        Some(spec(4, 65)),
     ];
     let data: Vec<Vec<Datum>> = (0..losses.len())
         .map(|i| {
-            let mut d = rl_data(i as i64, 2, 6 + 10 * i);
+            let mut d = rl_data(i as i64, 2, 6 + 10 * (i % 4));
             d.extend(rl_data(10 + i as i64, 1, 3));
             d
         })
@@ -588,9 +590,11 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let a = LoraAdapter::new(s.clone(), &cfg, Device::Cpu).unwrap();
-            perturb(&a, 70 + i as i64, 0.05);
-            Some(a)
+            s.clone().map(|s| {
+                let a = LoraAdapter::new(s, &cfg, Device::Cpu).unwrap();
+                perturb(&a, 70 + i as i64, 0.05);
+                a
+            })
         })
         .collect();
     let batch = |adapters: &[Option<LoraAdapter>], budget: u64| {
@@ -637,8 +641,10 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
             want.loss_sum += out[0].loss_sum;
             want.outputs.append(&mut out[0].outputs);
         }
-        let want_grads = row_of(alone[i].as_ref().unwrap(), Field::Grads);
-        assert!(want_grads.abs().max().double_value(&[]) > 0.0);
+        let want_grads = alone[i].as_ref().map(|a| row_of(a, Field::Grads));
+        if let Some(g) = &want_grads {
+            assert!(g.abs().max().double_value(&[]) > 0.0);
+        }
         for (name, got, fused) in [
             ("whole", &whole_out[i], &adapters[i]),
             ("chunked", &chunked_out[i], &chunked[i]),
@@ -658,8 +664,10 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
                 );
                 assert!(lp < 1e-5 && el < 1e-5, "{at}: logprobs {lp}, losses {el}");
             }
-            let rel = rel_diff(&row_of(fused.as_ref().unwrap(), Field::Grads), &want_grads);
-            assert!(rel < 1e-5, "{at}: gradient differs by {rel}");
+            if let (Some(fused), Some(want)) = (fused, &want_grads) {
+                let rel = rel_diff(&row_of(fused, Field::Grads), want);
+                assert!(rel < 1e-5, "{at}: gradient differs by {rel}");
+            }
         }
     }
 }
