@@ -45,19 +45,6 @@ impl Linear {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 
-    /// `residual + forward(x)`: the projection and a residual connection, in one kernel
-    /// (`addmm`) when the layer has no bias.
-    fn forward_onto(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if self.bias.is_some() {
-            return Ok(residual.f_add(&self.forward(x)?)?);
-        }
-        let (out, inp) = (self.weight.size()[0], self.weight.size()[1]);
-        let sum = residual
-            .f_reshape([-1, out])?
-            .f_addmm(&x.f_reshape([-1, inp])?, &self.weight.f_tr()?)?;
-        Ok(sum.f_view(residual.size().as_slice())?)
-    }
-
     fn num_parameters(&self) -> i64 {
         self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
     }
@@ -189,6 +176,10 @@ enum Cache<'a> {
     /// Writes the new tokens' keys and values after the cache's window and attends over both.
     Append(&'a KvCache),
 }
+
+/// Elements an attention mask's rows are aligned to (what fused attention kernels require of a
+/// mask without copying it).
+const MASK_ALIGN: i64 = 16;
 
 /// Rotary tables and the attention mask of one pass.
 struct Attend {
@@ -716,14 +707,14 @@ impl Decoder {
     /// `mask` (true = attend) as an additive one.
     ///
     /// Attention turns a boolean mask into an additive one on every call, and fused kernels copy
-    /// a mask whose rows do not start at a multiple of 16 elements: made here, once per pass,
-    /// in storage of padded rows, every layer reads it as it is.
+    /// a mask whose rows do not start at a multiple of [`MASK_ALIGN`] elements: made here, once
+    /// per pass, in storage of padded rows, every layer reads it as it is.
     fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
         let mut size = mask.size();
         let keys = size.last().copied().unwrap_or(1);
         if let Some(last) = size.last_mut() {
-            *last = (keys + 15) / 16 * 16;
+            *last = (keys + MASK_ALIGN - 1) / MASK_ALIGN * MASK_ALIGN;
         }
         let storage = Tensor::f_full(&size, f64::NEG_INFINITY, (self.kind, self.device))?;
         let mut additive = storage.f_narrow(-1, 0, keys)?;
@@ -909,9 +900,8 @@ impl Decoder {
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;
-        // The residual connections are folded into the O and down projections (the LoRA delta
-        // is then added to their sum).
-        let x = with_delta(a.o.forward_onto(&attn, x)?, &attn, lora, layer, Target::O)?;
+        let o = a.o.forward(&attn)?;
+        let x = x.f_add(&with_delta(o, &attn, lora, layer, Target::O)?)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
         let [gate, up] = with_deltas(
@@ -922,7 +912,7 @@ impl Decoder {
             [Target::Gate, Target::Up],
         )?;
         let gated = gate.f_silu()?.f_mul(&up)?;
-        let out = m.down.forward_onto(&gated, &x)?;
-        Ok((with_delta(out, &gated, lora, layer, Target::Down)?, k, v))
+        let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
+        Ok((x.f_add(&down)?, k, v))
     }
 }
