@@ -78,10 +78,11 @@ impl Rope {
     /// Rotates `x` `[batch, seq, heads, head_dim]` by the tables of [`Rope::cos_sin_at`]
     /// (broadcastable to it): `x·cos + rotate_half(x)·sin`, where `rotate_half(x) =
     /// [-x₂, x₁]`, is computed as `x·cos + roll(x)·[-sin, sin]` with `roll(x) = [x₂, x₁]`: the
-    /// same products (negation is exact), in four operations instead of seven.
+    /// same products (negation is exact), in three operations (roll, mul, addcmul) instead of
+    /// seven.
     pub fn apply(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
         let half = x.size()[3] / 2;
         let rolled = x.f_roll([half], [-1])?;
-        Ok(x.f_mul(cos)?.f_add(&rolled.f_mul(signed_sin)?)?)
+        Ok(x.f_mul(cos)?.f_addcmul(&rolled, signed_sin)?)
     }
 }
