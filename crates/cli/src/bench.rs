@@ -392,8 +392,7 @@ fn through_engine(
     let warm = engine.stats();
     // The clock starts once every tenant's thread is up (a real client is already running).
     let ready = Barrier::new(tenants + 1);
-    let mut started = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
+    let started = std::thread::scope(|s| -> anyhow::Result<Instant> {
         let handles: Vec<_> = (0..tenants)
             .map(|t| {
                 let engine = engine.clone();
@@ -424,12 +423,12 @@ fn through_engine(
             })
             .collect();
         ready.wait();
-        started = Instant::now();
+        let started = Instant::now();
         for h in handles {
             h.join()
                 .map_err(|_| anyhow::anyhow!("tenant thread panicked"))??;
         }
-        Ok(())
+        Ok(started)
     })?;
     let engine_secs = started.elapsed().as_secs_f64();
     let stats = engine.stats();
@@ -489,8 +488,7 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
         })
         .collect::<anyhow::Result<_>>()?;
     let ready = Barrier::new(tenants + 1);
-    let mut started = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
+    let started = std::thread::scope(|s| -> anyhow::Result<Instant> {
         let handles: Vec<_> = (0..tenants)
             .map(|t| {
                 let slot = adapters[t].clone();
@@ -519,11 +517,11 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
             })
             .collect();
         ready.wait();
-        started = Instant::now();
+        let started = Instant::now();
         for h in handles {
             h.join().map_err(|_| anyhow::anyhow!("thread panicked"))??;
         }
-        Ok(())
+        Ok(started)
     })?;
     Ok(started.elapsed().as_secs_f64())
 }

@@ -18,8 +18,9 @@
 //! `s = exp(mean over the tokens `sequence_ratio_mask` marks of sg(lp) - q)`, and each token
 //! carries `s_t = sg(s) · exp(lp - sg(lp))` (the sequence ratio's value, its own token's
 //! gradient); the sequence ratio's log is bounded by [`KL_LOG_RATIO_BOUND`] (`s` within
-//! e^±20), so it stays finite in f32. `dro`'s penalty applies at every position, as Tinker's documented code does (a
-//! prompt token sent with advantage 0 and sampler logprob 0 still pays `β/2 · lp²`).
+//! e^±20), so it stays finite in f32. `dro`'s penalty applies at every position, as Tinker's
+//! documented code does (a prompt token sent with advantage 0 and sampler logprob 0 still pays
+//! `β/2 · lp²`).
 //!
 //! `stable_reinforce` is loraloom's own objective: Thinking Machines describe the loss (a
 //! REINFORCE variant that stays stable off-policy, fed by what the sampler recorded) but have not

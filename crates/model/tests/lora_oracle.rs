@@ -463,17 +463,7 @@ fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
 fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) {
     let (_dir, decoder) = tiny_llama(name);
     let cfg = decoder.config();
-    let fused: Vec<Option<LoraAdapter>> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.clone().map(|s| {
-                let a = LoraAdapter::new(s, cfg, Device::Cpu).unwrap();
-                perturb(&a, i as i64, 0.05);
-                a
-            })
-        })
-        .collect();
+    let fused = perturbed(specs, cfg, 0);
     // Exact copies (libtorch's random generator is shared by the tests running in parallel, so
     // perturbing twice with the same seed need not give the same weights).
     let alone = copies(&fused, cfg);
@@ -586,17 +576,7 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
             d
         })
         .collect();
-    let adapters: Vec<Option<LoraAdapter>> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.clone().map(|s| {
-                let a = LoraAdapter::new(s, &cfg, Device::Cpu).unwrap();
-                perturb(&a, 70 + i as i64, 0.05);
-                a
-            })
-        })
-        .collect();
+    let adapters = perturbed(&specs, &cfg, 70);
     let batch = |adapters: &[Option<LoraAdapter>], budget: u64| {
         let requests: Vec<TrainRequest> = (0..losses.len())
             .map(|i| TrainRequest {
@@ -672,6 +652,22 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
     }
 }
 
+/// A fresh adapter for each spec (`None` = the base model), every adapted layer perturbed
+/// (seed `seed + i` for spec `i`) so that every gradient path is exercised.
+fn perturbed(specs: &[Option<LoraSpec>], cfg: &ModelConfig, seed: i64) -> Vec<Option<LoraAdapter>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.clone().map(|s| {
+                let a = LoraAdapter::new(s, cfg, Device::Cpu).unwrap();
+                perturb(&a, seed + i as i64, 0.05);
+                a
+            })
+        })
+        .collect()
+}
+
 /// Exact copies of `adapters` (weights only), for running the same batch twice.
 fn copies(adapters: &[Option<LoraAdapter>], cfg: &ModelConfig) -> Vec<Option<LoraAdapter>> {
     adapters
@@ -697,17 +693,7 @@ fn a_batch_split_to_fit_a_memory_budget_equals_one_pass() {
         None,
         Some(spec(2, 32)),
     ];
-    let whole: Vec<Option<LoraAdapter>> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.clone().map(|s| {
-                let a = LoraAdapter::new(s, &cfg, Device::Cpu).unwrap();
-                perturb(&a, 40 + i as i64, 0.05);
-                a
-            })
-        })
-        .collect();
+    let whole = perturbed(&specs, &cfg, 40);
     let split = copies(&whole, &cfg);
     // Short datums around one long one, which alone exceeds the budget without checkpointing.
     let mut first = train_data(1, 3, 9);
