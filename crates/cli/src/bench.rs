@@ -113,28 +113,59 @@ pub fn forward(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> any
     Ok(())
 }
 
-/// forward_backward + optim_step of one adapter (rank 16, all targets) on batch × len tokens.
-pub fn train(decoder: &Decoder, batch: usize, len: usize, iters: usize) -> anyhow::Result<()> {
+/// forward_backward + optim_step on batch × len tokens, the datums split evenly over `adapters`
+/// adapters (rank 16, all targets) in one fused pass and one fused optimizer step, as the engine
+/// runs a batch of tenants: against `adapters` 1, what mixing adapters costs.
+pub fn train(
+    decoder: &Decoder,
+    batch: usize,
+    len: usize,
+    adapters: usize,
+    iters: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        adapters > 0 && batch % adapters == 0,
+        "--train-adapters must divide the batch ({batch} datums, {adapters} adapters)"
+    );
     let vocab = decoder.config().vocab_size;
     let data: Vec<Datum> = (0..batch).map(|b| datum(b, len, vocab)).collect();
-    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
-    let mut opt = AdamState::new(&adapter)?;
+    let owned: Vec<LoraAdapter> = (0..adapters)
+        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+        .collect::<Result<_, _>>()?;
+    let mut states: Vec<AdamState> = owned.iter().map(AdamState::new).collect::<Result<_, _>>()?;
     let hp = AdamParams::default();
+    let per = batch / adapters;
     let secs = time_it(iters, || {
-        let req = TrainRequest {
-            adapter: Some(&adapter),
-            loss: LossFn::CrossEntropy,
-            data: &data,
-        };
-        forward_backward(decoder, &[req], true, NO_LIMIT)?;
-        opt.step(&adapter, &hp)?;
+        let requests: Vec<TrainRequest> = owned
+            .iter()
+            .zip(data.chunks(per))
+            .map(|(adapter, data)| TrainRequest {
+                adapter: Some(adapter),
+                loss: LossFn::CrossEntropy,
+                data,
+            })
+            .collect();
+        forward_backward(decoder, &requests, true, NO_LIMIT)?;
+        let mut jobs: Vec<StepJob> = owned
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(adapter, state)| StepJob {
+                adapter,
+                state,
+                params: hp,
+            })
+            .collect();
+        for outcome in step_many(&mut jobs) {
+            outcome?;
+        }
+        sync(decoder.device());
         Ok(())
     })?;
     let params = decoder.num_parameters() as f64;
     emit(
         "train_step",
-        json!({"batch": batch, "len": len, "seconds": secs, "tokens_per_s": (batch * len) as f64 / secs,
-               "flops_per_token": 4.0 * params}),
+        json!({"batch": batch, "len": len, "adapters": adapters, "seconds": secs,
+               "tokens_per_s": (batch * len) as f64 / secs, "flops_per_token": 4.0 * params}),
     );
     Ok(())
 }
@@ -347,9 +378,6 @@ fn through_engine(
     steps: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let vocab = decoder.config().vocab_size;
-    let hp = AdamParams::default();
-
-    // loraloom: tenants on their own threads through the engine (one worker).
     let registry = Arc::new(Registry::new(
         std::env::temp_dir().join(format!("loraloom-bench-{}", std::process::id())),
     ));
@@ -374,28 +402,38 @@ fn through_engine(
         let id = engine.create_model(key, spec(t as u64), serde_json::Value::Null, None)?;
         wait_done(&engine, &rt, &format!("t{t}"), &id)?;
     }
-    // Warm-up: one untimed step per tenant (allocator and thread pools).
-    for t in 0..tenants {
-        let q = QueueKey::Model(ModelKey {
-            tenant: format!("t{t}"),
-            model_id: "run".into(),
-        });
-        let fb = Work::ForwardBackward {
-            data: vec![datum(t, len, vocab)],
-            loss: LossFn::CrossEntropy,
-            backward: true,
-        };
-        engine.submit(q.clone(), fb)?;
-        let id = engine.submit(q, Work::OptimStep { params: hp })?;
-        wait_done(&engine, &rt, &format!("t{t}"), &id)?;
-    }
+    // Warm-up: one untimed round of every tenant at once (allocator, thread pools, and the
+    // scheduler's view of who steps together), then the timed rounds.
+    step_tenants(&engine, tenants, len, 1, vocab, 1_000_000)?;
     let warm = engine.stats();
-    // The clock starts once every tenant's thread is up (a real client is already running).
+    let started = step_tenants(&engine, tenants, len, steps, vocab, 0)?;
+    let engine_secs = started.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    let (batches, batched) = (
+        stats.batches - warm.batches,
+        stats.batched_jobs - warm.batched_jobs,
+    );
+    engine.shutdown(true);
+    Ok((engine_secs, batched as f64 / batches.max(1) as f64))
+}
+
+/// `tenants` clients, each on a thread of its own, doing `steps` × (forward_backward of one
+/// datum of `len` tokens + optim_step) on its run `t{i}/run`, each waiting for its step before
+/// the next (datum seeds from `seed`). Returns when the clock started: once every thread is up,
+/// as a real client is already running.
+fn step_tenants(
+    engine: &Engine,
+    tenants: usize,
+    len: usize,
+    steps: usize,
+    vocab: i64,
+    seed: usize,
+) -> anyhow::Result<Instant> {
+    let hp = AdamParams::default();
     let ready = Barrier::new(tenants + 1);
-    let started = std::thread::scope(|s| -> anyhow::Result<Instant> {
+    std::thread::scope(|s| -> anyhow::Result<Instant> {
         let handles: Vec<_> = (0..tenants)
             .map(|t| {
-                let engine = engine.clone();
                 let ready = &ready;
                 s.spawn(move || -> anyhow::Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -410,13 +448,13 @@ fn through_engine(
                     });
                     for step in 0..steps {
                         let fb = Work::ForwardBackward {
-                            data: vec![datum(t * 1000 + step, len, vocab)],
+                            data: vec![datum(seed + t * 1000 + step, len, vocab)],
                             loss: LossFn::CrossEntropy,
                             backward: true,
                         };
                         engine.submit(q.clone(), fb)?;
                         let id = engine.submit(q.clone(), Work::OptimStep { params: hp })?;
-                        wait_done(&engine, &rt, &tenant, &id)?;
+                        wait_done(engine, &rt, &tenant, &id)?;
                     }
                     Ok(())
                 })
@@ -429,15 +467,7 @@ fn through_engine(
                 .map_err(|_| anyhow::anyhow!("tenant thread panicked"))??;
         }
         Ok(started)
-    })?;
-    let engine_secs = started.elapsed().as_secs_f64();
-    let stats = engine.stats();
-    let (batches, batched) = (
-        stats.batches - warm.batches,
-        stats.batched_jobs - warm.batched_jobs,
-    );
-    engine.shutdown(true);
-    Ok((engine_secs, batched as f64 / batches.max(1) as f64))
+    })
 }
 
 /// (a) one tenant, the same tokens as one batch per step. Returns the seconds.
@@ -446,7 +476,10 @@ fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> any
     let hp = AdamParams::default();
     let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
     let mut opt = AdamState::new(&single)?;
-    let warmup = vec![datum(0, len, vocab)];
+    // Warm-up: one untimed step of the same shape, as the engine's tenants get.
+    let warmup: Vec<Datum> = (0..tenants)
+        .map(|t| datum(1_000_000 + t * 1000, len, vocab))
+        .collect();
     forward_backward(
         decoder,
         &[TrainRequest {

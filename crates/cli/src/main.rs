@@ -72,6 +72,10 @@ struct BenchArgs {
     /// costs beyond its tokens).
     #[arg(long, default_value = "4x128", value_parser = parse_shape)]
     train_shape: (usize, usize),
+    /// Adapters the `train` benchmark's datums are split over (one fused pass and optimizer
+    /// step, as the engine runs a batch of tenants); must divide the batch.
+    #[arg(long, default_value_t = 1)]
+    train_adapters: usize,
     /// Tokens of the datum of the `long` benchmark.
     #[arg(long, default_value_t = 8192)]
     len: usize,
@@ -108,7 +112,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
             "train" => {
                 let (batch, len) = args.train_shape;
-                bench::isolated(move || bench::train(&d, batch, len, iters))?
+                let adapters = args.train_adapters;
+                bench::isolated(move || bench::train(&d, batch, len, adapters, iters))?
             }
             "decode" => {
                 let t = args.temperature;
@@ -645,9 +650,17 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    // LORALOOM_LOG_SPANS=1 also logs each span as it closes, with its busy and idle time: one
+    // line per batch a worker ran (kind, jobs, tokens), which is where a round's time went.
+    let span_times = std::env::var_os("LORALOOM_LOG_SPANS").is_some_and(|v| v != "0");
     tracing_subscriber::fmt()
         // Colour codes only for a terminal, not in log files.
         .with_ansi(std::io::stdout().is_terminal())
+        .with_span_events(if span_times {
+            tracing_subscriber::fmt::format::FmtSpan::CLOSE
+        } else {
+            tracing_subscriber::fmt::format::FmtSpan::NONE
+        })
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -92,6 +92,11 @@ pub struct SchedState {
     /// newest last (queues, not jobs: a batch fill compares it with ready queue heads, and one
     /// sampling session can put several jobs into a batch).
     recent_sizes: Vec<(BatchClass, VecDeque<usize>)>,
+    /// Training runs of the last finished batch that had no next job queued when it finished:
+    /// their clients are about to send it (tenants stepping in lockstep), so a training batch
+    /// waits for them (at most [`Limits::batch_fill_wait`]). A run leaves the set when a job of
+    /// it arrives; the next finished batch replaces the set.
+    returning: HashSet<QueueKey>,
     /// Sampling jobs in some worker's decode loop.
     decoding: HashSet<RequestId>,
     /// Of those, the ones a client cancelled: their worker drops them at its next token
@@ -297,6 +302,7 @@ impl SchedState {
             return Err(EngineError::Overloaded(msg));
         }
         let key = job.queue.clone();
+        self.returning.remove(&key);
         let queue = self.queues.entry(key.clone()).or_default();
         let was_empty = queue.is_empty();
         queue.push_back(job);
@@ -535,10 +541,12 @@ impl SchedState {
         (joining, other)
     }
 
-    /// [`SchedState::next_batch`], except that a batch smaller than the largest of the recent
-    /// batches of its class is held back while its oldest job has waited less than
-    /// [`Limits::batch_fill_wait`]: `Err(Some(d))` says to look again within `d` (or at the next
-    /// submission), `Err(None)` that nothing is ready.
+    /// [`SchedState::next_batch`], except that a batch that could still grow is held back while
+    /// its oldest job has waited less than [`Limits::batch_fill_wait`]: one smaller than the
+    /// largest of the recent batches of its class, or a training batch (forward_backward,
+    /// forward, optim_step) within its token budget while runs of the last finished batch have
+    /// not sent their next job yet. `Err(Some(d))` says to look again within `d` (or at the
+    /// next submission), `Err(None)` that nothing is ready.
     pub fn next_batch_filled(&mut self, now: Instant) -> Result<Vec<Job>, Option<Duration>> {
         let fill = self.limits.batch_fill_wait;
         if !self.paused && !fill.is_zero() {
@@ -549,10 +557,13 @@ impl SchedState {
                     .find(|(c, _)| *c == class)
                     .and_then(|(_, sizes)| sizes.iter().max().copied())
                     .unwrap_or(0);
-                let (size, oldest) = self.candidates(class);
+                let (size, tokens, oldest) = self.candidates(class);
+                let training = matches!(class, BatchClass::Train(_) | BatchClass::Optim);
+                let peers_coming =
+                    training && !self.returning.is_empty() && tokens < self.limits.max_batch_tokens;
                 if let Some(oldest) = oldest {
                     let waited = now.saturating_duration_since(oldest);
-                    if size < last && waited < fill {
+                    if (size < last || peers_coming) && waited < fill {
                         return Err(Some(fill - waited));
                     }
                 }
@@ -562,8 +573,8 @@ impl SchedState {
     }
 
     /// How many ready queues' heads of `class` a batch would take now (within the token
-    /// budget), and when the oldest of them was enqueued.
-    fn candidates(&self, class: BatchClass) -> (usize, Option<Instant>) {
+    /// budget), their tokens, and when the oldest of them was enqueued.
+    fn candidates(&self, class: BatchClass) -> (usize, usize, Option<Instant>) {
         let budget = self.limits.max_batch_tokens;
         let (mut size, mut tokens, mut oldest) = (0, 0, None::<Instant>);
         for key in &self.ready {
@@ -580,7 +591,7 @@ impl SchedState {
                 break;
             }
         }
-        (size, oldest)
+        (size, tokens, oldest)
     }
 
     fn head_class(&self, key: &QueueKey) -> Option<BatchClass> {
@@ -654,8 +665,13 @@ impl SchedState {
     }
 
     /// Marks the queues of a finished batch idle again; those with waiting jobs rejoin the back
-    /// of the ring.
+    /// of the ring, the training runs without one are expected back (see `returning`).
     pub fn finish(&mut self, keys: &[QueueKey]) {
+        self.returning = keys
+            .iter()
+            .filter(|k| matches!(k, QueueKey::Model(_)) && !self.queues.contains_key(*k))
+            .cloned()
+            .collect();
         for key in keys {
             if self.busy.remove(key) && self.queues.contains_key(key) && !self.ready.contains(key) {
                 self.ready.push_back(key.clone());
@@ -900,6 +916,58 @@ mod tests {
         s.push(job("a2", keys[0].clone(), optim())).unwrap();
         let later = Instant::now() + Limits::default().batch_fill_wait;
         assert_eq!(ids(&s.next_batch_filled(later).unwrap()), ["a2"]);
+    }
+
+    #[test]
+    fn a_training_batch_waits_for_the_runs_of_the_last_batch_to_come_back() {
+        let mut s = SchedState::new(Limits::default());
+        let keys: Vec<QueueKey> = ["a", "b", "c"].iter().map(|q| model("t", q)).collect();
+        for k in &keys {
+            s.push(job("o", k.clone(), optim())).unwrap();
+        }
+        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
+        s.finish(&keys);
+        // No forward_backward batch ran yet (nothing to compare sizes with), but a and b, which
+        // stepped with c, have not sent their next job: c's waits for them.
+        s.push(job("c1", keys[2].clone(), train_work(10))).unwrap();
+        let wait = s.next_batch_filled(Instant::now()).unwrap_err();
+        assert!(wait.is_some_and(|d| d <= Limits::default().batch_fill_wait));
+        s.push(job("a1", keys[0].clone(), train_work(10))).unwrap();
+        assert!(
+            s.next_batch_filled(Instant::now()).is_err(),
+            "b is still out"
+        );
+        s.push(job("b1", keys[1].clone(), train_work(10))).unwrap();
+        assert_eq!(
+            ids(&s.next_batch_filled(Instant::now()).unwrap()),
+            ["c1", "a1", "b1"]
+        );
+        s.finish(&keys);
+        // b does not come back: the others go once the oldest has waited the fill time.
+        s.push(job("a2", keys[0].clone(), optim())).unwrap();
+        s.push(job("c2", keys[2].clone(), optim())).unwrap();
+        assert!(s.next_batch_filled(Instant::now()).is_err());
+        let later = Instant::now() + Limits::default().batch_fill_wait;
+        assert_eq!(ids(&s.next_batch_filled(later).unwrap()), ["a2", "c2"]);
+        s.finish(&[keys[0].clone(), keys[2].clone()]);
+        // Sampling does not wait for returning runs (c is one now)...
+        let sampler = QueueKey::Sampler(SamplerKey {
+            tenant: "u".into(),
+            sampler_id: "s".into(),
+        });
+        s.push(job("s1", sampler, sample_work(4))).unwrap();
+        assert_eq!(ids(&s.next_batch_filled(Instant::now()).unwrap()), ["s1"]);
+        // ... nor does a batch that fills the token budget already.
+        let mut s = SchedState::new(Limits::default());
+        for k in &keys {
+            s.push(job("o", k.clone(), optim())).unwrap();
+        }
+        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
+        s.finish(&keys);
+        let budget = Limits::default().max_batch_tokens;
+        s.push(job("a1", keys[0].clone(), train_work(budget)))
+            .unwrap();
+        assert_eq!(ids(&s.next_batch_filled(Instant::now()).unwrap()), ["a1"]);
     }
 
     #[test]
