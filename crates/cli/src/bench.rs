@@ -124,7 +124,7 @@ pub fn train(
     iters: usize,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        adapters > 0 && batch % adapters == 0,
+        adapters > 0 && batch.is_multiple_of(adapters),
         "--train-adapters must divide the batch ({batch} datums, {adapters} adapters)"
     );
     let vocab = decoder.config().vocab_size;
