@@ -94,9 +94,12 @@ pub struct SchedState {
     recent_sizes: Vec<(BatchClass, VecDeque<usize>)>,
     /// Training runs of the last finished batch that had no next job queued when it finished:
     /// their clients are about to send it (tenants stepping in lockstep), so a training batch
-    /// waits for them (at most [`Limits::batch_fill_wait`]). A run leaves the set when a job of
-    /// it arrives; the next finished batch replaces the set.
+    /// waits for them, at most [`Limits::batch_fill_wait`] after that batch finished (however
+    /// long its own jobs waited already: tenants that fell out of step rejoin the others). A
+    /// run leaves the set when a job of it arrives; the next finished batch replaces the set.
     returning: HashSet<QueueKey>,
+    /// When the batch `returning` came from finished.
+    returning_since: Option<Instant>,
     /// Sampling jobs in some worker's decode loop.
     decoding: HashSet<RequestId>,
     /// Of those, the ones a client cancelled: their worker drops them at its next token
@@ -561,11 +564,17 @@ impl SchedState {
                 let training = matches!(class, BatchClass::Train(_) | BatchClass::Optim);
                 let peers_coming =
                     training && !self.returning.is_empty() && tokens < self.limits.max_batch_tokens;
-                if let Some(oldest) = oldest {
-                    let waited = now.saturating_duration_since(oldest);
-                    if (size < last || peers_coming) && waited < fill {
-                        return Err(Some(fill - waited));
-                    }
+                // The later of the deadlines of the reasons to wait that hold.
+                let until = [
+                    oldest.filter(|_| size < last),
+                    self.returning_since.filter(|_| peers_coming),
+                ]
+                .into_iter()
+                .flatten()
+                .max()
+                .map(|since| since + fill);
+                if let Some(until) = until.filter(|u| *u > now && oldest.is_some()) {
+                    return Err(Some(until - now));
                 }
             }
         }
@@ -672,6 +681,7 @@ impl SchedState {
             .filter(|k| matches!(k, QueueKey::Model(_)) && !self.queues.contains_key(*k))
             .cloned()
             .collect();
+        self.returning_since = Some(Instant::now());
         for key in keys {
             if self.busy.remove(key) && self.queues.contains_key(key) && !self.ready.contains(key) {
                 self.ready.push_back(key.clone());
@@ -957,6 +967,24 @@ mod tests {
         });
         s.push(job("s1", sampler, sample_work(4))).unwrap();
         assert_eq!(ids(&s.next_batch_filled(Instant::now()).unwrap()), ["s1"]);
+        // A run out of step (its job queued long before the last batch finished) waits for
+        // the runs of that batch all the same, so the two groups step together again.
+        let mut s = SchedState::new(Limits::default());
+        for k in &keys[..2] {
+            s.push(job("o", k.clone(), optim())).unwrap();
+        }
+        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 2);
+        let mut late = job("c1", keys[2].clone(), optim());
+        late.enqueued -= Duration::from_secs(1);
+        s.push(late).unwrap();
+        s.finish(&keys[..2]);
+        assert!(s.next_batch_filled(Instant::now()).is_err());
+        s.push(job("a1", keys[0].clone(), optim())).unwrap();
+        s.push(job("b1", keys[1].clone(), optim())).unwrap();
+        assert_eq!(
+            ids(&s.next_batch_filled(Instant::now()).unwrap()),
+            ["c1", "a1", "b1"]
+        );
         // ... nor does a batch that fills the token budget already.
         let mut s = SchedState::new(Limits::default());
         for k in &keys {
