@@ -650,6 +650,8 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    // Before any thread starts and before libtorch's first attention call.
+    loraloom_model::deprioritize_cudnn_attention();
     // LORALOOM_LOG_SPANS=1 also logs each span as it closes, with its busy and idle time: one
     // line per batch a worker ran (kind, jobs, tokens), which is where a round's time went.
     let span_times = std::env::var_os("LORALOOM_LOG_SPANS").is_some_and(|v| v != "0");

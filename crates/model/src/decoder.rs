@@ -894,6 +894,27 @@ impl Decoder {
                 false,
             )?
             .f_reshape([b, c.num_heads, 1, c.head_dim])?
+        } else if let (Some(_), true, true) = (
+            &ctx.mask,
+            c.num_kv_heads != c.num_heads,
+            x.device().is_cuda(),
+        ) {
+            // Several query positions, a mask and grouped key/value heads: on a GPU only
+            // cuDNN's kernel takes that whole (the memory-efficient one has no grouped heads,
+            // flash no mask), and cuDNN builds an execution plan for every new batch shape
+            // (see `deprioritize_cudnn_attention`). With the key/value heads repeated, the
+            // memory-efficient kernel serves it.
+            let group = c.num_heads / c.num_kv_heads;
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &repeat_kv_heads(&k, group)?,
+                &repeat_kv_heads(&v, group)?,
+                ctx.mask.as_ref(),
+                0.0,
+                false,
+                None,
+                false,
+            )?
         } else {
             attend(&q, ctx.mask.is_none(), c.num_kv_heads != c.num_heads)?
         };
@@ -914,5 +935,62 @@ impl Decoder {
         let gated = gate.f_silu()?.f_mul(&up)?;
         let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
         Ok((x.f_add(&down)?, k, v))
+    }
+}
+
+/// `[b, kv, t, d]` keys or values with each head repeated `group` times in place
+/// (`[b, kv·group, t, d]`): query head `h` meets key/value head `h / group`, as
+/// `scaled_dot_product_attention`'s `enable_gqa` pairs them.
+fn repeat_kv_heads(x: &Tensor, group: i64) -> Result<Tensor> {
+    let (b, kv, t, d) = x.size4()?;
+    Ok(x.f_unsqueeze(2)?
+        .f_expand([b, kv, group, t, d], false)?
+        .f_reshape([b, kv * group, t, d])?)
+}
+
+/// Asks libtorch to try cuDNN's attention kernel last, as it does before PyTorch 2.10 (unless
+/// the environment already says otherwise). On Hopper and newer GPUs recent libtorch tries it
+/// first, and it builds an execution plan for every new batch shape: 0.12-0.14 s per shape for
+/// a forward and backward measured on an H200, by PyTorch itself as by loraloom, where a
+/// multi-tenant server's shapes change with every mix of tenants and lengths. Flash attention
+/// (no mask) and the memory-efficient kernel (with one) serve the same calls without that.
+///
+/// libtorch reads the variable once, at its first attention call: call this before any, while
+/// the process has one thread.
+pub fn deprioritize_cudnn_attention() {
+    const VAR: &str = "TORCH_CUDNN_SDPA_DEPRIORITIZED";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_key_value_heads_attend_as_grouped_query_attention_does() {
+        // 2 rows, 6 query heads over 2 key/value heads, 5 positions, a padding mask.
+        let opts = (Kind::Float, Device::Cpu);
+        tch::manual_seed(0);
+        let q = Tensor::randn([2, 6, 5, 4], opts);
+        let k = Tensor::randn([2, 2, 5, 4], opts);
+        let v = Tensor::randn([2, 2, 5, 4], opts);
+        let causal = Tensor::ones([5, 5], opts).triu(1).to_kind(Kind::Bool);
+        let mask = Tensor::zeros([2, 1, 5, 5], opts).masked_fill(&causal, f64::NEG_INFINITY);
+        // The second row's first key is padding (a large negative bias for every query).
+        let pad = Tensor::from_slice(&[1f32, 0., 0., 0., 0.]).view([1, 1, 1, 5]) * -1e9;
+        let mask = Tensor::cat(&[mask.narrow(0, 0, 1), mask.narrow(0, 1, 1) + pad], 0);
+        let sdpa = |k: &Tensor, v: &Tensor, gqa: bool| {
+            Tensor::scaled_dot_product_attention(&q, k, v, Some(&mask), 0.0, false, None, gqa)
+        };
+        let grouped = sdpa(&k, &v, true);
+        let repeated = sdpa(
+            &repeat_kv_heads(&k, 3).unwrap(),
+            &repeat_kv_heads(&v, 3).unwrap(),
+            false,
+        );
+        let diff = (grouped - repeated).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "max difference {diff}");
     }
 }
