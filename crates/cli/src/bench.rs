@@ -406,7 +406,7 @@ fn through_engine(
     // round splits by the order the runs were created in; the second runs them together, in
     // the batch shapes the timed rounds use, as the one-batch baseline's warm-up step does for
     // its shape: what a first batch shape costs (cuDNN attention plans on a GPU, see
-    // `deprioritize_cudnn_attention`) is not what this measures.
+    // `deprioritize_cudnn_attention` in main.rs) is not what this measures.
     step_tenants(&engine, tenants, len, 2, vocab, 1_000_000)?;
     let warm = engine.stats();
     let started = step_tenants(&engine, tenants, len, steps, vocab, 0)?;

@@ -256,8 +256,9 @@ struct ServeArgs {
     /// Jobs all tenants may have queued together.
     #[arg(long, env = "LORALOOM_MAX_QUEUED", default_value_t = 4096)]
     max_queued: usize,
-    /// How long (ms) a batch smaller than the recent batches of its kind may wait for the rest
-    /// of the tenants stepping with it, so that they share one batch (0 = never wait).
+    /// How long (ms) a batch smaller than the recent batches of its kind, or a training batch
+    /// while runs of the last one have not sent their next job, may wait for the rest of the
+    /// tenants stepping with it, so that they share one batch (0 = never wait).
     #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
     batch_fill_wait_ms: u64,
     /// Key/value cache entries a worker's decode loop may hold (num_samples x (prompt +
@@ -648,13 +649,32 @@ async fn shutdown_signal() {
     }
 }
 
+/// Asks libtorch to try cuDNN's attention kernel last, as it did before PyTorch 2.10 (unless
+/// the environment already says otherwise). On Hopper and newer GPUs recent libtorch tries it
+/// first, and it builds an execution plan for every new batch shape: 0.12-0.15 s per shape for
+/// a forward and backward measured on an H200, by PyTorch itself as by loraloom, where a
+/// multi-tenant server's shapes change with every mix of tenants and lengths (BENCHMARKS.md,
+/// "Third GPU session"). Flash attention (no mask) and the memory-efficient kernel (with one)
+/// serve the same calls without that.
+///
+/// libtorch reads the variable once, at its first attention call; `main` calls this first,
+/// while the process has one thread (setting a variable races with threads reading them).
+fn deprioritize_cudnn_attention() {
+    const VAR: &str = "TORCH_CUDNN_SDPA_DEPRIORITIZED";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
     // Before any thread starts and before libtorch's first attention call.
-    loraloom_model::deprioritize_cudnn_attention();
-    // LORALOOM_LOG_SPANS=1 also logs each span as it closes, with its busy and idle time: one
-    // line per batch a worker ran (kind, jobs, tokens), which is where a round's time went.
-    let span_times = std::env::var_os("LORALOOM_LOG_SPANS").is_some_and(|v| v != "0");
+    deprioritize_cudnn_attention();
+    // LORALOOM_LOG_SPANS=1 also logs each span as it closes, with its busy and idle time: among
+    // them one line per batch a worker ran (`batch{kind jobs tokens}`), where a round's time
+    // went.
+    let span_times =
+        std::env::var_os("LORALOOM_LOG_SPANS").is_some_and(|v| v != "0" && !v.is_empty());
     tracing_subscriber::fmt()
         // Colour codes only for a terminal, not in log files.
         .with_ansi(std::io::stdout().is_terminal())

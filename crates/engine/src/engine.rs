@@ -1036,7 +1036,7 @@ fn run_batch(inner: &Inner, backend: &mut dyn Backend, batch: Vec<Job>) {
             keys.push(job.queue.clone());
         }
     }
-    lock(&inner.sched).finish(&keys);
+    lock(&inner.sched).finish(&keys, Instant::now());
     inner.wake.notify_all();
 }
 

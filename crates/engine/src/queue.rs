@@ -30,9 +30,11 @@ pub struct Limits {
     pub memory_budget: u64,
     /// Jobs waiting longer than this fail.
     pub queue_timeout: Duration,
-    /// How long a batch smaller than the recent batches of its class may wait for the rest of
-    /// its peers (tenants stepping together submit their next jobs a few milliseconds apart, and
-    /// an idle worker would otherwise start on the first arrival alone). 0 disables the wait.
+    /// How long a batch may wait for the rest of its peers (tenants stepping together submit
+    /// their next jobs a few milliseconds apart, and an idle worker would otherwise start on the
+    /// first arrival alone): a batch smaller than the recent batches of its class, counted from
+    /// its oldest job; a training batch while runs of the last training batch have not sent
+    /// their next job, counted from when that batch finished. 0 disables the wait.
     pub batch_fill_wait: Duration,
     /// Shortest `ttl_seconds` a checkpoint may be given (the SDK documents one hour).
     pub min_checkpoint_ttl: Duration,
@@ -80,8 +82,8 @@ pub struct SchedState {
     queues: HashMap<QueueKey, VecDeque<Job>>,
     /// Queues with waiting jobs and nothing running, in turn order.
     ready: VecDeque<QueueKey>,
-    /// Queues with a job running.
-    busy: HashSet<QueueKey>,
+    /// Training runs' queues with a job running, and the class of its batch.
+    busy: HashMap<QueueKey, BatchClass>,
     per_tenant: HashMap<TenantId, usize>,
     total: usize,
     closed: bool,
@@ -309,7 +311,7 @@ impl SchedState {
         let queue = self.queues.entry(key.clone()).or_default();
         let was_empty = queue.is_empty();
         queue.push_back(job);
-        if was_empty && !self.busy.contains(&key) {
+        if was_empty && !self.busy.contains_key(&key) {
             self.ready.push_back(key);
         }
         *self.per_tenant.entry(tenant).or_default() += 1;
@@ -446,7 +448,7 @@ impl SchedState {
             }
         }
         let queues = taken.len();
-        self.mark_taken(taken);
+        self.mark_taken(taken, class);
         let at = match self.recent_sizes.iter().position(|(c, _)| *c == class) {
             Some(at) => at,
             None => {
@@ -465,7 +467,7 @@ impl SchedState {
     /// Marks queues whose jobs were taken: a training run's queue is busy until
     /// [`SchedState::finish`]; a sampling session's queue (read-only jobs, which may run in any
     /// number at once) goes back to the ring when jobs remain.
-    fn mark_taken(&mut self, taken: Vec<QueueKey>) {
+    fn mark_taken(&mut self, taken: Vec<QueueKey>, class: BatchClass) {
         for key in taken {
             match key {
                 QueueKey::Sampler(_) => {
@@ -474,7 +476,7 @@ impl SchedState {
                     }
                 }
                 QueueKey::Model(_) => {
-                    self.busy.insert(key);
+                    self.busy.insert(key, class);
                 }
             }
         }
@@ -544,12 +546,13 @@ impl SchedState {
         (joining, other)
     }
 
-    /// [`SchedState::next_batch`], except that a batch that could still grow is held back while
-    /// its oldest job has waited less than [`Limits::batch_fill_wait`]: one smaller than the
-    /// largest of the recent batches of its class, or a training batch (forward_backward,
-    /// forward, optim_step) within its token budget while runs of the last finished batch have
-    /// not sent their next job yet. `Err(Some(d))` says to look again within `d` (or at the
-    /// next submission), `Err(None)` that nothing is ready.
+    /// [`SchedState::next_batch`], except that a batch that could still grow is held back for
+    /// up to [`Limits::batch_fill_wait`]: one smaller than the largest of the recent batches of
+    /// its class, until its oldest job has waited that long; a training batch
+    /// (forward_backward, forward, optim_step) within its token budget while runs of the last
+    /// training batch have not sent their next job, until that long after that batch finished.
+    /// `Err(Some(d))` says to look again within `d` (or at the next submission), `Err(None)`
+    /// that nothing is ready.
     pub fn next_batch_filled(&mut self, now: Instant) -> Result<Vec<Job>, Option<Duration>> {
         let fill = self.limits.batch_fill_wait;
         if !self.paused && !fill.is_zero() {
@@ -673,19 +676,30 @@ impl SchedState {
         }
     }
 
-    /// Marks the queues of a finished batch idle again; those with waiting jobs rejoin the back
-    /// of the ring, the training runs without one are expected back (see `returning`).
-    pub fn finish(&mut self, keys: &[QueueKey]) {
-        self.returning = keys
-            .iter()
-            .filter(|k| matches!(k, QueueKey::Model(_)) && !self.queues.contains_key(*k))
-            .cloned()
-            .collect();
-        self.returning_since = Some(Instant::now());
+    /// Marks the queues of a batch finished at `now` idle again; those with waiting jobs rejoin
+    /// the back of the ring. After a training batch (forward_backward, forward, optim_step),
+    /// its runs without a next job are expected back (see `returning`); other batches (create,
+    /// save, load, sampling) leave that expectation as it was.
+    pub fn finish(&mut self, keys: &[QueueKey], now: Instant) {
+        let mut returning = HashSet::new();
+        let mut training = false;
         for key in keys {
-            if self.busy.remove(key) && self.queues.contains_key(key) && !self.ready.contains(key) {
+            let Some(class) = self.busy.remove(key) else {
+                continue;
+            };
+            if matches!(class, BatchClass::Train(_) | BatchClass::Optim) {
+                training = true;
+                if !self.queues.contains_key(key) {
+                    returning.insert(key.clone());
+                }
+            }
+            if self.queues.contains_key(key) && !self.ready.contains(key) {
                 self.ready.push_back(key.clone());
             }
+        }
+        if training {
+            self.returning = returning;
+            self.returning_since = Some(now);
         }
     }
 }
@@ -786,7 +800,7 @@ mod tests {
         assert_eq!(running.len(), 1);
         s.push(job("b0", model("b", "run"), train_work(16)))
             .unwrap();
-        s.finish(&[running[0].queue.clone()]);
+        s.finish(&[running[0].queue.clone()], Instant::now());
         let mut a_jobs_before_b = 1;
         loop {
             let batch = s.next_batch().unwrap();
@@ -795,7 +809,7 @@ mod tests {
             }
             a_jobs_before_b += batch.len();
             let keys: Vec<QueueKey> = batch.iter().map(|j| j.queue.clone()).collect();
-            s.finish(&keys);
+            s.finish(&keys, Instant::now());
         }
         assert!(
             a_jobs_before_b <= 2,
@@ -833,7 +847,7 @@ mod tests {
             } else {
                 'p'
             });
-            s.finish(&[batch[0].queue.clone()]);
+            s.finish(&[batch[0].queue.clone()], Instant::now());
         }
         let gold = turns.matches('G').count();
         assert_eq!(gold, 18, "three of every four turns: {turns}");
@@ -883,7 +897,10 @@ mod tests {
         }
         let b = s.next_batch().unwrap();
         assert_eq!(ids(&b), ["a0", "b0", "c0"], "the larger class runs first");
-        s.finish(&[model("t", "a"), model("t", "b"), model("t", "c")]);
+        s.finish(
+            &[model("t", "a"), model("t", "b"), model("t", "c")],
+            Instant::now(),
+        );
         for round in 1..=2 {
             for q in ["a", "b", "c"] {
                 s.push(job(&format!("{q}{round}"), model("t", q), optim()))
@@ -892,7 +909,10 @@ mod tests {
             if round == 1 {
                 let b = s.next_batch().unwrap();
                 assert_eq!(ids(&b), ["a1", "b1", "c1"], "passed over a second time");
-                s.finish(&[model("t", "a"), model("t", "b"), model("t", "c")]);
+                s.finish(
+                    &[model("t", "a"), model("t", "b"), model("t", "c")],
+                    Instant::now(),
+                );
             }
         }
         assert_eq!(
@@ -911,7 +931,7 @@ mod tests {
         }
         let now = Instant::now();
         assert_eq!(s.next_batch_filled(now).unwrap().len(), 3);
-        s.finish(&keys);
+        s.finish(&keys, Instant::now());
         s.push(job("a1", keys[0].clone(), optim())).unwrap();
         let wait = s.next_batch_filled(Instant::now()).unwrap_err();
         assert!(wait.is_some_and(|d| d <= Limits::default().batch_fill_wait));
@@ -921,7 +941,7 @@ mod tests {
             ids(&s.next_batch_filled(Instant::now()).unwrap()),
             ["a1", "b1", "c1"]
         );
-        s.finish(&keys);
+        s.finish(&keys, Instant::now());
         // A peer that does not come: the lone job goes once it has waited the fill time.
         s.push(job("a2", keys[0].clone(), optim())).unwrap();
         let later = Instant::now() + Limits::default().batch_fill_wait;
@@ -930,43 +950,74 @@ mod tests {
 
     #[test]
     fn a_training_batch_waits_for_the_runs_of_the_last_batch_to_come_back() {
+        // Each check reads the clock the batch finished at (or one fill time later), so none
+        // depends on how fast the test runs.
+        let fill = Limits::default().batch_fill_wait;
         let mut s = SchedState::new(Limits::default());
         let keys: Vec<QueueKey> = ["a", "b", "c"].iter().map(|q| model("t", q)).collect();
         for k in &keys {
             s.push(job("o", k.clone(), optim())).unwrap();
         }
         assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
-        s.finish(&keys);
+        let t = Instant::now();
+        s.finish(&keys, t);
         // No forward_backward batch ran yet (nothing to compare sizes with), but a and b, which
         // stepped with c, have not sent their next job: c's waits for them.
         s.push(job("c1", keys[2].clone(), train_work(10))).unwrap();
-        let wait = s.next_batch_filled(Instant::now()).unwrap_err();
-        assert!(wait.is_some_and(|d| d <= Limits::default().batch_fill_wait));
+        let wait = s.next_batch_filled(t).unwrap_err();
+        assert!(wait.is_some_and(|d| d <= fill));
         s.push(job("a1", keys[0].clone(), train_work(10))).unwrap();
-        assert!(
-            s.next_batch_filled(Instant::now()).is_err(),
-            "b is still out"
-        );
+        assert!(s.next_batch_filled(t).is_err(), "b is still out");
         s.push(job("b1", keys[1].clone(), train_work(10))).unwrap();
-        assert_eq!(
-            ids(&s.next_batch_filled(Instant::now()).unwrap()),
-            ["c1", "a1", "b1"]
-        );
-        s.finish(&keys);
-        // b does not come back: the others go once the oldest has waited the fill time.
+        assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["c1", "a1", "b1"]);
+        let t = Instant::now();
+        s.finish(&keys, t);
+        // A batch of another kind (create, save, load) finishing meanwhile leaves the
+        // expectation as it was.
+        let d = model("t", "d");
+        let spec = loraloom_model::LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: false,
+            train_unembed: false,
+        };
+        s.push(job("d0", d.clone(), Work::Create { spec, from: None }))
+            .unwrap();
+        assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["d0"]);
+        s.finish(std::slice::from_ref(&d), t);
+        // b does not come back (d, new, does): the others go once the fill time has passed.
         s.push(job("a2", keys[0].clone(), optim())).unwrap();
         s.push(job("c2", keys[2].clone(), optim())).unwrap();
-        assert!(s.next_batch_filled(Instant::now()).is_err());
-        let later = Instant::now() + Limits::default().batch_fill_wait;
-        assert_eq!(ids(&s.next_batch_filled(later).unwrap()), ["a2", "c2"]);
-        s.finish(&[keys[0].clone(), keys[2].clone()]);
+        s.push(job("d1", d.clone(), optim())).unwrap();
+        assert!(s.next_batch_filled(t).is_err(), "b may still come");
+        let later = Instant::now() + fill;
+        assert_eq!(
+            ids(&s.next_batch_filled(later).unwrap()),
+            ["a2", "c2", "d1"]
+        );
+        let t = Instant::now();
+        s.finish(&[keys[0].clone(), keys[2].clone()], t);
         // Sampling does not wait for returning runs (c is one now)...
         let sampler = QueueKey::Sampler(SamplerKey {
             tenant: "u".into(),
             sampler_id: "s".into(),
         });
         s.push(job("s1", sampler, sample_work(4))).unwrap();
-        assert_eq!(ids(&s.next_batch_filled(Instant::now()).unwrap()), ["s1"]);
+        assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["s1"]);
+        // ... nor does a batch that fills the token budget already.
+        let mut s = SchedState::new(Limits::default());
+        for k in &keys {
+            s.push(job("o", k.clone(), optim())).unwrap();
+        }
+        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
+        let t = Instant::now();
+        s.finish(&keys, t);
+        let budget = Limits::default().max_batch_tokens;
+        s.push(job("a1", keys[0].clone(), train_work(budget)))
+            .unwrap();
+        assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["a1"]);
         // A run out of step (its job queued long before the last batch finished) waits for
         // the runs of that batch all the same, so the two groups step together again.
         let mut s = SchedState::new(Limits::default());
@@ -977,25 +1028,12 @@ mod tests {
         let mut late = job("c1", keys[2].clone(), optim());
         late.enqueued -= Duration::from_secs(1);
         s.push(late).unwrap();
-        s.finish(&keys[..2]);
-        assert!(s.next_batch_filled(Instant::now()).is_err());
+        let t = Instant::now();
+        s.finish(&keys[..2], t);
+        assert!(s.next_batch_filled(t).is_err());
         s.push(job("a1", keys[0].clone(), optim())).unwrap();
         s.push(job("b1", keys[1].clone(), optim())).unwrap();
-        assert_eq!(
-            ids(&s.next_batch_filled(Instant::now()).unwrap()),
-            ["c1", "a1", "b1"]
-        );
-        // ... nor does a batch that fills the token budget already.
-        let mut s = SchedState::new(Limits::default());
-        for k in &keys {
-            s.push(job("o", k.clone(), optim())).unwrap();
-        }
-        assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
-        s.finish(&keys);
-        let budget = Limits::default().max_batch_tokens;
-        s.push(job("a1", keys[0].clone(), train_work(budget)))
-            .unwrap();
-        assert_eq!(ids(&s.next_batch_filled(Instant::now()).unwrap()), ["a1"]);
+        assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["c1", "a1", "b1"]);
     }
 
     #[test]
@@ -1010,7 +1048,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(s.next_batch_filled(Instant::now()).unwrap().len(), 3);
-        s.finish(std::slice::from_ref(&sampler));
+        s.finish(std::slice::from_ref(&sampler), Instant::now());
         s.push(job("s3", sampler.clone(), sample_work(4))).unwrap();
         assert_eq!(
             ids(&s.next_batch_filled(Instant::now()).unwrap()),
@@ -1052,7 +1090,7 @@ mod tests {
             joining.is_empty() && other.is_empty(),
             "the run is busy; b does not fit"
         );
-        s.finish(&[model("t", "m")]);
+        s.finish(&[model("t", "m")], Instant::now());
         let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 80, 100);
         assert_eq!((ids(&joining), ids(&other)), (vec!["b2", "c3"], vec!["m1"]));
         assert_eq!(s.queued(), 0);
@@ -1135,7 +1173,7 @@ mod tests {
         let b = s.next_batch().unwrap();
         assert_eq!(ids(&b), ["a0"]);
         assert!(s.next_batch().is_none(), "a is busy until its job finishes");
-        s.finish(std::slice::from_ref(&a));
+        s.finish(std::slice::from_ref(&a), Instant::now());
         assert_eq!(ids(&s.next_batch().unwrap()), ["a1"]);
     }
 
@@ -1151,7 +1189,7 @@ mod tests {
         assert_eq!(ids(&batch), ["a0", "c0"]);
         // b's sample job could not join; it is next in line, before a's second job.
         assert_eq!(ids(&s.next_batch().unwrap()), ["b0"]);
-        s.finish(&[a.clone(), c]);
+        s.finish(&[a.clone(), c], Instant::now());
         assert_eq!(ids(&s.next_batch().unwrap()), ["a1"]);
     }
 
@@ -1218,7 +1256,7 @@ mod tests {
         assert_eq!(ids(&s.expire(later)), ["a2"]);
         assert_eq!(s.queued(), 0);
         assert_eq!(s.queued_for("t"), 0);
-        s.finish(&[a]);
+        s.finish(&[a], Instant::now());
         assert!(s.next_batch().is_none());
         assert!(s.is_idle());
     }

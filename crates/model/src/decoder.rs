@@ -882,28 +882,35 @@ impl Decoder {
                 gqa,
             )
         };
-        let attn = if t == 1 && c.num_kv_heads != c.num_heads {
-            // One query per row (a decode step): the query heads sharing a key/value head become
-            // that head's query positions, so attention needs no expanded copy of the cache (no
-            // GQA) and fused kernels accept the mask. A single query sees every key it is not
-            // masked from: nothing causal within the step.
+        let grouped = c.num_kv_heads != c.num_heads;
+        let attn = if grouped && (t == 1 || (past.is_some() && ctx.mask.is_some())) {
+            // A decode step, or a prefill after a cache (masked): the query heads sharing a
+            // key/value head become that head's query positions (`group · t` of them, head-major),
+            // so attention needs no expanded copy of the cache (no GQA) and fused kernels accept
+            // the mask, repeated once per head of the group. Causality is in the mask.
             let group = c.num_heads / c.num_kv_heads;
-            attend(
-                &q.f_reshape([b, c.num_kv_heads, group, c.head_dim])?,
-                false,
-                false,
-            )?
-            .f_reshape([b, c.num_heads, 1, c.head_dim])?
-        } else if let (Some(_), true, true) = (
-            &ctx.mask,
-            c.num_kv_heads != c.num_heads,
-            x.device().is_cuda(),
-        ) {
-            // Several query positions, a mask and grouped key/value heads: on a GPU only
-            // cuDNN's kernel takes that whole (the memory-efficient one has no grouped heads,
-            // flash no mask), and cuDNN builds an execution plan for every new batch shape
-            // (see `deprioritize_cudnn_attention`). With the key/value heads repeated, the
-            // memory-efficient kernel serves it.
+            let q = q.f_reshape([b, c.num_kv_heads, group * t, c.head_dim])?;
+            let out = match &ctx.mask {
+                Some(mask) if t > 1 => Tensor::f_scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    Some(&mask.f_repeat([1, 1, group, 1])?),
+                    0.0,
+                    false,
+                    None,
+                    false,
+                )?,
+                _ => attend(&q, false, false)?,
+            };
+            out.f_reshape([b, c.num_heads, t, c.head_dim])?
+        } else if let (Some(_), true, true) = (&ctx.mask, grouped, x.device().is_cuda()) {
+            // A training or scoring pass (no cache) with a mask and grouped key/value heads:
+            // on a GPU only cuDNN's kernel takes that whole (the memory-efficient one has no
+            // grouped heads, flash no mask), and cuDNN builds an execution plan for every new
+            // batch shape (the binary asks libtorch to try it last: the cli's `main`). With the
+            // key/value heads repeated (2q more elements per token and layer, within the memory
+            // plan's margin), the memory-efficient kernel serves it.
             let group = c.num_heads / c.num_kv_heads;
             Tensor::f_scaled_dot_product_attention(
                 &q,
@@ -916,7 +923,7 @@ impl Decoder {
                 false,
             )?
         } else {
-            attend(&q, ctx.mask.is_none(), c.num_kv_heads != c.num_heads)?
+            attend(&q, ctx.mask.is_none(), grouped)?
         };
         let attn = attn
             .f_transpose(1, 2)?
@@ -946,22 +953,6 @@ fn repeat_kv_heads(x: &Tensor, group: i64) -> Result<Tensor> {
     Ok(x.f_unsqueeze(2)?
         .f_expand([b, kv, group, t, d], false)?
         .f_reshape([b, kv * group, t, d])?)
-}
-
-/// Asks libtorch to try cuDNN's attention kernel last, as it does before PyTorch 2.10 (unless
-/// the environment already says otherwise). On Hopper and newer GPUs recent libtorch tries it
-/// first, and it builds an execution plan for every new batch shape: 0.12-0.14 s per shape for
-/// a forward and backward measured on an H200, by PyTorch itself as by loraloom, where a
-/// multi-tenant server's shapes change with every mix of tenants and lengths. Flash attention
-/// (no mask) and the memory-efficient kernel (with one) serve the same calls without that.
-///
-/// libtorch reads the variable once, at its first attention call: call this before any, while
-/// the process has one thread.
-pub fn deprioritize_cudnn_attention() {
-    const VAR: &str = "TORCH_CUDNN_SDPA_DEPRIORITIZED";
-    if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, "1");
-    }
 }
 
 #[cfg(test)]

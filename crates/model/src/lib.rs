@@ -29,7 +29,7 @@ pub mod weights;
 
 pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{deprioritize_cudnn_attention, Decoder};
+pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
 pub use loss::{LossFn, LossInputs};
