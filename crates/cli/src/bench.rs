@@ -146,20 +146,7 @@ pub fn train(
             })
             .collect();
         forward_backward(decoder, &requests, true, NO_LIMIT)?;
-        let mut jobs: Vec<StepJob> = owned
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(adapter, state)| StepJob {
-                adapter,
-                state,
-                params: hp,
-            })
-            .collect();
-        for outcome in step_many(&mut jobs) {
-            outcome?;
-        }
-        sync(decoder.device());
-        Ok(())
+        step_all(&owned, &mut states, hp, decoder.device())
     })?;
     let params = decoder.num_parameters() as f64;
     emit(
@@ -290,20 +277,7 @@ pub fn optim(decoder: &Decoder, runs: &[usize], iters: usize) -> anyhow::Result<
             .map(AdamState::new)
             .collect::<Result<_, _>>()?;
         let secs = time_it(iters, || {
-            let mut jobs: Vec<StepJob> = adapters
-                .iter()
-                .zip(states.iter_mut())
-                .map(|(adapter, state)| StepJob {
-                    adapter,
-                    state,
-                    params: hp,
-                })
-                .collect();
-            for outcome in step_many(&mut jobs) {
-                outcome?;
-            }
-            sync(decoder.device());
-            Ok(())
+            step_all(&adapters, &mut states, hp, decoder.device())
         })?;
         let base = *one_run.get_or_insert(if n == 1 { secs } else { f64::NAN });
         emit(
@@ -312,6 +286,29 @@ pub fn optim(decoder: &Decoder, runs: &[usize], iters: usize) -> anyhow::Result<
                    "parameters_per_run": adapters[0].num_parameters()}),
         );
     }
+    Ok(())
+}
+
+/// One fused optimizer step of every adapter with its state, then waits for the device.
+fn step_all(
+    adapters: &[LoraAdapter],
+    states: &mut [AdamState],
+    params: AdamParams,
+    device: tch::Device,
+) -> anyhow::Result<()> {
+    let mut jobs: Vec<StepJob> = adapters
+        .iter()
+        .zip(states.iter_mut())
+        .map(|(adapter, state)| StepJob {
+            adapter,
+            state,
+            params,
+        })
+        .collect();
+    for outcome in step_many(&mut jobs) {
+        outcome?;
+    }
+    sync(device);
     Ok(())
 }
 
