@@ -870,60 +870,42 @@ impl Decoder {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let attend = |q: &Tensor, causal: bool, gqa: bool| {
-            Tensor::f_scaled_dot_product_attention(
-                q,
-                &k,
-                &v,
-                ctx.mask.as_ref(),
-                0.0,
-                causal,
-                None,
-                gqa,
-            )
+        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal, gqa| {
+            Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
         };
         let grouped = c.num_kv_heads != c.num_heads;
+        let group = c.num_heads / c.num_kv_heads;
         let attn = if grouped && (t == 1 || (past.is_some() && ctx.mask.is_some())) {
             // A decode step, or a prefill after a cache (masked): the query heads sharing a
             // key/value head become that head's query positions (`group · t` of them, head-major),
             // so attention needs no expanded copy of the cache (no GQA) and fused kernels accept
-            // the mask, repeated once per head of the group. Causality is in the mask.
-            let group = c.num_heads / c.num_kv_heads;
+            // the mask: one query per row broadcasts it over the group, several repeat it once
+            // per head of the group. Causality is in the mask.
             let q = q.f_reshape([b, c.num_kv_heads, group * t, c.head_dim])?;
-            let out = match &ctx.mask {
-                Some(mask) if t > 1 => Tensor::f_scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    Some(&mask.f_repeat([1, 1, group, 1])?),
-                    0.0,
-                    false,
-                    None,
-                    false,
-                )?,
-                _ => attend(&q, false, false)?,
+            let repeated = match &ctx.mask {
+                Some(mask) if t > 1 => Some(mask.f_repeat([1, 1, group, 1])?),
+                _ => None,
             };
-            out.f_reshape([b, c.num_heads, t, c.head_dim])?
-        } else if let (Some(_), true, true) = (&ctx.mask, grouped, x.device().is_cuda()) {
+            sdpa(
+                &q,
+                &k,
+                &v,
+                repeated.as_ref().or(ctx.mask.as_ref()),
+                false,
+                false,
+            )?
+            .f_reshape([b, c.num_heads, t, c.head_dim])?
+        } else if let (Some(mask), true, true) = (&ctx.mask, grouped, x.device().is_cuda()) {
             // A training or scoring pass (no cache) with a mask and grouped key/value heads:
             // on a GPU only cuDNN's kernel takes that whole (the memory-efficient one has no
             // grouped heads, flash no mask), and cuDNN builds an execution plan for every new
             // batch shape (the binary asks libtorch to try it last: the cli's `main`). With the
             // key/value heads repeated (2q more elements per token and layer, within the memory
             // plan's margin), the memory-efficient kernel serves it.
-            let group = c.num_heads / c.num_kv_heads;
-            Tensor::f_scaled_dot_product_attention(
-                &q,
-                &repeat_kv_heads(&k, group)?,
-                &repeat_kv_heads(&v, group)?,
-                ctx.mask.as_ref(),
-                0.0,
-                false,
-                None,
-                false,
-            )?
+            let (k, v) = (repeat_kv_heads(&k, group)?, repeat_kv_heads(&v, group)?);
+            sdpa(&q, &k, &v, Some(mask), false, false)?
         } else {
-            attend(&q, ctx.mask.is_none(), grouped)?
+            sdpa(&q, &k, &v, ctx.mask.as_ref(), ctx.mask.is_none(), grouped)?
         };
         let attn = attn
             .f_transpose(1, 2)?

@@ -430,10 +430,10 @@ impl Losses {
             let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
             let inputs = padded_inputs(part, c);
             let el = elementwise_loss(&part[0].loss, &lp, &inputs, &ratios[c.rows.clone()])?;
-            let sums = el.f_sum_dim_intlist(1, false, Kind::Float)?;
+            let row_sums = el.f_sum_dim_intlist(1, false, Kind::Float)?;
             // One copy to the host for the whole chunk: log-probabilities, losses, row sums.
             let host = to_vec(&Tensor::f_cat(
-                &[lp.f_view([-1])?, el.f_view([-1])?, sums],
+                &[lp.f_view([-1])?, el.f_view([-1])?, row_sums.shallow_clone()],
                 0,
             )?)?;
             let (lps, rest) = host.split_at(cells);
@@ -447,7 +447,7 @@ impl Losses {
                 *sum += f64::from(sums[i]);
             }
             if self.backward && el.requires_grad() {
-                pending.add(el.f_sum(Kind::Float)?, cells)?;
+                pending.add(row_sums.f_sum(Kind::Float)?, cells)?;
             }
         }
         pending.backward()
