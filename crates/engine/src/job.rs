@@ -166,6 +166,14 @@ pub enum BatchClass {
     Solo,
 }
 
+impl BatchClass {
+    /// forward_backward, forward and optim_step: the work of training runs, whose tenants step
+    /// in lockstep (a batch of them waits for its runs' next jobs, see `SchedState`).
+    pub fn is_training(self) -> bool {
+        matches!(self, BatchClass::Train(_) | BatchClass::Optim)
+    }
+}
+
 impl Work {
     /// The batch class of the work.
     pub fn class(&self) -> BatchClass {

@@ -564,9 +564,9 @@ impl SchedState {
                     .and_then(|(_, sizes)| sizes.iter().max().copied())
                     .unwrap_or(0);
                 let (size, tokens, oldest) = self.candidates(class);
-                let training = matches!(class, BatchClass::Train(_) | BatchClass::Optim);
-                let peers_coming =
-                    training && !self.returning.is_empty() && tokens < self.limits.max_batch_tokens;
+                let peers_coming = class.is_training()
+                    && !self.returning.is_empty()
+                    && tokens < self.limits.max_batch_tokens;
                 // The later of the deadlines of the reasons to wait that hold.
                 let until = [
                     oldest.filter(|_| size < last),
@@ -687,7 +687,7 @@ impl SchedState {
             let Some(class) = self.busy.remove(key) else {
                 continue;
             };
-            if matches!(class, BatchClass::Train(_) | BatchClass::Optim) {
+            if class.is_training() {
                 training = true;
                 if !self.queues.contains_key(key) {
                     returning.insert(key.clone());
