@@ -10,7 +10,7 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
 use loraloom_model::train::validate_request;
 use loraloom_model::{
-    forward_backward, step_many, AdamState, Decoder, Generation, LoraAdapter, ModelError,
+    forward_backward, step_many, AdamState, Decoder, Device, Generation, LoraAdapter, ModelError,
     RequestTag, SampleRequest, StepJob, TextTokenizer, TrainRequest,
 };
 
@@ -84,6 +84,16 @@ pub struct DecodeStep {
     pub tokens: usize,
 }
 
+/// Forward-pass floating-point operations per decoder layer under which a batch's CPU ops run
+/// on the worker's thread alone. Below it the ops are too small for libtorch's intra-op threads
+/// to pay: they are woken for every op and spin between ops, taking cores from the HTTP server
+/// and from clients on the same machine, for little or no speed-up. Measured on 2 cores (the
+/// tiny 4-layer model of `make bench`, and SmolLM2-135M): a decode step of 32 sequences of the
+/// tiny model (3.5 MFLOP a layer) ran 11% faster on two threads in-process but its sampling
+/// over HTTP 1.4x slower; a 135M decode step of one sequence (9 MFLOP a layer) took the same
+/// time on one thread or two; of eight (72 MFLOP a layer) 25% less on two.
+pub const SERIAL_BELOW_LAYER_FLOPS: f64 = 32e6;
+
 /// The decode loop of a [`ModelWorker`]: the generation and which job each request is.
 struct Decoding {
     generation: Generation,
@@ -100,7 +110,11 @@ pub struct ModelWorker {
     /// libtorch's intra-op thread count, read on the creating thread. OpenMP's setting is per
     /// thread: a fresh worker thread would otherwise run every op on one core.
     intra_op_threads: i32,
-    threads_set: bool,
+    /// The count this worker's thread runs with now (0: not set yet); see [`Threads`].
+    threads_now: i32,
+    /// Floating-point operations of a forward pass per token and layer (twice the base's
+    /// parameters over its layers): how big a batch's ops are, for [`SERIAL_BELOW_LAYER_FLOPS`].
+    layer_flops_per_token: f64,
     max_resident: usize,
     max_resident_samplers: usize,
     /// Activation memory one training or scoring pass may hold, in bytes.
@@ -116,13 +130,16 @@ impl ModelWorker {
         tokenizer: Option<Arc<TextTokenizer>>,
     ) -> Self {
         let kind = decoder.kind();
+        let layer_flops_per_token =
+            2.0 * decoder.num_parameters() as f64 / decoder.config().num_layers.max(1) as f64;
         ModelWorker {
             decoder,
             registry,
             tokenizer,
             snapshot_every_step: false,
             intra_op_threads: loraloom_model::intra_op_threads(),
-            threads_set: false,
+            threads_now: 0,
+            layer_flops_per_token,
             max_resident: 0,
             max_resident_samplers: 0,
             memory_budget: loraloom_model::NO_LIMIT,
@@ -761,6 +778,8 @@ impl ModelWorker {
     /// Adds sampling jobs to the decode loop. Each session is locked (and its weights reloaded
     /// when evicted) only while its jobs join: the loop keeps its own copy of the weights.
     fn admit_samples(&mut self, jobs: &[Job]) -> Admitted {
+        let prompts = jobs.iter().map(|j| j.work.prompt_tokens()).sum();
+        self.set_threads_for(prompts, 1.0);
         let mut results: Vec<Option<Result<Output>>> = jobs.iter().map(|_| None).collect();
         // Resolve each distinct session once.
         let mut sessions: HashMap<QueueKey, Arc<crate::registry::SamplerEntry>> = HashMap::new();
@@ -861,6 +880,7 @@ impl ModelWorker {
 
     /// One step of the decode loop; a failed step fails every job in it.
     fn decode_step(&mut self) -> DecodeStep {
+        self.set_threads_for(self.decoding.generation.step_tokens(), 1.0);
         let tokenizer = self.tokenizer.clone();
         let detok = move |ids: &[i64]| {
             tokenizer
@@ -972,13 +992,18 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 
 impl Backend for ModelWorker {
     fn run(&mut self, jobs: &[Job]) -> Vec<Result<Output>> {
-        if !self.threads_set {
-            loraloom_model::set_intra_op_threads(self.intra_op_threads);
-            self.threads_set = true;
-        }
         let Some(first) = jobs.first() else {
             return Vec::new();
         };
+        let tokens = jobs.iter().map(|j| j.work.tokens()).sum();
+        match first.work.class() {
+            BatchClass::Train(backward) => {
+                self.set_threads_for(tokens, if backward { 3.0 } else { 1.0 })
+            }
+            // Admitting and each decode step set their own.
+            BatchClass::Sample => {}
+            BatchClass::Optim | BatchClass::Solo => self.set_threads(self.intra_op_threads),
+        }
         let results = match first.work.class() {
             BatchClass::Train(backward) => self.train(jobs, backward),
             BatchClass::Sample => self.sample(jobs),
@@ -1000,10 +1025,6 @@ impl Backend for ModelWorker {
     }
 
     fn admit(&mut self, jobs: &[Job]) -> Admitted {
-        if !self.threads_set {
-            loraloom_model::set_intra_op_threads(self.intra_op_threads);
-            self.threads_set = true;
-        }
         let admitted = self.admit_samples(jobs);
         self.evict_after_batch();
         admitted
@@ -1044,6 +1065,22 @@ impl Backend for ModelWorker {
 }
 
 impl ModelWorker {
+    /// Sets this thread's intra-op thread count for a batch putting `tokens` through the model
+    /// `passes` times over (1: a forward pass; 3: forward and backward), per
+    /// [`SERIAL_BELOW_LAYER_FLOPS`]. Only the CPU's ops use these threads.
+    fn set_threads_for(&mut self, tokens: usize, passes: f64) {
+        let layer_flops = tokens as f64 * passes * self.layer_flops_per_token;
+        let small = self.decoder.device() == Device::Cpu && layer_flops < SERIAL_BELOW_LAYER_FLOPS;
+        self.set_threads(if small { 1 } else { self.intra_op_threads });
+    }
+
+    fn set_threads(&mut self, threads: i32) {
+        if self.threads_now != threads {
+            loraloom_model::set_intra_op_threads(threads);
+            self.threads_now = threads;
+        }
+    }
+
     /// Evicts idle runs and sampling sessions beyond their limits. Runs after results exist: a
     /// panic here must not re-run jobs that already succeeded.
     fn evict_after_batch(&self) {

@@ -199,6 +199,14 @@ impl Work {
         }
     }
 
+    /// Prompt tokens of a sampling job (0 for other jobs).
+    pub fn prompt_tokens(&self) -> usize {
+        match self {
+            Work::Sample { prompt, .. } => prompt.len(),
+            _ => 0,
+        }
+    }
+
     /// Key/value cache entries the job holds while it decodes (`num_samples × (prompt +
     /// max_tokens)`; 0 for jobs that do not decode).
     pub fn kv_tokens(&self) -> usize {

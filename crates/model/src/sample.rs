@@ -379,6 +379,16 @@ impl Generation {
         self.rows.len()
     }
 
+    /// Tokens the next [`Generation::step`] puts through the model: one per live sequence, plus
+    /// the next chunk of the long prompt being prefilled, if any.
+    pub fn step_tokens(&self) -> usize {
+        let chunk = self
+            .prefilling
+            .front()
+            .map_or(0, |p| (p.prompt.len() - p.done).min(self.prefill_chunk));
+        self.rows.len() + chunk
+    }
+
     /// Prompts prefilled so far (one per admitted request, whatever its `num_samples`).
     pub fn prefills(&self) -> u64 {
         self.prefills
