@@ -58,6 +58,10 @@ a, c = one("sample_alone"), one("sample_crowd")
 if a and c:
     print(f"| HTTP sampling, {c['requests']} concurrent requests over {c['adapters']} adapters, max_tokens 16-64 (tiny64 model) "
           f"tokens/s | {c['tokens_per_s']:.0f} | one request alone {a['tokens_per_s']:.0f} | {c['vs_alone']:.2f}x (goal >= 10x) |")
+    if "client_cpu_s" in c:
+        print(f"| that crowd's CPU: SDK client / server worker / server HTTP threads (wall {c['seconds'] * 1e3:.0f} ms) | "
+              f"{c['client_cpu_s'] * 1e3:.0f} / {c['server_worker_cpu_s'] * 1e3:.0f} / {c['server_http_cpu_s'] * 1e3:.0f} ms | "
+              f"the same 32 requests at max_tokens 1 | {c['max_tokens_1_seconds'] * 1e3:.0f} ms wall |")
 n = one("sample_num_samples")
 if n:
     print(f"| HTTP sampling, num_samples 16 vs 1 (tiny64 model, 32 tokens) | {n['n16_s'] * 1e3:.0f} ms, "

@@ -5,7 +5,9 @@ overhead dominates as kernel launches do on a GPU), makes 8 adapters, then measu
 
   alone      one request (max_tokens 64, no early stop) at a time: generated tokens/s
   crowd      32 concurrent requests over the 8 adapters, max_tokens 16..64: tokens/s, and its
-             ratio to `alone` (goal >= 10x)
+             ratio to `alone` (goal >= 10x); with the CPU time the SDK client and the server's
+             threads spent per crowd, and the wall time of the same 32 requests at max_tokens 1
+             (HTTP, the client and prefill only): client and server share this machine's cores
   n16        one request with num_samples 16 vs num_samples 1 (same prompt, max_tokens 32):
              the time ratio (goal <= 2x) and the prefills it did (from /metrics; goal 1)
   behind     8 short requests (16 tokens) sent just after a long one (512 tokens) started: their
@@ -18,6 +20,7 @@ usage: python scripts/sample_throughput.py [MODEL_DIR] [BINARY]
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -49,6 +52,27 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def thread_cpu(pid: int) -> dict:
+    """CPU seconds of each thread name of process `pid` (Linux; empty elsewhere)."""
+    out: dict = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        pass
+    return out
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process (the SDK client), every thread."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def params(max_tokens: int) -> types.SamplingParams:
@@ -108,18 +132,39 @@ def main() -> None:
         alone = max(alone_rates)
         print(json.dumps({"what": "sample_alone", "tokens_per_s": round(alone, 1)}))
 
-        crowd_rates = []
-        for _ in range(REPEATS):
+        def crowd_of(max_tokens) -> tuple:
+            """One crowd: (seconds, tokens, client CPU s, server CPU s by thread name)."""
+            server_before, client_before = thread_cpu(server.pid), own_cpu()
             t = time.perf_counter()
             futures = [
-                samplers[i % ADAPTERS].sample(prompt(i), 1, params(16 + 16 * (i % 4)))
+                samplers[i % ADAPTERS].sample(prompt(i), 1, params(max_tokens(i)))
                 for i in range(CROWD)
             ]
             tokens = sum(generated(f.result()) for f in futures)
-            crowd_rates.append(tokens / (time.perf_counter() - t))
-        crowd = max(crowd_rates)
+            seconds = time.perf_counter() - t
+            server_after = thread_cpu(server.pid)
+            spent = {k: v - server_before.get(k, 0.0) for k, v in server_after.items()}
+            return seconds, tokens, own_cpu() - client_before, spent
+
+        crowds = [crowd_of(lambda i: 16 + 16 * (i % 4)) for _ in range(REPEATS)]
+        seconds, tokens = min((c[0], c[1]) for c in crowds)
+        crowd = tokens / seconds
+        # CPU per crowd, averaged over the repeats (/proc counts in clock ticks of 10 ms).
+        client_cpu = sum(c[2] for c in crowds) / len(crowds)
+        server_cpu: dict = {}
+        for c in crowds:
+            for k, v in c[3].items():
+                server_cpu[k] = server_cpu.get(k, 0.0) + v / len(crowds)
+        floor = min(crowd_of(lambda i: 1)[0] for _ in range(REPEATS))
         print(json.dumps({"what": "sample_crowd", "requests": CROWD, "adapters": ADAPTERS,
-                          "tokens_per_s": round(crowd, 1), "vs_alone": round(crowd / alone, 2)}))
+                          "tokens_per_s": round(crowd, 1), "vs_alone": round(crowd / alone, 2),
+                          "seconds": round(seconds, 4),
+                          "client_cpu_s": round(client_cpu, 4),
+                          "server_worker_cpu_s": round(sum(v for k, v in server_cpu.items()
+                                                           if k.startswith("loraloom-worker")), 4),
+                          "server_http_cpu_s": round(sum(v for k, v in server_cpu.items()
+                                                         if k.startswith("tokio")), 4),
+                          "max_tokens_1_seconds": round(floor, 4)}))
 
         times = {}
         prefills = None
