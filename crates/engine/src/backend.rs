@@ -94,6 +94,17 @@ pub struct DecodeStep {
 /// time on one thread or two; of eight (72 MFLOP a layer) 25% less on two.
 pub const SERIAL_BELOW_LAYER_FLOPS: f64 = 32e6;
 
+/// The intra-op thread count for a batch of `layer_flops` forward-pass operations per decoder
+/// layer on `device`, out of `all`: one below [`SERIAL_BELOW_LAYER_FLOPS`] on the CPU, else
+/// `all` (on a GPU the threads serve only the few ops left on the CPU).
+fn threads_for(layer_flops: f64, device: Device, all: i32) -> i32 {
+    if device == Device::Cpu && layer_flops < SERIAL_BELOW_LAYER_FLOPS {
+        1
+    } else {
+        all
+    }
+}
+
 /// The decode loop of a [`ModelWorker`]: the generation and which job each request is.
 struct Decoding {
     generation: Generation,
@@ -1070,8 +1081,8 @@ impl ModelWorker {
     /// [`SERIAL_BELOW_LAYER_FLOPS`]. Only the CPU's ops use these threads.
     fn set_threads_for(&mut self, tokens: usize, passes: f64) {
         let layer_flops = tokens as f64 * passes * self.layer_flops_per_token;
-        let small = self.decoder.device() == Device::Cpu && layer_flops < SERIAL_BELOW_LAYER_FLOPS;
-        self.set_threads(if small { 1 } else { self.intra_op_threads });
+        let threads = threads_for(layer_flops, self.decoder.device(), self.intra_op_threads);
+        self.set_threads(threads);
     }
 
     fn set_threads(&mut self, threads: i32) {
@@ -1161,4 +1172,28 @@ pub fn check_checkpoint(registry: &Registry, tenant: &str, path: &str) -> Result
         ));
     }
     registry.readable_checkpoint(tenant, path).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forward FLOPs per token and layer of the models the threshold was measured on.
+    const TINY_LAYER_FLOPS: f64 = 2.0 * 213_000.0 / 4.0;
+    const SMOLLM_135M_LAYER_FLOPS: f64 = 2.0 * 134_500_000.0 / 30.0;
+
+    #[test]
+    fn small_cpu_batches_run_on_one_thread_and_large_or_gpu_ones_on_all() {
+        let cpu = Device::Cpu;
+        // Decode steps of the tiny model, even with many sequences, run on one thread.
+        assert_eq!(threads_for(32.0 * TINY_LAYER_FLOPS, cpu, 2), 1);
+        assert_eq!(threads_for(64.0 * TINY_LAYER_FLOPS, cpu, 16), 1);
+        // A 135M step of one sequence too; of eight, or any training batch, every thread.
+        assert_eq!(threads_for(SMOLLM_135M_LAYER_FLOPS, cpu, 2), 1);
+        assert_eq!(threads_for(8.0 * SMOLLM_135M_LAYER_FLOPS, cpu, 2), 2);
+        assert_eq!(threads_for(3.0 * 2.0 * SMOLLM_135M_LAYER_FLOPS, cpu, 2), 2);
+        assert_eq!(threads_for(3.0 * 512.0 * TINY_LAYER_FLOPS, cpu, 8), 8);
+        // On a GPU the setting is left as configured.
+        assert_eq!(threads_for(1.0, Device::Cuda(0), 4), 4);
+    }
 }
