@@ -69,8 +69,18 @@ pub fn isolated<T: Send>(f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow
 }
 
 /// Seconds per call of `f`, the median of `iters` timed runs after one warm-up.
-fn time_it(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+fn time_it(iters: usize, f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    Ok(time_first_and_median(iters, f)?.1)
+}
+
+/// The seconds of `f`'s first (warm-up) call, and the median of `iters` calls after it.
+fn time_first_and_median(
+    iters: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    let t = Instant::now();
     f()?;
+    let first = t.elapsed().as_secs_f64();
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
@@ -78,7 +88,7 @@ fn time_it(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::R
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok((first, times[times.len() / 2]))
 }
 
 /// Dense f32 matmul throughput of this machine through libtorch (the roofline).
@@ -135,7 +145,7 @@ pub fn train(
     let mut states: Vec<AdamState> = owned.iter().map(AdamState::new).collect::<Result<_, _>>()?;
     let hp = AdamParams::default();
     let per = batch / adapters;
-    let secs = time_it(iters, || {
+    let (first, secs) = time_first_and_median(iters, || {
         let requests: Vec<TrainRequest> = owned
             .iter()
             .zip(data.chunks(per))
@@ -152,7 +162,8 @@ pub fn train(
     emit(
         "train_step",
         json!({"batch": batch, "len": len, "adapters": adapters, "seconds": secs,
-               "tokens_per_s": (batch * len) as f64 / secs, "flops_per_token": 4.0 * params}),
+               "first_seconds": first, "tokens_per_s": (batch * len) as f64 / secs,
+               "flops_per_token": 4.0 * params}),
     );
     Ok(())
 }

@@ -69,9 +69,11 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
     /// Datums x tokens of the `train` benchmark's batch (many short datums show what each datum
-    /// costs beyond its tokens).
-    #[arg(long, default_value = "4x128", value_parser = parse_shape)]
-    train_shape: (usize, usize),
+    /// costs beyond its tokens). Several, comma-separated, are measured one after the other in
+    /// one process: each line's `first_seconds` is what its first step cost, so a shape's
+    /// one-time cost (e.g. a GPU kernel's plan for a new shape) shows after the first shape.
+    #[arg(long, value_delimiter = ',', default_value = "4x128", value_parser = parse_shape)]
+    train_shape: Vec<(usize, usize)>,
     /// Adapters the `train` benchmark's datums are split over (one fused pass and optimizer
     /// step, as the engine runs a batch of tenants); must divide the batch.
     #[arg(long, default_value_t = 1)]
@@ -111,9 +113,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "roofline" => bench::isolated(|| bench::roofline(iters))?,
             "forward" => bench::isolated(move || bench::forward(&d, 4, 128, iters))?,
             "train" => {
-                let (batch, len) = args.train_shape;
+                let shapes = args.train_shape.clone();
                 let adapters = args.train_adapters;
-                bench::isolated(move || bench::train(&d, batch, len, adapters, iters))?
+                bench::isolated(move || {
+                    shapes
+                        .iter()
+                        .try_for_each(|&(batch, len)| bench::train(&d, batch, len, adapters, iters))
+                })?
             }
             "decode" => {
                 let t = args.temperature;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# On a GPU machine: what a batch shape seen for the first time costs, with cuDNN's attention
+# deprioritized (what `loraloom` sets by default) and without it, plus the decode and engine
+# benchmarks and the attention probe. BENCHMARKS.md ("Third GPU session") has the cost it checks
+# for: 0.12-0.25 s per new shape on an H200 with cuDNN's attention.
+#
+# Runs from a kit built by ../shared/gpu/build.sh (the `loraloom` binary and make_models.py);
+# copy this script and scripts/gpu_attention_probe.py into the kit first:
+#   cp scripts/gpu_first_shape.sh scripts/gpu_attention_probe.py .gpu-kit/
+#   then, there:  OUT=<dir> bash gpu_first_shape.sh      (about 3 minutes on an H200)
+# CPU dry run from the project root: BIN=target/release/loraloom M=data/models/tiny64 \
+#   PY=.venv/bin/python OUT=/tmp/gfs bash scripts/gpu_first_shape.sh
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+OUT="${OUT:-./out}"; mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 NO_COLOR=1
+PY="${PY:-python3}"
+BIN="${BIN:-$here/loraloom}"
+TL="$("$PY" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
+export LD_LIBRARY_PATH="$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+M="${M:-}"
+if [ -z "$M" ]; then
+  S="$(mktemp -d)"
+  timeout 120 "$PY" "$here/make_models.py" "$S/m" llama1b 2>&1 | tail -1
+  M="$S/m/llama1b"
+fi
+
+# run TAG CMD...: the command's output goes to $OUT/TAG.out; its JSON lines are echoed.
+run() {
+  local tag=$1; shift
+  echo "== $tag"
+  timeout "${LIMIT:-150}" "$@" > "$OUT/$tag.out" 2>&1
+  echo "rc=$?"
+  grep '^{' "$OUT/$tag.out" | cut -c1-400
+}
+
+# Six shapes in one process: after the first (which also pays CUDA's start), each line's
+# first_seconds against its seconds is what that new shape cost once.
+shapes="16x128,16x96,16x160,8x200,64x128,64x100"
+for deprioritized in 1 0; do
+  run "train_shapes_cudnn_deprioritized_$deprioritized" \
+    env TORCH_CUDNN_SDPA_DEPRIORITIZED=$deprioritized \
+    "$BIN" bench --model "$M" --what train --train-shape "$shapes" --train-adapters 8 --iters 3
+done
+run decode "$BIN" bench --model "$M" --what decode
+run engine "$BIN" bench --model "$M" --what engine --tenants 16,64 --steps 5
+if [ -f "$here/gpu_attention_probe.py" ]; then
+  run probe_unset env -u TORCH_CUDNN_SDPA_DEPRIORITIZED "$PY" "$here/gpu_attention_probe.py"
+  run probe_deprioritized env TORCH_CUDNN_SDPA_DEPRIORITIZED=1 "$PY" "$here/gpu_attention_probe.py"
+fi
