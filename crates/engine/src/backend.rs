@@ -121,7 +121,7 @@ pub struct ModelWorker {
     /// libtorch's intra-op thread count, read on the creating thread. OpenMP's setting is per
     /// thread: a fresh worker thread would otherwise run every op on one core.
     intra_op_threads: i32,
-    /// The count this worker's thread runs with now (0: not set yet); see [`Threads`].
+    /// The count this worker's thread runs with now (0: not set yet); see [`threads_for`].
     threads_now: i32,
     /// Floating-point operations of a forward pass per token and layer (twice the base's
     /// parameters over its layers): how big a batch's ops are, for [`SERIAL_BELOW_LAYER_FLOPS`].
