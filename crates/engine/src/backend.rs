@@ -1006,30 +1006,31 @@ impl Backend for ModelWorker {
         let Some(first) = jobs.first() else {
             return Vec::new();
         };
-        let tokens = jobs.iter().map(|j| j.work.tokens()).sum();
-        match first.work.class() {
-            BatchClass::Train(backward) => {
-                self.set_threads_for(tokens, if backward { 3.0 } else { 1.0 })
-            }
-            // Admitting and each decode step set their own.
-            BatchClass::Sample => {}
-            BatchClass::Optim | BatchClass::Solo => self.set_threads(self.intra_op_threads),
-        }
         let results = match first.work.class() {
-            BatchClass::Train(backward) => self.train(jobs, backward),
+            BatchClass::Train(backward) => {
+                let tokens = jobs.iter().map(|j| j.work.tokens()).sum();
+                self.set_threads_for(tokens, if backward { 3.0 } else { 1.0 });
+                self.train(jobs, backward)
+            }
+            // Admitting and each decode step set their own thread count.
             BatchClass::Sample => self.sample(jobs),
-            BatchClass::Optim => self.optim(jobs),
-            BatchClass::Solo => jobs
-                .iter()
-                .map(|j| {
-                    contained(|| match &j.work {
-                        Work::Create { .. } => self.create(j),
-                        Work::Save { .. } => self.save(j),
-                        Work::Load { .. } => self.load(j),
-                        _ => unreachable!("solo jobs are create/save/load"),
+            BatchClass::Optim => {
+                self.set_threads(self.intra_op_threads);
+                self.optim(jobs)
+            }
+            BatchClass::Solo => {
+                self.set_threads(self.intra_op_threads);
+                jobs.iter()
+                    .map(|j| {
+                        contained(|| match &j.work {
+                            Work::Create { .. } => self.create(j),
+                            Work::Save { .. } => self.save(j),
+                            Work::Load { .. } => self.load(j),
+                            _ => unreachable!("solo jobs are create/save/load"),
+                        })
                     })
-                })
-                .collect(),
+                    .collect()
+            }
         };
         self.evict_after_batch();
         results

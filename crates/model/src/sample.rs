@@ -308,6 +308,13 @@ struct Prefilling {
     cache: Option<KvCache>,
 }
 
+impl Prefilling {
+    /// Where the prompt's next chunk of at most `chunk` tokens ends.
+    fn next_chunk_end(&self, chunk: usize) -> usize {
+        (self.done + chunk).min(self.prompt.len())
+    }
+}
+
 /// A request whose prompt is prefilled, about to join the batch.
 struct Joining {
     tag: RequestTag,
@@ -385,7 +392,7 @@ impl Generation {
         let chunk = self
             .prefilling
             .front()
-            .map_or(0, |p| (p.prompt.len() - p.done).min(self.prefill_chunk));
+            .map_or(0, |p| p.next_chunk_end(self.prefill_chunk) - p.done);
         self.rows.len() + chunk
     }
 
@@ -673,7 +680,7 @@ impl Generation {
         p: &mut Prefilling,
     ) -> Result<Option<(KvCache, Tensor)>> {
         let len = p.prompt.len();
-        let end = (p.done + self.prefill_chunk).min(len);
+        let end = p.next_chunk_end(self.prefill_chunk);
         let ids = &p.prompt[p.done..end];
         let lora = p
             .request
