@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU machine: what a batch shape seen for the first time costs, with cuDNN's attention
+# On a GPU machine: where a decode step's time goes, against transformers.generate; then what a
+# batch shape seen for the first time costs, with cuDNN's attention
 # deprioritized (what `loraloom` sets by default) and without it, plus the decode and engine
-# benchmarks and the attention probe. BENCHMARKS.md ("Third GPU session") has the cost it checks
+# benchmark and the attention probe. BENCHMARKS.md ("Third GPU session") has the cost it checks
 # for: 0.12-0.25 s per new shape on an H200 with cuDNN's attention.
 #
 # Runs from a kit built by ../shared/gpu/build.sh (the `loraloom` binary and make_models.py);
@@ -34,6 +35,15 @@ run() {
   grep '^{' "$OUT/$tag.out" | cut -c1-400
 }
 
+# Decode first (issue 11): where a step's time goes (issuing vs waiting for the tokens, and the
+# same steps with no host round trip), the decode bench, and transformers.generate on the same
+# checkpoint in the same call (the ratio's baseline).
+run decode_phases "$BIN" bench --model "$M" --what decode_phases --iters 3
+run decode "$BIN" bench --model "$M" --what decode
+if [ -f "$here/gpu_baseline.py" ]; then
+  run generate "$PY" "$here/gpu_baseline.py" "$M" decode
+fi
+
 # Six shapes in one process: after the first (which also pays CUDA's start), each line's
 # first_seconds against its seconds is what that new shape cost once.
 shapes="16x128,16x96,16x160,8x200,64x128,64x100"
@@ -42,7 +52,7 @@ for deprioritized in 1 0; do
     env TORCH_CUDNN_SDPA_DEPRIORITIZED=$deprioritized \
     "$BIN" bench --model "$M" --what train --train-shape "$shapes" --train-adapters 8 --iters 3
 done
-run decode "$BIN" bench --model "$M" --what decode
+run decode_temperature_1 "$BIN" bench --model "$M" --what decode --temperature 1
 run engine "$BIN" bench --model "$M" --what engine --tenants 16,64 --steps 5
 if [ -f "$here/gpu_attention_probe.py" ]; then
   run probe_unset env -u TORCH_CUDNN_SDPA_DEPRIORITIZED "$PY" "$here/gpu_attention_probe.py"

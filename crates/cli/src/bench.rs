@@ -10,9 +10,11 @@ use loraloom_engine::{
     Backend, BaseModel, BaseModelInfo, Engine, EngineConfig, FutureState, Limits, ModelKey,
     ModelWorker, QueueKey, Registry, Work,
 };
+use loraloom_model::rng::SplitMix64;
+use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
-    forward_backward, sample, step_many, AdamParams, AdamState, Datum, Decoder, LoraAdapter,
-    LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams, StepJob, Stop,
+    forward_backward, sample, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder,
+    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams, StepJob, Stop,
     TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
@@ -272,6 +274,91 @@ pub fn decode(
         json!({"sequences": sequences, "adapters": adapters, "interleaved": interleaved,
                "new_tokens": new_tokens, "seconds": secs, "tokens_per_s": tokens / secs}),
     );
+    Ok(())
+}
+
+/// Where a decode step's time goes, at the model level: `rows` rows of one adapter, greedy,
+/// 16-token prompts, `steps` steps, the median of `iters` runs after a warm-up.
+///
+/// `host_ids`: as the decode loop runs, each step's tokens reach the host before the next step
+/// is issued; per step, `issue_ms` is the host's time issuing the decode and logits (on a GPU:
+/// launching their kernels while the device trails) and `choose_ms` the time choosing the
+/// tokens takes (on a GPU: the device finishing the step, the sampling kernels, one transfer).
+/// `device_ids`: each step reads the previous step's argmax on the device and nothing returns
+/// to the host until the last step, the floor for a loop that issues steps ahead of their
+/// tokens. On the CPU both run the same arithmetic.
+pub fn decode_phases(decoder: &Decoder, rows: i64, steps: usize, iters: usize) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let stack = AdapterStack::new(&[&adapter], decoder.kind(), false)?;
+    let lora = LoraBatch::one(&stack, 0, rows)?;
+    let prompt = datum(1, 16, vocab).input_tokens.repeat(rows as usize);
+    let prompts = Tensor::from_slice(&prompt).f_view([rows, 16])?;
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let picks = vec![Pick::new(&greedy, &mut SplitMix64::new(0)); rows as usize];
+    // Seconds of the whole loop, of issuing steps and of choosing tokens.
+    let run = |on_device: bool| -> anyhow::Result<(f64, f64, f64)> {
+        tch::no_grad(|| {
+            let (hidden, mut cache) = decoder.prefill(&prompts, Some(&lora))?;
+            let mut logits = decoder.logits(&hidden.f_select(1, -1)?, Some(&lora))?;
+            choose_tokens(&logits, &picks)?;
+            let (mut issue, mut choose) = (0.0, 0.0);
+            let start = Instant::now();
+            for _ in 0..steps {
+                let next = if on_device {
+                    None
+                } else {
+                    let t = Instant::now();
+                    let chosen = choose_tokens(&logits, &picks)?;
+                    choose += t.elapsed().as_secs_f64();
+                    Some(chosen.iter().map(|c| c.0).collect::<Vec<i64>>())
+                };
+                let t = Instant::now();
+                let hidden = match next {
+                    Some(ids) => decoder.decode_step(&ids, &mut cache, Some(&lora))?,
+                    None => {
+                        let ids = logits.f_argmax(-1, false)?;
+                        decoder.decode_step_on_device(&ids, &mut cache, Some(&lora))?
+                    }
+                };
+                logits = decoder.logits(&hidden, Some(&lora))?;
+                issue += t.elapsed().as_secs_f64();
+            }
+            let t = Instant::now();
+            choose_tokens(&logits, &picks)?;
+            choose += t.elapsed().as_secs_f64();
+            Ok((start.elapsed().as_secs_f64(), issue, choose))
+        })
+    };
+    // What the host spends issuing one small operation (an add of two `[rows, hidden]`
+    // tensors; on a GPU, without waiting for it): decode's floor per operation.
+    let x = Tensor::f_zeros([rows, decoder.config().hidden_size], (decoder.kind(), decoder.device()))?;
+    let ops = 2000;
+    let t = Instant::now();
+    for _ in 0..ops {
+        let _ = x.f_add(&x)?;
+    }
+    let issue_op_us = 1e6 * t.elapsed().as_secs_f64() / ops as f64;
+    sync(decoder.device());
+    for (tag, on_device) in [("host_ids", false), ("device_ids", true)] {
+        run(on_device)?;
+        let mut runs = (0..iters.max(1))
+            .map(|_| run(on_device))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (total, issue, choose) = runs[runs.len() / 2];
+        let per_step = |s: f64| 1e3 * s / steps as f64;
+        emit(
+            "decode_phases",
+            json!({"rows": rows, "steps": steps, "ids": tag, "step_ms": per_step(total),
+                   "issue_ms": per_step(issue), "choose_ms": per_step(choose),
+                   "issue_op_us": issue_op_us,
+                   "tokens_per_s": (rows as f64 * steps as f64) / total}),
+        );
+    }
     Ok(())
 }
 

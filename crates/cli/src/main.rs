@@ -45,8 +45,8 @@ struct BenchArgs {
     /// Checkpoint directory.
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
-    /// What to measure: roofline, forward, train, decode, optim, engine, long (comma-separated;
-    /// `long` reports the process's peak memory, so run it alone).
+    /// What to measure: roofline, forward, train, decode, decode_phases, optim, engine, long
+    /// (comma-separated; `long` reports the process's peak memory, so run it alone).
     #[arg(
         long,
         value_delimiter = ',',
@@ -135,6 +135,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 })?
             }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
+            "decode_phases" => bench::isolated(move || {
+                [1, 8, 64]
+                    .iter()
+                    .try_for_each(|&rows| bench::decode_phases(&d, rows, 32, iters))
+            })?,
             "long" => {
                 let (budget, _) = budget::resolve(&args.memory_budget, d.device(), 1)?;
                 let len = args.len;

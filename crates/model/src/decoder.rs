@@ -613,6 +613,36 @@ impl Decoder {
                 format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
             ));
         }
+        let positions = self.next_positions(cache)?;
+        self.check_host_ids(ids, ids.len() as i64, lora)?;
+        let input = Tensor::from_slice(ids).f_to_device(self.device)?;
+        self.decode_step_from(&input, positions, cache, lora)
+    }
+
+    /// [`Decoder::decode_step`] for ids already on the device (`[rows]`, a previous step's
+    /// choice from this model's logits, so within the vocabulary): no host round trip between
+    /// steps. `bench --what decode_phases` measures what that saves.
+    pub fn decode_step_on_device(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        if ids.size() != [cache.rows() as i64] {
+            return Err(ModelError::invalid(
+                "ids",
+                format!("{:?} ids for a cache of {} rows", ids.size(), cache.rows()),
+            ));
+        }
+        if let Some(batch) = lora {
+            batch.check_rows(cache.rows() as i64)?;
+        }
+        let positions = self.next_positions(cache)?;
+        self.decode_step_from(ids, positions, cache, lora)
+    }
+
+    /// Each cache row's next position, checked against the model's context.
+    fn next_positions(&self, cache: &KvCache) -> Result<Vec<i64>> {
         let positions = cache.next_positions();
         if positions
             .iter()
@@ -626,10 +656,18 @@ impl Decoder {
                 ),
             ));
         }
-        self.check_host_ids(ids, ids.len() as i64, lora)?;
-        let input = Tensor::from_slice(ids)
-            .f_view([-1, 1])?
-            .f_to_device(self.device)?;
+        Ok(positions)
+    }
+
+    /// The decode step of checked `ids` (`[rows]` on the device) at `positions`.
+    fn decode_step_from(
+        &self,
+        ids: &Tensor,
+        positions: Vec<i64>,
+        cache: &mut KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let input = ids.f_view([-1, 1])?;
         let positions = Tensor::from_slice(&positions)
             .f_to_device(self.device)?
             .f_unsqueeze(1)?;
