@@ -14,8 +14,8 @@ use loraloom_model::rng::SplitMix64;
 use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
     forward_backward, sample, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder,
-    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams, StepJob, Stop,
-    TrainRequest, NO_LIMIT,
+    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams,
+    StepJob, Stop, TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -287,7 +287,12 @@ pub fn decode(
 /// `device_ids`: each step reads the previous step's argmax on the device and nothing returns
 /// to the host until the last step, the floor for a loop that issues steps ahead of their
 /// tokens. On the CPU both run the same arithmetic.
-pub fn decode_phases(decoder: &Decoder, rows: i64, steps: usize, iters: usize) -> anyhow::Result<()> {
+pub fn decode_phases(
+    decoder: &Decoder,
+    rows: i64,
+    steps: usize,
+    iters: usize,
+) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
     let stack = AdapterStack::new(&[&adapter], decoder.kind(), false)?;
@@ -335,7 +340,10 @@ pub fn decode_phases(decoder: &Decoder, rows: i64, steps: usize, iters: usize) -
     };
     // What the host spends issuing one small operation (an add of two `[rows, hidden]`
     // tensors; on a GPU, without waiting for it): decode's floor per operation.
-    let x = Tensor::f_zeros([rows, decoder.config().hidden_size], (decoder.kind(), decoder.device()))?;
+    let x = Tensor::f_zeros(
+        [rows, decoder.config().hidden_size],
+        (decoder.kind(), decoder.device()),
+    )?;
     let ops = 2000;
     let t = Instant::now();
     for _ in 0..ops {
