@@ -45,6 +45,21 @@ impl Linear {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 
+    /// `residual + forward(x)` (`residual` shaped as the output): one `addmm` where the layer
+    /// has no bias, instead of a matmul and an add (decode is bound by the number of
+    /// operations per layer); the sum is rounded once.
+    fn forward_onto(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.bias.is_some() {
+            return Ok(residual.f_add(&self.forward(x)?)?);
+        }
+        let inp = x.size().last().copied().unwrap_or(1);
+        let out = residual.size().last().copied().unwrap_or(1);
+        Ok(residual
+            .f_reshape([-1, out])?
+            .f_addmm(&x.f_reshape([-1, inp])?, &self.weight.f_tr()?)?
+            .f_view_as(residual)?)
+    }
+
     fn num_parameters(&self) -> i64 {
         self.weight.numel() as i64 + self.bias.as_ref().map_or(0, |b| b.numel() as i64)
     }
@@ -189,6 +204,9 @@ struct Attend {
     /// Additive `[batch, 1, seq, keys]` in the model's element type (0 = attend, -inf = not),
     /// see [`Decoder::attend_at`]; `None` means plain causal attention.
     mask: Option<Tensor>,
+    /// Decode steps (one token per row): the rotation as matrices `[batch, head_dim,
+    /// head_dim]` ([`Rope::rotation`]), applied by one batched matmul per layer.
+    rotation: Option<Tensor>,
 }
 
 /// A pass run with activation checkpointing, waiting for its backward pass
@@ -671,7 +689,9 @@ impl Decoder {
         let positions = Tensor::from_slice(&positions)
             .f_to_device(self.device)?
             .f_unsqueeze(1)?;
-        let ctx = self.attend_at(&positions, cache.key_mask(1)?)?;
+        let mut ctx = self.attend_at(&positions, cache.key_mask(1)?)?;
+        let (rows, d) = (input.size()[0], self.config.head_dim);
+        ctx.rotation = Some(Rope::rotation(&ctx.cos, &ctx.sin)?.f_view([rows, d, d])?);
         let hidden = self.run_appending(&input, &ctx, lora, cache)?;
         Ok(hidden.f_squeeze_dim(1)?)
     }
@@ -737,6 +757,7 @@ impl Decoder {
                 cos: cos.f_unsqueeze(1)?,
                 sin: sin.f_unsqueeze(1)?,
                 mask: None,
+                rotation: None,
             },
         ))
     }
@@ -761,6 +782,7 @@ impl Decoder {
             cos: cos.f_unsqueeze(2)?,
             sin: sin.f_unsqueeze(2)?,
             mask: Some(additive),
+            rotation: None,
         })
     }
 
@@ -899,7 +921,14 @@ impl Decoder {
         let k = heads(k, c.num_kv_heads, &a.k_norm)?;
         let v = heads(v, c.num_kv_heads, &None)?.f_transpose(1, 2)?;
         // The query and key heads side by side, rotated by one set of operations.
-        let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
+        let qk = Tensor::f_cat(&[q, k], 2)?;
+        let qk = match &ctx.rotation {
+            Some(rotation) => qk
+                .f_view([b, -1, c.head_dim])?
+                .f_bmm(rotation)?
+                .f_view([b, t, -1, c.head_dim])?,
+            None => Rope::apply(&qk, &ctx.cos, &ctx.sin)?,
+        };
         let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
         let k = qk
             .f_narrow(2, c.num_heads, c.num_kv_heads)?
@@ -948,8 +977,7 @@ impl Decoder {
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;
-        let o = a.o.forward(&attn)?;
-        let x = x.f_add(&with_delta(o, &attn, lora, layer, Target::O)?)?;
+        let x = with_delta(a.o.forward_onto(&attn, x)?, &attn, lora, layer, Target::O)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
         let [gate, up] = with_deltas(
@@ -960,8 +988,14 @@ impl Decoder {
             [Target::Gate, Target::Up],
         )?;
         let gated = gate.f_silu()?.f_mul(&up)?;
-        let down = with_delta(m.down.forward(&gated)?, &gated, lora, layer, Target::Down)?;
-        Ok((x.f_add(&down)?, k, v))
+        let out = with_delta(
+            m.down.forward_onto(&gated, &x)?,
+            &gated,
+            lora,
+            layer,
+            Target::Down,
+        )?;
+        Ok((out, k, v))
     }
 }
 

@@ -75,6 +75,20 @@ impl Rope {
         ))
     }
 
+    /// The rotation [`Rope::apply`] performs, as matrices: `[.., d]` tables of
+    /// [`Rope::cos_sin_at`] give `[.., d, d]` matrices `R` with `x · R` = `apply(x)` for a row
+    /// vector `x`: `R[j][j] = cos_j` and `R[(j + d/2) mod d][j]` = the signed sin `s_j`
+    /// (`−sin_j` in the first half, `sin_j` in the second), every other entry 0. A decode step
+    /// rotates each layer's queries and keys by one batched matmul with them instead of three
+    /// elementwise operations (decode is bound by the number of operations per layer); the
+    /// products are the same, each output summed in one rounding.
+    pub fn rotation(cos: &Tensor, signed_sin: &Tensor) -> Result<Tensor> {
+        let half = cos.size().last().copied().unwrap_or(0) / 2;
+        Ok(cos
+            .f_diag_embed(0, -2, -1)?
+            .f_add(&signed_sin.f_diag_embed(0, -2, -1)?.f_roll([half], [-2])?)?)
+    }
+
     /// Rotates `x` `[batch, seq, heads, head_dim]` by the tables of [`Rope::cos_sin_at`]
     /// (broadcastable to it): `x·cos + rotate_half(x)·sin`, where `rotate_half(x) =
     /// [-x₂, x₁]`, is computed as `x·cos + roll(x)·[-sin, sin]` with `roll(x) = [x₂, x₁]`: the
@@ -84,5 +98,33 @@ impl Rope {
         let half = x.size()[3] / 2;
         let rolled = x.f_roll([half], [-1])?;
         Ok(x.f_mul(cos)?.f_addcmul(&rolled, signed_sin)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The matrices of `rotation` rotate as `apply` does (f32: the same two products per
+    /// output, summed in another order, so equal to rounding).
+    #[test]
+    fn rotation_matrices_rotate_as_apply_does() {
+        tch::manual_seed(3);
+        let config = ModelConfig::from_json(
+            r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,
+                "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100}"#,
+        )
+        .unwrap();
+        let rope = Rope::new(&config, Device::Cpu).unwrap();
+        let d = config.head_dim;
+        let positions = Tensor::from_slice(&[0i64, 5, 17, 300]).view([4, 1]);
+        let (cos, sin) = rope.cos_sin_at(&positions, Kind::Float).unwrap();
+        let x = Tensor::randn([4, 1, 3, d], (Kind::Float, Device::Cpu));
+        let want = Rope::apply(&x, &cos.unsqueeze(2), &sin.unsqueeze(2)).unwrap();
+        let rotation = Rope::rotation(&cos, &sin).unwrap().view([4, d, d]);
+        let got = x.view([4, 3, d]).bmm(&rotation).view([4, 1, 3, d]);
+        let err = (got - &want).abs().max().double_value(&[]);
+        assert!(err < 1e-6, "max difference {err}");
+        assert!(want.abs().max().double_value(&[]) > 0.5);
     }
 }
