@@ -106,10 +106,20 @@ impl FusedLinear {
         })
     }
 
-    /// The `N` layers' outputs for `x` (`[.., in]`): views `[.., out_i]` of one matmul's result.
-    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
-        self.stacked
-            .forward(x)?
+    /// The `N` layers' outputs for `x` (`[.., in]`), with any LoRA delta `lora` holds for
+    /// `(layer, targets[i])`: views `[.., out_i]` of one matmul's result where they can be.
+    fn forward<const N: usize>(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraBatch>,
+        layer: usize,
+        targets: [Target; N],
+    ) -> Result<[Tensor; N]> {
+        let fused = self.stacked.forward(x)?;
+        if let Some(batch) = lora {
+            return batch.add_deltas(fused, &self.outs, x, layer, targets);
+        }
+        fused
             .f_split_with_sizes(self.outs.as_slice(), -1)?
             .try_into()
             .map_err(|parts: Vec<Tensor>| {
@@ -243,20 +253,6 @@ fn with_delta(
     match lora {
         Some(batch) => batch.add_delta(base, x, Some(layer), target),
         None => Ok(base),
-    }
-}
-
-/// [`with_delta`] for the outputs of one fused projection of `x` (`outs[i]` for `targets[i]`).
-fn with_deltas<const N: usize>(
-    outs: [Tensor; N],
-    x: &Tensor,
-    lora: Option<&LoraBatch>,
-    layer: usize,
-    targets: [Target; N],
-) -> Result<[Tensor; N]> {
-    match lora {
-        Some(batch) => batch.add_deltas(outs, x, layer, targets),
-        None => Ok(outs),
     }
 }
 
@@ -910,13 +906,9 @@ impl Decoder {
                 None => y,
             })
         };
-        let [q, k, v] = with_deltas(
-            a.qkv.forward(&h)?,
-            &h,
-            lora,
-            layer,
-            [Target::Q, Target::K, Target::V],
-        )?;
+        let [q, k, v] = a
+            .qkv
+            .forward(&h, lora, layer, [Target::Q, Target::K, Target::V])?;
         let q = heads(q, c.num_heads, &a.q_norm)?;
         let k = heads(k, c.num_kv_heads, &a.k_norm)?;
         let v = heads(v, c.num_kv_heads, &None)?.f_transpose(1, 2)?;
@@ -980,13 +972,9 @@ impl Decoder {
         let x = with_delta(a.o.forward_onto(&attn, x)?, &attn, lora, layer, Target::O)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
-        let [gate, up] = with_deltas(
-            m.gate_up.forward(&h)?,
-            &h,
-            lora,
-            layer,
-            [Target::Gate, Target::Up],
-        )?;
+        let [gate, up] = m
+            .gate_up
+            .forward(&h, lora, layer, [Target::Gate, Target::Up])?;
         let gated = gate.f_silu()?.f_mul(&up)?;
         let out = with_delta(
             m.down.forward_onto(&gated, &x)?,

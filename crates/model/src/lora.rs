@@ -385,6 +385,24 @@ pub struct AdapterStack {
     /// `A`s side by side (`[in, n·K·R]`, one target after the other) when the layout adapts
     /// every target of the group; those targets' `dense` `A`s are views of it.
     fused_a: HashMap<(usize, usize), Tensor>,
+    /// Stacks that are not trainable, where [`fuses_group_b`] says so: per layer and
+    /// [`FUSED_GROUPS`] index, the group's dense `B`s as one block-diagonal matrix `[n·K·R,
+    /// sum of outputs]` (target `j`'s `B` in rows `j·K·R..` and its output's columns, zeros
+    /// elsewhere): the product of the group's `x·A` with it is every target's delta side by
+    /// side, added into the fused projection's output by one `addmm_`.
+    fused_b: HashMap<(usize, usize), Tensor>,
+    /// Whether `fused_b` is built: `None` decides by [`fuses_group_b`].
+    group_b: Option<bool>,
+}
+
+/// Whether an inference stack of `members` members of rank `rank` on `device` multiplies a
+/// fused group's `x·A` by one block-diagonal `B` ([`AdapterStack`]'s `fused_b`) instead of one
+/// `B` per target: one kernel instead of `n` for `n` times the `B` arithmetic (the zero
+/// blocks). On a GPU a decode layer is bound by the number of operations and the zeros cost
+/// next to nothing while `members · rank` stays small (at most 128 columns per target); on the
+/// CPU the zeros are arithmetic, paid only for one member, where `B` is one rank-`R` block.
+fn fuses_group_b(device: Device, members: i64, rank: i64) -> bool {
+    members == 1 || (device.is_cuda() && members * rank <= 128)
 }
 
 impl AdapterStack {
@@ -418,6 +436,8 @@ impl AdapterStack {
             pairs: Vec::new(),
             dense: Vec::new(),
             fused_a: HashMap::new(),
+            fused_b: HashMap::new(),
+            group_b: None,
         };
         stack.rebuild_views()?;
         Ok(stack)
@@ -467,6 +487,7 @@ impl AdapterStack {
                 .collect::<Result<_>>()?
         };
         self.fused_a.clear();
+        self.fused_b.clear();
         if !self.trainable {
             let mut layers: Vec<usize> = layout.entries.iter().filter_map(|e| e.layer).collect();
             layers.dedup();
@@ -485,10 +506,35 @@ impl AdapterStack {
                         self.dense[i].0 = fused.f_narrow(1, j as i64 * k * r, k * r)?;
                     }
                     self.fused_a.insert((layer, group), fused);
+                    if self.group_b.unwrap_or_else(|| fuses_group_b(device, k, r)) {
+                        let outs: Vec<i64> =
+                            entries.iter().map(|&i| layout.entries[i].out).collect();
+                        let width = outs.iter().sum::<i64>();
+                        let rows = entries.len() as i64 * k * r;
+                        let fused = Tensor::f_zeros([rows, width], (self.kind, device))?;
+                        let mut column = 0;
+                        for (j, (&i, out)) in entries.iter().zip(&outs).enumerate() {
+                            fused
+                                .f_narrow(0, j as i64 * k * r, k * r)?
+                                .f_narrow(1, column, *out)?
+                                .f_copy_(&self.dense[i].1)?;
+                            column += out;
+                        }
+                        self.fused_b.insert((layer, group), fused);
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Overrides whether fused groups add their deltas through one block-diagonal `B`
+    /// (`Some`), or leaves it to the device and the stack's size (`None`, the default: see
+    /// [`fuses_group_b`]); both give the same deltas. The CPU tests check the GPU's choice with
+    /// it.
+    pub fn set_group_b(&mut self, fused: Option<bool>) -> Result<()> {
+        self.group_b = fused;
+        self.rebuild_views()
     }
 
     /// Adds `adapter` (of this stack's slab) as a new member and returns its index; an adapter
@@ -741,7 +787,10 @@ enum Members {
     /// row's own member's block, and every member's scaled `B` at once maps that back. The
     /// products with other members' blocks are zeros: wasted arithmetic, `K` times the LoRA
     /// part, which is small beside the base layer, instead of a per-row copy of `A` and `B`.
-    Dense { mask: Tensor },
+    ///
+    /// `masks[n - 1]` (`[rows, 1, n·K·R]`) is that mask repeated `n` times, for the product of a
+    /// fused group of `n` targets (views of one transfer).
+    Dense { masks: Vec<Tensor> },
 }
 
 /// The rows of a batch that use one stack.
@@ -788,8 +837,13 @@ impl Part<'_> {
     /// with the dense `A` (masked here for mixed members).
     fn add_dense_product(&self, out: Tensor, xa: Tensor, b_s: &Tensor) -> Result<Tensor> {
         let xa = match &self.members {
-            Members::Dense { mask } => {
-                let (n, cols) = (mask.size()[0], mask.size()[2]);
+            Members::Dense { masks } => {
+                let cols = xa.size()[1];
+                let width = self.stack.len() as i64 * self.stack.slab.layout().key.rank;
+                let mask = masks.get((cols / width - 1) as usize).ok_or_else(|| {
+                    ModelError::invalid("lora", format!("no mask for {cols} columns"))
+                })?;
+                let n = mask.size()[0];
                 xa.f_view([n, -1, cols])?.f_mul(mask)?.f_view([-1, cols])?
             }
             _ => xa,
@@ -830,6 +884,14 @@ impl Part<'_> {
         } else {
             None
         }
+    }
+
+    /// The stack's fused `A` and block-diagonal `B` of `targets` in `layer`, when this part
+    /// adds the whole group's delta with them (see [`Part::fused_a`] and [`fuses_group_b`]).
+    fn fused_group(&self, layer: usize, targets: &[Target]) -> Option<(&Tensor, &Tensor)> {
+        let a = self.fused_a(layer, targets)?;
+        let group = FUSED_GROUPS.iter().position(|g| *g == targets)?;
+        Some((a, self.stack.fused_b.get(&(layer, group))?))
     }
 
     /// `out` plus this part's delta for `(layer, target)` (see [`LoraBatch::add_delta`]).
@@ -932,17 +994,30 @@ impl<'a> LoraBatch<'a> {
             {
                 Members::Blocks(n / k)
             } else if !stack.trainable {
+                // Per row, the mask repeated 1, 2, ... up to the largest fused group's size
+                // times, side by side.
                 let r = stack.slab.layout().key.rank as usize;
-                let mut mask = vec![0f32; members.len() * k as usize * r];
+                let width = k as usize * r;
+                let repeats = FUSED_GROUPS.iter().map(|g| g.len()).max().unwrap_or(1);
+                let row_width = width * repeats * (repeats + 1) / 2;
+                let mut mask = vec![0f32; members.len() * row_width];
                 for (i, &m) in members.iter().enumerate() {
-                    let start = (i * k as usize + m as usize) * r;
-                    mask[start..start + r].fill(1.0);
+                    for copy in 0..repeats * (repeats + 1) / 2 {
+                        let start = i * row_width + copy * width + m as usize * r;
+                        mask[start..start + r].fill(1.0);
+                    }
                 }
                 let mask = Tensor::from_slice(&mask)
-                    .f_view([n, 1, k * r as i64])?
+                    .f_view([n, 1, row_width as i64])?
                     .f_to_kind(stack.kind)?
                     .f_to_device(device)?;
-                Members::Dense { mask }
+                let masks = (1..=repeats)
+                    .map(|times| {
+                        let start = (width * times * (times - 1) / 2) as i64;
+                        mask.f_narrow(2, start, (width * times) as i64)
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                Members::Dense { masks }
             } else {
                 let index = Tensor::from_slice(&members).f_to_device(device)?;
                 let scale = stack.scale_t.f_index_select(0, &index)?;
@@ -997,19 +1072,41 @@ impl<'a> LoraBatch<'a> {
         Ok(out)
     }
 
-    /// [`LoraBatch::add_delta`] for each of `targets` (one of [`FUSED_GROUPS`]), `outs[i]` being
-    /// the output of `targets[i]`, all read from `x`. A stack that is not trainable multiplies
-    /// `x` by the group's `A`s in one matmul, then adds each target's product with its `B`
-    /// (`N - 1` fewer kernels per stack than one target at a time).
+    /// The outputs of `targets` (one of [`FUSED_GROUPS`]) with their deltas, from `fused`
+    /// (`[.., sum of widths]`: their base outputs side by side, `widths[i]` columns for
+    /// `targets[i]`, all read from `x`), as views of it where they can be.
+    ///
+    /// A stack that is not trainable multiplies `x` by the group's `A`s in one matmul; with a
+    /// block-diagonal `B` ([`fuses_group_b`]) one more kernel adds every target's delta into
+    /// `fused`, else each target's product with its `B` is added to its columns (`N - 1` more).
     pub fn add_deltas<const N: usize>(
         &self,
-        mut outs: [Tensor; N],
+        fused: Tensor,
+        widths: &[i64],
         x: &Tensor,
         layer: usize,
         targets: [Target; N],
     ) -> Result<[Tensor; N]> {
+        let mut fused = fused;
+        let mut others = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
-            let fused = match part.fused_a(layer, &targets) {
+            match part.fused_group(layer, &targets) {
+                Some((a, b)) => {
+                    let xa = part.rows_of(x)?.f_mm(a)?;
+                    fused = part.add_dense_product(fused, xa, b)?;
+                }
+                None => others.push(part),
+            }
+        }
+        let mut outs: [Tensor; N] =
+            fused
+                .f_split_with_sizes(widths, -1)?
+                .try_into()
+                .map_err(|parts: Vec<Tensor>| {
+                    ModelError::invalid("widths", format!("{} outputs, not {N}", parts.len()))
+                })?;
+        for part in others {
+            let fused_xa = match part.fused_a(layer, &targets) {
                 Some(a) => {
                     let xa = part.rows_of(x)?.f_mm(a)?;
                     let width = xa.size()[1] / N as i64;
@@ -1019,7 +1116,7 @@ impl<'a> LoraBatch<'a> {
             };
             for (i, &target) in targets.iter().enumerate() {
                 let out = std::mem::replace(&mut outs[i], Tensor::new());
-                outs[i] = match (&fused, part.stack.dense_pair(Some(layer), target)) {
+                outs[i] = match (&fused_xa, part.stack.dense_pair(Some(layer), target)) {
                     (Some((xa, width)), Some((_, b_s))) => {
                         let xa = xa.f_narrow(1, i as i64 * width, *width)?;
                         part.add_dense_product(out, xa, b_s)?

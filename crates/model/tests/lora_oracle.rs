@@ -1015,6 +1015,19 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
             .forward(&ids, Some(&LoraBatch::new(&assignment).unwrap()))
             .unwrap()
     });
+    // The same rows with every fused group's delta added through one block-diagonal `B` (what
+    // a GPU does for small stacks; the CPU does it for one member only).
+    let mut block_diagonal = AdapterStack::new(&refs, Kind::Float, false).unwrap();
+    block_diagonal.set_group_b(Some(true)).unwrap();
+    let assignment: Vec<_> = members
+        .iter()
+        .map(|&m| Some((&block_diagonal, m)))
+        .collect();
+    let mixed_b = tch::no_grad(|| {
+        decoder
+            .forward(&ids, Some(&LoraBatch::new(&assignment).unwrap()))
+            .unwrap()
+    });
     for (row, &m) in members.iter().enumerate() {
         let own = AdapterStack::new(&[&adapters[m as usize]], Kind::Float, false).unwrap();
         let alone = tch::no_grad(|| {
@@ -1027,6 +1040,11 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
         });
         let err = rel_diff(&mixed.narrow(0, row as i64, 1), &alone);
         assert!(err < 1e-5, "row {row} (member {m}): relative error {err}");
+        let err = rel_diff(&mixed_b.narrow(0, row as i64, 1), &alone);
+        assert!(
+            err < 1e-5,
+            "row {row} (member {m}), block-diagonal B: relative error {err}"
+        );
     }
     // One member of the three for every row (its own block of the dense pair), and a batch
     // whose rows 1 and 4 run the base model (the delta goes to the other rows only): each row
@@ -1055,7 +1073,23 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
             .forward(&ids, Some(&LoraBatch::new(&some_base).unwrap()))
             .unwrap()
     });
+    let some_base_b: Vec<_> = members
+        .iter()
+        .enumerate()
+        .map(|(row, &m)| (row % 3 != 1).then_some((&block_diagonal, m)))
+        .collect();
+    let partial_b = tch::no_grad(|| {
+        decoder
+            .forward(&ids, Some(&LoraBatch::new(&some_base_b).unwrap()))
+            .unwrap()
+    });
     for row in 0..6i64 {
+        let m = (row % 3 != 1).then_some(members[row as usize] as usize);
+        let err = rel_diff(&partial_b.narrow(0, row, 1), &plain(row, m));
+        assert!(
+            err < 1e-5,
+            "row {row} ({m:?}), some base rows, block-diagonal B: relative error {err}"
+        );
         let err = rel_diff(&all_one.narrow(0, row, 1), &plain(row, Some(1)));
         assert!(
             err < 1e-5,
