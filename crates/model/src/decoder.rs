@@ -149,13 +149,15 @@ impl RmsNorm {
         })
     }
 
-    /// `weight * (x / rms(x))`: libtorch's `rms_norm` normalises in f32 and rounds to `x`'s
-    /// dtype (transformers' `hidden.to(float32)` ... `.to(input_dtype)`), in one operation where
-    /// the spelled-out formula took six; the weight multiplies after the rounding, as there.
+    /// `weight * (x / rms(x))` by libtorch's `rms_norm`, which normalises in f32 (transformers'
+    /// `hidden.to(float32)`) and multiplies by the weight in the same operation (one fused
+    /// kernel on a GPU, where the spelled-out formula took seven and decode is bound by the
+    /// number of operations per layer). transformers rounds the normalised value to `x`'s
+    /// dtype before the weight multiplies it: in bf16 that is one more rounding there; in f32
+    /// the two agree to rounding.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dim = x.size().last().copied().unwrap_or(1);
-        let normed = x.f_rms_norm([dim], None::<&Tensor>, self.eps)?;
-        Ok(self.weight.f_mul(&normed)?)
+        Ok(x.f_rms_norm([dim], Some(&self.weight), self.eps)?)
     }
 }
 
@@ -911,23 +913,32 @@ impl Decoder {
             .forward(&h, lora, layer, [Target::Q, Target::K, Target::V])?;
         let q = heads(q, c.num_heads, &a.q_norm)?;
         let k = heads(k, c.num_kv_heads, &a.k_norm)?;
-        let v = heads(v, c.num_kv_heads, &None)?.f_transpose(1, 2)?;
-        // The query and key heads side by side, rotated by one set of operations.
-        let qk = Tensor::f_cat(&[q, k], 2)?;
-        let qk = match &ctx.rotation {
-            Some(rotation) => qk
-                .f_view([b, -1, c.head_dim])?
-                .f_bmm(rotation)?
-                .f_view([b, t, -1, c.head_dim])?,
-            None => Rope::apply(&qk, &ctx.cos, &ctx.sin)?,
-        };
-        let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
-        let k = qk
-            .f_narrow(2, c.num_heads, c.num_kv_heads)?
-            .f_transpose(1, 2)?;
-        let (k, v) = match past {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
+        let v = heads(v, c.num_kv_heads, &None)?;
+        let (q, k, v) = match (&ctx.rotation, past) {
+            // A decode step: queries rotated by one batched matmul, keys by another that writes
+            // them into the cache.
+            (Some(rotation), Some((cache, layer))) => {
+                let q = q
+                    .f_view([b, c.num_heads, c.head_dim])?
+                    .f_bmm(rotation)?
+                    .f_view([b, c.num_heads, t, c.head_dim])?;
+                let (k, v) = cache.append_rotated(layer, &k, &v, rotation)?;
+                (q, k, v)
+            }
+            _ => {
+                // The query and key heads side by side, rotated by one set of operations.
+                let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
+                let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
+                let k = qk
+                    .f_narrow(2, c.num_heads, c.num_kv_heads)?
+                    .f_transpose(1, 2)?;
+                let v = v.f_transpose(1, 2)?;
+                let (k, v) = match past {
+                    Some((cache, layer)) => cache.append(layer, &k, &v)?,
+                    None => (k, v),
+                };
+                (q, k, v)
+            }
         };
         let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal, gqa| {
             Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)

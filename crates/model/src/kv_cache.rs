@@ -113,6 +113,31 @@ impl KvCache {
         ))
     }
 
+    /// [`KvCache::append`] of one decode step's keys and values (`[batch, 1, kv_heads,
+    /// head_dim]`, as projected) where the keys still need their rotation (`[batch, head_dim,
+    /// head_dim]`, see [`crate::rope::Rope::rotation`]): the rotation's batched matmul writes
+    /// the keys straight into their cache column, so the step needs no rotated copy to move
+    /// there (decode is bound by the number of operations per layer).
+    pub(crate) fn append_rotated(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        rotation: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, _, heads, d) = k.size4()?;
+        let (kb, vb) = &self.layers[layer];
+        let at = self.start + self.len;
+        let _ = k
+            .f_view([b, heads, d])?
+            .f_bmm_out(&kb.f_select(2, at)?, rotation)?;
+        vb.f_select(2, at)?.f_copy_(&v.f_view([b, heads, d])?)?;
+        Ok((
+            kb.f_narrow(2, self.start, self.len + 1)?,
+            vb.f_narrow(2, self.start, self.len + 1)?,
+        ))
+    }
+
     /// Grows the window by the `t` columns every layer [`KvCache::append`]ed.
     pub(crate) fn advance(&mut self, t: i64) {
         self.len += t;
