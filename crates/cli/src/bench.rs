@@ -304,13 +304,16 @@ pub fn decode_phases(
         ..SamplingParams::default()
     };
     let picks = vec![Pick::new(&greedy, &mut SplitMix64::new(0)); rows as usize];
-    // Seconds of the whole loop, of issuing steps and of choosing tokens.
-    let run = |on_device: bool| -> anyhow::Result<(f64, f64, f64)> {
+    // Seconds of the whole loop, of issuing steps and of choosing tokens, and (tokens brought
+    // to the host) row 0's tokens with their log-probabilities.
+    type Run = (f64, f64, f64, Vec<(i64, f32)>);
+    let run = |on_device: bool| -> anyhow::Result<Run> {
         tch::no_grad(|| {
             let (hidden, mut cache) = decoder.prefill(&prompts, Some(&lora))?;
             let mut logits = decoder.logits(&hidden.f_select(1, -1)?, Some(&lora))?;
             choose_tokens(&logits, &picks)?;
             let (mut issue, mut choose) = (0.0, 0.0);
+            let mut row0 = Vec::with_capacity(steps + 1);
             let start = Instant::now();
             for _ in 0..steps {
                 let next = if on_device {
@@ -319,6 +322,7 @@ pub fn decode_phases(
                     let t = Instant::now();
                     let chosen = choose_tokens(&logits, &picks)?;
                     choose += t.elapsed().as_secs_f64();
+                    row0.push((chosen[0].0, chosen[0].1));
                     Some(chosen.iter().map(|c| c.0).collect::<Vec<i64>>())
                 };
                 let t = Instant::now();
@@ -333,10 +337,40 @@ pub fn decode_phases(
                 issue += t.elapsed().as_secs_f64();
             }
             let t = Instant::now();
-            choose_tokens(&logits, &picks)?;
+            let last = choose_tokens(&logits, &picks)?;
             choose += t.elapsed().as_secs_f64();
-            Ok((start.elapsed().as_secs_f64(), issue, choose))
+            row0.push((last[0].0, last[0].1));
+            Ok((start.elapsed().as_secs_f64(), issue, choose, row0))
         })
+    };
+    // The oracle: row 0's prompt and tokens through one pass without a cache (the scoring
+    // path); the largest difference between a decoded token's log-probability and that pass's,
+    // and how many of the decoded tokens are not that pass's argmax.
+    let check = |row0: &[(i64, f32)]| -> anyhow::Result<(f64, usize)> {
+        let mut ids = prompt[..16].to_vec();
+        ids.extend(row0[..steps].iter().map(|t| t.0));
+        let input = Tensor::from_slice(&ids).f_view([1, -1])?;
+        let one = LoraBatch::one(&stack, 0, 1)?;
+        let logits = tch::no_grad(|| decoder.forward(&input, Some(&one)))?;
+        let logprobs = logits
+            .f_narrow(1, 15, steps as i64 + 1)?
+            .f_log_softmax(-1, Kind::Float)?
+            .f_squeeze_dim(0)?
+            .f_to_device(tch::Device::Cpu)?;
+        let chosen = Tensor::from_slice(&row0.iter().map(|t| t.0).collect::<Vec<_>>());
+        let want = Vec::<f32>::try_from(
+            logprobs
+                .f_gather(1, &chosen.f_unsqueeze(1)?, false)?
+                .f_view([-1])?,
+        )?;
+        let argmax = Vec::<i64>::try_from(logprobs.f_argmax(-1, false)?)?;
+        let diff = row0
+            .iter()
+            .zip(&want)
+            .map(|(got, want)| (got.1 - want).abs() as f64)
+            .fold(0.0, f64::max);
+        let mismatches = row0.iter().zip(&argmax).filter(|(t, a)| t.0 != **a).count();
+        Ok((diff, mismatches))
     };
     // What the host spends issuing one small operation (an add of two `[rows, hidden]`
     // tensors; on a GPU, without waiting for it): decode's floor per operation.
@@ -357,11 +391,20 @@ pub fn decode_phases(
             .map(|_| run(on_device))
             .collect::<anyhow::Result<Vec<_>>>()?;
         runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (total, issue, choose) = runs[runs.len() / 2];
+        let (total, issue, choose, row0) = &runs[runs.len() / 2];
+        let (total, issue, choose) = (*total, *issue, *choose);
+        let (logprob_diff, argmax_mismatches) = if on_device {
+            (None, None)
+        } else {
+            let (diff, mismatches) = check(row0)?;
+            (Some(diff), Some(mismatches))
+        };
         let per_step = |s: f64| 1e3 * s / steps as f64;
         emit(
             "decode_phases",
             json!({"rows": rows, "steps": steps, "ids": tag, "step_ms": per_step(total),
+                   "logprob_max_diff_vs_one_pass": logprob_diff,
+                   "tokens_not_one_pass_argmax": argmax_mismatches,
                    "issue_ms": per_step(issue), "choose_ms": per_step(choose),
                    "issue_op_us": issue_op_us,
                    "tokens_per_s": (rows as f64 * steps as f64) / total}),
