@@ -135,7 +135,7 @@ impl KvCache {
         } else {
             // libtorch's CPU bmm into a strided destination takes a slow path (65 us against
             // 8 us for bmm and copy, 64 rows of the tiny model).
-            let _ = column.f_copy_(&k.f_bmm(rotation)?)?;
+            column.f_copy_(&k.f_bmm(rotation)?)?;
         }
         vb.f_select(2, at)?.f_copy_(&v.f_view([b, heads, d])?)?;
         Ok((
