@@ -399,10 +399,11 @@ pub struct AdapterStack {
 /// fused group's `x·A` by one block-diagonal `B` ([`AdapterStack`]'s `fused_b`) instead of one
 /// `B` per target: one kernel instead of `n` for `n` times the `B` arithmetic (the zero
 /// blocks). On a GPU a decode layer is bound by the number of operations and the zeros cost
-/// next to nothing while `members · rank` stays small (at most 128 columns per target); on the
-/// CPU the zeros are arithmetic, paid only for one member, where `B` is one rank-`R` block.
+/// next to nothing while `members · rank` stays small (at most 128 columns per target). On the
+/// CPU the zero blocks are arithmetic, not free: measured on the default model on one thread,
+/// 8 rows of one adapter took 86.9 ms a step with it against 84.9 without.
 fn fuses_group_b(device: Device, members: i64, rank: i64) -> bool {
-    members == 1 || (device.is_cuda() && members * rank <= 128)
+    device.is_cuda() && members * rank <= 128
 }
 
 impl AdapterStack {

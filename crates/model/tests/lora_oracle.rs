@@ -1016,7 +1016,7 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
             .unwrap()
     });
     // The same rows with every fused group's delta added through one block-diagonal `B` (what
-    // a GPU does for small stacks; the CPU does it for one member only).
+    // a GPU does for small stacks; the CPU never does).
     let mut block_diagonal = AdapterStack::new(&refs, Kind::Float, false).unwrap();
     block_diagonal.set_group_b(Some(true)).unwrap();
     let assignment: Vec<_> = members
