@@ -4,35 +4,17 @@
 # Ratios between the builds only mean something within one call (the card is shared).
 #
 # Runs from a kit built by ../shared/gpu/build.sh; put the other build beside it first:
-#   cp <older kit>/loraloom .gpu-kit/loraloom.base; cp scripts/gpu_decode_ab.sh .gpu-kit/
+#   cp <older kit>/loraloom .gpu-kit/loraloom.base
+#   cp scripts/gpu_decode_ab.sh scripts/gpu_common.sh .gpu-kit/
 #   then, there:  OUT=<dir> bash gpu_decode_ab.sh      (about 4 minutes on an H200)
 # CPU dry run from the project root (no transformers there: the generate line fails):
 #   NEW=target/release/loraloom BASE=target/release/loraloom M=data/models/tiny64 \
 #   PY=.venv/bin/python OUT=/tmp/gab bash scripts/gpu_decode_ab.sh
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
-OUT="${OUT:-./out}"; mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 NO_COLOR=1
-PY="${PY:-python3}"
 NEW="${NEW:-$here/loraloom}"
 BASE="${BASE:-$here/loraloom.base}"
-TL="$("$PY" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
-export LD_LIBRARY_PATH="$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-M="${M:-}"
-if [ -z "$M" ]; then
-  S="$(mktemp -d)"
-  timeout 120 "$PY" "$here/make_models.py" "$S/m" llama1b 2>&1 | tail -1
-  M="$S/m/llama1b"
-fi
-
-# run TAG CMD...: the command's output goes to $OUT/TAG.out; its JSON lines are echoed.
-run() {
-  local tag=$1; shift
-  echo "== $tag"
-  timeout "${LIMIT:-120}" "$@" > "$OUT/$tag.out" 2>&1
-  echo "rc=$?"
-  grep '^{' "$OUT/$tag.out" | cut -c1-330
-}
+. "$here/gpu_common.sh"
 
 for round in 1 2; do
   for build in new base; do

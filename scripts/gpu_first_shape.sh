@@ -7,33 +7,14 @@
 #
 # Runs from a kit built by ../shared/gpu/build.sh (the `loraloom` binary and make_models.py);
 # copy this script and scripts/gpu_attention_probe.py into the kit first:
-#   cp scripts/gpu_first_shape.sh scripts/gpu_attention_probe.py .gpu-kit/
+#   cp scripts/gpu_first_shape.sh scripts/gpu_common.sh scripts/gpu_attention_probe.py .gpu-kit/
 #   then, there:  OUT=<dir> bash gpu_first_shape.sh      (about 3 minutes on an H200)
 # CPU dry run from the project root: BIN=target/release/loraloom M=data/models/tiny64 \
 #   PY=.venv/bin/python OUT=/tmp/gfs bash scripts/gpu_first_shape.sh
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
-OUT="${OUT:-./out}"; mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1 NO_COLOR=1
-PY="${PY:-python3}"
 BIN="${BIN:-$here/loraloom}"
-TL="$("$PY" -c 'import torch,os;print(os.path.join(os.path.dirname(torch.__file__),"lib"))')"
-export LD_LIBRARY_PATH="$TL${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-M="${M:-}"
-if [ -z "$M" ]; then
-  S="$(mktemp -d)"
-  timeout 120 "$PY" "$here/make_models.py" "$S/m" llama1b 2>&1 | tail -1
-  M="$S/m/llama1b"
-fi
-
-# run TAG CMD...: the command's output goes to $OUT/TAG.out; its JSON lines are echoed.
-run() {
-  local tag=$1; shift
-  echo "== $tag"
-  timeout "${LIMIT:-150}" "$@" > "$OUT/$tag.out" 2>&1
-  echo "rc=$?"
-  grep '^{' "$OUT/$tag.out" | cut -c1-400
-}
+. "$here/gpu_common.sh"
 
 # Decode first (issue 11): where a step's time goes (issuing vs waiting for the tokens, and the
 # same steps with no host round trip), the decode bench, and transformers.generate on the same
