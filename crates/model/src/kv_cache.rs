@@ -107,6 +107,13 @@ impl KvCache {
         let at = self.start + self.len;
         kb.f_narrow(2, at, t)?.f_copy_(k)?;
         vb.f_narrow(2, at, t)?.f_copy_(v)?;
+        self.window_and(layer, t)
+    }
+
+    /// `layer`'s keys and values over the window plus the `t` columns written after it (views
+    /// of the buffers).
+    fn window_and(&self, layer: usize, t: i64) -> Result<(Tensor, Tensor)> {
+        let (kb, vb) = &self.layers[layer];
         Ok((
             kb.f_narrow(2, self.start, self.len + t)?,
             vb.f_narrow(2, self.start, self.len + t)?,
@@ -138,10 +145,7 @@ impl KvCache {
             column.f_copy_(&k.f_bmm(rotation)?)?;
         }
         vb.f_select(2, at)?.f_copy_(&v.f_view([b, heads, d])?)?;
-        Ok((
-            kb.f_narrow(2, self.start, self.len + 1)?,
-            vb.f_narrow(2, self.start, self.len + 1)?,
-        ))
+        self.window_and(layer, 1)
     }
 
     /// Grows the window by the `t` columns every layer [`KvCache::append`]ed.

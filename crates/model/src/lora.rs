@@ -996,10 +996,15 @@ impl<'a> LoraBatch<'a> {
                 Members::Blocks(n / k)
             } else if !stack.trainable {
                 // Per row, the mask repeated 1, 2, ... up to the largest fused group's size
-                // times, side by side.
+                // times, side by side (only the first unless the stack has block-diagonal
+                // `B`s: this is sent to the device every decode step).
                 let r = stack.slab.layout().key.rank as usize;
                 let width = k as usize * r;
-                let repeats = FUSED_GROUPS.iter().map(|g| g.len()).max().unwrap_or(1);
+                let repeats = if stack.fused_b.is_empty() {
+                    1
+                } else {
+                    FUSED_GROUPS.iter().map(|g| g.len()).max().unwrap_or(1)
+                };
                 let row_width = width * repeats * (repeats + 1) / 2;
                 let mut mask = vec![0f32; members.len() * row_width];
                 for (i, &m) in members.iter().enumerate() {
