@@ -21,13 +21,27 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, when the family has one.
     pub bias: Option<Tensor>,
+    /// `weight` transposed (`[in, out]`, a view): what a matrix input multiplies, made once
+    /// instead of by a view call per layer and step.
+    weight_t: Tensor,
 }
 
 impl Linear {
+    /// The layer of `weight` (`[out, in]`) and `bias`.
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight_t = weight.f_tr()?;
+        Ok(Linear {
+            weight,
+            bias,
+            weight_t,
+        })
+    }
+
     fn shallow_clone(&self) -> Self {
         Linear {
             weight: self.weight.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            weight_t: self.weight_t.shallow_clone(),
         }
     }
 
@@ -38,11 +52,20 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Linear::new(weight, bias)
     }
 
+    /// `x W^T + b` for `x` `[.., in]`. A matrix (the rows of a decode step) takes one `mm`, or
+    /// one `addmm` with the bias, what `linear` itself calls for it, without `linear`'s layers
+    /// of dispatch and transposition.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        if x.dim() != 2 {
+            return Ok(x.f_linear(&self.weight, self.bias.as_ref())?);
+        }
+        Ok(match &self.bias {
+            Some(bias) => bias.f_addmm(x, &self.weight_t)?,
+            None => x.f_mm(&self.weight_t)?,
+        })
     }
 
     /// `residual + forward(x)` (`residual` shaped as the output): one `addmm` where the layer
@@ -52,11 +75,14 @@ impl Linear {
         if self.bias.is_some() {
             return Ok(residual.f_add(&self.forward(x)?)?);
         }
+        if x.dim() == 2 && residual.dim() == 2 {
+            return Ok(residual.f_addmm(x, &self.weight_t)?);
+        }
         let inp = x.size().last().copied().unwrap_or(1);
         let out = residual.size().last().copied().unwrap_or(1);
         Ok(residual
             .f_reshape([-1, out])?
-            .f_addmm(&x.f_reshape([-1, inp])?, &self.weight.f_tr()?)?
+            .f_addmm(&x.f_reshape([-1, inp])?, &self.weight_t)?
             .f_view_as(residual)?)
     }
 
@@ -98,10 +124,10 @@ impl FusedLinear {
         let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|l| l.bias.as_ref()).collect();
         Ok(FusedLinear {
-            stacked: Linear {
-                weight: Tensor::f_cat(&weights, 0)?,
-                bias: biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
-            },
+            stacked: Linear::new(
+                Tensor::f_cat(&weights, 0)?,
+                biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
+            )?,
             outs: layers.iter().map(|(_, out)| *out).collect(),
         })
     }
@@ -131,6 +157,8 @@ impl FusedLinear {
 /// RMSNorm computed in f32, as transformers does.
 pub struct RmsNorm {
     weight: Tensor,
+    /// The normalised (last) dimension's size, the weight's.
+    dim: i64,
     eps: f64,
 }
 
@@ -138,6 +166,7 @@ impl RmsNorm {
     fn shallow_clone(&self) -> Self {
         RmsNorm {
             weight: self.weight.shallow_clone(),
+            dim: self.dim,
             eps: self.eps,
         }
     }
@@ -145,6 +174,7 @@ impl RmsNorm {
     fn load(store: &mut WeightStore, name: &str, dim: i64, eps: f64) -> Result<Self> {
         Ok(RmsNorm {
             weight: store.take(name, &[dim])?,
+            dim,
             eps,
         })
     }
@@ -156,8 +186,7 @@ impl RmsNorm {
     /// dtype before the weight multiplies it: in bf16 that is one more rounding there; in f32
     /// the two agree to rounding.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dim = x.size().last().copied().unwrap_or(1);
-        Ok(x.f_rms_norm([dim], Some(&self.weight), self.eps)?)
+        Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?)
     }
 }
 
@@ -216,9 +245,17 @@ struct Attend {
     /// Additive `[batch, 1, seq, keys]` in the model's element type (0 = attend, -inf = not),
     /// see [`Decoder::attend_at`]; `None` means plain causal attention.
     mask: Option<Tensor>,
-    /// Decode steps (one token per row): the rotation as matrices `[batch, head_dim,
-    /// head_dim]` ([`Rope::rotation`]), applied by one batched matmul per layer.
-    rotation: Option<Tensor>,
+}
+
+/// What every layer of a decode step (one token per row) reads.
+struct Step {
+    rows: i64,
+    /// The rotary rotation of each row's position as matrices `[rows, head_dim, head_dim]`
+    /// ([`Rope::rotation`]), applied to queries and keys by one batched matmul each.
+    rotation: Tensor,
+    /// Additive `[rows · kv_heads, 1, 1, keys]` over the cache's window and the new column
+    /// (row-major: each row's mask once per key/value head).
+    mask: Tensor,
 }
 
 /// A pass run with activation checkpointing, waiting for its backward pass
@@ -683,15 +720,33 @@ impl Decoder {
         cache: &mut KvCache,
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
-        let input = ids.f_view([-1, 1])?;
+        let rows = positions.len() as i64;
         let positions = Tensor::from_slice(&positions)
             .f_to_device(self.device)?
             .f_unsqueeze(1)?;
-        let mut ctx = self.attend_at(&positions, cache.key_mask(1)?)?;
-        let (rows, d) = (input.size()[0], self.config.head_dim);
-        ctx.rotation = Some(Rope::rotation(&ctx.cos, &ctx.sin)?.f_view([rows, d, d])?);
-        let hidden = self.run_appending(&input, &ctx, lora, cache)?;
-        Ok(hidden.f_squeeze_dim(1)?)
+        // One mask row per (row, key/value head): attention takes each key/value head of a
+        // row as a batch entry of its own (see `block_step`).
+        let (kv, keys) = (self.config.num_kv_heads, cache.len() + 1);
+        let mask = cache
+            .key_mask(1)?
+            .f_expand([rows, kv, 1, keys], false)?
+            .f_reshape([rows * kv, 1, 1, keys])?;
+        let ctx = self.attend_at(&positions, mask)?;
+        let d = self.config.head_dim;
+        let step = Step {
+            rows,
+            rotation: Rope::rotation(&ctx.cos, &ctx.sin)?.f_view([rows, d, d])?,
+            mask: ctx
+                .mask
+                .ok_or_else(|| ModelError::invalid("mask", "a decode step's"))?,
+        };
+        cache.reserve(1)?;
+        let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block_step(block, layer, &x, &step, cache, lora)?;
+        }
+        cache.advance(1);
+        self.final_norm.forward(&x)
     }
 
     /// Appends `ids` (several tokens of the cache's single row: the next chunk of a long
@@ -755,7 +810,6 @@ impl Decoder {
                 cos: cos.f_unsqueeze(1)?,
                 sin: sin.f_unsqueeze(1)?,
                 mask: None,
-                rotation: None,
             },
         ))
     }
@@ -780,7 +834,6 @@ impl Decoder {
             cos: cos.f_unsqueeze(2)?,
             sin: sin.f_unsqueeze(2)?,
             mask: Some(additive),
-            rotation: None,
         })
     }
 
@@ -914,31 +967,16 @@ impl Decoder {
         let q = heads(q, c.num_heads, &a.q_norm)?;
         let k = heads(k, c.num_kv_heads, &a.k_norm)?;
         let v = heads(v, c.num_kv_heads, &None)?;
-        let (q, k, v) = match (&ctx.rotation, past) {
-            // A decode step: queries rotated by one batched matmul, keys by another that writes
-            // them into the cache.
-            (Some(rotation), Some((cache, layer))) => {
-                let q = q
-                    .f_view([b, c.num_heads, c.head_dim])?
-                    .f_bmm(rotation)?
-                    .f_view([b, c.num_heads, t, c.head_dim])?;
-                let (k, v) = cache.append_rotated(layer, &k, &v, rotation)?;
-                (q, k, v)
-            }
-            _ => {
-                // The query and key heads side by side, rotated by one set of operations.
-                let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
-                let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
-                let k = qk
-                    .f_narrow(2, c.num_heads, c.num_kv_heads)?
-                    .f_transpose(1, 2)?;
-                let v = v.f_transpose(1, 2)?;
-                let (k, v) = match past {
-                    Some((cache, layer)) => cache.append(layer, &k, &v)?,
-                    None => (k, v),
-                };
-                (q, k, v)
-            }
+        // The query and key heads side by side, rotated by one set of operations.
+        let qk = Rope::apply(&Tensor::f_cat(&[q, k], 2)?, &ctx.cos, &ctx.sin)?;
+        let q = qk.f_narrow(2, 0, c.num_heads)?.f_transpose(1, 2)?;
+        let k = qk
+            .f_narrow(2, c.num_heads, c.num_kv_heads)?
+            .f_transpose(1, 2)?;
+        let v = v.f_transpose(1, 2)?;
+        let (k, v) = match past {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
         };
         let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal, gqa| {
             Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
@@ -946,8 +984,9 @@ impl Decoder {
         let grouped = c.num_kv_heads != c.num_heads;
         let group = c.num_heads / c.num_kv_heads;
         let attn = if grouped && (t == 1 || (past.is_some() && ctx.mask.is_some())) {
-            // A decode step, or a prefill after a cache (masked): the query heads sharing a
-            // key/value head become that head's query positions (`group · t` of them, head-major),
+            // One token per row, or a prefill after a cache (masked): as in a decode step
+            // ([`Decoder::block_step`]), the query heads sharing a key/value head become that
+            // head's query positions (`group · t` of them, head-major),
             // so attention needs no expanded copy of the cache (no GQA) and fused kernels accept
             // the mask: one query per row broadcasts it over the group, several repeat it once
             // per head of the group. Causality is in the mask.
@@ -980,21 +1019,94 @@ impl Decoder {
         let attn = attn
             .f_transpose(1, 2)?
             .f_reshape([b, t, c.num_heads * c.head_dim])?;
-        let x = with_delta(a.o.forward_onto(&attn, x)?, &attn, lora, layer, Target::O)?;
+        Ok((Self::block_tail(block, layer, x, &attn, lora)?, k, v))
+    }
+
+    /// One block of a decode step: `x` `[rows, hidden]` (one token per row) to the block's
+    /// output, the token's key (rotated) and value written into `cache`'s next column of
+    /// `layer`. [`Decoder::block_forward`]'s arithmetic on matrices rather than `[rows, 1, ..]`
+    /// tensors, so no reshapes between the operations (a decode step is bound by the number
+    /// of operations its layers issue): queries rotated by one batched matmul, keys by another
+    /// that writes them into the cache; the query heads of a key/value head attend as that
+    /// head's query positions (no expanded copy of the cache, and fused kernels take the
+    /// mask).
+    fn block_step(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        step: &Step,
+        cache: &KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (rows, d) = (step.rows, c.head_dim);
+        let a = &block.attn;
+        let h = block.input_norm.forward(x)?;
+        let [q, k, v] = a
+            .qkv
+            .forward(&h, lora, layer, [Target::Q, Target::K, Target::V])?;
+        // `[rows, heads, head_dim]`, per-head normed where the family does (Qwen3).
+        let heads = |y: Tensor, n: i64, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = y.f_view([rows, n, d])?;
+            Ok(match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            })
+        };
+        // Attention batches over (row, key/value head) with one head each, the group's query
+        // heads as its query positions: the output is `[rows, heads, head_dim]` in memory
+        // whichever layout a fused kernel writes (`[batch, queries, heads, ..]` for
+        // libtorch's memory-efficient one), so concatenating the heads is a view, not a copy.
+        let kv = c.num_kv_heads;
+        let q = heads(q, c.num_heads, &a.q_norm)?
+            .f_bmm(&step.rotation)?
+            .f_view([rows * kv, 1, c.num_heads / kv, d])?;
+        let k = heads(k, kv, &a.k_norm)?;
+        let v = heads(v, kv, &None)?;
+        let (k, v) = cache.append_rotated(layer, &k, &v, &step.rotation)?;
+        let (k, v) = (
+            k.f_view([rows * kv, 1, -1, d])?,
+            v.f_view([rows * kv, 1, -1, d])?,
+        );
+        let attn = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(&step.mask),
+            0.0,
+            false,
+            None,
+            false,
+        )?
+        .f_reshape([rows, c.num_heads * d])?;
+        Self::block_tail(block, layer, x, &attn, lora)
+    }
+
+    /// The rest of a block after attention (`attn`, its heads concatenated, shaped as `x`):
+    /// the output projection onto the residual `x`, then the MLP onto that.
+    fn block_tail(
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        attn: &Tensor,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let a = &block.attn;
+        let x = with_delta(a.o.forward_onto(attn, x)?, attn, lora, layer, Target::O)?;
         let h = block.post_attn_norm.forward(&x)?;
         let m = &block.mlp;
         let [gate, up] = m
             .gate_up
             .forward(&h, lora, layer, [Target::Gate, Target::Up])?;
         let gated = gate.f_silu()?.f_mul(&up)?;
-        let out = with_delta(
+        with_delta(
             m.down.forward_onto(&gated, &x)?,
             &gated,
             lora,
             layer,
             Target::Down,
-        )?;
-        Ok((out, k, v))
+        )
     }
 }
 

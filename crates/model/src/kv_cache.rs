@@ -120,7 +120,7 @@ impl KvCache {
         ))
     }
 
-    /// [`KvCache::append`] of one decode step's keys and values (`[batch, 1, kv_heads,
+    /// [`KvCache::append`] of one decode step's keys and values (`[batch, kv_heads,
     /// head_dim]`, as projected) where the keys still need their rotation (`[batch, head_dim,
     /// head_dim]`, see [`crate::rope::Rope::rotation`]): the rotation's batched matmul writes
     /// the keys straight into their cache column, so the step needs no rotated copy to move
@@ -132,10 +132,8 @@ impl KvCache {
         v: &Tensor,
         rotation: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (b, _, heads, d) = k.size4()?;
         let (kb, vb) = &self.layers[layer];
         let at = self.start + self.len;
-        let k = k.f_view([b, heads, d])?;
         let mut column = kb.f_select(2, at)?;
         if k.device().is_cuda() {
             let _ = k.f_bmm_out(&column, rotation)?;
@@ -144,7 +142,7 @@ impl KvCache {
             // 8 us for bmm and copy, 64 rows of the tiny model).
             column.f_copy_(&k.f_bmm(rotation)?)?;
         }
-        vb.f_select(2, at)?.f_copy_(&v.f_view([b, heads, d])?)?;
+        vb.f_select(2, at)?.f_copy_(v)?;
         self.window_and(layer, 1)
     }
 

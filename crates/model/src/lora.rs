@@ -814,6 +814,9 @@ impl Part<'_> {
     /// The part's rows of `x` (`[batch, seq, in]` or `[batch, in]`) as a matrix `[rows·seq, in]`.
     fn rows_of(&self, x: &Tensor) -> Result<Tensor> {
         let xs = self.select(x)?;
+        if xs.dim() == 2 {
+            return Ok(xs);
+        }
         let inp = xs.size().last().copied().unwrap_or(1);
         Ok(xs.f_reshape([-1, inp])?)
     }
@@ -851,8 +854,13 @@ impl Part<'_> {
         };
         let width = b_s.size()[1];
         match &self.rows {
-            // In place when `out`'s rows form one matrix: a contiguous tensor, or one
-            // projection's columns of a fused projection's output.
+            // In place when `out`'s rows form one matrix: a matrix already (a decode step's),
+            // a contiguous tensor, or one projection's columns of a fused projection's output.
+            None if out.dim() == 2 => {
+                let mut out = out;
+                let _ = out.f_addmm_(&xa, b_s)?;
+                Ok(out)
+            }
             None => match out.f_view([-1, width]) {
                 Ok(mut rows_of_out) => {
                     let _ = rows_of_out.f_addmm_(&xa, b_s)?;

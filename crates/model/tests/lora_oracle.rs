@@ -1102,6 +1102,40 @@ fn mixed_members_of_an_inference_stack_equal_each_row_alone() {
             "row {row} ({m:?}), some base rows: relative error {err}"
         );
     }
+    // A decode step (one token per row, matrices instead of `[rows, 1, ..]` tensors, keys
+    // rotated into the cache) after a prefill of the first two tokens gives the third
+    // position's logits of the one pass, for mixed members and for some base rows, with one `B`
+    // per target and with block-diagonal `B`s.
+    let cases = [
+        (
+            "mixed",
+            members
+                .iter()
+                .map(|&m| Some((&stack, m)))
+                .collect::<Vec<_>>(),
+            &mixed,
+        ),
+        ("mixed, block-diagonal B", assignment.clone(), &mixed_b),
+        ("some base rows", some_base.clone(), &partial),
+        (
+            "some base rows, block-diagonal B",
+            some_base_b.clone(),
+            &partial_b,
+        ),
+    ];
+    for (case, assignment, one_pass) in cases {
+        let batch = LoraBatch::new(&assignment).unwrap();
+        let stepped = tch::no_grad(|| {
+            let (_, mut cache) = decoder.prefill(&ids.narrow(1, 0, 2), Some(&batch)).unwrap();
+            let next: Vec<i64> = Vec::try_from(ids.select(1, 2)).unwrap();
+            let hidden = decoder
+                .decode_step(&next, &mut cache, Some(&batch))
+                .unwrap();
+            decoder.logits(&hidden, Some(&batch)).unwrap()
+        });
+        let err = rel_diff(&stepped, &one_pass.select(1, 2));
+        assert!(err < 1e-5, "{case}, decode step: relative error {err}");
+    }
     // And the adapters matter: a row with another member's adapter differs.
     let other = AdapterStack::new(&[&adapters[0]], Kind::Float, false).unwrap();
     let wrong = tch::no_grad(|| {
