@@ -668,8 +668,12 @@ impl Decoder {
         }
         let positions = self.next_positions(cache)?;
         self.check_host_ids(ids, ids.len() as i64, lora)?;
-        let input = Tensor::from_slice(ids).f_to_device(self.device)?;
-        self.decode_step_from(&input, positions, cache, lora)
+        // The ids, positions and padding reach the device in one transfer.
+        let packed =
+            Tensor::from_slice(&[ids, &positions, &cache.pad].concat()).f_to_device(self.device)?;
+        let rows = ids.len() as i64;
+        let part = |i: i64| packed.f_narrow(0, i * rows, rows);
+        self.decode_step_from(&part(0)?, &part(1)?, &part(2)?, cache, lora)
     }
 
     /// [`Decoder::decode_step`] for ids already on the device (`[rows]`, a previous step's
@@ -691,7 +695,11 @@ impl Decoder {
             batch.check_rows(cache.rows() as i64)?;
         }
         let positions = self.next_positions(cache)?;
-        self.decode_step_from(ids, positions, cache, lora)
+        let packed = Tensor::from_slice(&[positions.as_slice(), &cache.pad].concat())
+            .f_to_device(self.device)?;
+        let rows = positions.len() as i64;
+        let part = |i: i64| packed.f_narrow(0, i * rows, rows);
+        self.decode_step_from(ids, &part(0)?, &part(1)?, cache, lora)
     }
 
     /// Each cache row's next position, checked against the model's context.
@@ -716,29 +724,17 @@ impl Decoder {
     fn decode_step_from(
         &self,
         ids: &Tensor,
-        positions: Vec<i64>,
+        positions: &Tensor,
+        pad: &Tensor,
         cache: &mut KvCache,
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
-        let rows = positions.len() as i64;
-        let positions = Tensor::from_slice(&positions)
-            .f_to_device(self.device)?
-            .f_unsqueeze(1)?;
-        // One mask row per (row, key/value head): attention takes each key/value head of a
-        // row as a batch entry of its own (see `block_step`).
-        let (kv, keys) = (self.config.num_kv_heads, cache.len() + 1);
-        let mask = cache
-            .key_mask(1)?
-            .f_expand([rows, kv, 1, keys], false)?
-            .f_reshape([rows * kv, 1, 1, keys])?;
-        let ctx = self.attend_at(&positions, mask)?;
-        let d = self.config.head_dim;
+        let rows = cache.rows() as i64;
+        let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
         let step = Step {
             rows,
-            rotation: Rope::rotation(&ctx.cos, &ctx.sin)?.f_view([rows, d, d])?,
-            mask: ctx
-                .mask
-                .ok_or_else(|| ModelError::invalid("mask", "a decode step's"))?,
+            rotation: Rope::rotation(&cos, &sin)?,
+            mask: self.step_mask(cache, pad)?,
         };
         cache.reserve(1)?;
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
@@ -747,6 +743,28 @@ impl Decoder {
         }
         cache.advance(1);
         self.final_norm.forward(&x)
+    }
+
+    /// The additive mask of a decode step ([`Step::mask`]) over `cache`'s window and the new
+    /// column, for rows whose padding (columns before their first real one) is `pad`
+    /// (`[rows]` on the device): made in storage of aligned rows (see [`Decoder::attend_at`]),
+    /// one mask row per (row, key/value head), in four kernels.
+    fn step_mask(&self, cache: &KvCache, pad: &Tensor) -> Result<Tensor> {
+        let (rows, kv) = (cache.rows() as i64, self.config.num_kv_heads);
+        let keys = cache.len() + 1;
+        let aligned = (keys + MASK_ALIGN - 1) / MASK_ALIGN * MASK_ALIGN;
+        let storage = Tensor::f_full(
+            [rows * kv, 1, 1, aligned],
+            f64::NEG_INFINITY,
+            (self.kind, self.device),
+        )?;
+        let mask = storage.f_narrow(-1, 0, keys)?;
+        let attend = Tensor::f_arange(keys, (Kind::Int64, self.device))?
+            .f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
+        let _ = mask
+            .f_view([rows, kv, keys])?
+            .f_masked_fill_(&attend, 0.0)?;
+        Ok(mask)
     }
 
     /// Appends `ids` (several tokens of the cache's single row: the next chunk of a long

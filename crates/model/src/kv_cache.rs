@@ -65,21 +65,6 @@ impl KvCache {
         self.pad.iter().map(|p| self.len - p).collect()
     }
 
-    /// Boolean mask `[batch, 1, 1, len + extra]`: which key columns each row may attend to once
-    /// `extra` new columns are appended.
-    pub(crate) fn key_mask(&self, extra: i64) -> Result<Tensor> {
-        let device = self.layers[0].0.device();
-        let cols = Tensor::f_arange(self.len + extra, (tch::Kind::Int64, device))?;
-        let pad = Tensor::from_slice(&self.pad)
-            .f_to_device(device)?
-            .f_unsqueeze(1)?;
-        Ok(cols
-            .f_unsqueeze(0)?
-            .f_ge_tensor(&pad)?
-            .f_unsqueeze(1)?
-            .f_unsqueeze(1)?)
-    }
-
     /// Makes room for `extra` more columns after the window, reallocating the buffers (window
     /// moved to column 0, at least [`MIN_HEADROOM`] and the window's length free) only when they
     /// lack it.

@@ -9,7 +9,11 @@ use crate::error::Result;
 
 /// Inverse frequencies of one model; cos/sin tables are computed per call for the positions used.
 pub struct Rope {
+    /// The inverse frequency of every column of a table (`[head_dim]`: the `head_dim / 2`
+    /// frequencies, twice, as transformers concatenates them).
     inv_freq: Tensor,
+    /// `[head_dim]`: -1 in the first half, 1 in the second (the signed sin's signs).
+    sign: Tensor,
 }
 
 impl Rope {
@@ -41,8 +45,17 @@ impl Rope {
                 .f_logical_and(&wavelen.f_le(low_wavelen)?)?;
             inv_freq = smoothed.f_where_self(&medium, &llama)?;
         }
+        let half = dim / 2;
+        let sign = Tensor::f_cat(
+            &[
+                Tensor::f_full([half], -1.0, (Kind::Float, Device::Cpu))?,
+                Tensor::f_ones([half], (Kind::Float, Device::Cpu))?,
+            ],
+            0,
+        )?;
         Ok(Rope {
-            inv_freq: inv_freq.f_to_device(device)?,
+            inv_freq: Tensor::f_cat(&[&inv_freq, &inv_freq], 0)?.f_to_device(device)?,
+            sign: sign.f_to_device(device)?,
         })
     }
 
@@ -50,6 +63,7 @@ impl Rope {
     pub fn shallow_clone(&self) -> Rope {
         Rope {
             inv_freq: self.inv_freq.shallow_clone(),
+            sign: self.sign.shallow_clone(),
         }
     }
 
@@ -67,11 +81,9 @@ impl Rope {
             .f_to_kind(Kind::Float)?
             .f_unsqueeze(-1)?
             .f_mul(&self.inv_freq)?;
-        let sin = freqs.f_sin()?;
-        let cos = freqs.f_cos()?;
         Ok((
-            Tensor::f_cat(&[&cos, &cos], -1)?.f_to_kind(kind)?,
-            Tensor::f_cat(&[&sin.f_neg()?, &sin], -1)?.f_to_kind(kind)?,
+            freqs.f_cos()?.f_to_kind(kind)?,
+            freqs.f_sin()?.f_mul(&self.sign)?.f_to_kind(kind)?,
         ))
     }
 
