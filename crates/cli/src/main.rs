@@ -74,6 +74,10 @@ struct BenchArgs {
     /// one-time cost (e.g. a GPU kernel's plan for a new shape) shows after the first shape.
     #[arg(long, value_delimiter = ',', default_value = "4x128", value_parser = parse_shape)]
     train_shape: Vec<(usize, usize)>,
+    /// Rows (sequences of one adapter) of the `decode_phases` benchmark, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64",
+          value_parser = clap::value_parser!(i64).range(1..=4096))]
+    decode_rows: Vec<i64>,
     /// Adapters the `train` benchmark's datums are split over (one fused pass and optimizer
     /// step, as the engine runs a batch of tenants); must divide the batch.
     #[arg(long, default_value_t = 1)]
@@ -135,11 +139,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 })?
             }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
-            "decode_phases" => bench::isolated(move || {
-                [1, 8, 64]
-                    .iter()
-                    .try_for_each(|&rows| bench::decode_phases(&d, rows, 32, iters))
-            })?,
+            "decode_phases" => {
+                let rows = args.decode_rows.clone();
+                bench::isolated(move || {
+                    rows.iter()
+                        .try_for_each(|&rows| bench::decode_phases(&d, rows, 32, iters))
+                })?
+            }
             "long" => {
                 let (budget, _) = budget::resolve(&args.memory_budget, d.device(), 1)?;
                 let len = args.len;
