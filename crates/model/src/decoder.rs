@@ -720,7 +720,8 @@ impl Decoder {
         Ok(positions)
     }
 
-    /// The decode step of checked `ids` (`[rows]` on the device) at `positions`.
+    /// The decode step of checked `ids` at `positions`, for rows padded by `pad` (each `[rows]`
+    /// on the device).
     fn decode_step_from(
         &self,
         ids: &Tensor,
