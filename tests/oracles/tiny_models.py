@@ -57,7 +57,9 @@ def tiny_config(arch: str):
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "mistral":
-        return tf.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None)
+        # Every query head with its own key/value head (no grouping), unlike the others.
+        return tf.MistralConfig(**{**COMMON, "num_key_value_heads": 4},
+                                tie_word_embeddings=False, sliding_window=None)
     raise SystemExit(f"unknown arch {arch}")
 
 

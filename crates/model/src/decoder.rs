@@ -18,9 +18,9 @@ use crate::weights::WeightStore;
 /// A linear layer `y = x W^T + b` with frozen weights.
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    weight: Tensor,
     /// `[out]`, when the family has one.
-    pub bias: Option<Tensor>,
+    bias: Option<Tensor>,
     /// `weight` transposed (`[in, out]`, a view): what a matrix input multiplies, made once
     /// instead of by a view call per layer and step.
     weight_t: Tensor,
@@ -668,12 +668,8 @@ impl Decoder {
         }
         let positions = self.next_positions(cache)?;
         self.check_host_ids(ids, ids.len() as i64, lora)?;
-        // The ids, positions and padding reach the device in one transfer.
-        let packed =
-            Tensor::from_slice(&[ids, &positions, &cache.pad].concat()).f_to_device(self.device)?;
-        let rows = ids.len() as i64;
-        let part = |i: i64| packed.f_narrow(0, i * rows, rows);
-        self.decode_step_from(&part(0)?, &part(1)?, &part(2)?, cache, lora)
+        let [ids, positions, pad] = self.upload([ids, &positions, &cache.pad])?;
+        self.decode_step_from(&ids, &positions, &pad, cache, lora)
     }
 
     /// [`Decoder::decode_step`] for ids already on the device (`[rows]`, a previous step's
@@ -695,11 +691,22 @@ impl Decoder {
             batch.check_rows(cache.rows() as i64)?;
         }
         let positions = self.next_positions(cache)?;
-        let packed = Tensor::from_slice(&[positions.as_slice(), &cache.pad].concat())
-            .f_to_device(self.device)?;
-        let rows = positions.len() as i64;
-        let part = |i: i64| packed.f_narrow(0, i * rows, rows);
-        self.decode_step_from(ids, &part(0)?, &part(1)?, cache, lora)
+        let [positions, pad] = self.upload([&positions, &cache.pad])?;
+        self.decode_step_from(ids, &positions, &pad, cache, lora)
+    }
+
+    /// Host vectors of one length on the device in one transfer (on a GPU each pageable copy is
+    /// a synchronous round of the host): views of one tensor.
+    fn upload<const N: usize>(&self, parts: [&[i64]; N]) -> Result<[Tensor; N]> {
+        let len = parts.first().map_or(0, |p| p.len()) as i64;
+        let packed = Tensor::from_slice(&parts.concat()).f_to_device(self.device)?;
+        let mut views = Vec::with_capacity(N);
+        for i in 0..N as i64 {
+            views.push(packed.f_narrow(0, i * len, len)?);
+        }
+        views
+            .try_into()
+            .map_err(|_| ModelError::invalid("upload", "parts"))
     }
 
     /// Each cache row's next position, checked against the model's context.
@@ -720,8 +727,11 @@ impl Decoder {
         Ok(positions)
     }
 
+    /// (Not inlined: `scripts/decode_ops.sh` profiles each call of it as one step.)
+    ///
     /// The decode step of checked `ids` at `positions`, for rows padded by `pad` (each `[rows]`
-    /// on the device).
+    /// on the device). Never inlined: `scripts/decode_ops.sh` profiles each call as one step.
+    #[inline(never)]
     fn decode_step_from(
         &self,
         ids: &Tensor,

@@ -106,7 +106,7 @@ impl KvCache {
     }
 
     /// [`KvCache::append`] of one decode step's keys and values (`[batch, kv_heads,
-    /// head_dim]`, as projected) where the keys still need their rotation (`[batch, head_dim,
+    /// head_dim]`, as projected, keys k-normed where the family does) where the keys still need their rotation (`[batch, head_dim,
     /// head_dim]`, see [`crate::rope::Rope::rotation`]): the rotation's batched matmul writes
     /// the keys straight into their cache column, so the step needs no rotated copy to move
     /// there on a GPU (decode is bound by the number of operations per layer).
@@ -131,7 +131,8 @@ impl KvCache {
         self.window_and(layer, 1)
     }
 
-    /// Grows the window by the `t` columns every layer [`KvCache::append`]ed.
+    /// Grows the window by the `t` columns every layer [`KvCache::append`]ed (or, `t` = 1,
+    /// [`KvCache::append_rotated`]).
     pub(crate) fn advance(&mut self, t: i64) {
         self.len += t;
     }

@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
 
-/// Inverse frequencies of one model; cos/sin tables are computed per call for the positions used.
+/// Inverse frequencies and signs of one model's rotary tables; cos/sin tables are computed per
+/// call for the positions used.
 pub struct Rope {
     /// The inverse frequency of every column of a table (`[head_dim]`: the `head_dim / 2`
     /// frequencies, twice, as transformers concatenates them).
