@@ -763,13 +763,7 @@ impl Decoder {
     fn step_mask(&self, cache: &KvCache, pad: &Tensor) -> Result<Tensor> {
         let (rows, kv) = (cache.rows() as i64, self.config.num_kv_heads);
         let keys = cache.len() + 1;
-        let aligned = (keys + MASK_ALIGN - 1) / MASK_ALIGN * MASK_ALIGN;
-        let storage = Tensor::f_full(
-            [rows * kv, 1, 1, aligned],
-            f64::NEG_INFINITY,
-            (self.kind, self.device),
-        )?;
-        let mask = storage.f_narrow(-1, 0, keys)?;
+        let mask = self.masked_all(&[rows * kv, 1, 1, keys])?;
         let attend = Tensor::f_arange(keys, (Kind::Int64, self.device))?
             .f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
         let _ = mask
@@ -851,19 +845,26 @@ impl Decoder {
     /// per pass, in storage of padded rows, every layer reads it as it is.
     fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
-        let mut size = mask.size();
-        let keys = size.last().copied().unwrap_or(1);
-        if let Some(last) = size.last_mut() {
-            *last = (keys + MASK_ALIGN - 1) / MASK_ALIGN * MASK_ALIGN;
-        }
-        let storage = Tensor::f_full(&size, f64::NEG_INFINITY, (self.kind, self.device))?;
-        let mut additive = storage.f_narrow(-1, 0, keys)?;
+        let mut additive = self.masked_all(&mask.size())?;
         let _ = additive.f_masked_fill_(&mask, 0.0)?;
         Ok(Attend {
             cos: cos.f_unsqueeze(2)?,
             sin: sin.f_unsqueeze(2)?,
             mask: Some(additive),
         })
+    }
+
+    /// An additive mask of `size` that attends to nothing (every entry -inf), in storage whose
+    /// rows are padded to [`MASK_ALIGN`] elements: the masks of [`Decoder::attend_at`] and
+    /// [`Decoder::step_mask`] are filled into it.
+    fn masked_all(&self, size: &[i64]) -> Result<Tensor> {
+        let mut storage = size.to_vec();
+        let keys = size.last().copied().unwrap_or(1);
+        if let Some(last) = storage.last_mut() {
+            *last = (keys + MASK_ALIGN - 1) / MASK_ALIGN * MASK_ALIGN;
+        }
+        let storage = Tensor::f_full(&storage, f64::NEG_INFINITY, (self.kind, self.device))?;
+        Ok(storage.f_narrow(-1, 0, keys)?)
     }
 
     /// Runs `input` (`[rows, t]`) after `cache`'s window, writing its keys and values there:

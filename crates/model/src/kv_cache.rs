@@ -106,10 +106,11 @@ impl KvCache {
     }
 
     /// [`KvCache::append`] of one decode step's keys and values (`[batch, kv_heads,
-    /// head_dim]`, as projected, keys k-normed where the family does) where the keys still need their rotation (`[batch, head_dim,
-    /// head_dim]`, see [`crate::rope::Rope::rotation`]): the rotation's batched matmul writes
-    /// the keys straight into their cache column, so the step needs no rotated copy to move
-    /// there on a GPU (decode is bound by the number of operations per layer).
+    /// head_dim]`, as projected, keys k-normed where the family does) where the keys still need
+    /// their rotation (`[batch, head_dim, head_dim]`, see [`crate::rope::Rope::rotation`]): the
+    /// rotation's batched matmul writes the keys straight into their cache column, so the step
+    /// needs no rotated copy to move there on a GPU (decode is bound by the number of
+    /// operations per layer).
     pub(crate) fn append_rotated(
         &self,
         layer: usize,
