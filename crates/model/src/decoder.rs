@@ -254,8 +254,13 @@ struct Step {
     /// ([`Rope::rotation`]), applied to queries and keys by one batched matmul each.
     rotation: Tensor,
     /// Additive `[rows · kv_heads, 1, 1, keys]` over the cache's window and the new column
-    /// (row-major: each row's mask once per key/value head).
+    /// (row-major: each row's mask once per key/value head); over the whole buffers when
+    /// `column` is set.
     mask: Tensor,
+    /// Where the step writes its keys and values: `None` after the cache's window (the window
+    /// is what attention reads); `Some(at)`, a `[1]` column read on the device, for a step whose
+    /// kernels do not depend on the host's view of the cache ([`Decoder::decode_step_static`]).
+    column: Option<Tensor>,
 }
 
 /// A pass run with activation checkpointing, waiting for its backward pass
@@ -746,6 +751,7 @@ impl Decoder {
             rows,
             rotation: Rope::rotation(&cos, &sin)?,
             mask: self.step_mask(cache, pad)?,
+            column: None,
         };
         cache.reserve(1)?;
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
@@ -753,6 +759,86 @@ impl Decoder {
             x = self.block_step(block, layer, &x, &step, cache, lora)?;
         }
         cache.advance(1);
+        self.final_norm.forward(&x)
+    }
+
+    /// The inputs of [`Decoder::decode_step_static`] for `ids` (one per cache row) as one host
+    /// vector: the ids, each row's position, each row's first attended buffer column, then the
+    /// column the step writes. Checks the ids and positions as [`Decoder::decode_step`] does;
+    /// the cache must have room for the column ([`KvCache::reserve`]).
+    pub fn static_step_inputs(
+        &self,
+        ids: &[i64],
+        cache: &KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Vec<i64>> {
+        if ids.len() != cache.rows() {
+            return Err(ModelError::invalid(
+                "ids",
+                format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
+            ));
+        }
+        let positions = self.next_positions(cache)?;
+        self.check_host_ids(ids, ids.len() as i64, lora)?;
+        let at = cache.next_column();
+        if at >= cache.capacity() {
+            return Err(ModelError::invalid(
+                "cache",
+                "no room reserved for the step",
+            ));
+        }
+        let mut inputs = Vec::with_capacity(3 * ids.len() + 1);
+        inputs.extend_from_slice(ids);
+        inputs.extend(positions);
+        inputs.extend(cache.first_columns());
+        inputs.push(at);
+        Ok(inputs)
+    }
+
+    /// A decode step whose kernels depend only on the cache's rows and capacity, not on its
+    /// window: every device input is read from `inputs` (`[3 · rows + 1]` on the device, laid out
+    /// by [`Decoder::static_step_inputs`]), attention runs over the whole buffers under a mask
+    /// made from them, and the keys and values are written at the column they name. So one
+    /// recording of it (a CUDA graph) serves every step until the batch or the buffers change.
+    /// Returns the final hidden state of each row; the caller advances the cache by one.
+    pub fn decode_step_static(
+        &self,
+        inputs: &Tensor,
+        cache: &KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
+        let rows = cache.rows() as i64;
+        if inputs.size() != [3 * rows + 1] {
+            return Err(ModelError::invalid(
+                "inputs",
+                format!("{:?} for a cache of {rows} rows", inputs.size()),
+            ));
+        }
+        let ids = inputs.f_narrow(0, 0, rows)?;
+        let positions = inputs.f_narrow(0, rows, rows)?;
+        let first = inputs.f_narrow(0, 2 * rows, rows)?;
+        let at = inputs.f_narrow(0, 3 * rows, 1)?;
+        let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
+        let kv = self.config.num_kv_heads;
+        let columns = cache.capacity();
+        let mask = self.masked_all(&[rows * kv, 1, 1, columns])?;
+        let column = Tensor::f_arange(columns, (Kind::Int64, self.device))?;
+        let attend = column
+            .f_ge_tensor(&first.f_view([rows, 1, 1])?)?
+            .f_logical_and(&column.f_le_tensor(&at)?)?;
+        let _ = mask
+            .f_view([rows, kv, columns])?
+            .f_masked_fill_(&attend, 0.0)?;
+        let step = Step {
+            rows,
+            rotation: Rope::rotation(&cos, &sin)?,
+            mask,
+            column: Some(at),
+        };
+        let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block_step(block, layer, &x, &step, cache, lora)?;
+        }
         self.final_norm.forward(&x)
     }
 
@@ -1094,7 +1180,10 @@ impl Decoder {
             .f_view([rows * kv, 1, c.num_heads / kv, d])?;
         let k = heads(k, kv, &a.k_norm)?;
         let v = heads(v, kv, &None)?;
-        let (k, v) = cache.append_rotated(layer, &k, &v, &step.rotation)?;
+        let (k, v) = match &step.column {
+            None => cache.append_rotated(layer, &k, &v, &step.rotation)?,
+            Some(at) => cache.write_rotated_at(layer, &k, &v, &step.rotation, at)?,
+        };
         let (k, v) = (
             k.f_view([rows * kv, 1, -1, d])?,
             v.f_view([rows * kv, 1, -1, d])?,

@@ -50,6 +50,9 @@ pub enum ModelError {
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A decode step could not be recorded or replayed as a CUDA graph.
+    #[error("{0}")]
+    Graph(#[from] loraloom_cuda_graph::GraphError),
     /// Filesystem error while writing or reading checkpoints.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

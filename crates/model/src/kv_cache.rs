@@ -132,6 +132,54 @@ impl KvCache {
         self.window_and(layer, 1)
     }
 
+    /// [`KvCache::append_rotated`] for a step whose column (`at`, `[1]` on the device: the
+    /// window's end, see [`KvCache::next_column`]) is read on the device, so the same kernels serve
+    /// every step (a replayed CUDA graph): writes the rotated keys and the values there and
+    /// returns `layer`'s whole buffers (the step's mask hides what is not the window).
+    pub(crate) fn write_rotated_at(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        rotation: &Tensor,
+        at: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (kb, vb) = &self.layers[layer];
+        let _ = kb
+            .shallow_clone()
+            .f_index_copy_(2, at, &k.f_bmm(rotation)?.f_unsqueeze(2)?)?;
+        let _ = vb
+            .shallow_clone()
+            .f_index_copy_(2, at, &v.f_unsqueeze(2)?)?;
+        Ok((kb.shallow_clone(), vb.shallow_clone()))
+    }
+
+    /// The buffer column the next token of every row is written to (after the window).
+    pub fn next_column(&self) -> i64 {
+        self.start + self.len
+    }
+
+    /// The first buffer column each row attends to (its first real token).
+    pub fn first_columns(&self) -> Vec<i64> {
+        self.pad.iter().map(|p| self.start + p).collect()
+    }
+
+    /// Where the buffers live (the first layer's keys): a step recorded over them may replay
+    /// only while this and [`KvCache::capacity`] are unchanged.
+    pub fn buffer_address(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.data_ptr() as usize)
+    }
+
+    /// Handles on every buffer (what a recorded step reads and writes).
+    pub(crate) fn buffers(&self) -> Vec<Tensor> {
+        self.layers
+            .iter()
+            .flat_map(|(k, v)| [k.shallow_clone(), v.shallow_clone()])
+            .collect()
+    }
+
     /// Grows the window by the `t` columns every layer [`KvCache::append`]ed (or, `t` = 1,
     /// [`KvCache::append_rotated`]).
     pub(crate) fn advance(&mut self, t: i64) {

@@ -23,6 +23,7 @@ pub mod rope;
 pub mod sample;
 pub mod scoring;
 pub mod slab;
+pub mod step_graph;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
@@ -35,11 +36,12 @@ pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target}
 pub use loss::{LossFn, LossInputs};
 pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{
-    sample, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence, SamplingParams,
-    StepReport, Stop, StopReason,
+    sample, sample_with, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence,
+    SamplingParams, StepReport, Stop, StopReason,
 };
 pub use scoring::{AltTokens, CsrLayout, PromptScores, Scoring, TopK, MAX_SCORED_WIDTH};
 pub use slab::Field;
+pub use step_graph::{GraphCounts, StepGraphs};
 /// The device type of every tensor (re-exported so that callers need not depend on `tch`).
 pub use tch::Device;
 pub use tokenizer::TextTokenizer;

@@ -1050,6 +1050,30 @@ impl<'a> LoraBatch<'a> {
         Ok(LoraBatch { parts, rows })
     }
 
+    /// Handles on every tensor the batch's deltas read (its stacks' weights and its own
+    /// indices and masks): what a recorded decode step must keep alive while it may replay.
+    pub(crate) fn tensors(&self) -> Vec<Tensor> {
+        let mut all = Vec::new();
+        for part in &self.parts {
+            let stack = part.stack;
+            all.extend([&stack.slots_t, &stack.scale_t, &stack.buffer].map(Tensor::shallow_clone));
+            for (a, b) in stack.pairs.iter().chain(&stack.dense) {
+                all.extend([a.shallow_clone(), b.shallow_clone()]);
+            }
+            all.extend(stack.fused_a.values().map(Tensor::shallow_clone));
+            all.extend(stack.fused_b.values().map(Tensor::shallow_clone));
+            all.extend(part.rows.iter().map(Tensor::shallow_clone));
+            match &part.members {
+                Members::One(..) | Members::Blocks(_) => {}
+                Members::Gather { index, scale } => {
+                    all.extend([index.shallow_clone(), scale.shallow_clone()])
+                }
+                Members::Dense { masks } => all.extend(masks.iter().map(Tensor::shallow_clone)),
+            }
+        }
+        all
+    }
+
     /// Every one of `rows` rows uses member `member` of `stack`.
     pub fn one(stack: &'a AdapterStack, member: i64, rows: i64) -> Result<Self> {
         Self::new(&vec![Some((stack, member)); rows as usize])

@@ -20,6 +20,7 @@ use crate::kv_cache::KvCache;
 use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
 use crate::rng::SplitMix64;
 use crate::scoring::{top_k_rows, PromptScorer, PromptScores, Scoring, TopK};
+use crate::step_graph::{GraphCounts, StepGraph, StepGraphs};
 
 /// When a sequence stops besides `max_tokens`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,6 +297,13 @@ pub struct Generation {
     /// one chunk.
     prefilling: VecDeque<Prefilling>,
     prefill_chunk: usize,
+    /// Whether steps are recorded and replayed ([`Generation::with_step_graphs`]).
+    graphs: StepGraphs,
+    /// The current batch's recorded step, while its rows, adapters and cache buffers last.
+    graph: Option<StepGraph>,
+    /// Decode steps since the batch's rows last changed (a batch is recorded at its second).
+    steady_steps: u64,
+    graph_counts: GraphCounts,
 }
 
 /// A request whose long prompt is being prefilled chunk by chunk: what joins the batch when it
@@ -362,7 +370,29 @@ impl Generation {
             prefills: 0,
             prefilling: VecDeque::new(),
             prefill_chunk: PREFILL_CHUNK,
+            graphs: StepGraphs::Off,
+            graph: None,
+            steady_steps: 0,
+            graph_counts: GraphCounts::default(),
         }
+    }
+
+    /// Records a batch's decode step once its rows last two steps and replays it while they
+    /// last ([`StepGraphs`]).
+    pub fn with_step_graphs(mut self, graphs: StepGraphs) -> Self {
+        self.graphs = graphs;
+        self
+    }
+
+    /// Steps recorded and replayed so far.
+    pub fn graph_counts(&self) -> GraphCounts {
+        self.graph_counts
+    }
+
+    /// The batch's rows, adapters or cache changed: its recording no longer serves.
+    fn batch_changed(&mut self) {
+        self.graph = None;
+        self.steady_steps = 0;
     }
 
     /// Prefills prompts longer than `tokens` in chunks of `tokens`, one chunk per step.
@@ -624,6 +654,7 @@ impl Generation {
         };
         self.cache = Some(cache);
         self.logits = Some(logits);
+        self.batch_changed();
         for j in joining {
             self.prefills += 1;
             let seed = j.params.seed.unwrap_or_else(random_seed);
@@ -819,24 +850,68 @@ impl Generation {
         }
         let mut cache = self.cache.take().expect("live rows have a cache");
         if keep.len() < total {
+            self.batch_changed();
             cache = cache.select(&keep)?;
             cache.trim_padding();
             self.compact_stacks()?;
         }
-        let assignment: Vec<_> = self
-            .rows
-            .iter()
-            .map(|r| {
-                self.live[&r.request]
-                    .member
-                    .map(|(s, m)| (&self.stacks[s], m))
-            })
-            .collect();
-        let lora = LoraBatch::new(&assignment)?;
-        let hidden = decoder.decode_step(&next_ids, &mut cache, Some(&lora))?;
-        self.logits = Some(decoder.logits(&hidden, Some(&lora))?);
+        self.logits = Some(self.decode(decoder, &next_ids, &mut cache)?);
         self.cache = Some(cache);
         Ok(report)
+    }
+
+    /// One decode step of the batch (`ids`, one per row) over `cache`: its logits. Issued
+    /// operation by operation, or recorded or replayed ([`Generation::with_step_graphs`]).
+    fn decode(&mut self, decoder: &Decoder, ids: &[i64], cache: &mut KvCache) -> Result<Tensor> {
+        let (rows, live, stacks) = (&self.rows, &self.live, &self.stacks);
+        let assignment: Vec<_> = rows
+            .iter()
+            .map(|r| live[&r.request].member.map(|(s, m)| (&stacks[s], m)))
+            .collect();
+        let mode = self.graphs.on(decoder.device());
+        self.steady_steps += 1;
+        let eager = |cache: &mut KvCache| -> Result<Tensor> {
+            let lora = LoraBatch::new(&assignment)?;
+            let hidden = decoder.decode_step(ids, cache, Some(&lora))?;
+            decoder.logits(&hidden, Some(&lora))
+        };
+        if mode == StepGraphs::Off {
+            return eager(cache);
+        }
+        cache.reserve(1)?;
+        if let Some(graph) = self.graph.as_ref().filter(|g| g.serves(cache)) {
+            let host = decoder.static_step_inputs(ids, cache, None)?;
+            let lora = match graph.is_emulated() {
+                true => Some(LoraBatch::new(&assignment)?),
+                false => None,
+            };
+            let logits = graph.replay(decoder, &host, cache, lora.as_ref())?;
+            cache.advance(1);
+            self.graph_counts.replayed += 1;
+            return Ok(logits);
+        }
+        // The buffers grew (or the batch is new): what was recorded no longer serves.
+        self.graph = None;
+        if self.steady_steps < 2 {
+            return eager(cache);
+        }
+        let lora = LoraBatch::new(&assignment)?;
+        let host = decoder.static_step_inputs(ids, cache, Some(&lora))?;
+        match StepGraph::record(mode, decoder, &host, cache, &lora) {
+            Ok((graph, logits)) => {
+                cache.advance(1);
+                self.graph = Some(graph);
+                self.graph_counts.recorded += 1;
+                Ok(logits)
+            }
+            Err(e) if mode == StepGraphs::Cuda => {
+                tracing::warn!(error = %e, "decode steps cannot be recorded as CUDA graphs; \
+                    this decode loop issues them operation by operation");
+                self.graphs = StepGraphs::Off;
+                eager(cache)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Drops stacks no live request uses and compacts stacks mostly made of departed members.
@@ -923,6 +998,7 @@ impl Generation {
                 }
             }
             removed.extend(gone);
+            self.batch_changed();
         }
         if self.is_empty() {
             self.stacks.clear();
@@ -934,6 +1010,7 @@ impl Generation {
 
     /// Drops every request in progress (after a failed step) and returns their tags.
     pub fn clear(&mut self) -> Vec<RequestTag> {
+        self.batch_changed();
         self.rows.clear();
         self.cache = None;
         self.logits = None;
@@ -951,7 +1028,21 @@ pub fn sample(
     requests: &[SampleRequest],
     detokenize: Option<Detokenize>,
 ) -> Result<Vec<SampleOutput>> {
-    let mut generation = Generation::new(decoder.kind());
+    sample_with(
+        Generation::new(decoder.kind()),
+        decoder,
+        requests,
+        detokenize,
+    )
+}
+
+/// [`sample`] in `generation` (an empty loop, configured by the caller).
+pub fn sample_with(
+    mut generation: Generation,
+    decoder: &Decoder,
+    requests: &[SampleRequest],
+    detokenize: Option<Detokenize>,
+) -> Result<Vec<SampleOutput>> {
     let tagged: Vec<(RequestTag, &SampleRequest)> = requests
         .iter()
         .enumerate()

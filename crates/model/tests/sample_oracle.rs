@@ -10,8 +10,8 @@ use common::*;
 use loraloom_model::checkpoint;
 use loraloom_model::sample::sample_seed;
 use loraloom_model::{
-    sample, Decoder, Generation, LoraAdapter, LoraSpec, SampleOutput, SampleRequest,
-    SamplingParams, Scoring, Stop, StopReason, TopK,
+    sample, sample_with, Decoder, Generation, LoraAdapter, LoraSpec, SampleOutput, SampleRequest,
+    SamplingParams, Scoring, StepGraphs, Stop, StopReason, TopK,
 };
 use std::collections::HashMap;
 use tch::{Device, Kind};
@@ -125,19 +125,22 @@ fn greedy_with_an_adapter_equals_peft_generate() {
         .unwrap()
         .adapter;
     check_against_oracle(&decoder, Some(&adapter), &file, 16);
-    check_continuous_against_oracle(&decoder, &adapter, &file, 16);
+    check_continuous_against_oracle(&decoder, &adapter, &file, 16, StepGraphs::Off);
+    check_continuous_against_oracle(&decoder, &adapter, &file, 16, StepGraphs::Emulate);
 }
 
 /// The oracle's prompts join a running decode loop at different steps, with different
 /// `max_tokens`, among seeded sampled requests of three other adapters (other ranks and
 /// targets: other stacks) that join and leave around them. Every oracle sequence must still be
 /// peft's greedy continuation (a prefix of it), and every seeded request must draw what it draws
-/// alone.
+/// alone. With `graphs`, steps of a batch that keeps its rows are recorded and replayed
+/// ([`StepGraphs::Emulate`]: the static step of a CUDA graph, run on the CPU).
 fn check_continuous_against_oracle(
     decoder: &Decoder,
     adapter: &LoraAdapter,
     oracle_file: &std::path::Path,
     new_tokens: i64,
+    graphs: StepGraphs,
 ) {
     let e = read_tensors(oracle_file);
     let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
@@ -176,7 +179,7 @@ fn check_continuous_against_oracle(
             oracle_request(tag as usize)
         }
     };
-    let mut g = Generation::new(decoder.kind());
+    let mut g = Generation::new(decoder.kind()).with_step_graphs(graphs);
     let mut done: HashMap<u64, SampleOutput> = HashMap::new();
     for step in 0.. {
         let joining: Vec<(u64, SampleRequest)> = joins
@@ -194,6 +197,13 @@ fn check_continuous_against_oracle(
         done.extend(g.step(decoder, None).unwrap().finished);
     }
     assert_eq!(done.len(), n + 3);
+    let counts = g.graph_counts();
+    if graphs == StepGraphs::Emulate {
+        // Batches that kept their rows were recorded and replayed between the joins.
+        assert!(counts.recorded > 0 && counts.replayed > 0, "{counts:?}");
+    } else {
+        assert_eq!(counts.recorded + counts.replayed, 0);
+    }
     for i in 0..n {
         let out = &done[&(i as u64)];
         let m = (new_tokens - 3 * i as i64) as usize;
@@ -361,6 +371,65 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
         // The two samples of one prompt draw from different streams.
         assert_ne!(mixed.sequences[0].tokens, mixed.sequences[1].tokens);
     }
+}
+
+/// Recorded and replayed steps (the static step a CUDA graph records, emulated on the CPU:
+/// attention over the whole cache buffers under a mask made on the device, the keys and values
+/// written at a column read on the device) choose what steps issued one by one choose: mixed
+/// adapters, seeded draws, sequences stopping at different steps (the batch shrinks and is
+/// recorded again), and 90 tokens, past the cache's first reallocation (the buffers move and
+/// the recording with them).
+#[test]
+fn recorded_steps_equal_steps_issued_one_by_one() {
+    let (_dir, decoder) = tiny_llama("recorded");
+    let adapters = adapters(&decoder, 3);
+    let request = |i: usize| SampleRequest {
+        adapter: (i < 3).then(|| &adapters[i]),
+        prompt: (0..(2 + 3 * i as i64))
+            .map(|j| (j * 11 + i as i64) % 120 + 1)
+            .collect(),
+        num_samples: 2,
+        params: SamplingParams {
+            max_tokens: 90 - 20 * i as i64,
+            temperature: if i == 0 { 0.0 } else { 0.8 },
+            top_k: 40,
+            seed: Some(500 + i as u64),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        },
+        scoring: Scoring::prompt_logprobs(false),
+    };
+    let requests: Vec<SampleRequest> = (0..4).map(request).collect();
+    let eager = sample(&decoder, &requests, None).unwrap();
+    let generation = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
+    let recorded = sample_with(generation, &decoder, &requests, None).unwrap();
+    for (i, (a, b)) in eager.iter().zip(&recorded).enumerate() {
+        for (s, (x, y)) in a.sequences.iter().zip(&b.sequences).enumerate() {
+            assert_eq!(x.tokens, y.tokens, "request {i} sample {s}");
+            // Attention over the whole buffer sums the same terms (the masked ones are exact
+            // zeros) in another blocking: f32 rounding, far under the oracles' 1e-4.
+            assert!(
+                close(&x.logprobs, &y.logprobs, 1e-5),
+                "request {i} sample {s}: {:?} vs {:?}",
+                x.logprobs,
+                y.logprobs
+            );
+        }
+    }
+    // The recording path ran: a batch is recorded at its second step after every change (four
+    // shrinks, one reallocation) and replayed otherwise.
+    let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
+    let tagged: Vec<(u64, &SampleRequest)> =
+        requests.iter().zip(0..).map(|(r, t)| (t, r)).collect();
+    for r in g.admit_many(&decoder, &tagged, false) {
+        r.unwrap();
+    }
+    while !g.is_empty() {
+        g.step(&decoder, None).unwrap();
+    }
+    let counts = g.graph_counts();
+    assert!(counts.recorded >= 2, "{counts:?}");
+    assert!(counts.replayed >= 70, "{counts:?}");
 }
 
 #[test]
