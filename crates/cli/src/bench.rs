@@ -13,9 +13,9 @@ use loraloom_engine::{
 use loraloom_model::rng::SplitMix64;
 use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
-    forward_backward, sample, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder,
-    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, SampleRequest, SamplingParams,
-    StepJob, Stop, TrainRequest, NO_LIMIT,
+    forward_backward, sample, sample_with, step_many, AdamParams, AdamState, AdapterStack, Datum,
+    Decoder, Generation, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost,
+    SampleOutput, SampleRequest, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -210,20 +210,37 @@ fn proc_status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Decode (greedy at `temperature` 0, else seeded draws) of `sequences` sequences over
-/// `adapters` adapters (0 = base model): one
-/// request per adapter with its share of the sequences as `num_samples` or, `interleaved`, one
-/// request per sequence, sequence `i` on adapter `i % adapters` (rows of mixed adapters, as
-/// concurrent users make them).
+/// How the `decode` benchmark decodes.
+#[derive(Clone, Copy)]
+pub struct DecodeHow {
+    /// Tokens per sequence.
+    pub new_tokens: i64,
+    /// Timed repetitions.
+    pub iters: usize,
+    /// 0: greedy; else seeded draws.
+    pub temperature: f64,
+    /// Whether steps are recorded and replayed; when they are, the outputs are also compared
+    /// with steps issued one by one (`recorded_vs_eager`).
+    pub graphs: StepGraphs,
+}
+
+/// Decode of `sequences` sequences over `adapters` adapters (0 = base model): one request per
+/// adapter with its share of the sequences as `num_samples` or, `interleaved`, one request per
+/// sequence, sequence `i` on adapter `i % adapters` (rows of mixed adapters, as concurrent users
+/// make them).
 pub fn decode(
     decoder: &Decoder,
     sequences: usize,
     adapters: usize,
-    new_tokens: i64,
-    iters: usize,
     interleaved: bool,
-    temperature: f64,
+    how: DecodeHow,
 ) -> anyhow::Result<()> {
+    let DecodeHow {
+        new_tokens,
+        iters,
+        temperature,
+        graphs,
+    } = how;
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
         .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
@@ -264,17 +281,58 @@ pub fn decode(
             })
             .collect(),
     };
+    let generation = || Generation::new(decoder.kind()).with_step_graphs(graphs);
     let secs = time_it(iters, || {
-        sample(decoder, &requests, None)?;
+        sample_with(generation(), decoder, &requests, None)?;
         Ok(())
     })?;
     let tokens = sequences as f64 * new_tokens as f64;
-    emit(
-        "decode",
-        json!({"sequences": sequences, "adapters": adapters, "interleaved": interleaved,
-               "new_tokens": new_tokens, "seconds": secs, "tokens_per_s": tokens / secs}),
-    );
+    let mut line = json!({"sequences": sequences, "adapters": adapters,
+        "interleaved": interleaved, "new_tokens": new_tokens, "seconds": secs,
+        "tokens_per_s": tokens / secs, "step_graphs": format!("{graphs:?}")});
+    if graphs != StepGraphs::Off {
+        line["recorded_vs_eager"] = recorded_vs_eager(decoder, &requests, generation())?;
+    }
+    emit("decode", line);
     Ok(())
+}
+
+/// `requests` decoded in `generation` (recording its steps) against steps issued one by one:
+/// how many sequences agree token for token, the largest difference of the log-probabilities of
+/// their common prefixes, and the loop's recorded and replayed steps.
+fn recorded_vs_eager(
+    decoder: &Decoder,
+    requests: &[SampleRequest],
+    mut generation: Generation,
+) -> anyhow::Result<serde_json::Value> {
+    let eager = sample(decoder, requests, None)?;
+    let tagged: Vec<(u64, &SampleRequest)> = (0..).zip(requests).collect();
+    for admitted in generation.admit_many(decoder, &tagged, false) {
+        admitted?;
+    }
+    let mut recorded: Vec<Option<SampleOutput>> = vec![None; requests.len()];
+    while !generation.is_empty() {
+        for (tag, out) in generation.step(decoder, None)?.finished {
+            recorded[tag as usize] = Some(out);
+        }
+    }
+    let (mut same, mut total, mut largest) = (0, 0, 0f32);
+    for (a, b) in eager.iter().zip(&recorded) {
+        let b = b.as_ref().context("a request did not finish")?;
+        for (x, y) in a.sequences.iter().zip(&b.sequences) {
+            total += 1;
+            same += usize::from(x.tokens == y.tokens);
+            let common = x.tokens.iter().zip(&y.tokens).take_while(|(s, t)| s == t);
+            for (i, _) in common.enumerate() {
+                largest = largest.max((x.logprobs[i] - y.logprobs[i]).abs());
+            }
+        }
+    }
+    let counts = generation.graph_counts();
+    Ok(
+        json!({"same_sequences": same, "sequences": total, "max_logprob_diff": largest,
+              "recorded_steps": counts.recorded, "replayed_steps": counts.replayed}),
+    )
 }
 
 /// Where a decode step's time goes, at the model level: `rows` rows of one adapter, greedy,

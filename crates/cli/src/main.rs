@@ -17,6 +17,7 @@ use loraloom_api::{parse_keys, router, AppState, Auth};
 use loraloom_engine::{
     Backend, BaseModel, Engine, EngineConfig, Limits, ModelWorker, Registry, SqliteStore, Store,
 };
+use loraloom_model::StepGraphs;
 
 /// Name under which the embedded default model is served.
 const DEFAULT_MODEL_NAME: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -74,6 +75,11 @@ struct BenchArgs {
     /// one-time cost (e.g. a GPU kernel's plan for a new shape) shows after the first shape.
     #[arg(long, value_delimiter = ',', default_value = "4x128", value_parser = parse_shape)]
     train_shape: Vec<(usize, usize)>,
+    /// Decode steps of the `decode` benchmark: `off`, `cuda` (as `serve --step-graphs`; each
+    /// line is then also checked against steps issued one by one) or `emulate` (the recording
+    /// path without a graph, on any device: a dry run of `cuda`).
+    #[arg(long, default_value = "off", value_parser = parse_step_graphs)]
+    step_graphs: StepGraphs,
     /// Rows (sequences of one adapter) of the `decode_phases` benchmark, one measurement each.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64",
           value_parser = clap::value_parser!(i64).range(1..=4096))]
@@ -88,6 +94,16 @@ struct BenchArgs {
     /// Activation memory budget of the `long` benchmark (`auto` as for `serve`, or a size).
     #[arg(long, default_value = "auto")]
     memory_budget: String,
+}
+
+/// `off`, `cuda` or `emulate` ([`StepGraphs`]).
+fn parse_step_graphs(s: &str) -> Result<StepGraphs, String> {
+    match s {
+        "off" => Ok(StepGraphs::Off),
+        "cuda" => Ok(StepGraphs::Cuda),
+        "emulate" => Ok(StepGraphs::Emulate),
+        _ => Err(format!("`{s}`: expected off, cuda or emulate")),
+    }
 }
 
 /// `BATCHxLEN` (e.g. `4x128`), both positive.
@@ -126,16 +142,21 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 })?
             }
             "decode" => {
-                let t = args.temperature;
+                let how = bench::DecodeHow {
+                    new_tokens: 32,
+                    iters,
+                    temperature: args.temperature,
+                    graphs: args.step_graphs,
+                };
                 bench::isolated(move || {
-                    bench::decode(&d, 1, 0, 32, iters, false, t)?;
-                    bench::decode(&d, 8, 1, 32, iters, false, t)?;
-                    bench::decode(&d, 8, 8, 32, iters, false, t)?;
-                    bench::decode(&d, 32, 8, 32, iters, true, t)?;
+                    bench::decode(&d, 1, 0, false, how)?;
+                    bench::decode(&d, 8, 1, false, how)?;
+                    bench::decode(&d, 8, 8, false, how)?;
+                    bench::decode(&d, 32, 8, true, how)?;
                     // Issue 11's GPU goal: 64 sequences over 16 adapters against 64 of one
                     // adapter (both one request per sequence, so both prefill 64 prompts).
-                    bench::decode(&d, 64, 1, 32, iters, true, t)?;
-                    bench::decode(&d, 64, 16, 32, iters, true, t)
+                    bench::decode(&d, 64, 1, true, how)?;
+                    bench::decode(&d, 64, 16, true, how)
                 })?
             }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
@@ -283,6 +304,11 @@ struct ServeArgs {
     /// request still runs, once the loop is empty.
     #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
     max_kv_tokens: usize,
+    /// Decode steps as CUDA graphs: `cuda` records a decode batch's step once it keeps its
+    /// sequences for two steps and replays it (one launch) until they change, on a CUDA device
+    /// (elsewhere ignored); `off` issues every step operation by operation.
+    #[arg(long, env = "LORALOOM_STEP_GRAPHS", default_value = "off", value_parser = parse_step_graphs)]
+    step_graphs: StepGraphs,
     /// Client sessions (`create_session`, one per SDK ServiceClient) one tenant may hold (0 = no
     /// limit). Creating one more forgets the tenant's oldest sessions that hold no training run,
     /// sampling session or checkpoint; when every one holds something it is refused (403).
@@ -504,7 +530,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_step_snapshots(args.step_snapshots)
                 .with_max_resident(args.max_resident_runs)
                 .with_max_resident_samplers(args.max_resident_samplers)
-                .with_memory_budget(memory_budget),
+                .with_memory_budget(memory_budget)
+                .with_step_graphs(args.step_graphs),
             ) as Box<dyn Backend>
         })
         .collect();

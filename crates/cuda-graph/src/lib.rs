@@ -218,7 +218,10 @@ mod tests {
         // PyPI's PyTorch (requirements.txt) has CUDA, on CPU-only machines too: a build that
         // lost the glue (headers not found) would silently decode without graphs on a GPU.
         if option_env!("LORALOOM_LIBTORCH_HAS_CUDA").is_some() {
-            assert!(available(), "libtorch has CUDA but the CUDA graph glue was not built");
+            assert!(
+                available(),
+                "libtorch has CUDA but the CUDA graph glue was not built"
+            );
         }
     }
 

@@ -11,7 +11,7 @@ use loraloom_model::sample::Detokenize;
 use loraloom_model::train::validate_request;
 use loraloom_model::{
     forward_backward, step_many, AdamState, Decoder, Device, Generation, LoraAdapter, ModelError,
-    RequestTag, SampleRequest, StepJob, TextTokenizer, TrainRequest,
+    RequestTag, SampleRequest, StepGraphs, StepJob, TextTokenizer, TrainRequest,
 };
 
 use crate::error::{EngineError, Result};
@@ -188,6 +188,14 @@ impl ModelWorker {
     /// batch the least recently used idle ones are dropped; their next sample reloads them.
     pub fn with_max_resident_samplers(mut self, n: usize) -> Self {
         self.max_resident_samplers = n;
+        self
+    }
+
+    /// Records and replays decode steps as CUDA graphs ([`StepGraphs`]); the default issues
+    /// them operation by operation.
+    pub fn with_step_graphs(mut self, graphs: StepGraphs) -> Self {
+        let kind = self.decoder.kind();
+        self.decoding.generation = Generation::new(kind).with_step_graphs(graphs);
         self
     }
 

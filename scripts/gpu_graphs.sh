@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On a GPU machine: decode with steps recorded as CUDA graphs (`--step-graphs cuda`) against
+# the same build issuing them one by one (`off`), alternately in one call, and
+# transformers.generate on the same checkpoint. Each `cuda` line also says how its outputs
+# compare with steps issued one by one (`recorded_vs_eager`: sequences equal token for token,
+# the largest log-probability difference over their common prefixes, steps recorded and
+# replayed; recorded 0 means the capture failed: see the warning in its .out file).
+#
+# Runs from a kit built by ../shared/gpu/build.sh:
+#   cp scripts/gpu_graphs.sh scripts/gpu_common.sh .gpu-kit/
+#   then, there:  OUT=<dir> LIMIT=150 bash gpu_graphs.sh      (about 4 minutes on an H200)
+# CPU dry run from the project root (`emulate` stands in for `cuda`; no transformers there, so
+# the generate line fails):
+#   BIN=target/release/loraloom M=data/models/tiny64 GRAPHS=emulate PY=.venv/bin/python \
+#   OUT=/tmp/ggr bash scripts/gpu_graphs.sh
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+BIN="${BIN:-$here/loraloom}"
+GRAPHS="${GRAPHS:-cuda}"
+. "$here/gpu_common.sh"
+export RUST_LOG="${RUST_LOG:-warn}"
+
+for round in 1 2; do
+  for mode in "$GRAPHS" off; do
+    run "decode_${mode}_$round" "$BIN" bench --model "$M" --what decode --step-graphs "$mode"
+    grep -m1 -i "recorded as CUDA graphs" "$OUT/decode_${mode}_$round.out"
+  done
+done
+run "decode_t1_$GRAPHS" "$BIN" bench --model "$M" --what decode --temperature 1 --step-graphs "$GRAPHS"
+[ -f "$here/gpu_baseline.py" ] && run generate "$PY" "$here/gpu_baseline.py" "$M" decode
+exit 0
