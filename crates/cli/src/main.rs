@@ -37,7 +37,7 @@ enum Command {
     /// Serve the Tinker API over HTTP.
     Serve(Box<ServeArgs>),
     /// Measure throughput (JSON lines; `scripts/bench` adds the baselines and ratios).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 /// Flags of `bench`.
@@ -736,7 +736,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(*args)),
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench(*args),
     }
 }
 
