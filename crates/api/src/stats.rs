@@ -166,6 +166,16 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
         s.prefills,
     );
     count(
+        "loraloom_decode_steps_recorded_total",
+        "Decode steps recorded as CUDA graphs (--step-graphs cuda).",
+        s.decode_steps_recorded,
+    );
+    count(
+        "loraloom_decode_steps_replayed_total",
+        "Decode steps replayed from a CUDA graph recording (one launch each).",
+        s.decode_steps_replayed,
+    );
+    count(
         "loraloom_decode_tokens_total",
         "Tokens sampled; divided by loraloom_decode_step_seconds_count, the mean decode batch occupancy.",
         s.decode_tokens,
@@ -209,6 +219,8 @@ pub async fn model_stats(
         "sampling": {
             "prefills": s.prefills,
             "decode_steps": s.decode_steps,
+            "decode_steps_recorded": s.decode_steps_recorded,
+            "decode_steps_replayed": s.decode_steps_replayed,
             "decode_tokens": s.decode_tokens,
             "mean_decode_batch": ratio(s.decode_tokens as f64, s.decode_steps as f64),
             "decode_tokens_per_s": ratio(s.decode_tokens as f64, s.decode_seconds),

@@ -10,8 +10,8 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
 use loraloom_model::train::validate_request;
 use loraloom_model::{
-    forward_backward, step_many, AdamState, Decoder, Device, Generation, LoraAdapter, ModelError,
-    RequestTag, SampleRequest, StepGraphs, StepJob, TextTokenizer, TrainRequest,
+    forward_backward, step_many, AdamState, Decoder, Device, Generation, GraphCounts, LoraAdapter,
+    ModelError, RequestTag, SampleRequest, StepGraphs, StepJob, TextTokenizer, TrainRequest,
 };
 
 use crate::error::{EngineError, Result};
@@ -82,6 +82,8 @@ pub struct DecodeStep {
     pub first_tokens: Vec<RequestId>,
     /// Tokens chosen (one per live sequence).
     pub tokens: usize,
+    /// Whether the step was recorded or replayed as a CUDA graph (`--step-graphs`).
+    pub graphs: GraphCounts,
 }
 
 /// Forward-pass floating-point operations per decoder layer under which a batch's CPU ops run
@@ -913,6 +915,7 @@ impl ModelWorker {
             None
         };
         let d = &mut self.decoding;
+        let before = d.generation.graph_counts();
         match d.generation.step(&self.decoder, detokenize) {
             Ok(report) => {
                 let id = |tag: &RequestTag| d.jobs.get(tag).cloned().unwrap_or_default();
@@ -929,10 +932,15 @@ impl ModelWorker {
                     let job = d.jobs.remove(&tag).unwrap_or_default();
                     finished.push((job, Err(e.into())));
                 }
+                let after = d.generation.graph_counts();
                 DecodeStep {
                     finished,
                     first_tokens,
                     tokens: report.tokens,
+                    graphs: GraphCounts {
+                        recorded: after.recorded - before.recorded,
+                        replayed: after.replayed - before.replayed,
+                    },
                 }
             }
             Err(e) => {

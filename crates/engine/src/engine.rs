@@ -102,6 +102,10 @@ pub struct StatsSnapshot {
     pub decode_tokens: u64,
     /// Seconds spent in decode steps.
     pub decode_seconds: f64,
+    /// Decode steps recorded as CUDA graphs (`--step-graphs cuda`).
+    pub decode_steps_recorded: u64,
+    /// Decode steps replayed from a recording (one launch each).
+    pub decode_steps_replayed: u64,
     /// Sampling jobs that sampled a first token.
     pub first_tokens: u64,
     /// Their summed time from admission to first token (seconds).
@@ -123,6 +127,8 @@ struct Counters {
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
+    decode_steps_recorded: AtomicU64,
+    decode_steps_replayed: AtomicU64,
     first_tokens: AtomicU64,
     first_token_ns: AtomicU64,
 }
@@ -710,6 +716,8 @@ impl Engine {
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            decode_steps_recorded: c.decode_steps_recorded.load(Ordering::Relaxed),
+            decode_steps_replayed: c.decode_steps_replayed.load(Ordering::Relaxed),
             first_tokens: c.first_tokens.load(Ordering::Relaxed),
             first_token_seconds: c.first_token_ns.load(Ordering::Relaxed) as f64 / 1e9,
         }
@@ -1094,6 +1102,10 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
     c.decode_steps.fetch_add(1, Ordering::Relaxed);
     c.decode_tokens
         .fetch_add(step.tokens as u64, Ordering::Relaxed);
+    c.decode_steps_recorded
+        .fetch_add(step.graphs.recorded, Ordering::Relaxed);
+    c.decode_steps_replayed
+        .fetch_add(step.graphs.replayed, Ordering::Relaxed);
     for id in &step.first_tokens {
         if let Some((job, _)) = live.jobs.get(id) {
             let waited = job.enqueued.elapsed();

@@ -13,7 +13,8 @@ use loraloom_engine::{
 };
 use loraloom_model::{
     forward_backward, AdamParams, AdamState, Datum, Decoder, Field, LoraAdapter, LoraSpec, LossFn,
-    LossInputs, ModelConfig, PassCost, SamplingParams, StepStats, Stop, TrainRequest, NO_LIMIT,
+    LossInputs, ModelConfig, PassCost, SamplingParams, StepGraphs, StepStats, Stop, TrainRequest,
+    NO_LIMIT,
 };
 use tch::{Device, Kind};
 
@@ -821,6 +822,60 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     assert_eq!(sample("a"), first, "a reloads the same weights");
     assert!(loaded("a") && !loaded("b"));
     engine.shutdown(true);
+}
+
+/// With `--step-graphs` a worker's decode loop records a steady batch's step and replays it
+/// (emulated here: the CPU has no CUDA graphs), counts both in the engine's stats, and samples
+/// what a loop issuing every step samples.
+#[test]
+fn recorded_decode_steps_are_counted_and_sample_as_eager_ones() {
+    let sample = |graphs: StepGraphs| {
+        let (engine, _) = model_engine_of(|worker| worker.with_step_graphs(graphs));
+        let key = SamplerKey {
+            tenant: "t".into(),
+            sampler_id: "base".into(),
+        };
+        engine
+            .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
+            .unwrap();
+        let work = Work::Sample {
+            prompt: vec![5, 6, 7],
+            num_samples: 3,
+            params: SamplingParams {
+                max_tokens: 12,
+                temperature: 1.0,
+                top_k: -1,
+                top_p: 1.0,
+                seed: Some(5),
+                stop: Stop::Never,
+            },
+            scoring: loraloom_model::Scoring::prompt_logprobs(false),
+            record_stability: false,
+        };
+        let id = engine.submit(QueueKey::Sampler(key), work).unwrap();
+        let tokens = match wait(&engine, "t", &id) {
+            FutureState::Done(Output::Sample(out)) => out
+                .sequences
+                .into_iter()
+                .map(|s| s.tokens)
+                .collect::<Vec<_>>(),
+            other => panic!("sampling failed: {other:?}"),
+        };
+        let stats = engine.stats();
+        engine.shutdown(true);
+        (
+            tokens,
+            stats.decode_steps_recorded,
+            stats.decode_steps_replayed,
+        )
+    };
+    let (eager, recorded, replayed) = sample(StepGraphs::Off);
+    assert_eq!((recorded, replayed), (0, 0));
+    // 12 tokens: the first from the prefill, 11 decode steps: one eager, one recorded, nine
+    // replayed (the sequences never change before the last).
+    let (graphed, recorded, replayed) = sample(StepGraphs::Emulate);
+    assert_eq!(graphed, eager);
+    assert_eq!((recorded, replayed), (1, 9));
 }
 
 /// A backend with a decode loop: each sampling job makes one token per step until it has
