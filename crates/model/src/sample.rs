@@ -232,8 +232,6 @@ pub type RequestTag = u64;
 /// A request whose sequences are being generated.
 struct Live {
     params: SamplingParams,
-    /// Its adapter's stack (index into [`Generation::stacks`]) and member; `None` for the base.
-    member: Option<(usize, i64)>,
     sequences: Vec<Option<SampledSequence>>,
     unfinished: usize,
     prompt: PromptScores,
@@ -243,10 +241,16 @@ struct Live {
     started: bool,
 }
 
-/// One live sequence: a row of the KV cache and of the pending logits.
+/// One sequence: a row of the KV cache and of the pending logits.
 struct Row {
     request: RequestTag,
     sample: usize,
+    /// Its adapter's stack (index into [`Generation::stacks`]) and member; `None` for the base.
+    member: Option<(usize, i64)>,
+    /// The sequence stopped, but its row stays in the batch (computed and ignored) so that the
+    /// batch's recorded step still serves ([`Generation::parks`]); `tokens` then holds only
+    /// the token it is fed.
+    parked: bool,
     tokens: Vec<i64>,
     logprobs: Vec<f32>,
     /// See [`SampledSequence::drawn_logprobs`].
@@ -411,9 +415,9 @@ impl Generation {
         self.live.len() + self.prefilling.len()
     }
 
-    /// Live sequences (rows of the decode batch).
+    /// Live sequences (rows of the decode batch that have not stopped).
     pub fn rows(&self) -> usize {
-        self.rows.len()
+        self.rows.iter().filter(|r| !r.parked).count()
     }
 
     /// Tokens the next [`Generation::step`] puts through the model: one per live sequence, plus
@@ -645,15 +649,20 @@ impl Generation {
             &Tensor::from_slice(&repeat).f_to_device(logits.device())?,
         )?;
         // Everything that can fail has run; now join the batch.
+        // The batch changes: its parked rows leave.
         let (cache, logits) = match (&self.cache, &self.logits) {
-            (Some(c), Some(l)) => (
-                KvCache::concat(vec![c.shallow_clone(), cache])?,
-                Tensor::f_cat(&[l, &logits], 0)?,
-            ),
+            (Some(c), Some(l)) => {
+                let (c, l) = self.without_parked(c, l)?;
+                (
+                    KvCache::concat(vec![c, cache])?,
+                    Tensor::f_cat(&[&l, &logits], 0)?,
+                )
+            }
             _ => (cache, logits),
         };
         self.cache = Some(cache);
         self.logits = Some(logits);
+        self.rows.retain(|r| !r.parked);
         self.batch_changed();
         for j in joining {
             self.prefills += 1;
@@ -662,6 +671,8 @@ impl Generation {
                 self.rows.push(Row {
                     request: j.tag,
                     sample: s,
+                    member: j.member,
+                    parked: false,
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
                     drawn_logprobs: Vec::new(),
@@ -675,7 +686,6 @@ impl Generation {
                     sequences: vec![None; j.num_samples as usize],
                     unfinished: j.num_samples as usize,
                     params: j.params,
-                    member: j.member,
                     prompt: j.scorer.finish(),
                     sample_top_k: j.sample_top_k,
                     started: false,
@@ -683,6 +693,18 @@ impl Generation {
             );
         }
         Ok(())
+    }
+
+    /// `cache` and `logits` (the batch's) without the parked rows' rows.
+    fn without_parked(&self, cache: &KvCache, logits: &Tensor) -> Result<(KvCache, Tensor)> {
+        if self.rows.iter().all(|r| !r.parked) {
+            return Ok((cache.shallow_clone(), logits.shallow_clone()));
+        }
+        let keep = self.unparked();
+        let mut cache = cache.select(&keep)?;
+        cache.trim_padding();
+        let index = Tensor::from_slice(&keep).f_to_device(logits.device())?;
+        Ok((cache, logits.f_index_select(0, &index)?))
     }
 
     /// Prefills the next chunk of the first long prompt in line; a prompt done joins the batch.
@@ -767,15 +789,24 @@ impl Generation {
         let Some(logits) = self.logits.take() else {
             return Ok(report);
         };
+        // A parked row's choice is ignored: the cheapest pick.
+        let ignored = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
         let picks: Vec<Pick> = self
             .rows
             .iter_mut()
-            .map(|row| Pick::new(&self.live[&row.request].params, &mut row.rng))
+            .map(|row| match row.parked {
+                true => Pick::new(&ignored, &mut row.rng),
+                false => Pick::new(&self.live[&row.request].params, &mut row.rng),
+            })
             .collect();
         let chosen = choose_tokens(&logits, &picks)?;
         let widest = self
             .rows
             .iter()
+            .filter(|row| !row.parked)
             .map(|row| self.live[&row.request].sample_top_k)
             .max()
             .unwrap_or(0);
@@ -784,13 +815,13 @@ impl Generation {
         } else {
             Vec::new()
         };
-        let mut keep: Vec<i64> = Vec::with_capacity(self.rows.len());
         let mut next_ids: Vec<i64> = Vec::with_capacity(self.rows.len());
-        let rows = std::mem::take(&mut self.rows);
-        let total = rows.len();
-        let mut kept_rows = Vec::with_capacity(rows.len());
-        report.tokens = rows.len();
-        for (i, mut row) in rows.into_iter().enumerate() {
+        for (i, row) in self.rows.iter_mut().enumerate() {
+            if row.parked {
+                next_ids.push(row.tokens[0]);
+                continue;
+            }
+            report.tokens += 1;
             let live = self
                 .live
                 .get_mut(&row.request)
@@ -808,51 +839,52 @@ impl Generation {
                 mine.truncate(live.sample_top_k);
                 row.top_k.push(mine);
             }
-            match stop_reason(decoder, &live.params, &row.tokens, detokenize) {
-                Some(reason) => {
-                    live.sequences[row.sample] = Some(SampledSequence {
-                        tokens: row.tokens,
-                        logprobs: row.logprobs,
-                        stop_reason: reason,
-                        top_k: (live.sample_top_k > 0).then_some(row.top_k),
-                        drawn_logprobs: row.drawn_logprobs,
-                    });
-                    live.unfinished -= 1;
-                    if live.unfinished == 0 {
-                        let done = self.live.remove(&row.request).expect("live");
-                        report.finished.push((
-                            row.request,
-                            SampleOutput {
-                                sequences: done
-                                    .sequences
-                                    .into_iter()
-                                    .map(|s| s.expect("every sequence finished"))
-                                    .collect(),
-                                prompt: done.prompt,
-                            },
-                        ));
-                    }
-                }
-                None => {
-                    keep.push(i as i64);
-                    next_ids.push(token);
-                    kept_rows.push(row);
-                }
+            next_ids.push(token);
+            let Some(reason) = stop_reason(decoder, &live.params, &row.tokens, detokenize) else {
+                continue;
+            };
+            live.sequences[row.sample] = Some(SampledSequence {
+                tokens: std::mem::replace(&mut row.tokens, vec![token]),
+                logprobs: std::mem::take(&mut row.logprobs),
+                stop_reason: reason,
+                top_k: (live.sample_top_k > 0).then(|| std::mem::take(&mut row.top_k)),
+                drawn_logprobs: std::mem::take(&mut row.drawn_logprobs),
+            });
+            row.parked = true;
+            live.unfinished -= 1;
+            if live.unfinished == 0 {
+                let done = self.live.remove(&row.request).expect("live");
+                report.finished.push((
+                    row.request,
+                    SampleOutput {
+                        sequences: done
+                            .sequences
+                            .into_iter()
+                            .map(|s| s.expect("every sequence finished"))
+                            .collect(),
+                        prompt: done.prompt,
+                    },
+                ));
             }
         }
-        self.rows = kept_rows;
-        if self.rows.is_empty() {
+        let live_rows = self.rows();
+        if live_rows == 0 {
+            self.rows.clear();
             self.cache = None;
+            self.batch_changed();
             if self.prefilling.is_empty() {
                 self.stacks.clear();
             }
             return Ok(report);
         }
         let mut cache = self.cache.take().expect("live rows have a cache");
-        if keep.len() < total {
+        if live_rows < self.rows.len() && !self.parks(decoder, &cache, live_rows) {
+            let keep = self.unparked();
+            next_ids = keep.iter().map(|&i| next_ids[i as usize]).collect();
             self.batch_changed();
             cache = cache.select(&keep)?;
             cache.trim_padding();
+            self.rows.retain(|r| !r.parked);
             self.compact_stacks()?;
         }
         self.logits = Some(self.decode(decoder, &next_ids, &mut cache)?);
@@ -860,13 +892,35 @@ impl Generation {
         Ok(report)
     }
 
+    /// Whether rows whose sequences stopped stay in the batch for the next step (parked:
+    /// computed and ignored) instead of leaving it: while the batch's step is recorded, a
+    /// departure would otherwise end the recording, and on a GPU computing a few more rows of a
+    /// recorded step costs less than issuing steps one by one until it is recorded again. They
+    /// leave with the next change of the batch anyway (a join, a removal, a reallocation of
+    /// the cache), once they outnumber the live rows, or before a row would pass the model's
+    /// context.
+    fn parks(&self, decoder: &Decoder, cache: &KvCache, live_rows: usize) -> bool {
+        let context = decoder.config().max_position_embeddings;
+        self.graph.as_ref().is_some_and(|g| g.serves(cache))
+            && self.rows.len() - live_rows <= live_rows
+            && cache.next_positions().iter().all(|&p| p < context)
+    }
+
+    /// The indices of the rows that are not parked.
+    fn unparked(&self) -> Vec<i64> {
+        (0..self.rows.len() as i64)
+            .filter(|&i| !self.rows[i as usize].parked)
+            .collect()
+    }
+
     /// One decode step of the batch (`ids`, one per row) over `cache`: its logits. Issued
     /// operation by operation, or recorded or replayed ([`Generation::with_step_graphs`]).
     fn decode(&mut self, decoder: &Decoder, ids: &[i64], cache: &mut KvCache) -> Result<Tensor> {
-        let (rows, live, stacks) = (&self.rows, &self.live, &self.stacks);
-        let assignment: Vec<_> = rows
+        let stacks = &self.stacks;
+        let assignment: Vec<_> = self
+            .rows
             .iter()
-            .map(|r| live[&r.request].member.map(|(s, m)| (&stacks[s], m)))
+            .map(|r| r.member.map(|(s, m)| (&stacks[s], m)))
             .collect();
         let mode = self.graphs.on(decoder.device());
         self.steady_steps += 1;
@@ -917,7 +971,7 @@ impl Generation {
     /// Drops stacks no live request uses and compacts stacks mostly made of departed members.
     fn compact_stacks(&mut self) -> Result<()> {
         let mut used: Vec<Vec<bool>> = self.stacks.iter().map(|s| vec![false; s.len()]).collect();
-        let members = self.live.values().map(|l| l.member);
+        let members = self.rows.iter().map(|r| r.member);
         for (s, m) in members
             .chain(self.prefilling.iter().map(|p| p.request.member))
             .flatten()
@@ -954,7 +1008,7 @@ impl Generation {
                 *member = Some((stack, m));
             }
         };
-        self.live.values_mut().for_each(|l| remap(&mut l.member));
+        self.rows.iter_mut().for_each(|r| remap(&mut r.member));
         self.prefilling
             .iter_mut()
             .for_each(|p| remap(&mut p.request.member));
@@ -979,10 +1033,12 @@ impl Generation {
             .filter(|t| self.live.remove(t).is_some())
             .collect();
         if !gone.is_empty() {
+            // The batch changes: its parked rows leave too.
+            let stays = |r: &Row| !r.parked && !gone.contains(&r.request);
             let keep: Vec<i64> = (0..self.rows.len() as i64)
-                .filter(|&i| !gone.contains(&self.rows[i as usize].request))
+                .filter(|&i| stays(&self.rows[i as usize]))
                 .collect();
-            self.rows.retain(|r| !gone.contains(&r.request));
+            self.rows.retain(stays);
             if self.rows.is_empty() {
                 self.cache = None;
                 self.logits = None;
