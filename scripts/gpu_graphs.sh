@@ -6,7 +6,11 @@
 # the largest log-probability difference over their common prefixes, steps recorded and
 # replayed; recorded 0 means the capture failed: see the warning in its .out file).
 #
-# Runs from a kit built by ../shared/gpu/build.sh:
+# Runs from a kit built by ../shared/gpu/build.sh, whose build venv needs CUDA's crt/ headers
+# (requirements.txt's nvidia-cuda-crt; without them the kit builds without graphs, with a cargo
+# warning, and every `cuda` line here records 0 steps):
+#   /tmp/torch211-venv/bin/pip install nvidia-cuda-crt==13.0.88   (once the build made the venv)
+#   bash ../shared/gpu/build.sh
 #   cp scripts/gpu_graphs.sh scripts/gpu_common.sh .gpu-kit/
 #   then, there:  OUT=<dir> LIMIT=150 bash gpu_graphs.sh      (about 4 minutes on an H200)
 # CPU dry run from the project root (`emulate` stands in for `cuda`; no transformers there, so

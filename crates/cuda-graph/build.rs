@@ -33,35 +33,44 @@ fn main() {
     if !include.join("ATen/cuda/CUDAGraph.h").exists() {
         return;
     }
-    let Some(cuda_include) = cuda_include(root) else {
-        println!("cargo:warning=libtorch has CUDA but CUDA's runtime headers (cuda_runtime_api.h, crt/host_config.h) were not found: no CUDA graphs");
+    let Some(cuda_includes) = cuda_includes(root) else {
+        println!(
+            "cargo:warning=libtorch has CUDA but CUDA's runtime headers (cuda_runtime_api.h, \
+             crt/host_config.h) were not found: no CUDA graphs"
+        );
         return;
     };
     // PyPI's wheels (PyTorch >= 2.7) and libtorch's cxx11 builds use the new ABI; torch-sys
     // reads the same variable for a libtorch of the old one.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
+    let compiled = cc::Build::new()
         .cpp(true)
         .pic(true)
         .warnings(false)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
-        .include(&cuda_include)
+        .includes(&cuda_includes)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("src/graph.cpp")
-        .compile("loraloom_cuda_graph");
+        .try_compile("loraloom_cuda_graph");
+    if let Err(e) = compiled {
+        println!("cargo:warning=the CUDA graph glue did not compile ({e}): no CUDA graphs");
+        return;
+    }
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=cuda_graphs");
 }
 
-/// The directory holding `cuda_runtime_api.h` and the `crt/` headers it includes (PyPI's
-/// `nvidia-cuda-runtime` lacks those; `nvidia-cuda-crt`, in requirements.txt, has them).
-fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
+/// The directories holding `cuda_runtime_api.h` and the `crt/` headers it includes (one
+/// directory in a CUDA toolkit; PyPI's `nvidia-cuda-runtime` lacks `crt/`, which
+/// `nvidia-cuda-crt`, in requirements.txt, or CUDA 12's `nvidia-cuda-nvcc-cu12` has).
+fn cuda_includes(torch_root: &Path) -> Option<Vec<PathBuf>> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(home) = std::env::var("CUDA_HOME") {
         candidates.push(Path::new(&home).join("include"));
@@ -69,7 +78,10 @@ fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
     // A wheel: site-packages/torch beside site-packages/nvidia/<package>/include.
     if let Some(site) = torch_root.parent() {
-        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+        let nvidia = site.join("nvidia");
+        // Installing a package there (the crt headers, say) builds the glue again.
+        println!("cargo:rerun-if-changed={}", nvidia.display());
+        if let Ok(entries) = std::fs::read_dir(&nvidia) {
             let mut found: Vec<PathBuf> = entries
                 .flatten()
                 .map(|e| e.path().join("include"))
@@ -78,7 +90,17 @@ fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
             candidates.extend(found);
         }
     }
-    candidates.into_iter().find(|dir| {
-        dir.join("cuda_runtime_api.h").exists() && dir.join("crt/host_config.h").exists()
+    let with = |header: &str| {
+        candidates
+            .iter()
+            .find(|dir| dir.join(header).exists())
+            .cloned()
+    };
+    let runtime = with("cuda_runtime_api.h")?;
+    let crt = with("crt/host_config.h")?;
+    Some(if crt == runtime {
+        vec![runtime]
+    } else {
+        vec![runtime, crt]
     })
 }

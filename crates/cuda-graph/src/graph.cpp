@@ -1,8 +1,13 @@
 // C glue over libtorch's CUDA graphs (at::cuda::CUDAGraph) for loraloom-cuda-graph.
 //
 // Every function returns NULL on success or a malloc'd error message (free it with
-// loraloom_graph_error_free); no C++ exception crosses into Rust.
+// loraloom_graph_error_free); no C++ exception crosses into Rust. Only libtorch's exported
+// functions and virtual interfaces are called (no CUDA runtime symbol is referenced), so the
+// binary needs no direct link to libcudart.
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/core/Event.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -13,8 +18,13 @@
 
 struct LoraloomGraph {
   at::cuda::CUDAGraph graph;
-  // The stream that was current on the capturing thread before capture.
+  // This capture's own memory pool (so a failed capture's allocator routing can be ended).
+  c10::MempoolId_t pool{0, 0};
+  c10::DeviceIndex device = 0;
+  // What was current on the capturing thread before enter_stream.
   std::optional<c10::cuda::CUDAStream> outer;
+  std::optional<c10::cuda::CUDAStream> side;
+  c10::DeviceIndex outer_device = 0;
 };
 
 namespace {
@@ -36,6 +46,28 @@ char* guarded(F&& f) {
   }
 }
 
+// Work on `waiter` issued from now on runs after the work already issued on `waited`, without
+// the host waiting (a device-wide synchronisation would invalidate other threads' captures).
+void order_after(const c10::cuda::CUDAStream& waited, const c10::cuda::CUDAStream& waiter) {
+  c10::Event event(c10::DeviceType::CUDA);
+  event.record(waited.unwrap());
+  event.block(waiter.unwrap());
+}
+
+// Ends the allocators' routing of this capture's allocations to its pool, after a capture that
+// failed before libtorch ended it (libtorch's capture_end throws before doing so when CUDA
+// refuses to end the capture). Errors mean it was already ended.
+void end_routing(LoraloomGraph* g) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool);
+  } catch (...) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(g->pool);
+  } catch (...) {
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -54,38 +86,61 @@ void loraloom_graph_free(LoraloomGraph* g) {
 
 void loraloom_graph_error_free(char* error) { free(error); }
 
-// Waits for the device, then makes a stream of libtorch's pool current on this thread (capture
-// cannot use the default stream).
+// Makes `device` this thread's current device and a stream of libtorch's pool its current
+// stream (capture cannot use the default stream), ordered after the work already issued on the
+// stream that was current.
 char* loraloom_graph_enter_stream(LoraloomGraph* g, int device) {
   return guarded([&] {
-    auto index = static_cast<c10::DeviceIndex>(device);
-    c10::cuda::set_device(index);
-    c10::cuda::device_synchronize();
-    g->outer = c10::cuda::getCurrentCUDAStream(index);
-    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, index));
+    g->device = static_cast<c10::DeviceIndex>(device);
+    g->outer_device = c10::cuda::current_device();
+    c10::cuda::set_device(g->device);
+    g->outer = c10::cuda::getCurrentCUDAStream(g->device);
+    g->side = c10::cuda::getStreamFromPool(false, g->device);
+    order_after(*g->outer, *g->side);
+    c10::cuda::setCurrentCUDAStream(*g->side);
   });
 }
 
-// Waits for the device, then makes the stream current before enter_stream current again.
+// Makes the stream and device that were current before enter_stream current again, the work
+// issued there from now on ordered after the side stream's.
 char* loraloom_graph_leave_stream(LoraloomGraph* g) {
   return guarded([&] {
-    if (g->outer) {
-      c10::cuda::set_device(g->outer->device_index());
-      c10::cuda::device_synchronize();
-      c10::cuda::setCurrentCUDAStream(*g->outer);
-      g->outer.reset();
+    if (!g->outer) {
+      return;
+    }
+    auto outer = *g->outer;
+    g->outer.reset();
+    c10::cuda::setCurrentCUDAStream(outer);
+    c10::cuda::set_device(g->outer_device);
+    if (g->side) {
+      order_after(*g->side, outer);
     }
   });
 }
 
-// Starts recording this thread's work on the current stream; other threads' CUDA calls go on
-// as usual (thread-local capture mode).
+// Starts recording this thread's work on the current stream into the capture's own pool; other
+// threads' CUDA calls go on as usual (thread-local capture mode).
 char* loraloom_graph_capture_begin(LoraloomGraph* g) {
-  return guarded([&] { g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal); });
+  return guarded([&] {
+    g->pool = at::cuda::graph_pool_handle();
+    try {
+      g->graph.capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
+    } catch (...) {
+      end_routing(g);
+      throw;
+    }
+  });
 }
 
 char* loraloom_graph_capture_end(LoraloomGraph* g) {
-  return guarded([&] { g->graph.capture_end(); });
+  return guarded([&] {
+    try {
+      g->graph.capture_end();
+    } catch (...) {
+      end_routing(g);
+      throw;
+    }
+  });
 }
 
 // Launches the recorded work on the current stream.

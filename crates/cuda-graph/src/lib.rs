@@ -10,6 +10,9 @@
 //! Built without CUDA (libtorch without `libtorch_cuda.so`, or no CUDA headers found; see
 //! `build.rs`), [`available`] is false and capture fails with [`GraphError::Unavailable`].
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, PoisonError};
+
 /// Why a graph could not be captured or replayed.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -44,33 +47,38 @@ pub struct Captured<T> {
 }
 
 impl CudaGraph {
-    /// Runs `work` on a side stream of `device` (waiting for the device before and after), then
-    /// records a second run of it as a graph. `work` must issue only device work on this thread
-    /// (no copy from or to the host, no synchronisation) and issue the same work on both runs:
-    /// running it twice must be harmless (it writes what it reads from nowhere else).
+    /// Runs `work` on a side stream of `device` (ordered after the work already issued on this
+    /// thread's stream, which is ordered after it when this returns), then records a second
+    /// run of it as a graph. `work` must issue only device work on this thread (no copy from or
+    /// to the host, no synchronisation) and issue the same work on both runs: running it twice
+    /// must be harmless (it writes what it reads from nowhere else).
     ///
-    /// An error of `work` (in either run) or of CUDA leaves no capture in progress and the
-    /// thread's stream as it was.
+    /// One capture runs at a time in the process (a capture fails when another thread
+    /// synchronises the device meanwhile, and the captures of several decode loops would
+    /// otherwise meet). An error of `work` (in either run) or of CUDA, or a panic of `work`,
+    /// leaves no capture in progress and the thread's stream and device as they were.
     pub fn capture<T, E: From<GraphError>>(
         device: usize,
         mut work: impl FnMut() -> Result<T, E>,
     ) -> Result<Captured<T>, E> {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _capturing = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
         let raw = ffi::Graph::new()?;
         if let Err(e) = raw.enter_stream(device) {
             let _ = raw.leave_stream();
             return Err(e.into());
         }
-        let captured = (|| -> Result<(T, T), E> {
+        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<(T, T), E> {
             let first = work()?;
             raw.capture_begin()?;
-            let recorded = work();
+            let recorded = catch_unwind(AssertUnwindSafe(&mut work));
             let ended = raw.capture_end();
-            let recorded = recorded?;
+            let recorded = recorded.unwrap_or_else(|panic| resume_unwind(panic))?;
             ended?;
             Ok((first, recorded))
-        })();
+        }));
         let left = raw.leave_stream();
-        let (first, recorded) = captured?;
+        let (first, recorded) = outcome.unwrap_or_else(|panic| resume_unwind(panic))?;
         left?;
         Ok(Captured {
             first,

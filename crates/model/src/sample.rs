@@ -307,8 +307,17 @@ pub struct Generation {
     graph: Option<StepGraph>,
     /// Decode steps since the batch's rows last changed (a batch is recorded at its second).
     steady_steps: u64,
+    /// A recording of the batch failed: its steps are issued one by one until it changes.
+    recording_failed: bool,
+    /// Recordings failed so far; at [`MAX_RECORDING_FAILURES`] the loop stops recording.
+    recording_failures: u32,
     graph_counts: GraphCounts,
 }
+
+/// Failed recordings after which a decode loop issues every step one by one (a recording fails
+/// when, say, another thread synchronises the whole device meanwhile; one that fails every
+/// time is a build or driver that cannot record).
+const MAX_RECORDING_FAILURES: u32 = 3;
 
 /// A request whose long prompt is being prefilled chunk by chunk: what joins the batch when it
 /// is done, and the prompt's progress.
@@ -377,6 +386,8 @@ impl Generation {
             graphs: StepGraphs::Off,
             graph: None,
             steady_steps: 0,
+            recording_failed: false,
+            recording_failures: 0,
             graph_counts: GraphCounts::default(),
         }
     }
@@ -397,6 +408,7 @@ impl Generation {
     fn batch_changed(&mut self) {
         self.graph = None;
         self.steady_steps = 0;
+        self.recording_failed = false;
     }
 
     /// Prefills prompts longer than `tokens` in chunks of `tokens`, one chunk per step.
@@ -896,9 +908,9 @@ impl Generation {
     /// computed and ignored) instead of leaving it: while the batch's step is recorded, a
     /// departure would otherwise end the recording, and on a GPU computing a few more rows of a
     /// recorded step costs less than issuing steps one by one until it is recorded again. They
-    /// leave with the next change of the batch anyway (a join, a removal, a reallocation of
-    /// the cache), once they outnumber the live rows, or before a row would pass the model's
-    /// context.
+    /// leave with the next join or removal, once they outnumber the live rows, or before a row
+    /// would pass the model's context (a reallocation of the cache records the batch again with
+    /// them).
     fn parks(&self, decoder: &Decoder, cache: &KvCache, live_rows: usize) -> bool {
         let context = decoder.config().max_position_embeddings;
         self.graph.as_ref().is_some_and(|g| g.serves(cache))
@@ -946,7 +958,7 @@ impl Generation {
         }
         // The buffers grew (or the batch is new): what was recorded no longer serves.
         self.graph = None;
-        if self.steady_steps < 2 {
+        if self.steady_steps < 2 || self.recording_failed {
             return eager(cache);
         }
         let lora = LoraBatch::new(&assignment)?;
@@ -959,9 +971,14 @@ impl Generation {
                 Ok(logits)
             }
             Err(e) if mode == StepGraphs::Cuda => {
-                tracing::warn!(error = %e, "decode steps cannot be recorded as CUDA graphs; \
-                    this decode loop issues them operation by operation");
-                self.graphs = StepGraphs::Off;
+                self.recording_failed = true;
+                self.recording_failures += 1;
+                let last = self.recording_failures >= MAX_RECORDING_FAILURES;
+                if last {
+                    self.graphs = StepGraphs::Off;
+                }
+                tracing::warn!(error = %e, failures = self.recording_failures, stops_recording = last,
+                    "a decode step could not be recorded as a CUDA graph; it runs operation by operation");
                 eager(cache)
             }
             Err(e) => Err(e),
