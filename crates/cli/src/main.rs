@@ -96,6 +96,21 @@ struct BenchArgs {
     memory_budget: String,
 }
 
+/// Says at start what `--step-graphs` will do on `device`.
+fn log_step_graphs(graphs: StepGraphs, device: loraloom_model::Device) {
+    match graphs {
+        StepGraphs::Cuda if !device.is_cuda() => {
+            tracing::info!("decode steps issued one by one: --step-graphs cuda needs a CUDA device")
+        }
+        StepGraphs::Cuda if !loraloom_model::step_graph::can_record() => tracing::warn!(
+            "decode steps issued one by one: this build has no CUDA graphs \
+             (libtorch without CUDA, or CUDA's headers were missing at build time)"
+        ),
+        StepGraphs::Cuda => tracing::info!("decode steps recorded as CUDA graphs"),
+        _ => {}
+    }
+}
+
 /// `off`, `cuda` or `emulate` ([`StepGraphs`]).
 fn parse_step_graphs(s: &str) -> Result<StepGraphs, String> {
     match s {
@@ -494,6 +509,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (memory_budget, budget_source) =
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
+    log_step_graphs(args.step_graphs, base.decoder().device());
     registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
     let (resident_limit, resident_source) =
         budget::tenant_resident(&args.max_resident_bytes_per_tenant, base.decoder().device())?;

@@ -46,6 +46,11 @@ impl StepGraphs {
     }
 }
 
+/// Whether this build can record CUDA graphs (it still needs a CUDA device to).
+pub fn can_record() -> bool {
+    loraloom_cuda_graph::available()
+}
+
 /// Steps recorded and replayed by a decode loop.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphCounts {
