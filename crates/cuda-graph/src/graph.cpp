@@ -54,18 +54,22 @@ void order_after(const c10::cuda::CUDAStream& waited, const c10::cuda::CUDAStrea
   event.block(waiter.unwrap());
 }
 
-// Ends the allocators' routing of this capture's allocations to its pool, after a capture that
-// failed before libtorch ended it (libtorch's capture_end throws before doing so when CUDA
-// refuses to end the capture). Errors mean it was already ended.
-void end_routing(LoraloomGraph* g) {
-  try {
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool);
-  } catch (...) {
-  }
-  try {
-    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(g->pool);
-  } catch (...) {
-  }
+// After a capture that failed: ends the device and host allocators' routing of this capture's
+// allocations to its pool (PyTorch 2.11's capture_end throws before doing so when CUDA refuses
+// to end the capture; 2.13's ends it first, and then these calls throw, harmlessly), and
+// releases the pool, which ~CUDAGraph does only for a capture that ended (errors mean there
+// was no such pool).
+void abandon_pool(LoraloomGraph* g) {
+  auto quietly = [](auto&& f) {
+    try {
+      f();
+    } catch (...) {
+    }
+  };
+  quietly([&] { c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool); });
+  quietly([&] { at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(g->pool); });
+  quietly([&] { c10::cuda::CUDACachingAllocator::releasePool(g->device, g->pool); });
+  quietly([&] { at::getHostAllocator(at::kCUDA)->release_pool(g->pool); });
 }
 
 }  // namespace
@@ -93,8 +97,8 @@ char* loraloom_graph_enter_stream(LoraloomGraph* g, int device) {
   return guarded([&] {
     g->device = static_cast<c10::DeviceIndex>(device);
     g->outer_device = c10::cuda::current_device();
-    c10::cuda::set_device(g->device);
     g->outer = c10::cuda::getCurrentCUDAStream(g->device);
+    c10::cuda::set_device(g->device);
     g->side = c10::cuda::getStreamFromPool(false, g->device);
     order_after(*g->outer, *g->side);
     c10::cuda::setCurrentCUDAStream(*g->side);
@@ -126,7 +130,7 @@ char* loraloom_graph_capture_begin(LoraloomGraph* g) {
     try {
       g->graph.capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
     } catch (...) {
-      end_routing(g);
+      abandon_pool(g);
       throw;
     }
   });
@@ -137,7 +141,7 @@ char* loraloom_graph_capture_end(LoraloomGraph* g) {
     try {
       g->graph.capture_end();
     } catch (...) {
-      end_routing(g);
+      abandon_pool(g);
       throw;
     }
   });

@@ -309,14 +309,15 @@ pub struct Generation {
     steady_steps: u64,
     /// A recording of the batch failed: its steps are issued one by one until it changes.
     recording_failed: bool,
-    /// Recordings failed so far; at [`MAX_RECORDING_FAILURES`] the loop stops recording.
+    /// Recordings failed since the last that succeeded; at [`MAX_RECORDING_FAILURES`] the loop
+    /// stops recording.
     recording_failures: u32,
     graph_counts: GraphCounts,
 }
 
-/// Failed recordings after which a decode loop issues every step one by one (a recording fails
-/// when, say, another thread synchronises the whole device meanwhile; one that fails every
-/// time is a build or driver that cannot record).
+/// Failed recordings in a row after which a decode loop issues every step one by one (a
+/// recording fails when, say, another thread synchronises the whole device meanwhile; one that
+/// fails every time is a build or driver that cannot record).
 const MAX_RECORDING_FAILURES: u32 = 3;
 
 /// A request whose long prompt is being prefilled chunk by chunk: what joins the batch when it
@@ -968,6 +969,7 @@ impl Generation {
                 cache.advance(1);
                 self.graph = Some(graph);
                 self.graph_counts.recorded += 1;
+                self.recording_failures = 0;
                 Ok(logits)
             }
             Err(e) if mode == StepGraphs::Cuda => {
