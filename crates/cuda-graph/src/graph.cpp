@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
+#include <mutex>
 #include <optional>
 
 struct LoraloomGraph {
@@ -44,6 +46,20 @@ char* guarded(F&& f) {
   } catch (...) {
     return message("unknown C++ exception");
   }
+}
+
+// The stream captures on `device` run on: one per device for the process (each stream that
+// runs cuBLAS work gets its own workspace from libtorch, so a new pool stream per capture would
+// end up holding one workspace for each of the pool's streams).
+c10::cuda::CUDAStream capture_stream(c10::DeviceIndex device) {
+  static std::mutex lock;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = streams.find(device);
+  if (found == streams.end()) {
+    found = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
+  }
+  return found->second;
 }
 
 // Work on `waiter` issued from now on runs after the work already issued on `waited`, without
@@ -99,7 +115,7 @@ char* loraloom_graph_enter_stream(LoraloomGraph* g, int device) {
     g->outer_device = c10::cuda::current_device();
     g->outer = c10::cuda::getCurrentCUDAStream(g->device);
     c10::cuda::set_device(g->device);
-    g->side = c10::cuda::getStreamFromPool(false, g->device);
+    g->side = capture_stream(g->device);
     order_after(*g->outer, *g->side);
     c10::cuda::setCurrentCUDAStream(*g->side);
   });

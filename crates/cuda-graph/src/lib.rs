@@ -47,9 +47,9 @@ pub struct Captured<T> {
 }
 
 impl CudaGraph {
-    /// Runs `work` on a side stream of `device` (ordered after the work already issued on this
-    /// thread's stream, which is ordered after it when this returns), then records a second
-    /// run of it as a graph. `work` must issue only device work on this thread (no copy from or
+    /// Runs `work` on `device`'s capture stream (one per device, from libtorch's pool; ordered
+    /// after the work already issued on this thread's stream, which is ordered after it when
+    /// this returns), then records a second run of it as a graph. `work` must issue only device work on this thread (no copy from or
     /// to the host, no synchronisation) and issue the same work on both runs: running it twice
     /// must be harmless (it writes what it reads from nowhere else).
     ///
