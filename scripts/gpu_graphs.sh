@@ -30,6 +30,8 @@ for round in 1 2; do
     grep -m1 -i "recorded as CUDA graphs" "$OUT/decode_${mode}_$round.out"
   done
 done
-run "decode_t1_$GRAPHS" "$BIN" bench --model "$M" --what decode --temperature 1 --step-graphs "$GRAPHS"
+for mode in "$GRAPHS" off; do
+  run "decode_t1_$mode" "$BIN" bench --model "$M" --what decode --temperature 1 --step-graphs "$mode"
+done
 [ -f "$here/gpu_baseline.py" ] && run generate "$PY" "$here/gpu_baseline.py" "$M" decode
 exit 0

@@ -665,14 +665,7 @@ impl Decoder {
         cache: &mut KvCache,
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
-        if ids.len() != cache.rows() {
-            return Err(ModelError::invalid(
-                "ids",
-                format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
-            ));
-        }
-        let positions = self.next_positions(cache)?;
-        self.check_host_ids(ids, ids.len() as i64, lora)?;
+        let positions = self.checked_step(ids, cache, lora)?;
         let [ids, positions, pad] = self.upload([ids, &positions, &cache.pad])?;
         self.decode_step_from(&ids, &positions, &pad, cache, lora)
     }
@@ -712,6 +705,25 @@ impl Decoder {
         views
             .try_into()
             .map_err(|_| ModelError::invalid("upload", "parts"))
+    }
+
+    /// Checks a decode step's host `ids` (one per row of `cache`, in the vocabulary) and
+    /// `lora`'s rows; returns each row's next position (checked against the context).
+    fn checked_step(
+        &self,
+        ids: &[i64],
+        cache: &KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Vec<i64>> {
+        if ids.len() != cache.rows() {
+            return Err(ModelError::invalid(
+                "ids",
+                format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
+            ));
+        }
+        let positions = self.next_positions(cache)?;
+        self.check_host_ids(ids, ids.len() as i64, lora)?;
+        Ok(positions)
     }
 
     /// Each cache row's next position, checked against the model's context.
@@ -772,14 +784,7 @@ impl Decoder {
         cache: &KvCache,
         lora: Option<&LoraBatch>,
     ) -> Result<Vec<i64>> {
-        if ids.len() != cache.rows() {
-            return Err(ModelError::invalid(
-                "ids",
-                format!("{} tokens for a cache of {} rows", ids.len(), cache.rows()),
-            ));
-        }
-        let positions = self.next_positions(cache)?;
-        self.check_host_ids(ids, ids.len() as i64, lora)?;
+        let positions = self.checked_step(ids, cache, lora)?;
         let at = cache.next_column();
         if at >= cache.capacity() {
             return Err(ModelError::invalid(
