@@ -15,7 +15,7 @@ use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
     forward_backward, sample, sample_with, step_many, AdamParams, AdamState, AdapterStack, Datum,
     Decoder, Generation, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost,
-    SampleOutput, SampleRequest, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest, NO_LIMIT,
+    SampleRequest, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -283,7 +283,7 @@ pub fn decode(
     };
     let generation = || Generation::new(decoder.kind()).with_step_graphs(graphs);
     let secs = time_it(iters, || {
-        sample_with(generation(), decoder, &requests, None)?;
+        sample_with(&mut generation(), decoder, &requests, None)?;
         Ok(())
     })?;
     let tokens = sequences as f64 * new_tokens as f64;
@@ -306,19 +306,9 @@ fn recorded_vs_eager(
     mut generation: Generation,
 ) -> anyhow::Result<serde_json::Value> {
     let eager = sample(decoder, requests, None)?;
-    let tagged: Vec<(u64, &SampleRequest)> = (0..).zip(requests).collect();
-    for admitted in generation.admit_many(decoder, &tagged, false) {
-        admitted?;
-    }
-    let mut recorded: Vec<Option<SampleOutput>> = vec![None; requests.len()];
-    while !generation.is_empty() {
-        for (tag, out) in generation.step(decoder, None)?.finished {
-            recorded[tag as usize] = Some(out);
-        }
-    }
+    let recorded = sample_with(&mut generation, decoder, requests, None)?;
     let (mut same, mut total, mut largest) = (0, 0, 0f32);
     for (a, b) in eager.iter().zip(&recorded) {
-        let b = b.as_ref().context("a request did not finish")?;
         for (x, y) in a.sequences.iter().zip(&b.sequences) {
             total += 1;
             same += usize::from(x.tokens == y.tokens);

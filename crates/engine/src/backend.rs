@@ -932,15 +932,11 @@ impl ModelWorker {
                     let job = d.jobs.remove(&tag).unwrap_or_default();
                     finished.push((job, Err(e.into())));
                 }
-                let after = d.generation.graph_counts();
                 DecodeStep {
                     finished,
                     first_tokens,
                     tokens: report.tokens,
-                    graphs: GraphCounts {
-                        recorded: after.recorded - before.recorded,
-                        replayed: after.replayed - before.replayed,
-                    },
+                    graphs: d.generation.graph_counts().since(before),
                 }
             }
             Err(e) => {

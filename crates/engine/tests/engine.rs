@@ -746,6 +746,25 @@ fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_othe
     engine.shutdown(true);
 }
 
+/// `num_samples` draws of `max_tokens` tokens at temperature 1 from the prompt `[5, 6, 7]`,
+/// seeded.
+fn seeded_sample(num_samples: i64, max_tokens: i64, seed: u64) -> Work {
+    Work::Sample {
+        prompt: vec![5, 6, 7],
+        num_samples,
+        params: SamplingParams {
+            max_tokens,
+            temperature: 1.0,
+            top_k: -1,
+            top_p: 1.0,
+            seed: Some(seed),
+            stop: Stop::Never,
+        },
+        scoring: loraloom_model::Scoring::prompt_logprobs(false),
+        record_stability: false,
+    }
+}
+
 #[test]
 fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     let (engine, _) = model_engine_with(0, 1);
@@ -781,20 +800,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
         assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
     }
     let sample = |name: &str| {
-        let work = Work::Sample {
-            prompt: vec![5, 6, 7],
-            num_samples: 2,
-            params: SamplingParams {
-                max_tokens: 6,
-                temperature: 1.0,
-                top_k: -1,
-                top_p: 1.0,
-                seed: Some(11),
-                stop: Stop::Never,
-            },
-            scoring: loraloom_model::Scoring::prompt_logprobs(false),
-            record_stability: false,
-        };
+        let work = seeded_sample(2, 6, 11);
         let id = engine
             .submit(QueueKey::Sampler(session(name)), work)
             .unwrap();
@@ -838,20 +844,7 @@ fn recorded_decode_steps_are_counted_and_sample_as_eager_ones() {
         engine
             .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
             .unwrap();
-        let work = Work::Sample {
-            prompt: vec![5, 6, 7],
-            num_samples: 3,
-            params: SamplingParams {
-                max_tokens: 12,
-                temperature: 1.0,
-                top_k: -1,
-                top_p: 1.0,
-                seed: Some(5),
-                stop: Stop::Never,
-            },
-            scoring: loraloom_model::Scoring::prompt_logprobs(false),
-            record_stability: false,
-        };
+        let work = seeded_sample(3, 12, 5);
         let id = engine.submit(QueueKey::Sampler(key), work).unwrap();
         let tokens = match wait(&engine, "t", &id) {
             FutureState::Done(Output::Sample(out)) => out

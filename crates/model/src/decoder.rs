@@ -744,8 +744,6 @@ impl Decoder {
         Ok(positions)
     }
 
-    /// (Not inlined: `scripts/decode_ops.sh` profiles each call of it as one step.)
-    ///
     /// The decode step of checked `ids` at `positions`, for rows padded by `pad` (each `[rows]`
     /// on the device). Never inlined: `scripts/decode_ops.sh` profiles each call as one step.
     #[inline(never)]
@@ -766,11 +764,24 @@ impl Decoder {
             column: None,
         };
         cache.reserve(1)?;
+        let hidden = self.run_step(ids, &step, cache, lora)?;
+        cache.advance(1);
+        Ok(hidden)
+    }
+
+    /// The layers of a decode `step` for `ids` (`[rows]` on the device), writing each layer's
+    /// keys and values into `cache`: the final hidden state of each row.
+    fn run_step(
+        &self,
+        ids: &Tensor,
+        step: &Step,
+        cache: &KvCache,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
         let mut x = Tensor::f_embedding(&self.embed, ids, -1, false, false)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_step(block, layer, &x, &step, cache, lora)?;
+            x = self.block_step(block, layer, &x, step, cache, lora)?;
         }
-        cache.advance(1);
         self.final_norm.forward(&x)
     }
 
@@ -824,27 +835,18 @@ impl Decoder {
         let first = inputs.f_narrow(0, 2 * rows, rows)?;
         let at = inputs.f_narrow(0, 3 * rows, 1)?;
         let (cos, sin) = self.rope.cos_sin_at(&positions, self.kind)?;
-        let kv = self.config.num_kv_heads;
         let columns = cache.capacity();
-        let mask = self.masked_all(&[rows * kv, 1, 1, columns])?;
         let column = Tensor::f_arange(columns, (Kind::Int64, self.device))?;
         let attend = column
             .f_ge_tensor(&first.f_view([rows, 1, 1])?)?
             .f_logical_and(&column.f_le_tensor(&at)?)?;
-        let _ = mask
-            .f_view([rows, kv, columns])?
-            .f_masked_fill_(&attend, 0.0)?;
         let step = Step {
             rows,
             rotation: Rope::rotation(&cos, &sin)?,
-            mask,
+            mask: self.step_mask_of(&attend, rows, columns)?,
             column: Some(at),
         };
-        let mut x = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_step(block, layer, &x, &step, cache, lora)?;
-        }
-        self.final_norm.forward(&x)
+        self.run_step(&ids, &step, cache, lora)
     }
 
     /// The additive mask of a decode step ([`Step::mask`]) over `cache`'s window and the new
@@ -852,14 +854,19 @@ impl Decoder {
     /// (`[rows]` on the device): made in storage of aligned rows (see [`Decoder::attend_at`]),
     /// one mask row per (row, key/value head), in four kernels.
     fn step_mask(&self, cache: &KvCache, pad: &Tensor) -> Result<Tensor> {
-        let (rows, kv) = (cache.rows() as i64, self.config.num_kv_heads);
-        let keys = cache.len() + 1;
-        let mask = self.masked_all(&[rows * kv, 1, 1, keys])?;
+        let (rows, keys) = (cache.rows() as i64, cache.len() + 1);
         let attend = Tensor::f_arange(keys, (Kind::Int64, self.device))?
             .f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
-        let _ = mask
-            .f_view([rows, kv, keys])?
-            .f_masked_fill_(&attend, 0.0)?;
+        self.step_mask_of(&attend, rows, keys)
+    }
+
+    /// A decode step's additive mask ([`Step::mask`]) from which keys each row attends to
+    /// (`attend`, boolean `[rows, 1, keys]`): one mask row per (row, key/value head), in
+    /// storage of aligned rows (see [`Decoder::attend_at`]).
+    fn step_mask_of(&self, attend: &Tensor, rows: i64, keys: i64) -> Result<Tensor> {
+        let kv = self.config.num_kv_heads;
+        let mask = self.masked_all(&[rows * kv, 1, 1, keys])?;
+        let _ = mask.f_view([rows, kv, keys])?.f_masked_fill_(attend, 0.0)?;
         Ok(mask)
     }
 

@@ -1104,16 +1104,17 @@ pub fn sample(
     detokenize: Option<Detokenize>,
 ) -> Result<Vec<SampleOutput>> {
     sample_with(
-        Generation::new(decoder.kind()),
+        &mut Generation::new(decoder.kind()),
         decoder,
         requests,
         detokenize,
     )
 }
 
-/// [`sample`] in `generation` (an empty loop, configured by the caller).
+/// [`sample`] in `generation` (an empty loop, configured by the caller, who may read its counts
+/// after).
 pub fn sample_with(
-    mut generation: Generation,
+    generation: &mut Generation,
     decoder: &Decoder,
     requests: &[SampleRequest],
     detokenize: Option<Detokenize>,

@@ -29,8 +29,8 @@ pub enum StepGraphs {
     #[default]
     Off,
     /// On a CUDA device, a batch that keeps its rows for a second step is recorded as a CUDA
-    /// graph and replayed until it changes (elsewhere, as `Off`). A failed recording turns
-    /// graphs off for that loop and the step runs eagerly.
+    /// graph and replayed until it changes (elsewhere, as `Off`). A failed recording leaves
+    /// that batch's steps eager; three in a row turn recording off for the loop.
     Cuda,
     /// The recording path without a graph, on any device (tests).
     Emulate,
@@ -60,6 +60,16 @@ pub struct GraphCounts {
     pub replayed: u64,
 }
 
+impl GraphCounts {
+    /// The steps counted since `before` (an earlier reading of the same loop's counts).
+    pub fn since(self, before: GraphCounts) -> GraphCounts {
+        GraphCounts {
+            recorded: self.recorded - before.recorded,
+            replayed: self.replayed - before.replayed,
+        }
+    }
+}
+
 /// One recorded decode step (and logits) of a batch.
 pub(crate) struct StepGraph {
     /// `None` when emulated.
@@ -87,10 +97,7 @@ impl StepGraph {
         lora: &LoraBatch,
     ) -> Result<(StepGraph, Tensor)> {
         let inputs = Tensor::from_slice(host).f_to_device(decoder.device())?;
-        let run = || -> Result<Tensor> {
-            let hidden = decoder.decode_step_static(&inputs, cache, Some(lora))?;
-            decoder.logits(&hidden, Some(lora))
-        };
+        let run = || static_logits(decoder, &inputs, cache, lora);
         let (graph, first, logits) = match (mode, decoder.device()) {
             (StepGraphs::Cuda, Device::Cuda(index)) => {
                 let captured = CudaGraph::capture(index, run)?;
@@ -148,8 +155,7 @@ impl StepGraph {
         match (&self.graph, lora) {
             (Some(graph), _) => graph.replay()?,
             (None, Some(lora)) => {
-                let hidden = decoder.decode_step_static(&self.inputs, cache, Some(lora))?;
-                let logits = decoder.logits(&hidden, Some(lora))?;
+                let logits = static_logits(decoder, &self.inputs, cache, lora)?;
                 self.logits.shallow_clone().f_copy_(&logits)?;
             }
             (None, None) => {
@@ -161,4 +167,15 @@ impl StepGraph {
         }
         Ok(self.logits.shallow_clone())
     }
+}
+
+/// What a recording holds: the static decode step of `inputs` over `cache` and its logits.
+fn static_logits(
+    decoder: &Decoder,
+    inputs: &Tensor,
+    cache: &KvCache,
+    lora: &LoraBatch,
+) -> Result<Tensor> {
+    let hidden = decoder.decode_step_static(inputs, cache, Some(lora))?;
+    decoder.logits(&hidden, Some(lora))
 }

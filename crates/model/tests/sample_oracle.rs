@@ -401,8 +401,8 @@ fn recorded_steps_equal_steps_issued_one_by_one() {
     };
     let requests: Vec<SampleRequest> = (0..4).map(request).collect();
     let eager = sample(&decoder, &requests, None).unwrap();
-    let generation = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
-    let recorded = sample_with(generation, &decoder, &requests, None).unwrap();
+    let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
+    let recorded = sample_with(&mut g, &decoder, &requests, None).unwrap();
     for (i, (a, b)) in eager.iter().zip(&recorded).enumerate() {
         for (s, (x, y)) in a.sequences.iter().zip(&b.sequences).enumerate() {
             assert_eq!(x.tokens, y.tokens, "request {i} sample {s}");
@@ -420,15 +420,6 @@ fn recorded_steps_equal_steps_issued_one_by_one() {
     // replayed otherwise. Sequences that stop stay parked in the batch while they do not
     // outnumber the live ones, so only the third departure (six parked, two live) and the
     // cache's reallocation change it: three recordings (five if every departure did).
-    let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
-    let tagged: Vec<(u64, &SampleRequest)> =
-        requests.iter().zip(0..).map(|(r, t)| (t, r)).collect();
-    for r in g.admit_many(&decoder, &tagged, false) {
-        r.unwrap();
-    }
-    while !g.is_empty() {
-        g.step(&decoder, None).unwrap();
-    }
     let counts = g.graph_counts();
     assert!(counts.recorded <= 3, "{counts:?}");
     assert!(counts.replayed >= 80, "{counts:?}");
