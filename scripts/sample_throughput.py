@@ -93,9 +93,8 @@ def timed(f) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "data/models/tiny64")
-    binary = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "target/release/loraloom")
+def start_server(binary: str, model: str):
+    """`binary serve` on `model` in a fresh data directory, once healthy: (process, url, log)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="loraloom-sample-bench-")
@@ -104,16 +103,32 @@ def main() -> None:
         [binary, "serve", "--port", str(port), "--model", model, "--data-dir", data],
         stdout=log, stderr=subprocess.STDOUT,
     )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/v1/healthz", timeout=1)
+            return server, url, log
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                stop_server(server, log)
+                raise SystemExit("server did not start")
+            time.sleep(0.2)
+
+
+def stop_server(server, log) -> None:
+    server.terminate()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/v1/healthz", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+def main() -> None:
+    model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "data/models/tiny64")
+    binary = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "target/release/loraloom")
+    server, url, log = start_server(binary, model)
+    try:
         sc = tinker.ServiceClient(base_url=url, api_key=KEY)
         base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
         samplers = []
@@ -206,12 +221,7 @@ def main() -> None:
         # Closed before the server stops: an SDK client left to interpreter exit can abort it.
         sc.close("success").result()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        stop_server(server, log)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The official `tinker` SDK against loraloom over real HTTP on 127.0.0.1, as a user's script."""
 
 import concurrent.futures
+import time
 
 import pytest
 import requests
@@ -171,6 +172,41 @@ def metric(server, name):
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + " "))
 
 
+def sampling_stats(server):
+    return requests.get(server.url + "/api/model-stats", headers={"X-API-Key": "tml-anyone"}).json()["sampling"]
+
+
+def test_requests_joining_a_decoding_sequence_of_their_prompt_share_its_prefill(server):
+    """tinker-cookbook's RL loops send a group's samples as separate requests with one prompt.
+    Requests that join while a sequence of their prompt decodes start from a copy of its prompt's
+    keys and values: no prefill of their own (counted in loraloom_sample_prompts_shared_total),
+    and a seeded one draws what it draws alone."""
+    sc = tinker.ServiceClient(base_url=server.url, api_key="tml-anyone")
+    sampler = sc.create_sampling_client(base_model=MODEL_NAME)
+    prompt = types.ModelInput.from_ints([1, 504, 3437, 314, 260, 28, 9, 4021])
+    seeded = types.SamplingParams(max_tokens=4, temperature=1.0, seed=7, stop=[])
+    alone = sampler.sample(prompt, num_samples=1, sampling_params=seeded).result().sequences[0]
+    prefills = metric(server, "loraloom_sample_prefills_total")
+    shared = metric(server, "loraloom_sample_prompts_shared_total")
+    steps = sampling_stats(server)["decode_steps"]
+    holder = sampler.sample(prompt, num_samples=1,
+                            sampling_params=types.SamplingParams(max_tokens=48, temperature=0.0, stop=[]))
+    deadline = time.monotonic() + 60
+    while sampling_stats(server)["decode_steps"] == steps:
+        assert time.monotonic() < deadline, "the long request never started decoding"
+        time.sleep(0.01)
+    others = types.SamplingParams(max_tokens=3, temperature=0.7, stop=[])
+    followers = [sampler.sample(prompt, num_samples=1, sampling_params=seeded)]
+    followers += [sampler.sample(prompt, num_samples=2, sampling_params=others) for _ in range(3)]
+    crowded = followers[0].result().sequences[0]
+    assert crowded.tokens == alone.tokens
+    assert crowded.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    assert all(len(s.tokens) == 3 for f in followers[1:] for s in f.result().sequences)
+    assert len(holder.result().sequences[0].tokens) == 48
+    assert metric(server, "loraloom_sample_prefills_total") - prefills == 1, "only the long request prefilled"
+    assert metric(server, "loraloom_sample_prompts_shared_total") - shared == 4
+
+
 def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_finish(server):
     """num_samples completions share their prompt's prefill (counted); requests sent together,
     of different lengths, each finish with exactly what they asked for; a seeded request draws
@@ -194,7 +230,9 @@ def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_fin
         assert len(f.result().sequences[0].tokens) == 2 + 3 * i
     assert crowded.result().sequences[0].tokens == alone
     stats = requests.get(server.url + "/api/model-stats", headers={"X-API-Key": "tml-anyone"}).json()["sampling"]
-    assert stats["prefills"] >= 7 and stats["decode_tokens"] >= stats["decode_steps"] > 0
+    # Seven requests: each prefilled, or sharing another's prefill of the same prompt.
+    assert stats["prefills"] + stats["prompts_shared"] >= 7
+    assert stats["decode_tokens"] >= stats["decode_steps"] > 0
     assert stats["mean_time_to_first_token_s"] > 0
 
 

@@ -162,8 +162,13 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
     }
     count(
         "loraloom_sample_prefills_total",
-        "Sampling prompts prefilled (one per request, whatever its num_samples).",
+        "Sampling prompts prefilled (one per distinct prompt and sampler among requests admitted together, whatever their num_samples).",
         s.prefills,
+    );
+    count(
+        "loraloom_sample_prompts_shared_total",
+        "Sampling requests that joined without a prefill of their own (another request with the same prompt and sampler joined with them or was decoding).",
+        s.shared_prompts,
     );
     count(
         "loraloom_decode_steps_recorded_total",
@@ -218,6 +223,7 @@ pub async fn model_stats(
         "tokens": s.tokens,
         "sampling": {
             "prefills": s.prefills,
+            "prompts_shared": s.shared_prompts,
             "decode_steps": s.decode_steps,
             "decode_steps_recorded": s.decode_steps_recorded,
             "decode_steps_replayed": s.decode_steps_replayed,

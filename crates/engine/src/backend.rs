@@ -36,7 +36,7 @@ pub trait Backend: Send {
     fn admit(&mut self, jobs: &[Job]) -> Admitted {
         Admitted {
             results: self.run(jobs).into_iter().map(Some).collect(),
-            prefills: 0,
+            ..Admitted::default()
         }
     }
 
@@ -69,8 +69,12 @@ pub trait Backend: Send {
 pub struct Admitted {
     /// Per job: its result when it already ended, `None` when it is decoding.
     pub results: Vec<Option<Result<Output>>>,
-    /// Prompts prefilled (one per job that joined, whatever its `num_samples`).
+    /// Prompts prefilled: one per distinct prompt and sampler among the jobs that joined
+    /// (whatever their `num_samples`), none for a job that shared another's.
     pub prefills: u64,
+    /// Jobs that joined without a prefill of their own (their prompt and sampler were those of
+    /// another job that joined with them or of a live sequence).
+    pub shared_prompts: u64,
 }
 
 /// What one [`Backend::step`] did.
@@ -840,7 +844,7 @@ impl ModelWorker {
         }
         let can_detokenize = self.tokenizer.is_some();
         let d = &mut self.decoding;
-        let before = d.generation.prefills();
+        let before = (d.generation.prefills(), d.generation.shared_prompts());
         let mut joining: Vec<(usize, RequestTag, SampleRequest)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             if results[i].is_some() {
@@ -895,7 +899,8 @@ impl ModelWorker {
         }
         Admitted {
             results,
-            prefills: d.generation.prefills() - before,
+            prefills: d.generation.prefills() - before.0,
+            shared_prompts: d.generation.shared_prompts() - before.1,
         }
     }
 

@@ -94,8 +94,12 @@ pub struct StatsSnapshot {
     pub queues: Vec<QueueStats>,
     /// Training runs registered.
     pub models: usize,
-    /// Sampling prompts prefilled (one per request, whatever its `num_samples`).
+    /// Sampling prompts prefilled: one per distinct prompt and sampler among requests admitted
+    /// together (whatever their `num_samples`).
     pub prefills: u64,
+    /// Sampling requests that joined without a prefill of their own (their prompt and sampler
+    /// were another's, admitted with them or still decoding).
+    pub shared_prompts: u64,
     /// Decode steps run.
     pub decode_steps: u64,
     /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
@@ -124,6 +128,7 @@ struct Counters {
     per_queue: Mutex<HashMap<QueueKey, QueueStats>>,
     failures: Mutex<HashMap<String, u64>>,
     prefills: AtomicU64,
+    shared_prompts: AtomicU64,
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
@@ -713,6 +718,7 @@ impl Engine {
             queues,
             models: self.inner.registry.model_count(),
             prefills: c.prefills.load(Ordering::Relaxed),
+            shared_prompts: c.shared_prompts.load(Ordering::Relaxed),
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -1072,6 +1078,8 @@ fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut Li
         }
     };
     c.prefills.fetch_add(admitted.prefills, Ordering::Relaxed);
+    c.shared_prompts
+        .fetch_add(admitted.shared_prompts, Ordering::Relaxed);
     for (job, result) in jobs.into_iter().zip(admitted.results) {
         match result {
             Some(result) => {

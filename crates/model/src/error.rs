@@ -66,6 +66,16 @@ impl ModelError {
             reason: reason.into(),
         }
     }
+
+    /// This failure, for another request that shared the work that failed (the error itself
+    /// is not `Clone`: libtorch's and I/O errors are not): an invalid input stays one, any other
+    /// becomes a libtorch error with this one's message.
+    pub fn for_another(&self) -> Self {
+        match self {
+            ModelError::InvalidInput { field, reason } => ModelError::invalid(field, reason),
+            other => ModelError::Torch(tch::TchError::Torch(other.to_string())),
+        }
+    }
 }
 
 /// Result alias of the model crate.

@@ -186,15 +186,37 @@ impl KvCache {
         self.len += t;
     }
 
-    /// Repeats row `i` `counts[i]` times, in order (`num_samples` sequences sharing one
-    /// prefill).
-    pub fn repeat_rows(&self, counts: &[i64]) -> Result<KvCache> {
-        let rows: Vec<i64> = counts
+    /// A new cache of one row per `(row, n)` of `prefixes`: the keys and values of that row's
+    /// first `n` (at least one) real tokens, left-padded to the longest (a request starting from
+    /// a live sequence's prompt). Its buffers have as many free columns as this cache's.
+    pub fn row_prefixes(&self, prefixes: &[(usize, i64)]) -> Result<KvCache> {
+        let views = prefixes
             .iter()
-            .enumerate()
-            .flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n.max(0) as usize))
-            .collect();
-        self.select(&rows)
+            .map(|&(row, n)| {
+                let first = self.start + self.pad[row];
+                if n < 1 || self.pad[row] + n > self.len {
+                    return Err(crate::error::ModelError::invalid(
+                        "prefixes",
+                        format!("row {row} has {} tokens, not {n}", self.len - self.pad[row]),
+                    ));
+                }
+                let layers = self
+                    .layers
+                    .iter()
+                    .map(|(k, v)| {
+                        Ok((k.f_narrow(0, row as i64, 1)?, v.f_narrow(0, row as i64, 1)?))
+                    })
+                    .collect::<Result<_>>()?;
+                // A view of the row over this cache's buffers; `concat` copies it out.
+                Ok(KvCache {
+                    layers,
+                    start: first,
+                    len: n,
+                    pad: vec![0],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        KvCache::concat(views)
     }
 
     /// A second handle on the same buffers.

@@ -1,8 +1,11 @@
 //! Generation with a KV cache, batched across requests and adapters, with requests joining and
 //! leaving at token boundaries ([`Generation`]).
 //!
-//! Each request's prompt is prefilled once; its `num_samples` sequences share that prefill
-//! (the cache rows are repeated). All live sequences of all requests advance together, one
+//! Each distinct prompt is prefilled once: a request's `num_samples` sequences share its prefill
+//! (the cache rows are repeated), so do requests admitted together with the same prompt and
+//! adapter, and a request whose prompt and adapter are those of a live sequence starts from a
+//! copy of that sequence's prompt keys and values (tinker-cookbook's RL loops send a group's
+//! samples as separate requests with one prompt). All live sequences of all requests advance together, one
 //! decode step per token, each row with its own adapter (stacked LoRA). A sequence that stops
 //! leaves the batch at once. Tokens are chosen on the logits' device ([`choose_tokens`]) with a
 //! uniform draw per sequence from its own random stream, derived from `(seed, sample index)`,
@@ -235,6 +238,9 @@ struct Live {
     sequences: Vec<Option<SampledSequence>>,
     unfinished: usize,
     prompt: PromptScores,
+    /// The prompt's tokens: a request joining later with the same prompt and adapter starts
+    /// from a copy of this one's keys and values of them ([`Generation::live_donor`]).
+    prompt_tokens: Vec<i64>,
     /// How many of the most likely tokens to report at each generated position.
     sample_top_k: usize,
     /// Whether its sequences chose their first tokens yet.
@@ -296,6 +302,7 @@ pub struct Generation {
     /// Next-token logits `[rows, vocab]` of `rows`.
     logits: Option<Tensor>,
     prefills: u64,
+    shared_prompts: u64,
     /// Requests whose prompt is longer than `prefill_chunk`, prefilled one chunk per step (the
     /// first one in line) before they join, so a long prompt never stalls the loop for more than
     /// one chunk.
@@ -324,7 +331,9 @@ const MAX_RECORDING_FAILURES: u32 = 3;
 /// is done, and the prompt's progress.
 struct Prefilling {
     request: Joining,
-    prompt: Vec<i64>,
+    /// Requests admitted meanwhile with the same prompt and adapter that ask nothing about the
+    /// prompt: they join with `request`, sharing its prefill.
+    followers: Vec<Joining>,
     /// Prompt tokens prefilled so far, and their cache.
     done: usize,
     cache: Option<KvCache>,
@@ -333,13 +342,18 @@ struct Prefilling {
 impl Prefilling {
     /// Where the prompt's next chunk of at most `chunk` tokens ends.
     fn next_chunk_end(&self, chunk: usize) -> usize {
-        (self.done + chunk).min(self.prompt.len())
+        (self.done + chunk).min(self.request.prompt.len())
     }
 }
+
+/// What requests admitted together share: whether their prompt is copied from a live sequence
+/// (or prefilled), their adapter's stack and member (`None` for the base model), their prompt.
+type SharedPrompt<'a> = (bool, Option<(usize, i64)>, &'a [i64]);
 
 /// A request whose prompt is prefilled, about to join the batch.
 struct Joining {
     tag: RequestTag,
+    prompt: Vec<i64>,
     params: SamplingParams,
     num_samples: i64,
     member: Option<(usize, i64)>,
@@ -359,6 +373,7 @@ impl Joining {
             .map_or_else(random_seed, |s| sample_seed(s, usize::MAX));
         Joining {
             tag,
+            prompt: request.prompt.clone(),
             params: request.params.clone(),
             num_samples: request.num_samples,
             member,
@@ -382,6 +397,7 @@ impl Generation {
             cache: None,
             logits: None,
             prefills: 0,
+            shared_prompts: 0,
             prefilling: VecDeque::new(),
             prefill_chunk: PREFILL_CHUNK,
             graphs: StepGraphs::Off,
@@ -425,7 +441,15 @@ impl Generation {
 
     /// Requests in progress (decoding or still prefilling).
     pub fn requests(&self) -> usize {
-        self.live.len() + self.prefilling.len()
+        self.live.len() + self.prefilling_tags().count()
+    }
+
+    /// The tags of the requests still prefilling (those in line and their followers).
+    fn prefilling_tags(&self) -> impl Iterator<Item = RequestTag> + '_ {
+        self.prefilling
+            .iter()
+            .flat_map(|p| std::iter::once(&p.request).chain(&p.followers))
+            .map(|j| j.tag)
     }
 
     /// Live sequences (rows of the decode batch that have not stopped).
@@ -443,9 +467,18 @@ impl Generation {
         self.rows.len() + chunk
     }
 
-    /// Prompts prefilled so far (one per admitted request, whatever its `num_samples`).
+    /// Prompts prefilled so far: one per distinct prompt and adapter among the requests
+    /// admitted together (whatever their `num_samples`), none for a request that shares a
+    /// prefill ([`Generation::shared_prompts`]).
     pub fn prefills(&self) -> u64 {
         self.prefills
+    }
+
+    /// Requests admitted so far that computed no prefill of their own: they joined a request
+    /// with the same prompt and adapter admitted with them (or being prefilled), or started
+    /// from a copy of a live sequence's prompt keys and values.
+    pub fn shared_prompts(&self) -> u64 {
+        self.shared_prompts
     }
 
     /// Validates `request`, prefills its prompt and adds its sequences to the batch under
@@ -483,25 +516,19 @@ impl Generation {
                 ));
             }
         }
-        // Long prompts are prefilled a chunk per step; the others together, now.
+        // Long prompts are prefilled a chunk per step (unless a live sequence has the same prompt
+        // and adapter); the others together, now.
+        let now: Vec<bool> = requests
+            .iter()
+            .map(|(_, r)| r.prompt.len() <= self.prefill_chunk || self.live_donor(r).is_some())
+            .collect();
         for (i, (tag, r)) in requests.iter().enumerate() {
-            if results[i].is_err() || r.prompt.len() <= self.prefill_chunk {
-                continue;
+            if results[i].is_ok() && !now[i] {
+                results[i] = self.queue_long_prompt(*tag, r);
             }
-            results[i] = self
-                .members_of(&[r.adapter])
-                .map(|members| members[0])
-                .map(|member| {
-                    self.prefilling.push_back(Prefilling {
-                        request: Joining::new(*tag, r, member),
-                        prompt: r.prompt.clone(),
-                        done: 0,
-                        cache: None,
-                    });
-                });
         }
         let valid: Vec<usize> = (0..requests.len())
-            .filter(|&i| results[i].is_ok() && requests[i].1.prompt.len() <= self.prefill_chunk)
+            .filter(|&i| results[i].is_ok() && now[i])
             .collect();
         if valid.is_empty() {
             return results;
@@ -537,7 +564,7 @@ impl Generation {
                 "stop strings need the model's tokenizer",
             ));
         }
-        if self.live.contains_key(&tag) || self.prefilling.iter().any(|p| p.request.tag == tag) {
+        if self.live.contains_key(&tag) || self.prefilling_tags().any(|t| t == tag) {
             return Err(ModelError::invalid(
                 "tag",
                 format!("request {tag} is already live"),
@@ -595,9 +622,64 @@ impl Generation {
             .collect())
     }
 
-    /// Prefills the (validated) requests' prompts in one left-padded pass and adds their
-    /// sequences to the batch; on error the batch is unchanged (an unused stack member may stay
-    /// until the next compaction).
+    /// Queues `r`'s long prompt to be prefilled a chunk per step, or, when `r` asks nothing
+    /// about its prompt and a request in line has the same prompt and adapter, makes it a
+    /// follower of that request (it joins with it, sharing its prefill).
+    fn queue_long_prompt(&mut self, tag: RequestTag, r: &SampleRequest) -> Result<()> {
+        let member = self.members_of(&[r.adapter])?[0];
+        let joining = Joining::new(tag, r, member);
+        let leader = self.prefilling.iter_mut().find(|p| {
+            !r.scoring.scores_prompt() && p.request.member == member && p.request.prompt == r.prompt
+        });
+        match leader {
+            Some(p) => {
+                p.followers.push(joining);
+                self.shared_prompts += 1;
+            }
+            None => {
+                self.prefilling.push_back(Prefilling {
+                    request: joining,
+                    followers: Vec::new(),
+                    done: 0,
+                    cache: None,
+                });
+                self.prefills += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch row of a live sequence whose request had `r`'s prompt and adapter, when `r`
+    /// can start from a copy of that row's prompt keys and values: its prompt has at least two
+    /// tokens (the last one is run through, for its next-token logits) and it asks nothing
+    /// about the prompt (whose logits the copy does not give).
+    fn live_donor(&self, r: &SampleRequest) -> Option<usize> {
+        if r.prompt.len() < 2 || r.scoring.scores_prompt() {
+            return None;
+        }
+        let member = match r.adapter {
+            None => None,
+            Some(a) => Some(
+                self.stacks
+                    .iter()
+                    .enumerate()
+                    .find_map(|(s, stack)| stack.member(a).map(|m| (s, m)))?,
+            ),
+        };
+        self.rows.iter().position(|row| {
+            row.member == member
+                && self
+                    .live
+                    .get(&row.request)
+                    .is_some_and(|l| l.prompt_tokens == r.prompt)
+        })
+    }
+
+    /// Adds the (validated) requests' sequences to the batch. Their distinct prompts (per
+    /// adapter) are prefilled in one left-padded pass, except those of a live sequence: a copy
+    /// of its prompt keys and values but the last token's, and a step over that token, start
+    /// them. Requests with the same prompt and adapter share that work. On error the batch is
+    /// unchanged (an unused stack member may stay until the next compaction).
     fn prefill_and_join(
         &mut self,
         decoder: &Decoder,
@@ -605,58 +687,123 @@ impl Generation {
     ) -> Result<()> {
         let adapters: Vec<Option<&LoraAdapter>> = requests.iter().map(|(_, r)| r.adapter).collect();
         let members = self.members_of(&adapters)?;
-        let seq = requests
-            .iter()
-            .map(|(_, r)| r.prompt.len())
-            .max()
-            .unwrap_or(0) as i64;
-        let pads: Vec<i64> = requests
-            .iter()
-            .map(|(_, r)| seq - r.prompt.len() as i64)
-            .collect();
-        let mut ids = vec![0i64; requests.len() * seq as usize];
+        let donors: Vec<Option<usize>> = requests.iter().map(|(_, r)| self.live_donor(r)).collect();
+        // The requests whose prompt is prefilled and those whose prompt is copied, one per
+        // distinct prompt and adapter, and where each request's prompt is among them.
+        let mut prefilled: Vec<usize> = Vec::new();
+        let mut copied: Vec<usize> = Vec::new();
+        let mut sources: Vec<(bool, usize)> = Vec::with_capacity(requests.len());
+        let mut distinct: HashMap<SharedPrompt, usize> = HashMap::new();
         for (i, (_, r)) in requests.iter().enumerate() {
-            let start = i * seq as usize + pads[i] as usize;
-            ids[start..start + r.prompt.len()].copy_from_slice(&r.prompt);
+            let copy = donors[i].is_some();
+            let list = if copy { &mut copied } else { &mut prefilled };
+            let k = *distinct
+                .entry((copy, members[i], r.prompt.as_slice()))
+                .or_insert_with(|| {
+                    list.push(i);
+                    list.len() - 1
+                });
+            sources.push((copy, k));
         }
-        let ids = Tensor::from_slice(&ids).f_view([requests.len() as i64, seq])?;
-        let assignment: Vec<_> = members
+        let mut joining: Vec<Joining> = requests
             .iter()
-            .map(|m| m.map(|(s, k)| (&self.stacks[s], k)))
+            .zip(&members)
+            .map(|((tag, r), member)| Joining::new(*tag, r, *member))
             .collect();
-        let lora = LoraBatch::new(&assignment)?;
-        let (hidden, cache) = decoder.prefill_padded(&ids, &pads, Some(&lora))?;
-        let mut joining: Vec<Joining> = Vec::with_capacity(requests.len());
-        for (i, ((tag, r), member)) in requests.iter().zip(members).enumerate() {
-            let mut request = Joining::new(*tag, r, member);
-            let scored = r.prompt.len() as i64 - 1;
-            if request.scorer.is_needed() && scored > 0 {
+        let assignment_of = |of: &[usize]| -> Vec<_> {
+            of.iter()
+                .map(|&i| members[i].map(|(s, k)| (&self.stacks[s], k)))
+                .collect()
+        };
+        let mut caches = Vec::with_capacity(2);
+        let mut logits = Vec::with_capacity(2);
+        if !prefilled.is_empty() {
+            let prompts: Vec<&[i64]> = prefilled
+                .iter()
+                .map(|&i| requests[i].1.prompt.as_slice())
+                .collect();
+            let seq = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+            let pads: Vec<i64> = prompts.iter().map(|p| seq - p.len() as i64).collect();
+            let mut ids = vec![0i64; prompts.len() * seq as usize];
+            for (k, prompt) in prompts.iter().enumerate() {
+                let start = k * seq as usize + pads[k] as usize;
+                ids[start..start + prompt.len()].copy_from_slice(prompt);
+            }
+            let ids = Tensor::from_slice(&ids).f_view([prompts.len() as i64, seq])?;
+            let assignment = assignment_of(&prefilled);
+            let lora = LoraBatch::new(&assignment)?;
+            let (hidden, cache) = decoder.prefill_padded(&ids, &pads, Some(&lora))?;
+            for (request, &(copy, k)) in joining.iter_mut().zip(&sources) {
+                let scored = request.prompt.len() as i64 - 1;
+                if copy || !request.scorer.is_needed() || scored <= 0 {
+                    continue;
+                }
                 // Position j predicts prompt token j + 1.
                 let own = hidden
-                    .f_narrow(0, i as i64, 1)?
-                    .f_narrow(1, pads[i], scored)?;
-                let one = LoraBatch::new(&assignment[i..i + 1])?;
+                    .f_narrow(0, k as i64, 1)?
+                    .f_narrow(1, pads[k], scored)?;
+                let one = LoraBatch::new(&assignment[k..k + 1])?;
                 let logits = decoder.logits(&own, Some(&one))?.f_get(0)?;
-                request.scorer.add(&r.prompt, 0, &logits)?;
+                request.scorer.add(&request.prompt, 0, &logits)?;
             }
-            joining.push(request);
+            let last = hidden.f_select(1, seq - 1)?;
+            logits.push(decoder.logits(&last, Some(&lora))?);
+            caches.push(cache);
         }
-        let last = hidden.f_select(1, seq - 1)?;
-        let logits = decoder.logits(&last, Some(&lora))?;
-        self.join(cache, logits, joining)
+        if !copied.is_empty() {
+            let batch = self.cache.as_ref().expect("live rows have a cache");
+            let prefixes: Vec<(usize, i64)> = copied
+                .iter()
+                .map(|&i| {
+                    (
+                        donors[i].expect("copied"),
+                        requests[i].1.prompt.len() as i64 - 1,
+                    )
+                })
+                .collect();
+            let mut cache = batch.row_prefixes(&prefixes)?;
+            let last: Vec<i64> = copied
+                .iter()
+                .map(|&i| *requests[i].1.prompt.last().expect("two tokens or more"))
+                .collect();
+            let assignment = assignment_of(&copied);
+            let lora = LoraBatch::new(&assignment)?;
+            let hidden = decoder.decode_step(&last, &mut cache, Some(&lora))?;
+            logits.push(decoder.logits(&hidden, Some(&lora))?);
+            caches.push(cache);
+        }
+        let cache = match caches.len() {
+            1 => caches.pop().expect("one"),
+            _ => KvCache::concat(caches)?,
+        };
+        let logits = Tensor::f_cat(&logits, 0)?;
+        let rows: Vec<i64> = sources
+            .iter()
+            .map(|&(copy, k)| (k + if copy { prefilled.len() } else { 0 }) as i64)
+            .collect();
+        self.join(cache, logits, joining, &rows)?;
+        self.prefills += prefilled.len() as u64;
+        self.shared_prompts += (requests.len() - prefilled.len()) as u64;
+        Ok(())
     }
 
-    /// Adds prefilled requests to the batch: `cache` and `logits` (`[requests, vocab]`, each
-    /// request's last prompt position) hold one row per request, repeated here for its
-    /// `num_samples` sequences. On error the batch is unchanged.
-    fn join(&mut self, cache: KvCache, logits: Tensor, joining: Vec<Joining>) -> Result<()> {
-        let counts: Vec<i64> = joining.iter().map(|j| j.num_samples).collect();
-        let cache = cache.repeat_rows(&counts)?;
-        let repeat: Vec<i64> = counts
+    /// Adds prefilled requests to the batch: `cache` and `logits` (`[n, vocab]`, the next-token
+    /// logits after each prompt) hold the rows of their prompts, `rows[i]` that of
+    /// `joining[i]`, repeated here for its `num_samples` sequences. On error the batch is
+    /// unchanged.
+    fn join(
+        &mut self,
+        cache: KvCache,
+        logits: Tensor,
+        joining: Vec<Joining>,
+        rows: &[i64],
+    ) -> Result<()> {
+        let repeat: Vec<i64> = joining
             .iter()
-            .enumerate()
-            .flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize))
+            .zip(rows)
+            .flat_map(|(j, &row)| std::iter::repeat_n(row, j.num_samples as usize))
             .collect();
+        let cache = cache.select(&repeat)?;
         let logits = logits.f_index_select(
             0,
             &Tensor::from_slice(&repeat).f_to_device(logits.device())?,
@@ -678,7 +825,6 @@ impl Generation {
         self.rows.retain(|r| !r.parked);
         self.batch_changed();
         for j in joining {
-            self.prefills += 1;
             let seed = j.params.seed.unwrap_or_else(random_seed);
             for s in 0..j.num_samples as usize {
                 self.rows.push(Row {
@@ -700,6 +846,7 @@ impl Generation {
                     unfinished: j.num_samples as usize,
                     params: j.params,
                     prompt: j.scorer.finish(),
+                    prompt_tokens: j.prompt,
                     sample_top_k: j.sample_top_k,
                     started: false,
                 },
@@ -722,20 +869,31 @@ impl Generation {
 
     /// Prefills the next chunk of the first long prompt in line; a prompt done joins the batch.
     /// A failure fails that request only (returned).
-    fn advance_prefill(&mut self, decoder: &Decoder) -> Option<(RequestTag, ModelError)> {
-        let mut p = self.prefilling.pop_front()?;
-        match self.prefill_chunk_of(decoder, &mut p) {
+    fn advance_prefill(&mut self, decoder: &Decoder) -> Vec<(RequestTag, ModelError)> {
+        let Some(mut p) = self.prefilling.pop_front() else {
+            return Vec::new();
+        };
+        let tags: Vec<RequestTag> = std::iter::once(&p.request)
+            .chain(&p.followers)
+            .map(|j| j.tag)
+            .collect();
+        let outcome = match self.prefill_chunk_of(decoder, &mut p) {
             Ok(None) => {
                 self.prefilling.push_front(p);
-                None
+                return Vec::new();
             }
             Ok(Some((cache, logits))) => {
-                let tag = p.request.tag;
-                self.join(cache, logits, vec![p.request])
-                    .err()
-                    .map(|e| (tag, e))
+                let mut joining = vec![p.request];
+                joining.append(&mut p.followers);
+                let rows = vec![0; joining.len()];
+                self.join(cache, logits, joining, &rows)
             }
-            Err(e) => Some((p.request.tag, e)),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => Vec::new(),
+            // The followers fail with the request whose prefill they share.
+            Err(e) => tags.into_iter().map(|t| (t, e.for_another())).collect(),
         }
     }
 
@@ -745,9 +903,9 @@ impl Generation {
         decoder: &Decoder,
         p: &mut Prefilling,
     ) -> Result<Option<(KvCache, Tensor)>> {
-        let len = p.prompt.len();
+        let len = p.request.prompt.len();
         let end = p.next_chunk_end(self.prefill_chunk);
-        let ids = &p.prompt[p.done..end];
+        let ids = &p.request.prompt[p.done..end];
         let lora = p
             .request
             .member
@@ -768,7 +926,7 @@ impl Generation {
             if scored > 0 {
                 let own = hidden.f_narrow(1, 0, scored as i64)?;
                 let logits = decoder.logits(&own, lora.as_ref())?.f_get(0)?;
-                p.request.scorer.add(&p.prompt, p.done, &logits)?;
+                p.request.scorer.add(&p.request.prompt, p.done, &logits)?;
             }
         }
         p.done = end;
@@ -795,10 +953,10 @@ impl Generation {
         decoder: &Decoder,
         detokenize: Option<Detokenize>,
     ) -> Result<StepReport> {
-        let mut report = StepReport::default();
-        if let Some(failed) = self.advance_prefill(decoder) {
-            report.failed.push(failed);
-        }
+        let mut report = StepReport {
+            failed: self.advance_prefill(decoder),
+            ..StepReport::default()
+        };
         let Some(logits) = self.logits.take() else {
             return Ok(report);
         };
@@ -1028,9 +1186,10 @@ impl Generation {
             }
         };
         self.rows.iter_mut().for_each(|r| remap(&mut r.member));
-        self.prefilling
-            .iter_mut()
-            .for_each(|p| remap(&mut p.request.member));
+        for p in &mut self.prefilling {
+            remap(&mut p.request.member);
+            p.followers.iter_mut().for_each(|f| remap(&mut f.member));
+        }
         Ok(())
     }
 
@@ -1039,12 +1198,24 @@ impl Generation {
     /// error the loop is unusable: [`Generation::clear`] it.
     pub fn remove(&mut self, tags: &[RequestTag]) -> Result<Vec<RequestTag>> {
         let mut removed = Vec::new();
-        self.prefilling.retain(|p| {
-            let drop = tags.contains(&p.request.tag);
-            if drop {
-                removed.push(p.request.tag);
+        self.prefilling.retain_mut(|p| {
+            p.followers.retain(|f| {
+                let drop = tags.contains(&f.tag);
+                if drop {
+                    removed.push(f.tag);
+                }
+                !drop
+            });
+            if !tags.contains(&p.request.tag) {
+                return true;
             }
-            !drop
+            removed.push(p.request.tag);
+            // Its first follower goes on with the prefill (and asks nothing about the prompt).
+            if p.followers.is_empty() {
+                return false;
+            }
+            p.request = p.followers.remove(0);
+            true
         });
         let gone: Vec<RequestTag> = tags
             .iter()
@@ -1090,8 +1261,8 @@ impl Generation {
         self.cache = None;
         self.logits = None;
         self.stacks.clear();
-        let prefilling = self.prefilling.drain(..).map(|p| p.request.tag);
-        let mut tags: Vec<RequestTag> = prefilling.collect();
+        let mut tags: Vec<RequestTag> = self.prefilling_tags().collect();
+        self.prefilling.clear();
         tags.extend(self.live.drain().map(|(tag, _)| tag));
         tags
     }

@@ -168,16 +168,22 @@ fn check_continuous_against_oracle(
         },
         scoring: Scoring::prompt_logprobs(false),
     };
+    // Oracle prompt 0 again, asking nothing about the prompt: it starts from a copy of the
+    // first request's prompt keys and values.
+    let again = || SampleRequest {
+        scoring: Scoring::prompt_logprobs(false),
+        params: greedy(new_tokens - 4),
+        ..oracle_request(0)
+    };
     // (step, tag): oracle prompt i joins at step 2i (tag i); other j at step 3j + 1 (tag 100+j);
-    // two join together at step 4.
+    // two join together at step 4; prompt 0 again at step 3 (tag 200).
     let mut joins: Vec<(usize, u64)> = (0..n).map(|i| (2 * i, i as u64)).collect();
     joins.extend((0..3).map(|j| (3 * j + 1, 100 + j as u64)));
-    let request_of = |tag: u64| {
-        if tag >= 100 {
-            other_request(tag as usize - 100)
-        } else {
-            oracle_request(tag as usize)
-        }
+    joins.push((3, 200));
+    let request_of = |tag: u64| match tag {
+        200 => again(),
+        100.. => other_request(tag as usize - 100),
+        _ => oracle_request(tag as usize),
     };
     let mut g = Generation::new(decoder.kind()).with_step_graphs(graphs);
     let mut done: HashMap<u64, SampleOutput> = HashMap::new();
@@ -196,7 +202,20 @@ fn check_continuous_against_oracle(
         }
         done.extend(g.step(decoder, None).unwrap().finished);
     }
-    assert_eq!(done.len(), n + 3);
+    assert_eq!(done.len(), n + 4);
+    assert_eq!(
+        g.shared_prompts(),
+        1,
+        "prompt 0 again shares the first one's"
+    );
+    let m = (new_tokens - 4) as usize;
+    let want = vec_i64(&e["tokens.0"]);
+    assert_eq!(done[&200].sequences[0].tokens, want[..m].to_vec());
+    assert!(close(
+        &done[&200].sequences[0].logprobs,
+        &vec_f32(&e["logprobs.0"])[..m],
+        1e-4
+    ));
     let counts = g.graph_counts();
     if graphs == StepGraphs::Emulate {
         // Batches that kept their rows were recorded and replayed between the joins.
@@ -743,4 +762,100 @@ fn removing_a_request_between_steps_leaves_the_others_unchanged() {
     g.step(&decoder, None).unwrap();
     assert_eq!(g.remove(&[5]).unwrap(), vec![5]);
     assert!(g.is_empty() && g.rows() == 0);
+}
+
+/// Requests with one prompt and adapter share its prefill: admitted together, or joining while a
+/// sequence of that prompt decodes (a copy of its prompt keys and values and a step over the
+/// last prompt token), or while its long prompt is prefilled in chunks. Each request samples
+/// what it samples alone; requests of another adapter, or asking about the prompt after it was
+/// prefilled, prefill their own.
+#[test]
+fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
+    let (_dir, decoder) = tiny_llama("shared-prompts");
+    let ads = adapters(&decoder, 2);
+    let prompt: Vec<i64> = (0..9).map(|i| (i * 11 + 5) % 120 + 1).collect();
+    let long: Vec<i64> = (0..14).map(|i| (i * 7 + 3) % 120 + 1).collect();
+    let request = |adapter: Option<usize>, prompt: &[i64], seed: u64, scores: bool| SampleRequest {
+        adapter: adapter.map(|i| &ads[i]),
+        prompt: prompt.to_vec(),
+        num_samples: 1 + (seed % 2) as i64,
+        params: SamplingParams {
+            max_tokens: 6 + seed as i64 % 5,
+            temperature: if seed.is_multiple_of(3) { 0.0 } else { 0.9 },
+            top_k: 30,
+            seed: Some(seed),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        },
+        scoring: Scoring::prompt_logprobs(scores),
+    };
+    // (step, tag, request, prefills and shared prompts once it is admitted with the others of
+    // its step).
+    let plan: Vec<(usize, u64, SampleRequest, (u64, u64))> = vec![
+        (0, 1, request(Some(0), &prompt, 1, false), (3, 2)),
+        (0, 2, request(Some(0), &prompt, 2, false), (3, 2)),
+        (0, 3, request(Some(0), &prompt, 3, true), (3, 2)), // asks about the prompt: shares it
+        (0, 4, request(Some(1), &prompt, 4, false), (3, 2)), // another adapter
+        (0, 5, request(None, &prompt, 5, false), (3, 2)),   // the base model
+        (2, 6, request(Some(0), &prompt, 6, false), (5, 4)), // from a live sequence
+        (2, 7, request(None, &prompt, 7, false), (5, 4)),   // from a live sequence
+        (2, 8, request(Some(0), &prompt, 8, true), (5, 4)), // asks about the prompt: prefills
+        (2, 9, request(Some(1), &prompt[1..], 9, false), (5, 4)), // another prompt
+        (3, 10, request(Some(1), &long, 10, false), (6, 5)), // chunked, then a follower
+        (3, 11, request(Some(1), &long, 11, false), (6, 5)),
+        (4, 12, request(Some(1), &long, 12, true), (7, 5)), // asks about the prompt: in line
+        (6, 13, request(Some(1), &long, 13, false), (7, 6)), // from a live sequence, unchunked
+    ];
+    let mut g = Generation::new(decoder.kind()).with_prefill_chunk(10);
+    let mut done: HashMap<u64, SampleOutput> = HashMap::new();
+    for step in 0.. {
+        let joining: Vec<(u64, &SampleRequest)> = plan
+            .iter()
+            .filter(|(at, ..)| *at == step)
+            .map(|(_, tag, r, _)| (*tag, r))
+            .collect();
+        for r in g.admit_many(&decoder, &joining, false) {
+            r.unwrap();
+        }
+        if let Some((.., want)) = plan.iter().rev().find(|(at, ..)| *at == step) {
+            assert_eq!(
+                (g.prefills(), g.shared_prompts()),
+                *want,
+                "prefills and shared prompts after step {step}'s admissions"
+            );
+        }
+        if g.is_empty() && plan.iter().all(|(at, ..)| *at <= step) {
+            break;
+        }
+        done.extend(g.step(&decoder, None).unwrap().finished);
+    }
+    assert_eq!((g.prefills(), g.shared_prompts()), (7, 6));
+    for (_, tag, r, _) in &plan {
+        let alone = sample(&decoder, std::slice::from_ref(r), None)
+            .unwrap()
+            .remove(0);
+        let shared = &done[tag];
+        assert_eq!(shared.sequences.len(), alone.sequences.len());
+        for (a, b) in alone.sequences.iter().zip(&shared.sequences) {
+            assert_eq!(
+                a.tokens, b.tokens,
+                "request {tag}: alone vs sharing a prompt"
+            );
+            assert!(
+                close(&a.logprobs, &b.logprobs, 1e-4),
+                "request {tag}: {:?} vs {:?}",
+                a.logprobs,
+                b.logprobs
+            );
+        }
+        assert_eq!(
+            alone.prompt.logprobs.is_some(),
+            shared.prompt.logprobs.is_some()
+        );
+        if let (Some(a), Some(b)) = (&alone.prompt.logprobs, &shared.prompt.logprobs) {
+            let a: Vec<f32> = a[1..].iter().map(|x| x.unwrap()).collect();
+            let b: Vec<f32> = b[1..].iter().map(|x| x.unwrap()).collect();
+            assert!(close(&a, &b, 1e-4), "request {tag}: prompt logprobs");
+        }
+    }
 }

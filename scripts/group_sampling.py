@@ -1,0 +1,88 @@
+"""A group of sampling requests with one prompt, as tinker-cookbook's RL loops send a group
+(`num_samples` 1 per environment, the group's environments sharing their prompt), over real
+HTTP with the official `tinker` SDK.
+
+For each BINARY in turn (alternately, ROUNDS rounds, so that binaries compare within one run
+on a shared machine), starts `serve` on MODEL_DIR and sends, GROUP requests at once:
+
+  same       one PROMPT-token prompt, max_tokens TOKENS each: wall seconds, and the prefills
+             and shared prompts the server counted (loraloom_sample_prefills_total,
+             loraloom_sample_prompts_shared_total; a binary without sharing counts none shared)
+  distinct   GROUP different prompts of the same length: the same work without sharing
+
+Prints one JSON line per binary and round, and for each binary the best `same` time against the
+first binary's.
+usage: python scripts/group_sampling.py MODEL_DIR BINARY [BINARY ...]
+env: GROUP (16), PROMPT (256), TOKENS (16), ROUNDS (2)
+"""
+
+import json
+import os
+import sys
+import time
+
+import tinker
+from tinker import types
+
+from sample_throughput import KEY, metric, start_server, stop_server
+
+GROUP = int(os.environ.get("GROUP", "16"))
+PROMPT = int(os.environ.get("PROMPT", "256"))
+TOKENS = int(os.environ.get("TOKENS", "16"))
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
+
+
+def prompt(i: int) -> types.ModelInput:
+    return types.ModelInput.from_ints([(i * 131 + j * 17) % 1000 + 20 for j in range(PROMPT)])
+
+
+def group(sampler, prompts) -> float:
+    """Sends one request per prompt at once; seconds until every one finished."""
+    params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=3, stop=[])
+    t = time.perf_counter()
+    futures = [sampler.sample(p, 1, params) for p in prompts]
+    for f in futures:
+        assert len(f.result().sequences[0].tokens) == TOKENS
+    return time.perf_counter() - t
+
+
+def measure(binary: str, model: str) -> dict:
+    server, url, log = start_server(binary, model)
+    try:
+        sc = tinker.ServiceClient(base_url=url, api_key=KEY)
+        base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+        sampler = sc.create_sampling_client(base_model=base)
+        group(sampler, [prompt(10_000)])  # warm-up
+        counts = lambda: (metric(url, "loraloom_sample_prefills_total"),
+                          metric(url, "loraloom_sample_prompts_shared_total"))
+        before = counts()
+        same = group(sampler, [prompt(0)] * GROUP)
+        after = counts()
+        distinct = group(sampler, [prompt(1 + i) for i in range(GROUP)])
+        sc.close("success").result()
+        return {"same_s": round(same, 3), "distinct_s": round(distinct, 3),
+                "same_vs_distinct": round(same / distinct, 3),
+                "prefills": after[0] - before[0], "shared": after[1] - before[1]}
+    finally:
+        stop_server(server, log)
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    model, binaries = sys.argv[1], sys.argv[2:]
+    best: dict = {}
+    for r in range(ROUNDS):
+        for b in binaries:
+            m = measure(b, model)
+            print(json.dumps({"what": "group_sampling", "binary": b, "round": r, "group": GROUP,
+                              "prompt_tokens": PROMPT, "max_tokens": TOKENS, **m}), flush=True)
+            best[b] = min(best.get(b, float("inf")), m["same_s"])
+    first = best[binaries[0]]
+    for b in binaries:
+        print(json.dumps({"what": "group_sampling_best", "binary": b, "same_s": best[b],
+                          "vs_first": round(best[b] / first, 3)}))
+
+
+if __name__ == "__main__":
+    main()
