@@ -5,10 +5,11 @@ HTTP with the official `tinker` SDK.
 For each BINARY in turn (alternately, ROUNDS rounds, so that binaries compare within one run
 on a shared machine), starts `serve` on MODEL_DIR and sends, GROUP requests at once:
 
+  distinct   GROUP different prompts of PROMPT tokens, max_tokens TOKENS each: the same work
+             without sharing (first)
   same       one PROMPT-token prompt, max_tokens TOKENS each: wall seconds, and the prefills
              and shared prompts the server counted (loraloom_sample_prefills_total,
              loraloom_sample_prompts_shared_total; a binary without sharing counts none shared)
-  distinct   GROUP different prompts of the same length: the same work without sharing
 
 Prints one JSON line per binary and round, and for each binary the best `same` time against the
 first binary's.
@@ -51,14 +52,16 @@ def measure(binary: str, model: str) -> dict:
     try:
         sc = tinker.ServiceClient(base_url=url, api_key=KEY)
         base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
-        sampler = sc.create_sampling_client(base_model=base)
+        sampler = sc.create_sampling_client(base_model=base).result()
         group(sampler, [prompt(10_000)])  # warm-up
         counts = lambda: (metric(url, "loraloom_sample_prefills_total"),
                           metric(url, "loraloom_sample_prompts_shared_total"))
+        # Distinct first: what one server did before a measurement (allocations it made) is then
+        # the same for every binary.
+        distinct = group(sampler, [prompt(1 + i) for i in range(GROUP)])
         before = counts()
         same = group(sampler, [prompt(0)] * GROUP)
         after = counts()
-        distinct = group(sampler, [prompt(1 + i) for i in range(GROUP)])
         sc.close("success").result()
         return {"same_s": round(same, 3), "distinct_s": round(distinct, 3),
                 "same_vs_distinct": round(same / distinct, 3),
