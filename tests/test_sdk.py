@@ -207,13 +207,33 @@ def test_requests_joining_a_decoding_sequence_of_their_prompt_share_its_prefill(
     assert metric(server, "loraloom_sample_prompts_shared_total") - shared == 4
 
 
+def test_the_next_turn_of_a_conversation_reuses_the_keys_and_values_of_the_last(server):
+    """Multi-turn environments send the whole conversation so far as each turn's prompt: the
+    server keeps finished sequences' keys and values (its prefix cache), so turn two computes
+    only what turn one did not (loraloom_sample_prompt_tokens_reused_total) and samples what
+    a full prefill of its prompt samples (the same request asking for prompt logprobs, which
+    computes every position)."""
+    sc = tinker.ServiceClient(base_url=server.url, api_key="tml-anyone")
+    sampler = sc.create_sampling_client(base_model=MODEL_NAME).result()
+    turn_one = [1, 604, 3537, 314, 260, 28, 9, 4021, 17, 880, 29, 31, 7, 1201, 44, 3, 90, 12, 5]
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    said = sampler.sample(types.ModelInput.from_ints(turn_one), 1, greedy).result().sequences[0].tokens
+    reused = metric(server, "loraloom_sample_prompt_tokens_reused_total")
+    turn_two = types.ModelInput.from_ints(turn_one + said + [216, 1428, 30])
+    cached = sampler.sample(turn_two, 1, greedy).result().sequences[0]
+    assert metric(server, "loraloom_sample_prompt_tokens_reused_total") - reused == len(turn_one) + len(said) - 1
+    full = sampler.sample(turn_two, 1, greedy, include_prompt_logprobs=True).result().sequences[0]
+    assert cached.tokens == full.tokens
+    assert cached.logprobs == pytest.approx(full.logprobs, abs=1e-4)
+
+
 def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_finish(server):
     """num_samples completions share their prompt's prefill (counted); requests sent together,
     of different lengths, each finish with exactly what they asked for; a seeded request draws
     the same tokens alone and among them."""
     sc = tinker.ServiceClient(base_url=server.url, api_key="tml-anyone")
     sampler = sc.create_sampling_client(base_model=MODEL_NAME)
-    prompt = types.ModelInput.from_ints([1, 504, 3437, 314, 260])
+    prompt = types.ModelInput.from_ints([5, 77, 3437, 314, 260])
     seeded = types.SamplingParams(max_tokens=6, temperature=1.0, seed=42, stop=[])
     before = metric(server, "loraloom_sample_prefills_total")
     res = sampler.sample(prompt, num_samples=4, sampling_params=seeded).result()

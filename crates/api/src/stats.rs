@@ -167,8 +167,13 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
     );
     count(
         "loraloom_sample_prompts_shared_total",
-        "Sampling requests that joined without a prefill of their own (another request with the same prompt and sampler joined with them or was decoding).",
+        "Sampling requests that joined without a prefill of their own (another request with the same prompt and sampler joined with them or was decoding) or from a shared prefix.",
         s.shared_prompts,
+    );
+    count(
+        "loraloom_sample_prompt_tokens_reused_total",
+        "Sampling prompt tokens whose keys and values were copied (from another request, a live sequence or a kept finished one) instead of computed.",
+        s.prompt_tokens_reused,
     );
     count(
         "loraloom_decode_steps_recorded_total",
@@ -224,6 +229,7 @@ pub async fn model_stats(
         "sampling": {
             "prefills": s.prefills,
             "prompts_shared": s.shared_prompts,
+            "prompt_tokens_reused": s.prompt_tokens_reused,
             "decode_steps": s.decode_steps,
             "decode_steps_recorded": s.decode_steps_recorded,
             "decode_steps_replayed": s.decode_steps_replayed,

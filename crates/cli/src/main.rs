@@ -324,6 +324,12 @@ struct ServeArgs {
     /// (elsewhere ignored); `off` issues every step operation by operation.
     #[arg(long, env = "LORALOOM_STEP_GRAPHS", default_value = "off", value_parser = parse_step_graphs)]
     step_graphs: StepGraphs,
+    /// Tokens of finished sequences whose keys and values a worker keeps (its prefix cache, least
+    /// recently used out first) so that a later prompt of the same sampler that starts with one
+    /// (the next turn of a conversation, a shared system prompt) copies them instead of computing
+    /// them; the start-up log gives their size. 0 keeps none.
+    #[arg(long, env = "LORALOOM_PREFIX_CACHE_TOKENS", default_value_t = 16384)]
+    prefix_cache_tokens: usize,
     /// Client sessions (`create_session`, one per SDK ServiceClient) one tenant may hold (0 = no
     /// limit). Creating one more forgets the tenant's oldest sessions that hold no training run,
     /// sampling session or checkpoint; when every one holds something it is refused (403).
@@ -510,6 +516,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
     log_step_graphs(args.step_graphs, base.decoder().device());
+    let config = base.decoder().config();
+    let kv_bytes_per_token = 2
+        * config.num_layers
+        * config.num_kv_heads
+        * config.head_dim
+        * base.decoder().kind().elt_size_in_bytes() as i64;
+    tracing::info!(
+        "prefix cache: up to {} tokens of finished sequences per worker ({})",
+        args.prefix_cache_tokens,
+        loraloom_model::human_bytes(args.prefix_cache_tokens as u64 * kv_bytes_per_token as u64)
+    );
     registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
     let (resident_limit, resident_source) =
         budget::tenant_resident(&args.max_resident_bytes_per_tenant, base.decoder().device())?;
@@ -547,7 +564,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_max_resident(args.max_resident_runs)
                 .with_max_resident_samplers(args.max_resident_samplers)
                 .with_memory_budget(memory_budget)
-                .with_step_graphs(args.step_graphs),
+                .with_step_graphs(args.step_graphs)
+                .with_prefix_cache(args.prefix_cache_tokens),
             ) as Box<dyn Backend>
         })
         .collect();

@@ -73,8 +73,10 @@ pub struct Admitted {
     /// (whatever their `num_samples`), none for a job that shared another's.
     pub prefills: u64,
     /// Jobs that joined without a prefill of their own (their prompt and sampler were those of
-    /// another job that joined with them or of a live sequence).
+    /// another job that joined with them or of a live sequence) or from a shared prefix.
     pub shared_prompts: u64,
+    /// Prompt tokens whose keys and values were copied instead of computed.
+    pub prompt_tokens_reused: u64,
 }
 
 /// What one [`Backend::step`] did.
@@ -200,9 +202,22 @@ impl ModelWorker {
     /// Records and replays decode steps as CUDA graphs ([`StepGraphs`]); the default issues
     /// them operation by operation.
     pub fn with_step_graphs(mut self, graphs: StepGraphs) -> Self {
-        let kind = self.decoder.kind();
-        self.decoding.generation = Generation::new(kind).with_step_graphs(graphs);
+        self.configure_generation(|g| g.with_step_graphs(graphs));
         self
+    }
+
+    /// Keeps the keys and values of up to `tokens` tokens of finished sequences for later
+    /// prompts that start with them (the next turn of a conversation); 0 keeps none.
+    pub fn with_prefix_cache(mut self, tokens: usize) -> Self {
+        self.configure_generation(|g| g.with_prefix_cache(tokens));
+        self
+    }
+
+    /// Applies `configure` to the (empty) decode loop.
+    fn configure_generation(&mut self, configure: impl FnOnce(Generation) -> Generation) {
+        let empty = Generation::new(self.decoder.kind());
+        let generation = std::mem::replace(&mut self.decoding.generation, empty);
+        self.decoding.generation = configure(generation);
     }
 
     /// Drops the loaded weights of the least recently used idle sampling sessions beyond
@@ -844,7 +859,8 @@ impl ModelWorker {
         }
         let can_detokenize = self.tokenizer.is_some();
         let d = &mut self.decoding;
-        let before = (d.generation.prefills(), d.generation.shared_prompts());
+        let g = &d.generation;
+        let before = (g.prefills(), g.shared_prompts(), g.prompt_tokens_reused());
         let mut joining: Vec<(usize, RequestTag, SampleRequest)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             if results[i].is_some() {
@@ -901,6 +917,7 @@ impl ModelWorker {
             results,
             prefills: d.generation.prefills() - before.0,
             shared_prompts: d.generation.shared_prompts() - before.1,
+            prompt_tokens_reused: d.generation.prompt_tokens_reused() - before.2,
         }
     }
 

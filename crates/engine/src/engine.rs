@@ -98,8 +98,10 @@ pub struct StatsSnapshot {
     /// together (whatever their `num_samples`).
     pub prefills: u64,
     /// Sampling requests that joined without a prefill of their own (their prompt and sampler
-    /// were another's, admitted with them or still decoding).
+    /// were another's, admitted with them or still decoding) or from a shared prefix.
     pub shared_prompts: u64,
+    /// Sampling prompt tokens whose keys and values were copied instead of computed.
+    pub prompt_tokens_reused: u64,
     /// Decode steps run.
     pub decode_steps: u64,
     /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
@@ -129,6 +131,7 @@ struct Counters {
     failures: Mutex<HashMap<String, u64>>,
     prefills: AtomicU64,
     shared_prompts: AtomicU64,
+    prompt_tokens_reused: AtomicU64,
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
@@ -719,6 +722,7 @@ impl Engine {
             models: self.inner.registry.model_count(),
             prefills: c.prefills.load(Ordering::Relaxed),
             shared_prompts: c.shared_prompts.load(Ordering::Relaxed),
+            prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -1080,6 +1084,8 @@ fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut Li
     c.prefills.fetch_add(admitted.prefills, Ordering::Relaxed);
     c.shared_prompts
         .fetch_add(admitted.shared_prompts, Ordering::Relaxed);
+    c.prompt_tokens_reused
+        .fetch_add(admitted.prompt_tokens_reused, Ordering::Relaxed);
     for (job, result) in jobs.into_iter().zip(admitted.results) {
         match result {
             Some(result) => {

@@ -906,7 +906,7 @@ impl Backend for FakeDecoder {
         loraloom_engine::Admitted {
             results: jobs.iter().map(|_| None).collect(),
             prefills: jobs.len() as u64,
-            shared_prompts: 0,
+            ..Default::default()
         }
     }
 

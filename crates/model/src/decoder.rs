@@ -870,50 +870,87 @@ impl Decoder {
         Ok(mask)
     }
 
-    /// Appends `ids` (several tokens of the cache's single row: the next chunk of a long
-    /// prompt) to `cache` and returns their final hidden states `[1, ids.len(), hidden]`. Each
-    /// new token attends to the cached ones and causally to the chunk.
+    /// Appends `t` tokens to each row of `cache` (the next chunk of a long prompt, or prompts
+    /// whose first tokens' keys and values were copied in) and returns their final hidden
+    /// states `[rows, t, hidden]`. Row `i`'s tokens are `ids[i·t + pads[i]..(i + 1)·t]`, left
+    /// padded (any token id before); only a row with nothing cached may be padded, so every
+    /// row's tokens stay contiguous at the end of its window. Each new token attends to its
+    /// row's cached tokens and causally to its row's new ones.
     pub fn extend(
         &self,
         ids: &[i64],
+        pads: &[i64],
         cache: &mut KvCache,
         lora: Option<&LoraBatch>,
     ) -> Result<Tensor> {
-        if cache.rows() != 1 || ids.is_empty() {
+        let rows = cache.rows();
+        if rows == 0 || pads.len() != rows || ids.is_empty() || !ids.len().is_multiple_of(rows) {
             return Err(ModelError::invalid(
                 "ids",
-                "extending needs a cache of one row and at least one token",
+                format!(
+                    "extending {rows} cache rows needs the same number of tokens for each and one pad per row, got {} tokens and {} pads",
+                    ids.len(),
+                    pads.len()
+                ),
             ));
         }
-        self.check_host_ids(ids, 1, lora)?;
-        let t = ids.len() as i64;
-        let start = cache.next_positions()[0];
-        if start + t > self.config.max_position_embeddings {
+        let t = (ids.len() / rows) as i64;
+        let next = cache.next_positions();
+        for (i, (&pad, &cached)) in pads.iter().zip(&next).enumerate() {
+            if pad < 0 || pad >= t || (pad > 0 && cached > 0) {
+                return Err(ModelError::invalid(
+                    "pads",
+                    format!("row {i}: pad {pad} of {t} tokens after {cached} cached ones"),
+                ));
+            }
+        }
+        self.check_host_ids(ids, rows as i64, lora)?;
+        let longest = next.iter().zip(pads).map(|(n, p)| n + t - p).max();
+        if let Some(longest) = longest.filter(|&l| l > self.config.max_position_embeddings) {
             return Err(ModelError::invalid(
                 "input_ids",
                 format!(
-                    "sequence of {} tokens exceeds the model's context of {}",
-                    start + t,
+                    "sequence of {longest} tokens exceeds the model's context of {}",
                     self.config.max_position_embeddings
                 ),
             ));
         }
         let device = self.device;
+        let rows = rows as i64;
         let input = Tensor::from_slice(ids)
-            .f_view([1, t])?
+            .f_view([rows, t])?
             .f_to_device(device)?;
-        let positions =
-            Tensor::f_arange_start(start, start + t, (Kind::Int64, device))?.f_unsqueeze(0)?;
-        // [1, 1, t, len + t]: past columns from the row's first real one, then causal.
+        // Each row's positions continue its cached tokens (padding columns take 0).
+        let positions: Vec<i64> = next
+            .iter()
+            .zip(pads)
+            .flat_map(|(&n, &p)| (0..t).map(move |j| (n - p + j).max(0)))
+            .collect();
+        // [rows, 1, t, len + t]: keys from the row's first real column, causal; a padding
+        // column attends to itself only.
         let len = cache.len();
-        let key = Tensor::f_arange(len + t, (Kind::Int64, device))?.f_view([1, len + t])?;
-        let query = Tensor::f_arange_start(len, len + t, (Kind::Int64, device))?.f_view([t, 1])?;
+        let first: Vec<i64> = next
+            .iter()
+            .zip(pads)
+            .zip(&cache.pad)
+            .map(|((&n, &p), &cp)| if n > 0 { cp } else { len + p })
+            .collect();
+        let positions = Tensor::from_slice(&positions)
+            .f_to_device(device)?
+            .f_view([rows, t])?;
+        let first = Tensor::from_slice(&first).f_to_device(device)?;
+        let key = Tensor::f_arange(len + t, (Kind::Int64, device))?.f_view([1, 1, len + t])?;
+        let query =
+            Tensor::f_arange_start(len, len + t, (Kind::Int64, device))?.f_view([1, t, 1])?;
         let mask = key
             .f_le_tensor(&query)?
-            .f_logical_and(&key.f_ge(cache.pad[0])?)?
-            .f_view([1, 1, t, len + t])?;
+            .f_logical_and(&key.f_ge_tensor(&first.f_view([rows, 1, 1])?)?)?
+            .f_logical_or(&key.f_eq_tensor(&query)?)?
+            .f_unsqueeze(1)?;
         let ctx = self.attend_at(&positions, mask)?;
-        self.run_appending(&input, &ctx, lora, cache)
+        let hidden = self.run_appending(&input, &ctx, lora, cache)?;
+        cache.pad_rows(pads);
+        Ok(hidden)
     }
 
     /// The checked ids of a pass whose rows all start at position 0 and attend causally, and

@@ -186,37 +186,73 @@ impl KvCache {
         self.len += t;
     }
 
-    /// A new cache of one row per `(row, n)` of `prefixes`: the keys and values of that row's
-    /// first `n` (at least one) real tokens, left-padded to the longest (a request starting from
-    /// a live sequence's prompt). Its buffers have as many free columns as this cache's.
-    pub fn row_prefixes(&self, prefixes: &[(usize, i64)]) -> Result<KvCache> {
-        let views = prefixes
+    /// A cache of one row: the keys and values of row `row`'s first `n` real tokens, as views
+    /// of this cache's buffers (its free columns those after them). Only to be
+    /// [`KvCache::concat`]enated (copied) or copied ([`KvCache::compact_copy`]): writing
+    /// into it would write into this cache.
+    pub(crate) fn row_prefix(&self, row: usize, n: i64) -> Result<KvCache> {
+        if row >= self.rows() || n < 0 || self.pad[row] + n > self.len {
+            return Err(crate::error::ModelError::invalid(
+                "prefix",
+                format!(
+                    "no row {row} with {n} tokens in a cache of {} rows",
+                    self.rows()
+                ),
+            ));
+        }
+        let r = row as i64;
+        let layers = self
+            .layers
             .iter()
-            .map(|&(row, n)| {
-                let first = self.start + self.pad[row];
-                if n < 1 || self.pad[row] + n > self.len {
-                    return Err(crate::error::ModelError::invalid(
-                        "prefixes",
-                        format!("row {row} has {} tokens, not {n}", self.len - self.pad[row]),
-                    ));
-                }
-                let layers = self
-                    .layers
-                    .iter()
-                    .map(|(k, v)| {
-                        Ok((k.f_narrow(0, row as i64, 1)?, v.f_narrow(0, row as i64, 1)?))
-                    })
-                    .collect::<Result<_>>()?;
-                // A view of the row over this cache's buffers; `concat` copies it out.
-                Ok(KvCache {
-                    layers,
-                    start: first,
-                    len: n,
-                    pad: vec![0],
-                })
+            .map(|(k, v)| Ok((k.f_narrow(0, r, 1)?, v.f_narrow(0, r, 1)?)))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            start: self.start + self.pad[row],
+            len: n,
+            pad: vec![0],
+        })
+    }
+
+    /// A copy of the window in buffers that hold exactly it (no free columns).
+    pub(crate) fn compact_copy(&self) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    moved(k, self.start, self.len, 0, self.len)?,
+                    moved(v, self.start, self.len, 0, self.len)?,
+                ))
             })
-            .collect::<Result<Vec<_>>>()?;
-        KvCache::concat(views)
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            start: 0,
+            len: self.len,
+            pad: self.pad.clone(),
+        })
+    }
+
+    /// Bytes the buffers hold.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|(k, v)| {
+                (k.numel() * k.kind().elt_size_in_bytes()
+                    + v.numel() * v.kind().elt_size_in_bytes()) as u64
+            })
+            .sum()
+    }
+
+    /// Adds `pads[i]` padding columns to row `i` (after [`Decoder::extend`] wrote padded
+    /// tokens).
+    ///
+    /// [`Decoder::extend`]: crate::decoder::Decoder::extend
+    pub(crate) fn pad_rows(&mut self, pads: &[i64]) {
+        for (p, extra) in self.pad.iter_mut().zip(pads) {
+            *p += extra;
+        }
     }
 
     /// A second handle on the same buffers.

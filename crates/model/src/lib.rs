@@ -18,6 +18,7 @@ pub mod kv_cache;
 pub mod lora;
 pub mod loss;
 pub mod memory;
+pub mod prefix_cache;
 pub mod rng;
 pub mod rope;
 pub mod sample;
@@ -32,7 +33,7 @@ pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use config::{Architecture, ModelConfig};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
-pub use lora::{AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
+pub use lora::{AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
 pub use loss::{LossFn, LossInputs};
 pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{

@@ -203,6 +203,20 @@ pub struct LoraAdapter {
     pending: Arc<AtomicBool>,
 }
 
+/// Which adapter computed something (keys and values kept for later requests): equal only for
+/// one adapter object, never for another one loaded from the same weights. It keeps the
+/// adapter's identity alive, so a later adapter cannot take it over.
+#[derive(Debug, Clone)]
+pub struct AdapterIdentity(Arc<AtomicBool>);
+
+impl PartialEq for AdapterIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for AdapterIdentity {}
+
 /// Bytes of one slab row of `layout`: four f32 tensors (weights, gradients, two moments).
 fn row_bytes(layout: &Layout) -> u64 {
     layout.numel as u64 * 4 * std::mem::size_of::<f32>() as u64
@@ -334,6 +348,11 @@ impl LoraAdapter {
             .iter()
             .map(|e| r * (e.inp + e.out))
             .sum()
+    }
+
+    /// This adapter object's identity (see [`AdapterIdentity`]).
+    pub fn identity(&self) -> AdapterIdentity {
+        AdapterIdentity(self.pending.clone())
     }
 
     /// Whether a backward pass left gradients that no optimizer step has consumed yet.
@@ -623,6 +642,11 @@ impl AdapterStack {
     /// Whether the stack is empty (never: [`AdapterStack::new`] refuses that).
     pub fn is_empty(&self) -> bool {
         self.scales.is_empty()
+    }
+
+    /// The identity of member `m`'s adapter.
+    pub fn identity_of(&self, m: i64) -> AdapterIdentity {
+        AdapterIdentity(self.members[m as usize].clone())
     }
 
     /// Whether `adapter` belongs to this stack's slab (layout and device).

@@ -3,9 +3,11 @@
 //!
 //! Each distinct prompt is prefilled once: a request's `num_samples` sequences share its prefill
 //! (the cache rows are repeated), so do requests admitted together with the same prompt and
-//! adapter, and a request whose prompt and adapter are those of a live sequence starts from a
-//! copy of that sequence's prompt keys and values (tinker-cookbook's RL loops send a group's
-//! samples as separate requests with one prompt). All live sequences of all requests advance together, one
+//! adapter (tinker-cookbook's RL loops send a group's samples as separate requests with one
+//! prompt). A prompt that starts with a live sequence's prompt, or with a finished sequence kept
+//! in the loop's [`PrefixCache`] (the conversation so far, which multi-turn environments send as
+//! each turn's prompt), both of its adapter, starts from a copy of those keys and values and
+//! computes only the rest. All live sequences of all requests advance together, one
 //! decode step per token, each row with its own adapter (stacked LoRA). A sequence that stops
 //! leaves the batch at once. Tokens are chosen on the logits' device ([`choose_tokens`]) with a
 //! uniform draw per sequence from its own random stream, derived from `(seed, sample index)`,
@@ -21,6 +23,7 @@ use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
+use crate::prefix_cache::{shared_prefix, PrefixCache};
 use crate::rng::SplitMix64;
 use crate::scoring::{top_k_rows, PromptScorer, PromptScores, Scoring, TopK};
 use crate::step_graph::{GraphCounts, StepGraph, StepGraphs};
@@ -238,8 +241,9 @@ struct Live {
     sequences: Vec<Option<SampledSequence>>,
     unfinished: usize,
     prompt: PromptScores,
-    /// The prompt's tokens: a request joining later with the same prompt and adapter starts
-    /// from a copy of this one's keys and values of them ([`Generation::live_donor`]).
+    /// The prompt's tokens: a request joining later whose prompt starts with them (and has the
+    /// same adapter) starts from a copy of their keys and values
+    /// ([`Generation::shared_prefix_of`]).
     prompt_tokens: Vec<i64>,
     /// How many of the most likely tokens to report at each generated position.
     sample_top_k: usize,
@@ -303,6 +307,9 @@ pub struct Generation {
     logits: Option<Tensor>,
     prefills: u64,
     shared_prompts: u64,
+    prompt_tokens_reused: u64,
+    /// Finished sequences' keys and values, for later prompts that start with them.
+    kept: PrefixCache,
     /// Requests whose prompt is longer than `prefill_chunk`, prefilled one chunk per step (the
     /// first one in line) before they join, so a long prompt never stalls the loop for more than
     /// one chunk.
@@ -345,6 +352,19 @@ impl Prefilling {
         (self.done + chunk).min(self.request.prompt.len())
     }
 }
+
+/// Where a prompt's first keys and values are copied from.
+#[derive(Debug, Clone, Copy)]
+enum Prefix {
+    /// The prompt of a live sequence: its batch row.
+    Live(usize),
+    /// A kept finished sequence: its index in the [`PrefixCache`].
+    Kept(usize),
+}
+
+/// Shortest shared prefix copied instead of computed, unless it is the whole prompt but its last
+/// token: below it a copy and a pass of its own for the rest cost about what they save.
+pub const MIN_SHARED_PREFIX: usize = 16;
 
 /// What requests admitted together share: whether their prompt is copied from a live sequence
 /// (or prefilled), their adapter's stack and member (`None` for the base model), their prompt.
@@ -398,6 +418,8 @@ impl Generation {
             logits: None,
             prefills: 0,
             shared_prompts: 0,
+            prompt_tokens_reused: 0,
+            kept: PrefixCache::new(0),
             prefilling: VecDeque::new(),
             prefill_chunk: PREFILL_CHUNK,
             graphs: StepGraphs::Off,
@@ -426,6 +448,24 @@ impl Generation {
         self.graph = None;
         self.steady_steps = 0;
         self.recording_failed = false;
+    }
+
+    /// Keeps the keys and values of finished sequences, at most `tokens` in all, for later
+    /// requests whose prompts start with them ([`PrefixCache`]; 0, the default, keeps none).
+    pub fn with_prefix_cache(mut self, tokens: usize) -> Self {
+        self.kept = PrefixCache::new(tokens);
+        self
+    }
+
+    /// Tokens of finished sequences kept for later prompts.
+    pub fn kept_tokens(&self) -> usize {
+        self.kept.tokens()
+    }
+
+    /// Prompt tokens admitted so far whose keys and values were copied (from another request's
+    /// prefill, a live sequence or a kept one) instead of computed.
+    pub fn prompt_tokens_reused(&self) -> u64 {
+        self.prompt_tokens_reused
     }
 
     /// Prefills prompts longer than `tokens` in chunks of `tokens`, one chunk per step.
@@ -516,11 +556,14 @@ impl Generation {
                 ));
             }
         }
-        // Long prompts are prefilled a chunk per step (unless a live sequence has the same prompt
-        // and adapter); the others together, now.
+        // Long prompts are prefilled a chunk per step (unless what is left once a shared prefix
+        // is copied fits a chunk); the others together, now.
         let now: Vec<bool> = requests
             .iter()
-            .map(|(_, r)| r.prompt.len() <= self.prefill_chunk || self.live_donor(r).is_some())
+            .map(|(_, r)| {
+                let shared = self.shared_prefix_of(r).map_or(0, |(_, n)| n);
+                r.prompt.len() - shared <= self.prefill_chunk
+            })
             .collect();
         for (i, (tag, r)) in requests.iter().enumerate() {
             if results[i].is_ok() && !now[i] {
@@ -649,37 +692,63 @@ impl Generation {
         Ok(())
     }
 
-    /// The batch row of a live sequence whose request had `r`'s prompt and adapter, when `r`
-    /// can start from a copy of that row's prompt keys and values: its prompt has at least two
-    /// tokens (the last one is run through, for its next-token logits) and it asks nothing
-    /// about the prompt (whose logits the copy does not give).
-    fn live_donor(&self, r: &SampleRequest) -> Option<usize> {
+    /// Where `r`'s prompt keys and values can start from, and how many of its tokens: the
+    /// longest prefix of its prompt that a live sequence of its adapter has as its prompt, or
+    /// that a kept finished sequence of its adapter starts with ([`PrefixCache`]), short of the
+    /// prompt's last token (run through for its next-token logits). Only for requests that ask
+    /// nothing about their prompt (whose logits the copy does not give), and for prefixes of
+    /// [`MIN_SHARED_PREFIX`] tokens or more unless they are the whole prompt but its last token.
+    fn shared_prefix_of(&self, r: &SampleRequest) -> Option<(Prefix, usize)> {
         if r.prompt.len() < 2 || r.scoring.scores_prompt() {
             return None;
         }
-        let member = match r.adapter {
-            None => None,
-            Some(a) => Some(
-                self.stacks
-                    .iter()
-                    .enumerate()
-                    .find_map(|(s, stack)| stack.member(a).map(|m| (s, m)))?,
-            ),
+        let usable = r.prompt.len() - 1;
+        let mut best: Option<(Prefix, usize)> = None;
+        let mut consider = |prefix: Prefix, n: usize| {
+            let n = n.min(usable);
+            if n > best.map_or(0, |(_, b)| b) {
+                best = Some((prefix, n));
+            }
         };
-        self.rows.iter().position(|row| {
-            row.member == member
-                && self
-                    .live
-                    .get(&row.request)
-                    .is_some_and(|l| l.prompt_tokens == r.prompt)
-        })
+        // The adapter's member, when it has one: live sequences of it exist only then.
+        let member = match r.adapter {
+            None => Some(None),
+            Some(a) => self
+                .stacks
+                .iter()
+                .enumerate()
+                .find_map(|(s, stack)| stack.member(a).map(|m| Some((s, m)))),
+        };
+        if let Some(member) = member {
+            let mut last = None;
+            for (i, row) in self.rows.iter().enumerate() {
+                if row.member != member || last == Some(row.request) {
+                    continue;
+                }
+                last = Some(row.request);
+                if let Some(live) = self.live.get(&row.request) {
+                    consider(
+                        Prefix::Live(i),
+                        shared_prefix(&live.prompt_tokens, &r.prompt),
+                    );
+                }
+            }
+        }
+        if let Some((k, n)) = self
+            .kept
+            .longest(&r.adapter.map(|a| a.identity()), &r.prompt)
+        {
+            consider(Prefix::Kept(k), n);
+        }
+        best.filter(|&(_, n)| n >= MIN_SHARED_PREFIX || n == usable)
     }
 
     /// Adds the (validated) requests' sequences to the batch. Their distinct prompts (per
-    /// adapter) are prefilled in one left-padded pass, except those of a live sequence: a copy
-    /// of its prompt keys and values but the last token's, and a step over that token, start
-    /// them. Requests with the same prompt and adapter share that work. On error the batch is
-    /// unchanged (an unused stack member may stay until the next compaction).
+    /// adapter) are prefilled in one left-padded pass, except those with a shared prefix
+    /// ([`Generation::shared_prefix_of`]): a copy of its keys and values, and one pass over the
+    /// rest of each of those prompts, start them. Requests with the same prompt and adapter
+    /// share that work. On error the batch is unchanged (an unused stack member may stay until
+    /// the next compaction).
     fn prefill_and_join(
         &mut self,
         decoder: &Decoder,
@@ -687,15 +756,19 @@ impl Generation {
     ) -> Result<()> {
         let adapters: Vec<Option<&LoraAdapter>> = requests.iter().map(|(_, r)| r.adapter).collect();
         let members = self.members_of(&adapters)?;
-        let donors: Vec<Option<usize>> = requests.iter().map(|(_, r)| self.live_donor(r)).collect();
-        // The requests whose prompt is prefilled and those whose prompt is copied, one per
-        // distinct prompt and adapter, and where each request's prompt is among them.
+        let prefixes: Vec<Option<(Prefix, usize)>> = requests
+            .iter()
+            .map(|(_, r)| self.shared_prefix_of(r))
+            .collect();
+        // The requests whose prompt is prefilled and those whose prompt starts from a shared
+        // prefix, one per distinct prompt and adapter, and where each request's prompt is
+        // among them.
         let mut prefilled: Vec<usize> = Vec::new();
         let mut copied: Vec<usize> = Vec::new();
         let mut sources: Vec<(bool, usize)> = Vec::with_capacity(requests.len());
         let mut distinct: HashMap<SharedPrompt, usize> = HashMap::new();
         for (i, (_, r)) in requests.iter().enumerate() {
-            let copy = donors[i].is_some();
+            let copy = prefixes[i].is_some();
             let list = if copy { &mut copied } else { &mut prefilled };
             let k = *distinct
                 .entry((copy, members[i], r.prompt.as_slice()))
@@ -717,11 +790,14 @@ impl Generation {
         };
         let mut caches = Vec::with_capacity(2);
         let mut logits = Vec::with_capacity(2);
+        // Prompt tokens put through the model.
+        let mut computed = 0;
         if !prefilled.is_empty() {
             let prompts: Vec<&[i64]> = prefilled
                 .iter()
                 .map(|&i| requests[i].1.prompt.as_slice())
                 .collect();
+            computed += prompts.iter().map(|p| p.len()).sum::<usize>();
             let seq = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
             let pads: Vec<i64> = prompts.iter().map(|p| seq - p.len() as i64).collect();
             let mut ids = vec![0i64; prompts.len() * seq as usize];
@@ -751,25 +827,42 @@ impl Generation {
             caches.push(cache);
         }
         if !copied.is_empty() {
-            let batch = self.cache.as_ref().expect("live rows have a cache");
-            let prefixes: Vec<(usize, i64)> = copied
+            // One pass over the same number of tokens `t` for every prompt: the longest rest
+            // after a shared prefix; a prompt whose rest is shorter copies fewer tokens (and
+            // computes some of its prefix again), one shorter than `t` is padded instead.
+            let lens: Vec<usize> = copied.iter().map(|&i| requests[i].1.prompt.len()).collect();
+            let t = copied
                 .iter()
-                .map(|&i| {
-                    (
-                        donors[i].expect("copied"),
-                        requests[i].1.prompt.len() as i64 - 1,
-                    )
-                })
-                .collect();
-            let mut cache = batch.row_prefixes(&prefixes)?;
-            let last: Vec<i64> = copied
-                .iter()
-                .map(|&i| *requests[i].1.prompt.last().expect("two tokens or more"))
-                .collect();
+                .zip(&lens)
+                .map(|(&i, len)| len - prefixes[i].expect("copied").1)
+                .max()
+                .unwrap_or(1);
+            let mut views = Vec::with_capacity(copied.len());
+            let mut ids = Vec::with_capacity(copied.len() * t);
+            let mut pads = Vec::with_capacity(copied.len());
+            for (&i, &len) in copied.iter().zip(&lens) {
+                let take = len.saturating_sub(t);
+                let (prefix, _) = prefixes[i].expect("copied");
+                views.push(match prefix {
+                    Prefix::Live(row) => self
+                        .cache
+                        .as_ref()
+                        .expect("live rows have a cache")
+                        .row_prefix(row, take as i64)?,
+                    Prefix::Kept(k) => self.kept.use_prefix(k, take as i64)?,
+                });
+                let rest = &requests[i].1.prompt[take..];
+                pads.push((t - rest.len()) as i64);
+                ids.extend(std::iter::repeat_n(0, t - rest.len()));
+                ids.extend_from_slice(rest);
+                computed += rest.len();
+            }
+            let mut cache = KvCache::concat(views)?;
             let assignment = assignment_of(&copied);
             let lora = LoraBatch::new(&assignment)?;
-            let hidden = decoder.decode_step(&last, &mut cache, Some(&lora))?;
-            logits.push(decoder.logits(&hidden, Some(&lora))?);
+            let hidden = decoder.extend(&ids, &pads, &mut cache, Some(&lora))?;
+            let last = hidden.f_select(1, t as i64 - 1)?;
+            logits.push(decoder.logits(&last, Some(&lora))?);
             caches.push(cache);
         }
         let cache = match caches.len() {
@@ -784,6 +877,8 @@ impl Generation {
         self.join(cache, logits, joining, &rows)?;
         self.prefills += prefilled.len() as u64;
         self.shared_prompts += (requests.len() - prefilled.len()) as u64;
+        let prompt_tokens: usize = requests.iter().map(|(_, r)| r.prompt.len()).sum();
+        self.prompt_tokens_reused += (prompt_tokens - computed) as u64;
         Ok(())
     }
 
@@ -918,7 +1013,7 @@ impl Generation {
                 p.cache = Some(cache);
                 hidden
             }
-            Some(cache) => decoder.extend(ids, cache, lora.as_ref())?,
+            Some(cache) => decoder.extend(ids, &[0], cache, lora.as_ref())?,
         };
         if p.request.scorer.is_needed() {
             // Position i of the chunk predicts prompt token done + i + 1.
@@ -1014,6 +1109,20 @@ impl Generation {
             let Some(reason) = stop_reason(decoder, &live.params, &row.tokens, detokenize) else {
                 continue;
             };
+            // Kept for a later prompt that starts with it (the next turn of a conversation):
+            // what the row's cache holds, the prompt and every token but the one just chosen.
+            let fed = live.prompt_tokens.len() + row.tokens.len() - 1;
+            if self.kept.budget() >= fed && fed >= MIN_SHARED_PREFIX {
+                let cache = self.cache.as_ref().expect("live rows have a cache");
+                let mut tokens = live.prompt_tokens.clone();
+                tokens.extend_from_slice(&row.tokens[..row.tokens.len() - 1]);
+                let adapter = row.member.map(|(s, m)| self.stacks[s].identity_of(m));
+                let copy = || cache.row_prefix(i, fed as i64)?.compact_copy();
+                if let Err(e) = self.kept.insert(adapter, tokens, copy) {
+                    // Only later prompts lose: they compute what they would have copied.
+                    tracing::warn!(error = %e, "a finished sequence could not be kept");
+                }
+            }
             live.sequences[row.sample] = Some(SampledSequence {
                 tokens: std::mem::replace(&mut row.tokens, vec![token]),
                 logprobs: std::mem::take(&mut row.logprobs),
@@ -1257,6 +1366,8 @@ impl Generation {
     /// Drops every request in progress (after a failed step) and returns their tags.
     pub fn clear(&mut self) -> Vec<RequestTag> {
         self.batch_changed();
+        // The failure may have been a lack of memory.
+        self.kept.clear();
         self.rows.clear();
         self.cache = None;
         self.logits = None;

@@ -859,3 +859,96 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
         }
     }
 }
+
+/// A prompt that starts with a finished sequence of its adapter (the next turn of a
+/// conversation) copies that sequence's keys and values from the prefix cache and computes
+/// only the rest; prompts sharing less, asking about the prompt, or of another adapter compute
+/// theirs. Every request samples what it samples alone, in a loop that keeps nothing.
+#[test]
+fn prompts_starting_with_a_finished_sequence_reuse_its_keys_and_values() {
+    let (_dir, decoder) = tiny_llama("prefix-cache");
+    let ads = adapters(&decoder, 2);
+    let first: Vec<i64> = (0..20).map(|i| (i * 13 + 5) % 120 + 1).collect();
+    let request =
+        |adapter: Option<usize>, prompt: Vec<i64>, seed: u64, scores: bool| SampleRequest {
+            adapter: adapter.map(|i| &ads[i]),
+            prompt,
+            num_samples: 1,
+            params: SamplingParams {
+                max_tokens: 6 + seed as i64 % 3,
+                temperature: if seed.is_multiple_of(2) { 0.0 } else { 0.8 },
+                seed: Some(seed),
+                stop: Stop::Never,
+                ..SamplingParams::default()
+            },
+            scoring: Scoring::prompt_logprobs(scores),
+        };
+    let mut g = Generation::new(decoder.kind()).with_prefix_cache(1000);
+    // Turn one: three sequences of the same prompt, by two adapters and the base model.
+    let turn_one = [
+        request(Some(0), first.clone(), 2, false),
+        request(Some(1), first.clone(), 3, false),
+        request(None, first.clone(), 4, false),
+    ];
+    let one = sample_with(&mut g, &decoder, &turn_one, None).unwrap();
+    let (prefills, reused) = (g.prefills(), g.prompt_tokens_reused());
+    assert_eq!((prefills, reused), (3, 0));
+    let said = |i: usize| one[i].sequences[0].tokens.clone();
+    // Turn two of adapter 0's conversation: everything it computed is reused.
+    let next_turn: Vec<i64> = [first.clone(), said(0), vec![7, 8, 9, 10, 11]].concat();
+    let turn_two = [
+        request(Some(0), next_turn.clone(), 6, false),
+        request(Some(1), (50..70).collect(), 7, false), // nothing shared
+        request(Some(0), next_turn.clone(), 8, true),   // asks about its prompt
+    ];
+    let tagged: Vec<(u64, &SampleRequest)> = (10..).zip(turn_two.iter()).collect();
+    for r in g.admit_many(&decoder, &tagged, false) {
+        r.unwrap();
+    }
+    let kept = (first.len() + said(0).len() - 1) as u64;
+    assert_eq!(
+        (g.prefills(), g.prompt_tokens_reused()),
+        (prefills + 2, kept),
+        "one copy of turn one's {kept} tokens"
+    );
+    let mut done: HashMap<u64, SampleOutput> = HashMap::new();
+    done.extend(g.step(&decoder, None).unwrap().finished);
+    // Joining at once: prompts with rests after their shared prefix of different lengths (a
+    // shorter rest computes part of its prefix again; a prompt shorter than the longest rest
+    // is padded), and the base model's turn two of its own conversation.
+    let joining = [
+        request(None, [first.clone(), said(2), vec![3]].concat(), 9, false),
+        request(Some(1), [first.clone(), vec![99, 98]].concat(), 10, false),
+        request(None, first[..17].to_vec(), 11, false),
+        request(
+            Some(0),
+            [next_turn.clone(), (1..30).collect()].concat(),
+            12,
+            false,
+        ),
+    ];
+    let tagged: Vec<(u64, &SampleRequest)> = (20..).zip(joining.iter()).collect();
+    for r in g.admit_many(&decoder, &tagged, false) {
+        r.unwrap();
+    }
+    assert!(g.prompt_tokens_reused() > kept, "turn two reused more");
+    while !g.is_empty() {
+        done.extend(g.step(&decoder, None).unwrap().finished);
+    }
+    for (tag, r) in (10..).zip(&turn_two).chain((20..).zip(&joining)) {
+        let alone = sample(&decoder, std::slice::from_ref(r), None)
+            .unwrap()
+            .remove(0);
+        let (a, b) = (&alone.sequences[0], &done[&tag].sequences[0]);
+        assert_eq!(
+            a.tokens, b.tokens,
+            "request {tag}: alone vs from a kept prefix"
+        );
+        assert!(
+            close(&a.logprobs, &b.logprobs, 1e-4),
+            "request {tag}: {:?} vs {:?}",
+            a.logprobs,
+            b.logprobs
+        );
+    }
+}
