@@ -362,12 +362,12 @@ enum Prefix {
     Kept(usize),
 }
 
-/// Shortest shared prefix copied instead of computed, unless it is the whole prompt but its last
-/// token: below it a copy and a pass of its own for the rest cost about what they save.
-pub const MIN_SHARED_PREFIX: usize = 16;
+/// Shortest shared prefix copied instead of computed (unless a live sequence has this very
+/// prompt): below it a copy and a pass of its own for the rest cost about what they save.
+const MIN_SHARED_PREFIX: usize = 16;
 
-/// What requests admitted together share: whether their prompt is copied from a live sequence
-/// (or prefilled), their adapter's stack and member (`None` for the base model), their prompt.
+/// What requests admitted together share: whether their prompt starts from a shared prefix (or
+/// is prefilled), their adapter's stack and member (`None` for the base model), their prompt.
 type SharedPrompt<'a> = (bool, Option<(usize, i64)>, &'a [i64]);
 
 /// A request whose prompt is prefilled, about to join the batch.
@@ -509,14 +509,14 @@ impl Generation {
 
     /// Prompts prefilled so far: one per distinct prompt and adapter among the requests
     /// admitted together (whatever their `num_samples`), none for a request that shares a
-    /// prefill ([`Generation::shared_prompts`]).
+    /// prefill or starts from a shared prefix ([`Generation::shared_prompts`]).
     pub fn prefills(&self) -> u64 {
         self.prefills
     }
 
-    /// Requests admitted so far that computed no prefill of their own: they joined a request
-    /// with the same prompt and adapter admitted with them (or being prefilled), or started
-    /// from a copy of a live sequence's prompt keys and values.
+    /// Requests admitted so far that computed no prefill of their whole prompt: they joined a
+    /// request with the same prompt and adapter admitted with them (or being prefilled), or
+    /// started from a copy of a shared prefix ([`Generation::shared_prefix_of`]).
     pub fn shared_prompts(&self) -> u64 {
         self.shared_prompts
     }
@@ -693,11 +693,11 @@ impl Generation {
     }
 
     /// Where `r`'s prompt keys and values can start from, and how many of its tokens: the
-    /// longest prefix of its prompt that a live sequence of its adapter has as its prompt, or
-    /// that a kept finished sequence of its adapter starts with ([`PrefixCache`]), short of the
-    /// prompt's last token (run through for its next-token logits). Only for requests that ask
+    /// longest prefix its prompt shares with the prompt of a live sequence of its adapter or
+    /// with a kept finished sequence of its adapter ([`PrefixCache`]), short of the prompt's
+    /// last token (run through for its next-token logits). Only for requests that ask
     /// nothing about their prompt (whose logits the copy does not give), and for prefixes of
-    /// [`MIN_SHARED_PREFIX`] tokens or more unless they are the whole prompt but its last token.
+    /// [`MIN_SHARED_PREFIX`] tokens or more, unless a live sequence has this very prompt.
     fn shared_prefix_of(&self, r: &SampleRequest) -> Option<(Prefix, usize)> {
         if r.prompt.len() < 2 || r.scoring.scores_prompt() {
             return None;
@@ -740,7 +740,11 @@ impl Generation {
         {
             consider(Prefix::Kept(k), n);
         }
-        best.filter(|&(_, n)| n >= MIN_SHARED_PREFIX || n == usable)
+        // A live sequence with this very prompt is shared whatever its length: a group's
+        // requests arriving while its first one decodes.
+        best.filter(|&(prefix, n)| {
+            n >= MIN_SHARED_PREFIX || (matches!(prefix, Prefix::Live(_)) && n == usable)
+        })
     }
 
     /// Adds the (validated) requests' sequences to the batch. Their distinct prompts (per
