@@ -227,6 +227,29 @@ def test_the_next_turn_of_a_conversation_reuses_the_keys_and_values_of_the_last(
     assert cached.logprobs == pytest.approx(full.logprobs, abs=1e-4)
 
 
+def test_one_tenants_prompts_are_never_reused_for_another(keyed_server):
+    """Keys and values of one tenant's prompts (kept finished sequences, live ones) serve only
+    that tenant's later prompts: another tenant's identical or extending prompt computes its
+    own, so it cannot learn from timing or the counter what others sent."""
+    def reused():
+        text = requests.get(keyed_server.url + "/metrics", headers={"X-API-Key": ALICE}).text
+        line = [l for l in text.splitlines() if l.startswith("loraloom_sample_prompt_tokens_reused_total ")]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    prompt = [1, 604, 3537, 314, 260, 28, 9, 4021, 17, 880, 29, 31, 7, 1201, 44, 3, 91, 12, 5]
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    samplers = {key: client(keyed_server, key).create_sampling_client(base_model=MODEL_NAME).result()
+                for key in (ALICE, BOB)}
+    said = samplers[ALICE].sample(types.ModelInput.from_ints(prompt), 1, greedy).result().sequences[0].tokens
+    follow_up = types.ModelInput.from_ints(prompt + said + [216, 1428])
+    before = reused()
+    theirs = samplers[BOB].sample(follow_up, 1, greedy).result().sequences[0]
+    assert reused() == before, "another tenant's conversation was reused"
+    mine = samplers[ALICE].sample(follow_up, 1, greedy).result().sequences[0]
+    assert reused() - before == len(prompt) + len(said) - 1
+    assert mine.tokens == theirs.tokens
+
+
 def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_finish(server):
     """num_samples completions share their prompt's prefill (counted); requests sent together,
     of different lengths, each finish with exactly what they asked for; a seeded request draws

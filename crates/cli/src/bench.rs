@@ -256,6 +256,7 @@ pub fn decode(
     let requests: Vec<SampleRequest> = match sequences.checked_div(adapters) {
         Some(_) if interleaved => (0..sequences)
             .map(|i| SampleRequest {
+                share_scope: "",
                 adapter: Some(&owned[i % adapters]),
                 prompt: prompt.clone(),
                 num_samples: 1,
@@ -264,6 +265,7 @@ pub fn decode(
             })
             .collect(),
         None => vec![SampleRequest {
+            share_scope: "",
             adapter: None,
             prompt: prompt.clone(),
             num_samples: sequences as i64,
@@ -273,6 +275,7 @@ pub fn decode(
         Some(per) => owned
             .iter()
             .map(|a| SampleRequest {
+                share_scope: "",
                 adapter: Some(a),
                 prompt: prompt.clone(),
                 num_samples: per as i64,

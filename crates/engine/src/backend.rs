@@ -895,6 +895,7 @@ impl ModelWorker {
                 num_samples: *num_samples,
                 params: params.clone(),
                 scoring: scoring.clone(),
+                share_scope: job.queue.tenant(),
             };
             let tag = d.next_tag;
             d.next_tag += 1;

@@ -187,9 +187,8 @@ impl KvCache {
     }
 
     /// A cache of one row: the keys and values of row `row`'s first `n` real tokens, as views
-    /// of this cache's buffers (its free columns those after them). Only to be
-    /// [`KvCache::concat`]enated (copied) or copied ([`KvCache::compact_copy`]): writing
-    /// into it would write into this cache.
+    /// of this cache's buffers (no free columns). Only to be [`KvCache::concat`]enated (copied)
+    /// or copied ([`KvCache::compact_copy`]): writing into it would write into this cache.
     pub(crate) fn row_prefix(&self, row: usize, n: i64) -> Result<KvCache> {
         if row >= self.rows() || n < 0 || self.pad[row] + n > self.len {
             return Err(crate::error::ModelError::invalid(
@@ -200,15 +199,17 @@ impl KvCache {
                 ),
             ));
         }
-        let r = row as i64;
+        let (r, first) = (row as i64, self.start + self.pad[row]);
+        let view =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.f_narrow(0, r, 1)?.f_narrow(2, first, n)?) };
         let layers = self
             .layers
             .iter()
-            .map(|(k, v)| Ok((k.f_narrow(0, r, 1)?, v.f_narrow(0, r, 1)?)))
+            .map(|(k, v)| Ok((view(k)?, view(v)?)))
             .collect::<Result<_>>()?;
         Ok(KvCache {
             layers,
-            start: self.start + self.pad[row],
+            start: 0,
             len: n,
             pad: vec![0],
         })

@@ -10,6 +10,8 @@ use crate::lora::AdapterIdentity;
 
 /// One kept sequence.
 struct Entry {
+    /// The scope of the request that made it (see `SampleRequest::share_scope`).
+    scope: String,
     /// The adapter that computed it (`None`: the base model).
     adapter: Option<AdapterIdentity>,
     tokens: Vec<i64>,
@@ -74,13 +76,15 @@ impl PrefixCache {
         self.clock
     }
 
-    /// Keeps the keys and values of `tokens` computed by `adapter`; `cache` makes their one-row
-    /// copy, only when it is kept. Nothing is kept when `tokens` exceed the whole budget, or a
-    /// kept sequence of the adapter starts with them (that one becomes the most recently used);
-    /// kept sequences of the adapter that `tokens` start with leave (this one covers them), and
-    /// the least recently used leave until it fits.
+    /// Keeps the keys and values of `tokens` computed by `adapter` for a request of `scope`;
+    /// `cache` makes their one-row copy, only when it is kept. Nothing is kept when `tokens`
+    /// exceed the whole budget, or a kept sequence of the scope and adapter starts with them
+    /// (that one becomes the most recently used); kept sequences of the scope and adapter that
+    /// `tokens` start with leave (this one covers them), and the least recently used leave until
+    /// it fits.
     pub(crate) fn insert(
         &mut self,
+        scope: &str,
         adapter: Option<AdapterIdentity>,
         tokens: Vec<i64>,
         cache: impl FnOnce() -> Result<KvCache>,
@@ -90,7 +94,8 @@ impl PrefixCache {
         }
         let now = self.tick();
         let covering = self.entries.iter_mut().find(|e| {
-            e.adapter == adapter
+            e.scope == scope
+                && e.adapter == adapter
                 && e.tokens.len() >= tokens.len()
                 && e.tokens[..tokens.len()] == tokens[..]
         });
@@ -100,7 +105,7 @@ impl PrefixCache {
         }
         let cache = cache()?;
         self.entries.retain(|e| {
-            let covered = e.adapter == adapter && tokens.starts_with(&e.tokens);
+            let covered = e.scope == scope && e.adapter == adapter && tokens.starts_with(&e.tokens);
             !covered
         });
         self.tokens = self.entries.iter().map(|e| e.tokens.len()).sum();
@@ -116,6 +121,7 @@ impl PrefixCache {
         }
         self.tokens += tokens.len();
         self.entries.push(Entry {
+            scope: scope.to_string(),
             adapter,
             tokens,
             cache,
@@ -124,17 +130,18 @@ impl PrefixCache {
         Ok(())
     }
 
-    /// The kept sequence of `adapter` sharing the longest prefix with `prompt`: its index (for
-    /// [`PrefixCache::use_prefix`]) and the number of tokens shared, when any are.
+    /// The kept sequence of `scope` and `adapter` sharing the longest prefix with `prompt`: its
+    /// index (for [`PrefixCache::use_prefix`]) and the number of tokens shared, when any are.
     pub(crate) fn longest(
         &self,
+        scope: &str,
         adapter: &Option<AdapterIdentity>,
         prompt: &[i64],
     ) -> Option<(usize, usize)> {
         self.entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| &e.adapter == adapter)
+            .filter(|(_, e)| e.scope == scope && &e.adapter == adapter)
             .map(|(i, e)| (i, shared_prefix(&e.tokens, prompt)))
             .filter(|&(_, n)| n > 0)
             .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
@@ -164,26 +171,31 @@ mod tests {
     #[test]
     fn longest_shared_prefix_of_the_same_adapter_and_least_recently_used_leave_first() {
         let mut kept = PrefixCache::new(10);
-        kept.insert(None, vec![1, 2, 3, 4], || cache(4)).unwrap();
-        kept.insert(None, vec![1, 2, 9], || cache(3)).unwrap();
-        assert_eq!(kept.longest(&None, &[1, 2, 3, 7]), Some((0, 3)));
-        assert_eq!(kept.longest(&None, &[5]), None);
+        kept.insert("t", None, vec![1, 2, 3, 4], || cache(4))
+            .unwrap();
+        kept.insert("t", None, vec![1, 2, 9], || cache(3)).unwrap();
+        assert_eq!(kept.longest("t", &None, &[1, 2, 3, 7]), Some((0, 3)));
+        assert_eq!(kept.longest("t", &None, &[5]), None);
         // Covered: nothing new is kept.
-        kept.insert(None, vec![1, 2], || panic!("not copied"))
+        kept.insert("t", None, vec![1, 2], || panic!("not copied"))
             .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 7));
         // The covered insert used [1, 2, 3, 4], then [1, 2, 9] is used: the former leaves.
         let _ = kept.use_prefix(1, 2).unwrap();
-        kept.insert(None, vec![7, 7, 7, 7, 7], || cache(5)).unwrap();
+        kept.insert("t", None, vec![7, 7, 7, 7, 7], || cache(5))
+            .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 8));
-        assert_eq!(kept.longest(&None, &[1, 2, 3]), Some((0, 2)));
+        assert_eq!(kept.longest("t", &None, &[1, 2, 3]), Some((0, 2)));
         // A sequence extending a kept one replaces it.
-        kept.insert(None, vec![1, 2, 9, 4, 4], || cache(5)).unwrap();
+        kept.insert("t", None, vec![1, 2, 9, 4, 4], || cache(5))
+            .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 10));
-        let prefix = kept.use_prefix(kept.longest(&None, &[1, 2, 9, 4]).unwrap().0, 4);
+        let prefix = kept.use_prefix(kept.longest("t", &None, &[1, 2, 9, 4]).unwrap().0, 4);
         assert_eq!(prefix.unwrap().len(), 4);
+        // Another scope sees nothing of it.
+        assert_eq!(kept.longest("u", &None, &[1, 2, 9, 4]), None);
         // Longer than the budget: not kept.
-        kept.insert(None, (0..11).collect(), || panic!("not copied"))
+        kept.insert("t", None, (0..11).collect(), || panic!("not copied"))
             .unwrap();
         assert_eq!(kept.tokens(), 10);
     }

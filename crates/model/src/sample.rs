@@ -103,7 +103,7 @@ pub struct SampledSequence {
 }
 
 /// One sampling request.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct SampleRequest<'a> {
     /// Adapter to sample from; `None` for the base model.
     pub adapter: Option<&'a LoraAdapter>,
@@ -115,6 +115,10 @@ pub struct SampleRequest<'a> {
     pub params: SamplingParams,
     /// What to compute besides the samples (prompt logprobs and the other extras).
     pub scoring: Scoring,
+    /// Requests share prompt keys and values (a prefill, a live sequence's prompt, a kept
+    /// sequence) only with requests of the same scope: the engine passes the tenant, so that
+    /// what one tenant sent never shapes another's work or timing.
+    pub share_scope: &'a str,
 }
 
 /// The result of one request.
@@ -245,6 +249,8 @@ struct Live {
     /// same adapter) starts from a copy of their keys and values
     /// ([`Generation::shared_prefix_of`]).
     prompt_tokens: Vec<i64>,
+    /// Its [`SampleRequest::share_scope`].
+    scope: String,
     /// How many of the most likely tokens to report at each generated position.
     sample_top_k: usize,
     /// Whether its sequences chose their first tokens yet.
@@ -367,13 +373,15 @@ enum Prefix {
 const MIN_SHARED_PREFIX: usize = 16;
 
 /// What requests admitted together share: whether their prompt starts from a shared prefix (or
-/// is prefilled), their adapter's stack and member (`None` for the base model), their prompt.
-type SharedPrompt<'a> = (bool, Option<(usize, i64)>, &'a [i64]);
+/// is prefilled), their scope, their adapter's stack and member (`None` for the base model),
+/// their prompt.
+type SharedPrompt<'a> = (bool, &'a str, Option<(usize, i64)>, &'a [i64]);
 
 /// A request whose prompt is prefilled, about to join the batch.
 struct Joining {
     tag: RequestTag,
     prompt: Vec<i64>,
+    scope: String,
     params: SamplingParams,
     num_samples: i64,
     member: Option<(usize, i64)>,
@@ -394,6 +402,7 @@ impl Joining {
         Joining {
             tag,
             prompt: request.prompt.clone(),
+            scope: request.share_scope.to_string(),
             params: request.params.clone(),
             num_samples: request.num_samples,
             member,
@@ -672,12 +681,16 @@ impl Generation {
         let member = self.members_of(&[r.adapter])?[0];
         let joining = Joining::new(tag, r, member);
         let leader = self.prefilling.iter_mut().find(|p| {
-            !r.scoring.scores_prompt() && p.request.member == member && p.request.prompt == r.prompt
+            !r.scoring.scores_prompt()
+                && p.request.member == member
+                && p.request.scope == r.share_scope
+                && p.request.prompt == r.prompt
         });
         match leader {
             Some(p) => {
                 p.followers.push(joining);
                 self.shared_prompts += 1;
+                self.prompt_tokens_reused += r.prompt.len() as u64;
             }
             None => {
                 self.prefilling.push_back(Prefilling {
@@ -726,7 +739,11 @@ impl Generation {
                     continue;
                 }
                 last = Some(row.request);
-                if let Some(live) = self.live.get(&row.request) {
+                if let Some(live) = self
+                    .live
+                    .get(&row.request)
+                    .filter(|l| l.scope == r.share_scope)
+                {
                     consider(
                         Prefix::Live(i),
                         shared_prefix(&live.prompt_tokens, &r.prompt),
@@ -734,9 +751,9 @@ impl Generation {
                 }
             }
         }
-        if let Some((k, n)) = self
-            .kept
-            .longest(&r.adapter.map(|a| a.identity()), &r.prompt)
+        if let Some((k, n)) =
+            self.kept
+                .longest(r.share_scope, &r.adapter.map(|a| a.identity()), &r.prompt)
         {
             consider(Prefix::Kept(k), n);
         }
@@ -775,7 +792,7 @@ impl Generation {
             let copy = prefixes[i].is_some();
             let list = if copy { &mut copied } else { &mut prefilled };
             let k = *distinct
-                .entry((copy, members[i], r.prompt.as_slice()))
+                .entry((copy, r.share_scope, members[i], r.prompt.as_slice()))
                 .or_insert_with(|| {
                     list.push(i);
                     list.len() - 1
@@ -794,8 +811,9 @@ impl Generation {
         };
         let mut caches = Vec::with_capacity(2);
         let mut logits = Vec::with_capacity(2);
-        // Prompt tokens put through the model.
+        // Prompt tokens put through the model, and distinct prompts computed whole.
         let mut computed = 0;
+        let mut whole = prefilled.len();
         if !prefilled.is_empty() {
             let prompts: Vec<&[i64]> = prefilled
                 .iter()
@@ -846,6 +864,9 @@ impl Generation {
             let mut pads = Vec::with_capacity(copied.len());
             for (&i, &len) in copied.iter().zip(&lens) {
                 let take = len.saturating_sub(t);
+                if take == 0 {
+                    whole += 1;
+                }
                 let (prefix, _) = prefixes[i].expect("copied");
                 views.push(match prefix {
                     Prefix::Live(row) => self
@@ -879,8 +900,8 @@ impl Generation {
             .map(|&(copy, k)| (k + if copy { prefilled.len() } else { 0 }) as i64)
             .collect();
         self.join(cache, logits, joining, &rows)?;
-        self.prefills += prefilled.len() as u64;
-        self.shared_prompts += (requests.len() - prefilled.len()) as u64;
+        self.prefills += whole as u64;
+        self.shared_prompts += (requests.len() - whole) as u64;
         let prompt_tokens: usize = requests.iter().map(|(_, r)| r.prompt.len()).sum();
         self.prompt_tokens_reused += (prompt_tokens - computed) as u64;
         Ok(())
@@ -946,6 +967,7 @@ impl Generation {
                     params: j.params,
                     prompt: j.scorer.finish(),
                     prompt_tokens: j.prompt,
+                    scope: j.scope,
                     sample_top_k: j.sample_top_k,
                     started: false,
                 },
@@ -992,7 +1014,11 @@ impl Generation {
         match outcome {
             Ok(()) => Vec::new(),
             // The followers fail with the request whose prefill they share.
-            Err(e) => tags.into_iter().map(|t| (t, e.for_another())).collect(),
+            Err(e) => {
+                let mut failed: Vec<_> = tags[1..].iter().map(|&t| (t, e.for_another())).collect();
+                failed.insert(0, (tags[0], e));
+                failed
+            }
         }
     }
 
@@ -1122,7 +1148,7 @@ impl Generation {
                 tokens.extend_from_slice(&row.tokens[..row.tokens.len() - 1]);
                 let adapter = row.member.map(|(s, m)| self.stacks[s].identity_of(m));
                 let copy = || cache.row_prefix(i, fed as i64)?.compact_copy();
-                if let Err(e) = self.kept.insert(adapter, tokens, copy) {
+                if let Err(e) = self.kept.insert(&live.scope, adapter, tokens, copy) {
                     // Only later prompts lose: they compute what they would have copied.
                     tracing::warn!(error = %e, "a finished sequence could not be kept");
                 }

@@ -40,6 +40,7 @@ fn check_against_oracle(
     let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
     let requests: Vec<SampleRequest> = (0..n)
         .map(|i| SampleRequest {
+            share_scope: "",
             adapter,
             prompt: vec_i64(&e[&format!("prompt.{i}")]),
             num_samples: 1,
@@ -146,6 +147,7 @@ fn check_continuous_against_oracle(
     let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
     let others = adapters(decoder, 3);
     let oracle_request = |i: usize| SampleRequest {
+        share_scope: "",
         adapter: Some(adapter),
         prompt: vec_i64(&e[&format!("prompt.{i}")]),
         num_samples: 1,
@@ -153,6 +155,7 @@ fn check_continuous_against_oracle(
         scoring: Scoring::prompt_logprobs(true),
     };
     let other_request = |j: usize| SampleRequest {
+        share_scope: "",
         adapter: Some(&others[j]),
         prompt: (0..(2 + 3 * j as i64))
             .map(|t| (t * 7 + j as i64) % 100 + 1)
@@ -171,6 +174,7 @@ fn check_continuous_against_oracle(
     // Oracle prompt 0 again, asking nothing about the prompt: it starts from a copy of the
     // first request's prompt keys and values.
     let again = || SampleRequest {
+        share_scope: "",
         scoring: Scoring::prompt_logprobs(false),
         params: greedy(new_tokens - 4),
         ..oracle_request(0)
@@ -264,6 +268,7 @@ fn num_samples_equal_separate_requests_with_their_sample_seeds() {
     let (_dir, decoder) = tiny_llama("num-samples");
     let adapter = &adapters(&decoder, 1)[0];
     let request = |num_samples: i64, seed: u64| SampleRequest {
+        share_scope: "",
         adapter: Some(adapter),
         prompt: vec![9, 8, 7, 6],
         num_samples,
@@ -365,6 +370,7 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
         })
         .collect();
     let request = |i: usize| SampleRequest {
+        share_scope: "",
         adapter: Some(&adapters[i]),
         prompt: prompts[i].clone(),
         num_samples: 2,
@@ -403,6 +409,7 @@ fn recorded_steps_equal_steps_issued_one_by_one() {
     let (_dir, decoder) = tiny_llama("recorded");
     let adapters = adapters(&decoder, 3);
     let request = |i: usize| SampleRequest {
+        share_scope: "",
         adapter: (i < 3).then(|| &adapters[i]),
         prompt: (0..(2 + 3 * i as i64))
             .map(|j| (j * 11 + i as i64) % 120 + 1)
@@ -449,6 +456,7 @@ fn top_k_1_is_greedy_and_seeds_reproduce() {
     let (_dir, decoder) = tiny_llama("seeds");
     let run = |params: SamplingParams| {
         let req = SampleRequest {
+            share_scope: "",
             adapter: None,
             prompt: vec![3, 1, 4, 1, 5],
             num_samples: 3,
@@ -483,6 +491,7 @@ fn top_k_1_is_greedy_and_seeds_reproduce() {
 fn stop_tokens_end_sequences_and_limits_are_checked_first() {
     let (_dir, decoder) = tiny_llama("limits");
     let req = |params: SamplingParams, prompt: Vec<i64>| SampleRequest {
+        share_scope: "",
         adapter: None,
         prompt,
         num_samples: 1,
@@ -543,6 +552,7 @@ fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
     let adapter = &adapters(&decoder, 1)[0];
     let prompt = vec![11, 12, 13, 14, 15];
     let request = SampleRequest {
+        share_scope: "",
         adapter: Some(adapter),
         prompt: prompt.clone(),
         num_samples: 3,
@@ -591,6 +601,7 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
     let (_dir, decoder) = tiny_llama("chunks");
     let adapter = &adapters(&decoder, 1)[0];
     let long = SampleRequest {
+        share_scope: "",
         adapter: Some(adapter),
         prompt: (0..40).map(|i| (i * 13 + 7) % 120 + 1).collect(),
         num_samples: 2,
@@ -612,6 +623,7 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
         },
     };
     let short = SampleRequest {
+        share_scope: "",
         adapter: None,
         prompt: vec![4, 5, 6],
         num_samples: 1,
@@ -710,6 +722,7 @@ fn removing_a_request_between_steps_leaves_the_others_unchanged() {
     let (_dir, decoder) = tiny_llama("remove");
     let adapters = adapters(&decoder, 3);
     let request = |i: usize| SampleRequest {
+        share_scope: "",
         adapter: Some(&adapters[i]),
         prompt: (0..(4 + 3 * i as i64))
             .map(|j| (j * 11 + i as i64 * 7 + 2) % 120 + 1)
@@ -776,6 +789,7 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
     let prompt: Vec<i64> = (0..9).map(|i| (i * 11 + 5) % 120 + 1).collect();
     let long: Vec<i64> = (0..14).map(|i| (i * 7 + 3) % 120 + 1).collect();
     let request = |adapter: Option<usize>, prompt: &[i64], seed: u64, scores: bool| SampleRequest {
+        share_scope: "",
         adapter: adapter.map(|i| &ads[i]),
         prompt: prompt.to_vec(),
         num_samples: 1 + (seed % 2) as i64,
@@ -789,6 +803,10 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
         },
         scoring: Scoring::prompt_logprobs(scores),
     };
+    let other_tenant = SampleRequest {
+        share_scope: "another tenant",
+        ..request(None, &prompt, 14, false)
+    };
     // (step, tag, request, prefills and shared prompts once it is admitted with the others of
     // its step).
     let plan: Vec<(usize, u64, SampleRequest, (u64, u64))> = vec![
@@ -797,14 +815,15 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
         (0, 3, request(Some(0), &prompt, 3, true), (3, 2)), // asks about the prompt: shares it
         (0, 4, request(Some(1), &prompt, 4, false), (3, 2)), // another adapter
         (0, 5, request(None, &prompt, 5, false), (3, 2)),   // the base model
-        (2, 6, request(Some(0), &prompt, 6, false), (5, 4)), // from a live sequence
-        (2, 7, request(None, &prompt, 7, false), (5, 4)),   // from a live sequence
-        (2, 8, request(Some(0), &prompt, 8, true), (5, 4)), // asks about the prompt: prefills
-        (2, 9, request(Some(1), &prompt[1..], 9, false), (5, 4)), // another prompt
-        (3, 10, request(Some(1), &long, 10, false), (6, 5)), // chunked, then a follower
-        (3, 11, request(Some(1), &long, 11, false), (6, 5)),
-        (4, 12, request(Some(1), &long, 12, true), (7, 5)), // asks about the prompt: in line
-        (6, 13, request(Some(1), &long, 13, false), (7, 6)), // from a live sequence, unchunked
+        (2, 6, request(Some(0), &prompt, 6, false), (6, 4)), // from a live sequence
+        (2, 7, request(None, &prompt, 7, false), (6, 4)),   // from a live sequence
+        (2, 8, request(Some(0), &prompt, 8, true), (6, 4)), // asks about the prompt: prefills
+        (2, 9, request(Some(1), &prompt[1..], 9, false), (6, 4)), // another prompt
+        (2, 14, other_tenant, (6, 4)), // the base model's prompt, of another scope
+        (3, 10, request(Some(1), &long, 10, false), (7, 5)), // chunked, then a follower
+        (3, 11, request(Some(1), &long, 11, false), (7, 5)),
+        (4, 12, request(Some(1), &long, 12, true), (8, 5)), // asks about the prompt: in line
+        (6, 13, request(Some(1), &long, 13, false), (8, 6)), // from a live sequence, unchunked
     ];
     let mut g = Generation::new(decoder.kind()).with_prefill_chunk(10);
     let mut done: HashMap<u64, SampleOutput> = HashMap::new();
@@ -829,7 +848,7 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
         }
         done.extend(g.step(&decoder, None).unwrap().finished);
     }
-    assert_eq!((g.prefills(), g.shared_prompts()), (7, 6));
+    assert_eq!((g.prefills(), g.shared_prompts()), (8, 6));
     for (_, tag, r, _) in &plan {
         let alone = sample(&decoder, std::slice::from_ref(r), None)
             .unwrap()
@@ -871,6 +890,7 @@ fn prompts_starting_with_a_finished_sequence_reuse_its_keys_and_values() {
     let first: Vec<i64> = (0..20).map(|i| (i * 13 + 5) % 120 + 1).collect();
     let request =
         |adapter: Option<usize>, prompt: Vec<i64>, seed: u64, scores: bool| SampleRequest {
+            share_scope: "",
             adapter: adapter.map(|i| &ads[i]),
             prompt,
             num_samples: 1,
