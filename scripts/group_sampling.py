@@ -53,7 +53,7 @@ def measure(binary: str, model: str) -> dict:
         sc = tinker.ServiceClient(base_url=url, api_key=KEY)
         base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
         sampler = sc.create_sampling_client(base_model=base).result()
-        group(sampler, [prompt(10_000)])  # warm-up
+        group(sampler, [types.ModelInput.from_ints([5] * PROMPT)])  # warm-up (no prompt of the run)
         counts = lambda: (metric(url, "loraloom_sample_prefills_total"),
                           metric(url, "loraloom_sample_prompts_shared_total"))
         # Distinct first: what one server did before a measurement (allocations it made) is then

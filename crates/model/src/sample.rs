@@ -674,9 +674,10 @@ impl Generation {
             .collect())
     }
 
-    /// Queues `r`'s long prompt to be prefilled a chunk per step, or, when `r` asks nothing
-    /// about its prompt and a request in line has the same prompt and adapter, makes it a
-    /// follower of that request (it joins with it, sharing its prefill).
+    /// Queues `r`'s long prompt to be prefilled a chunk per step (after a copy of its shared
+    /// prefix, if any: [`Generation::shared_prefix_of`]), or, when `r` asks nothing about its
+    /// prompt and a request in line has the same prompt, scope and adapter, makes it a follower
+    /// of that request (it joins with it, sharing its prefill).
     fn queue_long_prompt(&mut self, tag: RequestTag, r: &SampleRequest) -> Result<()> {
         let member = self.members_of(&[r.adapter])?[0];
         let joining = Joining::new(tag, r, member);
@@ -693,13 +694,25 @@ impl Generation {
                 self.prompt_tokens_reused += r.prompt.len() as u64;
             }
             None => {
+                // A shared prefix is copied; the chunks start after it.
+                let (done, cache) = match self.shared_prefix_of(r) {
+                    Some((prefix, n)) => {
+                        let view = prefix_view(&self.cache, &mut self.kept, prefix, n)?;
+                        self.shared_prompts += 1;
+                        self.prompt_tokens_reused += n as u64;
+                        (n, Some(KvCache::concat(vec![view])?))
+                    }
+                    None => {
+                        self.prefills += 1;
+                        (0, None)
+                    }
+                };
                 self.prefilling.push_back(Prefilling {
                     request: joining,
                     followers: Vec::new(),
-                    done: 0,
-                    cache: None,
+                    done,
+                    cache,
                 });
-                self.prefills += 1;
             }
         }
         Ok(())
@@ -868,14 +881,7 @@ impl Generation {
                     whole += 1;
                 }
                 let (prefix, _) = prefixes[i].expect("copied");
-                views.push(match prefix {
-                    Prefix::Live(row) => self
-                        .cache
-                        .as_ref()
-                        .expect("live rows have a cache")
-                        .row_prefix(row, take as i64)?,
-                    Prefix::Kept(k) => self.kept.use_prefix(k, take as i64)?,
-                });
+                views.push(prefix_view(&self.cache, &mut self.kept, prefix, take)?);
                 let rest = &requests[i].1.prompt[take..];
                 pads.push((t - rest.len()) as i64);
                 ids.extend(std::iter::repeat_n(0, t - rest.len()));
@@ -1406,6 +1412,23 @@ impl Generation {
         self.prefilling.clear();
         tags.extend(self.live.drain().map(|(tag, _)| tag));
         tags
+    }
+}
+
+/// A one-row cache of views of the first `n` tokens of `prefix` (see [`KvCache::row_prefix`]):
+/// a row of the batch's cache `batch`, or a sequence kept in `kept`.
+fn prefix_view(
+    batch: &Option<KvCache>,
+    kept: &mut PrefixCache,
+    prefix: Prefix,
+    n: usize,
+) -> Result<KvCache> {
+    match prefix {
+        Prefix::Live(row) => batch
+            .as_ref()
+            .expect("live rows have a cache")
+            .row_prefix(row, n as i64),
+        Prefix::Kept(k) => kept.use_prefix(k, n as i64),
     }
 }
 

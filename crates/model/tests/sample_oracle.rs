@@ -972,3 +972,51 @@ fn prompts_starting_with_a_finished_sequence_reuse_its_keys_and_values() {
         );
     }
 }
+
+/// A long prompt whose rest after a kept prefix is still longer than a prefill chunk is
+/// prefilled in chunks from a copy of that prefix, and samples what it samples alone.
+#[test]
+fn a_long_rest_after_a_kept_prefix_is_prefilled_in_chunks_from_its_copy() {
+    let (_dir, decoder) = tiny_llama("prefix-chunks");
+    let adapter = &adapters(&decoder, 1)[0];
+    let request = |prompt: Vec<i64>, seed: u64| SampleRequest {
+        share_scope: "",
+        adapter: Some(adapter),
+        prompt,
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens: 6,
+            temperature: 0.9,
+            seed: Some(seed),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        },
+        scoring: Scoring::prompt_logprobs(false),
+    };
+    let first: Vec<i64> = (0..20).map(|i| (i * 7 + 2) % 120 + 1).collect();
+    let mut g = Generation::new(decoder.kind())
+        .with_prefill_chunk(8)
+        .with_prefix_cache(500);
+    let said = sample_with(&mut g, &decoder, &[request(first.clone(), 1)], None).unwrap()[0]
+        .sequences[0]
+        .tokens
+        .clone();
+    let turn_two = request(
+        [first.clone(), said.clone(), (30..42).collect()].concat(),
+        2,
+    );
+    let before = (g.prefills(), g.shared_prompts());
+    let out = sample_with(&mut g, &decoder, std::slice::from_ref(&turn_two), None).unwrap();
+    assert_eq!((g.prefills(), g.shared_prompts()), (before.0, before.1 + 1));
+    assert_eq!(
+        g.prompt_tokens_reused(),
+        (first.len() + said.len() - 1) as u64
+    );
+    let alone = sample(&decoder, &[turn_two], None).unwrap();
+    assert_eq!(out[0].sequences[0].tokens, alone[0].sequences[0].tokens);
+    assert!(close(
+        &out[0].sequences[0].logprobs,
+        &alone[0].sequences[0].logprobs,
+        1e-4
+    ));
+}
