@@ -13,15 +13,12 @@ env: CONVERSATIONS (8), TURNS (4), PROMPT (128), TOKENS (16), REPLY (24), ROUNDS
 """
 
 import concurrent.futures
-import json
 import os
-import sys
 import time
 
-import tinker
 from tinker import types
 
-from sample_throughput import KEY, metric, start_server, stop_server
+from sample_throughput import compare_binaries, connect, metric, start_server, stop_server
 
 CONVERSATIONS = int(os.environ.get("CONVERSATIONS", "8"))
 TURNS = int(os.environ.get("TURNS", "4"))
@@ -47,8 +44,7 @@ def converse(sampler, c: int) -> int:
 def measure(binary: str, model: str) -> dict:
     server, url, log = start_server(binary, model)
     try:
-        sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-        base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+        sc, base = connect(url)
         sampler = sc.create_sampling_client(base_model=base).result()
         sampler.sample(types.ModelInput.from_ints([5] * PROMPT), 1,
                        types.SamplingParams(max_tokens=2, stop=[])).result()  # warm-up
@@ -65,21 +61,9 @@ def measure(binary: str, model: str) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    model, binaries = sys.argv[1], sys.argv[2:]
-    best: dict = {}
-    for r in range(ROUNDS):
-        for b in binaries:
-            m = measure(b, model)
-            print(json.dumps({"what": "conversation_sampling", "binary": b, "round": r,
-                              "conversations": CONVERSATIONS, "turns": TURNS, "prompt": PROMPT,
-                              "max_tokens": TOKENS, "reply": REPLY, **m}), flush=True)
-            best[b] = min(best.get(b, float("inf")), m["seconds"])
-    first = best[binaries[0]]
-    for b in binaries:
-        print(json.dumps({"what": "conversation_sampling_best", "binary": b, "seconds": best[b],
-                          "vs_first": round(best[b] / first, 3)}))
+    compare_binaries(__doc__, "conversation_sampling", measure, "seconds",
+                     {"conversations": CONVERSATIONS, "turns": TURNS, "prompt": PROMPT,
+                      "max_tokens": TOKENS, "reply": REPLY}, ROUNDS)
 
 
 if __name__ == "__main__":

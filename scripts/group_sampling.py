@@ -17,15 +17,12 @@ usage: python scripts/group_sampling.py MODEL_DIR BINARY [BINARY ...]
 env: GROUP (16), PROMPT (256), TOKENS (16), ROUNDS (2)
 """
 
-import json
 import os
-import sys
 import time
 
-import tinker
 from tinker import types
 
-from sample_throughput import KEY, metric, start_server, stop_server
+from sample_throughput import compare_binaries, connect, metric, start_server, stop_server
 
 GROUP = int(os.environ.get("GROUP", "16"))
 PROMPT = int(os.environ.get("PROMPT", "256"))
@@ -50,8 +47,7 @@ def group(sampler, prompts) -> float:
 def measure(binary: str, model: str) -> dict:
     server, url, log = start_server(binary, model)
     try:
-        sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-        base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+        sc, base = connect(url)
         sampler = sc.create_sampling_client(base_model=base).result()
         group(sampler, [types.ModelInput.from_ints([5] * PROMPT)])  # warm-up (no prompt of the run)
         counts = lambda: (metric(url, "loraloom_sample_prefills_total"),
@@ -71,20 +67,8 @@ def measure(binary: str, model: str) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) < 3:
-        raise SystemExit(__doc__)
-    model, binaries = sys.argv[1], sys.argv[2:]
-    best: dict = {}
-    for r in range(ROUNDS):
-        for b in binaries:
-            m = measure(b, model)
-            print(json.dumps({"what": "group_sampling", "binary": b, "round": r, "group": GROUP,
-                              "prompt_tokens": PROMPT, "max_tokens": TOKENS, **m}), flush=True)
-            best[b] = min(best.get(b, float("inf")), m["same_s"])
-    first = best[binaries[0]]
-    for b in binaries:
-        print(json.dumps({"what": "group_sampling_best", "binary": b, "same_s": best[b],
-                          "vs_first": round(best[b] / first, 3)}))
+    compare_binaries(__doc__, "group_sampling", measure, "same_s",
+                     {"group": GROUP, "prompt_tokens": PROMPT, "max_tokens": TOKENS}, ROUNDS)
 
 
 if __name__ == "__main__":

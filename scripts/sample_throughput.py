@@ -115,6 +115,13 @@ def start_server(binary: str, model: str):
             time.sleep(0.2)
 
 
+def connect(url: str):
+    """An SDK client of the server at `url`, and the name of the base model it serves."""
+    sc = tinker.ServiceClient(base_url=url, api_key=KEY)
+    base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+    return sc, base
+
+
 def stop_server(server, log) -> None:
     server.terminate()
     try:
@@ -124,13 +131,33 @@ def stop_server(server, log) -> None:
     log.close()
 
 
+def compare_binaries(doc: str, what: str, measure, best_key: str, fields: dict, rounds: int) -> None:
+    """For `MODEL_DIR BINARY [BINARY ...]` on the command line (else `doc`), runs
+    `measure(binary, model)` for each binary in turn, `rounds` rounds (alternately, so that
+    binaries compare within one run on a shared machine); prints one JSON line per run (`what`,
+    the binary, the round, `fields`, the measurement) and, per binary, its best (least)
+    `best_key` against the first binary's."""
+    if len(sys.argv) < 3:
+        raise SystemExit(doc)
+    model, binaries = sys.argv[1], sys.argv[2:]
+    best: dict = {}
+    for r in range(rounds):
+        for b in binaries:
+            m = measure(b, model)
+            print(json.dumps({"what": what, "binary": b, "round": r, **fields, **m}), flush=True)
+            best[b] = min(best.get(b, float("inf")), m[best_key])
+    first = best[binaries[0]]
+    for b in binaries:
+        print(json.dumps({"what": what + "_best", "binary": b, best_key: best[b],
+                          "vs_first": round(best[b] / first, 3)}))
+
+
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "data/models/tiny64")
     binary = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "target/release/loraloom")
     server, url, log = start_server(binary, model)
     try:
-        sc = tinker.ServiceClient(base_url=url, api_key=KEY)
-        base = tinker.RestClient(base_url=url, api_key=KEY).get_server_capabilities().result().supported_models[0].model_name
+        sc, base = connect(url)
         samplers = []
         for i in range(ADAPTERS):
             tc = sc.create_lora_training_client(base_model=base, rank=8, seed=i).result()

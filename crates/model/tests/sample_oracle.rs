@@ -332,6 +332,26 @@ fn greedy_on_the_default_model_equals_transformers_for_32_tokens() {
     check_against_oracle(&decoder, None, &file, 32);
 }
 
+/// Checks that `got` holds what `request` samples alone (tokens equal, logprobs within 1e-4,
+/// as above) and returns that.
+fn assert_as_alone(
+    decoder: &Decoder,
+    request: &SampleRequest,
+    got: &SampleOutput,
+    what: &str,
+) -> SampleOutput {
+    let alone = sample(decoder, std::slice::from_ref(request), None)
+        .unwrap()
+        .remove(0);
+    assert_eq!(alone.sequences.len(), got.sequences.len(), "{what}");
+    for (a, b) in alone.sequences.iter().zip(&got.sequences) {
+        assert_eq!(a.tokens, b.tokens, "{what}: alone vs here");
+        let (x, y) = (&a.logprobs, &b.logprobs);
+        assert!(close(x, y, 1e-4), "{what}: {x:?} vs {y:?}");
+    }
+    alone
+}
+
 fn adapters(decoder: &Decoder, n: usize) -> Vec<LoraAdapter> {
     (0..n)
         .map(|i| {
@@ -850,23 +870,8 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
     }
     assert_eq!((g.prefills(), g.shared_prompts()), (8, 6));
     for (_, tag, r, _) in &plan {
-        let alone = sample(&decoder, std::slice::from_ref(r), None)
-            .unwrap()
-            .remove(0);
         let shared = &done[tag];
-        assert_eq!(shared.sequences.len(), alone.sequences.len());
-        for (a, b) in alone.sequences.iter().zip(&shared.sequences) {
-            assert_eq!(
-                a.tokens, b.tokens,
-                "request {tag}: alone vs sharing a prompt"
-            );
-            assert!(
-                close(&a.logprobs, &b.logprobs, 1e-4),
-                "request {tag}: {:?} vs {:?}",
-                a.logprobs,
-                b.logprobs
-            );
-        }
+        let alone = assert_as_alone(&decoder, r, shared, &format!("request {tag}"));
         assert_eq!(
             alone.prompt.logprobs.is_some(),
             shared.prompt.logprobs.is_some()
@@ -956,20 +961,7 @@ fn prompts_starting_with_a_finished_sequence_reuse_its_keys_and_values() {
         done.extend(g.step(&decoder, None).unwrap().finished);
     }
     for (tag, r) in (10..).zip(&turn_two).chain((20..).zip(&joining)) {
-        let alone = sample(&decoder, std::slice::from_ref(r), None)
-            .unwrap()
-            .remove(0);
-        let (a, b) = (&alone.sequences[0], &done[&tag].sequences[0]);
-        assert_eq!(
-            a.tokens, b.tokens,
-            "request {tag}: alone vs from a kept prefix"
-        );
-        assert!(
-            close(&a.logprobs, &b.logprobs, 1e-4),
-            "request {tag}: {:?} vs {:?}",
-            a.logprobs,
-            b.logprobs
-        );
+        assert_as_alone(&decoder, r, &done[&tag], &format!("request {tag}"));
     }
 }
 
@@ -1012,11 +1004,5 @@ fn a_long_rest_after_a_kept_prefix_is_prefilled_in_chunks_from_its_copy() {
         g.prompt_tokens_reused(),
         (first.len() + said.len() - 1) as u64
     );
-    let alone = sample(&decoder, &[turn_two], None).unwrap();
-    assert_eq!(out[0].sequences[0].tokens, alone[0].sequences[0].tokens);
-    assert!(close(
-        &out[0].sequences[0].logprobs,
-        &alone[0].sequences[0].logprobs,
-        1e-4
-    ));
+    assert_as_alone(&decoder, &turn_two, &out[0], "turn two");
 }
