@@ -344,8 +344,8 @@ const MAX_RECORDING_FAILURES: u32 = 3;
 /// is done, and the prompt's progress.
 struct Prefilling {
     request: Joining,
-    /// Requests admitted meanwhile with the same prompt and adapter that ask nothing about the
-    /// prompt: they join with `request`, sharing its prefill.
+    /// Requests admitted meanwhile with the same prompt, scope and adapter that ask nothing
+    /// about the prompt: they join with `request`, sharing its prefill.
     followers: Vec<Joining>,
     /// Prompt tokens prefilled so far, and their cache.
     done: usize,
@@ -516,7 +516,7 @@ impl Generation {
         self.rows.len() + chunk
     }
 
-    /// Prompts prefilled so far: one per distinct prompt and adapter among the requests
+    /// Prompts prefilled so far: one per distinct prompt, scope and adapter among the requests
     /// admitted together (whatever their `num_samples`), none for a request that shares a
     /// prefill or starts from a shared prefix ([`Generation::shared_prompts`]).
     pub fn prefills(&self) -> u64 {
@@ -524,7 +524,7 @@ impl Generation {
     }
 
     /// Requests admitted so far that computed no prefill of their whole prompt: they joined a
-    /// request with the same prompt and adapter admitted with them (or being prefilled), or
+    /// request with the same prompt, scope and adapter admitted with them (or being prefilled), or
     /// started from a copy of a shared prefix ([`Generation::shared_prefix_of`]).
     pub fn shared_prompts(&self) -> u64 {
         self.shared_prompts
@@ -698,9 +698,10 @@ impl Generation {
                 let (done, cache) = match self.shared_prefix_of(r) {
                     Some((prefix, n)) => {
                         let view = prefix_view(&self.cache, &mut self.kept, prefix, n)?;
+                        let copy = KvCache::concat(vec![view])?;
                         self.shared_prompts += 1;
                         self.prompt_tokens_reused += n as u64;
-                        (n, Some(KvCache::concat(vec![view])?))
+                        (n, Some(copy))
                     }
                     None => {
                         self.prefills += 1;
@@ -719,8 +720,9 @@ impl Generation {
     }
 
     /// Where `r`'s prompt keys and values can start from, and how many of its tokens: the
-    /// longest prefix its prompt shares with the prompt of a live sequence of its adapter or
-    /// with a kept finished sequence of its adapter ([`PrefixCache`]), short of the prompt's
+    /// longest prefix its prompt shares with the prompt of a live sequence of its scope and
+    /// adapter or with a kept finished sequence of its scope and adapter ([`PrefixCache`]),
+    /// short of the prompt's
     /// last token (run through for its next-token logits). Only for requests that ask
     /// nothing about their prompt (whose logits the copy does not give), and for prefixes of
     /// [`MIN_SHARED_PREFIX`] tokens or more, unless a live sequence has this very prompt.
