@@ -325,9 +325,9 @@ struct ServeArgs {
     #[arg(long, env = "LORALOOM_STEP_GRAPHS", default_value = "off", value_parser = parse_step_graphs)]
     step_graphs: StepGraphs,
     /// Tokens of finished sequences whose keys and values a worker keeps (its prefix cache, least
-    /// recently used out first) so that a later prompt of the same tenant and sampler that starts with one
-    /// (the next turn of a conversation, a shared system prompt) copies them instead of computing
-    /// them; the start-up log gives their size. 0 keeps none.
+    /// recently used out first) so that a later prompt of the same tenant and sampler that
+    /// starts with one (the next turn of a conversation, a shared system prompt) copies them
+    /// instead of computing them; the start-up log gives their size. 0 keeps none.
     #[arg(long, env = "LORALOOM_PREFIX_CACHE_TOKENS", default_value_t = 16384)]
     prefix_cache_tokens: usize,
     /// Client sessions (`create_session`, one per SDK ServiceClient) one tenant may hold (0 = no

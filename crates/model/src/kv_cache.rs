@@ -187,8 +187,8 @@ impl KvCache {
     }
 
     /// A cache of one row: the keys and values of row `row`'s first `n` real tokens, as views
-    /// of this cache's buffers (no free columns). Only to be [`KvCache::concat`]enated (copied)
-    /// or copied ([`KvCache::compact_copy`]): writing into it would write into this cache.
+    /// of this cache's buffers (no free columns). Only to be [`KvCache::concat`]enated (copied
+    /// into buffers of its own): writing into it would write into this cache.
     pub(crate) fn row_prefix(&self, row: usize, n: i64) -> Result<KvCache> {
         if row >= self.rows() || n < 0 || self.pad[row] + n > self.len {
             return Err(crate::error::ModelError::invalid(
@@ -213,37 +213,6 @@ impl KvCache {
             len: n,
             pad: vec![0],
         })
-    }
-
-    /// A copy of the window in buffers that hold exactly it (no free columns).
-    pub(crate) fn compact_copy(&self) -> Result<KvCache> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    moved(k, self.start, self.len, 0, self.len)?,
-                    moved(v, self.start, self.len, 0, self.len)?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        Ok(KvCache {
-            layers,
-            start: 0,
-            len: self.len,
-            pad: self.pad.clone(),
-        })
-    }
-
-    /// Bytes the buffers hold.
-    pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .map(|(k, v)| {
-                (k.numel() * k.kind().elt_size_in_bytes()
-                    + v.numel() * v.kind().elt_size_in_bytes()) as u64
-            })
-            .sum()
     }
 
     /// Adds `pads[i]` padding columns to row `i` (after [`Decoder::extend`] wrote padded

@@ -466,11 +466,6 @@ impl Generation {
         self
     }
 
-    /// Tokens of finished sequences kept for later prompts.
-    pub fn kept_tokens(&self) -> usize {
-        self.kept.tokens()
-    }
-
     /// Prompt tokens admitted so far whose keys and values were copied (from another request's
     /// prefill, a live sequence or a kept one) instead of computed.
     pub fn prompt_tokens_reused(&self) -> u64 {
@@ -660,18 +655,19 @@ impl Generation {
             .iter()
             .map(|a| {
                 a.map(|a| {
-                    let i = self
-                        .stacks
-                        .iter()
-                        .position(|s| s.fits(a))
-                        .expect("every adapter has a stack now");
-                    let m = self.stacks[i]
-                        .member(a)
-                        .expect("every adapter is a member of its stack now");
-                    (i, m)
+                    self.member_of(a)
+                        .expect("every adapter is a member of a stack now")
                 })
             })
             .collect())
+    }
+
+    /// The stack and member index of `adapter`, when it is a member of one of the loop's stacks.
+    fn member_of(&self, adapter: &LoraAdapter) -> Option<(usize, i64)> {
+        self.stacks
+            .iter()
+            .enumerate()
+            .find_map(|(s, stack)| stack.member(adapter).map(|m| (s, m)))
     }
 
     /// Queues `r`'s long prompt to be prefilled a chunk per step (after a copy of its shared
@@ -722,10 +718,10 @@ impl Generation {
     /// Where `r`'s prompt keys and values can start from, and how many of its tokens: the
     /// longest prefix its prompt shares with the prompt of a live sequence of its scope and
     /// adapter or with a kept finished sequence of its scope and adapter ([`PrefixCache`]),
-    /// short of the prompt's
-    /// last token (run through for its next-token logits). Only for requests that ask
-    /// nothing about their prompt (whose logits the copy does not give), and for prefixes of
-    /// [`MIN_SHARED_PREFIX`] tokens or more, unless a live sequence has this very prompt.
+    /// short of the prompt's last token (run through for its next-token logits). Only for
+    /// requests that ask nothing about their prompt (whose logits the copy does not give), and
+    /// for prefixes of [`MIN_SHARED_PREFIX`] tokens or more, unless a live sequence has this
+    /// very prompt.
     fn shared_prefix_of(&self, r: &SampleRequest) -> Option<(Prefix, usize)> {
         if r.prompt.len() < 2 || r.scoring.scores_prompt() {
             return None;
@@ -741,11 +737,7 @@ impl Generation {
         // The adapter's member, when it has one: live sequences of it exist only then.
         let member = match r.adapter {
             None => Some(None),
-            Some(a) => self
-                .stacks
-                .iter()
-                .enumerate()
-                .find_map(|(s, stack)| stack.member(a).map(|m| Some((s, m)))),
+            Some(a) => self.member_of(a).map(Some),
         };
         if let Some(member) = member {
             let mut last = None;
@@ -1155,7 +1147,7 @@ impl Generation {
                 let mut tokens = live.prompt_tokens.clone();
                 tokens.extend_from_slice(&row.tokens[..row.tokens.len() - 1]);
                 let adapter = row.member.map(|(s, m)| self.stacks[s].identity_of(m));
-                let copy = || cache.row_prefix(i, fed as i64)?.compact_copy();
+                let copy = || KvCache::concat(vec![cache.row_prefix(i, fed as i64)?]);
                 if let Err(e) = self.kept.insert(&live.scope, adapter, tokens, copy) {
                     // Only later prompts lose: they compute what they would have copied.
                     tracing::warn!(error = %e, "a finished sequence could not be kept");
