@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use loraloom_model::checkpoint;
+use loraloom_model::rng::SplitMix64;
 use loraloom_model::sample::sample_seed;
 use loraloom_model::{
     sample, sample_with, Decoder, Generation, LoraAdapter, LoraSpec, SampleOutput, SampleRequest,
@@ -1005,4 +1006,199 @@ fn a_long_rest_after_a_kept_prefix_is_prefilled_in_chunks_from_its_copy() {
         (first.len() + said.len() - 1) as u64
     );
     assert_as_alone(&decoder, &turn_two, &out[0], "turn two");
+}
+
+/// One request of [`random_crowds_sample_as_if_each_request_were_alone`]'s scenario.
+struct Planned<'a> {
+    tag: u64,
+    request: SampleRequest<'a>,
+    /// Removed before it finishes (between steps), if it is still in progress then.
+    removed_at: Option<usize>,
+}
+
+/// A random prompt of a scenario: an earlier request's prompt again (a group), the next turn of
+/// a finished conversation (its prompt, what it sampled and a reply), a stem (a shared system
+/// prompt) with a random rest, or fresh tokens; with the tag of the request it continues, if
+/// any. `earlier` and `finished` hold (tag, tokens). Lengths stay under the tiny model's 128
+/// positions with room for 12 sampled tokens.
+fn random_prompt(
+    rng: &mut SplitMix64,
+    stems: &[Vec<i64>],
+    earlier: &[(u64, Vec<i64>)],
+    finished: &[(u64, Vec<i64>)],
+) -> (Vec<i64>, Option<u64>) {
+    fn below(rng: &mut SplitMix64, n: usize) -> usize {
+        (rng.next_u64() % n as u64) as usize
+    }
+    fn fresh(rng: &mut SplitMix64, n: usize) -> Vec<i64> {
+        (0..n).map(|_| 1 + below(rng, 120) as i64).collect()
+    }
+    let (prompt, from) = match below(rng, 4) {
+        0 if !earlier.is_empty() => {
+            let (tag, prompt) = &earlier[below(rng, earlier.len())];
+            (prompt.clone(), Some(*tag))
+        }
+        1 if !finished.is_empty() => {
+            let (tag, turn) = &finished[below(rng, finished.len())];
+            let reply = 1 + below(rng, 6);
+            ([turn.clone(), fresh(rng, reply)].concat(), Some(*tag))
+        }
+        2 => {
+            let n = 1 + below(rng, 30);
+            (fresh(rng, n), None)
+        }
+        _ => {
+            let stem = &stems[below(rng, stems.len())];
+            let rest = below(rng, 12);
+            ([stem.clone(), fresh(rng, rest)].concat(), None)
+        }
+    };
+    (prompt[prompt.len().saturating_sub(100)..].to_vec(), from)
+}
+
+/// Random crowds: requests of three adapters and the base model, of two scopes, with prompts
+/// that repeat, extend finished sequences (conversations) or share stems, arriving at random
+/// steps, some removed midway, some asking about their prompt, in loops with small prefill
+/// chunks (long prompts in chunks, with followers), a small prefix cache (kept sequences
+/// evicted and copied) and, in some scenarios, recorded steps. Every request that finishes
+/// samples what it samples alone (tokens equal, logprobs within the 1e-4 above, prompt
+/// logprobs likewise), and the sharing counters show that the scenarios shared prompts and
+/// reused kept sequences.
+#[test]
+fn random_crowds_sample_as_if_each_request_were_alone() {
+    let (_dir, decoder) = tiny_llama("random-crowds");
+    let ads = adapters(&decoder, 3);
+    let (mut shared, mut reused) = (0, 0);
+    for scenario in 0..6u64 {
+        let mut rng = SplitMix64::new(9000 + scenario);
+        let stems: Vec<Vec<i64>> = (0..3)
+            .map(|s| {
+                (0..(16 + 8 * s))
+                    .map(|i| (i * 7 + s * 31) % 120 + 1)
+                    .collect()
+            })
+            .collect();
+        let chunk = 8 + (rng.next_u64() % 17) as usize;
+        let graphs = if scenario % 3 == 2 {
+            StepGraphs::Emulate
+        } else {
+            StepGraphs::Off
+        };
+        let mut g = Generation::new(decoder.kind())
+            .with_prefill_chunk(chunk)
+            .with_prefix_cache(60 + (rng.next_u64() % 200) as usize)
+            .with_step_graphs(graphs);
+        let what = format!("scenario {scenario} (chunk {chunk}, {graphs:?})");
+        let mut plan: Vec<Planned> = Vec::new();
+        let mut done: HashMap<u64, SampleOutput> = HashMap::new();
+        let mut finished_turns: Vec<(u64, Vec<i64>)> = Vec::new();
+        let mut removed: Vec<u64> = Vec::new();
+        for step in 0..60 {
+            let arrivals = if step < 40 { rng.next_u64() % 4 } else { 0 };
+            let first = plan.len();
+            for _ in 0..arrivals {
+                let earlier: Vec<(u64, Vec<i64>)> = plan
+                    .iter()
+                    .map(|p| (p.tag, p.request.prompt.clone()))
+                    .collect();
+                let (prompt, from) = random_prompt(&mut rng, &stems, &earlier, &finished_turns);
+                let r = rng.next_u64();
+                let seed = rng.next_u64();
+                // Mostly the sampler and scope of the request it continues, if any.
+                let (share_scope, adapter) = match from {
+                    Some(tag) if r % 4 != 0 => {
+                        let q = &plan[tag as usize].request;
+                        (q.share_scope, q.adapter)
+                    }
+                    _ => (
+                        if (r >> 2) % 5 == 0 { "other" } else { "" },
+                        match (r >> 3) % 4 {
+                            3 => None,
+                            i => Some(&ads[i as usize]),
+                        },
+                    ),
+                };
+                let request = SampleRequest {
+                    share_scope,
+                    adapter,
+                    num_samples: 1 + ((r >> 5) % 3) as i64,
+                    params: SamplingParams {
+                        max_tokens: 1 + ((r >> 7) % 12) as i64,
+                        temperature: [0.0, 0.7, 1.0][((r >> 11) % 3) as usize],
+                        top_k: if (r >> 13) % 2 == 0 { -1 } else { 20 },
+                        top_p: if (r >> 14) % 2 == 0 { 1.0 } else { 0.9 },
+                        seed: Some(seed),
+                        stop: if (r >> 15) % 3 == 0 {
+                            Stop::Tokens(vec![5, 17])
+                        } else {
+                            Stop::Never
+                        },
+                    },
+                    scoring: Scoring::prompt_logprobs((r >> 17) % 6 == 0),
+                    prompt,
+                };
+                plan.push(Planned {
+                    tag: plan.len() as u64,
+                    request,
+                    removed_at: ((r >> 20) % 10 == 0).then(|| step + 1 + (r >> 24) as usize % 6),
+                });
+            }
+            let joining: Vec<(u64, &SampleRequest)> =
+                plan[first..].iter().map(|p| (p.tag, &p.request)).collect();
+            for result in g.admit_many(&decoder, &joining, false) {
+                result.unwrap();
+            }
+            let leaving: Vec<u64> = plan
+                .iter()
+                .filter(|p| p.removed_at == Some(step) && !done.contains_key(&p.tag))
+                .map(|p| p.tag)
+                .collect();
+            removed.extend(g.remove(&leaving).unwrap());
+            if g.is_empty() {
+                continue;
+            }
+            let report = g.step(&decoder, None).unwrap();
+            assert!(report.failed.is_empty(), "{what}");
+            for (tag, out) in report.finished {
+                let p = &plan[tag as usize];
+                for s in &out.sequences {
+                    let turn = [p.request.prompt.clone(), s.tokens.clone()].concat();
+                    finished_turns.push((tag, turn));
+                }
+                done.insert(tag, out);
+            }
+        }
+        while !g.is_empty() {
+            done.extend(g.step(&decoder, None).unwrap().finished);
+        }
+        assert_eq!(done.len() + removed.len(), plan.len(), "{what}");
+        for p in &plan {
+            let Some(got) = done.get(&p.tag) else {
+                continue;
+            };
+            let alone = assert_as_alone(&decoder, &p.request, got, &format!("{what}, {}", p.tag));
+            let scores = |o: &SampleOutput| -> Option<Vec<f32>> {
+                let l = o.prompt.logprobs.as_ref()?;
+                Some(l[1..].iter().map(|x| x.unwrap()).collect())
+            };
+            match (scores(&alone), scores(got)) {
+                (Some(a), Some(b)) => assert!(close(&a, &b, 1e-4), "{what}, {}", p.tag),
+                (a, b) => assert_eq!(a.is_some(), b.is_some(), "{what}, {}", p.tag),
+            }
+        }
+        eprintln!(
+            "{what}: {} requests, {} removed, prefills {}, shared {}, reused {}",
+            plan.len(),
+            removed.len(),
+            g.prefills(),
+            g.shared_prompts(),
+            g.prompt_tokens_reused()
+        );
+        shared += g.shared_prompts();
+        reused += g.prompt_tokens_reused();
+    }
+    assert!(
+        shared > 20 && reused > 200,
+        "shared {shared}, reused {reused}"
+    );
 }
