@@ -76,20 +76,22 @@ impl PrefixCache {
         self.clock
     }
 
-    /// Keeps the keys and values of `tokens` computed by `adapter` for a request of `scope`;
-    /// `cache` makes their one-row copy, only when it is kept. Nothing is kept when `tokens`
-    /// exceed the whole budget, or a kept sequence of the scope and adapter starts with them
-    /// (that one becomes the most recently used); kept sequences of the scope and adapter that
-    /// `tokens` start with leave (this one covers them), and the least recently used leave until
-    /// it fits.
+    /// Keeps the keys and values of `tokens` computed by `adapter` for a request of `scope`,
+    /// holding at most `room` tokens (and its budget) in all after; `cache` makes their one-row
+    /// copy, only when it is kept. Nothing is kept when `tokens` exceed that limit, or a kept
+    /// sequence of the scope and adapter starts with them (that one becomes the most recently
+    /// used); kept sequences of the scope and adapter that `tokens` start with leave (this one
+    /// covers them), and the least recently used leave until it fits.
     pub(crate) fn insert(
         &mut self,
         scope: &str,
         adapter: Option<AdapterIdentity>,
         tokens: Vec<i64>,
+        room: usize,
         cache: impl FnOnce() -> Result<KvCache>,
     ) -> Result<()> {
-        if tokens.is_empty() || tokens.len() > self.budget {
+        let limit = room.min(self.budget);
+        if tokens.is_empty() || tokens.len() > limit {
             return Ok(());
         }
         let now = self.tick();
@@ -109,16 +111,7 @@ impl PrefixCache {
             !covered
         });
         self.tokens = self.entries.iter().map(|e| e.tokens.len()).sum();
-        while self.tokens + tokens.len() > self.budget {
-            let oldest = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(i, _)| i)
-                .expect("entries hold the tokens over the budget");
-            self.tokens -= self.entries.swap_remove(oldest).tokens.len();
-        }
+        self.shrink_to(limit - tokens.len());
         self.tokens += tokens.len();
         self.entries.push(Entry {
             scope: scope.to_string(),
@@ -128,6 +121,20 @@ impl PrefixCache {
             used: now,
         });
         Ok(())
+    }
+
+    /// Drops the least recently used sequences until at most `tokens` are kept.
+    pub(crate) fn shrink_to(&mut self, tokens: usize) {
+        while self.tokens > tokens {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(i, _)| i)
+                .expect("entries hold the tokens over the limit");
+            self.tokens -= self.entries.swap_remove(oldest).tokens.len();
+        }
     }
 
     /// The kept sequence of `scope` and `adapter` sharing the longest prefix with `prompt`: its
@@ -162,6 +169,9 @@ mod tests {
     use super::*;
     use tch::{Device, Kind, Tensor};
 
+    /// Room enough for anything.
+    const ALL: usize = usize::MAX;
+
     /// A one-row cache of `n` columns whose values are its column numbers.
     fn cache(n: i64) -> Result<KvCache> {
         let k = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([1, 1, n, 1]);
@@ -171,23 +181,24 @@ mod tests {
     #[test]
     fn longest_shared_prefix_of_the_same_adapter_and_least_recently_used_leave_first() {
         let mut kept = PrefixCache::new(10);
-        kept.insert("t", None, vec![1, 2, 3, 4], || cache(4))
+        kept.insert("t", None, vec![1, 2, 3, 4], ALL, || cache(4))
             .unwrap();
-        kept.insert("t", None, vec![1, 2, 9], || cache(3)).unwrap();
+        kept.insert("t", None, vec![1, 2, 9], ALL, || cache(3))
+            .unwrap();
         assert_eq!(kept.longest("t", &None, &[1, 2, 3, 7]), Some((0, 3)));
         assert_eq!(kept.longest("t", &None, &[5]), None);
         // Covered: nothing new is kept.
-        kept.insert("t", None, vec![1, 2], || panic!("not copied"))
+        kept.insert("t", None, vec![1, 2], ALL, || panic!("not copied"))
             .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 7));
         // The covered insert used [1, 2, 3, 4], then [1, 2, 9] is used: the former leaves.
         let _ = kept.use_prefix(1, 2).unwrap();
-        kept.insert("t", None, vec![7, 7, 7, 7, 7], || cache(5))
+        kept.insert("t", None, vec![7, 7, 7, 7, 7], ALL, || cache(5))
             .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 8));
         assert_eq!(kept.longest("t", &None, &[1, 2, 3]), Some((0, 2)));
         // A sequence extending a kept one replaces it.
-        kept.insert("t", None, vec![1, 2, 9, 4, 4], || cache(5))
+        kept.insert("t", None, vec![1, 2, 9, 4, 4], ALL, || cache(5))
             .unwrap();
         assert_eq!((kept.len(), kept.tokens()), (2, 10));
         let prefix = kept.use_prefix(kept.longest("t", &None, &[1, 2, 9, 4]).unwrap().0, 4);
@@ -195,8 +206,18 @@ mod tests {
         // Another scope sees nothing of it.
         assert_eq!(kept.longest("u", &None, &[1, 2, 9, 4]), None);
         // Longer than the budget: not kept.
-        kept.insert("t", None, (0..11).collect(), || panic!("not copied"))
+        kept.insert("t", None, (0..11).collect(), ALL, || panic!("not copied"))
             .unwrap();
         assert_eq!(kept.tokens(), 10);
+        // Less room than the budget (live sequences hold the rest): the least recently used
+        // leave, and a sequence longer than the room is not kept.
+        kept.insert("t", None, vec![8, 8], 7, || cache(2)).unwrap();
+        assert_eq!((kept.len(), kept.tokens()), (2, 7));
+        assert_eq!(kept.longest("t", &None, &[8, 8]), Some((1, 2)));
+        kept.insert("t", None, (20..28).collect(), 7, || panic!("not copied"))
+            .unwrap();
+        kept.shrink_to(3);
+        assert_eq!((kept.len(), kept.tokens()), (1, 2));
+        assert_eq!(kept.longest("t", &None, &[8]), Some((0, 1)));
     }
 }

@@ -316,6 +316,9 @@ pub struct Generation {
     prompt_tokens_reused: u64,
     /// Finished sequences' keys and values, for later prompts that start with them.
     kept: PrefixCache,
+    /// Keys and values the loop may hold, kept sequences included
+    /// ([`Generation::with_kv_budget`]).
+    kv_budget: usize,
     /// Requests whose prompt is longer than `prefill_chunk`, prefilled one chunk per step (the
     /// first one in line) before they join, so a long prompt never stalls the loop for more than
     /// one chunk.
@@ -429,6 +432,7 @@ impl Generation {
             shared_prompts: 0,
             prompt_tokens_reused: 0,
             kept: PrefixCache::new(0),
+            kv_budget: usize::MAX,
             prefilling: VecDeque::new(),
             prefill_chunk: PREFILL_CHUNK,
             graphs: StepGraphs::Off,
@@ -464,6 +468,43 @@ impl Generation {
     pub fn with_prefix_cache(mut self, tokens: usize) -> Self {
         self.kept = PrefixCache::new(tokens);
         self
+    }
+
+    /// Bounds the keys and values (tokens) the loop holds: its requests' reservations
+    /// (`num_samples × (prompt + max_tokens)` each, what the engine admits under the same
+    /// budget) and its kept sequences together. Kept sequences give way, least recently used
+    /// first, to the requests that join; the default is no bound.
+    pub fn with_kv_budget(mut self, tokens: usize) -> Self {
+        self.kv_budget = tokens;
+        self
+    }
+
+    /// Tokens of finished sequences kept for later prompts ([`Generation::with_prefix_cache`]).
+    pub fn kept_tokens(&self) -> usize {
+        self.kept.tokens()
+    }
+
+    /// What the loop's requests may hold: `num_samples × (prompt + max_tokens)` each, for those
+    /// decoding and those whose long prompt is being prefilled.
+    fn reserved_kv(&self) -> usize {
+        let need = |samples: usize, prompt: usize, params: &SamplingParams| {
+            samples * (prompt + params.max_tokens.max(0) as usize)
+        };
+        let live = self
+            .live
+            .values()
+            .map(|l| need(l.sequences.len(), l.prompt_tokens.len(), &l.params));
+        let prefilling = self
+            .prefilling
+            .iter()
+            .flat_map(|p| std::iter::once(&p.request).chain(&p.followers))
+            .map(|j| need(j.num_samples.max(0) as usize, j.prompt.len(), &j.params));
+        live.chain(prefilling).sum()
+    }
+
+    /// The tokens kept sequences may hold beside the requests' reservations.
+    fn kept_room(&self) -> usize {
+        self.kv_budget.saturating_sub(self.reserved_kv())
     }
 
     /// Prompt tokens admitted so far whose keys and values were copied (from another request's
@@ -540,8 +581,21 @@ impl Generation {
     }
 
     /// [`Generation::admit`] for several requests, whose prompts are prefilled together in one
-    /// left-padded pass. One result per request; a failed request changes nothing.
+    /// left-padded pass. One result per request; a failed request changes nothing. Kept
+    /// sequences then give way to the requests' reservations ([`Generation::with_kv_budget`]).
     pub fn admit_many(
+        &mut self,
+        decoder: &Decoder,
+        requests: &[(RequestTag, &SampleRequest)],
+        can_detokenize: bool,
+    ) -> Vec<Result<()>> {
+        let results = self.admit_all(decoder, requests, can_detokenize);
+        let room = self.kept_room();
+        self.kept.shrink_to(room);
+        results
+    }
+
+    fn admit_all(
         &mut self,
         decoder: &Decoder,
         requests: &[(RequestTag, &SampleRequest)],
@@ -1112,6 +1166,9 @@ impl Generation {
             Vec::new()
         };
         let mut next_ids: Vec<i64> = Vec::with_capacity(self.rows.len());
+        // What kept sequences may hold beside the reservations (those of the requests finishing
+        // now included).
+        let room = self.kept_room().min(self.kept.budget());
         for (i, row) in self.rows.iter_mut().enumerate() {
             if row.parked {
                 next_ids.push(row.tokens[0]);
@@ -1142,13 +1199,13 @@ impl Generation {
             // Kept for a later prompt that starts with it (the next turn of a conversation):
             // what the row's cache holds, the prompt and every token but the one just chosen.
             let fed = live.prompt_tokens.len() + row.tokens.len() - 1;
-            if self.kept.budget() >= fed && fed >= MIN_SHARED_PREFIX {
+            if room >= fed && fed >= MIN_SHARED_PREFIX {
                 let cache = self.cache.as_ref().expect("live rows have a cache");
                 let mut tokens = live.prompt_tokens.clone();
                 tokens.extend_from_slice(&row.tokens[..row.tokens.len() - 1]);
                 let adapter = row.member.map(|(s, m)| self.stacks[s].identity_of(m));
                 let copy = || KvCache::concat(vec![cache.row_prefix(i, fed as i64)?]);
-                if let Err(e) = self.kept.insert(&live.scope, adapter, tokens, copy) {
+                if let Err(e) = self.kept.insert(&live.scope, adapter, tokens, room, copy) {
                     // Only later prompts lose: they compute what they would have copied.
                     tracing::warn!(error = %e, "a finished sequence could not be kept");
                 }

@@ -1084,11 +1084,33 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
         } else {
             StepGraphs::Off
         };
+        // Some scenarios bound the loop's keys and values: kept sequences give way.
+        let kv_budget = match scenario % 2 {
+            1 => 200 + (rng.next_u64() % 300) as usize,
+            _ => usize::MAX,
+        };
         let mut g = Generation::new(decoder.kind())
             .with_prefill_chunk(chunk)
             .with_prefix_cache(60 + (rng.next_u64() % 200) as usize)
+            .with_kv_budget(kv_budget)
             .with_step_graphs(graphs);
-        let what = format!("scenario {scenario} (chunk {chunk}, {graphs:?})");
+        let kv = match kv_budget {
+            usize::MAX => "no".to_string(),
+            n => n.to_string(),
+        };
+        let what = format!("scenario {scenario} (chunk {chunk}, {graphs:?}, {kv} KV budget)");
+        // Kept tokens stay within what the requests in progress leave of the budget.
+        let within_budget = |g: &Generation, plan: &[Planned], over: &[u64]| {
+            let reserved: usize = plan
+                .iter()
+                .filter(|p| !over.contains(&p.tag))
+                .map(|p| {
+                    let r = &p.request;
+                    r.num_samples as usize * (r.prompt.len() + r.params.max_tokens as usize)
+                })
+                .sum();
+            g.kept_tokens() <= kv_budget.saturating_sub(reserved)
+        };
         let mut plan: Vec<Planned> = Vec::new();
         let mut done: HashMap<u64, SampleOutput> = HashMap::new();
         let mut finished_turns: Vec<(u64, Vec<i64>)> = Vec::new();
@@ -1148,6 +1170,8 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
             for result in g.admit_many(&decoder, &joining, false) {
                 result.unwrap();
             }
+            let over: Vec<u64> = done.keys().chain(&removed).copied().collect();
+            assert!(within_budget(&g, &plan, &over), "{what}: step {step}");
             let leaving: Vec<u64> = plan
                 .iter()
                 .filter(|p| p.removed_at == Some(step) && !done.contains_key(&p.tag))
@@ -1167,6 +1191,8 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
                 }
                 done.insert(tag, out);
             }
+            let over: Vec<u64> = done.keys().chain(&removed).copied().collect();
+            assert!(within_budget(&g, &plan, &over), "{what}: after step {step}");
         }
         while !g.is_empty() {
             done.extend(g.step(&decoder, None).unwrap().finished);
