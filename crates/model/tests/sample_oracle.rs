@@ -1086,7 +1086,7 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
         };
         // Some scenarios bound the loop's keys and values: kept sequences give way.
         let kv_budget = match scenario % 2 {
-            1 => 200 + (rng.next_u64() % 300) as usize,
+            1 => 300 + (rng.next_u64() % 600) as usize,
             _ => usize::MAX,
         };
         let mut g = Generation::new(decoder.kind())
