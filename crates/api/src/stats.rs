@@ -175,6 +175,16 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
         "Sampling prompt tokens whose keys and values were copied (from another request, a live sequence or a kept finished one) instead of computed.",
         s.prompt_tokens_reused,
     );
+    level(
+        "loraloom_sample_kv_tokens_reserved",
+        "Keys and values (tokens) reserved by the sampling jobs in the decode loops, num_samples x (prompt + max_tokens) each, all workers together.",
+        s.kv_tokens_reserved as f64,
+    );
+    level(
+        "loraloom_sample_kv_budget_tokens",
+        "Keys and values (tokens) one worker's decode loop may reserve (--max-kv-tokens); kept prefixes fit in what reservations leave.",
+        s.kv_budget_tokens as f64,
+    );
     count(
         "loraloom_decode_steps_recorded_total",
         "Decode steps recorded as CUDA graphs (--step-graphs cuda).",
@@ -230,6 +240,8 @@ pub async fn model_stats(
             "prefills": s.prefills,
             "prompts_shared": s.shared_prompts,
             "prompt_tokens_reused": s.prompt_tokens_reused,
+            "kv_tokens_reserved": s.kv_tokens_reserved,
+            "kv_budget_tokens": s.kv_budget_tokens,
             "decode_steps": s.decode_steps,
             "decode_steps_recorded": s.decode_steps_recorded,
             "decode_steps_replayed": s.decode_steps_replayed,

@@ -81,6 +81,51 @@ pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, Str
     })
 }
 
+/// The share of the memory free after the model loaded that decode caches (and kept prefixes)
+/// may hold together.
+const KV_SHARE: f64 = 0.25;
+
+/// Tokens of a reservation per token of buffer: a decode batch's cache pads its rows on the
+/// left to its longest and grows its buffers ahead of use (up to twice what is in use), so
+/// reserved tokens are allowed half the bytes.
+const KV_PADDING: u64 = 2;
+
+/// Resolves `--max-kv-tokens` (`auto` or a number of tokens) into the tokens each worker's
+/// decode loop may hold, with a line saying where the figure came from. `auto` divides a
+/// quarter of the memory free now among the `workers`, at `bytes_per_token` bytes a token
+/// and [`KV_PADDING`] times that for padding and headroom.
+pub fn kv_tokens(
+    choice: &str,
+    device: Device,
+    workers: usize,
+    bytes_per_token: u64,
+) -> anyhow::Result<(usize, String)> {
+    let per_token = bytes_per_token.max(1);
+    let describe = |tokens: usize, how: String| {
+        let bytes = tokens as u64 * per_token;
+        format!("{tokens} tokens ({}; {how})", human_bytes(bytes))
+    };
+    if choice.trim() != "auto" {
+        let tokens: usize = choice
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--max-kv-tokens: {choice:?}: {e}"))?;
+        return Ok((tokens, describe(tokens, "set".into())));
+    }
+    let (free, source) = free_memory(device);
+    let free = free.unwrap_or(FALLBACK);
+    let share = (free as f64 * KV_SHARE) as u64 / workers.max(1) as u64;
+    let tokens = (share / (per_token * KV_PADDING)).max(MIN_KV_TOKENS as u64) as usize;
+    let how = format!(
+        "auto: a quarter of {} {source} over {workers} worker(s), halved for padding",
+        human_bytes(free)
+    );
+    Ok((tokens, describe(tokens, how)))
+}
+
+/// Fewest tokens `auto` gives a decode loop, however little memory is free.
+const MIN_KV_TOKENS: usize = 4096;
+
 /// The memory free now where the model runs, and what it is.
 fn free_memory(device: Device) -> (Option<u64>, &'static str) {
     match device {
@@ -128,6 +173,32 @@ mod tests {
         let (one, _) = resolve("auto", Device::Cpu, 1).unwrap();
         assert!(one > 0);
         assert!(resolve("lots", Device::Cpu, 1).is_err());
+    }
+
+    #[test]
+    fn kv_tokens_are_a_number_or_a_quarter_of_free_memory_at_twice_the_bytes_of_a_token() {
+        assert_eq!(kv_tokens("1000", Device::Cpu, 1, 64).unwrap().0, 1000);
+        let err = kv_tokens("lots", Device::Cpu, 1, 64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--max-kv-tokens:"), "{err}");
+        let free = ram_available().unwrap();
+        let (one, why) = kv_tokens("auto", Device::Cpu, 1, 1 << 10).unwrap();
+        let want = (free / 4 / 2 / 1024) as usize;
+        // MemAvailable moves between the two reads.
+        assert!(
+            one.abs_diff(want) <= want / 10 + 1,
+            "{one} vs {want}: {why}"
+        );
+        let (two, _) = kv_tokens("auto", Device::Cpu, 2, 1 << 10).unwrap();
+        assert!(
+            two.abs_diff(want / 2) <= want / 10 + 1,
+            "{two} vs {}",
+            want / 2
+        );
+        // However large a token, a loop gets the floor.
+        let (floor, _) = kv_tokens("auto", Device::Cpu, 1, 1 << 40).unwrap();
+        assert_eq!(floor, MIN_KV_TOKENS);
     }
 
     #[test]

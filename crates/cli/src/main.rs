@@ -314,11 +314,13 @@ struct ServeArgs {
     /// tenants stepping with it, so that they share one batch (0 = never wait).
     #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
     batch_fill_wait_ms: u64,
-    /// Key/value cache entries a worker's decode loop may hold (num_samples x (prompt +
-    /// max_tokens) per sampling request); requests beyond it wait in their queue. A larger
-    /// request still runs, once the loop is empty.
-    #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value_t = 65536)]
-    max_kv_tokens: usize,
+    /// Keys and values (tokens) a worker's decode loop may hold: num_samples x (prompt +
+    /// max_tokens) per sampling request, and the prefix cache's kept sequences, which give way
+    /// to requests. `auto` (a quarter of the memory free once the model is loaded, RAM or the
+    /// GPU's, over the workers, halved for the padding of batched caches) or a number; requests
+    /// beyond it wait in their queue. A larger request still runs, once the loop is empty.
+    #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value = "auto")]
+    max_kv_tokens: String,
     /// Decode steps as CUDA graphs: `cuda` records a decode batch's step once it keeps its
     /// sequences for two steps and replays it (one launch) until they change, on a CUDA device
     /// (elsewhere ignored); `off` issues every step operation by operation.
@@ -516,16 +518,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
     log_step_graphs(args.step_graphs, base.decoder().device());
-    let config = base.decoder().config();
-    let kv_bytes_per_token = 2
-        * config.num_layers
-        * config.num_kv_heads
-        * config.head_dim
-        * base.decoder().kind().elt_size_in_bytes() as i64;
+    let kv_bytes_per_token = base.decoder().kv_bytes_per_token();
+    let (max_kv_tokens, kv_source) = budget::kv_tokens(
+        &args.max_kv_tokens,
+        base.decoder().device(),
+        args.workers,
+        kv_bytes_per_token,
+    )?;
+    tracing::info!("keys and values per worker's decode loop: {kv_source}");
     tracing::info!(
-        "prefix cache: up to {} tokens of finished sequences per worker ({})",
+        "prefix cache: up to {} tokens of finished sequences per worker ({}), within that",
         args.prefix_cache_tokens,
-        loraloom_model::human_bytes(args.prefix_cache_tokens as u64 * kv_bytes_per_token as u64)
+        loraloom_model::human_bytes(args.prefix_cache_tokens as u64 * kv_bytes_per_token)
     );
     registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
     let (resident_limit, resident_source) =
@@ -565,7 +569,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_max_resident_samplers(args.max_resident_samplers)
                 .with_memory_budget(memory_budget)
                 .with_step_graphs(args.step_graphs)
-                .with_prefix_cache(args.prefix_cache_tokens),
+                .with_prefix_cache(args.prefix_cache_tokens)
+                .with_kv_budget(max_kv_tokens),
             ) as Box<dyn Backend>
         })
         .collect();
@@ -580,7 +585,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             memory_budget,
             queue_timeout: Duration::from_secs(args.queue_timeout_secs),
             batch_fill_wait: Duration::from_millis(args.batch_fill_wait_ms),
-            max_kv_tokens: args.max_kv_tokens,
+            max_kv_tokens,
             tenant_weights: tenant_weights.clone(),
             max_sample_time: Duration::from_secs(args.max_sample_secs),
             max_checkpoints_per_tenant: args.max_checkpoints_per_tenant,

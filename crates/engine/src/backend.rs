@@ -213,6 +213,13 @@ impl ModelWorker {
         self
     }
 
+    /// Bounds the keys and values (tokens) the decode loop holds, its kept sequences included:
+    /// the engine's `max_kv_tokens`, under which it admits requests by their reservations.
+    pub fn with_kv_budget(mut self, tokens: usize) -> Self {
+        self.configure_generation(|g| g.with_kv_budget(tokens));
+        self
+    }
+
     /// Applies `configure` to the (empty) decode loop.
     fn configure_generation(&mut self, configure: impl FnOnce(Generation) -> Generation) {
         let empty = Generation::new(self.decoder.kind());

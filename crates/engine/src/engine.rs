@@ -102,6 +102,11 @@ pub struct StatsSnapshot {
     pub shared_prompts: u64,
     /// Sampling prompt tokens whose keys and values were copied instead of computed.
     pub prompt_tokens_reused: u64,
+    /// Keys and values (tokens) the sampling jobs in the decode loops reserve now
+    /// (`num_samples × (prompt + max_tokens)` each), all workers together.
+    pub kv_tokens_reserved: u64,
+    /// What one worker's decode loop may reserve (`--max-kv-tokens`).
+    pub kv_budget_tokens: u64,
     /// Decode steps run.
     pub decode_steps: u64,
     /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
@@ -132,6 +137,7 @@ struct Counters {
     prefills: AtomicU64,
     shared_prompts: AtomicU64,
     prompt_tokens_reused: AtomicU64,
+    kv_tokens_reserved: AtomicU64,
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
@@ -703,9 +709,13 @@ impl Engine {
         let c = &self.inner.counters;
         let mut queues: Vec<QueueStats> = lock(&c.per_queue).values().cloned().collect();
         queues.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
-        let (queued, queued_by_tenant) = {
+        let (queued, queued_by_tenant, kv_budget) = {
             let st = lock(&self.inner.sched);
-            (st.queued(), st.queued_by_tenant())
+            (
+                st.queued(),
+                st.queued_by_tenant(),
+                st.limits().max_kv_tokens,
+            )
         };
         StatsSnapshot {
             queued,
@@ -723,6 +733,8 @@ impl Engine {
             prefills: c.prefills.load(Ordering::Relaxed),
             shared_prompts: c.shared_prompts.load(Ordering::Relaxed),
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
+            kv_tokens_reserved: c.kv_tokens_reserved.load(Ordering::Relaxed),
+            kv_budget_tokens: kv_budget as u64,
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -895,9 +907,13 @@ struct LiveJobs {
 }
 
 impl LiveJobs {
-    fn insert(&mut self, job: Job) {
+    /// Adds `job`, counting its reservation in `counters` too.
+    fn insert(&mut self, job: Job, counters: &Counters) {
         let need = job.work.kv_tokens();
         self.kv_tokens += need;
+        counters
+            .kv_tokens_reserved
+            .fetch_add(need as u64, Ordering::Relaxed);
         *self
             .kv_by_tenant
             .entry(job.queue.tenant().to_string())
@@ -905,10 +921,14 @@ impl LiveJobs {
         self.jobs.insert(job.id.clone(), (job, Instant::now()));
     }
 
-    fn remove(&mut self, id: &RequestId) -> Option<Job> {
+    /// Removes job `id`, releasing its reservation in `counters` too.
+    fn remove(&mut self, id: &RequestId, counters: &Counters) -> Option<Job> {
         let (job, _) = self.jobs.remove(id)?;
         let need = job.work.kv_tokens();
         self.kv_tokens -= need;
+        counters
+            .kv_tokens_reserved
+            .fetch_sub(need as u64, Ordering::Relaxed);
         if let Some(held) = self.kv_by_tenant.get_mut(job.queue.tenant()) {
             *held -= need;
             if *held == 0 {
@@ -1092,7 +1112,7 @@ fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut Li
                 live.ended.push(job.id.clone());
                 finish_job(inner, &job, result);
             }
-            None => live.insert(job),
+            None => live.insert(job, c),
         }
     }
 }
@@ -1130,7 +1150,7 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         }
     }
     for (id, result) in step.finished {
-        if let Some(job) = live.remove(&id) {
+        if let Some(job) = live.remove(&id, &inner.counters) {
             finish_job(inner, &job, result);
         }
     }
@@ -1158,7 +1178,7 @@ fn stop_decoding(
         }
     };
     for id in dropped {
-        let Some(job) = live.remove(&id) else {
+        let Some(job) = live.remove(&id, &inner.counters) else {
             continue;
         };
         let why = stopping
@@ -1178,7 +1198,7 @@ fn abort_decoding(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs)
     let _ = catch_unwind(AssertUnwindSafe(|| backend.abort_decoding()));
     let ids: Vec<RequestId> = live.jobs.keys().cloned().collect();
     for id in ids {
-        if let Some(job) = live.remove(&id) {
+        if let Some(job) = live.remove(&id, &inner.counters) {
             finish_job(
                 inner,
                 &job,

@@ -1119,6 +1119,12 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         ),
         "the long generation is still decoding"
     );
+    // What the loop reserves: the held job's prompt and max_tokens, out of the budget.
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.kv_tokens_reserved, stats.kv_budget_tokens),
+        (1 + HELD as u64, 200)
+    );
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(wait(&engine, "t", &held), FutureState::Done(_)));
     let log = log.lock().unwrap().clone();
@@ -1129,5 +1135,6 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
     let stats = engine.stats();
     assert_eq!(stats.prefills, 3);
     assert!(stats.decode_steps > 0 && stats.first_tokens == 0);
+    assert_eq!(stats.kv_tokens_reserved, 0, "released as the jobs ended");
     engine.shutdown(true);
 }

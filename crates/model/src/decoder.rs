@@ -479,6 +479,13 @@ impl Decoder {
         self.kind
     }
 
+    /// Bytes the keys and values of one token take in a decode cache (every layer).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let c = &self.config;
+        2 * (c.num_layers * c.num_kv_heads * c.head_dim) as u64
+            * self.kind.elt_size_in_bytes() as u64
+    }
+
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
         let mut n = self.embed.numel() as i64 + self.final_norm.weight.numel() as i64;

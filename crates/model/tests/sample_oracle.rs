@@ -1128,12 +1128,16 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
                 let seed = rng.next_u64();
                 // Mostly the sampler and scope of the request it continues, if any.
                 let (share_scope, adapter) = match from {
-                    Some(tag) if r % 4 != 0 => {
+                    Some(tag) if !r.is_multiple_of(4) => {
                         let q = &plan[tag as usize].request;
                         (q.share_scope, q.adapter)
                     }
                     _ => (
-                        if (r >> 2) % 5 == 0 { "other" } else { "" },
+                        if (r >> 2).is_multiple_of(5) {
+                            "other"
+                        } else {
+                            ""
+                        },
                         match (r >> 3) % 4 {
                             3 => None,
                             i => Some(&ads[i as usize]),
@@ -1147,22 +1151,28 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
                     params: SamplingParams {
                         max_tokens: 1 + ((r >> 7) % 12) as i64,
                         temperature: [0.0, 0.7, 1.0][((r >> 11) % 3) as usize],
-                        top_k: if (r >> 13) % 2 == 0 { -1 } else { 20 },
-                        top_p: if (r >> 14) % 2 == 0 { 1.0 } else { 0.9 },
+                        top_k: if (r >> 13).is_multiple_of(2) { -1 } else { 20 },
+                        top_p: if (r >> 14).is_multiple_of(2) {
+                            1.0
+                        } else {
+                            0.9
+                        },
                         seed: Some(seed),
-                        stop: if (r >> 15) % 3 == 0 {
+                        stop: if (r >> 15).is_multiple_of(3) {
                             Stop::Tokens(vec![5, 17])
                         } else {
                             Stop::Never
                         },
                     },
-                    scoring: Scoring::prompt_logprobs((r >> 17) % 6 == 0),
+                    scoring: Scoring::prompt_logprobs((r >> 17).is_multiple_of(6)),
                     prompt,
                 };
                 plan.push(Planned {
                     tag: plan.len() as u64,
                     request,
-                    removed_at: ((r >> 20) % 10 == 0).then(|| step + 1 + (r >> 24) as usize % 6),
+                    removed_at: (r >> 20)
+                        .is_multiple_of(10)
+                        .then(|| step + 1 + (r >> 24) as usize % 6),
                 });
             }
             let joining: Vec<(u64, &SampleRequest)> =
