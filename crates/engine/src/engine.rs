@@ -6,7 +6,7 @@
 //! records results and frees the batch's queues. A panic inside a batch is caught; the batch's
 //! jobs are retried one by one so only the culprit fails.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -22,7 +22,7 @@ use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
 use crate::job::{
-    BatchClass, Job, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work,
+    BatchClass, Job, KvFootprint, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work,
 };
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
@@ -102,8 +102,9 @@ pub struct StatsSnapshot {
     pub shared_prompts: u64,
     /// Sampling prompt tokens whose keys and values were copied instead of computed.
     pub prompt_tokens_reused: u64,
-    /// Keys and values (tokens) the sampling jobs in the decode loops reserve now
-    /// (`num_samples × (prompt + max_tokens)` each), all workers together.
+    /// Keys and values (tokens) the sampling jobs in the decode loops may come to hold, all
+    /// workers together: per loop its [`KvFootprint`] (its sequences × the longest `prompt +
+    /// max_tokens` among them, as a batch's cache pads its rows to the longest).
     pub kv_tokens_reserved: u64,
     /// What one worker's decode loop may reserve (`--max-kv-tokens`).
     pub kv_budget_tokens: u64,
@@ -898,39 +899,70 @@ fn run_contained(backend: &mut dyn Backend, batch: &[Job]) -> Vec<Result<Output>
 struct LiveJobs {
     /// Each job, with when it joined the loop.
     jobs: HashMap<RequestId, (Job, Instant)>,
-    /// Sum of their [`Work::kv_tokens`].
-    kv_tokens: usize,
-    /// The same sum per tenant (tenants with none are absent).
+    /// Their sequences (rows).
+    rows: usize,
+    /// How many of them may grow to each length (`prompt + max_tokens`): the longest gives the
+    /// loop's [`KvFootprint`].
+    lengths: BTreeMap<usize, usize>,
+    /// Their [`Work::kv_tokens`] per tenant (tenants with none are absent), for fairness.
     kv_by_tenant: HashMap<TenantId, usize>,
     /// Jobs that left the loop since the scheduler last heard of it.
     ended: Vec<RequestId>,
 }
 
 impl LiveJobs {
-    /// Adds `job`, counting its reservation in `counters` too.
+    /// What the loop's sequences may come to hold.
+    fn footprint(&self) -> KvFootprint {
+        KvFootprint {
+            rows: self.rows,
+            longest: self.lengths.last_key_value().map_or(0, |(n, _)| *n),
+        }
+    }
+
+    /// Applies `change` to the jobs, moving the footprint counted in `counters` with it.
+    fn changing<T>(&mut self, counters: &Counters, change: impl FnOnce(&mut Self) -> T) -> T {
+        let before = self.footprint().tokens() as u64;
+        let out = change(self);
+        let after = self.footprint().tokens() as u64;
+        let reserved = &counters.kv_tokens_reserved;
+        reserved.fetch_add(after, Ordering::Relaxed);
+        reserved.fetch_sub(before, Ordering::Relaxed);
+        out
+    }
+
+    /// Adds `job`, counting its footprint in `counters` too.
     fn insert(&mut self, job: Job, counters: &Counters) {
-        let need = job.work.kv_tokens();
-        self.kv_tokens += need;
-        counters
-            .kv_tokens_reserved
-            .fetch_add(need as u64, Ordering::Relaxed);
+        self.changing(counters, |live| live.add(job));
+    }
+
+    fn add(&mut self, job: Job) {
+        let need = job.work.kv_footprint();
+        self.rows += need.rows;
+        *self.lengths.entry(need.longest).or_default() += 1;
         *self
             .kv_by_tenant
             .entry(job.queue.tenant().to_string())
-            .or_default() += need;
+            .or_default() += need.tokens();
         self.jobs.insert(job.id.clone(), (job, Instant::now()));
     }
 
-    /// Removes job `id`, releasing its reservation in `counters` too.
+    /// Removes job `id`, releasing its footprint in `counters` too.
     fn remove(&mut self, id: &RequestId, counters: &Counters) -> Option<Job> {
+        self.changing(counters, |live| live.take(id))
+    }
+
+    fn take(&mut self, id: &RequestId) -> Option<Job> {
         let (job, _) = self.jobs.remove(id)?;
-        let need = job.work.kv_tokens();
-        self.kv_tokens -= need;
-        counters
-            .kv_tokens_reserved
-            .fetch_sub(need as u64, Ordering::Relaxed);
+        let need = job.work.kv_footprint();
+        self.rows -= need.rows;
+        if let Some(n) = self.lengths.get_mut(&need.longest) {
+            *n -= 1;
+            if *n == 0 {
+                self.lengths.remove(&need.longest);
+            }
+        }
         if let Some(held) = self.kv_by_tenant.get_mut(job.queue.tenant()) {
-            *held -= need;
+            *held -= need.tokens();
             if *held == 0 {
                 self.kv_by_tenant.remove(job.queue.tenant());
             }
@@ -975,7 +1007,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                 }
                 if !live.jobs.is_empty() {
                     let budget = st.limits().max_kv_tokens;
-                    break st.next_at_step_boundary(&live.kv_by_tenant, live.kv_tokens, budget);
+                    break st.next_at_step_boundary(&live.kv_by_tenant, live.footprint(), budget);
                 }
                 let wait = match st.next_batch_filled(Instant::now()) {
                     Ok(batch) if batch[0].work.class() == BatchClass::Sample => {

@@ -210,16 +210,23 @@ impl Work {
     /// Key/value cache entries the job holds while it decodes (`num_samples × (prompt +
     /// max_tokens)`; 0 for jobs that do not decode).
     pub fn kv_tokens(&self) -> usize {
+        self.kv_footprint().tokens()
+    }
+
+    /// The job's sequences in a decode loop: `num_samples` rows of at most `prompt +
+    /// max_tokens` tokens (none for jobs that do not decode).
+    pub fn kv_footprint(&self) -> KvFootprint {
         match self {
             Work::Sample {
                 prompt,
                 num_samples,
                 params,
                 ..
-            } => {
-                (*num_samples).max(0) as usize * (prompt.len() + params.max_tokens.max(0) as usize)
-            }
-            _ => 0,
+            } => KvFootprint {
+                rows: (*num_samples).max(0) as usize,
+                longest: prompt.len() + params.max_tokens.max(0) as usize,
+            },
+            _ => KvFootprint::default(),
         }
     }
 
@@ -291,4 +298,30 @@ pub struct Job {
     pub enqueued: Instant,
     /// The submitting request's span, entered on the worker.
     pub span: tracing::Span,
+}
+
+/// What sequences in one decode loop may come to hold in keys and values. A batch's cache pads
+/// every row to its longest one, so sequences take `rows × longest` tokens together, `longest`
+/// being the largest `prompt + max_tokens` among them, however short the others are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvFootprint {
+    /// Sequences (rows of the batch).
+    pub rows: usize,
+    /// The longest a sequence may grow (prompt and sampled tokens).
+    pub longest: usize,
+}
+
+impl KvFootprint {
+    /// Tokens of keys and values: `rows × longest`.
+    pub fn tokens(&self) -> usize {
+        self.rows * self.longest
+    }
+
+    /// These sequences and `other`'s in one loop.
+    pub fn and(self, other: KvFootprint) -> KvFootprint {
+        KvFootprint {
+            rows: self.rows + other.rows,
+            longest: self.longest.max(other.longest),
+        }
+    }
 }

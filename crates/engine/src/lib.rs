@@ -22,7 +22,8 @@ pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot, Tena
 pub use error::{EngineError, Result};
 pub use futures::{FutureState, FutureStore};
 pub use job::{
-    CheckpointKind, ModelKey, Output, QueueKey, RequestId, SamplerKey, SaveOptions, TenantId, Work,
+    CheckpointKind, KvFootprint, ModelKey, Output, QueueKey, RequestId, SamplerKey, SaveOptions,
+    TenantId, Work,
 };
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
-use crate::job::{BatchClass, Job, QueueKey, RequestId, TenantId};
+use crate::job::{BatchClass, Job, KvFootprint, QueueKey, RequestId, TenantId};
 
 /// Admission and batching limits.
 #[derive(Debug, Clone)]
@@ -483,9 +483,10 @@ impl SchedState {
     }
 
     /// What a worker whose decode loop is running takes at a token boundary, without waiting:
-    /// sampling jobs to join the loop within `kv_budget` (with the `kv_in_use` of the jobs
-    /// decoding, `held` of it per tenant), and the next batch of another class (to run before
-    /// the next decode step), either possibly empty.
+    /// sampling jobs to join the loop while its footprint stays within `kv_budget` tokens
+    /// (`decoding`: the jobs in it; `held`: their `num_samples × (prompt + max_tokens)` per
+    /// tenant), and the next batch of another class (to run before the next decode step),
+    /// either possibly empty.
     ///
     /// Joining is fair between tenants, not queues: the next job always comes from the tenant
     /// holding the least KV in the loop per unit of its weight (ring order among equals), so a
@@ -496,14 +497,14 @@ impl SchedState {
     pub fn next_at_step_boundary(
         &mut self,
         held: &HashMap<TenantId, usize>,
-        kv_in_use: usize,
+        decoding: KvFootprint,
         kv_budget: usize,
     ) -> (Vec<Job>, Vec<Job>) {
         if self.paused {
             return (Vec::new(), Vec::new());
         }
         let mut joining = Vec::new();
-        let mut kv = kv_in_use;
+        let mut footprint = decoding;
         // What joins here, per tenant, on top of `held` (an empty map allocates nothing, so a
         // step at which nothing joins costs no copy of `held`).
         let mut joined: HashMap<TenantId, usize> = HashMap::new();
@@ -515,10 +516,11 @@ impl SchedState {
                 .filter(|(_, key)| matches!(key, QueueKey::Sampler(_)))
                 .filter_map(|(place, key)| {
                     let head = self.queues.get(key)?.front()?;
-                    let need = head.work.kv_tokens();
+                    let need = head.work.kv_footprint();
                     // A job larger than the whole budget runs only once the loop is empty
                     // (`next_batch`); waiting for it here would hold every other tenant back.
-                    (head.work.class() == BatchClass::Sample && need <= kv_budget).then(|| {
+                    let sample = head.work.class() == BatchClass::Sample;
+                    (sample && need.tokens() <= kv_budget).then(|| {
                         let tenant = key.tenant();
                         let holds = held.get(tenant).copied().unwrap_or(0)
                             + joined.get(tenant).copied().unwrap_or(0);
@@ -530,11 +532,12 @@ impl SchedState {
             let Some((_, key, need)) = next else {
                 break;
             };
-            if kv + need > kv_budget {
+            let grown = footprint.and(need);
+            if grown.tokens() > kv_budget {
                 break;
             }
-            kv += need;
-            *joined.entry(key.tenant().to_string()).or_default() += need;
+            footprint = grown;
+            *joined.entry(key.tenant().to_string()).or_default() += need.tokens();
             joining.push(self.pop_job(&key).expect("a head exists"));
             if !self.queues.contains_key(&key) {
                 self.ready.retain(|k| k != &key);
@@ -1057,6 +1060,11 @@ mod tests {
         );
     }
 
+    /// `rows` sequences of at most `longest` tokens in a decode loop.
+    fn rows_of(rows: usize, longest: usize) -> KvFootprint {
+        KvFootprint { rows, longest }
+    }
+
     #[test]
     fn at_a_token_boundary_sampling_joins_within_the_kv_budget_and_training_comes_along() {
         let mut s = SchedState::new(Limits::default());
@@ -1066,15 +1074,15 @@ mod tests {
                 sampler_id: id.into(),
             })
         };
-        // Each job needs 1 × (2 + 8) = 10 KV entries.
+        // Each job is one sequence of at most 2 + 8 = 10 tokens.
         for (i, q) in ["a", "a", "b", "c"].iter().enumerate() {
             s.push(job(&format!("{q}{i}"), session(q), sample_work(8)))
                 .unwrap();
         }
         s.push(job("m0", model("t", "m"), optim())).unwrap();
         s.push(job("m1", model("t", "m"), optim())).unwrap();
-        // 75 of 100 in use: two jobs fit.
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 75, 100);
+        // 8 sequences of 10 in a budget of 100: two jobs fit.
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100);
         assert_eq!(
             ids(&joining),
             ["a0", "a1"],
@@ -1085,13 +1093,13 @@ mod tests {
             ["m0"],
             "a training batch runs before the next step"
         );
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 95, 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(10, 10), 100);
         assert!(
             joining.is_empty() && other.is_empty(),
             "the run is busy; b does not fit"
         );
         s.finish(&[model("t", "m")], Instant::now());
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), 80, 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100);
         assert_eq!((ids(&joining), ids(&other)), (vec!["b2", "c3"], vec!["m1"]));
         assert_eq!(s.queued(), 0);
     }
@@ -1106,7 +1114,7 @@ mod tests {
             })
         };
         // The flooding tenant has eight sessions ahead of the other's one in the ring; each
-        // job needs 10 KV entries, the other's second one 30.
+        // job is a sequence of 10 tokens, the other's second one of 30.
         for i in 0..8 {
             s.push(job(
                 &format!("f{i}"),
@@ -1121,23 +1129,25 @@ mod tests {
             .unwrap();
         // The loop holds 80 of 100, all the flooder's: the other tenant's job takes the room.
         let held: HashMap<TenantId, usize> = [("flood".to_string(), 80)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, 80, 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(8, 10), 100);
         assert_eq!(
             ids(&joining),
             ["o0"],
             "the least-holding tenant first; o1 then waits for room"
         );
-        // o1 (30) still waits: the flooder, holding more, may not take the 10 free.
+        // o1 (30, padding every row to 30) still waits: the flooder, holding more, may not
+        // take the 10 free.
         let held: HashMap<TenantId, usize> =
             [("flood".to_string(), 80), ("other".to_string(), 10)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, 90, 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(9, 10), 100);
         assert!(
             joining.is_empty(),
             "the room is kept for o1: {:?}",
             ids(&joining)
         );
-        let held: HashMap<TenantId, usize> = [("flood".to_string(), 60)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, 60, 100);
+        // With one sequence left, o1 joins (2 × 30), then one of the flooder's (3 × 30).
+        let held: HashMap<TenantId, usize> = [("flood".to_string(), 10)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
         assert_eq!(ids(&joining), ["o1", "f0"], "then the flooder's turn");
     }
 
@@ -1155,12 +1165,30 @@ mod tests {
         s.push(job("small", session("other"), sample_work(8)))
             .unwrap();
         let held: HashMap<TenantId, usize> = [("other".to_string(), 50)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, 50, 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(5, 10), 100);
         assert_eq!(
             ids(&joining),
             ["small"],
             "the 200-entry job waits for an empty loop"
         );
+    }
+
+    #[test]
+    fn a_long_sequence_counts_every_row_at_its_length() {
+        let mut s = SchedState::new(Limits::default());
+        let session = QueueKey::Sampler(SamplerKey {
+            tenant: "t".into(),
+            sampler_id: "s".into(),
+        });
+        s.push(job("long", session.clone(), sample_work(48)))
+            .unwrap();
+        s.push(job("short", session, sample_work(8))).unwrap();
+        // Four sequences of at most 10: the 50-token one would pad all five to 50.
+        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(4, 10), 200);
+        assert!(joining.is_empty(), "5 x 50 > 200: {:?}", ids(&joining));
+        // Two: it fits (3 x 50), and the short one after it (4 x 50).
+        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(2, 10), 200);
+        assert_eq!(ids(&joining), ["long", "short"]);
     }
 
     #[test]

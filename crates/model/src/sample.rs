@@ -470,10 +470,11 @@ impl Generation {
         self
     }
 
-    /// Bounds the keys and values (tokens) the loop holds: its requests' reservations
-    /// (`num_samples × (prompt + max_tokens)` each, what the engine admits under the same
-    /// budget) and its kept sequences together. Kept sequences give way, least recently used
-    /// first, to the requests that join; the default is no bound.
+    /// Bounds the keys and values (tokens) the loop holds: what its sequences may come to hold
+    /// (rows × the longest `prompt + max_tokens` among them, as the batch's cache pads every
+    /// row to the longest: what the engine admits under the same budget) and its kept
+    /// sequences together. Kept sequences give way, least recently used first, to the requests
+    /// that join; the default is no bound.
     pub fn with_kv_budget(mut self, tokens: usize) -> Self {
         self.kv_budget = tokens;
         self
@@ -484,22 +485,27 @@ impl Generation {
         self.kept.tokens()
     }
 
-    /// What the loop's requests may hold: `num_samples × (prompt + max_tokens)` each, for those
-    /// decoding and those whose long prompt is being prefilled.
+    /// What the loop's requests may come to hold, those decoding and those whose long prompt is
+    /// being prefilled: their sequences × the longest `prompt + max_tokens` among them.
     fn reserved_kv(&self) -> usize {
-        let need = |samples: usize, prompt: usize, params: &SamplingParams| {
-            samples * (prompt + params.max_tokens.max(0) as usize)
+        let shape = |samples: usize, prompt: usize, params: &SamplingParams| {
+            (samples, prompt + params.max_tokens.max(0) as usize)
         };
         let live = self
             .live
             .values()
-            .map(|l| need(l.sequences.len(), l.prompt_tokens.len(), &l.params));
+            .map(|l| shape(l.sequences.len(), l.prompt_tokens.len(), &l.params));
         let prefilling = self
             .prefilling
             .iter()
             .flat_map(|p| std::iter::once(&p.request).chain(&p.followers))
-            .map(|j| need(j.num_samples.max(0) as usize, j.prompt.len(), &j.params));
-        live.chain(prefilling).sum()
+            .map(|j| shape(j.num_samples.max(0) as usize, j.prompt.len(), &j.params));
+        let (rows, longest) = live
+            .chain(prefilling)
+            .fold((0, 0), |(rows, longest), (n, len)| {
+                (rows + n, longest.max(len))
+            });
+        rows * longest
     }
 
     /// The tokens kept sequences may hold beside the requests' reservations.

@@ -1100,16 +1100,17 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
         };
         let what = format!("scenario {scenario} (chunk {chunk}, {graphs:?}, {kv} KV budget)");
         // Kept tokens stay within what the requests in progress leave of the budget.
+        // (Requests in progress: rows × the longest prompt + max_tokens.)
         let within_budget = |g: &Generation, plan: &[Planned], over: &[u64]| {
-            let reserved: usize = plan
+            let (rows, longest) = plan
                 .iter()
                 .filter(|p| !over.contains(&p.tag))
-                .map(|p| {
-                    let r = &p.request;
-                    r.num_samples as usize * (r.prompt.len() + r.params.max_tokens as usize)
-                })
-                .sum();
-            g.kept_tokens() <= kv_budget.saturating_sub(reserved)
+                .map(|p| &p.request)
+                .fold((0, 0), |(rows, longest), r| {
+                    let len = r.prompt.len() + r.params.max_tokens as usize;
+                    (rows + r.num_samples as usize, longest.max(len))
+                });
+            g.kept_tokens() <= kv_budget.saturating_sub(rows * longest)
         };
         let mut plan: Vec<Planned> = Vec::new();
         let mut done: HashMap<u64, SampleOutput> = HashMap::new();
