@@ -69,10 +69,17 @@ impl KvCache {
     /// moved to column 0, at least [`MIN_HEADROOM`] and the window's length free) only when they
     /// lack it.
     pub(crate) fn reserve(&mut self, extra: i64) -> Result<()> {
+        self.reserve_within(extra, i64::MAX)
+    }
+
+    /// [`KvCache::reserve`], with buffers of at most `most` columns (or `len + extra`, if more)
+    /// when they are reallocated: the caller knows the window never grows past `most`.
+    pub(crate) fn reserve_within(&mut self, extra: i64, most: i64) -> Result<()> {
         if self.start + self.len + extra <= self.capacity() {
             return Ok(());
         }
-        let capacity = self.len + extra.max(self.len).max(MIN_HEADROOM);
+        let grown = self.len + extra.max(self.len).max(MIN_HEADROOM);
+        let capacity = grown.min(most.max(self.len + extra));
         let (start, len) = (self.start, self.len);
         for (k, v) in &mut self.layers {
             *k = moved(k, start, len, 0, capacity)?;
@@ -239,18 +246,6 @@ impl KvCache {
         }
     }
 
-    /// Drops the leading columns that are padding in every row (after long rows left).
-    pub fn trim_padding(&mut self) {
-        let cut = self.pad.iter().copied().min().unwrap_or(0);
-        if cut > 0 {
-            self.start += cut;
-            self.len -= cut;
-            for p in &mut self.pad {
-                *p -= cut;
-            }
-        }
-    }
-
     /// Keeps only `rows`, in that order (new buffers of the same capacity).
     pub fn select(&self, rows: &[i64]) -> Result<KvCache> {
         let device = self.layers[0].0.device();
@@ -269,17 +264,49 @@ impl KvCache {
         })
     }
 
+    /// The cache of rows `rows` (in that order) in new buffers: leading columns that are
+    /// padding in all of them dropped, the old buffers' free columns kept up to `most` columns
+    /// in all (or the window, if more; the caller knows the window never grows past `most`).
+    pub(crate) fn keep_rows(&self, rows: &[i64], most: i64) -> Result<KvCache> {
+        let pad: Vec<i64> = rows.iter().map(|&r| self.pad[r as usize]).collect();
+        let cut = pad.iter().copied().min().unwrap_or(0);
+        let (start, len) = (self.start + cut, self.len - cut);
+        let capacity = (self.capacity() - start).min(most.max(len));
+        let device = self.layers[0].0.device();
+        let index = Tensor::from_slice(rows).f_to_device(device)?;
+        let kept = |t: &Tensor| t.f_narrow(2, start, capacity)?.f_index_select(0, &index);
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((kept(k)?, kept(v)?)))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            start: 0,
+            len,
+            pad: pad.iter().map(|p| p - cut).collect(),
+        })
+    }
+
     /// Stacks caches row-wise into new buffers, left-padding the shorter windows: each window is
     /// copied once, straight into its place.
     pub fn concat(caches: Vec<KvCache>) -> Result<KvCache> {
+        Self::concat_within(caches, i64::MAX)
+    }
+
+    /// [`KvCache::concat`] into buffers with the free columns of the roomiest input, but at most
+    /// `most` columns (or the longest window, if more): the caller knows the window never grows
+    /// past `most`.
+    pub(crate) fn concat_within(caches: Vec<KvCache>, most: i64) -> Result<KvCache> {
         let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
-        let capacity = caches
+        let roomiest = caches
             .iter()
             .map(|c| c.capacity() - c.start - c.len)
             .max()
             .unwrap_or(0)
             .max(0)
             + len;
+        let capacity = roomiest.min(most.max(len));
         let rows: i64 = caches.iter().map(|c| c.rows() as i64).sum();
         let Some(first) = caches.first() else {
             return Ok(KvCache::from_prefill(Vec::new(), Vec::new()));
@@ -328,4 +355,47 @@ fn moved(t: &Tensor, start: i64, len: i64, at: i64, capacity: i64) -> Result<Ten
     out.f_narrow(2, at, len)?
         .f_copy_(&t.f_narrow(2, start, len)?)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// A one-layer cache of `rows` rows and `len` columns, no free ones.
+    fn cache(rows: i64, len: i64) -> KvCache {
+        let k = Tensor::ones([rows, 1, len, 2], (Kind::Float, Device::Cpu));
+        KvCache::from_prefill(vec![(k.shallow_clone(), k)], vec![0; rows as usize])
+    }
+
+    #[test]
+    fn buffers_grow_geometrically_but_never_past_what_the_caller_says_is_needed() {
+        let mut c = cache(2, 100);
+        c.reserve(1).unwrap();
+        assert_eq!(c.capacity(), 200, "twice the window");
+        let mut c = cache(2, 100);
+        c.reserve_within(1, 130).unwrap();
+        assert_eq!(c.capacity(), 130, "no more than needed");
+        c.advance(30);
+        c.reserve_within(1, 130).unwrap();
+        assert_eq!(c.capacity(), 131, "the window itself always fits");
+        let joined = KvCache::concat_within(vec![c, cache(1, 20)], 140).unwrap();
+        assert_eq!(
+            (joined.rows(), joined.len(), joined.capacity()),
+            (3, 130, 131)
+        );
+        let roomy = {
+            let mut c = cache(1, 100);
+            c.reserve(1).unwrap();
+            c
+        };
+        let joined = KvCache::concat_within(vec![roomy, cache(1, 20)], 150).unwrap();
+        assert_eq!(joined.capacity(), 150);
+        // Keeping the short row: the padding before it goes, and the columns beyond `most`.
+        let kept = joined.keep_rows(&[1], 40).unwrap();
+        assert_eq!((kept.rows(), kept.len(), kept.capacity()), (1, 20, 40));
+        assert_eq!(kept.pad, [0]);
+        let ones = kept.layers[0].0.narrow(2, 0, 20).sum(Kind::Float);
+        assert_eq!(ones.double_value(&[]), 40.0, "its 20 columns x 2 values");
+    }
 }

@@ -480,6 +480,19 @@ impl Generation {
         self
     }
 
+    /// Keys and values (tokens) the loop's caches hold room for, kept sequences aside: the
+    /// batch's rows × its buffers' columns, and the caches of long prompts being prefilled.
+    pub fn kv_tokens_held(&self) -> usize {
+        let held = |c: &KvCache| c.rows() * c.capacity() as usize;
+        self.cache.iter().map(held).sum::<usize>()
+            + self
+                .prefilling
+                .iter()
+                .filter_map(|p| p.cache.as_ref())
+                .map(held)
+                .sum::<usize>()
+    }
+
     /// Tokens of finished sequences kept for later prompts ([`Generation::with_prefix_cache`]).
     pub fn kept_tokens(&self) -> usize {
         self.kept.tokens()
@@ -990,11 +1003,15 @@ impl Generation {
         )?;
         // Everything that can fail has run; now join the batch.
         // The batch changes: its parked rows leave.
+        let longest = joining
+            .iter()
+            .map(|j| j.prompt.len() as i64 + j.params.max_tokens)
+            .fold(self.longest_sequence(), i64::max);
         let (cache, logits) = match (&self.cache, &self.logits) {
             (Some(c), Some(l)) => {
                 let (c, l) = self.without_parked(c, l)?;
                 (
-                    KvCache::concat(vec![c, cache])?,
+                    KvCache::concat_within(vec![c, cache], longest)?,
                     Tensor::f_cat(&[&l, &logits], 0)?,
                 )
             }
@@ -1042,8 +1059,7 @@ impl Generation {
             return Ok((cache.shallow_clone(), logits.shallow_clone()));
         }
         let keep = self.unparked();
-        let mut cache = cache.select(&keep)?;
-        cache.trim_padding();
+        let cache = cache.keep_rows(&keep, self.longest_sequence())?;
         let index = Tensor::from_slice(&keep).f_to_device(logits.device())?;
         Ok((cache, logits.f_index_select(0, &index)?))
     }
@@ -1103,7 +1119,12 @@ impl Generation {
                 p.cache = Some(cache);
                 hidden
             }
-            Some(cache) => decoder.extend(ids, &[0], cache, lora.as_ref())?,
+            Some(cache) => {
+                // Room for the rest of the prompt and the samples, and no more.
+                let longest = p.request.prompt.len() as i64 + p.request.params.max_tokens;
+                cache.reserve_within(ids.len() as i64, longest)?;
+                decoder.extend(ids, &[0], cache, lora.as_ref())?
+            }
         };
         if p.request.scorer.is_needed() {
             // Position i of the chunk predicts prompt token done + i + 1.
@@ -1255,8 +1276,7 @@ impl Generation {
             let keep = self.unparked();
             next_ids = keep.iter().map(|&i| next_ids[i as usize]).collect();
             self.batch_changed();
-            cache = cache.select(&keep)?;
-            cache.trim_padding();
+            cache = cache.keep_rows(&keep, self.longest_sequence())?;
             self.rows.retain(|r| !r.parked);
             self.compact_stacks()?;
         }
@@ -1280,6 +1300,17 @@ impl Generation {
     }
 
     /// The indices of the rows that are not parked.
+    /// The longest `prompt + max_tokens` among the requests decoding: the cache's window (its
+    /// longest row, as rows end in the same column) never needs more columns, so buffers grow
+    /// no further and a batch's cache stays within its rows × that.
+    fn longest_sequence(&self) -> i64 {
+        self.live
+            .values()
+            .map(|l| l.prompt_tokens.len() as i64 + l.params.max_tokens)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn unparked(&self) -> Vec<i64> {
         (0..self.rows.len() as i64)
             .filter(|&i| !self.rows[i as usize].parked)
@@ -1289,6 +1320,7 @@ impl Generation {
     /// One decode step of the batch (`ids`, one per row) over `cache`: its logits. Issued
     /// operation by operation, or recorded or replayed ([`Generation::with_step_graphs`]).
     fn decode(&mut self, decoder: &Decoder, ids: &[i64], cache: &mut KvCache) -> Result<Tensor> {
+        cache.reserve_within(1, self.longest_sequence())?;
         let stacks = &self.stacks;
         let assignment: Vec<_> = self
             .rows
@@ -1305,7 +1337,6 @@ impl Generation {
         if mode == StepGraphs::Off {
             return eager(cache);
         }
-        cache.reserve(1)?;
         if let Some(graph) = self.graph.as_ref().filter(|g| g.serves(cache)) {
             let host = decoder.static_step_inputs(ids, cache, None)?;
             let lora = match graph.is_emulated() {
@@ -1440,9 +1471,7 @@ impl Generation {
                     self.logits = Some(logits.f_index_select(0, &index)?);
                 }
                 if let Some(cache) = self.cache.take() {
-                    let mut cache = cache.select(&keep)?;
-                    cache.trim_padding();
-                    self.cache = Some(cache);
+                    self.cache = Some(cache.keep_rows(&keep, self.longest_sequence())?);
                 }
             }
             removed.extend(gone);

@@ -1099,8 +1099,9 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
             n => n.to_string(),
         };
         let what = format!("scenario {scenario} (chunk {chunk}, {graphs:?}, {kv} KV budget)");
-        // Kept tokens stay within what the requests in progress leave of the budget.
-        // (Requests in progress: rows × the longest prompt + max_tokens.)
+        // The requests in progress may come to hold rows × the longest prompt + max_tokens: the
+        // caches never hold more (unless recorded steps keep finished rows in the batch), and
+        // kept tokens stay within what that leaves of the budget.
         let within_budget = |g: &Generation, plan: &[Planned], over: &[u64]| {
             let (rows, longest) = plan
                 .iter()
@@ -1110,7 +1111,10 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
                     let len = r.prompt.len() + r.params.max_tokens as usize;
                     (rows + r.num_samples as usize, longest.max(len))
                 });
-            g.kept_tokens() <= kv_budget.saturating_sub(rows * longest)
+            let footprint = rows * longest;
+
+            (graphs != StepGraphs::Off || g.kv_tokens_held() <= footprint)
+                && g.kept_tokens() <= kv_budget.saturating_sub(footprint)
         };
         let mut plan: Vec<Planned> = Vec::new();
         let mut done: HashMap<u64, SampleOutput> = HashMap::new();
