@@ -218,6 +218,11 @@ def test_the_next_turn_of_a_conversation_reuses_the_keys_and_values_of_the_last(
     turn_one = [1, 604, 3537, 314, 260, 28, 9, 4021, 17, 880, 29, 31, 7, 1201, 44, 3, 90, 12, 5]
     greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
     said = sampler.sample(types.ModelInput.from_ints(turn_one), 1, greedy).result().sequences[0].tokens
+    # Turn one is kept; the loop, now empty, reserves and holds nothing.
+    stats = requests.get(server.url + "/api/model-stats", headers={"X-API-Key": "tml-anyone"}).json()["sampling"]
+    assert stats["kept_tokens"] >= len(turn_one) + len(said) - 1
+    assert stats["kv_tokens_reserved"] == stats["kv_tokens_held"] == 0
+    assert stats["kv_budget_tokens"] >= 4096
     reused = metric(server, "loraloom_sample_prompt_tokens_reused_total")
     turn_two = types.ModelInput.from_ints(turn_one + said + [216, 1428, 30])
     cached = sampler.sample(turn_two, 1, greedy).result().sequences[0]

@@ -185,6 +185,16 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
         "Keys and values (tokens) one worker's decode loop may reserve (--max-kv-tokens); kept prefixes fit in what reservations leave.",
         s.kv_budget_tokens as f64,
     );
+    level(
+        "loraloom_sample_kv_tokens_held",
+        "Keys and values (tokens) the decode loops' caches hold room for, at their last steps.",
+        s.kv_tokens_held as f64,
+    );
+    level(
+        "loraloom_sample_kept_tokens",
+        "Tokens of finished sequences the decode loops keep for later prompts (prefix caches).",
+        s.kept_tokens as f64,
+    );
     count(
         "loraloom_decode_steps_recorded_total",
         "Decode steps recorded as CUDA graphs (--step-graphs cuda).",
@@ -242,6 +252,8 @@ pub async fn model_stats(
             "prompt_tokens_reused": s.prompt_tokens_reused,
             "kv_tokens_reserved": s.kv_tokens_reserved,
             "kv_budget_tokens": s.kv_budget_tokens,
+            "kv_tokens_held": s.kv_tokens_held,
+            "kept_tokens": s.kept_tokens,
             "decode_steps": s.decode_steps,
             "decode_steps_recorded": s.decode_steps_recorded,
             "decode_steps_replayed": s.decode_steps_replayed,

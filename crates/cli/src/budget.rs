@@ -85,15 +85,15 @@ pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, Str
 /// may hold together.
 const KV_SHARE: f64 = 0.25;
 
-/// Tokens of a reservation per token of buffer: a decode batch's cache pads its rows on the
-/// left to its longest and grows its buffers ahead of use (up to twice what is in use), so
-/// reserved tokens are allowed half the bytes.
-const KV_PADDING: u64 = 2;
+/// Bytes allowed per token of the budget, in tokens' bytes: a join or a leave copies a decode
+/// batch's cache into new buffers while the old ones still exist, so the loop briefly holds
+/// its keys and values twice.
+const KV_COPIES: u64 = 2;
 
 /// Resolves `--max-kv-tokens` (`auto` or a number of tokens) into the tokens each worker's
 /// decode loop may hold, with a line saying where the figure came from. `auto` divides a
 /// quarter of the memory free now among the `workers`, at `bytes_per_token` bytes a token
-/// and [`KV_PADDING`] times that for padding and headroom.
+/// and [`KV_COPIES`] times that for the copy a join or a leave makes.
 pub fn kv_tokens(
     choice: &str,
     device: Device,
@@ -115,9 +115,9 @@ pub fn kv_tokens(
     let (free, source) = free_memory(device);
     let free = free.unwrap_or(FALLBACK);
     let share = (free as f64 * KV_SHARE) as u64 / workers.max(1) as u64;
-    let tokens = (share / (per_token * KV_PADDING)).max(MIN_KV_TOKENS as u64) as usize;
+    let tokens = (share / (per_token * KV_COPIES)).max(MIN_KV_TOKENS as u64) as usize;
     let how = format!(
-        "auto: a quarter of {} {source} over {workers} worker(s), halved for padding",
+        "auto: a quarter of {} {source} over {workers} worker(s), halved for copies",
         human_bytes(free)
     );
     Ok((tokens, describe(tokens, how)))

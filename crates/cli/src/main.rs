@@ -314,11 +314,12 @@ struct ServeArgs {
     /// tenants stepping with it, so that they share one batch (0 = never wait).
     #[arg(long, env = "LORALOOM_BATCH_FILL_WAIT_MS", default_value_t = 10)]
     batch_fill_wait_ms: u64,
-    /// Keys and values (tokens) a worker's decode loop may hold: num_samples x (prompt +
-    /// max_tokens) per sampling request, and the prefix cache's kept sequences, which give way
-    /// to requests. `auto` (a quarter of the memory free once the model is loaded, RAM or the
-    /// GPU's, over the workers, halved for the padding of batched caches) or a number; requests
-    /// beyond it wait in their queue. A larger request still runs, once the loop is empty.
+    /// Keys and values (tokens) a worker's decode loop may hold: its sequences x the longest
+    /// prompt + max_tokens among them (a batch's cache pads rows to its longest), and the prefix
+    /// cache's kept sequences, which give way to requests. `auto` (a quarter of the memory free
+    /// once the model is loaded, RAM or the GPU's, over the workers, halved for the copy a join
+    /// or leave makes) or a number; requests beyond it wait in their queue. A larger request
+    /// still runs, once the loop is empty.
     #[arg(long, env = "LORALOOM_MAX_KV_TOKENS", default_value = "auto")]
     max_kv_tokens: String,
     /// Decode steps as CUDA graphs: `cuda` records a decode batch's step once it keeps its

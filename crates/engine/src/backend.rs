@@ -90,6 +90,11 @@ pub struct DecodeStep {
     pub tokens: usize,
     /// Whether the step was recorded or replayed as a CUDA graph (`--step-graphs`).
     pub graphs: GraphCounts,
+    /// Keys and values (tokens) the loop's caches hold room for after the step, kept
+    /// sequences aside.
+    pub kv_tokens_held: usize,
+    /// Tokens of finished sequences the loop keeps for later prompts.
+    pub kept_tokens: usize,
 }
 
 /// Forward-pass floating-point operations per decoder layer under which a batch's CPU ops run
@@ -967,6 +972,8 @@ impl ModelWorker {
                     first_tokens,
                     tokens: report.tokens,
                     graphs: d.generation.graph_counts().since(before),
+                    kv_tokens_held: d.generation.kv_tokens_held(),
+                    kept_tokens: d.generation.kept_tokens(),
                 }
             }
             Err(e) => {

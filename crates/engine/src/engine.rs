@@ -108,6 +108,12 @@ pub struct StatsSnapshot {
     pub kv_tokens_reserved: u64,
     /// What one worker's decode loop may reserve (`--max-kv-tokens`).
     pub kv_budget_tokens: u64,
+    /// Keys and values (tokens) the decode loops' caches hold room for at their last steps,
+    /// kept sequences aside, all workers together.
+    pub kv_tokens_held: u64,
+    /// Tokens of finished sequences the decode loops keep for later prompts (prefix caches),
+    /// at their last steps, all workers together.
+    pub kept_tokens: u64,
     /// Decode steps run.
     pub decode_steps: u64,
     /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
@@ -139,6 +145,8 @@ struct Counters {
     shared_prompts: AtomicU64,
     prompt_tokens_reused: AtomicU64,
     kv_tokens_reserved: AtomicU64,
+    kv_tokens_held: AtomicU64,
+    kept_tokens: AtomicU64,
     decode_steps: AtomicU64,
     decode_tokens: AtomicU64,
     decode_ns: AtomicU64,
@@ -736,6 +744,8 @@ impl Engine {
             prompt_tokens_reused: c.prompt_tokens_reused.load(Ordering::Relaxed),
             kv_tokens_reserved: c.kv_tokens_reserved.load(Ordering::Relaxed),
             kv_budget_tokens: kv_budget as u64,
+            kv_tokens_held: c.kv_tokens_held.load(Ordering::Relaxed),
+            kept_tokens: c.kept_tokens.load(Ordering::Relaxed),
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -908,6 +918,9 @@ struct LiveJobs {
     kv_by_tenant: HashMap<TenantId, usize>,
     /// Jobs that left the loop since the scheduler last heard of it.
     ended: Vec<RequestId>,
+    /// The loop's last [`DecodeStep::kv_tokens_held`] and [`DecodeStep::kept_tokens`], as
+    /// counted in the engine's totals.
+    reported: (u64, u64),
 }
 
 impl LiveJobs {
@@ -1172,6 +1185,15 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         .fetch_add(step.graphs.recorded, Ordering::Relaxed);
     c.decode_steps_replayed
         .fetch_add(step.graphs.replayed, Ordering::Relaxed);
+    let (held, kept) = (step.kv_tokens_held as u64, step.kept_tokens as u64);
+    let (was_held, was_kept) = std::mem::replace(&mut live.reported, (held, kept));
+    for (total, now, was) in [
+        (&c.kv_tokens_held, held, was_held),
+        (&c.kept_tokens, kept, was_kept),
+    ] {
+        total.fetch_add(now, Ordering::Relaxed);
+        total.fetch_sub(was, Ordering::Relaxed);
+    }
     for id in &step.first_tokens {
         if let Some((job, _)) = live.jobs.get(id) {
             let waited = job.enqueued.elapsed();
