@@ -78,8 +78,11 @@ impl KvCache {
         if self.start + self.len + extra <= self.capacity() {
             return Ok(());
         }
+        // Geometric growth, except straight to `most` when that is at most twice as much (one
+        // copy fewer, and no more room than the geometric growth takes ahead).
         let grown = self.len + extra.max(self.len).max(MIN_HEADROOM);
-        let capacity = grown.min(most.max(self.len + extra));
+        let most = most.max(self.len + extra);
+        let capacity = if most <= 2 * grown { most } else { grown };
         let (start, len) = (self.start, self.len);
         for (k, v) in &mut self.layers {
             *k = moved(k, start, len, 0, capacity)?;
@@ -291,22 +294,23 @@ impl KvCache {
     /// Stacks caches row-wise into new buffers, left-padding the shorter windows: each window is
     /// copied once, straight into its place.
     pub fn concat(caches: Vec<KvCache>) -> Result<KvCache> {
-        Self::concat_within(caches, i64::MAX)
+        Self::concat_within(caches, 0, i64::MAX)
     }
 
-    /// [`KvCache::concat`] into buffers with the free columns of the roomiest input, but at most
-    /// `most` columns (or the longest window, if more): the caller knows the window never grows
-    /// past `most`.
-    pub(crate) fn concat_within(caches: Vec<KvCache>, most: i64) -> Result<KvCache> {
+    /// [`KvCache::concat`] into buffers with at least `room` free columns (those of the roomiest
+    /// input, if more), but at most `most` columns in all (or the window and `room`, if more):
+    /// the caller knows the window never grows past `most`.
+    pub(crate) fn concat_within(caches: Vec<KvCache>, room: i64, most: i64) -> Result<KvCache> {
         let len = caches.iter().map(|c| c.len).max().unwrap_or(0);
         let roomiest = caches
             .iter()
             .map(|c| c.capacity() - c.start - c.len)
             .max()
             .unwrap_or(0)
+            .max(room)
             .max(0)
             + len;
-        let capacity = roomiest.min(most.max(len));
+        let capacity = roomiest.min(most.max(len + room));
         let rows: i64 = caches.iter().map(|c| c.rows() as i64).sum();
         let Some(first) = caches.first() else {
             return Ok(KvCache::from_prefill(Vec::new(), Vec::new()));
@@ -374,12 +378,26 @@ mod tests {
         c.reserve(1).unwrap();
         assert_eq!(c.capacity(), 200, "twice the window");
         let mut c = cache(2, 100);
+        c.reserve_within(1, 1000).unwrap();
+        assert_eq!(
+            c.capacity(),
+            200,
+            "twice the window, far from what is needed"
+        );
+        let mut c = cache(2, 100);
+        c.reserve_within(1, 300).unwrap();
+        assert_eq!(
+            c.capacity(),
+            300,
+            "what is needed, within twice the doubling"
+        );
+        let mut c = cache(2, 100);
         c.reserve_within(1, 130).unwrap();
         assert_eq!(c.capacity(), 130, "no more than needed");
         c.advance(30);
         c.reserve_within(1, 130).unwrap();
         assert_eq!(c.capacity(), 131, "the window itself always fits");
-        let joined = KvCache::concat_within(vec![c, cache(1, 20)], 140).unwrap();
+        let joined = KvCache::concat_within(vec![c, cache(1, 20)], 0, 140).unwrap();
         assert_eq!(
             (joined.rows(), joined.len(), joined.capacity()),
             (3, 130, 131)
@@ -389,8 +407,11 @@ mod tests {
             c.reserve(1).unwrap();
             c
         };
-        let joined = KvCache::concat_within(vec![roomy, cache(1, 20)], 150).unwrap();
+        let joined = KvCache::concat_within(vec![roomy, cache(1, 20)], 0, 150).unwrap();
         assert_eq!(joined.capacity(), 150);
+        // Room asked for: what a pass after the copy appends.
+        let copy = KvCache::concat_within(vec![cache(1, 20)], 7, 1000).unwrap();
+        assert_eq!(copy.capacity(), 27);
         // Keeping the short row: the padding before it goes, and the columns beyond `most`.
         let kept = joined.keep_rows(&[1], 40).unwrap();
         assert_eq!((kept.rows(), kept.len(), kept.capacity()), (1, 20, 40));

@@ -767,7 +767,9 @@ impl Generation {
                 let (done, cache) = match self.shared_prefix_of(r) {
                     Some((prefix, n)) => {
                         let view = prefix_view(&self.cache, &mut self.kept, prefix, n)?;
-                        let copy = KvCache::concat(vec![view])?;
+                        // Room for the rest of the prompt: its chunks append there.
+                        let rest = (r.prompt.len() - n) as i64;
+                        let copy = KvCache::concat_within(vec![view], rest, i64::MAX)?;
                         self.shared_prompts += 1;
                         self.prompt_tokens_reused += n as u64;
                         (n, Some(copy))
@@ -955,7 +957,8 @@ impl Generation {
                 ids.extend_from_slice(rest);
                 computed += rest.len();
             }
-            let mut cache = KvCache::concat(views)?;
+            // Room for the pass over the rests, which appends `t` columns.
+            let mut cache = KvCache::concat_within(views, t as i64, i64::MAX)?;
             let assignment = assignment_of(&copied);
             let lora = LoraBatch::new(&assignment)?;
             let hidden = decoder.extend(&ids, &pads, &mut cache, Some(&lora))?;
@@ -1011,7 +1014,7 @@ impl Generation {
             (Some(c), Some(l)) => {
                 let (c, l) = self.without_parked(c, l)?;
                 (
-                    KvCache::concat_within(vec![c, cache], longest)?,
+                    KvCache::concat_within(vec![c, cache], 0, longest)?,
                     Tensor::f_cat(&[&l, &logits], 0)?,
                 )
             }
@@ -1120,9 +1123,8 @@ impl Generation {
                 hidden
             }
             Some(cache) => {
-                // Room for the rest of the prompt and the samples, and no more.
-                let longest = p.request.prompt.len() as i64 + p.request.params.max_tokens;
-                cache.reserve_within(ids.len() as i64, longest)?;
+                // Room for the rest of the prompt and no more (joining copies the cache).
+                cache.reserve_within(ids.len() as i64, p.request.prompt.len() as i64)?;
                 decoder.extend(ids, &[0], cache, lora.as_ref())?
             }
         };
