@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
-use crate::job::{BatchClass, Job, KvFootprint, QueueKey, RequestId, TenantId};
+use crate::job::{BatchClass, Job, KvFootprint, QueueKey, RequestId, TenantId, Work};
 
 /// Admission and batching limits.
 #[derive(Debug, Clone)]
@@ -46,9 +46,10 @@ pub struct Limits {
     /// Longest a sampling job may decode (0 = no limit); beyond, it is dropped at the next
     /// token boundary and fails.
     pub max_sample_time: Duration,
-    /// Key/value cache entries (`num_samples × (prompt + max_tokens)` per job) a running decode
-    /// loop may hold: sampling jobs join it while their need fits, the rest wait in their queue.
-    /// A larger job still runs, once the loop is empty.
+    /// Keys and values (tokens) a decode loop may hold, counted as its [`KvFootprint`]
+    /// (sequences × the longest `prompt + max_tokens` among them): sampling jobs start a loop or
+    /// join it while the footprint fits, the rest wait in their queue. A larger job still runs,
+    /// once the loop is empty, as the first of a batch.
     pub max_kv_tokens: usize,
     /// Scheduling weights by tenant (absent: 1): a tenant of weight `w` gets `w` turns for
     /// every one of a tenant of weight 1, both to start a batch and to join one.
@@ -408,11 +409,10 @@ impl SchedState {
             .min_by_key(|(i, k)| (self.last_served(k.tenant()), *i))
             .map(|(i, _)| i)?;
         let first = self.ready.remove(at)?;
-        let budget = self.limits.max_batch_tokens;
-        let mut tokens = 0usize;
+        let mut room = Room::new(&self.limits);
         let mut batch = Vec::new();
         let mut taken = vec![first.clone()];
-        self.take_from(&first, class, budget, &mut tokens, &mut batch);
+        self.take_from(&first, class, &mut room, &mut batch);
         if class != BatchClass::Solo {
             // Other queues join tenant by tenant (each tenant's first ready queue, then each
             // one's second, ...), so one tenant's many queues cannot fill the budget first.
@@ -425,9 +425,9 @@ impl SchedState {
                     .queues
                     .get(&key)
                     .and_then(|q| q.front())
-                    .is_some_and(|j| j.work.class() == class && tokens + j.work.tokens() <= budget);
+                    .is_some_and(|j| j.work.class() == class && room.fits(&j.work));
                 if fits {
-                    self.take_from(&key, class, budget, &mut tokens, &mut batch);
+                    self.take_from(&key, class, &mut room, &mut batch);
                     taken.push(key);
                 } else {
                     skipped.push(key);
@@ -587,26 +587,26 @@ impl SchedState {
         self.next_batch().ok_or(None)
     }
 
-    /// How many ready queues' heads of `class` a batch would take now (within the token
-    /// budget), their tokens, and when the oldest of them was enqueued.
+    /// How many ready queues' heads of `class` a batch would take now (within the token and
+    /// KV budgets), their tokens, and when the oldest of them was enqueued.
     fn candidates(&self, class: BatchClass) -> (usize, usize, Option<Instant>) {
-        let budget = self.limits.max_batch_tokens;
-        let (mut size, mut tokens, mut oldest) = (0, 0, None::<Instant>);
+        let mut room = Room::new(&self.limits);
+        let (mut size, mut oldest) = (0, None::<Instant>);
         for key in &self.ready {
             let Some(job) = self.queues.get(key).and_then(|q| q.front()) else {
                 continue;
             };
-            if job.work.class() != class || (size > 0 && tokens + job.work.tokens() > budget) {
+            if job.work.class() != class || (size > 0 && !room.fits(&job.work)) {
                 continue;
             }
             size += 1;
-            tokens += job.work.tokens();
+            room.take(&job.work);
             oldest = Some(oldest.map_or(job.enqueued, |o| o.min(job.enqueued)));
             if class == BatchClass::Solo {
                 break;
             }
         }
-        (size, tokens, oldest)
+        (size, room.tokens, oldest)
     }
 
     fn head_class(&self, key: &QueueKey) -> Option<BatchClass> {
@@ -658,23 +658,22 @@ impl SchedState {
         &mut self,
         key: &QueueKey,
         class: BatchClass,
-        budget: usize,
-        tokens: &mut usize,
+        room: &mut Room,
         batch: &mut Vec<Job>,
     ) {
         if let Some(job) = self.pop_job(key) {
-            *tokens += job.work.tokens();
+            room.take(&job.work);
             batch.push(job);
         }
         if class != BatchClass::Sample || !matches!(key, QueueKey::Sampler(_)) {
             return;
         }
         while let Some(next) = self.queues.get(key).and_then(|q| q.front()) {
-            if next.work.class() != class || *tokens + next.work.tokens() > budget {
+            if next.work.class() != class || !room.fits(&next.work) {
                 break;
             }
             let job = self.pop_job(key).expect("front exists");
-            *tokens += job.work.tokens();
+            room.take(&job.work);
             batch.push(job);
         }
     }
@@ -704,6 +703,38 @@ impl SchedState {
             self.returning = returning;
             self.returning_since = Some(now);
         }
+    }
+}
+
+/// What a batch being formed has taken of its budgets: tokens (`max_batch_tokens`) and, for
+/// sampling jobs, which start a decode loop, the loop's footprint (`max_kv_tokens`).
+struct Room {
+    tokens: usize,
+    footprint: KvFootprint,
+    max_tokens: usize,
+    max_kv_tokens: usize,
+}
+
+impl Room {
+    fn new(limits: &Limits) -> Self {
+        Room {
+            tokens: 0,
+            footprint: KvFootprint::default(),
+            max_tokens: limits.max_batch_tokens,
+            max_kv_tokens: limits.max_kv_tokens,
+        }
+    }
+
+    /// Whether `work` fits beside what was taken (the first job of a batch is taken whatever
+    /// its size).
+    fn fits(&self, work: &Work) -> bool {
+        self.tokens + work.tokens() <= self.max_tokens
+            && self.footprint.and(work.kv_footprint()).tokens() <= self.max_kv_tokens
+    }
+
+    fn take(&mut self, work: &Work) {
+        self.tokens += work.tokens();
+        self.footprint = self.footprint.and(work.kv_footprint());
     }
 }
 
@@ -1171,6 +1202,37 @@ mod tests {
             ["small"],
             "the 200-entry job waits for an empty loop"
         );
+    }
+
+    #[test]
+    fn the_first_batch_of_a_decode_loop_keeps_its_footprint_within_the_kv_budget() {
+        let mut s = SchedState::new(Limits {
+            max_kv_tokens: 1000,
+            ..Limits::default()
+        });
+        let session = |id: &str| {
+            QueueKey::Sampler(SamplerKey {
+                tenant: "t".into(),
+                sampler_id: id.into(),
+            })
+        };
+        // One sequence of 2 + 398 tokens, then short ones, each padded to 400 beside it.
+        s.push(job("long", session("a"), sample_work(398))).unwrap();
+        for i in 0..3 {
+            s.push(job(&format!("s{i}"), session("b"), sample_work(2)))
+                .unwrap();
+        }
+        assert_eq!(
+            ids(&s.next_batch().unwrap()),
+            ["long", "s0"],
+            "2 x 400 <= 1000 < 3 x 400"
+        );
+        assert_eq!(ids(&s.next_batch().unwrap()), ["s1", "s2"]);
+        // A job larger than the whole budget still runs, first of its batch.
+        s.push(job("huge", session("a"), sample_work(1998)))
+            .unwrap();
+        s.push(job("s3", session("b"), sample_work(2))).unwrap();
+        assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
     }
 
     #[test]
