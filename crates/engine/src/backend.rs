@@ -50,6 +50,12 @@ pub trait Backend: Send {
         0
     }
 
+    /// Keys and values (tokens) the decode loop's caches hold room for, and those of finished
+    /// sequences it keeps for later prompts.
+    fn kv_tokens(&self) -> KvHeld {
+        KvHeld::default()
+    }
+
     /// Abandons every sampling job in progress (after a panic) and returns their ids.
     fn abort_decoding(&mut self) -> Vec<RequestId> {
         Vec::new()
@@ -90,11 +96,15 @@ pub struct DecodeStep {
     pub tokens: usize,
     /// Whether the step was recorded or replayed as a CUDA graph (`--step-graphs`).
     pub graphs: GraphCounts,
-    /// Keys and values (tokens) the loop's caches hold room for after the step, kept
-    /// sequences aside.
-    pub kv_tokens_held: usize,
-    /// Tokens of finished sequences the loop keeps for later prompts.
-    pub kept_tokens: usize,
+}
+
+/// What a decode loop holds in keys and values ([`Backend::kv_tokens`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KvHeld {
+    /// Tokens its caches hold room for, kept sequences aside.
+    pub held: usize,
+    /// Tokens of finished sequences it keeps for later prompts (its prefix cache).
+    pub kept: usize,
 }
 
 /// Forward-pass floating-point operations per decoder layer under which a batch's CPU ops run
@@ -972,8 +982,6 @@ impl ModelWorker {
                     first_tokens,
                     tokens: report.tokens,
                     graphs: d.generation.graph_counts().since(before),
-                    kv_tokens_held: d.generation.kv_tokens_held(),
-                    kept_tokens: d.generation.kept_tokens(),
                 }
             }
             Err(e) => {
@@ -1097,6 +1105,14 @@ impl Backend for ModelWorker {
 
     fn decoding(&self) -> usize {
         self.decoding.jobs.len()
+    }
+
+    fn kv_tokens(&self) -> KvHeld {
+        let g = &self.decoding.generation;
+        KvHeld {
+            held: g.kv_tokens_held(),
+            kept: g.kept_tokens(),
+        }
     }
 
     fn abort_decoding(&mut self) -> Vec<RequestId> {

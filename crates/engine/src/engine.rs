@@ -17,7 +17,7 @@ use loraloom_model::sample::validate_sampling;
 use loraloom_model::train::validate_request;
 use loraloom_model::LoraSpec;
 
-use crate::backend::{check_checkpoint, snapshot, write_marker, Backend};
+use crate::backend::{check_checkpoint, snapshot, write_marker, Backend, KvHeld};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
 use crate::futures::{FutureState, FutureStore};
@@ -918,12 +918,26 @@ struct LiveJobs {
     kv_by_tenant: HashMap<TenantId, usize>,
     /// Jobs that left the loop since the scheduler last heard of it.
     ended: Vec<RequestId>,
-    /// The loop's last [`DecodeStep::kv_tokens_held`] and [`DecodeStep::kept_tokens`], as
-    /// counted in the engine's totals.
-    reported: (u64, u64),
+    /// What the backend last said its loop holds ([`Backend::kv_tokens`]), as counted in the
+    /// engine's totals.
+    reported: KvHeld,
 }
 
 impl LiveJobs {
+    /// Counts what `backend`'s loop holds now in `counters`' totals, in place of what it held
+    /// when last asked.
+    fn report_kv(&mut self, backend: &dyn Backend, counters: &Counters) {
+        let now = backend.kv_tokens();
+        let was = std::mem::replace(&mut self.reported, now);
+        for (total, now, was) in [
+            (&counters.kv_tokens_held, now.held, was.held),
+            (&counters.kept_tokens, now.kept, was.kept),
+        ] {
+            total.fetch_add(now as u64, Ordering::Relaxed);
+            total.fetch_sub(was as u64, Ordering::Relaxed);
+        }
+    }
+
     /// What the loop's sequences may come to hold.
     fn footprint(&self) -> KvFootprint {
         KvFootprint {
@@ -1043,6 +1057,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             st.mark_decoding(joining.iter().map(|j| j.id.clone()));
             (joining, batch, stopping)
         };
+        let decoding = !stopping.is_empty() || !joining.is_empty() || !live.jobs.is_empty();
         if !stopping.is_empty() {
             stop_decoding(&inner, backend.as_mut(), &mut live, stopping);
         }
@@ -1054,6 +1069,9 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
         }
         if !live.jobs.is_empty() {
             decode_step(&inner, backend.as_mut(), &mut live);
+        }
+        if decoding {
+            live.report_kv(backend.as_ref(), &inner.counters);
         }
     }
 }
@@ -1185,15 +1203,6 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
         .fetch_add(step.graphs.recorded, Ordering::Relaxed);
     c.decode_steps_replayed
         .fetch_add(step.graphs.replayed, Ordering::Relaxed);
-    let (held, kept) = (step.kv_tokens_held as u64, step.kept_tokens as u64);
-    let (was_held, was_kept) = std::mem::replace(&mut live.reported, (held, kept));
-    for (total, now, was) in [
-        (&c.kv_tokens_held, held, was_held),
-        (&c.kept_tokens, kept, was_kept),
-    ] {
-        total.fetch_add(now, Ordering::Relaxed);
-        total.fetch_sub(was, Ordering::Relaxed);
-    }
     for id in &step.first_tokens {
         if let Some((job, _)) = live.jobs.get(id) {
             let waited = job.enqueued.elapsed();

@@ -16,7 +16,7 @@ pub mod registry;
 pub mod store;
 pub mod timeline;
 
-pub use backend::{Admitted, Backend, DecodeStep, ModelWorker};
+pub use backend::{Admitted, Backend, DecodeStep, KvHeld, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
 pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot, TenantUsage};
 pub use error::{EngineError, Result};

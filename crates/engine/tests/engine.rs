@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use loraloom_engine::job::Job;
 use loraloom_engine::{
@@ -938,6 +938,14 @@ impl Backend for FakeDecoder {
         self.live.len()
     }
 
+    /// Ten tokens held per job decoding, and 7 kept.
+    fn kv_tokens(&self) -> loraloom_engine::KvHeld {
+        loraloom_engine::KvHeld {
+            held: 10 * self.live.len(),
+            kept: 7,
+        }
+    }
+
     fn drop_decoding(&mut self, ids: &[String]) -> Vec<String> {
         let (dropped, live): (Vec<_>, Vec<_>) =
             self.live.drain(..).partition(|(id, _)| ids.contains(id));
@@ -1137,5 +1145,12 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
     assert_eq!(stats.prefills, 3);
     assert!(stats.decode_steps > 0 && stats.first_tokens == 0);
     assert_eq!(stats.kv_tokens_reserved, 0, "released as the jobs ended");
+    // What the loop holds is asked once the worker is done with the step that emptied it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().kv_tokens_held != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.kv_tokens_held, stats.kept_tokens), (0, 7));
     engine.shutdown(true);
 }
