@@ -177,7 +177,7 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
     );
     level(
         "loraloom_sample_kv_tokens_reserved",
-        "Keys and values (tokens) reserved by the sampling jobs in the decode loops, num_samples x (prompt + max_tokens) each, all workers together.",
+        "Keys and values (tokens) the sampling jobs in the decode loops may come to hold: per loop its sequences x the longest prompt + max_tokens among them (a batch's cache pads rows to its longest), all workers together.",
         s.kv_tokens_reserved as f64,
     );
     level(

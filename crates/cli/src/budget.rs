@@ -113,13 +113,16 @@ pub fn kv_tokens(
         return Ok((tokens, describe(tokens, "set".into())));
     }
     let (free, source) = free_memory(device);
-    let free = free.unwrap_or(FALLBACK);
+    let (free, what) = match free {
+        Some(free) => (free, format!("{} {source}", human_bytes(free))),
+        None => (
+            FALLBACK,
+            format!("{} ({source} could not be read)", human_bytes(FALLBACK)),
+        ),
+    };
     let share = (free as f64 * KV_SHARE) as u64 / workers.max(1) as u64;
     let tokens = (share / (per_token * KV_COPIES)).max(MIN_KV_TOKENS as u64) as usize;
-    let how = format!(
-        "auto: a quarter of {} {source} over {workers} worker(s), halved for copies",
-        human_bytes(free)
-    );
+    let how = format!("auto: a quarter of {what} over {workers} worker(s), halved for copies");
     Ok((tokens, describe(tokens, how)))
 }
 

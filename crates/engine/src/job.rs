@@ -207,12 +207,6 @@ impl Work {
         }
     }
 
-    /// Key/value cache entries the job holds while it decodes (`num_samples × (prompt +
-    /// max_tokens)`; 0 for jobs that do not decode).
-    pub fn kv_tokens(&self) -> usize {
-        self.kv_footprint().tokens()
-    }
-
     /// The job's sequences in a decode loop: `num_samples` rows of at most `prompt +
     /// max_tokens` tokens (none for jobs that do not decode).
     pub fn kv_footprint(&self) -> KvFootprint {

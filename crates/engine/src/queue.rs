@@ -484,9 +484,9 @@ impl SchedState {
 
     /// What a worker whose decode loop is running takes at a token boundary, without waiting:
     /// sampling jobs to join the loop while its footprint stays within `kv_budget` tokens
-    /// (`decoding`: the jobs in it; `held`: their `num_samples × (prompt + max_tokens)` per
-    /// tenant), and the next batch of another class (to run before the next decode step),
-    /// either possibly empty.
+    /// (`decoding`: the jobs in it; `held`: per tenant, its jobs' `num_samples × (prompt +
+    /// max_tokens)`, for fairness), and the next batch of another class (to run before the
+    /// next decode step), either possibly empty.
     ///
     /// Joining is fair between tenants, not queues: the next job always comes from the tenant
     /// holding the least KV in the loop per unit of its weight (ring order among equals), so a

@@ -608,6 +608,9 @@ impl Generation {
         requests: &[(RequestTag, &SampleRequest)],
         can_detokenize: bool,
     ) -> Vec<Result<()>> {
+        // Kept sequences give way after the prefill (which may copy from them): until then the
+        // loop briefly holds them beside the new rows, within the copy that joining makes anyway
+        // (which `--max-kv-tokens auto` leaves room for).
         let results = self.admit_all(decoder, requests, can_detokenize);
         let room = self.kept_room();
         self.kept.shrink_to(room);
@@ -1012,7 +1015,7 @@ impl Generation {
             .fold(self.longest_sequence(), i64::max);
         let (cache, logits) = match (&self.cache, &self.logits) {
             (Some(c), Some(l)) => {
-                let (c, l) = self.without_parked(c, l)?;
+                let (c, l) = self.without_parked(c, l, longest)?;
                 (
                     KvCache::concat_within(vec![c, cache], 0, longest)?,
                     Tensor::f_cat(&[&l, &logits], 0)?,
@@ -1056,13 +1059,19 @@ impl Generation {
         Ok(())
     }
 
-    /// `cache` and `logits` (the batch's) without the parked rows' rows.
-    fn without_parked(&self, cache: &KvCache, logits: &Tensor) -> Result<(KvCache, Tensor)> {
+    /// `cache` and `logits` (the batch's) without the parked rows' rows, the cache with room
+    /// for at most `most` columns.
+    fn without_parked(
+        &self,
+        cache: &KvCache,
+        logits: &Tensor,
+        most: i64,
+    ) -> Result<(KvCache, Tensor)> {
         if self.rows.iter().all(|r| !r.parked) {
             return Ok((cache.shallow_clone(), logits.shallow_clone()));
         }
         let keep = self.unparked();
-        let cache = cache.keep_rows(&keep, self.longest_sequence())?;
+        let cache = cache.keep_rows(&keep, most)?;
         let index = Tensor::from_slice(&keep).f_to_device(logits.device())?;
         Ok((cache, logits.f_index_select(0, &index)?))
     }
@@ -1301,7 +1310,6 @@ impl Generation {
             && cache.next_positions().iter().all(|&p| p < context)
     }
 
-    /// The indices of the rows that are not parked.
     /// The longest `prompt + max_tokens` among the requests decoding: the cache's window (its
     /// longest row, as rows end in the same column) never needs more columns, so buffers grow
     /// no further and a batch's cache stays within its rows × that.
@@ -1313,6 +1321,25 @@ impl Generation {
             .unwrap_or(0)
     }
 
+    /// The columns the cache's window may need: [`Generation::longest_sequence`], unless parked
+    /// rows (finished, kept for a recorded step) are longer than the live ones, when the window
+    /// grows with the live ones for as many steps as the longest of them has left.
+    fn window_needed(&self, cache: &KvCache) -> i64 {
+        let longest = self.longest_sequence();
+        if self.rows.iter().all(|r| !r.parked) {
+            return longest;
+        }
+        let left = self
+            .rows
+            .iter()
+            .filter(|r| !r.parked)
+            .map(|r| self.live[&r.request].params.max_tokens - r.tokens.len() as i64)
+            .max()
+            .unwrap_or(0);
+        longest.max(cache.len() + left.max(1))
+    }
+
+    /// The indices of the rows that are not parked.
     fn unparked(&self) -> Vec<i64> {
         (0..self.rows.len() as i64)
             .filter(|&i| !self.rows[i as usize].parked)
@@ -1322,7 +1349,7 @@ impl Generation {
     /// One decode step of the batch (`ids`, one per row) over `cache`: its logits. Issued
     /// operation by operation, or recorded or replayed ([`Generation::with_step_graphs`]).
     fn decode(&mut self, decoder: &Decoder, ids: &[i64], cache: &mut KvCache) -> Result<Tensor> {
-        cache.reserve_within(1, self.longest_sequence())?;
+        cache.reserve_within(1, self.window_needed(cache))?;
         let stacks = &self.stacks;
         let assignment: Vec<_> = self
             .rows
