@@ -229,7 +229,7 @@ impl ModelWorker {
     }
 
     /// Bounds the keys and values (tokens) the decode loop holds, its kept sequences included:
-    /// the engine's `max_kv_tokens`, under which it admits requests by their reservations.
+    /// the engine's `max_kv_tokens`, under which it admits requests by the loop's footprint.
     pub fn with_kv_budget(mut self, tokens: usize) -> Self {
         self.configure_generation(|g| g.with_kv_budget(tokens));
         self

@@ -914,7 +914,8 @@ struct LiveJobs {
     /// How many of them may grow to each length (`prompt + max_tokens`): the longest gives the
     /// loop's [`KvFootprint`].
     lengths: BTreeMap<usize, usize>,
-    /// Their [`Work::kv_tokens`] per tenant (tenants with none are absent), for fairness.
+    /// Their footprints' tokens (`num_samples × (prompt + max_tokens)` each) per tenant
+    /// (tenants with none are absent), for fairness.
     kv_by_tenant: HashMap<TenantId, usize>,
     /// Jobs that left the loop since the scheduler last heard of it.
     ended: Vec<RequestId>,
@@ -929,13 +930,8 @@ impl LiveJobs {
     fn report_kv(&mut self, backend: &dyn Backend, counters: &Counters) {
         let now = backend.kv_tokens();
         let was = std::mem::replace(&mut self.reported, now);
-        for (total, now, was) in [
-            (&counters.kv_tokens_held, now.held, was.held),
-            (&counters.kept_tokens, now.kept, was.kept),
-        ] {
-            total.fetch_add(now as u64, Ordering::Relaxed);
-            total.fetch_sub(was as u64, Ordering::Relaxed);
-        }
+        replace_share(&counters.kv_tokens_held, was.held, now.held);
+        replace_share(&counters.kept_tokens, was.kept, now.kept);
     }
 
     /// What the loop's sequences may come to hold.
@@ -948,12 +944,13 @@ impl LiveJobs {
 
     /// Applies `change` to the jobs, moving the footprint counted in `counters` with it.
     fn changing<T>(&mut self, counters: &Counters, change: impl FnOnce(&mut Self) -> T) -> T {
-        let before = self.footprint().tokens() as u64;
+        let before = self.footprint().tokens();
         let out = change(self);
-        let after = self.footprint().tokens() as u64;
-        let reserved = &counters.kv_tokens_reserved;
-        reserved.fetch_add(after, Ordering::Relaxed);
-        reserved.fetch_sub(before, Ordering::Relaxed);
+        replace_share(
+            &counters.kv_tokens_reserved,
+            before,
+            self.footprint().tokens(),
+        );
         out
     }
 
@@ -997,6 +994,13 @@ impl LiveJobs {
         self.ended.push(id.clone());
         Some(job)
     }
+}
+
+/// Replaces one worker's share `was` of a total over all workers with `now` (added first, so the
+/// total never drops below the other workers' shares).
+fn replace_share(total: &AtomicU64, was: usize, now: usize) {
+    total.fetch_add(now as u64, Ordering::Relaxed);
+    total.fetch_sub(was as u64, Ordering::Relaxed);
 }
 
 /// A worker: takes batches from the scheduler and runs them on its backend. While its decode

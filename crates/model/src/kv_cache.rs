@@ -249,24 +249,6 @@ impl KvCache {
         }
     }
 
-    /// Keeps only `rows`, in that order (new buffers of the same capacity).
-    pub fn select(&self, rows: &[i64]) -> Result<KvCache> {
-        let device = self.layers[0].0.device();
-        let index = Tensor::from_slice(rows).f_to_device(device)?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.f_index_select(0, &index)?, v.f_index_select(0, &index)?)))
-            .collect::<Result<_>>()?;
-        let pad = rows.iter().map(|&r| self.pad[r as usize]).collect();
-        Ok(KvCache {
-            layers,
-            start: self.start,
-            len: self.len,
-            pad,
-        })
-    }
-
     /// The cache of rows `rows` (in that order) in new buffers: leading columns that are
     /// padding in all of them dropped, the old buffers' free columns kept up to `most` columns
     /// in all (or the window, if more; the caller knows the window never grows past `most`).

@@ -501,18 +501,20 @@ impl Generation {
     /// What the loop's requests may come to hold, those decoding and those whose long prompt is
     /// being prefilled: their sequences × the longest `prompt + max_tokens` among them.
     fn reserved_kv(&self) -> usize {
-        let shape = |samples: usize, prompt: usize, params: &SamplingParams| {
-            (samples, prompt + params.max_tokens.max(0) as usize)
-        };
-        let live = self
-            .live
-            .values()
-            .map(|l| shape(l.sequences.len(), l.prompt_tokens.len(), &l.params));
+        let live = self.live.values().map(|l| {
+            let len = longest_of(l.prompt_tokens.len(), &l.params);
+            (l.sequences.len(), len)
+        });
         let prefilling = self
             .prefilling
             .iter()
             .flat_map(|p| std::iter::once(&p.request).chain(&p.followers))
-            .map(|j| shape(j.num_samples.max(0) as usize, j.prompt.len(), &j.params));
+            .map(|j| {
+                (
+                    j.num_samples.max(0) as usize,
+                    longest_of(j.prompt.len(), &j.params),
+                )
+            });
         let (rows, longest) = live
             .chain(prefilling)
             .fold((0, 0), |(rows, longest), (n, len)| {
@@ -1002,7 +1004,7 @@ impl Generation {
             .zip(rows)
             .flat_map(|(j, &row)| std::iter::repeat_n(row, j.num_samples as usize))
             .collect();
-        let cache = cache.select(&repeat)?;
+        let cache = cache.keep_rows(&repeat, i64::MAX)?;
         let logits = logits.f_index_select(
             0,
             &Tensor::from_slice(&repeat).f_to_device(logits.device())?,
@@ -1011,7 +1013,7 @@ impl Generation {
         // The batch changes: its parked rows leave.
         let longest = joining
             .iter()
-            .map(|j| j.prompt.len() as i64 + j.params.max_tokens)
+            .map(|j| longest_of(j.prompt.len(), &j.params) as i64)
             .fold(self.longest_sequence(), i64::max);
         let (cache, logits) = match (&self.cache, &self.logits) {
             (Some(c), Some(l)) => {
@@ -1316,7 +1318,7 @@ impl Generation {
     fn longest_sequence(&self) -> i64 {
         self.live
             .values()
-            .map(|l| l.prompt_tokens.len() as i64 + l.params.max_tokens)
+            .map(|l| longest_of(l.prompt_tokens.len(), &l.params) as i64)
             .max()
             .unwrap_or(0)
     }
@@ -1528,6 +1530,12 @@ impl Generation {
         tags.extend(self.live.drain().map(|(tag, _)| tag));
         tags
     }
+}
+
+/// The most tokens a sequence of a `prompt`-token prompt may hold in a cache: `prompt +
+/// max_tokens`.
+fn longest_of(prompt: usize, params: &SamplingParams) -> usize {
+    prompt + params.max_tokens.max(0) as usize
 }
 
 /// A one-row cache of views of the first `n` tokens of `prefix` (see [`KvCache::row_prefix`]):
