@@ -18,7 +18,7 @@ import time
 
 from tinker import types
 
-from sample_throughput import compare_binaries, connect, metric, start_server, stop_server
+from sample_throughput import compare_binaries, metric, served
 
 CONVERSATIONS = int(os.environ.get("CONVERSATIONS", "8"))
 TURNS = int(os.environ.get("TURNS", "4"))
@@ -42,9 +42,7 @@ def converse(sampler, c: int) -> int:
 
 
 def measure(binary: str, model: str) -> dict:
-    server, url, log = start_server(binary, model)
-    try:
-        sc, base = connect(url)
+    with served(binary, model) as (_, url, sc, base):
         sampler = sc.create_sampling_client(base_model=base).result()
         sampler.sample(types.ModelInput.from_ints([5] * PROMPT), 1,
                        types.SamplingParams(max_tokens=2, stop=[])).result()  # warm-up
@@ -54,10 +52,7 @@ def measure(binary: str, model: str) -> dict:
             sent = sum(pool.map(lambda c: converse(sampler, c), range(CONVERSATIONS)))
         seconds = time.perf_counter() - t
         reused = metric(url, "loraloom_sample_prompt_tokens_reused_total") - before
-        sc.close("success").result()
         return {"seconds": round(seconds, 3), "prompt_tokens": sent, "reused": reused}
-    finally:
-        stop_server(server, log)
 
 
 def main() -> None:

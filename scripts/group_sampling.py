@@ -22,7 +22,7 @@ import time
 
 from tinker import types
 
-from sample_throughput import compare_binaries, connect, metric, start_server, stop_server
+from sample_throughput import compare_binaries, metric, served
 
 GROUP = int(os.environ.get("GROUP", "16"))
 PROMPT = int(os.environ.get("PROMPT", "256"))
@@ -45,9 +45,7 @@ def group(sampler, prompts) -> float:
 
 
 def measure(binary: str, model: str) -> dict:
-    server, url, log = start_server(binary, model)
-    try:
-        sc, base = connect(url)
+    with served(binary, model) as (_, url, sc, base):
         sampler = sc.create_sampling_client(base_model=base).result()
         group(sampler, [types.ModelInput.from_ints([5] * PROMPT)])  # warm-up (no prompt of the run)
         counts = lambda: (metric(url, "loraloom_sample_prefills_total"),
@@ -58,12 +56,9 @@ def measure(binary: str, model: str) -> dict:
         before = counts()
         same = group(sampler, [prompt(0)] * GROUP)
         after = counts()
-        sc.close("success").result()
         return {"same_s": round(same, 3), "distinct_s": round(distinct, 3),
                 "same_vs_distinct": round(same / distinct, 3),
                 "prefills": after[0] - before[0], "shared": after[1] - before[1]}
-    finally:
-        stop_server(server, log)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import time
 
 from tinker import types
 
-from sample_throughput import compare_binaries, connect, start_server, stop_server
+from sample_throughput import compare_binaries, served
 
 SHORT = int(os.environ.get("SHORT", "31"))
 LONG = int(os.environ.get("LONG", "400"))
@@ -49,9 +49,7 @@ def crowd(sampler) -> float:
 
 
 def measure(binary: str, model: str) -> dict:
-    server, url, log = start_server(binary, model)
-    try:
-        sc, base = connect(url)
+    with served(binary, model) as (server, _, sc, base):
         sampler = sc.create_sampling_client(base_model=base).result()
         # No warm-up: the allocator keeps what a crowd took, so a second one would show nothing.
         before = rss_mib(server.pid)
@@ -70,11 +68,8 @@ def measure(binary: str, model: str) -> dict:
         finally:
             done.set()
             watcher.join()
-        sc.close("success").result()
         return {"peak_mib": round(peak[0] - before, 1), "seconds": round(seconds, 3),
                 "rss_before_mib": round(before, 1)}
-    finally:
-        stop_server(server, log)
 
 
 def main() -> None:

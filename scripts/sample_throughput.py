@@ -18,6 +18,7 @@ Prints one JSON line per measurement.
 usage: python scripts/sample_throughput.py [MODEL_DIR] [BINARY]
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -131,6 +132,20 @@ def stop_server(server, log) -> None:
     log.close()
 
 
+@contextlib.contextmanager
+def served(binary: str, model: str):
+    """`binary serve` on `model` (`start_server`) with an SDK client of it (`connect`):
+    yields (server process, url, client, base model name). The client's session is closed
+    before the server stops (an SDK client left to interpreter exit can abort it)."""
+    server, url, log = start_server(binary, model)
+    try:
+        sc, base = connect(url)
+        yield server, url, sc, base
+        sc.close("success").result()
+    finally:
+        stop_server(server, log)
+
+
 def compare_binaries(doc: str, what: str, measure, best_key: str, fields: dict, rounds: int) -> None:
     """For `MODEL_DIR BINARY [BINARY ...]` on the command line (else `doc`), runs
     `measure(binary, model)` for each binary in turn, `rounds` rounds (alternately, so that
@@ -155,9 +170,7 @@ def compare_binaries(doc: str, what: str, measure, best_key: str, fields: dict, 
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "data/models/tiny64")
     binary = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "target/release/loraloom")
-    server, url, log = start_server(binary, model)
-    try:
-        sc, base = connect(url)
+    with served(binary, model) as (server, url, sc, base):
         samplers = []
         for i in range(ADAPTERS):
             tc = sc.create_lora_training_client(base_model=base, rank=8, seed=i).result()
@@ -245,10 +258,6 @@ def main() -> None:
                           "short_behind_long_s": round(mean_short, 4),
                           "long_rest_s": round(min(b[1] for b in behind), 4),
                           "ratio": round(mean_short / short_alone, 2)}))
-        # Closed before the server stops: an SDK client left to interpreter exit can abort it.
-        sc.close("success").result()
-    finally:
-        stop_server(server, log)
 
 
 if __name__ == "__main__":
