@@ -492,8 +492,10 @@ impl SchedState {
     /// holding the least KV in the loop per unit of its weight (ring order among equals), so a
     /// tenant's many sessions get no more room than one session of another. When that job does
     /// not fit, no job joins at this boundary: a tenant holding more may not take the room it
-    /// is waiting for. A job larger than the whole budget is passed over (it runs alone once
-    /// the loop is empty).
+    /// is waiting for. A job larger than the whole budget never fits beside other sequences:
+    /// when its turn comes nothing joins, so the loop drains and the job starts the next one
+    /// (otherwise steady traffic of smaller jobs would keep the loop busy and it would wait
+    /// for its queue timeout).
     pub fn next_at_step_boundary(
         &mut self,
         held: &HashMap<TenantId, usize>,
@@ -517,10 +519,7 @@ impl SchedState {
                 .filter_map(|(place, key)| {
                     let head = self.queues.get(key)?.front()?;
                     let need = head.work.kv_footprint();
-                    // A job larger than the whole budget runs only once the loop is empty
-                    // (`next_batch`); waiting for it here would hold every other tenant back.
-                    let sample = head.work.class() == BatchClass::Sample;
-                    (sample && need.tokens() <= kv_budget).then(|| {
+                    (head.work.class() == BatchClass::Sample).then(|| {
                         let tenant = key.tenant();
                         let holds = held.get(tenant).copied().unwrap_or(0)
                             + joined.get(tenant).copied().unwrap_or(0);
@@ -1183,8 +1182,11 @@ mod tests {
     }
 
     #[test]
-    fn a_job_larger_than_the_whole_kv_budget_does_not_hold_other_tenants_back() {
-        let mut s = SchedState::new(Limits::default());
+    fn a_job_larger_than_the_whole_kv_budget_waits_its_turn_then_the_loop_drains_for_it() {
+        let mut s = SchedState::new(Limits {
+            max_kv_tokens: 100,
+            ..Limits::default()
+        });
         let session = |tenant: &str| {
             QueueKey::Sampler(SamplerKey {
                 tenant: tenant.into(),
@@ -1193,15 +1195,28 @@ mod tests {
         };
         s.push(job("huge", session("big"), sample_work(198)))
             .unwrap();
-        s.push(job("small", session("other"), sample_work(8)))
-            .unwrap();
-        let held: HashMap<TenantId, usize> = [("other".to_string(), 50)].into();
+        for i in 0..3 {
+            s.push(job(&format!("small{i}"), session("other"), sample_work(8)))
+                .unwrap();
+        }
+        // While its tenant holds more of the loop, the others' jobs join before it...
+        let held: HashMap<TenantId, usize> =
+            [("big".to_string(), 50), ("other".to_string(), 35)].into();
         let (joining, _) = s.next_at_step_boundary(&held, rows_of(5, 10), 100);
         assert_eq!(
             ids(&joining),
-            ["small"],
-            "the 200-entry job waits for an empty loop"
+            ["small0", "small1"],
+            "other holds 35, 45, then 55 > 50: big's turn, with 30 entries of 100 free"
         );
+        // ...and once its turn comes nothing joins, however much room is free: the loop
+        // drains instead of keeping it waiting as long as smaller jobs come.
+        let held: HashMap<TenantId, usize> =
+            [("big".to_string(), 50), ("other".to_string(), 60)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        assert!(joining.is_empty(), "{:?}", ids(&joining));
+        // The drained loop starts with it, alone (nothing fits beside 200 entries).
+        assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
+        assert_eq!(ids(&s.next_batch().unwrap()), ["small2"]);
     }
 
     #[test]

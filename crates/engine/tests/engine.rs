@@ -1154,3 +1154,53 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
     assert_eq!((stats.kv_tokens_held, stats.kept_tokens), (0, 7));
     engine.shutdown(true);
 }
+
+#[test]
+fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
+    let limits = Limits {
+        max_kv_tokens: 90,
+        ..Limits::default()
+    };
+    let (engine, keys, _release) = decode_engine(limits, &["steady", "big"]);
+    let sample = |max_tokens: i64| Work::Sample {
+        prompt: vec![1],
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens,
+            ..SamplingParams::default()
+        },
+        scoring: loraloom_model::Scoring::prompt_logprobs(false),
+        record_stability: false,
+    };
+    let big_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // Steady traffic: a 10-token request every 4 ms (each decodes for 10+ ms), so the loop
+        // never empties while it lasts (at most 20 s).
+        let steady = scope.spawn(|| {
+            let start = Instant::now();
+            let mut ids = Vec::new();
+            while !big_done.load(std::sync::atomic::Ordering::SeqCst)
+                && start.elapsed() < Duration::from_secs(20)
+            {
+                ids.push(engine.submit(keys[0].clone(), sample(10)).unwrap());
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            ids
+        });
+        while engine.stats().decode_steps == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // 1 + 99 entries for one sequence: more than the whole budget.
+        let big = engine.submit(keys[1].clone(), sample(99)).unwrap();
+        assert!(matches!(wait(&engine, "t", &big), FutureState::Done(_)));
+        assert!(
+            !steady.is_finished(),
+            "it ran while the steady traffic went on"
+        );
+        big_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        for id in steady.join().unwrap() {
+            assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
+        }
+    });
+    engine.shutdown(true);
+}
