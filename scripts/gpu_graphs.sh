@@ -33,5 +33,12 @@ done
 for mode in "$GRAPHS" off; do
   run "decode_t1_$mode" "$BIN" bench --model "$M" --what decode --temperature 1 --step-graphs "$mode"
 done
+# An RL group whose 32 sequences end at different steps: with `off` each leaving row costs a
+# copy of the batch's cache; recorded steps keep finished rows (parked) until they outnumber
+# the live ones. On the CPU parking costs more than the copies (default model, 2026-11-28).
+for mode in "$GRAPHS" off; do
+  run "staggered_$mode" "$BIN" bench --model "$M" --what decode_staggered --new-tokens 128 \
+    --temperature 1 --step-graphs "$mode"
+done
 [ -f "$here/gpu_baseline.py" ] && run generate "$PY" "$here/gpu_baseline.py" "$M" decode
 exit 0

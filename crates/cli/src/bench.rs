@@ -222,6 +222,10 @@ pub struct DecodeHow {
     /// Whether steps are recorded and replayed; when they are, the outputs are also compared
     /// with steps issued one by one (`recorded_vs_eager`).
     pub graphs: StepGraphs,
+    /// Whether the requests end at different steps (request `i` of `n` asks for
+    /// `new_tokens × (n + i) / 2n` tokens, as an RL group's sequences stop at different
+    /// lengths, so rows leave the batch one by one) instead of all after `new_tokens`.
+    pub staggered: bool,
 }
 
 /// Decode of `sequences` sequences over `adapters` adapters (0 = base model): one request per
@@ -240,6 +244,7 @@ pub fn decode(
         iters,
         temperature,
         graphs,
+        staggered,
     } = how;
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
@@ -284,14 +289,26 @@ pub fn decode(
             })
             .collect(),
     };
+    let mut requests = requests;
+    let count = requests.len() as i64;
+    if staggered {
+        for (i, request) in requests.iter_mut().enumerate() {
+            request.params.max_tokens = (new_tokens * (count + i as i64) / (2 * count)).max(1);
+        }
+    }
     let generation = || Generation::new(decoder.kind()).with_step_graphs(graphs);
     let secs = time_it(iters, || {
         sample_with(&mut generation(), decoder, &requests, None)?;
         Ok(())
     })?;
-    let tokens = sequences as f64 * new_tokens as f64;
+    let tokens: i64 = requests
+        .iter()
+        .map(|r| r.num_samples * r.params.max_tokens)
+        .sum();
+    let tokens = tokens as f64;
     let mut line = json!({"sequences": sequences, "adapters": adapters,
-        "interleaved": interleaved, "new_tokens": new_tokens, "seconds": secs,
+        "interleaved": interleaved, "new_tokens": new_tokens, "staggered": staggered,
+        "seconds": secs,
         "tokens_per_s": tokens / secs, "step_graphs": format!("{graphs:?}")});
     if graphs != StepGraphs::Off {
         line["recorded_vs_eager"] = recorded_vs_eager(decoder, &requests, generation())?;

@@ -46,8 +46,8 @@ struct BenchArgs {
     /// Checkpoint directory.
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
-    /// What to measure: roofline, forward, train, decode, decode_phases, optim, engine, long
-    /// (comma-separated; `long` reports the process's peak memory, so run it alone).
+    /// What to measure: roofline, forward, train, decode, decode_staggered, decode_phases,
+    /// optim, engine, long (comma-separated; `long` reports the process's peak memory, so run it alone).
     #[arg(
         long,
         value_delimiter = ',',
@@ -88,6 +88,10 @@ struct BenchArgs {
     /// step, as the engine runs a batch of tenants); must divide the batch.
     #[arg(long, default_value_t = 1)]
     train_adapters: usize,
+    /// Most tokens per sequence of the `decode_staggered` benchmark (its sequences ask for
+    /// between half that and all of it).
+    #[arg(long, default_value_t = 64)]
+    new_tokens: i64,
     /// Tokens of the datum of the `long` benchmark.
     #[arg(long, default_value_t = 8192)]
     len: usize,
@@ -162,6 +166,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     iters,
                     temperature: args.temperature,
                     graphs: args.step_graphs,
+                    staggered: false,
                 };
                 bench::isolated(move || {
                     bench::decode(&d, 1, 0, false, how)?;
@@ -173,6 +178,18 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     bench::decode(&d, 64, 1, true, how)?;
                     bench::decode(&d, 64, 16, true, how)
                 })?
+            }
+            "decode_staggered" => {
+                // An RL group: 32 sequences of one adapter, one request each, ending at
+                // different steps, so rows leave the decode batch one by one.
+                let how = bench::DecodeHow {
+                    new_tokens: args.new_tokens,
+                    iters,
+                    temperature: args.temperature,
+                    graphs: args.step_graphs,
+                    staggered: true,
+                };
+                bench::isolated(move || bench::decode(&d, 32, 1, true, how))?
             }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "decode_phases" => {
