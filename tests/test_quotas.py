@@ -1,6 +1,7 @@
 """Per-tenant quotas: listed checkpoints by count (--max-checkpoints-per-tenant), sampling
 sessions (--max-samplers-per-tenant, whose removal of idle sessions the engine's unit tests
-cover), resident adapter memory (--max-resident-bytes-per-tenant); checkpoints saved for one
+cover), resident adapter memory per tenant (--max-resident-bytes-per-tenant) and of all tenants
+(--max-resident-bytes); checkpoints saved for one
 sampling session are not listed; /api/model-stats shows each tenant its usage against the
 limits."""
 
@@ -83,6 +84,51 @@ def test_a_tenants_resident_adapters_stay_under_its_memory_limit(tmp_path):
         # The first run was evicted to disk; it reloads and goes on learning.
         losses += [train(first), train(first)]
         assert losses[2] < losses[1] < losses[0], losses
+    finally:
+        srv.stop()
+
+
+def test_all_tenants_resident_adapters_stay_under_the_servers_limit_and_the_smaller_tenant_keeps_its_run(tmp_path):
+    """--max-resident-bytes: when all tenants' adapters together pass it, the tenant holding the
+    most loses its least recently used idle runs (evicted to disk, reloaded when used again);
+    a tenant holding less keeps its run, although it is the least recently used of all."""
+    other = "tml-other"
+    srv = Server(tmp_path, "--max-resident-bytes", "100M", "--api-key", f"q={KEY}", "--api-key", f"o={other}")
+    try:
+        datum = tinker.types.Datum(
+            model_input=tinker.types.ModelInput.from_ints([1, 504, 3437, 314]),
+            loss_fn_inputs={"target_tokens": [504, 3437, 314, 260], "weights": [1.0] * 4})
+
+        def stats(key):
+            return requests.get(srv.url + "/api/model-stats", headers={"X-API-Key": key}).json()
+
+        def train(tc):
+            loss = tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+            tc.optim_step(tinker.types.AdamParams(learning_rate=1e-3)).result()
+            return loss
+
+        small = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        mine = small.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+        losses = [train(mine)]
+        one = stats(KEY)["your_usage"]["resident_bytes"]
+        assert 0 < one and stats(KEY)["resident_adapter_bytes_limit"] == 100 << 20, stats(KEY)
+        big = tinker.ServiceClient(base_url=srv.url, api_key=other)
+        theirs = [big.create_lora_training_client(base_model=MODEL_NAME, rank=4).result() for _ in range(5)]
+        for tc in theirs:
+            train(tc)
+            assert stats(other)["resident_adapter_bytes"] <= 100 << 20, stats(other)
+            assert stats(KEY)["your_usage"]["resident_bytes"] == one, "the smaller tenant keeps its run"
+        assert 6 * one > 100 << 20, "the runs would not fit without eviction"
+        metrics = requests.get(srv.url + "/metrics", headers={"X-API-Key": other}).text
+        assert f"loraloom_resident_adapter_bytes_limit {100 << 20}" in metrics, metrics
+        # Their first run was evicted to disk; it reloads and goes on learning, as does ours.
+        first = [train(theirs[0]) for _ in range(2)]
+        assert first[1] < first[0], first
+        losses += [train(mine), train(mine)]
+        assert losses[2] < losses[1] < losses[0], losses
+        with pytest.raises(tinker.PermissionDeniedError) as refused:
+            small.create_lora_training_client(base_model=MODEL_NAME, rank=64).result()
+        assert "--max-resident-bytes " in str(refused.value)
     finally:
         srv.stop()
 

@@ -191,6 +191,16 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
         s.kv_tokens_held as f64,
     );
     level(
+        "loraloom_resident_adapter_bytes",
+        "Bytes of adapters (training runs' weights, gradients and Adam moments; sampling sessions' weights) resident in memory, all tenants, those no worker is using this instant.",
+        s.resident_bytes as f64,
+    );
+    level(
+        "loraloom_resident_adapter_bytes_limit",
+        "Bytes of adapters all tenants together may keep resident (--max-resident-bytes; 0 = no limit).",
+        s.resident_bytes_limit as f64,
+    );
+    level(
         "loraloom_sample_kept_tokens",
         "Tokens of finished sequences the decode loops keep for later prompts (prefix caches).",
         s.kept_tokens as f64,
@@ -246,6 +256,8 @@ pub async fn model_stats(
         "mean_batch_size": mean_batch,
         "max_batch_size": s.max_batch,
         "tokens": s.tokens,
+        "resident_adapter_bytes": s.resident_bytes,
+        "resident_adapter_bytes_limit": s.resident_bytes_limit,
         "sampling": {
             "prefills": s.prefills,
             "prompts_shared": s.shared_prompts,

@@ -1,11 +1,14 @@
 //! Memory limits resolved from the machine: the activation budget of one training pass
-//! (`--memory-budget`) and the resident adapters of one tenant
-//! (`--max-resident-bytes-per-tenant`).
+//! (`--memory-budget`), the keys and values of a decode loop (`--max-kv-tokens`) and the
+//! resident adapters of all tenants and of one (`--max-resident-bytes`,
+//! `--max-resident-bytes-per-tenant`): by default shares of the memory free once the model is
+//! loaded that add up to it.
 
 use loraloom_model::{human_bytes, parse_bytes, Device};
 
 /// The share of the memory free after the model loaded that training passes may use together;
-/// the rest is for resident adapters, sampling caches and the allocator's slack.
+/// with the decode caches' ([`KV_SHARE`]) and the resident adapters' ([`RESIDENT_SHARE`]) the
+/// shares add up to what was free.
 const AUTO_SHARE: f64 = 0.5;
 
 /// Used when the free memory cannot be read.
@@ -42,13 +45,13 @@ pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(
     })
 }
 
-/// The share of the memory free after the model loaded that one tenant's resident adapters
-/// may hold by default.
-const TENANT_RESIDENT_SHARE: f64 = 0.25;
+/// The share of the memory free after the model loaded that resident adapters (all tenants'
+/// runs and sampling sessions) may hold together.
+const RESIDENT_SHARE: f64 = 0.25;
 
-/// Resolves a per-tenant byte limit `flag` given as `auto` (`auto()` gives the bytes and where
-/// they came from), `0` (no limit) or a size such as `4G`, into bytes with a line saying where
-/// the figure came from.
+/// Resolves a byte limit `flag` given as `auto` (`auto()` gives the bytes and where they came
+/// from), `0` (no limit) or a size such as `4G`, into bytes with a line saying where the
+/// figure came from.
 pub fn byte_limit(
     flag: &str,
     choice: &str,
@@ -67,17 +70,26 @@ pub fn byte_limit(
     })
 }
 
-/// Resolves `--max-resident-bytes-per-tenant` ([`byte_limit`]); `auto` is a quarter of the
-/// memory free now (RAM, or the GPU's memory on a GPU, where adapters live).
-pub fn tenant_resident(choice: &str, device: Device) -> anyhow::Result<(u64, String)> {
-    byte_limit("--max-resident-bytes-per-tenant", choice, || {
+/// Resolves `--max-resident-bytes` ([`byte_limit`]); `auto` is a quarter of the memory free
+/// now (RAM, or the GPU's memory on a GPU, where adapters live).
+pub fn resident(choice: &str, device: Device) -> anyhow::Result<(u64, String)> {
+    byte_limit("--max-resident-bytes", choice, || {
         let (free, source) = free_memory(device);
         let free = free.unwrap_or(FALLBACK * 2);
-        let bytes = (free as f64 * TENANT_RESIDENT_SHARE) as u64;
+        let bytes = (free as f64 * RESIDENT_SHARE) as u64;
         (
             bytes,
             format!("a quarter of {} {source}", human_bytes(free)),
         )
+    })
+}
+
+/// Resolves `--max-resident-bytes-per-tenant` ([`byte_limit`]); `auto` is `overall`, what
+/// `--max-resident-bytes` resolved to: one tenant may fill the adapters' share, and when
+/// several hold adapters, eviction takes from the one holding the most.
+pub fn tenant_resident(choice: &str, overall: u64) -> anyhow::Result<(u64, String)> {
+    byte_limit("--max-resident-bytes-per-tenant", choice, || {
+        (overall, "as --max-resident-bytes".into())
     })
 }
 
@@ -212,5 +224,21 @@ mod tests {
         assert_eq!(byte_limit("--f", "4G", auto).unwrap().0, 4 << 30);
         let err = byte_limit("--f", "lots", auto).unwrap_err().to_string();
         assert!(err.starts_with("--f:"), "{err}");
+    }
+
+    #[test]
+    fn resident_adapters_get_a_quarter_of_free_memory_and_a_tenant_all_of_it() {
+        let free = ram_available().unwrap();
+        let (all, why) = resident("auto", Device::Cpu).unwrap();
+        // MemAvailable moves between the two reads.
+        assert!(
+            all.abs_diff(free / 4) <= free / 40,
+            "{all} vs {}: {why}",
+            free / 4
+        );
+        assert_eq!(tenant_resident("auto", all).unwrap().0, all);
+        assert_eq!(tenant_resident("1G", all).unwrap().0, 1 << 30);
+        let err = resident("lots", Device::Cpu).unwrap_err().to_string();
+        assert!(err.starts_with("--max-resident-bytes:"), "{err}");
     }
 }

@@ -292,12 +292,19 @@ struct ServeArgs {
     /// idle ones beyond this are dropped and reloaded by their next sample.
     #[arg(long, env = "LORALOOM_MAX_RESIDENT_SAMPLERS", default_value_t = 32)]
     max_resident_samplers: usize,
-    /// Bytes of adapters one tenant may keep in memory, runs and sampling sessions together
+    /// Bytes of adapters all tenants together may keep in memory, runs and sampling sessions
     /// (each run holds weights, gradients and two Adam moments): `auto` (a quarter of the
-    /// memory free once the model is loaded, RAM or the GPU's), a size such as `4G`, or 0 (no
-    /// limit). After each batch the tenant's least recently used idle ones beyond it are
-    /// evicted (runs to their snapshot, reloaded by their next job); a run larger than it alone
-    /// is refused at creation.
+    /// memory free once the model is loaded, RAM or the GPU's: with training passes' half and
+    /// decode caches' quarter, the shares add up to what was free), a size such as `16G`, or 0
+    /// (no limit). After each batch, idle ones beyond it are evicted (runs to their snapshot,
+    /// reloaded by their next job), the least recently used of the tenant holding the most
+    /// first; a run larger than it alone is refused at creation.
+    #[arg(long, env = "LORALOOM_MAX_RESIDENT_BYTES", default_value = "auto")]
+    max_resident_bytes: String,
+    /// Bytes of adapters one tenant may keep in memory, runs and sampling sessions together:
+    /// `auto` (as `--max-resident-bytes`), a size such as `4G`, or 0 (no limit). After each
+    /// batch the tenant's least recently used idle ones beyond it are evicted; a run larger
+    /// than it alone is refused at creation.
     #[arg(
         long,
         env = "LORALOOM_MAX_RESIDENT_BYTES_PER_TENANT",
@@ -551,9 +558,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     registry.set_max_samplers_per_tenant(args.max_samplers_per_tenant);
     let (resident_limit, resident_source) =
-        budget::tenant_resident(&args.max_resident_bytes_per_tenant, base.decoder().device())?;
-    tracing::info!("resident adapters per tenant: {resident_source}");
-    registry.set_max_resident_bytes_per_tenant(resident_limit);
+        budget::resident(&args.max_resident_bytes, base.decoder().device())?;
+    tracing::info!("resident adapters, all tenants: {resident_source}");
+    registry.set_max_resident_bytes(resident_limit);
+    let (tenant_limit, tenant_source) =
+        budget::tenant_resident(&args.max_resident_bytes_per_tenant, resident_limit)?;
+    tracing::info!("resident adapters per tenant: {tenant_source}");
+    registry.set_max_resident_bytes_per_tenant(tenant_limit);
     let (checkpoint_bytes, checkpoint_source) = budget::byte_limit(
         "--max-checkpoint-bytes-per-tenant",
         &args.max_checkpoint_bytes_per_tenant,

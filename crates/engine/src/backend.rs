@@ -2,7 +2,7 @@
 //! [`ModelWorker`] is the libtorch implementation. Each worker thread owns one `ModelWorker`
 //! whose decoder shares the base weights with every other worker (shallow clones).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, MutexGuard};
 
@@ -357,45 +357,78 @@ impl ModelWorker {
         }
     }
 
-    /// Evicts each tenant's least recently used idle runs and sampling sessions while its
-    /// resident adapters take more than `--max-resident-bytes-per-tenant`. A session whose
-    /// checkpoint was deleted is dropped as well: its next sample then fails not-found (nothing
-    /// can reload it), instead of it holding memory for good.
-    fn evict_over_tenant_quota(&self) {
-        let limit = self.registry.max_resident_bytes_per_tenant();
-        if limit == 0 {
+    /// Evicts idle runs and sampling sessions while resident adapters take more than the
+    /// limits: first each tenant's least recently used beyond `--max-resident-bytes-per-tenant`,
+    /// then, while all tenants together hold more than `--max-resident-bytes`, the least
+    /// recently used of the tenant holding the most (so a tenant holding little never loses
+    /// its adapters to one holding more). A session whose checkpoint was deleted is dropped as
+    /// well: its next sample then fails not-found (nothing can reload it), instead of it
+    /// holding memory for good.
+    fn evict_over_resident_limits(&self) {
+        let per_tenant = self.registry.max_resident_bytes_per_tenant();
+        let overall = self.registry.max_resident_bytes();
+        if per_tenant == 0 && overall == 0 {
             return;
         }
-        let mut by_tenant: HashMap<String, Vec<ResidentAdapter>> = HashMap::new();
+        // Per tenant: what it holds and its adapters not yet tried, least recently used last
+        // (popped first).
+        let mut by_tenant: BTreeMap<String, (u64, Vec<ResidentAdapter>)> = BTreeMap::new();
         for adapter in self.registry.resident_adapters() {
-            by_tenant
-                .entry(adapter.tenant.clone())
-                .or_default()
-                .push(adapter);
+            let (held, adapters) = by_tenant.entry(adapter.tenant.clone()).or_default();
+            *held += adapter.bytes;
+            adapters.push(adapter);
         }
-        for (tenant, mut adapters) in by_tenant {
-            let mut held: u64 = adapters.iter().map(|a| a.bytes).sum();
-            if held <= limit {
-                continue;
-            }
-            adapters.sort_by(|a, b| a.last_access.total_cmp(&b.last_access));
-            for adapter in adapters {
-                if held <= limit {
-                    break;
-                }
-                let evicted = match &adapter.holder {
-                    Holder::Run(entry) => self.evict_run(entry),
-                    Holder::Sampler(entry) => entry
-                        .try_lock()
-                        .is_some_and(|mut slot| slot.take().is_some()),
-                };
-                if evicted {
-                    held -= adapter.bytes;
+        for (_, adapters) in by_tenant.values_mut() {
+            adapters.sort_by(|a, b| b.last_access.total_cmp(&a.last_access));
+        }
+        if per_tenant > 0 {
+            for (tenant, (held, adapters)) in &mut by_tenant {
+                while *held > per_tenant {
+                    let Some(adapter) = adapters.pop() else {
+                        tracing::debug!(%tenant, held, per_tenant, "a tenant's busy adapters stay above its resident limit");
+                        break;
+                    };
+                    if self.evict_adapter(&adapter) {
+                        *held -= adapter.bytes;
+                    }
                 }
             }
-            if held > limit {
-                tracing::debug!(%tenant, held, limit, "a tenant's busy adapters stay above its resident limit");
+        }
+        let mut total: u64 = by_tenant.values().map(|(held, _)| held).sum();
+        while overall > 0 && total > overall {
+            // Among tenants holding as much, the one with the least recently used adapter.
+            let most = by_tenant
+                .values_mut()
+                .filter_map(|(held, adapters)| {
+                    let oldest = adapters.last()?.last_access;
+                    Some((held, adapters, oldest))
+                })
+                .max_by(|a, b| a.0.cmp(&b.0).then(b.2.total_cmp(&a.2)))
+                .map(|(held, adapters, _)| (held, adapters));
+            let Some((held, adapters)) = most else {
+                tracing::debug!(
+                    total,
+                    overall,
+                    "busy adapters stay above the resident limit"
+                );
+                break;
+            };
+            let adapter = adapters.pop().expect("not empty");
+            if self.evict_adapter(&adapter) {
+                *held -= adapter.bytes;
+                total -= adapter.bytes;
             }
+        }
+    }
+
+    /// Evicts one idle resident adapter (a run to its snapshot, a session's weights dropped);
+    /// whether it was.
+    fn evict_adapter(&self, adapter: &ResidentAdapter) -> bool {
+        match &adapter.holder {
+            Holder::Run(entry) => self.evict_run(entry),
+            Holder::Sampler(entry) => entry
+                .try_lock()
+                .is_some_and(|mut slot| slot.take().is_some()),
         }
     }
 
@@ -1162,7 +1195,7 @@ impl ModelWorker {
     /// panic here must not re-run jobs that already succeeded.
     fn evict_after_batch(&self) {
         let evicted = catch_unwind(AssertUnwindSafe(|| {
-            self.evict_over_tenant_quota();
+            self.evict_over_resident_limits();
             self.evict_idle();
             self.evict_idle_samplers();
         }));

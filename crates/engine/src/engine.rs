@@ -114,6 +114,11 @@ pub struct StatsSnapshot {
     /// Tokens of finished sequences the decode loops keep for later prompts (prefix caches),
     /// at their last steps, all workers together.
     pub kept_tokens: u64,
+    /// Bytes of resident adapters (runs and sampling sessions) of all tenants that no worker
+    /// is using right now.
+    pub resident_bytes: u64,
+    /// `--max-resident-bytes` (0 = no limit).
+    pub resident_bytes_limit: u64,
     /// Decode steps run.
     pub decode_steps: u64,
     /// Tokens sampled (`decode_tokens / decode_steps` is the mean decode batch occupancy).
@@ -458,16 +463,30 @@ impl Engine {
             check_checkpoint(&self.inner.registry, &key.tenant, path)?;
         }
         spec.validate(&self.inner.base.config)?;
-        let resident_limit = self.inner.registry.max_resident_bytes_per_tenant();
         let resident = spec.resident_bytes(&self.inner.base.config);
-        if resident_limit > 0 && resident > resident_limit {
-            return Err(EngineError::LimitReached(format!(
-                "a run of rank {} holds {} in memory, more than this tenant may hold \
-                 (--max-resident-bytes-per-tenant {}); use a lower rank",
-                spec.rank,
-                loraloom_model::human_bytes(resident),
-                loraloom_model::human_bytes(resident_limit)
-            )));
+        let registry = &self.inner.registry;
+        // The server's limit first: the tenant's is the same figure unless set apart.
+        for (limit, who, flag) in [
+            (
+                registry.max_resident_bytes(),
+                "all tenants together",
+                "--max-resident-bytes",
+            ),
+            (
+                registry.max_resident_bytes_per_tenant(),
+                "this tenant",
+                "--max-resident-bytes-per-tenant",
+            ),
+        ] {
+            if limit > 0 && resident > limit {
+                return Err(EngineError::LimitReached(format!(
+                    "a run of rank {} holds {} in memory, more than {who} may hold ({flag} {}); \
+                     use a lower rank",
+                    spec.rank,
+                    loraloom_model::human_bytes(resident),
+                    loraloom_model::human_bytes(limit)
+                )));
+            }
         }
         let (per_tenant, overall) = self.inner.run_limits;
         let mine = self.inner.registry.models_of(&key.tenant).len();
@@ -600,7 +619,7 @@ impl Engine {
             checkpoint_bytes_limit: limits.max_checkpoint_bytes_per_tenant,
             queued_jobs,
             queued_jobs_limit: limits.per_tenant,
-            resident_bytes: self.inner.registry.resident_bytes(tenant),
+            resident_bytes: self.inner.registry.resident_bytes(Some(tenant)),
             resident_bytes_limit: self.inner.registry.max_resident_bytes_per_tenant(),
         }
     }
@@ -746,6 +765,8 @@ impl Engine {
             kv_budget_tokens: kv_budget as u64,
             kv_tokens_held: c.kv_tokens_held.load(Ordering::Relaxed),
             kept_tokens: c.kept_tokens.load(Ordering::Relaxed),
+            resident_bytes: self.inner.registry.resident_bytes(None),
+            resident_bytes_limit: self.inner.registry.max_resident_bytes(),
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decode_tokens: c.decode_tokens.load(Ordering::Relaxed),
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,

@@ -290,6 +290,9 @@ pub struct Registry {
     /// Bytes of resident adapters (runs and sampling sessions) one tenant may hold (0 = no
     /// limit); workers evict beyond it after each batch.
     max_resident_bytes_per_tenant: std::sync::atomic::AtomicU64,
+    /// Bytes of resident adapters all tenants together may hold (0 = no limit); workers evict
+    /// beyond it after each batch, from the tenant holding the most first.
+    max_resident_bytes: std::sync::atomic::AtomicU64,
     /// Checkpoints inflight sessions moved off while a worker still held those sessions
     /// (loading from them): deleted by [`Registry::sweep_left_checkpoints`] once nothing holds
     /// or uses them.
@@ -354,6 +357,7 @@ impl Registry {
             durable: None,
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
             max_resident_bytes_per_tenant: std::sync::atomic::AtomicU64::new(0),
+            max_resident_bytes: std::sync::atomic::AtomicU64::new(0),
             sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
             left_behind: Mutex::new(Vec::new()),
         }
@@ -378,6 +382,21 @@ impl Registry {
     /// See [`Registry::set_max_resident_bytes_per_tenant`].
     pub fn max_resident_bytes_per_tenant(&self) -> u64 {
         self.max_resident_bytes_per_tenant
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Limits the bytes of resident adapters all tenants together hold to `n` (0 = no limit):
+    /// a run larger than that alone is refused at creation, and beyond it workers evict idle
+    /// runs and sessions after each batch, the least recently used of the tenant holding the
+    /// most first, so a tenant holding little keeps its adapters while others hold more.
+    pub fn set_max_resident_bytes(&self, n: u64) {
+        self.max_resident_bytes
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`Registry::set_max_resident_bytes`].
+    pub fn max_resident_bytes(&self) -> u64 {
+        self.max_resident_bytes
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -420,9 +439,10 @@ impl Registry {
         runs.chain(samplers).collect()
     }
 
-    /// Bytes of `tenant`'s resident adapters that no worker is using this instant.
-    pub fn resident_bytes(&self, tenant: &str) -> u64 {
-        self.resident_adapters_of(Some(tenant))
+    /// Bytes of `tenant`'s resident adapters (all tenants' with `None`) that no worker is
+    /// using this instant.
+    pub fn resident_bytes(&self, tenant: Option<&str>) -> u64 {
+        self.resident_adapters_of(tenant)
             .iter()
             .map(|r| r.bytes)
             .sum()
@@ -658,7 +678,7 @@ impl Registry {
         out
     }
 
-    /// Number of runs (all tenants) and of runs with a resident adapter.
+    /// Number of runs (all tenants).
     pub fn model_count(&self) -> usize {
         self.models.len()
     }

@@ -746,6 +746,58 @@ fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_othe
     engine.shutdown(true);
 }
 
+#[test]
+fn over_the_servers_resident_bytes_the_tenant_holding_the_most_loses_its_least_recent_runs() {
+    let (engine, decoder) = model_engine();
+    let one = spec(4, 0).resident_bytes(decoder.config());
+    engine.registry().set_max_resident_bytes(3 * one);
+    let create = |k: &ModelKey| {
+        let id = engine
+            .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
+            .unwrap();
+        assert!(matches!(
+            wait(&engine, &k.tenant, &id),
+            FutureState::Done(_)
+        ));
+    };
+    let resident = |k: &ModelKey| {
+        let entry = engine.registry().model(&k.tenant, &k.model_id).unwrap();
+        let state = entry.lock();
+        state.adapter.is_some()
+    };
+    let all = |keys: &[&ModelKey]| keys.iter().map(|k| resident(k)).collect::<Vec<_>>();
+    // The other tenant's run is the least recently used of all, and stays: its tenant holds
+    // one run where this one holds three.
+    let x = key("u", "x");
+    create(&x);
+    let (a, b, c) = (key("t", "a"), key("t", "b"), key("t", "c"));
+    for k in [&a, &b, &c] {
+        create(k);
+    }
+    assert_eq!(all(&[&x, &a, &b, &c]), [true, false, true, true]);
+    let stats = engine.stats();
+    assert_eq!(
+        (stats.resident_bytes, stats.resident_bytes_limit),
+        (3 * one, 3 * one)
+    );
+    // Two more runs of `u`: it holds three to `t`'s two, so its own least recent one goes
+    // (x); then both hold two and the least recent of all goes (b, before c and y).
+    let (y, z) = (key("u", "y"), key("u", "z"));
+    create(&y);
+    assert_eq!(all(&[&x, &y, &b, &c]), [false, true, true, true]);
+    create(&z);
+    assert_eq!(all(&[&x, &y, &z, &b, &c]), [false, true, true, false, true]);
+    // A run larger than all tenants may hold together is refused before anything is queued.
+    let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
+    match big {
+        Err(EngineError::LimitReached(why)) => {
+            assert!(why.contains("--max-resident-bytes "), "{why}")
+        }
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+    engine.shutdown(true);
+}
+
 /// `num_samples` draws of `max_tokens` tokens at temperature 1 from the prompt `[5, 6, 7]`,
 /// seeded.
 fn seeded_sample(num_samples: i64, max_tokens: i64, seed: u64) -> Work {
