@@ -685,20 +685,27 @@ fn a_step_that_makes_the_weights_non_finite_is_refused_and_rolled_back() {
     engine.shutdown(true);
 }
 
+/// Creates run `k` (rank 4) and waits for it.
+fn create_run(engine: &Engine, k: &ModelKey) {
+    let id = engine
+        .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
+        .unwrap();
+    assert!(matches!(wait(engine, &k.tenant, &id), FutureState::Done(_)));
+}
+
+/// Whether run `k` holds its weights in memory.
+fn is_resident(engine: &Engine, k: &ModelKey) -> bool {
+    let entry = engine.registry().model(&k.tenant, &k.model_id).unwrap();
+    let state = entry.lock();
+    state.adapter.is_some()
+}
+
 #[test]
 fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_other_tenants() {
     let (engine, decoder) = model_engine();
     let one = spec(4, 0).resident_bytes(decoder.config());
     engine.registry().set_max_resident_bytes_per_tenant(2 * one);
-    let create = |k: &ModelKey| {
-        let id = engine
-            .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
-            .unwrap();
-        assert!(matches!(
-            wait(&engine, &k.tenant, &id),
-            FutureState::Done(_)
-        ));
-    };
+    let create = |k: &ModelKey| create_run(&engine, k);
     let step = |k: &ModelKey| {
         let q = QueueKey::Model(k.clone());
         let fb = Work::ForwardBackward {
@@ -714,11 +721,7 @@ fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_othe
             FutureState::Done(_)
         ));
     };
-    let resident = |k: &ModelKey| {
-        let entry = engine.registry().model(&k.tenant, &k.model_id).unwrap();
-        let state = entry.lock();
-        state.adapter.is_some()
-    };
+    let resident = |k: &ModelKey| is_resident(&engine, k);
     // The other tenant's run is the least recently used of all, and stays.
     let x = key("u", "x");
     create(&x);
@@ -751,20 +754,8 @@ fn over_the_servers_resident_bytes_the_tenant_holding_the_most_loses_its_least_r
     let (engine, decoder) = model_engine();
     let one = spec(4, 0).resident_bytes(decoder.config());
     engine.registry().set_max_resident_bytes(3 * one);
-    let create = |k: &ModelKey| {
-        let id = engine
-            .create_model(k.clone(), spec(4, 1), serde_json::Value::Null, None)
-            .unwrap();
-        assert!(matches!(
-            wait(&engine, &k.tenant, &id),
-            FutureState::Done(_)
-        ));
-    };
-    let resident = |k: &ModelKey| {
-        let entry = engine.registry().model(&k.tenant, &k.model_id).unwrap();
-        let state = entry.lock();
-        state.adapter.is_some()
-    };
+    let create = |k: &ModelKey| create_run(&engine, k);
+    let resident = |k: &ModelKey| is_resident(&engine, k);
     let all = |keys: &[&ModelKey]| keys.iter().map(|k| resident(k)).collect::<Vec<_>>();
     // The other tenant's run is the least recently used of all, and stays: its tenant holds
     // one run where this one holds three.
@@ -1037,17 +1028,22 @@ fn decode_engine(
     (engine, keys, release)
 }
 
-fn held_sample() -> Work {
+/// One greedy sequence of `max_tokens` tokens from the prompt `[1]`.
+fn sample_of(max_tokens: i64) -> Work {
     Work::Sample {
         prompt: vec![1],
         num_samples: 1,
         params: SamplingParams {
-            max_tokens: HELD,
+            max_tokens,
             ..SamplingParams::default()
         },
         scoring: loraloom_model::Scoring::prompt_logprobs(false),
         record_stability: false,
     }
+}
+
+fn held_sample() -> Work {
+    sample_of(HELD)
 }
 
 fn wait_running(engine: &Engine, id: &str) {
@@ -1145,17 +1141,7 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         QueueKey::Sampler(key)
     };
     let (a, b) = (session("a"), session("b"));
-    let sample = |max_tokens: i64| Work::Sample {
-        prompt: vec![1],
-        num_samples: 1,
-        params: SamplingParams {
-            max_tokens,
-            ..SamplingParams::default()
-        },
-        scoring: loraloom_model::Scoring::prompt_logprobs(false),
-        record_stability: false,
-    };
-    let held = engine.submit(a.clone(), sample(HELD)).unwrap();
+    let held = engine.submit(a.clone(), sample_of(HELD)).unwrap();
     while !matches!(
         engine.futures().get("t", &held).unwrap(),
         FutureState::Running
@@ -1164,8 +1150,8 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
     }
     // While `held` decodes: a short job of another session, a second job of the same session
     // (sessions are read-only: their jobs need not wait for each other) and a training step.
-    let short = engine.submit(b, sample(3)).unwrap();
-    let same = engine.submit(a, sample(2)).unwrap();
+    let short = engine.submit(b, sample_of(3)).unwrap();
+    let same = engine.submit(a, sample_of(2)).unwrap();
     let step = engine
         .submit(QueueKey::Model(key("t", "run")), optim(0.1))
         .unwrap();
@@ -1214,16 +1200,6 @@ fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
         ..Limits::default()
     };
     let (engine, keys, _release) = decode_engine(limits, &["steady", "big"]);
-    let sample = |max_tokens: i64| Work::Sample {
-        prompt: vec![1],
-        num_samples: 1,
-        params: SamplingParams {
-            max_tokens,
-            ..SamplingParams::default()
-        },
-        scoring: loraloom_model::Scoring::prompt_logprobs(false),
-        record_stability: false,
-    };
     let big_done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         // Steady traffic: a 10-token request every 4 ms (each decodes for 10+ ms), so the loop
@@ -1234,7 +1210,7 @@ fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
             while !big_done.load(std::sync::atomic::Ordering::SeqCst)
                 && start.elapsed() < Duration::from_secs(20)
             {
-                ids.push(engine.submit(keys[0].clone(), sample(10)).unwrap());
+                ids.push(engine.submit(keys[0].clone(), sample_of(10)).unwrap());
                 std::thread::sleep(Duration::from_millis(4));
             }
             ids
@@ -1243,7 +1219,7 @@ fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
             std::thread::sleep(Duration::from_millis(1));
         }
         // 1 + 99 entries for one sequence: more than the whole budget.
-        let big = engine.submit(keys[1].clone(), sample(99)).unwrap();
+        let big = engine.submit(keys[1].clone(), sample_of(99)).unwrap();
         assert!(matches!(wait(&engine, "t", &big), FutureState::Done(_)));
         assert!(
             !steady.is_finished(),
