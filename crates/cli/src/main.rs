@@ -88,9 +88,9 @@ struct BenchArgs {
     /// step, as the engine runs a batch of tenants); must divide the batch.
     #[arg(long, default_value_t = 1)]
     train_adapters: usize,
-    /// Most tokens per sequence of the `decode_staggered` benchmark (its sequences ask for
-    /// between half that and all of it).
-    #[arg(long, default_value_t = 64)]
+    /// Most tokens per sequence of the `decode_staggered` benchmark: of its n sequences,
+    /// sequence i asks for `new_tokens × (n + i) / 2n` (from half of it to almost all).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..))]
     new_tokens: i64,
     /// Tokens of the datum of the `long` benchmark.
     #[arg(long, default_value_t = 8192)]

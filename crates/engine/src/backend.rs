@@ -253,13 +253,7 @@ impl ModelWorker {
             .all_samplers()
             .into_iter()
             // Only weights that can be reloaded: a deleted checkpoint's sessions keep theirs.
-            .filter(|e| match &e.source {
-                SamplerSource::Checkpoint(path) => self
-                    .registry
-                    .readable_checkpoint(&e.key.tenant, path)
-                    .is_ok(),
-                SamplerSource::Base => false,
-            })
+            .filter(|e| self.sampler_reloadable(e))
             .filter(|e| e.try_lock().is_some_and(|slot| slot.is_some()))
             .collect();
         if loaded.len() <= self.max_resident_samplers {
@@ -360,10 +354,10 @@ impl ModelWorker {
     /// Evicts idle runs and sampling sessions while resident adapters take more than the
     /// limits: first each tenant's least recently used beyond `--max-resident-bytes-per-tenant`,
     /// then, while all tenants together hold more than `--max-resident-bytes`, the least
-    /// recently used of the tenant holding the most (so a tenant holding little never loses
-    /// its adapters to one holding more). A session whose checkpoint was deleted is dropped as
-    /// well: its next sample then fails not-found (nothing can reload it), instead of it
-    /// holding memory for good.
+    /// recently used of the tenant holding the most (the next tenant's only when that one has
+    /// nothing idle left to evict). In the first pass a session whose checkpoint was deleted
+    /// is dropped as well: its next sample then fails not-found (nothing can reload it),
+    /// instead of it holding its tenant's memory for good; the second pass keeps such sessions.
     fn evict_over_resident_limits(&self) {
         let per_tenant = self.registry.max_resident_bytes_per_tenant();
         let overall = self.registry.max_resident_bytes();
@@ -414,10 +408,31 @@ impl ModelWorker {
                 break;
             };
             let adapter = adapters.pop().expect("not empty");
-            if self.evict_adapter(&adapter) {
+            // Another tenant's load never drops a session for good.
+            if self.reloadable(&adapter) && self.evict_adapter(&adapter) {
                 *held -= adapter.bytes;
                 total -= adapter.bytes;
             }
+        }
+    }
+
+    /// Whether an evicted `adapter` can come back: a run from its snapshot, a session from its
+    /// checkpoint while that exists.
+    fn reloadable(&self, adapter: &ResidentAdapter) -> bool {
+        match &adapter.holder {
+            Holder::Run(_) => true,
+            Holder::Sampler(entry) => self.sampler_reloadable(entry),
+        }
+    }
+
+    /// Whether a sampling session's weights can be loaded again: its checkpoint exists.
+    fn sampler_reloadable(&self, entry: &crate::registry::SamplerEntry) -> bool {
+        match &entry.source {
+            SamplerSource::Checkpoint(path) => self
+                .registry
+                .readable_checkpoint(&entry.key.tenant, path)
+                .is_ok(),
+            SamplerSource::Base => false,
         }
     }
 

@@ -91,6 +91,10 @@ pub struct SchedState {
     paused: bool,
     /// The ring head that the last batches passed over for a larger class, and how many times.
     passed_over: Option<(QueueKey, u32)>,
+    /// A sampling job larger than the whole KV budget that a decode loop stopped admitting for
+    /// (its queue and id): the next loop starts with it, whichever tenant was served longest
+    /// ago, so the loop does not drain for nothing.
+    drain_for: Option<(QueueKey, RequestId)>,
     /// How many queues each of the last [`RECENT_BATCHES`] batches of each class drew from,
     /// newest last (queues, not jobs: a batch fill compares it with ready queue heads, and one
     /// sampling session can put several jobs into a batch).
@@ -401,13 +405,21 @@ impl SchedState {
         // The batch starts with the queue of this class whose tenant used up its turn longest
         // ago (ring order among a tenant's queues and between equals): a tenant with many
         // queues gets no more turns than one with a single queue, a tenant of weight w gets w.
-        let at = self
-            .ready
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| self.head_class(k) == Some(class))
-            .min_by_key(|(i, k)| (self.last_served(k.tenant()), *i))
-            .map(|(i, _)| i)?;
+        let drained_for = self.drain_for.take().filter(|(key, id)| {
+            class == BatchClass::Sample
+                && self.ready.contains(key)
+                && self.queues.get(key).and_then(|q| q.front()).map(|j| &j.id) == Some(id)
+        });
+        let at = match drained_for {
+            Some((key, _)) => self.ready.iter().position(|k| *k == key)?,
+            None => self
+                .ready
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| self.head_class(k) == Some(class))
+                .min_by_key(|(i, k)| (self.last_served(k.tenant()), *i))
+                .map(|(i, _)| i)?,
+        };
         let first = self.ready.remove(at)?;
         let mut room = Room::new(&self.limits);
         let mut batch = Vec::new();
@@ -524,15 +536,18 @@ impl SchedState {
                         let holds = held.get(tenant).copied().unwrap_or(0)
                             + joined.get(tenant).copied().unwrap_or(0);
                         let share = holds as u64 * 1000 / u64::from(self.weight(tenant));
-                        ((share, place), key.clone(), need)
+                        ((share, place), key.clone(), need, head.id.clone())
                     })
                 })
-                .min_by_key(|(order, _, _)| *order);
-            let Some((_, key, need)) = next else {
+                .min_by_key(|(order, _, _, _)| *order);
+            let Some((_, key, need, id)) = next else {
                 break;
             };
             let grown = footprint.and(need);
             if grown.tokens() > kv_budget {
+                if need.tokens() > kv_budget {
+                    self.drain_for = Some((key, id));
+                }
                 break;
             }
             footprint = grown;
@@ -541,6 +556,16 @@ impl SchedState {
             if !self.queues.contains_key(&key) {
                 self.ready.retain(|k| k != &key);
             }
+        }
+        // Queues that joined go behind the others (in their order), so that among equals the
+        // first join at a later boundary is another queue's.
+        if !joining.is_empty() {
+            let (joined, others): (VecDeque<QueueKey>, VecDeque<QueueKey>) =
+                std::mem::take(&mut self.ready)
+                    .into_iter()
+                    .partition(|k| joining.iter().any(|j| j.queue == *k));
+            self.ready = others;
+            self.ready.extend(joined);
         }
         let other = self
             .next_batch_except(Some(BatchClass::Sample))
@@ -1217,6 +1242,35 @@ mod tests {
         // The drained loop starts with it, alone (nothing fits beside 200 entries).
         assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
         assert_eq!(ids(&s.next_batch().unwrap()), ["small2"]);
+    }
+
+    #[test]
+    fn the_loop_drained_for_a_job_larger_than_the_kv_budget_starts_with_it() {
+        let mut s = SchedState::new(Limits {
+            max_kv_tokens: 100,
+            ..Limits::default()
+        });
+        let session = |tenant: &str| {
+            QueueKey::Sampler(SamplerKey {
+                tenant: tenant.into(),
+                sampler_id: "s".into(),
+            })
+        };
+        // The other tenant's loop starts; then the big job's tenant trains (served since).
+        s.push(job("o0", session("other"), sample_work(8))).unwrap();
+        assert_eq!(ids(&s.next_batch().unwrap()), ["o0"]);
+        s.push(job("step", model("big", "run"), optim())).unwrap();
+        assert_eq!(ids(&s.next_batch().unwrap()), ["step"]);
+        s.finish(&[model("big", "run")], Instant::now());
+        s.push(job("huge", session("big"), sample_work(198)))
+            .unwrap();
+        s.push(job("o1", session("other"), sample_work(8))).unwrap();
+        let held: HashMap<TenantId, usize> = [("other".to_string(), 10)].into();
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        assert!(joining.is_empty(), "big holds nothing: its turn");
+        // Drained, the next loop starts with it although its tenant was served last.
+        assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
+        assert_eq!(ids(&s.next_batch().unwrap()), ["o1"]);
     }
 
     #[test]

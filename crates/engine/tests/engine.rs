@@ -771,8 +771,8 @@ fn over_the_servers_resident_bytes_the_tenant_holding_the_most_loses_its_least_r
         (stats.resident_bytes, stats.resident_bytes_limit),
         (3 * one, 3 * one)
     );
-    // Two more runs of `u`: it holds three to `t`'s two, so its own least recent one goes
-    // (x); then both hold two and the least recent of all goes (b, before c and y).
+    // Two more runs of `u`: each time both tenants then hold two, and the least recent of
+    // all goes: x (before b), then b (before c and y).
     let (y, z) = (key("u", "y"), key("u", "z"));
     create(&y);
     assert_eq!(all(&[&x, &y, &b, &c]), [false, true, true, true]);
