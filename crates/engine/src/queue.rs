@@ -48,8 +48,8 @@ pub struct Limits {
     pub max_sample_time: Duration,
     /// Keys and values (tokens) a decode loop may hold, counted as its [`KvFootprint`]
     /// (sequences × the longest `prompt + max_tokens` among them): sampling jobs start a loop or
-    /// join it while the footprint fits, the rest wait in their queue. A larger job still runs,
-    /// once the loop is empty, as the first of a batch.
+    /// join it while the footprint fits, the rest wait in their queue. A larger job still runs:
+    /// when its turn comes nothing joins, and the drained loop's next batch starts with it.
     pub max_kv_tokens: usize,
     /// Scheduling weights by tenant (absent: 1): a tenant of weight `w` gets `w` turns for
     /// every one of a tenant of weight 1, both to start a batch and to join one.
@@ -405,13 +405,19 @@ impl SchedState {
         // The batch starts with the queue of this class whose tenant used up its turn longest
         // ago (ring order among a tenant's queues and between equals): a tenant with many
         // queues gets no more turns than one with a single queue, a tenant of weight w gets w.
-        let drained_for = self.drain_for.take().filter(|(key, id)| {
-            class == BatchClass::Sample
-                && self.ready.contains(key)
-                && self.queues.get(key).and_then(|q| q.front()).map(|j| &j.id) == Some(id)
-        });
-        let at = match drained_for {
-            Some((key, _)) => self.ready.iter().position(|k| *k == key)?,
+        // A loop that drained for a job starts with it, unless it left its queue's head since
+        // (cancelled, expired). Batches of other classes leave the mark for the loop.
+        let drained_at = match class {
+            BatchClass::Sample => self.drain_for.take().and_then(|(key, id)| {
+                let head = self.queues.get(&key)?.front()?;
+                (head.id == id)
+                    .then(|| self.ready.iter().position(|k| *k == key))
+                    .flatten()
+            }),
+            _ => None,
+        };
+        let at = match drained_at {
+            Some(at) => at,
             None => self
                 .ready
                 .iter()
@@ -1265,9 +1271,13 @@ mod tests {
         s.push(job("huge", session("big"), sample_work(198)))
             .unwrap();
         s.push(job("o1", session("other"), sample_work(8))).unwrap();
+        s.push(job("step2", model("big", "run"), optim())).unwrap();
         let held: HashMap<TenantId, usize> = [("other".to_string(), 10)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        let (joining, other) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
         assert!(joining.is_empty(), "big holds nothing: its turn");
+        // Its tenant's next training step runs at that boundary, as ever.
+        assert_eq!(ids(&other), ["step2"]);
+        s.finish(&[model("big", "run")], Instant::now());
         // Drained, the next loop starts with it although its tenant was served last.
         assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
         assert_eq!(ids(&s.next_batch().unwrap()), ["o1"]);
