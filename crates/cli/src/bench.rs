@@ -258,7 +258,7 @@ pub fn decode(
         stop: Stop::Never,
         ..SamplingParams::default()
     };
-    let requests: Vec<SampleRequest> = match sequences.checked_div(adapters) {
+    let mut requests: Vec<SampleRequest> = match sequences.checked_div(adapters) {
         Some(_) if interleaved => (0..sequences)
             .map(|i| SampleRequest {
                 share_scope: "",
@@ -289,7 +289,6 @@ pub fn decode(
             })
             .collect(),
     };
-    let mut requests = requests;
     let count = requests.len() as i64;
     if staggered {
         for (i, request) in requests.iter_mut().enumerate() {

@@ -47,7 +47,8 @@ struct BenchArgs {
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
     /// What to measure: roofline, forward, train, decode, decode_staggered, decode_phases,
-    /// optim, engine, long (comma-separated; `long` reports the process's peak memory, so run it alone).
+    /// optim, engine, long (comma-separated; `long` reports the process's peak memory, so run
+    /// it alone).
     #[arg(
         long,
         value_delimiter = ',',

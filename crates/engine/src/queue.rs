@@ -781,6 +781,13 @@ mod tests {
         })
     }
 
+    fn sampler(tenant: &str, id: &str) -> QueueKey {
+        QueueKey::Sampler(SamplerKey {
+            tenant: tenant.into(),
+            sampler_id: id.into(),
+        })
+    }
+
     fn job(id: &str, queue: QueueKey, work: Work) -> Job {
         Job {
             id: id.into(),
@@ -950,10 +957,7 @@ mod tests {
     fn the_class_with_more_ready_queues_goes_first_but_never_starves_the_head() {
         let mut s = SchedState::new(Limits::default());
         // The ring head is a lone sampling job; three runs wait with optimizer steps.
-        let sampler = QueueKey::Sampler(SamplerKey {
-            tenant: "t".into(),
-            sampler_id: "s".into(),
-        });
+        let sampler = sampler("t", "s");
         s.push(job("s0", sampler.clone(), sample_work(4))).unwrap();
         for q in ["a", "b", "c"] {
             s.push(job(&format!("{q}0"), model("t", q), optim()))
@@ -1064,10 +1068,7 @@ mod tests {
         let t = Instant::now();
         s.finish(&[keys[0].clone(), keys[2].clone()], t);
         // Sampling does not wait for returning runs (c is one now)...
-        let sampler = QueueKey::Sampler(SamplerKey {
-            tenant: "u".into(),
-            sampler_id: "s".into(),
-        });
+        let sampler = sampler("u", "s");
         s.push(job("s1", sampler, sample_work(4))).unwrap();
         assert_eq!(ids(&s.next_batch_filled(t).unwrap()), ["s1"]);
         // ... nor does a batch that fills the token budget already.
@@ -1103,10 +1104,7 @@ mod tests {
     #[test]
     fn several_jobs_of_one_sampling_session_do_not_make_the_next_batch_wait() {
         let mut s = SchedState::new(Limits::default());
-        let sampler = QueueKey::Sampler(SamplerKey {
-            tenant: "t".into(),
-            sampler_id: "s".into(),
-        });
+        let sampler = sampler("t", "s");
         for i in 0..3 {
             s.push(job(&format!("s{i}"), sampler.clone(), sample_work(4)))
                 .unwrap();
@@ -1129,12 +1127,7 @@ mod tests {
     #[test]
     fn at_a_token_boundary_sampling_joins_within_the_kv_budget_and_training_comes_along() {
         let mut s = SchedState::new(Limits::default());
-        let session = |id: &str| {
-            QueueKey::Sampler(SamplerKey {
-                tenant: "t".into(),
-                sampler_id: id.into(),
-            })
-        };
+        let session = |id: &str| sampler("t", id);
         // Each job is one sequence of at most 2 + 8 = 10 tokens.
         for (i, q) in ["a", "a", "b", "c"].iter().enumerate() {
             s.push(job(&format!("{q}{i}"), session(q), sample_work(8)))
@@ -1168,12 +1161,7 @@ mod tests {
     #[test]
     fn at_a_token_boundary_the_tenant_holding_the_least_kv_joins_first_and_keeps_its_turn() {
         let mut s = SchedState::new(Limits::default());
-        let session = |tenant: &str, id: &str| {
-            QueueKey::Sampler(SamplerKey {
-                tenant: tenant.into(),
-                sampler_id: id.into(),
-            })
-        };
+        let session = sampler;
         // The flooding tenant has eight sessions ahead of the other's one in the ring; each
         // job is a sequence of 10 tokens, the other's second one of 30.
         for i in 0..8 {
@@ -1218,12 +1206,7 @@ mod tests {
             max_kv_tokens: 100,
             ..Limits::default()
         });
-        let session = |tenant: &str| {
-            QueueKey::Sampler(SamplerKey {
-                tenant: tenant.into(),
-                sampler_id: "s".into(),
-            })
-        };
+        let session = |tenant: &str| sampler(tenant, "s");
         s.push(job("huge", session("big"), sample_work(198)))
             .unwrap();
         for i in 0..3 {
@@ -1256,12 +1239,7 @@ mod tests {
             max_kv_tokens: 100,
             ..Limits::default()
         });
-        let session = |tenant: &str| {
-            QueueKey::Sampler(SamplerKey {
-                tenant: tenant.into(),
-                sampler_id: "s".into(),
-            })
-        };
+        let session = |tenant: &str| sampler(tenant, "s");
         // The other tenant's loop starts; then the big job's tenant trains (served since).
         s.push(job("o0", session("other"), sample_work(8))).unwrap();
         assert_eq!(ids(&s.next_batch().unwrap()), ["o0"]);
@@ -1289,12 +1267,7 @@ mod tests {
             max_kv_tokens: 1000,
             ..Limits::default()
         });
-        let session = |id: &str| {
-            QueueKey::Sampler(SamplerKey {
-                tenant: "t".into(),
-                sampler_id: id.into(),
-            })
-        };
+        let session = |id: &str| sampler("t", id);
         // One sequence of 2 + 398 tokens, then short ones, each padded to 400 beside it.
         s.push(job("long", session("a"), sample_work(398))).unwrap();
         for i in 0..3 {
@@ -1317,10 +1290,7 @@ mod tests {
     #[test]
     fn a_long_sequence_counts_every_row_at_its_length() {
         let mut s = SchedState::new(Limits::default());
-        let session = QueueKey::Sampler(SamplerKey {
-            tenant: "t".into(),
-            sampler_id: "s".into(),
-        });
+        let session = sampler("t", "s");
         s.push(job("long", session.clone(), sample_work(48)))
             .unwrap();
         s.push(job("short", session, sample_work(8))).unwrap();
@@ -1368,10 +1338,7 @@ mod tests {
             max_batch_tokens: 4,
             ..Limits::default()
         });
-        let deep = QueueKey::Sampler(SamplerKey {
-            tenant: "t1".into(),
-            sampler_id: "s".into(),
-        });
+        let deep = sampler("t1", "s");
         let other = model("t2", "x");
         for i in 0..10 {
             s.push(job(&format!("d{i}"), deep.clone(), sample_work(1)))

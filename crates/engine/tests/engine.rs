@@ -685,6 +685,14 @@ fn a_step_that_makes_the_weights_non_finite_is_refused_and_rolled_back() {
     engine.shutdown(true);
 }
 
+/// Asserts that `refused` is a `LimitReached` whose message contains `flag`.
+fn assert_limit_names<T: std::fmt::Debug>(refused: Result<T>, flag: &str) {
+    match refused {
+        Err(EngineError::LimitReached(why)) => assert!(why.contains(flag), "{why}"),
+        other => panic!("expected LimitReached, got {other:?}"),
+    }
+}
+
 /// Creates run `k` (rank 4) and waits for it.
 fn create_run(engine: &Engine, k: &ModelKey) {
     let id = engine
@@ -740,12 +748,7 @@ fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_othe
     assert_eq!(engine.usage("u").resident_bytes, one);
     // A run larger than the limit alone is refused before anything is queued.
     let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
-    match big {
-        Err(EngineError::LimitReached(why)) => {
-            assert!(why.contains("--max-resident-bytes-per-tenant"), "{why}")
-        }
-        other => panic!("expected LimitReached, got {other:?}"),
-    }
+    assert_limit_names(big, "--max-resident-bytes-per-tenant");
     engine.shutdown(true);
 }
 
@@ -780,12 +783,7 @@ fn over_the_servers_resident_bytes_the_tenant_holding_the_most_loses_its_least_r
     assert_eq!(all(&[&x, &y, &z, &b, &c]), [false, true, true, false, true]);
     // A run larger than all tenants may hold together is refused before anything is queued.
     let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
-    match big {
-        Err(EngineError::LimitReached(why)) => {
-            assert!(why.contains("--max-resident-bytes "), "{why}")
-        }
-        other => panic!("expected LimitReached, got {other:?}"),
-    }
+    assert_limit_names(big, "--max-resident-bytes ");
     engine.shutdown(true);
 }
 
