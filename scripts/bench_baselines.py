@@ -1,5 +1,7 @@
 """PyTorch baselines for `scripts/bench`, on the same checkpoint and machine: transformers forward,
-transformers + peft forward_backward + Adam step, transformers generate. Prints JSON lines."""
+transformers + peft forward_backward + Adam step, transformers generate. Prints JSON lines.
+BENCH_DTYPE=bf16 loads the base model in bf16 (peft keeps its LoRA weights f32), as
+`loraloom bench --dtype bf16` does."""
 
 import json
 import os
@@ -14,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 ITERS = int(os.environ.get("BENCH_ITERS", "3"))
+DTYPE = {"auto": torch.float32, "f32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("BENCH_DTYPE", "auto")]
 
 
 def timed(fn):
@@ -32,7 +35,7 @@ def ids(batch, length, vocab):
 
 
 def main(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
     vocab = model.config.vocab_size
     what = sys.argv[2].split(",") if len(sys.argv) > 2 else ["forward", "train", "decode"]
     x = ids(4, 128, vocab)
@@ -46,7 +49,7 @@ def main(model_dir):
         cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                          "down_proj", "lm_head"])
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), cfg)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE), cfg)
         peft_model.train()
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4,
                                betas=(0.9, 0.95), eps=1e-12)

@@ -3,6 +3,7 @@
 
 Usage:
   lora_oracle.py peft-grads TINY_DIR OUT_DIR      peft adapter (given random A/B) + batch, loss, grads
+                                                  (f32, and bf16.* with the base in bf16)
   lora_oracle.py peft-logits TINY_DIR ADAPTER OUT logits of TINY_DIR + a saved adapter, via peft
   lora_oracle.py losses OUT                       each loss and d(loss)/d(logits) by direct formulas
   lora_oracle.py adam OUT                         5 steps of torch.optim.Adam/AdamW (+ clipping)
@@ -58,21 +59,37 @@ def peft_model(tiny: Path, adapter: Path | None = None):
     return model
 
 
-def peft_grads(tiny: Path, out: Path) -> None:
-    model = peft_model(tiny)
-    model.save_pretrained(out / "adapter")
-    ids, targets, weights, lengths = batch(model.config.vocab_size)
+def cross_entropy_pass(model, ids, targets, weights, lengths, prefix: str = "") -> dict:
+    """Logits, per-token logprobs, the weighted cross-entropy and its gradients of every LoRA
+    weight (f32 tensors named `PREFIX<name>`)."""
     mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     loss = -(weights * lp * mask).sum()
     loss.backward()
-    tensors = {"input_ids": ids, "targets": targets, "weights": weights, "lengths": lengths,
-               "logits": logits.detach(), "logprobs": (lp * mask).detach(), "loss": loss.detach()[None]}
+    tensors = {"logits": logits.detach(), "logprobs": (lp * mask).detach(), "loss": loss.detach()[None]}
     for name, p in model.named_parameters():
         if "lora_" in name:
             key = name.replace(".default", "")
-            tensors["grad." + key] = p.grad.detach().clone()
+            tensors["grad." + key] = p.grad.detach().float().clone()
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def peft_grads(tiny: Path, out: Path) -> None:
+    """The f32 pass, and (named `bf16.*`) the same adapter on the base model loaded in bf16, as
+    peft runs it there: its LoRA weights stay f32 (peft's `autocast_adapter_dtype`)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = peft_model(tiny)
+    model.save_pretrained(out / "adapter")
+    ids, targets, weights, lengths = batch(model.config.vocab_size)
+    tensors = {"input_ids": ids, "targets": targets, "weights": weights, "lengths": lengths}
+    tensors.update(cross_entropy_pass(model, ids, targets, weights, lengths))
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).eval()
+    bf16 = PeftModel.from_pretrained(base, out / "adapter", is_trainable=True).eval()
+    assert all(p.dtype == torch.float32 for n, p in bf16.named_parameters() if "lora_" in n)
+    tensors.update(cross_entropy_pass(bf16, ids, targets, weights, lengths, "bf16."))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "expected.safetensors"))
 
 

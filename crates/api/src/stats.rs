@@ -247,6 +247,7 @@ pub async fn model_stats(
         "base_model": base.name,
         "summary": base.summary,
         "device": state.device,
+        "dtype": base.dtype,
         "models_loaded": s.models,
         "queued": s.queued,
         "running": s.running,

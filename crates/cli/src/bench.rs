@@ -776,6 +776,7 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
 }
 
 /// Loads the model for a bench run.
-pub fn load(dir: &Path, device: tch::Device) -> anyhow::Result<BaseModel> {
-    BaseModel::load("bench", dir, device).with_context(|| format!("loading {}", dir.display()))
+pub fn load(dir: &Path, device: tch::Device, kind: Option<tch::Kind>) -> anyhow::Result<BaseModel> {
+    BaseModel::load("bench", dir, device, kind)
+        .with_context(|| format!("loading {}", dir.display()))
 }

@@ -67,6 +67,9 @@ struct BenchArgs {
     /// Where the model runs: auto (a GPU when libtorch sees one), cpu, cuda or cuda:N.
     #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
     device: String,
+    /// The base model's compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32 or bf16.
+    #[arg(long, env = "LORALOOM_DTYPE", default_value = "auto")]
+    dtype: String,
     /// Sampling temperature of the `decode` benchmark (0: greedy; RL samples at 1).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -145,7 +148,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // The main thread never runs libtorch work: the load and each measurement run on a thread
     // of their own (see `bench::isolated`).
     let device = loraloom_model::parse_device(&args.device)?;
-    let base = bench::isolated(|| bench::load(&args.model, device))?;
+    let kind = loraloom_model::parse_dtype(&args.dtype)?;
+    let base = bench::isolated(|| bench::load(&args.model, device, kind))?;
     let iters = args.iters;
     for what in &args.what {
         let d = base.decoder().shallow_clone();
@@ -233,6 +237,11 @@ struct ServeArgs {
     /// cuda or cuda:N. On a GPU the base model runs in bf16; adapters and optimizer state stay f32.
     #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
     device: String,
+    /// The base model's compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32 or bf16
+    /// (halves the model's and the decode caches' memory; on the CPU, fast only where the
+    /// processor has bf16 matrix instructions). Adapters and optimizer state stay f32.
+    #[arg(long, env = "LORALOOM_DTYPE", default_value = "auto")]
+    dtype: String,
     /// Name clients use as `base_model` (defaults to the model's directory name).
     #[arg(long, env = "LORALOOM_MODEL_NAME")]
     model_name: Option<String>,
@@ -515,9 +524,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .into_owned(),
     };
     let device = loraloom_model::parse_device(&args.device).context("--device")?;
+    let kind = loraloom_model::parse_dtype(&args.dtype).context("--dtype")?;
     tracing::info!(
         device = %loraloom_model::device_name(device),
         requested = %args.device,
+        dtype = %args.dtype,
         gpus_visible = tch::Cuda::device_count(),
         "model device"
     );
@@ -528,7 +539,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let load_dir = dir.clone();
     let loader = std::thread::Builder::new()
         .name("loraloom-load".into())
-        .spawn(move || BaseModel::load(&name, &load_dir, device))?;
+        .spawn(move || BaseModel::load(&name, &load_dir, device, kind))?;
     let base = tokio::task::spawn_blocking(move || loader.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the model loader panicked"))?

@@ -16,6 +16,8 @@ pub struct BaseModelInfo {
     pub vocab_size: i64,
     /// One-line description (architecture, parameters, dtype, device).
     pub summary: String,
+    /// The base model's compute dtype as users write it (`f32`, `bf16`).
+    pub dtype: String,
     /// The model's configuration (for validating LoRA specs at submission).
     pub config: ModelConfig,
     /// What a training pass of it holds per token (for refusing what no memory budget fits).
@@ -33,20 +35,22 @@ pub struct BaseModel {
 }
 
 impl BaseModel {
-    /// Loads the checkpoint in `dir` on `device` (f32 on the CPU, bf16 on a GPU) and names it
-    /// `name`.
+    /// Loads the checkpoint in `dir` on `device` in `kind` (`None`: f32 on the CPU, bf16 on a
+    /// GPU) and names it `name`.
     pub fn load(
         name: &str,
         dir: &Path,
         device: loraloom_model::Device,
+        kind: Option<loraloom_model::Kind>,
     ) -> Result<Self, ModelError> {
-        let decoder = Decoder::load(dir, device, None)?;
+        let decoder = Decoder::load(dir, device, kind)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let info = BaseModelInfo {
             name: name.to_string(),
             max_context_length: decoder.config().max_position_embeddings,
             vocab_size: decoder.config().vocab_size,
             summary: decoder.summary(),
+            dtype: loraloom_model::dtype_name(decoder.kind()),
             config: decoder.config().clone(),
             pass_cost: PassCost::new(decoder.config(), decoder.kind()),
         };

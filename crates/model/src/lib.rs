@@ -45,6 +45,8 @@ pub use slab::Field;
 pub use step_graph::{GraphCounts, StepGraphs};
 /// The device type of every tensor (re-exported so that callers need not depend on `tch`).
 pub use tch::Device;
+/// The dtype of a tensor (re-exported so that callers need not depend on `tch`).
+pub use tch::Kind;
 pub use tokenizer::TextTokenizer;
 pub use train::{forward_backward, Datum, DatumOutput, RequestOutput, TrainRequest};
 
@@ -99,11 +101,57 @@ pub fn parse_device(choice: &str) -> Result<tch::Device> {
     }
 }
 
+/// Resolves a compute dtype choice for the base model: `auto` (`None`: f32 on the CPU, bf16 on a
+/// GPU), `f32` or `bf16`. Adapters, their gradients and Adam's moments stay f32 whatever it is.
+pub fn parse_dtype(choice: &str) -> Result<Option<tch::Kind>> {
+    match choice.trim() {
+        "auto" => Ok(None),
+        "f32" | "float32" => Ok(Some(tch::Kind::Float)),
+        "bf16" | "bfloat16" => Ok(Some(tch::Kind::BFloat16)),
+        _ => Err(ModelError::invalid(
+            "dtype",
+            format!("`{choice}` is not one of auto, f32, bf16"),
+        )),
+    }
+}
+
+/// A compute dtype as users write it (`f32`, `bf16`).
+pub fn dtype_name(kind: tch::Kind) -> String {
+    match kind {
+        tch::Kind::Float => "f32".into(),
+        tch::Kind::BFloat16 => "bf16".into(),
+        tch::Kind::Half => "f16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// A device as users write it (`cpu`, `cuda:0`).
 pub fn device_name(device: tch::Device) -> String {
     match device {
         tch::Device::Cpu => "cpu".into(),
         tch::Device::Cuda(i) => format!("cuda:{i}"),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_and_dtypes_parse_as_users_write_them() {
+        assert_eq!(parse_device("cpu").unwrap(), tch::Device::Cpu);
+        let beyond = format!("cuda:{}", tch::Cuda::device_count());
+        let err = parse_device(&beyond).unwrap_err().to_string();
+        assert!(err.contains("device") && err.contains(&beyond), "{err}");
+        assert!(parse_device("gpu").is_err());
+        assert_eq!(parse_dtype("auto").unwrap(), None);
+        assert_eq!(parse_dtype("f32").unwrap(), Some(tch::Kind::Float));
+        assert_eq!(parse_dtype(" bf16 ").unwrap(), Some(tch::Kind::BFloat16));
+        assert_eq!(parse_dtype("bfloat16").unwrap(), Some(tch::Kind::BFloat16));
+        let err = parse_dtype("fp8").unwrap_err().to_string();
+        assert!(err.contains("dtype") && err.contains("auto, f32, bf16"), "{err}");
+        assert_eq!(dtype_name(tch::Kind::BFloat16), "bf16");
+        assert_eq!(dtype_name(tch::Kind::Float), "f32");
     }
 }
