@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(parse_dtype(" bf16 ").unwrap(), Some(tch::Kind::BFloat16));
         assert_eq!(parse_dtype("bfloat16").unwrap(), Some(tch::Kind::BFloat16));
         let err = parse_dtype("fp8").unwrap_err().to_string();
-        assert!(err.contains("dtype") && err.contains("auto, f32, bf16"), "{err}");
+        assert!(
+            err.contains("dtype") && err.contains("auto, f32, bf16"),
+            "{err}"
+        );
         assert_eq!(dtype_name(tch::Kind::BFloat16), "bf16");
         assert_eq!(dtype_name(tch::Kind::Float), "f32");
     }
