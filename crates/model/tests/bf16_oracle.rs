@@ -82,12 +82,10 @@ fn assert_as_close_as(what: &str, ours: f64, reference: &str, theirs: f64, floor
     );
 }
 
-/// Log-probabilities of `ids[1..]` under one forward pass of `decoder` with `adapter`.
-fn forward_logprobs(decoder: &Decoder, adapter: &LoraAdapter, ids: &[i64]) -> Tensor {
-    let stack = AdapterStack::new(&[adapter], decoder.kind(), false).unwrap();
-    let lora = LoraBatch::one(&stack, 0, 1).unwrap();
+/// Log-probabilities of `ids[1..]` under one forward pass of `decoder` (`lora`: with it).
+fn logprobs_of(decoder: &Decoder, lora: Option<&LoraBatch>, ids: &[i64]) -> Tensor {
     let input = Tensor::from_slice(ids).view([1, -1]);
-    let logits = tch::no_grad(|| decoder.forward(&input, Some(&lora))).unwrap();
+    let logits = tch::no_grad(|| decoder.forward(&input, lora)).unwrap();
     let next = Tensor::from_slice(&ids[1..]).view([-1, 1]);
     logits
         .get(0)
@@ -95,6 +93,17 @@ fn forward_logprobs(decoder: &Decoder, adapter: &LoraAdapter, ids: &[i64]) -> Te
         .log_softmax(-1, Kind::Float)
         .gather(1, &next, false)
         .view([-1])
+}
+
+/// [`logprobs_of`] with `adapter`, cast to the decoder's dtype as a batch would.
+fn forward_logprobs(decoder: &Decoder, adapter: &LoraAdapter, ids: &[i64]) -> Tensor {
+    let stack = AdapterStack::new(&[adapter], decoder.kind(), false).unwrap();
+    logprobs_of(decoder, Some(&LoraBatch::one(&stack, 0, 1).unwrap()), ids)
+}
+
+/// [`logprobs_of`] of the base model.
+fn base_logprobs(decoder: &Decoder, ids: &[i64]) -> Tensor {
+    logprobs_of(decoder, None, ids)
 }
 
 #[test]
@@ -270,4 +279,163 @@ fn bf16_decoding_is_as_close_to_f32_as_a_bf16_forward_pass() {
             4e-3,
         );
     }
+}
+
+/// Request `i` of a batch: run `i` (`None`: the base model) on `data[i]`, cross-entropy.
+fn cross_entropy<'a>(
+    runs: &'a [Option<LoraAdapter>],
+    data: &'a [Vec<Datum>],
+    i: usize,
+) -> TrainRequest<'a> {
+    TrainRequest {
+        adapter: runs[i].as_ref(),
+        loss: LossFn::CrossEntropy,
+        data: &data[i],
+    }
+}
+
+/// Runs of several tenants fused in one bf16 pass (mixed ranks, a run without MLP targets, a
+/// base-model request; uneven datum counts gather each row's adapter, equal ones go by blocks)
+/// are no further from each run's f32 answer than that run alone in bf16 is.
+#[test]
+fn a_fused_bf16_batch_is_as_close_to_f32_as_each_run_alone_in_bf16() {
+    let dir = TempDir::new("bf16-fused");
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    let cfg = exact.config();
+    let mixed = vec![
+        Some(spec(2, 11)),
+        Some(spec(3, 12)),
+        None,
+        Some(spec(4, 13)),
+        Some(with_targets(spec(8, 14), true, false, true)),
+    ];
+    let one_layout: Vec<_> = (0..4).map(|i| Some(spec(4, 20 + i))).collect();
+    for (name, specs, counts) in [
+        ("gathered", mixed, vec![1, 2, 1, 3, 1]),
+        ("blocks", one_layout, vec![2; 4]),
+    ] {
+        let fused = perturbed(&specs, cfg, 0);
+        let alone = copies(&fused, cfg);
+        let f32_runs = copies(&fused, cfg);
+        let data: Vec<Vec<Datum>> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| train_data(i as i64, n, 5 + 3 * (i % 3)))
+            .collect();
+        let all: Vec<TrainRequest> = (0..specs.len())
+            .map(|i| cross_entropy(&fused, &data, i))
+            .collect();
+        let fused_out = forward_backward(&bf16, &all, true, NO_LIMIT).unwrap();
+        for i in 0..specs.len() {
+            let one = |decoder: &Decoder, runs: &[Option<LoraAdapter>]| {
+                forward_backward(decoder, &[cross_entropy(runs, &data, i)], true, NO_LIMIT)
+                    .unwrap()
+                    .remove(0)
+            };
+            let want = one(&exact, &f32_runs).loss_sum;
+            let by_itself = one(&bf16, &alone).loss_sum;
+            assert_as_close_as(
+                &format!("{name}: request {i}'s loss"),
+                (fused_out[i].loss_sum - want).abs() / want.abs(),
+                "alone in bf16",
+                (by_itself - want).abs() / want.abs(),
+                4e-3,
+            );
+            if let (Some(f), Some(a), Some(x)) = (&fused[i], &alone[i], &f32_runs[i]) {
+                let want = row_of(x, Field::Grads);
+                assert!(want.abs().max().double_value(&[]) > 0.0);
+                assert_as_close_as(
+                    &format!("{name}: run {i}'s gradients"),
+                    rel_error(&row_of(f, Field::Grads), &want),
+                    "alone in bf16",
+                    rel_error(&row_of(a, Field::Grads), &want),
+                    1e-2,
+                );
+            }
+        }
+    }
+}
+
+/// Sequences of four adapters (three sharing a slab, one of other targets) and of the base
+/// model in one bf16 decode batch: each one's sampled logprobs are no further from an f32 forward pass over its
+/// tokens than a bf16 forward pass is.
+#[test]
+fn a_bf16_decode_batch_of_several_adapters_is_as_close_to_f32_as_a_bf16_forward_pass() {
+    let dir = TempDir::new("bf16-crowd");
+    oracle(
+        "tiny_models.py",
+        &["make", "llama", dir.path().to_str().unwrap()],
+    );
+    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    // Ranks 4, 4 and 3 share one slab (three members of one stack), rank 8 of other targets
+    // has a stack of its own, and one request runs the base model.
+    let specs = vec![
+        Some(spec(4, 31)),
+        Some(spec(4, 32)),
+        None,
+        Some(spec(3, 33)),
+        Some(with_targets(spec(8, 34), false, true, true)),
+    ];
+    let adapters = perturbed(&specs, exact.config(), 40);
+    let requests: Vec<SampleRequest> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, adapter)| SampleRequest {
+            share_scope: "",
+            adapter: adapter.as_ref(),
+            prompt: (0..4 + i as i64).map(|t| 5 + 9 * t).collect(),
+            num_samples: 1 + i as i64 % 2,
+            params: SamplingParams {
+                max_tokens: 12 + 6 * i as i64,
+                temperature: 1.0,
+                seed: Some(50 + i as u64),
+                stop: Stop::Never,
+                ..SamplingParams::default()
+            },
+            scoring: Scoring::prompt_logprobs(false),
+        })
+        .collect();
+    let outs = sample(&bf16, &requests, None).unwrap();
+    // Over all sequences (single tokens of low probability dominate one short sequence's
+    // figure), then each request alone with twice the slack: an adapter whose delta went
+    // wrong in the crowd would be off by the delta itself, far beyond either.
+    let (mut sampled, mut exact_all, mut forward_all) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (request, out)) in requests.iter().zip(&outs).enumerate() {
+        for seq in &out.sequences {
+            let ids: Vec<i64> = request.prompt.iter().chain(&seq.tokens).copied().collect();
+            let (start, n) = (request.prompt.len() as i64 - 1, seq.tokens.len() as i64);
+            let logprobs = |decoder: &Decoder| match request.adapter {
+                Some(a) => forward_logprobs(decoder, a, &ids).narrow(0, start, n),
+                None => base_logprobs(decoder, &ids).narrow(0, start, n),
+            };
+            let (got, want, forward) = (
+                Tensor::from_slice(&seq.logprobs),
+                logprobs(&exact),
+                logprobs(&bf16),
+            );
+            let (ours, theirs) = (rel_error(&got, &want), rel_error(&forward, &want));
+            eprintln!("request {i}: loraloom bf16 {ours:.3e}, a bf16 forward pass {theirs:.3e}");
+            assert!(
+                ours <= 2.0 * SLACK * theirs + 4e-3,
+                "request {i}: sampled logprobs {ours:.3e} from f32, a bf16 forward pass {theirs:.3e}"
+            );
+            sampled.push(got);
+            exact_all.push(want);
+            forward_all.push(forward);
+        }
+    }
+    let want = Tensor::cat(&exact_all, 0);
+    assert_as_close_as(
+        "every sampled logprob",
+        rel_error(&Tensor::cat(&sampled, 0), &want),
+        "a bf16 forward pass",
+        rel_error(&Tensor::cat(&forward_all, 0), &want),
+        2e-3,
+    );
 }

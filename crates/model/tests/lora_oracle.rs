@@ -15,8 +15,8 @@ use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
     forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Field, LoraAdapter,
-    LoraBatch, LoraSpec, LossFn, LossInputs, ModelConfig, PassCost, RequestOutput, StepJob,
-    TrainRequest, NO_LIMIT,
+    LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob, TrainRequest,
+    NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -51,22 +51,6 @@ fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
 /// A one-member stack of `adapter` for direct decoder calls (f32, no gradients).
 fn stack_of(adapter: &LoraAdapter) -> AdapterStack {
     AdapterStack::new(&[adapter], Kind::Float, false).unwrap()
-}
-
-/// A copy of one of the adapter's slab rows.
-fn row_of(adapter: &LoraAdapter, field: Field) -> Tensor {
-    adapter.row().view(field).unwrap().copy()
-}
-
-fn spec(rank: i64, seed: u64) -> LoraSpec {
-    LoraSpec {
-        rank,
-        alpha: 32.0,
-        seed,
-        train_attn: true,
-        train_mlp: true,
-        train_unembed: true,
-    }
 }
 
 #[test]
@@ -433,31 +417,6 @@ fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
     }
 }
 
-fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
-    (0..n)
-        .map(|i| {
-            let toks: Vec<i64> = (0..len + 1)
-                .map(|j| (seed * 31 + i as i64 * 7 + j as i64 * 13) % 128)
-                .collect();
-            Datum {
-                input_tokens: toks[..len].to_vec(),
-                loss_inputs: LossInputs {
-                    target_tokens: toks[1..].to_vec(),
-                    weights: Some(
-                        (0..len)
-                            .map(|j| if j == 0 { 0.0 } else { 1.0 / (1 + j) as f32 })
-                            .collect(),
-                    ),
-                    logprobs: None,
-                    advantages: None,
-                    sequence_ratio_mask: None,
-                    recorded: None,
-                },
-            }
-        })
-        .collect()
-}
-
 /// Runs requests of `specs` (datum counts `counts`, `None` = the base model) fused in one
 /// forward_backward and each alone; losses and every gradient must agree.
 fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) {
@@ -496,11 +455,6 @@ fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) 
             assert!(row_of(a, Field::Grads).abs().max().double_value(&[]) > 0.0);
         }
     }
-}
-
-fn with_targets(mut s: LoraSpec, attn: bool, mlp: bool, unembed: bool) -> LoraSpec {
-    (s.train_attn, s.train_mlp, s.train_unembed) = (attn, mlp, unembed);
-    s
 }
 
 #[test]
@@ -650,38 +604,6 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
             }
         }
     }
-}
-
-/// A fresh adapter for each spec (`None` = the base model), every adapted layer perturbed
-/// (seed `seed + i` for spec `i`) so that every gradient path is exercised.
-fn perturbed(specs: &[Option<LoraSpec>], cfg: &ModelConfig, seed: i64) -> Vec<Option<LoraAdapter>> {
-    specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.clone().map(|s| {
-                let a = LoraAdapter::new(s, cfg, Device::Cpu).unwrap();
-                perturb(&a, seed + i as i64, 0.05);
-                a
-            })
-        })
-        .collect()
-}
-
-/// Exact copies of `adapters` (weights only), for running the same batch twice.
-fn copies(adapters: &[Option<LoraAdapter>], cfg: &ModelConfig) -> Vec<Option<LoraAdapter>> {
-    adapters
-        .iter()
-        .map(|f| {
-            f.as_ref().map(|f| {
-                let a = LoraAdapter::new(f.spec().clone(), cfg, Device::Cpu).unwrap();
-                a.row()
-                    .write(Field::Params, &row_of(f, Field::Params))
-                    .unwrap();
-                a
-            })
-        })
-        .collect()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use loraloom_model::{Decoder, Field, LoraAdapter};
+use loraloom_model::{Datum, Decoder, Field, LoraAdapter, LoraSpec, LossInputs, ModelConfig};
 use tch::{Device, Kind, Tensor};
 
 /// The repository root.
@@ -131,4 +131,89 @@ pub fn perturb(adapter: &LoraAdapter, seed: i64, scale: f64) {
             .set_pair(Field::Params, layer, target, &a, &b)
             .unwrap();
     }
+}
+
+/// A copy of one of the adapter's slab rows.
+pub fn row_of(adapter: &LoraAdapter, field: Field) -> Tensor {
+    adapter.row().view(field).unwrap().copy()
+}
+
+/// A spec of `rank` targeting every layer LoRA can (alpha 32).
+pub fn spec(rank: i64, seed: u64) -> LoraSpec {
+    LoraSpec {
+        rank,
+        alpha: 32.0,
+        seed,
+        train_attn: true,
+        train_mlp: true,
+        train_unembed: true,
+    }
+}
+
+/// `spec` with its targets chosen.
+pub fn with_targets(mut s: LoraSpec, attn: bool, mlp: bool, unembed: bool) -> LoraSpec {
+    (s.train_attn, s.train_mlp, s.train_unembed) = (attn, mlp, unembed);
+    s
+}
+
+/// `n` cross-entropy datums of `len` tokens (seeded by `seed`), weights falling along the row.
+pub fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
+    (0..n)
+        .map(|i| {
+            let toks: Vec<i64> = (0..len + 1)
+                .map(|j| (seed * 31 + i as i64 * 7 + j as i64 * 13) % 128)
+                .collect();
+            Datum {
+                input_tokens: toks[..len].to_vec(),
+                loss_inputs: LossInputs {
+                    target_tokens: toks[1..].to_vec(),
+                    weights: Some(
+                        (0..len)
+                            .map(|j| if j == 0 { 0.0 } else { 1.0 / (1 + j) as f32 })
+                            .collect(),
+                    ),
+                    logprobs: None,
+                    advantages: None,
+                    sequence_ratio_mask: None,
+                    recorded: None,
+                },
+            }
+        })
+        .collect()
+}
+
+/// A fresh adapter for each spec (`None` = the base model), every adapted layer perturbed
+/// (seed `seed + i` for spec `i`) so that every gradient path is exercised.
+pub fn perturbed(
+    specs: &[Option<LoraSpec>],
+    cfg: &ModelConfig,
+    seed: i64,
+) -> Vec<Option<LoraAdapter>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.clone().map(|s| {
+                let a = LoraAdapter::new(s, cfg, Device::Cpu).unwrap();
+                perturb(&a, seed + i as i64, 0.05);
+                a
+            })
+        })
+        .collect()
+}
+
+/// Exact copies of `adapters` (weights only), for running the same batch twice.
+pub fn copies(adapters: &[Option<LoraAdapter>], cfg: &ModelConfig) -> Vec<Option<LoraAdapter>> {
+    adapters
+        .iter()
+        .map(|f| {
+            f.as_ref().map(|f| {
+                let a = LoraAdapter::new(f.spec().clone(), cfg, Device::Cpu).unwrap();
+                a.row()
+                    .write(Field::Params, &row_of(f, Field::Params))
+                    .unwrap();
+                a
+            })
+        })
+        .collect()
 }
