@@ -12,7 +12,7 @@
 #   /tmp/torch211-venv/bin/pip install nvidia-cuda-crt==13.0.88   (once the build made the venv)
 #   bash ../shared/gpu/build.sh
 #   cp scripts/gpu_graphs.sh scripts/gpu_common.sh .gpu-kit/
-#   then, there:  OUT=<dir> LIMIT=150 bash gpu_graphs.sh      (about 4 minutes on an H200)
+#   then, there:  OUT=<dir> LIMIT=150 bash gpu_graphs.sh      (about 5 minutes on an H200)
 # CPU dry run from the project root (`emulate` stands in for `cuda`; no transformers there, so
 # the generate line fails):
 #   BIN=target/release/loraloom M=data/models/tiny64 GRAPHS=emulate PY=.venv/bin/python \
@@ -40,5 +40,11 @@ for mode in "$GRAPHS" off; do
   run "staggered_$mode" "$BIN" bench --model "$M" --what decode_staggered --new-tokens 128 \
     --temperature 1 --step-graphs "$mode"
 done
+# Issue 11: does a seeded request draw the same tokens alone and among 31 others? In bf16 (the
+# GPU's default) and in f32 (`--dtype f32`), with the decode throughput of f32 beside it.
+for dtype in bf16 f32; do
+  run "seeded_crowd_$dtype" "$BIN" bench --model "$M" --what seeded_crowd --new-tokens 64 --dtype "$dtype"
+done
+run "decode_f32" "$BIN" bench --model "$M" --what decode --dtype f32
 [ -f "$here/gpu_baseline.py" ] && run generate "$PY" "$here/gpu_baseline.py" "$M" decode
 exit 0

@@ -316,6 +316,76 @@ pub fn decode(
     Ok(())
 }
 
+/// Whether seeded draws depend on their company: `count` seeded requests (temperature 1, one
+/// sequence each, prompts of different lengths, over `adapters` adapters) sampled each alone,
+/// then all in one decode batch. Prints how many drew the same tokens both ways, for the
+/// others the first step that differs, and the largest difference of the log-probabilities of
+/// the common prefixes: a batch of another size rounds differently, which
+/// moves a draw only where it was nearly a tie; in f32 that is rare, in bf16 less so.
+pub fn seeded_crowd(
+    decoder: &Decoder,
+    count: usize,
+    adapters: usize,
+    new_tokens: i64,
+) -> anyhow::Result<()> {
+    let vocab = decoder.config().vocab_size;
+    let owned: Vec<LoraAdapter> = (0..adapters.max(1))
+        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+        .collect::<Result<_, _>>()?;
+    let requests: Vec<SampleRequest> = (0..count)
+        .map(|i| SampleRequest {
+            share_scope: "",
+            adapter: Some(&owned[i % owned.len()]),
+            prompt: datum(i, 8 + i % 9, vocab).input_tokens,
+            num_samples: 1,
+            params: SamplingParams {
+                max_tokens: new_tokens,
+                temperature: 1.0,
+                seed: Some(i as u64),
+                stop: Stop::Never,
+                ..SamplingParams::default()
+            },
+            scoring: loraloom_model::Scoring::prompt_logprobs(false),
+        })
+        .collect();
+    let alone: Vec<loraloom_model::SampledSequence> = requests
+        .iter()
+        .map(|r| {
+            Ok(sample(decoder, std::slice::from_ref(r), None)?
+                .remove(0)
+                .sequences
+                .remove(0))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let crowd = sample(decoder, &requests, None)?;
+    let (mut same, mut first_different_steps, mut largest) = (0, Vec::new(), 0f32);
+    for (alone, crowded) in alone.iter().zip(&crowd) {
+        let crowded = &crowded.sequences[0];
+        let common = alone
+            .tokens
+            .iter()
+            .zip(&crowded.tokens)
+            .take_while(|(a, c)| a == c);
+        let common = common.count();
+        for i in 0..common {
+            largest = largest.max((alone.logprobs[i] - crowded.logprobs[i]).abs());
+        }
+        if common == alone.tokens.len() {
+            same += 1;
+        } else {
+            first_different_steps.push(common);
+        }
+    }
+    emit(
+        "seeded_crowd",
+        json!({"requests": count, "adapters": adapters, "new_tokens": new_tokens,
+               "dtype": loraloom_model::dtype_name(decoder.kind()), "same_as_alone": same,
+               "first_different_steps": first_different_steps,
+               "max_logprob_diff": largest}),
+    );
+    Ok(())
+}
+
 /// `requests` decoded in `generation` (recording its steps) against steps issued one by one:
 /// how many sequences agree token for token, the largest difference of the log-probabilities of
 /// their common prefixes, and the loop's recorded and replayed steps.
@@ -370,7 +440,7 @@ pub fn decode_phases(
         temperature: 0.0,
         ..SamplingParams::default()
     };
-    let picks = vec![Pick::new(&greedy, &mut SplitMix64::new(0)); rows as usize];
+    let picks = vec![Pick::new(&greedy, &mut SplitMix64::new(0), vocab); rows as usize];
     // Seconds of the whole loop, of issuing steps and of choosing tokens, and (tokens brought
     // to the host) row 0's tokens with their log-probabilities.
     type Run = (f64, f64, f64, Vec<(i64, f32)>);

@@ -47,8 +47,8 @@ struct BenchArgs {
     #[arg(long, env = "LORALOOM_MODEL")]
     model: PathBuf,
     /// What to measure: roofline, forward, train, decode, decode_staggered, decode_phases,
-    /// optim, engine, long (comma-separated; `long` reports the process's peak memory, so run
-    /// it alone).
+    /// seeded_crowd, optim, engine, long (comma-separated; `long` reports the process's peak
+    /// memory, so run it alone).
     #[arg(
         long,
         value_delimiter = ',',
@@ -195,6 +195,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     staggered: true,
                 };
                 bench::isolated(move || bench::decode(&d, 32, 1, true, how))?
+            }
+            "seeded_crowd" => {
+                // Issue 11: a seeded request draws the same tokens alone and in a crowd.
+                let new_tokens = args.new_tokens;
+                bench::isolated(move || bench::seeded_crowd(&d, 32, 8, new_tokens))?
             }
             "optim" => bench::isolated(move || bench::optim(&d, &[1, 16, 64], iters))?,
             "decode_phases" => {
