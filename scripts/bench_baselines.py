@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 ITERS = int(os.environ.get("BENCH_ITERS", "3"))
-DTYPE = {"auto": torch.float32, "f32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("BENCH_DTYPE", "auto")]
+DTYPE = {"auto": torch.float32, "f32": torch.float32, "float32": torch.float32,
+         "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[os.environ.get("BENCH_DTYPE", "auto").strip()]
 
 
 def timed(fn):

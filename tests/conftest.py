@@ -24,6 +24,10 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, data_dir: Path, *extra: str, env: dict | None = None):
+        # f32 unless a test asks otherwise: the tolerances of the f32 oracles must not depend on
+        # a LORALOOM_DTYPE left in the shell.
+        if "--dtype" not in extra:
+            extra = ("--dtype", "f32", *extra)
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

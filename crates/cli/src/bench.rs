@@ -317,11 +317,11 @@ pub fn decode(
 }
 
 /// Whether seeded draws depend on their company: `count` seeded requests (temperature 1, one
-/// sequence each, prompts of different lengths, over `adapters` adapters) sampled each alone,
-/// then all in one decode batch. Prints how many drew the same tokens both ways, for the
-/// others the first step that differs, and the largest difference of the log-probabilities of
-/// the common prefixes: a batch of another size rounds differently, which
-/// moves a draw only where it was nearly a tie; in f32 that is rare, in bf16 less so.
+/// sequence each, prompts of different lengths, over `adapters` fresh adapters, whose LoRA
+/// paths run and add nothing) sampled each alone, then all in one decode batch. Prints how
+/// many drew the same tokens both ways, for the others the first step that differs, and the
+/// largest difference of the log-probabilities of the common prefixes: a batch of another size
+/// rounds differently, which moves a draw only where two clocks nearly tie (rare in f32).
 pub fn seeded_crowd(
     decoder: &Decoder,
     count: usize,

@@ -239,7 +239,8 @@ struct ServeArgs {
     #[arg(long, env = "LORALOOM_MODEL", default_value = "default")]
     model: String,
     /// Where the model runs: auto (the first GPU when libtorch sees one, else the CPU), cpu,
-    /// cuda or cuda:N. On a GPU the base model runs in bf16; adapters and optimizer state stay f32.
+    /// cuda or cuda:N. On a GPU the base model runs in bf16 unless `--dtype` says otherwise;
+    /// adapters and optimizer state stay f32.
     #[arg(long, env = "LORALOOM_DEVICE", default_value = "auto")]
     device: String,
     /// The base model's compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32 or bf16

@@ -13,6 +13,7 @@ pub mod adam;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod draw;
 pub mod error;
 pub mod kv_cache;
 pub mod lora;

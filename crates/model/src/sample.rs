@@ -20,6 +20,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::decoder::Decoder;
+use crate::draw::Blocks;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
@@ -1649,8 +1650,12 @@ fn random_seed() -> u64 {
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// How one row picks its next token: its sampling parameters and, unless greedy, its draws
-/// from its own random stream (see [`Blocks`]).
+/// Below this temperature a row takes the most likely token (the limit of tempered sampling as
+/// the temperature falls), so that `logits / temperature` never overflows f32.
+pub const MIN_SAMPLED_TEMPERATURE: f64 = 1e-6;
+
+/// How one row picks its next token: its sampling parameters and, unless greedy, its uniforms
+/// from its own random stream (see [`crate::draw`]).
 #[derive(Debug, Clone)]
 pub struct Pick {
     greedy: bool,
@@ -1667,12 +1672,10 @@ impl Pick {
     /// `rng` unless greedy (the same number of draws every step, so a row's stream does not
     /// depend on what else is in its batch).
     pub fn new(p: &SamplingParams, rng: &mut SplitMix64, vocab: i64) -> Pick {
-        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        let greedy = p.temperature < MIN_SAMPLED_TEMPERATURE || p.top_k == 1;
         let uniforms = match greedy {
             true => Vec::new(),
-            false => (0..Blocks::of(vocab).draws())
-                .map(|_| open_unit(rng.next_u64()))
-                .collect(),
+            false => Blocks::of(vocab).draw_uniforms(rng).collect(),
         };
         Pick {
             greedy,
@@ -1681,48 +1684,6 @@ impl Pick {
             top_p: p.top_p,
             uniforms,
         }
-    }
-}
-
-/// A uniform in (0, 1) from 23 random bits, exact in f32 and never 0 or 1 (so its exponential
-/// clock `-ln u` is finite and positive).
-fn open_unit(bits: u64) -> f32 {
-    ((bits >> 41) as f32 + 0.5) / (1u32 << 23) as f32
-}
-
-/// How a draw splits the vocabulary: `count` blocks of `size` tokens (the last one padded with
-/// tokens of weight 0), `size` the power of two at or above √vocab, so that a row draws
-/// `count + size` ≈ 2√vocab uniforms a step.
-///
-/// A draw is an exponential race, twice: each block gets the clock `-ln u / mass`, the block
-/// with the earliest clock wins (with probability its mass over the kept mass), then each of
-/// its tokens gets `-ln u' / weight` and the earliest wins; so a token is drawn with
-/// probability its weight over the kept mass, exactly. Unlike inverting the cumulative
-/// distribution over the whole vocabulary (where a rounding difference of 1e-6 in the running
-/// sum moves a draw that lands among tail tokens narrower than that: with 49,152 tokens, a few
-/// draws in a thousand when the same row was computed in a batch of another size), a race
-/// changes its winner only when two clocks are within the rounding of the weights: a row
-/// draws the same tokens in any batch whenever its logits agree to float rounding.
-#[derive(Debug, Clone, Copy)]
-struct Blocks {
-    /// Tokens per block.
-    size: i64,
-    /// Blocks.
-    count: i64,
-}
-
-impl Blocks {
-    fn of(vocab: i64) -> Blocks {
-        let size = ((vocab.max(1) as f64).sqrt().ceil() as u64).next_power_of_two() as i64;
-        Blocks {
-            size,
-            count: (vocab.max(1) + size - 1) / size,
-        }
-    }
-
-    /// Uniforms a row draws per step.
-    fn draws(self) -> usize {
-        (self.count + self.size) as usize
     }
 }
 
@@ -1735,9 +1696,9 @@ impl Blocks {
 /// keep the tokens whose logit reaches the row's `top_k`-th largest and then the smallest set of
 /// most likely tokens whose mass reaches `top_p` (thresholds, so tokens tied at a threshold are
 /// all kept), and draw from what is kept by an exponential race on the row's uniforms
-/// ([`Blocks`]). Every quantity is computed per row, so a row's token does not depend on which
-/// other rows share the batch, and a rounding difference in its logits changes it only near a
-/// tie of two clocks.
+/// ([`crate::draw`]). Every quantity is computed per row, so a row's token does not depend on
+/// which other rows share the batch, and a rounding difference in its logits (a batch of
+/// another size sums in another order) changes it only where two clocks nearly tie.
 pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f32)>> {
     let rows = picks.len() as i64;
     let size = logits.size();
@@ -1758,7 +1719,8 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f
         // Per row: greedy flag, temperature, top-k (vocab when unlimited), top-p, then the
         // row's uniforms (0.5 for greedy rows, which ignore them).
         let blocks = Blocks::of(vocab);
-        let width = 4 + blocks.draws();
+        let per_draw = blocks.uniforms_per_draw();
+        let width = 4 + per_draw;
         let mut packed = Vec::with_capacity(width * picks.len());
         for p in picks {
             packed.push(if p.greedy { 1.0 } else { 0.0 });
@@ -1768,9 +1730,18 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f
                 _ => vocab as f32,
             });
             packed.push(p.top_p as f32);
-            match p.uniforms.len() == blocks.draws() {
-                true => packed.extend(&p.uniforms),
-                false => packed.extend(std::iter::repeat_n(0.5, blocks.draws())),
+            match (p.greedy, p.uniforms.len() == per_draw) {
+                (true, _) => packed.extend(std::iter::repeat_n(0.5, per_draw)),
+                (false, true) => packed.extend(&p.uniforms),
+                (false, false) => {
+                    return Err(ModelError::invalid(
+                        "picks",
+                        format!(
+                            "a pick made for another vocabulary ({} uniforms, {vocab} tokens want {per_draw})",
+                            p.uniforms.len()
+                        ),
+                    ))
+                }
             }
         }
         let packed = Tensor::from_slice(&packed)
@@ -1783,13 +1754,6 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f
             column(2)?.f_to_kind(Kind::Int64)?,
             column(3)?,
         );
-        // Exponential clocks: the blocks', then one block's tokens'.
-        let clocks = packed
-            .f_narrow(1, 4, blocks.draws() as i64)?
-            .f_log()?
-            .f_neg()?;
-        let block_clocks = clocks.f_narrow(1, 0, blocks.count)?;
-        let token_clocks = clocks.f_narrow(1, blocks.count, blocks.size)?;
         let mut scaled = logits.f_div(&temperature)?;
         let max_k = picks
             .iter()
@@ -1819,33 +1783,13 @@ pub fn choose_tokens(logits: &Tensor, picks: &[Pick]) -> Result<Vec<(i64, f32, f
             let threshold = threshold.f_masked_fill(&top_p.f_ge(1.0)?, 0.0)?;
             weights = weights.f_mul(&weights.f_ge_tensor(&threshold)?)?;
         }
-        // The race (see `Blocks`): the block whose clock over its mass comes first, then its
-        // token whose clock over its weight comes first (weight 0 never wins: a kept token
-        // always has a positive score).
-        let padding = blocks.count * blocks.size - vocab;
-        let by_block =
-            weights
-                .f_constant_pad_nd([0, padding])?
-                .f_view([rows, blocks.count, blocks.size])?;
-        let mass = by_block.f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?;
-        let block = mass.f_div(&block_clocks)?.f_argmax(-1, true)?;
-        let members = by_block
-            .f_gather(
-                1,
-                &block
-                    .f_unsqueeze(-1)?
-                    .f_expand([rows, 1, blocks.size], false)?,
-                false,
-            )?
-            .f_squeeze_dim(1)?;
-        let token = members.f_div(&token_clocks)?.f_argmax(-1, true)?;
-        let drawn = block
-            .f_mul_scalar(blocks.size)?
-            .f_add(&token)?
-            .f_squeeze_dim(1)?;
+        // One draw per row by the race of `crate::draw` (a kept token always has a positive
+        // weight; the others are never drawn).
+        let uniforms = packed.f_narrow(1, 4, per_draw as i64)?.f_unsqueeze(1)?;
+        let drawn = blocks.race(&weights, &uniforms)?.f_squeeze_dim(1)?;
         ids = drawn.f_where_self(&greedy.f_squeeze_dim(1)?.f_logical_not()?, &ids)?;
         // The drawn token's share of the mass that was kept.
-        let kept_mass = mass.f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float)?;
+        let kept_mass = weights.f_sum_dim_intlist([-1i64].as_slice(), true, Kind::Float)?;
         drawn_logprobs = Some(
             weights
                 .f_gather(1, &ids.f_unsqueeze(1)?, false)?
@@ -2004,31 +1948,35 @@ mod tests {
     }
 
     #[test]
-    fn draws_over_a_vocabulary_of_uneven_blocks_follow_the_distribution() {
-        // 1,000 tokens: 32 blocks of 32, the last padded with 24 tokens of weight 0. Weights
-        // fall geometrically so that head and tail, and the last block, are all drawn.
-        let vocab = 1000;
-        let blocks = Blocks::of(vocab);
-        assert_eq!((blocks.size, blocks.count), (32, 32));
-        let logits: Vec<f32> = (0..vocab).map(|i| -(i as f32) * 0.01).collect();
-        let total: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
-        let n = 20_000;
-        let chosen = choose_n(&logits, &[params(1.0, -1, 1.0)], n, 21);
-        assert!(chosen.iter().all(|&(t, _, _)| (0..vocab).contains(&t)));
-        // Tokens in deciles of the vocabulary: counts within 4 standard deviations.
-        for decile in 0..10 {
-            let range = decile * 100..(decile + 1) * 100;
-            let p: f64 = range
-                .clone()
-                .map(|i| f64::from(logits[i as usize]).exp() / total)
-                .sum();
-            let got = chosen.iter().filter(|(t, _, _)| range.contains(t)).count() as f64;
-            let want = p * n as f64;
-            assert!(
-                (got - want).abs() < 4.0 * want.sqrt() + 5.0,
-                "tokens {range:?}: {got} drawn, {want:.0} expected"
-            );
-        }
+    fn top_k_and_top_p_over_many_blocks_keep_their_support_and_proportions() {
+        // 1,000 tokens (32 blocks of 32, the last padded), logits falling by 0.002 a token.
+        let logits: Vec<f32> = (0..1000).map(|i| -0.002 * i as f32).collect();
+        let weight = |i: i64| f64::from(logits[i as usize]).exp();
+        let n = 4000;
+        // top_k 300: tokens 0-299, the first hundred drawn in proportion to the next.
+        let cut = choose_n(&logits, &[params(1.0, 300, 1.0)], n, 13);
+        assert!(cut.iter().all(|&(t, _, _)| t < 300));
+        let share = |range: std::ops::Range<i64>| {
+            cut.iter().filter(|(t, _, _)| range.contains(t)).count() as f64
+        };
+        let want = (0..100).map(weight).sum::<f64>() / (100..200).map(weight).sum::<f64>();
+        let got = share(0..100) / share(100..200);
+        assert!((got / want - 1.0).abs() < 0.15, "{got} vs {want}");
+        // top_p 0.5: the most likely tokens up to half the mass, 0 to 277 here.
+        let total: f64 = (0..1000).map(weight).sum();
+        let mut mass = 0.0;
+        let last = (0..1000)
+            .find(|&i| {
+                mass += weight(i) / total;
+                mass >= 0.5
+            })
+            .unwrap();
+        let nucleus = choose_n(&logits, &[params(1.0, -1, 0.5)], n, 14);
+        assert!(nucleus.iter().all(|&(t, _, _)| t <= last));
+        assert!(
+            nucleus.iter().any(|&(t, _, _)| t > last - 30),
+            "the nucleus' end is drawn"
+        );
     }
 
     #[test]

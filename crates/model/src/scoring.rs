@@ -8,8 +8,10 @@
 
 use tch::{Kind, Tensor};
 
+use crate::draw::Blocks;
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
+use crate::sample::MIN_SAMPLED_TEMPERATURE;
 
 /// Widest top-k, target row or number of alternative draws one request may ask for: each costs
 /// `prompt length × width` values in the answer.
@@ -265,25 +267,24 @@ impl PromptScorer {
         }
         if let Some(out) = &mut self.scores.alt {
             let k = self.scoring.prompt_alt_k;
-            let ids = if self.temperature == 0.0 {
+            let ids = if self.temperature < MIN_SAMPLED_TEMPERATURE {
                 log_probs
                     .f_argmax(-1, true)?
                     .f_expand([n as i64, k as i64], false)?
                     .f_contiguous()?
             } else {
-                // Inverse-CDF draws from softmax(logits / T), one uniform per draw from the
-                // request's own stream (repeatable when the request is seeded).
-                let cdf = (logits.f_to_kind(Kind::Float)? / self.temperature)
-                    .f_softmax(-1, Kind::Float)?
-                    .f_cumsum(-1, Kind::Float)?;
-                let uniforms: Vec<f32> = (0..n * k).map(|_| self.rng.next_f64() as f32).collect();
+                // Draws from softmax(logits / T) by the race of `crate::draw`, on uniforms from
+                // the request's own stream (repeatable when the request is seeded).
+                let weights = (logits.f_to_kind(Kind::Float)? / self.temperature)
+                    .f_softmax(-1, Kind::Float)?;
+                let blocks = Blocks::of(logits.size()[1]);
+                let uniforms: Vec<f32> = (0..n * k)
+                    .flat_map(|_| blocks.draw_uniforms(&mut self.rng).collect::<Vec<_>>())
+                    .collect();
                 let uniforms = Tensor::from_slice(&uniforms)
-                    .f_view([n as i64, k as i64])?
+                    .f_view([n as i64, k as i64, blocks.uniforms_per_draw() as i64])?
                     .f_to_device(device)?;
-                let vocab = logits.size()[1];
-                uniforms
-                    .f_searchsorted(&cdf, false, true, "right", None::<&Tensor>)?
-                    .f_clamp_max(vocab - 1)?
+                blocks.race(&weights, &uniforms)?
             };
             let picked = log_probs.f_gather(1, &ids, false)?;
             let values = Vec::<f32>::try_from(&on_host(&picked.f_flatten(0, -1)?)?)?;

@@ -12,14 +12,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use loraloom_model::checkpoint;
 use loraloom_model::{
     forward_backward, sample, AdapterStack, Datum, Decoder, Field, LoraAdapter, LoraBatch,
-    LoraSpec, LossFn, LossInputs, SampleRequest, SamplingParams, Scoring, Stop, TrainRequest,
-    NO_LIMIT,
+    LoraSpec, LossFn, SampleRequest, SamplingParams, Scoring, Stop, TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -44,27 +41,12 @@ fn real(t: &Tensor, lengths: &[i64]) -> Tensor {
     Tensor::cat(&rows, 0).to_kind(Kind::Float)
 }
 
-/// The oracle's batch as cross-entropy datums (real positions only).
-fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
-    let lengths = vec_i64(&expected["lengths"]);
-    lengths
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let row = |name: &str| expected[name].get(i as i64).narrow(0, 0, n);
-            Datum {
-                input_tokens: vec_i64(&row("input_ids")),
-                loss_inputs: LossInputs {
-                    target_tokens: vec_i64(&row("targets")),
-                    weights: Some(vec_f32(&row("weights"))),
-                    logprobs: None,
-                    advantages: None,
-                    sequence_ratio_mask: None,
-                    recorded: None,
-                },
-            }
-        })
-        .collect()
+/// A tiny random llama checkpoint and its decoders in f32 (the exact answer) and in bf16.
+fn tiny_llama_in_both(tag: &str) -> (TempDir, Decoder, Decoder) {
+    let dir = tiny_llama_dir(tag);
+    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    (dir, exact, bf16)
 }
 
 /// Asserts that loraloom's error (`ours`, against the f32 answer) is within [`SLACK`] times
@@ -108,11 +90,7 @@ fn base_logprobs(decoder: &Decoder, ids: &[i64]) -> Tensor {
 
 #[test]
 fn bf16_logits_loss_and_gradients_are_as_close_to_f32_as_peft_in_bf16() {
-    let dir = TempDir::new("bf16-model");
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
+    let dir = tiny_llama_dir("bf16-model");
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
     assert_eq!(decoder.kind(), Kind::BFloat16);
     let out = TempDir::new("bf16-out");
@@ -205,13 +183,7 @@ fn bf16_logits_loss_and_gradients_are_as_close_to_f32_as_peft_in_bf16() {
 /// same tokens each time it runs in the same company.
 #[test]
 fn bf16_decoding_is_as_close_to_f32_as_a_bf16_forward_pass() {
-    let dir = TempDir::new("bf16-decode");
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
-    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    let (_dir, exact, bf16) = tiny_llama_in_both("bf16-decode");
     let spec = LoraSpec {
         rank: 4,
         alpha: 16.0,
@@ -299,13 +271,7 @@ fn cross_entropy<'a>(
 /// are no further from each run's f32 answer than that run alone in bf16 is.
 #[test]
 fn a_fused_bf16_batch_is_as_close_to_f32_as_each_run_alone_in_bf16() {
-    let dir = TempDir::new("bf16-fused");
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
-    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    let (_dir, exact, bf16) = tiny_llama_in_both("bf16-fused");
     let cfg = exact.config();
     let mixed = vec![
         Some(spec(2, 11)),
@@ -366,13 +332,7 @@ fn a_fused_bf16_batch_is_as_close_to_f32_as_each_run_alone_in_bf16() {
 /// tokens than a bf16 forward pass is.
 #[test]
 fn a_bf16_decode_batch_of_several_adapters_is_as_close_to_f32_as_a_bf16_forward_pass() {
-    let dir = TempDir::new("bf16-crowd");
-    oracle(
-        "tiny_models.py",
-        &["make", "llama", dir.path().to_str().unwrap()],
-    );
-    let exact = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    let bf16 = Decoder::load(dir.path(), Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    let (_dir, exact, bf16) = tiny_llama_in_both("bf16-crowd");
     // Ranks 4, 4 and 3 share one slab (three members of one stack), rank 8 of other targets
     // has a stack of its own, and one request runs the base model.
     let specs = vec![

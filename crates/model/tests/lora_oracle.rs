@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
@@ -23,29 +21,6 @@ use tch::{Device, Kind, Tensor};
 fn rel_diff(got: &Tensor, want: &Tensor) -> f64 {
     let scale = want.abs().max().double_value(&[]).max(1e-12);
     max_abs_diff(got, want) / scale
-}
-
-/// The oracle's batch as datums (real positions only).
-fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
-    let lengths = vec_i64(&expected["lengths"]);
-    lengths
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let row = |name: &str| expected[name].get(i as i64).narrow(0, 0, n);
-            Datum {
-                input_tokens: vec_i64(&row("input_ids")),
-                loss_inputs: LossInputs {
-                    target_tokens: vec_i64(&row("targets")),
-                    weights: Some(vec_f32(&row("weights"))),
-                    logprobs: None,
-                    advantages: None,
-                    sequence_ratio_mask: None,
-                    recorded: None,
-                },
-            }
-        })
-        .collect()
 }
 
 /// A one-member stack of `adapter` for direct decoder calls (f32, no gradients).
@@ -423,8 +398,7 @@ fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) 
     let (_dir, decoder) = tiny_llama(name);
     let cfg = decoder.config();
     let fused = perturbed(specs, cfg, 0);
-    // Exact copies (libtorch's random generator is shared by the tests running in parallel, so
-    // perturbing twice with the same seed need not give the same weights).
+    // Exact copies of the same weights, to run alone.
     let alone = copies(&fused, cfg);
     let data: Vec<Vec<Datum>> = counts
         .iter()

@@ -336,9 +336,9 @@ fn greedy_on_the_default_model_equals_transformers_for_32_tokens() {
 /// On the default model's 49,152-token vocabulary, 24 seeded requests (temperature 1, prompts
 /// of different lengths, some with top-p) sampled together draw what each draws alone. A batch
 /// of another size sums in another order, so the logits differ by float rounding (up to ~4e-5
-/// in a logprob here); a draw that inverted the cumulative distribution over the vocabulary
-/// moved on such differences a few times in a thousand tokens (5 of 32 such requests of 32
-/// tokens drew differently), where the race moves only on a near-tie of two clocks.
+/// in a logprob); a draw that inverted the cumulative distribution over the vocabulary moved on
+/// such differences (with it, request 6 here drew differently together), where the race of
+/// `loraloom_model::draw` moves only on a near-tie of two clocks.
 #[test]
 fn seeded_requests_on_the_default_model_draw_alike_alone_and_together() {
     let decoder = Decoder::load(&default_model_dir(), Device::Cpu, Some(Kind::Float)).unwrap();
@@ -614,6 +614,7 @@ fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
         params: SamplingParams {
             max_tokens: 110,
             temperature: 1.0,
+            // A seed whose samples run long enough (most stop within 70 tokens).
             seed: Some(4),
             // Stops end the samples at different steps.
             stop: Stop::Tokens(vec![7, 8]),

@@ -1,9 +1,13 @@
-//! Helpers shared by the oracle tests: find the project's Python and run an oracle script.
+//! Helpers shared by the oracle tests: the project's Python and its oracle scripts, tiny
+//! checkpoints, adapters perturbed from a seed, training data, tensor comparisons.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::collections::HashMap;
+
+use loraloom_model::rng::SplitMix64;
 use loraloom_model::{Datum, Decoder, Field, LoraAdapter, LoraSpec, LossInputs, ModelConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -92,13 +96,19 @@ pub fn default_model_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("data/models/SmolLM2-135M-Instruct"))
 }
 
-/// A tiny random llama checkpoint made by the oracle, and the decoder loaded from it.
-pub fn tiny_llama(tag: &str) -> (TempDir, Decoder) {
+/// A tiny random llama checkpoint made by the oracle.
+pub fn tiny_llama_dir(tag: &str) -> TempDir {
     let dir = TempDir::new(tag);
     oracle(
         "tiny_models.py",
         &["make", "llama", dir.path().to_str().unwrap()],
     );
+    dir
+}
+
+/// A tiny random llama checkpoint made by the oracle, and the decoder loaded from it (f32).
+pub fn tiny_llama(tag: &str) -> (TempDir, Decoder) {
+    let dir = tiny_llama_dir(tag);
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
     (dir, decoder)
 }
@@ -113,10 +123,21 @@ pub fn vec_f32(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).unwrap()
 }
 
-/// Adds Gaussian noise of standard deviation `scale` (seeded) to every adapted layer's A and B,
-/// so that B is non-zero and every gradient path is exercised (padding stays zero).
+/// Adds Gaussian noise of standard deviation `scale` to every adapted layer's A and B, so that
+/// B is non-zero and every gradient path is exercised (padding stays zero). The noise comes
+/// from `seed` alone (drawn on the host: libtorch's generator is shared by the tests running
+/// in parallel), so the same seed gives the same adapter in every run.
 pub fn perturb(adapter: &LoraAdapter, seed: i64, scale: f64) {
-    tch::manual_seed(seed);
+    let mut rng = SplitMix64::new(seed as u64);
+    let mut randn_like = |like: &Tensor| {
+        let values: Vec<f32> = (0..like.numel())
+            .map(|_| {
+                let (u, v) = (1.0 - rng.next_f64(), rng.next_f64());
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        Tensor::from_slice(&values).view(like.size().as_slice())
+    };
     let layers: Vec<_> = adapter
         .layout()
         .entries
@@ -125,8 +146,8 @@ pub fn perturb(adapter: &LoraAdapter, seed: i64, scale: f64) {
         .collect();
     for (layer, target) in layers {
         let pair = adapter.pair(layer, target).unwrap();
-        let a = &pair.a + pair.a.randn_like() * scale;
-        let b = &pair.b + pair.b.randn_like() * scale;
+        let a = &pair.a + randn_like(&pair.a) * scale;
+        let b = &pair.b + randn_like(&pair.b) * scale;
         adapter
             .set_pair(Field::Params, layer, target, &a, &b)
             .unwrap();
@@ -214,6 +235,30 @@ pub fn copies(adapters: &[Option<LoraAdapter>], cfg: &ModelConfig) -> Vec<Option
                     .unwrap();
                 a
             })
+        })
+        .collect()
+}
+
+/// The oracle's batch (`lora_oracle.py`'s `input_ids`, `targets`, `weights`, `lengths`) as
+/// cross-entropy datums (real positions only).
+pub fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
+    let lengths = vec_i64(&expected["lengths"]);
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let row = |name: &str| expected[name].get(i as i64).narrow(0, 0, n);
+            Datum {
+                input_tokens: vec_i64(&row("input_ids")),
+                loss_inputs: LossInputs {
+                    target_tokens: vec_i64(&row("targets")),
+                    weights: Some(vec_f32(&row("weights"))),
+                    logprobs: None,
+                    advantages: None,
+                    sequence_ratio_mask: None,
+                    recorded: None,
+                },
+            }
         })
         .collect()
 }
