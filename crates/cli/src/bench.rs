@@ -15,7 +15,8 @@ use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
     forward_backward, sample, sample_with, step_many, AdamParams, AdamState, AdapterStack, Datum,
     Decoder, Generation, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost,
-    SampleRequest, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest, NO_LIMIT,
+    SampleRequest, SampledSequence, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest,
+    NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
@@ -348,7 +349,7 @@ pub fn seeded_crowd(
             scoring: loraloom_model::Scoring::prompt_logprobs(false),
         })
         .collect();
-    let alone: Vec<loraloom_model::SampledSequence> = requests
+    let alone: Vec<SampledSequence> = requests
         .iter()
         .map(|r| {
             Ok(sample(decoder, std::slice::from_ref(r), None)?
@@ -360,16 +361,8 @@ pub fn seeded_crowd(
     let crowd = sample(decoder, &requests, None)?;
     let (mut same, mut first_different_steps, mut largest) = (0, Vec::new(), 0f32);
     for (alone, crowded) in alone.iter().zip(&crowd) {
-        let crowded = &crowded.sequences[0];
-        let common = alone
-            .tokens
-            .iter()
-            .zip(&crowded.tokens)
-            .take_while(|(a, c)| a == c);
-        let common = common.count();
-        for i in 0..common {
-            largest = largest.max((alone.logprobs[i] - crowded.logprobs[i]).abs());
-        }
+        let (common, diff) = common_prefix(alone, &crowded.sequences[0]);
+        largest = largest.max(diff);
         if common == alone.tokens.len() {
             same += 1;
         } else {
@@ -384,6 +377,21 @@ pub fn seeded_crowd(
                "max_logprob_diff": largest}),
     );
     Ok(())
+}
+
+/// How many leading tokens two sequences share, and the largest difference of their
+/// log-probabilities over those tokens.
+fn common_prefix(x: &SampledSequence, y: &SampledSequence) -> (usize, f32) {
+    let common = x
+        .tokens
+        .iter()
+        .zip(&y.tokens)
+        .take_while(|(s, t)| s == t)
+        .count();
+    let largest = (0..common)
+        .map(|i| (x.logprobs[i] - y.logprobs[i]).abs())
+        .fold(0f32, f32::max);
+    (common, largest)
 }
 
 /// `requests` decoded in `generation` (recording its steps) against steps issued one by one:
@@ -401,10 +409,7 @@ fn recorded_vs_eager(
         for (x, y) in a.sequences.iter().zip(&b.sequences) {
             total += 1;
             same += usize::from(x.tokens == y.tokens);
-            let common = x.tokens.iter().zip(&y.tokens).take_while(|(s, t)| s == t);
-            for (i, _) in common.enumerate() {
-                largest = largest.max((x.logprobs[i] - y.logprobs[i]).abs());
-            }
+            largest = largest.max(common_prefix(x, y).1);
         }
     }
     let counts = generation.graph_counts();

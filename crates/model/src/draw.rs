@@ -49,14 +49,17 @@ impl Blocks {
         (self.count + self.size) as usize
     }
 
-    /// The uniforms of one draw from `rng`, as [`race`] reads them.
-    pub fn draw_uniforms(self, rng: &mut SplitMix64) -> impl Iterator<Item = f32> + '_ {
-        (0..self.uniforms_per_draw()).map(|_| uniform(rng.next_u64()))
+    /// The uniforms of `draws` draws from `rng`, one draw after the other, as [`Blocks::race`]
+    /// reads them.
+    pub fn uniforms(self, rng: &mut SplitMix64, draws: usize) -> Vec<f32> {
+        (0..draws * self.uniforms_per_draw())
+            .map(|_| uniform(rng.next_u64()))
+            .collect()
     }
 
     /// Draws `draws` tokens from each row of `weights` (`[rows, vocab]`, nonnegative, every row
     /// with some positive weight), the `d`-th of row `r` on `uniforms[r, d]`
-    /// (`[rows, draws, uniforms_per_draw]`, from [`Blocks::draw_uniforms`]); returns the token
+    /// (`[rows, draws, uniforms_per_draw]`, from [`Blocks::uniforms`]); returns the token
     /// ids, `[rows, draws]`. A token of weight 0 is never drawn.
     pub fn race(self, weights: &Tensor, uniforms: &Tensor) -> Result<Tensor> {
         let (rows, vocab) = (weights.size()[0], weights.size()[1]);
@@ -103,9 +106,7 @@ mod tests {
         let vocab = weights.len() as i64;
         let blocks = Blocks::of(vocab);
         let mut rng = SplitMix64::new(seed);
-        let uniforms: Vec<f32> = (0..rows * draws)
-            .flat_map(|_| blocks.draw_uniforms(&mut rng).collect::<Vec<_>>())
-            .collect();
+        let uniforms = blocks.uniforms(&mut rng, rows * draws);
         let uniforms = Tensor::from_slice(&uniforms).view([
             rows as i64,
             draws as i64,

@@ -1675,7 +1675,7 @@ impl Pick {
         let greedy = p.temperature < MIN_SAMPLED_TEMPERATURE || p.top_k == 1;
         let uniforms = match greedy {
             true => Vec::new(),
-            false => Blocks::of(vocab).draw_uniforms(rng).collect(),
+            false => Blocks::of(vocab).uniforms(rng, 1),
         };
         Pick {
             greedy,

@@ -278,10 +278,7 @@ impl PromptScorer {
                 let weights = (logits.f_to_kind(Kind::Float)? / self.temperature)
                     .f_softmax(-1, Kind::Float)?;
                 let blocks = Blocks::of(logits.size()[1]);
-                let uniforms: Vec<f32> = (0..n * k)
-                    .flat_map(|_| blocks.draw_uniforms(&mut self.rng).collect::<Vec<_>>())
-                    .collect();
-                let uniforms = Tensor::from_slice(&uniforms)
+                let uniforms = Tensor::from_slice(&blocks.uniforms(&mut self.rng, n * k))
                     .f_view([n as i64, k as i64, blocks.uniforms_per_draw() as i64])?
                     .f_to_device(device)?;
                 blocks.race(&weights, &uniforms)?
