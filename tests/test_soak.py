@@ -3,17 +3,13 @@ server's resident memory when idle after the run within 5% of what it was when i
 warm-up. `make test` runs LORALOOM_SOAK_SECS (default 300); `make soak` runs the full 10 minutes.
 
 The growth this bounds is loraloom's own (state kept per request, tensors held), so memory is
-read while no work is in flight. Under load, RSS is mostly the activations of the training step
-running at that instant, and their size depends on how many tenants' work fused into it, a
-random mix: medians of RSS over windows of the loaded run moved from -3.7% to +7.7% between
-runs of unchanged code. The clients therefore pause after the warm-up third and at the end, and
-each pause reads the least RSS over a few idle seconds.
-
-glibc's part is fixed too: by default it raises its mmap threshold to the largest block freed,
-so libtorch's activations are carved from the malloc heaps and RSS drifts with their
-fragmentation. The server under test runs with a fixed 1 MiB threshold (every large block its
-own mapping, returned when freed). loraloom does not set it for users: on the CPU it makes a
-train step of the default model ~1.5x slower (BENCHMARKS.md)."""
+read while no work is in flight, once the server has given the allocator's free memory back
+(`--release-memory-after-idle-secs`, 1 s here). Under load, RSS is mostly the activations of
+the training step running at that instant, sized by how many tenants' work fused into it, a
+random mix: medians of RSS over windows of a loaded run moved -3.7% to +7.7% between runs of
+unchanged code. Idle without the release, RSS held glibc's arenas at their high-water mark,
+which still rose as rarer peaks came (+6.4% over one run). The clients therefore pause after
+the warm-up third and at the end, and each pause reads the least RSS over 3 idle seconds."""
 
 import os
 import threading
@@ -113,7 +109,7 @@ def idle_rss(pid, secs=3.0):
 
 def test_bounded_soak_has_no_failures_and_flat_memory(tmp_path):
     srv = Server(tmp_path, "--future-ttl-secs", "20", "--step-snapshots", "false",
-                 env={**os.environ, "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"})
+                 "--release-memory-after-idle-secs", "1")
     try:
         clients = [Client(srv, i) for i in range(CLIENTS)]
         for c in clients:

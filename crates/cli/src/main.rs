@@ -416,6 +416,15 @@ struct ServeArgs {
     /// How long finished results are kept.
     #[arg(long, env = "LORALOOM_FUTURE_TTL_SECS", default_value_t = 3600)]
     future_ttl_secs: u64,
+    /// Seconds with no work in flight after which the memory freed by the last burst (a
+    /// training step's activations, a decode batch's caches) is given back to the system; the
+    /// C allocator keeps it otherwise (0 = keep it).
+    #[arg(
+        long,
+        env = "LORALOOM_RELEASE_MEMORY_AFTER_IDLE_SECS",
+        default_value_t = 10.0
+    )]
+    release_memory_after_idle_secs: f64,
     /// How long one retrieve_future waits before answering "try again" (the SDK times out at 45 s).
     #[arg(long, env = "LORALOOM_LONG_POLL_SECS", default_value_t = 20)]
     long_poll_secs: u64,
@@ -521,6 +530,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
+    let release_memory_after_idle = match args.release_memory_after_idle_secs {
+        0.0 => None,
+        secs => Some(Duration::try_from_secs_f64(secs).map_err(|_| {
+            anyhow::anyhow!(
+                "--release-memory-after-idle-secs must be a finite number of seconds, 0 or more (got {secs})"
+            )
+        })?),
+    };
     let (dir, name) = resolve_model(&args)?;
     let tokenizer_id = match &args.tokenizer_id {
         Some(id) => id.clone(),
@@ -644,6 +661,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_runs_per_tenant: args.max_runs_per_tenant,
         max_runs: args.max_runs,
         max_recorded_samples_per_tenant: args.max_recorded_samples_per_tenant as usize,
+        release_memory_after_idle,
     };
     let engine = Engine::start(config, registry, backends);
     drop(base);

@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// Sampled sequences recorded for `stable_reinforce` one tenant keeps (least recently used
     /// forgotten first).
     pub max_recorded_samples_per_tenant: usize,
+    /// How long every worker must have been idle before the C allocator is asked to give its
+    /// free memory back to the system ([`loraloom_heap::release_free_memory`]); None: never.
+    pub release_memory_after_idle: Option<Duration>,
 }
 
 /// How long a recorded sampled sequence is kept after it was sampled or last trained on (the
@@ -183,6 +186,8 @@ struct Inner {
     max_recorded_samples: usize,
     /// Records, per queue, the order jobs were admitted and started in (tests of ordering).
     order_log: Option<Mutex<OrderLog>>,
+    /// `EngineConfig::release_memory_after_idle`.
+    release_memory_after_idle: Option<Duration>,
 }
 
 /// What one tenant holds, against its limits (0 = no limit).
@@ -279,6 +284,7 @@ impl Engine {
             run_limits: (config.max_runs_per_tenant, config.max_runs),
             workers: Mutex::new(Vec::new()),
             order_log: record.then(|| Mutex::new(OrderLog::default())),
+            release_memory_after_idle: config.release_memory_after_idle,
         });
         let handles = backends
             .into_iter()
@@ -1030,6 +1036,7 @@ fn replace_share(total: &AtomicU64, was: usize, now: usize) {
 fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
     let mut last_purge = Instant::now();
     let mut live = LiveJobs::default();
+    let mut idle = IdleRelease::new(inner.release_memory_after_idle);
     loop {
         // Expired results are dropped between batches (outside the scheduler lock), so a busy
         // server purges as regularly as an idle one.
@@ -1037,6 +1044,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             inner.futures.purge(tokio::time::Instant::now());
             last_purge = Instant::now();
         }
+        let mut release = false;
         let (joining, batch, stopping) = {
             let mut st = lock(&inner.sched);
             st.unmark_decoding(&std::mem::take(&mut live.ended));
@@ -1073,6 +1081,12 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                 if st.is_closed() && st.queued() == 0 {
                     return;
                 }
+                // Jobs of other workers count as work: their tensors are being allocated.
+                let others_busy = inner.counters.running.load(Ordering::Relaxed) > 0;
+                if idle.due(Instant::now(), others_busy) {
+                    release = true;
+                    break (Vec::new(), Vec::new());
+                }
                 st = inner
                     .wake
                     .wait_timeout(st, wait)
@@ -1082,7 +1096,13 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             st.mark_decoding(joining.iter().map(|j| j.id.clone()));
             (joining, batch, stopping)
         };
+        if release {
+            release_free_memory();
+            idle.released();
+            continue;
+        }
         let decoding = !stopping.is_empty() || !joining.is_empty() || !live.jobs.is_empty();
+        idle.worked();
         if !stopping.is_empty() {
             stop_decoding(&inner, backend.as_mut(), &mut live, stopping);
         }
@@ -1099,6 +1119,70 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             live.report_kv(backend.as_ref(), &inner.counters);
         }
     }
+}
+
+/// When a worker gives the C allocator's free memory back: once after each stretch of work,
+/// when it has waited with nothing to do for `after` (tensors freed by a training step or a
+/// decode batch otherwise stay resident in glibc's arenas until the next burst reuses them).
+/// Work that starts sooner keeps its memory: the next step would fault the pages back in.
+struct IdleRelease {
+    after: Option<Duration>,
+    /// Work ran since the last release.
+    worked: bool,
+    /// When this worker last found nothing to do with no other worker's job running.
+    idle_since: Option<Instant>,
+}
+
+impl IdleRelease {
+    fn new(after: Option<Duration>) -> Self {
+        IdleRelease {
+            after,
+            worked: false,
+            idle_since: None,
+        }
+    }
+
+    /// The worker is about to run something (or a decode step).
+    fn worked(&mut self) {
+        self.worked = true;
+        self.idle_since = None;
+    }
+
+    /// The worker has nothing to do at `now`; whether memory is to be released now.
+    fn due(&mut self, now: Instant, others_busy: bool) -> bool {
+        let Some(after) = self.after.filter(|_| self.worked) else {
+            return false;
+        };
+        if others_busy {
+            self.idle_since = None;
+            return false;
+        }
+        now.duration_since(*self.idle_since.get_or_insert(now)) >= after
+    }
+
+    /// Memory was released; the next release waits for more work.
+    fn released(&mut self) {
+        self.worked = false;
+        self.idle_since = None;
+    }
+}
+
+/// Gives the C allocator's free memory back to the system and logs how much went.
+fn release_free_memory() {
+    let started = Instant::now();
+    let before = loraloom_heap::resident_bytes();
+    let gave = loraloom_heap::release_free_memory();
+    let after = loraloom_heap::resident_bytes();
+    let released_mib = match (before, after) {
+        (Some(b), Some(a)) => b.saturating_sub(a) as f64 / (1u64 << 20) as f64,
+        _ => 0.0,
+    };
+    tracing::debug!(
+        gave,
+        released_mib,
+        took_ms = started.elapsed().as_secs_f64() * 1e3,
+        "idle: gave the allocator's free memory back"
+    );
 }
 
 /// Marks a batch's jobs running (and logs their start order).

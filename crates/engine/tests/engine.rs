@@ -47,6 +47,7 @@ fn fake_config(limits: Limits) -> EngineConfig {
         max_runs_per_tenant: 0,
         max_runs: 0,
         max_recorded_samples_per_tenant: 1000,
+        release_memory_after_idle: None,
     }
 }
 
@@ -423,6 +424,8 @@ fn model_engine_of(configure: impl FnOnce(ModelWorker) -> ModelWorker) -> (Engin
         max_runs_per_tenant: 0,
         max_runs: 0,
         max_recorded_samples_per_tenant: 1000,
+        // Released as soon as the worker idles, so every test on this engine runs through it.
+        release_memory_after_idle: Some(Duration::ZERO),
     };
     (
         Engine::start(config, registry, vec![Box::new(worker)]),
