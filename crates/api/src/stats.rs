@@ -216,6 +216,16 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
         s.decode_steps_replayed,
     );
     count(
+        "loraloom_memory_releases_total",
+        "Times the allocator's free memory was given back when idle (--release-memory-after-idle-secs).",
+        s.memory_releases,
+    );
+    count(
+        "loraloom_memory_released_bytes_total",
+        "Fall of the resident size over those releases, summed.",
+        s.memory_released_bytes,
+    );
+    count(
         "loraloom_decode_tokens_total",
         "Tokens sampled; divided by loraloom_decode_step_seconds_count, the mean decode batch occupancy.",
         s.decode_tokens,
@@ -259,6 +269,8 @@ pub async fn model_stats(
         "tokens": s.tokens,
         "resident_adapter_bytes": s.resident_bytes,
         "resident_adapter_bytes_limit": s.resident_bytes_limit,
+        "memory_releases": s.memory_releases,
+        "memory_released_bytes": s.memory_released_bytes,
         "sampling": {
             "prefills": s.prefills,
             "prompts_shared": s.shared_prompts,

@@ -534,7 +534,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         0.0 => None,
         secs => Some(Duration::try_from_secs_f64(secs).map_err(|_| {
             anyhow::anyhow!(
-                "--release-memory-after-idle-secs must be a finite number of seconds, 0 or more (got {secs})"
+                "--release-memory-after-idle-secs must be a number of seconds from 0 to 2^64 (got {secs})"
             )
         })?),
     };

@@ -44,8 +44,9 @@ pub struct EngineConfig {
     /// Sampled sequences recorded for `stable_reinforce` one tenant keeps (least recently used
     /// forgotten first).
     pub max_recorded_samples_per_tenant: usize,
-    /// How long every worker must have been idle before the C allocator is asked to give its
-    /// free memory back to the system ([`loraloom_heap::release_free_memory`]); None: never.
+    /// How long a worker must have found nothing to do, with no job queued or running anywhere,
+    /// before it asks the C allocator to give its free memory back to the system
+    /// ([`loraloom_heap::release_free_memory`]), once per stretch of work; None: never.
     pub release_memory_after_idle: Option<Duration>,
 }
 
@@ -136,6 +137,11 @@ pub struct StatsSnapshot {
     pub first_tokens: u64,
     /// Their summed time from admission to first token (seconds).
     pub first_token_seconds: f64,
+    /// Times the allocator's free memory was given back when idle
+    /// (`EngineConfig::release_memory_after_idle`).
+    pub memory_releases: u64,
+    /// The fall of the resident size over those releases, summed (bytes).
+    pub memory_released_bytes: u64,
 }
 
 #[derive(Default)]
@@ -162,6 +168,8 @@ struct Counters {
     decode_steps_replayed: AtomicU64,
     first_tokens: AtomicU64,
     first_token_ns: AtomicU64,
+    memory_releases: AtomicU64,
+    memory_released_bytes: AtomicU64,
 }
 
 /// Finished jobs kept for session traces (all tenants; 64 bytes each, allocated at start).
@@ -778,6 +786,8 @@ impl Engine {
             decode_seconds: c.decode_ns.load(Ordering::Relaxed) as f64 / 1e9,
             decode_steps_recorded: c.decode_steps_recorded.load(Ordering::Relaxed),
             decode_steps_replayed: c.decode_steps_replayed.load(Ordering::Relaxed),
+            memory_releases: c.memory_releases.load(Ordering::Relaxed),
+            memory_released_bytes: c.memory_released_bytes.load(Ordering::Relaxed),
             first_tokens: c.first_tokens.load(Ordering::Relaxed),
             first_token_seconds: c.first_token_ns.load(Ordering::Relaxed) as f64 / 1e9,
         }
@@ -1081,9 +1091,10 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                 if st.is_closed() && st.queued() == 0 {
                     return;
                 }
-                // Jobs of other workers count as work: their tensors are being allocated.
-                let others_busy = inner.counters.running.load(Ordering::Relaxed) > 0;
-                if idle.due(Instant::now(), others_busy) {
+                // Jobs waiting (a batch filling up) or running on other workers count as work:
+                // their tensors are about to be or being allocated.
+                let busy = st.queued() > 0 || inner.counters.running.load(Ordering::Relaxed) > 0;
+                if idle.due(Instant::now(), busy) {
                     release = true;
                     break (Vec::new(), Vec::new());
                 }
@@ -1097,7 +1108,8 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             (joining, batch, stopping)
         };
         if release {
-            release_free_memory();
+            debug_assert!(joining.is_empty() && batch.is_empty() && stopping.is_empty());
+            release_free_memory(&inner.counters);
             idle.released();
             continue;
         }
@@ -1148,12 +1160,13 @@ impl IdleRelease {
         self.idle_since = None;
     }
 
-    /// The worker has nothing to do at `now`; whether memory is to be released now.
-    fn due(&mut self, now: Instant, others_busy: bool) -> bool {
+    /// The worker has nothing to do at `now` (`busy`: jobs are queued, or running on another
+    /// worker); whether memory is to be released now.
+    fn due(&mut self, now: Instant, busy: bool) -> bool {
         let Some(after) = self.after.filter(|_| self.worked) else {
             return false;
         };
-        if others_busy {
+        if busy {
             self.idle_since = None;
             return false;
         }
@@ -1167,19 +1180,23 @@ impl IdleRelease {
     }
 }
 
-/// Gives the C allocator's free memory back to the system and logs how much went.
-fn release_free_memory() {
+/// Gives the C allocator's free memory back to the system; counts and logs how much went.
+fn release_free_memory(counters: &Counters) {
     let started = Instant::now();
     let before = loraloom_heap::resident_bytes();
     let gave = loraloom_heap::release_free_memory();
     let after = loraloom_heap::resident_bytes();
-    let released_mib = match (before, after) {
-        (Some(b), Some(a)) => b.saturating_sub(a) as f64 / (1u64 << 20) as f64,
-        _ => 0.0,
+    let released = match (before, after) {
+        (Some(b), Some(a)) => b.saturating_sub(a),
+        _ => 0,
     };
+    counters.memory_releases.fetch_add(1, Ordering::Relaxed);
+    counters
+        .memory_released_bytes
+        .fetch_add(released, Ordering::Relaxed);
     tracing::debug!(
         gave,
-        released_mib,
+        released_mib = released as f64 / (1u64 << 20) as f64,
         took_ms = started.elapsed().as_secs_f64() * 1e3,
         "idle: gave the allocator's free memory back"
     );
@@ -1377,5 +1394,37 @@ fn abort_decoding(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs)
                 Err(EngineError::Internal("sampling failed".into())),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_released_once_per_stretch_of_work_after_the_idle_wait() {
+        let second = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut idle = IdleRelease::new(Some(second));
+        // Nothing ran yet: nothing to give back, however long the wait.
+        assert!(!idle.due(at(0), false) && !idle.due(at(5_000), false));
+        idle.worked();
+        assert!(!idle.due(at(6_000), false), "the idle clock starts now");
+        assert!(!idle.due(at(6_900), false));
+        // Jobs queued or running elsewhere restart the clock.
+        assert!(!idle.due(at(7_100), true));
+        assert!(!idle.due(at(7_200), false));
+        assert!(!idle.due(at(8_100), false));
+        assert!(idle.due(at(8_200), false));
+        idle.released();
+        assert!(!idle.due(at(20_000), false), "once per stretch of work");
+        idle.worked();
+        assert!(!idle.due(at(21_000), false));
+        assert!(idle.due(at(22_000), false));
+        // Never, when not configured.
+        let mut never = IdleRelease::new(None);
+        never.worked();
+        assert!(!never.due(at(0), false) && !never.due(at(100_000), false));
     }
 }

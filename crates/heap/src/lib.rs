@@ -15,6 +15,7 @@
 /// faulted in again (zeroed) by the next allocation that needs them. Off glibc (musl, macOS)
 /// it does nothing and returns false.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
 pub fn release_free_memory() -> bool {
     // SAFETY: malloc_trim takes no pointers and has no precondition; glibc serialises it with
     // every other allocator call by each arena's own lock.
