@@ -19,17 +19,12 @@ import time
 
 from tinker import types
 
+from kv_memory import rss_mib
 from sample_throughput import served
 
 WARM = int(os.environ.get("WARM", "4"))
 PAUSES = int(os.environ.get("PAUSES", "3"))
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(l for l in f if l.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 def batch() -> list:
