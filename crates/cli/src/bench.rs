@@ -180,7 +180,7 @@ pub fn long_datum(decoder: &Decoder, len: usize, budget: u64) -> anyhow::Result<
     let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
     let cost = PassCost::new(decoder.config(), decoder.kind());
     let plan = loraloom_model::memory::plan(&[len], true, &cost, budget)?;
-    let rss_before = proc_status_kib("VmRSS");
+    let rss_before = loraloom_heap::resident_bytes().unwrap_or(0) / 1024;
     let start = Instant::now();
     let req = TrainRequest {
         adapter: Some(&adapter),
@@ -193,22 +193,9 @@ pub fn long_datum(decoder: &Decoder, len: usize, budget: u64) -> anyhow::Result<
         json!({"len": len, "seconds": start.elapsed().as_secs_f64(),
                "budget_bytes": budget, "mode": format!("{:?}", plan.micro_batches[0].mode),
                "loss_chunk": plan.loss_chunk,
-               "rss_before_kib": rss_before, "peak_rss_kib": proc_status_kib("VmHWM")}),
+               "rss_before_kib": rss_before, "peak_rss_kib": loraloom_heap::peak_resident_bytes().unwrap_or(0) / 1024}),
     );
     Ok(())
-}
-
-/// A `kB` field of `/proc/self/status` (0 where unreadable).
-fn proc_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// How the `decode` benchmark decodes.

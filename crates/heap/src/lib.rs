@@ -1,4 +1,5 @@
-//! Gives the C allocator's free memory back to the system.
+//! Gives the C allocator's free memory back to the system, and reads the process's resident
+//! size.
 //!
 //! libtorch allocates every tensor through `malloc`. glibc keeps what is freed in the arena of
 //! the thread that allocated it and returns memory to the system only from the top of a heap,
@@ -29,11 +30,21 @@ pub fn release_free_memory() -> bool {
     false
 }
 
-/// This process's resident set size in bytes, from `/proc/self/status` (None where there is no
-/// such file).
+/// This process's resident set size in bytes (`VmRSS`; None where `/proc` has no such field).
 pub fn resident_bytes() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+/// The largest resident set size this process has had, in bytes (`VmHWM`; None where `/proc`
+/// has no such field).
+pub fn peak_resident_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
