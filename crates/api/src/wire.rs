@@ -158,12 +158,15 @@ impl TensorData {
 const MAX_ID_ROWS: i64 = 1 << 20;
 
 impl TensorData {
-    /// A 2-D int64 matrix of token ids, dense or sparse CSR (then with its layout); cells a
-    /// sparse tensor does not list are `fill`.
+    /// A 2-D int64 matrix of token ids with `want_rows` rows (one per prompt position after the
+    /// first), dense or sparse CSR (then with its layout); cells a sparse tensor does not list
+    /// are `fill`. The row count is checked before the matrix is built: a sparse tensor's body
+    /// holds a few bytes per row, its matrix up to [`loraloom_model::MAX_SCORED_WIDTH`] ids.
     pub fn into_id_matrix(
         self,
         field: &str,
         fill: i64,
+        want_rows: usize,
     ) -> ApiResult<(Vec<Vec<i64>>, Option<CsrLayout>)> {
         let invalid = |reason: String| ApiError::invalid(field, reason);
         let shape = self.shape.clone().unwrap_or_default();
@@ -179,13 +182,18 @@ impl TensorData {
                 "shape {shape:?}: at most {MAX_ID_ROWS} rows of 1 to {widest} ids"
             )));
         }
+        let (rows, cols) = (rows as usize, cols as usize);
+        if rows != want_rows {
+            return Err(invalid(format!(
+                "must have one row per prompt position after the first ({want_rows}), got {rows}"
+            )));
+        }
         if !matches!(self.dtype.as_deref(), None | Some("int64")) {
             return Err(invalid("must have dtype int64".into()));
         }
         if self.data.iter().any(|x| x.fract() != 0.0 || !x.is_finite()) {
             return Err(invalid("must hold integers".into()));
         }
-        let (rows, cols) = (rows as usize, cols as usize);
         let ids: Vec<i64> = self.data.iter().map(|&x| x as i64).collect();
         match (self.sparse_crow_indices, self.sparse_col_indices) {
             (None, None) => {
@@ -658,4 +666,38 @@ pub struct Promise {
     /// One id per sample (`asample`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample_sequence_ids: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sparse CSR id matrix of `rows` rows of 128 ids, none listed.
+    fn empty_sparse(rows: usize) -> TensorData {
+        TensorData {
+            data: Vec::new(),
+            dtype: Some("int64".into()),
+            shape: Some(vec![rows as i64, 128]),
+            sparse_crow_indices: Some(vec![0; rows + 1]),
+            sparse_col_indices: Some(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn a_sparse_id_matrix_with_rows_the_prompt_lacks_is_refused_before_it_is_built() {
+        // 2^20 rows of 128 ids would be 1 GiB built; its body is 2 MiB of row offsets.
+        let err = empty_sparse(1 << 20)
+            .into_id_matrix("target_prompt_logprobs", -1, 3)
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("one row per prompt position"),
+            "{err}"
+        );
+        let (rows, layout) = empty_sparse(3)
+            .into_id_matrix("target_prompt_logprobs", -1, 3)
+            .expect("the prompt's rows");
+        assert_eq!(rows, vec![vec![-1; 128]; 3]);
+        assert!(layout.is_some());
+    }
 }

@@ -104,9 +104,9 @@ pub(super) struct SampleRequest {
 }
 
 impl SampleRequest {
-    /// The extras asked for besides the samples (bounds against the prompt and the vocabulary
-    /// are checked at submission).
-    fn scoring(&mut self) -> ApiResult<Scoring> {
+    /// The extras asked for besides the samples, for a prompt of `prompt_len` tokens (bounds
+    /// against the vocabulary are checked at submission).
+    fn scoring(&mut self, prompt_len: usize) -> ApiResult<Scoring> {
         let width = |field: &str, n: i64| {
             usize::try_from(n).map_err(|_| ApiError::invalid(field, "must not be negative"))
         };
@@ -121,7 +121,8 @@ impl SampleRequest {
         };
         let (prompt_targets, prompt_targets_layout) = match self.target_prompt_logprobs.take() {
             Some(t) => {
-                let (ids, layout) = t.into_id_matrix("target_prompt_logprobs", -1)?;
+                let (ids, layout) =
+                    t.into_id_matrix("target_prompt_logprobs", -1, prompt_len.saturating_sub(1))?;
                 (Some(ids), layout)
             }
             None => (None, None),
@@ -148,7 +149,8 @@ fn submit_sample(
     tenant: &str,
     mut body: SampleRequest,
 ) -> ApiResult<(String, i64)> {
-    let scoring = body.scoring()?;
+    let prompt = body.prompt.tokens("prompt")?;
+    let scoring = body.scoring(prompt.len())?;
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
@@ -171,7 +173,6 @@ fn submit_sample(
             id
         }
     };
-    let prompt = body.prompt.tokens("prompt")?;
     let work = Work::Sample {
         prompt,
         num_samples: body.num_samples,
