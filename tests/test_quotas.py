@@ -1,9 +1,12 @@
-"""Per-tenant quotas: listed checkpoints by count (--max-checkpoints-per-tenant), sampling
+"""Per-tenant quotas: training runs (--max-runs-per-tenant, which runs of finished or silent
+sessions make room under), listed checkpoints by count (--max-checkpoints-per-tenant), sampling
 sessions (--max-samplers-per-tenant, whose removal of idle sessions the engine's unit tests
 cover), resident adapter memory per tenant (--max-resident-bytes-per-tenant) and of all tenants
 (--max-resident-bytes); checkpoints saved for one
 sampling session are not listed; /api/model-stats shows each tenant its usage against the
 limits."""
+
+import time
 
 import pytest
 import requests
@@ -165,5 +168,71 @@ def test_sessions_per_tenant_forget_the_oldest_empty_ones_then_refuse(tmp_path):
         assert (usage["sessions"], usage["sessions_limit"]) == (3, 3), usage
         other = requests.post(srv.url + "/api/v1/create_session", json={}, headers={"X-API-Key": "tml-other"})
         assert other.status_code == 200, "another tenant is not limited by this one's sessions"
+    finally:
+        srv.stop()
+
+
+def test_runs_of_finished_or_silent_sessions_make_room_for_new_ones(tmp_path):
+    """At --max-runs-per-tenant, runs no client can use any more are unloaded to make room: those
+    of a session its client finished (ServiceClient.close), and those of a session silent for
+    --session-timeout-secs whose runs ran no job for as long. A live session keeps its runs (the
+    next run is refused, naming both flags); checkpoints of unloaded runs stay."""
+    srv = Server(tmp_path, "--max-runs-per-tenant", "2", "--session-timeout-secs", "8")
+    h = {"X-API-Key": KEY}
+
+    def call(path, body):
+        return requests.post(srv.url + path, json=body, headers=h, timeout=30)
+
+    def new_session():
+        r = call("/api/v1/create_session", {"tags": [], "sdk_version": "raw"})
+        assert r.ok, r.text
+        return r.json()["session_id"]
+
+    def create_run(session_id):
+        return call("/api/v1/create_model", {"session_id": session_id, "base_model": MODEL_NAME,
+                                             "lora_config": {"rank": 4}})
+
+    def runs():
+        listed = requests.get(srv.url + "/api/v1/training_runs", headers=h, timeout=30).json()
+        return sorted(r["training_run_id"] for r in listed["training_runs"])
+
+    try:
+        first = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        kept = first.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        path = kept.save_state("kept").result().path
+        first.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        with pytest.raises(tinker.PermissionDeniedError) as refused:
+            first.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        assert "limit 2" in str(refused.value) and "--session-timeout-secs" in str(refused.value), refused.value
+        first_runs = runs()
+        assert len(first_runs) == 2, first_runs
+        first.close("success").result()
+
+        # The finished session's two runs make room for another client's two.
+        second = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        for _ in range(2):
+            second.create_lora_training_client(base_model=MODEL_NAME, rank=4).result()
+        second_runs = runs()
+        assert len(second_runs) == 2 and not set(second_runs) & set(first_runs), (first_runs, second_runs)
+        listed = tinker.RestClient(base_url=srv.url, api_key=KEY).list_user_checkpoints().result()
+        assert path in [c.tinker_path for c in listed.checkpoints], "an unloaded run's checkpoint stays"
+        second.close("success").result()
+
+        # A session that heartbeats keeps its runs; once silent for the timeout, it gives them up.
+        live = new_session()
+        for _ in range(2):
+            assert create_run(live).ok
+        assert runs() != second_runs
+        other = new_session()
+        started = time.monotonic()
+        while time.monotonic() - started < 12:
+            assert call("/api/v1/session_heartbeat", {"session_id": live}).ok
+            r = create_run(other)
+            assert r.status_code == 403 and "--session-timeout-secs" in r.text, (r.status_code, r.text)
+            time.sleep(2)
+        time.sleep(9)
+        r = create_run(other)
+        assert r.ok, r.text
+        assert len(runs()) == 2
     finally:
         srv.stop()

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use loraloom_engine::registry::LastAccess;
 use loraloom_engine::Engine;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,27 @@ pub struct Session {
     pub created: f64,
     /// What the client said about it and what became of it (stored as JSON).
     pub details: SessionDetails,
+    /// When its client was last heard from: a heartbeat, or a run or sampling session created
+    /// in it (not stored: a restart counts as hearing from every client, so downtime never
+    /// makes a session look abandoned). Clones share it.
+    pub heard_from: Arc<LastAccess>,
+}
+
+impl Session {
+    /// A session of `tenant` created at `created` (unix seconds), heard from now.
+    pub fn new(tenant: String, created: f64, details: SessionDetails) -> Self {
+        Session {
+            tenant,
+            created,
+            details,
+            heard_from: Arc::new(LastAccess::now()),
+        }
+    }
+
+    /// Seconds since its client was last heard from.
+    pub fn silent_for(&self) -> f64 {
+        loraloom_engine::registry::unix_now() - self.heard_from.get()
+    }
 }
 
 /// A session's description and fate: everything about it but its owner and creation time.
@@ -69,6 +91,9 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// Sessions one tenant may hold (`--max-sessions-per-tenant`, 0 = no limit).
     pub max_sessions_per_tenant: usize,
+    /// How long a session's client may go unheard, with none of its runs used, before its runs
+    /// count as abandoned (`--session-timeout-secs`; `None`: never).
+    pub session_timeout: Option<Duration>,
     /// `/metrics` answers without a key (and shows no tenant's series).
     pub public_metrics: bool,
     /// Where the model runs, for stats.

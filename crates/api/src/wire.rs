@@ -688,8 +688,7 @@ mod tests {
         // 2^20 rows of 128 ids would be 1 GiB built; its body is 2 MiB of row offsets.
         let err = empty_sparse(1 << 20)
             .into_id_matrix("target_prompt_logprobs", -1, 3)
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(
             err.to_string().contains("one row per prompt position"),
             "{err}"

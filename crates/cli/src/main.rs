@@ -382,6 +382,14 @@ struct ServeArgs {
         default_value_t = 10_000
     )]
     max_sessions_per_tenant: usize,
+    /// Seconds a session's client may go without a heartbeat (the SDK sends one every 10 s),
+    /// while none of its runs runs a job, before its runs count as abandoned: a tenant at
+    /// `--max-runs-per-tenant`, or the server at `--max-runs`, then unloads abandoned runs (and
+    /// runs of sessions their client finished, `ServiceClient.close`), least recently used
+    /// first, to make room for a new one; their checkpoints stay. 0: only finished sessions'
+    /// runs are unloaded.
+    #[arg(long, env = "LORALOOM_SESSION_TIMEOUT_SECS", default_value_t = 600)]
+    session_timeout_secs: u64,
     /// Sampling sessions one tenant may hold (0 = no limit). Registering one more removes the
     /// tenant's least recently used sessions unused for 60 s (with the checkpoints
     /// `save_weights_and_get_sampling_client` saved for them alone).
@@ -686,12 +694,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for row in store.sessions().context("reading sessions")? {
         sessions.insert(
             row.id,
-            Session {
-                tenant: row.tenant,
-                created: row.created,
-                // A row this version cannot read keeps its owner and time, not its details.
-                details: serde_json::from_str(&row.details_json).unwrap_or_default(),
-            },
+            // A row this version cannot read keeps its owner and time, not its details.
+            Session::new(
+                row.tenant,
+                row.created,
+                serde_json::from_str(&row.details_json).unwrap_or_default(),
+            ),
         );
     }
     tracing::info!(
@@ -708,6 +716,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         max_sessions_per_tenant: args.max_sessions_per_tenant,
+        session_timeout: (args.session_timeout_secs > 0)
+            .then(|| Duration::from_secs(args.session_timeout_secs)),
         public_metrics: args.public_metrics,
         device,
         tokenizer_id,

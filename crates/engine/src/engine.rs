@@ -506,13 +506,17 @@ impl Engine {
         let mine = self.inner.registry.models_of(&key.tenant).len();
         if per_tenant > 0 && mine >= per_tenant {
             return Err(EngineError::LimitReached(format!(
-                "this tenant has {mine} training runs (limit {per_tenant}); unload one first"
+                "this tenant has {mine} training runs (limit {per_tenant}) and none is \
+                 abandoned (its session finished by ServiceClient.close, or silent for \
+                 --session-timeout-secs); close a ServiceClient or unload a run first"
             )));
         }
         let all = self.inner.registry.model_count();
         if overall > 0 && all >= overall {
             return Err(EngineError::LimitReached(format!(
-                "the server holds {all} training runs (limit {overall})"
+                "the server holds {all} training runs (limit {overall}) and none is abandoned \
+                 (its session finished by ServiceClient.close, or silent for \
+                 --session-timeout-secs)"
             )));
         }
         self.inner.registry.add_model(
@@ -791,6 +795,12 @@ impl Engine {
             first_tokens: c.first_tokens.load(Ordering::Relaxed),
             first_token_seconds: c.first_token_ns.load(Ordering::Relaxed) as f64 / 1e9,
         }
+    }
+
+    /// Training runs one tenant, and the server, may hold (`--max-runs-per-tenant`,
+    /// `--max-runs`; 0 = no limit).
+    pub fn run_limits(&self) -> (usize, usize) {
+        self.inner.run_limits
     }
 
     /// Jobs waiting in one queue.

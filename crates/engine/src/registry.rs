@@ -63,6 +63,7 @@ pub struct ModelEntry {
 }
 
 /// A last-access time (unix seconds, stored as bits so it updates without a lock).
+#[derive(Debug)]
 pub struct LastAccess(std::sync::atomic::AtomicU64);
 
 impl LastAccess {

@@ -30,12 +30,14 @@ use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json
 use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
 
+mod abandoned;
 mod checkpoints;
 mod futures;
 mod runs;
 mod sampling;
 pub(crate) mod sessions;
 
+use self::abandoned::make_room_for_run;
 use self::checkpoints::*;
 use self::futures::*;
 use self::runs::*;

@@ -109,11 +109,11 @@ pub(super) async fn create_session(
 fn register(state: &AppState, tenant: &str, details: SessionDetails) -> ApiResult<String> {
     make_room(state, tenant)?;
     let id = new_id("session");
-    let session = Session {
-        tenant: tenant.to_string(),
-        created: loraloom_engine::registry::unix_now(),
+    let session = Session::new(
+        tenant.to_string(),
+        loraloom_engine::registry::unix_now(),
         details,
-    };
+    );
     persist(state, &id, &session)?;
     state.sessions.insert(id.clone(), session);
     Ok(id)
@@ -183,7 +183,10 @@ pub(super) fn session(state: &AppState, tenant: &str, id: &str) -> ApiResult<Ses
             "session {id} was finished by its client ({}); create a new ServiceClient",
             finish.reason
         ))),
-        None => Ok(session),
+        None => {
+            session.heard_from.touch();
+            Ok(session)
+        }
     }
 }
 
