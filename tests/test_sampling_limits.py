@@ -1,9 +1,12 @@
-"""Sampling jobs are bounded: a running one can be cancelled between two tokens, one that runs
-past --max-sample-secs fails `time_limit`, and meanwhile other requests are served."""
+"""Sampling jobs are bounded: a running one can be cancelled between two tokens (also by the
+SDK when its caller abandons the future), one that runs past --max-sample-secs fails
+`time_limit`, and meanwhile other requests are served."""
 
+import asyncio
 import time
 
 import requests
+import tinker
 
 from conftest import MODEL_NAME, Server
 
@@ -59,3 +62,31 @@ def test_sampling_past_the_time_limit_fails_naming_the_flag(limited_server):
     failed = outcome(limited_server, long, timeout=120)
     assert failed.get("error_type") == "time_limit", failed
     assert "--max-sample-secs" in failed["error"], failed
+
+
+def test_a_sample_the_sdk_abandons_is_cancelled_on_the_server(tmp_path):
+    """The SDK sends cancel_future for a sampling future its caller gives up on (here a
+    timeout), since the server's dynamic config enables it: the job stops within seconds
+    instead of decoding 4 x 4000 tokens (minutes on this model) for nobody."""
+    srv = Server(tmp_path, "--max-sample-secs", "300")
+    try:
+        sc = tinker.ServiceClient(base_url=srv.url, api_key=H["X-API-Key"])
+        sampler = sc.create_sampling_client(base_model=MODEL_NAME).result()
+        params = tinker.types.SamplingParams(max_tokens=4000, stop=[], temperature=1.0, seed=1)
+        prompt = tinker.types.ModelInput.from_ints([1, 504, 3151])
+
+        async def abandon():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(sampler.sample(prompt, 4, params), timeout=3.0)
+
+        asyncio.run(abandon())
+        deadline = time.time() + 60
+        while True:
+            stats = requests.get(srv.url + "/api/model-stats", headers=H, timeout=30).json()
+            if stats["failed"] == 1 and stats["running"] == 0:
+                break
+            assert time.time() < deadline, f"the abandoned sample still runs: {stats}"
+            time.sleep(0.5)
+        sc.close("success").result()
+    finally:
+        srv.stop()

@@ -58,7 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/healthz", get(healthz))
         .route("/api/v1/get_server_capabilities", get(capabilities))
         .route("/api/v1/client/config", post(client_config))
-        .route("/api/v1/client/dynamic_config", post(client_config))
+        .route("/api/v1/client/dynamic_config", post(client_dynamic_config))
         .route("/api/v1/create_session", post(create_session))
         .route("/api/v1/session_heartbeat", post(heartbeat))
         .route("/api/v1/sessions", get(list_sessions))
@@ -226,6 +226,18 @@ async fn client_config(_body: RawBody) -> Json<Value> {
         "sample_use_retrieve_futures": false,
         "sample_join_sampling_session": false,
         "custom_loss_server_side": false,
+    }))
+}
+
+/// Flags a live SDK client re-reads every `refresh_interval_sec`: `sample_cancel_enabled`
+/// makes it send `cancel_future` for a sampling future it abandons (a timeout, a cancelled
+/// task: cookbook rollouts that time out), so the decode loop drops the request at its next
+/// token instead of decoding it to `max_tokens` for nobody.
+async fn client_dynamic_config(_body: RawBody) -> Json<Value> {
+    Json(json!({
+        "refresh_interval_sec": 300,
+        "sample_cancel_enabled": true,
+        "sample_cancel_max_batch_size": 64,
     }))
 }
 
