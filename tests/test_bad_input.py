@@ -162,13 +162,13 @@ CASES = {
         400, ["target_prompt_logprobs", "vocabulary"]),
     "bad_query_string": lambda s, run: (
         requests.get(s.url + "/api/v1/training_runs?limit=many", headers=H), 400, ["query"]),
-    "request_too_large_when_padded": lambda s, run: (
+    "request_over_the_token_limit": lambda s, run: (
         post(s, "/api/v1/forward_backward",
              {**fb_body(run["model_id"], [1], [2], [1]),
               "forward_backward_input": {"loss_fn": "cross_entropy", "data": [
                   fb_body(run["model_id"], [1] * n, [2] * n, [1] * n)["forward_backward_input"]["data"][0]
-                  for n in [2048] + [1] * 16]}}),
-        400, ["data", "padded"]),
+                  for n in [2048] * 16 + [1]]}}),
+        400, ["data", "32769 tokens", "--max-request-tokens"]),
     "no_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={}), 401, ["X-API-Key"]),
     "wrong_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={"X-API-Key": "tml-guess-1234"}),
                                  401, ["unknown API key"]),

@@ -8,7 +8,7 @@ import requests
 import tinker
 from tinker import types
 
-from conftest import ALICE, BOB, MODEL_NAME
+from conftest import ALICE, BOB, MODEL_NAME, Server
 
 PAIRS = [
     ("Q: What colour is the loom? A:", " The loom is violet."),
@@ -299,3 +299,28 @@ def test_get_tokenizer_loads_offline_and_other_optimizers_are_refused_by_name(ke
         ).result()
     with pytest.raises(tinker.BadRequestError, match="optimizer_params.type.*dimuon"):
         tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()
+
+
+def test_a_batch_over_the_request_limit_is_sent_in_parts_by_the_sdk(tmp_path):
+    """The client config tells the SDK --max-request-tokens (as fwdbwd_max_chunk_bytes_count),
+    so a batch larger than it (an SFT batch of the cookbook's size) goes in several requests
+    whose gradients accumulate, instead of a 400: its summed loss is that of its datums one by
+    one, and it trains."""
+    srv = Server(tmp_path, "--max-request-tokens", "512")
+    try:
+        sc = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=3).result()
+        data = [types.Datum(model_input=types.ModelInput.from_ints([(7 * i + 13 * j) % 4000 + 20 for j in range(100)]),
+                            loss_fn_inputs={"target_tokens": [(7 * i + 13 * j + 5) % 4000 + 20 for j in range(100)],
+                                            "weights": [1.0] * 100})
+                for i in range(8)]
+        alone = sum(tc.forward([d], "cross_entropy").result().metrics["loss:sum"] for d in data)
+        whole = tc.forward_backward(data, "cross_entropy").result()
+        assert len(whole.loss_fn_outputs) == 8
+        assert whole.metrics["loss:sum"] == pytest.approx(alone, rel=1e-5)
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        after = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+        assert after < alone, (alone, after)
+        sc.close("success").result()
+    finally:
+        srv.stop()

@@ -333,8 +333,9 @@ struct ServeArgs {
     /// Token budget of one fused batch.
     #[arg(long, env = "LORALOOM_MAX_BATCH_TOKENS", default_value_t = 8192)]
     max_batch_tokens: usize,
-    /// Largest forward_backward / forward request in padded tokens (datums x longest datum);
-    /// larger requests are refused (split them into several calls).
+    /// Largest forward_backward / forward request in tokens (all its datums together); larger
+    /// requests are refused (split them into several calls). The SDK is told it through the
+    /// client config and splits larger batches itself.
     #[arg(long, env = "LORALOOM_MAX_REQUEST_TOKENS", default_value_t = 32768)]
     max_request_tokens: usize,
     /// Activation memory one training or scoring pass may hold: `auto` (half of the memory

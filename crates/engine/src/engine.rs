@@ -371,8 +371,7 @@ impl Engine {
             } => {
                 validate_request(config, loss, data)?;
                 let lengths: Vec<usize> = data.iter().map(|d| d.input_tokens.len()).collect();
-                let longest = lengths.iter().copied().max().unwrap_or(0);
-                let padded = data.len() * longest;
+                let tokens: usize = lengths.iter().sum();
                 let (limit, budget) = {
                     let sched = lock(&self.inner.sched);
                     (
@@ -386,11 +385,11 @@ impl Engine {
                     &self.inner.base.pass_cost,
                     budget,
                 )?;
-                if padded > limit {
+                if tokens > limit {
                     return Err(EngineError::invalid(
                         "data",
                         format!(
-                            "{} datums padded to the longest ({longest} tokens) make {padded} tokens, more than this server's limit of {limit} per request; split them into several calls",
+                            "{} datums hold {tokens} tokens, more than this server's limit of {limit} per request (--max-request-tokens); split them into several calls (the SDK does so itself, told the limit by the client config)",
                             data.len()
                         ),
                     ));
@@ -801,6 +800,11 @@ impl Engine {
     /// `--max-runs`; 0 = no limit).
     pub fn run_limits(&self) -> (usize, usize) {
         self.inner.run_limits
+    }
+
+    /// Most tokens one forward_backward or forward request may hold (`--max-request-tokens`).
+    pub fn max_request_tokens(&self) -> usize {
+        lock(&self.inner.sched).limits().max_request_tokens
     }
 
     /// Jobs waiting in one queue.

@@ -22,8 +22,9 @@ pub struct Limits {
     pub total: usize,
     /// Token budget of one fused batch (a single larger job still runs, alone).
     pub max_batch_tokens: usize,
-    /// Largest `forward_backward` / `forward` request, in padded tokens (datums × the longest
-    /// datum's length): what one request makes the model hold at once.
+    /// Largest `forward_backward` / `forward` request, in tokens (all its datums together):
+    /// how long one request may hold a worker (its memory is bounded by `memory_budget`, in
+    /// micro-batches).
     pub max_request_tokens: usize,
     /// Activation memory one training or scoring pass may hold, in bytes: a datum that cannot
     /// run within it even with activation checkpointing is refused at submission.

@@ -219,8 +219,21 @@ async fn capabilities(State(state): State<AppState>) -> Json<Value> {
     }]}))
 }
 
-async fn client_config(_body: RawBody) -> Json<Value> {
+/// The least bytes the SDK estimates a training datum's token at: 4 for the token, at least 4
+/// for its target (`_estimate_datum_bytes_count_proto`).
+const SDK_BYTES_PER_TOKEN: usize = 8;
+
+/// Flags the SDK reads once per client. `fwdbwd_max_chunk_bytes_count` makes it split a
+/// `forward_backward` or `forward` into requests within `--max-request-tokens` (it splits by
+/// its byte estimate, at least [`SDK_BYTES_PER_TOKEN`] per token; gradients accumulate across
+/// the parts), so a large SFT batch is sent in parts instead of being refused.
+async fn client_config(State(state): State<AppState>, _body: RawBody) -> Json<Value> {
+    let chunk_bytes = state
+        .engine
+        .max_request_tokens()
+        .saturating_mul(SDK_BYTES_PER_TOKEN);
     Json(json!({
+        "fwdbwd_max_chunk_bytes_count": chunk_bytes,
         "pjwt_auth_enabled": false,
         "proto_compress_fwdbwd": false,
         "sample_use_retrieve_futures": false,
