@@ -455,9 +455,8 @@ impl Engine {
             pushed
         };
         if let Err(err) = pushed {
-            self.inner
-                .futures
-                .set(&id, FutureState::Failed(err.clone()));
+            // The client gets the refusal, never the id.
+            self.inner.futures.forget(&id);
             return Err(err);
         }
         self.inner.wake.notify_one();

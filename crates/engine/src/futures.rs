@@ -154,6 +154,20 @@ impl FutureStore {
         );
     }
 
+    /// Forgets a request that was never admitted (its submission was refused, so no client holds
+    /// its id): kept, refused submissions would fill the store at the rate they are sent.
+    pub fn forget(&self, id: &str) {
+        let Some(entry) = self.lock().remove(id) else {
+            return;
+        };
+        entry.notify.notify_waiters();
+        if let Some(store) = &self.durable {
+            if let Err(e) = store.delete_future(id) {
+                tracing::error!(error = %e, request_id = id, "cannot forget a refused future");
+            }
+        }
+    }
+
     /// Moves a request to `state`, waking its waiters. Terminal states are final.
     pub fn set(&self, id: &str, state: FutureState) {
         let mut map = self.lock();

@@ -133,6 +133,8 @@ pub trait Store: Send + Sync {
     fn futures(&self) -> Result<Vec<FutureRow>>;
     /// Forgets futures finished before `unix_time`; returns how many.
     fn purge_futures(&self, unix_time: f64) -> Result<usize>;
+    /// Forgets one future.
+    fn delete_future(&self, id: &str) -> Result<()>;
     /// Records sampled sequences of one tenant (in one transaction).
     fn put_samples(&self, tenant: &str, rows: &[SampleRow]) -> Result<()>;
     /// The tenant's recorded sequences among `ids` (unknown ids are absent), each marked used
@@ -395,6 +397,13 @@ impl Store for SqliteStore {
                 "DELETE FROM futures WHERE finished IS NOT NULL AND finished < ?1",
                 params![unix_time],
             )
+        })
+    }
+
+    fn delete_future(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM futures WHERE id = ?1", params![id])
+                .map(|_| ())
         })
     }
 

@@ -271,8 +271,16 @@ fn full_queues_refuse_and_cancel_and_timeout_fail_futures() {
     let ids: Vec<String> = (0..3)
         .map(|_| engine.submit(qa.clone(), optim(1e-3)).unwrap())
         .collect();
-    let err = engine.submit(qa.clone(), optim(1e-3)).unwrap_err();
-    assert_eq!(err.kind(), "overloaded");
+    let futures_before = engine.futures().counts().values().sum::<usize>();
+    for _ in 0..50 {
+        let err = engine.submit(qa.clone(), optim(1e-3)).unwrap_err();
+        assert_eq!(err.kind(), "overloaded");
+    }
+    // Refused submissions leave no future behind (no client holds their ids).
+    assert_eq!(
+        engine.futures().counts().values().sum::<usize>(),
+        futures_before
+    );
     // Another tenant is not affected by a's full queue.
     let b = engine
         .submit(QueueKey::Model(key("b", "m")), optim(1e-3))
