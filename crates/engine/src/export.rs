@@ -47,7 +47,7 @@ pub fn parse_recipients(given: &[String]) -> Result<Vec<Box<dyn age::Recipient +
 }
 
 /// Saves `request` to `dir` with every file encrypted to `recipients`: written and encrypted in
-/// a staging directory (`.NAME.tmp-PID-NANOS`, which a restart tidies), then renamed into place,
+/// a staging directory (`.NAME.tmp-TAG-NANOS`, which a restart tidies), then renamed into place,
 /// replacing an earlier export of the name.
 pub fn save_encrypted(
     request: &loraloom_model::checkpoint::SaveRequest,
@@ -55,14 +55,10 @@ pub fn save_encrypted(
     recipients: &[Box<dyn age::Recipient + Send>],
 ) -> Result<()> {
     let io = |e: std::io::Error| EngineError::Internal(format!("placing an export: {e}"));
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| EngineError::Internal("an export has no name".into()))?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let staging = dir.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    if dir.file_name().is_none() {
+        return Err(EngineError::Internal("an export has no name".into()));
+    }
+    let staging = loraloom_model::checkpoint::unique_sibling(dir, "tmp");
     let placed = (|| {
         loraloom_model::checkpoint::save(request, &staging)?;
         encrypt_dir(&staging, recipients)?;

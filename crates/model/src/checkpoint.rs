@@ -184,10 +184,28 @@ impl Staged {
     }
 }
 
+/// This process among every process that has used the data directory: its id and the time it
+/// first staged a save (`PIDxNANOS`). The id alone is not enough: a server restarted in a
+/// container often gets the dead one's id back, and would take that one's unfinished saves for
+/// its own saves in flight, leaving a run's snapshot missing.
+fn process_tag() -> &'static str {
+    static TAG: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{}x{}", std::process::id(), unix_nanos()));
+    &TAG
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// Undoes a replacement that [`save`] did not finish: between its two renames `dir` is absent and
-/// the previous version waits in a `.NAME.old-PID-NANOS` sibling. Renames the newest such
-/// sibling of another process (one that died mid-save) back; this process's own siblings belong
-/// to a save still in flight. Does nothing when `dir` exists or no sibling does.
+/// the previous version waits in a `.NAME.old-TAG-NANOS` sibling. Renames the newest such
+/// sibling of another process (one that died mid-save) back; this process's own siblings
+/// ([`process_tag`]) belong to a save still in flight. Does nothing when `dir` exists or no
+/// sibling does.
 pub fn recover(dir: &Path) -> Result<()> {
     if dir.exists() {
         return Ok(());
@@ -196,7 +214,7 @@ pub fn recover(dir: &Path) -> Result<()> {
         return Ok(());
     };
     let prefix = format!(".{}.old-", name.to_string_lossy());
-    let ours = format!("{prefix}{}-", std::process::id());
+    let ours = format!("{prefix}{}-", process_tag());
     let Ok(siblings) = std::fs::read_dir(parent) else {
         return Ok(());
     };
@@ -216,16 +234,15 @@ pub fn recover(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn unique_sibling(dir: &Path, tag: &str) -> PathBuf {
+/// A sibling of `dir` for this process to stage in (`tag` `tmp`) or to keep the previous
+/// version in (`old`) while it replaces `dir`: `.NAME.TAG-PROCESS-NANOS`, which a restart
+/// recognises as another process's ([`remove_stale`]).
+pub fn unique_sibling(dir: &Path, tag: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    dir.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
+    dir.with_file_name(format!(".{name}.{tag}-{}-{}", process_tag(), unix_nanos()))
 }
 
 fn write_files(request: &SaveRequest, dir: &Path, sync: Durability) -> Result<()> {
@@ -399,15 +416,15 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
 }
 
 /// What saves of other processes (which died mid-save) left under `root`, tidied at start:
-/// each staging directory (`.NAME.tmp-PID-NANOS`) is removed; a previous version
-/// (`.NAME.old-PID-NANOS`) is first renamed back when `NAME` is missing ([`recover`]), and the
+/// each staging directory (`.NAME.tmp-TAG-NANOS`) is removed; a previous version
+/// (`.NAME.old-TAG-NANOS`) is first renamed back when `NAME` is missing ([`recover`]), and the
 /// others are removed once `NAME` exists. This process's own siblings (saves in flight) are
 /// left alone. Walks at most `depth` levels; returns how many directories were removed.
 pub fn remove_stale(root: &Path, depth: usize) -> Result<usize> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Ok(0);
     };
-    let ours = format!("-{}-", std::process::id());
+    let ours = format!("-{}-", process_tag());
     let mut removed = 0;
     let mut subdirs = Vec::new();
     for entry in entries.flatten() {
@@ -447,7 +464,7 @@ pub fn remove_stale(root: &Path, depth: usize) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{recover, remove_stale};
+    use super::{process_tag, recover, remove_stale};
 
     #[test]
     fn stale_staging_and_old_versions_are_tidied_and_in_flight_ones_kept() {
@@ -463,9 +480,11 @@ mod tests {
         make(".kept.old-1-5"); // NAME exists: removed
         make(".gone.old-1-5"); // NAME missing: renamed back to `gone`
         make(".half.tmp-1-9"); // a dead save's staging: removed
-        let in_flight = format!(".busy.tmp-{}-3", std::process::id());
+        let in_flight = format!(".busy.tmp-{}-3", process_tag());
         make(&in_flight); // this process's save in flight: kept
-        assert_eq!(remove_stale(&root, 4).unwrap(), 2);
+                          // A dead process whose id this one got back (a restarted container): removed.
+        make(&format!(".reused.tmp-{}-4", std::process::id()));
+        assert_eq!(remove_stale(&root, 4).unwrap(), 3);
         let names: std::collections::BTreeSet<String> = std::fs::read_dir(&run)
             .unwrap()
             .flatten()
@@ -501,11 +520,17 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.join("which")).unwrap(), "newer");
         // This process's own sibling is a save in flight: not touched.
         std::fs::remove_dir_all(&dir).unwrap();
-        let ours = root.join(format!(".snap.old-{}-7", std::process::id()));
+        let ours = root.join(format!(".snap.old-{}-7", process_tag()));
         std::fs::create_dir_all(&ours).unwrap();
         std::fs::remove_dir_all(root.join(".snap.old-1-5")).unwrap();
         recover(&dir).unwrap();
         assert!(ours.exists() && !dir.exists());
+        // A dead process with this process's id (a restart in a container reuses it): restored.
+        std::fs::remove_dir_all(&ours).unwrap();
+        let reused = root.join(format!(".snap.old-{}-8", std::process::id()));
+        std::fs::create_dir_all(&reused).unwrap();
+        recover(&dir).unwrap();
+        assert!(dir.exists() && !reused.exists());
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
