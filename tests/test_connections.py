@@ -89,11 +89,12 @@ def test_partial_headers_are_cut_off_by_the_header_timeout(strict_server):
     s.close()
 
 
-def first_reply(server, path, content_length, body):
-    """Sends a keyed POST head declaring `content_length` and then only `body`; returns the first
-    bytes the server answers (within a generous 20 s)."""
+def first_reply(server, path, content_length, body, key=ALICE):
+    """Sends a POST head (with `key`, unless None) declaring `content_length` and then only
+    `body`; returns the first bytes the server answers (within a generous 20 s)."""
+    key_line = f"X-API-Key: {key}\r\n" if key else ""
     with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ALICE}\r\n"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{key_line}"
                   f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode() + body)
         s.settimeout(20)
         return s.recv(4096)
@@ -111,6 +112,14 @@ def test_an_oversized_content_length_gets_an_early_413(strict_server):
     assert b"payload_too_large" in reply
 
 
+def test_the_client_config_answers_a_stranger_without_reading_its_body(strict_server):
+    """The SDK's client config needs no key, so it must not buffer a stranger's upload: a 30 MB
+    body declared and not sent is answered at once, not held until --body-timeout-secs."""
+    for path in ["/api/v1/client/config", "/api/v1/client/dynamic_config"]:
+        reply = first_reply(strict_server, path, 30_000_000, b"{}", key=None)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+
+
 def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_server):
     with requests.Session() as http:
         http.headers.update(HEADERS)
@@ -120,6 +129,8 @@ def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_serv
             assert r.status_code == 200, r.text
             r = http.post(strict_server.url + "/api/v1/telemetry", json={"events": ["e" * 5000]}, timeout=5)
             assert r.status_code == 200, r.text
+            r = http.post(strict_server.url + "/api/v1/client/config", json={"pad": "p" * 5000}, timeout=5)
+            assert r.status_code == 200 and "fwdbwd_max_chunk_bytes_count" in r.text, r.text
     keyed_request(strict_server)
 
 

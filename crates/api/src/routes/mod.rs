@@ -223,11 +223,12 @@ async fn capabilities(State(state): State<AppState>) -> Json<Value> {
 /// for its target (`_estimate_datum_bytes_count_proto`).
 const SDK_BYTES_PER_TOKEN: usize = 8;
 
-/// Flags the SDK reads once per client. `fwdbwd_max_chunk_bytes_count` makes it split a
+/// Flags the SDK reads once per client (its body, `{}`, is not read: the route needs no API
+/// key, and must not buffer a stranger's upload). `fwdbwd_max_chunk_bytes_count` makes it split a
 /// `forward_backward` or `forward` into requests within `--max-request-tokens` (it splits by
 /// its byte estimate, at least [`SDK_BYTES_PER_TOKEN`] per token; gradients accumulate across
 /// the parts), so a large SFT batch is sent in parts instead of being refused.
-async fn client_config(State(state): State<AppState>, _body: RawBody) -> Json<Value> {
+async fn client_config(State(state): State<AppState>) -> Json<Value> {
     let chunk_bytes = state
         .engine
         .max_request_tokens()
@@ -246,7 +247,7 @@ async fn client_config(State(state): State<AppState>, _body: RawBody) -> Json<Va
 /// makes it send `cancel_future` for a sampling future it abandons (a timeout, a cancelled
 /// task: cookbook rollouts that time out), so the decode loop drops the request at its next
 /// token instead of decoding it to `max_tokens` for nobody.
-async fn client_dynamic_config(_body: RawBody) -> Json<Value> {
+async fn client_dynamic_config() -> Json<Value> {
     Json(json!({
         "refresh_interval_sec": 300,
         "sample_cancel_enabled": true,
