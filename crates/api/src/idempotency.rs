@@ -68,6 +68,10 @@ const MAX_KEY_BYTES: usize = 256;
 /// Most responses remembered; past it, new requests are served without replay until expired
 /// entries are dropped.
 const MAX_ENTRIES: usize = 100_000;
+/// Most responses remembered for one tenant and credential: a quarter of the table, so that
+/// one caller sending keyed requests as fast as it can (cheap 400s are remembered too) cannot
+/// fill it and leave every other tenant's retries unprotected.
+const MAX_ENTRIES_PER_OWNER: usize = MAX_ENTRIES / 4;
 /// Expired entries are dropped every this many new entries.
 const SWEEP_EVERY: u64 = 1024;
 
@@ -119,6 +123,9 @@ pub struct Replays {
     ttl: Duration,
     bodies: BodyRules,
     slots: DashMap<Key, Slot>,
+    /// Slots held per owner (a key's first part), at most `per_owner`.
+    held: DashMap<String, usize>,
+    per_owner: usize,
     inserted: AtomicU64,
 }
 
@@ -129,8 +136,28 @@ impl Replays {
             ttl,
             bodies,
             slots: DashMap::new(),
+            held: DashMap::new(),
+            per_owner: MAX_ENTRIES_PER_OWNER,
             inserted: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one more slot of `owner` if it holds fewer than its share; whether it did.
+    fn reserve(&self, owner: &str) -> bool {
+        let mut held = self.held.entry(owner.to_string()).or_insert(0);
+        if *held >= self.per_owner {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Counts one slot of `owner` less.
+    fn release(&self, owner: &str) {
+        self.held.remove_if_mut(owner, |_, held| {
+            *held = held.saturating_sub(1);
+            *held == 0
+        });
     }
 
     /// The replay key of `request` (with the request itself, its body read when the key is
@@ -183,8 +210,13 @@ impl Replays {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(SWEEP_EVERY)
         {
-            self.slots
-                .retain(|_, slot| slot.created.elapsed() < self.ttl);
+            self.slots.retain(|key, slot| {
+                let keep = slot.created.elapsed() < self.ttl;
+                if !keep {
+                    self.release(&key.0);
+                }
+                keep
+            });
         }
     }
 }
@@ -217,7 +249,7 @@ enum Role {
     First(watch::Sender<Option<Sent>>, watch::Receiver<Option<Sent>>),
     /// A retry: waits for the first attempt's response.
     Retry(watch::Receiver<Option<Sent>>),
-    /// Served without replay (table full).
+    /// Served without replay (the table, or the caller's share of it, is full).
     Plain,
 }
 
@@ -231,10 +263,16 @@ struct Unpublished<'a> {
 
 impl Drop for Unpublished<'_> {
     fn drop(&mut self) {
-        if self.response.borrow().is_none() {
-            self.replays.slots.remove_if(self.key, |_, slot| {
-                slot.response.same_channel(&self.response)
-            });
+        if self.response.borrow().is_none()
+            && self
+                .replays
+                .slots
+                .remove_if(self.key, |_, slot| {
+                    slot.response.same_channel(&self.response)
+                })
+                .is_some()
+        {
+            self.replays.release(&self.key.0);
         }
     }
 }
@@ -263,6 +301,7 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
             }
             Entry::Occupied(slot) => Role::Retry(slot.get().response.clone()),
             Entry::Vacant(_) if full => Role::Plain,
+            Entry::Vacant(_) if !replays.reserve(&key.0) => Role::Plain,
             Entry::Vacant(vacant) => {
                 let (tx, rx) = watch::channel(None);
                 vacant.insert(Slot {
@@ -335,12 +374,19 @@ mod tests {
     /// A route answering `status` with "call N" (N counts its runs) after a short pause, so
     /// that concurrent attempts overlap.
     fn app(calls: Arc<AtomicUsize>, status: StatusCode) -> Router {
+        app_sharing(calls, status, MAX_ENTRIES_PER_OWNER)
+    }
+
+    /// [`app`] remembering at most `per_owner` responses per caller.
+    fn app_sharing(calls: Arc<AtomicUsize>, status: StatusCode, per_owner: usize) -> Router {
         let bodies = BodyRules {
             auth: Arc::new(Auth::new(Default::default())),
             max_bytes: 1 << 20,
             timeout: Duration::from_secs(5),
         };
-        let replays = Arc::new(Replays::new(Duration::from_secs(60), bodies));
+        let mut replays = Replays::new(Duration::from_secs(60), bodies);
+        replays.per_owner = per_owner;
+        let replays = Arc::new(replays);
         Router::new()
             .route(
                 "/api/v1/optim_step",
@@ -450,5 +496,22 @@ mod tests {
         // A caller without a valid key is never replayed (its body is not even read here).
         assert_eq!(send_body(&app, None, "nope", step).await.1, "call 9");
         assert_eq!(send_body(&app, None, "nope", step).await.1, "call 10");
+    }
+
+    #[tokio::test]
+    async fn a_caller_past_its_share_is_served_plain_and_others_keep_their_replays() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = app_sharing(calls.clone(), StatusCode::OK, 3);
+        for key in ["k1", "k2", "k3"] {
+            send(&app, Some(key), "tml-a").await;
+        }
+        // Past its share: a's new keys run every time, its remembered ones still replay.
+        assert_eq!(send(&app, Some("k4"), "tml-a").await.1, "call 4");
+        assert_eq!(send(&app, Some("k4"), "tml-a").await.1, "call 5");
+        assert!(send(&app, Some("k1"), "tml-a").await.2);
+        // Another tenant's retries are still recognised.
+        assert_eq!(send(&app, Some("k4"), "tml-b").await.1, "call 6");
+        let again = send(&app, Some("k4"), "tml-b").await;
+        assert!(again.2 && again.1 == "call 6", "{again:?}");
     }
 }
