@@ -797,27 +797,31 @@ impl Registry {
             *left_behind = waiting;
             ready.into_iter().map(|(t, p, _)| (t, p)).collect()
         };
-        for (tenant, path) in ready {
-            if let Err(e) = self.remove_unused_ephemeral(&tenant, &path) {
+        for (_, path) in ready {
+            if let Err(e) = self.remove_unused_ephemeral(&path) {
                 tracing::warn!(%path, error = %e, "cannot delete a checkpoint inflight sessions left");
             }
         }
     }
 
-    /// Deletes the checkpoint at `path` of `tenant` if it was saved for sampling sessions alone
-    /// and none uses it any more.
-    fn remove_unused_ephemeral(&self, tenant: &str, path: &str) -> Result<()> {
-        let ephemeral = self
+    /// Deletes the checkpoint at `path` if it was saved for sampling sessions alone and none
+    /// uses it any more. Its owner may be another tenant than the last session's: a published
+    /// checkpoint is sampled by others, and the last of them to go deletes it.
+    fn remove_unused_ephemeral(&self, path: &str) -> Result<()> {
+        let owner = self
             .checkpoints
-            .get(&(tenant.to_string(), path.to_string()))
-            .is_some_and(|r| r.ephemeral);
-        // Any tenant's session: a published checkpoint may be sampled by others.
+            .iter()
+            .find(|r| r.ephemeral && r.path == path)
+            .map(|r| r.tenant.clone());
+        let Some(owner) = owner else {
+            return Ok(());
+        };
         let used = self
             .samplers
             .iter()
             .any(|e| matches!(&e.source, SamplerSource::Checkpoint(p) if p == path));
-        if ephemeral && !used {
-            self.remove_checkpoint(tenant, path)?;
+        if !used {
+            self.remove_checkpoint(&owner, path)?;
         }
         Ok(())
     }
@@ -877,7 +881,7 @@ impl Registry {
         self.samplers.remove(&entry.key);
         if let SamplerSource::Checkpoint(path) = &entry.source {
             // Inflight sessions share one: deleted with the last of them.
-            self.remove_unused_ephemeral(&entry.key.tenant, path)?;
+            self.remove_unused_ephemeral(path)?;
         }
         tracing::debug!(tenant = %entry.key.tenant, sampler_id = %entry.key.sampler_id, "removed an idle sampling session");
         Ok(())
@@ -1380,6 +1384,43 @@ mod tests {
             err.to_string().contains("--max-samplers-per-tenant"),
             "{err}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_published_ephemeral_checkpoint_goes_with_the_last_session_of_any_tenant() {
+        let dir = std::env::temp_dir().join(format!("loraloom-eph-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        registry.set_max_samplers_per_tenant(1);
+        registry.set_sampler_min_idle(std::time::Duration::ZERO);
+        let key = |tenant: &str, id: &str| SamplerKey {
+            tenant: tenant.into(),
+            sampler_id: id.into(),
+        };
+        let shared = record(&dir, "shared", true);
+        registry.add_checkpoint(shared.clone()).unwrap();
+        registry
+            .set_checkpoint_public("t", &shared.path, true)
+            .unwrap();
+        let source = SamplerSource::Checkpoint(shared.path.clone());
+        registry
+            .add_sampler(key("t", "own"), source.clone(), "base")
+            .unwrap();
+        registry
+            .add_sampler(key("u", "other"), source, "base")
+            .unwrap();
+        // The owner's session goes first: u's session still samples the checkpoint.
+        registry
+            .add_sampler(key("t", "next"), SamplerSource::Base, "base")
+            .unwrap();
+        assert!(registry.sampler("t", "own").is_err() && shared.dir.exists());
+        // The last session goes (another tenant's): so does the checkpoint.
+        registry
+            .add_sampler(key("u", "next"), SamplerSource::Base, "base")
+            .unwrap();
+        assert!(registry.sampler("u", "other").is_err());
+        assert!(registry.checkpoint("t", &shared.path).is_err());
+        assert!(!shared.dir.exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
