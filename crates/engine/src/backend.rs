@@ -794,6 +794,10 @@ impl ModelWorker {
         let path = checkpoint_path(model_id, *kind, name);
         self.registry
             .check_overwrite(tenant, &path, options.overwrite)?;
+        if sampler.is_none() {
+            // Again: saves queued while the tenant was under its limit may have filled it.
+            self.registry.check_checkpoint_quota(tenant)?;
+        }
         let dir = self.registry.checkpoint_dir(tenant, model_id, *kind, name);
         let optimizer_slot;
         let optimizer = match kind {

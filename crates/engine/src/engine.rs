@@ -279,6 +279,10 @@ impl Engine {
                 Arc::new(SqliteStore::in_memory().expect("an in-memory SQLite database")),
             ),
         };
+        registry.set_checkpoint_limits(
+            config.limits.max_checkpoints_per_tenant,
+            config.limits.max_checkpoint_bytes_per_tenant,
+        );
         let inner = Arc::new(Inner {
             sched: Mutex::new(SchedState::new(config.limits)),
             samples,
@@ -421,7 +425,7 @@ impl Engine {
                         .check_overwrite(&k.tenant, &path, options.overwrite)?;
                 }
                 if sampler.is_none() {
-                    self.check_checkpoint_quota(queue.tenant())?;
+                    self.inner.registry.check_checkpoint_quota(queue.tenant())?;
                 }
             }
             Work::Create { .. } => {}
@@ -571,7 +575,7 @@ impl Engine {
         ttl_seconds: Option<u64>,
     ) -> Result<CheckpointRecord> {
         self.check_ttl(ttl_seconds)?;
-        self.check_checkpoint_quota(tenant)?;
+        self.inner.registry.check_checkpoint_quota(tenant)?;
         if self.inner.registry.model(tenant, model_id).is_ok() {
             return Err(EngineError::invalid(
                 "model_seq_id",
@@ -592,30 +596,6 @@ impl Engine {
         belongs: impl Fn(&str) -> bool,
     ) -> Vec<crate::timeline::JobRecord> {
         self.inner.timeline.of(tenant, belongs)
-    }
-
-    /// Refuses a named save when the tenant's listed checkpoints reach their count or byte limit.
-    fn check_checkpoint_quota(&self, tenant: &str) -> Result<()> {
-        let (count_limit, bytes_limit) = {
-            let sched = lock(&self.inner.sched);
-            let l = sched.limits();
-            (
-                l.max_checkpoints_per_tenant,
-                l.max_checkpoint_bytes_per_tenant,
-            )
-        };
-        let (count, bytes) = self.inner.registry.checkpoint_usage(tenant);
-        if count_limit > 0 && count >= count_limit {
-            return Err(EngineError::LimitReached(format!(
-                "this tenant has {count} checkpoints (limit {count_limit}, --max-checkpoints-per-tenant); delete some first"
-            )));
-        }
-        if bytes_limit > 0 && bytes >= bytes_limit {
-            return Err(EngineError::LimitReached(format!(
-                "this tenant's checkpoints hold {bytes} bytes (limit {bytes_limit}, --max-checkpoint-bytes-per-tenant); delete some first"
-            )));
-        }
-        Ok(())
     }
 
     /// The tenant's usage against its limits, for `/api/model-stats`.

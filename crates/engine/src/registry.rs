@@ -286,6 +286,9 @@ pub struct Registry {
     durable: Option<Arc<dyn Store>>,
     /// Sampling sessions one tenant may hold (0 = no limit).
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
+    /// Listed checkpoints one tenant may hold, and their bytes (0 = no limit).
+    checkpoint_limits: std::sync::atomic::AtomicUsize,
+    checkpoint_byte_limits: std::sync::atomic::AtomicU64,
     /// Seconds a session must have been unused before it is removed to make room.
     sampler_min_idle_s: std::sync::atomic::AtomicU64,
     /// Bytes of resident adapters (runs and sampling sessions) one tenant may hold (0 = no
@@ -357,6 +360,8 @@ impl Registry {
             checkpoints: DashMap::new(),
             durable: None,
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
+            checkpoint_limits: std::sync::atomic::AtomicUsize::new(0),
+            checkpoint_byte_limits: std::sync::atomic::AtomicU64::new(0),
             max_resident_bytes_per_tenant: std::sync::atomic::AtomicU64::new(0),
             max_resident_bytes: std::sync::atomic::AtomicU64::new(0),
             sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
@@ -906,6 +911,38 @@ impl Registry {
     pub fn checkpoint_usage(&self, tenant: &str) -> (usize, u64) {
         let mine = self.checkpoints_of(tenant, None);
         (mine.len(), mine.iter().map(|c| c.size_bytes).sum())
+    }
+
+    /// Limits each tenant's listed checkpoints to `count` and `bytes` (0 = no limit), checked
+    /// by [`Registry::check_checkpoint_quota`].
+    pub fn set_checkpoint_limits(&self, count: usize, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.checkpoint_limits.store(count, Relaxed);
+        self.checkpoint_byte_limits.store(bytes, Relaxed);
+    }
+
+    /// Refuses a listed save when the tenant's listed checkpoints reach their count or byte
+    /// limit. Checked when a save is submitted and again when it runs, so saves queued while
+    /// the tenant was under its limit do not all land past it.
+    pub fn check_checkpoint_quota(&self, tenant: &str) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count_limit = self.checkpoint_limits.load(Relaxed);
+        let bytes_limit = self.checkpoint_byte_limits.load(Relaxed);
+        if count_limit == 0 && bytes_limit == 0 {
+            return Ok(());
+        }
+        let (count, bytes) = self.checkpoint_usage(tenant);
+        if count_limit > 0 && count >= count_limit {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant has {count} checkpoints (limit {count_limit}, --max-checkpoints-per-tenant); delete some first"
+            )));
+        }
+        if bytes_limit > 0 && bytes >= bytes_limit {
+            return Err(EngineError::LimitReached(format!(
+                "this tenant's checkpoints hold {bytes} bytes (limit {bytes_limit}, --max-checkpoint-bytes-per-tenant); delete some first"
+            )));
+        }
+        Ok(())
     }
 
     /// Sets (or, with `None`, clears) when the checkpoint at `path` of `tenant` expires.

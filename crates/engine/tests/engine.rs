@@ -1242,3 +1242,35 @@ fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
     });
     engine.shutdown(true);
 }
+
+#[test]
+fn saves_queued_under_the_checkpoint_limit_stop_at_it_when_they_run() {
+    let (engine, _) = model_engine();
+    engine.registry().set_checkpoint_limits(1, 0);
+    let run = key("t", "run");
+    engine.set_paused(true);
+    engine
+        .create_model(run.clone(), spec(2, 0), serde_json::Value::Null, None)
+        .unwrap();
+    // All three pass at submission: the tenant holds no checkpoint yet.
+    let ids = ["a", "b", "c"].map(|name| {
+        let save = Work::Save {
+            name: name.into(),
+            kind: CheckpointKind::State,
+            sampler: None,
+            options: Default::default(),
+        };
+        engine.submit(QueueKey::Model(run.clone()), save).unwrap()
+    });
+    engine.set_paused(false);
+    let outcomes = ids.map(|id| wait(&engine, "t", &id));
+    assert!(matches!(outcomes[0], FutureState::Done(_)), "{outcomes:?}");
+    for outcome in &outcomes[1..] {
+        assert!(
+            matches!(outcome, FutureState::Failed(EngineError::LimitReached(m)) if m.contains("--max-checkpoints-per-tenant")),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(engine.registry().checkpoint_usage("t").0, 1);
+    engine.shutdown(true);
+}
