@@ -227,7 +227,8 @@ pub fn validate_sampling(
 /// sequence, so their number multiplies the cost of a step.
 pub const MAX_STOP_SEQUENCES: usize = 64;
 
-/// Longest stop string, in bytes (the generated text's tail is compared with it every token).
+/// Longest stop string, in bytes (the generated text's tail is compared with it every token:
+/// [`tail_holds`]).
 pub const MAX_STOP_STRING_BYTES: usize = 1024;
 
 fn too_many_stops(n: usize) -> ModelError {
@@ -1603,6 +1604,30 @@ pub fn sample_with(
         .collect())
 }
 
+/// Bytes of text a stop check decodes before the last token beyond the longest stop string:
+/// a character split at the window's start, or a leading space a tokenizer drops there.
+const STOP_WINDOW_SLACK: usize = 8;
+
+/// Whether the text of `tokens` holds one of `strings` where it can first do so: ending in the
+/// last token's text (each earlier end was checked at its own token). Decodes only a window of
+/// the last tokens whose text before the last one covers the longest string (doubling it when
+/// tokens are short); decoding the whole sequence at every token made a long sample's stop
+/// check cost its length squared, on the thread every tenant's decode loop shares.
+fn tail_holds(detokenize: Detokenize, tokens: &[i64], strings: &[String]) -> bool {
+    let longest = strings.iter().map(String::len).max().unwrap_or(0);
+    let needed = longest + STOP_WINDOW_SLACK;
+    let mut window = (needed + 1).min(tokens.len());
+    loop {
+        let tail = &tokens[tokens.len() - window..];
+        let covered = window == tokens.len() || detokenize(&tail[..window - 1]).len() >= needed;
+        if covered {
+            let text = detokenize(tail);
+            return strings.iter().any(|s| text.contains(s.as_str()));
+        }
+        window = (window * 2).min(tokens.len());
+    }
+}
+
 fn stop_reason(
     decoder: &Decoder,
     params: &SamplingParams,
@@ -1614,13 +1639,7 @@ fn stop_reason(
         Stop::Eos => decoder.config().eos_token_ids.contains(&last),
         Stop::Never => false,
         Stop::Tokens(ids) => ids.contains(&last),
-        Stop::Strings(strings) => match detokenize {
-            Some(f) => {
-                let text = f(tokens);
-                strings.iter().any(|s| text.contains(s.as_str()))
-            }
-            None => false,
-        },
+        Stop::Strings(strings) => detokenize.is_some_and(|f| tail_holds(f, tokens, strings)),
     };
     if stopped {
         Some(StopReason::Stop)
@@ -2023,5 +2042,55 @@ mod tests {
             11,
         );
         assert_eq!(crowd[0], alone);
+    }
+
+    /// A toy byte-level vocabulary of short tokens: `t % 4` 0 and 1 are the two bytes of
+    /// `\u{e9}` (split across tokens, as byte-level tokenizers split characters), the others
+    /// `t % 3` letters of `abab` (some empty).
+    fn toy_detokenize(tokens: &[i64]) -> String {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            match t % 4 {
+                0 => bytes.push(0xc3),
+                1 => bytes.push(0xa9),
+                _ => bytes.extend(&b"ab"[..(t % 3) as usize]),
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn a_stop_string_is_found_at_the_same_token_in_the_tail_as_in_the_whole_text() {
+        let mut rng = crate::rng::SplitMix64::new(5);
+        let strings: Vec<String> = ["abababab", "ababab", "\u{e9}ab\u{e9}"]
+            .map(String::from)
+            .to_vec();
+        let mut stopped = 0;
+        for _ in 0..300 {
+            let tokens: Vec<i64> = (0..200).map(|_| (rng.next_u64() % 40) as i64).collect();
+            let whole = (1..=tokens.len()).find(|&n| {
+                let text = toy_detokenize(&tokens[..n]);
+                strings.iter().any(|s| text.contains(s.as_str()))
+            });
+            let decoded = std::cell::Cell::new(0);
+            let counting = |ids: &[i64]| {
+                decoded.set(decoded.get() + ids.len());
+                toy_detokenize(ids)
+            };
+            let tail = (1..=tokens.len()).find(|&n| tail_holds(&counting, &tokens[..n], &strings));
+            assert_eq!(tail, whole, "{tokens:?}");
+            stopped += usize::from(whole.is_some());
+            // Bounded windows: far from the whole prefix at every token (200 * 201 / 2).
+            assert!(decoded.get() < 200 * 64, "{} tokens decoded", decoded.get());
+        }
+        assert!(
+            stopped > 100,
+            "the strings are found in most sequences: {stopped}"
+        );
+        let long = (0..300).filter(|_| {
+            let tokens: Vec<i64> = (0..200).map(|_| (rng.next_u64() % 40) as i64).collect();
+            toy_detokenize(&tokens).contains("abababab")
+        });
+        assert!(long.count() > 10, "the longest string is found too");
     }
 }
