@@ -1305,14 +1305,20 @@ impl Generation {
     /// computed and ignored) instead of leaving it: while the batch's step is recorded, a
     /// departure would otherwise end the recording, and on a GPU computing a few more rows of a
     /// recorded step costs less than issuing steps one by one until it is recorded again. They
-    /// leave with the next join or removal, once they outnumber the live rows, or before a row
+    /// leave with the next join or removal, once they outnumber the live rows, before a row
     /// would pass the model's context (a reallocation of the cache records the batch again with
-    /// them).
+    /// them), or when the buffers kept with them would pass twice the live requests' footprint
+    /// (their rows × the longest of them, what the KV budget reserves; a finished long prompt
+    /// beside a live short one with many tokens left would widen every row). Twice, for as long
+    /// as no request joins: the budget is sized for the copy a join makes, and a join is what
+    /// the share a finished request gave back admits, and it makes parked rows leave.
     fn parks(&self, decoder: &Decoder, cache: &KvCache, live_rows: usize) -> bool {
         let context = decoder.config().max_position_embeddings;
+        let kept = self.rows.len() as i64 * self.window_needed(cache).max(cache.capacity());
         self.graph.as_ref().is_some_and(|g| g.serves(cache))
             && self.rows.len() - live_rows <= live_rows
             && cache.next_positions().iter().all(|&p| p < context)
+            && kept <= 2 * live_rows as i64 * self.longest_sequence()
     }
 
     /// The longest `prompt + max_tokens` among the requests decoding: the cache's window (its
@@ -1334,14 +1340,17 @@ impl Generation {
         if self.rows.iter().all(|r| !r.parked) {
             return longest;
         }
-        let left = self
-            .rows
+        longest.max(cache.len() + self.live_tokens_left().max(1))
+    }
+
+    /// The most tokens a live row has left to draw.
+    fn live_tokens_left(&self) -> i64 {
+        self.rows
             .iter()
             .filter(|r| !r.parked)
             .map(|r| self.live[&r.request].params.max_tokens - r.tokens.len() as i64)
             .max()
-            .unwrap_or(0);
-        longest.max(cache.len() + left.max(1))
+            .unwrap_or(0)
     }
 
     /// The indices of the rows that are not parked.

@@ -499,10 +499,12 @@ fn recorded_steps_equal_steps_issued_one_by_one() {
     }
     // The recording path ran: a batch is recorded at its second step after every change and
     // replayed otherwise. Sequences that stop stay parked in the batch while they do not
-    // outnumber the live ones, so only the third departure (six parked, two live) and the
-    // cache's reallocation change it: three recordings (five if every departure did).
+    // outnumber the live ones and the buffers kept stay within twice the live requests'
+    // footprint, so the first departure does not change it: four recordings (five if every
+    // departure did; the second is over twice the footprint by its prompt padding, the third
+    // leaves six parked beside two live).
     let counts = g.graph_counts();
-    assert!(counts.recorded <= 3, "{counts:?}");
+    assert!(counts.recorded <= 4, "{counts:?}");
     assert!(counts.replayed >= 80, "{counts:?}");
 }
 
@@ -1277,4 +1279,52 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
         shared > 20 && reused > 200,
         "shared {shared}, reused {reused}"
     );
+}
+
+/// Rows parked for a recorded step keep at most twice the live requests' footprint (what the
+/// KV budget reserves for them): a finished request with a long prompt beside a live one with a
+/// short prompt and many tokens left leaves the batch instead of growing every row to its
+/// prompt plus the other's remaining tokens (2 x 200 tokens against 1 x 104). The tokens are
+/// those of steps issued one by one.
+#[test]
+fn parked_rows_stay_within_the_live_requests_footprint() {
+    let (_dir, decoder) = tiny_llama("parked-footprint");
+    let request = |prompt_len: i64, max_tokens: i64, seed: u64| SampleRequest {
+        share_scope: "",
+        adapter: None,
+        prompt: (0..prompt_len).map(|j| (j * 7 + 3) % 120 + 1).collect(),
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens,
+            temperature: 0.8,
+            seed: Some(seed),
+            stop: Stop::Never,
+            ..SamplingParams::default()
+        },
+        scoring: Scoring::prompt_logprobs(false),
+    };
+    let (long_prompt, long_run) = (request(100, 4, 1), request(4, 100, 2));
+    let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
+    g.admit(&decoder, 0, &long_prompt, false).unwrap();
+    g.admit(&decoder, 1, &long_run, false).unwrap();
+    let mut done: HashMap<u64, SampleOutput> = HashMap::new();
+    while !g.is_empty() {
+        done.extend(g.step(&decoder, None).unwrap().finished);
+        if !done.contains_key(&1) && g.rows() > 0 {
+            // At most twice the live rows x the longest live request (104 tokens either way).
+            assert!(
+                g.kv_tokens_held() <= 2 * g.rows() * 104,
+                "{} held after {} finished requests",
+                g.kv_tokens_held(),
+                done.len()
+            );
+        }
+    }
+    let alone = sample(&decoder, &[long_prompt, long_run], None).unwrap();
+    for (tag, want) in [(0u64, &alone[0]), (1, &alone[1])] {
+        assert_eq!(
+            done[&tag].sequences[0].tokens, want.sequences[0].tokens,
+            "request {tag}"
+        );
+    }
 }
