@@ -1274,6 +1274,8 @@ fn admit(inner: &Inner, backend: &mut dyn Backend, jobs: Vec<Job>, live: &mut Li
             tracing::error!(jobs = jobs.len(), "admitting sampling jobs panicked");
             abort_decoding(inner, backend, live);
             for job in &jobs {
+                // Marked decoding when they joined: unmarked with the loop's other ended jobs.
+                live.ended.push(job.id.clone());
                 finish_job(
                     inner,
                     job,
