@@ -1040,6 +1040,7 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
     let mut last_purge = Instant::now();
     let mut live = LiveJobs::default();
     let mut idle = IdleRelease::new(inner.release_memory_after_idle);
+    let mut share = TimeShare::default();
     loop {
         // Expired results are dropped between batches (outside the scheduler lock), so a busy
         // server purges as regularly as an idle one.
@@ -1070,7 +1071,13 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
                 }
                 if !live.jobs.is_empty() {
                     let budget = st.limits().max_kv_tokens;
-                    break st.next_at_step_boundary(&live.kv_by_tenant, live.footprint(), budget);
+                    let other_due = share.other_due();
+                    break st.next_at_step_boundary(
+                        &live.kv_by_tenant,
+                        live.footprint(),
+                        budget,
+                        other_due,
+                    );
                 }
                 let wait = match st.next_batch_filled(Instant::now()) {
                     Ok(batch) if batch[0].work.class() == BatchClass::Sample => {
@@ -1115,14 +1122,46 @@ fn worker_loop(inner: Arc<Inner>, mut backend: Box<dyn Backend>) {
             admit(&inner, backend.as_mut(), joining, &mut live);
         }
         if !batch.is_empty() {
+            let started = Instant::now();
             run_batch(&inner, backend.as_mut(), batch);
+            share.other_ran(started.elapsed(), !live.jobs.is_empty());
         }
         if !live.jobs.is_empty() {
+            let started = Instant::now();
             decode_step(&inner, backend.as_mut(), &mut live);
+            share.decode_ran(started.elapsed());
         }
         if decoding {
             live.report_kv(backend.as_ref(), &inner.counters);
         }
+    }
+}
+
+/// How a worker whose decode loop is busy shares its time with other work (training, optimizer
+/// steps, checkpoint I/O): after a batch of other work, the loop decodes for as long as that
+/// batch took before the next one starts, so under steady load of both each gets half the
+/// worker. One batch per token (as before) let a tenant training with one-second batches hold
+/// every other tenant's samples to a token a second, and push them past `--max-sample-secs`.
+#[derive(Default)]
+struct TimeShare {
+    /// Decode time still owed to the loop for the last batch of other work.
+    owed: Duration,
+}
+
+impl TimeShare {
+    /// Whether a batch of other work may run at this token boundary.
+    fn other_due(&self) -> bool {
+        self.owed.is_zero()
+    }
+
+    /// A batch of other work took `took`; `decoding`: the loop has sequences waiting on it.
+    fn other_ran(&mut self, took: Duration, decoding: bool) {
+        self.owed = if decoding { took } else { Duration::ZERO };
+    }
+
+    /// A decode step took `took`.
+    fn decode_ran(&mut self, took: Duration) {
+        self.owed = self.owed.saturating_sub(took);
     }
 }
 

@@ -504,8 +504,8 @@ impl SchedState {
     /// What a worker whose decode loop is running takes at a token boundary, without waiting:
     /// sampling jobs to join the loop while its footprint stays within `kv_budget` tokens
     /// (`decoding`: the jobs in it; `held`: per tenant, its jobs' `num_samples × (prompt +
-    /// max_tokens)`, for fairness), and the next batch of another class (to run before the
-    /// next decode step), either possibly empty.
+    /// max_tokens)`, for fairness), and, when `other_due`, the next batch of another class (to
+    /// run before the next decode step), either possibly empty.
     ///
     /// Joining is fair between tenants, not queues: the next job always comes from the tenant
     /// holding the least KV in the loop per unit of its weight (ring order among equals), so a
@@ -520,6 +520,7 @@ impl SchedState {
         held: &HashMap<TenantId, usize>,
         decoding: KvFootprint,
         kv_budget: usize,
+        other_due: bool,
     ) -> (Vec<Job>, Vec<Job>) {
         if self.paused {
             return (Vec::new(), Vec::new());
@@ -574,9 +575,12 @@ impl SchedState {
             self.ready = others;
             self.ready.extend(joined);
         }
-        let other = self
-            .next_batch_except(Some(BatchClass::Sample))
-            .unwrap_or_default();
+        let other = if other_due {
+            self.next_batch_except(Some(BatchClass::Sample))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         (joining, other)
     }
 
@@ -1137,7 +1141,7 @@ mod tests {
         s.push(job("m0", model("t", "m"), optim())).unwrap();
         s.push(job("m1", model("t", "m"), optim())).unwrap();
         // 8 sequences of 10 in a budget of 100: two jobs fit.
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100, true);
         assert_eq!(
             ids(&joining),
             ["a0", "a1"],
@@ -1148,13 +1152,13 @@ mod tests {
             ["m0"],
             "a training batch runs before the next step"
         );
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(10, 10), 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(10, 10), 100, true);
         assert!(
             joining.is_empty() && other.is_empty(),
             "the run is busy; b does not fit"
         );
         s.finish(&[model("t", "m")], Instant::now());
-        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100);
+        let (joining, other) = s.next_at_step_boundary(&HashMap::new(), rows_of(8, 10), 100, true);
         assert_eq!((ids(&joining), ids(&other)), (vec!["b2", "c3"], vec!["m1"]));
         assert_eq!(s.queued(), 0);
     }
@@ -1179,7 +1183,7 @@ mod tests {
             .unwrap();
         // The loop holds 80 of 100, all the flooder's: the other tenant's job takes the room.
         let held: HashMap<TenantId, usize> = [("flood".to_string(), 80)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(8, 10), 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(8, 10), 100, true);
         assert_eq!(
             ids(&joining),
             ["o0"],
@@ -1189,7 +1193,7 @@ mod tests {
         // take the 10 free.
         let held: HashMap<TenantId, usize> =
             [("flood".to_string(), 80), ("other".to_string(), 10)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(9, 10), 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(9, 10), 100, true);
         assert!(
             joining.is_empty(),
             "the room is kept for o1: {:?}",
@@ -1197,7 +1201,7 @@ mod tests {
         );
         // With one sequence left, o1 joins (2 × 30), then one of the flooder's (3 × 30).
         let held: HashMap<TenantId, usize> = [("flood".to_string(), 10)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100, true);
         assert_eq!(ids(&joining), ["o1", "f0"], "then the flooder's turn");
     }
 
@@ -1217,7 +1221,7 @@ mod tests {
         // While its tenant holds more of the loop, the others' jobs join before it...
         let held: HashMap<TenantId, usize> =
             [("big".to_string(), 50), ("other".to_string(), 35)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(5, 10), 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(5, 10), 100, true);
         assert_eq!(
             ids(&joining),
             ["small0", "small1"],
@@ -1227,7 +1231,7 @@ mod tests {
         // drains instead of keeping it waiting as long as smaller jobs come.
         let held: HashMap<TenantId, usize> =
             [("big".to_string(), 50), ("other".to_string(), 60)].into();
-        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        let (joining, _) = s.next_at_step_boundary(&held, rows_of(1, 10), 100, true);
         assert!(joining.is_empty(), "{:?}", ids(&joining));
         // The drained loop starts with it, alone (nothing fits beside 200 entries).
         assert_eq!(ids(&s.next_batch().unwrap()), ["huge"]);
@@ -1252,7 +1256,7 @@ mod tests {
         s.push(job("o1", session("other"), sample_work(8))).unwrap();
         s.push(job("step2", model("big", "run"), optim())).unwrap();
         let held: HashMap<TenantId, usize> = [("other".to_string(), 10)].into();
-        let (joining, other) = s.next_at_step_boundary(&held, rows_of(1, 10), 100);
+        let (joining, other) = s.next_at_step_boundary(&held, rows_of(1, 10), 100, true);
         assert!(joining.is_empty(), "big holds nothing: its turn");
         // Its tenant's next training step runs at that boundary, as ever.
         assert_eq!(ids(&other), ["step2"]);
@@ -1296,10 +1300,10 @@ mod tests {
             .unwrap();
         s.push(job("short", session, sample_work(8))).unwrap();
         // Four sequences of at most 10: the 50-token one would pad all five to 50.
-        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(4, 10), 200);
+        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(4, 10), 200, true);
         assert!(joining.is_empty(), "5 x 50 > 200: {:?}", ids(&joining));
         // Two: it fits (3 x 50), and the short one after it (4 x 50).
-        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(2, 10), 200);
+        let (joining, _) = s.next_at_step_boundary(&HashMap::new(), rows_of(2, 10), 200, true);
         assert_eq!(ids(&joining), ["long", "short"]);
     }
 

@@ -930,9 +930,11 @@ struct FakeDecoder {
     live: Vec<(String, i64)>,
     release: Arc<std::sync::atomic::AtomicBool>,
     log: ExecutionLog,
+    /// How long a batch of other work (training) takes.
+    batch_takes: Duration,
 }
 
-/// (what, job ids) in execution order: "admit" or a batch's work name.
+/// (what, job ids) in execution order: "admit", "step" or a batch's work name.
 type ExecutionLog = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
 const HELD: i64 = 100;
@@ -944,6 +946,7 @@ impl Backend for FakeDecoder {
             .lock()
             .unwrap()
             .push((jobs[0].work.name().into(), ids));
+        std::thread::sleep(self.batch_takes);
         stepped(jobs)
     }
 
@@ -965,6 +968,7 @@ impl Backend for FakeDecoder {
 
     fn step(&mut self) -> loraloom_engine::DecodeStep {
         std::thread::sleep(Duration::from_millis(1));
+        self.log.lock().unwrap().push(("step".into(), Vec::new()));
         let released = self.release.load(std::sync::atomic::Ordering::SeqCst);
         let mut step = loraloom_engine::DecodeStep {
             tokens: self.live.len(),
@@ -1018,6 +1022,7 @@ fn decode_engine(
         live: Vec::new(),
         release: release.clone(),
         log: Arc::new(Mutex::new(Vec::new())),
+        batch_takes: Duration::ZERO,
     };
     let config = fake_config(limits);
     let registry = Arc::new(Registry::new(temp_dir("decode-stop")));
@@ -1130,6 +1135,7 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         live: Vec::new(),
         release: release.clone(),
         log: log.clone(),
+        batch_takes: Duration::ZERO,
     };
     let config = fake_config(Limits {
         max_kv_tokens: 400,
@@ -1272,5 +1278,68 @@ fn saves_queued_under_the_checkpoint_limit_stop_at_it_when_they_run() {
         );
     }
     assert_eq!(engine.registry().checkpoint_usage("t").0, 1);
+    engine.shutdown(true);
+}
+
+#[test]
+fn a_busy_decode_loop_decodes_as_long_as_each_training_batch_took_before_the_next() {
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend = FakeDecoder {
+        live: Vec::new(),
+        release: release.clone(),
+        log: log.clone(),
+        // A decode step sleeps 1 ms: some 40 steps fit in a batch's time.
+        batch_takes: Duration::from_millis(40),
+    };
+    let registry = Arc::new(Registry::new(temp_dir("share")));
+    registry
+        .add_model(key("t", "run"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    let engine = Engine::start(
+        fake_config(Limits::default()),
+        registry,
+        vec![Box::new(backend)],
+    );
+    let sampler = SamplerKey {
+        tenant: "t".into(),
+        sampler_id: "s".into(),
+    };
+    engine
+        .create_sampler(sampler.clone(), loraloom_engine::SamplerSource::Base)
+        .unwrap();
+    let held = engine
+        .submit(QueueKey::Sampler(sampler), sample_of(HELD))
+        .unwrap();
+    wait_running(&engine, &held);
+    let steps: Vec<String> = (0..4)
+        .map(|_| {
+            engine
+                .submit(QueueKey::Model(key("t", "run")), optim(0.1))
+                .unwrap()
+        })
+        .collect();
+    for id in &steps {
+        assert!(matches!(wait(&engine, "t", id), FutureState::Done(_)));
+    }
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(wait(&engine, "t", &held), FutureState::Done(_)));
+    // Decode steps between one training batch and the next: one per batch (the old rule)
+    // would give 1; the time share gives about as many as fit in 40 ms.
+    let log = log.lock().unwrap().clone();
+    let batches: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].0 == "optim_step")
+        .collect();
+    assert_eq!(batches.len(), 4, "{log:?}");
+    for pair in batches.windows(2) {
+        let between = log[pair[0]..pair[1]]
+            .iter()
+            .filter(|(w, _)| w == "step")
+            .count();
+        assert!(
+            between >= 3,
+            "{between} decode steps between two training batches"
+        );
+    }
     engine.shutdown(true);
 }
