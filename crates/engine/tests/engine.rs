@@ -934,6 +934,22 @@ struct FakeDecoder {
     batch_takes: Duration,
 }
 
+impl FakeDecoder {
+    /// A decode loop whose batches of other work take `batch_takes`, with its release flag and
+    /// its execution log.
+    fn new(batch_takes: Duration) -> (Self, Arc<std::sync::atomic::AtomicBool>, ExecutionLog) {
+        let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let log: ExecutionLog = Arc::new(Mutex::new(Vec::new()));
+        let backend = FakeDecoder {
+            live: Vec::new(),
+            release: release.clone(),
+            log: log.clone(),
+            batch_takes,
+        };
+        (backend, release, log)
+    }
+}
+
 /// (what, job ids) in execution order: "admit", "step" or a batch's work name.
 type ExecutionLog = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
@@ -1017,13 +1033,7 @@ fn decode_engine(
     limits: Limits,
     sessions: &[&str],
 ) -> (Engine, Vec<QueueKey>, Arc<std::sync::atomic::AtomicBool>) {
-    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = FakeDecoder {
-        live: Vec::new(),
-        release: release.clone(),
-        log: Arc::new(Mutex::new(Vec::new())),
-        batch_takes: Duration::ZERO,
-    };
+    let (backend, release, _) = FakeDecoder::new(Duration::ZERO);
     let config = fake_config(limits);
     let registry = Arc::new(Registry::new(temp_dir("decode-stop")));
     let engine = Engine::start(config, registry, vec![Box::new(backend)]);
@@ -1129,14 +1139,7 @@ fn sampling_over_its_time_limit_fails_and_shutdown_stops_decoding() {
 
 #[test]
 fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
-    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = FakeDecoder {
-        live: Vec::new(),
-        release: release.clone(),
-        log: log.clone(),
-        batch_takes: Duration::ZERO,
-    };
+    let (backend, release, log) = FakeDecoder::new(Duration::ZERO);
     let config = fake_config(Limits {
         max_kv_tokens: 400,
         ..Limits::default()
@@ -1283,15 +1286,8 @@ fn saves_queued_under_the_checkpoint_limit_stop_at_it_when_they_run() {
 
 #[test]
 fn a_busy_decode_loop_decodes_as_long_as_each_training_batch_took_before_the_next() {
-    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = FakeDecoder {
-        live: Vec::new(),
-        release: release.clone(),
-        log: log.clone(),
-        // A decode step sleeps 1 ms: some 40 steps fit in a batch's time.
-        batch_takes: Duration::from_millis(40),
-    };
+    // A decode step sleeps 1 ms: some 40 steps fit in a batch's time.
+    let (backend, release, log) = FakeDecoder::new(Duration::from_millis(40));
     let registry = Arc::new(Registry::new(temp_dir("share")));
     registry
         .add_model(key("t", "run"), "tiny", spec(4, 0), serde_json::Value::Null)
