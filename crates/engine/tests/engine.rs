@@ -890,15 +890,8 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
 fn recorded_decode_steps_are_counted_and_sample_as_eager_ones() {
     let sample = |graphs: StepGraphs| {
         let (engine, _) = model_engine_of(|worker| worker.with_step_graphs(graphs));
-        let key = SamplerKey {
-            tenant: "t".into(),
-            sampler_id: "base".into(),
-        };
-        engine
-            .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
-            .unwrap();
         let work = seeded_sample(3, 12, 5);
-        let id = engine.submit(QueueKey::Sampler(key), work).unwrap();
+        let id = engine.submit(base_sampler(&engine, "base"), work).unwrap();
         let tokens = match wait(&engine, "t", &id) {
             FutureState::Done(Output::Sample(out)) => out
                 .sequences
@@ -1039,18 +1032,21 @@ fn decode_engine(
     let engine = Engine::start(config, registry, vec![Box::new(backend)]);
     let keys = sessions
         .iter()
-        .map(|name| {
-            let key = SamplerKey {
-                tenant: "t".into(),
-                sampler_id: name.to_string(),
-            };
-            engine
-                .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
-                .unwrap();
-            QueueKey::Sampler(key)
-        })
+        .map(|name| base_sampler(&engine, name))
         .collect();
     (engine, keys, release)
+}
+
+/// Creates tenant `t`'s base-model sampling session `name` on `engine`; returns its queue.
+fn base_sampler(engine: &Engine, name: &str) -> QueueKey {
+    let key = SamplerKey {
+        tenant: "t".into(),
+        sampler_id: name.into(),
+    };
+    engine
+        .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
+        .unwrap();
+    QueueKey::Sampler(key)
 }
 
 /// One greedy sequence of `max_tokens` tokens from the prompt `[1]`.
@@ -1149,24 +1145,9 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
         .add_model(key("t", "run"), "tiny", spec(4, 0), serde_json::Value::Null)
         .unwrap();
     let engine = Engine::start(config, registry, vec![Box::new(backend)]);
-    let session = |name: &str| {
-        let key = SamplerKey {
-            tenant: "t".into(),
-            sampler_id: name.into(),
-        };
-        engine
-            .create_sampler(key.clone(), loraloom_engine::SamplerSource::Base)
-            .unwrap();
-        QueueKey::Sampler(key)
-    };
-    let (a, b) = (session("a"), session("b"));
+    let (a, b) = (base_sampler(&engine, "a"), base_sampler(&engine, "b"));
     let held = engine.submit(a.clone(), sample_of(HELD)).unwrap();
-    while !matches!(
-        engine.futures().get("t", &held).unwrap(),
-        FutureState::Running
-    ) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_running(&engine, &held);
     // While `held` decodes: a short job of another session, a second job of the same session
     // (sessions are read-only: their jobs need not wait for each other) and a training step.
     let short = engine.submit(b, sample_of(3)).unwrap();
@@ -1297,15 +1278,8 @@ fn a_busy_decode_loop_decodes_as_long_as_each_training_batch_took_before_the_nex
         registry,
         vec![Box::new(backend)],
     );
-    let sampler = SamplerKey {
-        tenant: "t".into(),
-        sampler_id: "s".into(),
-    };
-    engine
-        .create_sampler(sampler.clone(), loraloom_engine::SamplerSource::Base)
-        .unwrap();
     let held = engine
-        .submit(QueueKey::Sampler(sampler), sample_of(HELD))
+        .submit(base_sampler(&engine, "s"), sample_of(HELD))
         .unwrap();
     wait_running(&engine, &held);
     let steps: Vec<String> = (0..4)

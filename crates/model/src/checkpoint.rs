@@ -482,8 +482,8 @@ mod tests {
         make(".half.tmp-1-9"); // a dead save's staging: removed
         let in_flight = format!(".busy.tmp-{}-3", process_tag());
         make(&in_flight); // this process's save in flight: kept
-                          // A dead process whose id this one got back (a restarted container): removed.
-        make(&format!(".reused.tmp-{}-4", std::process::id()));
+        let reused = format!(".reused.tmp-{}-4", std::process::id());
+        make(&reused); // a dead process whose id this one got back (a restarted container): removed
         assert_eq!(remove_stale(&root, 4).unwrap(), 3);
         let names: std::collections::BTreeSet<String> = std::fs::read_dir(&run)
             .unwrap()
