@@ -15,8 +15,10 @@ use super::*;
 /// session was finished by its client, or has been silent for the session timeout while the
 /// run ran no job for as long (a run whose session is gone: the latter alone).
 fn abandoned(state: &AppState, run: &ModelEntry, now: f64) -> bool {
-    let idle = state.engine.queue_depth(&QueueKey::Model(run.key.clone())) == 0
-        && run.try_lock().is_some();
+    // Asked last (it takes the scheduler's lock and the run's): most runs are not candidates.
+    let idle = || {
+        state.engine.queue_depth(&QueueKey::Model(run.key.clone())) == 0 && run.try_lock().is_some()
+    };
     let timed_out = |silent: f64| {
         state.session_timeout.is_some_and(|timeout| {
             let timeout = timeout.as_secs_f64();
@@ -27,10 +29,11 @@ fn abandoned(state: &AppState, run: &ModelEntry, now: f64) -> bool {
         .and_then(|id| state.sessions.get(id))
         .filter(|s| s.tenant == run.key.tenant)
         .map(|s| (s.details.finished.is_some(), s.silent_for()));
-    idle && match session {
+    let gone = match session {
         Some((finished, silent)) => finished || timed_out(silent),
         None => timed_out(f64::INFINITY),
-    }
+    };
+    gone && idle()
 }
 
 /// Unloads abandoned runs, least recently used first, until `tenant` may create one more run
