@@ -49,6 +49,21 @@ def fb_with(model_id, loss_fn="cross_entropy", **datum_fields):
     return body
 
 
+def fb_2d(model_id, targets, weights, loss_fn="cross_entropy", datums=1, tokens=(1, 2, 3)):
+    """A forward_backward body of `datums` datums with 2-D loss inputs (`TensorData` dicts)."""
+    inputs = {"target_tokens": targets, **({"weights": weights} if weights else {})}
+    if loss_fn != "cross_entropy":
+        n = len(tokens)
+        inputs.update(logprobs={"data": [0.0] * n, "dtype": "float32", "shape": [n]},
+                      advantages={"data": [1.0] * n, "dtype": "float32", "shape": [n]})
+    datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": list(tokens)}]}, "loss_fn_inputs": inputs}
+    return {"model_id": model_id, "forward_backward_input": {"loss_fn": loss_fn, "data": [datum] * datums}}
+
+
+TOP2 = {"data": [5, 9, 7, 3, 1, 2], "dtype": "int64", "shape": [3, 2]}
+TOP2_WEIGHTS = {"data": [0.5] * 6, "dtype": "float32", "shape": [3, 2]}
+
+
 def sample_with_targets(server, target_prompt_logprobs):
     """An asample request for a two-token prompt with `target_prompt_logprobs`."""
     return post(server, "/api/v1/asample", {
@@ -169,6 +184,39 @@ CASES = {
                   fb_body(run["model_id"], [1] * n, [2] * n, [1] * n)["forward_backward_input"]["data"][0]
                   for n in [2048] * 16 + [1]]}}),
         400, ["data", "32769 tokens", "--max-request-tokens"]),
+    "top_k_targets_with_a_policy_loss": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(run["model_id"], TOP2, TOP2_WEIGHTS, "importance_sampling")),
+        400, ["data[0].loss_fn_inputs.target_tokens", "cross_entropy"]),
+    "top_k_weights_beside_one_target_per_position": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(
+            run["model_id"], {"data": [5, 9, 7], "dtype": "int64", "shape": [3]}, TOP2_WEIGHTS)),
+        400, ["data[0].loss_fn_inputs.weights", "shape of target_tokens"]),
+    "top_k_rows_not_one_per_position": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(
+            run["model_id"], {"data": [5, 9, 7, 3], "dtype": "int64", "shape": [2, 2]}, None)),
+        400, ["data[0].loss_fn_inputs.target_tokens", "one row per model_input position (3)"]),
+    "top_k_absurd_sparse_width": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(
+            run["model_id"], {"data": [], "dtype": "int64", "shape": [3, 4_000_000_000],
+                              "sparse_crow_indices": [0, 0, 0, 0], "sparse_col_indices": []}, None)),
+        400, ["data[0].loss_fn_inputs.target_tokens", "1024"]),
+    "top_k_sparse_columns_outside_the_matrix": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(
+            run["model_id"], {"data": [5], "dtype": "int64", "shape": [3, 2],
+                              "sparse_crow_indices": [0, 1, 1, 1], "sparse_col_indices": [2]}, None)),
+        400, ["data[0].loss_fn_inputs.target_tokens", "sparse CSR"]),
+    "top_k_sparse_inputs_too_large_once_dense": lambda s, run: (
+        post(s, "/api/v1/forward_backward", fb_2d(
+            run["model_id"], {"data": [], "dtype": "int64", "shape": [2048, 1024],
+                              "sparse_crow_indices": [0] * 2049, "sparse_col_indices": []},
+            None, datums=3, tokens=[1] * 2048)),
+        400, ["data[2].loss_fn_inputs.target_tokens", "4194304 values"]),
+    "top_k_advantages": lambda s, run: (
+        post(s, "/api/v1/forward_backward", {"model_id": run["model_id"], "forward_backward_input": {
+            "loss_fn": "cross_entropy", "data": [{
+                "model_input": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+                "loss_fn_inputs": {"target_tokens": TOP2, "advantages": TOP2_WEIGHTS}}]}}),
+        400, ["data[0].loss_fn_inputs.advantages", "1-D"]),
     "no_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={}), 401, ["X-API-Key"]),
     "wrong_key": lambda s, run: (post(s, "/api/v1/create_session", {}, headers={"X-API-Key": "tml-guess-1234"}),
                                  401, ["unknown API key"]),

@@ -5,6 +5,8 @@ Usage:
   lora_oracle.py peft-grads TINY_DIR OUT_DIR      peft adapter (given random A/B) + batch, loss, grads
                                                   (f32, and bf16.* with the base in bf16)
   lora_oracle.py peft-logits TINY_DIR ADAPTER OUT logits of TINY_DIR + a saved adapter, via peft
+  lora_oracle.py peft-topk TINY_DIR OUT_DIR       peft-grads' adapter and inputs, K = 5 targets per
+                                                  position (top-K distillation): logprobs, loss, grads
   lora_oracle.py losses OUT                       each loss and d(loss)/d(logits) by direct formulas
   lora_oracle.py adam OUT                         5 steps of torch.optim.Adam/AdamW (+ clipping)
 """
@@ -93,6 +95,36 @@ def peft_grads(tiny: Path, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "expected.safetensors"))
 
 
+TOP_K = 5
+
+
+def peft_topk(tiny: Path, out: Path) -> None:
+    """Cross-entropy with K targets per position, as Tinker documents it for top-K distillation:
+    loss = -sum_{n,k} w[n,k] * log p(t[n,k]). The targets repeat ids within a position (as the
+    SDK's zero padding does); the weights are teacher-like probabilities with zeroed entries."""
+    model = peft_model(tiny)
+    model.save_pretrained(out / "adapter")
+    ids, _, _, lengths = batch(model.config.vocab_size)
+    g = torch.Generator().manual_seed(SEED + 2)
+    n, t = ids.shape
+    targets = torch.randint(0, model.config.vocab_size, (n, t, TOP_K), generator=g)
+    targets[:, :, TOP_K - 1] = targets[:, :, 0]
+    weights = torch.softmax(torch.randn(n, t, TOP_K, generator=g), -1)
+    weights[:, 0, :] = 0.0
+    weights[:, :, 2] = 0.0
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, targets) * mask[..., None]
+    loss = -(weights * lp).sum()
+    loss.backward()
+    tensors = {"input_ids": ids, "lengths": lengths, "targets": targets, "weights": weights,
+               "logprobs": lp.detach(), "loss": loss.detach()[None]}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            tensors["grad." + name.replace(".default", "")] = p.grad.detach().float().clone()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "expected.safetensors"))
+
+
 def peft_logits(tiny: Path, adapter: Path, out: Path) -> None:
     model = peft_model(tiny, adapter)
     ids, _, _, _ = batch(model.config.vocab_size)
@@ -171,6 +203,9 @@ if __name__ == "__main__":
     if cmd == "peft-grads":
         Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
         peft_grads(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif cmd == "peft-topk":
+        Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
+        peft_topk(Path(sys.argv[2]), Path(sys.argv[3]))
     elif cmd == "peft-logits":
         peft_logits(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif cmd == "losses":

@@ -146,6 +146,12 @@ pub fn check(
     targets: Vec<Span>,
 ) -> ApiResult<Option<Provenance>> {
     let field = |name: &str| format!("data[{index}].{name}");
+    if datum.loss_inputs.targets_per_position.is_some() && !targets.is_empty() {
+        return Err(ApiError::invalid(
+            field("loss_fn_input_spans"),
+            "provenance needs one target per position; this datum's target_tokens are 2-D [N, K]",
+        ));
+    }
     match (model_input.is_empty(), targets.is_empty()) {
         (true, true) => return Ok(None),
         (false, false) => {}
@@ -377,6 +383,7 @@ mod tests {
                 advantages: None,
                 sequence_ratio_mask: None,
                 recorded: None,
+                targets_per_position: None,
             },
         }
     }

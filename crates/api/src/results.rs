@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loraloom_engine::Output;
-use loraloom_model::{RequestOutput, SampleOutput, StopReason, TopK};
+use loraloom_model::{DatumOutput, RequestOutput, SampleOutput, StopReason, TopK};
 use prost::Message;
 use serde_json::{json, Value};
 
@@ -37,6 +37,14 @@ fn tensor_json(values: &[f32]) -> Value {
     json!({"data": values, "dtype": "float32", "shape": [values.len()]})
 }
 
+/// A datum's output tensor as JSON: `[N]`, or `[N, K]` for K targets per position.
+fn datum_tensor_json(values: &[f32], targets_per_position: Option<usize>) -> Value {
+    match targets_per_position {
+        None => tensor_json(values),
+        Some(k) => json!({"data": values, "dtype": "float32", "shape": [values.len() / k, k]}),
+    }
+}
+
 fn stop_name(r: StopReason) -> &'static str {
     match r {
         StopReason::Stop => "stop",
@@ -49,7 +57,10 @@ pub fn forward_backward_json(out: &RequestOutput) -> Value {
     let outputs: Vec<Value> = out
         .outputs
         .iter()
-        .map(|d| json!({"logprobs": tensor_json(&d.logprobs), "elementwise_loss": tensor_json(&d.elementwise_loss)}))
+        .map(|d| {
+            let k = d.targets_per_position;
+            json!({"logprobs": datum_tensor_json(&d.logprobs, k), "elementwise_loss": datum_tensor_json(&d.elementwise_loss, k)})
+        })
         .collect();
     json!({
         "loss_fn_output_type": "ArrayRecord",
@@ -58,35 +69,50 @@ pub fn forward_backward_json(out: &RequestOutput) -> Value {
     })
 }
 
-/// `ForwardBackwardOutput` as protobuf.
+/// `ForwardBackwardOutput` as protobuf: one `ArrayRecord` per run of datums with the same
+/// number of targets per position (its `trailing_shape`: `[]`, or `[K]`), as the SDK reads
+/// ragged outputs.
 pub fn forward_backward_proto(out: &RequestOutput) -> Vec<u8> {
-    let batched = |pick: fn(&loraloom_model::DatumOutput) -> &Vec<f32>| {
-        let mut data = Vec::new();
-        let mut offsets = vec![0i64];
-        for d in &out.outputs {
-            data.extend(proto::f32_bytes(pick(d)));
-            offsets.push(data.len() as i64);
-        }
-        proto::BatchedTensor {
-            data,
-            offsets: proto::i64_bytes(&offsets),
-            dtype: proto::dtype::FLOAT32,
-            trailing_shape: Vec::new(),
-        }
-    };
-    let mut fields = std::collections::HashMap::new();
-    fields.insert("logprobs".to_string(), batched(|d| &d.logprobs));
-    fields.insert(
-        "elementwise_loss".to_string(),
-        batched(|d| &d.elementwise_loss),
-    );
-    let msg = proto::ForwardBackwardOutput {
-        loss_fn_output_type: "ArrayRecord".into(),
-        loss_fn_outputs: vec![proto::ArrayRecord {
+    let record = |datums: &[DatumOutput]| {
+        let trailing_shape: Vec<i64> = datums[0]
+            .targets_per_position
+            .map(|k| k as i64)
+            .into_iter()
+            .collect();
+        let batched = |pick: fn(&DatumOutput) -> &Vec<f32>| {
+            let mut data = Vec::new();
+            let mut offsets = vec![0i64];
+            for d in datums {
+                data.extend(proto::f32_bytes(pick(d)));
+                offsets.push(data.len() as i64);
+            }
+            proto::BatchedTensor {
+                data,
+                offsets: proto::i64_bytes(&offsets),
+                dtype: proto::dtype::FLOAT32,
+                trailing_shape: trailing_shape.clone(),
+            }
+        };
+        let mut fields = std::collections::HashMap::new();
+        fields.insert("logprobs".to_string(), batched(|d| &d.logprobs));
+        fields.insert(
+            "elementwise_loss".to_string(),
+            batched(|d| &d.elementwise_loss),
+        );
+        proto::ArrayRecord {
             type_tag: "ArrayRecord".into(),
             fields,
-            num_datums: out.outputs.len() as i64,
-        }],
+            num_datums: datums.len() as i64,
+        }
+    };
+    let records = out
+        .outputs
+        .chunk_by(|a, b| a.targets_per_position == b.targets_per_position)
+        .map(record)
+        .collect();
+    let msg = proto::ForwardBackwardOutput {
+        loss_fn_output_type: "ArrayRecord".into(),
+        loss_fn_outputs: records,
         metrics: [("loss:sum".to_string(), out.loss_sum)]
             .into_iter()
             .collect(),

@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use loraloom_model::{AdamParams, CsrLayout, Datum, LossFn, LossInputs, SamplingParams, Stop};
+use loraloom_model::{
+    AdamParams, CsrLayout, Datum, LossFn, LossInputs, SamplingParams, Stop,
+    MAX_TARGETS_PER_POSITION,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
@@ -76,19 +79,159 @@ pub struct TensorData {
     pub sparse_col_indices: Option<Vec<i64>>,
 }
 
-/// A loss input before validation.
-pub enum RawTensor {
+/// The values of a loss input before validation.
+#[derive(Debug)]
+pub enum Values {
     /// Integer values.
     Int(Vec<i64>),
     /// Float values.
     Float(Vec<f32>),
 }
 
-impl RawTensor {
-    fn ints(self, field: &str) -> ApiResult<Vec<i64>> {
+impl Values {
+    fn len(&self) -> usize {
         match self {
-            RawTensor::Int(v) => Ok(v),
-            RawTensor::Float(v) => {
+            Values::Int(v) => v.len(),
+            Values::Float(v) => v.len(),
+        }
+    }
+
+    /// The dense `[rows, cols]` matrix of a sparse CSR tensor of these values (0 where it lists
+    /// none, as the SDK's `from_torch_sparse` leaves out 0s); `None` if the layout is
+    /// inconsistent.
+    fn densify(self, rows: usize, cols: usize, crow: &[i64], col: &[i64]) -> Option<Values> {
+        Some(match self {
+            Values::Int(v) => Values::Int(densify_csr(rows, cols, crow, col, &v, 0)?),
+            Values::Float(v) => Values::Float(densify_csr(rows, cols, crow, col, &v, 0.0)?),
+        })
+    }
+}
+
+/// A loss input before validation: its values, row after row for a 2-D `[N, K]` tensor.
+#[derive(Debug)]
+pub struct RawTensor {
+    values: Values,
+    /// K of a 2-D `[N, K]` tensor (densified if it came sparse); `None` for a 1-D one.
+    columns: Option<usize>,
+}
+
+/// Most values the 2-D loss inputs of one request may hold once dense (32 MiB of ids, 16 MiB
+/// of weights): a sparse tensor's body holds a few bytes per row, its dense form up to
+/// [`MAX_TARGETS_PER_POSITION`] values, so the count is charged before anything is built.
+/// Top-K distillation at K = 20 fits 200,000 positions; the SDK splits larger batches by bytes.
+pub const MAX_REQUEST_TARGET_CELLS: usize = 1 << 22;
+
+/// The dense row-major `[rows, cols]` matrix of a sparse CSR tensor, `fill` where it lists no
+/// value; `None` unless the layout keeps torch's CSR invariants (the SDK checks them when it
+/// reads a tensor): `rows + 1` offsets from 0 to the number of values, never decreasing, and
+/// within a row strictly increasing columns inside the matrix.
+fn densify_csr<T: Copy>(
+    rows: usize,
+    cols: usize,
+    crow: &[i64],
+    col: &[i64],
+    values: &[T],
+    fill: T,
+) -> Option<Vec<T>> {
+    let nnz = values.len() as i64;
+    if crow.len() != rows + 1 || col.len() != values.len() || crow[0] != 0 || crow[rows] != nnz {
+        return None;
+    }
+    let mut dense = vec![fill; rows * cols];
+    for (r, span) in crow.windows(2).enumerate() {
+        let (start, end) = (span[0], span[1]);
+        if start > end || end > nnz {
+            return None;
+        }
+        let (start, end) = (start as usize, end as usize);
+        let row = &col[start..end];
+        if row.windows(2).any(|w| w[0] >= w[1]) {
+            return None;
+        }
+        for (&c, &value) in row.iter().zip(&values[start..end]) {
+            let c = usize::try_from(c).ok().filter(|&c| c < cols)?;
+            dense[r * cols + c] = value;
+        }
+    }
+    Some(dense)
+}
+
+impl RawTensor {
+    /// Checks `values` against `shape` and builds the tensor: 1-D (`shape` empty or `[len]`),
+    /// or 2-D `[rows, K]` with one row per model input position (`rows`), dense or sparse CSR
+    /// (`csr`: row offsets and columns). A 2-D tensor's dense size is charged to `cells` (see
+    /// [`MAX_REQUEST_TARGET_CELLS`]) before it is built.
+    fn shaped(
+        field: &str,
+        values: Values,
+        shape: &[i64],
+        csr: Option<(Vec<i64>, Vec<i64>)>,
+        rows: usize,
+        cells: &mut usize,
+    ) -> ApiResult<RawTensor> {
+        let invalid = |reason: String| ApiError::invalid(field, reason);
+        let len = values.len();
+        match (shape, csr) {
+            ([], None) => Ok(RawTensor {
+                values,
+                columns: None,
+            }),
+            (&[n], None) if n == len as i64 => Ok(RawTensor {
+                values,
+                columns: None,
+            }),
+            (&[_], None) => Err(invalid(format!(
+                "shape {shape:?} does not match its {len} values"
+            ))),
+            (&[n, k], csr) => {
+                if n != rows as i64 {
+                    return Err(invalid(format!(
+                        "has shape {shape:?}: a 2-D loss input needs one row per model_input position ({rows})"
+                    )));
+                }
+                let max = MAX_TARGETS_PER_POSITION;
+                let k = usize::try_from(k)
+                    .ok()
+                    .filter(|k| (1..=max).contains(k))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "has shape {shape:?}: 1 to {max} values per position are accepted"
+                        ))
+                    })?;
+                *cells = cells.checked_sub(rows * k).ok_or_else(|| {
+                    invalid(format!(
+                        "makes this request's 2-D loss inputs hold more than {MAX_REQUEST_TARGET_CELLS} values; send fewer datums per request"
+                    ))
+                })?;
+                let values = match csr {
+                    None if len == rows * k => values,
+                    None => {
+                        return Err(invalid(format!(
+                            "shape {shape:?} does not match its {len} values"
+                        )))
+                    }
+                    Some((crow, col)) => values
+                        .densify(rows, k, &crow, &col)
+                        .ok_or_else(|| invalid("inconsistent sparse CSR indices".into()))?,
+                };
+                Ok(RawTensor {
+                    values,
+                    columns: Some(k),
+                })
+            }
+            (_, Some(_)) => Err(invalid(format!(
+                "is sparse with shape {shape:?}; a sparse loss input must be 2-D [N, K]"
+            ))),
+            _ => Err(invalid(format!(
+                "has shape {shape:?}; loss inputs are 1-D [N] (target_tokens and weights may be 2-D [N, K])"
+            ))),
+        }
+    }
+
+    fn ints(self, field: &str) -> ApiResult<Vec<i64>> {
+        match self.values {
+            Values::Int(v) => Ok(v),
+            Values::Float(v) => {
                 if v.iter().all(|x| x.fract() == 0.0 && x.is_finite()) {
                     Ok(v.into_iter().map(|x| x as i64).collect())
                 } else {
@@ -99,39 +242,29 @@ impl RawTensor {
     }
 
     fn floats(self) -> Vec<f32> {
-        match self {
-            RawTensor::Int(v) => v.into_iter().map(|x| x as f32).collect(),
-            RawTensor::Float(v) => v,
+        match self.values {
+            Values::Int(v) => v.into_iter().map(|x| x as f32).collect(),
+            Values::Float(v) => v,
         }
     }
-}
 
-fn check_shape(field: &str, shape: &[i64], len: usize) -> ApiResult<()> {
-    if shape.len() > 1 {
-        return Err(ApiError::invalid(
-            field,
-            format!("has shape {shape:?}; loraloom accepts one value per token (1-D)"),
-        ));
-    }
-    if let Some(&n) = shape.first() {
-        if n != len as i64 {
+    /// The values of a loss input that must be 1-D.
+    fn floats_1d(self, field: &str) -> ApiResult<Vec<f32>> {
+        if self.columns.is_some() {
             return Err(ApiError::invalid(
                 field,
-                format!("shape {shape:?} does not match its {len} values"),
+                "must be 1-D [N]: only target_tokens and weights may be 2-D [N, K]",
             ));
         }
+        Ok(self.floats())
     }
-    Ok(())
 }
 
 impl TensorData {
-    /// Validated values.
-    pub fn into_raw(self, field: &str) -> ApiResult<RawTensor> {
-        if self.sparse_crow_indices.is_some() {
-            return Err(ApiError::invalid(field, "sparse tensors are not supported"));
-        }
-        check_shape(field, self.shape.as_deref().unwrap_or(&[]), self.data.len())?;
-        match self.dtype.as_deref().unwrap_or("float32") {
+    /// Validated values of a loss input of a datum whose model input has `rows` positions;
+    /// see [`RawTensor::shaped`] for `cells`.
+    pub fn into_raw(self, field: &str, rows: usize, cells: &mut usize) -> ApiResult<RawTensor> {
+        let values = match self.dtype.as_deref().unwrap_or("float32") {
             "int64" | "int32" => {
                 if self.data.iter().any(|x| x.fract() != 0.0 || !x.is_finite()) {
                     return Err(ApiError::invalid(
@@ -139,18 +272,30 @@ impl TensorData {
                         "dtype int64 but holds non-integers",
                     ));
                 }
-                Ok(RawTensor::Int(
-                    self.data.into_iter().map(|x| x as i64).collect(),
+                Values::Int(self.data.into_iter().map(|x| x as i64).collect())
+            }
+            "float32" | "float64" | "bfloat16" => {
+                Values::Float(self.data.into_iter().map(|x| x as f32).collect())
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!("{field}.dtype"),
+                    format!("unknown dtype `{other}`"),
                 ))
             }
-            "float32" | "float64" | "bfloat16" => Ok(RawTensor::Float(
-                self.data.into_iter().map(|x| x as f32).collect(),
-            )),
-            other => Err(ApiError::invalid(
-                format!("{field}.dtype"),
-                format!("unknown dtype `{other}`"),
-            )),
-        }
+        };
+        let csr = match (self.sparse_crow_indices, self.sparse_col_indices) {
+            (None, None) => None,
+            (Some(crow), Some(col)) => Some((crow, col)),
+            _ => {
+                return Err(ApiError::invalid(
+                    field,
+                    "a sparse tensor needs both crow and col indices",
+                ))
+            }
+        };
+        let shape = self.shape.unwrap_or_default();
+        RawTensor::shaped(field, values, &shape, csr, rows, cells)
     }
 }
 
@@ -206,34 +351,11 @@ impl TensorData {
                 Ok((ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect(), None))
             }
             (Some(crow), Some(col)) => {
-                // torch's CSR invariants (the answer keeps this layout, and the SDK checks them
-                // when it reads it): rows+1 offsets from 0 to nnz, never decreasing, and within a
-                // row strictly increasing columns inside the matrix.
-                let bad_layout = || invalid("inconsistent sparse CSR indices".into());
-                let nnz = ids.len() as i64;
-                if crow.len() != rows + 1
-                    || col.len() != ids.len()
-                    || crow[0] != 0
-                    || crow[rows] != nnz
-                {
-                    return Err(bad_layout());
-                }
-                let mut dense = vec![vec![fill; cols]; rows];
-                for (r, span) in crow.windows(2).enumerate() {
-                    let (start, end) = (span[0], span[1]);
-                    if start > end || end > nnz {
-                        return Err(bad_layout());
-                    }
-                    let row = &col[start as usize..end as usize];
-                    if row.windows(2).any(|w| w[0] >= w[1]) {
-                        return Err(bad_layout());
-                    }
-                    for (i, &c) in (start as usize..).zip(row) {
-                        let c = usize::try_from(c).map_err(|_| bad_layout())?;
-                        *dense[r].get_mut(c).ok_or_else(bad_layout)? = ids[i];
-                    }
-                }
-                Ok((dense, Some(CsrLayout { crow, col })))
+                // The answer keeps this layout, so it must be one the SDK reads back.
+                let dense = densify_csr(rows, cols, &crow, &col, &ids, fill)
+                    .ok_or_else(|| invalid("inconsistent sparse CSR indices".into()))?;
+                let matrix = dense.chunks(cols).map(<[i64]>::to_vec).collect();
+                Ok((matrix, Some(CsrLayout { crow, col })))
             }
             _ => Err(ApiError::invalid(
                 field,
@@ -243,30 +365,40 @@ impl TensorData {
     }
 }
 
-/// Converts a protobuf tensor.
-pub fn proto_tensor(field: &str, t: proto::Tensor) -> ApiResult<RawTensor> {
-    let bytes = match t.encoding {
-        Some(proto::Encoding::Dense(b)) => b,
-        Some(proto::Encoding::SparseCsr(_)) => {
-            return Err(ApiError::invalid(field, "sparse tensors are not supported"))
+/// Converts a protobuf loss input of a datum whose model input has `rows` positions; see
+/// [`RawTensor::shaped`] for `cells`.
+pub fn proto_tensor(
+    field: &str,
+    t: proto::Tensor,
+    rows: usize,
+    cells: &mut usize,
+) -> ApiResult<RawTensor> {
+    let ragged = |what: &str| ApiError::invalid(field, format!("{what} byte length is ragged"));
+    let (bytes, csr) = match t.encoding {
+        Some(proto::Encoding::Dense(b)) => (b, None),
+        Some(proto::Encoding::SparseCsr(csr)) => {
+            let crow = proto::unpack(&csr.crow_indices, i64::from_le_bytes)
+                .ok_or_else(|| ragged("crow_indices"))?;
+            let col = proto::unpack(&csr.col_indices, i64::from_le_bytes)
+                .ok_or_else(|| ragged("col_indices"))?;
+            (csr.values, Some((crow, col)))
         }
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
-    let ragged = || ApiError::invalid(field, "byte length does not match its dtype");
-    let raw = match t.dtype {
+    let values = match t.dtype {
         proto::dtype::INT64 => {
-            RawTensor::Int(proto::unpack(&bytes, i64::from_le_bytes).ok_or_else(ragged)?)
+            Values::Int(proto::unpack(&bytes, i64::from_le_bytes).ok_or_else(|| ragged("int64"))?)
         }
-        proto::dtype::INT32 => RawTensor::Int(
+        proto::dtype::INT32 => Values::Int(
             proto::unpack(&bytes, i32::from_le_bytes)
-                .ok_or_else(ragged)?
+                .ok_or_else(|| ragged("int32"))?
                 .into_iter()
                 .map(i64::from)
                 .collect(),
         ),
-        proto::dtype::FLOAT32 => {
-            RawTensor::Float(proto::unpack(&bytes, f32::from_le_bytes).ok_or_else(ragged)?)
-        }
+        proto::dtype::FLOAT32 => Values::Float(
+            proto::unpack(&bytes, f32::from_le_bytes).ok_or_else(|| ragged("float32"))?,
+        ),
         other => {
             return Err(ApiError::invalid(
                 format!("{field}.dtype"),
@@ -274,12 +406,7 @@ pub fn proto_tensor(field: &str, t: proto::Tensor) -> ApiResult<RawTensor> {
             ))
         }
     };
-    let len = match &raw {
-        RawTensor::Int(v) => v.len(),
-        RawTensor::Float(v) => v.len(),
-    };
-    check_shape(field, &t.shape, len)?;
-    Ok(raw)
+    RawTensor::shaped(field, values, &t.shape, csr, rows, cells)
 }
 
 /// Builds datum `index` from its tokens and named loss inputs.
@@ -289,14 +416,28 @@ pub fn build_datum(
     mut inputs: HashMap<String, RawTensor>,
 ) -> ApiResult<Datum> {
     let field = |name: &str| format!("data[{index}].loss_fn_inputs.{name}");
-    let target_tokens = inputs
+    let targets = inputs
         .remove("target_tokens")
-        .ok_or_else(|| ApiError::invalid(field("target_tokens"), "is required"))?
-        .ints(&field("target_tokens"))?;
-    let weights = inputs.remove("weights").map(RawTensor::floats);
-    let logprobs = inputs.remove("logprobs").map(RawTensor::floats);
-    let advantages = inputs.remove("advantages").map(RawTensor::floats);
-    let sequence_ratio_mask = inputs.remove("sequence_ratio_mask").map(RawTensor::floats);
+        .ok_or_else(|| ApiError::invalid(field("target_tokens"), "is required"))?;
+    let targets_per_position = targets.columns;
+    let target_tokens = targets.ints(&field("target_tokens"))?;
+    let weights =
+        match inputs.remove("weights") {
+            Some(w) if w.columns != targets_per_position => return Err(ApiError::invalid(
+                field("weights"),
+                "must have the shape of target_tokens ([N], or [N, K] for K targets per position)",
+            )),
+            w => w.map(RawTensor::floats),
+        };
+    let mut one_per_position = |name: &str| {
+        inputs
+            .remove(name)
+            .map(|t| t.floats_1d(&field(name)))
+            .transpose()
+    };
+    let logprobs = one_per_position("logprobs")?;
+    let advantages = one_per_position("advantages")?;
+    let sequence_ratio_mask = one_per_position("sequence_ratio_mask")?;
     if let Some(name) = inputs.keys().next() {
         return Err(ApiError::invalid(
             field(name),
@@ -312,6 +453,7 @@ pub fn build_datum(
             advantages,
             sequence_ratio_mask,
             recorded: None,
+            targets_per_position,
         },
     })
 }
@@ -337,7 +479,8 @@ pub struct JsonDatum {
 pub struct JsonForwardBackwardRequest {
     /// The run.
     pub model_id: String,
-    /// `{data, loss_fn, loss_fn_config}`.
+    /// `{data, loss_fn, loss_fn_config}` (`forward_input` in the SDK's `ForwardRequest`).
+    #[serde(alias = "forward_input")]
     pub forward_backward_input: JsonForwardBackwardInput,
     /// `forward` when true.
     #[serde(default)]
@@ -383,12 +526,13 @@ impl JsonForwardBackwardRequest {
         let loss = LossFn::from_name(&input.loss_fn, &config).map_err(to_api)?;
         let mut data = Vec::with_capacity(input.data.len());
         let mut spans = Vec::with_capacity(input.data.len());
+        let mut cells = MAX_REQUEST_TARGET_CELLS;
         for (i, d) in input.data.into_iter().enumerate() {
             let tokens = d.model_input.tokens(&format!("data[{i}].model_input"))?;
             let mut raw = HashMap::new();
             for (name, t) in d.loss_fn_inputs {
                 let f = format!("data[{i}].loss_fn_inputs.{name}");
-                raw.insert(name, t.into_raw(&f)?);
+                raw.insert(name, t.into_raw(&f, tokens.len(), &mut cells)?);
             }
             let datum = build_datum(i, tokens, raw)?;
             let model_input = provenance::from_json(
@@ -447,6 +591,7 @@ pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainI
     let loss = LossFn::from_name(&req.loss_fn, &config).map_err(to_api)?;
     let mut data = Vec::with_capacity(req.data.len());
     let mut spans = Vec::with_capacity(req.data.len());
+    let mut cells = MAX_REQUEST_TARGET_CELLS;
     for (i, d) in req.data.into_iter().enumerate() {
         let mut tokens = Vec::new();
         for (c, chunk) in d.model_input.into_iter().enumerate() {
@@ -473,7 +618,7 @@ pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainI
         let mut raw = HashMap::new();
         for (name, t) in d.loss_fn_inputs {
             let f = format!("data[{i}].loss_fn_inputs.{name}");
-            raw.insert(name, proto_tensor(&f, t)?);
+            raw.insert(name, proto_tensor(&f, t, tokens.len(), &mut cells)?);
         }
         let datum = build_datum(i, tokens, raw)?;
         let model_input =
@@ -698,5 +843,59 @@ mod tests {
             .expect("the prompt's rows");
         assert_eq!(rows, vec![vec![-1; 128]; 3]);
         assert!(layout.is_some());
+    }
+
+    /// A 2-D loss input `[rows, k]` as the SDK sends it sparse: `values` at `(row, col)`.
+    fn sparse_loss_input(rows: usize, k: usize, listed: &[(usize, usize, f64)]) -> TensorData {
+        let mut crow = vec![0i64; rows + 1];
+        for &(r, _, _) in listed {
+            crow[r + 1..].iter_mut().for_each(|c| *c += 1);
+        }
+        TensorData {
+            data: listed.iter().map(|&(_, _, v)| v).collect(),
+            dtype: Some("float32".into()),
+            shape: Some(vec![rows as i64, k as i64]),
+            sparse_crow_indices: Some(crow),
+            sparse_col_indices: Some(listed.iter().map(|&(_, c, _)| c as i64).collect()),
+        }
+    }
+
+    #[test]
+    fn two_d_loss_inputs_are_densified_with_zeros_and_charged_before_they_are_built() {
+        let mut cells = MAX_REQUEST_TARGET_CELLS;
+        let weights = sparse_loss_input(3, 2, &[(0, 1, 0.5), (2, 0, 0.25), (2, 1, 0.75)])
+            .into_raw("weights", 3, &mut cells)
+            .unwrap();
+        assert_eq!(weights.columns, Some(2));
+        assert_eq!(weights.floats(), vec![0.0, 0.5, 0.0, 0.0, 0.25, 0.75]);
+        assert_eq!(cells, MAX_REQUEST_TARGET_CELLS - 6);
+        // One row per model input position.
+        let err = sparse_loss_input(4, 2, &[])
+            .into_raw("weights", 3, &mut cells)
+            .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("one row per model_input position (3)"),
+            "{err}"
+        );
+        // 4 positions of 1024 values, empty on the wire, would be 4096 values built: refused
+        // once the request's budget cannot hold them, before anything is allocated.
+        let mut cells = 5000;
+        sparse_loss_input(4, 1024, &[])
+            .into_raw("target_tokens", 4, &mut cells)
+            .unwrap();
+        let err = sparse_loss_input(4, 1024, &[])
+            .into_raw("target_tokens", 4, &mut cells)
+            .expect_err("over budget");
+        assert!(err.to_string().contains("more than"), "{err}");
+        // Columns must increase within a row and stay inside the matrix.
+        let err = sparse_loss_input(2, 2, &[(0, 1, 1.0), (0, 0, 1.0)])
+            .into_raw("weights", 2, &mut MAX_REQUEST_TARGET_CELLS.clone())
+            .expect_err("unsorted");
+        assert!(err.to_string().contains("sparse CSR"), "{err}");
+        let err = sparse_loss_input(2, 2, &[(1, 2, 1.0)])
+            .into_raw("weights", 2, &mut MAX_REQUEST_TARGET_CELLS.clone())
+            .expect_err("outside");
+        assert!(err.to_string().contains("sparse CSR"), "{err}");
     }
 }

@@ -45,6 +45,7 @@ fn datum(seed: usize, len: usize, vocab: i64) -> Datum {
             advantages: None,
             sequence_ratio_mask: None,
             recorded: None,
+            targets_per_position: None,
         },
     }
 }

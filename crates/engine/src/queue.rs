@@ -837,6 +837,7 @@ mod tests {
                     advantages: None,
                     sequence_ratio_mask: None,
                     recorded: None,
+                    targets_per_position: None,
                 },
             }],
             loss: loraloom_model::LossFn::CrossEntropy,

@@ -394,6 +394,7 @@ fn data(seed: i64) -> Vec<Datum> {
                     advantages: None,
                     sequence_ratio_mask: None,
                     recorded: None,
+                    targets_per_position: None,
                 },
             }
         })

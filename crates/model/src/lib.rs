@@ -35,7 +35,7 @@ pub use config::{Architecture, ModelConfig};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
-pub use loss::{LossFn, LossInputs};
+pub use loss::{LossFn, LossInputs, MAX_TARGETS_PER_POSITION};
 pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{
     sample, sample_with, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence,

@@ -244,18 +244,64 @@ pub struct LossInputs {
     /// 1 where the target is a sampled token the server recorded (`stable_reinforce`), 0
     /// elsewhere; filled by the server from the datum's provenance, never read from the wire.
     pub recorded: Option<Vec<f32>>,
+    /// `Some(K)` when `target_tokens` (and `weights`, if given) are `[N, K]`, row after row:
+    /// K targets per position (top-K distillation), each position's loss
+    /// `-Σ_k w[n, k] · lp(t[n, k])`. `cross_entropy` only; `None` for one target per position.
+    pub targets_per_position: Option<usize>,
+}
+
+/// Most targets one position may carry in a 2-D `[N, K]` `target_tokens`.
+pub const MAX_TARGETS_PER_POSITION: usize = 1024;
+
+/// Names value `i` of a per-position input: `7`, or `[7, 3]` when it has `per` values a position.
+fn position_name(i: usize, per: usize) -> String {
+    if per == 1 {
+        i.to_string()
+    } else {
+        format!("[{}, {}]", i / per, i % per)
+    }
 }
 
 impl LossInputs {
+    /// Targets per position: K of a 2-D `[N, K]` `target_tokens`, 1 otherwise.
+    pub fn width(&self) -> usize {
+        self.targets_per_position.unwrap_or(1)
+    }
+
     /// Checks lengths against `len` (the model input's length), finiteness, and that the loss
     /// has what it needs.
     pub fn validate(&self, loss: &LossFn, len: usize, vocab: i64) -> Result<()> {
-        if self.target_tokens.len() != len {
+        let width = self.width();
+        if let Some(k) = self.targets_per_position {
+            if !(1..=MAX_TARGETS_PER_POSITION).contains(&k) {
+                return Err(ModelError::invalid(
+                    "loss_fn_inputs.target_tokens",
+                    format!(
+                        "has {k} targets per position; 1 to {MAX_TARGETS_PER_POSITION} are accepted"
+                    ),
+                ));
+            }
+            if *loss != LossFn::CrossEntropy {
+                return Err(ModelError::invalid(
+                    "loss_fn_inputs.target_tokens",
+                    "is 2-D [N, K] (K targets per position), which only loss cross_entropy accepts; send one target per position",
+                ));
+            }
+        }
+        let shape = |per: usize| {
+            if per == 1 {
+                format!("model_input has {len}")
+            } else {
+                format!("{len} positions x {per} are needed")
+            }
+        };
+        if self.target_tokens.len() != len * width {
             return Err(ModelError::invalid(
                 "loss_fn_inputs.target_tokens",
                 format!(
-                    "has {} tokens but model_input has {len}",
-                    self.target_tokens.len()
+                    "has {} tokens but {}",
+                    self.target_tokens.len(),
+                    shape(width)
                 ),
             ));
         }
@@ -267,35 +313,39 @@ impl LossInputs {
         {
             return Err(ModelError::invalid(
                 "loss_fn_inputs.target_tokens",
-                format!("token id {t} at position {i} is outside the vocabulary [0, {vocab})"),
+                format!(
+                    "token id {t} at position {} is outside the vocabulary [0, {vocab})",
+                    position_name(i, width)
+                ),
             ));
         }
-        let check = |name: &str, values: &Option<Vec<f32>>, required: bool| -> Result<()> {
+        let check = |name: &str, values: &Option<Vec<f32>>, required: bool, per: usize| {
             let field = format!("loss_fn_inputs.{name}");
             match values {
                 None if required => Err(ModelError::invalid(field, "is required by this loss")),
                 None => Ok(()),
-                Some(v) if v.len() != len => Err(ModelError::invalid(
+                Some(v) if v.len() != len * per => Err(ModelError::invalid(
                     field,
-                    format!("has {} values but model_input has {len}", v.len()),
+                    format!("has {} values but {}", v.len(), shape(per)),
                 )),
                 Some(v) => match v.iter().position(|x| !x.is_finite()) {
                     Some(i) => Err(ModelError::invalid(
                         field,
-                        format!("value at position {i} is not finite"),
+                        format!("value at position {} is not finite", position_name(i, per)),
                     )),
                     None => Ok(()),
                 },
             }
         };
         let policy = loss.needs_policy_inputs();
-        check("weights", &self.weights, false)?;
-        check("logprobs", &self.logprobs, policy)?;
-        check("advantages", &self.advantages, policy)?;
+        check("weights", &self.weights, false, width)?;
+        check("logprobs", &self.logprobs, policy, 1)?;
+        check("advantages", &self.advantages, policy, 1)?;
         check(
             "sequence_ratio_mask",
             &self.sequence_ratio_mask,
             loss.needs_sequence_ratio(),
+            1,
         )?;
         if loss.needs_recorded_samples() && self.recorded.is_none() {
             return Err(ModelError::invalid(
@@ -303,7 +353,7 @@ impl LossInputs {
                 "stable_reinforce needs provenance spans naming the sampled sequences (sample with record_stability_info=True, then Datum.with_provenance)",
             ));
         }
-        check("recorded", &self.recorded, false)?;
+        check("recorded", &self.recorded, false, 1)?;
         Ok(())
     }
 }
@@ -316,15 +366,17 @@ fn float_tensor(values: &[f32], like: &Tensor) -> Result<Tensor> {
         .f_view(like.size().as_slice())?)
 }
 
-/// Log-probabilities `[len]` of `targets` under `logits` `[len, vocab]`, computed in f32.
-pub fn target_logprobs(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
+/// Log-probabilities of `targets` under `logits` `[len, vocab]`, computed in f32: `[len]` for
+/// one target per position (`per` 1), else `[len, per]` for `targets` holding `per` a position.
+pub fn target_logprobs(logits: &Tensor, targets: &[i64], per: usize) -> Result<Tensor> {
     let logits = logits.f_to_kind(Kind::Float)?;
     let idx = Tensor::from_slice(targets)
         .f_to_device(logits.device())?
-        .f_unsqueeze(-1)?;
-    let picked = logits.f_gather(-1, &idx, false)?.f_squeeze_dim(-1)?;
-    let norm = logits.f_logsumexp(&[-1i64][..], false)?;
-    Ok(picked.f_sub(&norm)?)
+        .f_view([-1, per as i64])?;
+    let picked = logits.f_gather(-1, &idx, false)?;
+    let norm = logits.f_logsumexp(&[-1i64][..], true)?;
+    let lp = picked.f_sub(&norm)?;
+    Ok(if per == 1 { lp.f_squeeze_dim(-1)? } else { lp })
 }
 
 /// Bound of the log ratios that are exponentiated whole: `stable_reinforce`'s inside its KL
@@ -473,6 +525,7 @@ mod tests {
             advantages: None,
             sequence_ratio_mask: None,
             recorded: None,
+            targets_per_position: None,
         };
         let err = inputs.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
         assert!(err.to_string().contains("loss_fn_inputs.weights"), "{err}");
@@ -500,12 +553,60 @@ mod tests {
             advantages: None,
             sequence_ratio_mask: None,
             recorded: None,
+            targets_per_position: None,
         };
         assert!(oov
             .validate(&LossFn::CrossEntropy, 3, 10)
             .unwrap_err()
             .to_string()
             .contains("10"));
+    }
+
+    #[test]
+    fn top_k_targets_are_cross_entropy_only_and_shaped_n_by_k() {
+        let top2 = LossInputs {
+            target_tokens: vec![1, 2, 3, 4, 5, 6],
+            weights: Some(vec![0.5; 6]),
+            logprobs: None,
+            advantages: None,
+            sequence_ratio_mask: None,
+            recorded: None,
+            targets_per_position: Some(2),
+        };
+        top2.validate(&LossFn::CrossEntropy, 3, 10).unwrap();
+        let err = top2.validate(&LossFn::CrossEntropy, 2, 10).unwrap_err();
+        assert!(err.to_string().contains("2 positions x 2"), "{err}");
+        let policy = LossInputs {
+            logprobs: Some(vec![0.0; 3]),
+            advantages: Some(vec![1.0; 3]),
+            ..top2.clone()
+        };
+        let err = policy
+            .validate(&LossFn::ImportanceSampling, 3, 10)
+            .unwrap_err();
+        assert!(err.to_string().contains("cross_entropy"), "{err}");
+        let short_weights = LossInputs {
+            weights: Some(vec![0.5; 3]),
+            ..top2.clone()
+        };
+        let err = short_weights
+            .validate(&LossFn::CrossEntropy, 3, 10)
+            .unwrap_err();
+        assert!(err.to_string().contains("loss_fn_inputs.weights"), "{err}");
+        let oov = LossInputs {
+            target_tokens: vec![1, 2, 3, 4, 10, 6],
+            ..top2.clone()
+        };
+        let err = oov.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
+        assert!(err.to_string().contains("position [2, 0]"), "{err}");
+        let wide = LossInputs {
+            target_tokens: vec![1; 3 * (MAX_TARGETS_PER_POSITION + 1)],
+            weights: None,
+            targets_per_position: Some(MAX_TARGETS_PER_POSITION + 1),
+            ..top2
+        };
+        let err = wide.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
+        assert!(err.to_string().contains("1024"), "{err}");
     }
 
     #[test]
@@ -517,6 +618,7 @@ mod tests {
             advantages: Some(vec![1.0, 1.0, -0.5]),
             sequence_ratio_mask: Some(vec![0.0, 1.0, 1.0]),
             recorded: None,
+            targets_per_position: None,
         };
         let lp_values = [-1.0f32, -2.0, -0.5];
         // Over the masked positions: ((-2.0 + 2.3) + (-0.5 + 0.9)) / 2.
@@ -562,6 +664,7 @@ mod tests {
             advantages: Some(vec![0.0, 2.0, -1.0]),
             sequence_ratio_mask: None,
             recorded: Some(vec![0.0, 1.0, 1.0]),
+            targets_per_position: None,
         };
         let lp_values = [-1.0f64, -2.0, -0.5];
         let loss = LossFn::from_name("stable_reinforce", &[("kl_coeff".into(), 0.5)]).unwrap();

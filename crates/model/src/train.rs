@@ -42,10 +42,14 @@ pub struct TrainRequest<'a> {
 /// Per-datum outputs, as the SDK names them.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DatumOutput {
-    /// Model log-probability of each target token.
+    /// Model log-probability of each target token (`[N, K]` row after row for K targets per
+    /// position).
     pub logprobs: Vec<f32>,
-    /// Per-token loss (already weighted).
+    /// Per-target loss (already weighted), shaped as `logprobs`.
     pub elementwise_loss: Vec<f32>,
+    /// K when the datum had K targets per position (2-D `target_tokens`), else `None`.
+    #[serde(default)]
+    pub targets_per_position: Option<usize>,
 }
 
 /// Result of one request.
@@ -206,6 +210,8 @@ struct LossChunk {
     start: usize,
     /// Positions per row: the longest row's share, to which the others are padded.
     len: usize,
+    /// Targets per position of every row of the chunk ([`LossInputs::width`]).
+    width: usize,
 }
 
 impl LossChunk {
@@ -218,36 +224,40 @@ impl LossChunk {
             .min(self.len)
     }
 
-    /// Per-position values of the chunk's `rows` at its positions, row after row, each padded
-    /// to the chunk's length with `pad`; a row for which `values` has none gets `default`.
+    /// Per-position values (`per` a position) of the chunk's `rows` at its positions, row
+    /// after row, each padded to the chunk's length with `pad`; a row for which `values` has
+    /// none gets `default`.
     fn padded<T: Copy + 'static>(
         &self,
         rows: &[Row],
         pad: T,
         default: T,
+        per: usize,
         values: impl for<'d> Fn(&'d Datum) -> Option<&'d [T]>,
     ) -> Vec<T> {
-        let mut out = vec![pad; rows.len() * self.len];
+        let stride = self.len * per;
+        let mut out = vec![pad; rows.len() * stride];
         for (i, row) in rows.iter().enumerate() {
-            let n = self.covered(row);
-            let dst = &mut out[i * self.len..i * self.len + n];
+            let n = self.covered(row) * per;
+            let dst = &mut out[i * stride..i * stride + n];
             match values(row.datum) {
-                Some(v) => dst.copy_from_slice(&v[self.start..self.start + n]),
+                Some(v) => dst.copy_from_slice(&v[self.start * per..self.start * per + n]),
                 None => dst.fill(default),
             }
         }
         out
     }
 
-    /// Row `i` (`row`) of a `[rows, len]` result of the chunk, without its padding.
+    /// Row `i` (`row`) of a `[rows, len, width]` result of the chunk, without its padding.
     fn unpadded<'a, T>(&self, values: &'a [T], i: usize, row: &Row) -> &'a [T] {
-        &values[i * self.len..i * self.len + self.covered(row)]
+        let stride = self.len * self.width;
+        &values[i * stride..i * stride + self.covered(row) * self.width]
     }
 }
 
 /// Splits a micro-batch's rows (`slots`: their adapters) into loss chunks of at most `chunk`
-/// padded tokens: consecutive rows of one loss function together (their logits are one
-/// matmul), a row longer than `chunk` alone, in pieces.
+/// padded tokens: consecutive rows of one loss function and number of targets per position
+/// together (their logits are one matmul), a row longer than `chunk` alone, in pieces.
 ///
 /// Rows of different adapters in one chunk each get their own copy of their unembedding LoRA
 /// `B` (`[vocab, rank]`, and its gradient): charged as `rank` more tokens per row.
@@ -263,6 +273,7 @@ fn loss_chunks(
         (Some((s, m)), Some((t, n))) => std::ptr::eq(s, t) && m == n,
         _ => false,
     };
+    let width = |r: usize| rows[r].datum.loss_inputs.width();
     let mut chunks = Vec::new();
     let mut first = 0;
     while first < rows.len() {
@@ -272,6 +283,7 @@ fn loss_chunks(
                 rows: first..first + 1,
                 start,
                 len: chunk.min(n - start),
+                width: width(first),
             }));
             first += 1;
             continue;
@@ -282,7 +294,7 @@ fn loss_chunks(
             let now_mixed = mixed || !same_slot(first, end);
             let now_copies = copies + gathered(end);
             let cost = padded * (end + 1 - first) + if now_mixed { now_copies } else { 0 };
-            if next.loss != rows[first].loss || cost > chunk {
+            if next.loss != rows[first].loss || width(end) != width(first) || cost > chunk {
                 break;
             }
             (end, longest, mixed, copies) = (end + 1, padded, now_mixed, now_copies);
@@ -291,6 +303,7 @@ fn loss_chunks(
             rows: first..end,
             start: 0,
             len: longest,
+            width: width(first),
         });
         first = end;
     }
@@ -300,24 +313,26 @@ fn loss_chunks(
 /// The loss inputs of `chunk`'s rows `rows`, padded (see [`LossChunk::padded`]). Padding gets
 /// weight 0 (and 0 for every other input), so its loss and gradient are 0. A row without an
 /// input other than the weights gets 0 too: the loss reads such an input only when every row
-/// has it (checked by [`validate_request`]).
+/// has it (checked by [`validate_request`]). Weights have the chunk's targets per position;
+/// the other inputs, one value a position, are read only by losses with one target a position.
 fn padded_inputs(rows: &[Row], chunk: &LossChunk) -> LossInputs {
     let padded = rows.iter().any(|row| chunk.covered(row) < chunk.len);
-    let field = |get: fn(&LossInputs) -> &Option<Vec<f32>>, default: Option<f32>| {
+    let field = |get: fn(&LossInputs) -> &Option<Vec<f32>>, default: Option<f32>, per: usize| {
         let absent = rows.iter().all(|row| get(&row.datum.loss_inputs).is_none());
         if absent && (default.is_none() || !padded) {
             return None;
         }
         let fill = default.unwrap_or(0.0);
-        Some(chunk.padded(rows, 0.0, fill, |d| get(&d.loss_inputs).as_deref()))
+        Some(chunk.padded(rows, 0.0, fill, per, |d| get(&d.loss_inputs).as_deref()))
     };
     LossInputs {
         target_tokens: Vec::new(),
-        weights: field(|i| &i.weights, Some(1.0)),
-        logprobs: field(|i| &i.logprobs, None),
-        advantages: field(|i| &i.advantages, None),
+        weights: field(|i| &i.weights, Some(1.0), chunk.width),
+        logprobs: field(|i| &i.logprobs, None, 1),
+        advantages: field(|i| &i.advantages, None, 1),
         sequence_ratio_mask: None,
-        recorded: field(|i| &i.recorded, None),
+        recorded: field(|i| &i.recorded, None, 1),
+        targets_per_position: (chunk.width > 1).then_some(chunk.width),
     }
 }
 
@@ -344,8 +359,8 @@ impl Losses {
         Ok(Losses { hidden, backward })
     }
 
-    /// The log-probabilities `[rows, len]` of `chunk`'s targets (0 at padding); `rows` and
-    /// `slots` are the chunk's. Its logits are computed and freed here.
+    /// The log-probabilities `[rows, len * width]` of `chunk`'s targets (0 at padding); `rows`
+    /// and `slots` are the chunk's. Its logits are computed and freed here.
     fn chunk_logprobs(
         &self,
         decoder: &Decoder,
@@ -359,9 +374,13 @@ impl Losses {
             .f_narrow(0, chunk.rows.start as i64, n)?
             .f_narrow(1, chunk.start as i64, len)?;
         let logits = decoder.logits(&hidden, Some(&LoraBatch::new(slots)?))?;
-        let targets = chunk.padded(rows, 0, 0, |d| Some(&d.loss_inputs.target_tokens[..]));
+        let width = chunk.width;
+        let targets = chunk.padded(rows, 0, 0, width, |d| {
+            Some(&d.loss_inputs.target_tokens[..])
+        });
         let vocab = logits.size()[2];
-        Ok(target_logprobs(&logits.f_view([-1, vocab])?, &targets)?.f_view([n, len])?)
+        let lp = target_logprobs(&logits.f_view([-1, vocab])?, &targets, width)?;
+        Ok(lp.f_view([n, len * width as i64])?)
     }
 
     /// GSPO's sequence log ratio of each row (0 for other losses): the rows' log-probabilities
@@ -413,20 +432,23 @@ impl Losses {
         let ratios = self.sequence_log_ratios(decoder, rows, slots, &chunks)?;
         let first = outputs.len();
         outputs.extend(rows.iter().map(|row| {
-            let n = row.datum.input_tokens.len();
+            let inputs = &row.datum.loss_inputs;
+            let n = row.datum.input_tokens.len() * inputs.width();
             let output = DatumOutput {
                 logprobs: Vec::with_capacity(n),
                 elementwise_loss: Vec::with_capacity(n),
+                targets_per_position: inputs.targets_per_position,
             };
             (output, 0.0)
         }));
         let mut pending = Pending::default();
         for c in &chunks {
             let part = &rows[c.rows.clone()];
-            let cells = part.len() * c.len;
-            if pending.tokens + cells > chunk {
+            let tokens = part.len() * c.len;
+            if pending.tokens + tokens > chunk {
                 pending.backward()?;
             }
+            let cells = tokens * c.width;
             let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
             let inputs = padded_inputs(part, c);
             let el = elementwise_loss(&part[0].loss, &lp, &inputs, &ratios[c.rows.clone()])?;
@@ -447,7 +469,7 @@ impl Losses {
                 *sum += f64::from(sums[i]);
             }
             if self.backward && el.requires_grad() {
-                pending.add(row_sums.f_sum(Kind::Float)?, cells)?;
+                pending.add(row_sums.f_sum(Kind::Float)?, tokens)?;
             }
         }
         pending.backward()

@@ -121,6 +121,182 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
     assert_eq!(checked, 2 * (2 * 7 + 1));
 }
 
+/// `expected`'s top-K datums (real positions only): `[n, K]` targets and weights, K = `k`
+/// (the oracle's first `k` columns).
+fn topk_datums(expected: &std::collections::HashMap<String, Tensor>, k: i64) -> Vec<Datum> {
+    let lengths = vec_i64(&expected["lengths"]);
+    let rows = |name: &str, i: usize, n: i64| {
+        expected[name]
+            .get(i as i64)
+            .narrow(0, 0, n)
+            .narrow(1, 0, k)
+            .contiguous()
+            .view([-1])
+    };
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Datum {
+            input_tokens: vec_i64(&expected["input_ids"].get(i as i64).narrow(0, 0, n)),
+            loss_inputs: LossInputs {
+                target_tokens: vec_i64(&rows("targets", i, n)),
+                weights: Some(vec_f32(&rows("weights", i, n))),
+                logprobs: None,
+                advantages: None,
+                sequence_ratio_mask: None,
+                recorded: None,
+                targets_per_position: Some(k as usize),
+            },
+        })
+        .collect()
+}
+
+/// Datum `d` with one target per position: column `column` of its `[N, K]` targets and weights.
+fn column_of(d: &Datum, column: usize) -> Datum {
+    let k = d.loss_inputs.width();
+    let pick = |v: &[f32]| {
+        v.iter()
+            .skip(column)
+            .step_by(k)
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let mut one = d.clone();
+    one.loss_inputs.target_tokens = d
+        .loss_inputs
+        .target_tokens
+        .iter()
+        .skip(column)
+        .step_by(k)
+        .copied()
+        .collect();
+    one.loss_inputs.weights = d.loss_inputs.weights.as_deref().map(pick);
+    one.loss_inputs.targets_per_position = None;
+    one
+}
+
+#[test]
+fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
+    let (dir, decoder) = tiny_llama("topk");
+    let out = TempDir::new("topk-out");
+    oracle(
+        "lora_oracle.py",
+        &[
+            "peft-topk",
+            dir.path().to_str().unwrap(),
+            out.path().to_str().unwrap(),
+        ],
+    );
+    let expected = read_tensors(&out.path().join("expected.safetensors"));
+    let load = || {
+        checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu)
+            .unwrap()
+            .adapter
+    };
+    let k = expected["targets"].size()[2];
+    let data = topk_datums(&expected, k);
+    let adapter = load();
+    let req = TrainRequest {
+        adapter: Some(&adapter),
+        loss: LossFn::CrossEntropy,
+        data: &data,
+    };
+    let result = forward_backward(&decoder, &[req], true, NO_LIMIT)
+        .unwrap()
+        .remove(0);
+    // Tolerances as peft's one-target test (module docs).
+    let want_loss = expected["loss"].double_value(&[0]);
+    assert!(
+        (result.loss_sum - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
+        "{} vs {want_loss}",
+        result.loss_sum
+    );
+    for (i, (d, o)) in data.iter().zip(&result.outputs).enumerate() {
+        let n = d.input_tokens.len() as i64;
+        assert_eq!(o.targets_per_position, Some(k as usize));
+        let want = expected["logprobs"]
+            .get(i as i64)
+            .narrow(0, 0, n)
+            .reshape([-1]);
+        let got = Tensor::from_slice(&o.logprobs);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
+        // elementwise_loss = -w · lp per target: 0 at the zeroed first position and column 2.
+        let weights = d.loss_inputs.weights.as_ref().unwrap();
+        for (j, (&l, &w)) in o.elementwise_loss.iter().zip(weights).enumerate() {
+            let lp = o.logprobs[j];
+            assert!(
+                (l + w * lp).abs() <= 1e-6 * lp.abs().max(1.0),
+                "datum {i} [{j}]"
+            );
+        }
+        assert!(o.elementwise_loss[..k as usize].iter().all(|&l| l == 0.0));
+    }
+    let mut checked = 0;
+    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
+        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
+            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
+            let rel = rel_diff(t, &expected[&key]);
+            assert!(rel < 1e-4, "{key}: relative diff {rel}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * (2 * 7 + 1));
+
+    // One request mixing K = 5, one target per position and K = 4 over a row longer than its
+    // loss chunks equals its datums sent one at a time, each as its K columns of one target per
+    // position (gradients accumulate across calls).
+    let mut long = train_data(5, 1, 40).remove(0);
+    long.loss_inputs.target_tokens = (0..40 * 4).map(|j| (j * 37 + j / 4) % 128).collect();
+    long.loss_inputs.weights = Some((0..40 * 4).map(|j| (j % 7) as f32 / 10.0).collect());
+    long.loss_inputs.targets_per_position = Some(4);
+    let mixed = vec![data[0].clone(), column_of(&data[1], 1), long];
+    let cost = PassCost::new(decoder.config(), Kind::Float);
+    // As in the memory-budget test: a loss chunk takes a sixteenth of the budget.
+    let budget = cost.activation_bytes(40, Mode::Checkpointed) * 16 / 15 + cost.loss_bytes(2);
+    let lengths: Vec<usize> = mixed.iter().map(|d| d.input_tokens.len()).collect();
+    let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
+    assert!(plan.loss_chunk < 40, "{plan:?}");
+    let (together, apart) = (load(), load());
+    let run = |adapter: &LoraAdapter, data: &[Datum], budget: u64| {
+        let req = TrainRequest {
+            adapter: Some(adapter),
+            loss: LossFn::CrossEntropy,
+            data,
+        };
+        forward_backward(&decoder, &[req], true, budget)
+            .unwrap()
+            .remove(0)
+    };
+    let fused = run(&together, &mixed, budget);
+    for (i, d) in mixed.iter().enumerate() {
+        let width = d.loss_inputs.width();
+        let columns: Vec<RequestOutput> = (0..width)
+            .map(|c| run(&apart, &[column_of(d, c)], NO_LIMIT))
+            .collect();
+        let sum: f64 = columns.iter().map(|c| c.loss_sum).sum();
+        let got = fused.outputs[i]
+            .elementwise_loss
+            .iter()
+            .map(|&l| f64::from(l))
+            .sum::<f64>();
+        assert!(
+            (got - sum).abs() <= 1e-5 * sum.abs().max(1.0),
+            "datum {i}: {got} vs {sum}"
+        );
+        // Position-major [N, K] in the fused output; column c of position p alone.
+        for (c, column) in columns.iter().enumerate() {
+            for (p, &lp) in column.outputs[0].logprobs.iter().enumerate() {
+                let fused_lp = fused.outputs[i].logprobs[p * width + c];
+                assert!((fused_lp - lp).abs() < 1e-5, "datum {i} [{p}, {c}]");
+            }
+        }
+    }
+    let want = row_of(&apart, Field::Grads);
+    let rel = rel_diff(&row_of(&together, Field::Grads), &want);
+    assert!(rel < 1e-5, "gradient differs by {rel}");
+    assert_eq!(fused.outputs[1].targets_per_position, None);
+}
+
 #[test]
 fn forward_computes_outputs_without_touching_gradients() {
     let (_dir, decoder) = tiny_llama("fwd");
@@ -134,6 +310,7 @@ fn forward_computes_outputs_without_touching_gradients() {
             advantages: None,
             sequence_ratio_mask: None,
             recorded: None,
+            targets_per_position: None,
         },
     }];
     let req = || TrainRequest {
@@ -178,6 +355,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
         advantages: Some(vec_f32(&e["advantages"])),
         sequence_ratio_mask: None,
         recorded: None,
+        targets_per_position: None,
     };
     let cases: Vec<(&str, LossFn, bool)> = vec![
         ("cross_entropy", LossFn::CrossEntropy, true),
@@ -189,7 +367,7 @@ fn losses_and_their_gradients_match_torch_formulas() {
     ];
     for (name, loss, weighted) in cases {
         let logits = e["logits"].copy().set_requires_grad(true);
-        let lp = target_logprobs(&logits, &targets).unwrap();
+        let lp = target_logprobs(&logits, &targets, 1).unwrap();
         let el = elementwise_loss(&loss, &lp, &inputs(weighted), &[0.0]).unwrap();
         el.sum(Kind::Float).backward();
         let d_el = max_abs_diff(&el, &e[&format!("{name}.elementwise")]);

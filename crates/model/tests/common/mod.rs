@@ -197,6 +197,7 @@ pub fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
                     advantages: None,
                     sequence_ratio_mask: None,
                     recorded: None,
+                    targets_per_position: None,
                 },
             }
         })
@@ -257,6 +258,7 @@ pub fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
                     advantages: None,
                     sequence_ratio_mask: None,
                     recorded: None,
+                    targets_per_position: None,
                 },
             }
         })
