@@ -80,7 +80,7 @@ def test_top_k_distillation_trains_through_the_sdk_as_peft_does(server, tokenize
     sent_sparse = {d.loss_fn_inputs["target_tokens"].sparse_crow_indices is not None for d in data}
     assert sent_sparse == {True, False}
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=3).result()
-    tc.save_state("initial").result()
+    tc.save_state("topk-initial").result()
 
     # forward: [N, K] logprobs, the same sent sparse or dense, and beside a one-target datum.
     one_target = make_datum(tokenizer, *PAIRS[0])
@@ -98,7 +98,7 @@ def test_top_k_distillation_trains_through_the_sdk_as_peft_does(server, tokenize
         opt = tc.optim_step(types.AdamParams(learning_rate=LR))
         ours.append(fb.result().metrics["loss:sum"])
         opt.result()
-    [adapter_dir] = list(server.data_dir.glob("checkpoints/*/*/weights/initial"))
+    [adapter_dir] = list(server.data_dir.glob("checkpoints/*/*/weights/topk-initial"))
     theirs, first_logprobs = peft_topk_losses(adapter_dir, data)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert abs(a - b) <= TOLERANCE * abs(b), (step, ours, theirs)

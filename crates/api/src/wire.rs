@@ -137,7 +137,7 @@ fn densify_csr<T: Copy>(
     if crow.len() != rows + 1 || col.len() != values.len() || crow[0] != 0 || crow[rows] != nnz {
         return None;
     }
-    let mut dense = vec![fill; rows * cols];
+    let mut dense = vec![fill; rows.checked_mul(cols)?];
     for (r, span) in crow.windows(2).enumerate() {
         let (start, end) = (span[0], span[1]);
         if start > end || end > nnz {
@@ -198,13 +198,17 @@ impl RawTensor {
                             "has shape {shape:?}: 1 to {max} values per position are accepted"
                         ))
                     })?;
-                *cells = cells.checked_sub(rows * k).ok_or_else(|| {
-                    invalid(format!(
-                        "makes this request's 2-D loss inputs hold more than {MAX_REQUEST_TARGET_CELLS} values; send fewer datums per request"
-                    ))
-                })?;
+                let need = rows
+                    .checked_mul(k)
+                    .filter(|&need| need <= *cells)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "makes this request's 2-D loss inputs hold more than {MAX_REQUEST_TARGET_CELLS} values; send fewer datums per request"
+                        ))
+                    })?;
+                *cells -= need;
                 let values = match csr {
-                    None if len == rows * k => values,
+                    None if len == need => values,
                     None => {
                         return Err(invalid(format!(
                             "shape {shape:?} does not match its {len} values"

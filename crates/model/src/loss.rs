@@ -273,11 +273,14 @@ impl LossInputs {
     pub fn validate(&self, loss: &LossFn, len: usize, vocab: i64) -> Result<()> {
         let width = self.width();
         if let Some(k) = self.targets_per_position {
-            if !(1..=MAX_TARGETS_PER_POSITION).contains(&k) {
+            // More targets than the vocabulary holds would only repeat ids, and would make the
+            // loss chunks' per-target tensors outgrow the logits the memory plan counts.
+            let most = MAX_TARGETS_PER_POSITION.min(usize::try_from(vocab).unwrap_or(usize::MAX));
+            if !(1..=most).contains(&k) {
                 return Err(ModelError::invalid(
                     "loss_fn_inputs.target_tokens",
                     format!(
-                        "has {k} targets per position; 1 to {MAX_TARGETS_PER_POSITION} are accepted"
+                        "has {k} targets per position; 1 to {most} are accepted (at most {MAX_TARGETS_PER_POSITION}, and no more than the vocabulary)"
                     ),
                 ));
             }
@@ -605,8 +608,19 @@ mod tests {
             targets_per_position: Some(MAX_TARGETS_PER_POSITION + 1),
             ..top2
         };
-        let err = wide.validate(&LossFn::CrossEntropy, 3, 10).unwrap_err();
+        let err = wide
+            .validate(&LossFn::CrossEntropy, 3, 100_000)
+            .unwrap_err();
         assert!(err.to_string().contains("1024"), "{err}");
+        let beyond_the_vocabulary = LossInputs {
+            target_tokens: vec![1; 3 * 11],
+            targets_per_position: Some(11),
+            ..wide
+        };
+        let err = beyond_the_vocabulary
+            .validate(&LossFn::CrossEntropy, 3, 10)
+            .unwrap_err();
+        assert!(err.to_string().contains("1 to 10"), "{err}");
     }
 
     #[test]
