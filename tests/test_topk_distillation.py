@@ -12,12 +12,11 @@ test_sdk_matches_peft.py (f32 on both sides; summation order differs, and Adam c
 import requests
 import tinker
 import torch
-from peft import PeftModel
 from tinker import types
-from transformers import AutoModelForCausalLM
 
-from conftest import DEFAULT_MODEL_DIR, MODEL_NAME
+from conftest import MODEL_NAME
 from test_sdk import PAIRS, make_datum
+from test_sdk_matches_peft import peft_losses, sdk_losses
 
 K, STEPS, LR, TOLERANCE = 8, 4, 1e-3, 1e-3
 
@@ -48,30 +47,6 @@ def dense_copy(datum):
     return types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs)
 
 
-def peft_topk_losses(adapter_dir, data):
-    base = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.95), eps=1e-12)
-    losses, first_logprobs = [], []
-    for step in range(STEPS):
-        opt.zero_grad()
-        total = 0.0
-        for d in data:
-            ids = torch.tensor([d.model_input.to_ints()])
-            targets = d.loss_fn_inputs["target_tokens"].to_torch()
-            weights = d.loss_fn_inputs["weights"].to_torch()
-            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1).gather(-1, targets)
-            if step == 0:
-                first_logprobs.append(lp.detach())
-            loss = -(lp * weights).sum()
-            loss.backward()
-            total += loss.item()
-        opt.step()
-        losses.append(total)
-    return losses, first_logprobs
-
-
 def test_top_k_distillation_trains_through_the_sdk_as_peft_does(server, tokenizer):
     sc = tinker.ServiceClient(base_url=server.url, api_key="tml-distill")
     teacher = sc.create_sampling_client(base_model=MODEL_NAME).result()
@@ -92,14 +67,10 @@ def test_top_k_distillation_trains_through_the_sdk_as_peft_does(server, tokenize
         assert s["elementwise_loss"].shape == [d.model_input.length, K]
     assert sparse.loss_fn_outputs[-1]["logprobs"].shape == [one_target.model_input.length]
 
-    ours = []
-    for _ in range(STEPS):
-        fb = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=LR))
-        ours.append(fb.result().metrics["loss:sum"])
-        opt.result()
+    ours = sdk_losses(tc, data, steps=STEPS, lr=LR)
     [adapter_dir] = list(server.data_dir.glob("checkpoints/*/*/weights/topk-initial"))
-    theirs, first_logprobs = peft_topk_losses(adapter_dir, data)
+    first_logprobs = []
+    theirs = peft_losses(adapter_dir, data, steps=STEPS, lr=LR, first_logprobs=first_logprobs)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert abs(a - b) <= TOLERANCE * abs(b), (step, ours, theirs)
     assert ours[-1] < ours[0], ours

@@ -28,6 +28,33 @@ fn stack_of(adapter: &LoraAdapter) -> AdapterStack {
     AdapterStack::new(&[adapter], Kind::Float, false).unwrap()
 }
 
+/// `loss:sum` within 1e-4 (relative, at least absolute) of the peft oracle's `loss`.
+fn assert_loss_matches_peft(loss_sum: f64, expected: &std::collections::HashMap<String, Tensor>) {
+    let want = expected["loss"].double_value(&[0]);
+    assert!(
+        (loss_sum - want).abs() <= 1e-4 * want.abs().max(1.0),
+        "{loss_sum} vs {want}"
+    );
+}
+
+/// Every LoRA gradient (A and B of 7 projections in each of 2 layers, and the unembedding)
+/// within 1e-4 relative of the peft oracle's `grad.*`.
+fn assert_grads_match_peft(
+    adapter: &LoraAdapter,
+    expected: &std::collections::HashMap<String, Tensor>,
+) {
+    let mut checked = 0;
+    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
+        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
+            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
+            let rel = rel_diff(t, &expected[&key]);
+            assert!(rel < 1e-4, "{key}: relative diff {rel}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * (2 * 7 + 1));
+}
+
 #[test]
 fn fresh_adapter_leaves_base_logits_unchanged() {
     let (_dir, decoder) = tiny_llama("fresh");
@@ -95,12 +122,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
     let result = forward_backward(&decoder, &[req], true, NO_LIMIT)
         .unwrap()
         .remove(0);
-    let want_loss = expected["loss"].double_value(&[0]);
-    assert!(
-        (result.loss_sum - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
-        "{} vs {want_loss}",
-        result.loss_sum
-    );
+    assert_loss_matches_peft(result.loss_sum, &expected);
     for (i, &n) in lengths.iter().enumerate() {
         let got = Tensor::from_slice(&result.outputs[i].logprobs);
         let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
@@ -108,17 +130,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
         // elementwise_loss = -w * lp, zero where the weight is zero.
         assert_eq!(result.outputs[i].elementwise_loss[0], 0.0);
     }
-    let mut checked = 0;
-    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
-        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
-            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
-            let want = &expected[&key];
-            let rel = rel_diff(t, want);
-            assert!(rel < 1e-4, "{key}: relative diff {rel}");
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 2 * (2 * 7 + 1));
+    assert_grads_match_peft(&adapter, &expected);
 }
 
 /// `expected`'s top-K datums (real positions only): `[n, K]` targets and weights, K = `k`
@@ -205,12 +217,7 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
         .unwrap()
         .remove(0);
     // Tolerances as peft's one-target test (module docs).
-    let want_loss = expected["loss"].double_value(&[0]);
-    assert!(
-        (result.loss_sum - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
-        "{} vs {want_loss}",
-        result.loss_sum
-    );
+    assert_loss_matches_peft(result.loss_sum, &expected);
     for (i, (d, o)) in data.iter().zip(&result.outputs).enumerate() {
         let n = d.input_tokens.len() as i64;
         assert_eq!(o.targets_per_position, Some(k as usize));
@@ -231,16 +238,7 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
         }
         assert!(o.elementwise_loss[..k as usize].iter().all(|&l| l == 0.0));
     }
-    let mut checked = 0;
-    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
-        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
-            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
-            let rel = rel_diff(t, &expected[&key]);
-            assert!(rel < 1e-4, "{key}: relative diff {rel}");
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 2 * (2 * 7 + 1));
+    assert_grads_match_peft(&adapter, &expected);
 
     // One request mixing K = 5, one target per position and K = 4 over a row longer than its
     // loss chunks equals its datums sent one at a time, each as its K columns of one target per
