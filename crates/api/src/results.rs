@@ -33,16 +33,13 @@ pub fn accepts_protobuf(headers: &HeaderMap) -> bool {
     names_protobuf(headers, ACCEPT)
 }
 
-fn tensor_json(values: &[f32]) -> Value {
-    json!({"data": values, "dtype": "float32", "shape": [values.len()]})
-}
-
 /// A datum's output tensor as JSON: `[N]`, or `[N, K]` for K targets per position.
 fn datum_tensor_json(values: &[f32], targets_per_position: Option<usize>) -> Value {
-    match targets_per_position {
-        None => tensor_json(values),
-        Some(k) => json!({"data": values, "dtype": "float32", "shape": [values.len() / k, k]}),
-    }
+    let shape = match targets_per_position {
+        None => vec![values.len()],
+        Some(k) => vec![values.len() / k, k],
+    };
+    json!({"data": values, "dtype": "float32", "shape": shape})
 }
 
 fn stop_name(r: StopReason) -> &'static str {

@@ -267,7 +267,8 @@ impl RawTensor {
 impl TensorData {
     /// Validated values of a loss input of a datum whose model input has `rows` positions;
     /// see [`RawTensor::shaped`] for `cells`.
-    pub fn into_raw(self, field: &str, rows: usize, cells: &mut usize) -> ApiResult<RawTensor> {
+    pub fn into_raw(mut self, field: &str, rows: usize, cells: &mut usize) -> ApiResult<RawTensor> {
+        let csr = self.csr(field)?;
         let values = match self.dtype.as_deref().unwrap_or("float32") {
             "int64" | "int32" => {
                 if self.data.iter().any(|x| x.fract() != 0.0 || !x.is_finite()) {
@@ -288,18 +289,24 @@ impl TensorData {
                 ))
             }
         };
-        let csr = match (self.sparse_crow_indices, self.sparse_col_indices) {
-            (None, None) => None,
-            (Some(crow), Some(col)) => Some((crow, col)),
-            _ => {
-                return Err(ApiError::invalid(
-                    field,
-                    "a sparse tensor needs both crow and col indices",
-                ))
-            }
-        };
         let shape = self.shape.unwrap_or_default();
         RawTensor::shaped(field, values, &shape, csr, rows, cells)
+    }
+
+    /// The row offsets and columns of a sparse CSR tensor (`None`: dense), taken out of it;
+    /// one without the other is refused.
+    fn csr(&mut self, field: &str) -> ApiResult<Option<(Vec<i64>, Vec<i64>)>> {
+        match (
+            self.sparse_crow_indices.take(),
+            self.sparse_col_indices.take(),
+        ) {
+            (None, None) => Ok(None),
+            (Some(crow), Some(col)) => Ok(Some((crow, col))),
+            _ => Err(ApiError::invalid(
+                field,
+                "a sparse tensor needs both crow and col indices",
+            )),
+        }
     }
 }
 
@@ -312,7 +319,7 @@ impl TensorData {
     /// are `fill`. The row count is checked before the matrix is built: a sparse tensor's body
     /// holds a few bytes per row, its matrix up to [`loraloom_model::MAX_SCORED_WIDTH`] ids.
     pub fn into_id_matrix(
-        self,
+        mut self,
         field: &str,
         fill: i64,
         want_rows: usize,
@@ -344,8 +351,8 @@ impl TensorData {
             return Err(invalid("must hold integers".into()));
         }
         let ids: Vec<i64> = self.data.iter().map(|&x| x as i64).collect();
-        match (self.sparse_crow_indices, self.sparse_col_indices) {
-            (None, None) => {
+        match self.csr(field)? {
+            None => {
                 if ids.len() != rows * cols {
                     return Err(invalid(format!(
                         "shape {shape:?} does not match its {} values",
@@ -354,17 +361,13 @@ impl TensorData {
                 }
                 Ok((ids.chunks(cols.max(1)).map(<[i64]>::to_vec).collect(), None))
             }
-            (Some(crow), Some(col)) => {
+            Some((crow, col)) => {
                 // The answer keeps this layout, so it must be one the SDK reads back.
                 let dense = densify_csr(rows, cols, &crow, &col, &ids, fill)
                     .ok_or_else(|| invalid("inconsistent sparse CSR indices".into()))?;
                 let matrix = dense.chunks(cols).map(<[i64]>::to_vec).collect();
                 Ok((matrix, Some(CsrLayout { crow, col })))
             }
-            _ => Err(ApiError::invalid(
-                field,
-                "a sparse tensor needs both crow and col indices",
-            )),
         }
     }
 }

@@ -12,9 +12,9 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
-    forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Field, LoraAdapter,
-    LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob, TrainRequest,
-    NO_LIMIT,
+    forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder, Field,
+    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob,
+    TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -29,7 +29,7 @@ fn stack_of(adapter: &LoraAdapter) -> AdapterStack {
 }
 
 /// `loss:sum` within 1e-4 (relative, at least absolute) of the peft oracle's `loss`.
-fn assert_loss_matches_peft(loss_sum: f64, expected: &std::collections::HashMap<String, Tensor>) {
+fn assert_loss_matches_peft(loss_sum: f64, expected: &Expected) {
     let want = expected["loss"].double_value(&[0]);
     assert!(
         (loss_sum - want).abs() <= 1e-4 * want.abs().max(1.0),
@@ -39,10 +39,7 @@ fn assert_loss_matches_peft(loss_sum: f64, expected: &std::collections::HashMap<
 
 /// Every LoRA gradient (A and B of 7 projections in each of 2 layers, and the unembedding)
 /// within 1e-4 relative of the peft oracle's `grad.*`.
-fn assert_grads_match_peft(
-    adapter: &LoraAdapter,
-    expected: &std::collections::HashMap<String, Tensor>,
-) {
+fn assert_grads_match_peft(adapter: &LoraAdapter, expected: &Expected) {
     let mut checked = 0;
     for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
         for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
@@ -72,22 +69,37 @@ fn fresh_adapter_leaves_base_logits_unchanged() {
     assert!(a.abs().max().double_value(&[]) <= bound);
 }
 
-#[test]
-fn logits_logprobs_loss_and_gradients_match_peft() {
-    let (dir, decoder) = tiny_llama("peft");
-    let out = TempDir::new("peft-out");
+/// What a peft oracle run expects, by name.
+type Expected = std::collections::HashMap<String, Tensor>;
+
+/// Runs `lora_oracle.py COMMAND TINY OUT` on a fresh tiny model named `tag`: the model's folder
+/// and decoder, the oracle's folder (holding the `adapter` it saved) and what it expects.
+fn run_peft_oracle(tag: &str, command: &str) -> (TempDir, Decoder, TempDir, Expected) {
+    let (dir, decoder) = tiny_llama(tag);
+    let out = TempDir::new(&format!("{tag}-out"));
     oracle(
         "lora_oracle.py",
         &[
-            "peft-grads",
+            command,
             dir.path().to_str().unwrap(),
             out.path().to_str().unwrap(),
         ],
     );
     let expected = read_tensors(&out.path().join("expected.safetensors"));
-    let loaded =
-        checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu).unwrap();
-    let adapter = loaded.adapter;
+    (dir, decoder, out, expected)
+}
+
+/// A fresh copy of the adapter the peft oracle saved in `out`.
+fn oracle_adapter(out: &TempDir, decoder: &Decoder) -> LoraAdapter {
+    checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu)
+        .unwrap()
+        .adapter
+}
+
+#[test]
+fn logits_logprobs_loss_and_gradients_match_peft() {
+    let (_dir, decoder, out, expected) = run_peft_oracle("peft", "peft-grads");
+    let adapter = oracle_adapter(&out, &decoder);
     assert_eq!(adapter.spec().rank, 4);
     assert_eq!(adapter.spec().alpha, 8.0);
 
@@ -135,7 +147,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
 
 /// `expected`'s top-K datums (real positions only): `[n, K]` targets and weights, K = `k`
 /// (the oracle's first `k` columns).
-fn topk_datums(expected: &std::collections::HashMap<String, Tensor>, k: i64) -> Vec<Datum> {
+fn topk_datums(expected: &Expected, k: i64) -> Vec<Datum> {
     let lengths = vec_i64(&expected["lengths"]);
     let rows = |name: &str, i: usize, n: i64| {
         expected[name]
@@ -189,22 +201,8 @@ fn column_of(d: &Datum, column: usize) -> Datum {
 
 #[test]
 fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
-    let (dir, decoder) = tiny_llama("topk");
-    let out = TempDir::new("topk-out");
-    oracle(
-        "lora_oracle.py",
-        &[
-            "peft-topk",
-            dir.path().to_str().unwrap(),
-            out.path().to_str().unwrap(),
-        ],
-    );
-    let expected = read_tensors(&out.path().join("expected.safetensors"));
-    let load = || {
-        checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu)
-            .unwrap()
-            .adapter
-    };
+    let (_dir, decoder, out, expected) = run_peft_oracle("topk", "peft-topk");
+    let load = || oracle_adapter(&out, &decoder);
     let k = expected["targets"].size()[2];
     let data = topk_datums(&expected, k);
     let adapter = load();
