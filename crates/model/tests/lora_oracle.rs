@@ -89,6 +89,23 @@ fn run_peft_oracle(tag: &str, command: &str) -> (TempDir, Decoder, TempDir, Expe
     (dir, decoder, out, expected)
 }
 
+/// One `cross_entropy` request of `adapter` over `data`, alone in its batch.
+fn cross_entropy(
+    decoder: &Decoder,
+    adapter: &LoraAdapter,
+    data: &[Datum],
+    budget: u64,
+) -> RequestOutput {
+    let req = TrainRequest {
+        adapter: Some(adapter),
+        loss: LossFn::CrossEntropy,
+        data,
+    };
+    forward_backward(decoder, &[req], true, budget)
+        .unwrap()
+        .remove(0)
+}
+
 /// A fresh copy of the adapter the peft oracle saved in `out`.
 fn oracle_adapter(out: &TempDir, decoder: &Decoder) -> LoraAdapter {
     checkpoint::load(&out.path().join("adapter"), decoder.config(), Device::Cpu)
@@ -126,14 +143,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
 
     // forward_backward: logprobs, loss:sum, gradients of every A and B.
     let data = datums(&expected);
-    let req = TrainRequest {
-        adapter: Some(&adapter),
-        loss: LossFn::CrossEntropy,
-        data: &data,
-    };
-    let result = forward_backward(&decoder, &[req], true, NO_LIMIT)
-        .unwrap()
-        .remove(0);
+    let result = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
     assert_loss_matches_peft(result.loss_sum, &expected);
     for (i, &n) in lengths.iter().enumerate() {
         let got = Tensor::from_slice(&result.outputs[i].logprobs);
@@ -206,14 +216,7 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
     let k = expected["targets"].size()[2];
     let data = topk_datums(&expected, k);
     let adapter = load();
-    let req = TrainRequest {
-        adapter: Some(&adapter),
-        loss: LossFn::CrossEntropy,
-        data: &data,
-    };
-    let result = forward_backward(&decoder, &[req], true, NO_LIMIT)
-        .unwrap()
-        .remove(0);
+    let result = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
     // Tolerances as peft's one-target test (module docs).
     assert_loss_matches_peft(result.loss_sum, &expected);
     for (i, (d, o)) in data.iter().zip(&result.outputs).enumerate() {
@@ -253,21 +256,11 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
     let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
     assert!(plan.loss_chunk < 40, "{plan:?}");
     let (together, apart) = (load(), load());
-    let run = |adapter: &LoraAdapter, data: &[Datum], budget: u64| {
-        let req = TrainRequest {
-            adapter: Some(adapter),
-            loss: LossFn::CrossEntropy,
-            data,
-        };
-        forward_backward(&decoder, &[req], true, budget)
-            .unwrap()
-            .remove(0)
-    };
-    let fused = run(&together, &mixed, budget);
+    let fused = cross_entropy(&decoder, &together, &mixed, budget);
     for (i, d) in mixed.iter().enumerate() {
         let width = d.loss_inputs.width();
         let columns: Vec<RequestOutput> = (0..width)
-            .map(|c| run(&apart, &[column_of(d, c)], NO_LIMIT))
+            .map(|c| cross_entropy(&decoder, &apart, &[column_of(d, c)], NO_LIMIT))
             .collect();
         let sum: f64 = columns.iter().map(|c| c.loss_sum).sum();
         let got = fused.outputs[i]
@@ -850,12 +843,7 @@ fn save_state_then_load_continues_identically() {
     };
     let data = train_data(5, 2, 7);
     let step = |adapter: &LoraAdapter, opt: &mut AdamState| -> f64 {
-        let req = TrainRequest {
-            adapter: Some(adapter),
-            loss: LossFn::CrossEntropy,
-            data: &data,
-        };
-        let loss = forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap()[0].loss_sum;
+        let loss = cross_entropy(&decoder, adapter, &data, NO_LIMIT).loss_sum;
         opt.step(adapter, &hp).unwrap();
         loss
     };
