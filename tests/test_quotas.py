@@ -1,7 +1,7 @@
 """Per-tenant quotas: training runs (--max-runs-per-tenant, which runs of finished or silent
 sessions make room under), listed checkpoints by count (--max-checkpoints-per-tenant), sampling
 sessions (--max-samplers-per-tenant, whose removal of idle sessions the engine's unit tests
-cover), resident adapter memory per tenant (--max-resident-bytes-per-tenant) and of all tenants
+cover), queued jobs (--max-queued-per-tenant, which the client config tells the SDK), resident adapter memory per tenant (--max-resident-bytes-per-tenant) and of all tenants
 (--max-resident-bytes); checkpoints saved for one
 sampling session are not listed; /api/model-stats shows each tenant its usage against the
 limits."""
@@ -234,5 +234,29 @@ def test_runs_of_finished_or_silent_sessions_make_room_for_new_ones(tmp_path):
         r = create_run(other)
         assert r.ok, r.text
         assert len(runs()) == 2
+    finally:
+        srv.stop()
+
+
+def test_the_sdk_keeps_its_samples_within_the_tenants_queue_limit(tmp_path):
+    """RL loops fire many samples at once (the SDK allows 2000 in flight by default). The client
+    config tells the SDK the tenant's queue limit, so a burst larger than the limit waits in the
+    SDK instead of being refused with 429 and retried: every sample comes back and the server
+    refused none."""
+    srv = Server(tmp_path, "--max-queued-per-tenant", "4")
+    try:
+        config = requests.post(srv.url + "/api/v1/client/config", json={}, timeout=30).json()
+        assert config["sample_max_concurrent_requests"] == 4, config
+        sc = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        sampler = sc.create_sampling_client(base_model=MODEL_NAME).result()
+        prompt = tinker.types.ModelInput.from_ints([1, 2, 3, 4])
+        params = tinker.types.SamplingParams(max_tokens=3, temperature=1.0)
+        burst = [sampler.sample(prompt, num_samples=1, sampling_params=params) for _ in range(24)]
+        for future in burst:
+            assert 1 <= len(future.result().sequences[0].tokens) <= 3
+        stats = requests.get(srv.url + "/api/model-stats", headers={"X-API-Key": KEY}, timeout=30).json()
+        assert stats["done"] >= 24 and stats["refused"] == 0, stats
+        metrics = requests.get(srv.url + "/metrics", headers={"X-API-Key": KEY}, timeout=30).text
+        assert "loraloom_jobs_refused_total 0" in metrics, metrics
     finally:
         srv.stop()

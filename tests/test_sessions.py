@@ -20,6 +20,16 @@ def data_dir(tmp_path_factory):
 
 
 
+def test_blank_tinker_tags_are_dropped(server, monkeypatch):
+    """The SDK splits TINKER_TAGS on commas and sends each piece as a tag, so `"rl,"` or an empty
+    variable sends a blank one: the session is created without it."""
+    for tags in ("rl,,grpo,", ""):
+        monkeypatch.setenv("TINKER_TAGS", tags)
+        sc = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+        assert tc.get_info().model_id == tc.model_id
+
+
 def newest_session(rest):
     return rest.list_sessions(limit=1).result().sessions[0]
 

@@ -130,6 +130,11 @@ fn counters(s: &StatsSnapshot, caller: Option<&str>) {
     for (kind, n) in &s.failures_by_kind {
         counter!("loraloom_job_failures_total", "error_type" => kind.clone()).absolute(*n);
     }
+    count(
+        "loraloom_jobs_refused_total",
+        "Requests refused with 429 because a queue limit was reached (--max-queued-per-tenant, --max-queued).",
+        s.refused,
+    );
     count("loraloom_batches_total", "Batches executed.", s.batches);
     count(
         "loraloom_batch_jobs_total",
@@ -263,6 +268,7 @@ pub async fn model_stats(
         "running": s.running,
         "done": s.done,
         "failed": s.failed,
+        "refused": s.refused,
         "batches": s.batches,
         "mean_batch_size": mean_batch,
         "max_batch_size": s.max_batch,

@@ -84,6 +84,8 @@ pub struct StatsSnapshot {
     pub done: u64,
     /// Jobs failed.
     pub failed: u64,
+    /// Jobs refused at submission because a queue limit was reached (HTTP 429).
+    pub refused: u64,
     /// Batches executed.
     pub batches: u64,
     /// Jobs executed in batches (for the mean batch size).
@@ -149,6 +151,7 @@ struct Counters {
     running: AtomicU64,
     done: AtomicU64,
     failed: AtomicU64,
+    refused: AtomicU64,
     batches: AtomicU64,
     batched_jobs: AtomicU64,
     max_batch: AtomicU64,
@@ -461,6 +464,9 @@ impl Engine {
         if let Err(err) = pushed {
             // The client gets the refusal, never the id.
             self.inner.futures.forget(&id);
+            if matches!(err, EngineError::Overloaded(_)) {
+                self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(err);
         }
         self.inner.wake.notify_one();
@@ -747,6 +753,7 @@ impl Engine {
             running: c.running.load(Ordering::Relaxed),
             done: c.done.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             batched_jobs: c.batched_jobs.load(Ordering::Relaxed),
             max_batch: c.max_batch.load(Ordering::Relaxed),
@@ -784,6 +791,13 @@ impl Engine {
     /// Most tokens one forward_backward or forward request may hold (`--max-request-tokens`).
     pub fn max_request_tokens(&self) -> usize {
         lock(&self.inner.sched).limits().max_request_tokens
+    }
+
+    /// Most jobs one tenant may have queued (`--max-queued-per-tenant`, or `--max-queued` when
+    /// that is smaller): more are refused with "overloaded".
+    pub fn max_queued_per_tenant(&self) -> usize {
+        let st = lock(&self.inner.sched);
+        st.limits().per_tenant.min(st.limits().total)
     }
 
     /// Jobs waiting in one queue.

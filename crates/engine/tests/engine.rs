@@ -276,6 +276,8 @@ fn full_queues_refuse_and_cancel_and_timeout_fail_futures() {
         let err = engine.submit(qa.clone(), optim(1e-3)).unwrap_err();
         assert_eq!(err.kind(), "overloaded");
     }
+    assert_eq!(engine.stats().refused, 50, "each refusal is counted");
+    assert_eq!(engine.max_queued_per_tenant(), 3);
     // Refused submissions leave no future behind (no client holds their ids).
     assert_eq!(
         engine.futures().counts().values().sum::<usize>(),

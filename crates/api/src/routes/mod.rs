@@ -228,6 +228,9 @@ const SDK_BYTES_PER_TOKEN: usize = 8;
 /// `forward_backward` or `forward` into requests within `--max-request-tokens` (it splits by
 /// its byte estimate, at least [`SDK_BYTES_PER_TOKEN`] per token; gradients accumulate across
 /// the parts), so a large SFT batch is sent in parts instead of being refused.
+/// `sample_max_concurrent_requests` bounds a `SamplingClient`'s requests in flight (2000 by
+/// default) by the jobs a tenant may queue, so an RL loop that fires thousands of samples at
+/// once waits in the SDK instead of cycling through 429 refusals and retries.
 async fn client_config(State(state): State<AppState>) -> Json<Value> {
     let chunk_bytes = state
         .engine
@@ -235,6 +238,7 @@ async fn client_config(State(state): State<AppState>) -> Json<Value> {
         .saturating_mul(SDK_BYTES_PER_TOKEN);
     Json(json!({
         "fwdbwd_max_chunk_bytes_count": chunk_bytes,
+        "sample_max_concurrent_requests": state.engine.max_queued_per_tenant().max(1),
         "pjwt_auth_enabled": false,
         "proto_compress_fwdbwd": false,
         "sample_use_retrieve_futures": false,

@@ -55,8 +55,10 @@ fn check_label(field: &str, value: &str) -> ApiResult<()> {
 }
 
 impl CreateSessionRequest {
-    /// The session's details, when every field is within bounds.
-    fn details(self) -> ApiResult<SessionDetails> {
+    /// The session's details, when every field is within bounds. Blank tags are dropped: the
+    /// SDK splits `TINKER_TAGS` on commas, so `"a,"` or an empty variable sends `""`.
+    fn details(mut self) -> ApiResult<SessionDetails> {
+        self.tags.retain(|tag| !tag.trim().is_empty());
         if self.tags.len() > MAX_TAGS {
             return Err(ApiError::invalid(
                 "tags",
