@@ -287,7 +287,8 @@ def test_samples_of_one_prompt_share_one_prefill_and_concurrent_requests_all_fin
 def test_get_tokenizer_loads_offline_and_other_optimizers_are_refused_by_name(keyed_server, tokenizer):
     """`get_tokenizer()` needs no network on the server's machine (the tests run with
     HF_HUB_OFFLINE=1): `tokenizer_id` is the model's directory. An optimizer other than AdamW is
-    a 400 naming it, never an AdamW run in its place."""
+    a 400 naming it, never an AdamW run in its place, whether a run is created fresh or from a
+    checkpoint."""
     sc = client(keyed_server)
     tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
     theirs = tc.get_tokenizer()
@@ -299,6 +300,15 @@ def test_get_tokenizer_loads_offline_and_other_optimizers_are_refused_by_name(ke
         ).result()
     with pytest.raises(tinker.BadRequestError, match="optimizer_params.type.*dimuon"):
         tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()
+    # A run created from a checkpoint's weights takes AdamW (the default) or refuses, and its
+    # base model override must name this server's model.
+    path = tc.save_state("optimizer-refusals").result().path
+    loaded = sc.create_training_client_from_state(path, optimizer=types.AdamOptimizerConfig()).result()
+    assert loaded.get_info().model_id == loaded.model_id
+    with pytest.raises(tinker.BadRequestError, match="optimizer_config.type.*dimuon"):
+        sc.create_training_client_from_state(path, optimizer=types.DimuonOptimizerConfig()).result()
+    with pytest.raises(tinker.BadRequestError, match="base_model.*not served"):
+        sc.create_training_client_from_state(path, base_model="Qwen/Qwen3-8B").result()
 
 
 def test_a_batch_over_the_request_limit_is_sent_in_parts_by_the_sdk(tmp_path):

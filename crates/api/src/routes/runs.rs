@@ -220,6 +220,12 @@ pub(super) struct LoadRequest {
     model_seq_id: Option<i64>,
     #[serde(default)]
     user_metadata: Option<Value>,
+    /// The optimizer of a run created from a checkpoint's weights: AdamW or refused.
+    #[serde(default)]
+    optimizer_config: Option<OptimizerFamily>,
+    /// A run created from a checkpoint may name its base model: this server's or refused.
+    #[serde(default)]
+    base_model: Option<String>,
 }
 
 pub(super) async fn load_weights(
@@ -228,6 +234,12 @@ pub(super) async fn load_weights(
     JsonBody(body): JsonBody<LoadRequest>,
 ) -> ApiResult<Json<Promise>> {
     parse_checkpoint_path(&body.path)?;
+    if let Some(optimizer) = &body.optimizer_config {
+        optimizer.check("optimizer_config")?;
+    }
+    if let Some(base_model) = &body.base_model {
+        check_base_model(&state, base_model)?;
+    }
     if let Some(model_id) = body.model_id {
         let work = Work::Load {
             path: body.path,
