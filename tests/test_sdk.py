@@ -1,6 +1,10 @@
 """The official `tinker` SDK against loraloom over real HTTP on 127.0.0.1, as a user's script."""
 
 import concurrent.futures
+import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -334,3 +338,44 @@ def test_a_batch_over_the_request_limit_is_sent_in_parts_by_the_sdk(tmp_path):
         sc.close("success").result()
     finally:
         srv.stop()
+
+
+def test_tinker_auth_login_checks_a_key_that_the_sdk_then_uses(keyed_server, tmp_path):
+    """`tinker auth login` (the SDK's CLI) checks a pasted key with GET /api/v1/auth/apikey/me
+    and stores it; the SDK then works with no key passed. A wrong key is refused before it is
+    stored, and a client cannot revoke the operator's key (DELETE is a JSON 403)."""
+    env = {**os.environ, "HOME": str(tmp_path), "TINKER_BASE_URL": keyed_server.url}
+    env.pop("TINKER_API_KEY", None)
+    tinker_cli = [sys.executable, "-m", "tinker.cli"]
+
+    def cli(*args, stdin=""):
+        return subprocess.run(tinker_cli + list(args), input=stdin, env=env, text=True,
+                              capture_output=True, timeout=120)
+
+    wrong = cli("auth", "login", stdin="tml-guess-1234\n")
+    assert wrong.returncode != 0 and "unknown API key" in wrong.stdout + wrong.stderr, wrong
+    assert not (tmp_path / ".tinker" / "credentials.json").exists()
+
+    login = cli("auth", "login", stdin=ALICE + "\n")
+    assert login.returncode == 0, login
+    assert "Logged in as alice (loraloom)" in login.stdout, login.stdout
+    stored = json.loads((tmp_path / ".tinker" / "credentials.json").read_text())
+    assert ALICE in json.dumps(stored)
+    me = requests.get(keyed_server.url + "/api/v1/auth/apikey/me", headers={"X-API-Key": ALICE}).json()
+    assert str(me["key_id"]) in json.dumps(stored) and me["name"] == "alice", (me, stored)
+    bob = requests.get(keyed_server.url + "/api/v1/auth/apikey/me", headers={"X-API-Key": BOB}).json()
+    assert bob["name"] == "bob" and bob["key_id"] != me["key_id"]
+
+    # The stored key is the SDK's credential: a training run is created with no key passed.
+    script = ("import tinker; sc = tinker.ServiceClient(); "
+              f"print(sc.create_lora_training_client(base_model={MODEL_NAME!r}, rank=4).result().model_id)")
+    made = subprocess.run([sys.executable, "-c", script], env=env, text=True, capture_output=True, timeout=300)
+    assert made.returncode == 0 and ":train:" in made.stdout, made
+    status = cli("auth", "status")
+    assert status.returncode == 0 and "Tinker accessible: yes" in status.stdout, status
+
+    revoke = requests.delete(keyed_server.url + "/api/v1/auth/apikey/me", headers={"X-API-Key": ALICE})
+    assert revoke.status_code == 403 and "--api-key" in revoke.json()["error"], revoke.text
+    logout = cli("auth", "logout")
+    assert logout.returncode == 0 and "still active" in logout.stdout, logout
+    assert requests.get(keyed_server.url + "/api/v1/auth/apikey/me", headers={"X-API-Key": ALICE}).ok

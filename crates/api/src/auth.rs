@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -47,16 +48,24 @@ impl Auth {
 
     /// The tenant of a request, from its `X-API-Key` header.
     pub fn tenant(&self, headers: &HeaderMap) -> ApiResult<String> {
-        let key = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| {
-                headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            })
-            .ok_or_else(|| ApiError::Unauthorized("missing X-API-Key header".into()))?;
+        self.tenant_of(presented_key(headers)?)
+    }
+
+    /// The tenant and public id of the key a request presents (`tinker auth login` checks a
+    /// pasted key this way before storing it).
+    pub fn identify(&self, headers: &HeaderMap) -> ApiResult<KeyIdentity> {
+        let key = presented_key(headers)?;
+        let tenant = self.tenant_of(key)?;
+        let digest = Sha256::digest(key.as_bytes());
+        let mut id = [0u8; 8];
+        id[2..].copy_from_slice(&digest[..6]);
+        Ok(KeyIdentity {
+            tenant,
+            key_id: u64::from_be_bytes(id),
+        })
+    }
+
+    fn tenant_of(&self, key: &str) -> ApiResult<String> {
         if self.keys.is_empty() {
             if key.starts_with("tml-") {
                 return Ok(SINGLE_TENANT.to_string());
@@ -70,6 +79,30 @@ impl Auth {
             .cloned()
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))
     }
+}
+
+/// Who a key belongs to, as `GET /api/v1/auth/apikey/me` tells its holder.
+#[derive(Debug, PartialEq)]
+pub struct KeyIdentity {
+    /// The key's tenant.
+    pub tenant: String,
+    /// A stable public id of the key: the first 48 bits of its SHA-256 (an integer, as the
+    /// SDK stores it; exact in JSON).
+    pub key_id: u64,
+}
+
+/// The key a request presents: `X-API-Key`, or `Authorization: Bearer`.
+fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })
+        .ok_or_else(|| ApiError::Unauthorized("missing X-API-Key header".into()))
 }
 
 /// Parses `tenant=tml-key` pairs (from flags) and lines of a keys file (`tenant tml-key` or
@@ -131,6 +164,21 @@ mod tests {
             !format!("{auth:?}").contains("tml-"),
             "keys never appear in Debug"
         );
+    }
+
+    #[test]
+    fn a_key_is_identified_by_its_tenant_and_a_stable_id_that_is_not_the_key() {
+        let auth = Auth::new(parse_keys(["alice=tml-alice-1", "alice=tml-alice-2"]).unwrap());
+        let first = auth.identify(&headers("tml-alice-1")).unwrap();
+        let second = auth.identify(&headers("tml-alice-2")).unwrap();
+        assert_eq!(
+            (first.tenant.as_str(), second.tenant.as_str()),
+            ("alice", "alice")
+        );
+        assert_ne!(first.key_id, second.key_id, "two keys of one tenant differ");
+        assert_eq!(first, auth.identify(&headers("tml-alice-1")).unwrap());
+        assert!(first.key_id < 1 << 48, "exact as a JSON number");
+        assert!(auth.identify(&headers("tml-mallory")).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The one place where errors become HTTP statuses and JSON bodies.
 //!
-//! Body: `{"error": message, "error_type": stable_tag, "field": name?}`; the tag is also the
-//! metric label. 5xx bodies carry no internals (details go to the log).
+//! Body: `{"error": message, "detail": message, "error_type": stable_tag, "field": name?}`
+//! (`detail` is where FastAPI servers, Tinker's among them, put the message, and where the SDK's
+//! CLI reads it); the tag is also the metric label. 5xx bodies carry no internals (details go to
+//! the log).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +26,8 @@ pub enum ApiError {
     /// A body over the size limit.
     #[error("request body is larger than the limit of {0} bytes")]
     TooLarge(usize),
-    /// A download link that is not valid (forged, altered or expired).
+    /// Something the caller may not do: follow a download link that is not valid (forged,
+    /// altered or expired), revoke an operator's API key.
     #[error("{0}")]
     Forbidden(String),
     /// A request against a session its client has finished.
@@ -96,7 +99,8 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = json!({"error": message, "error_type": self.error_type()});
+        let mut body =
+            json!({"error": message.clone(), "detail": message, "error_type": self.error_type()});
         if let ApiError::Engine(EngineError::InvalidInput { field, .. }) = self {
             body["field"] = json!(field);
         }

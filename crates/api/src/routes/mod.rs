@@ -68,6 +68,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sessions/{id}/project", put(assign_project))
         .route("/api/v1/sessions/{id}/trace_export", get(trace_export))
         .route("/api/v1/telemetry", post(telemetry))
+        .route(
+            "/api/v1/auth/apikey/me",
+            get(own_key).delete(delete_own_key),
+        )
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))
         .route("/api/v1/unload_model", post(unload_model))
@@ -257,6 +261,34 @@ async fn client_dynamic_config() -> Json<Value> {
         "sample_cancel_enabled": true,
         "sample_cancel_max_batch_size": 64,
     }))
+}
+
+/// The key a request presents, as `tinker auth login` checks a pasted key before storing it:
+/// its tenant (as user and name) and a stable id.
+async fn own_key(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = state.auth.identify(&headers)?;
+    Ok(Json(json!({
+        "key_id": who.key_id,
+        "name": who.tenant,
+        "note": format!("loraloom key of tenant `{}`", who.tenant),
+        "details": {
+            "org_details": {"name": "loraloom"},
+            "user_details": {"email": who.tenant},
+        },
+    })))
+}
+
+/// Keys are the operator's (`--api-key`, `--api-keys-file`): a client cannot revoke one.
+async fn delete_own_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    state.auth.identify(&headers)?;
+    Err(ApiError::Forbidden(
+        "this server's API keys are set by its operator (--api-key, --api-keys-file); ask them \
+         to remove this one"
+            .into(),
+    ))
 }
 
 async fn telemetry(_tenant: Tenant, _body: RawBody) -> Json<Value> {
