@@ -1,8 +1,11 @@
 """Raw HTTP with bad input: every case is a 4xx with a JSON body naming the problem, and the
 server keeps serving (and another tenant's state does not change)."""
 
+import json
+
 import pytest
 import requests
+import zstandard
 
 from conftest import ALICE, BOB, MODEL_NAME
 
@@ -80,7 +83,18 @@ def expect(r, status, *needles):
     return body
 
 
+def encoded(server, path, body, encoding):
+    """POSTs `body` (bytes) as JSON with `Content-Encoding: encoding`."""
+    return requests.post(server.url + path, data=body, headers={
+        **H, "Content-Type": "application/json", "Content-Encoding": encoding})
+
+
 CASES = {
+    "gzip_body": lambda s, run: (encoded(s, "/api/v1/optim_step", b"\x1f\x8b", "gzip"), 415, ["gzip", "zstd"]),
+    "corrupt_zstd": lambda s, run: (encoded(s, "/api/v1/optim_step", b"not zstd", "zstd"), 400, ["not valid zstd"]),
+    # 5 MB of spaces compress to a few hundred bytes; decoded they pass the 4 MiB body limit.
+    "zstd_bomb": lambda s, run: (encoded(s, "/api/v1/optim_step", zstandard.ZstdCompressor().compress(
+        b'{"model_id": "x"' + b" " * 5_000_000 + b"}"), "zstd"), 413, ["larger than the limit"]),
     "wrong_method": lambda s, run: (
         requests.get(s.url + "/api/v1/optim_step", headers=H), 405, ["GET /api/v1/optim_step"]),
     "malformed_json": lambda s, run: (post(s, "/api/v1/optim_step", data=b'{"model_id": '), 400, ["malformed JSON"]),
@@ -285,3 +299,21 @@ def test_lenient_inputs_the_sdk_allows_are_accepted(keyed_server, run):
     p = post(keyed_server, "/api/v1/create_model", {"session_id": run["session"], "base_model": MODEL_NAME,
                                                     "lora_config": {"rank": 4, "seed": -3}})
     assert p.status_code == 200, p.text
+
+
+def test_a_zstd_body_is_decoded_before_the_handler_reads_it(keyed_server, run):
+    """The client config asks the SDK to zstd-compress forward_backward bodies; any route takes a
+    zstd body, and it answers exactly as the plain one."""
+    config = requests.post(keyed_server.url + "/api/v1/client/config", json={}).json()
+    assert config["proto_compress_fwdbwd"] is True
+    body = fb_body(run["model_id"], [1, 2, 3, 4], [2, 3, 4, 5], [1, 1, 0.5, 1])
+    body["forward_backward_input"]["loss_fn"] = "cross_entropy"
+
+    def logprobs(response):
+        assert response.status_code == 200, response.text
+        done = post(keyed_server, "/api/v1/retrieve_future", {"request_id": response.json()["request_id"]}).json()
+        return done["loss_fn_outputs"][0]["logprobs"]["data"]
+
+    plain = logprobs(post(keyed_server, "/api/v1/forward", body))
+    packed = zstandard.ZstdCompressor().compress(json.dumps(body).encode())
+    assert logprobs(encoded(keyed_server, "/api/v1/forward", packed, "zstd")) == plain

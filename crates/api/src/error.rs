@@ -36,6 +36,9 @@ pub enum ApiError {
     /// A body that did not arrive in time.
     #[error("request body was not received within {0} s (--body-timeout-secs)")]
     BodyTimeout(u64),
+    /// A body in a `Content-Encoding` this server does not decode.
+    #[error("Content-Encoding `{0}` is not supported (send zstd, identity or none)")]
+    UnsupportedEncoding(String),
     /// A known route asked with a method it does not serve (`METHOD path`).
     #[error("route `{0}` does not take this method")]
     MethodNotAllowed(String),
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -87,6 +91,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::UnsupportedEncoding(_) => "unsupported_encoding",
         }
     }
 

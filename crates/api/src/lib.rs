@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod downloads;
+pub mod encoding;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
