@@ -1,75 +1,98 @@
 //! Compressed request bodies. The client config asks the SDK to zstd-compress its protobuf
 //! `forward_backward` bodies (`proto_compress_fwdbwd`): a client on another machine then sends a
-//! batch in a fraction of the bytes. This layer decodes a `Content-Encoding: zstd` body before
-//! anything reads it (the replay layer included), so every handler sees plain bytes, and
-//! refuses encodings it does not know with a JSON 415.
+//! batch in a fraction of the bytes. This layer decodes a `Content-Encoding: zstd` body of an
+//! authenticated POST before anything reads it (the replay layer included), so every handler
+//! sees plain bytes, and refuses encodings it does not know with a JSON 415. A caller without a
+//! valid key, or a request that is not a POST, passes through untouched: its handler answers
+//! 401, 404 or 405 without reading the body, so a stranger cannot make the server decode.
 
 use std::io::Read;
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
-use crate::extract::read_body;
+use crate::extract::BodyRules;
 
 /// Largest zstd window a body may use, as a power of two (16 MiB): what one decoder may
 /// allocate. The SDK's compressor (level 3) uses at most 2 MiB; zstd's own default cap is
 /// 128 MiB, which concurrent requests could multiply.
 const MAX_WINDOW_LOG: u32 = 24;
 
-/// What the decoding layer needs: the body limit (of the compressed and of the decoded bytes)
-/// and how long a body may take to arrive.
-#[derive(Clone, Copy)]
-pub struct BodyLimits {
-    /// Largest body, compressed or decoded.
-    pub max_bytes: usize,
-    /// How long a body may take to arrive.
-    pub timeout: Duration,
+/// Bodies decoded at once; more wait their turn. Each may hold its compressed bytes, a window
+/// and up to `--max-body-bytes` of output, so this bounds what decoding can hold whatever the
+/// number of connections.
+const DECODES_AT_ONCE: usize = 4;
+
+/// The decoding layer's state: how bodies are read, and the decodes in flight.
+pub struct Decoder {
+    bodies: BodyRules,
+    permits: Semaphore,
+}
+
+impl Decoder {
+    /// Decodes bodies read by `bodies`, at most [`DECODES_AT_ONCE`] at a time.
+    pub fn new(bodies: BodyRules) -> Self {
+        Decoder {
+            bodies,
+            permits: Semaphore::new(DECODES_AT_ONCE),
+        }
+    }
 }
 
 /// Decodes a zstd body in place (the request goes on without `Content-Encoding` and with its
 /// decoded length); passes `identity` and unencoded bodies through; refuses other encodings.
 pub async fn decode_request(
-    State(limits): State<BodyLimits>,
+    State(decoder): State<Arc<Decoder>>,
     request: Request,
     next: Next,
 ) -> Response {
     let Some(encoding) = request.headers().get(CONTENT_ENCODING) else {
         return next.run(request).await;
     };
+    let known = decoder.bodies.auth.tenant(request.headers()).is_ok();
+    if request.method() != Method::POST || !known {
+        return next.run(request).await;
+    }
     let encoding = encoding.to_str().unwrap_or("").trim().to_ascii_lowercase();
     match encoding.as_str() {
         "identity" => next.run(request).await,
-        "zstd" => {
-            let (mut parts, body) = request.into_parts();
-            let compressed =
-                match read_body(Request::new(body), limits.max_bytes, limits.timeout).await {
-                    Ok(bytes) => bytes,
-                    Err(e) => return e.into_response(),
-                };
-            let max = limits.max_bytes;
-            let decoded = tokio::task::spawn_blocking(move || unzstd(&compressed, max)).await;
-            let decoded = match decoded {
-                Ok(Ok(bytes)) => bytes,
-                Ok(Err(e)) => return e.into_response(),
-                Err(e) => {
-                    return ApiError::Engine(loraloom_engine::EngineError::Internal(format!(
-                        "decoding a zstd body: {e}"
-                    )))
-                    .into_response()
-                }
-            };
-            parts.headers.remove(CONTENT_ENCODING);
-            parts.headers.insert(CONTENT_LENGTH, decoded.len().into());
-            next.run(Request::from_parts(parts, Body::from(decoded)))
-                .await
-        }
+        "zstd" => match decode(&decoder, request).await {
+            Ok(request) => next.run(request).await,
+            Err(e) => e.into_response(),
+        },
         _ => ApiError::UnsupportedEncoding(encoding.chars().take(64).collect()).into_response(),
     }
+}
+
+/// `request` with its zstd body decoded.
+async fn decode(decoder: &Decoder, request: Request) -> Result<Request, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let compressed = decoder.bodies.read(&parts, body).await?;
+    let max = decoder.bodies.max_bytes;
+    let _permit = decoder
+        .permits
+        .acquire()
+        .await
+        .map_err(|e| internal(e.to_string()))?;
+    let decoded = tokio::task::spawn_blocking(move || unzstd(&compressed, max))
+        .await
+        .map_err(|e| internal(e.to_string()))??;
+    parts.headers.remove(CONTENT_ENCODING);
+    parts.headers.insert(CONTENT_LENGTH, decoded.len().into());
+    Ok(Request::from_parts(parts, Body::from(decoded)))
+}
+
+fn internal(detail: String) -> ApiError {
+    ApiError::Engine(loraloom_engine::EngineError::Internal(format!(
+        "decoding a zstd body: {detail}"
+    )))
 }
 
 /// `compressed` decoded, when it is zstd of at most `max` bytes within [`MAX_WINDOW_LOG`].
@@ -77,7 +100,12 @@ fn unzstd(compressed: &[u8], max: usize) -> Result<Bytes, ApiError> {
     let invalid = |e: std::io::Error| ApiError::BadRequest(format!("body is not valid zstd: {e}"));
     let mut decoder = zstd::stream::read::Decoder::new(compressed).map_err(invalid)?;
     decoder.window_log_max(MAX_WINDOW_LOG).map_err(invalid)?;
-    let mut decoded = Vec::new();
+    // Room for what the frame says it holds (the SDK's frames say), never past the limit.
+    let declared = zstd::zstd_safe::get_frame_content_size(compressed)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut decoded = Vec::with_capacity(declared.min(max as u64 + 1) as usize);
     // One byte past the limit tells an over-long body from one exactly at it.
     decoder
         .take(max as u64 + 1)

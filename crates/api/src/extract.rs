@@ -1,13 +1,15 @@
 //! Extractors: the caller's tenant and bodies whose every failure is a JSON 4xx naming the
 //! problem (axum's own rejections answer plain text).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -36,6 +38,30 @@ impl FromRequest<AppState> for RawBody {
         read_body(req, state.max_body_bytes, state.body_timeout)
             .await
             .map(RawBody)
+    }
+}
+
+/// How the layers that read a body before its handler (zstd decoding, the replay layer) read
+/// it: whose (only callers with a valid key: a stranger gets the handler's 401, no body read),
+/// how much, how fast (the limits the handlers apply).
+#[derive(Clone)]
+pub struct BodyRules {
+    /// The API keys.
+    pub auth: Arc<Auth>,
+    /// Largest body read.
+    pub max_bytes: usize,
+    /// How long a body may take to arrive.
+    pub timeout: Duration,
+}
+
+impl BodyRules {
+    /// Reads the body of a request taken apart into `parts` and `body`. The parts' extensions
+    /// go along: axum's body limit (`DefaultBodyLimit`) is one, and without it axum applies
+    /// its own 2 MiB.
+    pub async fn read(&self, parts: &Parts, body: Body) -> Result<Bytes, ApiError> {
+        let mut reading = Request::new(body);
+        *reading.extensions_mut() = parts.extensions.clone();
+        read_body(reading, self.max_bytes, self.timeout).await
     }
 }
 

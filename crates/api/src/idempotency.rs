@@ -31,8 +31,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::auth::Auth;
-use crate::extract::read_body;
+use crate::extract::BodyRules;
 
 /// The header the SDK sends its idempotency key in.
 pub const KEY_HEADER: &str = "x-idempotency-key";
@@ -107,17 +106,6 @@ struct Slot {
     response: watch::Receiver<Option<Sent>>,
 }
 
-/// How the replay layer reads a body it needs to recognise a resend: whose (only callers with a
-/// valid key), how much, how fast (the limits the handlers apply).
-pub struct BodyRules {
-    /// The API keys.
-    pub auth: Arc<Auth>,
-    /// Largest body read.
-    pub max_bytes: usize,
-    /// How long a body may take to arrive.
-    pub timeout: Duration,
-}
-
 /// Remembered responses of requests that carried an idempotency key or a sequence number.
 pub struct Replays {
     ttl: Duration,
@@ -188,9 +176,9 @@ impl Replays {
         }
         let protobuf = crate::results::is_protobuf(headers);
         let (parts, body) = request.into_parts();
-        let mut reading = Request::new(body);
-        *reading.extensions_mut() = parts.extensions.clone();
-        let bytes = read_body(reading, self.bodies.max_bytes, self.bodies.timeout)
+        let bytes = self
+            .bodies
+            .read(&parts, body)
             .await
             .map_err(IntoResponse::into_response)?;
         let key = is_numbered(&bytes, protobuf).then(|| {
@@ -370,6 +358,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::auth::Auth;
 
     /// A route answering `status` with "call N" (N counts its runs) after a short pause, so
     /// that concurrent attempts overlap.

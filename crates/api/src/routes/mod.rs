@@ -23,8 +23,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, JsonBody, JsonQuery, RawBody, Tenant};
-use crate::idempotency::{BodyRules, Replays};
+use crate::extract::{parse_json, BodyRules, JsonBody, JsonQuery, RawBody, Tenant};
+use crate::idempotency::Replays;
 use crate::responses::{iso, string_map};
 use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json};
 use crate::state::{AppState, Session};
@@ -54,6 +54,11 @@ pub const REPLAY_TTL: Duration = Duration::from_secs(15 * 60);
 /// Every route loraloom serves.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    let bodies = BodyRules {
+        auth: state.auth.clone(),
+        max_bytes: limit,
+        timeout: state.body_timeout,
+    };
     Router::new()
         .route("/api/v1/healthz", get(healthz))
         .route("/api/v1/get_server_capabilities", get(capabilities))
@@ -127,22 +132,12 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // The replay layer may read a body itself, so the body limit goes on outside it.
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(Replays::new(
-                REPLAY_TTL,
-                BodyRules {
-                    auth: state.auth.clone(),
-                    max_bytes: limit,
-                    timeout: state.body_timeout,
-                },
-            )),
+            Arc::new(Replays::new(REPLAY_TTL, bodies.clone())),
             crate::idempotency::replay,
         ))
         // Outside the replay layer, which recognises a resend by its decoded body.
         .layer(axum::middleware::from_fn_with_state(
-            crate::encoding::BodyLimits {
-                max_bytes: limit,
-                timeout: state.body_timeout,
-            },
+            Arc::new(crate::encoding::Decoder::new(bodies)),
             crate::encoding::decode_request,
         ))
         .layer(DefaultBodyLimit::max(limit))
@@ -240,11 +235,12 @@ const SDK_BYTES_PER_TOKEN: usize = 8;
 /// `forward_backward` or `forward` into requests within `--max-request-tokens` (it splits by
 /// its byte estimate, at least [`SDK_BYTES_PER_TOKEN`] per token; gradients accumulate across
 /// the parts), so a large SFT batch is sent in parts instead of being refused.
-/// `proto_compress_fwdbwd` has it send `forward_backward` bodies zstd-compressed (a few ms of
-/// client CPU per 32k tokens; several times fewer bytes for a client across a network).
-/// `sample_max_concurrent_requests` bounds a `SamplingClient`'s requests in flight (2000 by
-/// default) by the jobs a tenant may queue, so an RL loop that fires thousands of samples at
-/// once waits in the SDK instead of cycling through 429 refusals and retries.
+/// `proto_compress_fwdbwd` has it send `forward_backward` bodies zstd-compressed (about 1 ms of
+/// client CPU per 32k tokens; five times fewer bytes for a client across a network).
+/// `sample_max_concurrent_requests` bounds one `SamplingClient`'s requests in flight (2000 by
+/// default) by the jobs a tenant may queue, so an RL loop that fires thousands of samples from
+/// one client waits in the SDK instead of cycling through 429 refusals and retries (several
+/// clients, or training alongside, can still meet the limit; the SDK retries those).
 async fn client_config(State(state): State<AppState>) -> Json<Value> {
     let chunk_bytes = state
         .engine
