@@ -92,7 +92,7 @@ pub struct KeyIdentity {
 }
 
 /// The key a request presents: `X-API-Key`, or `Authorization: Bearer`.
-fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
     headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())

@@ -160,10 +160,7 @@ impl Replays {
         let Ok(tenant) = self.bodies.auth.tenant(headers) else {
             return Ok((None, request));
         };
-        let credential = ["x-api-key", "authorization"]
-            .iter()
-            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-            .unwrap_or("");
+        let credential = crate::auth::presented_key(headers).unwrap_or("");
         let owner = format!("{tenant}\n{credential}");
         let route = format!("{} {}", request.method(), request.uri().path());
         if let Some(key) = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()) {
