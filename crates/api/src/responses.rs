@@ -219,3 +219,78 @@ mod tests {
         assert_eq!(iso(1_764_072_000.25), "2025-11-25T12:00:00.25Z");
     }
 }
+
+/// `types.BillingUsageResponse`: a tenant's metered usage (see `routes::billing`).
+#[derive(Debug, Serialize)]
+pub struct BillingUsage {
+    /// Hourly events, by bucket, then largest quantity first.
+    pub data: Vec<BillingUsageEvent>,
+    /// The `user_metadata` of every session in `data`.
+    pub sessions: BTreeMap<String, BillingUsageSession>,
+    /// Always `null`: nothing is priced.
+    pub cost_data_through: Option<String>,
+}
+
+/// `types.BillingUsageEvent`: one kind of usage of one session in one UTC hour.
+#[derive(Debug, Serialize)]
+pub struct BillingUsageEvent {
+    /// The hour's start (RFC 3339).
+    pub bucket_start: String,
+    /// The next hour's start.
+    pub bucket_end: String,
+    /// The served base model.
+    pub base_model: Option<String>,
+    /// The tenant.
+    pub user_id: Option<String>,
+    /// The tenant, again (loraloom has no display names).
+    pub user_name: Option<String>,
+    /// The session of the run or sampling session the usage came from.
+    pub session_id: Option<String>,
+    /// That session's project.
+    pub project_id: Option<String>,
+    /// Always `null`.
+    pub estimated_cost_usd: Option<f64>,
+    /// Always `null`.
+    pub effective_rate_usd_per_million_tokens: Option<f64>,
+    /// Always `null`.
+    pub effective_rate_usd_per_gigabyte_month: Option<f64>,
+    /// `{"type": kind, ...quantity}`, the SDK's `BillingEventInfo`.
+    pub event_info: Value,
+}
+
+/// `types.BillingUsageSession`.
+#[derive(Debug, Serialize)]
+pub struct BillingUsageSession {
+    /// The session's metadata as strings.
+    pub user_metadata: Option<BTreeMap<String, String>>,
+}
+
+/// `types.CurrentCheckpointStorageUsageResponse`.
+#[derive(Debug, Serialize)]
+pub struct StorageUsage {
+    /// Always `null`: nothing is priced.
+    pub effective_rate_usd_per_gigabyte_month: Option<f64>,
+    /// One item per project.
+    pub data: Vec<StorageUsageItem>,
+}
+
+/// `types.CurrentCheckpointStorageUsageItem`: a tenant's listed checkpoints in one project.
+#[derive(Debug, Serialize)]
+pub struct StorageUsageItem {
+    /// The project of the checkpoints' sessions (`null`: a run outside any known session).
+    pub project_id: Option<String>,
+    /// The tenant.
+    pub org_user_urn: Option<String>,
+    /// Always `null`.
+    pub user_email: Option<String>,
+    /// The tenant.
+    pub user_name: Option<String>,
+    /// Listed checkpoints.
+    pub checkpoint_count: usize,
+    /// Their bytes on disk.
+    pub size_bytes: u64,
+    /// The same in gigabytes (10^9 bytes).
+    pub size_gigabytes: f64,
+    /// Always `null`.
+    pub estimated_monthly_cost_usd: Option<f64>,
+}

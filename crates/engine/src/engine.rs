@@ -812,6 +812,9 @@ impl Engine {
 
 fn record(inner: &Inner, job: &Job, result: Result<Output>) {
     let result = result.and_then(|out| record_samples(inner, job, out));
+    if let Ok(out) = &result {
+        meter(inner, job, out);
+    }
     let c = &inner.counters;
     let mut per_queue = lock(&c.per_queue);
     let q = per_queue
@@ -854,6 +857,24 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
             Err(e) => FutureState::Failed(e),
         },
     );
+}
+
+/// Writes what a job that succeeded metered (see [`crate::usage`]) before its future settles.
+/// A store that refuses it is logged: the client's result matters more than its meter.
+fn meter(inner: &Inner, job: &Job, out: &Output) {
+    let rows = crate::usage::job_usage(
+        job.queue.tenant(),
+        job.queue.id(),
+        &job.work,
+        out,
+        unix_now(),
+    );
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(e) = inner.registry.meter().add_usage(&rows) {
+        tracing::warn!(request_id = %job.id, error = %e, "cannot meter a job's usage");
+    }
 }
 
 /// Records the sequences of a finished sampling job that asked for it (`record_stability_info`)

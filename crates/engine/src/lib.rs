@@ -15,6 +15,7 @@ pub mod queue;
 pub mod registry;
 pub mod store;
 pub mod timeline;
+pub mod usage;
 
 pub use backend::{Admitted, Backend, DecodeStep, KvHeld, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
@@ -28,3 +29,4 @@ pub use job::{
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};
 pub use store::{SampleRow, SessionRow, SqliteStore, Store};
+pub use usage::{UsageKind, UsageRow};

@@ -3,6 +3,7 @@
 //! Runs and sessions live in `DashMap`s; each entry's mutable state sits behind its own mutex,
 //! so work on one run never waits on another run's lock.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,6 +14,7 @@ use loraloom_model::{AdamState, LoraAdapter, LoraSpec};
 use crate::error::{EngineError, Result};
 use crate::job::{CheckpointKind, ModelKey, SamplerKey};
 use crate::store::{CheckpointRow, ModelRow, SamplerRow, Store};
+use crate::usage::{checkpoint_usage, hour_of, merge, UsageRow};
 
 /// Seconds since the epoch.
 pub fn unix_now() -> f64 {
@@ -284,6 +286,8 @@ pub struct Registry {
     samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
     checkpoints: DashMap<(String, String), CheckpointRecord>,
     durable: Option<Arc<dyn Store>>,
+    /// Where metered usage goes: the durable store, or a private in-memory one.
+    meter: Arc<dyn Store>,
     /// Sampling sessions one tenant may hold (0 = no limit).
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
     /// Listed checkpoints one tenant may hold, and their bytes (0 = no limit).
@@ -359,6 +363,9 @@ impl Registry {
             samplers: DashMap::new(),
             checkpoints: DashMap::new(),
             durable: None,
+            meter: Arc::new(
+                crate::store::SqliteStore::in_memory().expect("an in-memory SQLite database"),
+            ),
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_limits: std::sync::atomic::AtomicUsize::new(0),
             checkpoint_byte_limits: std::sync::atomic::AtomicU64::new(0),
@@ -466,6 +473,7 @@ impl Registry {
     pub fn durable(data_dir: PathBuf, store: Arc<dyn Store>) -> Result<Self> {
         let registry = Registry {
             durable: Some(store.clone()),
+            meter: store.clone(),
             ..Registry::new(data_dir)
         };
         for row in store.checkpoints()? {
@@ -514,6 +522,35 @@ impl Registry {
     /// The durable store, if any.
     pub fn store(&self) -> Option<&Arc<dyn Store>> {
         self.durable.as_ref()
+    }
+
+    /// Where metered usage is written (see [`crate::usage`]).
+    pub fn meter(&self) -> &Arc<dyn Store> {
+        &self.meter
+    }
+
+    /// Writes what a checkpoint that is going (deleted or replaced) metered over its life.
+    fn settle_usage(&self, record: &CheckpointRecord) {
+        let rows = checkpoint_usage(record, unix_now(), f64::MIN..f64::MAX);
+        if rows.is_empty() {
+            return;
+        }
+        if let Err(e) = self.meter.add_usage(&rows) {
+            tracing::warn!(path = %record.path, error = %e, "cannot meter a deleted checkpoint's storage");
+        }
+    }
+
+    /// The tenant's metered usage within `span` (unix seconds; whole hours): what the store
+    /// holds plus the share of its live checkpoints until `now`, summed per hour, source and
+    /// kind.
+    pub fn metered_usage(&self, tenant: &str, span: Range<f64>, now: f64) -> Result<Vec<UsageRow>> {
+        let mut rows = self
+            .meter
+            .usage(tenant, hour_of(span.start)..hour_of(span.end))?;
+        for record in self.checkpoints.iter().filter(|r| r.tenant == tenant) {
+            rows.extend(checkpoint_usage(&record, now, span.clone()));
+        }
+        Ok(merge(rows))
     }
 
     fn entry(
@@ -987,12 +1024,21 @@ impl Registry {
     /// (decided under the record's map entry, so a concurrent unpublish is not undone).
     pub fn add_saved_checkpoint(&self, mut record: CheckpointRecord) -> Result<()> {
         let key = (record.tenant.clone(), record.path.clone());
-        let slot = self.checkpoints.entry(key);
-        if let dashmap::mapref::entry::Entry::Occupied(old) = &slot {
-            record.public = old.get().public;
+        let replaced = match self.checkpoints.entry(key) {
+            dashmap::mapref::entry::Entry::Occupied(mut slot) => {
+                record.public = slot.get().public;
+                self.store_checkpoint(&record)?;
+                Some(slot.insert(record))
+            }
+            dashmap::mapref::entry::Entry::Vacant(slot) => {
+                self.store_checkpoint(&record)?;
+                slot.insert(record);
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            self.settle_usage(&old);
         }
-        self.store_checkpoint(&record)?;
-        slot.insert(record);
         Ok(())
     }
 
@@ -1089,8 +1135,10 @@ impl Registry {
     /// Records a written checkpoint (replacing one with the same path).
     pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
         self.store_checkpoint(&record)?;
-        self.checkpoints
-            .insert((record.tenant.clone(), record.path.clone()), record);
+        let key = (record.tenant.clone(), record.path.clone());
+        if let Some(old) = self.checkpoints.insert(key, record) {
+            self.settle_usage(&old);
+        }
         Ok(())
     }
 
@@ -1186,6 +1234,7 @@ impl Registry {
                 return Err(e);
             }
         }
+        self.settle_usage(&record);
         if let Err(e) = std::fs::remove_dir_all(&record.dir) {
             tracing::warn!(path, error = %e, "cannot remove a deleted checkpoint's files");
         }
@@ -1258,6 +1307,46 @@ mod tests {
             ephemeral,
             public: false,
         }
+    }
+
+    #[test]
+    fn a_replaced_or_deleted_checkpoint_keeps_what_it_metered() {
+        use crate::usage::UsageKind;
+        let dir = std::env::temp_dir().join(format!("loraloom-meter-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        let count = |kind| {
+            let now = unix_now();
+            registry
+                .metered_usage("t", now - 7200.0..now + 3600.0, now)
+                .unwrap()
+                .iter()
+                .filter(|r| r.kind == kind)
+                .map(|r| r.amount)
+                .sum::<f64>()
+        };
+        let mut one = record(&dir, "one", false);
+        one.created -= 60.0;
+        one.size_bytes = 3600;
+        registry.add_checkpoint(one.clone()).unwrap();
+        // A minute of 3600 bytes: 60 byte-hours, computed from the live record.
+        assert!((count(UsageKind::Storage) - 60.0).abs() < 1.0);
+        // Saved again under the same path: the first one's minute is settled, the second starts.
+        registry
+            .add_saved_checkpoint(record(&dir, "one", false))
+            .unwrap();
+        assert_eq!(count(UsageKind::Checkpoint), 2.0);
+        assert!((count(UsageKind::Storage) - 60.0).abs() < 1.0);
+        registry.remove_checkpoint("t", &one.path).unwrap();
+        assert_eq!(count(UsageKind::Checkpoint), 2.0);
+        // Unlisted checkpoints are not metered, and no one else sees the tenant's usage.
+        registry.add_checkpoint(record(&dir, "eph", true)).unwrap();
+        assert_eq!(count(UsageKind::Checkpoint), 2.0);
+        let now = unix_now();
+        assert!(registry
+            .metered_usage("u", 0.0..now + 3600.0, now)
+            .unwrap()
+            .is_empty());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
 
 mod abandoned;
+mod billing;
 mod checkpoints;
 mod futures;
 mod runs;
@@ -38,6 +39,7 @@ mod sampling;
 pub(crate) mod sessions;
 
 use self::abandoned::make_room_for_run;
+use self::billing::*;
 use self::checkpoints::*;
 use self::futures::*;
 use self::runs::*;
@@ -126,6 +128,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/downloads/{token}/{file}", get(download))
         .route("/api/v1/checkpoints", get(list_checkpoints))
         .route("/api/v1/weights_info", post(weights_info))
+        .route("/api/v1/billing/usage/events", get(billing_usage))
+        .route(
+            "/api/v1/billing/usage/checkpoints/current",
+            get(checkpoint_storage),
+        )
         .route("/api/model-stats", get(crate::stats::model_stats))
         .route("/metrics", get(crate::stats::prometheus))
         .fallback(not_found)

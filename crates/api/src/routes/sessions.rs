@@ -393,7 +393,7 @@ pub(super) async fn get_session(
 }
 
 /// The metadata as the SDK's `dict[str, str]`.
-fn metadata_strings(details: &SessionDetails) -> Option<BTreeMap<String, String>> {
+pub(super) fn metadata_strings(details: &SessionDetails) -> Option<BTreeMap<String, String>> {
     details
         .user_metadata
         .as_ref()
