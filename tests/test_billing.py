@@ -91,6 +91,9 @@ def test_usage_is_metered_per_tenant_session_and_hour_and_survives_a_restart(tmp
             assert event.project_id == "weaving" and event.estimated_cost_usd is None
             assert event.bucket_end - event.bucket_start == timedelta(hours=1)
         assert usage.sessions[session].user_metadata == {"experiment": "m1"}
+        # Naive datetimes (the SDK sends them without an offset) are UTC.
+        naive = admin.get_billing_usage(start.replace(tzinfo=None), end.replace(tzinfo=None)).result()
+        assert totals(naive, session)["training"] == mine["training"]
         bob_usage = tinker.AdminClient(base_url=srv.url, api_key=BOB).get_billing_usage(start, end).result()
         assert dict(totals(bob_usage)) == {"training": 40}
 
@@ -121,7 +124,7 @@ def test_usage_is_metered_per_tenant_session_and_hour_and_survives_a_restart(tmp
     srv = Server(tmp_path, *TWO_TENANTS)
     try:
         admin = tinker.AdminClient(base_url=srv.url, api_key=ALICE)
-        again = totals(admin.get_billing_usage(*window(started)).result(), session)
+        again = totals(admin.get_billing_usage(start, end).result(), session)
         assert again == after_delete, "a restart loses no metered usage"
     finally:
         srv.stop()

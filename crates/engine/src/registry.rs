@@ -14,7 +14,7 @@ use loraloom_model::{AdamState, LoraAdapter, LoraSpec};
 use crate::error::{EngineError, Result};
 use crate::job::{CheckpointKind, ModelKey, SamplerKey};
 use crate::store::{CheckpointRow, ModelRow, SamplerRow, Store};
-use crate::usage::{checkpoint_usage, hour_of, merge, UsageRow};
+use crate::usage::{hour_of, merge, CheckpointLife, UsageRow};
 
 /// Seconds since the epoch.
 pub fn unix_now() -> f64 {
@@ -286,7 +286,8 @@ pub struct Registry {
     samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
     checkpoints: DashMap<(String, String), CheckpointRecord>,
     durable: Option<Arc<dyn Store>>,
-    /// Where metered usage goes: the durable store, or a private in-memory one.
+    /// Where checkpoint records and metered usage go: the durable store, or a private
+    /// in-memory one.
     meter: Arc<dyn Store>,
     /// Sampling sessions one tenant may hold (0 = no limit).
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
@@ -529,26 +530,21 @@ impl Registry {
         &self.meter
     }
 
-    /// Writes what a checkpoint that is going (deleted or replaced) metered over its life.
-    fn settle_usage(&self, record: &CheckpointRecord) {
-        let rows = checkpoint_usage(record, unix_now(), f64::MIN..f64::MAX);
-        if rows.is_empty() {
-            return;
-        }
-        if let Err(e) = self.meter.add_usage(&rows) {
-            tracing::warn!(path = %record.path, error = %e, "cannot meter a deleted checkpoint's storage");
-        }
-    }
-
-    /// The tenant's metered usage within `span` (unix seconds; whole hours): what the store
-    /// holds plus the share of its live checkpoints until `now`, summed per hour, source and
-    /// kind.
+    /// The tenant's metered usage within `span` (unix seconds; whole hours): its jobs' usage,
+    /// the lives of its gone checkpoints and those of its live ones until `now`, summed per
+    /// hour, source and kind. A checkpoint that goes between the two reads is missing from this
+    /// answer (never counted twice).
     pub fn metered_usage(&self, tenant: &str, span: Range<f64>, now: f64) -> Result<Vec<UsageRow>> {
         let mut rows = self
             .meter
             .usage(tenant, hour_of(span.start)..hour_of(span.end))?;
+        for life in self.meter.checkpoint_lives(tenant, span.clone())? {
+            rows.extend(life.usage(span.clone()));
+        }
         for record in self.checkpoints.iter().filter(|r| r.tenant == tenant) {
-            rows.extend(checkpoint_usage(&record, now, span.clone()));
+            if let Some(life) = CheckpointLife::of(&record, now) {
+                rows.extend(life.usage(span.clone()));
+            }
         }
         Ok(merge(rows))
     }
@@ -1015,7 +1011,7 @@ impl Registry {
             })?;
         let mut record = entry.clone();
         change(&mut record)?;
-        self.store_checkpoint(&record)?;
+        self.store_checkpoint(&record, None)?;
         *entry = record;
         Ok(())
     }
@@ -1024,20 +1020,17 @@ impl Registry {
     /// (decided under the record's map entry, so a concurrent unpublish is not undone).
     pub fn add_saved_checkpoint(&self, mut record: CheckpointRecord) -> Result<()> {
         let key = (record.tenant.clone(), record.path.clone());
-        let replaced = match self.checkpoints.entry(key) {
+        match self.checkpoints.entry(key) {
             dashmap::mapref::entry::Entry::Occupied(mut slot) => {
                 record.public = slot.get().public;
-                self.store_checkpoint(&record)?;
-                Some(slot.insert(record))
+                let replaced = CheckpointLife::of(slot.get(), unix_now());
+                self.store_checkpoint(&record, replaced.as_ref())?;
+                slot.insert(record);
             }
             dashmap::mapref::entry::Entry::Vacant(slot) => {
-                self.store_checkpoint(&record)?;
+                self.store_checkpoint(&record, None)?;
                 slot.insert(record);
-                None
             }
-        };
-        if let Some(old) = replaced {
-            self.settle_usage(&old);
         }
         Ok(())
     }
@@ -1121,23 +1114,33 @@ impl Registry {
     }
 
     /// Writes a checkpoint's row (when the registry keeps a store).
-    fn store_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
-        if let Some(store) = &self.durable {
-            store.put_checkpoint(&CheckpointRow {
-                tenant: record.tenant.clone(),
-                path: record.path.clone(),
-                record_json: to_json(record),
-            })?;
-        }
-        Ok(())
+    /// Stores `record`, with the life of the checkpoint it replaces (in one transaction).
+    fn store_checkpoint(
+        &self,
+        record: &CheckpointRecord,
+        replaced: Option<&CheckpointLife>,
+    ) -> Result<()> {
+        let row = CheckpointRow {
+            tenant: record.tenant.clone(),
+            path: record.path.clone(),
+            record_json: to_json(record),
+        };
+        self.meter.put_checkpoint(&row, replaced)
     }
 
     /// Records a written checkpoint (replacing one with the same path).
     pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
-        self.store_checkpoint(&record)?;
         let key = (record.tenant.clone(), record.path.clone());
-        if let Some(old) = self.checkpoints.insert(key, record) {
-            self.settle_usage(&old);
+        match self.checkpoints.entry(key) {
+            dashmap::mapref::entry::Entry::Occupied(mut slot) => {
+                let replaced = CheckpointLife::of(slot.get(), unix_now());
+                self.store_checkpoint(&record, replaced.as_ref())?;
+                slot.insert(record);
+            }
+            dashmap::mapref::entry::Entry::Vacant(slot) => {
+                self.store_checkpoint(&record, None)?;
+                slot.insert(record);
+            }
         }
         Ok(())
     }
@@ -1228,13 +1231,11 @@ impl Registry {
                 what: "checkpoint".into(),
                 id: path.to_string(),
             })?;
-        if let Some(store) = &self.durable {
-            if let Err(e) = store.delete_checkpoint(tenant, path) {
-                self.checkpoints.insert(key, record);
-                return Err(e);
-            }
+        let ended = CheckpointLife::of(&record, unix_now());
+        if let Err(e) = self.meter.delete_checkpoint(tenant, path, ended.as_ref()) {
+            self.checkpoints.insert(key, record);
+            return Err(e);
         }
-        self.settle_usage(&record);
         if let Err(e) = std::fs::remove_dir_all(&record.dir) {
             tracing::warn!(path, error = %e, "cannot remove a deleted checkpoint's files");
         }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::{EngineError, Result};
-use crate::usage::{UsageKind, UsageRow};
+use crate::usage::{CheckpointLife, UsageKind, UsageRow};
 
 /// A client session.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,12 +123,18 @@ pub trait Store: Send + Sync {
     fn samplers(&self) -> Result<Vec<SamplerRow>>;
     /// Forgets a sampling session.
     fn delete_sampler(&self, tenant: &str, sampler_id: &str) -> Result<()>;
-    /// Records (or replaces) a checkpoint.
-    fn put_checkpoint(&self, row: &CheckpointRow) -> Result<()>;
+    /// Records (or replaces) a checkpoint; `replaced`: the life of the one it replaces, stored
+    /// in the same transaction.
+    fn put_checkpoint(&self, row: &CheckpointRow, replaced: Option<&CheckpointLife>) -> Result<()>;
     /// Every checkpoint.
     fn checkpoints(&self) -> Result<Vec<CheckpointRow>>;
-    /// Forgets a checkpoint.
-    fn delete_checkpoint(&self, tenant: &str, path: &str) -> Result<()>;
+    /// Forgets a checkpoint; `ended`: its life, stored in the same transaction.
+    fn delete_checkpoint(
+        &self,
+        tenant: &str,
+        path: &str,
+        ended: Option<&CheckpointLife>,
+    ) -> Result<()>;
     /// Records (or updates) a future.
     fn put_future(&self, row: &FutureRow) -> Result<()>;
     /// Every future.
@@ -150,6 +156,9 @@ pub trait Store: Send + Sync {
     fn add_usage(&self, rows: &[UsageRow]) -> Result<()>;
     /// The tenant's metered usage in `hours` (hours since the epoch).
     fn usage(&self, tenant: &str, hours: Range<i64>) -> Result<Vec<UsageRow>>;
+    /// The lives of the tenant's gone checkpoints that were written or held within `span`
+    /// (unix seconds).
+    fn checkpoint_lives(&self, tenant: &str, span: Range<f64>) -> Result<Vec<CheckpointLife>>;
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -180,6 +189,9 @@ CREATE INDEX IF NOT EXISTS samples_used ON samples (tenant, used);
 CREATE INDEX IF NOT EXISTS samples_age ON samples (used);
 CREATE TABLE IF NOT EXISTS usage (tenant TEXT NOT NULL, hour INTEGER NOT NULL, source TEXT NOT NULL,
   kind TEXT NOT NULL, amount REAL NOT NULL, PRIMARY KEY (tenant, hour, source, kind));
+CREATE TABLE IF NOT EXISTS checkpoint_lives (tenant TEXT NOT NULL, source TEXT NOT NULL,
+  created REAL NOT NULL, ended REAL NOT NULL, bytes INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS checkpoint_lives_tenant ON checkpoint_lives (tenant, created);
 ";
 
 impl SqliteStore {
@@ -330,13 +342,17 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_checkpoint(&self, r: &CheckpointRow) -> Result<()> {
+    fn put_checkpoint(&self, r: &CheckpointRow, replaced: Option<&CheckpointLife>) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
                 "INSERT OR REPLACE INTO checkpoints (tenant, path, record) VALUES (?1, ?2, ?3)",
                 params![r.tenant, r.path, r.record_json],
-            )
-            .map(|_| ())
+            )?;
+            if let Some(life) = replaced {
+                put_life(&tx, life)?;
+            }
+            tx.commit()
         })
     }
 
@@ -364,13 +380,22 @@ impl Store for SqliteStore {
         })
     }
 
-    fn delete_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
+    fn delete_checkpoint(
+        &self,
+        tenant: &str,
+        path: &str,
+        ended: Option<&CheckpointLife>,
+    ) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
                 "DELETE FROM checkpoints WHERE tenant = ?1 AND path = ?2",
                 params![tenant, path],
-            )
-            .map(|_| ())
+            )?;
+            if let Some(life) = ended {
+                put_life(&tx, life)?;
+            }
+            tx.commit()
         })
     }
 
@@ -554,6 +579,34 @@ impl Store for SqliteStore {
             Ok(out)
         })
     }
+
+    fn checkpoint_lives(&self, tenant: &str, span: Range<f64>) -> Result<Vec<CheckpointLife>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT source, created, ended, bytes FROM checkpoint_lives
+                 WHERE tenant = ?1 AND created < ?3 AND ended >= ?2 ORDER BY created",
+            )?;
+            let rows = st.query_map(params![tenant, span.start, span.end], |r| {
+                Ok(CheckpointLife {
+                    tenant: tenant.to_string(),
+                    source: r.get(0)?,
+                    created: r.get(1)?,
+                    ended: r.get(2)?,
+                    bytes: r.get::<_, i64>(3)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+/// Stores a gone checkpoint's life.
+fn put_life(c: &Connection, life: &CheckpointLife) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO checkpoint_lives (tenant, source, created, ended, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![life.tenant, life.source, life.created, life.ended, life.bytes as i64],
+    )
+    .map(|_| ())
 }
 
 /// Token ids as little-endian i32s (ids are vocabulary indices).
@@ -647,7 +700,7 @@ mod tests {
 
     #[test]
     fn usage_adds_up_per_key_and_stays_with_its_tenant() {
-        let dir = std::env::temp_dir().join(format!("loraloom-usage-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("loraloom-usage-{}", uuid::Uuid::new_v4()));
         let row = |tenant: &str, hour, kind, amount| UsageRow {
             tenant: tenant.into(),
             hour,
@@ -683,6 +736,35 @@ mod tests {
             s.usage("u", 0..100).unwrap(),
             vec![row("u", 5, UsageKind::Training, 7.0)]
         );
+        // A checkpoint's life is stored with the change of its row: replaced, then deleted.
+        let life = |created: f64, ended: f64| CheckpointLife {
+            tenant: "t".into(),
+            source: "s:train:0".into(),
+            created,
+            ended,
+            bytes: 10,
+        };
+        let ckpt = CheckpointRow {
+            tenant: "t".into(),
+            path: "tinker://s:train:0/weights/c".into(),
+            record_json: "{}".into(),
+        };
+        s.put_checkpoint(&ckpt, None).unwrap();
+        s.put_checkpoint(&ckpt, Some(&life(100.0, 200.0))).unwrap();
+        s.delete_checkpoint("t", &ckpt.path, Some(&life(200.0, 300.0)))
+            .unwrap();
+        assert!(s.checkpoints().unwrap().is_empty());
+        assert_eq!(
+            s.checkpoint_lives("t", 0.0..1000.0).unwrap(),
+            vec![life(100.0, 200.0), life(200.0, 300.0)]
+        );
+        // Only lives written or held within the span, and only the tenant's.
+        assert_eq!(
+            s.checkpoint_lives("t", 250.0..260.0).unwrap(),
+            vec![life(200.0, 300.0)]
+        );
+        assert!(s.checkpoint_lives("t", 300.5..400.0).unwrap().is_empty());
+        assert!(s.checkpoint_lives("u", 0.0..1000.0).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 

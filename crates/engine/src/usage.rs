@@ -5,9 +5,10 @@
 //! is never missing from the meter): `forward` and `forward_backward` their input tokens
 //! (`training`), `sample` its prompt once (`sampling_prefill`) and every generated token
 //! (`sampling_sample`). A checkpoint meters one creation in the hour it was written and its
-//! bytes for every second it exists (`storage`, in byte-hours): a live checkpoint's share is
-//! computed from its record when asked; a deleted or replaced one's is written to the store
-//! when it goes. Ephemeral checkpoints (one sampling client's weights, not listed, not in the
+//! bytes for every second it exists, up to its expiry (`storage`, in byte-hours): a live
+//! checkpoint's share is computed from its record when asked; a deleted or replaced one's life
+//! ([`CheckpointLife`], one row) is written in the transaction that deletes or replaces its
+//! record, and split into hours when asked. Ephemeral checkpoints (one sampling client's weights, not listed, not in the
 //! quota) are not metered. Rows are keyed by the run or sampling session they came from, so
 //! the API layer attributes them to sessions and projects.
 
@@ -112,35 +113,66 @@ pub fn job_usage(
     }
 }
 
-/// What `record` metered within `span` (unix seconds), with its bytes held until `until`: one
-/// creation if it was written within `span`, and its byte-hours of each hour of
-/// `[created, until)` inside `span`. Nothing for an ephemeral checkpoint.
-pub fn checkpoint_usage(record: &CheckpointRecord, until: f64, span: Range<f64>) -> Vec<UsageRow> {
-    if record.ephemeral {
-        return Vec::new();
-    }
-    let row = |hour, kind, amount| UsageRow {
-        tenant: record.tenant.clone(),
-        hour,
-        source: record.model_id.clone(),
-        kind,
-        amount,
-    };
-    let mut rows = Vec::new();
-    if span.contains(&record.created) {
-        rows.push(row(hour_of(record.created), UsageKind::Checkpoint, 1.0));
-    }
-    let (mut from, to) = (record.created.max(span.start), until.min(span.end));
-    while from < to {
-        let hour = hour_of(from);
-        let end = (((hour + 1) as f64) * HOUR_SECONDS).min(to);
-        let held = record.size_bytes as f64 * (end - from) / HOUR_SECONDS;
-        if held > 0.0 {
-            rows.push(row(hour, UsageKind::Storage, held));
+/// What one checkpoint held, from its writing until it went (deleted, replaced or expired):
+/// everything its usage is computed from. A gone checkpoint's life is stored in the same
+/// transaction that deletes or replaces its record; a live one's is read off its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointLife {
+    /// Owner.
+    pub tenant: String,
+    /// The run it was saved from.
+    pub source: String,
+    /// When it was written (unix seconds).
+    pub created: f64,
+    /// When it went, or (live) now; never past its expiry.
+    pub ended: f64,
+    /// Bytes on disk.
+    pub bytes: u64,
+}
+
+impl CheckpointLife {
+    /// The life of `record` until `now` (or its expiry, if earlier); `None` for an ephemeral
+    /// checkpoint, which is not metered.
+    pub fn of(record: &CheckpointRecord, now: f64) -> Option<Self> {
+        if record.ephemeral {
+            return None;
         }
-        from = end;
+        let ended = now.min(record.expires_at.unwrap_or(f64::INFINITY));
+        Some(CheckpointLife {
+            tenant: record.tenant.clone(),
+            source: record.model_id.clone(),
+            created: record.created,
+            ended: ended.max(record.created),
+            bytes: record.size_bytes,
+        })
     }
-    rows
+
+    /// What it metered within `span` (unix seconds): one creation if it was written within
+    /// `span`, and its byte-hours of each hour of its life inside `span`.
+    pub fn usage(&self, span: Range<f64>) -> Vec<UsageRow> {
+        let row = |hour, kind, amount| UsageRow {
+            tenant: self.tenant.clone(),
+            hour,
+            source: self.source.clone(),
+            kind,
+            amount,
+        };
+        let mut rows = Vec::new();
+        if span.contains(&self.created) {
+            rows.push(row(hour_of(self.created), UsageKind::Checkpoint, 1.0));
+        }
+        let (mut from, to) = (self.created.max(span.start), self.ended.min(span.end));
+        while from < to {
+            let hour = hour_of(from);
+            let end = (((hour + 1) as f64) * HOUR_SECONDS).min(to);
+            let held = self.bytes as f64 * (end - from) / HOUR_SECONDS;
+            if held > 0.0 {
+                rows.push(row(hour, UsageKind::Storage, held));
+            }
+            from = end;
+        }
+        rows
+    }
 }
 
 /// `rows` with the amounts of equal (tenant, hour, source, kind) summed, ordered by those.
@@ -199,7 +231,8 @@ mod tests {
         // Written 30 minutes into hour 10, held until 15 minutes into hour 12.
         let created = 10.5 * HOUR_SECONDS;
         let until = 12.25 * HOUR_SECONDS;
-        let rows = checkpoint_usage(&record(created, 1000, false), until, f64::MIN..f64::MAX);
+        let life = |ephemeral| CheckpointLife::of(&record(created, 1000, ephemeral), until);
+        let rows = life(false).unwrap().usage(f64::MIN..f64::MAX);
         let of = |kind| {
             rows.iter()
                 .filter(|r| r.kind == kind)
@@ -212,16 +245,26 @@ mod tests {
             vec![(10, 500.0), (11, 1000.0), (12, 250.0)]
         );
         // A window starting at hour 11 sees neither the creation nor hour 10.
-        let rows = checkpoint_usage(
-            &record(created, 1000, false),
-            until,
-            11.0 * HOUR_SECONDS..12.0 * HOUR_SECONDS,
-        );
+        let rows = life(false)
+            .unwrap()
+            .usage(11.0 * HOUR_SECONDS..12.0 * HOUR_SECONDS);
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].hour, rows[0].amount), (11, 1000.0));
         assert!(
-            checkpoint_usage(&record(created, 1000, true), until, f64::MIN..f64::MAX).is_empty()
+            life(true).is_none(),
+            "ephemeral checkpoints are not metered"
         );
+        // Storage stops at expiry, however late the reaper (or a restart) deletes it.
+        let mut expiring = record(created, 1000, false);
+        expiring.expires_at = Some(11.0 * HOUR_SECONDS);
+        let held: f64 = CheckpointLife::of(&expiring, 100.0 * HOUR_SECONDS)
+            .unwrap()
+            .usage(f64::MIN..f64::MAX)
+            .iter()
+            .filter(|r| r.kind == UsageKind::Storage)
+            .map(|r| r.amount)
+            .sum();
+        assert_eq!(held, 500.0);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use time::format_description::well_known::{Iso8601, Rfc3339};
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 use super::*;
 use crate::responses::{
@@ -32,10 +32,16 @@ pub(super) struct UsageWindow {
     ending_before: Option<String>,
 }
 
-/// An RFC 3339 time on a UTC hour boundary, as unix seconds; errors name `field`.
+/// An RFC 3339 time on a UTC hour boundary, as unix seconds; one without an offset (what the
+/// SDK sends for a naive `datetime`) is UTC. Errors name `field`.
 fn hour_boundary(field: &str, text: Option<&str>) -> ApiResult<f64> {
     let text = text.ok_or_else(|| ApiError::invalid(field, "is required (RFC 3339)"))?;
     let time = OffsetDateTime::parse(text, &Rfc3339)
+        .or_else(|e| {
+            PrimitiveDateTime::parse(text, &Iso8601::DEFAULT)
+                .map(PrimitiveDateTime::assume_utc)
+                .map_err(|_| e)
+        })
         .map_err(|e| ApiError::invalid(field, format!("not an RFC 3339 time: {e}")))?;
     let unix = time.unix_timestamp();
     if time.nanosecond() != 0 || unix.rem_euclid(3600) != 0 {
@@ -48,8 +54,13 @@ fn hour_boundary(field: &str, text: Option<&str>) -> ApiResult<f64> {
 }
 
 /// The session a run or sampling session id belongs to: runs are `{session}:train:{n}`,
-/// sampling sessions `{session}:sample:...` or `{run}:sample:...`.
+/// sampling sessions `{session}:sample:...` or `{run}:sample:...`. Sampling sessions made
+/// without one (`direct:{checkpoint path}` for `/api/v1/sample`, which may name another
+/// tenant's published checkpoint) belong to none.
 fn session_of(id: &str) -> Option<&str> {
+    if id.starts_with("direct:") {
+        return None;
+    }
     let cut = [":train:", ":sample:"]
         .iter()
         .filter_map(|marker| id.find(marker))
@@ -57,11 +68,16 @@ fn session_of(id: &str) -> Option<&str> {
     Some(&id[..cut])
 }
 
-/// The project of a session, when the session is known.
-fn project_of_session(state: &AppState, session: Option<&str>) -> Option<String> {
-    session
-        .and_then(|id| state.sessions.get(id))
-        .map(|s| project_of(&s).to_string())
+/// The session `id` when it is `tenant`'s.
+fn own_session(state: &AppState, tenant: &str, id: Option<&str>) -> Option<crate::state::Session> {
+    id.and_then(|id| state.sessions.get(id))
+        .filter(|s| s.tenant == tenant)
+        .map(|s| s.clone())
+}
+
+/// The project of `tenant`'s session `id`, when the session is known.
+fn project_of_session(state: &AppState, tenant: &str, id: Option<&str>) -> Option<String> {
+    own_session(state, tenant, id).map(|s| project_of(&s).to_string())
 }
 
 /// `GET /api/v1/billing/usage/events?starting_on&ending_before`: the caller's usage in hourly
@@ -113,7 +129,7 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
         .into_iter()
         .map(|((hour, kind, session), amount)| {
             if let Some(id) = &session {
-                if let Some(s) = state.sessions.get(id) {
+                if let Some(s) = own_session(state, tenant, Some(id)) {
                     sessions.insert(
                         id.clone(),
                         BillingUsageSession {
@@ -122,6 +138,11 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
                     );
                 }
             }
+            // The quantity the event reports, which orders events within an hour.
+            let quantity = match kind {
+                UsageKind::Storage => amount / GIGABYTE,
+                _ => amount.round(),
+            };
             let bucket_start = hour as f64 * HOUR_SECONDS;
             let event_info = match kind {
                 UsageKind::Training | UsageKind::SamplingSample => {
@@ -143,17 +164,17 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
                 base_model: Some(base_model.clone()),
                 user_id: Some(tenant.to_string()),
                 user_name: Some(tenant.to_string()),
-                project_id: project_of_session(state, session.as_deref()),
+                project_id: project_of_session(state, tenant, session.as_deref()),
                 session_id: session,
                 estimated_cost_usd: None,
                 effective_rate_usd_per_million_tokens: None,
                 effective_rate_usd_per_gigabyte_month: None,
                 event_info,
             };
-            (hour, amount, event)
+            (hour, quantity, event)
         })
         .collect();
-    // By bucket, then largest first.
+    // By bucket, then largest quantity first.
     data.sort_by(|(h, a, _), (k, b, _)| h.cmp(k).then(b.total_cmp(a)));
     BillingUsage {
         data: data.into_iter().map(|(_, _, event)| event).collect(),
@@ -178,7 +199,7 @@ pub(super) async fn checkpoint_storage(
 ) -> Json<StorageUsage> {
     let mut projects: BTreeMap<Option<String>, (usize, u64)> = BTreeMap::new();
     for c in state.engine.registry().checkpoints_of(&tenant, None) {
-        let project = project_of_session(&state, session_of(&c.model_id));
+        let project = project_of_session(&state, &tenant, session_of(&c.model_id));
         if query.project_id.is_some() && project != query.project_id {
             continue;
         }
@@ -216,6 +237,11 @@ mod tests {
             hour_boundary("starting_on", Some("2026-07-13T00:00:00Z")).unwrap(),
             1_783_900_800.0
         );
+        // A time without an offset (a naive `datetime`) is UTC.
+        assert_eq!(
+            hour_boundary("starting_on", Some("2026-07-13T00:00:00")).unwrap(),
+            1_783_900_800.0
+        );
         // Another offset on an hour boundary of UTC is accepted.
         assert_eq!(
             hour_boundary("starting_on", Some("2026-07-13T02:00:00+02:00")).unwrap(),
@@ -239,5 +265,9 @@ mod tests {
         assert_eq!(session_of("s1:sample:3"), Some("s1"));
         assert_eq!(session_of("s1:train:0:sample:2"), Some("s1"));
         assert_eq!(session_of("loose"), None);
+        assert_eq!(
+            session_of("direct:tinker://s1:train:0/sampler_weights/w"),
+            None
+        );
     }
 }
