@@ -26,7 +26,7 @@ use crate::job::{
 };
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
-use crate::store::{SampleRow, SqliteStore, Store};
+use crate::store::SampleRow;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -190,9 +190,6 @@ struct Inner {
     /// (per tenant, overall) run limits, 0 = unlimited.
     run_limits: (usize, usize),
     workers: Mutex<Vec<JoinHandle<()>>>,
-    /// Where sampled sequences are recorded for `stable_reinforce`: the durable store, or an
-    /// in-memory one when the registry has none.
-    samples: Arc<dyn Store>,
     /// `max_recorded_samples_per_tenant`.
     max_recorded_samples: usize,
     /// Records, per queue, the order jobs were admitted and started in (tests of ordering).
@@ -272,15 +269,9 @@ impl Engine {
         backends: Vec<Box<dyn Backend>>,
         record: bool,
     ) -> Engine {
-        let (futures, samples): (FutureStore, Arc<dyn Store>) = match registry.store() {
-            Some(store) => (
-                FutureStore::durable(config.future_ttl, store.clone()),
-                store.clone(),
-            ),
-            None => (
-                FutureStore::new(config.future_ttl),
-                Arc::new(SqliteStore::in_memory().expect("an in-memory SQLite database")),
-            ),
+        let futures = match registry.store() {
+            Some(store) => FutureStore::durable(config.future_ttl, store.clone()),
+            None => FutureStore::new(config.future_ttl),
         };
         registry.set_checkpoint_limits(
             config.limits.max_checkpoints_per_tenant,
@@ -288,7 +279,6 @@ impl Engine {
         );
         let inner = Arc::new(Inner {
             sched: Mutex::new(SchedState::new(config.limits)),
-            samples,
             max_recorded_samples: config.max_recorded_samples_per_tenant,
             wake: Condvar::new(),
             futures,
@@ -345,7 +335,8 @@ impl Engine {
     ) -> Result<HashMap<String, SampleRow>> {
         Ok(self
             .inner
-            .samples
+            .registry
+            .db()
             .use_samples(tenant, ids, unix_now())?
             .into_iter()
             .map(|row| (row.id.clone(), row))
@@ -872,7 +863,7 @@ fn meter(inner: &Inner, job: &Job, out: &Output) {
     if rows.is_empty() {
         return;
     }
-    if let Err(e) = inner.registry.meter().add_usage(&rows) {
+    if let Err(e) = inner.registry.db().add_usage(&rows) {
         tracing::warn!(request_id = %job.id, error = %e, "cannot meter a job's usage");
     }
 }
@@ -907,7 +898,7 @@ fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
             used: now,
         })
         .collect();
-    inner.samples.put_samples(job.queue.tenant(), &rows)?;
+    inner.registry.db().put_samples(job.queue.tenant(), &rows)?;
     Ok(out)
 }
 
@@ -937,7 +928,8 @@ fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
             if round % PURGE_SAMPLES_EVERY == 0 {
                 let expired = now - RECORDED_SAMPLE_TTL.as_secs_f64();
                 if let Err(e) = inner
-                    .samples
+                    .registry
+                    .db()
                     .purge_samples(expired, inner.max_recorded_samples)
                 {
                     tracing::warn!(error = %e, "could not forget recorded samples");

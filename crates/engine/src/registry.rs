@@ -286,9 +286,9 @@ pub struct Registry {
     samplers: DashMap<SamplerKey, Arc<SamplerEntry>>,
     checkpoints: DashMap<(String, String), CheckpointRecord>,
     durable: Option<Arc<dyn Store>>,
-    /// Where checkpoint records and metered usage go: the durable store, or a private
-    /// in-memory one.
-    meter: Arc<dyn Store>,
+    /// The database: the durable store, or a private in-memory one. Checkpoint rows, metered
+    /// usage and recorded samples go here.
+    db: Arc<dyn Store>,
     /// Sampling sessions one tenant may hold (0 = no limit).
     max_samplers_per_tenant: std::sync::atomic::AtomicUsize,
     /// Listed checkpoints one tenant may hold, and their bytes (0 = no limit).
@@ -364,7 +364,7 @@ impl Registry {
             samplers: DashMap::new(),
             checkpoints: DashMap::new(),
             durable: None,
-            meter: Arc::new(
+            db: Arc::new(
                 crate::store::SqliteStore::in_memory().expect("an in-memory SQLite database"),
             ),
             max_samplers_per_tenant: std::sync::atomic::AtomicUsize::new(0),
@@ -474,7 +474,7 @@ impl Registry {
     pub fn durable(data_dir: PathBuf, store: Arc<dyn Store>) -> Result<Self> {
         let registry = Registry {
             durable: Some(store.clone()),
-            meter: store.clone(),
+            db: store.clone(),
             ..Registry::new(data_dir)
         };
         for row in store.checkpoints()? {
@@ -525,9 +525,10 @@ impl Registry {
         self.durable.as_ref()
     }
 
-    /// Where metered usage is written (see [`crate::usage`]).
-    pub fn meter(&self) -> &Arc<dyn Store> {
-        &self.meter
+    /// The database (the durable store, or the private in-memory one): where metered usage
+    /// (see [`crate::usage`]) and recorded samples are written.
+    pub fn db(&self) -> &Arc<dyn Store> {
+        &self.db
     }
 
     /// The tenant's metered usage within `span` (unix seconds; whole hours): its jobs' usage,
@@ -536,9 +537,9 @@ impl Registry {
     /// answer (never counted twice).
     pub fn metered_usage(&self, tenant: &str, span: Range<f64>, now: f64) -> Result<Vec<UsageRow>> {
         let mut rows = self
-            .meter
+            .db
             .usage(tenant, hour_of(span.start)..hour_of(span.end))?;
-        for life in self.meter.checkpoint_lives(tenant, span.clone())? {
+        for life in self.db.checkpoint_lives(tenant, span.clone())? {
             rows.extend(life.usage(span.clone()));
         }
         for record in self.checkpoints.iter().filter(|r| r.tenant == tenant) {
@@ -1018,21 +1019,8 @@ impl Registry {
 
     /// Records a checkpoint just saved; one saved over a published checkpoint stays published
     /// (decided under the record's map entry, so a concurrent unpublish is not undone).
-    pub fn add_saved_checkpoint(&self, mut record: CheckpointRecord) -> Result<()> {
-        let key = (record.tenant.clone(), record.path.clone());
-        match self.checkpoints.entry(key) {
-            dashmap::mapref::entry::Entry::Occupied(mut slot) => {
-                record.public = slot.get().public;
-                let replaced = CheckpointLife::of(slot.get(), unix_now());
-                self.store_checkpoint(&record, replaced.as_ref())?;
-                slot.insert(record);
-            }
-            dashmap::mapref::entry::Entry::Vacant(slot) => {
-                self.store_checkpoint(&record, None)?;
-                slot.insert(record);
-            }
-        }
-        Ok(())
+    pub fn add_saved_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
+        self.insert_checkpoint(record, true)
     }
 
     /// Deletes every checkpoint whose expiry is at or before `now` (unix seconds); returns how
@@ -1113,8 +1101,7 @@ impl Registry {
             .join(name)
     }
 
-    /// Writes a checkpoint's row (when the registry keeps a store).
-    /// Stores `record`, with the life of the checkpoint it replaces (in one transaction).
+    /// Stores `record`'s row, with the life of the checkpoint it replaces (in one transaction).
     fn store_checkpoint(
         &self,
         record: &CheckpointRecord,
@@ -1125,14 +1112,23 @@ impl Registry {
             path: record.path.clone(),
             record_json: to_json(record),
         };
-        self.meter.put_checkpoint(&row, replaced)
+        self.db.put_checkpoint(&row, replaced)
     }
 
     /// Records a written checkpoint (replacing one with the same path).
     pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
+        self.insert_checkpoint(record, false)
+    }
+
+    /// Stores and records `record`, under its map entry; one it replaces keeps its `public`
+    /// flag when `keep_public`, and its life is stored with the new row.
+    fn insert_checkpoint(&self, mut record: CheckpointRecord, keep_public: bool) -> Result<()> {
         let key = (record.tenant.clone(), record.path.clone());
         match self.checkpoints.entry(key) {
             dashmap::mapref::entry::Entry::Occupied(mut slot) => {
+                if keep_public {
+                    record.public = slot.get().public;
+                }
                 let replaced = CheckpointLife::of(slot.get(), unix_now());
                 self.store_checkpoint(&record, replaced.as_ref())?;
                 slot.insert(record);
@@ -1232,7 +1228,7 @@ impl Registry {
                 id: path.to_string(),
             })?;
         let ended = CheckpointLife::of(&record, unix_now());
-        if let Err(e) = self.meter.delete_checkpoint(tenant, path, ended.as_ref()) {
+        if let Err(e) = self.db.delete_checkpoint(tenant, path, ended.as_ref()) {
             self.checkpoints.insert(key, record);
             return Err(e);
         }

@@ -8,9 +8,9 @@
 //! bytes for every second it exists, up to its expiry (`storage`, in byte-hours): a live
 //! checkpoint's share is computed from its record when asked; a deleted or replaced one's life
 //! ([`CheckpointLife`], one row) is written in the transaction that deletes or replaces its
-//! record, and split into hours when asked. Ephemeral checkpoints (one sampling client's weights, not listed, not in the
-//! quota) are not metered. Rows are keyed by the run or sampling session they came from, so
-//! the API layer attributes them to sessions and projects.
+//! record, and split into hours when asked. Ephemeral checkpoints (one sampling client's
+//! weights, not listed, not in the quota) are not metered. Rows are keyed by the run or sampling
+//! session they came from, so the API layer attributes them to sessions and projects.
 
 use std::ops::Range;
 

@@ -8,7 +8,7 @@
 
 use loraloom_engine::registry::{unix_now, ModelEntry};
 
-use super::sessions::session_of_run;
+use super::sessions::{own_session, session_of};
 use super::*;
 
 /// Whether `run` is abandoned at `now` (unix seconds): no job of it waits or runs, and its
@@ -25,9 +25,8 @@ fn abandoned(state: &AppState, run: &ModelEntry, now: f64) -> bool {
             silent >= timeout && now - run.last_access() >= timeout
         })
     };
-    let session = session_of_run(&run.key.model_id)
-        .and_then(|id| state.sessions.get(id))
-        .filter(|s| s.tenant == run.key.tenant)
+    let session = session_of(&run.key.model_id)
+        .and_then(|id| own_session(state, &run.key.tenant, id))
         .map(|s| (s.details.finished.is_some(), s.silent_for()));
     let gone = match session {
         Some((finished, silent)) => finished || timed_out(silent),

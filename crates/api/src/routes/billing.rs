@@ -53,31 +53,10 @@ fn hour_boundary(field: &str, text: Option<&str>) -> ApiResult<f64> {
     Ok(unix as f64)
 }
 
-/// The session a run or sampling session id belongs to: runs are `{session}:train:{n}`,
-/// sampling sessions `{session}:sample:...` or `{run}:sample:...`. Sampling sessions made
-/// without one (`direct:{checkpoint path}` for `/api/v1/sample`, which may name another
-/// tenant's published checkpoint) belong to none.
-fn session_of(id: &str) -> Option<&str> {
-    if id.starts_with("direct:") {
-        return None;
-    }
-    let cut = [":train:", ":sample:"]
-        .iter()
-        .filter_map(|marker| id.find(marker))
-        .min()?;
-    Some(&id[..cut])
-}
-
-/// The session `id` when it is `tenant`'s.
-fn own_session(state: &AppState, tenant: &str, id: Option<&str>) -> Option<crate::state::Session> {
-    id.and_then(|id| state.sessions.get(id))
-        .filter(|s| s.tenant == tenant)
-        .map(|s| s.clone())
-}
-
 /// The project of `tenant`'s session `id`, when the session is known.
 fn project_of_session(state: &AppState, tenant: &str, id: Option<&str>) -> Option<String> {
-    own_session(state, tenant, id).map(|s| project_of(&s).to_string())
+    id.and_then(|id| own_session(state, tenant, id))
+        .map(|s| project_of(&s).to_string())
 }
 
 /// `GET /api/v1/billing/usage/events?starting_on&ending_before`: the caller's usage in hourly
@@ -128,17 +107,18 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
     let mut data: Vec<(i64, f64, BillingUsageEvent)> = buckets
         .into_iter()
         .map(|((hour, kind, session), amount)| {
-            if let Some(id) = &session {
-                if let Some(s) = own_session(state, tenant, Some(id)) {
-                    sessions.insert(
-                        id.clone(),
-                        BillingUsageSession {
-                            user_metadata: metadata_strings(&s.details),
-                        },
-                    );
-                }
+            let owned = session
+                .as_deref()
+                .and_then(|id| own_session(state, tenant, id));
+            if let (Some(id), Some(s)) = (&session, &owned) {
+                sessions.insert(
+                    id.clone(),
+                    BillingUsageSession {
+                        user_metadata: metadata_strings(&s.details),
+                    },
+                );
             }
-            // The quantity the event reports, which orders events within an hour.
+            // The quantity the event reports, which also orders events within an hour.
             let quantity = match kind {
                 UsageKind::Storage => amount / GIGABYTE,
                 _ => amount.round(),
@@ -146,16 +126,14 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
             let bucket_start = hour as f64 * HOUR_SECONDS;
             let event_info = match kind {
                 UsageKind::Training | UsageKind::SamplingSample => {
-                    json!({"type": kind.as_str(), "token_count": amount.round() as u64})
+                    json!({"type": kind.as_str(), "token_count": quantity as u64})
                 }
                 UsageKind::SamplingPrefill => {
-                    json!({"type": kind.as_str(), "cached": false, "token_count": amount.round() as u64})
+                    json!({"type": kind.as_str(), "cached": false, "token_count": quantity as u64})
                 }
-                UsageKind::Checkpoint => {
-                    json!({"type": kind.as_str(), "count": amount.round() as u64})
-                }
+                UsageKind::Checkpoint => json!({"type": kind.as_str(), "count": quantity as u64}),
                 UsageKind::Storage => {
-                    json!({"type": kind.as_str(), "free": false, "gigabyte_hours": amount / GIGABYTE})
+                    json!({"type": kind.as_str(), "free": false, "gigabyte_hours": quantity})
                 }
             };
             let event = BillingUsageEvent {
@@ -164,7 +142,7 @@ fn usage_response(state: &AppState, tenant: &str, rows: Vec<UsageRow>) -> Billin
                 base_model: Some(base_model.clone()),
                 user_id: Some(tenant.to_string()),
                 user_name: Some(tenant.to_string()),
-                project_id: project_of_session(state, tenant, session.as_deref()),
+                project_id: owned.map(|s| project_of(&s).to_string()),
                 session_id: session,
                 estimated_cost_usd: None,
                 effective_rate_usd_per_million_tokens: None,
@@ -257,17 +235,5 @@ mod tests {
             let err = hour_boundary("starting_on", bad).unwrap_err();
             assert!(err.to_string().contains("starting_on"), "{err}");
         }
-    }
-
-    #[test]
-    fn runs_and_sampling_sessions_belong_to_their_session() {
-        assert_eq!(session_of("s1:train:0"), Some("s1"));
-        assert_eq!(session_of("s1:sample:3"), Some("s1"));
-        assert_eq!(session_of("s1:train:0:sample:2"), Some("s1"));
-        assert_eq!(session_of("loose"), None);
-        assert_eq!(
-            session_of("direct:tinker://s1:train:0/sampler_weights/w"),
-            None
-        );
     }
 }

@@ -311,7 +311,7 @@ pub(super) async fn list_runs(
     if let Some(project) = &page.project_id {
         // A run belongs to its session's project.
         runs.retain(|e| {
-            session_of_run(&e.key.model_id)
+            session_of(&e.key.model_id)
                 .and_then(|id| state.sessions.get(id))
                 .is_some_and(|s| project_of(&s) == project)
         });

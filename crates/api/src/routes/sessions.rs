@@ -348,9 +348,28 @@ pub(super) fn belongs_to(child_id: &str, id: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(':'))
 }
 
-/// The session a run belongs to (its id's prefix).
-pub(super) fn session_of_run(model_id: &str) -> Option<&str> {
-    model_id.split_once(":train:").map(|(session, _)| session)
+/// The session a run or sampling session id belongs to: runs are `{session}:train:{n}`,
+/// sampling sessions `{session}:sample:...` or `{run}:sample:...`. Sampling sessions made
+/// without one (`direct:{checkpoint path}` for `/api/v1/sample`, which may name another
+/// tenant's published checkpoint) belong to none.
+pub(super) fn session_of(id: &str) -> Option<&str> {
+    if id.starts_with("direct:") {
+        return None;
+    }
+    let cut = [":train:", ":sample:"]
+        .iter()
+        .filter_map(|marker| id.find(marker))
+        .min()?;
+    Some(&id[..cut])
+}
+
+/// The session `id` when it is `tenant`'s.
+pub(super) fn own_session(state: &AppState, tenant: &str, id: &str) -> Option<Session> {
+    state
+        .sessions
+        .get(id)
+        .filter(|s| s.tenant == tenant)
+        .map(|s| s.clone())
 }
 
 /// The project of a session.
@@ -705,4 +724,21 @@ pub(super) fn session_trace(state: &AppState, tenant: &str, id: &str) -> Value {
         })
     }));
     json!({"traceEvents": events, "displayTimeUnit": "ms"})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_sampling_sessions_belong_to_their_session() {
+        assert_eq!(session_of("s1:train:0"), Some("s1"));
+        assert_eq!(session_of("s1:sample:3"), Some("s1"));
+        assert_eq!(session_of("s1:train:0:sample:2"), Some("s1"));
+        assert_eq!(session_of("loose"), None);
+        assert_eq!(
+            session_of("direct:tinker://s1:train:0/sampler_weights/w"),
+            None
+        );
+    }
 }
