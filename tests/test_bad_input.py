@@ -167,11 +167,21 @@ CASES = {
     "stable_reinforce_without_provenance": lambda s, run: (
         post(s, "/api/v1/forward_backward", fb_with(run["model_id"], "stable_reinforce")),
         400, ["data[0].loss_fn_input_spans", "record_stability_info"]),
-    "server_side_custom_loss": lambda s, run: (
+    "custom_loss_id_not_a_string": lambda s, run: (
         post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
                                                  forward_backward_input={"loss_fn": "custom", "data": [],
                                                                          "loss_fn_config": {"loss_id": 1}})),
-        400, ["loss_fn", "forward_backward_custom"]),
+        400, ["loss_fn_config.loss_id", "create_custom_loss"]),
+    "custom_loss_unknown": lambda s, run: (
+        post(s, "/api/v1/forward_backward", dict(fb_body(run["model_id"], [1, 2], [2, 3], [1.0, 1.0]),
+                                                 forward_backward_input={"loss_fn": "custom", "data": [],
+                                                                         "loss_fn_config": {"loss_id": "s:loss:7"}})),
+        404, ["custom loss", "s:loss:7"]),
+    "custom_loss_bad_graph": lambda s, run: (
+        post(s, "/api/v1/create_custom_loss", {"session_id": run["session"], "custom_loss_seq_id": 0,
+                                               "name": "l", "inputs": [{"name": "logprobs", "rank": 1}],
+                                               "graph": {"format": 2, "nodes": []}}),
+        400, ["graph.format"]),
     "sample_top_k_too_wide": lambda s, run: (
         post(s, "/api/v1/asample", {"base_model": MODEL_NAME, "num_samples": 1, "topk_sample_logprobs": 500,
                                     "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

@@ -385,6 +385,7 @@ mod tests {
                 recorded: None,
                 targets_per_position: None,
             },
+            custom: None,
         }
     }
 

@@ -59,11 +59,22 @@ pub fn forward_backward_json(out: &RequestOutput) -> Value {
             json!({"logprobs": datum_tensor_json(&d.logprobs, k), "elementwise_loss": datum_tensor_json(&d.elementwise_loss, k)})
         })
         .collect();
+    let metrics: serde_json::Map<String, Value> = request_metrics(out)
+        .into_iter()
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
     json!({
         "loss_fn_output_type": "ArrayRecord",
         "loss_fn_outputs": outputs,
-        "metrics": {"loss:sum": out.loss_sum},
+        "metrics": metrics,
     })
+}
+
+/// A forward/backward request's metrics: `loss:sum`, and a custom loss's own.
+fn request_metrics(out: &RequestOutput) -> Vec<(String, f64)> {
+    std::iter::once(("loss:sum".to_string(), out.loss_sum))
+        .chain(out.metrics.iter().cloned())
+        .collect()
 }
 
 /// `ForwardBackwardOutput` as protobuf: one `ArrayRecord` per run of datums with the same
@@ -110,9 +121,7 @@ pub fn forward_backward_proto(out: &RequestOutput) -> Vec<u8> {
     let msg = proto::ForwardBackwardOutput {
         loss_fn_output_type: "ArrayRecord".into(),
         loss_fn_outputs: records,
-        metrics: [("loss:sum".to_string(), out.loss_sum)]
-            .into_iter()
-            .collect(),
+        metrics: request_metrics(out).into_iter().collect(),
     };
     msg.encode_to_vec()
 }
@@ -313,5 +322,6 @@ pub fn output_json(out: &Output) -> Value {
         Output::Loaded { path } => json!({"path": path}),
         Output::ForwardBackward(r) => forward_backward_json(r),
         Output::Sample(s) => sample_json(s),
+        Output::CustomLoss { loss_id } => json!({"loss_id": loss_id}),
     }
 }

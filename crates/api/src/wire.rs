@@ -2,10 +2,12 @@
 //! the SDK (`tinker/types/`); unknown fields are ignored, as the SDK adds some over time.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use loraloom_model::train::CustomInputs;
 use loraloom_model::{
-    AdamParams, CsrLayout, Datum, LossFn, LossInputs, SamplingParams, Stop,
-    MAX_TARGETS_PER_POSITION,
+    AdamParams, CsrLayout, CustomLoss, Datum, InputValues, LossFn, LossInputs, NamedInput,
+    SamplingParams, Stop, MAX_TARGETS_PER_POSITION,
 };
 use serde::{Deserialize, Serialize};
 
@@ -252,6 +254,33 @@ impl RawTensor {
         }
     }
 
+    /// A custom loss's input of declared `rank`: 0 (one value, sent with shape `[]` or none),
+    /// 1 (`[N]`) or 2 (`[N, K]`, one row per model input position).
+    fn named(self, field: &str, rank: u8) -> ApiResult<NamedInput> {
+        let len = self.values.len() as i64;
+        let shape = match (rank, self.columns) {
+            (0, None) if len == 1 => Vec::new(),
+            (1, None) => vec![len],
+            (2, Some(k)) => vec![len / k as i64, k as i64],
+            (_, columns) => {
+                let sent = match columns {
+                    Some(_) => "2".to_string(),
+                    None if len == 1 => "0 or 1".to_string(),
+                    None => "1".to_string(),
+                };
+                return Err(ApiError::invalid(
+                    field,
+                    format!("has rank {sent}, but the custom loss declared it with rank {rank}"),
+                ));
+            }
+        };
+        let values = match self.values {
+            Values::Int(v) => InputValues::Int(v),
+            Values::Float(v) => InputValues::Float(v),
+        };
+        Ok(NamedInput { shape, values })
+    }
+
     /// The values of a loss input that must be 1-D.
     fn floats_1d(self, field: &str) -> ApiResult<Vec<f32>> {
         if self.columns.is_some() {
@@ -416,11 +445,13 @@ pub fn proto_tensor(
     RawTensor::shaped(field, values, &t.shape, csr, rows, cells)
 }
 
-/// Builds datum `index` from its tokens and named loss inputs.
+/// Builds datum `index` from its tokens and named loss inputs; with a custom loss, its inputs
+/// are the ones the loss reads (others are ignored, as the SDK's client-side path ignores them).
 pub fn build_datum(
     index: usize,
     tokens: Vec<i64>,
     mut inputs: HashMap<String, RawTensor>,
+    custom: Option<&Arc<CustomLoss>>,
 ) -> ApiResult<Datum> {
     let field = |name: &str| format!("data[{index}].loss_fn_inputs.{name}");
     let targets = inputs
@@ -428,6 +459,35 @@ pub fn build_datum(
         .ok_or_else(|| ApiError::invalid(field("target_tokens"), "is required"))?;
     let targets_per_position = targets.columns;
     let target_tokens = targets.ints(&field("target_tokens"))?;
+    if let Some(loss) = custom {
+        let values = loss
+            .input_params()
+            .iter()
+            .map(|param| {
+                let f = field(&param.name);
+                let raw = inputs.remove(&param.name).ok_or_else(|| {
+                    ApiError::invalid(&f, format!("is required by custom loss `{}`", loss.name()))
+                })?;
+                raw.named(&f, param.rank)
+            })
+            .collect::<ApiResult<Vec<_>>>()?;
+        return Ok(Datum {
+            input_tokens: tokens,
+            loss_inputs: LossInputs {
+                target_tokens,
+                weights: None,
+                logprobs: None,
+                advantages: None,
+                sequence_ratio_mask: None,
+                recorded: None,
+                targets_per_position,
+            },
+            custom: Some(CustomInputs {
+                loss: loss.clone(),
+                inputs: values,
+            }),
+        });
+    }
     let weights =
         match inputs.remove("weights") {
             Some(w) if w.columns != targets_per_position => return Err(ApiError::invalid(
@@ -462,6 +522,7 @@ pub fn build_datum(
             recorded: None,
             targets_per_position,
         },
+        custom: None,
     })
 }
 
@@ -501,9 +562,65 @@ pub struct JsonForwardBackwardInput {
     pub data: Vec<JsonDatum>,
     /// Loss name.
     pub loss_fn: String,
-    /// Loss configuration.
+    /// Loss configuration: numbers, or (loss `custom`) the `loss_id` string.
     #[serde(default)]
-    pub loss_fn_config: Option<HashMap<String, f64>>,
+    pub loss_fn_config: Option<HashMap<String, JsonConfigValue>>,
+}
+
+/// A `loss_fn_config` value of a JSON request.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum JsonConfigValue {
+    /// A number.
+    Number(f64),
+    /// A string (`loss_id`).
+    Text(String),
+}
+
+/// Looks up the caller's custom loss by id (`loss_fn_config.loss_id`).
+pub type CustomLosses<'a> = &'a dyn Fn(&str) -> ApiResult<Arc<CustomLoss>>;
+
+/// The request's loss: a built-in one from its name and numbers, or (`custom`) the caller's
+/// custom loss named by the one string `loss_id` (then the built-in loss is ignored).
+fn request_loss(
+    name: &str,
+    config: Vec<(String, proto::ConfigValue)>,
+    custom: CustomLosses,
+) -> ApiResult<(LossFn, Option<Arc<CustomLoss>>)> {
+    if name == "custom" {
+        let mut loss_id = None;
+        for (k, v) in config {
+            match (k.as_str(), v) {
+                ("loss_id", proto::ConfigValue::Text(id)) => loss_id = Some(id),
+                _ => {
+                    return Err(ApiError::invalid(
+                        format!("loss_fn_config.{k}"),
+                        "loss `custom` takes one config value, the string `loss_id` of a loss made by create_custom_loss",
+                    ))
+                }
+            }
+        }
+        let id = loss_id.ok_or_else(|| {
+            ApiError::invalid(
+                "loss_fn_config.loss_id",
+                "is required by loss `custom` (the id create_custom_loss answered)",
+            )
+        })?;
+        return Ok((LossFn::CrossEntropy, Some(custom(&id)?)));
+    }
+    let mut numbers: Vec<(String, f64)> = Vec::new();
+    for (k, v) in config {
+        match v {
+            proto::ConfigValue::Number(x) => numbers.push((k, x)),
+            proto::ConfigValue::Text(_) => {
+                return Err(ApiError::invalid(
+                    format!("loss_fn_config.{k}"),
+                    "must be a number",
+                ))
+            }
+        }
+    }
+    Ok((LossFn::from_name(name, &numbers).map_err(to_api)?, None))
 }
 
 /// A parsed forward_backward request.
@@ -522,15 +639,18 @@ pub struct TrainInput {
 
 impl JsonForwardBackwardRequest {
     /// Validates into engine types.
-    pub fn into_input(self, force_forward: bool) -> ApiResult<TrainInput> {
+    pub fn into_input(self, force_forward: bool, custom: CustomLosses) -> ApiResult<TrainInput> {
         let input = self.forward_backward_input;
-        refuse_server_side_custom(&input.loss_fn)?;
-        let config: Vec<(String, f64)> = input
+        let config = input
             .loss_fn_config
             .unwrap_or_default()
             .into_iter()
+            .map(|(k, v)| match v {
+                JsonConfigValue::Number(x) => (k, proto::ConfigValue::Number(x)),
+                JsonConfigValue::Text(t) => (k, proto::ConfigValue::Text(t)),
+            })
             .collect();
-        let loss = LossFn::from_name(&input.loss_fn, &config).map_err(to_api)?;
+        let (loss, custom) = request_loss(&input.loss_fn, config, custom)?;
         let mut data = Vec::with_capacity(input.data.len());
         let mut spans = Vec::with_capacity(input.data.len());
         let mut cells = MAX_REQUEST_TARGET_CELLS;
@@ -541,7 +661,7 @@ impl JsonForwardBackwardRequest {
                 let f = format!("data[{i}].loss_fn_inputs.{name}");
                 raw.insert(name, t.into_raw(&f, tokens.len(), &mut cells)?);
             }
-            let datum = build_datum(i, tokens, raw)?;
+            let datum = build_datum(i, tokens, raw, custom.as_ref())?;
             let model_input = provenance::from_json(
                 &format!("data[{i}].model_input_spans"),
                 d.model_input_spans.unwrap_or_default(),
@@ -563,39 +683,29 @@ impl JsonForwardBackwardRequest {
     }
 }
 
-/// Refuses the SDK's server-side custom losses (`create_custom_loss`): the client config tells
-/// the SDK this server has none, so `forward_backward_custom` computes them on the client.
-fn refuse_server_side_custom(loss_fn: &str) -> ApiResult<()> {
-    if loss_fn == "custom" {
-        return Err(ApiError::invalid(
-            "loss_fn",
-            "server-side custom losses (create_custom_loss) are not available on this server; forward_backward_custom computes the loss on the client",
-        ));
-    }
-    Ok(())
-}
-
 /// Converts the SDK's protobuf request.
-pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainInput> {
-    refuse_server_side_custom(&req.loss_fn)?;
-    let mut config: Vec<(String, f64)> = Vec::new();
+pub fn proto_train_input(
+    req: proto::ForwardBackwardRequest,
+    custom: CustomLosses,
+) -> ApiResult<TrainInput> {
+    let mut config: Vec<(String, proto::ConfigValue)> = Vec::new();
     for (k, v) in req.loss_fn_config_v2 {
         match v.value {
-            Some(proto::ConfigValue::Number(x)) => config.push((k, x)),
-            Some(proto::ConfigValue::Text(_)) | None => {
+            Some(value) => config.push((k, value)),
+            None => {
                 return Err(ApiError::invalid(
                     format!("loss_fn_config.{k}"),
-                    "must be a number",
+                    "has no value",
                 ))
             }
         }
     }
     for (k, v) in req.loss_fn_config {
         if !config.iter().any(|(c, _)| *c == k) {
-            config.push((k, v));
+            config.push((k, proto::ConfigValue::Number(v)));
         }
     }
-    let loss = LossFn::from_name(&req.loss_fn, &config).map_err(to_api)?;
+    let (loss, custom) = request_loss(&req.loss_fn, config, custom)?;
     let mut data = Vec::with_capacity(req.data.len());
     let mut spans = Vec::with_capacity(req.data.len());
     let mut cells = MAX_REQUEST_TARGET_CELLS;
@@ -627,7 +737,7 @@ pub fn proto_train_input(req: proto::ForwardBackwardRequest) -> ApiResult<TrainI
             let f = format!("data[{i}].loss_fn_inputs.{name}");
             raw.insert(name, proto_tensor(&f, t, tokens.len(), &mut cells)?);
         }
-        let datum = build_datum(i, tokens, raw)?;
+        let datum = build_datum(i, tokens, raw, custom.as_ref())?;
         let model_input =
             provenance::from_proto(&format!("data[{i}].model_input_spans"), d.model_input_spans)?;
         let targets = provenance::from_proto(

@@ -8,6 +8,16 @@ use loraloom_api::wire::{proto_train_input, JsonForwardBackwardRequest};
 use loraloom_model::rng::SplitMix64;
 use prost::Message;
 
+/// No custom losses exist in these tests.
+fn no_custom(
+    id: &str,
+) -> loraloom_api::error::ApiResult<std::sync::Arc<loraloom_model::CustomLoss>> {
+    Err(loraloom_api::error::ApiError::invalid(
+        "loss_fn_config.loss_id",
+        format!("no loss {id}"),
+    ))
+}
+
 fn cases() -> usize {
     std::env::var("LORALOOM_FUZZ_CASES")
         .ok()
@@ -93,20 +103,20 @@ fn mutate(rng: &mut SplitMix64, base: &[u8]) -> Vec<u8> {
 
 fn exercise(bytes: &[u8]) {
     if let Ok(req) = ForwardBackwardRequest::decode(bytes) {
-        let _ = proto_train_input(req);
+        let _ = proto_train_input(req, &no_custom);
     }
     if let Ok(req) = parse_json::<JsonForwardBackwardRequest>(bytes) {
-        let _ = req.into_input(false);
+        let _ = req.into_input(false, &no_custom);
     }
 }
 
 #[test]
 fn the_valid_seeds_decode() {
     let json = parse_json::<JsonForwardBackwardRequest>(VALID_JSON.as_bytes()).unwrap();
-    let input = json.into_input(false).unwrap();
+    let input = json.into_input(false, &no_custom).unwrap();
     assert_eq!(input.data[0].input_tokens, vec![1, 2, 3]);
     let proto = ForwardBackwardRequest::decode(valid_proto().as_slice()).unwrap();
-    let input = proto_train_input(proto).unwrap();
+    let input = proto_train_input(proto, &no_custom).unwrap();
     assert_eq!(input.data[0].loss_inputs.target_tokens, vec![2, 3, 4]);
     let spans = input.provenance[0].as_ref().expect("the spans decode");
     assert_eq!((spans.model_input.len(), spans.targets.len()), (2, 2));

@@ -47,6 +47,7 @@ fn datum(seed: usize, len: usize, vocab: i64) -> Datum {
             recorded: None,
             targets_per_position: None,
         },
+        custom: None,
     }
 }
 

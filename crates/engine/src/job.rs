@@ -277,6 +277,11 @@ pub enum Output {
     },
     /// Generated sequences.
     Sample(SampleOutput),
+    /// A custom loss was created (`create_custom_loss`).
+    CustomLoss {
+        /// Its id, for `forward_backward`'s `loss_fn_config.loss_id`.
+        loss_id: String,
+    },
 }
 
 /// A queued job.

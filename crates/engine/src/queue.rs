@@ -839,6 +839,7 @@ mod tests {
                     recorded: None,
                     targets_per_position: None,
                 },
+                custom: None,
             }],
             loss: loraloom_model::LossFn::CrossEntropy,
             backward: true,

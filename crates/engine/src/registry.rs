@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use loraloom_model::{AdamState, LoraAdapter, LoraSpec};
+use loraloom_model::{AdamState, CustomLoss, LoraAdapter, LoraSpec, LossParam};
 
 use crate::error::{EngineError, Result};
 use crate::job::{CheckpointKind, ModelKey, SamplerKey};
-use crate::store::{CheckpointRow, ModelRow, SamplerRow, Store};
+use crate::store::{CheckpointRow, CustomLossRow, ModelRow, SamplerRow, Store};
 use crate::usage::{hour_of, merge, CheckpointLife, UsageRow};
 
 /// Seconds since the epoch.
@@ -306,6 +306,8 @@ pub struct Registry {
     /// (loading from them): deleted by [`Registry::sweep_left_checkpoints`] once nothing holds
     /// or uses them.
     left_behind: Mutex<Vec<LeftBehind>>,
+    /// Custom losses in use, by id, with their owner (the database holds every one created).
+    custom_losses: DashMap<String, (String, Arc<CustomLoss>)>,
 }
 
 /// A sampling session with nothing loaded yet, used now.
@@ -374,6 +376,7 @@ impl Registry {
             max_resident_bytes: std::sync::atomic::AtomicU64::new(0),
             sampler_min_idle_s: std::sync::atomic::AtomicU64::new(SAMPLER_MIN_IDLE.as_secs()),
             left_behind: Mutex::new(Vec::new()),
+            custom_losses: DashMap::new(),
         }
     }
 
@@ -518,6 +521,71 @@ impl Registry {
             registry.models.insert(key, entry);
         }
         Ok(registry)
+    }
+
+    /// Creates the custom loss `<session>:loss:<seq>` of `tenant` from the SDK's upload (see
+    /// [`loraloom_model::custom_loss`]) and stores it before answering, so it survives a
+    /// restart. Sent again with the same sequence number (a retry) it answers the same id; a
+    /// different loss under a used sequence number is a conflict.
+    pub fn create_custom_loss(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        seq: u64,
+        name: &str,
+        params: Vec<LossParam>,
+        graph: &serde_json::Value,
+    ) -> Result<String> {
+        let loss = CustomLoss::parse(name, params.clone(), graph)?;
+        let id = format!("{session_id}:loss:{seq}");
+        let row = CustomLossRow {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            params_json: serde_json::to_string(&params)
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
+            graph_json: graph.to_string(),
+            created: unix_now(),
+        };
+        let stored = self.db.put_custom_loss(&row)?;
+        if (
+            &stored.tenant,
+            &stored.name,
+            &stored.params_json,
+            &stored.graph_json,
+        ) != (&row.tenant, &row.name, &row.params_json, &row.graph_json)
+        {
+            return Err(EngineError::Conflict(format!(
+                "custom_loss_seq_id {seq} of session {session_id} already names another loss"
+            )));
+        }
+        self.custom_losses
+            .insert(id.clone(), (tenant.to_string(), Arc::new(loss)));
+        Ok(id)
+    }
+
+    /// The custom loss `id` of `tenant` (another tenant's is not found), read back from the
+    /// database after a restart.
+    pub fn custom_loss(&self, tenant: &str, id: &str) -> Result<Arc<CustomLoss>> {
+        let not_found = || EngineError::NotFound {
+            what: "custom loss".into(),
+            id: id.to_string(),
+        };
+        if let Some(entry) = self.custom_losses.get(id) {
+            return match entry.0 == tenant {
+                true => Ok(entry.1.clone()),
+                false => Err(not_found()),
+            };
+        }
+        let row = self.db.custom_loss(tenant, id)?.ok_or_else(not_found)?;
+        let params: Vec<LossParam> = serde_json::from_str(&row.params_json)
+            .map_err(|e| EngineError::Internal(format!("stored custom loss {id}: {e}")))?;
+        let graph: serde_json::Value = serde_json::from_str(&row.graph_json)
+            .map_err(|e| EngineError::Internal(format!("stored custom loss {id}: {e}")))?;
+        let loss = Arc::new(CustomLoss::parse(&row.name, params, &graph)?);
+        self.custom_losses
+            .insert(id.to_string(), (tenant.to_string(), loss.clone()));
+        Ok(loss)
     }
 
     /// The durable store, if any.

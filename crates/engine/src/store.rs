@@ -103,6 +103,23 @@ pub struct SampleRow {
     pub used: f64,
 }
 
+/// A custom loss a session uploaded (`create_custom_loss`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomLossRow {
+    /// `<session>:loss:<seq>`.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// The loss's name.
+    pub name: String,
+    /// Its parameters as JSON.
+    pub params_json: String,
+    /// Its graph as JSON, as uploaded.
+    pub graph_json: String,
+    /// Creation time (unix seconds).
+    pub created: f64,
+}
+
 /// Where loraloom keeps what must survive a restart.
 pub trait Store: Send + Sync {
     /// Records a session.
@@ -159,6 +176,11 @@ pub trait Store: Send + Sync {
     /// The lives of the tenant's gone checkpoints that were written or held within `span`
     /// (unix seconds).
     fn checkpoint_lives(&self, tenant: &str, span: Range<f64>) -> Result<Vec<CheckpointLife>>;
+    /// Records a custom loss unless one with its id exists; returns the row stored under its
+    /// id (the existing one, when there was one).
+    fn put_custom_loss(&self, row: &CustomLossRow) -> Result<CustomLossRow>;
+    /// The custom loss `id` of `tenant`, if it exists.
+    fn custom_loss(&self, tenant: &str, id: &str) -> Result<Option<CustomLossRow>>;
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -192,6 +214,8 @@ CREATE TABLE IF NOT EXISTS usage (tenant TEXT NOT NULL, hour INTEGER NOT NULL, s
 CREATE TABLE IF NOT EXISTS checkpoint_lives (tenant TEXT NOT NULL, source TEXT NOT NULL,
   created REAL NOT NULL, ended REAL NOT NULL, bytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoint_lives_tenant ON checkpoint_lives (tenant, created);
+CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL,
+  params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 ";
 
 impl SqliteStore {
@@ -598,9 +622,54 @@ impl Store for SqliteStore {
             rows.collect()
         })
     }
+
+    fn put_custom_loss(&self, row: &CustomLossRow) -> Result<CustomLossRow> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO custom_losses (id, tenant, name, params, graph, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    row.id,
+                    row.tenant,
+                    row.name,
+                    row.params_json,
+                    row.graph_json,
+                    row.created
+                ],
+            )?;
+            c.query_row(
+                "SELECT id, tenant, name, params, graph, created FROM custom_losses WHERE id = ?1",
+                params![row.id],
+                custom_loss_row,
+            )
+        })
+    }
+
+    fn custom_loss(&self, tenant: &str, id: &str) -> Result<Option<CustomLossRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, tenant, name, params, graph, created FROM custom_losses
+                 WHERE id = ?1 AND tenant = ?2",
+                params![id, tenant],
+                custom_loss_row,
+            )
+            .optional()
+        })
+    }
 }
 
 /// Stores a gone checkpoint's life.
+fn custom_loss_row(r: &rusqlite::Row) -> rusqlite::Result<CustomLossRow> {
+    Ok(CustomLossRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        name: r.get(2)?,
+        params_json: r.get(3)?,
+        graph_json: r.get(4)?,
+        created: r.get(5)?,
+    })
+}
+
 fn put_life(c: &Connection, life: &CheckpointLife) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO checkpoint_lives (tenant, source, created, ended, bytes) VALUES (?1, ?2, ?3, ?4, ?5)",

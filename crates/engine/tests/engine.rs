@@ -398,6 +398,7 @@ fn data(seed: i64) -> Vec<Datum> {
                     recorded: None,
                     targets_per_position: None,
                 },
+                custom: None,
             }
         })
         .collect()

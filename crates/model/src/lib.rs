@@ -12,6 +12,8 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
+pub mod custom_loss;
+pub mod custom_ops;
 pub mod decoder;
 pub mod draw;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod weights;
 
 pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use config::{Architecture, ModelConfig};
+pub use custom_loss::{CustomLoss, DatumLoss, InputValues, LossParam, NamedInput};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
 pub use lora::{AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};

@@ -8,10 +8,12 @@
 //! optimizer step zeroes them.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
 use crate::config::ModelConfig;
+use crate::custom_loss::{reduce_metrics, CustomLoss, DatumLoss, NamedInput};
 use crate::decoder::backward_with;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
@@ -26,6 +28,57 @@ pub struct Datum {
     pub input_tokens: Vec<i64>,
     /// Targets, weights, sampler log-probabilities, advantages.
     pub loss_inputs: LossInputs,
+    /// The custom loss of the datum's request (`create_custom_loss`) and the datum's inputs to
+    /// it; `None` for the built-in losses. A custom datum's `loss_inputs` hold its targets
+    /// only, and its request's [`TrainRequest::loss`] is ignored.
+    pub custom: Option<CustomInputs>,
+}
+
+/// A custom loss and one datum's values of its inputs after `logprobs`.
+#[derive(Debug, Clone)]
+pub struct CustomInputs {
+    /// The loss.
+    pub loss: Arc<CustomLoss>,
+    /// The values of [`CustomLoss::input_params`], in order.
+    pub inputs: Vec<NamedInput>,
+}
+
+impl PartialEq for CustomInputs {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.loss, &other.loss) && self.inputs == other.inputs
+    }
+}
+
+impl CustomInputs {
+    /// Checks the inputs against the loss's parameters: one value per parameter, of its rank.
+    fn validate(&self) -> Result<()> {
+        let params = self.loss.input_params();
+        if params.len() != self.inputs.len() {
+            return Err(ModelError::invalid(
+                "loss_fn_inputs",
+                format!(
+                    "loss `{}` reads {} inputs, got {}",
+                    self.loss.name(),
+                    params.len(),
+                    self.inputs.len()
+                ),
+            ));
+        }
+        for (param, input) in params.iter().zip(&self.inputs) {
+            if input.shape.len() != usize::from(param.rank) {
+                return Err(ModelError::invalid(
+                    format!("loss_fn_inputs.{}", param.name),
+                    format!(
+                        "has rank {}, but loss `{}` declared it with rank {}",
+                        input.shape.len(),
+                        self.loss.name(),
+                        param.rank
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One adapter's (or the base model's) share of a fused batch.
@@ -59,6 +112,10 @@ pub struct RequestOutput {
     pub outputs: Vec<DatumOutput>,
     /// Sum of every datum's loss (`loss:sum`).
     pub loss_sum: f64,
+    /// A custom loss's metrics over the request's datums (`custom/<name>:sum` summed,
+    /// `:mean` averaged); empty for the built-in losses.
+    #[serde(default)]
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// Checks a request's datums against the model, naming the datum and field. Needs only the
@@ -91,9 +148,14 @@ pub fn validate_request(config: &ModelConfig, loss: &LossFn, data: &[Datum]) -> 
         config
             .check_tokens("model_input", &d.input_tokens)
             .map_err(at)?;
-        d.loss_inputs
-            .validate(loss, n, config.vocab_size)
-            .map_err(at)?;
+        match &d.custom {
+            None => d.loss_inputs.validate(loss, n, config.vocab_size),
+            Some(custom) => d
+                .loss_inputs
+                .validate(&LossFn::CrossEntropy, n, config.vocab_size)
+                .and_then(|()| custom.validate()),
+        }
+        .map_err(at)?;
     }
     Ok(())
 }
@@ -121,10 +183,18 @@ pub fn forward_backward(
     }
 }
 
-/// One row of a batch: its datum and its request's loss.
+/// One row of a batch: its datum and its request's loss (`cross_entropy` for a custom loss's
+/// row, whose linearisation it runs, see [`Losses::custom_losses`]).
+#[derive(Clone, Copy)]
 struct Row<'a> {
     datum: &'a Datum,
     loss: LossFn,
+}
+
+impl Row<'_> {
+    fn custom(&self) -> Option<&CustomInputs> {
+        self.datum.custom.as_ref()
+    }
 }
 
 fn run(
@@ -138,7 +208,10 @@ fn run(
         .flat_map(|r| {
             r.data.iter().map(|datum| Row {
                 datum,
-                loss: r.loss,
+                loss: match datum.custom {
+                    Some(_) => LossFn::CrossEntropy,
+                    None => r.loss,
+                },
             })
         })
         .collect();
@@ -192,10 +265,13 @@ fn run(
     Ok(requests
         .iter()
         .map(|r| {
-            let outputs: Vec<(DatumOutput, f64)> = outputs.by_ref().take(r.data.len()).collect();
+            let rows: Vec<RowOutput> = outputs.by_ref().take(r.data.len()).collect();
+            let metrics: Vec<Vec<(String, f64)>> =
+                rows.iter().filter_map(|row| row.metrics.clone()).collect();
             RequestOutput {
-                loss_sum: outputs.iter().map(|(_, sum)| sum).sum(),
-                outputs: outputs.into_iter().map(|(o, _)| o).collect(),
+                loss_sum: rows.iter().map(|row| row.loss).sum(),
+                metrics: reduce_metrics(&metrics),
+                outputs: rows.into_iter().map(|row| row.output).collect(),
             }
         })
         .collect())
@@ -294,7 +370,12 @@ fn loss_chunks(
             let now_mixed = mixed || !same_slot(first, end);
             let now_copies = copies + gathered(end);
             let cost = padded * (end + 1 - first) + if now_mixed { now_copies } else { 0 };
-            if next.loss != rows[first].loss || width(end) != width(first) || cost > chunk {
+            let custom = |r: usize| rows[r].custom().is_some();
+            if next.loss != rows[first].loss
+                || width(end) != width(first)
+                || custom(end) != custom(first)
+                || cost > chunk
+            {
                 break;
             }
             (end, longest, mixed, copies) = (end + 1, padded, now_mixed, now_copies);
@@ -383,6 +464,36 @@ impl Losses {
         Ok(lp.f_view([n, len * width as i64])?)
     }
 
+    /// The whole-row log-probabilities (`[len]` or `[len, K]` row after row) of the rows
+    /// `needed` selects, computed without a graph; empty for the others.
+    fn row_logprobs(
+        &self,
+        decoder: &Decoder,
+        rows: &[Row],
+        slots: &[Option<(&AdapterStack, i64)>],
+        chunks: &[LossChunk],
+        needed: impl Fn(&Row) -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+        tch::no_grad(|| -> Result<()> {
+            for c in chunks
+                .iter()
+                .filter(|c| rows[c.rows.clone()].iter().any(&needed))
+            {
+                let part = &rows[c.rows.clone()];
+                let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
+                let lp = to_vec(&lp.f_view([-1])?)?;
+                for (i, row) in part.iter().enumerate() {
+                    if needed(row) {
+                        lps[c.rows.start + i].extend_from_slice(c.unpadded(&lp, i, row));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(lps)
+    }
+
     /// GSPO's sequence log ratio of each row (0 for other losses): the rows' log-probabilities
     /// first, without a graph, since every token's loss depends on its whole sequence.
     fn sequence_log_ratios(
@@ -392,29 +503,52 @@ impl Losses {
         slots: &[Option<(&AdapterStack, i64)>],
         chunks: &[LossChunk],
     ) -> Result<Vec<f64>> {
-        let mut ratios = vec![0.0; rows.len()];
-        let needed = |c: &&LossChunk| rows[c.rows.start].loss.needs_sequence_ratio();
-        if !chunks.iter().any(|c| needed(&c)) {
-            return Ok(ratios);
+        let needed = |row: &Row| row.loss.needs_sequence_ratio();
+        if !rows.iter().any(needed) {
+            return Ok(vec![0.0; rows.len()]);
         }
-        let mut lps: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
-        tch::no_grad(|| -> Result<()> {
-            for c in chunks.iter().filter(needed) {
-                let part = &rows[c.rows.clone()];
-                let lp = self.chunk_logprobs(decoder, c, part, &slots[c.rows.clone()])?;
-                let lp = to_vec(&lp.f_view([-1])?)?;
-                for (i, row) in part.iter().enumerate() {
-                    lps[c.rows.start + i].extend_from_slice(c.unpadded(&lp, i, row));
-                }
-            }
-            Ok(())
-        })?;
-        for ((ratio, row), lp) in ratios.iter_mut().zip(rows).zip(&lps) {
-            if row.loss.needs_sequence_ratio() {
-                *ratio = sequence_log_ratio(lp, &row.datum.loss_inputs);
-            }
+        let lps = self.row_logprobs(decoder, rows, slots, chunks, needed)?;
+        Ok(rows
+            .iter()
+            .zip(&lps)
+            .map(|(row, lp)| match needed(row) {
+                true => sequence_log_ratio(lp, &row.datum.loss_inputs),
+                false => 0.0,
+            })
+            .collect())
+    }
+
+    /// Each custom-loss row's loss, metrics and `dloss/dlogprobs` (`None` for other rows): a
+    /// custom loss reads the whole datum, so its rows' log-probabilities come first, without
+    /// a graph; the row then trains on the linear objective with weights `-dloss/dlogprobs`,
+    /// whose gradient through the model is the loss's (as the SDK's client-side path does,
+    /// in one pass instead of a forward request and a backward request).
+    fn custom_losses(
+        &self,
+        decoder: &Decoder,
+        rows: &[Row],
+        slots: &[Option<(&AdapterStack, i64)>],
+        chunks: &[LossChunk],
+    ) -> Result<Vec<Option<DatumLoss>>> {
+        if !rows.iter().any(|row| row.custom().is_some()) {
+            return Ok(vec![None; rows.len()]);
         }
-        Ok(ratios)
+        let lps = self.row_logprobs(decoder, rows, slots, chunks, |row| row.custom().is_some())?;
+        rows.iter()
+            .zip(&lps)
+            .map(|(row, lp)| {
+                let Some(custom) = row.custom() else {
+                    return Ok(None);
+                };
+                let n = row.datum.input_tokens.len() as i64;
+                let shape = match row.datum.loss_inputs.targets_per_position {
+                    Some(k) => vec![n, k as i64],
+                    None => vec![n],
+                };
+                let inputs: Vec<&NamedInput> = custom.inputs.iter().collect();
+                custom.loss.evaluate(lp, &shape, &inputs).map(Some)
+            })
+            .collect()
     }
 
     /// Computes every row's outputs and loss sum (appended to `outputs` in row order). Chunks'
@@ -426,20 +560,46 @@ impl Losses {
         rows: &[Row],
         slots: &[Option<(&AdapterStack, i64)>],
         chunk: usize,
-        outputs: &mut Vec<(DatumOutput, f64)>,
+        outputs: &mut Vec<RowOutput>,
     ) -> Result<()> {
         let chunks = loss_chunks(rows, slots, chunk);
         let ratios = self.sequence_log_ratios(decoder, rows, slots, &chunks)?;
+        let customs = self.custom_losses(decoder, rows, slots, &chunks)?;
+        // A custom row runs as its linearisation: cross_entropy with weights -dloss/dlogprobs.
+        let linearised: Vec<Option<Datum>> = rows
+            .iter()
+            .zip(&customs)
+            .map(|(row, custom)| custom.as_ref().map(|c| linearise(row.datum, &c.grad)))
+            .collect();
+        let rows: Vec<Row> = rows
+            .iter()
+            .zip(&linearised)
+            .map(|(row, datum)| match datum {
+                Some(datum) => Row {
+                    datum,
+                    loss: LossFn::CrossEntropy,
+                },
+                None => *row,
+            })
+            .collect();
+        let rows = rows.as_slice();
+        let chunks = match customs.iter().any(Option::is_some) {
+            true => loss_chunks(rows, slots, chunk),
+            false => chunks,
+        };
         let first = outputs.len();
-        outputs.extend(rows.iter().map(|row| {
+        outputs.extend(rows.iter().zip(&customs).map(|(row, custom)| {
             let inputs = &row.datum.loss_inputs;
             let n = row.datum.input_tokens.len() * inputs.width();
-            let output = DatumOutput {
-                logprobs: Vec::with_capacity(n),
-                elementwise_loss: Vec::with_capacity(n),
-                targets_per_position: inputs.targets_per_position,
-            };
-            (output, 0.0)
+            RowOutput {
+                output: DatumOutput {
+                    logprobs: Vec::with_capacity(n),
+                    elementwise_loss: Vec::with_capacity(n),
+                    targets_per_position: inputs.targets_per_position,
+                },
+                loss: 0.0,
+                metrics: custom.as_ref().map(|c| c.metrics.clone()),
+            }
         }));
         let mut pending = Pending::default();
         for c in &chunks {
@@ -461,15 +621,23 @@ impl Losses {
             let (lps, rest) = host.split_at(cells);
             let (losses, sums) = rest.split_at(cells);
             let mine = &mut outputs[first + c.rows.start..first + c.rows.end];
-            for (i, (row, (output, sum))) in part.iter().zip(mine).enumerate() {
-                output.logprobs.extend_from_slice(c.unpadded(lps, i, row));
-                output
+            for (i, (row, out)) in part.iter().zip(mine).enumerate() {
+                out.output
+                    .logprobs
+                    .extend_from_slice(c.unpadded(lps, i, row));
+                out.output
                     .elementwise_loss
                     .extend_from_slice(c.unpadded(losses, i, row));
-                *sum += f64::from(sums[i]);
+                out.loss += f64::from(sums[i]);
             }
             if self.backward && el.requires_grad() {
                 pending.add(row_sums.f_sum(Kind::Float)?, tokens)?;
+            }
+        }
+        // A custom row's loss is the custom loss's value, not its linearisation's.
+        for (out, custom) in outputs[first..].iter_mut().zip(&customs) {
+            if let Some(custom) = custom {
+                out.loss = custom.loss;
             }
         }
         pending.backward()
@@ -483,6 +651,32 @@ impl Losses {
         }
         let grad = self.hidden.f_grad()?;
         Ok(grad.defined().then_some(grad))
+    }
+}
+
+/// One row's outputs: per-token values, its loss and (a custom loss's) metrics.
+struct RowOutput {
+    output: DatumOutput,
+    loss: f64,
+    metrics: Option<Vec<(String, f64)>>,
+}
+
+/// `datum` as the `cross_entropy` datum whose loss has the gradient `grad` (`dloss/dlogprobs`):
+/// its targets with weights `-grad`.
+fn linearise(datum: &Datum, grad: &[f32]) -> Datum {
+    let targets = &datum.loss_inputs;
+    Datum {
+        input_tokens: datum.input_tokens.clone(),
+        loss_inputs: LossInputs {
+            target_tokens: targets.target_tokens.clone(),
+            weights: Some(grad.iter().map(|g| -g).collect()),
+            logprobs: None,
+            advantages: None,
+            sequence_ratio_mask: None,
+            recorded: None,
+            targets_per_position: targets.targets_per_position,
+        },
+        custom: None,
     }
 }
 

@@ -181,6 +181,7 @@ fn topk_datums(expected: &Expected, k: i64) -> Vec<Datum> {
                 recorded: None,
                 targets_per_position: Some(k as usize),
             },
+            custom: None,
         })
         .collect()
 }
@@ -301,6 +302,7 @@ fn forward_computes_outputs_without_touching_gradients() {
             recorded: None,
             targets_per_position: None,
         },
+        custom: None,
     }];
     let req = || TrainRequest {
         adapter: Some(&adapter),
@@ -705,6 +707,7 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
         let mut want = RequestOutput {
             outputs: Vec::new(),
             loss_sum: 0.0,
+            metrics: Vec::new(),
         };
         for datum in &data[i] {
             let req = TrainRequest {

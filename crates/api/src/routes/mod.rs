@@ -34,6 +34,7 @@ mod abandoned;
 mod billing;
 mod checkpoints;
 mod futures;
+mod losses;
 mod runs;
 mod sampling;
 pub(crate) mod sessions;
@@ -42,6 +43,7 @@ use self::abandoned::make_room_for_run;
 use self::billing::*;
 use self::checkpoints::*;
 use self::futures::*;
+use self::losses::*;
 use self::runs::*;
 use self::sampling::*;
 use self::sessions::*;
@@ -82,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))
         .route("/api/v1/unload_model", post(unload_model))
+        .route("/api/v1/create_custom_loss", post(create_custom_loss))
         .route("/api/v1/forward_backward", post(forward_backward))
         .route("/api/v1/forward", post(forward))
         .route("/api/v1/optim_step", post(optim_step))
@@ -260,7 +263,7 @@ async fn client_config(State(state): State<AppState>) -> Json<Value> {
         "proto_compress_fwdbwd": true,
         "sample_use_retrieve_futures": false,
         "sample_join_sampling_session": false,
-        "custom_loss_server_side": false,
+        "custom_loss_server_side": true,
     }))
 }
 

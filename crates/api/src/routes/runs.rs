@@ -159,13 +159,14 @@ pub(super) async fn forward_backward(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> ApiResult<Json<Promise>> {
+    let custom = custom_losses(&state, &tenant);
     let input = if is_protobuf(&headers) {
         let req = crate::proto::ForwardBackwardRequest::decode(body.as_ref()).map_err(|e| {
             ApiError::BadRequest(format!("malformed protobuf ForwardBackwardRequest: {e}"))
         })?;
-        wire::proto_train_input(req)?
+        wire::proto_train_input(req, &custom)?
     } else {
-        parse_json::<wire::JsonForwardBackwardRequest>(&body)?.into_input(false)?
+        parse_json::<wire::JsonForwardBackwardRequest>(&body)?.into_input(false, &custom)?
     };
     submit_train(&state, &tenant, input)
 }
@@ -175,7 +176,16 @@ pub(super) async fn forward(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<wire::JsonForwardBackwardRequest>,
 ) -> ApiResult<Json<Promise>> {
-    submit_train(&state, &tenant, body.into_input(true)?)
+    let input = body.into_input(true, &custom_losses(&state, &tenant))?;
+    submit_train(&state, &tenant, input)
+}
+
+/// The tenant's custom losses by id (`create_custom_loss`), for a training request.
+fn custom_losses<'a>(
+    state: &'a AppState,
+    tenant: &'a str,
+) -> impl Fn(&str) -> ApiResult<std::sync::Arc<loraloom_model::CustomLoss>> + 'a {
+    move |id| Ok(state.engine.registry().custom_loss(tenant, id)?)
 }
 
 #[derive(Deserialize)]

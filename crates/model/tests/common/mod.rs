@@ -199,6 +199,7 @@ pub fn train_data(seed: i64, n: usize, len: usize) -> Vec<Datum> {
                     recorded: None,
                     targets_per_position: None,
                 },
+                custom: None,
             }
         })
         .collect()
@@ -260,6 +261,7 @@ pub fn datums(expected: &HashMap<String, Tensor>) -> Vec<Datum> {
                     recorded: None,
                     targets_per_position: None,
                 },
+                custom: None,
             }
         })
         .collect()
