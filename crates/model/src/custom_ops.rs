@@ -675,7 +675,10 @@ fn binary(name: &str, a: Operand, b: Operand) -> Result<Value> {
             "bitxor" => x.f_bitwise_xor_tensor(&y)?,
             "xlogy" => x.f_xlogy(&y)?,
             "logaddexp" => x.f_logaddexp(&y)?,
-            "matmul" => x.f_matmul(&y)?,
+            "matmul" => {
+                check_matmul(&x, &y)?;
+                x.f_matmul(&y)?
+            }
             other => return Err(bad(format!("`{other}` needs other operands"))),
         }),
         (T(x), N(n)) => {
@@ -720,6 +723,23 @@ fn binary(name: &str, a: Operand, b: Operand) -> Result<Value> {
         }
         (N(x), N(y)) => python_binary(name, x, y),
     }
+}
+
+/// Most multiply-adds one `matmul` of a custom loss may take (about a second of one core): a
+/// loss over logprobs needs far fewer, and a tenant's loss must not hold a worker for minutes.
+pub const MAX_MATMUL_WORK: i64 = 1 << 32;
+
+fn check_matmul(x: &Tensor, y: &Tensor) -> Result<()> {
+    let inner = x.size().last().copied().unwrap_or(1).max(1);
+    let work = (x.numel() as i64).saturating_mul(y.numel() as i64 / inner);
+    if work > MAX_MATMUL_WORK {
+        return Err(bad(format!(
+            "a matmul of {:?} and {:?} is too large for a loss (at most {MAX_MATMUL_WORK} multiply-adds)",
+            x.size(),
+            y.size()
+        )));
+    }
+    Ok(())
 }
 
 /// A number as a 0-dim tensor that promotes as a Python scalar would next to `like`.
@@ -1787,6 +1807,11 @@ mod tests {
         let sum = Callee::resolve("call_method", "sum").unwrap();
         let err = call(&sum, vec![x.dup()], vec![("axis".into(), Value::Int(0))]).unwrap_err();
         assert!(err.to_string().contains("axis"), "{err}");
+        let ones = Callee::resolve("call_function", "torch.ones").unwrap();
+        let big = call(&ones, vec![Value::Int(4096), Value::Int(4096)], vec![]).unwrap();
+        let matmul = Callee::resolve("call_function", "operator.matmul").unwrap();
+        let err = call(&matmul, vec![big.dup(), big], vec![]).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
         let zeros = Callee::resolve("call_function", "torch.zeros").unwrap();
         let err = call(
             &zeros,
