@@ -158,10 +158,31 @@ def test_uploaded_losses_match_the_sdk_client_side_path_and_survive_a_restart(tm
         srv.stop()
 
 
-def test_a_loss_outside_the_operation_list_is_refused_naming_the_node(tmp_path):
+def test_top_k_targets_forward_only_and_refusals(tmp_path):
     srv = Server(tmp_path)
     try:
         sc = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+
+        # Rank-2 logprobs ([T, K] targets) through a forward-only request: a weighted NLL equals
+        # cross_entropy on the same top-K targets and weights, exactly (same kernels).
+        def top_k_nll(logprobs, w):
+            loss = -(logprobs * w).sum()
+            return loss, {"custom/weight:sum": w.sum()}
+
+        handle = sc.create_custom_loss(top_k_nll, {"logprobs": 2, "w": 2}).result()
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=0).result()
+        tokens = list(range(100, 109))
+        targets = torch.tensor([[t, t + 1, 7] for t in tokens[1:]])
+        weights = torch.rand(8, 3)
+        model_input = types.ModelInput.from_ints(tokens[:-1])
+        custom = tc.forward([types.Datum(model_input=model_input,
+                                         loss_fn_inputs={"target_tokens": targets, "w": weights})],
+                            "custom", {"loss_id": handle.loss_id}).result()
+        builtin = tc.forward([types.Datum(model_input=model_input,
+                                          loss_fn_inputs={"target_tokens": targets, "weights": weights})],
+                             "cross_entropy").result()
+        assert close(custom.metrics["loss:sum"], builtin.metrics["loss:sum"], rel=1e-6)
+        assert close(custom.metrics["custom/weight:sum"], weights.sum().item(), rel=1e-6)
 
         def fourier(logprobs):
             loss = torch.fft.fft(logprobs).abs().sum()
