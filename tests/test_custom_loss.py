@@ -184,6 +184,17 @@ def test_top_k_targets_forward_only_and_refusals(tmp_path):
         assert close(custom.metrics["loss:sum"], builtin.metrics["loss:sum"], rel=1e-6)
         assert close(custom.metrics["custom/weight:sum"], weights.sum().item(), rel=1e-6)
 
+        # A loss that cannot run on a datum's inputs fails its own request, naming datum and node.
+        def mismatch(logprobs, w):
+            return (logprobs * w).sum(), {}
+
+        bad = sc.create_custom_loss(mismatch, {"logprobs": 1, "w": 1}).result()
+        datum = types.Datum(model_input=model_input,
+                            loss_fn_inputs={"target_tokens": tokens[1:], "w": torch.tensor([1.0, 2.0, 3.0])})
+        with pytest.raises(Exception) as err:
+            tc.forward_backward_custom([datum], bad).result()
+        assert "data[0]" in str(err.value) and "node `mul`" in str(err.value), err.value
+
         def fourier(logprobs):
             loss = torch.fft.fft(logprobs).abs().sum()
             return loss, {}

@@ -8,7 +8,7 @@ use std::sync::{Arc, MutexGuard};
 
 use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::sample::Detokenize;
-use loraloom_model::train::validate_request;
+use loraloom_model::train::{check_custom_losses, validate_request};
 use loraloom_model::{
     forward_backward, step_many, AdamState, Decoder, Device, Generation, GraphCounts, LoraAdapter,
     ModelError, RequestTag, SampleRequest, StepGraphs, StepJob, TextTokenizer, TrainRequest,
@@ -521,7 +521,9 @@ impl ModelWorker {
                 )));
                 continue;
             };
-            match validate_request(self.decoder.config(), loss, data) {
+            let checked = validate_request(self.decoder.config(), loss, data)
+                .and_then(|()| check_custom_losses(data));
+            match checked {
                 Ok(()) => runnable.push((
                     i,
                     TrainRequest {

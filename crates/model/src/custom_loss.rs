@@ -12,6 +12,8 @@
 //! (`weights = -dL/dlogprobs` under `cross_entropy`), but without the second request, the
 //! client's torch or the round trip.
 
+use std::collections::HashMap;
+
 use tch::{Kind, Tensor};
 
 use crate::custom_ops::{self, Callee, Value};
@@ -23,6 +25,8 @@ pub const MAX_NODES: usize = 2_000;
 pub const MAX_INPUTS: usize = 16;
 /// Most nested levels of an encoded argument.
 const MAX_DEPTH: usize = 8;
+/// Most encoded arguments (constants, references, items of lists) in one graph.
+const MAX_ARGS: usize = 100_000;
 
 /// One input of a custom loss: `logprobs` first, then the `loss_fn_inputs` keys it reads.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -173,16 +177,27 @@ fn is_param_name(name: &str) -> bool {
 
 /// Parses an encoded argument (the SDK's `_encode_arg`), resolving references against the
 /// nodes named so far.
-fn parse_arg(value: &serde_json::Value, names: &[String], depth: usize) -> Result<Arg> {
+fn parse_arg(
+    value: &serde_json::Value,
+    names: &HashMap<String, usize>,
+    depth: usize,
+    budget: &mut usize,
+) -> Result<Arg> {
     use serde_json::Value as J;
     let field = "graph";
     if depth > MAX_DEPTH {
         return Err(invalid(field, "an argument is nested too deeply"));
     }
-    let seq = |items: &Vec<J>, tuple: bool| -> Result<Arg> {
+    *budget = budget.checked_sub(1).ok_or_else(|| {
+        invalid(
+            field,
+            format!("holds more than {MAX_ARGS} arguments in all"),
+        )
+    })?;
+    let mut seq = |items: &Vec<J>, tuple: bool| -> Result<Arg> {
         let parsed = items
             .iter()
-            .map(|a| parse_arg(a, names, depth + 1))
+            .map(|a| parse_arg(a, names, depth + 1, budget))
             .collect::<Result<Vec<_>>>()?;
         Ok(Arg::Seq(parsed, tuple))
     };
@@ -206,8 +221,8 @@ fn parse_arg(value: &serde_json::Value, names: &[String], depth: usize) -> Resul
                 }
             };
             match (key.as_str(), inner) {
-                ("ref", J::String(name)) => match names.iter().position(|n| n == name) {
-                    Some(i) => Arg::Ref(i),
+                ("ref", J::String(name)) => match names.get(name) {
+                    Some(&i) => Arg::Ref(i),
                     None => {
                         return Err(invalid(
                             field,
@@ -216,15 +231,22 @@ fn parse_arg(value: &serde_json::Value, names: &[String], depth: usize) -> Resul
                     }
                 },
                 ("tuple", J::Array(items)) => seq(items, true)?,
-                ("dict", J::Object(entries)) => Arg::Dict(
-                    entries
-                        .iter()
-                        .map(|(k, v)| Ok((k.clone(), parse_arg(v, names, depth + 1)?)))
-                        .collect::<Result<Vec<_>>>()?,
-                ),
+                ("dict", J::Object(entries)) => {
+                    let items: Vec<J> = entries.values().cloned().collect();
+                    let Arg::Seq(values, _) = seq(&items, false)? else {
+                        unreachable!("seq gives a sequence")
+                    };
+                    Arg::Dict(entries.keys().cloned().zip(values).collect())
+                }
                 ("slice", J::Array(bounds)) if bounds.len() == 3 => {
-                    let [a, b, c] = [0, 1, 2].map(|i| parse_arg(&bounds[i], names, depth + 1));
-                    Arg::Slice(Box::new([a?, b?, c?]))
+                    let Arg::Seq(mut b, _) = seq(bounds, false)? else {
+                        unreachable!("seq gives a sequence")
+                    };
+                    let (c, bb, a) = (b.pop(), b.pop(), b.pop());
+                    match (a, bb, c) {
+                        (Some(a), Some(bb), Some(c)) => Arg::Slice(Box::new([a, bb, c])),
+                        _ => return Err(invalid(field, "a slice has three bounds")),
+                    }
                 }
                 ("ellipsis", J::Bool(true)) => Arg::Const(Constant::Ellipsis),
                 ("float", J::String(s)) => Arg::Const(Constant::Float(match s.as_str() {
@@ -301,7 +323,8 @@ impl CustomLoss {
                 ),
             ));
         }
-        let mut names: Vec<String> = Vec::with_capacity(nodes.len());
+        let mut names: HashMap<String, usize> = HashMap::with_capacity(nodes.len());
+        let mut budget = MAX_ARGS;
         let mut ops = Vec::new();
         let mut output = None;
         for (i, node) in nodes.iter().enumerate() {
@@ -322,7 +345,7 @@ impl CustomLoss {
             if output.is_some() {
                 return Err(invalid(&field, "follows the output node"));
             }
-            if names.contains(&node_name) {
+            if names.contains_key(&node_name) {
                 return Err(invalid(
                     &field,
                     format!("node name `{node_name}` is repeated"),
@@ -335,14 +358,14 @@ impl CustomLoss {
                 .as_array()
                 .ok_or_else(|| invalid(&format!("{field}.args"), "must be a list"))?
                 .iter()
-                .map(|a| parse_arg(a, &names, 0))
+                .map(|a| parse_arg(a, &names, 0, &mut budget))
                 .collect::<Result<Vec<_>>>()
                 .map_err(at)?;
             let kwargs = match node.get("kwargs") {
                 None => Vec::new(),
                 Some(serde_json::Value::Object(map)) => map
                     .iter()
-                    .map(|(k, v)| Ok((k.clone(), parse_arg(v, &names, 0)?)))
+                    .map(|(k, v)| Ok((k.clone(), parse_arg(v, &names, 0, &mut budget)?)))
                     .collect::<Result<Vec<_>>>()
                     .map_err(at)?,
                 Some(_) => return Err(invalid(&format!("{field}.kwargs"), "must be an object")),
@@ -391,7 +414,8 @@ impl CustomLoss {
                 }
                 other => return Err(at(invalid("", format!("unknown node op `{other}`")))),
             }
-            names.push(node_name);
+            let index = names.len();
+            names.insert(node_name, index);
         }
         if names.len() < params.len() {
             return Err(invalid(
@@ -462,6 +486,29 @@ impl CustomLoss {
         shape: &[i64],
         inputs: &[&NamedInput],
     ) -> Result<DatumLoss> {
+        let out = self.run(logprobs, shape, inputs)?;
+        if !out.loss.is_finite() || out.grad.iter().any(|g| !g.is_finite()) {
+            return Err(invalid(
+                "loss_fn",
+                format!(
+                    "custom loss `{}` gave a non-finite loss or gradient ({}) for a datum",
+                    self.name, out.loss
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Runs the loss once on a datum's shapes with made-up log-probabilities (-1): what fails
+    /// here (a shape mismatch, an input of the wrong kind) fails for any log-probabilities, so
+    /// a request can be refused before its datums join other requests in a batch.
+    pub fn check_runs(&self, shape: &[i64], inputs: &[&NamedInput]) -> Result<()> {
+        let n: i64 = shape.iter().product();
+        self.run(&vec![-1.0; n.max(0) as usize], shape, inputs)
+            .map(|_| ())
+    }
+
+    fn run(&self, logprobs: &[f32], shape: &[i64], inputs: &[&NamedInput]) -> Result<DatumLoss> {
         if inputs.len() + 1 != self.params.len() {
             return Err(invalid(
                 "loss_fn_inputs",
@@ -473,6 +520,7 @@ impl CustomLoss {
                 ),
             ));
         }
+        custom_ops::reset_work();
         tch::with_grad(|| {
             let lp = Tensor::from_slice(logprobs)
                 .f_reshape(shape)?
@@ -533,10 +581,19 @@ impl CustomLoss {
                     )),
                 }
             };
-            let loss = scalar("its loss", &self.loss)?;
-            if loss.dim() != 0 {
-                return Err(invalid("loss_fn", "the loss must be a scalar"));
+            if let Value::Tensor(t) = resolve(&self.loss, &values)? {
+                if t.dim() != 0 {
+                    return Err(invalid(
+                        "loss_fn",
+                        format!(
+                            "custom loss `{}` returned its loss of shape {:?}; it must be a scalar (0-dim) tensor",
+                            self.name,
+                            t.size()
+                        ),
+                    ));
+                }
             }
+            let loss = scalar("its loss", &self.loss)?;
             let metrics = self
                 .metrics
                 .iter()

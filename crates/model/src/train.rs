@@ -50,8 +50,20 @@ impl PartialEq for CustomInputs {
 }
 
 impl CustomInputs {
-    /// Checks the inputs against the loss's parameters: one value per parameter, of its rank.
-    fn validate(&self) -> Result<()> {
+    /// Checks the inputs against the loss's parameters: one value per parameter, of its rank,
+    /// and the targets (`targets_per_position`) against the rank of `logprobs`.
+    fn validate(&self, targets_per_position: Option<usize>) -> Result<()> {
+        let want = self.loss.params()[0].rank;
+        let have = if targets_per_position.is_some() { 2 } else { 1 };
+        if want != have {
+            return Err(ModelError::invalid(
+                "loss_fn_inputs.target_tokens",
+                format!(
+                    "has rank {have}, but loss `{}` declared logprobs with rank {want}",
+                    self.loss.name()
+                ),
+            ));
+        }
         let params = self.loss.input_params();
         if params.len() != self.inputs.len() {
             return Err(ModelError::invalid(
@@ -153,9 +165,36 @@ pub fn validate_request(config: &ModelConfig, loss: &LossFn, data: &[Datum]) -> 
             Some(custom) => d
                 .loss_inputs
                 .validate(&LossFn::CrossEntropy, n, config.vocab_size)
-                .and_then(|()| custom.validate()),
+                .and_then(|()| custom.validate(d.loss_inputs.targets_per_position)),
         }
         .map_err(at)?;
+    }
+    Ok(())
+}
+
+/// Runs each custom datum's loss once on its shapes (see [`CustomLoss::check_runs`]), so a
+/// loss that cannot run on a datum's inputs fails its own request, naming the datum, before
+/// the request is fused with others. Runs libtorch ops: call it on a worker thread.
+pub fn check_custom_losses(data: &[Datum]) -> Result<()> {
+    for (i, d) in data.iter().enumerate() {
+        let Some(custom) = &d.custom else {
+            continue;
+        };
+        let n = d.input_tokens.len() as i64;
+        let shape = match d.loss_inputs.targets_per_position {
+            Some(k) => vec![n, k as i64],
+            None => vec![n],
+        };
+        let inputs: Vec<&NamedInput> = custom.inputs.iter().collect();
+        custom
+            .loss
+            .check_runs(&shape, &inputs)
+            .map_err(|e| match e {
+                ModelError::InvalidInput { field, reason } => {
+                    ModelError::invalid(format!("data[{i}].{field}"), reason)
+                }
+                other => other,
+            })?;
     }
     Ok(())
 }
