@@ -473,15 +473,7 @@ pub fn build_datum(
             .collect::<ApiResult<Vec<_>>>()?;
         return Ok(Datum {
             input_tokens: tokens,
-            loss_inputs: LossInputs {
-                target_tokens,
-                weights: None,
-                logprobs: None,
-                advantages: None,
-                sequence_ratio_mask: None,
-                recorded: None,
-                targets_per_position,
-            },
+            loss_inputs: LossInputs::targets(target_tokens, targets_per_position),
             custom: Some(CustomInputs {
                 loss: loss.clone(),
                 inputs: values,

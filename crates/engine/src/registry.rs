@@ -536,14 +536,15 @@ impl Registry {
         params: Vec<LossParam>,
         graph: &serde_json::Value,
     ) -> Result<String> {
-        let loss = CustomLoss::parse(name, params.clone(), graph)?;
+        let params_json =
+            serde_json::to_string(&params).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let loss = CustomLoss::parse(name, params, graph)?;
         let id = format!("{session_id}:loss:{seq}");
         let row = CustomLossRow {
             id: id.clone(),
             tenant: tenant.to_string(),
             name: name.to_string(),
-            params_json: serde_json::to_string(&params)
-                .map_err(|e| EngineError::Internal(e.to_string()))?,
+            params_json,
             graph_json: graph.to_string(),
             created: unix_now(),
         };

@@ -484,7 +484,7 @@ impl CustomLoss {
         &self,
         logprobs: &[f32],
         shape: &[i64],
-        inputs: &[&NamedInput],
+        inputs: &[NamedInput],
     ) -> Result<DatumLoss> {
         let out = self.run(logprobs, shape, inputs)?;
         if !out.loss.is_finite() || out.grad.iter().any(|g| !g.is_finite()) {
@@ -502,13 +502,13 @@ impl CustomLoss {
     /// Runs the loss once on a datum's shapes with made-up log-probabilities (-1): what fails
     /// here (a shape mismatch, an input of the wrong kind) fails for any log-probabilities, so
     /// a request can be refused before its datums join other requests in a batch.
-    pub fn check_runs(&self, shape: &[i64], inputs: &[&NamedInput]) -> Result<()> {
+    pub fn check_runs(&self, shape: &[i64], inputs: &[NamedInput]) -> Result<()> {
         let n: i64 = shape.iter().product();
         self.run(&vec![-1.0; n.max(0) as usize], shape, inputs)
             .map(|_| ())
     }
 
-    fn run(&self, logprobs: &[f32], shape: &[i64], inputs: &[&NamedInput]) -> Result<DatumLoss> {
+    fn run(&self, logprobs: &[f32], shape: &[i64], inputs: &[NamedInput]) -> Result<DatumLoss> {
         if inputs.len() + 1 != self.params.len() {
             return Err(invalid(
                 "loss_fn_inputs",
@@ -729,14 +729,17 @@ mod tests {
             values: InputValues::Float(vec![1.0, 0.5, 0.0]),
         };
         let out = loss
-            .evaluate(&[-1.0, -2.0, -4.0], &[3], &[&weights])
+            .evaluate(&[-1.0, -2.0, -4.0], &[3], std::slice::from_ref(&weights))
             .unwrap();
         assert!((out.loss - 2.0).abs() < 1e-6, "{out:?}");
         assert_eq!(out.metrics.len(), 1);
         assert!((out.metrics[0].1 + 7.0 / 3.0).abs() < 1e-6);
         assert_eq!(out.grad, vec![-1.0, -0.5, 0.0]);
         // Under no_grad (a forward-only step) the gradient is still computed.
-        let again = tch::no_grad(|| loss.evaluate(&[-1.0, -2.0, -4.0], &[3], &[&weights])).unwrap();
+        let again = tch::no_grad(|| {
+            loss.evaluate(&[-1.0, -2.0, -4.0], &[3], std::slice::from_ref(&weights))
+        })
+        .unwrap();
         assert_eq!(again, out);
     }
 
@@ -787,7 +790,7 @@ mod tests {
             values: InputValues::Int(vec![1, 1]),
         };
         let err = loss
-            .evaluate(&[-1.0, -1.0], &[2], &[&w])
+            .evaluate(&[-1.0, -1.0], &[2], std::slice::from_ref(&w))
             .unwrap_err()
             .to_string();
         assert!(err.contains("vec") && err.contains("scalar"), "{err}");
@@ -797,7 +800,7 @@ mod tests {
             values: InputValues::Int(vec![1, 1, 1]),
         };
         let err = loss
-            .evaluate(&[-1.0, -1.0], &[2], &[&w3])
+            .evaluate(&[-1.0, -1.0], &[2], std::slice::from_ref(&w3))
             .unwrap_err()
             .to_string();
         assert!(err.contains("node `mul`"), "{err}");

@@ -541,6 +541,12 @@ impl Call {
         }
     }
 
+    /// Dimensions given as one int or a list or tuple of ints (required).
+    fn dims(&mut self, pos: usize, key: &str) -> Result<Vec<i64>> {
+        self.opt_dims(pos, key)?
+            .ok_or_else(|| bad(format!("missing argument `{key}`")))
+    }
+
     /// A size given as varargs from `pos` on (`view(2, 3)`) or as one sequence (`view((2, 3))`),
     /// or as keyword `key`.
     fn sizes(&mut self, pos: usize, key: &str) -> Result<Vec<i64>> {
@@ -651,6 +657,14 @@ impl Number {
             Number::Float(f) => Value::Float(f),
             Number::Bool(b) => Value::Bool(b),
         }
+    }
+}
+
+/// The numbers of `torch.tensor`'s or `new_tensor`'s `data`: one number or a list of them.
+fn numbers_of(data: &Value) -> Result<Vec<Number>> {
+    match data {
+        Value::Seq(items, _) => items.iter().map(|v| Number::of(v, "data")).collect(),
+        v => Ok(vec![Number::of(v, "data")?]),
     }
 }
 
@@ -1266,14 +1280,7 @@ fn tensor_op(name: &str, method: bool, mut c: Call) -> Result<Value> {
             });
         }
         "full" => {
-            let size = match c.required(0, "size")? {
-                Value::Seq(items, _) => items
-                    .iter()
-                    .map(|v| int_of(v, "size"))
-                    .collect::<Result<Vec<_>>>()?,
-                v => vec![int_of(&v, "size")?],
-            };
-            let size = checked_size(&size)?;
+            let size = checked_size(&c.dims(0, "size")?)?;
             let fill = Number::of(&c.required(1, "fill_value")?, "fill_value")?;
             let default = match fill {
                 Number::Float(_) => Kind::Float,
@@ -1311,13 +1318,7 @@ fn tensor_op(name: &str, method: bool, mut c: Call) -> Result<Value> {
         }
         "tensor" | "scalar_tensor" => {
             let data = c.required(0, "data")?;
-            let numbers: Vec<Number> = match &data {
-                Value::Seq(items, _) => items
-                    .iter()
-                    .map(|v| Number::of(v, "data"))
-                    .collect::<Result<_>>()?,
-                v => vec![Number::of(v, "data")?],
-            };
+            let numbers = numbers_of(&data)?;
             let default = if numbers.iter().any(|n| matches!(n, Number::Float(_)))
                 || name == "scalar_tensor"
             {
@@ -1820,27 +1821,14 @@ fn tensor_op(name: &str, method: bool, mut c: Call) -> Result<Value> {
             })?
         }
         "new_full" => {
-            let size = match c.required(1, "size")? {
-                Value::Seq(items, _) => items
-                    .iter()
-                    .map(|v| int_of(v, "size"))
-                    .collect::<Result<Vec<_>>>()?,
-                v => vec![int_of(&v, "size")?],
-            };
-            let size = checked_size(&size)?;
+            let size = checked_size(&c.dims(1, "size")?)?;
             let fill = Number::of(&c.required(2, "fill_value")?, "fill_value")?;
             let kind = creation_kind(&mut c, x.kind())?;
             tensor(Tensor::f_full(size.as_slice(), fill.scalar(), (kind, cpu))?)?
         }
         "new_tensor" => {
             let data = c.required(1, "data")?;
-            let numbers: Vec<f64> = match &data {
-                Value::Seq(items, _) => items
-                    .iter()
-                    .map(|v| Number::of(v, "data").map(Number::as_f64))
-                    .collect::<Result<_>>()?,
-                v => vec![Number::of(v, "data")?.as_f64()],
-            };
+            let numbers: Vec<f64> = numbers_of(&data)?.into_iter().map(Number::as_f64).collect();
             let kind = creation_kind(&mut c, x.kind())?;
             let t = Tensor::from_slice(&numbers).f_to_kind(kind)?;
             tensor(match data {

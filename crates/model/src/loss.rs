@@ -263,6 +263,19 @@ fn position_name(i: usize, per: usize) -> String {
 }
 
 impl LossInputs {
+    /// Targets alone (`per`: K of `[N, K]` targets), every other input absent.
+    pub fn targets(target_tokens: Vec<i64>, per: Option<usize>) -> Self {
+        LossInputs {
+            target_tokens,
+            weights: None,
+            logprobs: None,
+            advantages: None,
+            sequence_ratio_mask: None,
+            recorded: None,
+            targets_per_position: per,
+        }
+    }
+
     /// Targets per position: K of a 2-D `[N, K]` `target_tokens`, 1 otherwise.
     pub fn width(&self) -> usize {
         self.targets_per_position.unwrap_or(1)

@@ -34,6 +34,18 @@ pub struct Datum {
     pub custom: Option<CustomInputs>,
 }
 
+impl Datum {
+    /// The shape of the datum's targets, and so of its logprobs: `[N]`, or `[N, K]` for K
+    /// targets per position.
+    fn target_shape(&self) -> Vec<i64> {
+        let n = self.input_tokens.len() as i64;
+        match self.loss_inputs.targets_per_position {
+            Some(k) => vec![n, k as i64],
+            None => vec![n],
+        }
+    }
+}
+
 /// A custom loss and one datum's values of its inputs after `logprobs`.
 #[derive(Debug, Clone)]
 pub struct CustomInputs {
@@ -180,15 +192,9 @@ pub fn check_custom_losses(data: &[Datum]) -> Result<()> {
         let Some(custom) = &d.custom else {
             continue;
         };
-        let n = d.input_tokens.len() as i64;
-        let shape = match d.loss_inputs.targets_per_position {
-            Some(k) => vec![n, k as i64],
-            None => vec![n],
-        };
-        let inputs: Vec<&NamedInput> = custom.inputs.iter().collect();
         custom
             .loss
-            .check_runs(&shape, &inputs)
+            .check_runs(&d.target_shape(), &custom.inputs)
             .map_err(|e| match e {
                 ModelError::InvalidInput { field, reason } => {
                     ModelError::invalid(format!("data[{i}].{field}"), reason)
@@ -579,13 +585,8 @@ impl Losses {
                 let Some(custom) = row.custom() else {
                     return Ok(None);
                 };
-                let n = row.datum.input_tokens.len() as i64;
-                let shape = match row.datum.loss_inputs.targets_per_position {
-                    Some(k) => vec![n, k as i64],
-                    None => vec![n],
-                };
-                let inputs: Vec<&NamedInput> = custom.inputs.iter().collect();
-                custom.loss.evaluate(lp, &shape, &inputs).map(Some)
+                let shape = row.datum.target_shape();
+                custom.loss.evaluate(lp, &shape, &custom.inputs).map(Some)
             })
             .collect()
     }
@@ -707,13 +708,8 @@ fn linearise(datum: &Datum, grad: &[f32]) -> Datum {
     Datum {
         input_tokens: datum.input_tokens.clone(),
         loss_inputs: LossInputs {
-            target_tokens: targets.target_tokens.clone(),
             weights: Some(grad.iter().map(|g| -g).collect()),
-            logprobs: None,
-            advantages: None,
-            sequence_ratio_mask: None,
-            recorded: None,
-            targets_per_position: targets.targets_per_position,
+            ..LossInputs::targets(targets.target_tokens.clone(), targets.targets_per_position)
         },
         custom: None,
     }
