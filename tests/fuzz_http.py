@@ -24,6 +24,7 @@ import argparse
 import base64
 import json
 import math
+import pickle
 import random
 import sys
 import tempfile
@@ -40,7 +41,10 @@ from conftest import ALICE, BOB, MODEL_NAME, Server  # noqa: E402
 
 # The server's flags for a round: a short sampling limit, so a mutated request for a long
 # generation costs seconds, not minutes.
-SERVER_FLAGS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}", "--max-sample-secs", "5")
+# Long polls (retrieve_future, retrieve_futures) answer within 2 s, so a mutated poll that waits
+# does not hold the run up.
+SERVER_FLAGS = ("--api-key", f"alice={ALICE}", "--api-key", f"bob={BOB}", "--max-sample-secs", "5",
+                "--long-poll-secs", "2")
 REQUEST_TIMEOUT = 60.0
 PROBE = [1, 504, 3437, 314, 260, 1345, 28]
 
@@ -140,6 +144,9 @@ def record_sdk_traffic(server_url: str) -> list[Seed]:
         sampler.sample(prompt, num_samples=1, sampling_params=params, include_prompt_logprobs=True,
                        topk_prompt_logprobs=2, topk_sample_logprobs=2).result()
         sampler.compute_logprobs(prompt).result()
+        # A copy as another process would unpickle it: it joins the session for its clone id.
+        clone = pickle.loads(pickle.dumps(sampler.result()))
+        clone.sample(prompt, num_samples=1, sampling_params=params).result()
         rest = sc.create_rest_client()
         rest.list_training_runs().result()
         rest.get_training_run(tc.model_id).result()
@@ -167,6 +174,10 @@ def record_sdk_traffic(server_url: str) -> list[Seed]:
             "sampling_params": {"max_tokens": 64, "temperature": 1.0}}).json()
         assert "request_id" in busy, busy
         raw.post(proxy.url + "/api/v1/cancel_future", json={"request_id": busy["request_id"]})
+        raw.post(proxy.url + "/api/v1/retrieve_futures", json={
+            "target": {"type": "sampling_session", "sampling_session_id": clone._sampling_session_id,
+                       "cloned_sampler_id": 1},
+            "prev_cursor": 0, "timeout": 0, "retrieved_request_ids": [busy["request_id"]]})
         raw.post(proxy.url + "/api/v1/sample", json={
             "base_model": MODEL_NAME, "num_samples": 1,
             "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROBE}]},

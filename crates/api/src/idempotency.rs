@@ -40,6 +40,7 @@ pub const REPLAY_HEADER: &str = "x-idempotent-replay";
 /// Routes that only read (or are harmless to repeat): never replayed.
 const READ_ONLY: &[&str] = &[
     "/api/v1/retrieve_future",
+    "/api/v1/retrieve_futures",
     "/retrieve_future",
     "/api/v1/session_heartbeat",
     "/api/v1/telemetry",

@@ -85,6 +85,8 @@ pub struct AppState {
     pub sessions: Arc<DashMap<String, Session>>,
     /// How long one `retrieve_future` waits before answering "try again".
     pub long_poll: Duration,
+    /// SDK sampling clients poll one completion feed each (`--sample-poller`).
+    pub sample_poller: bool,
     /// Largest accepted body.
     pub max_body_bytes: usize,
     /// How long a request body may take to arrive.

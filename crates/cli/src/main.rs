@@ -437,6 +437,16 @@ struct ServeArgs {
     /// How long one retrieve_future waits before answering "try again" (the SDK times out at 45 s).
     #[arg(long, env = "LORALOOM_LONG_POLL_SECS", default_value_t = 20)]
     long_poll_secs: u64,
+    /// Have SDK sampling clients learn that their requests finished from one long poll each
+    /// (`/api/v1/retrieve_futures`, the client config's `sample_use_retrieve_futures`) instead
+    /// of one long poll per request: one connection per client instead of one per request in
+    /// flight, and each result forgotten as soon as its client has fetched it, not a TTL later.
+    /// Off by default: tinker 0.38 then spends ~50% more client CPU per sample (BENCHMARKS.md),
+    /// and does not bound its requests in flight, so a client with more than
+    /// `--max-queued-per-tenant` of them meets 429s (it resends them a second later) where it
+    /// would otherwise wait in the SDK.
+    #[arg(long, env = "LORALOOM_SAMPLE_POLLER", default_value_t = false, action = clap::ArgAction::Set)]
+    sample_poller: bool,
     /// Write each run's state to disk after every optimizer step, before acknowledging it, so a
     /// crash loses no acknowledged step (`false`: only on graceful shutdown).
     #[arg(long, env = "LORALOOM_STEP_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -714,6 +724,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth: Arc::new(auth),
         sessions: Arc::new(sessions),
         long_poll: Duration::from_secs(args.long_poll_secs),
+        sample_poller: args.sample_poller,
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         max_sessions_per_tenant: args.max_sessions_per_tenant,

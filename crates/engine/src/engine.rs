@@ -20,7 +20,7 @@ use loraloom_model::LoraSpec;
 use crate::backend::{check_checkpoint, snapshot, write_marker, Backend, KvHeld};
 use crate::base::BaseModelInfo;
 use crate::error::{EngineError, Result};
-use crate::futures::{FutureState, FutureStore};
+use crate::futures::{FeedKey, FeedPoll, FutureState, FutureStore};
 use crate::job::{
     BatchClass, Job, KvFootprint, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work,
 };
@@ -345,6 +345,21 @@ impl Engine {
 
     /// Queues `work` on `queue`; returns the request id of its future.
     pub fn submit(&self, queue: QueueKey, work: Work) -> Result<RequestId> {
+        self.submit_reporting(queue, work, None)
+    }
+
+    /// [`Engine::submit`] for a sampling session's SDK client `clone` (0: the original): the
+    /// request's completion goes to that client's feed (see [`Engine::poll_completions`]).
+    pub fn submit_sample(&self, queue: QueueKey, work: Work, clone: u64) -> Result<RequestId> {
+        self.submit_reporting(queue, work, Some(clone))
+    }
+
+    fn submit_reporting(
+        &self,
+        queue: QueueKey,
+        work: Work,
+        clone: Option<u64>,
+    ) -> Result<RequestId> {
         match &queue {
             QueueKey::Model(k) => {
                 self.inner.registry.model(&k.tenant, &k.model_id)?;
@@ -442,7 +457,15 @@ impl Engine {
             enqueued: Instant::now(),
             span,
         };
-        self.inner.futures.insert(&id, &tenant);
+        let feed = match (&job.queue, clone) {
+            (QueueKey::Sampler(k), Some(clone)) => Some(FeedKey {
+                tenant: tenant.clone(),
+                sampler_id: k.sampler_id.clone(),
+                clone,
+            }),
+            _ => None,
+        };
+        self.inner.futures.insert_in_feed(&id, &tenant, feed);
         let key = job.queue.clone();
         let pushed = {
             let mut st = lock(&self.inner.sched);
@@ -635,6 +658,27 @@ impl Engine {
             .registry
             .add_sampler(key, source, &self.inner.base.name)?;
         Ok(())
+    }
+
+    /// Long-polls the completion feed of `tenant`'s sampling session `sampler_id` as seen by
+    /// its SDK client `clone` (the SDK's `retrieve_futures` poller) for up to `timeout`: the
+    /// requests of that client finished after `prev_cursor`. The finished requests in
+    /// `retrieved` (their results fetched) are forgotten first.
+    pub async fn poll_completions(
+        &self,
+        feed: &FeedKey,
+        prev_cursor: u64,
+        retrieved: &[String],
+        timeout: Duration,
+    ) -> Result<FeedPoll> {
+        self.inner
+            .registry
+            .sampler(&feed.tenant, &feed.sampler_id)?;
+        Ok(self
+            .inner
+            .futures
+            .poll_feed(feed, prev_cursor, retrieved, timeout)
+            .await)
     }
 
     /// Long-polls a future for up to `timeout`.

@@ -1,10 +1,15 @@
 //! The futures store: one entry per request id with its lifecycle and result.
 //!
-//! A handle over `Mutex<State>`; the mutex is a std mutex held only for short, `await`-free
+//! A handle over `Mutex<Entries>`; the mutex is a std mutex held only for short, `await`-free
 //! sections. Waiters long-poll on a per-entry [`tokio::sync::Notify`] (no busy loops). Finished
-//! entries are purged `ttl` after they finished, whether or not they were retrieved.
+//! entries are purged `ttl` after they finished, or as soon as their client reports them
+//! retrieved ([`FutureStore::poll_feed`]).
+//!
+//! A request may report to a completion feed (a sampling session's, per SDK clone: the SDK's
+//! `retrieve_futures` poller): when it finishes, an event with the next cursor is appended to
+//! its feed, and one long poll of the feed learns of every request of that client that finished.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,22 +52,97 @@ impl FutureState {
     }
 }
 
+/// A completion feed: one sampling session of one tenant, as seen by one SDK client of it (the
+/// original is clone 0; unpickled copies get theirs from `join_sampling_session`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FeedKey {
+    /// Owner.
+    #[serde(skip)]
+    pub tenant: TenantId,
+    /// The sampling session.
+    pub sampler_id: String,
+    /// The SDK client of it (`seq_id / 1e9` of its requests).
+    pub clone: u64,
+}
+
+/// A request of a feed that finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Its place in the feed: larger than every earlier completion's, across restarts too.
+    pub cursor: u64,
+    /// The request.
+    pub request_id: RequestId,
+    /// Whether it failed (its error is read with `retrieve_future`, as a result is).
+    pub failed: bool,
+    at: Instant,
+}
+
+/// What one poll of a feed found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedPoll {
+    /// Completions after the poll's cursor, oldest first.
+    pub completions: Vec<Completion>,
+    /// The cursor to send next: the last completion's, or the one sent when there is none.
+    pub cursor: u64,
+}
+
+#[derive(Default)]
+struct Feed {
+    completions: VecDeque<Completion>,
+    notify: Arc<Notify>,
+    /// Last polled or appended to (feeds idle past the TTL are dropped).
+    touched: Option<Instant>,
+}
+
 struct Entry {
     tenant: TenantId,
     state: FutureState,
     finished_at: Option<Instant>,
     notify: Arc<Notify>,
+    feed: Option<FeedKey>,
+}
+
+/// What the store's mutex guards: the entries, the feeds and the next feed cursor.
+struct Entries {
+    entries: HashMap<RequestId, Entry>,
+    feeds: HashMap<FeedKey, Feed>,
+    next_cursor: u64,
+}
+
+impl Entries {
+    /// Appends `id`'s completion to its feed, if it reports to one, waking the feed's pollers.
+    fn report(&mut self, id: &str) {
+        let Some(entry) = self.entries.get(id) else {
+            return;
+        };
+        let Some(key) = entry.feed.clone() else {
+            return;
+        };
+        let failed = matches!(entry.state, FutureState::Failed(_));
+        let cursor = self.next_cursor;
+        self.next_cursor += 1;
+        let now = Instant::now();
+        let feed = self.feeds.entry(key).or_default();
+        feed.completions.push_back(Completion {
+            cursor,
+            request_id: id.to_string(),
+            failed,
+            at: now,
+        });
+        feed.touched = Some(now);
+        feed.notify.notify_waiters();
+    }
 }
 
 /// Shared handle to the store.
 #[derive(Clone)]
 pub struct FutureStore {
-    inner: Arc<Mutex<HashMap<RequestId, Entry>>>,
+    inner: Arc<Mutex<Entries>>,
     ttl: Duration,
     durable: Option<Arc<dyn Store>>,
 }
 
-fn row(id: &str, tenant: &str, state: &FutureState) -> FutureRow {
+fn row(id: &str, tenant: &str, state: &FutureState, feed: Option<&FeedKey>) -> FutureRow {
     let terminal = state.is_terminal();
     FutureRow {
         id: id.to_string(),
@@ -70,14 +150,26 @@ fn row(id: &str, tenant: &str, state: &FutureState) -> FutureRow {
         state: state.name().to_string(),
         outcome_json: terminal.then(|| serde_json::to_string(state).unwrap_or_default()),
         finished: terminal.then(unix_now),
+        feed_json: feed.and_then(|f| serde_json::to_string(f).ok()),
     }
+}
+
+/// The first feed cursor of this process: microseconds since the epoch, so cursors after a
+/// restart are larger than any handed out before it (a process appends far fewer than a million
+/// completions a second).
+fn first_cursor() -> u64 {
+    (unix_now() * 1e6) as u64
 }
 
 impl FutureStore {
     /// An empty store keeping finished results for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         FutureStore {
-            inner: Arc::new(Mutex::new(HashMap::new())),
+            inner: Arc::new(Mutex::new(Entries {
+                entries: HashMap::new(),
+                feeds: HashMap::new(),
+                next_cursor: first_cursor(),
+            })),
             ttl,
             durable: None,
         }
@@ -91,9 +183,9 @@ impl FutureStore {
         }
     }
 
-    fn persist(&self, id: &str, tenant: &str, state: &FutureState) {
+    fn persist(&self, id: &str, tenant: &str, state: &FutureState, feed: Option<&FeedKey>) {
         if let Some(store) = &self.durable {
-            if let Err(e) = store.put_future(&row(id, tenant, state)) {
+            if let Err(e) = store.put_future(&row(id, tenant, state, feed)) {
                 tracing::error!(error = %e, request_id = id, "cannot persist a future");
             }
         }
@@ -101,7 +193,9 @@ impl FutureStore {
 
     /// Reloads futures from the durable store after a restart: finished ones keep their
     /// outcome; ones that were queued or running fail with "server restarted". Returns how
-    /// many were failed that way.
+    /// many were failed that way. Every reloaded future of a feed is reported to it again (its
+    /// client may not have heard of it before the restart; one heard of twice costs the client
+    /// nothing, one never heard of would leave it waiting).
     pub fn restore(&self) -> Result<usize> {
         let Some(store) = &self.durable else {
             return Ok(0);
@@ -113,43 +207,60 @@ impl FutureStore {
                 .as_deref()
                 .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
                 .filter(FutureState::is_terminal);
+            let feed = r
+                .feed_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<FeedKey>(j).ok())
+                .map(|f| FeedKey {
+                    tenant: r.tenant.clone(),
+                    ..f
+                });
             let state = match state {
                 Some(s) => s,
                 None => {
                     restarted += 1;
                     let failed = FutureState::Failed(EngineError::ServerRestarted);
-                    self.persist(&r.id, &r.tenant, &failed);
+                    self.persist(&r.id, &r.tenant, &failed, feed.as_ref());
                     failed
                 }
             };
             let mut map = self.lock();
-            map.insert(
+            map.entries.insert(
                 r.id.clone(),
                 Entry {
                     tenant: r.tenant,
                     state,
                     finished_at: Some(Instant::now()),
                     notify: Arc::new(Notify::new()),
+                    feed,
                 },
             );
+            map.report(&r.id);
         }
         Ok(restarted)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Registers a new request of `tenant` as queued.
     pub fn insert(&self, id: &str, tenant: &str) {
-        self.persist(id, tenant, &FutureState::Queued);
-        self.lock().insert(
+        self.insert_in_feed(id, tenant, None);
+    }
+
+    /// Registers a new request of `tenant` as queued, reporting its completion to `feed` (whose
+    /// tenant is `tenant`).
+    pub fn insert_in_feed(&self, id: &str, tenant: &str, feed: Option<FeedKey>) {
+        self.persist(id, tenant, &FutureState::Queued, feed.as_ref());
+        self.lock().entries.insert(
             id.to_string(),
             Entry {
                 tenant: tenant.to_string(),
                 state: FutureState::Queued,
                 finished_at: None,
                 notify: Arc::new(Notify::new()),
+                feed,
             },
         );
     }
@@ -157,7 +268,7 @@ impl FutureStore {
     /// Forgets a request that was never admitted (its submission was refused, so no client holds
     /// its id): kept, refused submissions would fill the store at the rate they are sent.
     pub fn forget(&self, id: &str) {
-        let Some(entry) = self.lock().remove(id) else {
+        let Some(entry) = self.lock().entries.remove(id) else {
             return;
         };
         entry.notify.notify_waiters();
@@ -171,24 +282,29 @@ impl FutureStore {
     /// Moves a request to `state`, waking its waiters. Terminal states are final.
     pub fn set(&self, id: &str, state: FutureState) {
         let mut map = self.lock();
-        if let Some(entry) = map.get_mut(id) {
-            if entry.state.is_terminal() {
-                return;
-            }
-            if state.is_terminal() {
-                entry.finished_at = Some(Instant::now());
-                // Durable before any waiter sees it: an acknowledged result survives a crash.
-                self.persist(id, &entry.tenant, &state);
-            }
-            entry.state = state;
-            entry.notify.notify_waiters();
+        let Some(entry) = map.entries.get_mut(id) else {
+            return;
+        };
+        if entry.state.is_terminal() {
+            return;
+        }
+        let terminal = state.is_terminal();
+        if terminal {
+            entry.finished_at = Some(Instant::now());
+            // Durable before any waiter sees it: an acknowledged result survives a crash.
+            self.persist(id, &entry.tenant, &state, entry.feed.as_ref());
+        }
+        entry.state = state;
+        entry.notify.notify_waiters();
+        if terminal {
+            map.report(id);
         }
     }
 
     /// The state of `id` if it belongs to `tenant` (another tenant's id is "not found").
     pub fn get(&self, tenant: &str, id: &str) -> Result<FutureState> {
         let map = self.lock();
-        match map.get(id) {
+        match map.entries.get(id) {
             Some(e) if e.tenant == tenant => Ok(e.state.clone()),
             _ => Err(EngineError::NotFound {
                 what: "request".into(),
@@ -203,7 +319,7 @@ impl FutureStore {
         loop {
             let notify = {
                 let map = self.lock();
-                match map.get(id) {
+                match map.entries.get(id) {
                     Some(e) if e.tenant == tenant => {
                         if e.state.is_terminal() {
                             return Ok(e.state.clone());
@@ -232,16 +348,101 @@ impl FutureStore {
         }
     }
 
-    /// Drops entries finished more than the TTL before `now`; returns how many.
+    /// Long-polls `feed` for up to `timeout`: answers as soon as it holds completions after
+    /// `prev_cursor` (those at or before it are seen, and dropped), or when the time is up.
+    /// First forgets the requests of that feed in `retrieved` that have finished: their client
+    /// has their results, so they need not wait out the TTL.
+    pub async fn poll_feed(
+        &self,
+        feed: &FeedKey,
+        prev_cursor: u64,
+        retrieved: &[String],
+        timeout: Duration,
+    ) -> FeedPoll {
+        self.forget_retrieved(feed, retrieved);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notify = {
+                let mut map = self.lock();
+                let f = map.feeds.entry(feed.clone()).or_default();
+                f.touched = Some(Instant::now());
+                while f
+                    .completions
+                    .front()
+                    .is_some_and(|c| c.cursor <= prev_cursor)
+                {
+                    f.completions.pop_front();
+                }
+                if !f.completions.is_empty() || Instant::now() >= deadline {
+                    let completions: Vec<Completion> = f.completions.iter().cloned().collect();
+                    let cursor = completions.last().map_or(prev_cursor, |c| c.cursor);
+                    return FeedPoll {
+                        completions,
+                        cursor,
+                    };
+                }
+                f.notify.clone()
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check after registering, so a completion between the two is not missed.
+            let appended = self
+                .lock()
+                .feeds
+                .get(feed)
+                .is_some_and(|f| f.completions.back().is_some_and(|c| c.cursor > prev_cursor));
+            if !appended {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
+        }
+    }
+
+    /// Forgets the finished requests among `ids` that report to `feed` (others are left alone:
+    /// an id of another client or tenant, or one still running, is not this caller's to drop).
+    fn forget_retrieved(&self, feed: &FeedKey, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let forgotten: Vec<String> = {
+            let mut map = self.lock();
+            let forgotten: Vec<String> = ids
+                .iter()
+                .filter(|id| {
+                    map.entries
+                        .get(id.as_str())
+                        .is_some_and(|e| e.state.is_terminal() && e.feed.as_ref() == Some(feed))
+                })
+                .cloned()
+                .collect();
+            for id in &forgotten {
+                map.entries.remove(id);
+            }
+            if let Some(f) = map.feeds.get_mut(feed) {
+                f.completions.retain(|c| !forgotten.contains(&c.request_id));
+            }
+            forgotten
+        };
+        if let (Some(store), false) = (&self.durable, forgotten.is_empty()) {
+            if let Err(e) = store.delete_futures(&forgotten) {
+                tracing::error!(error = %e, "cannot forget retrieved futures");
+            }
+        }
+    }
+
+    /// Drops entries finished more than the TTL before `now`, with their completions, and feeds
+    /// idle that long; returns how many entries.
     pub fn purge(&self, now: Instant) -> usize {
         let mut map = self.lock();
-        let before = map.len();
+        let before = map.entries.len();
         let ttl = self.ttl;
-        map.retain(|_, e| {
-            e.finished_at
-                .is_none_or(|t| now.saturating_duration_since(t) <= ttl)
+        let fresh = |t: Instant| now.saturating_duration_since(t) <= ttl;
+        map.entries.retain(|_, e| e.finished_at.is_none_or(fresh));
+        let purged = before - map.entries.len();
+        map.feeds.retain(|_, f| {
+            f.completions.retain(|c| fresh(c.at));
+            !f.completions.is_empty() || f.touched.is_some_and(fresh)
         });
-        let purged = before - map.len();
         drop(map);
         if let Some(store) = &self.durable {
             if let Err(e) = store.purge_futures(unix_now() - ttl.as_secs_f64()) {
@@ -254,7 +455,7 @@ impl FutureStore {
     /// Counts of entries by state name.
     pub fn counts(&self) -> HashMap<&'static str, usize> {
         let mut out = HashMap::new();
-        for e in self.lock().values() {
+        for e in self.lock().entries.values() {
             *out.entry(e.state.name()).or_default() += 1;
         }
         out
@@ -263,6 +464,7 @@ impl FutureStore {
     /// Ids of requests not yet finished (for shutdown bookkeeping).
     pub fn unfinished(&self) -> Vec<RequestId> {
         self.lock()
+            .entries
             .iter()
             .filter(|(_, e)| !e.state.is_terminal())
             .map(|(id, _)| id.clone())
@@ -324,5 +526,126 @@ mod tests {
         assert_eq!(store.purge(Instant::now()), 1);
         assert!(store.get("a", "done").is_err());
         assert_eq!(store.get("a", "pending").unwrap(), FutureState::Queued);
+    }
+
+    fn feed(tenant: &str, clone: u64) -> FeedKey {
+        FeedKey {
+            tenant: tenant.into(),
+            sampler_id: "sess:sample:0".into(),
+            clone,
+        }
+    }
+
+    fn ids(poll: &FeedPoll) -> Vec<(&str, bool)> {
+        poll.completions
+            .iter()
+            .map(|c| (c.request_id.as_str(), c.failed))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_feed_reports_its_clients_requests_once_each_in_order() {
+        let store = FutureStore::new(Duration::from_secs(60));
+        let (mine, other) = (feed("a", 1), feed("a", 2));
+        store.insert_in_feed("r1", "a", Some(mine.clone()));
+        store.insert_in_feed("r2", "a", Some(mine.clone()));
+        store.insert_in_feed("r3", "a", Some(other.clone()));
+        store.insert("r4", "a");
+        // Nothing finished: a poll waits out its timeout and answers the cursor it was sent.
+        let empty = store.poll_feed(&mine, 0, &[], Duration::from_secs(3)).await;
+        assert_eq!((empty.completions.len(), empty.cursor), (0, 0));
+        // A long poll wakes at the first completion.
+        let s2 = store.clone();
+        let waiting = mine.clone();
+        let poll = tokio::spawn(async move {
+            s2.poll_feed(&waiting, 0, &[], Duration::from_secs(30))
+                .await
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store.set("r2", FutureState::Failed(EngineError::Cancelled));
+        store.set("r4", done());
+        store.set("r3", done());
+        let first = poll.await.unwrap();
+        assert_eq!(ids(&first), [("r2", true)]);
+        store.set("r1", done());
+        // Completions after the cursor sent; those at or before it are dropped.
+        let second = store
+            .poll_feed(&mine, first.cursor, &[], Duration::ZERO)
+            .await;
+        assert_eq!(ids(&second), [("r1", false)]);
+        assert!(second.cursor > first.cursor);
+        let again = store.poll_feed(&mine, 0, &[], Duration::ZERO).await;
+        assert_eq!(ids(&again), [("r1", false)], "r2 was acknowledged");
+        // The other clone's feed holds its own request only; a plain request reports nowhere.
+        let theirs = store.poll_feed(&other, 0, &[], Duration::ZERO).await;
+        assert_eq!(ids(&theirs), [("r3", false)]);
+        // Another tenant's feed of the same name is another feed.
+        let bobs = store.poll_feed(&feed("b", 1), 0, &[], Duration::ZERO).await;
+        assert!(bobs.completions.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retrieved_requests_are_forgotten_only_when_finished_and_of_that_feed() {
+        let store = FutureStore::new(Duration::from_secs(60));
+        let mine = feed("a", 0);
+        store.insert_in_feed("done", "a", Some(mine.clone()));
+        store.insert_in_feed("queued", "a", Some(mine.clone()));
+        store.insert_in_feed("theirs", "a", Some(feed("a", 3)));
+        store.set("done", done());
+        store.set("theirs", done());
+        let retrieved = ["done", "queued", "theirs", "unknown"].map(String::from);
+        let poll = store.poll_feed(&mine, 0, &retrieved, Duration::ZERO).await;
+        assert!(
+            poll.completions.is_empty(),
+            "done's completion went with it"
+        );
+        assert!(store.get("a", "done").is_err());
+        assert_eq!(store.get("a", "queued").unwrap(), FutureState::Queued);
+        assert_eq!(store.get("a", "theirs").unwrap(), done());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_reports_every_stored_request_of_a_feed_after_the_old_cursors() {
+        let db: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::in_memory().unwrap());
+        let mine = feed("a", 1);
+        let before = FutureStore::durable(Duration::from_secs(60), db.clone());
+        before.insert_in_feed("finished", "a", Some(mine.clone()));
+        before.insert_in_feed("running", "a", Some(mine.clone()));
+        before.insert_in_feed("retrieved", "a", Some(mine.clone()));
+        before.set("finished", done());
+        before.set("retrieved", done());
+        before.set("running", FutureState::Running);
+        let seen = before
+            .poll_feed(&mine, 0, &["retrieved".to_string()], Duration::ZERO)
+            .await;
+        assert_eq!(ids(&seen), [("finished", false)]);
+        // The process ends; a new one reloads the store. Its cursors are later (they count
+        // microseconds), and the poller's old cursor must not hide what the restart reports.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let after = FutureStore::durable(Duration::from_secs(60), db);
+        assert_eq!(after.restore().unwrap(), 1);
+        let poll = after
+            .poll_feed(&mine, seen.cursor, &[], Duration::ZERO)
+            .await;
+        let mut got = ids(&poll);
+        got.sort();
+        assert_eq!(got, [("finished", false), ("running", true)]);
+        assert!(after.get("a", "retrieved").is_err(), "forgotten for good");
+        assert_eq!(
+            after.get("a", "running").unwrap(),
+            FutureState::Failed(EngineError::ServerRestarted)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completions_and_idle_feeds_go_after_the_ttl() {
+        let store = FutureStore::new(Duration::from_secs(60));
+        let mine = feed("a", 0);
+        store.insert_in_feed("r", "a", Some(mine.clone()));
+        store.set("r", done());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(store.purge(Instant::now()), 1);
+        assert!(store.lock().feeds.is_empty());
     }
 }

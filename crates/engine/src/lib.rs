@@ -21,7 +21,7 @@ pub use backend::{Admitted, Backend, DecodeStep, KvHeld, ModelWorker};
 pub use base::{BaseModel, BaseModelInfo};
 pub use engine::{Engine, EngineConfig, OrderLog, QueueStats, StatsSnapshot, TenantUsage};
 pub use error::{EngineError, Result};
-pub use futures::{FutureState, FutureStore};
+pub use futures::{Completion, FeedKey, FeedPoll, FutureState, FutureStore};
 pub use job::{
     CheckpointKind, KvFootprint, ModelKey, Output, QueueKey, RequestId, SamplerKey, SaveOptions,
     TenantId, Work,

@@ -350,6 +350,10 @@ pub enum Holder {
     Sampler(Arc<SamplerEntry>),
 }
 
+/// Clone ids a sampling session hands out, the original's 0 included: the SDK numbers a clone's
+/// requests from `1e9 * clone`, which must stay within an `i64`.
+pub const SAMPLER_CLONES: u64 = 1_000_000_000;
+
 /// A sampling session used this recently is never removed to make room for another.
 pub const SAMPLER_MIN_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -1137,6 +1141,20 @@ impl Registry {
     /// Every sampling session (all tenants).
     pub fn all_samplers(&self) -> Vec<Arc<SamplerEntry>> {
         self.samplers.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// A new clone id of `tenant`'s sampling session `sampler_id` (an unpickled SDK client's,
+    /// `join_sampling_session`): unique among its clients, restarts included.
+    pub fn join_sampler(&self, tenant: &str, sampler_id: &str) -> Result<u64> {
+        self.sampler(tenant, sampler_id)?;
+        let clone = self.db.next_sampler_clone(tenant, sampler_id)?;
+        if clone >= SAMPLER_CLONES {
+            return Err(EngineError::LimitReached(format!(
+                "sampling session {sampler_id} has handed out all {} clone ids; create another",
+                SAMPLER_CLONES - 1
+            )));
+        }
+        Ok(clone)
     }
 
     /// The session `sampler_id` of `tenant`.

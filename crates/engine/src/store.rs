@@ -81,6 +81,8 @@ pub struct FutureRow {
     pub outcome_json: Option<String>,
     /// Finish time (unix seconds).
     pub finished: Option<f64>,
+    /// The completion feed it reports to (a sampling session's, as JSON), if any.
+    pub feed_json: Option<String>,
 }
 
 /// A sampled sequence recorded at sampling time (`record_stability_info`), which
@@ -160,6 +162,12 @@ pub trait Store: Send + Sync {
     fn purge_futures(&self, unix_time: f64) -> Result<usize>;
     /// Forgets one future.
     fn delete_future(&self, id: &str) -> Result<()>;
+    /// Forgets futures (in one transaction).
+    fn delete_futures(&self, ids: &[String]) -> Result<()>;
+    /// The next clone id of a sampling session (`join_sampling_session`: 1, 2, ...; the
+    /// original client is 0), counted in the store so none is handed out twice, restarts
+    /// included.
+    fn next_sampler_clone(&self, tenant: &str, sampler_id: &str) -> Result<u64>;
     /// Records sampled sequences of one tenant (in one transaction).
     fn put_samples(&self, tenant: &str, rows: &[SampleRow]) -> Result<()>;
     /// The tenant's recorded sequences among `ids` (unknown ids are absent), each marked used
@@ -202,7 +210,7 @@ CREATE TABLE IF NOT EXISTS samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT N
 CREATE TABLE IF NOT EXISTS checkpoints (tenant TEXT NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL,
   PRIMARY KEY (tenant, path));
 CREATE TABLE IF NOT EXISTS futures (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
-  outcome TEXT, finished REAL);
+  outcome TEXT, finished REAL, feed TEXT);
 CREATE INDEX IF NOT EXISTS futures_finished ON futures (finished);
 CREATE TABLE IF NOT EXISTS samples (tenant TEXT NOT NULL, id TEXT NOT NULL, sampler TEXT NOT NULL,
   prompt BLOB NOT NULL, tokens BLOB NOT NULL, logprobs BLOB NOT NULL, used REAL NOT NULL,
@@ -214,6 +222,8 @@ CREATE TABLE IF NOT EXISTS usage (tenant TEXT NOT NULL, hour INTEGER NOT NULL, s
 CREATE TABLE IF NOT EXISTS checkpoint_lives (tenant TEXT NOT NULL, source TEXT NOT NULL,
   created REAL NOT NULL, ended REAL NOT NULL, bytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS checkpoint_lives_tenant ON checkpoint_lives (tenant, created);
+CREATE TABLE IF NOT EXISTS sampler_clones (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL,
+  clones INTEGER NOT NULL, PRIMARY KEY (tenant, sampler_id));
 CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL,
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 ";
@@ -262,6 +272,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .exists([])?;
     if !has_inflight {
         conn.execute_batch("ALTER TABLE samplers ADD COLUMN inflight_of TEXT")?;
+    }
+    let has_feed = conn
+        .prepare("SELECT 1 FROM pragma_table_info('futures') WHERE name = 'feed'")?
+        .exists([])?;
+    if !has_feed {
+        conn.execute_batch("ALTER TABLE futures ADD COLUMN feed TEXT")?;
     }
     Ok(())
 }
@@ -399,6 +415,10 @@ impl Store for SqliteStore {
             c.execute(
                 "DELETE FROM samplers WHERE tenant = ?1 AND sampler_id = ?2",
                 params![tenant, sampler_id],
+            )?;
+            c.execute(
+                "DELETE FROM sampler_clones WHERE tenant = ?1 AND sampler_id = ?2",
+                params![tenant, sampler_id],
             )
             .map(|_| ())
         })
@@ -426,8 +446,8 @@ impl Store for SqliteStore {
     fn put_future(&self, r: &FutureRow) -> Result<()> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO futures (id, tenant, state, outcome, finished) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![r.id, r.tenant, r.state, r.outcome_json, r.finished],
+                "INSERT OR REPLACE INTO futures (id, tenant, state, outcome, finished, feed) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![r.id, r.tenant, r.state, r.outcome_json, r.finished, r.feed_json],
             )
             .map(|_| ())
         })
@@ -435,7 +455,8 @@ impl Store for SqliteStore {
 
     fn futures(&self) -> Result<Vec<FutureRow>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, tenant, state, outcome, finished FROM futures")?;
+            let mut st =
+                c.prepare("SELECT id, tenant, state, outcome, finished, feed FROM futures")?;
             let rows = st.query_map([], |r| {
                 Ok(FutureRow {
                     id: r.get(0)?,
@@ -443,6 +464,7 @@ impl Store for SqliteStore {
                     state: r.get(2)?,
                     outcome_json: r.get(3)?,
                     finished: r.get(4)?,
+                    feed_json: r.get(5)?,
                 })
             })?;
             rows.collect()
@@ -462,6 +484,33 @@ impl Store for SqliteStore {
         self.with(|c| {
             c.execute("DELETE FROM futures WHERE id = ?1", params![id])
                 .map(|_| ())
+        })
+    }
+
+    fn delete_futures(&self, ids: &[String]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM futures WHERE id = ?1")
+                .map_err(db_err)?;
+            for id in ids {
+                st.execute(params![id]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    fn next_sampler_clone(&self, tenant: &str, sampler_id: &str) -> Result<u64> {
+        self.with(|c| {
+            c.query_row(
+                "INSERT INTO sampler_clones (tenant, sampler_id, clones) VALUES (?1, ?2, 1)
+                 ON CONFLICT (tenant, sampler_id) DO UPDATE SET clones = clones + 1
+                 RETURNING clones",
+                params![tenant, sampler_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n.max(0) as u64)
         })
     }
 
@@ -742,6 +791,7 @@ mod tests {
                 state: "queued".into(),
                 outcome_json: None,
                 finished: None,
+                feed_json: None,
             })
             .unwrap();
             s.put_future(&FutureRow {
@@ -750,6 +800,7 @@ mod tests {
                 state: "done".into(),
                 outcome_json: Some("{}".into()),
                 finished: Some(5.0),
+                feed_json: None,
             })
             .unwrap();
         }
@@ -871,7 +922,7 @@ mod tests {
     }
 
     #[test]
-    fn a_database_from_before_session_details_and_inflight_samplers_gains_the_columns() {
+    fn a_database_from_before_session_details_inflight_samplers_and_feeds_gains_the_columns() {
         let dir = std::env::temp_dir().join(format!("loraloom-store-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         {
@@ -881,13 +932,17 @@ mod tests {
                  INSERT INTO sessions VALUES ('old', 't', 1.0);
                  CREATE TABLE samplers (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL, checkpoint TEXT,
                    base_model TEXT NOT NULL, PRIMARY KEY (tenant, sampler_id));
-                 INSERT INTO samplers VALUES ('t', 's', NULL, 'base');",
+                 INSERT INTO samplers VALUES ('t', 's', NULL, 'base');
+                 CREATE TABLE futures (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
+                   outcome TEXT, finished REAL);
+                 INSERT INTO futures VALUES ('f', 't', 'queued', NULL, NULL);",
             )
             .unwrap();
         }
         let s = SqliteStore::open(&dir).unwrap();
         assert_eq!(s.sessions().unwrap()[0].details_json, "{}");
         assert_eq!(s.samplers().unwrap()[0].inflight_of, None);
+        assert_eq!(s.futures().unwrap()[0].feed_json, None);
         let follower = SamplerRow {
             tenant: "t".into(),
             sampler_id: "f".into(),
@@ -897,6 +952,12 @@ mod tests {
         };
         s.put_sampler(&follower).unwrap();
         assert!(s.samplers().unwrap().contains(&follower));
+        // Clone ids count per session, and go with it.
+        assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 1);
+        assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 2);
+        assert_eq!(s.next_sampler_clone("t", "s").unwrap(), 1);
+        s.delete_sampler("t", "f").unwrap();
+        assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 1);
         drop(s);
         // Opening again finds the column and leaves it be.
         assert_eq!(

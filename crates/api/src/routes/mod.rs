@@ -10,10 +10,10 @@ use axum::http::{HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use loraloom_engine::registry::{parse_checkpoint_path, validate_name};
+use loraloom_engine::registry::{parse_checkpoint_path, validate_name, SAMPLER_CLONES};
 use loraloom_engine::{
-    CheckpointKind, CheckpointRecord, EngineError, FutureState, ModelKey, QueueKey, SamplerKey,
-    SamplerSource, SaveOptions, Work,
+    CheckpointKind, CheckpointRecord, EngineError, FeedKey, FutureState, ModelKey, QueueKey,
+    SamplerKey, SamplerSource, SaveOptions, Work,
 };
 use loraloom_model::LoraSpec;
 use prost::Message;
@@ -98,11 +98,13 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/create_sampling_session",
             post(create_sampling_session),
         )
+        .route("/api/v1/join_sampling_session", post(join_sampling_session))
         .route("/api/v1/samplers/{id}", get(get_sampler))
         .route("/api/v1/asample", post(asample))
         .route("/api/v1/sample", post(sample_sync))
         .route("/api/v1/retrieve_future", post(retrieve_future))
         .route("/retrieve_future", post(retrieve_future))
+        .route("/api/v1/retrieve_futures", post(retrieve_futures))
         .route("/api/v1/cancel_future", post(cancel_future))
         .route("/api/v1/training_runs", get(list_runs))
         .route("/api/v1/training_runs/{id}", get(get_run))
@@ -261,8 +263,8 @@ async fn client_config(State(state): State<AppState>) -> Json<Value> {
         "sample_max_concurrent_requests": state.engine.max_queued_per_tenant().max(1),
         "pjwt_auth_enabled": false,
         "proto_compress_fwdbwd": true,
-        "sample_use_retrieve_futures": false,
-        "sample_join_sampling_session": false,
+        "sample_use_retrieve_futures": state.sample_poller,
+        "sample_join_sampling_session": true,
         "custom_loss_server_side": true,
     }))
 }

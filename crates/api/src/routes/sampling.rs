@@ -59,6 +59,29 @@ pub(super) async fn create_sampling_session(
     ))
 }
 
+#[derive(Deserialize)]
+pub(super) struct JoinSamplingSessionRequest {
+    sampling_session_id: String,
+}
+
+/// An unpickled SDK `SamplingClient` (`sample_join_sampling_session`) asks for its clone id
+/// before its first sample: it numbers its requests from `1e9 * id`, so clones of one session
+/// never share a `seq_id` (nor a completion feed). Ids count from 1 (the original is 0) in the
+/// database, so none is handed out twice, restarts included.
+pub(super) async fn join_sampling_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<JoinSamplingSessionRequest>,
+) -> ApiResult<Json<Value>> {
+    let clone = state
+        .engine
+        .registry()
+        .join_sampler(&tenant, &body.sampling_session_id)?;
+    Ok(Json(
+        json!({"type": "join_sampling_session", "client_counter": clone}),
+    ))
+}
+
 pub(super) async fn get_sampler(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
@@ -78,6 +101,9 @@ pub(super) async fn get_sampler(
 pub(super) struct SampleRequest {
     #[serde(default)]
     sampling_session_id: Option<String>,
+    /// The SDK client's request number: `1e9 * clone + n` (see [`join_sampling_session`]).
+    #[serde(default)]
+    seq_id: Option<i64>,
     #[serde(default)]
     base_model: Option<String>,
     #[serde(default)]
@@ -151,6 +177,13 @@ fn submit_sample(
 ) -> ApiResult<(String, i64)> {
     let prompt = body.prompt.tokens("prompt")?;
     let scoring = body.scoring(prompt.len())?;
+    // The SDK client that sent it, whose completion feed it reports to (sampling sessions
+    // only: a request naming its model directly has no session to poll). Clone `c` numbers its
+    // requests from `c * 1e9`, as many as there are clone ids.
+    let clone = body
+        .seq_id
+        .map_or(0, |seq| seq.max(0) as u64 / SAMPLER_CLONES);
+    let feed = body.sampling_session_id.is_some().then_some(clone);
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
@@ -184,7 +217,10 @@ fn submit_sample(
         tenant: tenant.to_string(),
         sampler_id,
     });
-    let id = state.engine.submit(queue, work)?;
+    let id = match feed {
+        Some(clone) => state.engine.submit_sample(queue, work, clone)?,
+        None => state.engine.submit(queue, work)?,
+    };
     Ok((id, body.num_samples))
 }
 
