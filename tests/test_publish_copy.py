@@ -82,6 +82,47 @@ def test_publish_then_others_read_but_never_write_and_copies_outlive_their_sourc
     r = requests.post(srv.url + "/api/v1/copy_weights", headers={"X-API-Key": ALICE},
                       json={"source_path": mine})
     assert r.status_code == 400 and r.json()["field"] == "destination_project_id", r.text
+
+    # All of it is in Alice's audit log (`AdminClient.get_audit_log`), Bob's reads naming him.
+    session = rest_a.list_sessions(limit=1).result().sessions[0]
+    rest_a.assign_session_project(session, "audited").result()
+    log = tinker.AdminClient(base_url=srv.url, api_key=ALICE).get_audit_log().result().entries
+    assert [e.timestamp for e in log] == sorted(e.timestamp for e in log)
+    seen = [(e.event, e.event_details.get("tinker_path"), e.event_details.get("actor"),
+             e.event_details.get("purpose") or e.event_details.get("reason")) for e in log]
+    expected_order = [
+        ("checkpoint_created", weights, "alice", None),
+        ("checkpoint_published", weights, "alice", None),
+        ("checkpoint_read", weights, "bob", "load"),
+        ("checkpoint_read", state, "bob", "load"),
+        ("checkpoint_read", state, "bob", "weights_info"),
+        ("checkpoint_read", weights, "bob", "copy"),
+        ("checkpoint_created", mine, "alice", None),
+        ("checkpoint_unpublished", weights, "alice", None),
+        ("checkpoint_deleted", weights, "alice", "requested"),
+        ("checkpoint_deleted", state, "alice", "requested"),
+    ]
+    positions = [seen.index(e) for e in expected_order]
+    assert positions == sorted(positions), seen
+    created = next(e for e in log if e.event == "checkpoint_created" and e.tinker_path == mine)
+    assert created.event_details["copied_from"] == state and created.model_id == mine.split("/")[2]
+    # Bob read nothing else of hers, and Alice's own reads are not logged.
+    assert {s[2] for s in seen if s[0] == "checkpoint_read"} == {"bob"}
+    assert all(s[2] == "alice" for s in seen if s[0] != "checkpoint_read"), seen
+    projects = tinker.AdminClient(base_url=srv.url, api_key=ALICE).get_audit_log(
+        event_type="projects").result().entries
+    assert [(e.event, e.event_details["project_id"], e.event_details["session_id"]) for e in projects] \
+        == [("project_session_assigned", "audited", session)]
+    # Bob's log holds his own checkpoints only; another day's log is empty.
+    bobs_log = tinker.AdminClient(base_url=srv.url, api_key=BOB).get_audit_log().result().entries
+    assert bobs_copy in {e.tinker_path for e in bobs_log}
+    assert not {weights, state, mine} & {e.tinker_path for e in bobs_log}
+    from datetime import date
+    assert tinker.AdminClient(base_url=srv.url, api_key=ALICE).get_audit_log(
+        day=date(2000, 1, 1)).result().entries == []
+    for query, field in [({"event_type": "everything"}, "event_type"), ({"day": "2026-02-30"}, "day")]:
+        r = requests.get(srv.url + "/api/v1/audit", params=query, headers={"X-API-Key": ALICE})
+        assert r.status_code == 400 and r.json()["field"] == field, r.text
     alice.close("success").result()
     bob.close("success").result()
 

@@ -27,7 +27,7 @@ def greedy(n=6):
 
 
 def sample_sync(srv, session_id, prompt, n=6):
-    """The same prompt through the synchronous route: no futures, no feeds."""
+    """The same prompt through the synchronous route (it reports to no client's feed)."""
     r = post(srv, "/api/v1/sample", {
         "sampling_session_id": session_id,
         "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
@@ -72,6 +72,8 @@ def test_sdk_clients_and_their_clones_sample_through_one_poll_each(tmp_path):
         # Once fetched, the client reports them retrieved and the server forgets them.
         request_ids = [r.sequences[0].sequence_id.rsplit(":", 1)[0] for r in results]
         assert all(future_gone(srv, rid) for rid in request_ids)
+        # Every completion the poller heard of had its waiter (none of the synchronous ones).
+        assert sampler._futures_poller._completions == {}
 
         # Copies sent elsewhere ask for their clone id before their first sample: 1, 2, ...
         first = pickle.loads(pickle.dumps(sampler))
@@ -151,7 +153,7 @@ def poll(srv, session_id, clone=0, cursor=0, timeout=0, retrieved=()):
 
 
 def test_the_feed_protocol_on_the_wire(tmp_path):
-    srv = Server(tmp_path, *TWO_TENANTS)
+    srv = Server(tmp_path, *TWO_TENANTS, "--long-poll-secs", "2")
     try:
         session = post(srv, "/api/v1/create_session", {}).json()["session_id"]
         r = post(srv, "/api/v1/create_sampling_session",
@@ -161,8 +163,19 @@ def test_the_feed_protocol_on_the_wire(tmp_path):
         # Clone 2 numbers its requests from 2e9: its completion goes to its own feed only.
         done = asample(srv, sid, 2_000_000_005, 4)
         first = poll(srv, sid, clone=2, timeout=60)
+        while not first["completions"]:  # long polls answer within 2 s here
+            first = poll(srv, sid, clone=2, timeout=60)
         assert first["completions"] == [{"state": "finished", "request_id": done}]
         assert poll(srv, sid, clone=0)["completions"] == []
+        # With no timeout (or a huge one) a poll of an idle feed waits out the server's long
+        # poll (2 s here) and answers nothing new.
+        for extra in [{}, {"timeout": 1e20}]:
+            started = time.time()
+            r = post(srv, "/api/v1/retrieve_futures", {
+                "target": {"type": "sampling_session", "sampling_session_id": sid,
+                           "cloned_sampler_id": 9}, "prev_cursor": 0, **extra})
+            assert r.status_code == 200 and r.json() == {"completions": [], "cursor": 0}, r.text
+            assert time.time() - started >= 1.5
         # Seen (at or before the cursor sent) is not answered again.
         again = poll(srv, sid, clone=2, cursor=first["cursor"])
         assert again == {"completions": [], "cursor": first["cursor"]}
@@ -176,6 +189,8 @@ def test_the_feed_protocol_on_the_wire(tmp_path):
         long = asample(srv, sid, 5, 4000)
         assert post(srv, "/api/v1/cancel_future", {"request_id": long}).json()["cancelled"]
         failed = poll(srv, sid, timeout=60)
+        while not failed["completions"]:
+            failed = poll(srv, sid, timeout=60)
         assert failed["completions"] == [{"state": "failed", "request_id": long}]
         error = post(srv, "/api/v1/retrieve_future", {"request_id": long}).json()
         assert error.get("error_type") == "cancelled", error
@@ -187,9 +202,11 @@ def test_the_feed_protocol_on_the_wire(tmp_path):
         cursor = failed["cursor"]
     finally:
         srv.stop()
-    srv = Server(tmp_path, *TWO_TENANTS)
+    srv = Server(tmp_path, *TWO_TENANTS, "--long-poll-secs", "2")
     try:
         after = poll(srv, sid, cursor=cursor, timeout=30)
+        while not after["completions"]:
+            after = poll(srv, sid, cursor=after["cursor"], timeout=30)
         assert {"state": "failed", "request_id": running} in after["completions"], after
         assert after["cursor"] > cursor
         error = post(srv, "/api/v1/retrieve_future", {"request_id": running}).json()

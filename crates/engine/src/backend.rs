@@ -766,7 +766,7 @@ impl ModelWorker {
     }
 
     fn load_checkpoint(&self, tenant: &str, path: &str) -> Result<checkpoint::Loaded> {
-        let record = self.registry.readable_checkpoint(tenant, path)?;
+        let record = self.registry.read_checkpoint(tenant, path, "load")?;
         Ok(checkpoint::load(
             &record.dir,
             self.decoder.config(),

@@ -53,6 +53,8 @@ pub struct EngineConfig {
 /// How long a recorded sampled sequence is kept after it was sampled or last trained on (the
 /// day Tinker documents).
 pub const RECORDED_SAMPLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a tenant's audit log keeps an entry (`GET /api/v1/audit`).
+pub const AUDIT_KEPT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Counters of one queue (a run or a sampling session).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -671,9 +673,13 @@ impl Engine {
         retrieved: &[String],
         timeout: Duration,
     ) -> Result<FeedPoll> {
-        self.inner
-            .registry
-            .sampler(&feed.tenant, &feed.sampler_id)?;
+        // A session removed (made room for) still answers what its feed holds: its client's
+        // poller fails every waiter at a 404.
+        if let Err(e) = self.inner.registry.sampler(&feed.tenant, &feed.sampler_id) {
+            if !self.inner.futures.has_feed(feed) {
+                return Err(e);
+            }
+        }
         Ok(self
             .inner
             .futures
@@ -986,6 +992,10 @@ fn reap_checkpoints(inner: std::sync::Weak<Inner>) {
                     .purge_samples(expired, inner.max_recorded_samples)
                 {
                     tracing::warn!(error = %e, "could not forget recorded samples");
+                }
+                let too_old = now - AUDIT_KEPT.as_secs_f64();
+                if let Err(e) = inner.registry.db().purge_audit(too_old) {
+                    tracing::warn!(error = %e, "could not forget old audit entries");
                 }
             }
         }));

@@ -54,15 +54,21 @@ impl FutureState {
 
 /// A completion feed: one sampling session of one tenant, as seen by one SDK client of it (the
 /// original is clone 0; unpickled copies get theirs from `join_sampling_session`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FeedKey {
     /// Owner.
-    #[serde(skip)]
     pub tenant: TenantId,
     /// The sampling session.
     pub sampler_id: String,
     /// The SDK client of it (`seq_id / 1e9` of its requests).
     pub clone: u64,
+}
+
+/// A feed as stored with its futures (the row holds the tenant).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredFeed {
+    sampler_id: String,
+    clone: u64,
 }
 
 /// A request of a feed that finished.
@@ -102,16 +108,58 @@ struct Entry {
     feed: Option<FeedKey>,
 }
 
-/// What the store's mutex guards: the entries, the feeds and the next feed cursor.
+/// Feed cursors: microseconds since the epoch (from the process's start, on a monotonic clock),
+/// strictly increasing. So a cursor tells a client nothing of other feeds but the time, a feed
+/// dropped while empty and made again goes on above the cursors it gave out, and cursors after
+/// a restart are larger than any before it: the store keeps a ceiling a block above the last
+/// cursor given out, and a restarted process starts above it even if the wall clock went back.
+struct CursorClock {
+    base: u64,
+    started: std::time::Instant,
+    last: u64,
+    /// Cursors below this may be given out without writing a new ceiling to the store.
+    reserved: u64,
+}
+
+/// How far above the last cursor the stored ceiling is set (about 17 minutes of microseconds:
+/// one write to the store per 17 minutes of feeds in use).
+const CURSOR_BLOCK: u64 = 1_000_000_000;
+
+impl CursorClock {
+    fn starting_above(floor: u64) -> Self {
+        let base = ((unix_now() * 1e6) as u64).max(floor);
+        CursorClock {
+            base,
+            started: std::time::Instant::now(),
+            last: base,
+            reserved: 0,
+        }
+    }
+
+    /// The next cursor, and a new ceiling the caller must store before handing it out.
+    fn next(&mut self) -> (u64, Option<u64>) {
+        let now = self.base + self.started.elapsed().as_micros() as u64;
+        self.last = now.max(self.last + 1);
+        if self.last < self.reserved {
+            return (self.last, None);
+        }
+        self.reserved = self.last + CURSOR_BLOCK;
+        (self.last, Some(self.reserved))
+    }
+}
+
+/// What the store's mutex guards: the entries, the feeds and the feed cursor clock.
 struct Entries {
     entries: HashMap<RequestId, Entry>,
     feeds: HashMap<FeedKey, Feed>,
-    next_cursor: u64,
+    clock: CursorClock,
 }
 
 impl Entries {
-    /// Appends `id`'s completion to its feed, if it reports to one, waking the feed's pollers.
-    fn report(&mut self, id: &str) {
+    /// Appends `id`'s completion to its feed, if it reports to one, waking the feed's pollers;
+    /// stores a new cursor ceiling first when one is due (a leaf: the store's mutex inside
+    /// this one, as `FutureStore::set` persists).
+    fn report(&mut self, id: &str, durable: Option<&Arc<dyn Store>>) {
         let Some(entry) = self.entries.get(id) else {
             return;
         };
@@ -119,8 +167,12 @@ impl Entries {
             return;
         };
         let failed = matches!(entry.state, FutureState::Failed(_));
-        let cursor = self.next_cursor;
-        self.next_cursor += 1;
+        let (cursor, ceiling) = self.clock.next();
+        if let (Some(store), Some(ceiling)) = (durable, ceiling) {
+            if let Err(e) = store.put_feed_cursor_ceiling(ceiling) {
+                tracing::error!(error = %e, "cannot store the feed cursor ceiling");
+            }
+        }
         let now = Instant::now();
         let feed = self.feeds.entry(key).or_default();
         feed.completions.push_back(Completion {
@@ -150,15 +202,14 @@ fn row(id: &str, tenant: &str, state: &FutureState, feed: Option<&FeedKey>) -> F
         state: state.name().to_string(),
         outcome_json: terminal.then(|| serde_json::to_string(state).unwrap_or_default()),
         finished: terminal.then(unix_now),
-        feed_json: feed.and_then(|f| serde_json::to_string(f).ok()),
+        feed_json: feed.and_then(|f| {
+            serde_json::to_string(&StoredFeed {
+                sampler_id: f.sampler_id.clone(),
+                clone: f.clone,
+            })
+            .ok()
+        }),
     }
-}
-
-/// The first feed cursor of this process: microseconds since the epoch, so cursors after a
-/// restart are larger than any handed out before it (a process appends far fewer than a million
-/// completions a second).
-fn first_cursor() -> u64 {
-    (unix_now() * 1e6) as u64
 }
 
 impl FutureStore {
@@ -168,7 +219,7 @@ impl FutureStore {
             inner: Arc::new(Mutex::new(Entries {
                 entries: HashMap::new(),
                 feeds: HashMap::new(),
-                next_cursor: first_cursor(),
+                clock: CursorClock::starting_above(0),
             })),
             ttl,
             durable: None,
@@ -193,13 +244,15 @@ impl FutureStore {
 
     /// Reloads futures from the durable store after a restart: finished ones keep their
     /// outcome; ones that were queued or running fail with "server restarted". Returns how
-    /// many were failed that way. Every reloaded future of a feed is reported to it again (its
-    /// client may not have heard of it before the restart; one heard of twice costs the client
-    /// nothing, one never heard of would leave it waiting).
+    /// many were failed that way. Every reloaded future of a feed is reported to it again, with
+    /// cursors above every cursor handed out before: its client may not have heard of it (one
+    /// never heard of would leave it waiting). Those it had heard of are the ones it fetched
+    /// but had not yet reported retrieved; each costs it a few bytes for its lifetime.
     pub fn restore(&self) -> Result<usize> {
         let Some(store) = &self.durable else {
             return Ok(0);
         };
+        self.lock().clock = CursorClock::starting_above(store.feed_cursor_ceiling()?);
         let mut restarted = 0;
         for r in store.futures()? {
             let state = r
@@ -210,10 +263,11 @@ impl FutureStore {
             let feed = r
                 .feed_json
                 .as_deref()
-                .and_then(|j| serde_json::from_str::<FeedKey>(j).ok())
+                .and_then(|j| serde_json::from_str::<StoredFeed>(j).ok())
                 .map(|f| FeedKey {
                     tenant: r.tenant.clone(),
-                    ..f
+                    sampler_id: f.sampler_id,
+                    clone: f.clone,
                 });
             let state = match state {
                 Some(s) => s,
@@ -235,7 +289,7 @@ impl FutureStore {
                     feed,
                 },
             );
-            map.report(&r.id);
+            map.report(&r.id, self.durable.as_ref());
         }
         Ok(restarted)
     }
@@ -297,7 +351,7 @@ impl FutureStore {
         entry.state = state;
         entry.notify.notify_waiters();
         if terminal {
-            map.report(id);
+            map.report(id, self.durable.as_ref());
         }
     }
 
@@ -376,6 +430,11 @@ impl FutureStore {
                 if !f.completions.is_empty() || Instant::now() >= deadline {
                     let completions: Vec<Completion> = f.completions.iter().cloned().collect();
                     let cursor = completions.last().map_or(prev_cursor, |c| c.cursor);
+                    if completions.is_empty() && Arc::strong_count(&f.notify) == 1 {
+                        // Nothing to keep and no one waiting: polls of made-up clone ids leave
+                        // nothing behind (later completions make it again, at later cursors).
+                        map.feeds.remove(feed);
+                    }
                     return FeedPoll {
                         completions,
                         cursor,
@@ -398,6 +457,11 @@ impl FutureStore {
         }
     }
 
+    /// Whether `feed` holds completions or pollers.
+    pub fn has_feed(&self, feed: &FeedKey) -> bool {
+        self.lock().feeds.contains_key(feed)
+    }
+
     /// Forgets the finished requests among `ids` that report to `feed` (others are left alone:
     /// an id of another client or tenant, or one still running, is not this caller's to drop).
     fn forget_retrieved(&self, feed: &FeedKey, ids: &[String]) {
@@ -418,8 +482,11 @@ impl FutureStore {
             for id in &forgotten {
                 map.entries.remove(id);
             }
+            let gone: std::collections::HashSet<&str> =
+                forgotten.iter().map(String::as_str).collect();
             if let Some(f) = map.feeds.get_mut(feed) {
-                f.completions.retain(|c| !forgotten.contains(&c.request_id));
+                f.completions
+                    .retain(|c| !gone.contains(c.request_id.as_str()));
             }
             forgotten
         };
@@ -619,15 +686,16 @@ mod tests {
             .poll_feed(&mine, 0, &["retrieved".to_string()], Duration::ZERO)
             .await;
         assert_eq!(ids(&seen), [("finished", false)]);
-        // The process ends; a new one reloads the store. Its cursors are later (they count
-        // microseconds), and the poller's old cursor must not hide what the restart reports.
+        assert!(db.feed_cursor_ceiling().unwrap() > seen.cursor);
+        // The process ends; a new one reloads the store. Its cursors are larger than any before,
+        // even if the wall clock went back: as if the old process's clock had been far ahead,
+        // with its client's cursor (and the stored ceiling) up there.
+        let ahead = seen.cursor + 4_000_000_000_000;
+        db.put_feed_cursor_ceiling(ahead + 1).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
-        std::thread::sleep(std::time::Duration::from_millis(2));
         let after = FutureStore::durable(Duration::from_secs(60), db);
         assert_eq!(after.restore().unwrap(), 1);
-        let poll = after
-            .poll_feed(&mine, seen.cursor, &[], Duration::ZERO)
-            .await;
+        let poll = after.poll_feed(&mine, ahead, &[], Duration::ZERO).await;
         let mut got = ids(&poll);
         got.sort();
         assert_eq!(got, [("finished", false), ("running", true)]);
@@ -636,6 +704,32 @@ mod tests {
             after.get("a", "running").unwrap(),
             FutureState::Failed(EngineError::ServerRestarted)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_feed_polled_leaves_nothing_and_cursors_keep_rising() {
+        let store = FutureStore::new(Duration::from_secs(60));
+        let mine = feed("a", 7);
+        store.insert_in_feed("r1", "a", Some(mine.clone()));
+        store.set("r1", done());
+        let first = store.poll_feed(&mine, 0, &[], Duration::ZERO).await;
+        let empty = store
+            .poll_feed(&mine, first.cursor, &[], Duration::ZERO)
+            .await;
+        assert!(empty.completions.is_empty());
+        for clone in 100..110 {
+            store
+                .poll_feed(&feed("a", clone), 0, &[], Duration::ZERO)
+                .await;
+        }
+        assert!(store.lock().feeds.is_empty(), "no feed kept for nothing");
+        // Made again, the feed answers above the cursor its client last saw.
+        store.insert_in_feed("r2", "a", Some(mine.clone()));
+        store.set("r2", done());
+        let next = store
+            .poll_feed(&mine, first.cursor, &[], Duration::ZERO)
+            .await;
+        assert_eq!(ids(&next), [("r2", false)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,5 +28,5 @@ pub use job::{
 };
 pub use queue::Limits;
 pub use registry::{CheckpointRecord, Registry, SamplerSource};
-pub use store::{SampleRow, SessionRow, SqliteStore, Store};
+pub use store::{AuditRow, SampleRow, SessionRow, SqliteStore, Store};
 pub use usage::{UsageKind, UsageRow};

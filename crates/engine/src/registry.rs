@@ -10,10 +10,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use loraloom_model::{AdamState, CustomLoss, LoraAdapter, LoraSpec, LossParam};
+use serde_json::json;
 
 use crate::error::{EngineError, Result};
 use crate::job::{CheckpointKind, ModelKey, SamplerKey};
-use crate::store::{CheckpointRow, CustomLossRow, ModelRow, SamplerRow, Store};
+use crate::store::{AuditRow, CheckpointRow, CustomLossRow, ModelRow, SamplerRow, Store};
 use crate::usage::{hour_of, merge, CheckpointLife, UsageRow};
 
 /// Seconds since the epoch.
@@ -1059,10 +1060,17 @@ impl Registry {
         path: &str,
         expires_at: Option<f64>,
     ) -> Result<()> {
-        self.update_checkpoint(tenant, path, |record| {
+        let record = self.update_checkpoint(tenant, path, |record| {
             record.expires_at = expires_at;
             Ok(())
-        })
+        })?;
+        self.audit_checkpoint(
+            &record,
+            "checkpoint_ttl_set",
+            tenant,
+            json!({"expires_at": expires_at}),
+        );
+        Ok(())
     }
 
     /// Applies `change` to the checkpoint at `path` of `tenant` and stores the result, all
@@ -1073,7 +1081,7 @@ impl Registry {
         tenant: &str,
         path: &str,
         change: impl FnOnce(&mut CheckpointRecord) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<CheckpointRecord> {
         parse_checkpoint_path(path)?;
         let key = (tenant.to_string(), path.to_string());
         let mut entry = self
@@ -1086,14 +1094,14 @@ impl Registry {
         let mut record = entry.clone();
         change(&mut record)?;
         self.store_checkpoint(&record, None)?;
-        *entry = record;
-        Ok(())
+        *entry = record.clone();
+        Ok(record)
     }
 
     /// Records a checkpoint just saved; one saved over a published checkpoint stays published
     /// (decided under the record's map entry, so a concurrent unpublish is not undone).
     pub fn add_saved_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
-        self.insert_checkpoint(record, true)
+        self.insert_checkpoint(record, true, None)
     }
 
     /// Deletes every checkpoint whose expiry is at or before `now` (unix seconds); returns how
@@ -1109,8 +1117,14 @@ impl Registry {
         let mut removed = 0;
         for (tenant, path) in expired {
             match self.remove_checkpoint(&tenant, &path) {
-                Ok(()) => {
+                Ok(record) => {
                     removed += 1;
+                    self.audit_checkpoint(
+                        &record,
+                        "checkpoint_deleted",
+                        "loraloom",
+                        json!({"reason": "expired"}),
+                    );
                     tracing::info!(%tenant, %path, "checkpoint expired and was deleted");
                 }
                 // Deleted meanwhile (by its owner, or another worker's sweep).
@@ -1204,27 +1218,41 @@ impl Registry {
 
     /// Records a written checkpoint (replacing one with the same path).
     pub fn add_checkpoint(&self, record: CheckpointRecord) -> Result<()> {
-        self.insert_checkpoint(record, false)
+        self.insert_checkpoint(record, false, None)
     }
 
     /// Stores and records `record`, under its map entry; one it replaces keeps its `public`
-    /// flag when `keep_public`, and its life is stored with the new row.
-    fn insert_checkpoint(&self, mut record: CheckpointRecord, keep_public: bool) -> Result<()> {
+    /// flag when `keep_public`, and its life is stored with the new row. Audited as created
+    /// (a copy of `copied_from`, when given).
+    fn insert_checkpoint(
+        &self,
+        mut record: CheckpointRecord,
+        keep_public: bool,
+        copied_from: Option<&str>,
+    ) -> Result<()> {
         let key = (record.tenant.clone(), record.path.clone());
-        match self.checkpoints.entry(key) {
+        let replaced = match self.checkpoints.entry(key) {
             dashmap::mapref::entry::Entry::Occupied(mut slot) => {
                 if keep_public {
                     record.public = slot.get().public;
                 }
                 let replaced = CheckpointLife::of(slot.get(), unix_now());
                 self.store_checkpoint(&record, replaced.as_ref())?;
-                slot.insert(record);
+                slot.insert(record.clone());
+                true
             }
             dashmap::mapref::entry::Entry::Vacant(slot) => {
                 self.store_checkpoint(&record, None)?;
-                slot.insert(record);
+                slot.insert(record.clone());
+                false
             }
-        }
+        };
+        self.audit_checkpoint(
+            &record,
+            "checkpoint_created",
+            &record.tenant,
+            json!({"replaced": replaced, "copied_from": copied_from}),
+        );
         Ok(())
     }
 
@@ -1238,6 +1266,76 @@ impl Registry {
                 what: "checkpoint".into(),
                 id: path.to_string(),
             })
+    }
+
+    /// Appends an event to `owner`'s audit log (`GET /api/v1/audit`). An entry that cannot be
+    /// stored is logged, and does not fail what it records.
+    pub fn audit(&self, owner: &str, event: &str, details: serde_json::Value) {
+        let row = AuditRow {
+            tenant: owner.to_string(),
+            at: unix_now(),
+            event: event.to_string(),
+            details_json: details.to_string(),
+        };
+        if let Err(e) = self.db.add_audit(&row) {
+            tracing::error!(error = %e, tenant = owner, event, "cannot store an audit entry");
+        }
+    }
+
+    /// Audits a checkpoint event of `record`'s owner, done by `actor`, with `extra` details.
+    fn audit_checkpoint(
+        &self,
+        record: &CheckpointRecord,
+        event: &str,
+        actor: &str,
+        extra: serde_json::Value,
+    ) {
+        if record.ephemeral {
+            // Saved for one sampling session and deleted with it: not a listed checkpoint.
+            return;
+        }
+        let mut details = json!({
+            "actor": actor,
+            "tinker_path": record.path,
+            "model_id": record.model_id,
+        });
+        if let (Some(d), serde_json::Value::Object(more)) = (details.as_object_mut(), extra) {
+            d.extend(more);
+        }
+        self.audit(&record.tenant, event, details);
+    }
+
+    /// [`Registry::readable_checkpoint`] for reading its weights (`purpose`: `load`, `copy`,
+    /// `weights_info`): a read of a checkpoint another tenant published goes in its owner's
+    /// audit log, naming the reader.
+    pub fn read_checkpoint(
+        &self,
+        tenant: &str,
+        path: &str,
+        purpose: &str,
+    ) -> Result<CheckpointRecord> {
+        let record = self.readable_checkpoint(tenant, path)?;
+        if record.tenant != tenant {
+            self.audit_checkpoint(
+                &record,
+                "checkpoint_read",
+                tenant,
+                json!({"purpose": purpose}),
+            );
+        }
+        Ok(record)
+    }
+
+    /// Deletes the checkpoint at `path` of `tenant` at its owner's request (audited).
+    pub fn delete_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
+        let record = self.remove_checkpoint(tenant, path)?;
+        self.audit_checkpoint(
+            &record,
+            "checkpoint_deleted",
+            tenant,
+            json!({"reason": "requested"}),
+        );
+        Ok(())
     }
 
     /// The checkpoint at `path` if `tenant` may read it: its own, or one its owner published.
@@ -1254,7 +1352,7 @@ impl Registry {
     /// Publishes (or makes private again) the checkpoint at `path` of `tenant`; 409 when it
     /// already is.
     pub fn set_checkpoint_public(&self, tenant: &str, path: &str, public: bool) -> Result<()> {
-        self.update_checkpoint(tenant, path, |record| {
+        let record = self.update_checkpoint(tenant, path, |record| {
             if record.public == public {
                 return Err(EngineError::Conflict(format!(
                     "checkpoint `{path}` is already {}",
@@ -1263,7 +1361,14 @@ impl Registry {
             }
             record.public = public;
             Ok(())
-        })
+        })?;
+        let event = if public {
+            "checkpoint_published"
+        } else {
+            "checkpoint_unpublished"
+        };
+        self.audit_checkpoint(&record, event, tenant, json!({}));
+        Ok(())
     }
 
     /// Copies the checkpoint `source` (one `tenant` may read) to run `model_id` of `tenant`,
@@ -1276,7 +1381,7 @@ impl Registry {
         model_id: &str,
         expires_at: Option<f64>,
     ) -> Result<CheckpointRecord> {
-        let from = self.readable_checkpoint(tenant, source)?;
+        let from = self.read_checkpoint(tenant, source, "copy")?;
         let path = checkpoint_path(model_id, from.kind, &from.name);
         if self.checkpoint(tenant, &path).is_ok() {
             // Not a 409: the SDK retries those for minutes.
@@ -1298,13 +1403,14 @@ impl Registry {
             public: false,
             ..from
         };
-        self.add_checkpoint(record.clone())?;
+        self.insert_checkpoint(record.clone(), false, Some(source))?;
         Ok(record)
     }
 
-    /// Deletes the checkpoint at `path` of `tenant`: its record, then its files. Sampling
-    /// sessions that already loaded it keep their weights; others can no longer load it.
-    pub fn remove_checkpoint(&self, tenant: &str, path: &str) -> Result<()> {
+    /// Deletes the checkpoint at `path` of `tenant`: its record, then its files, and answers
+    /// the record. Sampling sessions that already loaded it keep their weights; others can no
+    /// longer load it.
+    pub fn remove_checkpoint(&self, tenant: &str, path: &str) -> Result<CheckpointRecord> {
         parse_checkpoint_path(path)?;
         let key = (tenant.to_string(), path.to_string());
         let (_, record) = self
@@ -1322,7 +1428,7 @@ impl Registry {
         if let Err(e) = std::fs::remove_dir_all(&record.dir) {
             tracing::warn!(path, error = %e, "cannot remove a deleted checkpoint's files");
         }
-        Ok(())
+        Ok(record)
     }
 
     /// The tenant's listed checkpoints (of one run when given; ephemeral ones excluded), oldest
@@ -1428,6 +1534,44 @@ mod tests {
         let now = unix_now();
         assert!(registry
             .metered_usage("u", 0.0..now + 3600.0, now)
+            .unwrap()
+            .is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn expiry_is_audited_and_unlisted_checkpoints_are_not() {
+        let dir = std::env::temp_dir().join(format!("loraloom-audit-{}", uuid::Uuid::new_v4()));
+        let registry = Registry::new(dir.clone());
+        let listed = record(&dir, "one", false);
+        registry.add_checkpoint(listed.clone()).unwrap();
+        registry.add_checkpoint(record(&dir, "eph", true)).unwrap();
+        registry
+            .set_checkpoint_expiry("t", &listed.path, Some(1.0))
+            .unwrap();
+        assert_eq!(registry.expire_checkpoints(2.0), 1);
+        let log: Vec<(String, serde_json::Value)> = registry
+            .db()
+            .audit("t", 0.0..unix_now() + 1.0)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.event, serde_json::from_str(&r.details_json).unwrap()))
+            .collect();
+        let events: Vec<&str> = log.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(
+            events,
+            [
+                "checkpoint_created",
+                "checkpoint_ttl_set",
+                "checkpoint_deleted"
+            ]
+        );
+        assert_eq!(log[1].1["expires_at"], 1.0);
+        assert_eq!(log[2].1["reason"], "expired");
+        assert_eq!(log[2].1["tinker_path"], listed.path.as_str());
+        assert!(registry
+            .db()
+            .audit("u", 0.0..unix_now() + 1.0)
             .unwrap()
             .is_empty());
         let _ = std::fs::remove_dir_all(dir);

@@ -122,6 +122,19 @@ pub struct CustomLossRow {
     pub created: f64,
 }
 
+/// One entry of a tenant's audit log (`GET /api/v1/audit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    /// Whose log it is in (the owner of what the event is about).
+    pub tenant: String,
+    /// When (unix seconds).
+    pub at: f64,
+    /// `<resource>_<action>`, e.g. `checkpoint_read`.
+    pub event: String,
+    /// Who did it and what it was about, as a JSON object.
+    pub details_json: String,
+}
+
 /// Where loraloom keeps what must survive a restart.
 pub trait Store: Send + Sync {
     /// Records a session.
@@ -189,6 +202,16 @@ pub trait Store: Send + Sync {
     fn put_custom_loss(&self, row: &CustomLossRow) -> Result<CustomLossRow>;
     /// The custom loss `id` of `tenant`, if it exists.
     fn custom_loss(&self, tenant: &str, id: &str) -> Result<Option<CustomLossRow>>;
+    /// The ceiling stored by [`Store::put_feed_cursor_ceiling`] (0 when none).
+    fn feed_cursor_ceiling(&self) -> Result<u64>;
+    /// Records that no completion feed cursor at or above `ceiling` was handed out.
+    fn put_feed_cursor_ceiling(&self, ceiling: u64) -> Result<()>;
+    /// Appends an entry to a tenant's audit log.
+    fn add_audit(&self, row: &AuditRow) -> Result<()>;
+    /// The tenant's audit entries within `span` (unix seconds), oldest first.
+    fn audit(&self, tenant: &str, span: Range<f64>) -> Result<Vec<AuditRow>>;
+    /// Forgets audit entries older than `unix_time`; returns how many.
+    fn purge_audit(&self, unix_time: f64) -> Result<usize>;
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -224,6 +247,11 @@ CREATE TABLE IF NOT EXISTS checkpoint_lives (tenant TEXT NOT NULL, source TEXT N
 CREATE INDEX IF NOT EXISTS checkpoint_lives_tenant ON checkpoint_lives (tenant, created);
 CREATE TABLE IF NOT EXISTS sampler_clones (tenant TEXT NOT NULL, sampler_id TEXT NOT NULL,
   clones INTEGER NOT NULL, PRIMARY KEY (tenant, sampler_id));
+CREATE TABLE IF NOT EXISTS feed_cursor (id INTEGER PRIMARY KEY CHECK (id = 0),
+  ceiling INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (tenant TEXT NOT NULL, at REAL NOT NULL, event TEXT NOT NULL,
+  details TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, at);
 CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL,
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 ";
@@ -414,10 +442,6 @@ impl Store for SqliteStore {
         self.with(|c| {
             c.execute(
                 "DELETE FROM samplers WHERE tenant = ?1 AND sampler_id = ?2",
-                params![tenant, sampler_id],
-            )?;
-            c.execute(
-                "DELETE FROM sampler_clones WHERE tenant = ?1 AND sampler_id = ?2",
                 params![tenant, sampler_id],
             )
             .map(|_| ())
@@ -705,6 +729,59 @@ impl Store for SqliteStore {
             .optional()
         })
     }
+
+    fn feed_cursor_ceiling(&self) -> Result<u64> {
+        self.with(|c| {
+            c.query_row("SELECT ceiling FROM feed_cursor WHERE id = 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|n| n.map_or(0, |n| n.max(0) as u64))
+        })
+    }
+
+    fn put_feed_cursor_ceiling(&self, ceiling: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO feed_cursor (id, ceiling) VALUES (0, ?1)
+                 ON CONFLICT (id) DO UPDATE SET ceiling = max(ceiling, excluded.ceiling)",
+                params![ceiling as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn add_audit(&self, r: &AuditRow) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached(
+                "INSERT INTO audit (tenant, at, event, details) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![r.tenant, r.at, r.event, r.details_json])
+            .map(|_| ())
+        })
+    }
+
+    fn audit(&self, tenant: &str, span: Range<f64>) -> Result<Vec<AuditRow>> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT tenant, at, event, details FROM audit
+                 WHERE tenant = ?1 AND at >= ?2 AND at < ?3 ORDER BY at, rowid",
+            )?;
+            let rows = st.query_map(params![tenant, span.start, span.end], |r| {
+                Ok(AuditRow {
+                    tenant: r.get(0)?,
+                    at: r.get(1)?,
+                    event: r.get(2)?,
+                    details_json: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn purge_audit(&self, unix_time: f64) -> Result<usize> {
+        self.with(|c| c.execute("DELETE FROM audit WHERE at < ?1", params![unix_time]))
+    }
 }
 
 /// Stores a gone checkpoint's life.
@@ -952,12 +1029,18 @@ mod tests {
         };
         s.put_sampler(&follower).unwrap();
         assert!(s.samplers().unwrap().contains(&follower));
-        // Clone ids count per session, and go with it.
+        // Clone ids count per session, and outlive it (a session made again under its id
+        // must not hand out its ids again).
         assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 1);
         assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 2);
         assert_eq!(s.next_sampler_clone("t", "s").unwrap(), 1);
         s.delete_sampler("t", "f").unwrap();
-        assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 1);
+        assert_eq!(s.next_sampler_clone("t", "f").unwrap(), 3);
+        // The feed cursor ceiling only rises.
+        assert_eq!(s.feed_cursor_ceiling().unwrap(), 0);
+        s.put_feed_cursor_ceiling(7).unwrap();
+        s.put_feed_cursor_ceiling(5).unwrap();
+        assert_eq!(s.feed_cursor_ceiling().unwrap(), 7);
         drop(s);
         // Opening again finds the column and leaves it be.
         assert_eq!(

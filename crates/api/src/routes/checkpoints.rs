@@ -125,7 +125,7 @@ pub(super) async fn delete_checkpoint(
     Path(route): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     let path = routed_path(route);
-    state.engine.registry().remove_checkpoint(&tenant, &path)?;
+    state.engine.registry().delete_checkpoint(&tenant, &path)?;
     Ok(Json(json!({})))
 }
 
@@ -188,7 +188,7 @@ pub(super) async fn weights_info(
     let c = state
         .engine
         .registry()
-        .readable_checkpoint(&tenant, &body.tinker_path)?;
+        .read_checkpoint(&tenant, &body.tinker_path, "weights_info")?;
     Ok(Json(json!({
         "base_model": state.engine.base().name,
         "is_lora": true,

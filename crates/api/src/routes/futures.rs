@@ -107,7 +107,9 @@ pub(super) async fn retrieve_futures(
         .map_err(|_| ApiError::invalid("prev_cursor", "must not be negative"))?;
     let timeout = match body.timeout {
         None => state.long_poll,
-        Some(t) if t.is_finite() && t >= 0.0 => state.long_poll.min(Duration::from_secs_f64(t)),
+        Some(t) if t >= 0.0 => {
+            Duration::try_from_secs_f64(t).map_or(state.long_poll, |t| state.long_poll.min(t))
+        }
         Some(_) => {
             return Err(ApiError::invalid(
                 "timeout",

@@ -31,6 +31,7 @@ use crate::state::{AppState, Session};
 use crate::wire::{self, LoraConfig, ModelInput, Promise, WireAdamParams, WireSamplingParams};
 
 mod abandoned;
+mod audit;
 mod billing;
 mod checkpoints;
 mod futures;
@@ -40,6 +41,7 @@ mod sampling;
 pub(crate) mod sessions;
 
 use self::abandoned::make_room_for_run;
+use self::audit::*;
 use self::billing::*;
 use self::checkpoints::*;
 use self::futures::*;
@@ -138,6 +140,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/billing/usage/checkpoints/current",
             get(checkpoint_storage),
         )
+        .route("/api/v1/audit", get(audit_log))
         .route("/api/model-stats", get(crate::stats::model_stats))
         .route("/metrics", get(crate::stats::prometheus))
         .fallback(not_found)

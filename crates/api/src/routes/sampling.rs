@@ -169,11 +169,13 @@ fn one() -> i64 {
     1
 }
 
-/// Submits a sampling job; returns its request id and sample count.
+/// Submits a sampling job; returns its request id and sample count. With `report`, a request
+/// of a sampling session reports its completion to its SDK client's feed.
 fn submit_sample(
     state: &AppState,
     tenant: &str,
     mut body: SampleRequest,
+    report: bool,
 ) -> ApiResult<(String, i64)> {
     let prompt = body.prompt.tokens("prompt")?;
     let scoring = body.scoring(prompt.len())?;
@@ -183,7 +185,7 @@ fn submit_sample(
     let clone = body
         .seq_id
         .map_or(0, |seq| seq.max(0) as u64 / SAMPLER_CLONES);
-    let feed = body.sampling_session_id.is_some().then_some(clone);
+    let feed = (report && body.sampling_session_id.is_some()).then_some(clone);
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
@@ -229,7 +231,7 @@ pub(super) async fn asample(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<SampleRequest>,
 ) -> ApiResult<Json<Promise>> {
-    let (id, n) = submit_sample(&state, &tenant, body)?;
+    let (id, n) = submit_sample(&state, &tenant, body, true)?;
     let sequence_ids = (0..n.max(0)).map(|i| format!("{id}:{i}")).collect();
     Ok(Json(Promise {
         request_id: id,
@@ -244,7 +246,7 @@ pub(super) async fn sample_sync(
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<SampleRequest>,
 ) -> ApiResult<Response> {
-    let (id, _) = submit_sample(&state, &tenant, body)?;
+    let (id, _) = submit_sample(&state, &tenant, body, false)?;
     loop {
         match state
             .engine

@@ -475,8 +475,13 @@ pub(super) async fn assign_project(
         .ok_or_else(|| ApiError::invalid("project_id", "required"))?;
     check_label("project_id", &project)?;
     update(&state, &tenant, &id, |details| {
-        details.project_id = Some(project);
+        details.project_id = Some(project.clone());
     })?;
+    state.engine.registry().audit(
+        &tenant,
+        "project_session_assigned",
+        json!({"actor": tenant, "session_id": id, "project_id": project}),
+    );
     Ok(Json(json!({})))
 }
 
