@@ -350,13 +350,10 @@ impl Engine {
         self.submit_reporting(queue, work, None)
     }
 
-    /// [`Engine::submit`] for a sampling session's SDK client `clone` (0: the original): the
-    /// request's completion goes to that client's feed (see [`Engine::poll_completions`]).
-    pub fn submit_sample(&self, queue: QueueKey, work: Work, clone: u64) -> Result<RequestId> {
-        self.submit_reporting(queue, work, Some(clone))
-    }
-
-    fn submit_reporting(
+    /// [`Engine::submit`]; with `clone`, a sampling session's request reports its completion to
+    /// the feed of that SDK client of the session (0: the original; see
+    /// [`Engine::poll_completions`]).
+    pub fn submit_reporting(
         &self,
         queue: QueueKey,
         work: Work,

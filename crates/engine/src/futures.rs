@@ -96,8 +96,15 @@ pub struct FeedPoll {
 struct Feed {
     completions: VecDeque<Completion>,
     notify: Arc<Notify>,
-    /// Last polled or appended to (feeds idle past the TTL are dropped).
-    touched: Option<Instant>,
+}
+
+impl Feed {
+    /// Nothing to hand out and no poll waiting on it (each waiting poll holds a clone of
+    /// `notify`): dropping it loses nothing, as later completions make it again, at later
+    /// cursors.
+    fn idle(&self) -> bool {
+        self.completions.is_empty() && Arc::strong_count(&self.notify) == 1
+    }
 }
 
 struct Entry {
@@ -181,7 +188,6 @@ impl Entries {
             failed,
             at: now,
         });
-        feed.touched = Some(now);
         feed.notify.notify_waiters();
     }
 }
@@ -419,7 +425,6 @@ impl FutureStore {
             let notify = {
                 let mut map = self.lock();
                 let f = map.feeds.entry(feed.clone()).or_default();
-                f.touched = Some(Instant::now());
                 while f
                     .completions
                     .front()
@@ -430,9 +435,8 @@ impl FutureStore {
                 if !f.completions.is_empty() || Instant::now() >= deadline {
                     let completions: Vec<Completion> = f.completions.iter().cloned().collect();
                     let cursor = completions.last().map_or(prev_cursor, |c| c.cursor);
-                    if completions.is_empty() && Arc::strong_count(&f.notify) == 1 {
-                        // Nothing to keep and no one waiting: polls of made-up clone ids leave
-                        // nothing behind (later completions make it again, at later cursors).
+                    if f.idle() {
+                        // Polls of made-up clone ids leave nothing behind.
                         map.feeds.remove(feed);
                     }
                     return FeedPoll {
@@ -498,7 +502,7 @@ impl FutureStore {
     }
 
     /// Drops entries finished more than the TTL before `now`, with their completions, and feeds
-    /// idle that long; returns how many entries.
+    /// left idle; returns how many entries.
     pub fn purge(&self, now: Instant) -> usize {
         let mut map = self.lock();
         let before = map.entries.len();
@@ -508,7 +512,7 @@ impl FutureStore {
         let purged = before - map.entries.len();
         map.feeds.retain(|_, f| {
             f.completions.retain(|c| fresh(c.at));
-            !f.completions.is_empty() || f.touched.is_some_and(fresh)
+            !f.idle()
         });
         drop(map);
         if let Some(store) = &self.durable {

@@ -219,10 +219,7 @@ fn submit_sample(
         tenant: tenant.to_string(),
         sampler_id,
     });
-    let id = match feed {
-        Some(clone) => state.engine.submit_sample(queue, work, clone)?,
-        None => state.engine.submit(queue, work)?,
-    };
+    let id = state.engine.submit_reporting(queue, work, feed)?;
     Ok((id, body.num_samples))
 }
 
