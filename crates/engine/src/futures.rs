@@ -333,7 +333,7 @@ impl FutureStore {
         };
         entry.notify.notify_waiters();
         if let Some(store) = &self.durable {
-            if let Err(e) = store.delete_future(id) {
+            if let Err(e) = store.delete_futures(&[id.to_string()]) {
                 tracing::error!(error = %e, request_id = id, "cannot forget a refused future");
             }
         }

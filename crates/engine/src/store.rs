@@ -173,8 +173,6 @@ pub trait Store: Send + Sync {
     fn futures(&self) -> Result<Vec<FutureRow>>;
     /// Forgets futures finished before `unix_time`; returns how many.
     fn purge_futures(&self, unix_time: f64) -> Result<usize>;
-    /// Forgets one future.
-    fn delete_future(&self, id: &str) -> Result<()>;
     /// Forgets futures (in one transaction).
     fn delete_futures(&self, ids: &[String]) -> Result<()>;
     /// The next clone id of a sampling session (`join_sampling_session`: 1, 2, ...; the
@@ -501,13 +499,6 @@ impl Store for SqliteStore {
                 "DELETE FROM futures WHERE finished IS NOT NULL AND finished < ?1",
                 params![unix_time],
             )
-        })
-    }
-
-    fn delete_future(&self, id: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute("DELETE FROM futures WHERE id = ?1", params![id])
-                .map(|_| ())
         })
     }
 
