@@ -23,13 +23,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None):
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None, port: int | None = None):
+        """`loraloom serve` on `data_dir`, once healthy; on `port` (a restart where clients
+        already point) or a free one."""
         # f32 unless a test asks otherwise: the tolerances of the f32 oracles must not depend on
         # a LORALOOM_DTYPE left in the shell.
         if "--dtype" not in extra:
             extra = ("--dtype", "f32", *extra)
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir / "server.log", "w+")
         self.proc = subprocess.Popen(

@@ -112,18 +112,67 @@ def test_kill_9_mid_training_loses_nothing_acknowledged(tmp_path):
         srv.stop()
 
 
-def test_sigterm_finishes_the_running_batch_and_exits_0(tmp_path):
+def wait_running(srv):
+    deadline = time.time() + 60
+    while requests.get(srv.url + "/api/model-stats", headers=H).json()["running"] == 0:
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_sigterm_drains_the_queue_keeps_pending_gradients_and_exits_0(tmp_path):
+    """A graceful restart loses nothing a client waits for: the jobs queued at SIGTERM run
+    before the server exits (their results wait in the store), and gradients acknowledged
+    without their optimizer step are in the run's snapshot, so that step works after the
+    restart. Both runs end where a run that never restarted ends, bit for bit (same kernels,
+    same order, gradients and moments saved as f32)."""
     srv = Server(tmp_path)
+    try:
+        _, control = new_run(srv)
+        _, drained = new_run(srv)
+        _, pending = new_run(srv)
+        _, busy = new_run(srv)
+        for model in (control, drained, pending):
+            step(srv, model)
+        step(srv, control)
+        want = forward_loss(srv, control)
+        # `pending`: gradients acknowledged, no step asked for yet.
+        assert "metrics" in result(srv, call(srv, "/api/v1/forward_backward", fb(pending))["request_id"])
+        # `drained`: a step queued behind a long batch of another run when the signal comes.
+        long_job = call(srv, "/api/v1/forward_backward", fb(busy, n=16, length=256))["request_id"]
+        wait_running(srv)
+        queued_fb = call(srv, "/api/v1/forward_backward", fb(drained))["request_id"]
+        queued_step = call(srv, "/api/v1/optim_step",
+                           {"model_id": drained, "adam_params": {"learning_rate": 1e-2}})["request_id"]
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=300) == 0, srv.output()
+        assert "server restarted" not in srv.output()
+    finally:
+        srv.stop()
+
+    srv = Server(tmp_path)
+    try:
+        assert "metrics" in result(srv, long_job)
+        assert "metrics" in result(srv, queued_fb)
+        done = result(srv, queued_step)
+        assert "error" not in done, done
+        assert forward_loss(srv, drained) == want
+        stepped = result(srv, call(srv, "/api/v1/optim_step",
+                                   {"model_id": pending, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        assert "error" not in stepped, stepped
+        assert forward_loss(srv, pending) == want
+    finally:
+        srv.stop()
+
+
+def test_sigterm_with_a_drain_of_0_fails_the_queue_and_a_second_signal_ends_a_drain(tmp_path):
+    srv = Server(tmp_path, "--drain-secs", "0")
     try:
         _, model = new_run(srv)
         step(srv, model)
         before = forward_loss(srv, model)
         long_job = call(srv, "/api/v1/forward_backward", fb(model, n=16, length=256))["request_id"]
         queued = call(srv, "/api/v1/optim_step", {"model_id": model, "adam_params": {"learning_rate": 1e-2}})
-        deadline = time.time() + 60
-        while requests.get(srv.url + "/api/model-stats", headers=H).json()["running"] == 0:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_running(srv)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=300) == 0, srv.output()
     finally:
@@ -131,11 +180,38 @@ def test_sigterm_finishes_the_running_batch_and_exits_0(tmp_path):
 
     srv = Server(tmp_path)
     try:
-        done = result(srv, long_job)
-        assert "metrics" in done, done
+        assert "metrics" in result(srv, long_job)
         failed = result(srv, queued["request_id"])
         assert "server restarted" in failed["error"]
-        assert forward_loss(srv, model) == before
+        # The long batch's gradients were kept with the run: stepping now is refused by
+        # nothing, and its loss moves.
+        stepped = result(srv, call(srv, "/api/v1/optim_step",
+                                   {"model_id": model, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        assert "error" not in stepped, stepped
+        assert forward_loss(srv, model) != before
+        # A drain of an hour, ended by a second signal: the sampling request running stops
+        # at its next token, at once.
+        sampler = result(srv, call(srv, "/api/v1/save_weights_for_sampler",
+                                   {"model_id": model, "sampling_session_seq_id": 1})["request_id"])["sampling_session_id"]
+    finally:
+        srv.stop()
+    srv = Server(tmp_path, "--drain-secs", "3600")
+    try:
+        body = {"sampling_session_id": sampler, "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 504, 3437]}]},
+                "sampling_params": {"max_tokens": 4000, "temperature": 1.0, "stop": []}}
+        running = call(srv, "/api/v1/asample", body)["request_id"]
+        wait_running(srv)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert srv.proc.poll() is None, "the drain waits for the running sample"
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=60) == 0, srv.output()
+    finally:
+        srv.stop()
+    srv = Server(tmp_path)
+    try:
+        assert "server restarted" in result(srv, running)["error"]
     finally:
         srv.stop()
 
@@ -205,4 +281,74 @@ def test_inflight_sampling_sessions_follow_their_run_after_a_restart(tmp_path):
         assert now != before, "training changed the greedy answer"
         assert greedy(srv, first) == now, "the inflight session from before the restart moved on"
     finally:
+        srv.stop()
+
+
+def test_an_sdk_training_loop_and_a_sample_in_flight_go_through_a_graceful_restart(tmp_path):
+    """What a user's script sees of a restart (SIGTERM, then the server started again on the
+    same port): nothing. The official SDK's loop keeps going with no exception (its requests
+    during the downtime are retried), the step whose gradients were pending at the signal
+    works, a sample in flight at the signal comes back, and the run ends exactly where a run
+    that never restarted ends."""
+    import threading
+
+    import tinker
+    from tinker import types
+
+    def datum(shift):
+        toks = [(j * 11 + shift * 7) % 4000 + 100 for j in range(33)]
+        return types.Datum(model_input=types.ModelInput.from_ints(toks[:-1]),
+                           loss_fn_inputs={"target_tokens": toks[1:], "weights": [1.0] * 32})
+
+    def loss(tc):
+        return tc.forward([datum(99)], "cross_entropy").result().metrics["loss:sum"]
+
+    adam = types.AdamParams(learning_rate=1e-2)
+    steps = 4
+    srv = Server(tmp_path)
+    port = srv.port
+    sc = tinker.ServiceClient(base_url=srv.url, api_key="tml-restart")
+    try:
+        control = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=5).result()
+        for i in range(steps):
+            control.forward_backward([datum(i)], "cross_entropy").result()
+            control.optim_step(adam).result()
+        want = loss(control)
+        sampler = control.save_weights_and_get_sampling_client().result()
+        prompt = types.ModelInput.from_ints([1, 504, 3437, 314, 260])
+        params = types.SamplingParams(max_tokens=48, temperature=1.0, seed=11, stop=[])
+        tc = sc.create_lora_training_client(base_model=MODEL_NAME, rank=8, seed=5).result()
+
+        pending = threading.Event()
+        outcome = {}
+
+        def user_loop():
+            try:
+                for i in range(steps):
+                    tc.forward_backward([datum(i)], "cross_entropy").result()
+                    if i == 1:
+                        outcome["sample"] = sampler.sample(prompt, 1, params)
+                        pending.set()
+                        time.sleep(1.0)  # the signal comes now, gradients pending
+                    tc.optim_step(adam).result()
+                outcome["loss"] = loss(tc)
+                outcome["tokens"] = outcome["sample"].result().sequences[0].tokens
+            except BaseException as e:  # noqa: BLE001 - reported by the test thread
+                outcome["error"] = repr(e)
+
+        user = threading.Thread(target=user_loop)
+        user.start()
+        assert pending.wait(timeout=300)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=300) == 0, srv.output()
+        srv.stop()
+        srv = Server(tmp_path, port=port)
+        user.join(timeout=600)
+        assert not user.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["loss"] == want
+        again = sampler.sample(prompt, 1, params).result().sequences[0].tokens
+        assert outcome["tokens"] == again and len(again) == 48
+    finally:
+        sc.close("success")
         srv.stop()

@@ -102,6 +102,9 @@ pub async fn serve(
             lock(&table).remove(&id);
         });
     }
+    // New connections are refused from now on (clients retry against the next server), rather
+    // than left waiting in the backlog until the process exits.
+    drop(listener);
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + options.shutdown_grace;
     while !lock(&table).is_empty() && tokio::time::Instant::now() < deadline {

@@ -696,7 +696,7 @@ fn through_engine(
         stats.batches - warm.batches,
         stats.batched_jobs - warm.batched_jobs,
     );
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
     Ok((engine_secs, batched as f64 / batches.max(1) as f64))
 }
 

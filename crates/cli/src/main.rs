@@ -447,6 +447,10 @@ struct ServeArgs {
     /// would otherwise wait in the SDK.
     #[arg(long, env = "LORALOOM_SAMPLE_POLLER", default_value_t = false, action = clap::ArgAction::Set)]
     sample_poller: bool,
+    /// At SIGTERM or Ctrl-C, how long the jobs already queued or running may go on before the
+    /// rest fail with "server restarted" (a second signal ends the wait at once).
+    #[arg(long, env = "LORALOOM_DRAIN_SECS", default_value_t = 30)]
+    drain_secs: u64,
     /// Write each run's state to disk after every optimizer step, before acknowledging it, so a
     /// crash loses no acknowledged step (`false`: only on graceful shutdown).
     #[arg(long, env = "LORALOOM_STEP_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -760,9 +764,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Long polls answer within `long_poll`; a little more for requests being answered.
         shutdown_grace: Duration::from_secs(args.long_poll_secs + 10),
     };
-    loraloom_api::serve(listener, router(state), options, shutdown_signal()).await;
-    tracing::info!("stopping: finishing running work");
-    tokio::task::spawn_blocking(move || engine.shutdown(false)).await?;
+    // The first signal stops the listener and starts the engine's drain, side by side: requests
+    // in progress (long polls among them) are answered while queued jobs finish; a second
+    // signal ends the drain at once.
+    let mut signals = Signals::new()?;
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let drain = Duration::from_secs(args.drain_secs);
+    let stopping = tokio::spawn(async move {
+        signals.next().await;
+        tracing::info!(
+            drain_secs = drain.as_secs(),
+            "stopping: queued and running jobs may finish (a second signal ends the wait)"
+        );
+        let _ = stop_http.send(());
+        let drained = engine.clone();
+        let mut stopped = tokio::task::spawn_blocking(move || drained.shutdown(drain));
+        tokio::select! {
+            done = &mut stopped => return done,
+            () = signals.next() => {
+                tracing::warn!("second signal: failing the jobs left");
+                engine.end_drain();
+            }
+        }
+        stopped.await
+    });
+    let http = async {
+        let _ = http_stopped.await;
+    };
+    loraloom_api::serve(listener, router(state), options, http).await;
+    stopping.await??;
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -801,21 +832,28 @@ fn raise_open_files_limit() -> u64 {
     limit.current.unwrap_or(65_536)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT (Ctrl-C), each delivery one event.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Listens from now on (before this, a signal kills the process).
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
 

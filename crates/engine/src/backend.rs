@@ -276,13 +276,26 @@ impl ModelWorker {
             state.adapter = Some(adapter);
             state.optimizer = optimizer;
             state.evicted = false;
-            let marked = self
-                .registry
-                .snapshot_dir(&entry.key)
-                .join(PENDING_MARKER)
-                .exists();
+            let dir = self.registry.snapshot_dir(&entry.key);
+            let marked = dir.join(PENDING_MARKER).exists();
             state.pending_marked = marked;
             state.gradients_lost = marked;
+            let restored = state
+                .adapter
+                .as_ref()
+                .is_some_and(LoraAdapter::has_pending_gradients);
+            if restored && !marked && self.snapshot_every_step {
+                // Gradients a graceful shutdown saved are in memory now, where later jobs add to
+                // or consume them: on disk they stand for them no longer. Marked first, so a crash
+                // from here on refuses the next step instead of stepping on stale gradients.
+                self.mark_pending(entry, state);
+                if state.pending_marked {
+                    let saved = dir.join(checkpoint::GRADIENTS_FILE);
+                    if let Err(e) = std::fs::remove_file(&saved) {
+                        tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the saved gradients");
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -633,11 +646,8 @@ impl ModelWorker {
                 .map(|((i, _), dir)| {
                     let entry = entries[*i].as_ref().expect("stepped runs have entries");
                     let state = guards[*i].as_ref().expect("stepped runs are locked");
-                    let request = SaveRequest {
-                        adapter: state.adapter.as_ref().expect("stepped runs are resident"),
-                        optimizer: state.optimizer.as_ref(),
-                        base_model: &entry.base_model,
-                    };
+                    let request =
+                        snapshot_request(entry, state).expect("stepped runs are resident");
                     (request, dir.as_path())
                 })
                 .collect();
@@ -817,6 +827,7 @@ impl ModelWorker {
             adapter,
             optimizer,
             base_model: &entry.base_model,
+            gradients: false,
         };
         if options.encrypt_to.is_empty() {
             checkpoint::save(&request, &dir)?;
@@ -1255,22 +1266,29 @@ fn contained(work: impl FnOnce() -> Result<Output>) -> Result<Output> {
 }
 
 /// Writes a run's adapter and optimizer to its snapshot directory (atomically; the new directory
-/// holds no [`PENDING_MARKER`]). A run without weights has nothing to write.
+/// holds no [`PENDING_MARKER`]), with the gradients no step has consumed (a graceful shutdown
+/// between a `forward_backward` and its `optim_step`) unless they were already lost. A run
+/// without weights has nothing to write.
 pub fn snapshot(registry: &Registry, entry: &ModelEntry, state: &RunState) -> Result<()> {
-    let Some(adapter) = &state.adapter else {
+    let Some(request) = snapshot_request(entry, state) else {
         return Ok(());
     };
-    let saved = checkpoint::save(
-        &SaveRequest {
-            adapter,
-            optimizer: state.optimizer.as_ref(),
-            base_model: &entry.base_model,
-        },
-        &registry.snapshot_dir(&entry.key),
-    );
+    let saved = checkpoint::save(&request, &registry.snapshot_dir(&entry.key));
     registry.discard_if_removed(entry);
     saved?;
     Ok(())
+}
+
+/// What a run's snapshot holds: its adapter, optimizer and pending gradients (see
+/// [`snapshot`]); `None` without weights.
+fn snapshot_request<'a>(entry: &'a ModelEntry, state: &'a RunState) -> Option<SaveRequest<'a>> {
+    let adapter = state.adapter.as_ref()?;
+    Some(SaveRequest {
+        adapter,
+        optimizer: state.optimizer.as_ref(),
+        base_model: &entry.base_model,
+        gradients: adapter.has_pending_gradients() && !state.gradients_lost,
+    })
 }
 
 /// Creates the run's [`PENDING_MARKER`] durably.

@@ -710,31 +710,51 @@ impl Engine {
         }
     }
 
-    /// Stops admitting work. With `finish_queue`, queued jobs still run; otherwise they fail
-    /// with "server restarted". Returns once the workers have finished.
-    pub fn shutdown(&self, finish_queue: bool) {
-        let drained = {
+    /// Stops admitting work and lets the jobs already queued or running finish for at most
+    /// `drain` (`Duration::ZERO`: none; `Duration::MAX`: all of them), then fails what is left
+    /// with "server restarted" ([`Engine::end_drain`]) and writes every run's snapshot. Returns
+    /// once the workers have finished. A restart thus loses nothing its clients were waiting
+    /// for when the queue drains in time: the results wait in the store for the restarted
+    /// server to answer.
+    pub fn shutdown(&self, drain: Duration) {
+        {
             let mut st = lock(&self.inner.sched);
             st.close();
             st.set_paused(false);
-            if finish_queue {
-                Vec::new()
-            } else {
-                st.stop_decoding();
-                st.drain()
-            }
-        };
-        for job in drained {
-            self.record_failure(&job, EngineError::ServerRestarted);
         }
         self.inner.wake.notify_all();
         let handles = std::mem::take(&mut *lock(&self.inner.workers));
+        let deadline = Instant::now().checked_add(drain);
+        while !handles.iter().all(JoinHandle::is_finished) {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.end_drain();
+                break;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
         for h in handles {
             let _ = h.join();
         }
         if self.inner.registry.store().is_some() {
             self.snapshot_all();
         }
+    }
+
+    /// Ends a shutdown's drain now (a second signal, or its time is up): queued jobs fail with
+    /// "server restarted", sampling jobs stop at their next token with the same error, the
+    /// batches running finish. Also stops admitting work, so it may come before
+    /// [`Engine::shutdown`].
+    pub fn end_drain(&self) {
+        let drained = {
+            let mut st = lock(&self.inner.sched);
+            st.close();
+            st.stop_decoding();
+            st.drain()
+        };
+        for job in drained {
+            self.record_failure(&job, EngineError::ServerRestarted);
+        }
+        self.inner.wake.notify_all();
     }
 
     /// Writes every resident run's state to its snapshot directory (graceful shutdown).
@@ -745,13 +765,8 @@ impl Engine {
                 tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot snapshot a run");
                 continue;
             }
-            // The only snapshot that can be taken with gradients waiting for a step: say so.
-            let pending = state.gradients_lost
-                || state
-                    .adapter
-                    .as_ref()
-                    .is_some_and(|a| a.has_pending_gradients());
-            if pending {
+            // Gradients waiting for a step are in the snapshot; ones already lost stay lost.
+            if state.gradients_lost {
                 if let Err(e) = write_marker(&self.inner.registry, &entry) {
                     tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients");
                 }
@@ -957,6 +972,9 @@ fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
     inner.registry.db().put_samples(job.queue.tenant(), &rows)?;
     Ok(out)
 }
+
+/// How often a shutdown looks whether the workers have drained the queue.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// How often (in reaper rounds) recorded samples past their day or their tenant's limit are
 /// forgotten: every minute.

@@ -41,8 +41,9 @@ pub struct RunState {
 }
 
 /// A file in a run's snapshot directory saying that `forward_backward` accumulated gradients
-/// which no optimizer step has consumed. Gradients are not persisted, so when a restarted run
-/// finds this marker its next `optim_step` fails instead of stepping with partial gradients.
+/// which no optimizer step has consumed. Gradients are persisted only by a graceful shutdown's
+/// snapshot, so when a restarted run finds this marker (a crash) its next `optim_step` fails
+/// instead of stepping with partial gradients.
 pub const PENDING_MARKER: &str = "pending_gradients";
 
 /// A training run.

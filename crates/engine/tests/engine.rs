@@ -200,7 +200,7 @@ fn every_runs_jobs_start_in_submission_order_under_concurrent_clients() {
     assert_eq!(total, 1000);
     let sizes = batches.lock().unwrap();
     assert_eq!(sizes.iter().sum::<usize>(), 1000);
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -246,7 +246,7 @@ fn a_panicking_job_fails_alone_and_the_workers_go_on() {
         .submit(QueueKey::Model(key("t", "m0")), optim(1e-3))
         .unwrap();
     assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -311,7 +311,7 @@ fn full_queues_refuse_and_cancel_and_timeout_fail_futures() {
     let stats = engine.stats();
     assert_eq!(stats.failures_by_kind["timed_out"], 3);
     assert_eq!(stats.failures_by_kind["cancelled"], 1);
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -344,7 +344,7 @@ fn unknown_runs_and_shutdown_are_clear_errors() {
         .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
         .unwrap();
     let e2 = engine.clone();
-    let stopper = std::thread::spawn(move || e2.shutdown(false));
+    let stopper = std::thread::spawn(move || e2.shutdown(Duration::ZERO));
     stopper.join().unwrap();
     assert_eq!(
         wait(&engine, "a", &queued),
@@ -356,6 +356,56 @@ fn unknown_runs_and_shutdown_are_clear_errors() {
             .unwrap_err()
             .kind(),
         "shutting_down"
+    );
+}
+
+#[test]
+fn a_shutdown_runs_the_queued_jobs_within_its_drain_and_fails_them_once_the_drain_ends() {
+    let (engine, _) = fake_engine(Limits::default(), 1);
+    engine
+        .registry()
+        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    engine.set_paused(true);
+    let queued: Vec<String> = (0..3)
+        .map(|_| {
+            engine
+                .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
+                .unwrap()
+        })
+        .collect();
+    // A drain with time to spare runs every queued job (the pause is lifted), in order.
+    engine.shutdown(Duration::from_secs(60));
+    for id in &queued {
+        assert!(
+            matches!(wait(&engine, "a", id), FutureState::Done(_)),
+            "{id} ran during the drain"
+        );
+    }
+    assert_eq!(
+        engine
+            .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
+            .unwrap_err()
+            .kind(),
+        "shutting_down"
+    );
+
+    // A drain ended early (a second signal) fails what is still queued, even a drain that
+    // would have waited forever.
+    let (engine, _) = fake_engine(Limits::default(), 1);
+    engine
+        .registry()
+        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .unwrap();
+    engine.set_paused(true);
+    let queued = engine
+        .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
+        .unwrap();
+    engine.end_drain();
+    engine.shutdown(Duration::MAX);
+    assert_eq!(
+        wait(&engine, "a", &queued),
+        FutureState::Failed(EngineError::ServerRestarted)
     );
 }
 
@@ -518,7 +568,7 @@ fn four_tenants_batched_train_exactly_like_each_alone() {
             );
         }
     }
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -566,7 +616,7 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         })
     );
     assert_eq!(engine.stats().max_batch, 2, "both jobs shared one batch");
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -630,7 +680,7 @@ fn idle_runs_are_evicted_to_disk_and_reloaded_with_identical_weights() {
     let q = alone.row().view(Field::Params).unwrap();
     assert_eq!((&p - &q).abs().max().double_value(&[]), 0.0);
     drop(state);
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -698,7 +748,7 @@ fn a_step_that_makes_the_weights_non_finite_is_refused_and_rolled_back() {
         run(Work::OptimStep { params: hp }),
         FutureState::Done(_)
     ));
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 /// Asserts that `refused` is a `LimitReached` whose message contains `flag`.
@@ -765,7 +815,7 @@ fn a_tenant_over_its_resident_bytes_loses_its_least_recent_idle_runs_and_no_othe
     // A run larger than the limit alone is refused before anything is queued.
     let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
     assert_limit_names(big, "--max-resident-bytes-per-tenant");
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -800,7 +850,7 @@ fn over_the_servers_resident_bytes_the_tenant_holding_the_most_loses_its_least_r
     // A run larger than all tenants may hold together is refused before anything is queued.
     let big = engine.create_model(key("t", "big"), spec(32, 0), serde_json::Value::Null, None);
     assert_limit_names(big, "--max-resident-bytes ");
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 /// `num_samples` draws of `max_tokens` tokens at temperature 1 from the prompt `[5, 6, 7]`,
@@ -884,7 +934,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
     assert!(loaded("b") && !loaded("a"), "a was dropped when b loaded");
     assert_eq!(sample("a"), first, "a reloads the same weights");
     assert!(loaded("a") && !loaded("b"));
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 /// With `--step-graphs` a worker's decode loop records a steady batch's step and replays it
@@ -905,7 +955,7 @@ fn recorded_decode_steps_are_counted_and_sample_as_eager_ones() {
             other => panic!("sampling failed: {other:?}"),
         };
         let stats = engine.stats();
-        engine.shutdown(true);
+        engine.shutdown(Duration::MAX);
         (
             tokens,
             stats.decode_steps_recorded,
@@ -1102,7 +1152,7 @@ fn a_running_sampling_job_is_cancelled_between_tokens_and_the_others_go_on() {
     );
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(wait(&engine, "t", &b), FutureState::Done(_)));
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -1119,7 +1169,7 @@ fn sampling_over_its_time_limit_fails_and_shutdown_stops_decoding() {
         }
         other => panic!("expected time_limit, got {other:?}"),
     }
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 
     // Without a time limit, a held job would decode forever: shutdown (not finishing the
     // queue) stops it between two tokens as "server restarted" and returns.
@@ -1130,7 +1180,7 @@ fn sampling_over_its_time_limit_fails_and_shutdown_stops_decoding() {
     let (engine, keys, _release) = decode_engine(limits, &["a"]);
     let id = engine.submit(keys[0].clone(), held_sample()).unwrap();
     wait_running(&engine, &id);
-    engine.shutdown(false);
+    engine.shutdown(Duration::ZERO);
     assert!(matches!(
         engine.futures().get("t", &id).unwrap(),
         FutureState::Failed(EngineError::ServerRestarted)
@@ -1194,7 +1244,7 @@ fn sampling_jobs_join_a_running_decode_and_training_runs_between_its_steps() {
     }
     let stats = engine.stats();
     assert_eq!((stats.kv_tokens_held, stats.kept_tokens), (0, 7));
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -1234,7 +1284,7 @@ fn a_request_larger_than_the_kv_budget_runs_while_smaller_ones_keep_coming() {
             assert!(matches!(wait(&engine, "t", &id), FutureState::Done(_)));
         }
     });
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -1266,7 +1316,7 @@ fn saves_queued_under_the_checkpoint_limit_stop_at_it_when_they_run() {
         );
     }
     assert_eq!(engine.registry().checkpoint_usage("t").0, 1);
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }
 
 #[test]
@@ -1315,5 +1365,5 @@ fn a_busy_decode_loop_decodes_as_long_as_each_training_batch_took_before_the_nex
             "{between} decode steps between two training batches"
         );
     }
-    engine.shutdown(true);
+    engine.shutdown(Duration::MAX);
 }

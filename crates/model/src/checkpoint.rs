@@ -29,6 +29,9 @@ const ADAPTER_FILE: &str = "adapter_model.safetensors";
 const CONFIG_FILE: &str = "adapter_config.json";
 const EXTRA_FILE: &str = "loraloom.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The accumulated gradients a run's snapshot holds when they were pending at a graceful
+/// shutdown ([`SaveRequest::gradients`]); never part of a checkpoint.
+pub const GRADIENTS_FILE: &str = "gradients.safetensors";
 
 #[derive(Serialize, Deserialize)]
 struct PeftConfig {
@@ -70,6 +73,10 @@ pub struct SaveRequest<'a> {
     pub optimizer: Option<&'a AdamState>,
     /// Recorded as `base_model_name_or_path`.
     pub base_model: &'a str,
+    /// Also write the adapter's accumulated gradients ([`GRADIENTS_FILE`]), which [`load`]
+    /// gives back as pending: a run's snapshot at a graceful shutdown, so that the
+    /// `optim_step` after a restart consumes them. Never for a checkpoint.
+    pub gradients: bool,
 }
 
 /// Writes a checkpoint atomically into `dir` (replacing an older one of the same name), durable
@@ -294,6 +301,20 @@ fn write_files(request: &SaveRequest, dir: &Path, sync: Durability) -> Result<()
         }
         write_safetensors(&moments, &dir.join(OPTIMIZER_FILE), sync)?;
     }
+    if request.gradients {
+        let mut grads = Vec::with_capacity(pairs.len() * 2);
+        for (module, pair) in adapter.named_field_pairs(Field::Grads)? {
+            grads.push((
+                format!("{}.grad", peft_key(&module, "A")),
+                cpu_f32(&pair.a)?,
+            ));
+            grads.push((
+                format!("{}.grad", peft_key(&module, "B")),
+                cpu_f32(&pair.b)?,
+            ));
+        }
+        write_safetensors(&grads, &dir.join(GRADIENTS_FILE), sync)?;
+    }
     sync_path(dir, sync)
 }
 
@@ -342,7 +363,8 @@ pub struct Loaded {
     pub optimizer: Option<AdamState>,
 }
 
-/// Reads a checkpoint written by [`save`] or by `peft`'s `save_pretrained` for `config`'s model.
+/// Reads a checkpoint written by [`save`] or by `peft`'s `save_pretrained` for `config`'s model
+/// (with the gradients it holds, if any, pending in the adapter).
 pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> {
     recover(dir)?;
     let config_path = dir.join(CONFIG_FILE);
@@ -412,6 +434,11 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
     } else {
         None
     };
+    if dir.join(GRADIENTS_FILE).exists() {
+        let mut grads = read_tensors(&dir.join(GRADIENTS_FILE))?;
+        read(&mut grads, Field::Grads, ".grad")?;
+        adapter.set_pending_flag();
+    }
     Ok(Loaded { adapter, optimizer })
 }
 

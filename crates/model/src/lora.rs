@@ -367,6 +367,12 @@ impl LoraAdapter {
         Ok(())
     }
 
+    /// Records that the gradient row holds gradients no step has consumed (read back from a
+    /// snapshot).
+    pub(crate) fn set_pending_flag(&self) {
+        self.pending.store(true, Ordering::Release);
+    }
+
     /// Records that the gradient row was zeroed (by the caller, under the slab's lock).
     pub(crate) fn zero_grad_flag(&self) {
         self.pending.store(false, Ordering::Release);

@@ -862,6 +862,7 @@ fn save_state_then_load_continues_identically() {
             adapter: &adapter,
             optimizer: Some(opt),
             base_model: "tiny",
+            gradients: false,
         };
         checkpoint::save(&req, &path).unwrap();
     };
@@ -890,6 +891,60 @@ fn save_state_then_load_continues_identically() {
 }
 
 #[test]
+fn a_snapshot_with_pending_gradients_gives_them_back_pending_and_steps_identically() {
+    let (_dir, decoder) = tiny_llama("pending-grads");
+    let cfg = decoder.config();
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let data = train_data(5, 2, 7);
+    let adapter = LoraAdapter::new(spec(4, 9), cfg, Device::Cpu).unwrap();
+    let mut opt = AdamState::new(&adapter).unwrap();
+    cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
+    opt.step(&adapter, &hp).unwrap();
+    // Gradients of the next step, not yet consumed (a graceful shutdown comes here).
+    cross_entropy(&decoder, &adapter, &train_data(5, 2, 8), NO_LIMIT);
+    assert!(adapter.has_pending_gradients());
+    let grads = row_of(&adapter, Field::Grads);
+    assert!(grads.abs().max().double_value(&[]) > 0.0);
+    let out = TempDir::new("pending-grads-out");
+    let save = |gradients: bool, name: &str| {
+        let path = out.path().join(name);
+        let request = SaveRequest {
+            adapter: &adapter,
+            optimizer: Some(&opt),
+            base_model: "tiny",
+            gradients,
+        };
+        checkpoint::save(&request, &path).unwrap();
+        checkpoint::load(&path, cfg, Device::Cpu).unwrap()
+    };
+    // A checkpoint holds no gradients: nothing is pending after loading it.
+    let checkpointed = save(false, "checkpoint");
+    assert!(!checkpointed.adapter.has_pending_gradients());
+    assert_eq!(
+        row_of(&checkpointed.adapter, Field::Grads)
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+    // A snapshot with them gives them back bit for bit, pending, and the next step is the
+    // step the run would have taken.
+    let restored = save(true, "snapshot");
+    assert!(restored.adapter.has_pending_gradients());
+    assert!(row_of(&restored.adapter, Field::Grads).equal(&grads));
+    let mut restored_opt = restored.optimizer.expect("the snapshot has the optimizer");
+    opt.step(&adapter, &hp).unwrap();
+    restored_opt.step(&restored.adapter, &hp).unwrap();
+    for field in [Field::Params, Field::ExpAvg, Field::ExpAvgSq] {
+        assert!(row_of(&restored.adapter, field).equal(&row_of(&adapter, field)));
+    }
+    assert!(!restored.adapter.has_pending_gradients());
+}
+
+#[test]
 fn checkpoints_saved_together_load_back_like_single_saves() {
     let (_dir, decoder) = tiny_llama("save-all");
     let cfg = decoder.config();
@@ -909,6 +964,7 @@ fn checkpoints_saved_together_load_back_like_single_saves() {
             adapter: &runs[2],
             optimizer: None,
             base_model: "tiny",
+            gradients: false,
         },
         &dirs[0],
     )
@@ -922,6 +978,7 @@ fn checkpoints_saved_together_load_back_like_single_saves() {
                 adapter,
                 optimizer: Some(state),
                 base_model: "tiny",
+                gradients: false,
             };
             (request, dir.as_path())
         })
@@ -956,6 +1013,7 @@ fn exported_adapter_gives_the_same_logits_in_peft() {
         adapter: &adapter,
         optimizer: None,
         base_model: "tiny",
+        gradients: false,
     };
     checkpoint::save(&req, &adapter_dir).unwrap();
     let logits_path = out.path().join("peft_logits.safetensors");
