@@ -717,6 +717,10 @@ impl Engine {
     /// for when the queue drains in time: the results wait in the store for the restarted
     /// server to answer.
     pub fn shutdown(&self, drain: Duration) {
+        if drain.is_zero() {
+            // Before the pause is lifted, so that no queued job starts.
+            self.end_drain();
+        }
         {
             let mut st = lock(&self.inner.sched);
             st.close();
