@@ -1,7 +1,9 @@
-//! API keys → tenants. Keys are compared, never logged or stored anywhere else.
+//! API keys → tenants. Keys are compared, never logged or stored anywhere else. The keys can be
+//! replaced while the server runs ([`Auth::replace`]: a keys file edited, or SIGHUP).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -9,17 +11,34 @@ use sha2::{Digest, Sha256};
 use crate::error::{ApiError, ApiResult};
 
 /// How requests are authenticated.
-#[derive(Clone)]
 pub struct Auth {
-    keys: HashMap<String, String>,
+    /// Key → tenant; empty in single-tenant mode. Replaced whole by [`Auth::replace`]: a request
+    /// reads one version (the read lock is held only to clone the `Arc`).
+    keys: RwLock<Arc<HashMap<String, String>>>,
+    /// Started with no keys: any `tml-` key is the one tenant, for the server's whole life.
+    single_tenant: bool,
 }
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Auth")
-            .field("tenants", &self.keys.len())
+            .field("keys", &self.keys().len())
             .finish_non_exhaustive()
     }
+}
+
+/// What [`Auth::replace`] changed, for the log (names of tenants, never keys).
+#[derive(Debug, Default, PartialEq)]
+pub struct KeysChange {
+    /// Keys now accepted that were not before.
+    pub keys_added: usize,
+    /// Keys no longer accepted.
+    pub keys_removed: usize,
+    /// Tenants that had no key before.
+    pub tenants_added: Vec<String>,
+    /// Tenants left with no key (their runs and checkpoints stay, out of reach until a key of
+    /// theirs comes back).
+    pub tenants_removed: Vec<String>,
 }
 
 /// The tenant every key maps to in single-tenant mode.
@@ -28,22 +47,62 @@ pub const SINGLE_TENANT: &str = "default";
 impl Auth {
     /// Keys (`tml-...`) mapped to tenant names; empty means single-tenant mode.
     pub fn new(keys: HashMap<String, String>) -> Self {
-        Auth { keys }
+        Auth {
+            single_tenant: keys.is_empty(),
+            keys: RwLock::new(Arc::new(keys)),
+        }
+    }
+
+    /// The keys now in force.
+    fn keys(&self) -> Arc<HashMap<String, String>> {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the keys: requests from now on are checked against `keys` (requests and jobs
+    /// already admitted go on). Refused, keeping the keys in force, in single-tenant mode (a
+    /// server started without keys serves its one tenant on loopback; restart it with keys)
+    /// and when `keys` is empty (which would lock every tenant out, or look like a file caught
+    /// half written).
+    pub fn replace(&self, keys: HashMap<String, String>) -> Result<KeysChange, String> {
+        if self.single_tenant {
+            return Err(
+                "the server was started without API keys (single-tenant mode); restart it with --api-key or --api-keys-file".into(),
+            );
+        }
+        if keys.is_empty() {
+            return Err(
+                "no API keys: every tenant would be locked out; the keys in force stay".into(),
+            );
+        }
+        let mut slot = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let tenants = |k: &HashMap<String, String>| k.values().cloned().collect::<BTreeSet<_>>();
+        let (before, after) = (tenants(&slot), tenants(&keys));
+        let change = KeysChange {
+            keys_added: keys.keys().filter(|k| !slot.contains_key(*k)).count(),
+            keys_removed: slot.keys().filter(|k| !keys.contains_key(*k)).count(),
+            tenants_added: after.difference(&before).cloned().collect(),
+            tenants_removed: before.difference(&after).cloned().collect(),
+        };
+        *slot = Arc::new(keys);
+        Ok(change)
     }
 
     /// Whether `tenant` is a configured tenant (every name is, in single-tenant mode, where the
     /// only tenant is [`SINGLE_TENANT`]).
     pub fn knows_tenant(&self, tenant: &str) -> bool {
-        if self.keys.is_empty() {
+        if self.single_tenant {
             tenant == SINGLE_TENANT
         } else {
-            self.keys.values().any(|t| t == tenant)
+            self.keys().values().any(|t| t == tenant)
         }
     }
 
     /// Whether any `tml-` key is accepted (no keys configured).
     pub fn is_single_tenant(&self) -> bool {
-        self.keys.is_empty()
+        self.single_tenant
     }
 
     /// The tenant of a request, from its `X-API-Key` header.
@@ -66,7 +125,7 @@ impl Auth {
     }
 
     fn tenant_of(&self, key: &str) -> ApiResult<String> {
-        if self.keys.is_empty() {
+        if self.single_tenant {
             if key.starts_with("tml-") {
                 return Ok(SINGLE_TENANT.to_string());
             }
@@ -74,7 +133,7 @@ impl Auth {
                 "API keys must start with `tml-`".into(),
             ));
         }
-        self.keys
+        self.keys()
             .get(key)
             .cloned()
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))
@@ -179,6 +238,41 @@ mod tests {
         assert_eq!(first, auth.identify(&headers("tml-alice-1")).unwrap());
         assert!(first.key_id < 1 << 48, "exact as a JSON number");
         assert!(auth.identify(&headers("tml-mallory")).is_err());
+    }
+
+    #[test]
+    fn replaced_keys_take_effect_at_once_and_none_or_single_tenant_mode_are_refused() {
+        let auth = Auth::new(parse_keys(["alice=tml-alice-1", "bob=tml-bob-22"]).unwrap());
+        let change = auth
+            .replace(parse_keys(["alice=tml-alice-2", "carol=tml-carol-3"]).unwrap())
+            .unwrap();
+        assert_eq!(
+            change,
+            KeysChange {
+                keys_added: 2,
+                keys_removed: 2,
+                tenants_added: vec!["carol".into()],
+                tenants_removed: vec!["bob".into()],
+            }
+        );
+        assert!(auth.tenant(&headers("tml-alice-1")).is_err(), "rotated out");
+        assert_eq!(auth.tenant(&headers("tml-alice-2")).unwrap(), "alice");
+        assert!(auth.tenant(&headers("tml-bob-22")).is_err(), "revoked");
+        assert_eq!(auth.tenant(&headers("tml-carol-3")).unwrap(), "carol");
+        assert!(auth.knows_tenant("carol") && !auth.knows_tenant("bob"));
+        // No keys at all would lock everyone out (or open the server): refused, nothing changes.
+        assert!(auth.replace(HashMap::new()).is_err());
+        assert_eq!(auth.tenant(&headers("tml-carol-3")).unwrap(), "carol");
+        assert!(!auth.is_single_tenant());
+        // A server started without keys stays in single-tenant mode.
+        let single = Auth::new(HashMap::new());
+        assert!(single
+            .replace(parse_keys(["alice=tml-alice-1"]).unwrap())
+            .is_err());
+        assert_eq!(
+            single.tenant(&headers("tml-anything")).unwrap(),
+            SINGLE_TENANT
+        );
     }
 
     #[test]

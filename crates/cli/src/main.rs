@@ -522,19 +522,84 @@ fn parse_tenant_weights(entries: &[String]) -> anyhow::Result<HashMap<String, u3
 }
 
 fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
-    let mut entries: Vec<String> = args.api_keys.clone();
-    if let Some(file) = &args.api_keys_file {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        entries.extend(text.lines().map(str::to_string));
-    }
-    let keys: HashMap<String, String> = parse_keys(entries.iter().map(String::as_str))
-        .map_err(|e| anyhow::anyhow!("API keys: {e}"))?;
+    let text = match &args.api_keys_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
+        ),
+        None => None,
+    };
+    let keys = key_entries(&args.api_keys, text.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     Ok(Auth::new(keys))
 }
 
+/// The keys of the `--api-key` flags and of the keys file's text.
+fn key_entries(flags: &[String], file: Option<&str>) -> Result<HashMap<String, String>, String> {
+    let lines = file.into_iter().flat_map(str::lines);
+    parse_keys(flags.iter().map(String::as_str).chain(lines)).map_err(|e| format!("API keys: {e}"))
+}
+
+/// How often the keys file is read for changes.
+const KEYS_FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Keeps `auth` in step with the keys file `file` (with the `--api-key` flags `flags`), read
+/// every [`KEYS_FILE_POLL`]: a change is applied once two reads in a row agree on it (so a file
+/// caught half written, which would lock its missing tenants out, is not), and at once on SIGHUP.
+/// A file that does not parse, or holds no key, is logged and the keys in force stay.
+async fn follow_keys_file(
+    auth: Arc<Auth>,
+    flags: Vec<String>,
+    file: PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    let mut applied = std::fs::read_to_string(&file).ok();
+    let mut last_read = applied.clone();
+    let mut unreadable = false;
+    loop {
+        let forced = tokio::select! {
+            _ = hup.recv() => true,
+            () = tokio::time::sleep(KEYS_FILE_POLL) => false,
+        };
+        let text = match tokio::fs::read_to_string(&file).await {
+            Ok(text) => {
+                unreadable = false;
+                text
+            }
+            Err(error) => {
+                if forced || !unreadable {
+                    tracing::error!(file = %file.display(), %error, "cannot read the API keys file; the keys in force stay");
+                }
+                unreadable = true;
+                continue;
+            }
+        };
+        let settled = last_read.as_deref() == Some(text.as_str());
+        last_read = Some(text.clone());
+        let changed = applied.as_deref() != Some(text.as_str());
+        let apply = forced || (changed && settled);
+        if !apply {
+            continue;
+        }
+        let outcome = key_entries(&flags, Some(&text)).and_then(|keys| auth.replace(keys));
+        applied = Some(text);
+        match outcome {
+            Ok(change) => tracing::info!(
+                keys_added = change.keys_added,
+                keys_removed = change.keys_removed,
+                tenants_added = ?change.tenants_added,
+                tenants_removed = ?change.tenants_removed,
+                "API keys reloaded"
+            ),
+            Err(error) => tracing::error!(
+                file = %file.display(),
+                %error,
+                "API keys not reloaded; the keys in force stay"
+            ),
+        }
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let auth = load_auth(&args)?;
+    let auth = Arc::new(load_auth(&args)?);
     let tenant_weights = parse_tenant_weights(&args.tenant_weights)?;
     if let Some(unknown) = tenant_weights.keys().find(|t| !auth.knows_tenant(t)) {
         anyhow::bail!("--tenant-weight names `{unknown}`, which no API key belongs to");
@@ -725,7 +790,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let state = AppState {
         engine: engine.clone(),
-        auth: Arc::new(auth),
+        auth: auth.clone(),
         sessions: Arc::new(sessions),
         long_poll: Duration::from_secs(args.long_poll_secs),
         sample_poller: args.sample_poller,
@@ -764,6 +829,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Long polls answer within `long_poll`; a little more for requests being answered.
         shutdown_grace: Duration::from_secs(args.long_poll_secs + 10),
     };
+    if let Some(file) = &args.api_keys_file {
+        if !auth.is_single_tenant() {
+            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("listening for SIGHUP")?;
+            tokio::spawn(follow_keys_file(
+                auth.clone(),
+                args.api_keys.clone(),
+                file.clone(),
+                hup,
+            ));
+        }
+    }
     // The first signal stops the listener and starts the engine's drain, side by side: requests
     // in progress (long polls among them) are answered while queued jobs finish; a second
     // signal ends the drain at once.
