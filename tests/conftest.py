@@ -59,7 +59,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)  # past --drain-secs, a batch and the snapshots
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()

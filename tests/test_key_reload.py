@@ -15,6 +15,8 @@ from conftest import MODEL_NAME, Server
 ALICE = "tml-alice-0123456789"
 ALICE_ROTATED = "tml-alice-rotated-98765"
 BOB = "tml-bob-0123456789"
+CAROL = "tml-carol-0123456789"
+SWAPPED = "tml-swapped-fields-secret"
 
 
 def write_keys(path, text):
@@ -38,7 +40,7 @@ def until(condition, timeout):
 def test_keys_are_added_rotated_and_revoked_without_a_restart(tmp_path):
     keys = tmp_path / "keys"
     write_keys(keys, f"alice={ALICE}\n")
-    srv = Server(tmp_path, "--api-keys-file", str(keys))
+    srv = Server(tmp_path, "--api-keys-file", str(keys), "--api-key", f"carol={CAROL}")
     try:
         assert me(srv, ALICE).json()["name"] == "alice"
         assert me(srv, BOB).status_code == 401
@@ -54,6 +56,10 @@ def test_keys_are_added_rotated_and_revoked_without_a_restart(tmp_path):
         bob = tinker.ServiceClient(base_url=srv.url, api_key=BOB)
         bobs = bob.create_lora_training_client(base_model=MODEL_NAME, rank=4, seed=2).result()
         bobs.forward_backward([datum], "cross_entropy").result()
+        export = bobs.save_weights_external("bobs-export").result().path
+        link = tinker.RestClient(base_url=srv.url, api_key=BOB).get_external_weights_urls(export).result()
+        link = link.urls["adapter_config.json"]
+        assert requests.get(link, timeout=30).status_code == 200
         run.forward_backward([datum], "cross_entropy").result()
         run.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
@@ -62,6 +68,8 @@ def test_keys_are_added_rotated_and_revoked_without_a_restart(tmp_path):
         srv.proc.send_signal(signal.SIGHUP)
         until(lambda: me(srv, ALICE).status_code == 401, timeout=10)
         assert me(srv, BOB).status_code == 401
+        assert requests.get(link, timeout=30).status_code == 403, "a revoked tenant's links die with its keys"
+        assert requests.get(link, timeout=30).status_code == 403, "a revoked tenant's links die with its keys"
         listed = requests.get(srv.url + "/api/v1/training_runs", headers={"X-API-Key": ALICE_ROTATED},
                               timeout=10).json()
         assert run.model_id in [r["training_run_id"] for r in listed["training_runs"]]
@@ -79,14 +87,18 @@ def test_keys_are_added_rotated_and_revoked_without_a_restart(tmp_path):
                              headers={"X-API-Key": ALICE_ROTATED}, timeout=60).json()
         assert "metrics" in done, done
 
-        # A file that does not parse, or holds no key, changes nothing (and says so in the log).
-        for broken in (f"alice {ALICE_ROTATED}\nmallory=sk-not-a-key\n", "# everyone removed\n"):
-            write_keys(keys, broken)
+        # A file that does not parse, or holds no key (the flag's key would be left alone in
+        # force), changes nothing and says so in the log, never echoing a key.
+        broken = (f"alice {ALICE_ROTATED}\nmallory=sk-not-a-key\n", "# everyone removed\n",
+                  f"{SWAPPED} alice\n")
+        for i, text in enumerate(broken):
+            write_keys(keys, text)
             srv.proc.send_signal(signal.SIGHUP)
-            until(lambda: srv.output().count("API keys not reloaded") >= 1, timeout=10)
-            time.sleep(0.5)
+            until(lambda: srv.output().count("API keys not reloaded") >= i + 1, timeout=10)
             assert me(srv, ALICE_ROTATED).json()["name"] == "alice"
-        assert srv.output().count("API keys not reloaded") == 2
+            assert me(srv, CAROL).json()["name"] == "carol"
+        assert srv.output().count("API keys not reloaded") == len(broken)
+        assert SWAPPED not in srv.output() and ALICE_ROTATED not in srv.output()
         assert srv.proc.poll() is None, "SIGHUP does not stop the server"
         for c in (alice, bob):
             c.close("success")

@@ -167,6 +167,8 @@ pub(crate) fn presented_key(headers: &HeaderMap) -> ApiResult<&str> {
 /// Parses `tenant=tml-key` pairs (from flags) and lines of a keys file (`tenant tml-key` or
 /// `tenant=tml-key`; a `#` at the start of a line or after a space starts a comment, a `#`
 /// inside a key is part of it). Rejects keys without the SDK's `tml-` prefix and duplicates.
+/// Errors name the entry by number only: a line with its fields swapped would otherwise put a
+/// key in the message, which is logged.
 pub fn parse_keys<'a>(
     entries: impl IntoIterator<Item = &'a str>,
 ) -> Result<HashMap<String, String>, String> {
@@ -184,11 +186,20 @@ pub fn parse_keys<'a>(
         if tenant.is_empty() {
             return Err(format!("entry {}: empty tenant name", n + 1));
         }
+        if tenant.starts_with("tml-") {
+            return Err(format!(
+                "entry {}: the tenant name comes first (`tenant=tml-key`)",
+                n + 1
+            ));
+        }
         if !key.starts_with("tml-") || key.len() < 8 {
-            return Err(format!("entry {} (tenant {tenant}): keys must start with `tml-` and be at least 8 characters", n + 1));
+            return Err(format!(
+                "entry {}: keys must start with `tml-` and be at least 8 characters",
+                n + 1
+            ));
         }
         if keys.insert(key.to_string(), tenant.to_string()).is_some() {
-            return Err(format!("entry {} (tenant {tenant}): key used twice", n + 1));
+            return Err(format!("entry {}: key used twice", n + 1));
         }
     }
     Ok(keys)

@@ -449,7 +449,7 @@ struct ServeArgs {
     sample_poller: bool,
     /// At SIGTERM or Ctrl-C, how long the jobs already queued or running may go on before the
     /// rest fail with "server restarted" (a second signal ends the wait at once).
-    #[arg(long, env = "LORALOOM_DRAIN_SECS", default_value_t = 30)]
+    #[arg(long, env = "LORALOOM_DRAIN_SECS", default_value_t = 20)]
     drain_secs: u64,
     /// Write each run's state to disk after every optimizer step, before acknowledging it, so a
     /// crash loses no acknowledged step (`false`: only on graceful shutdown).
@@ -521,7 +521,9 @@ fn parse_tenant_weights(entries: &[String]) -> anyhow::Result<HashMap<String, u3
         .collect()
 }
 
-fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
+/// The keys of the flags and of the keys file, with the file's text as read (what
+/// [`follow_keys_file`] compares later reads with).
+fn load_auth(args: &ServeArgs) -> anyhow::Result<(Auth, Option<String>)> {
     let text = match &args.api_keys_file {
         Some(file) => Some(
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
@@ -529,10 +531,12 @@ fn load_auth(args: &ServeArgs) -> anyhow::Result<Auth> {
         None => None,
     };
     let keys = key_entries(&args.api_keys, text.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    Ok(Auth::new(keys))
+    Ok((Auth::new(keys), text))
 }
 
-/// The keys of the `--api-key` flags and of the keys file's text.
+/// The keys of the `--api-key` flags and of the keys file's text. A file that holds no key is
+/// refused when it is reloaded ([`follow_keys_file`]): with keys from flags alone, every tenant
+/// of the file would be locked out.
 fn key_entries(flags: &[String], file: Option<&str>) -> Result<HashMap<String, String>, String> {
     let lines = file.into_iter().flat_map(str::lines);
     parse_keys(flags.iter().map(String::as_str).chain(lines)).map_err(|e| format!("API keys: {e}"))
@@ -545,13 +549,15 @@ const KEYS_FILE_POLL: Duration = Duration::from_secs(2);
 /// every [`KEYS_FILE_POLL`]: a change is applied once two reads in a row agree on it (so a file
 /// caught half written, which would lock its missing tenants out, is not), and at once on SIGHUP.
 /// A file that does not parse, or holds no key, is logged and the keys in force stay.
+/// `loaded` is the text the server started with.
 async fn follow_keys_file(
     auth: Arc<Auth>,
     flags: Vec<String>,
     file: PathBuf,
+    loaded: String,
     mut hup: tokio::signal::unix::Signal,
 ) {
-    let mut applied = std::fs::read_to_string(&file).ok();
+    let mut applied = Some(loaded);
     let mut last_read = applied.clone();
     let mut unreadable = false;
     loop {
@@ -579,7 +585,13 @@ async fn follow_keys_file(
         if !apply {
             continue;
         }
-        let outcome = key_entries(&flags, Some(&text)).and_then(|keys| auth.replace(keys));
+        let outcome = match key_entries(&[], Some(&text)) {
+            Ok(keys) if keys.is_empty() => Err(
+                "the file holds no key: every tenant of the file would be locked out".to_string(),
+            ),
+            Ok(_) => key_entries(&flags, Some(&text)).and_then(|keys| auth.replace(keys)),
+            Err(e) => Err(e),
+        };
         applied = Some(text);
         match outcome {
             Ok(change) => tracing::info!(
@@ -599,7 +611,12 @@ async fn follow_keys_file(
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let auth = Arc::new(load_auth(&args)?);
+    // SIGHUP reloads the keys file (below); until then, and without a file, it is logged, never
+    // the signal's default (which would kill the server with no snapshot).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let (auth, keys_text) = load_auth(&args)?;
+    let auth = Arc::new(auth);
     let tenant_weights = parse_tenant_weights(&args.tenant_weights)?;
     if let Some(unknown) = tenant_weights.keys().find(|t| !auth.knows_tenant(t)) {
         anyhow::bail!("--tenant-weight names `{unknown}`, which no API key belongs to");
@@ -829,16 +846,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Long polls answer within `long_poll`; a little more for requests being answered.
         shutdown_grace: Duration::from_secs(args.long_poll_secs + 10),
     };
-    if let Some(file) = &args.api_keys_file {
-        if !auth.is_single_tenant() {
-            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                .context("listening for SIGHUP")?;
+    match (&args.api_keys_file, keys_text) {
+        (Some(file), Some(text)) if !auth.is_single_tenant() => {
             tokio::spawn(follow_keys_file(
                 auth.clone(),
                 args.api_keys.clone(),
                 file.clone(),
+                text,
                 hup,
             ));
+        }
+        _ => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::warn!("SIGHUP: nothing to reload (API keys are reloaded from --api-keys-file, in a server started with keys)");
+                }
+            });
         }
     }
     // The first signal stops the listener and starts the engine's drain, side by side: requests

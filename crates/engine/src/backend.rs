@@ -284,17 +284,15 @@ impl ModelWorker {
                 .adapter
                 .as_ref()
                 .is_some_and(LoraAdapter::has_pending_gradients);
-            if restored && !marked && self.snapshot_every_step {
+            if restored {
                 // Gradients a graceful shutdown saved are in memory now, where later jobs add to
-                // or consume them: on disk they stand for them no longer. Marked first, so a crash
-                // from here on refuses the next step instead of stepping on stale gradients.
-                self.mark_pending(entry, state);
-                if state.pending_marked {
-                    let saved = dir.join(checkpoint::GRADIENTS_FILE);
-                    if let Err(e) = std::fs::remove_file(&saved) {
-                        tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the saved gradients");
-                    }
+                // or consume them: on disk they stand for them no longer. Marked first (durable
+                // mode), so a crash from here on refuses the next step instead of stepping on
+                // stale gradients.
+                if !marked {
+                    self.mark_pending(entry, state);
                 }
+                forget_saved_gradients(&self.registry, entry);
             }
         }
         Ok(())
@@ -692,6 +690,7 @@ impl ModelWorker {
             evicted: true,
             ..RunState::default()
         };
+        forget_saved_gradients(&self.registry, entry);
         let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
         if let Err(e) = std::fs::remove_file(&marker) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -717,6 +716,7 @@ impl ModelWorker {
             .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
         if state.gradients_lost {
             adapter.zero_grad()?;
+            forget_saved_gradients(&self.registry, entry);
             state.gradients_lost = false;
             state.pending_marked = false;
             let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
@@ -1289,6 +1289,19 @@ fn snapshot_request<'a>(entry: &'a ModelEntry, state: &'a RunState) -> Option<Sa
         base_model: &entry.base_model,
         gradients: adapter.has_pending_gradients() && !state.gradients_lost,
     })
+}
+
+/// Deletes the gradients a graceful shutdown saved in the run's snapshot, once they are in
+/// memory or discarded: the snapshot must not give them back again.
+fn forget_saved_gradients(registry: &Registry, entry: &ModelEntry) {
+    let saved = registry
+        .snapshot_dir(&entry.key)
+        .join(checkpoint::GRADIENTS_FILE);
+    if let Err(e) = std::fs::remove_file(&saved) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the saved gradients");
+        }
+    }
 }
 
 /// Creates the run's [`PENDING_MARKER`] durably.

@@ -308,7 +308,8 @@ pub(super) async fn download(
     let grant = state
         .downloads
         .verify(&token, loraloom_engine::registry::unix_now() as u64)?;
-    if grant.file != file {
+    // A tenant whose keys were all revoked loses its links with them.
+    if grant.file != file || !state.auth.knows_tenant(&grant.tenant) {
         return Err(ApiError::Forbidden(
             "this download link is not valid".into(),
         ));
