@@ -125,7 +125,8 @@ def test_sigterm_drains_the_queue_keeps_pending_gradients_and_exits_0(tmp_path):
     without their optimizer step are in the run's snapshot, so that step works after the
     restart. Both runs end where a run that never restarted ends, bit for bit (same kernels,
     same order, gradients and moments saved as f32)."""
-    srv = Server(tmp_path)
+    # A drain long enough for a loaded machine: this test is about what a drain keeps.
+    srv = Server(tmp_path, "--drain-secs", "600")
     try:
         _, control = new_run(srv)
         _, drained = new_run(srv)
@@ -304,7 +305,7 @@ def test_an_sdk_training_loop_and_a_sample_in_flight_go_through_a_graceful_resta
 
     adam = types.AdamParams(learning_rate=1e-2)
     steps = 4
-    srv = Server(tmp_path)
+    srv = Server(tmp_path, "--drain-secs", "600")
     port = srv.port
     sc = tinker.ServiceClient(base_url=srv.url, api_key="tml-restart")
     try:

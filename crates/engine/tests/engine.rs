@@ -359,14 +359,20 @@ fn unknown_runs_and_shutdown_are_clear_errors() {
     );
 }
 
-#[test]
-fn a_shutdown_runs_the_queued_jobs_within_its_drain_and_fails_them_once_the_drain_ends() {
+/// A fake engine of one worker holding run `tenant`/`id`, its scheduler paused.
+fn paused_engine_with_run(tenant: &str, id: &str) -> Engine {
     let (engine, _) = fake_engine(Limits::default(), 1);
     engine
         .registry()
-        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
+        .add_model(key(tenant, id), "tiny", spec(4, 0), serde_json::Value::Null)
         .unwrap();
     engine.set_paused(true);
+    engine
+}
+
+#[test]
+fn a_shutdown_runs_the_queued_jobs_within_its_drain_and_fails_them_once_the_drain_ends() {
+    let engine = paused_engine_with_run("a", "m");
     let queued: Vec<String> = (0..3)
         .map(|_| {
             engine
@@ -392,12 +398,7 @@ fn a_shutdown_runs_the_queued_jobs_within_its_drain_and_fails_them_once_the_drai
 
     // A drain ended early (a second signal) fails what is still queued, even a drain that
     // would have waited forever.
-    let (engine, _) = fake_engine(Limits::default(), 1);
-    engine
-        .registry()
-        .add_model(key("a", "m"), "tiny", spec(4, 0), serde_json::Value::Null)
-        .unwrap();
-    engine.set_paused(true);
+    let engine = paused_engine_with_run("a", "m");
     let queued = engine
         .submit(QueueKey::Model(key("a", "m")), optim(1e-3))
         .unwrap();
