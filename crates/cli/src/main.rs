@@ -557,8 +557,8 @@ async fn follow_keys_file(
     loaded: String,
     mut hup: tokio::signal::unix::Signal,
 ) {
-    let mut applied = Some(loaded);
-    let mut last_read = applied.clone();
+    let mut last_read = loaded.clone();
+    let mut applied = loaded;
     let mut unreadable = false;
     loop {
         let forced = tokio::select! {
@@ -578,9 +578,9 @@ async fn follow_keys_file(
                 continue;
             }
         };
-        let settled = last_read.as_deref() == Some(text.as_str());
-        last_read = Some(text.clone());
-        let changed = applied.as_deref() != Some(text.as_str());
+        let settled = last_read == text;
+        last_read = text.clone();
+        let changed = applied != text;
         let apply = forced || (changed && settled);
         if !apply {
             continue;
@@ -592,7 +592,7 @@ async fn follow_keys_file(
             Ok(_) => key_entries(&flags, Some(&text)).and_then(|keys| auth.replace(keys)),
             Err(e) => Err(e),
         };
-        applied = Some(text);
+        applied = text;
         match outcome {
             Ok(change) => tracing::info!(
                 keys_added = change.keys_added,

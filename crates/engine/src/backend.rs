@@ -690,13 +690,7 @@ impl ModelWorker {
             evicted: true,
             ..RunState::default()
         };
-        forget_saved_gradients(&self.registry, entry);
-        let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
-        if let Err(e) = std::fs::remove_file(&marker) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the pending-gradients marker");
-            }
-        }
+        forget_pending_on_disk(&self.registry, entry);
         tracing::warn!(model_id = %entry.key.model_id, "a step made the weights non-finite; rolled back");
         EngineError::invalid(
             "adam_params",
@@ -716,13 +710,9 @@ impl ModelWorker {
             .ok_or_else(|| EngineError::invalid("model_id", "the run is not initialised"))?;
         if state.gradients_lost {
             adapter.zero_grad()?;
-            forget_saved_gradients(&self.registry, entry);
+            forget_pending_on_disk(&self.registry, entry);
             state.gradients_lost = false;
             state.pending_marked = false;
-            let marker = self.registry.snapshot_dir(&entry.key).join(PENDING_MARKER);
-            if let Err(e) = std::fs::remove_file(&marker) {
-                tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the pending-gradients marker");
-            }
             return Err(EngineError::GradientsLost);
         }
         if state.optimizer.is_none() {
@@ -1294,12 +1284,23 @@ fn snapshot_request<'a>(entry: &'a ModelEntry, state: &'a RunState) -> Option<Sa
 /// Deletes the gradients a graceful shutdown saved in the run's snapshot, once they are in
 /// memory or discarded: the snapshot must not give them back again.
 fn forget_saved_gradients(registry: &Registry, entry: &ModelEntry) {
-    let saved = registry
-        .snapshot_dir(&entry.key)
-        .join(checkpoint::GRADIENTS_FILE);
-    if let Err(e) = std::fs::remove_file(&saved) {
+    remove_from_snapshot(registry, entry, checkpoint::GRADIENTS_FILE);
+}
+
+/// Forgets what the run's snapshot says of gradients no step consumed, once they are
+/// discarded (a step refused for lost gradients, a rollback): the saved gradients and the
+/// [`PENDING_MARKER`].
+fn forget_pending_on_disk(registry: &Registry, entry: &ModelEntry) {
+    forget_saved_gradients(registry, entry);
+    remove_from_snapshot(registry, entry, PENDING_MARKER);
+}
+
+/// Deletes the file `name` of the run's snapshot directory, if it is there.
+fn remove_from_snapshot(registry: &Registry, entry: &ModelEntry, name: &str) {
+    let path = registry.snapshot_dir(&entry.key).join(name);
+    if let Err(e) = std::fs::remove_file(&path) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot remove the saved gradients");
+            tracing::warn!(model_id = %entry.key.model_id, error = %e, file = name, "cannot remove a file of the run's snapshot");
         }
     }
 }

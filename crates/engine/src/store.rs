@@ -287,23 +287,25 @@ impl SqliteStore {
 
 /// Brings a database written by an older loraloom up to [`SCHEMA`]: columns added since.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_details = conn
-        .prepare("SELECT 1 FROM pragma_table_info('sessions') WHERE name = 'details'")?
-        .exists([])?;
-    if !has_details {
-        conn.execute_batch("ALTER TABLE sessions ADD COLUMN details TEXT NOT NULL DEFAULT '{}'")?;
-    }
-    let has_inflight = conn
-        .prepare("SELECT 1 FROM pragma_table_info('samplers') WHERE name = 'inflight_of'")?
-        .exists([])?;
-    if !has_inflight {
-        conn.execute_batch("ALTER TABLE samplers ADD COLUMN inflight_of TEXT")?;
-    }
-    let has_feed = conn
-        .prepare("SELECT 1 FROM pragma_table_info('futures') WHERE name = 'feed'")?
-        .exists([])?;
-    if !has_feed {
-        conn.execute_batch("ALTER TABLE futures ADD COLUMN feed TEXT")?;
+    add_column(conn, "sessions", "details", "TEXT NOT NULL DEFAULT '{}'")?;
+    add_column(conn, "samplers", "inflight_of", "TEXT")?;
+    add_column(conn, "futures", "feed", "TEXT")
+}
+
+/// Adds `column` (of `definition`) to `table` unless it has it.
+fn add_column(
+    conn: &Connection,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> rusqlite::Result<()> {
+    let present = conn
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists(params![table, column])?;
+    if !present {
+        conn.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+        ))?;
     }
     Ok(())
 }

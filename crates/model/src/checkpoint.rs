@@ -286,36 +286,36 @@ fn write_files(request: &SaveRequest, dir: &Path, sync: Durability) -> Result<()
     };
     write_json(&dir.join(EXTRA_FILE), &extra, sync)?;
     if request.optimizer.is_some() {
-        let mut moments = Vec::with_capacity(pairs.len() * 4);
-        for (suffix, field) in [("exp_avg", Field::ExpAvg), ("exp_avg_sq", Field::ExpAvgSq)] {
-            for (module, pair) in adapter.named_field_pairs(field)? {
-                moments.push((
-                    format!("{}.{suffix}", peft_key(&module, "A")),
-                    cpu_f32(&pair.a)?,
-                ));
-                moments.push((
-                    format!("{}.{suffix}", peft_key(&module, "B")),
-                    cpu_f32(&pair.b)?,
-                ));
-            }
-        }
+        let mut moments = field_tensors(adapter, Field::ExpAvg, ".exp_avg")?;
+        moments.extend(field_tensors(adapter, Field::ExpAvgSq, ".exp_avg_sq")?);
         write_safetensors(&moments, &dir.join(OPTIMIZER_FILE), sync)?;
     }
     if request.gradients {
-        let mut grads = Vec::with_capacity(pairs.len() * 2);
-        for (module, pair) in adapter.named_field_pairs(Field::Grads)? {
-            grads.push((
-                format!("{}.grad", peft_key(&module, "A")),
-                cpu_f32(&pair.a)?,
-            ));
-            grads.push((
-                format!("{}.grad", peft_key(&module, "B")),
-                cpu_f32(&pair.b)?,
-            ));
-        }
+        let grads = field_tensors(adapter, Field::Grads, ".grad")?;
         write_safetensors(&grads, &dir.join(GRADIENTS_FILE), sync)?;
     }
     sync_path(dir, sync)
+}
+
+/// `adapter`'s `field` as safetensors entries, each named by its peft key and `suffix` (what
+/// [`load`] reads back with the same suffix), in f32 on the CPU.
+fn field_tensors(
+    adapter: &LoraAdapter,
+    field: Field,
+    suffix: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut tensors = Vec::new();
+    for (module, pair) in adapter.named_field_pairs(field)? {
+        tensors.push((
+            format!("{}{suffix}", peft_key(&module, "A")),
+            cpu_f32(&pair.a)?,
+        ));
+        tensors.push((
+            format!("{}{suffix}", peft_key(&module, "B")),
+            cpu_f32(&pair.b)?,
+        ));
+    }
+    Ok(tensors)
 }
 
 /// `fsync`s `path` (a file or directory) when each file is made durable as it is written.
