@@ -451,7 +451,7 @@ pub fn build_datum(
     index: usize,
     tokens: Vec<i64>,
     mut inputs: HashMap<String, RawTensor>,
-    custom: Option<&Arc<CustomLoss>>,
+    custom: Option<&NamedLoss>,
 ) -> ApiResult<Datum> {
     let field = |name: &str| format!("data[{index}].loss_fn_inputs.{name}");
     let targets = inputs
@@ -459,7 +459,7 @@ pub fn build_datum(
         .ok_or_else(|| ApiError::invalid(field("target_tokens"), "is required"))?;
     let targets_per_position = targets.columns;
     let target_tokens = targets.ints(&field("target_tokens"))?;
-    if let Some(loss) = custom {
+    if let Some((loss_id, loss)) = custom {
         let values = loss
             .input_params()
             .iter()
@@ -476,6 +476,7 @@ pub fn build_datum(
             loss_inputs: LossInputs::targets(target_tokens, targets_per_position),
             custom: Some(CustomInputs {
                 loss: loss.clone(),
+                loss_id: loss_id.to_string(),
                 inputs: values,
             }),
         });
@@ -574,11 +575,14 @@ pub type CustomLosses<'a> = &'a dyn Fn(&str) -> ApiResult<Arc<CustomLoss>>;
 
 /// The request's loss: a built-in one from its name and numbers, or (`custom`) the caller's
 /// custom loss named by the one string `loss_id` (then the built-in loss is ignored).
+/// A custom loss and the id `create_custom_loss` answered for it.
+type NamedLoss = (String, Arc<CustomLoss>);
+
 fn request_loss(
     name: &str,
     config: Vec<(String, proto::ConfigValue)>,
     custom: CustomLosses,
-) -> ApiResult<(LossFn, Option<Arc<CustomLoss>>)> {
+) -> ApiResult<(LossFn, Option<NamedLoss>)> {
     if name == "custom" {
         let mut loss_id = None;
         for (k, v) in config {
@@ -598,7 +602,8 @@ fn request_loss(
                 "is required by loss `custom` (the id create_custom_loss answered)",
             )
         })?;
-        return Ok((LossFn::CrossEntropy, Some(custom(&id)?)));
+        let loss = custom(&id)?;
+        return Ok((LossFn::CrossEntropy, Some((id, loss))));
     }
     let mut numbers: Vec<(String, f64)> = Vec::new();
     for (k, v) in config {

@@ -669,6 +669,7 @@ fn through_engine(
         // Benchmarks time work back to back; between phases (baselines in Python) the engine
         // idles, and a release there would charge page faults to the next phase's first round.
         release_memory_after_idle: None,
+        journal: false,
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker) as Box<dyn Backend>]);
     let rt = tokio::runtime::Builder::new_current_thread()

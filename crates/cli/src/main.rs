@@ -448,11 +448,14 @@ struct ServeArgs {
     #[arg(long, env = "LORALOOM_SAMPLE_POLLER", default_value_t = false, action = clap::ArgAction::Set)]
     sample_poller: bool,
     /// At SIGTERM or Ctrl-C, how long the jobs already queued or running may go on before the
-    /// rest fail with "server restarted" (a second signal ends the wait at once).
+    /// rest are left to the restarted server in the job journal (a second signal ends the wait
+    /// at once); without the journal (`--step-snapshots false`) they fail with "server
+    /// restarted".
     #[arg(long, env = "LORALOOM_DRAIN_SECS", default_value_t = 20)]
     drain_secs: u64,
-    /// Write each run's state to disk after every optimizer step, before acknowledging it, so a
-    /// crash loses no acknowledged step (`false`: only on graceful shutdown).
+    /// Write each run's state to disk after every optimizer step, before acknowledging it, and
+    /// journal every job, so a crash loses no acknowledged step, job or gradient (`false`: the
+    /// state only on graceful shutdown, no journal).
     #[arg(long, env = "LORALOOM_STEP_SNAPSHOTS", default_value_t = true, action = clap::ArgAction::Set)]
     step_snapshots: bool,
     /// Seconds a client has to send a request's complete headers; also the longest a kept-alive
@@ -767,26 +770,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_runs: args.max_runs,
         max_recorded_samples_per_tenant: args.max_recorded_samples_per_tenant as usize,
         release_memory_after_idle,
+        journal: args.step_snapshots,
     };
-    let engine = Engine::start(config, registry, backends);
-    drop(base);
-    let restarted = engine.restore().context("restoring state")?;
     // Saves that a crash interrupted leave staging directories (checkpoints and run snapshots
-    // sit at most six levels under the data directory).
+    // sit at most six levels under the data directory): cleaned up before any job runs again.
     let stale = loraloom_model::checkpoint::remove_stale(&args.data_dir, 6)
         .context("removing what interrupted saves left")?;
     if stale > 0 {
         tracing::info!(stale, "removed directories left by interrupted saves");
     }
-    if args.step_snapshots {
-        let unfinished = engine.registry().remove_unfinished_runs();
-        if !unfinished.is_empty() {
-            tracing::info!(
-                runs = unfinished.len(),
-                "removed runs whose create never finished (a retry creates them again)"
-            );
-        }
-    }
+    let engine = Engine::start(config, registry, backends);
+    drop(base);
+    let restarted = engine.restore().context("restoring state")?;
     let sessions = DashMap::new();
     for row in store.sessions().context("reading sessions")? {
         sessions.insert(

@@ -16,6 +16,7 @@ use loraloom_model::{
 
 use crate::error::{EngineError, Result};
 use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, Work};
+use crate::journal::Position;
 use crate::registry::{
     checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, Holder, ModelEntry,
     Registry, ResidentAdapter, RunState, SamplerSource, PENDING_MARKER,
@@ -277,6 +278,7 @@ impl ModelWorker {
             state.optimizer = optimizer;
             state.evicted = false;
             let dir = self.registry.snapshot_dir(&entry.key);
+            state.position = Position::of_snapshot(&dir);
             let marked = dir.join(PENDING_MARKER).exists();
             state.pending_marked = marked;
             state.gradients_lost = marked;
@@ -559,6 +561,9 @@ impl ModelWorker {
                     (&results[i], &entries[i], &mut guards[i])
                 {
                     self.mark_pending(entry, guard);
+                    if let Some(seq) = jobs[i].seq {
+                        guard.position.gradients = seq;
+                    }
                 }
             }
         }
@@ -619,7 +624,13 @@ impl ModelWorker {
         let mut stepped = Vec::new();
         for (i, outcome) in stepping.into_iter().zip(outcomes) {
             match outcome {
-                Ok(stats) => stepped.push((i, stats)),
+                Ok(stats) => {
+                    let state = guards[i].as_mut().expect("stepping runs are locked");
+                    state
+                        .position
+                        .applied(jobs[i].seq, Output::OptimStep(stats));
+                    stepped.push((i, stats));
+                }
                 Err(ModelError::NonFiniteStep) => {
                     let entry = entries[i].as_ref().expect("stepping runs have entries");
                     let state = guards[i].as_mut().expect("stepping runs are locked");
@@ -713,6 +724,7 @@ impl ModelWorker {
             forget_pending_on_disk(&self.registry, entry);
             state.gradients_lost = false;
             state.pending_marked = false;
+            state.position.gradients = 0;
             return Err(EngineError::GradientsLost);
         }
         if state.optimizer.is_none() {
@@ -749,6 +761,10 @@ impl ModelWorker {
             optimizer,
             ..RunState::default()
         };
+        let created = Output::Created {
+            model_id: entry.key.model_id.clone(),
+        };
+        guard.position.applied(job.seq, created.clone());
         if self.snapshot_every_step {
             // A run loaded from a checkpoint must come back as loaded after a crash.
             snapshot(&self.registry, &entry, &guard)?;
@@ -760,9 +776,7 @@ impl ModelWorker {
                     .map_err(|e| EngineError::Internal(format!("{}: {e}", stale.display())))?;
             }
         }
-        Ok(Output::Created {
-            model_id: entry.key.model_id.clone(),
-        })
+        Ok(created)
     }
 
     fn load_checkpoint(&self, tenant: &str, path: &str) -> Result<checkpoint::Loaded> {
@@ -818,6 +832,7 @@ impl ModelWorker {
             optimizer,
             base_model: &entry.base_model,
             gradients: false,
+            note: None,
         };
         if options.encrypt_to.is_empty() {
             checkpoint::save(&request, &dir)?;
@@ -885,11 +900,13 @@ impl ModelWorker {
             optimizer: loaded.optimizer.filter(|_| *with_optimizer),
             ..RunState::default()
         };
+        let out = Output::Loaded { path: path.clone() };
+        guard.position.applied(job.seq, out.clone());
         if self.snapshot_every_step {
             snapshot(&self.registry, &entry, &guard)?;
         }
         entry.touch();
-        Ok(Output::Loaded { path: path.clone() })
+        Ok(out)
     }
 
     /// Adds sampling jobs to the decode loop. Each session is locked (and its weights reloaded
@@ -1273,11 +1290,13 @@ pub fn snapshot(registry: &Registry, entry: &ModelEntry, state: &RunState) -> Re
 /// [`snapshot`]); `None` without weights.
 fn snapshot_request<'a>(entry: &'a ModelEntry, state: &'a RunState) -> Option<SaveRequest<'a>> {
     let adapter = state.adapter.as_ref()?;
+    let gradients = adapter.has_pending_gradients() && !state.gradients_lost;
     Some(SaveRequest {
         adapter,
         optimizer: state.optimizer.as_ref(),
         base_model: &entry.base_model,
-        gradients: adapter.has_pending_gradients() && !state.gradients_lost,
+        gradients,
+        note: Some(state.position.note(gradients)),
     })
 }
 

@@ -26,7 +26,7 @@ use crate::job::{
 };
 use crate::queue::{Limits, SchedState};
 use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
-use crate::store::SampleRow;
+use crate::store::{SampleRow, Store};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -48,6 +48,10 @@ pub struct EngineConfig {
     /// before it asks the C allocator to give its free memory back to the system
     /// ([`loraloom_heap::release_free_memory`]), once per stretch of work; None: never.
     pub release_memory_after_idle: Option<Duration>,
+    /// Journal every job in the registry's durable store so that a crash loses none
+    /// ([`crate::journal`]); for runs snapshotted at every step (`--step-snapshots`). Without a
+    /// durable store there is nothing to journal in.
+    pub journal: bool,
 }
 
 /// How long a recorded sampled sequence is kept after it was sampled or last trained on (the
@@ -198,6 +202,8 @@ struct Inner {
     order_log: Option<Mutex<OrderLog>>,
     /// `EngineConfig::release_memory_after_idle`.
     release_memory_after_idle: Option<Duration>,
+    /// Where jobs are journaled (`EngineConfig::journal`, with a durable store).
+    journal: Option<Arc<dyn Store>>,
 }
 
 /// What one tenant holds, against its limits (0 = no limit).
@@ -275,6 +281,7 @@ impl Engine {
             Some(store) => FutureStore::durable(config.future_ttl, store.clone()),
             None => FutureStore::new(config.future_ttl),
         };
+        let journal = registry.store().filter(|_| config.journal).cloned();
         registry.set_checkpoint_limits(
             config.limits.max_checkpoints_per_tenant,
             config.limits.max_checkpoint_bytes_per_tenant,
@@ -292,6 +299,7 @@ impl Engine {
             workers: Mutex::new(Vec::new()),
             order_log: record.then(|| Mutex::new(OrderLog::default())),
             release_memory_after_idle: config.release_memory_after_idle,
+            journal,
         });
         let handles = backends
             .into_iter()
@@ -440,6 +448,11 @@ impl Engine {
         }
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
+        // Journaled before the client hears of it: a crash from here on queues it again.
+        let seq = match &self.inner.journal {
+            Some(store) => Some(store.put_job(&crate::journal::row(&id, &queue, &work)?)?),
+            None => None,
+        };
         // One span per job, carried to the worker: tenant (its configured name, never a key),
         // run or session, request id and kind.
         let span = tracing::info_span!(
@@ -455,6 +468,8 @@ impl Engine {
             work,
             enqueued: Instant::now(),
             span,
+            seq,
+            replay: false,
         };
         let feed = match (&job.queue, clone) {
             (QueueKey::Sampler(k), Some(clone)) => Some(FeedKey {
@@ -477,6 +492,11 @@ impl Engine {
         if let Err(err) = pushed {
             // The client gets the refusal, never the id.
             self.inner.futures.forget(&id);
+            if let (Some(store), Some(seq)) = (&self.inner.journal, seq) {
+                if let Err(e) = store.delete_jobs(&[seq]) {
+                    tracing::warn!(request_id = %id, error = %e, "cannot forget a refused job");
+                }
+            }
             if matches!(err, EngineError::Overloaded(_)) {
                 self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
             }
@@ -778,11 +798,50 @@ impl Engine {
         }
     }
 
-    /// After a restart: fails the futures that were queued or running ("server restarted").
-    /// Returns how many. Runs need nothing here: the registry reloads them as evicted, so each
-    /// run's first job reads its latest snapshot under its own mutex, in its FIFO order.
+    /// After a restart, before the server takes requests (and after interrupted saves were
+    /// cleaned up): with the journal, queues again the jobs that were queued or running, ahead
+    /// of anything new, and rebuilds the gradients runs held ([`crate::journal`]), then removes
+    /// runs whose create never finished and is not queued again; fails the futures of the
+    /// jobs that are not queued again ("server restarted"). Returns how many failed. Runs need
+    /// nothing more here: the registry reloads them as evicted, so each run's first job reads
+    /// its latest snapshot under its own mutex, in its FIFO order.
     pub fn restore(&self) -> Result<usize> {
-        self.inner.futures.restore()
+        let recovery = match &self.inner.journal {
+            Some(store) => crate::journal::recover(store.as_ref(), &self.inner.registry)?,
+            None => Default::default(),
+        };
+        let mut kept = recovery.requeued.clone();
+        kept.extend(recovery.settled.iter().map(|(id, _)| id.clone()));
+        let restarted = self.inner.futures.restore(&kept)?;
+        for (id, out) in recovery.settled {
+            self.inner.futures.set(&id, FutureState::Done(out));
+        }
+        if self.inner.journal.is_some() {
+            let unfinished = self
+                .inner
+                .registry
+                .remove_unfinished_runs(&recovery.creating);
+            if !unfinished.is_empty() {
+                tracing::info!(
+                    runs = unfinished.len(),
+                    "removed runs whose create never finished (a retry creates them again)"
+                );
+            }
+        }
+        if !recovery.jobs.is_empty() {
+            let rebuilding = recovery.jobs.iter().filter(|j| j.replay).count();
+            tracing::info!(
+                queued_again = recovery.jobs.len() - rebuilding,
+                rebuilding_gradients = rebuilding,
+                "journaled jobs queued again after a crash"
+            );
+            let mut st = lock(&self.inner.sched);
+            for job in recovery.jobs {
+                st.push_recovered(job);
+            }
+        }
+        self.inner.wake.notify_all();
+        Ok(restarted)
     }
 
     /// Admission and start order per queue (when recording was enabled).
@@ -877,6 +936,19 @@ impl Engine {
 }
 
 fn record(inner: &Inner, job: &Job, result: Result<Output>) {
+    if matches!(result, Err(EngineError::ServerRestarted))
+        && inner.journal.is_some()
+        && job.seq.is_some()
+    {
+        // A shutdown's drain ended before it: its future stays unsettled and its journal row
+        // in place, and the restarted server runs it.
+        tracing::info!(request_id = %job.id, kind = job.work.name(), "left in the journal for the restarted server");
+        return;
+    }
+    if job.replay {
+        rebuilt(inner, job, result.err());
+        return;
+    }
     let result = result.and_then(|out| record_samples(inner, job, out));
     if let Ok(out) = &result {
         meter(inner, job, out);
@@ -916,6 +988,7 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
         }
     }
     drop(per_queue);
+    let succeeded = result.is_ok();
     inner.futures.set(
         &job.id,
         match result {
@@ -923,6 +996,53 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
             Err(e) => FutureState::Failed(e),
         },
     );
+    // After the future: a crash in between finds the job settled, never a settled job's row
+    // gone while its future says nothing.
+    if let (Some(store), Some(seq)) = (&inner.journal, job.seq) {
+        settle_journaled(store.as_ref(), job, seq, succeeded);
+    }
+}
+
+/// Updates the journal for a settled job: a `forward_backward` that succeeded is kept (its
+/// gradients are in memory only) until a job that consumes or replaces its run's gradients
+/// (optim_step, load, create) settles; every other job is forgotten.
+fn settle_journaled(store: &dyn Store, job: &Job, seq: i64, succeeded: bool) {
+    let keep = succeeded && matches!(job.work, Work::ForwardBackward { backward: true, .. });
+    let mut settled = store.settle_job(seq, keep);
+    if matches!(
+        job.work,
+        Work::OptimStep { .. } | Work::Load { .. } | Work::Create { .. }
+    ) {
+        let queue = crate::journal::queue_json(&job.queue);
+        settled = settled.and_then(|()| store.forget_done_jobs(&queue, seq));
+    }
+    if let Err(e) = settled {
+        tracing::warn!(request_id = %job.id, error = %e, "cannot settle a journaled job");
+    }
+}
+
+/// A `forward_backward` run again after a crash to rebuild its run's gradients finished: its
+/// restarts count from 0 again. One that failed leaves them partial: the run's next step is
+/// refused (`gradients_lost`), as without the journal.
+fn rebuilt(inner: &Inner, job: &Job, failed: Option<EngineError>) {
+    let Some(err) = failed else {
+        if let (Some(store), Some(seq)) = (&inner.journal, job.seq) {
+            if let Err(e) = store.set_job_replays(seq, 0) {
+                tracing::warn!(request_id = %job.id, error = %e, "cannot reset a journaled job's restarts");
+            }
+        }
+        return;
+    };
+    tracing::error!(request_id = %job.id, error = %err, "a journaled forward_backward failed to run again; its run's gradients are lost");
+    let QueueKey::Model(k) = &job.queue else {
+        return;
+    };
+    if let Ok(entry) = inner.registry.model(&k.tenant, &k.model_id) {
+        entry.lock().gradients_lost = true;
+        if let Err(e) = write_marker(&inner.registry, &entry) {
+            tracing::warn!(model_id = %k.model_id, error = %e, "cannot mark pending gradients");
+        }
+    }
 }
 
 /// Writes what a job that succeeded metered (see [`crate::usage`]) before its future settles.

@@ -249,12 +249,13 @@ impl FutureStore {
     }
 
     /// Reloads futures from the durable store after a restart: finished ones keep their
-    /// outcome; ones that were queued or running fail with "server restarted". Returns how
-    /// many were failed that way. Every reloaded future of a feed is reported to it again, with
+    /// outcome; ones that were queued or running fail with "server restarted", except those
+    /// in `requeued` (their jobs are queued again, see [`crate::journal`]). Returns how many
+    /// were failed. Every reloaded future of a feed is reported to it again, with
     /// cursors above every cursor handed out before: its client may not have heard of it (one
     /// never heard of would leave it waiting). Those it had heard of are the ones it fetched
     /// but had not yet reported retrieved; each costs it a few bytes for its lifetime.
-    pub fn restore(&self) -> Result<usize> {
+    pub fn restore(&self, requeued: &std::collections::HashSet<String>) -> Result<usize> {
         let Some(store) = &self.durable else {
             return Ok(0);
         };
@@ -277,6 +278,7 @@ impl FutureStore {
                 });
             let state = match state {
                 Some(s) => s,
+                None if requeued.contains(&r.id) => FutureState::Queued,
                 None => {
                     restarted += 1;
                     let failed = FutureState::Failed(EngineError::ServerRestarted);
@@ -698,7 +700,7 @@ mod tests {
         db.put_feed_cursor_ceiling(ahead + 1).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         let after = FutureStore::durable(Duration::from_secs(60), db);
-        assert_eq!(after.restore().unwrap(), 1);
+        assert_eq!(after.restore(&Default::default()).unwrap(), 1);
         let poll = after.poll_feed(&mine, ahead, &[], Duration::ZERO).await;
         let mut got = ids(&poll);
         got.sort();

@@ -13,7 +13,9 @@ pub type TenantId = String;
 pub type RequestId = String;
 
 /// A training run (one LoRA adapter) of one tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ModelKey {
     /// Owner.
     pub tenant: TenantId,
@@ -22,7 +24,9 @@ pub struct ModelKey {
 }
 
 /// A sampling session of one tenant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SamplerKey {
     /// Owner.
     pub tenant: TenantId,
@@ -31,7 +35,9 @@ pub struct SamplerKey {
 }
 
 /// The FIFO queue a job waits in: one per training run, one per sampling session.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum QueueKey {
     /// A training run's queue: its jobs run strictly one at a time, in submission order.
     Model(ModelKey),
@@ -81,7 +87,7 @@ impl CheckpointKind {
 }
 
 /// How a checkpoint is saved.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SaveOptions {
     /// Seconds until the checkpoint is deleted (`None`: kept until deleted).
     pub ttl_seconds: Option<u64>,
@@ -97,7 +103,7 @@ pub struct SaveOptions {
 }
 
 /// The work of a job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Work {
     /// Initialise a fresh adapter (or, with `from`, one loaded from a checkpoint).
     Create {
@@ -297,6 +303,11 @@ pub struct Job {
     pub enqueued: Instant,
     /// The submitting request's span, entered on the worker.
     pub span: tracing::Span,
+    /// Its place in the journal ([`crate::journal`]); `None` when not journaled.
+    pub seq: Option<i64>,
+    /// A `forward_backward` run again after a crash only to rebuild its run's gradients: its
+    /// future already holds its result, which is neither replaced nor metered again.
+    pub replay: bool,
 }
 
 /// What sequences in one decode loop may come to hold in keys and values. A batch's cache pads

@@ -10,6 +10,7 @@ pub mod error;
 pub mod export;
 pub mod futures;
 pub mod job;
+pub mod journal;
 pub mod metric;
 pub mod queue;
 pub mod registry;

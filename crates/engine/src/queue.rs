@@ -312,6 +312,12 @@ impl SchedState {
             );
             return Err(EngineError::Overloaded(msg));
         }
+        self.enqueue(job);
+        Ok(())
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let tenant = job.queue.tenant().to_string();
         let key = job.queue.clone();
         self.returning.remove(&key);
         let queue = self.queues.entry(key.clone()).or_default();
@@ -322,7 +328,12 @@ impl SchedState {
         }
         *self.per_tenant.entry(tenant).or_default() += 1;
         self.total += 1;
-        Ok(())
+    }
+
+    /// Queues a job admitted before a crash ([`crate::journal`]): behind what its queue holds,
+    /// whatever the limits (it was within them when admitted).
+    pub fn push_recovered(&mut self, job: Job) {
+        self.enqueue(job);
     }
 
     fn pop_job(&mut self, key: &QueueKey) -> Option<Job> {
@@ -795,6 +806,8 @@ mod tests {
 
     fn job(id: &str, queue: QueueKey, work: Work) -> Job {
         Job {
+            seq: None,
+            replay: false,
             id: id.into(),
             queue,
             work,

@@ -3,6 +3,7 @@
 //! Runs and sessions live in `DashMap`s; each entry's mutable state sits behind its own mutex,
 //! so work on one run never waits on another run's lock.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +14,7 @@ use loraloom_model::{AdamState, CustomLoss, LoraAdapter, LoraSpec, LossParam};
 use serde_json::json;
 
 use crate::error::{EngineError, Result};
-use crate::job::{CheckpointKind, ModelKey, SamplerKey};
+use crate::job::{CheckpointKind, ModelKey, QueueKey, SamplerKey};
 use crate::store::{AuditRow, CheckpointRow, CustomLossRow, ModelRow, SamplerRow, Store};
 use crate::usage::{hour_of, merge, CheckpointLife, UsageRow};
 
@@ -38,6 +39,8 @@ pub struct RunState {
     pub pending_marked: bool,
     /// Gradients acknowledged before a restart were lost: the next optimizer step is refused.
     pub gradients_lost: bool,
+    /// Where its state stands in the job journal, recorded with its snapshots.
+    pub position: crate::journal::Position,
 }
 
 /// A file in a run's snapshot directory saying that `forward_backward` accumulated gradients
@@ -649,17 +652,18 @@ impl Registry {
         self.models.iter().map(|e| e.value().clone()).collect()
     }
 
-    /// Removes every run without a snapshot and returns them. Call it at start, after
+    /// Removes every run without a snapshot, except those in `creating` (their create is
+    /// queued again), and returns them. Call it at start, after
     /// interrupted snapshot writes were recovered, when runs are snapshotted at every step: a
     /// run's create writes its first snapshot before it is acknowledged, so a run without one
     /// is a create that never finished (a crash while it was queued). Left registered, it would
     /// come back with fresh weights (not the checkpoint it was created from), and the client's
     /// retry would fail "already exists".
-    pub fn remove_unfinished_runs(&self) -> Vec<ModelKey> {
+    pub fn remove_unfinished_runs(&self, creating: &HashSet<ModelKey>) -> Vec<ModelKey> {
         let unfinished: Vec<ModelKey> = self
             .models
             .iter()
-            .filter(|e| !self.snapshot_dir(e.key()).exists())
+            .filter(|e| !creating.contains(e.key()) && !self.snapshot_dir(e.key()).exists())
             .map(|e| e.key().clone())
             .collect();
         unfinished
@@ -753,6 +757,11 @@ impl Registry {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(store) = &self.durable {
             store.delete_model(tenant, model_id)?;
+            // Its journaled gradients go with it (its unsettled jobs fail, and settle, alone).
+            let queue = crate::journal::queue_json(&QueueKey::Model(key.clone()));
+            if let Err(e) = store.forget_done_jobs(&queue, i64::MAX) {
+                tracing::warn!(model_id, error = %e, "cannot forget an unloaded run's journaled jobs");
+            }
         }
         self.remove_snapshot(&key);
         Ok(())

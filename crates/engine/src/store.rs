@@ -210,6 +210,38 @@ pub trait Store: Send + Sync {
     fn audit(&self, tenant: &str, span: Range<f64>) -> Result<Vec<AuditRow>>;
     /// Forgets audit entries older than `unix_time`; returns how many.
     fn purge_audit(&self, unix_time: f64) -> Result<usize>;
+    /// Journals a job (its `seq`, `done` and `replays` are ignored); returns its seq.
+    fn put_job(&self, row: &JobRow) -> Result<i64>;
+    /// Every journaled job, in admission order.
+    fn jobs(&self) -> Result<Vec<JobRow>>;
+    /// A journaled job finished: kept, marked done (`keep`), or forgotten.
+    fn settle_job(&self, seq: i64, keep: bool) -> Result<()>;
+    /// Forgets the finished jobs of queue `queue_json` admitted before `seq`.
+    fn forget_done_jobs(&self, queue_json: &str, seq: i64) -> Result<()>;
+    /// Records that a restart queued job `seq` again (`replays`).
+    fn set_job_replays(&self, seq: i64, replays: i64) -> Result<()>;
+    /// Forgets journaled jobs (in one transaction).
+    fn delete_jobs(&self, seqs: &[i64]) -> Result<()>;
+}
+
+/// A journaled job (see [`crate::journal`]): admitted and not yet settled, or a
+/// `forward_backward` whose gradients no snapshot of its run holds yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    /// Admission order, increasing over the store's life (never reused, restarts included).
+    pub seq: i64,
+    /// Its future's id.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// The queue it waits in, as JSON.
+    pub queue_json: String,
+    /// What it does, as JSON.
+    pub work_json: String,
+    /// It finished (a `forward_backward` kept for its gradients).
+    pub done: bool,
+    /// Restarts that queued it again while it was unfinished.
+    pub replays: i64,
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -252,6 +284,10 @@ CREATE TABLE IF NOT EXISTS audit (tenant TEXT NOT NULL, at REAL NOT NULL, event 
 CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, at);
 CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL,
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
+  tenant TEXT NOT NULL, queue TEXT NOT NULL, work TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0,
+  replays INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (queue, seq);
 ";
 
 impl SqliteStore {
@@ -774,6 +810,78 @@ impl Store for SqliteStore {
 
     fn purge_audit(&self, unix_time: f64) -> Result<usize> {
         self.with(|c| c.execute("DELETE FROM audit WHERE at < ?1", params![unix_time]))
+    }
+
+    fn put_job(&self, r: &JobRow) -> Result<i64> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (id, tenant, queue, work) VALUES (?1, ?2, ?3, ?4)",
+                params![r.id, r.tenant, r.queue_json, r.work_json],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, id, tenant, queue, work, done, replays FROM jobs ORDER BY seq",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(JobRow {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    tenant: r.get(2)?,
+                    queue_json: r.get(3)?,
+                    work_json: r.get(4)?,
+                    done: r.get(5)?,
+                    replays: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn settle_job(&self, seq: i64, keep: bool) -> Result<()> {
+        let sql = match keep {
+            true => "UPDATE jobs SET done = 1 WHERE seq = ?1",
+            false => "DELETE FROM jobs WHERE seq = ?1",
+        };
+        self.with(|c| c.execute(sql, params![seq]).map(|_| ()))
+    }
+
+    fn forget_done_jobs(&self, queue_json: &str, seq: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM jobs WHERE queue = ?1 AND seq < ?2 AND done = 1",
+                params![queue_json, seq],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn set_job_replays(&self, seq: i64, replays: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET replays = ?2 WHERE seq = ?1",
+                params![seq, replays],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn delete_jobs(&self, seqs: &[i64]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM jobs WHERE seq = ?1")
+                .map_err(db_err)?;
+            for seq in seqs {
+                st.execute(params![seq]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
     }
 }
 

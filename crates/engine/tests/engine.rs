@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use loraloom_engine::job::Job;
 use loraloom_engine::{
     Backend, BaseModelInfo, CheckpointKind, Engine, EngineConfig, EngineError, FutureState, Limits,
-    ModelKey, ModelWorker, Output, QueueKey, Registry, Result, SamplerKey, Work,
+    ModelKey, ModelWorker, Output, QueueKey, Registry, Result, SamplerKey, SqliteStore, Store,
+    Work,
 };
 use loraloom_model::{
     forward_backward, AdamParams, AdamState, Datum, Decoder, Field, LoraAdapter, LoraSpec, LossFn,
@@ -48,6 +49,7 @@ fn fake_config(limits: Limits) -> EngineConfig {
         max_runs: 0,
         max_recorded_samples_per_tenant: 1000,
         release_memory_after_idle: None,
+        journal: false,
     }
 }
 
@@ -489,6 +491,7 @@ fn model_engine_of(configure: impl FnOnce(ModelWorker) -> ModelWorker) -> (Engin
         max_recorded_samples_per_tenant: 1000,
         // Released as soon as the worker idles, so every test on this engine runs through it.
         release_memory_after_idle: Some(Duration::ZERO),
+        journal: false,
     };
     (
         Engine::start(config, registry, vec![Box::new(worker)]),
@@ -617,6 +620,108 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
         })
     );
     assert_eq!(engine.stats().max_batch, 2, "both jobs shared one batch");
+    engine.shutdown(Duration::MAX);
+}
+
+/// A durable engine over `data_dir` (step snapshots, the job journal) with one libtorch worker,
+/// restored from what the directory holds, as the server starts.
+fn durable_engine(data_dir: &Path, decoder: &Decoder) -> Engine {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data_dir).unwrap());
+    let registry = Arc::new(Registry::durable(data_dir.to_path_buf(), store).unwrap());
+    let worker =
+        ModelWorker::new(decoder.shallow_clone(), registry.clone(), None).with_step_snapshots(true);
+    let config = EngineConfig {
+        base: info(decoder.config().clone()),
+        journal: true,
+        ..fake_config(Limits::default())
+    };
+    let engine = Engine::start(config, registry, vec![Box::new(worker)]);
+    engine.restore().unwrap();
+    engine
+}
+
+#[test]
+fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let data_dir = temp_dir("crash");
+    let hp = AdamParams {
+        learning_rate: 1e-2,
+        ..AdamParams::default()
+    };
+    let k = key("t", "a");
+    let q = QueueKey::Model(k.clone());
+    let fb = |seed: i64| Work::ForwardBackward {
+        data: data(seed),
+        loss: LossFn::CrossEntropy,
+        backward: true,
+    };
+    let done = |engine: &Engine, id: &str| match wait(engine, "t", id) {
+        FutureState::Done(out) => out,
+        other => panic!("{id}: {other:?}"),
+    };
+
+    let engine = durable_engine(&data_dir, &decoder);
+    let created = engine
+        .create_model(k.clone(), spec(4, 3), serde_json::Value::Null, None)
+        .unwrap();
+    done(&engine, &created);
+    let first = engine.submit(q.clone(), fb(1)).unwrap();
+    done(
+        &engine,
+        &engine
+            .submit(q.clone(), Work::OptimStep { params: hp })
+            .unwrap(),
+    );
+    // Gradients acknowledged, then a step and another forward_backward queued.
+    let pending = engine.submit(q.clone(), fb(2)).unwrap();
+    let pending_out = done(&engine, &pending);
+    engine.set_paused(true);
+    let queued_step = engine
+        .submit(q.clone(), Work::OptimStep { params: hp })
+        .unwrap();
+    let queued_fb = engine.submit(q.clone(), fb(3)).unwrap();
+    // The crash: the process is gone with its memory (this engine's paused worker never runs
+    // again), the data directory stays.
+    std::mem::forget(engine);
+
+    let engine = durable_engine(&data_dir, &decoder);
+    let Output::OptimStep(stats) = done(&engine, &queued_step) else {
+        panic!("the queued step's result")
+    };
+    assert_eq!(stats.step, 2);
+    assert!(matches!(
+        done(&engine, &queued_fb),
+        Output::ForwardBackward(_)
+    ));
+    // Settled results are untouched; the rebuild of `pending`'s gradients left its result be.
+    assert_eq!(done(&engine, &pending), pending_out);
+    assert!(matches!(done(&engine, &first), Output::ForwardBackward(_)));
+    done(
+        &engine,
+        &engine.submit(q, Work::OptimStep { params: hp }).unwrap(),
+    );
+
+    // The same three steps in one process.
+    let alone = LoraAdapter::new(spec(4, 3), decoder.config(), Device::Cpu).unwrap();
+    let mut opt = AdamState::new(&alone).unwrap();
+    for seed in 1..=3 {
+        let d = data(seed);
+        let req = TrainRequest {
+            adapter: Some(&alone),
+            loss: LossFn::CrossEntropy,
+            data: &d,
+        };
+        forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
+        opt.step(&alone, &hp).unwrap();
+    }
+    let entry = engine.registry().model("t", "a").unwrap();
+    let state = entry.lock();
+    let trained = state.adapter.as_ref().expect("resident");
+    let p = trained.row().view(Field::Params).unwrap();
+    let want = alone.row().view(Field::Params).unwrap();
+    assert_eq!((&p - &want).abs().max().double_value(&[]), 0.0);
+    drop(state);
     engine.shutdown(Duration::MAX);
 }
 

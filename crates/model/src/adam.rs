@@ -18,7 +18,7 @@ use crate::lora::LoraAdapter;
 use crate::slab::{Field, Slab, SlabTensors};
 
 /// The SDK's `AdamParams`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamParams {
     /// Step size (> 0).
     pub learning_rate: f64,

@@ -52,6 +52,9 @@ struct PeftConfig {
 struct Extra {
     seed: u64,
     step: Option<i64>,
+    /// [`SaveRequest::note`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    note: Option<serde_json::Value>,
 }
 
 fn peft_key(module: &str, half: &str) -> String {
@@ -77,6 +80,16 @@ pub struct SaveRequest<'a> {
     /// gives back as pending: a run's snapshot at a graceful shutdown, so that the
     /// `optim_step` after a restart consumes them. Never for a checkpoint.
     pub gradients: bool,
+    /// What the caller records with the weights, written atomically with them and read back by
+    /// [`read_note`] (the server's journal position of a run's snapshot); opaque here.
+    pub note: Option<serde_json::Value>,
+}
+
+/// The [`SaveRequest::note`] of the checkpoint in `dir`; `None` when it has none or cannot be
+/// read.
+pub fn read_note(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(EXTRA_FILE)).ok()?;
+    serde_json::from_str::<Extra>(&text).ok()?.note
 }
 
 /// Writes a checkpoint atomically into `dir` (replacing an older one of the same name), durable
@@ -283,6 +296,7 @@ fn write_files(request: &SaveRequest, dir: &Path, sync: Durability) -> Result<()
     let extra = Extra {
         seed: spec.seed,
         step: request.optimizer.map(|o| o.step),
+        note: request.note.clone(),
     };
     write_json(&dir.join(EXTRA_FILE), &extra, sync)?;
     if request.optimizer.is_some() {

@@ -118,7 +118,7 @@ pub struct DatumLoss {
 }
 
 /// A named input of one datum for a custom loss.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NamedInput {
     /// Its shape (`[]` for a scalar).
     pub shape: Vec<i64>,
@@ -127,7 +127,7 @@ pub struct NamedInput {
 }
 
 /// The values of a [`NamedInput`], in the dtype the client sent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum InputValues {
     /// int64 values.
     Int(Vec<i64>),

@@ -41,7 +41,7 @@ use tch::{Kind, Tensor};
 use crate::error::{ModelError, Result};
 
 /// A loss function with its configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LossFn {
     /// Weighted negative log-likelihood.
     CrossEntropy,
@@ -229,7 +229,7 @@ pub fn sequence_log_ratio(lp: &[f32], inputs: &LossInputs) -> f64 {
 }
 
 /// Per-token inputs of one datum besides the model input, validated to one length.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossInputs {
     /// Token each position should predict.
     pub target_tokens: Vec<i64>,

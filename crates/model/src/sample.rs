@@ -30,7 +30,7 @@ use crate::scoring::{top_k_rows, PromptScorer, PromptScores, Scoring, TopK};
 use crate::step_graph::{GraphCounts, StepGraph, StepGraphs};
 
 /// When a sequence stops besides `max_tokens`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Stop {
     /// The model's end-of-sequence tokens (the SDK's `stop: null`).
     Eos,
@@ -43,7 +43,7 @@ pub enum Stop {
 }
 
 /// The SDK's `SamplingParams`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// Tokens to generate at most (≥ 1).
     pub max_tokens: i64,

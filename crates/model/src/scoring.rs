@@ -21,7 +21,7 @@ pub const MAX_SCORED_WIDTH: usize = 128;
 pub type TopK = Vec<(i64, f32)>;
 
 /// The extras one request asks for.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scoring {
     /// The logprob of each prompt token given its prefix (`prompt_logprobs`).
     pub prompt_logprobs: bool,

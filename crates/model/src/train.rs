@@ -22,7 +22,7 @@ use crate::loss::{elementwise_loss, sequence_log_ratio, target_logprobs, LossFn,
 use crate::memory::{self, Mode, PassCost};
 
 /// One training example: the model input and the loss's per-token inputs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Datum {
     /// Tokens fed to the model; position `i` predicts `loss_inputs.target_tokens[i]`.
     pub input_tokens: Vec<i64>,
@@ -30,7 +30,9 @@ pub struct Datum {
     pub loss_inputs: LossInputs,
     /// The custom loss of the datum's request (`create_custom_loss`) and the datum's inputs to
     /// it; `None` for the built-in losses. A custom datum's `loss_inputs` hold its targets
-    /// only, and its request's [`TrainRequest::loss`] is ignored.
+    /// only, and its request's [`TrainRequest::loss`] is ignored. Not serialized: whoever
+    /// stores a datum stores its loss by id ([`CustomInputs::loss_id`]) and its inputs.
+    #[serde(skip)]
     pub custom: Option<CustomInputs>,
 }
 
@@ -51,6 +53,8 @@ impl Datum {
 pub struct CustomInputs {
     /// The loss.
     pub loss: Arc<CustomLoss>,
+    /// The loss's id (`create_custom_loss`'s answer), by which it is found again.
+    pub loss_id: String,
     /// The values of [`CustomLoss::input_params`], in order.
     pub inputs: Vec<NamedInput>,
 }

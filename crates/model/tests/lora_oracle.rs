@@ -863,6 +863,7 @@ fn save_state_then_load_continues_identically() {
             optimizer: Some(opt),
             base_model: "tiny",
             gradients: false,
+            note: None,
         };
         checkpoint::save(&req, &path).unwrap();
     };
@@ -916,6 +917,7 @@ fn a_snapshot_with_pending_gradients_gives_them_back_pending_and_steps_identical
             optimizer: Some(&opt),
             base_model: "tiny",
             gradients,
+            note: None,
         };
         checkpoint::save(&request, &path).unwrap();
         checkpoint::load(&path, cfg, Device::Cpu).unwrap()
@@ -965,6 +967,7 @@ fn checkpoints_saved_together_load_back_like_single_saves() {
             optimizer: None,
             base_model: "tiny",
             gradients: false,
+            note: None,
         },
         &dirs[0],
     )
@@ -979,6 +982,7 @@ fn checkpoints_saved_together_load_back_like_single_saves() {
                 optimizer: Some(state),
                 base_model: "tiny",
                 gradients: false,
+                note: None,
             };
             (request, dir.as_path())
         })
@@ -1014,6 +1018,7 @@ fn exported_adapter_gives_the_same_logits_in_peft() {
         optimizer: None,
         base_model: "tiny",
         gradients: false,
+        note: None,
     };
     checkpoint::save(&req, &adapter_dir).unwrap();
     let logits_path = out.path().join("peft_logits.safetensors");

@@ -1,0 +1,482 @@
+//! The job journal: what makes a crash (kill -9, the OOM killer, a power cut after the WAL's
+//! last checkpoint aside) lose nothing a client was told was accepted.
+//!
+//! - Every job is written to the store ([`Store::put_job`]) before its future's id is answered;
+//!   its `seq` orders it among all jobs, restarts included.
+//! - A job that settles is forgotten, except a `forward_backward` that succeeded: its gradients
+//!   live in memory only, so its row is kept (marked done) until an `optim_step`, a load or a
+//!   create of its run consumes or replaces them ([`Store::forget_done_jobs`]).
+//! - A run's snapshot records its [`Position`]: the last job whose effect its weights and
+//!   optimizer hold, that job's result, and (a graceful shutdown's snapshot) the last
+//!   `forward_backward` whose gradients it holds.
+//! - After a crash ([`recover`]): each job the run's snapshot already holds is forgotten (its
+//!   result, if it never reached the store, is taken from the snapshot); the done
+//!   `forward_backward`s after it run again, silently ([`Job::replay`]), to rebuild the run's
+//!   gradients; every unsettled job is queued again under its own future id, in admission
+//!   order, ahead of anything new. A job queued again by [`MAX_REPLAYS`] restarts in a row
+//!   fails instead ("server restarted"): one that crashes the server must not do so forever.
+//!
+//! The journal is kept when runs are snapshotted at every step (`--step-snapshots`, the
+//! default): without those snapshots a crash loses steps anyway.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use loraloom_model::train::CustomInputs;
+use loraloom_model::{CustomLoss, NamedInput};
+
+use crate::error::{EngineError, Result};
+use crate::futures::FutureState;
+use crate::job::{Job, ModelKey, Output, QueueKey, Work};
+use crate::registry::{Registry, PENDING_MARKER};
+use crate::store::{JobRow, Store};
+
+/// Restarts in a row that may queue an unfinished job again; at the next it fails.
+pub const MAX_REPLAYS: i64 = 3;
+
+/// Where a run's snapshot stands in the journal (recorded with it, see
+/// [`loraloom_model::checkpoint::SaveRequest::note`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// The last job whose effect the weights and optimizer hold (create, load, optim_step).
+    pub weights: i64,
+    /// That job's result.
+    pub output: Option<Output>,
+    /// The last `forward_backward` whose gradients the run holds (0: none pending).
+    pub gradients: i64,
+}
+
+impl Position {
+    /// What a snapshot records: the gradients' position only when it holds them.
+    pub fn note(&self, with_gradients: bool) -> serde_json::Value {
+        let recorded = Position {
+            gradients: if with_gradients { self.gradients } else { 0 },
+            ..self.clone()
+        };
+        serde_json::to_value(recorded).unwrap_or_default()
+    }
+
+    /// Job `seq` (when journaled) replaced or stepped the weights with result `output`; no
+    /// gradients are pending after it.
+    pub fn applied(&mut self, seq: Option<i64>, output: Output) {
+        if let Some(seq) = seq {
+            *self = Position {
+                weights: seq,
+                output: Some(output),
+                gradients: 0,
+            };
+        }
+    }
+
+    /// The position recorded in the snapshot in `dir` (the start of the journal when none is).
+    pub fn of_snapshot(dir: &std::path::Path) -> Position {
+        loraloom_model::checkpoint::read_note(dir)
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+
+    /// The last job the snapshot holds the effect of: its gradients' when it holds them.
+    fn covers(&self) -> i64 {
+        self.weights.max(self.gradients)
+    }
+}
+
+/// A job's work as journaled: custom losses by id (they are found again in the store).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredWork {
+    work: Work,
+    /// Per datum of a `forward_backward`: its custom loss's id and inputs, if it has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    custom: Vec<Option<(String, Vec<NamedInput>)>>,
+}
+
+/// The row journaling `work` of `queue` under future `id`.
+pub fn row(id: &str, queue: &QueueKey, work: &Work) -> Result<JobRow> {
+    let custom = match work {
+        Work::ForwardBackward { data, .. } if data.iter().any(|d| d.custom.is_some()) => data
+            .iter()
+            .map(|d| {
+                d.custom
+                    .as_ref()
+                    .map(|c| (c.loss_id.clone(), c.inputs.clone()))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let stored = StoredWork {
+        work: work.clone(),
+        custom,
+    };
+    Ok(JobRow {
+        seq: 0,
+        id: id.to_string(),
+        tenant: queue.tenant().to_string(),
+        queue_json: queue_json(queue),
+        work_json: serde_json::to_string(&stored)
+            .map_err(|e| EngineError::Internal(format!("journal: {e}")))?,
+        done: false,
+        replays: 0,
+    })
+}
+
+/// How a queue is named in the journal.
+pub fn queue_json(queue: &QueueKey) -> String {
+    serde_json::to_string(queue).unwrap_or_default()
+}
+
+/// The work of a journaled row, its custom losses found in `registry`.
+fn work_of(row: &JobRow, registry: &Registry) -> Result<Work> {
+    let stored: StoredWork = serde_json::from_str(&row.work_json)
+        .map_err(|e| EngineError::Internal(format!("journaled job {}: {e}", row.id)))?;
+    let mut work = stored.work;
+    if let Work::ForwardBackward { data, .. } = &mut work {
+        for (datum, custom) in data.iter_mut().zip(stored.custom) {
+            if let Some((loss_id, inputs)) = custom {
+                let loss: Arc<CustomLoss> = registry.custom_loss(&row.tenant, &loss_id)?;
+                datum.custom = Some(CustomInputs {
+                    loss,
+                    loss_id,
+                    inputs,
+                });
+            }
+        }
+    }
+    Ok(work)
+}
+
+/// What a restart does with the journal ([`recover`]).
+#[derive(Default)]
+pub struct Recovery {
+    /// Jobs to queue, in admission order: unsettled ones, and done `forward_backward`s run again
+    /// for their gradients.
+    pub jobs: Vec<Job>,
+    /// Futures that stay queued (their jobs are in `jobs`); every other unsettled one fails.
+    pub requeued: HashSet<String>,
+    /// Futures whose job the run's snapshot holds but whose result never reached the store.
+    pub settled: Vec<(String, Output)>,
+    /// Runs whose unfinished create is queued again (not removed as never created).
+    pub creating: HashSet<ModelKey>,
+}
+
+/// A journaled job's fate at a restart.
+enum Fate {
+    /// Forgotten (settled, or held by its run's snapshot).
+    Forget,
+    /// Settled from its run's snapshot.
+    Settle(Output),
+    /// Run again for its run's gradients; its future holds its result.
+    Rebuild,
+    /// Queued again under its future.
+    Requeue,
+}
+
+/// Plans a restart from the journal in `store`: reads each run's snapshot position, decides
+/// each job's fate, forgets the journal rows that are done with, and removes the pending-
+/// gradients marker of each run whose gradients it rebuilds. Call it before any job runs.
+pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
+    // Every stored future's state (`None`: unsettled).
+    let futures: HashMap<String, Option<FutureState>> = store
+        .futures()?
+        .into_iter()
+        .map(|r| {
+            let state = r
+                .outcome_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
+                .filter(FutureState::is_terminal);
+            (r.id, state)
+        })
+        .collect();
+    let mut recovery = Recovery::default();
+    let mut positions: HashMap<ModelKey, Position> = HashMap::new();
+    let mut forget: Vec<i64> = Vec::new();
+    // Runs whose gradients cannot all be rebuilt (a journaled job that cannot be read).
+    let mut broken: HashSet<ModelKey> = HashSet::new();
+    let mut planned: Vec<(JobRow, QueueKey, Work, Fate)> = Vec::new();
+    for row in store.jobs()? {
+        let Ok(queue) = serde_json::from_str::<QueueKey>(&row.queue_json) else {
+            tracing::error!(request_id = %row.id, "unreadable journaled queue");
+            forget.push(row.seq);
+            continue;
+        };
+        let exists = match &queue {
+            QueueKey::Model(k) => registry.model(&k.tenant, &k.model_id).is_ok(),
+            QueueKey::Sampler(k) => registry.sampler(&k.tenant, &k.sampler_id).is_ok(),
+        };
+        let work = if exists {
+            work_of(&row, registry)
+        } else {
+            Err(EngineError::NotFound {
+                what: "queue".into(),
+                id: queue.id().to_string(),
+            })
+        };
+        let work = match work {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(request_id = %row.id, error = %e, "a journaled job cannot run again");
+                if let QueueKey::Model(k) = &queue {
+                    broken.insert(k.clone());
+                }
+                forget.push(row.seq);
+                continue;
+            }
+        };
+        let future = futures.get(&row.id);
+        let position = match &queue {
+            QueueKey::Model(k) => Some(
+                positions
+                    .entry(k.clone())
+                    .or_insert_with(|| Position::of_snapshot(&registry.snapshot_dir(k)))
+                    .clone(),
+            ),
+            QueueKey::Sampler(_) => None,
+        };
+        let accumulates = matches!(work, Work::ForwardBackward { backward: true, .. });
+        let fate = match (position, future) {
+            // The run's snapshot holds the job's effect.
+            (Some(p), future) if row.seq <= p.covers() => match (future, p.output) {
+                (Some(None), Some(out)) if p.weights == row.seq => Fate::Settle(out),
+                _ => Fate::Forget,
+            },
+            (_, Some(Some(FutureState::Done(_)))) | (_, None)
+                if accumulates && (row.done || future.is_some()) =>
+            {
+                Fate::Rebuild
+            }
+            (_, Some(None)) => Fate::Requeue,
+            _ => Fate::Forget,
+        };
+        let fate = match (fate, &queue) {
+            // Run again at as many restarts in a row as it may: one that crashes the server
+            // must not do so forever. Gradients it cannot rebuild are lost (its run's marker
+            // stays, so the run's next step is refused).
+            (fate @ (Fate::Rebuild | Fate::Requeue), queue) if row.replays >= MAX_REPLAYS => {
+                tracing::warn!(request_id = %row.id, restarts = row.replays, "a journaled job was queued again at every restart; it is dropped");
+                if let (Fate::Rebuild, QueueKey::Model(k)) = (fate, queue) {
+                    broken.insert(k.clone());
+                }
+                Fate::Forget
+            }
+            (fate, _) => fate,
+        };
+        planned.push((row, queue, work, fate));
+    }
+    let mut rebuilt: HashSet<ModelKey> = HashSet::new();
+    for (row, queue, work, fate) in planned {
+        let rebuild = match fate {
+            Fate::Forget => {
+                forget.push(row.seq);
+                continue;
+            }
+            Fate::Settle(out) => {
+                recovery.settled.push((row.id, out));
+                forget.push(row.seq);
+                continue;
+            }
+            Fate::Rebuild => {
+                let QueueKey::Model(k) = &queue else {
+                    forget.push(row.seq);
+                    continue;
+                };
+                if broken.contains(k) {
+                    // Its gradients stay lost (the run's marker says so): forget them all.
+                    forget.push(row.seq);
+                    continue;
+                }
+                store.set_job_replays(row.seq, row.replays + 1)?;
+                rebuilt.insert(k.clone());
+                true
+            }
+            Fate::Requeue => {
+                store.set_job_replays(row.seq, row.replays + 1)?;
+                recovery.requeued.insert(row.id.clone());
+                if let (QueueKey::Model(k), Work::Create { .. }) = (&queue, &work) {
+                    recovery.creating.insert(k.clone());
+                }
+                false
+            }
+        };
+        let span = tracing::info_span!(
+            "job",
+            request_id = %row.id,
+            tenant = %row.tenant,
+            queue = %queue.id(),
+            kind = work.name(),
+            replayed = true
+        );
+        recovery.jobs.push(Job {
+            id: row.id,
+            queue,
+            work,
+            enqueued: Instant::now(),
+            span,
+            seq: Some(row.seq),
+            replay: rebuild,
+        });
+    }
+    for key in &rebuilt {
+        // The gradients the marker stands for are rebuilt before the run's next job.
+        let marker = registry.snapshot_dir(key).join(PENDING_MARKER);
+        if let Err(e) = std::fs::remove_file(&marker) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(model_id = %key.model_id, error = %e, "cannot remove a pending-gradients marker");
+            }
+        }
+    }
+    store.delete_jobs(&forget)?;
+    Ok(recovery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FutureRow, SqliteStore};
+    use loraloom_model::checkpoint::{self, SaveRequest};
+    use loraloom_model::{AdamParams, LoraAdapter, LoraSpec, LossFn, ModelConfig, StepStats};
+    use tch::Device;
+
+    fn fb(backward: bool) -> Work {
+        Work::ForwardBackward {
+            data: Vec::new(),
+            loss: LossFn::CrossEntropy,
+            backward,
+        }
+    }
+
+    fn optim() -> Work {
+        Work::OptimStep {
+            params: AdamParams::default(),
+        }
+    }
+
+    #[test]
+    fn a_restart_queues_again_rebuilds_settles_or_forgets_each_journaled_job() {
+        let data_dir =
+            std::env::temp_dir().join(format!("loraloom-journal-{}", uuid::Uuid::new_v4()));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir).unwrap());
+        let registry = Registry::durable(data_dir.clone(), store.clone()).unwrap();
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: false,
+            train_unembed: false,
+        };
+        let run = ModelKey {
+            tenant: "t".into(),
+            model_id: "s:train:0".into(),
+        };
+        registry
+            .add_model(run.clone(), "tiny", spec.clone(), serde_json::Value::Null)
+            .unwrap();
+        let q = QueueKey::Model(run.clone());
+        let other = ModelKey {
+            tenant: "t".into(),
+            model_id: "s:train:1".into(),
+        };
+        registry
+            .add_model(other.clone(), "tiny", spec.clone(), serde_json::Value::Null)
+            .unwrap();
+        let crashing = QueueKey::Model(other.clone());
+        let gone = QueueKey::Model(ModelKey {
+            tenant: "t".into(),
+            model_id: "s:train:9".into(),
+        });
+        let done = Some(FutureState::Done(Output::Created {
+            model_id: "x".into(),
+        }));
+        // (queue, work, its future: absent / unsettled / settled, journal row done, replays)
+        type Journaled<'a> = (&'a QueueKey, Work, Option<Option<FutureState>>, bool, i64);
+        let jobs: Vec<Journaled> = vec![
+            (&q, optim(), Some(done.clone()), false, 0), // 1: held by the snapshot
+            (&q, optim(), Some(None), false, 0),         // 2: held, result lost
+            (&q, fb(true), Some(done.clone()), false, 0), // 3: gradients to rebuild
+            (&q, fb(true), None, true, 0),               // 4: the same, future purged
+            (&q, optim(), Some(None), false, 0),         // 5: unsettled: queued again
+            (&q, fb(false), Some(None), false, MAX_REPLAYS), // 6: crashed it every time
+            (&gone, optim(), Some(None), false, 0),      // 7: its run is gone
+            (&q, fb(false), Some(done.clone()), false, 0), // 8: settled, no gradients
+            (&crashing, fb(true), Some(done.clone()), true, 0), // 9: kept...
+            (&crashing, fb(true), Some(done.clone()), true, MAX_REPLAYS), // 10: ...not rebuilt
+        ];
+        for (i, (queue, work, future, is_done, replays)) in jobs.iter().enumerate() {
+            let id = format!("r{}", i + 1);
+            let seq = store.put_job(&row(&id, queue, work).unwrap()).unwrap();
+            assert_eq!(seq, i as i64 + 1);
+            if *is_done {
+                store.settle_job(seq, true).unwrap();
+            }
+            if *replays > 0 {
+                store.set_job_replays(seq, *replays).unwrap();
+            }
+            if let Some(state) = future {
+                let outcome = state.as_ref().map(|s| serde_json::to_string(s).unwrap());
+                store
+                    .put_future(&FutureRow {
+                        id,
+                        tenant: "t".into(),
+                        state: if state.is_some() { "done" } else { "queued" }.into(),
+                        finished: outcome.as_ref().map(|_| 1.0),
+                        outcome_json: outcome,
+                        feed_json: None,
+                    })
+                    .unwrap();
+            }
+        }
+        // The run's snapshot holds jobs up to 2 (its step), and marks gradients pending.
+        let config = ModelConfig::from_json(
+            r#"{"model_type":"llama","hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":32}"#,
+        )
+        .unwrap();
+        let adapter = LoraAdapter::new(spec, &config, Device::Cpu).unwrap();
+        let stats = Output::OptimStep(StepStats {
+            grad_norm: 0.5,
+            step: 7,
+        });
+        let mut position = Position::default();
+        position.applied(Some(2), stats.clone());
+        let dir = registry.snapshot_dir(&run);
+        let request = SaveRequest {
+            adapter: &adapter,
+            optimizer: None,
+            base_model: "tiny",
+            gradients: false,
+            note: Some(position.note(false)),
+        };
+        checkpoint::save(&request, &dir).unwrap();
+        std::fs::write(dir.join(PENDING_MARKER), b"").unwrap();
+        let other_dir = registry.snapshot_dir(&other);
+        std::fs::create_dir_all(&other_dir).unwrap();
+        std::fs::write(other_dir.join(PENDING_MARKER), b"").unwrap();
+
+        let recovery = recover(store.as_ref(), &registry).unwrap();
+        let planned: Vec<(&str, bool)> = recovery
+            .jobs
+            .iter()
+            .map(|j| (j.id.as_str(), j.replay))
+            .collect();
+        assert_eq!(planned, [("r3", true), ("r4", true), ("r5", false)]);
+        assert!(recovery.jobs.iter().all(|j| j.queue == q));
+        assert_eq!(recovery.requeued, HashSet::from(["r5".to_string()]));
+        assert_eq!(recovery.settled, vec![("r2".to_string(), stats)]);
+        assert!(recovery.creating.is_empty());
+        // What is left journaled: the rebuilt gradients' jobs and the one queued again, each
+        // counting this restart.
+        let left: Vec<(i64, bool, i64)> = store
+            .jobs()
+            .unwrap()
+            .iter()
+            .map(|r| (r.seq, r.done, r.replays))
+            .collect();
+        assert_eq!(left, [(3, false, 1), (4, true, 1), (5, false, 1)]);
+        // The gradients the marker stood for are rebuilt. Those of the run whose rebuild was
+        // tried at every restart are not: its marker stays, and its next step is refused.
+        assert!(!dir.join(PENDING_MARKER).exists());
+        assert!(other_dir.join(PENDING_MARKER).exists());
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+}
