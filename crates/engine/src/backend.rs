@@ -19,7 +19,7 @@ use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, W
 use crate::journal::Position;
 use crate::registry::{
     checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, Holder, ModelEntry,
-    Registry, ResidentAdapter, RunState, SamplerSource, PENDING_MARKER,
+    Registry, ResidentAdapter, RunState, SamplerSource, LOST_MARKER, PENDING_MARKER,
 };
 
 /// Runs batches of compatible jobs. Results come back in job order.
@@ -281,7 +281,9 @@ impl ModelWorker {
             state.position = Position::of_snapshot(&dir);
             let marked = dir.join(PENDING_MARKER).exists();
             state.pending_marked = marked;
-            state.gradients_lost = marked;
+            // A pending marker the journal did not answer for (it removes those whose gradients
+            // it rebuilds) or a lost one.
+            state.gradients_lost = marked || dir.join(LOST_MARKER).exists();
             let restored = state
                 .adapter
                 .as_ref()
@@ -306,7 +308,7 @@ impl ModelWorker {
         if !self.snapshot_every_step || state.pending_marked {
             return;
         }
-        match write_marker(&self.registry, entry) {
+        match write_marker(&self.registry, entry, PENDING_MARKER) {
             Ok(()) => state.pending_marked = true,
             Err(e) => {
                 tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients")
@@ -562,7 +564,7 @@ impl ModelWorker {
                 {
                     self.mark_pending(entry, guard);
                     if let Some(seq) = jobs[i].seq {
-                        guard.position.gradients = seq;
+                        guard.position.gradients = guard.position.gradients.max(seq);
                     }
                 }
             }
@@ -1306,12 +1308,20 @@ fn forget_saved_gradients(registry: &Registry, entry: &ModelEntry) {
     remove_from_snapshot(registry, entry, checkpoint::GRADIENTS_FILE);
 }
 
-/// Forgets what the run's snapshot says of gradients no step consumed, once they are
-/// discarded (a step refused for lost gradients, a rollback): the saved gradients and the
-/// [`PENDING_MARKER`].
+/// Forgets what the run's snapshot and the job journal say of gradients no step consumed,
+/// once they are discarded (a step refused for lost gradients, a rollback): the saved
+/// gradients, both markers and the journaled `forward_backward`s (a crash must not rebuild
+/// what the client was told is gone).
 fn forget_pending_on_disk(registry: &Registry, entry: &ModelEntry) {
     forget_saved_gradients(registry, entry);
     remove_from_snapshot(registry, entry, PENDING_MARKER);
+    remove_from_snapshot(registry, entry, LOST_MARKER);
+    if let Some(store) = registry.store() {
+        let queue = crate::journal::queue_json(&QueueKey::Model(entry.key.clone()));
+        if let Err(e) = store.forget_done_jobs(&queue, i64::MAX) {
+            tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot forget discarded gradients' journaled jobs");
+        }
+    }
 }
 
 /// Deletes the file `name` of the run's snapshot directory, if it is there.
@@ -1324,14 +1334,19 @@ fn remove_from_snapshot(registry: &Registry, entry: &ModelEntry, name: &str) {
     }
 }
 
-/// Creates the run's [`PENDING_MARKER`] durably.
-pub fn write_marker(registry: &Registry, entry: &ModelEntry) -> std::io::Result<()> {
-    let dir = registry.snapshot_dir(&entry.key);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::File::create(dir.join(PENDING_MARKER))?.sync_all()?;
-    let synced = std::fs::File::open(&dir)?.sync_all();
+/// Creates the marker `name` ([`PENDING_MARKER`] or [`LOST_MARKER`]) in the run's snapshot
+/// directory durably.
+pub fn write_marker(registry: &Registry, entry: &ModelEntry, name: &str) -> std::io::Result<()> {
+    let synced = write_marker_in(&registry.snapshot_dir(&entry.key), name);
     registry.discard_if_removed(entry);
     synced
+}
+
+/// Creates the marker `name` in snapshot directory `dir` durably.
+pub fn write_marker_in(dir: &std::path::Path, name: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::File::create(dir.join(name))?.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Checks a checkpoint path refers to one of the tenant's checkpoints (for submit-time errors).

@@ -25,7 +25,7 @@ use crate::job::{
     BatchClass, Job, KvFootprint, ModelKey, Output, QueueKey, RequestId, SamplerKey, TenantId, Work,
 };
 use crate::queue::{Limits, SchedState};
-use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource};
+use crate::registry::{unix_now, CheckpointRecord, Registry, SamplerSource, LOST_MARKER};
 use crate::store::{SampleRow, Store};
 
 /// Engine settings.
@@ -204,6 +204,9 @@ struct Inner {
     release_memory_after_idle: Option<Duration>,
     /// Where jobs are journaled (`EngineConfig::journal`, with a durable store).
     journal: Option<Arc<dyn Store>>,
+    /// Held by a submission from its journal row to its place in the queue, so that the
+    /// journal's order is the queues' (a restart queues jobs again in journal order).
+    admission: Mutex<()>,
 }
 
 /// What one tenant holds, against its limits (0 = no limit).
@@ -300,6 +303,7 @@ impl Engine {
             order_log: record.then(|| Mutex::new(OrderLog::default())),
             release_memory_after_idle: config.release_memory_after_idle,
             journal,
+            admission: Mutex::new(()),
         });
         let handles = backends
             .into_iter()
@@ -449,6 +453,11 @@ impl Engine {
         let id = uuid::Uuid::new_v4().to_string();
         let tenant = queue.tenant().to_string();
         // Journaled before the client hears of it: a crash from here on queues it again.
+        let _admitting = self
+            .inner
+            .journal
+            .as_ref()
+            .map(|_| lock(&self.inner.admission));
         let seq = match &self.inner.journal {
             Some(store) => Some(store.put_job(&crate::journal::row(&id, &queue, &work)?)?),
             None => None,
@@ -731,8 +740,9 @@ impl Engine {
     }
 
     /// Stops admitting work and lets the jobs already queued or running finish for at most
-    /// `drain` (`Duration::ZERO`: none; `Duration::MAX`: all of them), then fails what is left
-    /// with "server restarted" ([`Engine::end_drain`]) and writes every run's snapshot. Returns
+    /// `drain` (`Duration::ZERO`: none; `Duration::MAX`: all of them), then leaves what is left
+    /// to the restarted server in the job journal, or without one fails it with "server
+    /// restarted" ([`Engine::end_drain`]), and writes every run's snapshot. Returns
     /// once the workers have finished. A restart thus loses nothing its clients were waiting
     /// for when the queue drains in time: the results wait in the store for the restarted
     /// server to answer.
@@ -764,9 +774,10 @@ impl Engine {
         }
     }
 
-    /// Ends a shutdown's drain now (a second signal, or its time is up): queued jobs fail with
-    /// "server restarted", sampling jobs stop at their next token with the same error, the
-    /// batches running finish. Also stops admitting work, so it may come before
+    /// Ends a shutdown's drain now (a second signal, or its time is up): queued jobs leave the
+    /// queues and sampling jobs stop at their next token, unsettled in the job journal for the
+    /// restarted server (without one, they fail with "server restarted"); the batches running
+    /// finish. Also stops admitting work, so it may come before
     /// [`Engine::shutdown`].
     pub fn end_drain(&self) {
         let drained = {
@@ -791,7 +802,7 @@ impl Engine {
             }
             // Gradients waiting for a step are in the snapshot; ones already lost stay lost.
             if state.gradients_lost {
-                if let Err(e) = write_marker(&self.inner.registry, &entry) {
+                if let Err(e) = write_marker(&self.inner.registry, &entry, LOST_MARKER) {
                     tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot mark pending gradients");
                 }
             }
@@ -806,9 +817,15 @@ impl Engine {
     /// nothing more here: the registry reloads them as evicted, so each run's first job reads
     /// its latest snapshot under its own mutex, in its FIFO order.
     pub fn restore(&self) -> Result<usize> {
-        let recovery = match &self.inner.journal {
-            Some(store) => crate::journal::recover(store.as_ref(), &self.inner.registry)?,
-            None => Default::default(),
+        let recovery = match (&self.inner.journal, self.inner.registry.store()) {
+            (Some(store), _) => crate::journal::recover(store.as_ref(), &self.inner.registry)?,
+            (None, Some(store)) => {
+                // Rows of a time the journal was kept: the snapshots written since do not
+                // record their positions, so they cannot be run again safely.
+                crate::journal::discard(store.as_ref())?;
+                Default::default()
+            }
+            (None, None) => Default::default(),
         };
         let mut kept = recovery.requeued.clone();
         kept.extend(recovery.settled.iter().map(|(id, _)| id.clone()));
@@ -936,10 +953,7 @@ impl Engine {
 }
 
 fn record(inner: &Inner, job: &Job, result: Result<Output>) {
-    if matches!(result, Err(EngineError::ServerRestarted))
-        && inner.journal.is_some()
-        && job.seq.is_some()
-    {
+    if matches!(result, Err(EngineError::ServerRestarted)) && job.seq.is_some() {
         // A shutdown's drain ended before it: its future stays unsettled and its journal row
         // in place, and the restarted server runs it.
         tracing::info!(request_id = %job.id, kind = job.work.name(), "left in the journal for the restarted server");
@@ -1005,14 +1019,12 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
 
 /// Updates the journal for a settled job: a `forward_backward` that succeeded is kept (its
 /// gradients are in memory only) until a job that consumes or replaces its run's gradients
-/// (optim_step, load, create) settles; every other job is forgotten.
+/// (optim_step, load, create) succeeds; every other job is forgotten. (A step that discards
+/// them instead, refused or rolled back, forgets them itself.)
 fn settle_journaled(store: &dyn Store, job: &Job, seq: i64, succeeded: bool) {
-    let keep = succeeded && matches!(job.work, Work::ForwardBackward { backward: true, .. });
+    let keep = succeeded && job.work.accumulates_gradients();
     let mut settled = store.settle_job(seq, keep);
-    if matches!(
-        job.work,
-        Work::OptimStep { .. } | Work::Load { .. } | Work::Create { .. }
-    ) {
+    if succeeded && job.work.replaces_gradients() {
         let queue = crate::journal::queue_json(&job.queue);
         settled = settled.and_then(|()| store.forget_done_jobs(&queue, seq));
     }
@@ -1022,13 +1034,13 @@ fn settle_journaled(store: &dyn Store, job: &Job, seq: i64, succeeded: bool) {
 }
 
 /// A `forward_backward` run again after a crash to rebuild its run's gradients finished: its
-/// restarts count from 0 again. One that failed leaves them partial: the run's next step is
-/// refused (`gradients_lost`), as without the journal.
+/// row is done, its restarts count from 0 again. One that failed leaves them partial: the
+/// run's next step is refused (`gradients_lost`), as without the journal.
 fn rebuilt(inner: &Inner, job: &Job, failed: Option<EngineError>) {
     let Some(err) = failed else {
         if let (Some(store), Some(seq)) = (&inner.journal, job.seq) {
-            if let Err(e) = store.set_job_replays(seq, 0) {
-                tracing::warn!(request_id = %job.id, error = %e, "cannot reset a journaled job's restarts");
+            if let Err(e) = store.settle_job(seq, true) {
+                tracing::warn!(request_id = %job.id, error = %e, "cannot settle a journaled job");
             }
         }
         return;
@@ -1039,7 +1051,7 @@ fn rebuilt(inner: &Inner, job: &Job, failed: Option<EngineError>) {
     };
     if let Ok(entry) = inner.registry.model(&k.tenant, &k.model_id) {
         entry.lock().gradients_lost = true;
-        if let Err(e) = write_marker(&inner.registry, &entry) {
+        if let Err(e) = write_marker(&inner.registry, &entry, LOST_MARKER) {
             tracing::warn!(model_id = %k.model_id, error = %e, "cannot mark pending gradients");
         }
     }

@@ -200,6 +200,14 @@ pub struct FutureStore {
     durable: Option<Arc<dyn Store>>,
 }
 
+/// The settled state a stored future holds (`None`: it was queued or running).
+pub(crate) fn stored_state(row: &FutureRow) -> Option<FutureState> {
+    row.outcome_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
+        .filter(FutureState::is_terminal)
+}
+
 fn row(id: &str, tenant: &str, state: &FutureState, feed: Option<&FeedKey>) -> FutureRow {
     let terminal = state.is_terminal();
     FutureRow {
@@ -262,11 +270,7 @@ impl FutureStore {
         self.lock().clock = CursorClock::starting_above(store.feed_cursor_ceiling()?);
         let mut restarted = 0;
         for r in store.futures()? {
-            let state = r
-                .outcome_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
-                .filter(FutureState::is_terminal);
+            let state = stored_state(&r);
             let feed = r
                 .feed_json
                 .as_deref()
@@ -286,18 +290,22 @@ impl FutureStore {
                     failed
                 }
             };
+            // A job queued again reports to its feed when it settles, like any other.
+            let settled = state.is_terminal();
             let mut map = self.lock();
             map.entries.insert(
                 r.id.clone(),
                 Entry {
                     tenant: r.tenant,
                     state,
-                    finished_at: Some(Instant::now()),
+                    finished_at: settled.then(Instant::now),
                     notify: Arc::new(Notify::new()),
                     feed,
                 },
             );
-            map.report(&r.id, self.durable.as_ref());
+            if settled {
+                map.report(&r.id, self.durable.as_ref());
+            }
         }
         Ok(restarted)
     }
@@ -685,6 +693,7 @@ mod tests {
         before.insert_in_feed("finished", "a", Some(mine.clone()));
         before.insert_in_feed("running", "a", Some(mine.clone()));
         before.insert_in_feed("retrieved", "a", Some(mine.clone()));
+        before.insert_in_feed("journaled", "a", Some(mine.clone()));
         before.set("finished", done());
         before.set("retrieved", done());
         before.set("running", FutureState::Running);
@@ -700,11 +709,19 @@ mod tests {
         db.put_feed_cursor_ceiling(ahead + 1).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         let after = FutureStore::durable(Duration::from_secs(60), db);
-        assert_eq!(after.restore(&Default::default()).unwrap(), 1);
+        let requeued = std::collections::HashSet::from(["journaled".to_string()]);
+        assert_eq!(after.restore(&requeued).unwrap(), 1);
         let poll = after.poll_feed(&mine, ahead, &[], Duration::ZERO).await;
         let mut got = ids(&poll);
         got.sort();
+        // The job queued again (see `crate::journal`) is reported when it settles.
         assert_eq!(got, [("finished", false), ("running", true)]);
+        assert_eq!(after.get("a", "journaled").unwrap(), FutureState::Queued);
+        after.set("journaled", done());
+        let poll = after
+            .poll_feed(&mine, poll.cursor, &[], Duration::ZERO)
+            .await;
+        assert_eq!(ids(&poll), [("journaled", false)]);
         assert!(after.get("a", "retrieved").is_err(), "forgotten for good");
         assert_eq!(
             after.get("a", "running").unwrap(),

@@ -191,6 +191,21 @@ impl Work {
         }
     }
 
+    /// Adds to its run's gradients, which live in memory until a step consumes them
+    /// (`forward_backward`).
+    pub fn accumulates_gradients(&self) -> bool {
+        matches!(self, Work::ForwardBackward { backward: true, .. })
+    }
+
+    /// Once it succeeds, its run's earlier gradients are consumed or replaced (`optim_step`,
+    /// a load, a create).
+    pub fn replaces_gradients(&self) -> bool {
+        matches!(
+            self,
+            Work::OptimStep { .. } | Work::Load { .. } | Work::Create { .. }
+        )
+    }
+
     /// Tokens the job puts through the model (for the batch budget and stats).
     pub fn tokens(&self) -> usize {
         match self {

@@ -26,10 +26,12 @@ use std::time::Instant;
 use loraloom_model::train::CustomInputs;
 use loraloom_model::{CustomLoss, NamedInput};
 
+use crate::backend::write_marker_in;
 use crate::error::{EngineError, Result};
+use crate::futures::stored_state;
 use crate::futures::FutureState;
 use crate::job::{Job, ModelKey, Output, QueueKey, Work};
-use crate::registry::{Registry, PENDING_MARKER};
+use crate::registry::{Registry, LOST_MARKER, PENDING_MARKER};
 use crate::store::{JobRow, Store};
 
 /// Restarts in a row that may queue an unfinished job again; at the next it fails.
@@ -69,16 +71,24 @@ impl Position {
         }
     }
 
-    /// The position recorded in the snapshot in `dir` (the start of the journal when none is).
+    /// The position recorded in the snapshot in `dir` (the start of the journal when none is):
+    /// its gradients' only while it holds them (a run's first job after a restart takes them
+    /// out of it, and from then on the journal answers for them).
     pub fn of_snapshot(dir: &std::path::Path) -> Position {
-        loraloom_model::checkpoint::read_note(dir)
+        let recorded: Position = loraloom_model::checkpoint::read_note(dir)
             .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default()
-    }
-
-    /// The last job the snapshot holds the effect of: its gradients' when it holds them.
-    fn covers(&self) -> i64 {
-        self.weights.max(self.gradients)
+            .unwrap_or_default();
+        let holds_gradients = dir
+            .join(loraloom_model::checkpoint::GRADIENTS_FILE)
+            .exists();
+        Position {
+            gradients: if holds_gradients {
+                recorded.gradients
+            } else {
+                0
+            },
+            ..recorded
+        }
     }
 }
 
@@ -159,12 +169,23 @@ pub struct Recovery {
     pub creating: HashSet<ModelKey>,
 }
 
+/// Forgets every journaled job (a restart without the journal: the snapshots written then do
+/// not record positions, so old rows could not be run again safely later). Returns how many.
+pub fn discard(store: &dyn Store) -> Result<usize> {
+    let seqs: Vec<i64> = store.jobs()?.iter().map(|r| r.seq).collect();
+    store.delete_jobs(&seqs)?;
+    Ok(seqs.len())
+}
+
 /// A journaled job's fate at a restart.
 enum Fate {
     /// Forgotten (settled, or held by its run's snapshot).
     Forget,
     /// Settled from its run's snapshot.
     Settle(Output),
+    /// A `forward_backward` whose gradients the run's snapshot holds (a graceful shutdown's):
+    /// kept, not run, until a step consumes them.
+    Keep,
     /// Run again for its run's gradients; its future holds its result.
     Rebuild,
     /// Queued again under its future.
@@ -172,27 +193,22 @@ enum Fate {
 }
 
 /// Plans a restart from the journal in `store`: reads each run's snapshot position, decides
-/// each job's fate, forgets the journal rows that are done with, and removes the pending-
-/// gradients marker of each run whose gradients it rebuilds. Call it before any job runs.
+/// each job's fate, forgets the journal rows that are done with, removes the pending-gradients
+/// marker of each run whose gradients it rebuilds and marks lost the gradients it cannot
+/// rebuild ([`LOST_MARKER`]). Call it before any job runs.
 pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
-    // Every stored future's state (`None`: unsettled).
     let futures: HashMap<String, Option<FutureState>> = store
         .futures()?
         .into_iter()
-        .map(|r| {
-            let state = r
-                .outcome_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str::<FutureState>(j).ok())
-                .filter(FutureState::is_terminal);
-            (r.id, state)
-        })
+        .map(|r| (r.id.clone(), stored_state(&r)))
         .collect();
     let mut recovery = Recovery::default();
     let mut positions: HashMap<ModelKey, Position> = HashMap::new();
     let mut forget: Vec<i64> = Vec::new();
-    // Runs whose gradients cannot all be rebuilt (a journaled job that cannot be read).
+    // Runs whose acknowledged gradients cannot all be rebuilt.
     let mut broken: HashSet<ModelKey> = HashSet::new();
+    // Queues whose first unsettled job was seen: only that one may have been running.
+    let mut started: HashSet<String> = HashSet::new();
     let mut planned: Vec<(JobRow, QueueKey, Work, Fate)> = Vec::new();
     for row in store.jobs()? {
         let Ok(queue) = serde_json::from_str::<QueueKey>(&row.queue_json) else {
@@ -200,30 +216,30 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
             forget.push(row.seq);
             continue;
         };
+        let future = futures.get(&row.id);
+        let acknowledged = row.done || matches!(future, Some(Some(FutureState::Done(_))));
         let exists = match &queue {
             QueueKey::Model(k) => registry.model(&k.tenant, &k.model_id).is_ok(),
             QueueKey::Sampler(k) => registry.sampler(&k.tenant, &k.sampler_id).is_ok(),
         };
-        let work = if exists {
-            work_of(&row, registry)
-        } else {
-            Err(EngineError::NotFound {
+        let work = match exists {
+            true => work_of(&row, registry),
+            false => Err(EngineError::NotFound {
                 what: "queue".into(),
                 id: queue.id().to_string(),
-            })
+            }),
         };
         let work = match work {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(request_id = %row.id, error = %e, "a journaled job cannot run again");
-                if let QueueKey::Model(k) = &queue {
+                if let (QueueKey::Model(k), true) = (&queue, acknowledged) {
                     broken.insert(k.clone());
                 }
                 forget.push(row.seq);
                 continue;
             }
         };
-        let future = futures.get(&row.id);
         let position = match &queue {
             QueueKey::Model(k) => Some(
                 positions
@@ -233,64 +249,65 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
             ),
             QueueKey::Sampler(_) => None,
         };
-        let accumulates = matches!(work, Work::ForwardBackward { backward: true, .. });
+        let accumulates = work.accumulates_gradients();
         let fate = match (position, future) {
             // The run's snapshot holds the job's effect.
-            (Some(p), future) if row.seq <= p.covers() => match (future, p.output) {
+            (Some(p), future) if row.seq <= p.weights => match (future, p.output) {
                 (Some(None), Some(out)) if p.weights == row.seq => Fate::Settle(out),
                 _ => Fate::Forget,
             },
-            (_, Some(Some(FutureState::Done(_)))) | (_, None)
-                if accumulates && (row.done || future.is_some()) =>
-            {
-                Fate::Rebuild
-            }
+            (Some(p), _) if row.seq <= p.gradients => Fate::Keep,
+            _ if accumulates && acknowledged => Fate::Rebuild,
             (_, Some(None)) => Fate::Requeue,
             _ => Fate::Forget,
         };
-        let fate = match (fate, &queue) {
-            // Run again at as many restarts in a row as it may: one that crashes the server
-            // must not do so forever. Gradients it cannot rebuild are lost (its run's marker
-            // stays, so the run's next step is refused).
-            (fate @ (Fate::Rebuild | Fate::Requeue), queue) if row.replays >= MAX_REPLAYS => {
-                tracing::warn!(request_id = %row.id, restarts = row.replays, "a journaled job was queued again at every restart; it is dropped");
-                if let (Fate::Rebuild, QueueKey::Model(k)) = (fate, queue) {
+        // A job that may have been running when the server died counts the restart: one that
+        // crashes the server is queued again at no more than MAX_REPLAYS restarts in a row.
+        // Of a run's queue only the first unsettled job may have been running (its jobs run one
+        // at a time); a sampling session's run together.
+        let counts = match (&fate, &queue) {
+            (Fate::Rebuild, _) | (Fate::Requeue, QueueKey::Sampler(_)) => true,
+            (Fate::Requeue, QueueKey::Model(_)) => started.insert(row.queue_json.clone()),
+            _ => false,
+        };
+        let fate = match fate {
+            Fate::Rebuild | Fate::Requeue if counts && row.replays >= MAX_REPLAYS => {
+                tracing::warn!(request_id = %row.id, restarts = row.replays, "a journaled job was running at every restart; it is dropped");
+                if let (QueueKey::Model(k), true) = (&queue, accumulates && acknowledged) {
                     broken.insert(k.clone());
                 }
                 Fate::Forget
             }
-            (fate, _) => fate,
+            fate => fate,
         };
+        if counts && matches!(fate, Fate::Rebuild | Fate::Requeue) {
+            store.set_job_replays(row.seq, row.replays + 1)?;
+        }
         planned.push((row, queue, work, fate));
     }
     let mut rebuilt: HashSet<ModelKey> = HashSet::new();
     for (row, queue, work, fate) in planned {
-        let rebuild = match fate {
-            Fate::Forget => {
+        let rebuild = match (fate, &queue) {
+            (Fate::Forget, _) => {
                 forget.push(row.seq);
                 continue;
             }
-            Fate::Settle(out) => {
+            (Fate::Settle(out), _) => {
                 recovery.settled.push((row.id, out));
                 forget.push(row.seq);
                 continue;
             }
-            Fate::Rebuild => {
-                let QueueKey::Model(k) = &queue else {
-                    forget.push(row.seq);
-                    continue;
-                };
-                if broken.contains(k) {
-                    // Its gradients stay lost (the run's marker says so): forget them all.
-                    forget.push(row.seq);
-                    continue;
-                }
-                store.set_job_replays(row.seq, row.replays + 1)?;
+            (Fate::Keep, _) => continue,
+            (Fate::Rebuild, QueueKey::Model(k)) if !broken.contains(k) => {
                 rebuilt.insert(k.clone());
                 true
             }
-            Fate::Requeue => {
-                store.set_job_replays(row.seq, row.replays + 1)?;
+            // A lost run's gradients: forgotten, all of them.
+            (Fate::Rebuild, _) => {
+                forget.push(row.seq);
+                continue;
+            }
+            (Fate::Requeue, _) => {
                 recovery.requeued.insert(row.id.clone());
                 if let (QueueKey::Model(k), Work::Create { .. }) = (&queue, &work) {
                     recovery.creating.insert(k.clone());
@@ -317,12 +334,18 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
         });
     }
     for key in &rebuilt {
-        // The gradients the marker stands for are rebuilt before the run's next job.
+        // The gradients the pending marker stands for are rebuilt before the run's next job.
         let marker = registry.snapshot_dir(key).join(PENDING_MARKER);
         if let Err(e) = std::fs::remove_file(&marker) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(model_id = %key.model_id, error = %e, "cannot remove a pending-gradients marker");
             }
+        }
+    }
+    for key in &broken {
+        // Until the run's next step is refused, whatever later restarts rebuild.
+        if let Err(e) = write_marker_in(&registry.snapshot_dir(key), LOST_MARKER) {
+            tracing::error!(model_id = %key.model_id, error = %e, "cannot mark lost gradients");
         }
     }
     store.delete_jobs(&forget)?;
@@ -351,8 +374,32 @@ mod tests {
         }
     }
 
+    /// A snapshot of `run` in `registry` recording `position`; with `gradients_file`, as if it
+    /// held gradients (only the file's presence is read here).
+    fn snapshot(registry: &Registry, run: &ModelKey, position: &Position, gradients_file: bool) {
+        let config = ModelConfig::from_json(
+            r#"{"model_type":"llama","hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":32}"#,
+        )
+        .unwrap();
+        let entry = registry.model(&run.tenant, &run.model_id).unwrap();
+        let adapter = LoraAdapter::new(entry.spec.clone(), &config, Device::Cpu).unwrap();
+        let dir = registry.snapshot_dir(run);
+        let request = SaveRequest {
+            adapter: &adapter,
+            optimizer: None,
+            base_model: "tiny",
+            gradients: false,
+            note: Some(position.note(gradients_file)),
+        };
+        checkpoint::save(&request, &dir).unwrap();
+        if gradients_file {
+            std::fs::write(dir.join(checkpoint::GRADIENTS_FILE), b"").unwrap();
+        }
+    }
+
     #[test]
-    fn a_restart_queues_again_rebuilds_settles_or_forgets_each_journaled_job() {
+    fn a_restart_queues_again_rebuilds_keeps_settles_or_forgets_each_journaled_job() {
         let data_dir =
             std::env::temp_dir().join(format!("loraloom-journal-{}", uuid::Uuid::new_v4()));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir).unwrap());
@@ -365,42 +412,44 @@ mod tests {
             train_mlp: false,
             train_unembed: false,
         };
-        let run = ModelKey {
-            tenant: "t".into(),
-            model_id: "s:train:0".into(),
+        let run = |n: u32| {
+            let key = ModelKey {
+                tenant: "t".into(),
+                model_id: format!("s:train:{n}"),
+            };
+            if n < 9 {
+                registry
+                    .add_model(key.clone(), "tiny", spec.clone(), serde_json::Value::Null)
+                    .unwrap();
+            }
+            key
         };
-        registry
-            .add_model(run.clone(), "tiny", spec.clone(), serde_json::Value::Null)
-            .unwrap();
-        let q = QueueKey::Model(run.clone());
-        let other = ModelKey {
-            tenant: "t".into(),
-            model_id: "s:train:1".into(),
-        };
-        registry
-            .add_model(other.clone(), "tiny", spec.clone(), serde_json::Value::Null)
-            .unwrap();
-        let crashing = QueueKey::Model(other.clone());
-        let gone = QueueKey::Model(ModelKey {
-            tenant: "t".into(),
-            model_id: "s:train:9".into(),
-        });
+        let (main, crashing, stuck, kept) = (run(0), run(1), run(2), run(3));
+        let q = QueueKey::Model(main.clone());
+        let crash_q = QueueKey::Model(crashing.clone());
+        let stuck_q = QueueKey::Model(stuck.clone());
+        let kept_q = QueueKey::Model(kept.clone());
+        let gone = QueueKey::Model(run(9));
         let done = Some(FutureState::Done(Output::Created {
             model_id: "x".into(),
         }));
         // (queue, work, its future: absent / unsettled / settled, journal row done, replays)
         type Journaled<'a> = (&'a QueueKey, Work, Option<Option<FutureState>>, bool, i64);
+        let m = MAX_REPLAYS;
         let jobs: Vec<Journaled> = vec![
             (&q, optim(), Some(done.clone()), false, 0), // 1: held by the snapshot
-            (&q, optim(), Some(None), false, 0),         // 2: held, result lost
+            (&q, optim(), Some(None), false, 0),         // 2: held, its result lost
             (&q, fb(true), Some(done.clone()), false, 0), // 3: gradients to rebuild
-            (&q, fb(true), None, true, 0),               // 4: the same, future purged
-            (&q, optim(), Some(None), false, 0),         // 5: unsettled: queued again
-            (&q, fb(false), Some(None), false, MAX_REPLAYS), // 6: crashed it every time
+            (&q, fb(true), None, true, 0),               // 4: the same, its future purged
+            (&q, optim(), Some(None), false, 0),         // 5: was running: queued again
+            (&q, fb(false), Some(None), false, m),       // 6: was waiting behind it: the same
             (&gone, optim(), Some(None), false, 0),      // 7: its run is gone
             (&q, fb(false), Some(done.clone()), false, 0), // 8: settled, no gradients
-            (&crashing, fb(true), Some(done.clone()), true, 0), // 9: kept...
-            (&crashing, fb(true), Some(done.clone()), true, MAX_REPLAYS), // 10: ...not rebuilt
+            (&crash_q, fb(true), Some(done.clone()), true, 0), // 9: lost with...
+            (&crash_q, fb(true), Some(done.clone()), true, m), // 10: ...this one, run at every restart
+            (&stuck_q, optim(), Some(None), false, m),         // 11: ran at every restart: dropped
+            (&kept_q, fb(true), Some(done.clone()), true, 0),  // 12: in the snapshot's gradients
+            (&kept_q, fb(true), Some(done.clone()), true, 0),  // 13: after them: rebuilt
         ];
         for (i, (queue, work, future, is_done, replays)) in jobs.iter().enumerate() {
             let id = format!("r{}", i + 1);
@@ -426,32 +475,22 @@ mod tests {
                     .unwrap();
             }
         }
-        // The run's snapshot holds jobs up to 2 (its step), and marks gradients pending.
-        let config = ModelConfig::from_json(
-            r#"{"model_type":"llama","hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
-            "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":32}"#,
-        )
-        .unwrap();
-        let adapter = LoraAdapter::new(spec, &config, Device::Cpu).unwrap();
+        // `main`'s snapshot holds jobs up to 2 (its step) and is marked as pending gradients;
+        // `kept`'s (a graceful shutdown's) holds the gradients of job 12.
         let stats = Output::OptimStep(StepStats {
             grad_norm: 0.5,
             step: 7,
         });
         let mut position = Position::default();
         position.applied(Some(2), stats.clone());
-        let dir = registry.snapshot_dir(&run);
-        let request = SaveRequest {
-            adapter: &adapter,
-            optimizer: None,
-            base_model: "tiny",
-            gradients: false,
-            note: Some(position.note(false)),
-        };
-        checkpoint::save(&request, &dir).unwrap();
+        snapshot(&registry, &main, &position, false);
+        let dir = registry.snapshot_dir(&main);
         std::fs::write(dir.join(PENDING_MARKER), b"").unwrap();
-        let other_dir = registry.snapshot_dir(&other);
-        std::fs::create_dir_all(&other_dir).unwrap();
-        std::fs::write(other_dir.join(PENDING_MARKER), b"").unwrap();
+        let holding = Position {
+            gradients: 12,
+            ..Position::default()
+        };
+        snapshot(&registry, &kept, &holding, true);
 
         let recovery = recover(store.as_ref(), &registry).unwrap();
         let planned: Vec<(&str, bool)> = recovery
@@ -459,24 +498,45 @@ mod tests {
             .iter()
             .map(|j| (j.id.as_str(), j.replay))
             .collect();
-        assert_eq!(planned, [("r3", true), ("r4", true), ("r5", false)]);
-        assert!(recovery.jobs.iter().all(|j| j.queue == q));
-        assert_eq!(recovery.requeued, HashSet::from(["r5".to_string()]));
+        assert_eq!(
+            planned,
+            [
+                ("r3", true),
+                ("r4", true),
+                ("r5", false),
+                ("r6", false),
+                ("r13", true)
+            ]
+        );
+        let requeued = HashSet::from(["r5".to_string(), "r6".to_string()]);
+        assert_eq!(recovery.requeued, requeued);
         assert_eq!(recovery.settled, vec![("r2".to_string(), stats)]);
         assert!(recovery.creating.is_empty());
-        // What is left journaled: the rebuilt gradients' jobs and the one queued again, each
-        // counting this restart.
+        // What is left journaled: the gradients' jobs and the ones queued again; those that may
+        // have been running count this restart.
         let left: Vec<(i64, bool, i64)> = store
             .jobs()
             .unwrap()
             .iter()
             .map(|r| (r.seq, r.done, r.replays))
             .collect();
-        assert_eq!(left, [(3, false, 1), (4, true, 1), (5, false, 1)]);
-        // The gradients the marker stood for are rebuilt. Those of the run whose rebuild was
-        // tried at every restart are not: its marker stays, and its next step is refused.
+        assert_eq!(
+            left,
+            [
+                (3, false, 1),
+                (4, true, 1),
+                (5, false, 1),
+                (6, false, m),
+                (12, true, 0),
+                (13, true, 1)
+            ]
+        );
+        // The gradients `main`'s pending marker stood for are rebuilt. Those of the run whose
+        // rebuild ran at every restart are not: they are marked lost, and its next step is
+        // refused however later restarts go. A step dropped loses no gradients.
         assert!(!dir.join(PENDING_MARKER).exists());
-        assert!(other_dir.join(PENDING_MARKER).exists());
+        assert!(registry.snapshot_dir(&crashing).join(LOST_MARKER).exists());
+        assert!(!registry.snapshot_dir(&stuck).join(LOST_MARKER).exists());
         let _ = std::fs::remove_dir_all(&data_dir);
     }
 }

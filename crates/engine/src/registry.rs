@@ -49,6 +49,12 @@ pub struct RunState {
 /// instead of stepping with partial gradients.
 pub const PENDING_MARKER: &str = "pending_gradients";
 
+/// A file in a run's snapshot directory saying that gradients acknowledged before a restart
+/// could not be given back (the job journal could not rebuild them, or they were lost before
+/// the snapshot a graceful shutdown wrote): the run's next optimizer step is refused, which
+/// removes it. Unlike [`PENDING_MARKER`], no restart removes it.
+pub const LOST_MARKER: &str = "lost_gradients";
+
 /// A training run.
 pub struct ModelEntry {
     /// Owner and id.

@@ -214,7 +214,8 @@ pub trait Store: Send + Sync {
     fn put_job(&self, row: &JobRow) -> Result<i64>;
     /// Every journaled job, in admission order.
     fn jobs(&self) -> Result<Vec<JobRow>>;
-    /// A journaled job finished: kept, marked done (`keep`), or forgotten.
+    /// A journaled job finished: kept, marked done (`keep`; its restarts count from 0 again),
+    /// or forgotten.
     fn settle_job(&self, seq: i64, keep: bool) -> Result<()>;
     /// Forgets the finished jobs of queue `queue_json` admitted before `seq`.
     fn forget_done_jobs(&self, queue_json: &str, seq: i64) -> Result<()>;
@@ -844,7 +845,7 @@ impl Store for SqliteStore {
 
     fn settle_job(&self, seq: i64, keep: bool) -> Result<()> {
         let sql = match keep {
-            true => "UPDATE jobs SET done = 1 WHERE seq = ?1",
+            true => "UPDATE jobs SET done = 1, replays = 0 WHERE seq = ?1",
             false => "DELETE FROM jobs WHERE seq = ?1",
         };
         self.with(|c| c.execute(sql, params![seq]).map(|_| ()))

@@ -699,7 +699,9 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
     assert!(matches!(done(&engine, &first), Output::ForwardBackward(_)));
     done(
         &engine,
-        &engine.submit(q, Work::OptimStep { params: hp }).unwrap(),
+        &engine
+            .submit(q.clone(), Work::OptimStep { params: hp })
+            .unwrap(),
     );
 
     // The same three steps in one process.
@@ -715,13 +717,41 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
         forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
         opt.step(&alone, &hp).unwrap();
     }
-    let entry = engine.registry().model("t", "a").unwrap();
-    let state = entry.lock();
-    let trained = state.adapter.as_ref().expect("resident");
-    let p = trained.row().view(Field::Params).unwrap();
-    let want = alone.row().view(Field::Params).unwrap();
-    assert_eq!((&p - &want).abs().max().double_value(&[]), 0.0);
-    drop(state);
+    let same_weights = |engine: &Engine| {
+        let entry = engine.registry().model("t", "a").unwrap();
+        let state = entry.lock();
+        let trained = state.adapter.as_ref().expect("resident");
+        let p = trained.row().view(Field::Params).unwrap();
+        let want = alone.row().view(Field::Params).unwrap();
+        assert_eq!((&p - &want).abs().max().double_value(&[]), 0.0);
+    };
+    same_weights(&engine);
+
+    // Gradients pending at a graceful shutdown are in the run's snapshot; the run's first job
+    // after the restart takes them out of it, and a crash after that rebuilds them from the
+    // journal with those accumulated since.
+    done(&engine, &engine.submit(q.clone(), fb(4)).unwrap());
+    engine.shutdown(Duration::MAX);
+    let engine = durable_engine(&data_dir, &decoder);
+    done(&engine, &engine.submit(q.clone(), fb(5)).unwrap());
+    engine.set_paused(true);
+    let queued_step = engine
+        .submit(q.clone(), Work::OptimStep { params: hp })
+        .unwrap();
+    std::mem::forget(engine);
+    let engine = durable_engine(&data_dir, &decoder);
+    done(&engine, &queued_step);
+    for seed in 4..=5 {
+        let d = data(seed);
+        let req = TrainRequest {
+            adapter: Some(&alone),
+            loss: LossFn::CrossEntropy,
+            data: &d,
+        };
+        forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
+    }
+    opt.step(&alone, &hp).unwrap();
+    same_weights(&engine);
     engine.shutdown(Duration::MAX);
 }
 
