@@ -288,6 +288,14 @@ impl ModelWorker {
                 .adapter
                 .as_ref()
                 .is_some_and(LoraAdapter::has_pending_gradients);
+            // Lost for good: no later restart's journal answers for them (nor for gradients
+            // restored from a snapshot no journal position covers, once their file is gone).
+            let unjournaled = restored && state.position.gradients == 0;
+            if self.snapshot_every_step && (marked || unjournaled) {
+                if let Err(e) = write_marker(&self.registry, entry, LOST_MARKER) {
+                    tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot mark lost gradients");
+                }
+            }
             if restored {
                 // Gradients a graceful shutdown saved are in memory now, where later jobs add to
                 // or consume them: on disk they stand for them no longer. Marked first (durable
@@ -1313,15 +1321,18 @@ fn forget_saved_gradients(registry: &Registry, entry: &ModelEntry) {
 /// gradients, both markers and the journaled `forward_backward`s (a crash must not rebuild
 /// what the client was told is gone).
 fn forget_pending_on_disk(registry: &Registry, entry: &ModelEntry) {
-    forget_saved_gradients(registry, entry);
-    remove_from_snapshot(registry, entry, PENDING_MARKER);
-    remove_from_snapshot(registry, entry, LOST_MARKER);
+    // The journal first: a crash before the markers go finds the run still marked.
     if let Some(store) = registry.store() {
         let queue = crate::journal::queue_json(&QueueKey::Model(entry.key.clone()));
         if let Err(e) = store.forget_done_jobs(&queue, i64::MAX) {
-            tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot forget discarded gradients' journaled jobs");
+            // A crash before the run's next step would rebuild them: the markers stay.
+            tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot forget discarded gradients' journaled jobs");
+            return;
         }
     }
+    forget_saved_gradients(registry, entry);
+    remove_from_snapshot(registry, entry, PENDING_MARKER);
+    remove_from_snapshot(registry, entry, LOST_MARKER);
 }
 
 /// Deletes the file `name` of the run's snapshot directory, if it is there.

@@ -1477,6 +1477,14 @@ fn release_free_memory(counters: &Counters) {
 
 /// Marks a batch's jobs running (and logs their start order).
 fn start_jobs(inner: &Inner, batch: &[Job]) {
+    if let Some(store) = &inner.journal {
+        // A job that crashes the server is found started at the restart (see
+        // `journal::MAX_STARTS`).
+        let seqs: Vec<i64> = batch.iter().filter_map(|j| j.seq).collect();
+        if let Err(e) = store.count_job_starts(&seqs) {
+            tracing::warn!(jobs = seqs.len(), error = %e, "cannot count journaled jobs' starts");
+        }
+    }
     inner
         .counters
         .running

@@ -13,8 +13,8 @@
 //!   result, if it never reached the store, is taken from the snapshot); the done
 //!   `forward_backward`s after it run again, silently ([`Job::replay`]), to rebuild the run's
 //!   gradients; every unsettled job is queued again under its own future id, in admission
-//!   order, ahead of anything new. A job queued again by [`MAX_REPLAYS`] restarts in a row
-//!   fails instead ("server restarted"): one that crashes the server must not do so forever.
+//!   order, ahead of anything new. A job found running at [`MAX_STARTS`] crashes fails
+//!   instead ("server restarted"): one that crashes the server must not do so forever.
 //!
 //! The journal is kept when runs are snapshotted at every step (`--step-snapshots`, the
 //! default): without those snapshots a crash loses steps anyway.
@@ -34,8 +34,9 @@ use crate::job::{Job, ModelKey, Output, QueueKey, Work};
 use crate::registry::{Registry, LOST_MARKER, PENDING_MARKER};
 use crate::store::{JobRow, Store};
 
-/// Restarts in a row that may queue an unfinished job again; at the next it fails.
-pub const MAX_REPLAYS: i64 = 3;
+/// Crashes a job may be running at (started, not settled): a restart that finds it started this
+/// often drops it ("server restarted"), for it is what crashes the server.
+pub const MAX_STARTS: i64 = 3;
 
 /// Where a run's snapshot stands in the journal (recorded with it, see
 /// [`loraloom_model::checkpoint::SaveRequest::note`]).
@@ -126,7 +127,7 @@ pub fn row(id: &str, queue: &QueueKey, work: &Work) -> Result<JobRow> {
         work_json: serde_json::to_string(&stored)
             .map_err(|e| EngineError::Internal(format!("journal: {e}")))?,
         done: false,
-        replays: 0,
+        starts: 0,
     })
 }
 
@@ -169,23 +170,19 @@ pub struct Recovery {
     pub creating: HashSet<ModelKey>,
 }
 
-/// Forgets every journaled job (a restart without the journal: the snapshots written then do
-/// not record positions, so old rows could not be run again safely later). Returns how many.
+/// Forgets every journaled job (a restart without the journal: the positions its snapshots
+/// record stay where the journal left them, so old rows could not be run again safely once it
+/// is kept again). Returns how many.
 pub fn discard(store: &dyn Store) -> Result<usize> {
     let seqs: Vec<i64> = store.jobs()?.iter().map(|r| r.seq).collect();
     store.delete_jobs(&seqs)?;
     Ok(seqs.len())
 }
 
-/// A journaled job's fate at a restart.
+/// What a restart does with a journaled job its run's snapshot does not hold.
 enum Fate {
-    /// Forgotten (settled, or held by its run's snapshot).
+    /// Forgotten (settled, or it cannot run again).
     Forget,
-    /// Settled from its run's snapshot.
-    Settle(Output),
-    /// A `forward_backward` whose gradients the run's snapshot holds (a graceful shutdown's):
-    /// kept, not run, until a step consumes them.
-    Keep,
     /// Run again for its run's gradients; its future holds its result.
     Rebuild,
     /// Queued again under its future.
@@ -207,8 +204,6 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
     let mut forget: Vec<i64> = Vec::new();
     // Runs whose acknowledged gradients cannot all be rebuilt.
     let mut broken: HashSet<ModelKey> = HashSet::new();
-    // Queues whose first unsettled job was seen: only that one may have been running.
-    let mut started: HashSet<String> = HashSet::new();
     let mut planned: Vec<(JobRow, QueueKey, Work, Fate)> = Vec::new();
     for row in store.jobs()? {
         let Ok(queue) = serde_json::from_str::<QueueKey>(&row.queue_json) else {
@@ -222,14 +217,35 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
             QueueKey::Model(k) => registry.model(&k.tenant, &k.model_id).is_ok(),
             QueueKey::Sampler(k) => registry.sampler(&k.tenant, &k.sampler_id).is_ok(),
         };
-        let work = match exists {
-            true => work_of(&row, registry),
-            false => Err(EngineError::NotFound {
-                what: "queue".into(),
-                id: queue.id().to_string(),
-            }),
-        };
-        let work = match work {
+        if !exists {
+            // Its jobs fail, and its gradients went with it.
+            forget.push(row.seq);
+            continue;
+        }
+        if let QueueKey::Model(k) = &queue {
+            let p = positions
+                .entry(k.clone())
+                .or_insert_with(|| Position::of_snapshot(&registry.snapshot_dir(k)));
+            // What the run's snapshot holds is not run again.
+            if row.seq <= p.weights {
+                match (future, &p.output) {
+                    (Some(None), Some(out)) if p.weights == row.seq => {
+                        recovery.settled.push((row.id.clone(), out.clone()))
+                    }
+                    _ => {}
+                }
+                forget.push(row.seq);
+                continue;
+            }
+            if row.seq <= p.gradients {
+                // In its gradients file: kept for the step that consumes them.
+                if !row.done {
+                    forget.push(row.seq);
+                }
+                continue;
+            }
+        }
+        let work = match work_of(&row, registry) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(request_id = %row.id, error = %e, "a journaled job cannot run again");
@@ -240,49 +256,23 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
                 continue;
             }
         };
-        let position = match &queue {
-            QueueKey::Model(k) => Some(
-                positions
-                    .entry(k.clone())
-                    .or_insert_with(|| Position::of_snapshot(&registry.snapshot_dir(k)))
-                    .clone(),
-            ),
-            QueueKey::Sampler(_) => None,
-        };
         let accumulates = work.accumulates_gradients();
-        let fate = match (position, future) {
-            // The run's snapshot holds the job's effect.
-            (Some(p), future) if row.seq <= p.weights => match (future, p.output) {
-                (Some(None), Some(out)) if p.weights == row.seq => Fate::Settle(out),
-                _ => Fate::Forget,
-            },
-            (Some(p), _) if row.seq <= p.gradients => Fate::Keep,
+        let fate = match future {
             _ if accumulates && acknowledged => Fate::Rebuild,
-            (_, Some(None)) => Fate::Requeue,
+            Some(None) => Fate::Requeue,
             _ => Fate::Forget,
         };
-        // A job that may have been running when the server died counts the restart: one that
-        // crashes the server is queued again at no more than MAX_REPLAYS restarts in a row.
-        // Of a run's queue only the first unsettled job may have been running (its jobs run one
-        // at a time); a sampling session's run together.
-        let counts = match (&fate, &queue) {
-            (Fate::Rebuild, _) | (Fate::Requeue, QueueKey::Sampler(_)) => true,
-            (Fate::Requeue, QueueKey::Model(_)) => started.insert(row.queue_json.clone()),
-            _ => false,
-        };
         let fate = match fate {
-            Fate::Rebuild | Fate::Requeue if counts && row.replays >= MAX_REPLAYS => {
-                tracing::warn!(request_id = %row.id, restarts = row.replays, "a journaled job was running at every restart; it is dropped");
-                if let (QueueKey::Model(k), true) = (&queue, accumulates && acknowledged) {
+            // Running at MAX_STARTS crashes: it is what crashes the server.
+            Fate::Rebuild | Fate::Requeue if row.starts >= MAX_STARTS => {
+                tracing::warn!(request_id = %row.id, starts = row.starts, "a journaled job was running at every crash; it is dropped");
+                if let (Fate::Rebuild, QueueKey::Model(k)) = (&fate, &queue) {
                     broken.insert(k.clone());
                 }
                 Fate::Forget
             }
             fate => fate,
         };
-        if counts && matches!(fate, Fate::Rebuild | Fate::Requeue) {
-            store.set_job_replays(row.seq, row.replays + 1)?;
-        }
         planned.push((row, queue, work, fate));
     }
     let mut rebuilt: HashSet<ModelKey> = HashSet::new();
@@ -292,12 +282,6 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
                 forget.push(row.seq);
                 continue;
             }
-            (Fate::Settle(out), _) => {
-                recovery.settled.push((row.id, out));
-                forget.push(row.seq);
-                continue;
-            }
-            (Fate::Keep, _) => continue,
             (Fate::Rebuild, QueueKey::Model(k)) if !broken.contains(k) => {
                 rebuilt.insert(k.clone());
                 true
@@ -433,33 +417,33 @@ mod tests {
         let done = Some(FutureState::Done(Output::Created {
             model_id: "x".into(),
         }));
-        // (queue, work, its future: absent / unsettled / settled, journal row done, replays)
+        // (queue, work, its future: absent / unsettled / settled, journal row done, starts)
         type Journaled<'a> = (&'a QueueKey, Work, Option<Option<FutureState>>, bool, i64);
-        let m = MAX_REPLAYS;
+        let m = MAX_STARTS;
         let jobs: Vec<Journaled> = vec![
             (&q, optim(), Some(done.clone()), false, 0), // 1: held by the snapshot
-            (&q, optim(), Some(None), false, 0),         // 2: held, its result lost
+            (&q, optim(), Some(None), false, 1),         // 2: held, its result lost
             (&q, fb(true), Some(done.clone()), false, 0), // 3: gradients to rebuild
             (&q, fb(true), None, true, 0),               // 4: the same, its future purged
-            (&q, optim(), Some(None), false, 0),         // 5: was running: queued again
-            (&q, fb(false), Some(None), false, m),       // 6: was waiting behind it: the same
+            (&q, optim(), Some(None), false, 1),         // 5: was running: queued again
+            (&q, fb(false), Some(None), false, 0),       // 6: was waiting behind it: the same
             (&gone, optim(), Some(None), false, 0),      // 7: its run is gone
             (&q, fb(false), Some(done.clone()), false, 0), // 8: settled, no gradients
             (&crash_q, fb(true), Some(done.clone()), true, 0), // 9: lost with...
-            (&crash_q, fb(true), Some(done.clone()), true, m), // 10: ...this one, run at every restart
-            (&stuck_q, optim(), Some(None), false, m),         // 11: ran at every restart: dropped
+            (&crash_q, fb(true), Some(done.clone()), true, m), // 10: ...this one, running at every crash
+            (&stuck_q, optim(), Some(None), false, m),         // 11: the same: dropped
             (&kept_q, fb(true), Some(done.clone()), true, 0),  // 12: in the snapshot's gradients
             (&kept_q, fb(true), Some(done.clone()), true, 0),  // 13: after them: rebuilt
         ];
-        for (i, (queue, work, future, is_done, replays)) in jobs.iter().enumerate() {
+        for (i, (queue, work, future, is_done, starts)) in jobs.iter().enumerate() {
             let id = format!("r{}", i + 1);
             let seq = store.put_job(&row(&id, queue, work).unwrap()).unwrap();
             assert_eq!(seq, i as i64 + 1);
             if *is_done {
                 store.settle_job(seq, true).unwrap();
             }
-            if *replays > 0 {
-                store.set_job_replays(seq, *replays).unwrap();
+            for _ in 0..*starts {
+                store.count_job_starts(&[seq]).unwrap();
             }
             if let Some(state) = future {
                 let outcome = state.as_ref().map(|s| serde_json::to_string(s).unwrap());
@@ -512,23 +496,23 @@ mod tests {
         assert_eq!(recovery.requeued, requeued);
         assert_eq!(recovery.settled, vec![("r2".to_string(), stats)]);
         assert!(recovery.creating.is_empty());
-        // What is left journaled: the gradients' jobs and the ones queued again; those that may
-        // have been running count this restart.
+        // What is left journaled: the gradients' jobs and the ones queued again (which count
+        // their starts when they start).
         let left: Vec<(i64, bool, i64)> = store
             .jobs()
             .unwrap()
             .iter()
-            .map(|r| (r.seq, r.done, r.replays))
+            .map(|r| (r.seq, r.done, r.starts))
             .collect();
         assert_eq!(
             left,
             [
-                (3, false, 1),
-                (4, true, 1),
+                (3, false, 0),
+                (4, true, 0),
                 (5, false, 1),
-                (6, false, m),
+                (6, false, 0),
                 (12, true, 0),
-                (13, true, 1)
+                (13, true, 0)
             ]
         );
         // The gradients `main`'s pending marker stood for are rebuilt. Those of the run whose

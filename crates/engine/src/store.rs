@@ -210,17 +210,17 @@ pub trait Store: Send + Sync {
     fn audit(&self, tenant: &str, span: Range<f64>) -> Result<Vec<AuditRow>>;
     /// Forgets audit entries older than `unix_time`; returns how many.
     fn purge_audit(&self, unix_time: f64) -> Result<usize>;
-    /// Journals a job (its `seq`, `done` and `replays` are ignored); returns its seq.
+    /// Journals a job (its `seq`, `done` and `starts` are ignored); returns its seq.
     fn put_job(&self, row: &JobRow) -> Result<i64>;
     /// Every journaled job, in admission order.
     fn jobs(&self) -> Result<Vec<JobRow>>;
-    /// A journaled job finished: kept, marked done (`keep`; its restarts count from 0 again),
+    /// A journaled job finished: kept, marked done (`keep`; its starts count from 0 again),
     /// or forgotten.
     fn settle_job(&self, seq: i64, keep: bool) -> Result<()>;
     /// Forgets the finished jobs of queue `queue_json` admitted before `seq`.
     fn forget_done_jobs(&self, queue_json: &str, seq: i64) -> Result<()>;
-    /// Records that a restart queued job `seq` again (`replays`).
-    fn set_job_replays(&self, seq: i64, replays: i64) -> Result<()>;
+    /// Counts a start of each of the jobs `seqs` (in one transaction).
+    fn count_job_starts(&self, seqs: &[i64]) -> Result<()>;
     /// Forgets journaled jobs (in one transaction).
     fn delete_jobs(&self, seqs: &[i64]) -> Result<()>;
 }
@@ -241,8 +241,9 @@ pub struct JobRow {
     pub work_json: String,
     /// It finished (a `forward_backward` kept for its gradients).
     pub done: bool,
-    /// Restarts that queued it again while it was unfinished.
-    pub replays: i64,
+    /// Times it started without settling since it was admitted or last done (each one a
+    /// crash, or a drain that stopped it, while it ran).
+    pub starts: i64,
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -287,7 +288,7 @@ CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT N
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
   tenant TEXT NOT NULL, queue TEXT NOT NULL, work TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0,
-  replays INTEGER NOT NULL DEFAULT 0);
+  starts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (queue, seq);
 ";
 
@@ -826,7 +827,7 @@ impl Store for SqliteStore {
     fn jobs(&self) -> Result<Vec<JobRow>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT seq, id, tenant, queue, work, done, replays FROM jobs ORDER BY seq",
+                "SELECT seq, id, tenant, queue, work, done, starts FROM jobs ORDER BY seq",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(JobRow {
@@ -836,7 +837,7 @@ impl Store for SqliteStore {
                     queue_json: r.get(3)?,
                     work_json: r.get(4)?,
                     done: r.get(5)?,
-                    replays: r.get(6)?,
+                    starts: r.get(6)?,
                 })
             })?;
             rows.collect()
@@ -845,7 +846,7 @@ impl Store for SqliteStore {
 
     fn settle_job(&self, seq: i64, keep: bool) -> Result<()> {
         let sql = match keep {
-            true => "UPDATE jobs SET done = 1, replays = 0 WHERE seq = ?1",
+            true => "UPDATE jobs SET done = 1, starts = 0 WHERE seq = ?1",
             false => "DELETE FROM jobs WHERE seq = ?1",
         };
         self.with(|c| c.execute(sql, params![seq]).map(|_| ()))
@@ -861,14 +862,18 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_job_replays(&self, seq: i64, replays: i64) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE jobs SET replays = ?2 WHERE seq = ?1",
-                params![seq, replays],
-            )
-            .map(|_| ())
-        })
+    fn count_job_starts(&self, seqs: &[i64]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare_cached("UPDATE jobs SET starts = starts + 1 WHERE seq = ?1")
+                .map_err(db_err)?;
+            for seq in seqs {
+                st.execute(params![seq]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
     }
 
     fn delete_jobs(&self, seqs: &[i64]) -> Result<()> {
