@@ -379,3 +379,38 @@ def test_an_sdk_training_loop_and_a_sample_in_flight_go_through_a_restart(tmp_pa
     finally:
         sc.close("success")
         srv.stop()
+
+
+def test_a_retry_after_kill_9_gets_the_first_attempts_future_not_a_second_job(tmp_path):
+    """The SDK retries a request whose answer a crash cut off with the same idempotency key.
+    The journal keeps the key with the job it ran again, so the retry gets that job's future
+    instead of submitting the work twice (twice the gradients, here)."""
+    srv = Server(tmp_path)
+    try:
+        _, model = new_run(srv)
+        _, control = new_run(srv)
+        step(srv, control)
+        want = forward_loss(srv, control)
+        keyed = dict(H, **{"X-Idempotency-Key": "fb-attempt-1"})
+        r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model), headers=keyed, timeout=60)
+        first = r.json()["request_id"]
+        assert "metrics" in result(srv, first)
+    finally:
+        kill_9(srv)
+
+    srv = Server(tmp_path)
+    try:
+        r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model), headers=keyed, timeout=60)
+        assert r.status_code == 200 and r.json()["request_id"] == first, r.text
+        # Another key is another request.
+        other = dict(H, **{"X-Idempotency-Key": "fb-attempt-2"})
+        r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model, forward_only=True),
+                          headers=other, timeout=60)
+        assert r.json()["request_id"] != first
+        stepped = result(srv, call(srv, "/api/v1/optim_step",
+                                   {"model_id": model, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        assert "error" not in stepped, stepped
+        # One forward_backward's gradients, rebuilt once: where the control run is.
+        assert forward_loss(srv, model) == want
+    finally:
+        srv.stop()

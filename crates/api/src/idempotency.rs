@@ -63,6 +63,18 @@ const SEQUENCED: &[&str] = &[
     "/api/v1/load_weights",
     "/api/v1/asample",
 ];
+tokio::task_local! {
+    /// The replay key of the request being served (see [`client_key`]).
+    static CLIENT_KEY: String;
+}
+
+/// The replay key of the request being served, when it has one: its route and idempotency key
+/// (or numbered body's digest). The engine journals it with the request's job, so that a retry
+/// after a crash (this table is in memory) still gets the first attempt's future.
+pub fn client_key() -> Option<String> {
+    CLIENT_KEY.try_with(Clone::clone).ok()
+}
+
 /// Longest idempotency key honoured (longer ones are served without replay).
 const MAX_KEY_BYTES: usize = 256;
 /// Most responses remembered; past it, new requests are served without replay until expired
@@ -297,8 +309,9 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
                 Role::First(tx, rx)
             }
         };
+        let client_key = format!("{} {}", key.1, key.2);
         match role {
-            Role::Plain => return next.run(request).await,
+            Role::Plain => return CLIENT_KEY.scope(client_key, next.run(request)).await,
             Role::Retry(mut response) => {
                 if let Ok(sent) = response.wait_for(Option::is_some).await {
                     if let Some(sent) = sent.as_ref() {
@@ -315,7 +328,7 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
                     key: &key,
                     response: rx,
                 };
-                let response = next.run(request).await;
+                let response = CLIENT_KEY.scope(client_key, next.run(request)).await;
                 let status = response.status();
                 if status.is_server_error()
                     || status == StatusCode::TOO_MANY_REQUESTS

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use loraloom_engine::registry::LastAccess;
-use loraloom_engine::Engine;
+use loraloom_engine::{Engine, EngineError, ModelKey, QueueKey, RequestId, Work};
+use loraloom_model::LoraSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Auth;
@@ -106,4 +107,37 @@ pub struct AppState {
     pub downloads: Arc<crate::downloads::Signer>,
     /// The base of URLs handed to clients (`--public-url`); `None`: the request's own host.
     pub public_url: Option<String>,
+}
+
+impl AppState {
+    /// Queues `work` on `queue` for the request being served: its replay key goes into the job
+    /// journal with the job, so that its retry after a crash gets the same future
+    /// ([`Engine::submit_keyed`], [`crate::idempotency::client_key`]).
+    pub fn submit(&self, queue: QueueKey, work: Work) -> Result<RequestId, EngineError> {
+        self.submit_reporting(queue, work, None)
+    }
+
+    /// [`AppState::submit`], reporting to a sampling client's feed ([`Engine::submit_reporting`]).
+    pub fn submit_reporting(
+        &self,
+        queue: QueueKey,
+        work: Work,
+        clone: Option<u64>,
+    ) -> Result<RequestId, EngineError> {
+        let key = crate::idempotency::client_key();
+        self.engine.submit_keyed(queue, work, clone, key.as_deref())
+    }
+
+    /// [`Engine::create_model`] for the request being served (see [`AppState::submit`]).
+    pub fn create_model(
+        &self,
+        key: ModelKey,
+        spec: LoraSpec,
+        user_metadata: serde_json::Value,
+        from: Option<(String, bool)>,
+    ) -> Result<RequestId, EngineError> {
+        let client_key = crate::idempotency::client_key();
+        self.engine
+            .create_model_keyed(key, spec, user_metadata, from, client_key.as_deref())
+    }
 }

@@ -207,6 +207,9 @@ struct Inner {
     /// Held by a submission from its journal row to its place in the queue, so that the
     /// journal's order is the queues' (a restart queues jobs again in journal order).
     admission: Mutex<()>,
+    /// The futures of the jobs the journal held at start, by (tenant, replay key): a client
+    /// retrying a request whose answer the crash cut off gets that future again.
+    journaled_keys: Mutex<HashMap<(String, String), RequestId>>,
 }
 
 /// What one tenant holds, against its limits (0 = no limit).
@@ -304,6 +307,7 @@ impl Engine {
             release_memory_after_idle: config.release_memory_after_idle,
             journal,
             admission: Mutex::new(()),
+            journaled_keys: Mutex::new(HashMap::new()),
         });
         let handles = backends
             .into_iter()
@@ -371,6 +375,30 @@ impl Engine {
         work: Work,
         clone: Option<u64>,
     ) -> Result<RequestId> {
+        self.submit_keyed(queue, work, clone, None)
+    }
+
+    /// The future a journaled job submitted by a request of replay key `client_key` (a retry's
+    /// first attempt, before a crash) has, if the journal held one at start.
+    fn journaled(&self, tenant: &str, client_key: Option<&str>) -> Option<RequestId> {
+        let key = (tenant.to_string(), client_key?.to_string());
+        lock(&self.inner.journaled_keys).get(&key).cloned()
+    }
+
+    /// [`Engine::submit_reporting`] for a request of replay key `client_key` (its route and
+    /// idempotency key or body digest, see the API's idempotency layer), which the journal
+    /// keeps with the job: a retry of a request whose job the journal held at start gets that
+    /// job's future, and the work is not done twice.
+    pub fn submit_keyed(
+        &self,
+        queue: QueueKey,
+        work: Work,
+        clone: Option<u64>,
+        client_key: Option<&str>,
+    ) -> Result<RequestId> {
+        if let Some(id) = self.journaled(queue.tenant(), client_key) {
+            return Ok(id);
+        }
         match &queue {
             QueueKey::Model(k) => {
                 self.inner.registry.model(&k.tenant, &k.model_id)?;
@@ -459,7 +487,9 @@ impl Engine {
             .as_ref()
             .map(|_| lock(&self.inner.admission));
         let seq = match &self.inner.journal {
-            Some(store) => Some(store.put_job(&crate::journal::row(&id, &queue, &work)?)?),
+            Some(store) => {
+                Some(store.put_job(&crate::journal::row(&id, &queue, &work, client_key)?)?)
+            }
             None => None,
         };
         // One span per job, carried to the worker: tenant (its configured name, never a key),
@@ -532,6 +562,22 @@ impl Engine {
         user_metadata: serde_json::Value,
         from: Option<(String, bool)>,
     ) -> Result<RequestId> {
+        self.create_model_keyed(key, spec, user_metadata, from, None)
+    }
+
+    /// [`Engine::create_model`] for a request of replay key `client_key` (see
+    /// [`Engine::submit_keyed`]).
+    pub fn create_model_keyed(
+        &self,
+        key: ModelKey,
+        spec: LoraSpec,
+        user_metadata: serde_json::Value,
+        from: Option<(String, bool)>,
+        client_key: Option<&str>,
+    ) -> Result<RequestId> {
+        if let Some(id) = self.journaled(&key.tenant, client_key) {
+            return Ok(id);
+        }
         if let Some((path, _)) = &from {
             check_checkpoint(&self.inner.registry, &key.tenant, path)?;
         }
@@ -584,7 +630,12 @@ impl Engine {
             spec.clone(),
             user_metadata,
         )?;
-        let submitted = self.submit(QueueKey::Model(key.clone()), Work::Create { spec, from });
+        let submitted = self.submit_keyed(
+            QueueKey::Model(key.clone()),
+            Work::Create { spec, from },
+            None,
+            client_key,
+        );
         if submitted.is_err() {
             let _ = self.inner.registry.remove_model(&key.tenant, &key.model_id);
         }
@@ -827,6 +878,7 @@ impl Engine {
             }
             (None, None) => Default::default(),
         };
+        *lock(&self.inner.journaled_keys) = recovery.client_keys;
         let mut kept = recovery.requeued.clone();
         kept.extend(recovery.settled.iter().map(|(id, _)| id.clone()));
         let restarted = self.inner.futures.restore(&kept)?;

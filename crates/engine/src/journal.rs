@@ -102,8 +102,9 @@ struct StoredWork {
     custom: Vec<Option<(String, Vec<NamedInput>)>>,
 }
 
-/// The row journaling `work` of `queue` under future `id`.
-pub fn row(id: &str, queue: &QueueKey, work: &Work) -> Result<JobRow> {
+/// The row journaling `work` of `queue` under future `id`, submitted by a request of replay key
+/// `client_key`.
+pub fn row(id: &str, queue: &QueueKey, work: &Work, client_key: Option<&str>) -> Result<JobRow> {
     let custom = match work {
         Work::ForwardBackward { data, .. } if data.iter().any(|d| d.custom.is_some()) => data
             .iter()
@@ -128,6 +129,7 @@ pub fn row(id: &str, queue: &QueueKey, work: &Work) -> Result<JobRow> {
             .map_err(|e| EngineError::Internal(format!("journal: {e}")))?,
         done: false,
         starts: 0,
+        client_key: client_key.map(str::to_string),
     })
 }
 
@@ -168,6 +170,9 @@ pub struct Recovery {
     pub settled: Vec<(String, Output)>,
     /// Runs whose unfinished create is queued again (not removed as never created).
     pub creating: HashSet<ModelKey>,
+    /// (tenant, replay key) of every journaled job that had one, and its future: a retry after
+    /// the crash gets that future instead of doing the work twice.
+    pub client_keys: HashMap<(String, String), String>,
 }
 
 /// Forgets every journaled job (a restart without the journal: the positions its snapshots
@@ -206,6 +211,11 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
     let mut broken: HashSet<ModelKey> = HashSet::new();
     let mut planned: Vec<(JobRow, QueueKey, Work, Fate)> = Vec::new();
     for row in store.jobs()? {
+        if let Some(key) = &row.client_key {
+            recovery
+                .client_keys
+                .insert((row.tenant.clone(), key.clone()), row.id.clone());
+        }
         let Ok(queue) = serde_json::from_str::<QueueKey>(&row.queue_json) else {
             tracing::error!(request_id = %row.id, "unreadable journaled queue");
             forget.push(row.seq);
@@ -437,7 +447,9 @@ mod tests {
         ];
         for (i, (queue, work, future, is_done, starts)) in jobs.iter().enumerate() {
             let id = format!("r{}", i + 1);
-            let seq = store.put_job(&row(&id, queue, work).unwrap()).unwrap();
+            let seq = store
+                .put_job(&row(&id, queue, work, None).unwrap())
+                .unwrap();
             assert_eq!(seq, i as i64 + 1);
             if *is_done {
                 store.settle_job(seq, true).unwrap();

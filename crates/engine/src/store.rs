@@ -244,6 +244,9 @@ pub struct JobRow {
     /// Times it started without settling since it was admitted or last done (each one a
     /// crash, or a drain that stopped it, while it ran).
     pub starts: i64,
+    /// The submitting request's replay key (its route and idempotency key or body digest), by
+    /// which a client's retry after a crash finds the job instead of submitting it twice.
+    pub client_key: Option<String>,
 }
 
 /// SQLite in one file (WAL journal: a killed process loses no committed row).
@@ -288,7 +291,7 @@ CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT N
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
   tenant TEXT NOT NULL, queue TEXT NOT NULL, work TEXT NOT NULL, done INTEGER NOT NULL DEFAULT 0,
-  starts INTEGER NOT NULL DEFAULT 0);
+  starts INTEGER NOT NULL DEFAULT 0, client_key TEXT);
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (queue, seq);
 ";
 
@@ -817,8 +820,8 @@ impl Store for SqliteStore {
     fn put_job(&self, r: &JobRow) -> Result<i64> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO jobs (id, tenant, queue, work) VALUES (?1, ?2, ?3, ?4)",
-                params![r.id, r.tenant, r.queue_json, r.work_json],
+                "INSERT INTO jobs (id, tenant, queue, work, client_key) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![r.id, r.tenant, r.queue_json, r.work_json, r.client_key],
             )?;
             Ok(c.last_insert_rowid())
         })
@@ -827,7 +830,7 @@ impl Store for SqliteStore {
     fn jobs(&self) -> Result<Vec<JobRow>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT seq, id, tenant, queue, work, done, starts FROM jobs ORDER BY seq",
+                "SELECT seq, id, tenant, queue, work, done, starts, client_key FROM jobs ORDER BY seq",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(JobRow {
@@ -838,6 +841,7 @@ impl Store for SqliteStore {
                     work_json: r.get(4)?,
                     done: r.get(5)?,
                     starts: r.get(6)?,
+                    client_key: r.get(7)?,
                 })
             })?;
             rows.collect()

@@ -58,9 +58,7 @@ pub(super) async fn save_weights(
         sampler: None,
         options,
     };
-    let id = state
-        .engine
-        .submit(model_queue(&tenant, &body.model_id), work)?;
+    let id = state.submit(model_queue(&tenant, &body.model_id), work)?;
     Ok(promise(id, Some(body.model_id)))
 }
 
@@ -97,9 +95,7 @@ pub(super) async fn save_weights_for_sampler(
         sampler,
         options,
     };
-    let id = state
-        .engine
-        .submit(model_queue(&tenant, &body.model_id), work)?;
+    let id = state.submit(model_queue(&tenant, &body.model_id), work)?;
     Ok(promise(id, Some(body.model_id)))
 }
 
@@ -229,9 +225,7 @@ pub(super) async fn save_weights_external(
             inflight: false,
         },
     };
-    let id = state
-        .engine
-        .submit(model_queue(&tenant, &body.model_id), work)?;
+    let id = state.submit(model_queue(&tenant, &body.model_id), work)?;
     Ok(promise(id, Some(body.model_id)))
 }
 

@@ -80,10 +80,7 @@ pub(super) async fn create_model(
         tenant,
         model_id: model_id.clone(),
     };
-    let id =
-        state
-            .engine
-            .create_model(key, spec, body.user_metadata.unwrap_or(Value::Null), None)?;
+    let id = state.create_model(key, spec, body.user_metadata.unwrap_or(Value::Null), None)?;
     Ok(promise(id, Some(model_id)))
 }
 
@@ -147,9 +144,7 @@ fn submit_train(
         loss: input.loss,
         backward: input.backward,
     };
-    let id = state
-        .engine
-        .submit(model_queue(tenant, &input.model_id), work)?;
+    let id = state.submit(model_queue(tenant, &input.model_id), work)?;
     Ok(promise(id, Some(input.model_id)))
 }
 
@@ -210,7 +205,7 @@ pub(super) async fn optim_step(
         .adam_params
         .ok_or_else(|| ApiError::invalid("adam_params", "missing field `adam_params`"))?
         .into_params()?;
-    let id = state.engine.submit(
+    let id = state.submit(
         model_queue(&tenant, &body.model_id),
         Work::OptimStep { params },
     )?;
@@ -255,7 +250,7 @@ pub(super) async fn load_weights(
             path: body.path,
             with_optimizer: body.optimizer,
         };
-        let id = state.engine.submit(model_queue(&tenant, &model_id), work)?;
+        let id = state.submit(model_queue(&tenant, &model_id), work)?;
         return Ok(promise(id, Some(model_id)));
     }
     // create_training_client_from_state: a new run in the session, initialised from the path.
@@ -273,7 +268,7 @@ pub(super) async fn load_weights(
         tenant,
         model_id: model_id.clone(),
     };
-    let id = state.engine.create_model(
+    let id = state.create_model(
         key,
         record.spec,
         body.user_metadata.unwrap_or(Value::Null),

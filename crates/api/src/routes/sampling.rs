@@ -219,7 +219,7 @@ fn submit_sample(
         tenant: tenant.to_string(),
         sampler_id,
     });
-    let id = state.engine.submit_reporting(queue, work, feed)?;
+    let id = state.submit_reporting(queue, work, feed)?;
     Ok((id, body.num_samples))
 }
 
