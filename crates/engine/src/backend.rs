@@ -289,8 +289,12 @@ impl ModelWorker {
                 .as_ref()
                 .is_some_and(LoraAdapter::has_pending_gradients);
             // Lost for good: no later restart's journal answers for them (nor for gradients
-            // restored from a snapshot no journal position covers, once their file is gone).
-            let unjournaled = restored && state.position.gradients == 0;
+            // restored from a snapshot no journal position covers, once their file is gone:
+            // the position remembers them until a step consumes them, through graceful
+            // restarts too).
+            let unjournaled =
+                restored && (state.position.gradients == 0 || state.position.unjournaled);
+            state.position.unjournaled = unjournaled;
             if self.snapshot_every_step && (marked || unjournaled) {
                 if let Err(e) = write_marker(&self.registry, entry, LOST_MARKER) {
                     tracing::warn!(model_id = %entry.key.model_id, error = %e, "cannot mark lost gradients");
@@ -735,6 +739,7 @@ impl ModelWorker {
             state.gradients_lost = false;
             state.pending_marked = false;
             state.position.gradients = 0;
+            state.position.unjournaled = false;
             return Err(EngineError::GradientsLost);
         }
         if state.optimizer.is_none() {

@@ -209,7 +209,7 @@ struct Inner {
     admission: Mutex<()>,
     /// The futures of the jobs the journal held at start, by (tenant, replay key): a client
     /// retrying a request whose answer the crash cut off gets that future again.
-    journaled_keys: Mutex<HashMap<(String, String), RequestId>>,
+    journaled_keys: Mutex<(crate::journal::ClientKeys, Instant)>,
 }
 
 /// What one tenant holds, against its limits (0 = no limit).
@@ -307,7 +307,7 @@ impl Engine {
             release_memory_after_idle: config.release_memory_after_idle,
             journal,
             admission: Mutex::new(()),
-            journaled_keys: Mutex::new(HashMap::new()),
+            journaled_keys: Mutex::new((HashMap::new(), Instant::now())),
         });
         let handles = backends
             .into_iter()
@@ -382,7 +382,12 @@ impl Engine {
     /// first attempt, before a crash) has, if the journal held one at start.
     fn journaled(&self, tenant: &str, client_key: Option<&str>) -> Option<RequestId> {
         let key = (tenant.to_string(), client_key?.to_string());
-        lock(&self.inner.journaled_keys).get(&key).cloned()
+        let mut keys = lock(&self.inner.journaled_keys);
+        if keys.1.elapsed() > JOURNALED_KEYS_KEPT {
+            // Retries come within seconds; the map goes with the first submission after.
+            keys.0.clear();
+        }
+        keys.0.get(&key).cloned()
     }
 
     /// [`Engine::submit_reporting`] for a request of replay key `client_key` (its route and
@@ -878,7 +883,7 @@ impl Engine {
             }
             (None, None) => Default::default(),
         };
-        *lock(&self.inner.journaled_keys) = recovery.client_keys;
+        *lock(&self.inner.journaled_keys) = (recovery.client_keys, Instant::now());
         let mut kept = recovery.requeued.clone();
         kept.extend(recovery.settled.iter().map(|(id, _)| id.clone()));
         let restarted = self.inner.futures.restore(&kept)?;
@@ -1160,6 +1165,10 @@ fn record_samples(inner: &Inner, job: &Job, out: Output) -> Result<Output> {
     inner.registry.db().put_samples(job.queue.tenant(), &rows)?;
     Ok(out)
 }
+
+/// How long after a restart a retry finds its first attempt's job by its replay key (the
+/// idempotency layer's own memory of responses lasts as long).
+const JOURNALED_KEYS_KEPT: Duration = Duration::from_secs(15 * 60);
 
 /// How often a shutdown looks whether the workers have drained the queue.
 const DRAIN_POLL: Duration = Duration::from_millis(20);

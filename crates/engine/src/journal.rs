@@ -48,6 +48,10 @@ pub struct Position {
     pub output: Option<Output>,
     /// The last `forward_backward` whose gradients the run holds (0: none pending).
     pub gradients: i64,
+    /// The run's gradients include some no journaled job answers for (restored from a snapshot
+    /// written without the journal): a crash before they are consumed loses them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unjournaled: bool,
 }
 
 impl Position {
@@ -55,6 +59,7 @@ impl Position {
     pub fn note(&self, with_gradients: bool) -> serde_json::Value {
         let recorded = Position {
             gradients: if with_gradients { self.gradients } else { 0 },
+            unjournaled: with_gradients && self.unjournaled,
             ..self.clone()
         };
         serde_json::to_value(recorded).unwrap_or_default()
@@ -68,6 +73,7 @@ impl Position {
                 weights: seq,
                 output: Some(output),
                 gradients: 0,
+                unjournaled: false,
             };
         }
     }
@@ -88,6 +94,7 @@ impl Position {
             } else {
                 0
             },
+            unjournaled: holds_gradients && recorded.unjournaled,
             ..recorded
         }
     }
@@ -172,7 +179,20 @@ pub struct Recovery {
     pub creating: HashSet<ModelKey>,
     /// (tenant, replay key) of every journaled job that had one, and its future: a retry after
     /// the crash gets that future instead of doing the work twice.
-    pub client_keys: HashMap<(String, String), String>,
+    pub client_keys: ClientKeys,
+}
+
+/// Futures by (tenant, replay key of the request that submitted them).
+pub type ClientKeys = HashMap<(String, String), String>;
+
+/// Takes back the replay key of a row that cannot answer a retry (its run is gone, or it cannot
+/// be read): the retry runs as a new request.
+fn forget_key(recovery: &mut Recovery, row: &JobRow) {
+    if let Some(key) = &row.client_key {
+        recovery
+            .client_keys
+            .remove(&(row.tenant.clone(), key.clone()));
+    }
 }
 
 /// Forgets every journaled job (a restart without the journal: the positions its snapshots
@@ -230,6 +250,7 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
         if !exists {
             // Its jobs fail, and its gradients went with it.
             forget.push(row.seq);
+            forget_key(&mut recovery, &row);
             continue;
         }
         if let QueueKey::Model(k) = &queue {
@@ -263,6 +284,7 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
                     broken.insert(k.clone());
                 }
                 forget.push(row.seq);
+                forget_key(&mut recovery, &row);
                 continue;
             }
         };
@@ -301,7 +323,11 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
                 forget.push(row.seq);
                 continue;
             }
-            (Fate::Requeue, _) => {
+            (Fate::Requeue, queue) => {
+                if let (QueueKey::Model(k), true) = (queue, work.accumulates_gradients()) {
+                    // The pending marker may stand for it (written before its future settled).
+                    rebuilt.insert(k.clone());
+                }
                 recovery.requeued.insert(row.id.clone());
                 if let (QueueKey::Model(k), Work::Create { .. }) = (&queue, &work) {
                     recovery.creating.insert(k.clone());
@@ -368,17 +394,23 @@ mod tests {
         }
     }
 
-    /// A snapshot of `run` in `registry` recording `position`; with `gradients_file`, as if it
-    /// held gradients (only the file's presence is read here).
-    fn snapshot(registry: &Registry, run: &ModelKey, position: &Position, gradients_file: bool) {
+    /// A run's snapshot in `dir` recording `position`; with `gradients_file`, as if it held
+    /// gradients (only the file's presence is read here).
+    fn snapshot(dir: &std::path::Path, position: &Position, gradients_file: bool) {
         let config = ModelConfig::from_json(
             r#"{"model_type":"llama","hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
             "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":32}"#,
         )
         .unwrap();
-        let entry = registry.model(&run.tenant, &run.model_id).unwrap();
-        let adapter = LoraAdapter::new(entry.spec.clone(), &config, Device::Cpu).unwrap();
-        let dir = registry.snapshot_dir(run);
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: false,
+            train_unembed: false,
+        };
+        let adapter = LoraAdapter::new(spec, &config, Device::Cpu).unwrap();
         let request = SaveRequest {
             adapter: &adapter,
             optimizer: None,
@@ -386,7 +418,7 @@ mod tests {
             gradients: false,
             note: Some(position.note(gradients_file)),
         };
-        checkpoint::save(&request, &dir).unwrap();
+        checkpoint::save(&request, dir).unwrap();
         if gradients_file {
             std::fs::write(dir.join(checkpoint::GRADIENTS_FILE), b"").unwrap();
         }
@@ -418,11 +450,12 @@ mod tests {
             }
             key
         };
-        let (main, crashing, stuck, kept) = (run(0), run(1), run(2), run(3));
+        let (main, crashing, stuck, kept, marked) = (run(0), run(1), run(2), run(3), run(4));
         let q = QueueKey::Model(main.clone());
         let crash_q = QueueKey::Model(crashing.clone());
         let stuck_q = QueueKey::Model(stuck.clone());
         let kept_q = QueueKey::Model(kept.clone());
+        let marked_q = QueueKey::Model(marked.clone());
         let gone = QueueKey::Model(run(9));
         let done = Some(FutureState::Done(Output::Created {
             model_id: "x".into(),
@@ -444,6 +477,7 @@ mod tests {
             (&stuck_q, optim(), Some(None), false, m),         // 11: the same: dropped
             (&kept_q, fb(true), Some(done.clone()), true, 0),  // 12: in the snapshot's gradients
             (&kept_q, fb(true), Some(done.clone()), true, 0),  // 13: after them: rebuilt
+            (&marked_q, fb(true), Some(None), false, 1),       // 14: marked pending, then the crash
         ];
         for (i, (queue, work, future, is_done, starts)) in jobs.iter().enumerate() {
             let id = format!("r{}", i + 1);
@@ -479,14 +513,19 @@ mod tests {
         });
         let mut position = Position::default();
         position.applied(Some(2), stats.clone());
-        snapshot(&registry, &main, &position, false);
         let dir = registry.snapshot_dir(&main);
+        snapshot(&dir, &position, false);
         std::fs::write(dir.join(PENDING_MARKER), b"").unwrap();
         let holding = Position {
             gradients: 12,
             ..Position::default()
         };
-        snapshot(&registry, &kept, &holding, true);
+        snapshot(&registry.snapshot_dir(&kept), &holding, true);
+        // `marked`: its forward_backward wrote the pending marker, and the server died before
+        // its future settled.
+        let marked_dir = registry.snapshot_dir(&marked);
+        std::fs::create_dir_all(&marked_dir).unwrap();
+        std::fs::write(marked_dir.join(PENDING_MARKER), b"").unwrap();
 
         let recovery = recover(store.as_ref(), &registry).unwrap();
         let planned: Vec<(&str, bool)> = recovery
@@ -501,10 +540,11 @@ mod tests {
                 ("r4", true),
                 ("r5", false),
                 ("r6", false),
-                ("r13", true)
+                ("r13", true),
+                ("r14", false)
             ]
         );
-        let requeued = HashSet::from(["r5".to_string(), "r6".to_string()]);
+        let requeued = HashSet::from(["r5", "r6", "r14"].map(String::from));
         assert_eq!(recovery.requeued, requeued);
         assert_eq!(recovery.settled, vec![("r2".to_string(), stats)]);
         assert!(recovery.creating.is_empty());
@@ -524,7 +564,8 @@ mod tests {
                 (5, false, 1),
                 (6, false, 0),
                 (12, true, 0),
-                (13, true, 0)
+                (13, true, 0),
+                (14, false, 1)
             ]
         );
         // The gradients `main`'s pending marker stood for are rebuilt. Those of the run whose
@@ -533,6 +574,34 @@ mod tests {
         assert!(!dir.join(PENDING_MARKER).exists());
         assert!(registry.snapshot_dir(&crashing).join(LOST_MARKER).exists());
         assert!(!registry.snapshot_dir(&stuck).join(LOST_MARKER).exists());
+        // The job the pending marker may stand for runs again: the marker goes.
+        assert!(!marked_dir.join(PENDING_MARKER).exists());
         let _ = std::fs::remove_dir_all(&data_dir);
+    }
+
+    #[test]
+    fn a_snapshot_records_gradients_no_journal_answers_for_while_it_holds_them() {
+        let dir = std::env::temp_dir().join(format!("loraloom-position-{}", uuid::Uuid::new_v4()));
+        let position = Position {
+            weights: 3,
+            output: None,
+            gradients: 9,
+            unjournaled: true,
+        };
+        let weights_only = Position {
+            gradients: 0,
+            unjournaled: false,
+            ..position.clone()
+        };
+        // Written with its gradients (a graceful shutdown's): read back whole while the
+        // gradients file is there, without the gradients' part once it is gone.
+        snapshot(&dir, &position, true);
+        assert_eq!(Position::of_snapshot(&dir), position);
+        std::fs::remove_file(dir.join(checkpoint::GRADIENTS_FILE)).unwrap();
+        assert_eq!(Position::of_snapshot(&dir), weights_only);
+        // Written without them (a step's snapshot): the weights' part only.
+        snapshot(&dir, &position, false);
+        assert_eq!(Position::of_snapshot(&dir), weights_only);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -52,7 +52,9 @@ pub const PENDING_MARKER: &str = "pending_gradients";
 /// A file in a run's snapshot directory saying that gradients acknowledged before a restart
 /// could not be given back (the job journal could not rebuild them, or they were lost before
 /// the snapshot a graceful shutdown wrote): the run's next optimizer step is refused, which
-/// removes it. Unlike [`PENDING_MARKER`], no restart removes it.
+/// removes it. Unlike [`PENDING_MARKER`], the journal's recovery never removes it; a snapshot
+/// that replaces the directory carries the state on (a graceful shutdown's writes it again, or
+/// its position says which gradients no journal answers for).
 pub const LOST_MARKER: &str = "lost_gradients";
 
 /// A training run.

@@ -626,13 +626,18 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
 /// A durable engine over `data_dir` (step snapshots, the job journal) with one libtorch worker,
 /// restored from what the directory holds, as the server starts.
 fn durable_engine(data_dir: &Path, decoder: &Decoder) -> Engine {
+    durable_engine_with(data_dir, decoder, true)
+}
+
+/// [`durable_engine`], with the job journal kept or not (a server before it).
+fn durable_engine_with(data_dir: &Path, decoder: &Decoder, journal: bool) -> Engine {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data_dir).unwrap());
     let registry = Arc::new(Registry::durable(data_dir.to_path_buf(), store).unwrap());
     let worker =
         ModelWorker::new(decoder.shallow_clone(), registry.clone(), None).with_step_snapshots(true);
     let config = EngineConfig {
         base: info(decoder.config().clone()),
-        journal: true,
+        journal,
         ..fake_config(Limits::default())
     };
     let engine = Engine::start(config, registry, vec![Box::new(worker)]);
@@ -752,6 +757,57 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
     }
     opt.step(&alone, &hp).unwrap();
     same_weights(&engine);
+    engine.shutdown(Duration::MAX);
+}
+
+#[test]
+fn gradients_a_server_without_the_journal_saved_are_lost_at_a_crash_not_stepped_on_in_part() {
+    // An upgrade: a server without the journal shuts down with gradients pending (in its
+    // snapshot), the new one restores them and takes more, through a graceful restart too;
+    // then a crash. The journal answers only for what it saw: the step is refused.
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let data_dir = temp_dir("upgrade");
+    let k = key("t", "a");
+    let q = QueueKey::Model(k.clone());
+    let fb = |seed: i64| Work::ForwardBackward {
+        data: data(seed),
+        loss: LossFn::CrossEntropy,
+        backward: true,
+    };
+    let optim = Work::OptimStep {
+        params: AdamParams::default(),
+    };
+    let old = durable_engine_with(&data_dir, &decoder, false);
+    let created = old
+        .create_model(k.clone(), spec(4, 3), serde_json::Value::Null, None)
+        .unwrap();
+    wait(&old, "t", &created);
+    wait(&old, "t", &old.submit(q.clone(), fb(1)).unwrap());
+    old.shutdown(Duration::MAX);
+
+    let engine = durable_engine(&data_dir, &decoder);
+    wait(&engine, "t", &engine.submit(q.clone(), fb(2)).unwrap());
+    engine.shutdown(Duration::MAX);
+    let engine = durable_engine(&data_dir, &decoder);
+    wait(&engine, "t", &engine.submit(q.clone(), fb(3)).unwrap());
+    std::mem::forget(engine);
+
+    let engine = durable_engine(&data_dir, &decoder);
+    assert_eq!(
+        wait(
+            &engine,
+            "t",
+            &engine.submit(q.clone(), optim.clone()).unwrap()
+        ),
+        FutureState::Failed(EngineError::GradientsLost)
+    );
+    // The refusal discarded them; training goes on.
+    wait(&engine, "t", &engine.submit(q.clone(), fb(4)).unwrap());
+    assert!(matches!(
+        wait(&engine, "t", &engine.submit(q, optim).unwrap()),
+        FutureState::Done(_)
+    ));
     engine.shutdown(Duration::MAX);
 }
 
