@@ -394,6 +394,18 @@ mod tests {
         }
     }
 
+    /// A rank-2 spec of attention layers.
+    fn spec() -> LoraSpec {
+        LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            seed: 0,
+            train_attn: true,
+            train_mlp: false,
+            train_unembed: false,
+        }
+    }
+
     /// A run's snapshot in `dir` recording `position`; with `gradients_file`, as if it held
     /// gradients (only the file's presence is read here).
     fn snapshot(dir: &std::path::Path, position: &Position, gradients_file: bool) {
@@ -402,15 +414,7 @@ mod tests {
             "num_attention_heads":2,"num_key_value_heads":1,"vocab_size":32}"#,
         )
         .unwrap();
-        let spec = LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            seed: 0,
-            train_attn: true,
-            train_mlp: false,
-            train_unembed: false,
-        };
-        let adapter = LoraAdapter::new(spec, &config, Device::Cpu).unwrap();
+        let adapter = LoraAdapter::new(spec(), &config, Device::Cpu).unwrap();
         let request = SaveRequest {
             adapter: &adapter,
             optimizer: None,
@@ -430,14 +434,6 @@ mod tests {
             std::env::temp_dir().join(format!("loraloom-journal-{}", uuid::Uuid::new_v4()));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&data_dir).unwrap());
         let registry = Registry::durable(data_dir.clone(), store.clone()).unwrap();
-        let spec = LoraSpec {
-            rank: 2,
-            alpha: 4.0,
-            seed: 0,
-            train_attn: true,
-            train_mlp: false,
-            train_unembed: false,
-        };
         let run = |n: u32| {
             let key = ModelKey {
                 tenant: "t".into(),
@@ -445,7 +441,7 @@ mod tests {
             };
             if n < 9 {
                 registry
-                    .add_model(key.clone(), "tiny", spec.clone(), serde_json::Value::Null)
+                    .add_model(key.clone(), "tiny", spec(), serde_json::Value::Null)
                     .unwrap();
             }
             key

@@ -712,7 +712,7 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
     // The same three steps in one process.
     let alone = LoraAdapter::new(spec(4, 3), decoder.config(), Device::Cpu).unwrap();
     let mut opt = AdamState::new(&alone).unwrap();
-    for seed in 1..=3 {
+    let accumulate = |seed: i64| {
         let d = data(seed);
         let req = TrainRequest {
             adapter: Some(&alone),
@@ -720,6 +720,9 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
             data: &d,
         };
         forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
+    };
+    for seed in 1..=3 {
+        accumulate(seed);
         opt.step(&alone, &hp).unwrap();
     }
     let same_weights = |engine: &Engine| {
@@ -746,15 +749,8 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
     std::mem::forget(engine);
     let engine = durable_engine(&data_dir, &decoder);
     done(&engine, &queued_step);
-    for seed in 4..=5 {
-        let d = data(seed);
-        let req = TrainRequest {
-            adapter: Some(&alone),
-            loss: LossFn::CrossEntropy,
-            data: &d,
-        };
-        forward_backward(&decoder, &[req], true, NO_LIMIT).unwrap();
-    }
+    accumulate(4);
+    accumulate(5);
     opt.step(&alone, &hp).unwrap();
     same_weights(&engine);
     engine.shutdown(Duration::MAX);
