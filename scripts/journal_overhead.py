@@ -16,22 +16,9 @@ import time
 
 import requests
 
-URL = os.environ.get("LORALOOM_URL", "http://127.0.0.1:8000")
-H = {"X-API-Key": os.environ.get("TINKER_API_KEY", "tml-journal")}
+from http_overhead import H, URL, post, result
+
 N = int(os.environ.get("N", "40"))
-
-
-def post(s, path, body):
-    r = s.post(URL + path, json=body, headers=H, timeout=300)
-    r.raise_for_status()
-    return r.json()
-
-
-def result(s, rid):
-    while True:
-        r = post(s, "/api/v1/retrieve_future", {"request_id": rid})
-        if r.get("type") != "try_again":
-            return r
 
 
 def body(model_id, n, length, vocab):

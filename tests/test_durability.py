@@ -47,10 +47,15 @@ def new_run(srv, rank=8, seed=1):
     return s, p["model_id"]
 
 
+def submit_step(srv, model_id):
+    """An optim_step at lr 1e-2 submitted: its request id."""
+    return call(srv, "/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}})["request_id"]
+
+
 def step(srv, model_id):
     f = call(srv, "/api/v1/forward_backward", fb(model_id))
-    o = call(srv, "/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": 1e-2}})
-    return result(srv, f["request_id"]), result(srv, o["request_id"]), f["request_id"]
+    o = submit_step(srv, model_id)
+    return result(srv, f["request_id"]), result(srv, o), f["request_id"]
 
 
 def forward_loss(srv, model_id):
@@ -136,8 +141,7 @@ def test_sigterm_drains_the_queue_keeps_pending_gradients_and_exits_0(tmp_path):
         long_job = call(srv, "/api/v1/forward_backward", fb(busy, n=16, length=256))["request_id"]
         wait_running(srv)
         queued_fb = call(srv, "/api/v1/forward_backward", fb(drained))["request_id"]
-        queued_step = call(srv, "/api/v1/optim_step",
-                           {"model_id": drained, "adam_params": {"learning_rate": 1e-2}})["request_id"]
+        queued_step = submit_step(srv, drained)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=300) == 0, srv.output()
     finally:
@@ -150,8 +154,7 @@ def test_sigterm_drains_the_queue_keeps_pending_gradients_and_exits_0(tmp_path):
         done = result(srv, queued_step)
         assert "error" not in done, done
         assert forward_loss(srv, drained) == want
-        stepped = result(srv, call(srv, "/api/v1/optim_step",
-                                   {"model_id": pending, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        stepped = result(srv, submit_step(srv, pending))
         assert "error" not in stepped, stepped
         assert forward_loss(srv, pending) == want
     finally:
@@ -167,7 +170,7 @@ def test_sigterm_with_a_drain_of_0_leaves_the_queue_to_the_restart_and_a_second_
         step(srv, model)
         before = forward_loss(srv, model)
         long_job = call(srv, "/api/v1/forward_backward", fb(model, n=16, length=256))["request_id"]
-        queued = call(srv, "/api/v1/optim_step", {"model_id": model, "adam_params": {"learning_rate": 1e-2}})
+        queued = submit_step(srv, model)
         wait_running(srv)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(timeout=300) == 0, srv.output()
@@ -179,7 +182,7 @@ def test_sigterm_with_a_drain_of_0_leaves_the_queue_to_the_restart_and_a_second_
         assert "metrics" in result(srv, long_job)
         # The step queued at the signal ran after the restart, on the long batch's gradients
         # (kept with the run's snapshot).
-        stepped = result(srv, queued["request_id"])
+        stepped = result(srv, queued)
         assert "error" not in stepped, stepped
         assert forward_loss(srv, model) != before
         # A drain of an hour, ended by a second signal: the sampling request running stops
@@ -257,14 +260,12 @@ def test_kill_9_keeps_loaded_runs_and_the_gradients_a_forward_backward_acknowled
     srv = Server(tmp_path)
     try:
         assert forward_loss(srv, loaded) == loss_at_ck
-        stepped = result(srv, call(srv, "/api/v1/optim_step",
-                                   {"model_id": model, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        stepped = result(srv, submit_step(srv, model))
         assert "error" not in stepped, stepped
         assert forward_loss(srv, model) == want
         # The forward_backward's result is the one it had (running it again replaced nothing).
         assert result(srv, acknowledged_id) == acknowledged
-        refused = result(srv, call(srv, "/api/v1/optim_step",
-                                   {"model_id": unreadable, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        refused = result(srv, submit_step(srv, unreadable))
         assert "gradients accumulated before the server restarted were lost" in refused["error"], refused
         # The refusal discarded the partial gradients; training goes on normally.
         fb_out, optim_out, _ = step(srv, unreadable)
@@ -407,8 +408,7 @@ def test_a_retry_after_kill_9_gets_the_first_attempts_future_not_a_second_job(tm
         r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model, forward_only=True),
                           headers=other, timeout=60)
         assert r.json()["request_id"] != first
-        stepped = result(srv, call(srv, "/api/v1/optim_step",
-                                   {"model_id": model, "adam_params": {"learning_rate": 1e-2}})["request_id"])
+        stepped = result(srv, submit_step(srv, model))
         assert "error" not in stepped, stepped
         # One forward_backward's gradients, rebuilt once: where the control run is.
         assert forward_loss(srv, model) == want

@@ -15,7 +15,7 @@ use loraloom_model::{
 };
 
 use crate::error::{EngineError, Result};
-use crate::job::{BatchClass, CheckpointKind, Job, Output, QueueKey, RequestId, Work};
+use crate::job::{BatchClass, CheckpointKind, Job, ModelKey, Output, QueueKey, RequestId, Work};
 use crate::journal::Position;
 use crate::registry::{
     checkpoint_path, parse_checkpoint_path, unix_now, CheckpointRecord, Holder, ModelEntry,
@@ -1328,8 +1328,7 @@ fn forget_saved_gradients(registry: &Registry, entry: &ModelEntry) {
 fn forget_pending_on_disk(registry: &Registry, entry: &ModelEntry) {
     // The journal first: a crash before the markers go finds the run still marked.
     if let Some(store) = registry.store() {
-        let queue = crate::journal::queue_json(&QueueKey::Model(entry.key.clone()));
-        if let Err(e) = store.forget_done_jobs(&queue, i64::MAX) {
+        if let Err(e) = crate::journal::forget_gradients(store.as_ref(), &entry.key) {
             // A crash before the run's next step would rebuild them: the markers stay.
             tracing::error!(model_id = %entry.key.model_id, error = %e, "cannot forget discarded gradients' journaled jobs");
             return;
@@ -1342,10 +1341,15 @@ fn forget_pending_on_disk(registry: &Registry, entry: &ModelEntry) {
 
 /// Deletes the file `name` of the run's snapshot directory, if it is there.
 fn remove_from_snapshot(registry: &Registry, entry: &ModelEntry, name: &str) {
-    let path = registry.snapshot_dir(&entry.key).join(name);
-    if let Err(e) = std::fs::remove_file(&path) {
+    remove_in(&registry.snapshot_dir(&entry.key), name, &entry.key);
+}
+
+/// Deletes the file `name` of run `key`'s snapshot directory `dir`, if it is there (a failure
+/// is logged).
+pub fn remove_in(dir: &std::path::Path, name: &str, key: &ModelKey) {
+    if let Err(e) = std::fs::remove_file(dir.join(name)) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(model_id = %entry.key.model_id, error = %e, file = name, "cannot remove a file of the run's snapshot");
+            tracing::warn!(model_id = %key.model_id, error = %e, file = name, "cannot remove a file of the run's snapshot");
         }
     }
 }

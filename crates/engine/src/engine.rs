@@ -873,11 +873,17 @@ impl Engine {
     /// nothing more here: the registry reloads them as evicted, so each run's first job reads
     /// its latest snapshot under its own mutex, in its FIFO order.
     pub fn restore(&self) -> Result<usize> {
+        // Read once, for the journal and the futures store.
+        let futures = match self.inner.registry.store() {
+            Some(store) => store.futures()?,
+            None => Vec::new(),
+        };
         let recovery = match (&self.inner.journal, self.inner.registry.store()) {
-            (Some(store), _) => crate::journal::recover(store.as_ref(), &self.inner.registry)?,
+            (Some(store), _) => {
+                crate::journal::recover(store.as_ref(), &self.inner.registry, &futures)?
+            }
             (None, Some(store)) => {
-                // Rows of a time the journal was kept: the snapshots written since do not
-                // record their positions, so they cannot be run again safely.
+                // Rows of a time the journal was kept (see `journal::discard`).
                 crate::journal::discard(store.as_ref())?;
                 Default::default()
             }
@@ -886,7 +892,7 @@ impl Engine {
         *lock(&self.inner.journaled_keys) = (recovery.client_keys, Instant::now());
         let mut kept = recovery.requeued.clone();
         kept.extend(recovery.settled.iter().map(|(id, _)| id.clone()));
-        let restarted = self.inner.futures.restore(&kept)?;
+        let restarted = self.inner.futures.restore(futures, &kept)?;
         for (id, out) in recovery.settled {
             self.inner.futures.set(&id, FutureState::Done(out));
         }

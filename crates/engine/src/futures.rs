@@ -256,20 +256,24 @@ impl FutureStore {
         }
     }
 
-    /// Reloads futures from the durable store after a restart: finished ones keep their
-    /// outcome; ones that were queued or running fail with "server restarted", except those
-    /// in `requeued` (their jobs are queued again, see [`crate::journal`]). Returns how many
-    /// were failed. Every reloaded future of a feed is reported to it again, with
-    /// cursors above every cursor handed out before: its client may not have heard of it (one
+    /// Reloads futures (`rows`, every one the durable store holds) after a restart: finished
+    /// ones keep their outcome; ones that were queued or running fail with "server restarted",
+    /// except those in `requeued` (their jobs are queued again, see [`crate::journal`]).
+    /// Returns how many were failed. Every reloaded future of a feed is reported to it again,
+    /// with cursors above every cursor handed out before: its client may not have heard of it (one
     /// never heard of would leave it waiting). Those it had heard of are the ones it fetched
     /// but had not yet reported retrieved; each costs it a few bytes for its lifetime.
-    pub fn restore(&self, requeued: &std::collections::HashSet<String>) -> Result<usize> {
+    pub fn restore(
+        &self,
+        rows: Vec<FutureRow>,
+        requeued: &std::collections::HashSet<String>,
+    ) -> Result<usize> {
         let Some(store) = &self.durable else {
             return Ok(0);
         };
         self.lock().clock = CursorClock::starting_above(store.feed_cursor_ceiling()?);
         let mut restarted = 0;
-        for r in store.futures()? {
+        for r in rows {
             let state = stored_state(&r);
             let feed = r
                 .feed_json
@@ -708,9 +712,9 @@ mod tests {
         let ahead = seen.cursor + 4_000_000_000_000;
         db.put_feed_cursor_ceiling(ahead + 1).unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
-        let after = FutureStore::durable(Duration::from_secs(60), db);
+        let after = FutureStore::durable(Duration::from_secs(60), db.clone());
         let requeued = std::collections::HashSet::from(["journaled".to_string()]);
-        assert_eq!(after.restore(&requeued).unwrap(), 1);
+        assert_eq!(after.restore(db.futures().unwrap(), &requeued).unwrap(), 1);
         let poll = after.poll_feed(&mine, ahead, &[], Duration::ZERO).await;
         let mut got = ids(&poll);
         got.sort();

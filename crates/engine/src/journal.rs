@@ -26,13 +26,13 @@ use std::time::Instant;
 use loraloom_model::train::CustomInputs;
 use loraloom_model::{CustomLoss, NamedInput};
 
-use crate::backend::write_marker_in;
+use crate::backend::{remove_in, write_marker_in};
 use crate::error::{EngineError, Result};
 use crate::futures::stored_state;
 use crate::futures::FutureState;
 use crate::job::{Job, ModelKey, Output, QueueKey, Work};
 use crate::registry::{Registry, LOST_MARKER, PENDING_MARKER};
-use crate::store::{JobRow, Store};
+use crate::store::{FutureRow, JobRow, Store};
 
 /// Crashes a job may be running at (started, not settled): a restart that finds it started this
 /// often drops it ("server restarted"), for it is what crashes the server.
@@ -145,6 +145,12 @@ pub fn queue_json(queue: &QueueKey) -> String {
     serde_json::to_string(queue).unwrap_or_default()
 }
 
+/// Forgets the journaled `forward_backward`s of run `key` (its gradients are discarded, or the
+/// run is gone): no restart rebuilds them.
+pub fn forget_gradients(store: &dyn Store, key: &ModelKey) -> Result<()> {
+    store.forget_done_jobs(&queue_json(&QueueKey::Model(key.clone())), i64::MAX)
+}
+
 /// The work of a journaled row, its custom losses found in `registry`.
 fn work_of(row: &JobRow, registry: &Registry) -> Result<Work> {
     let stored: StoredWork = serde_json::from_str(&row.work_json)
@@ -217,12 +223,11 @@ enum Fate {
 /// Plans a restart from the journal in `store`: reads each run's snapshot position, decides
 /// each job's fate, forgets the journal rows that are done with, removes the pending-gradients
 /// marker of each run whose gradients it rebuilds and marks lost the gradients it cannot
-/// rebuild ([`LOST_MARKER`]). Call it before any job runs.
-pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
-    let futures: HashMap<String, Option<FutureState>> = store
-        .futures()?
-        .into_iter()
-        .map(|r| (r.id.clone(), stored_state(&r)))
+/// rebuild ([`LOST_MARKER`]). `futures`: every stored future. Call it before any job runs.
+pub fn recover(store: &dyn Store, registry: &Registry, futures: &[FutureRow]) -> Result<Recovery> {
+    let futures: HashMap<&str, Option<FutureState>> = futures
+        .iter()
+        .map(|r| (r.id.as_str(), stored_state(r)))
         .collect();
     let mut recovery = Recovery::default();
     let mut positions: HashMap<ModelKey, Position> = HashMap::new();
@@ -241,7 +246,7 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
             forget.push(row.seq);
             continue;
         };
-        let future = futures.get(&row.id);
+        let future = futures.get(row.id.as_str());
         let acknowledged = row.done || matches!(future, Some(Some(FutureState::Done(_))));
         let exists = match &queue {
             QueueKey::Model(k) => registry.model(&k.tenant, &k.model_id).is_ok(),
@@ -355,12 +360,7 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
     }
     for key in &rebuilt {
         // The gradients the pending marker stands for are rebuilt before the run's next job.
-        let marker = registry.snapshot_dir(key).join(PENDING_MARKER);
-        if let Err(e) = std::fs::remove_file(&marker) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(model_id = %key.model_id, error = %e, "cannot remove a pending-gradients marker");
-            }
-        }
+        remove_in(&registry.snapshot_dir(key), PENDING_MARKER, key);
     }
     for key in &broken {
         // Until the run's next step is refused, whatever later restarts rebuild.
@@ -375,7 +375,7 @@ pub fn recover(store: &dyn Store, registry: &Registry) -> Result<Recovery> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{FutureRow, SqliteStore};
+    use crate::store::SqliteStore;
     use loraloom_model::checkpoint::{self, SaveRequest};
     use loraloom_model::{AdamParams, LoraAdapter, LoraSpec, LossFn, ModelConfig, StepStats};
     use tch::Device;
@@ -523,7 +523,7 @@ mod tests {
         std::fs::create_dir_all(&marked_dir).unwrap();
         std::fs::write(marked_dir.join(PENDING_MARKER), b"").unwrap();
 
-        let recovery = recover(store.as_ref(), &registry).unwrap();
+        let recovery = recover(store.as_ref(), &registry, &store.futures().unwrap()).unwrap();
         let planned: Vec<(&str, bool)> = recovery
             .jobs
             .iter()

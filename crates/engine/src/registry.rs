@@ -14,7 +14,7 @@ use loraloom_model::{AdamState, CustomLoss, LoraAdapter, LoraSpec, LossParam};
 use serde_json::json;
 
 use crate::error::{EngineError, Result};
-use crate::job::{CheckpointKind, ModelKey, QueueKey, SamplerKey};
+use crate::job::{CheckpointKind, ModelKey, SamplerKey};
 use crate::store::{AuditRow, CheckpointRow, CustomLossRow, ModelRow, SamplerRow, Store};
 use crate::usage::{hour_of, merge, CheckpointLife, UsageRow};
 
@@ -766,8 +766,7 @@ impl Registry {
         if let Some(store) = &self.durable {
             store.delete_model(tenant, model_id)?;
             // Its journaled gradients go with it (its unsettled jobs fail, and settle, alone).
-            let queue = crate::journal::queue_json(&QueueKey::Model(key.clone()));
-            if let Err(e) = store.forget_done_jobs(&queue, i64::MAX) {
+            if let Err(e) = crate::journal::forget_gradients(store.as_ref(), &key) {
                 tracing::warn!(model_id, error = %e, "cannot forget an unloaded run's journaled jobs");
             }
         }

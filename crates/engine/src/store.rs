@@ -320,6 +320,19 @@ impl SqliteStore {
         })
     }
 
+    /// Runs `sql` (one parameter, `?1`) once for each of `keys`, in one transaction.
+    fn execute_each<K: rusqlite::ToSql>(&self, sql: &str, keys: &[K]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx.prepare_cached(sql).map_err(db_err)?;
+            for key in keys {
+                st.execute(params![key]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&conn).map_err(db_err)
@@ -546,17 +559,7 @@ impl Store for SqliteStore {
     }
 
     fn delete_futures(&self, ids: &[String]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction().map_err(db_err)?;
-        {
-            let mut st = tx
-                .prepare_cached("DELETE FROM futures WHERE id = ?1")
-                .map_err(db_err)?;
-            for id in ids {
-                st.execute(params![id]).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
+        self.execute_each("DELETE FROM futures WHERE id = ?1", ids)
     }
 
     fn next_sampler_clone(&self, tenant: &str, sampler_id: &str) -> Result<u64> {
@@ -867,31 +870,11 @@ impl Store for SqliteStore {
     }
 
     fn count_job_starts(&self, seqs: &[i64]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction().map_err(db_err)?;
-        {
-            let mut st = tx
-                .prepare_cached("UPDATE jobs SET starts = starts + 1 WHERE seq = ?1")
-                .map_err(db_err)?;
-            for seq in seqs {
-                st.execute(params![seq]).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
+        self.execute_each("UPDATE jobs SET starts = starts + 1 WHERE seq = ?1", seqs)
     }
 
     fn delete_jobs(&self, seqs: &[i64]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction().map_err(db_err)?;
-        {
-            let mut st = tx
-                .prepare_cached("DELETE FROM jobs WHERE seq = ?1")
-                .map_err(db_err)?;
-            for seq in seqs {
-                st.execute(params![seq]).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
+        self.execute_each("DELETE FROM jobs WHERE seq = ?1", seqs)
     }
 }
 
