@@ -823,8 +823,67 @@ impl ModelWorker {
         let tenant = &entry.key.tenant;
         let model_id = &entry.key.model_id;
         let path = checkpoint_path(model_id, *kind, name);
+        // A save the journal runs again after a crash may have landed before it: its
+        // checkpoint is then this job's own, and only what followed the save is left to do.
+        let landed = self
+            .registry
+            .checkpoint(tenant, &path)
+            .is_ok_and(|record| record.saved_by.as_deref() == Some(job.id.as_str()));
+        if !landed {
+            self.write_checkpoint(job, &entry, adapter, guard.optimizer.as_ref(), &path)?;
+        }
+        let registered = sampler.as_ref().is_some_and(|key| {
+            landed && self.registry.sampler(&key.tenant, &key.sampler_id).is_ok()
+        });
+        if let Some(key) = sampler.as_ref().filter(|_| !registered) {
+            let added = if options.inflight {
+                self.registry
+                    .add_inflight_sampler(key.clone(), &path, &entry.base_model, model_id)
+            } else {
+                self.registry
+                    .add_sampler(
+                        key.clone(),
+                        SamplerSource::Checkpoint(path.clone()),
+                        &entry.base_model,
+                    )
+                    .map(|_| ())
+            };
+            if let Err(e) = added {
+                // The checkpoint existed only for this session.
+                let _ = self.registry.remove_checkpoint(tenant, &path);
+                return Err(e);
+            }
+        }
+        entry.touch();
+        Ok(Output::Saved {
+            path,
+            sampler_id: sampler.as_ref().map(|k| k.sampler_id.clone()),
+        })
+    }
+
+    /// Writes the checkpoint at `path` that the save `job` asks for and records it, once the
+    /// tenant may save there (no checkpoint in the way unless overwriting, within quota).
+    fn write_checkpoint(
+        &self,
+        job: &Job,
+        entry: &ModelEntry,
+        adapter: &LoraAdapter,
+        optimizer: Option<&AdamState>,
+        path: &str,
+    ) -> Result<()> {
+        let Work::Save {
+            name,
+            kind,
+            sampler,
+            options,
+        } = &job.work
+        else {
+            unreachable!("save job")
+        };
+        let tenant = &entry.key.tenant;
+        let model_id = &entry.key.model_id;
         self.registry
-            .check_overwrite(tenant, &path, options.overwrite)?;
+            .check_overwrite(tenant, path, options.overwrite)?;
         if sampler.is_none() {
             // Again: saves queued while the tenant was under its limit may have filled it.
             self.registry.check_checkpoint_quota(tenant)?;
@@ -834,11 +893,11 @@ impl ModelWorker {
         let optimizer = match kind {
             CheckpointKind::State => {
                 // A state saved before the first step still restores as a fresh optimizer.
-                optimizer_slot = match &guard.optimizer {
+                optimizer_slot = match optimizer {
                     Some(_) => None,
                     None => Some(AdamState::new(adapter)?),
                 };
-                guard.optimizer.as_ref().or(optimizer_slot.as_ref())
+                optimizer.or(optimizer_slot.as_ref())
             }
             CheckpointKind::Sampler | CheckpointKind::External => None,
         };
@@ -863,7 +922,7 @@ impl ModelWorker {
             model_id: model_id.clone(),
             kind: *kind,
             name: name.clone(),
-            path: path.clone(),
+            path: path.to_string(),
             size_bytes: dir_size(&dir),
             dir,
             created,
@@ -872,30 +931,7 @@ impl ModelWorker {
             expires_at: options.ttl_seconds.map(|ttl| created + ttl as f64),
             user_metadata: options.user_metadata.clone(),
             public: false,
-        })?;
-        if let Some(key) = sampler {
-            let added = if options.inflight {
-                self.registry
-                    .add_inflight_sampler(key.clone(), &path, &entry.base_model, model_id)
-            } else {
-                self.registry
-                    .add_sampler(
-                        key.clone(),
-                        SamplerSource::Checkpoint(path.clone()),
-                        &entry.base_model,
-                    )
-                    .map(|_| ())
-            };
-            if let Err(e) = added {
-                // The checkpoint existed only for this session.
-                let _ = self.registry.remove_checkpoint(tenant, &path);
-                return Err(e);
-            }
-        }
-        entry.touch();
-        Ok(Output::Saved {
-            path,
-            sampler_id: sampler.as_ref().map(|k| k.sampler_id.clone()),
+            saved_by: Some(job.id.clone()),
         })
     }
 

@@ -1027,9 +1027,10 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
         return;
     }
     let result = result.and_then(|out| record_samples(inner, job, out));
-    if let Ok(out) = &result {
-        meter(inner, job, out);
-    }
+    let usage = match &result {
+        Ok(out) => usage_of(job, out),
+        Err(_) => Vec::new(),
+    };
     let c = &inner.counters;
     let mut per_queue = lock(&c.per_queue);
     let q = per_queue
@@ -1066,13 +1067,16 @@ fn record(inner: &Inner, job: &Job, result: Result<Output>) {
     }
     drop(per_queue);
     let succeeded = result.is_ok();
-    inner.futures.set(
-        &job.id,
-        match result {
-            Ok(out) => FutureState::Done(out),
-            Err(e) => FutureState::Failed(e),
-        },
-    );
+    let state = match result {
+        Ok(out) => FutureState::Done(out),
+        Err(e) => FutureState::Failed(e),
+    };
+    if !inner.futures.settle_metered(&job.id, state, &usage) && !usage.is_empty() {
+        // No durable future to write it with (or the future was settled already, cancelled).
+        if let Err(e) = inner.registry.db().add_usage(&usage) {
+            tracing::warn!(request_id = %job.id, error = %e, "cannot meter a job's usage");
+        }
+    }
     // After the future: a crash in between finds the job settled, never a settled job's row
     // gone while its future says nothing.
     if let (Some(store), Some(seq)) = (&inner.journal, job.seq) {
@@ -1120,22 +1124,16 @@ fn rebuilt(inner: &Inner, job: &Job, failed: Option<EngineError>) {
     }
 }
 
-/// Writes what a job that succeeded metered (see [`crate::usage`]) before its future settles.
+/// What a job that succeeded metered (see [`crate::usage`]), written with its future's outcome.
 /// A store that refuses it is logged: the client's result matters more than its meter.
-fn meter(inner: &Inner, job: &Job, out: &Output) {
-    let rows = crate::usage::job_usage(
+fn usage_of(job: &Job, out: &Output) -> Vec<crate::usage::UsageRow> {
+    crate::usage::job_usage(
         job.queue.tenant(),
         job.queue.id(),
         &job.work,
         out,
         unix_now(),
-    );
-    if rows.is_empty() {
-        return;
-    }
-    if let Err(e) = inner.registry.db().add_usage(&rows) {
-        tracing::warn!(request_id = %job.id, error = %e, "cannot meter a job's usage");
-    }
+    )
 }
 
 /// Records the sequences of a finished sampling job that asked for it (`record_stability_info`)

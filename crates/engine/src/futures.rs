@@ -20,6 +20,7 @@ use crate::error::{EngineError, Result};
 use crate::job::{Output, RequestId, TenantId};
 use crate::registry::unix_now;
 use crate::store::{FutureRow, Store};
+use crate::usage::UsageRow;
 
 /// Where a request is in its life.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -248,10 +249,24 @@ impl FutureStore {
         }
     }
 
-    fn persist(&self, id: &str, tenant: &str, state: &FutureState, feed: Option<&FeedKey>) {
-        if let Some(store) = &self.durable {
-            if let Err(e) = store.put_future(&row(id, tenant, state, feed)) {
+    /// Writes the future through to the durable store, with the usage its job metered (one
+    /// transaction). Returns whether it was written.
+    fn persist(
+        &self,
+        id: &str,
+        tenant: &str,
+        state: &FutureState,
+        feed: Option<&FeedKey>,
+        usage: &[UsageRow],
+    ) -> bool {
+        let Some(store) = &self.durable else {
+            return false;
+        };
+        match store.put_future(&row(id, tenant, state, feed), usage) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::error!(error = %e, request_id = id, "cannot persist a future");
+                false
             }
         }
     }
@@ -290,7 +305,7 @@ impl FutureStore {
                 None => {
                     restarted += 1;
                     let failed = FutureState::Failed(EngineError::ServerRestarted);
-                    self.persist(&r.id, &r.tenant, &failed, feed.as_ref());
+                    self.persist(&r.id, &r.tenant, &failed, feed.as_ref(), &[]);
                     failed
                 }
             };
@@ -326,7 +341,7 @@ impl FutureStore {
     /// Registers a new request of `tenant` as queued, reporting its completion to `feed` (whose
     /// tenant is `tenant`).
     pub fn insert_in_feed(&self, id: &str, tenant: &str, feed: Option<FeedKey>) {
-        self.persist(id, tenant, &FutureState::Queued, feed.as_ref());
+        self.persist(id, tenant, &FutureState::Queued, feed.as_ref(), &[]);
         self.lock().entries.insert(
             id.to_string(),
             Entry {
@@ -355,24 +370,34 @@ impl FutureStore {
 
     /// Moves a request to `state`, waking its waiters. Terminal states are final.
     pub fn set(&self, id: &str, state: FutureState) {
+        self.settle_metered(id, state, &[]);
+    }
+
+    /// [`FutureStore::set`], writing `usage` (what the request's job metered) in the transaction
+    /// that makes a terminal state durable, so that a job run again after a crash is metered
+    /// exactly once. Returns whether `usage` was written: not when there is no durable store,
+    /// or the request is unknown or already settled; the caller meters it elsewhere then.
+    pub fn settle_metered(&self, id: &str, state: FutureState, usage: &[UsageRow]) -> bool {
         let mut map = self.lock();
         let Some(entry) = map.entries.get_mut(id) else {
-            return;
+            return false;
         };
         if entry.state.is_terminal() {
-            return;
+            return false;
         }
         let terminal = state.is_terminal();
+        let mut metered = false;
         if terminal {
             entry.finished_at = Some(Instant::now());
             // Durable before any waiter sees it: an acknowledged result survives a crash.
-            self.persist(id, &entry.tenant, &state, entry.feed.as_ref());
+            metered = self.persist(id, &entry.tenant, &state, entry.feed.as_ref(), usage);
         }
         entry.state = state;
         entry.notify.notify_waiters();
         if terminal {
             map.report(id, self.durable.as_ref());
         }
+        metered
     }
 
     /// The state of `id` if it belongs to `tenant` (another tenant's id is "not found").

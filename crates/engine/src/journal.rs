@@ -490,14 +490,17 @@ mod tests {
             if let Some(state) = future {
                 let outcome = state.as_ref().map(|s| serde_json::to_string(s).unwrap());
                 store
-                    .put_future(&FutureRow {
-                        id,
-                        tenant: "t".into(),
-                        state: if state.is_some() { "done" } else { "queued" }.into(),
-                        finished: outcome.as_ref().map(|_| 1.0),
-                        outcome_json: outcome,
-                        feed_json: None,
-                    })
+                    .put_future(
+                        &FutureRow {
+                            id,
+                            tenant: "t".into(),
+                            state: if state.is_some() { "done" } else { "queued" }.into(),
+                            finished: outcome.as_ref().map(|_| 1.0),
+                            outcome_json: outcome,
+                            feed_json: None,
+                        },
+                        &[],
+                    )
                     .unwrap();
             }
         }

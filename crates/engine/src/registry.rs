@@ -203,6 +203,10 @@ pub struct CheckpointRecord {
     /// Published: every tenant may read it (load, sample, copy); only its owner changes it.
     #[serde(default)]
     pub public: bool,
+    /// The save job that wrote it, so that the same save run again after a crash (which came
+    /// before its future settled) finds its work done instead of "already exists".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_by: Option<String>,
 }
 
 /// Fills `to` (absent) with the files of `from`: hard links, or copies where linking fails
@@ -1418,6 +1422,7 @@ impl Registry {
             ephemeral: false,
             expires_at,
             public: false,
+            saved_by: None,
             ..from
         };
         self.insert_checkpoint(record.clone(), false, Some(source))?;
@@ -1513,6 +1518,7 @@ mod tests {
             spec: small_spec(),
             ephemeral,
             public: false,
+            saved_by: None,
         }
     }
 

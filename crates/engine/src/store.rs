@@ -167,8 +167,9 @@ pub trait Store: Send + Sync {
         path: &str,
         ended: Option<&CheckpointLife>,
     ) -> Result<()>;
-    /// Records (or updates) a future.
-    fn put_future(&self, row: &FutureRow) -> Result<()>;
+    /// Records (or updates) a future, and the usage its job metered, in one transaction: a crash
+    /// keeps both or neither, so a job the journal runs again is metered once.
+    fn put_future(&self, row: &FutureRow, usage: &[UsageRow]) -> Result<()>;
     /// Every future.
     fn futures(&self) -> Result<Vec<FutureRow>>;
     /// Forgets futures finished before `unix_time`; returns how many.
@@ -337,6 +338,35 @@ impl SqliteStore {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&conn).map_err(db_err)
     }
+
+    /// Runs `f` in one transaction, committed when it succeeds.
+    fn in_transaction(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()>,
+    ) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = conn.transaction().map_err(db_err)?;
+        f(&tx).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+}
+
+/// Adds each row's amount to what its (tenant, hour, source, kind) already holds.
+fn insert_usage(tx: &rusqlite::Transaction, rows: &[UsageRow]) -> rusqlite::Result<()> {
+    let mut st = tx.prepare_cached(
+        "INSERT INTO usage (tenant, hour, source, kind, amount) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (tenant, hour, source, kind) DO UPDATE SET amount = amount + excluded.amount",
+    )?;
+    for r in rows {
+        st.execute(params![
+            r.tenant,
+            r.hour,
+            r.source,
+            r.kind.as_str(),
+            r.amount
+        ])?;
+    }
+    Ok(())
 }
 
 /// Brings a database written by an older loraloom up to [`SCHEMA`]: columns added since.
@@ -521,13 +551,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn put_future(&self, r: &FutureRow) -> Result<()> {
-        self.with(|c| {
-            c.execute(
+    fn put_future(&self, r: &FutureRow, usage: &[UsageRow]) -> Result<()> {
+        self.in_transaction(|tx| {
+            tx.execute(
                 "INSERT OR REPLACE INTO futures (id, tenant, state, outcome, finished, feed) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![r.id, r.tenant, r.state, r.outcome_json, r.finished, r.feed_json],
-            )
-            .map(|_| ())
+            )?;
+            insert_usage(tx, usage)
         })
     }
 
@@ -659,27 +689,7 @@ impl Store for SqliteStore {
     }
 
     fn add_usage(&self, rows: &[UsageRow]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction().map_err(db_err)?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "INSERT INTO usage (tenant, hour, source, kind, amount) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (tenant, hour, source, kind) DO UPDATE SET amount = amount + excluded.amount",
-                )
-                .map_err(db_err)?;
-            for r in rows {
-                st.execute(params![
-                    r.tenant,
-                    r.hour,
-                    r.source,
-                    r.kind.as_str(),
-                    r.amount
-                ])
-                .map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
+        self.in_transaction(|tx| insert_usage(tx, rows))
     }
 
     fn usage(&self, tenant: &str, hours: Range<i64>) -> Result<Vec<UsageRow>> {
@@ -935,6 +945,16 @@ pub fn has_future(store: &SqliteStore, id: &str) -> Result<bool> {
 mod tests {
     use super::*;
 
+    fn usage_row(tenant: &str, hour: i64, kind: UsageKind, amount: f64) -> UsageRow {
+        UsageRow {
+            tenant: tenant.into(),
+            hour,
+            source: "s:train:0".into(),
+            kind,
+            amount,
+        }
+    }
+
     #[test]
     fn rows_round_trip_and_survive_reopening() {
         let dir = std::env::temp_dir().join(format!("loraloom-store-{}", uuid::Uuid::new_v4()));
@@ -956,23 +976,29 @@ mod tests {
                 created: 2.0,
             };
             s.put_model(&m).unwrap();
-            s.put_future(&FutureRow {
-                id: "f".into(),
-                tenant: "t".into(),
-                state: "queued".into(),
-                outcome_json: None,
-                finished: None,
-                feed_json: None,
-            })
+            s.put_future(
+                &FutureRow {
+                    id: "f".into(),
+                    tenant: "t".into(),
+                    state: "queued".into(),
+                    outcome_json: None,
+                    finished: None,
+                    feed_json: None,
+                },
+                &[],
+            )
             .unwrap();
-            s.put_future(&FutureRow {
-                id: "g".into(),
-                tenant: "t".into(),
-                state: "done".into(),
-                outcome_json: Some("{}".into()),
-                finished: Some(5.0),
-                feed_json: None,
-            })
+            s.put_future(
+                &FutureRow {
+                    id: "g".into(),
+                    tenant: "t".into(),
+                    state: "done".into(),
+                    outcome_json: Some("{}".into()),
+                    finished: Some(5.0),
+                    feed_json: None,
+                },
+                &[usage_row("t", 0, UsageKind::Training, 7.0)],
+            )
             .unwrap();
         }
         let s = SqliteStore::open(&dir).unwrap();
@@ -982,6 +1008,11 @@ mod tests {
         );
         assert_eq!(s.models().unwrap()[0].model_id, "m");
         assert_eq!(s.futures().unwrap().len(), 2);
+        // A future's outcome and its job's usage were written together.
+        assert_eq!(
+            s.usage("t", 0..1).unwrap(),
+            [usage_row("t", 0, UsageKind::Training, 7.0)]
+        );
         assert_eq!(s.purge_futures(10.0).unwrap(), 1);
         assert!(has_future(&s, "f").unwrap());
         s.delete_model("t", "m").unwrap();
@@ -992,13 +1023,7 @@ mod tests {
     #[test]
     fn usage_adds_up_per_key_and_stays_with_its_tenant() {
         let dir = std::env::temp_dir().join(format!("loraloom-usage-{}", uuid::Uuid::new_v4()));
-        let row = |tenant: &str, hour, kind, amount| UsageRow {
-            tenant: tenant.into(),
-            hour,
-            source: "s:train:0".into(),
-            kind,
-            amount,
-        };
+        let row = usage_row;
         {
             let s = SqliteStore::open(&dir).unwrap();
             s.add_usage(&[

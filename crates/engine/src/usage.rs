@@ -223,6 +223,7 @@ mod tests {
             expires_at: None,
             user_metadata: None,
             public: false,
+            saved_by: None,
         }
     }
 

@@ -757,6 +757,83 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
 }
 
 #[test]
+fn a_save_run_again_after_a_crash_that_followed_its_landing_answers_as_it_did() {
+    // A crash after a save's checkpoint (and its sampling session) were recorded but before its
+    // future settled leaves the save journaled and unsettled: the restart runs it again, and it
+    // must find its own checkpoint, not fail "already exists".
+    let dir = tiny_checkpoint();
+    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let data_dir = temp_dir("crash-save");
+    let k = key("t", "a");
+    let q = QueueKey::Model(k.clone());
+    let done = |engine: &Engine, id: &str| match wait(engine, "t", id) {
+        FutureState::Done(out) => out,
+        other => panic!("{id}: {other:?}"),
+    };
+    let engine = durable_engine(&data_dir, &decoder);
+    let created = engine
+        .create_model(k.clone(), spec(4, 3), serde_json::Value::Null, None)
+        .unwrap();
+    done(&engine, &created);
+    let saves = [
+        Work::Save {
+            name: "state".into(),
+            kind: CheckpointKind::State,
+            sampler: None,
+            options: Default::default(),
+        },
+        Work::Save {
+            name: "for-sampling".into(),
+            kind: CheckpointKind::Sampler,
+            sampler: Some(SamplerKey {
+                tenant: "t".into(),
+                sampler_id: "s".into(),
+            }),
+            options: Default::default(),
+        },
+    ];
+    let mut answered = Vec::new();
+    for save in &saves {
+        let id = engine.submit(q.clone(), save.clone()).unwrap();
+        let out = done(&engine, &id);
+        answered.push((id, out));
+    }
+    // The state such a crash leaves: each save journaled again, its future unsettled.
+    let store = SqliteStore::open(&data_dir).unwrap();
+    for (save, (id, _)) in saves.iter().zip(&answered) {
+        store
+            .put_job(&loraloom_engine::journal::row(id, &q, save, None).unwrap())
+            .unwrap();
+        store
+            .put_future(
+                &loraloom_engine::store::FutureRow {
+                    id: id.clone(),
+                    tenant: "t".into(),
+                    state: "queued".into(),
+                    outcome_json: None,
+                    finished: None,
+                    feed_json: None,
+                },
+                &[],
+            )
+            .unwrap();
+    }
+    std::mem::forget(engine);
+
+    let engine = durable_engine(&data_dir, &decoder);
+    for (id, out) in &answered {
+        assert_eq!(&done(&engine, id), out);
+    }
+    assert!(engine.registry().sampler("t", "s").is_ok());
+    assert_eq!(
+        engine.registry().checkpoint_usage("t").0,
+        1,
+        "the state only"
+    );
+    engine.shutdown(Duration::MAX);
+}
+
+#[test]
 fn gradients_a_server_without_the_journal_saved_are_lost_at_a_crash_not_stepped_on_in_part() {
     // An upgrade: a server without the journal shuts down with gradients pending (in its
     // snapshot), the new one restores them and takes more, through a graceful restart too;
