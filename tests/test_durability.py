@@ -385,22 +385,42 @@ def test_an_sdk_training_loop_and_a_sample_in_flight_go_through_a_restart(tmp_pa
 def test_a_retry_after_kill_9_gets_the_first_attempts_future_not_a_second_job(tmp_path):
     """The SDK retries a request whose answer a crash cut off with the same idempotency key.
     The journal keeps the key with the job it ran again, so the retry gets that job's future
-    instead of submitting the work twice (twice the gradients, here)."""
-    srv = Server(tmp_path)
+    instead of submitting the work twice (twice the gradients, here). A create's retry gets its
+    future, and does not make room for a second run: the abandoned run that room would have cost
+    stays."""
+    limit = ("--max-runs-per-tenant", "4")
+    srv = Server(tmp_path, *limit)
     try:
-        _, model = new_run(srv)
+        session, model = new_run(srv)
         _, control = new_run(srv)
         step(srv, control)
         want = forward_loss(srv, control)
+        closed, abandoned = new_run(srv)
+        r = requests.post(f"{srv.url}/api/v1/sessions/{closed}/finish", json={"reason": {"type": "success"}},
+                          headers=H, timeout=60)
+        assert r.status_code == 200, r.text
         keyed = dict(H, **{"X-Idempotency-Key": "fb-attempt-1"})
         r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model), headers=keyed, timeout=60)
         first = r.json()["request_id"]
         assert "metrics" in result(srv, first)
+        # A create queued behind work in flight when the process dies.
+        for _ in range(2):
+            call(srv, "/api/v1/forward_backward", fb(control, n=8, length=128))
+        create_keyed = dict(H, **{"X-Idempotency-Key": "create-attempt-1"})
+        create_body = {"session_id": session, "model_seq_id": 7, "base_model": MODEL_NAME,
+                       "lora_config": {"rank": 8, "seed": 3}}
+        r = requests.post(srv.url + "/api/v1/create_model", json=create_body, headers=create_keyed, timeout=60)
+        create = r.json()
     finally:
         kill_9(srv)
 
-    srv = Server(tmp_path)
+    srv = Server(tmp_path, *limit)
     try:
+        r = requests.post(srv.url + "/api/v1/create_model", json=create_body, headers=create_keyed, timeout=60)
+        assert r.status_code == 200 and r.json()["request_id"] == create["request_id"], r.text
+        assert result(srv, create["request_id"])["model_id"] == create["model_id"]
+        runs = requests.get(srv.url + "/api/v1/training_runs", headers=H).json()["training_runs"]
+        assert abandoned in [r["training_run_id"] for r in runs]
         r = requests.post(srv.url + "/api/v1/forward_backward", json=fb(model), headers=keyed, timeout=60)
         assert r.status_code == 200 and r.json()["request_id"] == first, r.text
         # Another key is another request.

@@ -128,6 +128,16 @@ impl AppState {
         self.engine.submit_keyed(queue, work, clone, key.as_deref())
     }
 
+    /// Whether the request being served is the retry of one whose job the journal held at start
+    /// (its first attempt's answer was cut off by a crash): its submission will get that job's
+    /// future, so what a new job needs first (room for a new run) is not needed.
+    pub fn is_journaled_retry(&self, tenant: &str) -> bool {
+        let client_key = crate::idempotency::client_key();
+        self.engine
+            .journaled(tenant, client_key.as_deref())
+            .is_some()
+    }
+
     /// [`Engine::create_model`] for the request being served (see [`AppState::submit`]).
     pub fn create_model(
         &self,

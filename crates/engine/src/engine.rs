@@ -380,7 +380,7 @@ impl Engine {
 
     /// The future a journaled job submitted by a request of replay key `client_key` (a retry's
     /// first attempt, before a crash) has, if the journal held one at start.
-    fn journaled(&self, tenant: &str, client_key: Option<&str>) -> Option<RequestId> {
+    pub fn journaled(&self, tenant: &str, client_key: Option<&str>) -> Option<RequestId> {
         let key = (tenant.to_string(), client_key?.to_string());
         let mut keys = lock(&self.inner.journaled_keys);
         if keys.1.elapsed() > JOURNALED_KEYS_KEPT {

@@ -74,7 +74,9 @@ pub(super) async fn create_model(
         train_mlp: lora.train_mlp,
         train_unembed: lora.train_unembed,
     };
-    make_room_for_run(&state, &tenant)?;
+    if !state.is_journaled_retry(&tenant) {
+        make_room_for_run(&state, &tenant)?;
+    }
     let model_id = run_id(&body.session_id, body.model_seq_id);
     let key = ModelKey {
         tenant,
@@ -262,7 +264,9 @@ pub(super) async fn load_weights(
         .engine
         .registry()
         .readable_checkpoint(&tenant, &body.path)?;
-    make_room_for_run(&state, &tenant)?;
+    if !state.is_journaled_retry(&tenant) {
+        make_room_for_run(&state, &tenant)?;
+    }
     let model_id = run_id(&session_id, body.model_seq_id);
     let key = ModelKey {
         tenant,
