@@ -1,28 +1,62 @@
 //! API keys → tenants. Keys are compared, never logged or stored anywhere else. The keys can be
-//! replaced while the server runs ([`Auth::replace`]: a keys file edited, or SIGHUP).
+//! replaced while the server runs ([`Auth::replace`]: a keys file edited, or SIGHUP). A client
+//! may also present a short-lived token it exchanged its key for ([`crate::tokens`]); a token
+//! is accepted while the key it was issued for is.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::http::HeaderMap;
+use loraloom_engine::registry::unix_now;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ApiResult};
+use crate::tokens::{looks_like_token, TokenSigner};
 
 /// How requests are authenticated.
 pub struct Auth {
-    /// Key → tenant; empty in single-tenant mode. Replaced whole by [`Auth::replace`]: a request
-    /// reads one version (the read lock is held only to clone the `Arc`).
-    keys: RwLock<Arc<HashMap<String, String>>>,
+    /// The keys in force; empty in single-tenant mode. Replaced whole by [`Auth::replace`]: a
+    /// request reads one version (the read lock is held only to clone the `Arc`).
+    keys: RwLock<Arc<Keys>>,
     /// Started with no keys: any `tml-` key is the one tenant, for the server's whole life.
     single_tenant: bool,
+    /// Issues and checks access tokens; `None`: only API keys are accepted.
+    tokens: Option<TokenSigner>,
+}
+
+/// The keys in force, by key and by public id.
+#[derive(Default)]
+struct Keys {
+    /// Key → tenant.
+    tenants: HashMap<String, String>,
+    /// Public id ([`key_id`]) → tenant: what an access token is checked against.
+    ids: HashMap<u64, String>,
+}
+
+impl Keys {
+    fn new(tenants: HashMap<String, String>) -> Self {
+        let ids = tenants
+            .iter()
+            .map(|(key, tenant)| (key_id(key), tenant.clone()))
+            .collect();
+        Keys { tenants, ids }
+    }
+}
+
+/// A stable public id of `key`: the first 48 bits of its SHA-256 (an integer, as the SDK stores
+/// it; exact in JSON).
+fn key_id(key: &str) -> u64 {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut id = [0u8; 8];
+    id[2..].copy_from_slice(&digest[..6]);
+    u64::from_be_bytes(id)
 }
 
 impl fmt::Debug for Auth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Auth")
-            .field("keys", &self.keys().len())
+            .field("keys", &self.keys().tenants.len())
             .finish_non_exhaustive()
     }
 }
@@ -49,12 +83,26 @@ impl Auth {
     pub fn new(keys: HashMap<String, String>) -> Self {
         Auth {
             single_tenant: keys.is_empty(),
-            keys: RwLock::new(Arc::new(keys)),
+            keys: RwLock::new(Arc::new(Keys::new(keys))),
+            tokens: None,
         }
     }
 
+    /// Also accepts access tokens that `signer` issued ([`Auth::issue_token`]).
+    pub fn with_tokens(self, signer: TokenSigner) -> Self {
+        Auth {
+            tokens: Some(signer),
+            ..self
+        }
+    }
+
+    /// Whether clients may exchange their key for an access token.
+    pub fn issues_tokens(&self) -> bool {
+        self.tokens.is_some()
+    }
+
     /// The keys now in force.
-    fn keys(&self) -> Arc<HashMap<String, String>> {
+    fn keys(&self) -> Arc<Keys> {
         self.keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -78,15 +126,16 @@ impl Auth {
             );
         }
         let mut slot = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let old = &slot.tenants;
         let tenants = |k: &HashMap<String, String>| k.values().cloned().collect::<BTreeSet<_>>();
-        let (before, after) = (tenants(&slot), tenants(&keys));
+        let (before, after) = (tenants(old), tenants(&keys));
         let change = KeysChange {
-            keys_added: keys.keys().filter(|k| !slot.contains_key(*k)).count(),
-            keys_removed: slot.keys().filter(|k| !keys.contains_key(*k)).count(),
+            keys_added: keys.keys().filter(|k| !old.contains_key(*k)).count(),
+            keys_removed: old.keys().filter(|k| !keys.contains_key(*k)).count(),
             tenants_added: after.difference(&before).cloned().collect(),
             tenants_removed: before.difference(&after).cloned().collect(),
         };
-        *slot = Arc::new(keys);
+        *slot = Arc::new(Keys::new(keys));
         Ok(change)
     }
 
@@ -96,7 +145,7 @@ impl Auth {
         if self.single_tenant {
             tenant == SINGLE_TENANT
         } else {
-            self.keys().values().any(|t| t == tenant)
+            self.keys().tenants.values().any(|t| t == tenant)
         }
     }
 
@@ -105,26 +154,59 @@ impl Auth {
         self.single_tenant
     }
 
-    /// The tenant of a request, from its `X-API-Key` header.
+    /// The tenant of a request, from its `X-API-Key` header (an API key or an access token).
     pub fn tenant(&self, headers: &HeaderMap) -> ApiResult<String> {
-        self.tenant_of(presented_key(headers)?)
+        self.identify(headers).map(|who| who.tenant)
     }
 
-    /// The tenant and public id of the key a request presents (`tinker auth login` checks a
-    /// pasted key this way before storing it).
+    /// The tenant and public id of the key a request presents, itself or through an access
+    /// token issued for it (`tinker auth login` checks a pasted key this way before storing it).
     pub fn identify(&self, headers: &HeaderMap) -> ApiResult<KeyIdentity> {
-        let key = presented_key(headers)?;
-        let tenant = self.tenant_of(key)?;
-        let digest = Sha256::digest(key.as_bytes());
-        let mut id = [0u8; 8];
-        id[2..].copy_from_slice(&digest[..6]);
-        Ok(KeyIdentity {
-            tenant,
-            key_id: u64::from_be_bytes(id),
-        })
+        let credential = presented_key(headers)?;
+        match &self.tokens {
+            Some(signer) if looks_like_token(credential) => {
+                let claims = signer
+                    .verify(credential, unix_now() as u64)
+                    .map_err(|e| ApiError::InvalidToken(e.to_string()))?;
+                let in_force = self.single_tenant && claims.sub == SINGLE_TENANT
+                    || self.keys().ids.get(&claims.kid) == Some(&claims.sub);
+                if !in_force {
+                    return Err(ApiError::InvalidToken(
+                        "the API key this access token was issued for is no longer accepted".into(),
+                    ));
+                }
+                Ok(KeyIdentity {
+                    tenant: claims.sub,
+                    key_id: claims.kid,
+                })
+            }
+            _ => Ok(KeyIdentity {
+                tenant: self.tenant_of_key(credential)?,
+                key_id: key_id(credential),
+            }),
+        }
     }
 
-    fn tenant_of(&self, key: &str) -> ApiResult<String> {
+    /// An access token for the API key a request presents (`POST /api/v1/auth/token`). Only a
+    /// key is exchanged: a token cannot renew itself, so a stolen one ends with its lifetime.
+    pub fn issue_token(&self, headers: &HeaderMap) -> ApiResult<String> {
+        let signer = self.tokens.as_ref().ok_or_else(|| {
+            ApiError::Forbidden(
+                "this server does not issue access tokens (--access-tokens false); send the API key"
+                    .into(),
+            )
+        })?;
+        let key = presented_key(headers)?;
+        if looks_like_token(key) {
+            return Err(ApiError::Unauthorized(
+                "an access token is exchanged for with an API key, not with another token".into(),
+            ));
+        }
+        let tenant = self.tenant_of_key(key)?;
+        Ok(signer.issue(&tenant, key_id(key), unix_now() as u64))
+    }
+
+    fn tenant_of_key(&self, key: &str) -> ApiResult<String> {
         if self.single_tenant {
             if key.starts_with("tml-") {
                 return Ok(SINGLE_TENANT.to_string());
@@ -134,6 +216,7 @@ impl Auth {
             ));
         }
         self.keys()
+            .tenants
             .get(key)
             .cloned()
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))
@@ -284,6 +367,55 @@ mod tests {
             single.tenant(&headers("tml-anything")).unwrap(),
             SINGLE_TENANT
         );
+    }
+
+    #[test]
+    fn an_access_token_is_its_keys_tenant_until_that_key_is_revoked_and_renews_only_with_a_key() {
+        let signer = || TokenSigner::new(vec![9; 32]);
+        let auth = Auth::new(parse_keys(["alice=tml-alice-1", "bob=tml-bob-22"]).unwrap())
+            .with_tokens(signer());
+        let token = auth.issue_token(&headers("tml-alice-1")).unwrap();
+        assert_eq!(auth.tenant(&headers(&token)).unwrap(), "alice");
+        assert_eq!(
+            auth.identify(&headers(&token)).unwrap(),
+            auth.identify(&headers("tml-alice-1")).unwrap(),
+            "the same key, presented itself or through its token"
+        );
+        // A token is exchanged for with a key only, and an unknown key gets none.
+        assert!(matches!(
+            auth.issue_token(&headers(&token)),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(auth.issue_token(&headers("tml-mallory")).is_err());
+        // Altered: refused as an invalid token (the SDK then exchanges its key again).
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { 'B' } else { 'A' };
+        let altered = format!("{signed}.{flipped}{}", &signature[1..]);
+        assert!(matches!(
+            auth.tenant(&headers(&altered)),
+            Err(ApiError::InvalidToken(_))
+        ));
+        // Alice's key rotated: tokens issued for the old one stop, the new one's work.
+        auth.replace(parse_keys(["alice=tml-alice-2", "bob=tml-bob-22"]).unwrap())
+            .unwrap();
+        assert!(matches!(
+            auth.tenant(&headers(&token)),
+            Err(ApiError::InvalidToken(_))
+        ));
+        let renewed = auth.issue_token(&headers("tml-alice-2")).unwrap();
+        assert_eq!(auth.tenant(&headers(&renewed)).unwrap(), "alice");
+        // A server that issues no tokens takes one for an unknown key.
+        let keys_only = Auth::new(parse_keys(["alice=tml-alice-2"]).unwrap());
+        assert!(!keys_only.issues_tokens());
+        assert!(matches!(
+            keys_only.tenant(&headers(&renewed)),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(keys_only.issue_token(&headers("tml-alice-2")).is_err());
+        // Single-tenant mode: any `tml-` key's token is the one tenant's.
+        let single = Auth::new(HashMap::new()).with_tokens(signer());
+        let token = single.issue_token(&headers("tml-anything")).unwrap();
+        assert_eq!(single.tenant(&headers(&token)).unwrap(), SINGLE_TENANT);
     }
 
     #[test]

@@ -47,40 +47,44 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The secret in `dir/name`, created (32 random bytes, owner-only, written whole or not at all)
+/// when absent. One that cannot be read is an error, never replaced: whatever it signed would
+/// stop being accepted.
+pub(crate) fn secret_in_dir(dir: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let file = dir.join(name);
+    match std::fs::read(&file) {
+        Ok(key) if key.len() >= 32 => return Ok(key),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Ok(_) | Err(_) => {}
+    }
+    std::fs::create_dir_all(dir)?;
+    let key: Vec<u8> = (0..2)
+        .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
+        .collect();
+    let staging = dir.join(format!(".{name}.tmp"));
+    {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut out = options.open(&staging)?;
+        out.write_all(&key)?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&staging, &file)?;
+    Ok(key)
+}
+
 impl Signer {
     /// A signer with `key`.
     pub fn new(key: Vec<u8>) -> Self {
         Signer { key }
     }
 
-    /// The signer whose key is in `dir/download-url.key`, created (32 random bytes, owner-only)
-    /// when absent.
+    /// The signer whose key is in `dir/download-url.key`, created when absent.
     pub fn in_dir(dir: &Path) -> std::io::Result<Self> {
-        let file = dir.join("download-url.key");
-        match std::fs::read(&file) {
-            Ok(key) if key.len() >= 32 => return Ok(Signer::new(key)),
-            // Unreadable is an error, not a reason to replace the key (every URL handed out
-            // would stop working).
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            Ok(_) | Err(_) => {}
-        }
-        std::fs::create_dir_all(dir)?;
-        let key: Vec<u8> = (0..2)
-            .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
-            .collect();
-        let staging = dir.join(".download-url.key.tmp");
-        {
-            use std::io::Write;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut out = options.open(&staging)?;
-            out.write_all(&key)?;
-            out.sync_all()?;
-        }
-        std::fs::rename(&staging, &file)?;
-        Ok(Signer::new(key))
+        secret_in_dir(dir, "download-url.key").map(Signer::new)
     }
 
     fn mac(&self, payload: &[u8]) -> Hmac<Sha256> {

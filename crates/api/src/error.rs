@@ -20,6 +20,10 @@ pub enum ApiError {
     /// Missing or unknown API key.
     #[error("{0}")]
     Unauthorized(String),
+    /// An access token that is not valid (altered, expired, or its key revoked): the client
+    /// should exchange its key for a new one (a 401 marked `invalid_token`, RFC 6750).
+    #[error("{0}")]
+    InvalidToken(String),
     /// A body that could not be parsed; names the problem.
     #[error("{0}")]
     BadRequest(String),
@@ -69,7 +73,7 @@ impl ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             },
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::SessionFinished(_) => StatusCode::GONE,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -85,6 +89,7 @@ impl ApiError {
         match self {
             ApiError::Engine(e) => e.kind(),
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidToken(_) => "invalid_token",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::SessionFinished(_) => "session_finished",
             ApiError::Forbidden(_) => "forbidden",
@@ -116,7 +121,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let invalid_token = matches!(self, ApiError::InvalidToken(_));
         let mut response = (status, Json(self.body())).into_response();
+        if invalid_token {
+            // What the SDK looks for to exchange its key for a new token and send again.
+            response.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+            );
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()

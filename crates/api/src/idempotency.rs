@@ -169,12 +169,13 @@ impl Replays {
         }
         let headers = request.headers();
         // Only a caller the server knows is replayed (others get their 401, and no body is read
-        // for them); responses are remembered per tenant and credential (X-API-Key or Bearer).
-        let Ok(tenant) = self.bodies.auth.tenant(headers) else {
+        // for them); responses are remembered per tenant and API key.
+        let Ok(who) = self.bodies.auth.identify(headers) else {
             return Ok((None, request));
         };
-        let credential = crate::auth::presented_key(headers).unwrap_or("");
-        let owner = format!("{tenant}\n{credential}");
+        // The key, whether presented itself or through an access token issued for it (the SDK
+        // renews its token every half hour: a retry may carry another one).
+        let owner = format!("{}\n{}", who.tenant, who.key_id);
         let route = format!("{} {}", request.method(), request.uri().path());
         if let Some(key) = headers.get(KEY_HEADER).and_then(|v| v.to_str().ok()) {
             let usable = !key.is_empty() && key.len() <= MAX_KEY_BYTES;

@@ -16,6 +16,7 @@ pub mod routes;
 pub mod serve;
 pub mod state;
 pub mod stats;
+pub mod tokens;
 pub mod wire;
 
 pub use auth::{parse_keys, Auth};

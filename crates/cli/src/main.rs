@@ -447,6 +447,13 @@ struct ServeArgs {
     /// would otherwise wait in the SDK.
     #[arg(long, env = "LORALOOM_SAMPLE_POLLER", default_value_t = false, action = clap::ArgAction::Set)]
     sample_poller: bool,
+    /// Have SDK clients exchange their API key for an hour-long access token
+    /// (`/api/v1/auth/token`, the client config's `pjwt_auth_enabled`) and send the token
+    /// instead of the key, so that the key crosses the wire once an hour instead of with every
+    /// request. A token works while the key it was issued for is accepted. `false`: clients send
+    /// their key with every request.
+    #[arg(long, env = "LORALOOM_ACCESS_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
+    access_tokens: bool,
     /// At SIGTERM or Ctrl-C, how long the jobs already queued or running may go on before the
     /// rest are left to the restarted server in the job journal (a second signal ends the wait
     /// at once); without the journal (`--step-snapshots false`) they fail with "server
@@ -534,7 +541,13 @@ fn load_auth(args: &ServeArgs) -> anyhow::Result<(Auth, Option<String>)> {
         None => None,
     };
     let keys = key_entries(&args.api_keys, text.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-    Ok((Auth::new(keys), text))
+    let mut auth = Auth::new(keys);
+    if args.access_tokens {
+        let signer = loraloom_api::tokens::TokenSigner::in_dir(&args.data_dir)
+            .context("the access-token key in the data directory")?;
+        auth = auth.with_tokens(signer);
+    }
+    Ok((auth, text))
 }
 
 /// The keys of the `--api-key` flags and of the keys file's text. A file that holds no key is

@@ -83,6 +83,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/auth/apikey/me",
             get(own_key).delete(delete_own_key),
         )
+        .route("/api/v1/auth/token", post(access_token))
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))
         .route("/api/v1/unload_model", post(unload_model))
@@ -264,7 +265,7 @@ async fn client_config(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "fwdbwd_max_chunk_bytes_count": chunk_bytes,
         "sample_max_concurrent_requests": state.engine.max_queued_per_tenant().max(1),
-        "pjwt_auth_enabled": false,
+        "pjwt_auth_enabled": state.auth.issues_tokens(),
         "proto_compress_fwdbwd": true,
         "sample_use_retrieve_futures": state.sample_poller,
         "sample_join_sampling_session": true,
@@ -306,6 +307,12 @@ async fn delete_own_key(_tenant: Tenant) -> ApiResult<Json<Value>> {
          to remove this one"
             .into(),
     ))
+}
+
+/// An access token for the API key the request presents (see [`crate::tokens`]); the SDK asks
+/// for one when the client config says `pjwt_auth_enabled`, and sends it instead of its key.
+async fn access_token(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"jwt": state.auth.issue_token(&headers)?})))
 }
 
 async fn telemetry(_tenant: Tenant, _body: RawBody) -> Json<Value> {
