@@ -60,7 +60,12 @@ def test_sdk_clients_send_a_token_that_lives_while_its_key_does(tmp_path, monkey
         jwt = token(srv, ALICE).json()["jwt"]
         said = claims(jwt)
         assert said["sub"] == "alice" and said["exp"] - said["iat"] == 3600
-        assert said["kid"] == me(srv, ALICE).json()["key_id"] == me(srv, jwt).json()["key_id"]
+        assert said["kid"] == me(srv, ALICE).json()["key_id"]
+        # What `tinker auth login` checks before storing a pasted credential takes a key only.
+        assert me(srv, jwt).status_code == 401
+        # `whoami` reads the token's claims.
+        who = tinker.RestClient(base_url=srv.url, api_key=ALICE).whoami().result()
+        assert (who.user_urn, who.org_urn, who.email) == ("alice", "tml:organization:alice", "alice")
         assert run.model_id in [r["training_run_id"] for r in runs(srv, jwt).json()["training_runs"]]
         bobs_token = token(srv, BOB).json()["jwt"]
         assert run.model_id not in [r["training_run_id"] for r in runs(srv, bobs_token).json()["training_runs"]]

@@ -102,5 +102,31 @@ def test_keys_are_added_rotated_and_revoked_without_a_restart(tmp_path):
         assert srv.proc.poll() is None, "SIGHUP does not stop the server"
         for c in (alice, bob):
             c.close("success")
+
+        # Every key change is in its tenant's audit log, by public id, never the key; a change
+        # made while the server was down, at its next start.
+        def key_events(key):
+            log = tinker.AdminClient(base_url=srv.url, api_key=key).get_audit_log(
+                event_type="organizations").result().entries
+            return [(e.event, e.event_details["key_id"], e.event_details["applied_by"]) for e in log]
+
+        def key_id(key):
+            return me(srv, key).json()["key_id"]
+
+        rotated_id = key_id(ALICE_ROTATED)
+        assert key_events(CAROL) == [("organization_api_key_added", key_id(CAROL), "server start")]
+        events = key_events(ALICE_ROTATED)
+        assert ("organization_api_key_added", key_id(ALICE_ROTATED), "keys file reloaded") in events
+        assert [e[0] for e in events].count("organization_api_key_revoked") == 1
+        assert [e[0] for e in events].count("organization_api_key_added") == 2
+        write_keys(keys, f"alice={ALICE}\n")
+        srv.stop()
+        srv = Server(tmp_path, "--api-keys-file", str(keys), "--api-key", f"carol={CAROL}")
+        events = key_events(ALICE)
+        assert ("organization_api_key_revoked", rotated_id, "server start") in events
+        assert ("organization_api_key_added", key_id(ALICE), "server start") in events
+        assert len(key_events(CAROL)) == 1, "Carol's key did not change"
+        log = requests.get(srv.url + "/api/v1/audit", headers={"X-API-Key": ALICE}, timeout=10).text
+        assert ALICE not in log and ALICE_ROTATED not in log
     finally:
         srv.stop()

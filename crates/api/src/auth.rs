@@ -149,6 +149,15 @@ impl Auth {
         }
     }
 
+    /// The public id and tenant of every key in force (none in single-tenant mode).
+    pub fn key_ids(&self) -> Vec<(u64, String)> {
+        self.keys()
+            .ids
+            .iter()
+            .map(|(id, tenant)| (*id, tenant.clone()))
+            .collect()
+    }
+
     /// Whether any `tml-` key is accepted (no keys configured).
     pub fn is_single_tenant(&self) -> bool {
         self.single_tenant
@@ -187,6 +196,23 @@ impl Auth {
         }
     }
 
+    /// [`Auth::identify`] for an API key only: what `tinker auth login` checks before storing
+    /// a pasted credential (a token would be stored, then refused by the next exchange) and
+    /// what an access token is issued for.
+    pub fn identify_key(&self, headers: &HeaderMap) -> ApiResult<KeyIdentity> {
+        let key = presented_key(headers)?;
+        if looks_like_token(key) {
+            return Err(ApiError::Unauthorized(
+                "this is an access token, which stands in for an API key for an hour; present the key (`tml-...`)"
+                    .into(),
+            ));
+        }
+        Ok(KeyIdentity {
+            tenant: self.tenant_of_key(key)?,
+            key_id: key_id(key),
+        })
+    }
+
     /// An access token for the API key a request presents (`POST /api/v1/auth/token`). Only a
     /// key is exchanged: a token cannot renew itself, so a stolen one ends with its lifetime.
     pub fn issue_token(&self, headers: &HeaderMap) -> ApiResult<String> {
@@ -196,14 +222,8 @@ impl Auth {
                     .into(),
             )
         })?;
-        let key = presented_key(headers)?;
-        if looks_like_token(key) {
-            return Err(ApiError::Unauthorized(
-                "an access token is exchanged for with an API key, not with another token".into(),
-            ));
-        }
-        let tenant = self.tenant_of_key(key)?;
-        Ok(signer.issue(&tenant, key_id(key), unix_now() as u64))
+        let who = self.identify_key(headers)?;
+        Ok(signer.issue(&who.tenant, who.key_id, unix_now() as u64))
     }
 
     fn tenant_of_key(&self, key: &str) -> ApiResult<String> {

@@ -43,6 +43,9 @@ const READ_ONLY: &[&str] = &[
     "/api/v1/retrieve_futures",
     "/retrieve_future",
     "/api/v1/session_heartbeat",
+    // Issuing a token again is harmless, and a remembered one would be a live credential kept
+    // for nothing.
+    "/api/v1/auth/token",
     "/api/v1/telemetry",
     "/api/v1/get_info",
     "/api/v1/weights_info",

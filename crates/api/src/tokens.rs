@@ -2,9 +2,10 @@
 //! what the SDK does when the client config says `pjwt_auth_enabled`): JSON Web Tokens signed
 //! with HMAC-SHA256 under a key only the server holds (kept in the data directory, so tokens
 //! outlive a restart). A request then carries the token instead of the key, so the long-lived
-//! key crosses the wire once an hour instead of with every request. A token names its tenant
-//! and the key it was issued for ([`Claims::kid`]): it stops working when that key is revoked,
-//! not only when it expires.
+//! key crosses the wire about every half hour per client (the SDK renews at half a token's
+//! life) instead of with every request. A token names its tenant and the key it was issued for
+//! ([`Claims::kid`]): it stops working when that key is revoked, not only when it expires. Its
+//! claims also answer the SDK's `RestClient.whoami()`, which reads them without a request.
 
 use std::path::Path;
 
@@ -28,8 +29,13 @@ const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 pub struct Claims {
     /// The issuer, [`ISSUER`].
     pub iss: String,
-    /// The tenant.
+    /// The tenant (the SDK's `whoami` user).
     pub sub: String,
+    /// The tenant again, as its organization (a tenant is its own; `whoami`'s
+    /// `tml:organization:<org_id>`).
+    pub org_id: String,
+    /// The tenant again, where `whoami` and `auth/apikey/me` give an email.
+    pub email: String,
     /// The public id of the API key it was issued for (see [`crate::auth::KeyIdentity`]).
     pub kid: u64,
     /// Issued at (unix seconds).
@@ -76,6 +82,8 @@ impl TokenSigner {
         let claims = Claims {
             iss: ISSUER.into(),
             sub: tenant.into(),
+            org_id: tenant.into(),
+            email: tenant.into(),
             kid,
             iat: now,
             exp: now + TOKEN_LIFETIME_SECS,

@@ -449,8 +449,8 @@ struct ServeArgs {
     sample_poller: bool,
     /// Have SDK clients exchange their API key for an hour-long access token
     /// (`/api/v1/auth/token`, the client config's `pjwt_auth_enabled`) and send the token
-    /// instead of the key, so that the key crosses the wire once an hour instead of with every
-    /// request. A token works while the key it was issued for is accepted. `false`: clients send
+    /// instead of the key, so that the key crosses the wire about every half hour per client
+    /// instead of with every request. A token works while the key it was issued for is accepted. `false`: clients send
     /// their key with every request.
     #[arg(long, env = "LORALOOM_ACCESS_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
     access_tokens: bool,
@@ -566,8 +566,27 @@ const KEYS_FILE_POLL: Duration = Duration::from_secs(2);
 /// caught half written, which would lock its missing tenants out, is not), and at once on SIGHUP.
 /// A file that does not parse, or holds no key, is logged and the keys in force stay.
 /// `loaded` is the text the server started with.
+/// Audits the keys now in force against those of the last call (or of the last run, at start):
+/// each key added or revoked gets an entry in its tenant's audit log, by public id.
+fn audit_keys(auth: &Auth, store: &dyn Store, applied_by: &str) {
+    if auth.is_single_tenant() {
+        return;
+    }
+    let details = serde_json::json!({ "actor": "operator", "applied_by": applied_by });
+    match store.replace_api_keys(
+        &auth.key_ids(),
+        loraloom_engine::registry::unix_now(),
+        &details,
+    ) {
+        Ok(0) => {}
+        Ok(changes) => tracing::info!(changes, "API key changes audited"),
+        Err(error) => tracing::error!(%error, "cannot audit the API keys in force"),
+    }
+}
+
 async fn follow_keys_file(
     auth: Arc<Auth>,
+    store: Arc<dyn Store>,
     flags: Vec<String>,
     file: PathBuf,
     loaded: String,
@@ -610,13 +629,16 @@ async fn follow_keys_file(
         };
         applied = text;
         match outcome {
-            Ok(change) => tracing::info!(
-                keys_added = change.keys_added,
-                keys_removed = change.keys_removed,
-                tenants_added = ?change.tenants_added,
-                tenants_removed = ?change.tenants_removed,
-                "API keys reloaded"
-            ),
+            Ok(change) => {
+                tracing::info!(
+                    keys_added = change.keys_added,
+                    keys_removed = change.keys_removed,
+                    tenants_added = ?change.tenants_added,
+                    tenants_removed = ?change.tenants_removed,
+                    "API keys reloaded"
+                );
+                audit_keys(&auth, store.as_ref(), "keys file reloaded");
+            }
             Err(error) => tracing::error!(
                 file = %file.display(),
                 %error,
@@ -695,6 +717,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Arc::new(
         Registry::durable(args.data_dir.clone(), store.clone()).context("reading the store")?,
     );
+    // Keys changed while the server was down are audited now.
+    audit_keys(&auth, store.as_ref(), "server start");
     let (memory_budget, budget_source) =
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
@@ -858,6 +882,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (Some(file), Some(text)) if !auth.is_single_tenant() => {
             tokio::spawn(follow_keys_file(
                 auth.clone(),
+                store.clone(),
                 args.api_keys.clone(),
                 file.clone(),
                 text,

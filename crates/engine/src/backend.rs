@@ -832,8 +832,12 @@ impl ModelWorker {
         if !landed {
             self.write_checkpoint(job, &entry, adapter, guard.optimizer.as_ref(), &path)?;
         }
+        // An inflight session is registered again all the same: the crash may have come before
+        // the run's earlier inflight sessions were moved onto the new checkpoint.
         let registered = sampler.as_ref().is_some_and(|key| {
-            landed && self.registry.sampler(&key.tenant, &key.sampler_id).is_ok()
+            landed
+                && !options.inflight
+                && self.registry.sampler(&key.tenant, &key.sampler_id).is_ok()
         });
         if let Some(key) = sampler.as_ref().filter(|_| !registered) {
             let added = if options.inflight {

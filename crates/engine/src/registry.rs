@@ -882,7 +882,11 @@ impl Registry {
         let following: Vec<Arc<SamplerEntry>> = self
             .samplers
             .iter()
-            .filter(|e| e.key().tenant == key.tenant && e.inflight_of.as_deref() == Some(model_id))
+            .filter(|e| {
+                e.key().tenant == key.tenant
+                    && e.inflight_of.as_deref() == Some(model_id)
+                    && *e.key() != key
+            })
             .map(|e| e.value().clone())
             .collect();
         let source = SamplerSource::Checkpoint(path.to_string());

@@ -3,6 +3,7 @@
 //! several servers sharing state); [`SqliteStore`] is the embedded default, one file in the data
 //! directory. Checkpoint and run-snapshot files live beside it.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Mutex;
@@ -135,6 +136,12 @@ pub struct AuditRow {
     pub details_json: String,
 }
 
+/// The audit event of an API key that came into force (in its tenant's log; details: its
+/// public `key_id`, never the key).
+pub const API_KEY_ADDED: &str = "organization_api_key_added";
+/// The audit event of an API key no longer in force (revoked or rotated out).
+pub const API_KEY_REVOKED: &str = "organization_api_key_revoked";
+
 /// Where loraloom keeps what must survive a restart.
 pub trait Store: Send + Sync {
     /// Records a session.
@@ -211,6 +218,16 @@ pub trait Store: Send + Sync {
     fn audit(&self, tenant: &str, span: Range<f64>) -> Result<Vec<AuditRow>>;
     /// Forgets audit entries older than `unix_time`; returns how many.
     fn purge_audit(&self, unix_time: f64) -> Result<usize>;
+    /// Records `in_force` (key id, tenant) as the API keys in force and, in the same
+    /// transaction, writes an audit entry in its tenant's log for every key that is new since
+    /// the last call ([`API_KEY_ADDED`]) and every key gone since ([`API_KEY_REVOKED`]), at
+    /// `at`, with `details` added to each entry's. Returns how many entries it wrote.
+    fn replace_api_keys(
+        &self,
+        in_force: &[(u64, String)],
+        at: f64,
+        details: &serde_json::Value,
+    ) -> Result<usize>;
     /// Journals a job (its `seq`, `done` and `starts` are ignored); returns its seq.
     fn put_job(&self, row: &JobRow) -> Result<i64>;
     /// Every journaled job, in admission order.
@@ -288,6 +305,8 @@ CREATE TABLE IF NOT EXISTS feed_cursor (id INTEGER PRIMARY KEY CHECK (id = 0),
 CREATE TABLE IF NOT EXISTS audit (tenant TEXT NOT NULL, at REAL NOT NULL, event TEXT NOT NULL,
   details TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, at);
+CREATE TABLE IF NOT EXISTS api_keys (key_id INTEGER NOT NULL, tenant TEXT NOT NULL,
+  PRIMARY KEY (key_id, tenant));
 CREATE TABLE IF NOT EXISTS custom_losses (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL,
   params TEXT NOT NULL, graph TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
@@ -830,6 +849,43 @@ impl Store for SqliteStore {
         self.with(|c| c.execute("DELETE FROM audit WHERE at < ?1", params![unix_time]))
     }
 
+    fn replace_api_keys(
+        &self,
+        in_force: &[(u64, String)],
+        at: f64,
+        details: &serde_json::Value,
+    ) -> Result<usize> {
+        let mut written = 0;
+        self.in_transaction(|tx| {
+            let stored: HashSet<(u64, String)> = tx
+                .prepare("SELECT key_id, tenant FROM api_keys")?
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let now: HashSet<(u64, String)> = in_force.iter().cloned().collect();
+            let changes = now
+                .difference(&stored)
+                .map(|k| (k, API_KEY_ADDED))
+                .chain(stored.difference(&now).map(|k| (k, API_KEY_REVOKED)));
+            let mut audit = tx.prepare_cached(
+                "INSERT INTO audit (tenant, at, event, details) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for ((key_id, tenant), event) in changes {
+                let mut entry = details.clone();
+                entry["key_id"] = serde_json::json!(key_id);
+                audit.execute(params![tenant, at, event, entry.to_string()])?;
+                written += 1;
+            }
+            tx.execute("DELETE FROM api_keys", [])?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO api_keys (key_id, tenant) VALUES (?1, ?2)")?;
+            for (key_id, tenant) in &now {
+                insert.execute(params![*key_id as i64, tenant])?;
+            }
+            Ok(())
+        })?;
+        Ok(written)
+    }
+
     fn put_job(&self, r: &JobRow) -> Result<i64> {
         self.with(|c| {
             c.execute(
@@ -1017,6 +1073,71 @@ mod tests {
         assert!(has_future(&s, "f").unwrap());
         s.delete_model("t", "m").unwrap();
         assert!(s.models().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn each_api_key_added_or_revoked_is_audited_once_in_its_tenants_log() {
+        let dir = std::env::temp_dir().join(format!("loraloom-keys-{}", uuid::Uuid::new_v4()));
+        let s = SqliteStore::open(&dir).unwrap();
+        let keys = |ks: &[(u64, &str)]| -> Vec<(u64, String)> {
+            ks.iter().map(|(id, t)| (*id, t.to_string())).collect()
+        };
+        let by = serde_json::json!({"applied_by": "test"});
+        assert_eq!(
+            s.replace_api_keys(&keys(&[(1, "a"), (2, "b")]), 10.0, &by)
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.replace_api_keys(&keys(&[(1, "a"), (2, "b")]), 11.0, &by)
+                .unwrap(),
+            0
+        );
+        // b's key rotated, and a key moved from a to c.
+        assert_eq!(
+            s.replace_api_keys(&keys(&[(1, "c"), (3, "b")]), 12.0, &by)
+                .unwrap(),
+            4
+        );
+        let log = |tenant: &str| -> Vec<(f64, String, serde_json::Value)> {
+            s.audit(tenant, 0.0..100.0)
+                .unwrap()
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.at,
+                        r.event,
+                        serde_json::from_str(&r.details_json).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let entry = |at: f64, event: &str, key_id: u64| {
+            (
+                at,
+                event.to_string(),
+                serde_json::json!({"applied_by": "test", "key_id": key_id}),
+            )
+        };
+        assert_eq!(
+            log("a"),
+            [
+                entry(10.0, API_KEY_ADDED, 1),
+                entry(12.0, API_KEY_REVOKED, 1)
+            ]
+        );
+        let mut b = log("b");
+        b.sort_by(|x, y| (x.0, &x.1).partial_cmp(&(y.0, &y.1)).unwrap());
+        assert_eq!(
+            b,
+            [
+                entry(10.0, API_KEY_ADDED, 2),
+                entry(12.0, API_KEY_ADDED, 3),
+                entry(12.0, API_KEY_REVOKED, 2),
+            ]
+        );
+        assert_eq!(log("c"), [entry(12.0, API_KEY_ADDED, 1)]);
         let _ = std::fs::remove_dir_all(dir);
     }
 

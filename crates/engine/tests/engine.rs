@@ -760,7 +760,8 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
 fn a_save_run_again_after_a_crash_that_followed_its_landing_answers_as_it_did() {
     // A crash after a save's checkpoint (and its sampling session) were recorded but before its
     // future settled leaves the save journaled and unsettled: the restart runs it again, and it
-    // must find its own checkpoint, not fail "already exists".
+    // must find its own checkpoint, not fail "already exists". An inflight save must also move
+    // the run's earlier inflight sessions, which the crash may have cut off.
     let dir = tiny_checkpoint();
     let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
     let data_dir = temp_dir("crash-save");
@@ -792,6 +793,29 @@ fn a_save_run_again_after_a_crash_that_followed_its_landing_answers_as_it_did() 
             options: Default::default(),
         },
     ];
+    let inflight = |name: &str, sampler_id: &str| Work::Save {
+        name: name.into(),
+        kind: CheckpointKind::Sampler,
+        sampler: Some(SamplerKey {
+            tenant: "t".into(),
+            sampler_id: sampler_id.into(),
+        }),
+        options: loraloom_engine::SaveOptions {
+            inflight: true,
+            ..Default::default()
+        },
+    };
+    done(
+        &engine,
+        &engine
+            .submit(q.clone(), inflight("inflight-1", "first"))
+            .unwrap(),
+    );
+    let saves = [
+        saves[0].clone(),
+        saves[1].clone(),
+        inflight("inflight-2", "second"),
+    ];
     let mut answered = Vec::new();
     for save in &saves {
         let id = engine.submit(q.clone(), save.clone()).unwrap();
@@ -818,12 +842,28 @@ fn a_save_run_again_after_a_crash_that_followed_its_landing_answers_as_it_did() 
             )
             .unwrap();
     }
+    // The earlier inflight session, not yet moved onto the second inflight checkpoint.
+    let Output::Saved { path: second, .. } = &answered[2].1 else {
+        panic!("an inflight save's result")
+    };
+    store
+        .put_sampler(&loraloom_engine::store::SamplerRow {
+            tenant: "t".into(),
+            sampler_id: "first".into(),
+            checkpoint: Some(second.replace("inflight-2", "inflight-1")),
+            base_model: "tiny".into(),
+            inflight_of: Some("a".into()),
+        })
+        .unwrap();
     std::mem::forget(engine);
 
     let engine = durable_engine(&data_dir, &decoder);
     for (id, out) in &answered {
         assert_eq!(&done(&engine, id), out);
     }
+    let source = |id: &str| engine.registry().sampler("t", id).unwrap().source.clone();
+    let moved = loraloom_engine::SamplerSource::Checkpoint(second.clone());
+    assert_eq!((source("first"), source("second")), (moved.clone(), moved));
     assert!(engine.registry().sampler("t", "s").is_ok());
     assert_eq!(
         engine.registry().checkpoint_usage("t").0,
@@ -1163,7 +1203,7 @@ fn idle_sampling_sessions_drop_their_weights_and_reload_them_identically() {
             name: name.into(),
             kind: CheckpointKind::Sampler,
             sampler: Some(session(name)),
-            options: loraloom_engine::job::SaveOptions {
+            options: loraloom_engine::SaveOptions {
                 overwrite: true,
                 ..Default::default()
             },

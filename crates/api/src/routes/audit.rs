@@ -3,7 +3,9 @@
 //! written by the registry as things happen (`Registry::audit`): checkpoints created, deleted
 //! (at the owner's request or on expiry), published, unpublished, given a TTL, and read by
 //! another tenant (a published checkpoint loaded, copied or inspected, naming the reader);
-//! sessions assigned to a project. loraloom has no teams or organizations to log.
+//! sessions assigned to a project; and, a tenant being its own organization, its API keys added
+//! and revoked (by public id, as the operator's keys file changes or at a start that finds them
+//! changed). loraloom has no teams to log.
 
 use time::{Date, Month, OffsetDateTime, Time};
 
@@ -44,7 +46,8 @@ fn of_kind(event_type: &str, event: &str) -> bool {
         "all" => true,
         "checkpoints" => event.starts_with("checkpoint_"),
         "projects" => event.starts_with("project_"),
-        // "teams", "organizations": loraloom logs none.
+        "organizations" => event.starts_with("organization_"),
+        // "teams": loraloom logs none.
         _ => false,
     }
 }

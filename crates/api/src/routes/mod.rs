@@ -288,7 +288,7 @@ async fn client_dynamic_config() -> Json<Value> {
 /// The key a request presents, as `tinker auth login` checks a pasted key before storing it:
 /// its tenant (as user and name) and a stable id.
 async fn own_key(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
-    let who = state.auth.identify(&headers)?;
+    let who = state.auth.identify_key(&headers)?;
     Ok(Json(json!({
         "key_id": who.key_id,
         "name": who.tenant,
