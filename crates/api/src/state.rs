@@ -103,6 +103,10 @@ pub struct AppState {
     pub device: String,
     /// What the SDK loads the tokenizer from (a directory or a Hugging Face name).
     pub tokenizer_id: String,
+    /// The model's tokenizer (the OpenAI-compatible routes take and answer text).
+    pub tokenizer: Arc<loraloom_model::TextTokenizer>,
+    /// The model's chat template, if it has one (`/oai/api/v1/chat/completions`).
+    pub chat_template: Option<Arc<loraloom_model::ChatTemplate>>,
     /// Signs the download URLs of exported weights.
     pub downloads: Arc<crate::downloads::Signer>,
     /// The base of URLs handed to clients (`--public-url`); `None`: the request's own host.

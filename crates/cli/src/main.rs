@@ -712,6 +712,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model from {}", dir.display()))?;
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
     let device = loraloom_model::device_name(base.decoder().device());
+    let tokenizer = base.tokenizer().clone();
+    // A template that does not parse leaves the chat route refusing, not the server down.
+    let chat_template = match loraloom_model::ChatTemplate::from_dir(&dir) {
+        Ok(template) => template.map(Arc::new),
+        Err(error) => {
+            tracing::warn!(%error, "the model's chat template is not usable: /oai/api/v1/chat/completions refuses");
+            None
+        }
+    };
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&args.data_dir).context("opening the store")?);
     let registry = Arc::new(
@@ -851,6 +860,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_metrics: args.public_metrics,
         device,
         tokenizer_id,
+        tokenizer,
+        chat_template,
         downloads: Arc::new(
             loraloom_api::downloads::Signer::in_dir(&args.data_dir)
                 .context("the download-URL key in the data directory")?,

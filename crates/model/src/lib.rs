@@ -10,6 +10,7 @@
 //! HTTP, tenants or queues.
 
 pub mod adam;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod custom_loss;
@@ -33,6 +34,7 @@ pub mod train;
 pub mod weights;
 
 pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
+pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig};
 pub use custom_loss::{CustomLoss, DatumLoss, InputValues, LossParam, NamedInput};
 pub use decoder::Decoder;

@@ -40,6 +40,9 @@ pub enum Stop {
     Tokens(Vec<i64>),
     /// Any of these strings appearing in the generated text.
     Strings(Vec<String>),
+    /// The model's end-of-sequence tokens, and any of these strings appearing in the generated
+    /// text (OpenAI's `stop`).
+    EosOrStrings(Vec<String>),
 }
 
 /// The SDK's `SamplingParams`.
@@ -205,14 +208,18 @@ pub fn validate_sampling(
             return Err(too_many_stops(ids.len()))
         }
         Stop::Tokens(ids) => c.check_tokens("sampling_params.stop", ids)?,
-        Stop::Strings(s) if s.len() > MAX_STOP_SEQUENCES => return Err(too_many_stops(s.len())),
-        Stop::Strings(s) if s.iter().any(String::is_empty) => {
+        Stop::Strings(s) | Stop::EosOrStrings(s) if s.len() > MAX_STOP_SEQUENCES => {
+            return Err(too_many_stops(s.len()))
+        }
+        Stop::Strings(s) | Stop::EosOrStrings(s) if s.iter().any(String::is_empty) => {
             return Err(ModelError::invalid(
                 "sampling_params.stop",
                 "stop strings must not be empty",
             ))
         }
-        Stop::Strings(s) if s.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) => {
+        Stop::Strings(s) | Stop::EosOrStrings(s)
+            if s.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) =>
+        {
             return Err(ModelError::invalid(
                 "sampling_params.stop",
                 format!("a stop string may hold at most {MAX_STOP_STRING_BYTES} bytes"),
@@ -685,7 +692,11 @@ impl Generation {
         can_detokenize: bool,
     ) -> Result<()> {
         validate(decoder, request)?;
-        if matches!(request.params.stop, Stop::Strings(_)) && !can_detokenize {
+        if matches!(
+            request.params.stop,
+            Stop::Strings(_) | Stop::EosOrStrings(_)
+        ) && !can_detokenize
+        {
             return Err(ModelError::invalid(
                 "sampling_params.stop",
                 "stop strings need the model's tokenizer",
@@ -1649,6 +1660,10 @@ fn stop_reason(
         Stop::Never => false,
         Stop::Tokens(ids) => ids.contains(&last),
         Stop::Strings(strings) => detokenize.is_some_and(|f| tail_holds(f, tokens, strings)),
+        Stop::EosOrStrings(strings) => {
+            decoder.config().eos_token_ids.contains(&last)
+                || detokenize.is_some_and(|f| tail_holds(f, tokens, strings))
+        }
     };
     if stopped {
         Some(StopReason::Stop)

@@ -36,6 +36,7 @@ mod billing;
 mod checkpoints;
 mod futures;
 mod losses;
+mod openai;
 mod runs;
 mod sampling;
 pub(crate) mod sessions;
@@ -84,6 +85,12 @@ pub fn router(state: AppState) -> Router {
             get(own_key).delete(delete_own_key),
         )
         .route("/api/v1/auth/token", post(access_token))
+        .route("/oai/api/v1/completions", post(openai::completions))
+        .route(
+            "/oai/api/v1/chat/completions",
+            post(openai::chat_completions),
+        )
+        .route("/oai/api/v1/models", get(openai::models))
         .route("/api/v1/create_model", post(create_model))
         .route("/api/v1/get_info", post(get_info))
         .route("/api/v1/unload_model", post(unload_model))

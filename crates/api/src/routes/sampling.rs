@@ -189,23 +189,8 @@ fn submit_sample(
     let sampler_id = match body.sampling_session_id {
         Some(id) => id,
         None => {
-            // Clients that name the model directly share one session per source, so repeated
-            // calls do not accumulate sessions.
             let source = sampler_source(state, body.base_model.as_deref(), body.model_path)?;
-            let id = match &source {
-                SamplerSource::Base => "direct:base".to_string(),
-                SamplerSource::Checkpoint(path) => format!("direct:{path}"),
-            };
-            if state.engine.registry().sampler(tenant, &id).is_err() {
-                state.engine.create_sampler(
-                    SamplerKey {
-                        tenant: tenant.to_string(),
-                        sampler_id: id.clone(),
-                    },
-                    source,
-                )?;
-            }
-            id
+            direct_sampler(state, tenant, source)?
         }
     };
     let work = Work::Sample {
@@ -237,6 +222,30 @@ pub(super) async fn asample(
     }))
 }
 
+/// The sampling session of requests that name their model directly (`/api/v1/sample`, the
+/// OpenAI-compatible routes): one per tenant and source, made at its first request, so that
+/// repeated calls do not accumulate sessions.
+pub(super) fn direct_sampler(
+    state: &AppState,
+    tenant: &str,
+    source: SamplerSource,
+) -> ApiResult<String> {
+    let id = match &source {
+        SamplerSource::Base => "direct:base".to_string(),
+        SamplerSource::Checkpoint(path) => format!("direct:{path}"),
+    };
+    if state.engine.registry().sampler(tenant, &id).is_err() {
+        state.engine.create_sampler(
+            SamplerKey {
+                tenant: tenant.to_string(),
+                sampler_id: id.clone(),
+            },
+            source,
+        )?;
+    }
+    Ok(id)
+}
+
 /// The seed's synchronous sampling route: waits for the result and answers JSON.
 pub(super) async fn sample_sync(
     State(state): State<AppState>,
@@ -244,15 +253,23 @@ pub(super) async fn sample_sync(
     JsonBody(body): JsonBody<SampleRequest>,
 ) -> ApiResult<Response> {
     let (id, _) = submit_sample(&state, &tenant, body, false)?;
+    let out = wait_sample(&state, &tenant, &id).await?;
+    Ok(Json(sample_json(&out)).into_response())
+}
+
+/// The result of sampling request `id` of `tenant`, once it is done.
+pub(super) async fn wait_sample(
+    state: &AppState,
+    tenant: &str,
+    id: &str,
+) -> ApiResult<loraloom_model::SampleOutput> {
     loop {
         match state
             .engine
-            .wait(&tenant, &id, Duration::from_secs(60))
+            .wait(tenant, id, Duration::from_secs(60))
             .await?
         {
-            FutureState::Done(loraloom_engine::Output::Sample(out)) => {
-                return Ok(Json(sample_json(&out)).into_response())
-            }
+            FutureState::Done(loraloom_engine::Output::Sample(out)) => return Ok(out),
             FutureState::Done(_) => {
                 return Err(ApiError::Engine(EngineError::Internal(
                     "unexpected result".into(),
