@@ -139,5 +139,59 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error answered in OpenAI's shape, by the OpenAI-compatible routes:
+/// `{"error": {"message", "type", "param", "code"}}` (what the `openai` SDK reads `message`,
+/// `param` and `code` from), with the status and message [`ApiError`] gives it. `param` names
+/// the request's field as the OpenAI request names it.
+#[derive(Debug)]
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl From<EngineError> for OpenAiError {
+    fn from(e: EngineError) -> Self {
+        OpenAiError(e.into())
+    }
+}
+
+/// An engine field's name in an OpenAI request.
+fn openai_param(field: &str) -> String {
+    match field {
+        "num_samples" => "n".into(),
+        "topk_sample_logprobs" | "topk_prompt_logprobs" => "logprobs".into(),
+        other => other
+            .strip_prefix("sampling_params.")
+            .unwrap_or(other)
+            .to_string(),
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let inner = self.0.body();
+        let param = match &self.0 {
+            ApiError::Engine(EngineError::InvalidInput { field, .. }) => json!(openai_param(field)),
+            _ => serde_json::Value::Null,
+        };
+        let body = json!({"error": {
+            "message": inner["error"],
+            "type": self.0.error_type(),
+            "param": param,
+            "code": self.0.error_type(),
+        }});
+        let mut response = (self.0.status(), Json(body)).into_response();
+        if self.0.status() == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
 /// Result alias of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -107,6 +107,9 @@ pub struct AppState {
     pub tokenizer: Arc<loraloom_model::TextTokenizer>,
     /// The model's chat template, if it has one (`/oai/api/v1/chat/completions`).
     pub chat_template: Option<Arc<loraloom_model::ChatTemplate>>,
+    /// The tokens an OpenAI-compatible completion stops at
+    /// ([`loraloom_model::chat_template::end_tokens`]).
+    pub end_tokens: Vec<i64>,
     /// Signs the download URLs of exported weights.
     pub downloads: Arc<crate::downloads::Signer>,
     /// The base of URLs handed to clients (`--public-url`); `None`: the request's own host.

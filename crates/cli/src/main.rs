@@ -713,6 +713,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(model = %base.info().name, "{}", base.info().summary);
     let device = loraloom_model::device_name(base.decoder().device());
     let tokenizer = base.tokenizer().clone();
+    let end_tokens = loraloom_model::chat_template::end_tokens(
+        &dir,
+        &base.info().config.eos_token_ids,
+        &tokenizer,
+    );
     // A template that does not parse leaves the chat route refusing, not the server down.
     let chat_template = match loraloom_model::ChatTemplate::from_dir(&dir) {
         Ok(template) => template.map(Arc::new),
@@ -862,6 +867,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokenizer_id,
         tokenizer,
         chat_template,
+        end_tokens,
         downloads: Arc::new(
             loraloom_api::downloads::Signer::in_dir(&args.data_dir)
                 .context("the download-URL key in the data directory")?,

@@ -40,9 +40,14 @@ pub enum Stop {
     Tokens(Vec<i64>),
     /// Any of these strings appearing in the generated text.
     Strings(Vec<String>),
-    /// The model's end-of-sequence tokens, and any of these strings appearing in the generated
-    /// text (OpenAI's `stop`).
-    EosOrStrings(Vec<String>),
+    /// Any of these tokens, or any of these strings appearing in the generated text (OpenAI's
+    /// `stop`, with the model's end tokens).
+    TokensOrStrings {
+        /// Stop tokens.
+        tokens: Vec<i64>,
+        /// Stop strings.
+        strings: Vec<String>,
+    },
 }
 
 /// The SDK's `SamplingParams`.
@@ -208,24 +213,36 @@ pub fn validate_sampling(
             return Err(too_many_stops(ids.len()))
         }
         Stop::Tokens(ids) => c.check_tokens("sampling_params.stop", ids)?,
-        Stop::Strings(s) | Stop::EosOrStrings(s) if s.len() > MAX_STOP_SEQUENCES => {
-            return Err(too_many_stops(s.len()))
+        Stop::TokensOrStrings { tokens, strings } => {
+            if tokens.len() > MAX_STOP_SEQUENCES {
+                return Err(too_many_stops(tokens.len()));
+            }
+            c.check_tokens("sampling_params.stop", tokens)?;
+            check_stop_strings(strings)?;
         }
-        Stop::Strings(s) | Stop::EosOrStrings(s) if s.iter().any(String::is_empty) => {
-            return Err(ModelError::invalid(
-                "sampling_params.stop",
-                "stop strings must not be empty",
-            ))
-        }
-        Stop::Strings(s) | Stop::EosOrStrings(s)
-            if s.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) =>
-        {
-            return Err(ModelError::invalid(
-                "sampling_params.stop",
-                format!("a stop string may hold at most {MAX_STOP_STRING_BYTES} bytes"),
-            ))
-        }
+        Stop::Strings(s) => check_stop_strings(s)?,
         _ => {}
+    }
+    Ok(())
+}
+
+/// Stop strings within their limits: at most [`MAX_STOP_SEQUENCES`], none empty, none longer
+/// than [`MAX_STOP_STRING_BYTES`].
+fn check_stop_strings(s: &[String]) -> Result<()> {
+    if s.len() > MAX_STOP_SEQUENCES {
+        return Err(too_many_stops(s.len()));
+    }
+    if s.iter().any(String::is_empty) {
+        return Err(ModelError::invalid(
+            "sampling_params.stop",
+            "stop strings must not be empty",
+        ));
+    }
+    if s.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES) {
+        return Err(ModelError::invalid(
+            "sampling_params.stop",
+            format!("a stop string may hold at most {MAX_STOP_STRING_BYTES} bytes"),
+        ));
     }
     Ok(())
 }
@@ -692,11 +709,11 @@ impl Generation {
         can_detokenize: bool,
     ) -> Result<()> {
         validate(decoder, request)?;
-        if matches!(
-            request.params.stop,
-            Stop::Strings(_) | Stop::EosOrStrings(_)
-        ) && !can_detokenize
-        {
+        let strings = match &request.params.stop {
+            Stop::Strings(s) | Stop::TokensOrStrings { strings: s, .. } => !s.is_empty(),
+            _ => false,
+        };
+        if strings && !can_detokenize {
             return Err(ModelError::invalid(
                 "sampling_params.stop",
                 "stop strings need the model's tokenizer",
@@ -1660,9 +1677,13 @@ fn stop_reason(
         Stop::Never => false,
         Stop::Tokens(ids) => ids.contains(&last),
         Stop::Strings(strings) => detokenize.is_some_and(|f| tail_holds(f, tokens, strings)),
-        Stop::EosOrStrings(strings) => {
-            decoder.config().eos_token_ids.contains(&last)
-                || detokenize.is_some_and(|f| tail_holds(f, tokens, strings))
+        Stop::TokensOrStrings {
+            tokens: ids,
+            strings,
+        } => {
+            ids.contains(&last)
+                || (!strings.is_empty()
+                    && detokenize.is_some_and(|f| tail_holds(f, tokens, strings)))
         }
     };
     if stopped {

@@ -2,31 +2,39 @@
 //! SDK, evaluation harnesses) samples the base model or one of the tenant's sampler checkpoints
 //! with `base_url` `http://HOST:PORT/oai/api/v1` and an API key (`Authorization: Bearer`).
 //! `model` is the base model's name, a checkpoint path (`tinker://…/sampler_weights/…`), or
-//! `<base model>;<checkpoint path>`. A request runs as an ordinary sampling job of the caller's
+//! `<base model>;<checkpoint path>`. A request runs as ordinary sampling jobs of the caller's
 //! tenant (one shared sampling session per model, as `/api/v1/sample`'s), batched with every
-//! other tenant's decoding, and its answer waits for the whole completion (no streaming).
+//! other tenant's decoding; its answer waits for the whole completion (no streaming), and a
+//! client that hangs up cancels its jobs.
 //!
-//! - `POST /completions`: `prompt` (a string or token ids, one prompt per request),
-//!   `max_tokens` (16; 0 only with `echo`), `temperature` (1), `top_p`, `top_k`, `n`, `stop`,
-//!   `seed`, `logprobs` (alternatives per token, at most [`MAX_TOP_LOGPROBS`]) and `echo`
-//!   (the prompt's text, and with `logprobs` its tokens' logprobs: what evaluation harnesses
-//!   score continuations with).
+//! - `POST /completions`: `prompt` (a string or token ids, or a list of either: one job per
+//!   prompt, choices numbered prompt by prompt), `max_tokens` (16; 0 only with `echo`),
+//!   `temperature` (1), `top_p`, `top_k`, `n`, `stop`, `seed`, `logprobs` (alternatives per
+//!   token, at most [`MAX_TOP_LOGPROBS`]) and `echo` (the prompt's text, and with `logprobs` its
+//!   tokens' logprobs: what evaluation harnesses score continuations with). A text prompt is
+//!   encoded with the tokenizer's special tokens (a BOS where the model has one), as vLLM does.
 //! - `POST /chat/completions`: `messages` rendered with the model's chat template, as
-//!   transformers' `apply_chat_template(..., add_generation_prompt=True)` renders them;
-//!   `max_completion_tokens` or `max_tokens` (default: what the context leaves, at most
-//!   [`DEFAULT_CHAT_MAX_TOKENS`]), `logprobs`,
-//!   `top_logprobs`, and the sampling fields above.
+//!   transformers' `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` renders
+//!   and encodes them; `max_completion_tokens` or `max_tokens` (default: what the context
+//!   leaves, at most [`DEFAULT_CHAT_MAX_TOKENS`]), `logprobs`, `top_logprobs`, and the sampling
+//!   fields above.
 //! - `GET /models`: the base model.
 //!
-//! Generation stops at the model's end-of-sequence tokens or a `stop` string (excluded from the
-//! text, as OpenAI does), or at the token limit (`finish_reason` `length`).
+//! Generation stops at the model's end tokens (`config.json`'s and `generation_config.json`'s
+//! `eos_token_id`, and the tokenizer's `eos_token`) or a `stop` string, else at the token limit
+//! (`finish_reason` `length`). The text leaves out special tokens and ends before the stop
+//! string, as OpenAI's and vLLM's do; logprobs and usage count every generated token. Errors
+//! answer in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`).
 
-use loraloom_model::sample::MAX_NUM_SAMPLES;
+use std::collections::HashMap;
+
+use loraloom_model::sample::{MAX_NUM_SAMPLES, MAX_STOP_SEQUENCES};
 use loraloom_model::{
     SampleOutput, SampledSequence, SamplingParams, Scoring, Stop, StopReason, TopK,
 };
 
 use super::*;
+use crate::error::OpenAiError;
 
 /// Most alternatives a token's logprobs may list (OpenAI's `top_logprobs` limit).
 pub const MAX_TOP_LOGPROBS: i64 = 20;
@@ -37,7 +45,13 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// decode alone.
 pub const DEFAULT_CHAT_MAX_TOKENS: i64 = 2048;
 
-/// One prompt: text, or token ids (a list of one of either is taken too).
+/// Most logprob entries (a token, or one of its alternatives) one answer may hold: the answer
+/// is built in memory, `n` times the prompt when echoed.
+pub const MAX_LOGPROB_ENTRIES: usize = 1 << 20;
+
+type OaiResult<T> = Result<T, OpenAiError>;
+
+/// One prompt or several: text, or token ids.
 #[derive(Deserialize)]
 #[serde(untagged)]
 pub(super) enum PromptField {
@@ -79,12 +93,15 @@ pub(super) struct SamplingFields {
     frequency_penalty: Option<f64>,
     #[serde(default)]
     logit_bias: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    best_of: Option<i64>,
 }
 
 impl SamplingFields {
-    /// The engine's parameters for up to `max_tokens` tokens; refuses what loraloom does not
-    /// do (streaming, penalties, logit biases), naming the field.
-    fn params(&self, max_tokens: i64) -> ApiResult<SamplingParams> {
+    /// Refuses what loraloom does not do, naming the field, rather than ignore it.
+    fn check_supported(&self) -> ApiResult<()> {
         if self.stream == Some(true) {
             return Err(ApiError::invalid(
                 "stream",
@@ -105,6 +122,25 @@ impl SamplingFields {
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
             return Err(ApiError::invalid("logit_bias", "is not supported"));
         }
+        let plain_text = |f: &Value| f.get("type").and_then(Value::as_str) == Some("text");
+        if self
+            .response_format
+            .as_ref()
+            .is_some_and(|f| !f.is_null() && !plain_text(f))
+        {
+            return Err(ApiError::invalid(
+                "response_format",
+                "only {\"type\": \"text\"} is supported (no constrained decoding)",
+            ));
+        }
+        if self.best_of.is_some_and(|b| Some(b) != self.n && b != 1) {
+            return Err(ApiError::invalid("best_of", "is not supported (ask for n)"));
+        }
+        Ok(())
+    }
+
+    /// The engine's parameters for up to `max_tokens` tokens, stopping at `end_tokens`.
+    fn params(&self, max_tokens: i64, end_tokens: &[i64]) -> ApiResult<SamplingParams> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !temperature.is_finite() || temperature < 0.0 {
             return Err(ApiError::invalid("temperature", "must be a number >= 0"));
@@ -117,38 +153,43 @@ impl SamplingFields {
         if top_k < -1 {
             return Err(ApiError::invalid("top_k", "must be -1 (no limit) or >= 0"));
         }
-        let seed = match self.seed {
-            Some(s) if s < 0 => return Err(ApiError::invalid("seed", "must not be negative")),
-            s => s.map(|s| s as u64),
-        };
-        let stop = match &self.stop {
-            None => Stop::Eos,
-            Some(StopField::One(s)) => Stop::EosOrStrings(vec![s.clone()]),
-            Some(StopField::Many(s)) if s.is_empty() => Stop::Eos,
-            Some(StopField::Many(s)) => Stop::EosOrStrings(s.clone()),
-        };
-        if let Stop::EosOrStrings(strings) = &stop {
-            if strings.iter().any(String::is_empty) {
-                return Err(ApiError::invalid("stop", "stop strings must not be empty"));
-            }
+        let strings = self.stop_strings();
+        if strings.len() > MAX_STOP_SEQUENCES {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} stop strings"),
+            ));
+        }
+        if strings.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::invalid("stop", "stop strings must not be empty"));
         }
         Ok(SamplingParams {
             max_tokens,
             temperature,
             top_k,
             top_p,
-            seed,
-            stop,
+            // Any integer, as OpenAI and the wire's own seeds take (a negative one wraps).
+            seed: self.seed.map(|s| s as u64),
+            stop: Stop::TokensOrStrings {
+                tokens: end_tokens.to_vec(),
+                strings: strings.iter().map(|s| s.to_string()).collect(),
+            },
         })
     }
 
-    /// How many completions (`n`).
-    fn n(&self) -> ApiResult<i64> {
+    /// How many completions (`n`) of each of `prompts` prompts.
+    fn n(&self, prompts: usize) -> ApiResult<i64> {
         let n = self.n.unwrap_or(1);
         if !(1..=MAX_NUM_SAMPLES).contains(&n) {
             return Err(ApiError::invalid(
                 "n",
                 format!("must be from 1 to {MAX_NUM_SAMPLES}"),
+            ));
+        }
+        if n as usize * prompts > MAX_NUM_SAMPLES as usize {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("{prompts} prompts of n = {n}: at most {MAX_NUM_SAMPLES} completions per request"),
             ));
         }
         Ok(n)
@@ -172,7 +213,9 @@ pub(super) struct CompletionRequest {
     #[serde(default)]
     logprobs: Option<i64>,
     #[serde(default)]
-    echo: bool,
+    echo: Option<bool>,
+    #[serde(default)]
+    suffix: Option<String>,
     #[serde(flatten)]
     sampling: SamplingFields,
 }
@@ -185,15 +228,19 @@ pub(super) struct ChatRequest {
     #[serde(default)]
     max_completion_tokens: Option<i64>,
     #[serde(default)]
-    logprobs: bool,
+    logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<i64>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: SamplingFields,
 }
 
 /// Where `model` samples from: the base model, or a checkpoint (checked when its sampling
-/// session is made; another tenant's is not found).
+/// session is made; another tenant's is not found unless published).
 fn model_source(state: &AppState, model: &str) -> ApiResult<SamplerSource> {
     let (base, path) = match model.split_once(';') {
         Some((base, path)) => (Some(base), Some(path)),
@@ -233,52 +280,87 @@ fn top_width(field: &str, k: Option<i64>) -> ApiResult<usize> {
     }
 }
 
-/// Runs one sampling job of `tenant` on `source` and waits for it.
-async fn sample(
+/// Refuses an answer whose logprobs would hold more than [`MAX_LOGPROB_ENTRIES`] entries.
+fn check_logprob_entries(rows: usize, top: usize, field: &str) -> ApiResult<()> {
+    if rows.saturating_mul(top + 1) > MAX_LOGPROB_ENTRIES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the answer would list {rows} tokens' logprobs with {top} alternatives each: at most {MAX_LOGPROB_ENTRIES} entries (ask for fewer completions, a shorter echo or fewer alternatives)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one sampling job of `tenant` on `source` per prompt, and waits for them all; a client
+/// that hangs up meanwhile cancels them.
+async fn sample_all(
     state: &AppState,
     tenant: &str,
     source: SamplerSource,
-    prompt: Vec<i64>,
+    prompts: &[Vec<i64>],
     num_samples: i64,
-    params: SamplingParams,
-    scoring: Scoring,
-) -> ApiResult<SampleOutput> {
+    params: &SamplingParams,
+    scoring: &Scoring,
+) -> ApiResult<Vec<SampleOutput>> {
     let sampler_id = direct_sampler(state, tenant, source)?;
-    let work = Work::Sample {
-        prompt,
-        num_samples,
-        params,
-        scoring,
-        record_stability: false,
-    };
     let queue = QueueKey::Sampler(SamplerKey {
         tenant: tenant.to_string(),
         sampler_id,
     });
-    let id = state.submit(queue, work)?;
-    wait_sample(state, tenant, &id).await
+    let mut jobs = CancelOnDrop::new(state, tenant);
+    for prompt in prompts {
+        let work = Work::Sample {
+            prompt: prompt.clone(),
+            num_samples,
+            params: params.clone(),
+            scoring: scoring.clone(),
+            record_stability: false,
+        };
+        jobs.ids.push(state.submit(queue.clone(), work)?);
+    }
+    let mut outs = Vec::with_capacity(prompts.len());
+    for id in jobs.ids.clone() {
+        outs.push(wait_sample(state, tenant, &id).await?);
+    }
+    jobs.ids.clear();
+    Ok(outs)
 }
 
-/// A generated sequence as OpenAI answers it: its tokens without the end-of-sequence token
-/// that stopped it, and its text cut before the first stop string.
-struct Completion<'a> {
-    seq: &'a SampledSequence,
-    /// How many of `seq.tokens` are answered.
-    kept: usize,
+/// The text of tokens, one token at a time (each decoded once per answer).
+struct TokenTexts<'a> {
+    state: &'a AppState,
+    cache: HashMap<i64, String>,
+}
+
+impl<'a> TokenTexts<'a> {
+    fn new(state: &'a AppState) -> Self {
+        TokenTexts {
+            state,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, token: i64) -> ApiResult<String> {
+        if let Some(text) = self.cache.get(&token) {
+            return Ok(text.clone());
+        }
+        let text = decode(self.state, &[token], false)?;
+        self.cache.insert(token, text.clone());
+        Ok(text)
+    }
+}
+
+/// A generated sequence as OpenAI answers it: its text without special tokens and cut before
+/// the first stop string.
+struct Completion {
     text: String,
     finish_reason: &'static str,
 }
 
-fn completion<'a>(
-    state: &AppState,
-    seq: &'a SampledSequence,
-    stops: &[&str],
-) -> ApiResult<Completion<'a>> {
-    let eos = &state.engine.base().config.eos_token_ids;
-    let ended_by_eos =
-        seq.stop_reason == StopReason::Stop && seq.tokens.last().is_some_and(|t| eos.contains(t));
-    let kept = seq.tokens.len() - usize::from(ended_by_eos);
-    let mut text = decode(state, &seq.tokens[..kept])?;
+fn completion(state: &AppState, seq: &SampledSequence, stops: &[&str]) -> ApiResult<Completion> {
+    let mut text = decode(state, &seq.tokens, true)?;
     let mut finish_reason = match seq.stop_reason {
         StopReason::Stop => "stop",
         StopReason::Length => "length",
@@ -288,17 +370,16 @@ fn completion<'a>(
         finish_reason = "stop";
     }
     Ok(Completion {
-        seq,
-        kept,
         text,
         finish_reason,
     })
 }
 
-fn decode(state: &AppState, tokens: &[i64]) -> ApiResult<String> {
+/// The text of `tokens`, without special tokens when `skip_special`.
+fn decode(state: &AppState, tokens: &[i64], skip_special: bool) -> ApiResult<String> {
     state
         .tokenizer
-        .decode(tokens)
+        .decode_with(tokens, skip_special)
         .map_err(|e| ApiError::Engine(EngineError::Internal(e.to_string())))
 }
 
@@ -310,140 +391,36 @@ fn unix_seconds() -> u64 {
     loraloom_engine::registry::unix_now() as u64
 }
 
-/// `POST /oai/api/v1/completions`.
-pub(super) async fn completions(
-    State(state): State<AppState>,
-    Tenant(tenant): Tenant,
-    JsonBody(body): JsonBody<CompletionRequest>,
-) -> ApiResult<Json<Value>> {
-    let one = |what: &str| {
-        ApiError::invalid(
-            "prompt",
-            format!("one prompt per request ({what}); send several requests, they are batched"),
-        )
-    };
-    let encode = |text: &str| {
-        state
-            .tokenizer
-            .encode(text)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
-    };
-    let prompt = match &body.prompt {
-        PromptField::Text(text) => encode(text)?,
-        PromptField::Tokens(tokens) => tokens.clone(),
-        PromptField::Texts(texts) if texts.len() == 1 => encode(&texts[0])?,
-        PromptField::TokenLists(lists) if lists.len() == 1 => lists[0].clone(),
-        PromptField::Texts(_) => return Err(one("a list of texts")),
-        PromptField::TokenLists(_) => return Err(one("a list of token lists")),
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("prompt", "must not be empty"));
-    }
-    let max_tokens = body.max_tokens.unwrap_or(16);
-    if max_tokens < 0 || (max_tokens == 0 && !body.echo) {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "must be at least 1 (0 only with echo, to score the prompt)",
-        ));
-    }
-    let top = top_width("logprobs", body.logprobs)?;
-    let want_logprobs = body.logprobs.is_some();
-    let fields = &body.sampling;
-    let n = fields.n()?;
-    // `max_tokens` 0 (a prompt scored, nothing generated) still runs one decode step.
-    let params = fields.params(max_tokens.max(1))?;
-    let scoring = Scoring {
-        prompt_logprobs: body.echo && want_logprobs,
-        prompt_top_k: if body.echo { top } else { 0 },
-        sample_top_k: top,
-        ..Scoring::default()
-    };
-    let source = model_source(&state, &fields.model)?;
-    let out = sample(&state, &tenant, source, prompt.clone(), n, params, scoring).await?;
-    let stops = fields.stop_strings();
-    let prompt_text = if body.echo {
-        decode(&state, &prompt)?
-    } else {
-        String::new()
-    };
-    let mut generated = 0;
-    let mut choices = Vec::new();
-    for (index, seq) in out.sequences.iter().enumerate() {
-        let mut c = completion(&state, seq, &stops)?;
-        if max_tokens == 0 {
-            c.kept = 0;
-            c.text.clear();
-            c.finish_reason = "length";
-        }
-        generated += c.kept;
-        let logprobs = if want_logprobs {
-            completion_logprobs(&state, &out, &prompt, body.echo, &c)?
-        } else {
-            Value::Null
-        };
-        choices.push(json!({
-            "index": index,
-            "text": format!("{prompt_text}{}", c.text),
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }));
-    }
-    Ok(Json(json!({
-        "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-        "object": "text_completion",
-        "created": unix_seconds(),
-        "model": fields.model,
-        "choices": choices,
-        "usage": usage(prompt.len(), generated),
-    })))
-}
+/// One token of a legacy `logprobs` answer: its id, logprob (`None` for a prompt's first) and
+/// most likely alternatives.
+type Row<'a> = (i64, Option<f32>, Option<&'a TopK>);
 
-/// A completion's `logprobs` (OpenAI's legacy shape): each token's text, logprob, most likely
-/// alternatives and character offset, the prompt's first (its first token has no logprob)
-/// when echoed.
-fn completion_logprobs(
-    state: &AppState,
-    out: &SampleOutput,
-    prompt: &[i64],
-    echo: bool,
-    c: &Completion,
-) -> ApiResult<Value> {
-    // (token, its logprob, its most likely alternatives)
-    let mut rows: Vec<(i64, Option<f32>, Option<&TopK>)> = Vec::new();
-    if echo {
-        let lps = out.prompt.logprobs.as_deref().unwrap_or_default();
-        let tops = out.prompt.top_k.as_deref().unwrap_or_default();
-        for (i, &token) in prompt.iter().enumerate() {
-            let lp = lps.get(i).copied().flatten();
-            let top = tops.get(i).and_then(Option::as_ref);
-            rows.push((token, lp, top));
-        }
-    }
-    for i in 0..c.kept {
-        let top = c.seq.top_k.as_ref().and_then(|t| t.get(i));
-        rows.push((c.seq.tokens[i], Some(c.seq.logprobs[i]), top));
-    }
-    let mut tokens = Vec::new();
-    let mut token_logprobs = Vec::new();
-    let mut top_logprobs = Vec::new();
-    let mut text_offset = Vec::new();
+/// OpenAI's legacy `logprobs` of `rows`: each token's text, logprob, alternatives (a dict that
+/// also holds the token itself; `null` for a prompt's first) and character offset.
+fn legacy_logprobs(texts: &mut TokenTexts, rows: &[Row]) -> ApiResult<Value> {
+    let mut tokens = Vec::with_capacity(rows.len());
+    let mut token_logprobs = Vec::with_capacity(rows.len());
+    let mut top_logprobs = Vec::with_capacity(rows.len());
+    let mut text_offset = Vec::with_capacity(rows.len());
     let mut offset = 0;
-    for (token, lp, top) in rows {
-        let text = decode(state, &[token])?;
+    for &(token, lp, top) in rows {
+        let text = texts.get(token)?;
         text_offset.push(offset);
-        offset += text.len();
-        tokens.push(text);
-        token_logprobs.push(lp);
-        top_logprobs.push(match top {
-            Some(top) => {
+        offset += text.chars().count();
+        top_logprobs.push(match lp {
+            None => Value::Null,
+            Some(lp) => {
                 let mut alternatives = serde_json::Map::new();
-                for &(id, lp) in top {
-                    alternatives.insert(decode(state, &[id])?, json!(lp));
+                // Most likely first: a text two tokens share keeps the higher logprob.
+                for &(id, alt) in top.into_iter().flatten() {
+                    alternatives.entry(texts.get(id)?).or_insert(json!(alt));
                 }
+                alternatives.entry(text.clone()).or_insert(json!(lp));
                 Value::Object(alternatives)
             }
-            None => Value::Null,
         });
+        tokens.push(text);
+        token_logprobs.push(lp);
     }
     Ok(json!({
         "tokens": tokens,
@@ -453,8 +430,146 @@ fn completion_logprobs(
     }))
 }
 
-/// A message's `content` as the chat template reads it: a string (a list of text parts is
-/// joined).
+/// A prompt's rows for an echoed `logprobs` answer.
+fn prompt_rows<'a>(prompt: &[i64], out: &'a SampleOutput) -> Vec<Row<'a>> {
+    let lps = out.prompt.logprobs.as_deref().unwrap_or_default();
+    let tops = out.prompt.top_k.as_deref().unwrap_or_default();
+    prompt
+        .iter()
+        .enumerate()
+        .map(|(i, &token)| {
+            let lp = lps.get(i).copied().flatten();
+            (token, lp, tops.get(i).and_then(Option::as_ref))
+        })
+        .collect()
+}
+
+/// A sequence's generated rows (the first `len` tokens).
+fn generated_rows(seq: &SampledSequence, len: usize) -> Vec<Row<'_>> {
+    (0..len.min(seq.tokens.len()))
+        .map(|i| {
+            let top = seq.top_k.as_ref().and_then(|t| t.get(i));
+            (seq.tokens[i], seq.logprobs.get(i).copied(), top)
+        })
+        .collect()
+}
+
+/// `POST /oai/api/v1/completions`.
+pub(super) async fn completions(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    JsonBody(body): JsonBody<CompletionRequest>,
+) -> OaiResult<Json<Value>> {
+    let fields = &body.sampling;
+    fields.check_supported()?;
+    if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "is not supported").into());
+    }
+    let echo = body.echo.unwrap_or(false);
+    let encode = |text: &str| {
+        state
+            .tokenizer
+            .encode_with_special(text)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    };
+    // Each prompt's ids, and its text as given (what `echo` answers).
+    let prompts: Vec<(Vec<i64>, Option<&str>)> = match &body.prompt {
+        PromptField::Text(text) => vec![(encode(text)?, Some(text.as_str()))],
+        PromptField::Tokens(tokens) => vec![(tokens.clone(), None)],
+        PromptField::Texts(texts) => texts
+            .iter()
+            .map(|t| Ok((encode(t)?, Some(t.as_str()))))
+            .collect::<ApiResult<_>>()?,
+        PromptField::TokenLists(lists) => lists.iter().map(|t| (t.clone(), None)).collect(),
+    };
+    if prompts.is_empty() || prompts.iter().any(|(ids, _)| ids.is_empty()) {
+        return Err(ApiError::invalid("prompt", "must not be empty").into());
+    }
+    let max_tokens = body.max_tokens.unwrap_or(16);
+    if max_tokens < 0 || (max_tokens == 0 && !echo) {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "must be at least 1 (0 only with echo, to score the prompt)",
+        )
+        .into());
+    }
+    let top = top_width("logprobs", body.logprobs)?;
+    let want_logprobs = body.logprobs.is_some();
+    let n = fields.n(prompts.len())?;
+    if want_logprobs {
+        let echoed: usize = if echo {
+            prompts.iter().map(|(ids, _)| ids.len()).sum()
+        } else {
+            0
+        };
+        let rows = (echoed + prompts.len() * max_tokens as usize) * n as usize;
+        check_logprob_entries(rows, top, "logprobs")?;
+    }
+    // `max_tokens` 0 (a prompt scored, nothing generated) still runs one decode step.
+    let params = fields.params(max_tokens.max(1), &state.end_tokens)?;
+    let scoring = Scoring {
+        prompt_logprobs: echo && want_logprobs,
+        prompt_top_k: if echo { top } else { 0 },
+        sample_top_k: top,
+        ..Scoring::default()
+    };
+    let source = model_source(&state, &fields.model)?;
+    let ids: Vec<Vec<i64>> = prompts.iter().map(|(ids, _)| ids.clone()).collect();
+    let outs = sample_all(&state, &tenant, source, &ids, n, &params, &scoring).await?;
+    let stops = fields.stop_strings();
+    let mut texts = TokenTexts::new(&state);
+    let mut generated = 0;
+    let mut choices = Vec::new();
+    for ((prompt, given), out) in prompts.iter().zip(&outs) {
+        let prompt_text = match (echo, given) {
+            (false, _) => String::new(),
+            (true, Some(text)) => text.to_string(),
+            (true, None) => decode(&state, prompt, false)?,
+        };
+        let echoed = if echo && want_logprobs {
+            prompt_rows(prompt, out)
+        } else {
+            Vec::new()
+        };
+        for seq in &out.sequences {
+            let mut c = completion(&state, seq, &stops)?;
+            let kept = if max_tokens == 0 {
+                c.text.clear();
+                c.finish_reason = "length";
+                0
+            } else {
+                seq.tokens.len()
+            };
+            generated += kept;
+            let logprobs = if want_logprobs {
+                let mut rows = echoed.clone();
+                rows.extend(generated_rows(seq, kept));
+                legacy_logprobs(&mut texts, &rows)?
+            } else {
+                Value::Null
+            };
+            choices.push(json!({
+                "index": choices.len(),
+                "text": format!("{prompt_text}{}", c.text),
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+            }));
+        }
+    }
+    let prompt_tokens = prompts.iter().map(|(ids, _)| ids.len()).sum();
+    Ok(Json(json!({
+        "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        "object": "text_completion",
+        "created": unix_seconds(),
+        "model": fields.model,
+        "system_fingerprint": null,
+        "choices": choices,
+        "usage": usage(prompt_tokens, generated),
+    })))
+}
+
+/// A message as the chat template reads it: its fields, `content` a string when given as text
+/// parts (joined by newlines, as vLLM joins them).
 fn message_for_template(index: usize, message: &Value) -> ApiResult<Value> {
     let field = |name: &str| format!("messages[{index}].{name}");
     let Value::Object(fields) = message else {
@@ -468,13 +583,13 @@ fn message_for_template(index: usize, message: &Value) -> ApiResult<Value> {
     }
     let mut fields = fields.clone();
     if let Some(Value::Array(parts)) = fields.get("content") {
-        let mut text = String::new();
+        let mut texts = Vec::with_capacity(parts.len());
         for (j, part) in parts.iter().enumerate() {
             match (
                 part.get("type").and_then(Value::as_str),
                 part.get("text").and_then(Value::as_str),
             ) {
-                (Some("text"), Some(t)) => text.push_str(t),
+                (Some("text"), Some(t)) => texts.push(t),
                 _ => {
                     return Err(ApiError::invalid(
                         field(&format!("content[{j}]")),
@@ -483,7 +598,7 @@ fn message_for_template(index: usize, message: &Value) -> ApiResult<Value> {
                 }
             }
         }
-        fields.insert("content".into(), Value::String(text));
+        fields.insert("content".into(), Value::String(texts.join("\n")));
     }
     Ok(Value::Object(fields))
 }
@@ -493,15 +608,25 @@ pub(super) async fn chat_completions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<ChatRequest>,
-) -> ApiResult<Json<Value>> {
-    let template = state.chat_template.as_ref().ok_or_else(|| {
+) -> OaiResult<Json<Value>> {
+    let fields = &body.sampling;
+    fields.check_supported()?;
+    for (field, value) in [("tools", &body.tools), ("tool_choice", &body.tool_choice)] {
+        let none = value
+            .as_ref()
+            .is_none_or(|v| v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v == "none");
+        if !none {
+            return Err(ApiError::invalid(field, "tool calling is not supported").into());
+        }
+    }
+    let template = state.chat_template.clone().ok_or_else(|| {
         ApiError::invalid(
             "messages",
             "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /completions",
         )
     })?;
     if body.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "must not be empty"));
+        return Err(ApiError::invalid("messages", "must not be empty").into());
     }
     let messages = body
         .messages
@@ -509,62 +634,78 @@ pub(super) async fn chat_completions(
         .enumerate()
         .map(|(i, m)| message_for_template(i, m))
         .collect::<ApiResult<Vec<Value>>>()?;
-    let text = template
-        .render(&Value::Array(messages), true)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompt = state
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let room = state.engine.base().max_context_length - prompt.len() as i64;
+    // Rendering and encoding a long conversation is CPU work: off the async threads.
+    let tokenizer = state.tokenizer.clone();
+    let prompt = tokio::task::spawn_blocking(move || -> ApiResult<Vec<i64>> {
+        let text = template
+            .render(&Value::Array(messages), true)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::Engine(EngineError::Internal(e.to_string())))??;
+    let context = state.engine.base().max_context_length;
+    let room = context - prompt.len() as i64;
     if room < 1 {
         return Err(ApiError::invalid(
             "messages",
             format!(
-                "the conversation is {} tokens: it leaves no room in the model's context of {}",
+                "the conversation is {} tokens: it leaves no room in the model's context of {context}",
                 prompt.len(),
-                state.engine.base().max_context_length
             ),
-        ));
+        )
+        .into());
     }
     let (limit_field, limit) = match (body.max_completion_tokens, body.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
     };
     let max_tokens = match limit {
-        Some(m) if m < 1 => return Err(ApiError::invalid(limit_field, "must be at least 1")),
+        Some(m) if m < 1 => return Err(ApiError::invalid(limit_field, "must be at least 1").into()),
         Some(m) => m,
         None => room.min(DEFAULT_CHAT_MAX_TOKENS),
     };
-    if body.top_logprobs.is_some() && !body.logprobs {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "needs logprobs set to true",
-        ));
+    let want_logprobs = body.logprobs.unwrap_or(false);
+    if body.top_logprobs.is_some_and(|k| k > 0) && !want_logprobs {
+        return Err(ApiError::invalid("top_logprobs", "needs logprobs set to true").into());
     }
     let top = top_width("top_logprobs", body.top_logprobs)?;
-    let fields = &body.sampling;
-    let n = fields.n()?;
-    let params = fields.params(max_tokens)?;
+    let n = fields.n(1)?;
+    if want_logprobs {
+        check_logprob_entries(max_tokens as usize * n as usize, top, "top_logprobs")?;
+    }
+    let params = fields.params(max_tokens, &state.end_tokens)?;
     let scoring = Scoring {
         sample_top_k: top,
         ..Scoring::default()
     };
     let source = model_source(&state, &fields.model)?;
-    let out = sample(&state, &tenant, source, prompt.clone(), n, params, scoring).await?;
+    let outs = sample_all(
+        &state,
+        &tenant,
+        source,
+        std::slice::from_ref(&prompt),
+        n,
+        &params,
+        &scoring,
+    )
+    .await?;
     let stops = fields.stop_strings();
+    let mut texts = TokenTexts::new(&state);
     let mut generated = 0;
     let mut choices = Vec::new();
-    for (index, seq) in out.sequences.iter().enumerate() {
+    for seq in outs.iter().flat_map(|out| &out.sequences) {
         let c = completion(&state, seq, &stops)?;
-        generated += c.kept;
-        let logprobs = if body.logprobs {
-            json!({"content": chat_logprobs(&state, &c, top > 0)?})
+        generated += seq.tokens.len();
+        let logprobs = if want_logprobs {
+            json!({"content": chat_logprobs(&mut texts, seq, top > 0)?})
         } else {
             Value::Null
         };
         choices.push(json!({
-            "index": index,
+            "index": choices.len(),
             "message": {"role": "assistant", "content": c.text},
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
@@ -575,6 +716,7 @@ pub(super) async fn chat_completions(
         "object": "chat.completion",
         "created": unix_seconds(),
         "model": fields.model,
+        "system_fingerprint": null,
         "choices": choices,
         "usage": usage(prompt.len(), generated),
     })))
@@ -582,25 +724,29 @@ pub(super) async fn chat_completions(
 
 /// A chat completion's `logprobs.content`: each generated token's text, bytes, logprob and
 /// (when asked) most likely alternatives.
-fn chat_logprobs(state: &AppState, c: &Completion, with_top: bool) -> ApiResult<Vec<Value>> {
-    let entry = |token: i64, lp: f32| -> ApiResult<Value> {
-        let text = decode(state, &[token])?;
-        Ok(json!({"token": text, "logprob": lp, "bytes": text.as_bytes()}))
+fn chat_logprobs(
+    texts: &mut TokenTexts,
+    seq: &SampledSequence,
+    with_top: bool,
+) -> ApiResult<Vec<Value>> {
+    let mut entry = |token: i64, lp: f32| -> ApiResult<Value> {
+        let text = texts.get(token)?;
+        Ok(json!({"bytes": text.as_bytes(), "logprob": lp, "token": text}))
     };
-    (0..c.kept)
-        .map(|i| {
-            let mut e = entry(c.seq.tokens[i], c.seq.logprobs[i])?;
-            let top = match c.seq.top_k.as_ref().and_then(|t| t.get(i)) {
-                Some(top) if with_top => top
-                    .iter()
-                    .map(|&(id, lp)| entry(id, lp))
-                    .collect::<ApiResult<Vec<Value>>>()?,
-                _ => Vec::new(),
-            };
-            e["top_logprobs"] = json!(top);
-            Ok(e)
-        })
-        .collect()
+    let mut content = Vec::with_capacity(seq.tokens.len());
+    for (token, lp, top) in generated_rows(seq, seq.tokens.len()) {
+        let mut e = entry(token, lp.unwrap_or(f32::NAN))?;
+        let alternatives = match top {
+            Some(top) if with_top => top
+                .iter()
+                .map(|&(id, lp)| entry(id, lp))
+                .collect::<ApiResult<Vec<Value>>>()?,
+            _ => Vec::new(),
+        };
+        e["top_logprobs"] = json!(alternatives);
+        content.push(e);
+    }
+    Ok(content)
 }
 
 /// `GET /oai/api/v1/models`: the base model (a checkpoint path is a model too, not listed).

@@ -253,8 +253,40 @@ pub(super) async fn sample_sync(
     JsonBody(body): JsonBody<SampleRequest>,
 ) -> ApiResult<Response> {
     let (id, _) = submit_sample(&state, &tenant, body, false)?;
+    let mut job = CancelOnDrop::new(&state, &tenant);
+    job.ids.push(id.clone());
     let out = wait_sample(&state, &tenant, &id).await?;
+    job.ids.clear();
     Ok(Json(sample_json(&out)).into_response())
+}
+
+/// Sampling jobs a handler waits for, cancelled if the handler is dropped before they finish
+/// (its client hung up): no decode runs on for an answer nobody will read.
+pub(super) struct CancelOnDrop<'a> {
+    state: &'a AppState,
+    tenant: &'a str,
+    /// The jobs not yet answered; cleared once they are.
+    pub(super) ids: Vec<String>,
+}
+
+impl<'a> CancelOnDrop<'a> {
+    pub(super) fn new(state: &'a AppState, tenant: &'a str) -> Self {
+        CancelOnDrop {
+            state,
+            tenant,
+            ids: Vec::new(),
+        }
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            if let Ok(true) = self.state.engine.cancel(self.tenant, id) {
+                tracing::debug!(request_id = %id, "sampling job cancelled: its client hung up");
+            }
+        }
+    }
 }
 
 /// The result of sampling request `id` of `tenant`, once it is done.
