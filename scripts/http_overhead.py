@@ -31,14 +31,19 @@ def result(s, rid):
             return r
 
 
-def main():
-    s = requests.Session()
+def new_run(s, lora_config):
+    """A new training run of the served model with `lora_config`: its id."""
     caps = s.get(URL + "/api/v1/get_server_capabilities", headers=H).json()
     model = caps["supported_models"][0]["model_name"]
     session = post(s, "/api/v1/create_session", {})["session_id"]
     p = post(s, "/api/v1/create_model", {"session_id": session, "base_model": model,
-                                         "lora_config": {"rank": 1, "train_mlp": False, "train_unembed": False}})
-    model_id = result(s, p["request_id"])["model_id"]
+                                         "lora_config": lora_config})
+    return result(s, p["request_id"])["model_id"]
+
+
+def main():
+    s = requests.Session()
+    model_id = new_run(s, {"rank": 1, "train_mlp": False, "train_unembed": False})
     times = []
     for _ in range(N):
         t = time.perf_counter()

@@ -16,7 +16,7 @@ import time
 
 import requests
 
-from http_overhead import H, URL, post, result
+from http_overhead import new_run, post, result
 
 N = int(os.environ.get("N", "40"))
 
@@ -35,12 +35,7 @@ def body(model_id, n, length, vocab):
 
 def main():
     s = requests.Session()
-    caps = s.get(URL + "/api/v1/get_server_capabilities", headers=H).json()
-    model = caps["supported_models"][0]["model_name"]
-    session = post(s, "/api/v1/create_session", {})["session_id"]
-    p = post(s, "/api/v1/create_model", {"session_id": session, "base_model": model,
-                                         "lora_config": {"rank": 8}})
-    model_id = result(s, p["request_id"])["model_id"]
+    model_id = new_run(s, {"rank": 8})
     vocab = 100  # valid in every model this is run on
     for n, length in ((1, 128), (8, 2048)):
         payload = body(model_id, n, length, vocab)

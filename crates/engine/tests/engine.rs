@@ -142,6 +142,14 @@ fn wait(engine: &Engine, tenant: &str, id: &str) -> FutureState {
         .unwrap()
 }
 
+/// The output of tenant `t`'s request `id`, which must succeed.
+fn done(engine: &Engine, id: &str) -> Output {
+    match wait(engine, "t", id) {
+        FutureState::Done(out) => out,
+        other => panic!("{id}: {other:?}"),
+    }
+}
+
 #[test]
 fn every_runs_jobs_start_in_submission_order_under_concurrent_clients() {
     // Admission bounds are not under test here: a tenant holds up to 300 of the 1,000 jobs, and
@@ -421,6 +429,11 @@ fn repo_root() -> PathBuf {
         .unwrap()
 }
 
+/// The tiny checkpoint's model on the CPU, in f32.
+fn tiny_decoder() -> Decoder {
+    Decoder::load(&tiny_checkpoint(), Device::Cpu, Some(Kind::Float)).unwrap()
+}
+
 fn tiny_checkpoint() -> PathBuf {
     let dir = temp_dir("tiny");
     let python = std::env::var_os("LORALOOM_PYTHON")
@@ -474,8 +487,7 @@ fn model_engine_with(max_resident: usize, max_samplers: usize) -> (Engine, Decod
 
 /// Like [`model_engine`], with its worker configured by `configure`.
 fn model_engine_of(configure: impl FnOnce(ModelWorker) -> ModelWorker) -> (Engine, Decoder) {
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let decoder = tiny_decoder();
     let registry = Arc::new(Registry::new(temp_dir("reg")));
     let worker = configure(ModelWorker::new(
         decoder.shallow_clone(),
@@ -647,8 +659,7 @@ fn durable_engine_with(data_dir: &Path, decoder: &Decoder, journal: bool) -> Eng
 
 #[test]
 fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let decoder = tiny_decoder();
     let data_dir = temp_dir("crash");
     let hp = AdamParams {
         learning_rate: 1e-2,
@@ -660,10 +671,6 @@ fn a_crash_loses_no_job_and_no_gradients_a_run_was_told_of() {
         data: data(seed),
         loss: LossFn::CrossEntropy,
         backward: true,
-    };
-    let done = |engine: &Engine, id: &str| match wait(engine, "t", id) {
-        FutureState::Done(out) => out,
-        other => panic!("{id}: {other:?}"),
     };
 
     let engine = durable_engine(&data_dir, &decoder);
@@ -762,15 +769,10 @@ fn a_save_run_again_after_a_crash_that_followed_its_landing_answers_as_it_did() 
     // future settled leaves the save journaled and unsettled: the restart runs it again, and it
     // must find its own checkpoint, not fail "already exists". An inflight save must also move
     // the run's earlier inflight sessions, which the crash may have cut off.
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let decoder = tiny_decoder();
     let data_dir = temp_dir("crash-save");
     let k = key("t", "a");
     let q = QueueKey::Model(k.clone());
-    let done = |engine: &Engine, id: &str| match wait(engine, "t", id) {
-        FutureState::Done(out) => out,
-        other => panic!("{id}: {other:?}"),
-    };
     let engine = durable_engine(&data_dir, &decoder);
     let created = engine
         .create_model(k.clone(), spec(4, 3), serde_json::Value::Null, None)
@@ -878,8 +880,7 @@ fn gradients_a_server_without_the_journal_saved_are_lost_at_a_crash_not_stepped_
     // An upgrade: a server without the journal shuts down with gradients pending (in its
     // snapshot), the new one restores them and takes more, through a graceful restart too;
     // then a crash. The journal answers only for what it saw: the step is refused.
-    let dir = tiny_checkpoint();
-    let decoder = Decoder::load(&dir, Device::Cpu, Some(Kind::Float)).unwrap();
+    let decoder = tiny_decoder();
     let data_dir = temp_dir("upgrade");
     let k = key("t", "a");
     let q = QueueKey::Model(k.clone());
