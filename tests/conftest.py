@@ -23,9 +23,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None, port: int | None = None):
+    def __init__(self, data_dir: Path, *extra: str, env: dict | None = None, port: int | None = None,
+                 model: tuple[Path, str] | None = None):
         """`loraloom serve` on `data_dir`, once healthy; on `port` (a restart where clients
-        already point) or a free one."""
+        already point) or a free one; the default model unless `model` (its folder and name)."""
         # f32 unless a test asks otherwise: the tolerances of the f32 oracles must not depend on
         # a LORALOOM_DTYPE left in the shell.
         if "--dtype" not in extra:
@@ -34,9 +35,10 @@ class Server:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir / "server.log", "w+")
+        model_dir, model_name = model or (DEFAULT_MODEL_DIR, MODEL_NAME)
         self.proc = subprocess.Popen(
-            [str(BINARY), "serve", "--port", str(self.port), "--model", str(DEFAULT_MODEL_DIR),
-             "--model-name", "HuggingFaceTB/SmolLM2-135M-Instruct", "--data-dir", str(data_dir), *extra],
+            [str(BINARY), "serve", "--port", str(self.port), "--model", str(model_dir),
+             "--model-name", model_name, "--data-dir", str(data_dir), *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         deadline = time.time() + 120

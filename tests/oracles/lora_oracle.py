@@ -2,8 +2,10 @@
 """Oracles for LoRA training: peft logits/gradients, the Tinker losses, Adam.
 
 Usage:
-  lora_oracle.py peft-grads TINY_DIR OUT_DIR      peft adapter (given random A/B) + batch, loss, grads
-                                                  (f32, and bf16.* with the base in bf16)
+  lora_oracle.py peft-grads TINY_DIR OUT_DIR [TARGETS]
+                                                  peft adapter (given random A/B) + batch, loss, grads
+                                                  (f32, and bf16.* with the base in bf16); TARGETS:
+                                                  comma-separated modules (default all seven + lm_head)
   lora_oracle.py peft-logits TINY_DIR ADAPTER OUT logits of TINY_DIR + a saved adapter, via peft
   lora_oracle.py peft-topk TINY_DIR OUT_DIR       peft-grads' adapter and inputs, K = 5 targets per
                                                   position (top-K distillation): logprobs, loss, grads
@@ -43,14 +45,14 @@ def batch(vocab: int):
     return ids, targets, weights, lengths
 
 
-def peft_model(tiny: Path, adapter: Path | None = None):
+def peft_model(tiny: Path, adapter: Path | None = None, targets: list[str] = TARGETS):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
     if adapter is not None:
         return PeftModel.from_pretrained(base, adapter).eval()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, bias="none",
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(SEED + 1)
@@ -77,13 +79,13 @@ def cross_entropy_pass(model, ids, targets, weights, lengths, prefix: str = "") 
     return {prefix + k: v for k, v in tensors.items()}
 
 
-def peft_grads(tiny: Path, out: Path) -> None:
+def peft_grads(tiny: Path, out: Path, targets: list[str] = TARGETS) -> None:
     """The f32 pass, and (named `bf16.*`) the same adapter on the base model loaded in bf16, as
     peft runs it there: its LoRA weights stay f32 (peft's `autocast_adapter_dtype`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = peft_model(tiny)
+    model = peft_model(tiny, targets=targets)
     model.save_pretrained(out / "adapter")
     ids, targets, weights, lengths = batch(model.config.vocab_size)
     tensors = {"input_ids": ids, "targets": targets, "weights": weights, "lengths": lengths}
@@ -202,7 +204,8 @@ if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "peft-grads":
         Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
-        peft_grads(Path(sys.argv[2]), Path(sys.argv[3]))
+        modules = sys.argv[4].split(",") if len(sys.argv) > 4 else TARGETS
+        peft_grads(Path(sys.argv[2]), Path(sys.argv[3]), modules)
     elif cmd == "peft-topk":
         Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
         peft_topk(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -3,6 +3,8 @@
 
 Usage:
   tiny_models.py make ARCH OUT_DIR     tiny random ARCH checkpoint (fixed seed) + expected.safetensors
+                                       (ARCH qwen3_moe: experts one tensor each, as on the Hub;
+                                       qwen3_moe_fused: transformers 5's fused expert tensors)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -54,6 +56,14 @@ def tiny_config(arch: str):
     if arch == "qwen3":
         return tf.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True,
                               rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch in ("qwen3_moe", "qwen3_moe_fused"):
+        # Layer 1 dense (mlp_only_layers), layers 0 and 2 sparse; top-3 of 8 experts,
+        # renormalised as Qwen3-30B-A3B does.
+        return tf.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=32,
+                                 tie_word_embeddings=False, num_experts=8, num_experts_per_tok=3,
+                                 moe_intermediate_size=32, norm_topk_prob=True,
+                                 decoder_sparse_step=1, mlp_only_layers=[1],
+                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "mistral":
@@ -84,9 +94,32 @@ def batch_inputs(vocab: int):
     return ids, lengths, mask
 
 
-def save_checkpoint(model, out: Path) -> None:
+def split_experts(state: dict) -> dict:
+    """transformers 5's fused expert tensors as the Hub's one tensor per expert and projection
+    (what `save_pretrained` writes: `gate_up_proj` is the gate rows, then the up rows)."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith(".experts.gate_up_proj"):
+            base = name[: -len("gate_up_proj")]
+            inter = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = value[e, :inter]
+                out[f"{base}{e}.up_proj.weight"] = value[e, inter:]
+        elif name.endswith(".experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(value.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = value[e]
+        else:
+            out[name] = value
+    return out
+
+
+def save_checkpoint(model, out: Path, fused_experts: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if not fused_experts:
+        state = split_experts(state)
+    state = {k: v.contiguous() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -99,7 +132,7 @@ def make(arch: str, out: Path) -> None:
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
     randomize(model)
-    save_checkpoint(model, out)
+    save_checkpoint(model, out, fused_experts=arch.endswith("_fused"))
     ids, lengths, mask = batch_inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits

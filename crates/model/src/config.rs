@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::error::ModelError;
 
 /// Decoder families loraloom can run. They share one block layout and differ in biases,
-/// q/k norms and defaults.
+/// q/k norms, defaults and (Qwen3-MoE) a mixture of experts in place of some blocks' MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// `LlamaForCausalLM` (also SmolLM2).
@@ -18,6 +18,9 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM`: RMSNorm on each head of q and k.
     Qwen3,
+    /// `Qwen3MoeForCausalLM`: Qwen3's attention; a routed mixture of experts as the MLP of
+    /// its sparse layers ([`MoeConfig`]).
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -28,8 +31,31 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen3Moe => "qwen3_moe",
         }
     }
+
+    /// RMSNorm on each head of q and k (the Qwen3 families).
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
+    }
+}
+
+/// The mixture of experts of a Qwen3-MoE model: in each sparse layer a router picks
+/// `experts_per_token` of `num_experts` gated MLPs per token and sums their outputs weighted by
+/// the router's probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per sparse layer.
+    pub num_experts: i64,
+    /// Experts each token is routed to (`k` of top-k).
+    pub experts_per_token: i64,
+    /// Width of one expert's hidden layer.
+    pub expert_intermediate_size: i64,
+    /// The `k` routing probabilities are renormalised to sum to one.
+    pub norm_topk_prob: bool,
+    /// Per layer: whether its MLP is the mixture (else a dense MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
 }
 
 /// Llama-3 style frequency scaling of RoPE (`rope_type: "llama3"`).
@@ -82,6 +108,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// End-of-sequence tokens (sampling stops on them unless told otherwise).
     pub eos_token_ids: Vec<i64>,
+    /// The mixture of experts, for a Qwen3-MoE model.
+    pub moe: Option<MoeConfig>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +144,14 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     eos_token_id: Option<OneOrMany>,
+    num_experts: Option<i64>,
+    /// transformers 5's name for `num_experts` in the files it writes.
+    num_local_experts: Option<i64>,
+    num_experts_per_tok: Option<i64>,
+    moe_intermediate_size: Option<i64>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<i64>,
+    mlp_only_layers: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +211,7 @@ impl ModelConfig {
             "mistral" | "MistralForCausalLM" => Architecture::Mistral,
             "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
             "qwen3" | "Qwen3ForCausalLM" => Architecture::Qwen3,
+            "qwen3_moe" | "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
             other => {
                 return Err(ModelError::UnsupportedArchitecture(if other.is_empty() {
                     "<no model_type>".to_string()
@@ -213,6 +250,14 @@ impl ModelConfig {
                 "config.json: head_dim must be even for RoPE, got {head_dim}"
             )));
         }
+        let num_layers = positive(
+            required(raw.num_hidden_layers, "num_hidden_layers")?,
+            "num_hidden_layers",
+        )?;
+        let moe = match architecture {
+            Architecture::Qwen3Moe => Some(moe_config(&raw, hidden_size, num_layers)?),
+            _ => None,
+        };
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
         let rope = raw.rope_parameters.or(raw.rope_scaling);
         let rope_theta = rope
@@ -259,10 +304,7 @@ impl ModelConfig {
                 required(raw.intermediate_size, "intermediate_size")?,
                 "intermediate_size",
             )?,
-            num_layers: positive(
-                required(raw.num_hidden_layers, "num_hidden_layers")?,
-                "num_hidden_layers",
-            )?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -280,8 +322,57 @@ impl ModelConfig {
                 Some(OneOrMany::One(id)) => vec![id],
                 Some(OneOrMany::Many(ids)) => ids,
             },
+            moe,
         })
     }
+}
+
+/// Elements a dimension of an expert's weights must be a multiple of: the grouped matmul that
+/// runs every expert at once reads rows aligned to 16 bytes (8 bf16 elements).
+const EXPERT_ALIGN: i64 = 8;
+
+/// The mixture-of-experts fields of a Qwen3-MoE `config.json`.
+fn moe_config(raw: &RawConfig, hidden_size: i64, num_layers: i64) -> Result<MoeConfig, ModelError> {
+    let num_experts = positive(
+        required(raw.num_experts.or(raw.num_local_experts), "num_experts")?,
+        "num_experts",
+    )?;
+    let experts_per_token = positive(
+        required(raw.num_experts_per_tok, "num_experts_per_tok")?,
+        "num_experts_per_tok",
+    )?;
+    if experts_per_token > num_experts {
+        return Err(ModelError::Config(format!(
+            "config.json: num_experts_per_tok ({experts_per_token}) exceeds num_experts ({num_experts})"
+        )));
+    }
+    let expert_intermediate_size = positive(
+        required(raw.moe_intermediate_size, "moe_intermediate_size")?,
+        "moe_intermediate_size",
+    )?;
+    for (field, value) in [
+        ("hidden_size", hidden_size),
+        ("moe_intermediate_size", expert_intermediate_size),
+    ] {
+        if value % EXPERT_ALIGN != 0 {
+            return Err(ModelError::Config(format!(
+                "config.json: `{field}` of a mixture-of-experts model must be a multiple of {EXPERT_ALIGN}, got {value}"
+            )));
+        }
+    }
+    let step = positive(raw.decoder_sparse_step.unwrap_or(1), "decoder_sparse_step")?;
+    let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+    // As transformers' Qwen3MoeDecoderLayer decides.
+    let sparse_layers = (0..num_layers)
+        .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+        .collect();
+    Ok(MoeConfig {
+        num_experts,
+        experts_per_token,
+        expert_intermediate_size,
+        norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
+        sparse_layers,
+    })
 }
 
 #[cfg(test)]
@@ -310,6 +401,38 @@ mod tests {
     fn missing_field_is_named() {
         let err = ModelConfig::from_json(r#"{"model_type":"qwen3","hidden_size":8}"#).unwrap_err();
         assert!(err.to_string().contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn qwen3_moe_sparse_layers_follow_step_and_dense_list() {
+        let text = BASE
+            .replace("\"llama\"", "\"qwen3_moe\"")
+            .replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":6")
+            .replace(
+                "\"vocab_size\":100",
+                "\"vocab_size\":100,\"num_local_experts\":8,\"num_experts_per_tok\":2,\
+                 \"moe_intermediate_size\":32,\"decoder_sparse_step\":2,\"mlp_only_layers\":[3]",
+            );
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert!(c.architecture.qk_norm());
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.experts_per_token), (8, 2));
+        assert_eq!(
+            moe.sparse_layers,
+            [false, true, false, false, false, true],
+            "odd layers sparse, layer 3 dense"
+        );
+        assert!(!moe.norm_topk_prob);
+
+        let unaligned = text.replace(
+            "\"moe_intermediate_size\":32",
+            "\"moe_intermediate_size\":30",
+        );
+        let err = ModelConfig::from_json(&unaligned).unwrap_err();
+        assert!(err.to_string().contains("moe_intermediate_size"), "{err}");
+        let too_many = text.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9");
+        let err = ModelConfig::from_json(&too_many).unwrap_err();
+        assert!(err.to_string().contains("num_experts_per_tok"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families:
-//! embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, LM head.
+//! The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE
+//! families: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP or a mixture of
+//! SwiGLU experts ([`crate::moe`]), LM head.
 //!
 //! Base weights are frozen (`requires_grad = false`) and never copied: every caller shares one
 //! [`Decoder`] through `Arc`. LoRA deltas come from a [`LoraBatch`] passed to each call.
@@ -8,10 +9,11 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::lora::{LoraBatch, Target};
+use crate::moe::Experts;
 use crate::rope::Rope;
 use crate::weights::WeightStore;
 
@@ -204,11 +206,19 @@ struct Mlp {
     down: Linear,
 }
 
+/// What follows attention in a block.
+enum Ffn {
+    /// One MLP for every token.
+    Dense(Mlp),
+    /// A routed mixture of experts (a sparse layer of a Qwen3-MoE model).
+    Sparse(Experts),
+}
+
 struct Block {
     input_norm: RmsNorm,
     attn: Attention,
     post_attn_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: Ffn,
 }
 
 /// The frozen base model.
@@ -337,7 +347,7 @@ impl Decoder {
         let mut blocks = Vec::with_capacity(c.num_layers as usize);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let qk_norm = c.architecture == Architecture::Qwen3;
+            let qk_norm = c.architecture.qk_norm();
             let norm = |store: &mut WeightStore, name: &str| {
                 RmsNorm::load(
                     store,
@@ -375,23 +385,27 @@ impl Decoder {
                     None
                 },
             };
-            let mlp = Mlp {
-                gate_up: FusedLinear::load(
-                    store,
-                    &[
-                        (format!("{p}.mlp.gate_proj"), c.intermediate_size),
-                        (format!("{p}.mlp.up_proj"), c.intermediate_size),
-                    ],
-                    h,
-                    c.mlp_bias,
-                )?,
-                down: Linear::load(
-                    store,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    c.mlp_bias,
-                )?,
+            let sparse = c.moe.as_ref().filter(|moe| moe.sparse_layers[i as usize]);
+            let ffn = match sparse {
+                Some(moe) => Ffn::Sparse(Experts::load(store, &format!("{p}.mlp"), c, moe)?),
+                None => Ffn::Dense(Mlp {
+                    gate_up: FusedLinear::load(
+                        store,
+                        &[
+                            (format!("{p}.mlp.gate_proj"), c.intermediate_size),
+                            (format!("{p}.mlp.up_proj"), c.intermediate_size),
+                        ],
+                        h,
+                        c.mlp_bias,
+                    )?,
+                    down: Linear::load(
+                        store,
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?,
+                }),
             };
             blocks.push(Block {
                 input_norm: RmsNorm::load(
@@ -407,7 +421,7 @@ impl Decoder {
                     h,
                     c.rms_norm_eps,
                 )?,
-                mlp,
+                ffn,
             });
         }
         let final_norm = RmsNorm::load(store, "model.norm.weight", h, c.rms_norm_eps)?;
@@ -446,9 +460,12 @@ impl Decoder {
                     k_norm: b.attn.k_norm.as_ref().map(RmsNorm::shallow_clone),
                 },
                 post_attn_norm: b.post_attn_norm.shallow_clone(),
-                mlp: Mlp {
-                    gate_up: b.mlp.gate_up.shallow_clone(),
-                    down: b.mlp.down.shallow_clone(),
+                ffn: match &b.ffn {
+                    Ffn::Dense(m) => Ffn::Dense(Mlp {
+                        gate_up: m.gate_up.shallow_clone(),
+                        down: m.down.shallow_clone(),
+                    }),
+                    Ffn::Sparse(experts) => Ffn::Sparse(experts.shallow_clone()),
                 },
             })
             .collect();
@@ -492,7 +509,10 @@ impl Decoder {
         n += self.lm_head.as_ref().map_or(0, |t| t.numel() as i64);
         for b in &self.blocks {
             n += b.attn.qkv.stacked.num_parameters() + b.attn.o.num_parameters();
-            n += b.mlp.gate_up.stacked.num_parameters() + b.mlp.down.num_parameters();
+            n += match &b.ffn {
+                Ffn::Dense(m) => m.gate_up.stacked.num_parameters() + m.down.num_parameters(),
+                Ffn::Sparse(experts) => experts.num_parameters(),
+            };
             n += b.input_norm.weight.numel() as i64 + b.post_attn_norm.weight.numel() as i64;
             for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {
                 n += norm.weight.numel() as i64;
@@ -1259,7 +1279,7 @@ impl Decoder {
     }
 
     /// The rest of a block after attention (`attn`, its heads concatenated, shaped as `x`):
-    /// the output projection onto the residual `x`, then the MLP onto that.
+    /// the output projection onto the residual `x`, then the MLP or the experts onto that.
     fn block_tail(
         block: &Block,
         layer: usize,
@@ -1270,7 +1290,10 @@ impl Decoder {
         let a = &block.attn;
         let x = with_delta(a.o.forward_onto(attn, x)?, attn, lora, layer, Target::O)?;
         let h = block.post_attn_norm.forward(&x)?;
-        let m = &block.mlp;
+        let m = match &block.ffn {
+            Ffn::Dense(m) => m,
+            Ffn::Sparse(experts) => return experts.forward_onto(&h, &x),
+        };
         let [gate, up] = m
             .gate_up
             .forward(&h, lora, layer, [Target::Gate, Target::Up])?;

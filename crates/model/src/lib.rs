@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod lora;
 pub mod loss;
 pub mod memory;
+pub mod moe;
 pub mod prefix_cache;
 pub mod rng;
 pub mod rope;
@@ -35,7 +36,7 @@ pub mod weights;
 
 pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use chat_template::ChatTemplate;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use custom_loss::{CustomLoss, DatumLoss, InputValues, LossParam, NamedInput};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};

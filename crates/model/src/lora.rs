@@ -160,6 +160,13 @@ impl LoraSpec {
                 format!("must be a positive number, got {}", self.alpha),
             ));
         }
+        if self.train_mlp && config.moe.is_some() {
+            return Err(ModelError::invalid(
+                "train_mlp",
+                "LoRA on the experts of a mixture-of-experts model is not supported yet; \
+                 pass train_mlp=False (attention and unembedding adapters are)",
+            ));
+        }
         if !(self.train_attn || self.train_mlp || self.train_unembed) {
             return Err(ModelError::invalid(
                 "train_attn",

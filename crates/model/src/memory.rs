@@ -67,12 +67,27 @@ impl PassCost {
         let q = (config.num_heads * config.head_dim) as u64;
         let kv = (config.num_kv_heads * config.head_dim) as u64;
         let i = config.intermediate_size as u64;
+        // Per token, a dense MLP keeps 5 and holds 3 hidden-layer widths; a mixture of experts
+        // as much for each of its `k` experts, plus the token's `k` copies in and out of them
+        // and the router's probabilities. A layer of either kind is costed as the larger.
+        let (mlp_saved, mlp_transient) = match &config.moe {
+            None => (5 * i, 3 * i),
+            Some(moe) => {
+                let k = moe.experts_per_token as u64;
+                let ki = k * moe.expert_intermediate_size as u64;
+                let e = moe.num_experts as u64;
+                (
+                    (5 * i).max(5 * ki + 2 * k * h + 2 * e),
+                    (3 * i).max(3 * ki + 2 * k * h + e),
+                )
+            }
+        };
         PassCost {
             elem: kind.elt_size_in_bytes() as u64,
             layers: config.num_layers as u64,
             hidden: h,
-            saved_per_layer: 8 * h + 6 * q + 6 * kv + 5 * i,
-            transient_per_layer: 4 * h + 2 * q + 2 * kv + 3 * i,
+            saved_per_layer: 8 * h + 6 * q + 6 * kv + mlp_saved,
+            transient_per_layer: 4 * h + 2 * q + 2 * kv + mlp_transient,
             vocab: config.vocab_size as u64,
         }
     }
@@ -263,6 +278,7 @@ mod tests {
             o_bias: false,
             mlp_bias: false,
             eos_token_ids: vec![2],
+            moe: None,
         }
     }
 

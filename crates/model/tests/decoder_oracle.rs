@@ -43,7 +43,10 @@ fn check_tiny(arch: &str) {
         &["make", arch, dir.path().to_str().unwrap()],
     );
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    assert_eq!(decoder.config().architecture.name(), arch);
+    assert_eq!(
+        decoder.config().architecture.name(),
+        arch.trim_end_matches("_fused")
+    );
     let expected = read_tensors(&dir.path().join("expected.safetensors"));
     check_real_positions(&decoder, &expected, 1e-4);
 }
@@ -56,6 +59,16 @@ fn tiny_llama_with_llama3_rope_matches_transformers() {
 #[test]
 fn tiny_qwen3_matches_transformers() {
     check_tiny("qwen3");
+}
+
+#[test]
+fn tiny_qwen3_moe_matches_transformers() {
+    check_tiny("qwen3_moe");
+}
+
+#[test]
+fn tiny_qwen3_moe_with_fused_expert_tensors_matches_transformers() {
+    check_tiny("qwen3_moe_fused");
 }
 
 #[test]

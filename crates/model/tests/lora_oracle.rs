@@ -114,6 +114,59 @@ fn oracle_adapter(out: &TempDir, decoder: &Decoder) -> LoraAdapter {
 }
 
 #[test]
+fn attention_and_unembedding_adapter_on_a_mixture_of_experts_matches_peft() {
+    // Qwen3-MoE: two sparse layers around a dense one. The gradients of the first layer's
+    // adapters flow back through every layer's experts and router choices.
+    let dir = TempDir::new("moe-peft");
+    let out = TempDir::new("moe-peft-out");
+    let (tiny, o) = (dir.path().to_str().unwrap(), out.path().to_str().unwrap());
+    oracle("tiny_models.py", &["make", "qwen3_moe", tiny]);
+    oracle(
+        "lora_oracle.py",
+        &["peft-grads", tiny, o, "q_proj,k_proj,v_proj,o_proj,lm_head"],
+    );
+    let expected = read_tensors(&out.path().join("expected.safetensors"));
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let adapter = oracle_adapter(&out, &decoder);
+    let imported = adapter.spec();
+    assert!(imported.train_attn && imported.train_unembed && !imported.train_mlp);
+
+    let data = datums(&expected);
+    let result = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
+    assert_loss_matches_peft(result.loss_sum, &expected);
+    let lengths = vec_i64(&expected["lengths"]);
+    for (i, &n) in lengths.iter().enumerate() {
+        let got = Tensor::from_slice(&result.outputs[i].logprobs);
+        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
+    }
+    let mut checked = 0;
+    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
+        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
+            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
+            let rel = rel_diff(t, &expected[&key]);
+            assert!(rel < 1e-4, "{key}: relative diff {rel}");
+            checked += 1;
+        }
+    }
+    assert_eq!(
+        checked,
+        2 * (3 * 4 + 1),
+        "q/k/v/o of 3 layers and the unembedding"
+    );
+
+    // Experts cannot be adapted yet: asking is a named error, not a silently smaller adapter.
+    let err = LoraAdapter::new(
+        with_targets(spec(4, 1), true, true, false),
+        decoder.config(),
+        Device::Cpu,
+    )
+    .err()
+    .expect("train_mlp on a mixture of experts");
+    assert!(err.to_string().contains("train_mlp"), "{err}");
+}
+
+#[test]
 fn logits_logprobs_loss_and_gradients_match_peft() {
     let (_dir, decoder, out, expected) = run_peft_oracle("peft", "peft-grads");
     let adapter = oracle_adapter(&out, &decoder);

@@ -1,0 +1,137 @@
+//! The mixture of experts of a Qwen3-MoE layer: a router picks `k` of `E` SwiGLU experts per
+//! token and the layer's output is their outputs weighted by the router's probabilities.
+//!
+//! Every expert runs in one grouped matmul per projection (`_grouped_mm`): the token-expert
+//! pairs are sorted by expert and each expert multiplies its contiguous run of rows. The
+//! number of kernels per layer is therefore fixed, whatever the number of experts or which of
+//! them a batch reaches, and nothing is read back to the host (no per-expert loop over the
+//! experts a batch hit, as transformers' eager path has), so a decode step stays capturable in
+//! a CUDA graph.
+
+use tch::{Kind, Tensor};
+
+use crate::config::{ModelConfig, MoeConfig};
+use crate::error::Result;
+use crate::weights::WeightStore;
+
+/// One sparse layer's router and experts (frozen).
+pub struct Experts {
+    /// Router `[E, hidden]`.
+    router: Tensor,
+    /// Every expert's gate and up projections, `[E, hidden, 2·I]` (a transposed view of
+    /// `[E, 2·I, hidden]`, transformers' fused layout: gate rows, then up rows).
+    gate_up_t: Tensor,
+    /// Every expert's down projection, `[E, I, hidden]` (a view of `[E, hidden, I]`).
+    down_t: Tensor,
+    /// Experts per token.
+    k: i64,
+    /// Width of one expert's hidden layer.
+    inter: i64,
+    norm_topk_prob: bool,
+}
+
+impl Experts {
+    /// Loads the layer under `prefix` (`model.layers.{i}.mlp`): the router `gate.weight` and the
+    /// experts in either layout checkpoints carry, one tensor per expert and projection
+    /// (`experts.{e}.gate_proj.weight`, as on the Hub) or transformers 5's fused
+    /// `experts.gate_up_proj` and `experts.down_proj`.
+    pub(crate) fn load(
+        store: &mut WeightStore,
+        prefix: &str,
+        c: &ModelConfig,
+        moe: &MoeConfig,
+    ) -> Result<Self> {
+        let (e, h, i) = (moe.num_experts, c.hidden_size, moe.expert_intermediate_size);
+        let router = store.take(&format!("{prefix}.gate.weight"), &[e, h])?;
+        let fused = format!("{prefix}.experts.gate_up_proj");
+        let (gate_up, down) = if store.contains(&fused) {
+            (
+                store.take(&fused, &[e, 2 * i, h])?,
+                store.take(&format!("{prefix}.experts.down_proj"), &[e, h, i])?,
+            )
+        } else {
+            let mut gate_up = Vec::with_capacity(e as usize);
+            let mut down = Vec::with_capacity(e as usize);
+            for x in 0..e {
+                let p = format!("{prefix}.experts.{x}");
+                let gate = store.take(&format!("{p}.gate_proj.weight"), &[i, h])?;
+                let up = store.take(&format!("{p}.up_proj.weight"), &[i, h])?;
+                gate_up.push(Tensor::f_cat(&[gate, up], 0)?);
+                down.push(store.take(&format!("{p}.down_proj.weight"), &[h, i])?);
+            }
+            (Tensor::f_stack(&gate_up, 0)?, Tensor::f_stack(&down, 0)?)
+        };
+        Ok(Experts {
+            router,
+            gate_up_t: gate_up.f_transpose(1, 2)?,
+            down_t: down.f_transpose(1, 2)?,
+            k: moe.experts_per_token,
+            inter: i,
+            norm_topk_prob: moe.norm_topk_prob,
+        })
+    }
+
+    pub(crate) fn shallow_clone(&self) -> Self {
+        Experts {
+            router: self.router.shallow_clone(),
+            gate_up_t: self.gate_up_t.shallow_clone(),
+            down_t: self.down_t.shallow_clone(),
+            k: self.k,
+            inter: self.inter,
+            norm_topk_prob: self.norm_topk_prob,
+        }
+    }
+
+    pub(crate) fn num_parameters(&self) -> i64 {
+        (self.router.numel() + self.gate_up_t.numel() + self.down_t.numel()) as i64
+    }
+
+    /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`).
+    ///
+    /// Routing as transformers' `Qwen3MoeTopKRouter`: softmax of the router logits in f32, the
+    /// top `k`, renormalised when the config says so, rounded to the model's type. The `k`
+    /// outputs of a token are summed by one batched matmul with its weights, in a fixed order
+    /// (no atomic adds: the same batch gives the same bits).
+    pub(crate) fn forward_onto(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let hidden = self.router.size()[1];
+        let x = h.f_reshape([-1, hidden])?;
+        let rows = x.size()[0];
+        let experts = self.router.size()[0];
+        let probs = x.f_mm(&self.router.f_tr()?)?.f_softmax(-1, Kind::Float)?;
+        let (weights, chosen) = probs.f_topk(self.k, -1, true, true)?;
+        let weights = if self.norm_topk_prob {
+            weights.f_div(&weights.f_sum_dim_intlist(-1, true, Kind::Float)?)?
+        } else {
+            weights
+        };
+        let weights = weights.f_to_kind(x.kind())?;
+        // The (token, slot) pairs sorted by expert: `order[j]` is the pair at sorted position
+        // `j`, `offsets[e]` the end of expert `e`'s run.
+        let chosen = chosen.f_view([-1])?;
+        let (_, order) = chosen.f_sort(0, false)?;
+        let counts = Tensor::f_zeros([experts], (Kind::Int64, x.device()))?.f_index_add(
+            0,
+            &chosen,
+            &chosen.f_ones_like()?,
+        )?;
+        let offsets = counts.f_cumsum(0, Kind::Int)?;
+        let tokens = order.f_floor_divide_scalar(self.k)?;
+        let gate_up = x.f_index_select(0, &tokens)?.f_internal_grouped_mm(
+            &self.gate_up_t,
+            Some(&offsets),
+            None::<&Tensor>,
+            None,
+        )?;
+        let act = gate_up
+            .f_narrow(-1, 0, self.inter)?
+            .f_silu()?
+            .f_mul(&gate_up.f_narrow(-1, self.inter, self.inter)?)?;
+        let out = act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+        // Back in (token, slot) order, each token's `k` outputs weighted and summed.
+        let out = out.f_zeros_like()?.f_index_copy(0, &order, &out)?;
+        let mixed = weights
+            .f_unsqueeze(1)?
+            .f_bmm(&out.f_view([rows, self.k, hidden])?)?;
+        Ok(residual.f_add(&mixed.f_view_as(residual)?)?)
+    }
+}
