@@ -47,9 +47,10 @@ def main(model_dir):
     if "train" in what:
         from peft import LoraConfig, get_peft_model
 
+        # As `loraloom bench`: every target, the MLP's only on a dense model.
+        mlp = [] if model.config.model_type == "qwen3_moe" else ["gate_proj", "up_proj", "down_proj"]
         cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                         "down_proj", "lm_head"])
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *mlp, "lm_head"])
         peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE), cfg)
         peft_model.train()
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4,

@@ -136,6 +136,12 @@ def make(arch: str, out: Path) -> None:
     ids, lengths, mask = batch_inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
+    if arch == "qwen3_moe":
+        # The per-expert tensors written above are what transformers reads from the Hub.
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            again = reloaded(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(again, logits), (again - logits).abs().max()
     save_file({"input_ids": ids, "lengths": lengths, "logits": logits.contiguous()},
               str(out / "expected.safetensors"))
 

@@ -14,20 +14,30 @@ use loraloom_model::rng::SplitMix64;
 use loraloom_model::sample::{choose_tokens, Pick};
 use loraloom_model::{
     forward_backward, sample, sample_with, step_many, AdamParams, AdamState, AdapterStack, Datum,
-    Decoder, Generation, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost,
-    SampleRequest, SampledSequence, SamplingParams, StepGraphs, StepJob, Stop, TrainRequest,
-    NO_LIMIT,
+    Decoder, Generation, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, ModelConfig,
+    PassCost, SampleRequest, SampledSequence, SamplingParams, StepGraphs, StepJob, Stop,
+    TrainRequest, NO_LIMIT,
 };
 use serde_json::json;
 use tch::{Kind, Tensor};
 
-fn spec(seed: u64) -> LoraSpec {
+/// A fresh adapter of [`spec`] on `decoder`'s model.
+fn new_adapter(seed: u64, decoder: &Decoder) -> loraloom_model::Result<LoraAdapter> {
+    LoraAdapter::new(
+        spec(seed, decoder.config()),
+        decoder.config(),
+        decoder.device(),
+    )
+}
+
+/// The benchmarks' adapter: every target the model supports (a mixture of experts' are not yet).
+fn spec(seed: u64, config: &ModelConfig) -> LoraSpec {
     LoraSpec {
         rank: 16,
         alpha: 32.0,
         seed,
         train_attn: true,
-        train_mlp: true,
+        train_mlp: config.moe.is_none(),
         train_unembed: true,
     }
 }
@@ -145,7 +155,7 @@ pub fn train(
     let vocab = decoder.config().vocab_size;
     let data: Vec<Datum> = (0..batch).map(|b| datum(b, len, vocab)).collect();
     let owned: Vec<LoraAdapter> = (0..adapters)
-        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+        .map(|i| new_adapter(i as u64, decoder))
         .collect::<Result<_, _>>()?;
     let mut states: Vec<AdamState> = owned.iter().map(AdamState::new).collect::<Result<_, _>>()?;
     let hp = AdamParams::default();
@@ -163,7 +173,7 @@ pub fn train(
         forward_backward(decoder, &requests, true, NO_LIMIT)?;
         step_all(&owned, &mut states, hp, decoder.device())
     })?;
-    let params = decoder.num_parameters() as f64;
+    let params = decoder.active_parameters() as f64;
     emit(
         "train_step",
         json!({"batch": batch, "len": len, "adapters": adapters, "seconds": secs,
@@ -179,7 +189,7 @@ pub fn train(
 pub fn long_datum(decoder: &Decoder, len: usize, budget: u64) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let data = vec![datum(0, len, vocab)];
-    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let adapter = new_adapter(0, decoder)?;
     let cost = PassCost::new(decoder.config(), decoder.kind());
     let plan = loraloom_model::memory::plan(&[len], true, &cost, budget)?;
     let rss_before = loraloom_heap::resident_bytes().unwrap_or(0) / 1024;
@@ -238,7 +248,7 @@ pub fn decode(
     } = how;
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters)
-        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+        .map(|i| new_adapter(i as u64, decoder))
         .collect::<Result<_, _>>()?;
     let prompt = datum(1, 16, vocab).input_tokens;
     let params = SamplingParams {
@@ -320,7 +330,7 @@ pub fn seeded_crowd(
 ) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
     let owned: Vec<LoraAdapter> = (0..adapters.max(1))
-        .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+        .map(|i| new_adapter(i as u64, decoder))
         .collect::<Result<_, _>>()?;
     let requests: Vec<SampleRequest> = (0..count)
         .map(|i| SampleRequest {
@@ -425,7 +435,7 @@ pub fn decode_phases(
     iters: usize,
 ) -> anyhow::Result<()> {
     let vocab = decoder.config().vocab_size;
-    let adapter = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let adapter = new_adapter(0, decoder)?;
     let stack = AdapterStack::new(&[&adapter], decoder.kind(), false)?;
     let lora = LoraBatch::one(&stack, 0, rows)?;
     let prompt = datum(1, 16, vocab).input_tokens.repeat(rows as usize);
@@ -550,7 +560,7 @@ pub fn optim(decoder: &Decoder, runs: &[usize], iters: usize) -> anyhow::Result<
     let mut one_run = None;
     for &n in runs {
         let adapters: Vec<LoraAdapter> = (0..n)
-            .map(|i| LoraAdapter::new(spec(i as u64), decoder.config(), decoder.device()))
+            .map(|i| new_adapter(i as u64, decoder))
             .collect::<Result<_, _>>()?;
         let mut states: Vec<AdamState> = adapters
             .iter()
@@ -680,7 +690,12 @@ fn through_engine(
             tenant: format!("t{t}"),
             model_id: "run".into(),
         };
-        let id = engine.create_model(key, spec(t as u64), serde_json::Value::Null, None)?;
+        let id = engine.create_model(
+            key,
+            spec(t as u64, &info.config),
+            serde_json::Value::Null,
+            None,
+        )?;
         wait_done(&engine, &rt, &format!("t{t}"), &id)?;
     }
     // Warm-up: two untimed rounds of every tenant at once, then the timed rounds. The first
@@ -758,7 +773,7 @@ fn step_tenants(
 fn one_batch(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> anyhow::Result<f64> {
     let vocab = decoder.config().vocab_size;
     let hp = AdamParams::default();
-    let single = LoraAdapter::new(spec(0), decoder.config(), decoder.device())?;
+    let single = new_adapter(0, decoder)?;
     let mut opt = AdamState::new(&single)?;
     // Warm-up: one untimed step of the same shape, as the engine's tenants get.
     let warmup: Vec<Datum> = (0..tenants)
@@ -799,7 +814,7 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
     let threads = tch::get_num_threads();
     let adapters: Vec<Arc<Mutex<(LoraAdapter, AdamState)>>> = (0..tenants)
         .map(|t| -> anyhow::Result<_> {
-            let a = LoraAdapter::new(spec(t as u64), decoder.config(), decoder.device())?;
+            let a = new_adapter(t as u64, decoder)?;
             let o = AdamState::new(&a)?;
             Ok(Arc::new(Mutex::new((a, o))))
         })

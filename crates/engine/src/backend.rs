@@ -166,7 +166,7 @@ impl ModelWorker {
     ) -> Self {
         let kind = decoder.kind();
         let layer_flops_per_token =
-            2.0 * decoder.num_parameters() as f64 / decoder.config().num_layers.max(1) as f64;
+            2.0 * decoder.active_parameters() as f64 / decoder.config().num_layers.max(1) as f64;
         ModelWorker {
             decoder,
             registry,

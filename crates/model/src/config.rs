@@ -255,7 +255,7 @@ impl ModelConfig {
             "num_hidden_layers",
         )?;
         let moe = match architecture {
-            Architecture::Qwen3Moe => Some(moe_config(&raw, hidden_size, num_layers)?),
+            Architecture::Qwen3Moe => moe_config(&raw, hidden_size, num_layers)?,
             _ => None,
         };
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
@@ -331,12 +331,18 @@ impl ModelConfig {
 /// runs every expert at once reads rows aligned to 16 bytes (8 bf16 elements).
 const EXPERT_ALIGN: i64 = 8;
 
-/// The mixture-of-experts fields of a Qwen3-MoE `config.json`.
-fn moe_config(raw: &RawConfig, hidden_size: i64, num_layers: i64) -> Result<MoeConfig, ModelError> {
-    let num_experts = positive(
-        required(raw.num_experts.or(raw.num_local_experts), "num_experts")?,
-        "num_experts",
-    )?;
+/// The mixture-of-experts fields of a Qwen3-MoE `config.json`; `None` for no experts (every
+/// layer dense, as transformers reads `num_experts: 0`).
+fn moe_config(
+    raw: &RawConfig,
+    hidden_size: i64,
+    num_layers: i64,
+) -> Result<Option<MoeConfig>, ModelError> {
+    let num_experts = required(raw.num_experts.or(raw.num_local_experts), "num_experts")?;
+    if num_experts == 0 {
+        return Ok(None);
+    }
+    let num_experts = positive(num_experts, "num_experts")?;
     let experts_per_token = positive(
         required(raw.num_experts_per_tok, "num_experts_per_tok")?,
         "num_experts_per_tok",
@@ -366,13 +372,13 @@ fn moe_config(raw: &RawConfig, hidden_size: i64, num_layers: i64) -> Result<MoeC
     let sparse_layers = (0..num_layers)
         .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
         .collect();
-    Ok(MoeConfig {
+    Ok(Some(MoeConfig {
         num_experts,
         experts_per_token,
         expert_intermediate_size,
         norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
         sparse_layers,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -430,6 +436,8 @@ mod tests {
         );
         let err = ModelConfig::from_json(&unaligned).unwrap_err();
         assert!(err.to_string().contains("moe_intermediate_size"), "{err}");
+        let dense = text.replace("\"num_local_experts\":8", "\"num_local_experts\":0");
+        assert_eq!(ModelConfig::from_json(&dense).unwrap().moe, None);
         let too_many = text.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9");
         let err = ModelConfig::from_json(&too_many).unwrap_err();
         assert!(err.to_string().contains("num_experts_per_tok"), "{err}");

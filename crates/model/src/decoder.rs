@@ -505,13 +505,23 @@ impl Decoder {
 
     /// Number of parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
+        self.count_parameters(false)
+    }
+
+    /// Parameters one token's pass multiplies by: all of a dense model's, and of a mixture of
+    /// experts only the `k` experts a token is routed to (what FLOPs per token scale with).
+    pub fn active_parameters(&self) -> i64 {
+        self.count_parameters(true)
+    }
+
+    fn count_parameters(&self, active: bool) -> i64 {
         let mut n = self.embed.numel() as i64 + self.final_norm.weight.numel() as i64;
         n += self.lm_head.as_ref().map_or(0, |t| t.numel() as i64);
         for b in &self.blocks {
             n += b.attn.qkv.stacked.num_parameters() + b.attn.o.num_parameters();
             n += match &b.ffn {
                 Ffn::Dense(m) => m.gate_up.stacked.num_parameters() + m.down.num_parameters(),
-                Ffn::Sparse(experts) => experts.num_parameters(),
+                Ffn::Sparse(experts) => experts.num_parameters(active),
             };
             n += b.input_norm.weight.numel() as i64 + b.post_attn_norm.weight.numel() as i64;
             for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {

@@ -67,9 +67,12 @@ impl PassCost {
         let q = (config.num_heads * config.head_dim) as u64;
         let kv = (config.num_kv_heads * config.head_dim) as u64;
         let i = config.intermediate_size as u64;
-        // Per token, a dense MLP keeps 5 and holds 3 hidden-layer widths; a mixture of experts
-        // as much for each of its `k` experts, plus the token's `k` copies in and out of them
-        // and the router's probabilities. A layer of either kind is costed as the larger.
+        // Per token, a dense MLP keeps 5 and holds 3 hidden-layer widths. A mixture of experts
+        // keeps 5 for each of its `k` experts, the token's `k` copies into them and two of their
+        // outputs (sorted, then in token order) and the router's probabilities; without a graph
+        // it holds at most 4 expert widths (gate and up, the activation and its product) and
+        // 2 copies ([`crate::moe::Experts::forward_onto`]). A layer of either kind is costed as
+        // the larger.
         let (mlp_saved, mlp_transient) = match &config.moe {
             None => (5 * i, 3 * i),
             Some(moe) => {
@@ -77,8 +80,8 @@ impl PassCost {
                 let ki = k * moe.expert_intermediate_size as u64;
                 let e = moe.num_experts as u64;
                 (
-                    (5 * i).max(5 * ki + 2 * k * h + 2 * e),
-                    (3 * i).max(3 * ki + 2 * k * h + e),
+                    (5 * i).max(5 * ki + 3 * k * h + 2 * e),
+                    (3 * i).max(4 * ki + 2 * k * h + e),
                 )
             }
         };

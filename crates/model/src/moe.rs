@@ -82,8 +82,16 @@ impl Experts {
         }
     }
 
-    pub(crate) fn num_parameters(&self) -> i64 {
-        (self.router.numel() + self.gate_up_t.numel() + self.down_t.numel()) as i64
+    /// Parameters of the layer; with `active`, those one token multiplies by (the router and
+    /// `k` of the experts).
+    pub(crate) fn num_parameters(&self, active: bool) -> i64 {
+        let experts = (self.gate_up_t.numel() + self.down_t.numel()) as i64;
+        let experts = if active {
+            experts / self.router.size()[0] * self.k
+        } else {
+            experts
+        };
+        self.router.numel() as i64 + experts
     }
 
     /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`).
@@ -91,7 +99,13 @@ impl Experts {
     /// Routing as transformers' `Qwen3MoeTopKRouter`: softmax of the router logits in f32, the
     /// top `k`, renormalised when the config says so, rounded to the model's type. The `k`
     /// outputs of a token are summed by one batched matmul with its weights, in a fixed order
-    /// (no atomic adds: the same batch gives the same bits).
+    /// (no atomic adds: the same batch gives the same bits). Each intermediate is dropped as
+    /// soon as the next exists: what [`crate::memory::PassCost`] counts for a pass without a
+    /// graph.
+    ///
+    /// On a GPU, libtorch runs `_grouped_mm` as one kernel for bf16 (compute capability 8.0 and
+    /// up); for other element types its fallback reads the offsets back to the host, which a
+    /// recorded decode step cannot do (it then stays eager).
     pub(crate) fn forward_onto(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let hidden = self.router.size()[1];
         let x = h.f_reshape([-1, hidden])?;
@@ -116,22 +130,31 @@ impl Experts {
         )?;
         let offsets = counts.f_cumsum(0, Kind::Int)?;
         let tokens = order.f_floor_divide_scalar(self.k)?;
-        let gate_up = x.f_index_select(0, &tokens)?.f_internal_grouped_mm(
-            &self.gate_up_t,
-            Some(&offsets),
-            None::<&Tensor>,
-            None,
-        )?;
-        let act = gate_up
-            .f_narrow(-1, 0, self.inter)?
-            .f_silu()?
-            .f_mul(&gate_up.f_narrow(-1, self.inter, self.inter)?)?;
-        let out = act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+        // Where each pair sits in the sorted order (the inverse permutation).
+        let sorted_at = order.f_argsort(0, false)?;
+        let act = {
+            let gate_up = x.f_index_select(0, &tokens)?.f_internal_grouped_mm(
+                &self.gate_up_t,
+                Some(&offsets),
+                None::<&Tensor>,
+                None,
+            )?;
+            gate_up
+                .f_narrow(-1, 0, self.inter)?
+                .f_silu()?
+                .f_mul(&gate_up.f_narrow(-1, self.inter, self.inter)?)?
+        };
         // Back in (token, slot) order, each token's `k` outputs weighted and summed.
-        let out = out.f_zeros_like()?.f_index_copy(0, &order, &out)?;
+        let out = {
+            let sorted =
+                act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+            drop(act);
+            sorted.f_index_select(0, &sorted_at)?
+        };
         let mixed = weights
             .f_unsqueeze(1)?
             .f_bmm(&out.f_view([rows, self.k, hidden])?)?;
+        drop(out);
         Ok(residual.f_add(&mixed.f_view_as(residual)?)?)
     }
 }
