@@ -3,8 +3,8 @@
 
 Usage:
   tiny_models.py make ARCH OUT_DIR     tiny random ARCH checkpoint (fixed seed) + expected.safetensors
-                                       (ARCH qwen3_moe: experts one tensor each, as on the Hub;
-                                       qwen3_moe_fused: transformers 5's fused expert tensors)
+                                       (ARCH qwen3_moe, mixtral: experts one tensor each, as on
+                                       the Hub; *_fused: transformers 5's fused expert tensors)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -64,6 +64,10 @@ def tiny_config(arch: str):
                                  moe_intermediate_size=32, norm_topk_prob=True,
                                  decoder_sparse_step=1, mlp_only_layers=[1],
                                  rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch in ("mixtral", "mixtral_fused"):
+        return tf.MixtralConfig(**COMMON, tie_word_embeddings=False, num_local_experts=8,
+                                num_experts_per_tok=2, sliding_window=None,
+                                rope_parameters=dict(rope_type="default", rope_theta=1e6))
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "mistral":
@@ -94,21 +98,34 @@ def batch_inputs(vocab: int):
     return ids, lengths, mask
 
 
-def split_experts(state: dict) -> dict:
+# Per family: the Hub's module holding a layer's experts, and its gate/up/down projections.
+HUB_EXPERTS = {
+    "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+}
+
+
+def split_experts(state: dict, model_type: str) -> dict:
     """transformers 5's fused expert tensors as the Hub's one tensor per expert and projection
     (what `save_pretrained` writes: `gate_up_proj` is the gate rows, then the up rows)."""
+    if model_type not in HUB_EXPERTS:
+        return state
+    block, gate, up, down = HUB_EXPERTS[model_type]
     out = {}
     for name, value in state.items():
+        hub = name.replace(".mlp.", f".{block}.")
         if name.endswith(".experts.gate_up_proj"):
-            base = name[: -len("gate_up_proj")]
+            base = hub[: -len("gate_up_proj")]
             inter = value.shape[1] // 2
             for e in range(value.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = value[e, :inter]
-                out[f"{base}{e}.up_proj.weight"] = value[e, inter:]
+                out[f"{base}{e}.{gate}.weight"] = value[e, :inter]
+                out[f"{base}{e}.{up}.weight"] = value[e, inter:]
         elif name.endswith(".experts.down_proj"):
-            base = name[: -len("down_proj")]
+            base = hub[: -len("down_proj")]
             for e in range(value.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = value[e]
+                out[f"{base}{e}.{down}.weight"] = value[e]
+        elif name.endswith(".mlp.gate.weight"):
+            out[hub] = value
         else:
             out[name] = value
     return out
@@ -118,7 +135,7 @@ def save_checkpoint(model, out: Path, fused_experts: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if not fused_experts:
-        state = split_experts(state)
+        state = split_experts(state, model.config.model_type)
     state = {k: v.contiguous() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -136,7 +153,7 @@ def make(arch: str, out: Path) -> None:
     ids, lengths, mask = batch_inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    if arch == "qwen3_moe":
+    if arch in HUB_EXPERTS:
         # The per-expert tensors written above are what transformers reads from the Hub.
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         with torch.no_grad():

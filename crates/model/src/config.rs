@@ -21,6 +21,9 @@ pub enum Architecture {
     /// `Qwen3MoeForCausalLM`: Qwen3's attention; a routed mixture of experts as the MLP of
     /// its sparse layers ([`MoeConfig`]).
     Qwen3Moe,
+    /// `MixtralForCausalLM`: Mistral's attention; a routed mixture of experts as every layer's
+    /// MLP (sliding window ignored, as for Mistral).
+    Mixtral,
 }
 
 impl Architecture {
@@ -32,6 +35,7 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Qwen3Moe => "qwen3_moe",
+            Architecture::Mixtral => "mixtral",
         }
     }
 
@@ -41,7 +45,7 @@ impl Architecture {
     }
 }
 
-/// The mixture of experts of a Qwen3-MoE model: in each sparse layer a router picks
+/// The mixture of experts of a Qwen3-MoE or Mixtral model: in each sparse layer a router picks
 /// `experts_per_token` of `num_experts` gated MLPs per token and sums their outputs weighted by
 /// the router's probabilities.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +60,9 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// Per layer: whether its MLP is the mixture (else a dense MLP of `intermediate_size`).
     pub sparse_layers: Vec<bool>,
+    /// The routing weights multiply the experts' outputs in f32 (Mixtral), not rounded to the
+    /// model's type first (Qwen3-MoE), as transformers does for each.
+    pub weights_in_f32: bool,
 }
 
 /// Llama-3 style frequency scaling of RoPE (`rope_type: "llama3"`).
@@ -212,6 +219,7 @@ impl ModelConfig {
             "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
             "qwen3" | "Qwen3ForCausalLM" => Architecture::Qwen3,
             "qwen3_moe" | "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
+            "mixtral" | "MixtralForCausalLM" => Architecture::Mixtral,
             other => {
                 return Err(ModelError::UnsupportedArchitecture(if other.is_empty() {
                     "<no model_type>".to_string()
@@ -255,7 +263,9 @@ impl ModelConfig {
             "num_hidden_layers",
         )?;
         let moe = match architecture {
-            Architecture::Qwen3Moe => moe_config(&raw, hidden_size, num_layers)?,
+            Architecture::Qwen3Moe | Architecture::Mixtral => {
+                moe_config(architecture, &raw, hidden_size, num_layers)?
+            }
             _ => None,
         };
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
@@ -331,15 +341,21 @@ impl ModelConfig {
 /// runs every expert at once reads rows aligned to 16 bytes (8 bf16 elements).
 const EXPERT_ALIGN: i64 = 8;
 
-/// The mixture-of-experts fields of a Qwen3-MoE `config.json`; `None` for no experts (every
-/// layer dense, as transformers reads `num_experts: 0`).
+/// The mixture-of-experts fields of a Qwen3-MoE or Mixtral `config.json`; `None` for no experts
+/// (every layer dense, as transformers reads Qwen3-MoE's `num_experts: 0`).
 fn moe_config(
+    architecture: Architecture,
     raw: &RawConfig,
     hidden_size: i64,
     num_layers: i64,
 ) -> Result<Option<MoeConfig>, ModelError> {
-    let num_experts = required(raw.num_experts.or(raw.num_local_experts), "num_experts")?;
-    if num_experts == 0 {
+    let mixtral = architecture == Architecture::Mixtral;
+    let num_experts = if mixtral {
+        required(raw.num_local_experts, "num_local_experts")?
+    } else {
+        required(raw.num_experts.or(raw.num_local_experts), "num_experts")?
+    };
+    if num_experts == 0 && !mixtral {
         return Ok(None);
     }
     let num_experts = positive(num_experts, "num_experts")?;
@@ -352,13 +368,21 @@ fn moe_config(
             "config.json: num_experts_per_tok ({experts_per_token}) exceeds num_experts ({num_experts})"
         )));
     }
-    let expert_intermediate_size = positive(
-        required(raw.moe_intermediate_size, "moe_intermediate_size")?,
-        "moe_intermediate_size",
-    )?;
+    // Mixtral's experts are its MLPs: `intermediate_size` wide.
+    let width_field = if mixtral {
+        "intermediate_size"
+    } else {
+        "moe_intermediate_size"
+    };
+    let width = if mixtral {
+        raw.intermediate_size
+    } else {
+        raw.moe_intermediate_size
+    };
+    let expert_intermediate_size = positive(required(width, width_field)?, width_field)?;
     for (field, value) in [
         ("hidden_size", hidden_size),
-        ("moe_intermediate_size", expert_intermediate_size),
+        (width_field, expert_intermediate_size),
     ] {
         if value % EXPERT_ALIGN != 0 {
             return Err(ModelError::Config(format!(
@@ -368,16 +392,18 @@ fn moe_config(
     }
     let step = positive(raw.decoder_sparse_step.unwrap_or(1), "decoder_sparse_step")?;
     let dense = raw.mlp_only_layers.clone().unwrap_or_default();
-    // As transformers' Qwen3MoeDecoderLayer decides.
+    // As transformers' Qwen3MoeDecoderLayer decides; every Mixtral layer is sparse.
     let sparse_layers = (0..num_layers)
-        .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+        .map(|i| mixtral || (!dense.contains(&i) && (i + 1) % step == 0))
         .collect();
     Ok(Some(MoeConfig {
         num_experts,
         experts_per_token,
         expert_intermediate_size,
-        norm_topk_prob: raw.norm_topk_prob.unwrap_or(false),
+        // Mixtral always renormalises the top k.
+        norm_topk_prob: mixtral || raw.norm_topk_prob.unwrap_or(false),
         sparse_layers,
+        weights_in_f32: mixtral,
     }))
 }
 

@@ -1,5 +1,5 @@
-//! The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE
-//! families: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP or a mixture of
+//! The decoder-only transformer shared by the Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE and
+//! Mixtral families: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP or a mixture of
 //! SwiGLU experts ([`crate::moe`]), LM head.
 //!
 //! Base weights are frozen (`requires_grad = false`) and never copied: every caller shares one
@@ -387,7 +387,7 @@ impl Decoder {
             };
             let sparse = c.moe.as_ref().filter(|moe| moe.sparse_layers[i as usize]);
             let ffn = match sparse {
-                Some(moe) => Ffn::Sparse(Experts::load(store, &format!("{p}.mlp"), c, moe)?),
+                Some(moe) => Ffn::Sparse(Experts::load(store, i, c, moe)?),
                 None => Ffn::Dense(Mlp {
                     gate_up: FusedLinear::load(
                         store,

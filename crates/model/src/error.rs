@@ -17,7 +17,7 @@ pub enum ModelError {
     #[error("{0}")]
     Config(String),
     /// `model_type` names a family loraloom does not implement.
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral)")]
     UnsupportedArchitecture(String),
     /// A tensor the architecture needs is absent from the checkpoint.
     #[error("checkpoint is missing tensor `{0}`")]

@@ -1,7 +1,8 @@
 //! loraloom's model crate: everything that touches libtorch.
 //!
 //! It owns Hugging Face config parsing and safetensors loading ([`config`], [`weights`]), the
-//! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]), and
+//! frozen decoder of the Llama / Mistral / Qwen2 / Qwen3 families ([`decoder`], [`rope`]) with
+//! the Qwen3-MoE and Mixtral mixtures of experts ([`moe`]), and
 //! LoRA adapters stored stacked in per-layout slabs ([`slab`]) and applied to a batch of many
 //! adapters with a fixed number of kernels per layer ([`lora`]), the Tinker losses ([`loss`]),
 //! fused multi-adapter training steps split to fit a memory budget ([`train`], [`memory`]), one

@@ -1,5 +1,6 @@
-//! The mixture of experts of a Qwen3-MoE layer: a router picks `k` of `E` SwiGLU experts per
-//! token and the layer's output is their outputs weighted by the router's probabilities.
+//! The mixture of experts of a Qwen3-MoE or Mixtral layer: a router picks `k` of `E` SwiGLU
+//! experts per token and the layer's output is their outputs weighted by the router's
+//! probabilities.
 //!
 //! Every expert runs in one grouped matmul per projection (`_grouped_mm`): the token-expert
 //! pairs are sorted by expert and each expert multiplies its contiguous run of rows. The
@@ -10,7 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{Architecture, ModelConfig, MoeConfig};
 use crate::error::Result;
 use crate::weights::WeightStore;
 
@@ -28,38 +29,74 @@ pub struct Experts {
     /// Width of one expert's hidden layer.
     inter: i64,
     norm_topk_prob: bool,
+    weights_in_f32: bool,
+}
+
+/// Where a family's Hub checkpoints keep a layer's router and experts: under
+/// `model.layers.{i}.{block}`, `gate.weight` and `experts.{e}.{gate|up|down}.weight`.
+struct HubNames {
+    block: &'static str,
+    gate: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
+
+impl HubNames {
+    fn of(architecture: Architecture) -> Self {
+        match architecture {
+            Architecture::Mixtral => HubNames {
+                block: "block_sparse_moe",
+                gate: "w1",
+                up: "w3",
+                down: "w2",
+            },
+            _ => HubNames {
+                block: "mlp",
+                gate: "gate_proj",
+                up: "up_proj",
+                down: "down_proj",
+            },
+        }
+    }
 }
 
 impl Experts {
-    /// Loads the layer under `prefix` (`model.layers.{i}.mlp`): the router `gate.weight` and the
-    /// experts in either layout checkpoints carry, one tensor per expert and projection
-    /// (`experts.{e}.gate_proj.weight`, as on the Hub) or transformers 5's fused
-    /// `experts.gate_up_proj` and `experts.down_proj`.
+    /// Loads layer `layer`'s router and experts in either layout checkpoints carry: one tensor
+    /// per expert and projection, as on the Hub (`model.layers.{layer}.mlp.experts.{e}.gate_proj`
+    /// for Qwen3-MoE, `….block_sparse_moe.experts.{e}.w1` for Mixtral), or transformers 5's
+    /// fused `….mlp.experts.gate_up_proj` (gate rows, then up rows) and `….mlp.experts.down_proj`.
     pub(crate) fn load(
         store: &mut WeightStore,
-        prefix: &str,
+        layer: i64,
         c: &ModelConfig,
         moe: &MoeConfig,
     ) -> Result<Self> {
         let (e, h, i) = (moe.num_experts, c.hidden_size, moe.expert_intermediate_size);
-        let router = store.take(&format!("{prefix}.gate.weight"), &[e, h])?;
-        let fused = format!("{prefix}.experts.gate_up_proj");
-        let (gate_up, down) = if store.contains(&fused) {
+        let fused = format!("model.layers.{layer}.mlp");
+        let (router, gate_up, down) = if store.contains(&format!("{fused}.experts.gate_up_proj")) {
             (
-                store.take(&fused, &[e, 2 * i, h])?,
-                store.take(&format!("{prefix}.experts.down_proj"), &[e, h, i])?,
+                store.take(&format!("{fused}.gate.weight"), &[e, h])?,
+                store.take(&format!("{fused}.experts.gate_up_proj"), &[e, 2 * i, h])?,
+                store.take(&format!("{fused}.experts.down_proj"), &[e, h, i])?,
             )
         } else {
+            let names = HubNames::of(c.architecture);
+            let prefix = format!("model.layers.{layer}.{}", names.block);
+            let router = store.take(&format!("{prefix}.gate.weight"), &[e, h])?;
             let mut gate_up = Vec::with_capacity(e as usize);
             let mut down = Vec::with_capacity(e as usize);
             for x in 0..e {
                 let p = format!("{prefix}.experts.{x}");
-                let gate = store.take(&format!("{p}.gate_proj.weight"), &[i, h])?;
-                let up = store.take(&format!("{p}.up_proj.weight"), &[i, h])?;
+                let gate = store.take(&format!("{p}.{}.weight", names.gate), &[i, h])?;
+                let up = store.take(&format!("{p}.{}.weight", names.up), &[i, h])?;
                 gate_up.push(Tensor::f_cat(&[gate, up], 0)?);
-                down.push(store.take(&format!("{p}.down_proj.weight"), &[h, i])?);
+                down.push(store.take(&format!("{p}.{}.weight", names.down), &[h, i])?);
             }
-            (Tensor::f_stack(&gate_up, 0)?, Tensor::f_stack(&down, 0)?)
+            (
+                router,
+                Tensor::f_stack(&gate_up, 0)?,
+                Tensor::f_stack(&down, 0)?,
+            )
         };
         Ok(Experts {
             router,
@@ -68,6 +105,7 @@ impl Experts {
             k: moe.experts_per_token,
             inter: i,
             norm_topk_prob: moe.norm_topk_prob,
+            weights_in_f32: moe.weights_in_f32,
         })
     }
 
@@ -79,6 +117,7 @@ impl Experts {
             k: self.k,
             inter: self.inter,
             norm_topk_prob: self.norm_topk_prob,
+            weights_in_f32: self.weights_in_f32,
         }
     }
 
@@ -96,8 +135,9 @@ impl Experts {
 
     /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`).
     ///
-    /// Routing as transformers' `Qwen3MoeTopKRouter`: softmax of the router logits in f32, the
-    /// top `k`, renormalised when the config says so, rounded to the model's type. The `k`
+    /// Routing as transformers' `Qwen3MoeTopKRouter` and `MixtralTopKRouter`: softmax of the
+    /// router logits in f32, the top `k`, renormalised when the config says so, rounded to the
+    /// model's type unless they weigh the outputs in f32 (Mixtral). The `k`
     /// outputs of a token are summed by one batched matmul with its weights, in a fixed order
     /// (no atomic adds: the same batch gives the same bits). Each intermediate is dropped as
     /// soon as the next exists: what [`crate::memory::PassCost`] counts for a pass without a
@@ -118,7 +158,12 @@ impl Experts {
         } else {
             weights
         };
-        let weights = weights.f_to_kind(x.kind())?;
+        let mix_kind = if self.weights_in_f32 {
+            Kind::Float
+        } else {
+            x.kind()
+        };
+        let weights = weights.f_to_kind(mix_kind)?;
         // The (token, slot) pairs sorted by expert: `order[j]` is the pair at sorted position
         // `j`, `offsets[e]` the end of expert `e`'s run.
         let chosen = chosen.f_view([-1])?;
@@ -153,7 +198,8 @@ impl Experts {
         };
         let mixed = weights
             .f_unsqueeze(1)?
-            .f_bmm(&out.f_view([rows, self.k, hidden])?)?;
+            .f_bmm(&out.f_view([rows, self.k, hidden])?.f_to_kind(mix_kind)?)?
+            .f_to_kind(x.kind())?;
         drop(out);
         Ok(residual.f_add(&mixed.f_view_as(residual)?)?)
     }

@@ -72,6 +72,16 @@ fn tiny_qwen3_moe_with_fused_expert_tensors_matches_transformers() {
 }
 
 #[test]
+fn tiny_mixtral_matches_transformers() {
+    check_tiny("mixtral");
+}
+
+#[test]
+fn tiny_mixtral_with_fused_expert_tensors_matches_transformers() {
+    check_tiny("mixtral_fused");
+}
+
+#[test]
 fn tiny_qwen2_matches_transformers() {
     check_tiny("qwen2");
 }

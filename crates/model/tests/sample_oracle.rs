@@ -76,7 +76,7 @@ fn check_against_oracle(
 
 #[test]
 fn greedy_equals_transformers_on_tiny_models_batched() {
-    for arch in ["llama", "qwen3", "qwen2", "mistral", "qwen3_moe"] {
+    for arch in ["llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "mixtral"] {
         let dir = TempDir::new(arch);
         oracle(
             "tiny_models.py",
