@@ -1,11 +1,13 @@
-"""A mixture-of-experts base model (Qwen3-MoE) served end to end, driven by the official SDK.
+"""Mixture-of-experts base models (Qwen3-MoE) served end to end, driven by the official SDK.
 
 The model is a tiny random Qwen3-MoE that transformers writes here (two sparse layers of 8
 experts, top 3, around a dense one; the Hub's one-tensor-per-expert layout). Oracles: a fresh
-adapter's logprobs are transformers' on the same weights, and after training, the adapter the
-SDK's CLI downloads, loaded by peft onto transformers' model, greedily continues a prompt as the
-server's sampler does. Adapting the experts (`train_mlp`) is refused by name until loraloom
-implements it, rather than silently training a smaller adapter.
+adapter's logprobs are transformers' on the same weights. After training, the adapter the SDK's
+CLI downloads continues a prompt greedily, as the server's sampler does, in two ways:
+- for an adapter on attention and the unembedding, loaded by peft onto transformers' model;
+- for the default adapter, which also gives each expert its own LoRA, merged into
+  transformers' model by tinker-cookbook's `weights.build_hf_model`, which is how Tinker's users
+  turn their adapters into models.
 """
 
 import os
@@ -28,6 +30,7 @@ NEW_TOKENS = 12
 # Token ids inside the tiny model's 128-token vocabulary.
 PROMPT = [5, 77, 12, 9, 101, 33, 64, 3, 90, 41]
 TRAIN = [[7, 19, 88, 3, 54, 21, 66, 13, 99, 4, 45], [31, 8, 120, 17, 60, 5, 73, 26]]
+KEY = "tml-anyone"
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +63,19 @@ def transformers_logprobs(model, tokens):
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
 
-def test_adapting_the_experts_is_refused_by_name(moe_server):
-    sc = tinker.ServiceClient(base_url=moe_server.url, api_key="tml-anyone")
-    with pytest.raises(tinker.BadRequestError) as refused:
-        sc.create_lora_training_client(base_model=MOE_NAME, rank=4).result()
-    assert "train_mlp" in str(refused.value), refused.value
-    # The server keeps serving.
-    rest = tinker.RestClient(base_url=moe_server.url, api_key="tml-anyone")
-    caps = rest.get_server_capabilities().result()
-    assert MOE_NAME in [m.model_name for m in caps.supported_models]
+def greedy(model):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(PROMPT):].tolist()
 
 
-def test_attention_adapter_trains_exports_and_samples_as_peft(moe_server, moe_dir, tmp_path):
-    sc = tinker.ServiceClient(base_url=moe_server.url, api_key="tml-anyone")
-    tc = sc.create_lora_training_client(base_model=MOE_NAME, rank=4, seed=5, train_mlp=False).result()
+def train_and_download(server, moe_dir, tmp_path, **lora):
+    """A fresh adapter's logprobs checked against transformers, 4 steps of training, then its
+    sampler and the folder the CLI downloads its state to."""
+    sc = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    tc = sc.create_lora_training_client(base_model=MOE_NAME, seed=5, **lora).result()
     base = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
-
     # A fresh adapter (B = 0) leaves the model as transformers computes it. f32 on both sides,
     # sums in different orders: 1e-4.
     out = tc.forward([datum(t) for t in TRAIN], "cross_entropy").result()
@@ -83,33 +83,46 @@ def test_attention_adapter_trains_exports_and_samples_as_peft(moe_server, moe_di
         got = torch.tensor(o["logprobs"].data)
         want = transformers_logprobs(base, tokens)
         assert torch.allclose(got, want, atol=1e-4), (got, want)
-
     losses = []
     for _ in range(4):
         fb = tc.forward_backward([datum(t) for t in TRAIN], "cross_entropy").result()
         losses.append(fb.metrics["loss:sum"])
         tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
     assert losses[-1] < losses[0], losses
-
     state = tc.save_state("moe-final").result().path
     sampler = tc.save_weights_and_get_sampling_client().result()
-    env = dict(os.environ, TINKER_BASE_URL=moe_server.url, TINKER_API_KEY="tml-anyone")
+    env = dict(os.environ, TINKER_BASE_URL=server.url, TINKER_API_KEY=KEY)
     cli = Path(sys.executable).parent / "tinker"
     done = subprocess.run([str(cli), "checkpoint", "download", state, "--output", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     [adapter_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
-
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    with torch.no_grad():
-        want = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
     res = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=1,
                          sampling_params=types.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
                                                               stop=[])).result()
-    assert res.sequences[0].tokens == want
+    return base, adapter_dir, res.sequences[0].tokens
+
+
+def test_attention_adapter_trains_exports_and_samples_as_peft(moe_server, moe_dir, tmp_path):
+    base, adapter_dir, served = train_and_download(moe_server, moe_dir, tmp_path, rank=4, train_mlp=False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    want = greedy(model)
+    assert served == want
     # The trained adapter moved the model: its greedy continuation is not the base model's.
-    with torch.no_grad(), model.disable_adapter():
-        plain = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
-    assert plain != want
+    with model.disable_adapter():
+        assert greedy(model) != want
+
+
+def test_default_adapter_trains_the_experts_and_merges_as_the_cookbook_merges_it(moe_server, moe_dir, tmp_path):
+    from tinker_cookbook import weights
+
+    base, adapter_dir, served = train_and_download(moe_server, moe_dir, tmp_path / "download", rank=8)
+    rest = tinker.RestClient(base_url=moe_server.url, api_key=KEY)
+    caps = rest.get_server_capabilities().result()
+    assert MOE_NAME in [m.model_name for m in caps.supported_models]
+    merged_dir = tmp_path / "merged"
+    weights.build_hf_model(base_model=str(moe_dir), adapter_path=str(adapter_dir),
+                           output_path=str(merged_dir), dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert greedy(merged) == served
+    assert greedy(base) != served

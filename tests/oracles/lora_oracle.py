@@ -7,6 +7,11 @@ Usage:
                                                   (f32, and bf16.* with the base in bf16); TARGETS:
                                                   comma-separated modules (default all seven + lm_head)
   lora_oracle.py peft-logits TINY_DIR ADAPTER OUT logits of TINY_DIR + a saved adapter, via peft
+  lora_oracle.py moe-grads TINY_DIR OUT_DIR       a mixture of experts (tiny qwen3_moe): peft on
+                                                  attention and lm_head, and each expert's own LoRA
+                                                  on gate/up/down (rank r / experts per token) in
+                                                  plain PyTorch; loraloom's checkpoint of it, batch,
+                                                  loss, grads
   lora_oracle.py peft-topk TINY_DIR OUT_DIR       peft-grads' adapter and inputs, K = 5 targets per
                                                   position (top-K distillation): logprobs, loss, grads
   lora_oracle.py losses OUT                       each loss and d(loss)/d(logits) by direct formulas
@@ -127,6 +132,113 @@ def peft_topk(tiny: Path, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "expected.safetensors"))
 
 
+MOE_RANK = 6
+
+
+def expert_lora_forward(experts, scale):
+    """transformers' eager Qwen3MoeExperts.forward with each expert's LoRA on gate, up and down:
+    `W x + scale * B_e (A_e x)`, A_e/B_e from the module's `lora` parameters."""
+    import torch.nn.functional as F
+
+    p = experts.lora
+    inter = experts.down_proj.shape[-1]
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(experts.num_experts):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            x = hidden_states[token_idx]
+            w = experts.gate_up_proj[e]
+            gate = F.linear(x, w[:inter]) + scale * F.linear(F.linear(x, p["w1_A"][e]), p["w1_B"][e])
+            up = F.linear(x, w[inter:]) + scale * F.linear(F.linear(x, p["w3_A"][e]), p["w3_B"][e])
+            act = F.silu(gate) * up
+            y = F.linear(act, experts.down_proj[e]) + scale * F.linear(F.linear(act, p["w2_A"][e]), p["w2_B"][e])
+            out.index_add_(0, token_idx, y * top_k_weights[token_idx, slot, None])
+        return out
+
+    return forward
+
+
+def moe_grads(tiny: Path, out: Path) -> None:
+    """Attention and unembedding adapters by peft; the dense layer's MLP adapters and each
+    expert's own in plain PyTorch (transformers' router decides; given MLP names, peft would
+    adapt the experts' fused parameters its own way). Saved as loraloom's checkpoint: peft's
+    files plus the MLP's `A` and `B` under peft's names and each expert projection's `A`
+    `[E, r_e, in]` and `B` `[E, out, r_e]` under Tinker's (`mlp.experts.w1/w3/w2`), all scaled by
+    alpha / r as the cookbook merges them."""
+    import json
+
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    cfg = LoraConfig(r=MOE_RANK, lora_alpha=8, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"])
+    model = get_peft_model(base, cfg)
+    c = base.config
+    r_e = max(1, MOE_RANK // c.num_experts_per_tok)
+    scale = 8 / MOE_RANK
+    ours = {}  # loraloom's checkpoint key -> parameter, beside peft's
+    for i, layer in enumerate(base.model.layers):
+        prefix = f"base_model.model.model.layers.{i}.mlp"
+        if hasattr(layer.mlp, "experts"):
+            mod = layer.mlp.experts
+            h, inter, n = c.hidden_size, c.moe_intermediate_size, c.num_experts
+            shapes = {"w1": (inter, h), "w3": (inter, h), "w2": (h, inter)}
+            mod.lora = torch.nn.ParameterDict({
+                f"{w}_{half}": torch.nn.Parameter(torch.zeros(shape))
+                for w, (o, inp) in shapes.items()
+                for half, shape in (("A", (n, r_e, inp)), ("B", (n, o, r_e)))
+            })
+            mod.forward = expert_lora_forward(mod, scale)
+            for key, p in mod.lora.items():
+                w, half = key.split("_")
+                ours[f"{prefix}.experts.{w}.lora_{half}.weight"] = p
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(layer.mlp, proj)
+            a = torch.nn.Parameter(torch.zeros(MOE_RANK, lin.in_features))
+            b = torch.nn.Parameter(torch.zeros(lin.out_features, MOE_RANK))
+            lin.forward = (lambda lin, a, b: lambda x: F.linear(x, lin.weight)
+                           + scale * F.linear(F.linear(x, a), b))(lin, a, b)
+            ours[f"{prefix}.{proj}.lora_A.weight"] = a
+            ours[f"{prefix}.{proj}.lora_B.weight"] = b
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for p in ours.values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ids, targets, weights, lengths = batch(c.vocab_size)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    loss = -(weights * lp * mask).sum()
+    loss.backward()
+    tensors = {"input_ids": ids, "targets": targets, "weights": weights, "lengths": lengths,
+               "logits": logits.detach(), "logprobs": (lp * mask).detach(), "loss": loss.detach()[None]}
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.grad is not None:
+            tensors["grad." + name.replace(".default", "")] = p.grad.detach().float().clone()
+    adapter = out / "adapter"
+    model.save_pretrained(adapter)
+    weights_file = adapter / "adapter_model.safetensors"
+    saved = load_file(str(weights_file))
+    for name, p in ours.items():
+        saved[name] = p.detach().clone()
+        tensors["grad." + name] = p.grad.detach().float().clone()
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(weights_file))
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = TARGETS
+    config_file.write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "expected.safetensors"))
+
+
 def peft_logits(tiny: Path, adapter: Path, out: Path) -> None:
     model = peft_model(tiny, adapter)
     ids, _, _, _ = batch(model.config.vocab_size)
@@ -209,6 +321,9 @@ if __name__ == "__main__":
     elif cmd == "peft-topk":
         Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
         peft_topk(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif cmd == "moe-grads":
+        Path(sys.argv[3]).mkdir(parents=True, exist_ok=True)
+        moe_grads(Path(sys.argv[2]), Path(sys.argv[3]))
     elif cmd == "peft-logits":
         peft_logits(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     elif cmd == "losses":

@@ -2,7 +2,10 @@
 //! loads them on the Hugging Face base model.
 //!
 //! A checkpoint directory holds:
-//! - `adapter_model.safetensors`: `base_model.model.<module>.lora_{A,B}.weight`;
+//! - `adapter_model.safetensors`: `base_model.model.<module>.lora_{A,B}.weight`; a mixture's
+//!   experts under Tinker's names, `<layer>.mlp.experts.{w1,w3,w2}` (gate, up, down), with
+//!   `A` `[experts, rank_e, in]` and `B` `[experts, out, rank_e]` (what tinker-cookbook's
+//!   `weights.build_hf_model` merges; peft has no module to load them onto);
 //! - `adapter_config.json`: PEFT's LoRA config (`r`, `lora_alpha`, `target_modules`, ...);
 //! - `loraloom.json`: what PEFT has no field for (seed, step count);
 //! - `optimizer.safetensors` (full state only): `<key>.exp_avg` / `<key>.exp_avg_sq`.
@@ -429,10 +432,16 @@ pub fn load(dir: &Path, config: &ModelConfig, device: Device) -> Result<Loaded> 
     let layout = adapter.layout().clone();
     let read = |tensors: &mut HashMap<String, Tensor>, field: Field, suffix: &str| {
         for e in &layout.entries {
-            let module = e.target.module_path(e.layer);
+            let module = e.module_path();
             let key = |half| format!("{}{suffix}", peft_key(&module, half));
-            let a = take_checked(tensors, &key("A"), &[rank, e.inp])?;
-            let b = take_checked(tensors, &key("B"), &[e.out, rank])?;
+            let r = layout.rank_at(e, rank);
+            let (a_shape, b_shape) = if e.is_experts() {
+                (vec![e.experts, r, e.inp], vec![e.experts, e.out, r])
+            } else {
+                (vec![r, e.inp], vec![e.out, r])
+            };
+            let a = take_checked(tensors, &key("A"), &a_shape)?;
+            let b = take_checked(tensors, &key("B"), &b_shape)?;
             adapter.set_pair(field, e.layer, e.target, &a, &b)?;
         }
         Ok::<(), ModelError>(())

@@ -1302,7 +1302,7 @@ impl Decoder {
         let h = block.post_attn_norm.forward(&x)?;
         let m = match &block.ffn {
             Ffn::Dense(m) => m,
-            Ffn::Sparse(experts) => return experts.forward_onto(&h, &x),
+            Ffn::Sparse(experts) => return experts.forward_onto(&h, &x, lora, layer),
         };
         let [gate, up] = m
             .gate_up

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
-use crate::slab::{Field, Layout, Row, Slab};
+use crate::slab::{Entry, Field, Layout, Row, Slab};
 
 /// Targets that read the same input and that the decoder projects with one fused matmul
 /// (q/k/v, gate/up): an inference stack also multiplies that input by their `A`s at once.
@@ -160,13 +160,6 @@ impl LoraSpec {
                 format!("must be a positive number, got {}", self.alpha),
             ));
         }
-        if self.train_mlp && config.moe.is_some() {
-            return Err(ModelError::invalid(
-                "train_mlp",
-                "LoRA on the experts of a mixture-of-experts model is not supported yet; \
-                 pass train_mlp=False (attention and unembedding adapters are)",
-            ));
-        }
         if !(self.train_attn || self.train_mlp || self.train_unembed) {
             return Err(ModelError::invalid(
                 "train_attn",
@@ -240,10 +233,14 @@ impl LoraAdapter {
         let mut values = vec![0f32; layout.numel as usize];
         for e in &layout.entries {
             let bound = 1.0 / (e.inp as f64).sqrt();
-            // Row-major [R, inp]: the first `rank` rows are the adapter's, the rest padding.
-            let start = e.a_offset as usize;
-            for v in &mut values[start..start + (rank * e.inp) as usize] {
-                *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
+            let used = layout.rank_at(e, rank);
+            // Row-major [experts, R, inp]: each expert's first `used` rows are the adapter's,
+            // the rest padding.
+            for x in 0..e.experts {
+                let start = (e.a_offset + x * e.rank * e.inp) as usize;
+                for v in &mut values[start..start + (used * e.inp) as usize] {
+                    *v = ((rng.next_f64() * 2.0 - 1.0) * bound) as f32;
+                }
             }
         }
         adapter
@@ -332,7 +329,7 @@ impl LoraAdapter {
             .iter()
             .map(|e| {
                 let (a, b) = layout.pair_views(&row, e, self.spec.rank)?;
-                Ok((e.target.module_path(e.layer), LoraPair { a, b }))
+                Ok((e.module_path(), LoraPair { a, b }))
             })
             .collect()
     }
@@ -349,11 +346,11 @@ impl LoraAdapter {
 
     /// Trainable parameters (at the adapter's own rank, padding excluded).
     pub fn num_parameters(&self) -> i64 {
-        let r = self.spec.rank;
-        self.layout()
+        let layout = self.layout();
+        layout
             .entries
             .iter()
-            .map(|e| r * (e.inp + e.out))
+            .map(|e| e.experts * layout.rank_at(e, self.spec.rank) * (e.inp + e.out))
             .sum()
     }
 
@@ -407,7 +404,13 @@ pub struct AdapterStack {
     scale_t: Tensor,
     /// `[K, numel]` in the compute dtype; `pairs` are views of it.
     buffer: Tensor,
+    /// Per adapted layer `A` `[K, R, in]` and `B` `[K, out, R]`; for experts `[K, E, R_e, in]`
+    /// and `[K, E, out, R_e]`.
     pairs: Vec<(Tensor, Tensor)>,
+    /// Stacks that are not trainable, per adapted layer: for experts, `A` and `B` as the
+    /// grouped matmuls of [`crate::moe`] read them (`[K·E, R_e, in]`, `[K·E, out, R_e]`,
+    /// contiguous), copied once here rather than every step; `None` elsewhere.
+    expert_flat: Vec<Option<(Tensor, Tensor)>>,
     /// Stacks that are not trainable: per adapted layer, every member's `A` side by side,
     /// transposed (`[in, K·R]`), and every member's `B` times its scale, stacked (`[K·R, out]`),
     /// contiguous: what [`LoraBatch`] computes an inference delta with (two matmuls per layer,
@@ -467,6 +470,7 @@ impl AdapterStack {
             scale_t: Tensor::new(),
             buffer,
             pairs: Vec::new(),
+            expert_flat: Vec::new(),
             dense: Vec::new(),
             fused_a: HashMap::new(),
             fused_b: HashMap::new(),
@@ -484,14 +488,14 @@ impl AdapterStack {
         let r = layout.key.rank;
         let mut pairs = Vec::with_capacity(layout.entries.len());
         for e in &layout.entries {
-            let a = self
-                .buffer
-                .f_narrow(1, e.a_offset, r * e.inp)?
-                .f_view([k, r, e.inp])?;
-            let b = self
-                .buffer
-                .f_narrow(1, e.b_offset, e.out * r)?
-                .f_view([k, e.out, r])?;
+            let (n, er) = (e.experts, e.rank);
+            let a = self.buffer.f_narrow(1, e.a_offset, n * er * e.inp)?;
+            let b = self.buffer.f_narrow(1, e.b_offset, n * e.out * er)?;
+            let (a, b) = if e.is_experts() {
+                (a.f_view([k, n, er, e.inp])?, b.f_view([k, n, e.out, er])?)
+            } else {
+                (a.f_view([k, er, e.inp])?, b.f_view([k, e.out, er])?)
+            };
             pairs.push(if self.trainable {
                 (a.set_requires_grad(true), b.set_requires_grad(true))
             } else {
@@ -504,12 +508,28 @@ impl AdapterStack {
             .f_to_kind(self.kind)?
             .f_to_device(device)?
             .f_view([k, 1, 1])?;
+        self.expert_flat = if self.trainable {
+            Vec::new()
+        } else {
+            layout
+                .entries
+                .iter()
+                .zip(&self.pairs)
+                .map(|(e, (a, b))| e.is_experts().then(|| expert_matrices(a, b)).transpose())
+                .collect::<Result<_>>()?
+        };
         self.dense = if self.trainable {
             Vec::new()
         } else {
-            self.pairs
+            layout
+                .entries
                 .iter()
-                .map(|(a, b)| {
+                .zip(&self.pairs)
+                .map(|(e, (a, b))| {
+                    if e.is_experts() {
+                        // Experts are added by the mixture itself, not as a linear layer's.
+                        return Ok((Tensor::new(), Tensor::new()));
+                    }
                     let a_t = a.f_reshape([k * r, -1])?.f_tr()?.f_contiguous()?;
                     let b_s = b
                         .f_permute([0, 2, 1])?
@@ -533,6 +553,9 @@ impl AdapterStack {
                     let Some(entries) = found else {
                         continue;
                     };
+                    if entries.iter().any(|&i| layout.entries[i].is_experts()) {
+                        continue;
+                    }
                     let parts: Vec<&Tensor> = entries.iter().map(|&i| &self.dense[i].0).collect();
                     let fused = Tensor::f_cat(&parts, 1)?;
                     for (j, &i) in entries.iter().enumerate() {
@@ -734,6 +757,34 @@ impl AdapterStack {
     }
 }
 
+/// `A` `[K, E, R, in]` and `B` `[K, E, out, R]` of one projection of a mixture's experts as its
+/// grouped matmuls read them, `[K·E, R, in]` and `[K·E, out, R]` member after member: views
+/// where they can be, else copies (within the graph back to a trainable stack's leaves).
+fn expert_matrices(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (k, n, r, inp) = a.size4()?;
+    let out = b.size()[2];
+    Ok((
+        a.f_reshape([k * n, r, inp])?.f_contiguous()?,
+        b.f_reshape([k * n, out, r])?.f_contiguous()?,
+    ))
+}
+
+/// One stack's adapters of a mixture's experts in one layer, and which tokens use them: what
+/// [`crate::moe::Experts`] adds to its experts' projections.
+pub(crate) struct ExpertAdapters {
+    /// The tokens (rows of the layer's `[tokens, hidden]` input) using the stack; `None`: all.
+    pub tokens: Option<Tensor>,
+    /// Each of those tokens' member of the stack.
+    pub members: Tensor,
+    /// Members in the stack.
+    pub count: i64,
+    /// Each member's scale (`[K]`, the compute type).
+    pub scales: Tensor,
+    /// Gate, up and down: every member's and expert's `A` `[K·E, R, in]` and `B`
+    /// `[K·E, out, R]`.
+    pub projections: [(Tensor, Tensor); 3],
+}
+
 /// `adapters` without repeats (identity: the pending-gradient flag), in first-seen order.
 fn distinct<'a>(adapters: &[&'a LoraAdapter]) -> Vec<&'a LoraAdapter> {
     let mut unique: Vec<&LoraAdapter> = Vec::with_capacity(adapters.len());
@@ -837,6 +888,9 @@ struct Part<'a> {
     /// `None`: every row of the batch, in order; else the batch rows (ascending).
     rows: Option<Tensor>,
     members: Members,
+    /// Each row's member, when the stack adapts a mixture's experts (which pick their `A` and
+    /// `B` per token).
+    row_members: Option<Tensor>,
 }
 
 impl Part<'_> {
@@ -1028,6 +1082,11 @@ impl<'a> LoraBatch<'a> {
         for (stack, batch_rows, members) in groups {
             let device = stack.slots_t.device();
             let all = batch_rows.len() as i64 == rows;
+            let row_members = if stack.slab.layout().entries.iter().any(Entry::is_experts) {
+                Some(Tensor::from_slice(&members).f_to_device(device)?)
+            } else {
+                None
+            };
             let k = stack.len() as i64;
             let n = members.len() as i64;
             let members = if members.iter().all(|&m| m == members[0]) {
@@ -1082,9 +1141,65 @@ impl<'a> LoraBatch<'a> {
                     Some(Tensor::from_slice(&batch_rows).f_to_device(device)?)
                 },
                 members,
+                row_members,
             });
         }
         Ok(LoraBatch { parts, rows })
+    }
+
+    /// The adapters of `layer`'s experts in this batch, one per stack adapting them, for a pass
+    /// of `seq` tokens per row (tokens row-major).
+    pub(crate) fn expert_adapters(&self, layer: usize, seq: i64) -> Result<Vec<ExpertAdapters>> {
+        let mut all = Vec::new();
+        for part in &self.parts {
+            let (Some(members), stack) = (&part.row_members, part.stack) else {
+                continue;
+            };
+            let layout = stack.slab.layout();
+            let mut projections = Vec::with_capacity(3);
+            for target in [Target::Gate, Target::Up, Target::Down] {
+                match layout.entry(Some(layer), target) {
+                    Some((i, e)) if e.is_experts() => {
+                        projections.push(match stack.expert_flat.get(i).and_then(Option::as_ref) {
+                            Some((a, b)) => (a.shallow_clone(), b.shallow_clone()),
+                            None => expert_matrices(&stack.pairs[i].0, &stack.pairs[i].1)?,
+                        })
+                    }
+                    _ => break,
+                }
+            }
+            let Ok(projections) = <[(Tensor, Tensor); 3]>::try_from(projections) else {
+                continue;
+            };
+            let (tokens, members) = if seq == 1 {
+                (
+                    part.rows.as_ref().map(Tensor::shallow_clone),
+                    members.shallow_clone(),
+                )
+            } else {
+                let positions = Tensor::f_arange(seq, (Kind::Int64, members.device()))?;
+                let tokens = part
+                    .rows
+                    .as_ref()
+                    .map(|rows| -> Result<Tensor> {
+                        Ok(rows
+                            .f_unsqueeze(1)?
+                            .f_mul_scalar(seq)?
+                            .f_add(&positions)?
+                            .f_view([-1])?)
+                    })
+                    .transpose()?;
+                (tokens, members.f_repeat_interleave_self_int(seq, 0, None)?)
+            };
+            all.push(ExpertAdapters {
+                tokens,
+                members,
+                count: stack.len() as i64,
+                scales: stack.scale_t.f_view([-1])?,
+                projections,
+            });
+        }
+        Ok(all)
     }
 
     /// Handles on every tensor the batch's deltas read (its stacks' weights and its own
@@ -1094,9 +1209,15 @@ impl<'a> LoraBatch<'a> {
         for part in &self.parts {
             let stack = part.stack;
             all.extend([&stack.slots_t, &stack.scale_t, &stack.buffer].map(Tensor::shallow_clone));
-            for (a, b) in stack.pairs.iter().chain(&stack.dense) {
+            for (a, b) in stack
+                .pairs
+                .iter()
+                .chain(&stack.dense)
+                .chain(stack.expert_flat.iter().flatten())
+            {
                 all.extend([a.shallow_clone(), b.shallow_clone()]);
             }
+            all.extend(part.row_members.iter().map(Tensor::shallow_clone));
             all.extend(stack.fused_a.values().map(Tensor::shallow_clone));
             all.extend(stack.fused_b.values().map(Tensor::shallow_clone));
             all.extend(part.rows.iter().map(Tensor::shallow_clone));

@@ -13,6 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{Architecture, ModelConfig, MoeConfig};
 use crate::error::Result;
+use crate::lora::{ExpertAdapters, LoraBatch};
 use crate::weights::WeightStore;
 
 /// One sparse layer's router and experts (frozen).
@@ -133,7 +134,14 @@ impl Experts {
         self.router.numel() as i64 + experts
     }
 
-    /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`).
+    /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`), each expert's
+    /// projections with the LoRA deltas `lora` holds for `layer`'s experts.
+    ///
+    /// An expert adapter gives each expert its own `A` and `B` for gate, up and down
+    /// ([`crate::slab::expert_rank`]). Its deltas run as grouped matmuls too: one stack's
+    /// token-expert pairs sorted by (member, expert), each group multiplying by its member's
+    /// and expert's `A` and `B`, added into the experts' outputs where those pairs sit; a fixed
+    /// number of kernels per stack, whatever its members or experts.
     ///
     /// Routing as transformers' `Qwen3MoeTopKRouter` and `MixtralTopKRouter`: softmax of the
     /// router logits in f32, the top `k`, renormalised when the config says so, rounded to the
@@ -146,8 +154,15 @@ impl Experts {
     /// On a GPU, libtorch runs `_grouped_mm` as one kernel for bf16 (compute capability 8.0 and
     /// up); for other element types its fallback reads the offsets back to the host, which a
     /// recorded decode step cannot do (it then stays eager).
-    pub(crate) fn forward_onto(&self, h: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_onto(
+        &self,
+        h: &Tensor,
+        residual: &Tensor,
+        lora: Option<&LoraBatch>,
+        layer: usize,
+    ) -> Result<Tensor> {
         let hidden = self.router.size()[1];
+        let seq = if h.dim() == 3 { h.size()[1] } else { 1 };
         let x = h.f_reshape([-1, hidden])?;
         let rows = x.size()[0];
         let experts = self.router.size()[0];
@@ -177,13 +192,30 @@ impl Experts {
         let tokens = order.f_floor_divide_scalar(self.k)?;
         // Where each pair sits in the sorted order (the inverse permutation).
         let sorted_at = order.f_argsort(0, false)?;
+        let adapters = match lora {
+            Some(batch) => batch.expert_adapters(layer, seq)?,
+            None => Vec::new(),
+        };
+        let plans = adapters
+            .iter()
+            .map(|a| self.plan(a, &chosen, &sorted_at))
+            .collect::<Result<Vec<_>>>()?;
         let act = {
-            let gate_up = x.f_index_select(0, &tokens)?.f_internal_grouped_mm(
-                &self.gate_up_t,
-                Some(&offsets),
-                None::<&Tensor>,
-                None,
-            )?;
+            let xs = x.f_index_select(0, &tokens)?;
+            let mut gate_up =
+                xs.f_internal_grouped_mm(&self.gate_up_t, Some(&offsets), None::<&Tensor>, None)?;
+            for (a, plan) in adapters.iter().zip(&plans) {
+                let xs = xs.f_index_select(0, &plan.positions)?;
+                let delta = Tensor::f_cat(
+                    &[
+                        plan.delta(&xs, &a.projections[0])?,
+                        plan.delta(&xs, &a.projections[1])?,
+                    ],
+                    1,
+                )?;
+                gate_up = gate_up.f_index_add(0, &plan.positions, &delta)?;
+            }
+            drop(xs);
             gate_up
                 .f_narrow(-1, 0, self.inter)?
                 .f_silu()?
@@ -191,8 +223,13 @@ impl Experts {
         };
         // Back in (token, slot) order, each token's `k` outputs weighted and summed.
         let out = {
-            let sorted =
+            let mut sorted =
                 act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+            for (a, plan) in adapters.iter().zip(&plans) {
+                let delta =
+                    plan.delta(&act.f_index_select(0, &plan.positions)?, &a.projections[2])?;
+                sorted = sorted.f_index_add(0, &plan.positions, &delta)?;
+            }
             drop(act);
             sorted.f_index_select(0, &sorted_at)?
         };
@@ -202,5 +239,71 @@ impl Experts {
             .f_to_kind(x.kind())?;
         drop(out);
         Ok(residual.f_add(&mixed.f_view_as(residual)?)?)
+    }
+}
+
+/// Where one stack's token-expert pairs sit and how its grouped matmuls split them.
+struct Plan {
+    /// Each of the stack's pairs (sorted by member, then expert): its position in the
+    /// expert-sorted order of the layer's pairs.
+    positions: Tensor,
+    /// End of each (member, expert) group among them (`[K·E]`, `i32`).
+    offsets: Tensor,
+    /// Each pair's member's scale, `[pairs, 1]`.
+    scale: Tensor,
+}
+
+impl Plan {
+    /// `scale · (x Aᵀ) Bᵀ` for the stack's pairs' rows `x` (in plan order), each with its
+    /// member's and expert's `A` (`[K·E, R, in]`) and `B` (`[K·E, out, R]`).
+    fn delta(&self, x: &Tensor, (a, b): &(Tensor, Tensor)) -> Result<Tensor> {
+        let offsets = Some(&self.offsets);
+        let xa = x
+            .f_internal_grouped_mm(&a.f_transpose(1, 2)?, offsets, None::<&Tensor>, None)?
+            .f_mul(&self.scale)?;
+        Ok(xa.f_internal_grouped_mm(&b.f_transpose(1, 2)?, offsets, None::<&Tensor>, None)?)
+    }
+}
+
+impl Experts {
+    /// The [`Plan`] of stack `a`'s tokens, given every token's chosen experts (`[tokens, k]`)
+    /// and where each (token, slot) pair sits in the expert-sorted order.
+    fn plan(&self, a: &ExpertAdapters, chosen: &Tensor, sorted_at: &Tensor) -> Result<Plan> {
+        let experts = self.router.size()[0];
+        let device = chosen.device();
+        let chosen = chosen.f_view([-1, self.k])?;
+        let (tokens, chosen) = match &a.tokens {
+            Some(t) => (t.shallow_clone(), chosen.f_index_select(0, t)?),
+            None => (
+                Tensor::f_arange(chosen.size()[0], (Kind::Int64, device))?,
+                chosen.shallow_clone(),
+            ),
+        };
+        let slots = Tensor::f_arange(self.k, (Kind::Int64, device))?;
+        let pairs = tokens
+            .f_unsqueeze(1)?
+            .f_mul_scalar(self.k)?
+            .f_add(&slots)?
+            .f_view([-1])?;
+        let keys = a
+            .members
+            .f_unsqueeze(1)?
+            .f_mul_scalar(experts)?
+            .f_add(&chosen)?
+            .f_view([-1])?;
+        let (sorted_keys, order) = keys.f_sort(0, false)?;
+        let counts = Tensor::f_zeros([a.count * experts], (Kind::Int64, device))?.f_index_add(
+            0,
+            &keys,
+            &keys.f_ones_like()?,
+        )?;
+        Ok(Plan {
+            positions: sorted_at.f_index_select(0, &pairs.f_index_select(0, &order)?)?,
+            offsets: counts.f_cumsum(0, Kind::Int)?,
+            scale: a
+                .scales
+                .f_index_select(0, &sorted_keys.f_floor_divide_scalar(experts)?)?
+                .f_unsqueeze(1)?,
+        })
     }
 }

@@ -6,7 +6,9 @@
 //! layout. A row is the concatenation, in layout order, of each adapted layer's `A`
 //! (`[R, in]`) and `B` (`[out, R]`) at the bucket rank `R` (the rank rounded up to a power of
 //! two); an adapter of a smaller rank leaves its padding rows of `A` and columns of `B` at zero,
-//! where gradients and Adam keep them exactly.
+//! where gradients and Adam keep them exactly. A mixture's experts are one entry per projection
+//! holding every expert's `A` (`[E, R_e, in]`) and `B` (`[E, out, R_e]`) at the expert bucket
+//! rank `R_e` ([`Layout::expert_rank`]).
 //!
 //! So work over many adapters is a handful of kernels whatever their number: a batch gathers its
 //! adapters' rows with one `index_select`, adds their gradients back with one `index_add_`, and
@@ -39,6 +41,9 @@ pub struct LayoutKey {
     pub unembed: bool,
     /// Layers, hidden, intermediate, q width, k/v width, vocabulary of the model.
     pub model: [i64; 6],
+    /// A mixture of experts': experts, their width, experts per token, and which layers are
+    /// sparse (a bit per layer, hashed); zeros for a dense model.
+    pub experts: [i64; 4],
 }
 
 impl LayoutKey {
@@ -57,6 +62,20 @@ impl LayoutKey {
                 config.num_kv_heads * config.head_dim,
                 config.vocab_size,
             ],
+            experts: match &config.moe {
+                None => [0; 4],
+                Some(moe) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    moe.sparse_layers.hash(&mut h);
+                    [
+                        moe.num_experts,
+                        moe.expert_intermediate_size,
+                        moe.experts_per_token,
+                        h.finish() as i64,
+                    ]
+                }
+            },
         }
     }
 }
@@ -64,6 +83,20 @@ impl LayoutKey {
 /// The bucket a rank is stored at: the next power of two.
 pub fn bucket_rank(rank: i64) -> i64 {
     (rank.max(1) as u64).next_power_of_two() as i64
+}
+
+/// The rank of each expert's adapter for an adapter of rank `rank` on a mixture of `per_token`
+/// experts per token: `rank / per_token` (at least 1), so that a token's experts hold about as
+/// many adapter parameters as one rank-`rank` adapter of a dense MLP would (the rule of
+/// Thinking Machines' "LoRA Without Regret" for mixtures of experts).
+pub fn expert_rank(rank: i64, per_token: i64) -> i64 {
+    (rank / per_token.max(1)).max(1)
+}
+
+/// The bucket an expert rank is stored at: the next power of two, at least 8, so that every
+/// row of the experts' grouped matmuls (`_grouped_mm`) is a multiple of 16 bytes in bf16.
+fn expert_bucket(rank: i64) -> i64 {
+    bucket_rank(rank).max(8)
 }
 
 /// Where one adapted layer's `A` and `B` sit in a row.
@@ -77,10 +110,39 @@ pub struct Entry {
     pub out: i64,
     /// Input features.
     pub inp: i64,
-    /// Offset of `A` (`[R, inp]`, row-major).
+    /// Experts, each with its own `A` and `B`, stored one after the other: 1 for a linear
+    /// layer, `E` for a projection of a mixture's experts.
+    pub experts: i64,
+    /// Bucket rank of the entry: the layout's, or its expert bucket rank.
+    pub rank: i64,
+    /// Offset of `A` (`[experts, rank, inp]`, row-major).
     pub a_offset: i64,
-    /// Offset of `B` (`[out, R]`, row-major), right after `A`.
+    /// Offset of `B` (`[experts, out, rank]`, row-major), right after `A`.
     pub b_offset: i64,
+}
+
+impl Entry {
+    /// Whether the entry is a projection of a mixture's experts.
+    pub fn is_experts(&self) -> bool {
+        self.experts > 1
+    }
+
+    /// Its module path inside a `*ForCausalLM`: the target's, or for experts Tinker's name of
+    /// the projection of all of them (`model.layers.3.mlp.experts.w1`: gate `w1`, up `w3`,
+    /// down `w2`), whose `A` and `B` are `[experts, rank, in]` and `[experts, out, rank]`.
+    pub fn module_path(&self) -> String {
+        match (self.is_experts(), self.layer) {
+            (true, Some(i)) => {
+                let w = match self.target {
+                    Target::Gate => "w1",
+                    Target::Up => "w3",
+                    _ => "w2",
+                };
+                format!("model.layers.{i}.mlp.experts.{w}")
+            }
+            _ => self.target.module_path(self.layer),
+        }
+    }
 }
 
 /// The row layout of a [`LayoutKey`]: every adapted layer in block order, then the LM head.
@@ -99,7 +161,6 @@ impl Layout {
     /// The layout of `spec` on `config`.
     pub fn new(spec: &LoraSpec, config: &ModelConfig) -> Self {
         let key = LayoutKey::of(spec, config);
-        let r = key.rank;
         let mut entries = Vec::new();
         let mut offset = 0;
         let slots = (0..config.num_layers as usize)
@@ -109,16 +170,37 @@ impl Layout {
             if !spec.targets(target) {
                 continue;
             }
-            let (out, inp) = target.dims(config);
+            let moe = config
+                .moe
+                .as_ref()
+                .filter(|moe| layer.is_some_and(|l| moe.sparse_layers[l]));
+            let (out, inp, experts, rank) = match (moe, target) {
+                (Some(moe), Target::Gate | Target::Up | Target::Down) => {
+                    let (h, i) = (config.hidden_size, moe.expert_intermediate_size);
+                    let (out, inp) = if target == Target::Down {
+                        (h, i)
+                    } else {
+                        (i, h)
+                    };
+                    let bucket = expert_bucket(expert_rank(key.rank, moe.experts_per_token));
+                    (out, inp, moe.num_experts, bucket)
+                }
+                _ => {
+                    let (out, inp) = target.dims(config);
+                    (out, inp, 1, key.rank)
+                }
+            };
             entries.push(Entry {
                 layer,
                 target,
                 out,
                 inp,
+                experts,
+                rank,
                 a_offset: offset,
-                b_offset: offset + r * inp,
+                b_offset: offset + experts * rank * inp,
             });
-            offset += r * inp + out * r;
+            offset += experts * rank * (inp + out);
         }
         let index = entries
             .iter()
@@ -145,19 +227,34 @@ impl Layout {
             .map(|&i| (i, &self.entries[i]))
     }
 
-    /// `A` (`[rank, inp]`) and `B` (`[out, rank]`) of `entry` as views of a row `[numel]`,
-    /// cut to `rank` (≤ the bucket rank).
+    /// The rank an adapter of rank `rank` (≤ the bucket rank) has at `entry`: `rank`, or for
+    /// experts its expert rank ([`expert_rank`]).
+    pub fn rank_at(&self, entry: &Entry, rank: i64) -> i64 {
+        if entry.is_experts() {
+            expert_rank(rank, self.key.experts[2])
+        } else {
+            rank
+        }
+    }
+
+    /// `A` (`[rank, inp]`) and `B` (`[out, rank]`) of `entry` as views of a row `[numel]`, cut
+    /// to an adapter of rank `rank` (≤ the bucket rank); for experts `[experts, rank_e, inp]`
+    /// and `[experts, out, rank_e]` at its expert rank ([`Layout::rank_at`]).
     pub fn pair_views(&self, row: &Tensor, entry: &Entry, rank: i64) -> Result<(Tensor, Tensor)> {
-        let r = self.key.rank;
+        let (n, r, used) = (entry.experts, entry.rank, self.rank_at(entry, rank));
         let a = row
-            .f_narrow(0, entry.a_offset, r * entry.inp)?
-            .f_view([r, entry.inp])?
-            .f_narrow(0, 0, rank)?;
+            .f_narrow(0, entry.a_offset, n * r * entry.inp)?
+            .f_view([n, r, entry.inp])?
+            .f_narrow(1, 0, used)?;
         let b = row
-            .f_narrow(0, entry.b_offset, entry.out * r)?
-            .f_view([entry.out, r])?
-            .f_narrow(1, 0, rank)?;
-        Ok((a, b))
+            .f_narrow(0, entry.b_offset, n * entry.out * r)?
+            .f_view([n, entry.out, r])?
+            .f_narrow(2, 0, used)?;
+        if entry.is_experts() {
+            Ok((a, b))
+        } else {
+            Ok((a.f_squeeze_dim(0)?, b.f_squeeze_dim(0)?))
+        }
     }
 }
 

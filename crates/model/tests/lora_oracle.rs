@@ -113,33 +113,8 @@ fn oracle_adapter(out: &TempDir, decoder: &Decoder) -> LoraAdapter {
         .adapter
 }
 
-#[test]
-fn attention_and_unembedding_adapter_on_a_mixture_of_experts_matches_peft() {
-    // Qwen3-MoE: two sparse layers around a dense one. The gradients of the first layer's
-    // adapters flow back through every layer's experts and router choices.
-    let dir = TempDir::new("moe-peft");
-    let out = TempDir::new("moe-peft-out");
-    let (tiny, o) = (dir.path().to_str().unwrap(), out.path().to_str().unwrap());
-    oracle("tiny_models.py", &["make", "qwen3_moe", tiny]);
-    oracle(
-        "lora_oracle.py",
-        &["peft-grads", tiny, o, "q_proj,k_proj,v_proj,o_proj,lm_head"],
-    );
-    let expected = read_tensors(&out.path().join("expected.safetensors"));
-    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
-    let adapter = oracle_adapter(&out, &decoder);
-    let imported = adapter.spec();
-    assert!(imported.train_attn && imported.train_unembed && !imported.train_mlp);
-
-    let data = datums(&expected);
-    let result = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
-    assert_loss_matches_peft(result.loss_sum, &expected);
-    let lengths = vec_i64(&expected["lengths"]);
-    for (i, &n) in lengths.iter().enumerate() {
-        let got = Tensor::from_slice(&result.outputs[i].logprobs);
-        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
-        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
-    }
+/// Every gradient of `adapter` against the oracle's `grad.*` (1e-4 relative); returns how many.
+fn check_grads(adapter: &LoraAdapter, expected: &Expected) -> usize {
     let mut checked = 0;
     for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
         for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
@@ -149,21 +124,101 @@ fn attention_and_unembedding_adapter_on_a_mixture_of_experts_matches_peft() {
             checked += 1;
         }
     }
+    checked
+}
+
+#[test]
+fn expert_adapters_on_a_mixture_of_experts_match_pytorch() {
+    // Qwen3-MoE: two sparse layers around a dense one. peft adapts attention, the dense layer's
+    // MLP and the unembedding; the oracle gives each expert its own LoRA on gate, up and down in
+    // plain PyTorch, on transformers' router. The first layer's gradients flow back through
+    // every later layer's experts and their adapters.
+    let dir = TempDir::new("moe-lora");
+    let out = TempDir::new("moe-lora-out");
+    let (tiny, o) = (dir.path().to_str().unwrap(), out.path().to_str().unwrap());
+    oracle("tiny_models.py", &["make", "qwen3_moe", tiny]);
+    oracle("lora_oracle.py", &["moe-grads", tiny, o]);
+    let expected = read_tensors(&out.path().join("expected.safetensors"));
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let adapter = oracle_adapter(&out, &decoder);
+    let imported = adapter.spec();
+    assert!(imported.train_attn && imported.train_mlp && imported.train_unembed);
+    assert_eq!(imported.rank, 6);
+
+    // Logits with the adapter, no graph (the inference stack's path), as the llama test's.
+    let lengths = vec_i64(&expected["lengths"]);
+    let ids = &expected["input_ids"];
+    let stack = stack_of(&adapter);
+    let lora = LoraBatch::one(&stack, 0, ids.size()[0]).unwrap();
+    let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
+    let tolerance = 2e-5 * expected["logits"].abs().max().double_value(&[]);
+    for (i, &n) in lengths.iter().enumerate() {
+        let d = max_abs_diff(
+            &logits.get(i as i64).narrow(0, 0, n),
+            &expected["logits"].get(i as i64).narrow(0, 0, n),
+        );
+        assert!(
+            d < tolerance,
+            "row {i}: logits differ by {d} (tolerance {tolerance})"
+        );
+    }
+
+    let data = datums(&expected);
+    let alone = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
+    assert_loss_matches_peft(alone.loss_sum, &expected);
+    for (i, &n) in lengths.iter().enumerate() {
+        let got = Tensor::from_slice(&alone.outputs[i].logprobs);
+        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
+    }
+    // q/k/v/o of 3 layers, the dense layer's gate/up/down, the sparse layers' experts'
+    // gate/up/down, the unembedding: A and B of each.
     assert_eq!(
-        checked,
-        2 * (3 * 4 + 1),
-        "q/k/v/o of 3 layers and the unembedding"
+        check_grads(&adapter, &expected),
+        2 * (3 * 4 + 3 + 2 * 3 + 1)
     );
 
-    // Experts cannot be adapted yet: asking is a named error, not a silently smaller adapter.
-    let err = LoraAdapter::new(
-        with_targets(spec(4, 1), true, true, false),
-        decoder.config(),
-        Device::Cpu,
+    // Beside another adapter of its layout in one batch (one stack of two members: each
+    // token's experts read its own member's A and B), it computes and learns what it did alone.
+    let other = LoraAdapter::new(imported.clone(), decoder.config(), Device::Cpu).unwrap();
+    adapter.zero_grad().unwrap();
+    let other_data = train_data(5, 2, 9);
+    let together = forward_backward(
+        &decoder,
+        &[
+            TrainRequest {
+                adapter: Some(&other),
+                loss: LossFn::CrossEntropy,
+                data: &other_data,
+            },
+            TrainRequest {
+                adapter: Some(&adapter),
+                loss: LossFn::CrossEntropy,
+                data: &data,
+            },
+        ],
+        true,
+        NO_LIMIT,
     )
-    .err()
-    .expect("train_mlp on a mixture of experts");
-    assert!(err.to_string().contains("train_mlp"), "{err}");
+    .unwrap();
+    assert!((together[1].loss_sum - alone.loss_sum).abs() < 1e-4 * alone.loss_sum.abs());
+    assert_eq!(
+        check_grads(&adapter, &expected),
+        2 * (3 * 4 + 3 + 2 * 3 + 1)
+    );
+    // The fresh adapter (B = 0) leaves the model as it is: its loss is the base model's.
+    let base = forward_backward(
+        &decoder,
+        &[TrainRequest {
+            adapter: None,
+            loss: LossFn::CrossEntropy,
+            data: &other_data,
+        }],
+        false,
+        NO_LIMIT,
+    )
+    .unwrap();
+    assert!((together[0].loss_sum - base[0].loss_sum).abs() < 1e-4 * base[0].loss_sum.abs());
 }
 
 #[test]

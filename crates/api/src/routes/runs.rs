@@ -62,8 +62,7 @@ pub(super) async fn create_model(
     let lora = body.lora_config.unwrap_or(LoraConfig {
         rank: 32,
         seed: None,
-        // Every target the base model supports (a mixture of experts' are not yet).
-        train_mlp: state.engine.base().config.moe.is_none(),
+        train_mlp: true,
         train_attn: true,
         train_unembed: true,
     });
