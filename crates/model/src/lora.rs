@@ -508,37 +508,27 @@ impl AdapterStack {
             .f_to_kind(self.kind)?
             .f_to_device(device)?
             .f_view([k, 1, 1])?;
-        self.expert_flat = if self.trainable {
-            Vec::new()
-        } else {
-            layout
-                .entries
-                .iter()
-                .zip(&self.pairs)
-                .map(|(e, (a, b))| e.is_experts().then(|| expert_matrices(a, b)).transpose())
-                .collect::<Result<_>>()?
-        };
-        self.dense = if self.trainable {
-            Vec::new()
-        } else {
-            layout
-                .entries
-                .iter()
-                .zip(&self.pairs)
-                .map(|(e, (a, b))| {
-                    if e.is_experts() {
-                        // Experts are added by the mixture itself, not as a linear layer's.
-                        return Ok((Tensor::new(), Tensor::new()));
-                    }
-                    let a_t = a.f_reshape([k * r, -1])?.f_tr()?.f_contiguous()?;
-                    let b_s = b
-                        .f_permute([0, 2, 1])?
-                        .f_mul(&self.scale_t)?
-                        .f_reshape([k * r, -1])?;
-                    Ok((a_t, b_s))
-                })
-                .collect::<Result<_>>()?
-        };
+        // Stacks that are not trainable: each linear layer's dense pair, and each expert
+        // projection's flattened matrices (experts are added by the mixture itself, not as a
+        // linear layer's: an empty dense pair keeps `dense` indexed by entry).
+        self.dense.clear();
+        self.expert_flat.clear();
+        if !self.trainable {
+            for (e, (a, b)) in layout.entries.iter().zip(&self.pairs) {
+                if e.is_experts() {
+                    self.expert_flat.push(Some(expert_matrices(a, b)?));
+                    self.dense.push((Tensor::new(), Tensor::new()));
+                    continue;
+                }
+                let a_t = a.f_reshape([k * r, -1])?.f_tr()?.f_contiguous()?;
+                let b_s = b
+                    .f_permute([0, 2, 1])?
+                    .f_mul(&self.scale_t)?
+                    .f_reshape([k * r, -1])?;
+                self.expert_flat.push(None);
+                self.dense.push((a_t, b_s));
+            }
+        }
         self.fused_a.clear();
         self.fused_b.clear();
         if !self.trainable {
