@@ -40,16 +40,7 @@ fn assert_loss_matches_peft(loss_sum: f64, expected: &Expected) {
 /// Every LoRA gradient (A and B of 7 projections in each of 2 layers, and the unembedding)
 /// within 1e-4 relative of the peft oracle's `grad.*`.
 fn assert_grads_match_peft(adapter: &LoraAdapter, expected: &Expected) {
-    let mut checked = 0;
-    for (module, pair) in adapter.named_field_pairs(Field::Grads).unwrap() {
-        for (half, t) in [("A", &pair.a), ("B", &pair.b)] {
-            let key = format!("grad.base_model.model.{module}.lora_{half}.weight");
-            let rel = rel_diff(t, &expected[&key]);
-            assert!(rel < 1e-4, "{key}: relative diff {rel}");
-            checked += 1;
-        }
-    }
-    assert_eq!(checked, 2 * (2 * 7 + 1));
+    assert_eq!(check_grads(adapter, expected), 2 * (2 * 7 + 1));
 }
 
 #[test]
@@ -113,6 +104,47 @@ fn oracle_adapter(out: &TempDir, decoder: &Decoder) -> LoraAdapter {
         .adapter
 }
 
+/// `adapter` on `decoder` against the oracle's `expected`: logits of a pass without a graph at
+/// real positions, then a cross-entropy `forward_backward`'s `loss:sum` and logprobs (its
+/// gradients are left in the adapter for the caller to check).
+///
+/// Logits within 2e-5 of the largest logit (11.5 on the llama oracle): the two sides sum the
+/// same f32 products in different orders, and MKL picks its kernels by matrix shape, so fusing
+/// projections (q/k/v, gate/up, and their LoRA `A`s) moves single logits by ~1e-5 of that
+/// (measured: 5e-5 and 1.1e-4 absolute before and after fusing the `A`s).
+fn assert_matches_oracle(
+    decoder: &Decoder,
+    adapter: &LoraAdapter,
+    expected: &Expected,
+) -> RequestOutput {
+    let lengths = vec_i64(&expected["lengths"]);
+    let ids = &expected["input_ids"];
+    let stack = stack_of(adapter);
+    let lora = LoraBatch::one(&stack, 0, ids.size()[0]).unwrap();
+    let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
+    let tolerance = 2e-5 * expected["logits"].abs().max().double_value(&[]);
+    for (i, &n) in lengths.iter().enumerate() {
+        let d = max_abs_diff(
+            &logits.get(i as i64).narrow(0, 0, n),
+            &expected["logits"].get(i as i64).narrow(0, 0, n),
+        );
+        assert!(
+            d < tolerance,
+            "row {i}: logits differ by {d} (tolerance {tolerance})"
+        );
+    }
+    let result = cross_entropy(decoder, adapter, &datums(expected), NO_LIMIT);
+    assert_loss_matches_peft(result.loss_sum, expected);
+    for (i, &n) in lengths.iter().enumerate() {
+        let got = Tensor::from_slice(&result.outputs[i].logprobs);
+        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
+        // elementwise_loss = -w * lp, zero where the weight is zero.
+        assert_eq!(result.outputs[i].elementwise_loss[0], 0.0);
+    }
+    result
+}
+
 /// Every gradient of `adapter` against the oracle's `grad.*` (1e-4 relative); returns how many.
 fn check_grads(adapter: &LoraAdapter, expected: &Expected) -> usize {
     let mut checked = 0;
@@ -145,32 +177,9 @@ fn expert_adapters_on_a_mixture_of_experts_match_pytorch() {
     assert!(imported.train_attn && imported.train_mlp && imported.train_unembed);
     assert_eq!(imported.rank, 6);
 
-    // Logits with the adapter, no graph (the inference stack's path), as the llama test's.
-    let lengths = vec_i64(&expected["lengths"]);
-    let ids = &expected["input_ids"];
-    let stack = stack_of(&adapter);
-    let lora = LoraBatch::one(&stack, 0, ids.size()[0]).unwrap();
-    let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
-    let tolerance = 2e-5 * expected["logits"].abs().max().double_value(&[]);
-    for (i, &n) in lengths.iter().enumerate() {
-        let d = max_abs_diff(
-            &logits.get(i as i64).narrow(0, 0, n),
-            &expected["logits"].get(i as i64).narrow(0, 0, n),
-        );
-        assert!(
-            d < tolerance,
-            "row {i}: logits differ by {d} (tolerance {tolerance})"
-        );
-    }
-
+    // Logits with the adapter, no graph (the inference stack's path); then forward_backward.
+    let alone = assert_matches_oracle(&decoder, &adapter, &expected);
     let data = datums(&expected);
-    let alone = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
-    assert_loss_matches_peft(alone.loss_sum, &expected);
-    for (i, &n) in lengths.iter().enumerate() {
-        let got = Tensor::from_slice(&alone.outputs[i].logprobs);
-        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
-        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
-    }
     // q/k/v/o of 3 layers, the dense layer's gate/up/down, the sparse layers' experts'
     // gate/up/down, the unembedding: A and B of each.
     assert_eq!(
@@ -228,38 +237,7 @@ fn logits_logprobs_loss_and_gradients_match_peft() {
     assert_eq!(adapter.spec().rank, 4);
     assert_eq!(adapter.spec().alpha, 8.0);
 
-    // Logits at real positions, within 2e-5 of the largest logit (11.5 here): the two sides sum
-    // the same f32 products in different orders, and MKL picks its kernels by matrix shape, so
-    // fusing projections (q/k/v, gate/up, and their LoRA `A`s) moves single logits by ~1e-5 of
-    // that (measured: 5e-5 and 1.1e-4 absolute before and after fusing the `A`s).
-    let lengths = vec_i64(&expected["lengths"]);
-    let ids = &expected["input_ids"];
-    let stack = stack_of(&adapter);
-    let lora = LoraBatch::one(&stack, 0, ids.size()[0]).unwrap();
-    let logits = tch::no_grad(|| decoder.forward(ids, Some(&lora))).unwrap();
-    let tolerance = 2e-5 * expected["logits"].abs().max().double_value(&[]);
-    for (i, &n) in lengths.iter().enumerate() {
-        let d = max_abs_diff(
-            &logits.get(i as i64).narrow(0, 0, n),
-            &expected["logits"].get(i as i64).narrow(0, 0, n),
-        );
-        assert!(
-            d < tolerance,
-            "row {i}: logits differ by {d} (tolerance {tolerance})"
-        );
-    }
-
-    // forward_backward: logprobs, loss:sum, gradients of every A and B.
-    let data = datums(&expected);
-    let result = cross_entropy(&decoder, &adapter, &data, NO_LIMIT);
-    assert_loss_matches_peft(result.loss_sum, &expected);
-    for (i, &n) in lengths.iter().enumerate() {
-        let got = Tensor::from_slice(&result.outputs[i].logprobs);
-        let want = expected["logprobs"].get(i as i64).narrow(0, 0, n);
-        assert!(max_abs_diff(&got, &want) < 1e-4, "datum {i} logprobs");
-        // elementwise_loss = -w * lp, zero where the weight is zero.
-        assert_eq!(result.outputs[i].elementwise_loss[0], 0.0);
-    }
+    assert_matches_oracle(&decoder, &adapter, &expected);
     assert_grads_match_peft(&adapter, &expected);
 }
 

@@ -31,6 +31,27 @@ fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
 }
 
 /// Runs all oracle prompts in ONE batched `sample` call and compares each with transformers.
+/// A greedy request of `new_tokens` tokens for each of the oracle's prompts (`prompt.{i}`), with
+/// or without prompt logprobs.
+fn oracle_requests<'a>(
+    e: &HashMap<String, tch::Tensor>,
+    adapter: Option<&'a LoraAdapter>,
+    new_tokens: i64,
+    prompt_logprobs: bool,
+) -> Vec<SampleRequest<'a>> {
+    let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
+    (0..n)
+        .map(|i| SampleRequest {
+            share_scope: "",
+            adapter,
+            prompt: vec_i64(&e[&format!("prompt.{i}")]),
+            num_samples: 1,
+            params: greedy(new_tokens),
+            scoring: Scoring::prompt_logprobs(prompt_logprobs),
+        })
+        .collect()
+}
+
 fn check_against_oracle(
     decoder: &Decoder,
     adapter: Option<&LoraAdapter>,
@@ -38,17 +59,7 @@ fn check_against_oracle(
     new_tokens: i64,
 ) {
     let e = read_tensors(oracle_file);
-    let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
-    let requests: Vec<SampleRequest> = (0..n)
-        .map(|i| SampleRequest {
-            share_scope: "",
-            adapter,
-            prompt: vec_i64(&e[&format!("prompt.{i}")]),
-            num_samples: 1,
-            params: greedy(new_tokens),
-            scoring: Scoring::prompt_logprobs(true),
-        })
-        .collect();
+    let requests = oracle_requests(&e, adapter, new_tokens, true);
     let out = sample(decoder, &requests, None).unwrap();
     for (i, o) in out.iter().enumerate() {
         let seq = &o.sequences[0];
@@ -109,17 +120,8 @@ fn check_recorded_steps_against_oracle(
     new_tokens: i64,
 ) {
     let e = read_tensors(oracle_file);
-    let n = e.keys().filter(|k| k.starts_with("prompt.")).count();
-    let requests: Vec<SampleRequest> = (0..n)
-        .map(|i| SampleRequest {
-            share_scope: "",
-            adapter: None,
-            prompt: vec_i64(&e[&format!("prompt.{i}")]),
-            num_samples: 1,
-            params: greedy(new_tokens),
-            scoring: Scoring::prompt_logprobs(false),
-        })
-        .collect();
+    let requests = oracle_requests(&e, None, new_tokens, false);
+    let n = requests.len();
     let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
     for (i, request) in requests.iter().enumerate() {
         g.admit(decoder, i as u64, request, false).unwrap();
