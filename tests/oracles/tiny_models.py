@@ -4,7 +4,8 @@
 Usage:
   tiny_models.py make ARCH OUT_DIR     tiny random ARCH checkpoint (fixed seed) + expected.safetensors
                                        (ARCH qwen3_moe, mixtral: experts one tensor each, as on
-                                       the Hub; *_fused: transformers 5's fused expert tensors)
+                                       the Hub; *_fused: transformers 5's fused expert tensors;
+                                       qwen3_moe_wide: 400 experts)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -63,6 +64,14 @@ def tiny_config(arch: str):
                                  tie_word_embeddings=False, num_experts=8, num_experts_per_tok=3,
                                  moe_intermediate_size=32, norm_topk_prob=True,
                                  decoder_sparse_step=1, mlp_only_layers=[1],
+                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch == "qwen3_moe_wide":
+        # 400 experts: a stack of expert adapters holds 1023 // 400 = 2 adapters (one grouped
+        # matmul group per adapter and expert, at most 1023 groups on a GPU).
+        return tf.Qwen3MoeConfig(**{**COMMON, "num_hidden_layers": 2}, head_dim=32,
+                                 tie_word_embeddings=False, num_experts=400,
+                                 num_experts_per_tok=2, moe_intermediate_size=16,
+                                 norm_topk_prob=True, decoder_sparse_step=1,
                                  rope_parameters=dict(rope_type="default", rope_theta=1e6))
     if arch in ("mixtral", "mixtral_fused"):
         return tf.MixtralConfig(**COMMON, tie_word_embeddings=False, num_local_experts=8,

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::ModelError;
+use crate::moe::MAX_GROUPS;
 
 /// Decoder families loraloom can run. They share one block layout and differ in biases,
 /// q/k norms, defaults and (Qwen3-MoE) a mixture of experts in place of some blocks' MLP.
@@ -363,6 +364,12 @@ fn moe_config(
         required(raw.num_experts_per_tok, "num_experts_per_tok")?,
         "num_experts_per_tok",
     )?;
+    if num_experts > MAX_GROUPS {
+        return Err(ModelError::Config(format!(
+            "config.json: num_experts ({num_experts}) exceeds {MAX_GROUPS}, the most groups \
+             libtorch's grouped matmul takes"
+        )));
+    }
     if experts_per_token > num_experts {
         return Err(ModelError::Config(format!(
             "config.json: num_experts_per_tok ({experts_per_token}) exceeds num_experts ({num_experts})"
@@ -467,6 +474,9 @@ mod tests {
         let too_many = text.replace("\"num_experts_per_tok\":2", "\"num_experts_per_tok\":9");
         let err = ModelConfig::from_json(&too_many).unwrap_err();
         assert!(err.to_string().contains("num_experts_per_tok"), "{err}");
+        let grouped = text.replace("\"num_local_experts\":8", "\"num_local_experts\":1024");
+        let err = ModelConfig::from_json(&grouped).unwrap_err();
+        assert!(err.to_string().contains("num_experts (1024)"), "{err}");
     }
 
     #[test]

@@ -457,6 +457,9 @@ impl AdapterStack {
                 "a stack holds adapters of one layout",
             ));
         }
+        if adapters.len() > slab.layout().stack_capacity() {
+            return Err(too_many_members(&slab));
+        }
         let slots: Vec<i64> = adapters.iter().map(|a| a.row().index()).collect();
         let buffer = gather_rows(&slab, &slots, kind)?;
         let mut stack = AdapterStack {
@@ -608,6 +611,9 @@ impl AdapterStack {
         }
         let mut joining = distinct(adapters);
         joining.retain(|a| self.member(a).is_none());
+        if joining.len() > self.room() {
+            return Err(too_many_members(&self.slab));
+        }
         if !joining.is_empty() {
             let slots: Vec<i64> = joining.iter().map(|a| a.row().index()).collect();
             let rows = gather_rows(&self.slab, &slots, self.kind)?;
@@ -678,6 +684,11 @@ impl AdapterStack {
     /// Whether `adapter` belongs to this stack's slab (layout and device).
     pub fn fits(&self, adapter: &LoraAdapter) -> bool {
         Arc::ptr_eq(adapter.row().slab(), &self.slab)
+    }
+
+    /// How many more members the stack takes ([`Layout::stack_capacity`]).
+    pub fn room(&self) -> usize {
+        self.slab.layout().stack_capacity() - self.len()
     }
 
     /// The member index of `adapter`, when it is in the stack.
@@ -776,6 +787,49 @@ pub(crate) struct ExpertAdapters {
 }
 
 /// `adapters` without repeats (identity: the pending-gradient flag), in first-seen order.
+/// The error of a stack asked to hold more members than its layout allows.
+fn too_many_members(slab: &Slab) -> ModelError {
+    ModelError::invalid(
+        "adapters",
+        format!(
+            "a stack of this layout holds at most {} adapters",
+            slab.layout().stack_capacity()
+        ),
+    )
+}
+
+/// Sorts the adapters of `adapters` that are not members of `stacks` into stacks: the first
+/// `stacks.len()` groups join those stacks (each within its room), every further group is a new
+/// stack (adapters of one slab, at most [`Layout::stack_capacity`] of them). Each adapter is
+/// placed once, in order, in the first stack or group that fits it and has room.
+pub(crate) fn stack_groups<'a>(
+    stacks: &[AdapterStack],
+    adapters: &[&'a LoraAdapter],
+) -> Vec<Vec<&'a LoraAdapter>> {
+    let mut groups: Vec<Vec<&LoraAdapter>> = vec![Vec::new(); stacks.len()];
+    let mut room: Vec<usize> = stacks.iter().map(AdapterStack::room).collect();
+    for a in distinct(adapters) {
+        if stacks.iter().any(|s| s.member(a).is_some()) {
+            continue;
+        }
+        let fits = |i: usize| match stacks.get(i) {
+            Some(stack) => stack.fits(a),
+            None => Arc::ptr_eq(groups[i][0].row().slab(), a.row().slab()),
+        };
+        match (0..groups.len()).find(|&i| room[i] > 0 && fits(i)) {
+            Some(i) => {
+                groups[i].push(a);
+                room[i] -= 1;
+            }
+            None => {
+                groups.push(vec![a]);
+                room.push(a.row().slab().layout().stack_capacity() - 1);
+            }
+        }
+    }
+    groups
+}
+
 fn distinct<'a>(adapters: &[&'a LoraAdapter]) -> Vec<&'a LoraAdapter> {
     let mut unique: Vec<&LoraAdapter> = Vec::with_capacity(adapters.len());
     for &a in adapters {
@@ -807,20 +861,8 @@ impl StackSet {
         kind: Kind,
         trainable: bool,
     ) -> Result<Self> {
-        let mut groups: Vec<Vec<&LoraAdapter>> = Vec::new();
-        for a in adapters.iter().flatten() {
-            if groups.iter().flatten().any(|b| std::ptr::eq(*a, *b)) {
-                continue;
-            }
-            match groups
-                .iter_mut()
-                .find(|g| Arc::ptr_eq(g[0].row().slab(), a.row().slab()))
-            {
-                Some(g) => g.push(a),
-                None => groups.push(vec![a]),
-            }
-        }
-        let stacks = groups
+        let adapters: Vec<&LoraAdapter> = adapters.iter().flatten().copied().collect();
+        let stacks = stack_groups(&[], &adapters)
             .iter()
             .map(|g| AdapterStack::new(g, kind, trainable))
             .collect::<Result<_>>()?;

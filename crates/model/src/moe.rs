@@ -16,6 +16,11 @@ use crate::error::Result;
 use crate::lora::{ExpertAdapters, LoraBatch};
 use crate::weights::WeightStore;
 
+/// The most groups one grouped matmul takes: libtorch's CUDA `_grouped_mm` refuses 1024 or
+/// more. A layer's experts are one group each, and a stack's expert adapters one per member and
+/// expert ([`crate::slab::Layout::stack_capacity`]).
+pub(crate) const MAX_GROUPS: i64 = 1023;
+
 /// One sparse layer's router and experts (frozen).
 pub struct Experts {
     /// Router `[E, hidden]`.

@@ -14,7 +14,6 @@
 //! so results do not depend on which other sequences share the batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
@@ -23,7 +22,7 @@ use crate::decoder::Decoder;
 use crate::draw::Blocks;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{AdapterStack, LoraAdapter, LoraBatch};
+use crate::lora::{stack_groups, AdapterStack, LoraAdapter, LoraBatch};
 use crate::prefix_cache::{shared_prefix, PrefixCache};
 use crate::rng::SplitMix64;
 use crate::scoring::{top_k_rows, PromptScorer, PromptScores, Scoring, TopK};
@@ -729,25 +728,17 @@ impl Generation {
     }
 
     /// The stack and member of each adapter (`None` for base-model requests), adding the new
-    /// ones to the loop's stacks: one [`AdapterStack::push_many`] per stack (or one new stack
-    /// per new layout), so a crowd joining at once rebuilds each stack's views once.
+    /// ones to the loop's stacks: one [`AdapterStack::push_many`] per stack with room (and new
+    /// stacks for the rest, [`stack_groups`]), so a crowd joining at once rebuilds each stack's
+    /// views once.
     fn members_of(
         &mut self,
         adapters: &[Option<&LoraAdapter>],
     ) -> Result<Vec<Option<(usize, i64)>>> {
-        let mut joining: Vec<Vec<&LoraAdapter>> = vec![Vec::new(); self.stacks.len()];
-        for &a in adapters.iter().flatten() {
-            match self.stacks.iter().position(|s| s.fits(a)) {
-                Some(i) => joining[i].push(a),
-                None => match joining[self.stacks.len()..]
-                    .iter_mut()
-                    .find(|group| Arc::ptr_eq(group[0].row().slab(), a.row().slab()))
-                {
-                    Some(group) => group.push(a),
-                    None => joining.push(vec![a]),
-                },
-            }
-        }
+        let joining = {
+            let adapters: Vec<&LoraAdapter> = adapters.iter().flatten().copied().collect();
+            stack_groups(&self.stacks, &adapters)
+        };
         let existing = self.stacks.len();
         for (i, group) in joining.iter().enumerate() {
             if i < existing {

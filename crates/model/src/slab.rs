@@ -27,6 +27,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::lora::{LoraSpec, Target};
+use crate::moe::MAX_GROUPS;
 
 /// What determines a row's layout: bucket rank, targeted modules and the model's shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,6 +114,9 @@ pub struct Entry {
     /// Experts, each with its own `A` and `B`, stored one after the other: 1 for a linear
     /// layer, `E` for a projection of a mixture's experts.
     pub experts: i64,
+    /// Whether the entry is a projection of a mixture's experts (of any number of them, one
+    /// included).
+    pub sparse: bool,
     /// Bucket rank of the entry: the layout's, or its expert bucket rank.
     pub rank: i64,
     /// Offset of `A` (`[experts, rank, inp]`, row-major).
@@ -124,7 +128,7 @@ pub struct Entry {
 impl Entry {
     /// Whether the entry is a projection of a mixture's experts.
     pub fn is_experts(&self) -> bool {
-        self.experts > 1
+        self.sparse
     }
 
     /// Its module path inside a `*ForCausalLM`: the target's, or for experts Tinker's name of
@@ -174,7 +178,7 @@ impl Layout {
                 .moe
                 .as_ref()
                 .filter(|moe| layer.is_some_and(|l| moe.sparse_layers[l]));
-            let (out, inp, experts, rank) = match (moe, target) {
+            let (out, inp, experts, rank, sparse) = match (moe, target) {
                 (Some(moe), Target::Gate | Target::Up | Target::Down) => {
                     let (h, i) = (config.hidden_size, moe.expert_intermediate_size);
                     let (out, inp) = if target == Target::Down {
@@ -183,11 +187,11 @@ impl Layout {
                         (i, h)
                     };
                     let bucket = expert_bucket(expert_rank(key.rank, moe.experts_per_token));
-                    (out, inp, moe.num_experts, bucket)
+                    (out, inp, moe.num_experts, bucket, true)
                 }
                 _ => {
                     let (out, inp) = target.dims(config);
-                    (out, inp, 1, key.rank)
+                    (out, inp, 1, key.rank, false)
                 }
             };
             entries.push(Entry {
@@ -196,6 +200,7 @@ impl Layout {
                 out,
                 inp,
                 experts,
+                sparse,
                 rank,
                 a_offset: offset,
                 b_offset: offset + experts * rank * inp,
@@ -225,6 +230,24 @@ impl Layout {
         self.index
             .get(&(layer, target))
             .map(|&i| (i, &self.entries[i]))
+    }
+
+    /// The most adapters of this layout one [`crate::lora::AdapterStack`] holds. A stack's
+    /// expert deltas run as grouped matmuls of one group per member and expert, and libtorch's
+    /// CUDA grouped matmul takes at most [`MAX_GROUPS`] groups: a layout adapting `E` experts
+    /// stacks `MAX_GROUPS / E` adapters (every model loaded has `E ≤ MAX_GROUPS`). Unbounded
+    /// for a layout without experts.
+    pub fn stack_capacity(&self) -> usize {
+        match self
+            .entries
+            .iter()
+            .filter(|e| e.is_experts())
+            .map(|e| e.experts)
+            .max()
+        {
+            Some(experts) => (MAX_GROUPS / experts).max(1) as usize,
+            None => usize::MAX,
+        }
     }
 
     /// The rank an adapter of rank `rank` (≤ the bucket rank) has at `entry`: `rank`, or for

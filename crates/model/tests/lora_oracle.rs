@@ -651,6 +651,11 @@ fn one_fused_adamw_step_equals_torch_per_run_with_its_own_hyperparameters() {
 /// forward_backward and each alone; losses and every gradient must agree.
 fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) {
     let (_dir, decoder) = tiny_llama(name);
+    fused_equals_alone_on(&decoder, specs, counts);
+}
+
+/// [`fused_equals_alone`] on `decoder`.
+fn fused_equals_alone_on(decoder: &Decoder, specs: &[Option<LoraSpec>], counts: &[usize]) {
     let cfg = decoder.config();
     let fused = perturbed(specs, cfg, 0);
     // Exact copies of the same weights, to run alone.
@@ -667,14 +672,14 @@ fn fused_equals_alone(name: &str, specs: &[Option<LoraSpec>], counts: &[usize]) 
             data: &data[i],
         })
         .collect();
-    let fused_out = forward_backward(&decoder, &requests, true, NO_LIMIT).unwrap();
+    let fused_out = forward_backward(decoder, &requests, true, NO_LIMIT).unwrap();
     for i in 0..specs.len() {
         let req = TrainRequest {
             adapter: alone[i].as_ref(),
             loss: LossFn::CrossEntropy,
             data: &data[i],
         };
-        let out = forward_backward(&decoder, &[req], true, NO_LIMIT)
+        let out = forward_backward(decoder, &[req], true, NO_LIMIT)
             .unwrap()
             .remove(0);
         assert!((out.loss_sum - fused_out[i].loss_sum).abs() < 1e-5 * out.loss_sum.abs().max(1.0));
@@ -701,6 +706,42 @@ fn a_fused_batch_of_mixed_ranks_and_targets_equals_each_alone() {
         ],
         &[1, 2, 1, 3, 1],
     );
+}
+
+#[test]
+fn expert_adapters_past_a_stacks_capacity_fill_several_stacks_and_equal_each_alone() {
+    // 400 experts: a stack holds 1023 / 400 = 2 expert adapters (a stack's expert deltas are
+    // grouped matmuls of one group per member and expert, and libtorch's CUDA grouped matmul
+    // takes at most 1023 groups).
+    let dir = TempDir::new("moe-wide");
+    oracle(
+        "tiny_models.py",
+        &["make", "qwen3_moe_wide", dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let three = perturbed(
+        &[Some(spec(4, 1)), Some(spec(4, 2)), Some(spec(4, 3))],
+        decoder.config(),
+        0,
+    );
+    let three: Vec<&LoraAdapter> = three.iter().flatten().collect();
+    assert_eq!(three[0].layout().stack_capacity(), 2);
+    assert!(AdapterStack::new(&three, Kind::Float, false).is_err());
+    let mut two = AdapterStack::new(&three[..2], Kind::Float, false).unwrap();
+    assert_eq!(two.room(), 0);
+    assert!(two.push(three[2]).is_err());
+    assert_eq!(
+        two.push(three[1]).unwrap(),
+        1,
+        "a member joins no second time"
+    );
+    // Five expert adapters of one layout (three stacks, rows of different stacks interleaved
+    // in no order), a base-model request and an attention-only run in one forward_backward:
+    // each computes and learns what it does alone.
+    let mut specs: Vec<Option<LoraSpec>> = (0..5).map(|i| Some(spec(4, 30 + i))).collect();
+    specs.insert(2, None);
+    specs.push(Some(with_targets(spec(2, 40), true, false, false)));
+    fused_equals_alone_on(&decoder, &specs, &[1, 2, 1, 1, 2, 1, 1]);
 }
 
 #[test]

@@ -496,6 +496,79 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
     }
 }
 
+#[test]
+fn expert_adapters_past_a_stacks_capacity_decode_as_alone() {
+    // 400 experts: a decode loop's stack holds two expert adapters (a stack's expert deltas are
+    // grouped matmuls of one group per member and expert, at most 1023 groups on a GPU).
+    let dir = TempDir::new("moe-wide-decode");
+    oracle(
+        "tiny_models.py",
+        &["make", "qwen3_moe_wide", dir.path().to_str().unwrap()],
+    );
+    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let adapters: Vec<LoraAdapter> = (0..5)
+        .map(|i| {
+            let spec = LoraSpec {
+                rank: 4,
+                alpha: 32.0,
+                seed: i,
+                train_attn: true,
+                train_mlp: true,
+                train_unembed: false,
+            };
+            let a = LoraAdapter::new(spec, decoder.config(), Device::Cpu).unwrap();
+            perturb(&a, 200 + i as i64, 0.1);
+            a
+        })
+        .collect();
+    assert_eq!(adapters[0].layout().stack_capacity(), 2);
+    // Requests 0-4 of one adapter each, request 5 of the base model.
+    let request = |i: usize| SampleRequest {
+        share_scope: "",
+        adapter: adapters.get(i),
+        prompt: (0..3 + i as i64)
+            .map(|j| (i as i64 * 13 + j * 7 + 1) % 128)
+            .collect(),
+        num_samples: 1,
+        params: SamplingParams {
+            max_tokens: 10,
+            temperature: 0.8,
+            seed: Some(60 + i as u64),
+            ..SamplingParams::default()
+        },
+        scoring: Scoring::prompt_logprobs(false),
+    };
+    let requests: Vec<SampleRequest> = (0..6).map(request).collect();
+    for graphs in [StepGraphs::Off, StepGraphs::Emulate] {
+        // Adapter 0 and the base model first; two steps later the other four join at once:
+        // one into the room adapter 0's stack has left, the rest into two new stacks.
+        let mut g = Generation::new(decoder.kind()).with_step_graphs(graphs);
+        let mut done = HashMap::new();
+        for i in [0, 5] {
+            g.admit(&decoder, i as u64, &requests[i], false).unwrap();
+        }
+        for _ in 0..2 {
+            done.extend(g.step(&decoder, None).unwrap().finished);
+        }
+        let joining: Vec<(u64, &SampleRequest)> =
+            (1..5).map(|i| (i as u64, &requests[i])).collect();
+        for admitted in g.admit_many(&decoder, &joining, false) {
+            admitted.unwrap();
+        }
+        while !g.is_empty() {
+            done.extend(g.step(&decoder, None).unwrap().finished);
+        }
+        for (i, request) in requests.iter().enumerate() {
+            assert_as_alone(
+                &decoder,
+                request,
+                &done[&(i as u64)],
+                &format!("{graphs:?}: request {i}"),
+            );
+        }
+    }
+}
+
 /// Recorded and replayed steps (the static step a CUDA graph records, emulated on the CPU:
 /// attention over the whole cache buffers under a mask made on the device, the keys and values
 /// written at a column read on the device) choose what steps issued one by one choose: mixed
