@@ -41,7 +41,9 @@ pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use custom_loss::{CustomLoss, DatumLoss, InputValues, LossParam, NamedInput};
 pub use decoder::Decoder;
 pub use error::{ModelError, Result};
-pub use lora::{AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target};
+pub use lora::{
+    held_bytes, AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target,
+};
 pub use loss::{LossFn, LossInputs, MAX_TARGETS_PER_POSITION};
 pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{

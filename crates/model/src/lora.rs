@@ -787,6 +787,29 @@ pub(crate) struct ExpertAdapters {
 }
 
 /// `adapters` without repeats (identity: the pending-gradient flag), in first-seen order.
+/// Bytes a pass over `adapters` (`None`s are base-model rows) computing in `kind` holds besides
+/// its activations: its stacks' copy of each distinct adapter's weights, and either their
+/// gradients (a trainable stack) or the rearranged copies an inference stack multiplies by; an
+/// expert projection's matrices copied again for the grouped matmuls ([`expert_matrices`]),
+/// and their gradients. [`crate::forward_backward`] takes them off its memory budget.
+pub fn held_bytes(adapters: &[Option<&LoraAdapter>], kind: Kind) -> u64 {
+    let adapters: Vec<&LoraAdapter> = adapters.iter().flatten().copied().collect();
+    let copies = 2;
+    distinct(&adapters)
+        .iter()
+        .map(|a| {
+            let layout = a.layout();
+            let experts: i64 = layout
+                .entries
+                .iter()
+                .filter(|e| e.is_experts())
+                .map(|e| e.experts * e.rank * (e.inp + e.out))
+                .sum();
+            (layout.numel + experts) as u64 * copies * kind.elt_size_in_bytes() as u64
+        })
+        .sum()
+}
+
 /// The error of a stack asked to hold more members than its layout allows.
 fn too_many_members(slab: &Slab) -> ModelError {
     ModelError::invalid(

@@ -71,8 +71,11 @@ impl PassCost {
         // keeps 5 for each of its `k` experts, the token's `k` copies into them and two of their
         // outputs (sorted, then in token order) and the router's probabilities; without a graph
         // it holds at most 4 expert widths (gate and up, the activation and its product) and
-        // 2 copies ([`crate::moe::Experts::forward_onto`]). A layer of either kind is costed as
-        // the larger.
+        // 2 copies ([`crate::moe::Experts::forward_onto`]). Expert adapters (the SDK's default
+        // targets include them) add per token and expert another copy of its input and of its
+        // activation, its gate/up and down deltas and the outputs they are added into: 3 expert
+        // widths and 3 hidden widths kept, 2 and 1 more held at once without a graph. A layer
+        // of either kind is costed as the larger.
         let (mlp_saved, mlp_transient) = match &config.moe {
             None => (5 * i, 3 * i),
             Some(moe) => {
@@ -80,8 +83,8 @@ impl PassCost {
                 let ki = k * moe.expert_intermediate_size as u64;
                 let e = moe.num_experts as u64;
                 (
-                    (5 * i).max(5 * ki + 3 * k * h + 2 * e),
-                    (3 * i).max(4 * ki + 2 * k * h + e),
+                    (5 * i).max(8 * ki + 6 * k * h + 2 * e),
+                    (3 * i).max(6 * ki + 3 * k * h + e),
                 )
             }
         };
@@ -204,7 +207,7 @@ fn too_large(row: usize, len: usize, need: u64, budget: u64) -> ModelError {
     ModelError::invalid(
         format!("data[{row}].model_input"),
         format!(
-            "{len} tokens need about {} of activation memory even with activation checkpointing, more than this server's memory budget of {} per pass (--memory-budget)",
+            "{len} tokens need about {} of activation memory even with activation checkpointing, more than the {} per pass this server's memory budget (--memory-budget) leaves for activations",
             human_bytes(need),
             human_bytes(budget)
         ),

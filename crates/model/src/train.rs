@@ -17,7 +17,7 @@ use crate::custom_loss::{reduce_metrics, CustomLoss, DatumLoss, NamedInput};
 use crate::decoder::backward_with;
 use crate::decoder::Decoder;
 use crate::error::{ModelError, Result};
-use crate::lora::{AdapterStack, LoraAdapter, LoraBatch, StackSet};
+use crate::lora::{held_bytes, AdapterStack, LoraAdapter, LoraBatch, StackSet};
 use crate::loss::{elementwise_loss, sequence_log_ratio, target_logprobs, LossFn, LossInputs};
 use crate::memory::{self, Mode, PassCost};
 
@@ -212,7 +212,8 @@ pub fn check_custom_losses(data: &[Datum]) -> Result<()> {
 /// Runs every request in one batch. With `backward`, gradients of each request's loss
 /// accumulate into its adapter; without, no graph is built and no gradient changes.
 ///
-/// The batch runs in micro-batches whose activations fit `budget` bytes, and the loss is
+/// The batch runs in micro-batches whose activations fit `budget` bytes, less what the batch's
+/// adapter stacks hold throughout (their copies of the adapters' weights), and the loss is
 /// computed in chunks of tokens so that no `[tokens, vocab]` tensor is held whole (see
 /// [`crate::memory`]); gradients are summed over the micro-batches and added to the adapters
 /// only once every one succeeded, so a failure leaves no partial gradient.
@@ -273,6 +274,8 @@ fn run(
     }
     let lengths: Vec<usize> = rows.iter().map(|r| r.datum.input_tokens.len()).collect();
     let cost = PassCost::new(decoder.config(), decoder.kind());
+    // The stacks' copies of their members' weights are held through every micro-batch.
+    let budget = budget.saturating_sub(held_bytes(&adapters, decoder.kind()));
     let plan = memory::plan(&lengths, backward, &cost, budget)?;
     let mut outputs = Vec::with_capacity(rows.len());
     for micro in &plan.micro_batches {

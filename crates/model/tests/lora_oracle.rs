@@ -12,8 +12,8 @@ use loraloom_model::checkpoint::{self, SaveRequest};
 use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
-    forward_backward, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder, Field,
-    LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob,
+    forward_backward, held_bytes, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder,
+    Field, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob,
     TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
@@ -343,7 +343,9 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
     let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
     assert!(plan.loss_chunk < 40, "{plan:?}");
     let (together, apart) = (load(), load());
-    let fused = cross_entropy(&decoder, &together, &mixed, budget);
+    // The pass holds a copy of the adapter's weights besides its activations.
+    let held = held_bytes(&[Some(&together)], Kind::Float);
+    let fused = cross_entropy(&decoder, &together, &mixed, budget + held);
     for (i, d) in mixed.iter().enumerate() {
         let width = d.loss_inputs.width();
         let columns: Vec<RequestOutput> = (0..width)
@@ -828,7 +830,9 @@ fn a_fused_batch_of_different_losses_and_lengths_equals_each_alone() {
     let alone = copies(&adapters, &cfg);
     let chunked = copies(&adapters, &cfg);
     let whole_out = batch(&adapters, NO_LIMIT);
-    let chunked_out = batch(&chunked, budget);
+    // The pass holds copies of the adapters' weights besides its activations.
+    let refs: Vec<Option<&LoraAdapter>> = chunked.iter().map(Option::as_ref).collect();
+    let chunked_out = batch(&chunked, budget + held_bytes(&refs, Kind::Float));
     for i in 0..losses.len() {
         // Each datum alone (no padding anywhere); its gradients add up in the adapter.
         let mut want = RequestOutput {
@@ -908,13 +912,16 @@ fn a_batch_split_to_fit_a_memory_budget_equals_one_pass() {
     // it, and the batch needs several micro-batches (checked, so the test cannot pass vacuously).
     let cost = PassCost::new(&cfg, Kind::Float);
     // A loss chunk takes a sixteenth of the budget: what is left holds the checkpointed datum.
-    let budget = cost.activation_bytes(60, Mode::Checkpointed) * 16 / 15 + cost.loss_bytes(2);
+    let activations = cost.activation_bytes(60, Mode::Checkpointed) * 16 / 15 + cost.loss_bytes(2);
+    // The pass holds copies of the adapters' weights besides: the budget covers them too.
+    let refs: Vec<Option<&LoraAdapter>> = whole.iter().map(Option::as_ref).collect();
+    let budget = activations + held_bytes(&refs, Kind::Float);
     let lengths: Vec<usize> = data
         .iter()
         .flatten()
         .map(|d| d.input_tokens.len())
         .collect();
-    let plan = memory::plan(&lengths, true, &cost, budget).unwrap();
+    let plan = memory::plan(&lengths, true, &cost, activations).unwrap();
     assert!(plan.micro_batches.len() >= 3, "{plan:?}");
     assert!(plan.loss_chunk < 60, "{plan:?}");
     assert!(
