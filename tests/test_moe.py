@@ -7,10 +7,13 @@ CLI downloads continues a prompt greedily, as the server's sampler does, in two 
 - for an adapter on attention and the unembedding, loaded by peft onto transformers' model;
 - for the default adapter, which also gives each expert its own LoRA, merged into
   transformers' model by tinker-cookbook's `weights.build_hf_model`, which is how Tinker's users
-  turn their adapters into models.
+  turn their adapters into models; and converted by the cookbook's `weights.build_lora_adapter`
+  into the PEFT layout serving frameworks load (one LoRA per expert), applied as they apply it.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import pytest
 import tinker
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from tinker import types
 from transformers import AutoModelForCausalLM
 
@@ -126,3 +130,48 @@ def test_default_adapter_trains_the_experts_and_merges_as_the_cookbook_merges_it
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert greedy(merged) == served
     assert greedy(base) != served
+
+    # The cookbook's conversion for serving frameworks (vLLM, SGLang): one PEFT LoRA per expert
+    # and projection. Applied as such a framework applies it (each module's delta scaled by its
+    # config's alpha / r), it continues the prompt as the server does.
+    peft_dir = tmp_path / "peft"
+    weights.build_lora_adapter(base_model=str(moe_dir), adapter_path=str(adapter_dir),
+                               output_path=str(peft_dir))
+    served_by_peft_layout = apply_peft_adapter(base, peft_dir)
+    assert greedy(served_by_peft_layout) == served
+
+
+def apply_peft_adapter(base, peft_dir):
+    """`base` with the PEFT adapter in `peft_dir` added into its weights: `alpha / r · B A` per
+    module (its `rank_pattern` / `alpha_pattern` entry, else the config's), experts' per-expert
+    modules (`experts.3.gate_proj`) into transformers' fused expert tensors."""
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    lora = load_file(str(peft_dir / "adapter_model.safetensors"))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    modules = [k[len("base_model.model."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]
+    experts = 0
+    for module in modules:
+        a = lora[f"base_model.model.{module}.lora_A.weight"]
+        b = lora[f"base_model.model.{module}.lora_B.weight"]
+        leaf = module.rsplit(".", 1)[-1]
+        r = (config.get("rank_pattern") or {}).get(leaf, config["r"])
+        alpha = (config.get("alpha_pattern") or {}).get(leaf, config["lora_alpha"])
+        delta = alpha / r * (b @ a)
+        expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate|up|down)_proj", module)
+        if expert is None:
+            state[f"{module}.weight"] += delta
+            continue
+        experts += 1
+        prefix, e, projection = expert.group(1), int(expert.group(2)), expert.group(3)
+        if projection == "down":
+            state[f"{prefix}.down_proj"][e] += delta
+        else:
+            gate_up = state[f"{prefix}.gate_up_proj"][e]
+            inter = gate_up.shape[0] // 2
+            rows = slice(0, inter) if projection == "gate" else slice(inter, 2 * inter)
+            gate_up[rows] += delta
+    # Two sparse layers of 8 experts, gate, up and down each.
+    assert experts == 2 * 8 * 3, experts
+    model = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    return model
