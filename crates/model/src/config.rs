@@ -13,7 +13,7 @@ use crate::moe::MAX_GROUPS;
 pub enum Architecture {
     /// `LlamaForCausalLM` (also SmolLM2).
     Llama,
-    /// `MistralForCausalLM` (sliding window ignored: contexts are shorter than the window).
+    /// `MistralForCausalLM`.
     Mistral,
     /// `Qwen2ForCausalLM`: biases on q/k/v projections.
     Qwen2,
@@ -23,7 +23,7 @@ pub enum Architecture {
     /// its sparse layers ([`MoeConfig`]).
     Qwen3Moe,
     /// `MixtralForCausalLM`: Mistral's attention; a routed mixture of experts as every layer's
-    /// MLP (sliding window ignored, as for Mistral).
+    /// MLP.
     Mixtral,
 }
 
@@ -104,8 +104,13 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Optional llama3 RoPE scaling.
     pub rope_scaling: Option<Llama3RopeScaling>,
-    /// Longest context the model supports.
+    /// Longest context the model supports: `max_position_embeddings`, capped at the
+    /// `sliding_window` when there is one.
     pub max_position_embeddings: i64,
+    /// The width of the window some layers attend within, when the config enables one
+    /// ([`sliding_window`]). Contexts are capped at it: within it, each position attends to
+    /// every earlier one, so sliding and full attention give the same numbers.
+    pub sliding_window: Option<i64>,
     /// The LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v projections.
@@ -160,6 +165,9 @@ struct RawConfig {
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<i64>,
     mlp_only_layers: Option<Vec<i64>>,
+    sliding_window: Option<i64>,
+    use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +277,8 @@ impl ModelConfig {
             }
             _ => None,
         };
+        let sliding_window = sliding_window(architecture, &raw)?;
+        let context = raw.max_position_embeddings.unwrap_or(4096);
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
         let rope = raw.rope_parameters.or(raw.rope_scaling);
         let rope_theta = rope
@@ -323,7 +333,8 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings: sliding_window.map_or(context, |w| context.min(w)),
+            sliding_window,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
@@ -336,6 +347,28 @@ impl ModelConfig {
             moe,
         })
     }
+}
+
+/// The window of a config whose layers (some or all) attend only to the last `sliding_window`
+/// positions, as transformers reads it: any family's whose `layer_types` name a
+/// `sliding_attention` layer (transformers 5 writes them); otherwise Mistral's and Mixtral's
+/// `sliding_window` when set, and the Qwen families' when `use_sliding_window` is true.
+fn sliding_window(architecture: Architecture, raw: &RawConfig) -> Result<Option<i64>, ModelError> {
+    let enabled = match &raw.layer_types {
+        Some(types) => types.iter().any(|t| t == "sliding_attention"),
+        None => match architecture {
+            Architecture::Mistral | Architecture::Mixtral => raw.sliding_window.is_some(),
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => {
+                raw.use_sliding_window.unwrap_or(false)
+            }
+            Architecture::Llama => false,
+        },
+    };
+    if !enabled {
+        return Ok(None);
+    }
+    let window = required(raw.sliding_window, "sliding_window")?;
+    Ok(Some(positive(window, "sliding_window")?))
 }
 
 /// Elements a dimension of an expert's weights must be a multiple of: the grouped matmul that
@@ -477,6 +510,47 @@ mod tests {
         let grouped = text.replace("\"num_local_experts\":8", "\"num_local_experts\":1024");
         let err = ModelConfig::from_json(&grouped).unwrap_err();
         assert!(err.to_string().contains("num_experts (1024)"), "{err}");
+    }
+
+    #[test]
+    fn a_sliding_window_caps_the_context() {
+        let mistral = |extra: &str| {
+            let text = BASE.replace("\"llama\"", "\"mistral\"").replace(
+                "\"vocab_size\":100",
+                &format!("\"vocab_size\":100,\"max_position_embeddings\":32768{extra}"),
+            );
+            ModelConfig::from_json(&text).unwrap()
+        };
+        // Mistral-7B-v0.1: a 4096-token window.
+        let c = mistral(",\"sliding_window\":4096");
+        assert_eq!(
+            (c.sliding_window, c.max_position_embeddings),
+            (Some(4096), 4096)
+        );
+        // Later Mistrals: none.
+        let c = mistral(",\"sliding_window\":null");
+        assert_eq!((c.sliding_window, c.max_position_embeddings), (None, 32768));
+        // transformers 5's layer types decide where they are written.
+        let c = mistral(
+            ",\"sliding_window\":4096,\"layer_types\":[\"full_attention\",\"full_attention\"]",
+        );
+        assert_eq!(c.sliding_window, None);
+        // Qwen2 and Qwen3 carry a window they use only when told to.
+        let qwen = |on: bool| {
+            let text = BASE.replace("\"llama\"", "\"qwen2\"").replace(
+                "\"vocab_size\":100",
+                &format!("\"vocab_size\":100,\"sliding_window\":1024,\"use_sliding_window\":{on}"),
+            );
+            ModelConfig::from_json(&text).unwrap()
+        };
+        assert_eq!(qwen(false).max_position_embeddings, 4096);
+        assert_eq!(qwen(true).max_position_embeddings, 1024);
+        let text = BASE.replace(
+            "\"vocab_size\":100",
+            "\"vocab_size\":100,\"layer_types\":[\"sliding_attention\",\"full_attention\"]",
+        );
+        let err = ModelConfig::from_json(&text).unwrap_err();
+        assert!(err.to_string().contains("sliding_window"), "{err}");
     }
 
     #[test]

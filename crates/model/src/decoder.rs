@@ -534,8 +534,15 @@ impl Decoder {
     /// One line describing the model, for logs.
     pub fn summary(&self) -> String {
         let c = &self.config;
+        let context = match c.sliding_window {
+            Some(window) => format!(
+                "context {} (its sliding window)",
+                c.max_position_embeddings.min(window)
+            ),
+            None => format!("context {}", c.max_position_embeddings),
+        };
         format!(
-            "{} · {} layers · hidden {} · {} heads / {} kv heads · vocab {} · {:.1}M parameters · {:?} on {:?}",
+            "{} · {} layers · hidden {} · {} heads / {} kv heads · vocab {} · {context} · {:.1}M parameters · {:?} on {:?}",
             c.architecture.name(),
             c.num_layers,
             c.hidden_size,

@@ -279,6 +279,7 @@ mod tests {
             rope_theta: 1e5,
             rope_scaling: None,
             max_position_embeddings: 8192,
+            sliding_window: None,
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,
