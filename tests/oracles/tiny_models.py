@@ -5,7 +5,8 @@ Usage:
   tiny_models.py make ARCH OUT_DIR     tiny random ARCH checkpoint (fixed seed) + expected.safetensors
                                        (ARCH qwen3_moe, mixtral: experts one tensor each, as on
                                        the Hub; *_fused: transformers 5's fused expert tensors;
-                                       qwen3_moe_wide: 400 experts)
+                                       qwen3_moe_wide: 400 experts; *_window: sliding-window
+                                       attention)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -79,6 +80,13 @@ def tiny_config(arch: str):
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
+    if arch == "qwen2_window":
+        # Layer 1 attends within a 6-token sliding window, layer 0 to everything.
+        return tf.Qwen2Config(**COMMON, tie_word_embeddings=False, use_sliding_window=True,
+                              sliding_window=6, max_window_layers=1)
+    if arch == "mistral_window":
+        # Every layer attends within a 5-token sliding window (Mistral-7B-v0.1's kind).
+        return tf.MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=5)
     if arch == "mistral":
         # Every query head with its own key/value head (no grouping), unlike the others.
         return tf.MistralConfig(**{**COMMON, "num_key_value_heads": 4},

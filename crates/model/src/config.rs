@@ -104,13 +104,13 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Optional llama3 RoPE scaling.
     pub rope_scaling: Option<Llama3RopeScaling>,
-    /// Longest context the model supports: `max_position_embeddings`, capped at the
-    /// `sliding_window` when there is one.
+    /// Longest context the model supports.
     pub max_position_embeddings: i64,
-    /// The width of the window some layers attend within, when the config enables one
-    /// ([`sliding_window`]). Contexts are capped at it: within it, each position attends to
-    /// every earlier one, so sliding and full attention give the same numbers.
+    /// The window the [`ModelConfig::sliding_layers`] attend within: a position attends to
+    /// itself and the `sliding_window - 1` before it. `None` when no layer slides.
     pub sliding_window: Option<i64>,
+    /// Per layer, whether it attends within the sliding window (all false without one).
+    pub sliding_layers: Vec<bool>,
     /// The LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v projections.
@@ -165,9 +165,17 @@ struct RawConfig {
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<i64>,
     mlp_only_layers: Option<Vec<i64>>,
-    sliding_window: Option<i64>,
+    /// `None`: absent; `Some(None)`: `null` (Mistral tells them apart).
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<i64>>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<i64>,
     layer_types: Option<Vec<String>>,
+}
+
+/// A field that may be `null` as `Some(None)`, and absent (`#[serde(default)]`) as `None`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    Option::<i64>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -277,8 +285,7 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let sliding_window = sliding_window(architecture, &raw)?;
-        let context = raw.max_position_embeddings.unwrap_or(4096);
+        let (sliding_window, sliding_layers) = sliding_window(architecture, &raw, num_layers)?;
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
         let rope = raw.rope_parameters.or(raw.rope_scaling);
         let rope_theta = rope
@@ -333,8 +340,9 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: sliding_window.map_or(context, |w| context.min(w)),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             sliding_window,
+            sliding_layers,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
@@ -349,26 +357,54 @@ impl ModelConfig {
     }
 }
 
-/// The window of a config whose layers (some or all) attend only to the last `sliding_window`
-/// positions, as transformers reads it: any family's whose `layer_types` name a
-/// `sliding_attention` layer (transformers 5 writes them); otherwise Mistral's and Mixtral's
-/// `sliding_window` when set, and the Qwen families' when `use_sliding_window` is true.
-fn sliding_window(architecture: Architecture, raw: &RawConfig) -> Result<Option<i64>, ModelError> {
-    let enabled = match &raw.layer_types {
-        Some(types) => types.iter().any(|t| t == "sliding_attention"),
-        None => match architecture {
-            Architecture::Mistral | Architecture::Mixtral => raw.sliding_window.is_some(),
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => {
-                raw.use_sliding_window.unwrap_or(false)
-            }
-            Architecture::Llama => false,
-        },
+/// The sliding window and which layers attend within it, as transformers 5 reads the config:
+/// - Mistral: `sliding_window` (4096 when absent, none when `null`), every layer;
+/// - Mixtral: `sliding_window` when set, every layer;
+/// - Qwen3-MoE: `sliding_window` (4096 when absent) when `use_sliding_window`, every layer;
+/// - Qwen2 and Qwen3: the same window, for the layers `layer_types` names `sliding_attention`,
+///   or without them the layers from `max_window_layers` (28 when absent) on;
+/// - Llama: none.
+fn sliding_window(
+    architecture: Architecture,
+    raw: &RawConfig,
+    num_layers: i64,
+) -> Result<(Option<i64>, Vec<bool>), ModelError> {
+    let layers = num_layers as usize;
+    let qwen_window = || {
+        if raw.use_sliding_window.unwrap_or(false) {
+            raw.sliding_window.unwrap_or(Some(4096))
+        } else {
+            None
+        }
     };
-    if !enabled {
-        return Ok(None);
+    let (window, sliding) = match architecture {
+        Architecture::Llama => (None, vec![false; layers]),
+        Architecture::Mistral => (raw.sliding_window.unwrap_or(Some(4096)), vec![true; layers]),
+        Architecture::Mixtral => (raw.sliding_window.flatten(), vec![true; layers]),
+        Architecture::Qwen3Moe => (qwen_window(), vec![true; layers]),
+        Architecture::Qwen2 | Architecture::Qwen3 => {
+            let sliding = match &raw.layer_types {
+                Some(types) if types.len() != layers => {
+                    return Err(ModelError::Config(format!(
+                        "config.json: layer_types names {} layers, num_hidden_layers is {layers}",
+                        types.len()
+                    )))
+                }
+                Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
+                None => {
+                    let from = raw.max_window_layers.unwrap_or(28);
+                    (0..num_layers).map(|l| l >= from).collect()
+                }
+            };
+            (qwen_window(), sliding)
+        }
+    };
+    match window {
+        Some(w) if sliding.iter().any(|&s| s) => {
+            Ok((Some(positive(w, "sliding_window")?), sliding))
+        }
+        _ => Ok((None, vec![false; layers])),
     }
-    let window = required(raw.sliding_window, "sliding_window")?;
-    Ok(Some(positive(window, "sliding_window")?))
 }
 
 /// Elements a dimension of an expert's weights must be a multiple of: the grouped matmul that
@@ -513,43 +549,61 @@ mod tests {
     }
 
     #[test]
-    fn a_sliding_window_caps_the_context() {
-        let mistral = |extra: &str| {
-            let text = BASE.replace("\"llama\"", "\"mistral\"").replace(
-                "\"vocab_size\":100",
-                &format!("\"vocab_size\":100,\"max_position_embeddings\":32768{extra}"),
-            );
-            ModelConfig::from_json(&text).unwrap()
+    fn sliding_windows_are_read_as_transformers_reads_them() {
+        let config = |model_type: &str, extra: &str| {
+            let text = BASE
+                .replace("\"llama\"", &format!("\"{model_type}\""))
+                .replace(
+                    "\"vocab_size\":100",
+                    &format!("\"vocab_size\":100,\"max_position_embeddings\":32768{extra}"),
+                );
+            ModelConfig::from_json(&text)
         };
-        // Mistral-7B-v0.1: a 4096-token window.
-        let c = mistral(",\"sliding_window\":4096");
+        let window = |model_type: &str, extra: &str| {
+            let c = config(model_type, extra).unwrap();
+            assert_eq!(c.max_position_embeddings, 32768, "the window caps nothing");
+            (c.sliding_window, c.sliding_layers)
+        };
+        let (all, none) = (vec![true, true], vec![false, false]);
+        // Mistral-7B-v0.1: 4096; later Mistrals: null; a file without the field: 4096.
         assert_eq!(
-            (c.sliding_window, c.max_position_embeddings),
-            (Some(4096), 4096)
+            window("mistral", ",\"sliding_window\":4096"),
+            (Some(4096), all.clone())
         );
-        // Later Mistrals: none.
-        let c = mistral(",\"sliding_window\":null");
-        assert_eq!((c.sliding_window, c.max_position_embeddings), (None, 32768));
-        // transformers 5's layer types decide where they are written.
-        let c = mistral(
-            ",\"sliding_window\":4096,\"layer_types\":[\"full_attention\",\"full_attention\"]",
+        assert_eq!(
+            window("mistral", ",\"sliding_window\":null"),
+            (None, none.clone())
         );
-        assert_eq!(c.sliding_window, None);
-        // Qwen2 and Qwen3 carry a window they use only when told to.
-        let qwen = |on: bool| {
-            let text = BASE.replace("\"llama\"", "\"qwen2\"").replace(
-                "\"vocab_size\":100",
-                &format!("\"vocab_size\":100,\"sliding_window\":1024,\"use_sliding_window\":{on}"),
-            );
-            ModelConfig::from_json(&text).unwrap()
-        };
-        assert_eq!(qwen(false).max_position_embeddings, 4096);
-        assert_eq!(qwen(true).max_position_embeddings, 1024);
-        let text = BASE.replace(
-            "\"vocab_size\":100",
-            "\"vocab_size\":100,\"layer_types\":[\"sliding_attention\",\"full_attention\"]",
+        assert_eq!(window("mistral", ""), (Some(4096), all.clone()));
+        // Qwen2 and Qwen3 carry a window they use only when told to, from `max_window_layers`
+        // on, or where `layer_types` say.
+        assert_eq!(
+            window("qwen2", ",\"sliding_window\":1024"),
+            (None, none.clone())
         );
-        let err = ModelConfig::from_json(&text).unwrap_err();
+        assert_eq!(
+            window(
+                "qwen3",
+                ",\"sliding_window\":1024,\"use_sliding_window\":true,\"max_window_layers\":1"
+            ),
+            (Some(1024), vec![false, true])
+        );
+        assert_eq!(
+            window("qwen2", ",\"use_sliding_window\":true,\"layer_types\":[\"sliding_attention\",\"full_attention\"]"),
+            (Some(4096), vec![true, false])
+        );
+        // transformers 5 writes the layer types of a Qwen without a window: none slides.
+        assert_eq!(
+            window(
+                "qwen2",
+                ",\"sliding_window\":null,\"layer_types\":[\"full_attention\",\"full_attention\"]"
+            ),
+            (None, none.clone())
+        );
+        assert_eq!(window("llama", ",\"sliding_window\":16"), (None, none));
+        let err = config("qwen2", ",\"layer_types\":[\"full_attention\"]").unwrap_err();
+        assert!(err.to_string().contains("layer_types"), "{err}");
+        let err = config("mistral", ",\"sliding_window\":0").unwrap_err();
         assert!(err.to_string().contains("sliding_window"), "{err}");
     }
 

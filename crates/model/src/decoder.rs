@@ -255,6 +255,9 @@ struct Attend {
     /// Additive `[batch, 1, seq, keys]` in the model's element type (0 = attend, -inf = not),
     /// see [`Decoder::attend_at`]; `None` means plain causal attention.
     mask: Option<Tensor>,
+    /// The mask of the layers attending within the sliding window (`mask` narrowed to it,
+    /// [`Decoder::windowed`]); `None` when no layer slides.
+    window: Option<Tensor>,
 }
 
 /// What every layer of a decode step (one token per row) reads.
@@ -267,6 +270,8 @@ struct Step {
     /// (row-major: each row's mask once per key/value head); over the whole buffers when
     /// `column` is set.
     mask: Tensor,
+    /// `mask` of the layers attending within the sliding window; `None` when no layer slides.
+    window: Option<Tensor>,
     /// Where the step writes its keys and values: `None` after the cache's window (the window
     /// is what attention reads); `Some(at)`, a `[1]` column read on the device, for a step whose
     /// kernels do not depend on the host's view of the cache ([`Decoder::decode_step_static`]).
@@ -536,8 +541,10 @@ impl Decoder {
         let c = &self.config;
         let context = match c.sliding_window {
             Some(window) => format!(
-                "context {} (its sliding window)",
-                c.max_position_embeddings.min(window)
+                "context {} · sliding window {window} on {} of {} layers",
+                c.max_position_embeddings,
+                c.sliding_layers.iter().filter(|&&s| s).count(),
+                c.num_layers
             ),
             None => format!("context {}", c.max_position_embeddings),
         };
@@ -691,11 +698,9 @@ impl Decoder {
         let causal = key.f_le_tensor(&query)?;
         let real_key = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
         let own = key.f_eq_tensor(&query)?;
-        let mask = causal
-            .f_logical_and(&real_key)?
-            .f_logical_or(&own)?
-            .f_unsqueeze(1)?;
-        let ctx = self.attend_at(&positions, mask)?;
+        let mask = causal.f_logical_and(&real_key)?.f_logical_or(&own)?;
+        let window = self.windowed(&mask, &key, &query)?;
+        let ctx = self.attend_at(&positions, mask.f_unsqueeze(1)?, window)?;
         let mut layers = Vec::with_capacity(self.blocks.len());
         let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
         Ok((hidden, KvCache::from_prefill(layers, pads.to_vec())))
@@ -801,10 +806,12 @@ impl Decoder {
     ) -> Result<Tensor> {
         let rows = cache.rows() as i64;
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
+        let (mask, window) = self.step_mask(cache, pad)?;
         let step = Step {
             rows,
             rotation: Rope::rotation(&cos, &sin)?,
-            mask: self.step_mask(cache, pad)?,
+            mask,
+            window,
             column: None,
         };
         cache.reserve(1)?;
@@ -884,10 +891,15 @@ impl Decoder {
         let attend = column
             .f_ge_tensor(&first.f_view([rows, 1, 1])?)?
             .f_logical_and(&column.f_le_tensor(&at)?)?;
+        let window = match self.windowed(&attend, &column, &at)? {
+            Some(w) => Some(self.step_mask_of(&w, rows, columns)?),
+            None => None,
+        };
         let step = Step {
             rows,
             rotation: Rope::rotation(&cos, &sin)?,
             mask: self.step_mask_of(&attend, rows, columns)?,
+            window,
             column: Some(at),
         };
         self.run_step(&ids, &step, cache, lora)
@@ -896,12 +908,21 @@ impl Decoder {
     /// The additive mask of a decode step ([`Step::mask`]) over `cache`'s window and the new
     /// column, for rows whose padding (columns before their first real one) is `pad`
     /// (`[rows]` on the device): made in storage of aligned rows (see [`Decoder::attend_at`]),
-    /// one mask row per (row, key/value head), in four kernels.
-    fn step_mask(&self, cache: &KvCache, pad: &Tensor) -> Result<Tensor> {
+    /// one mask row per (row, key/value head), in four kernels; and the sliding layers' one
+    /// when some layer slides.
+    fn step_mask(&self, cache: &KvCache, pad: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let (rows, keys) = (cache.rows() as i64, cache.len() + 1);
-        let attend = Tensor::f_arange(keys, (Kind::Int64, self.device))?
-            .f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
-        self.step_mask_of(&attend, rows, keys)
+        let key = Tensor::f_arange(keys, (Kind::Int64, self.device))?;
+        let attend = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
+        let window = match self.config.sliding_window {
+            // The query is the new column, `keys - 1`.
+            Some(window) => {
+                let inside = key.f_gt(keys - 1 - window)?;
+                Some(self.step_mask_of(&attend.f_logical_and(&inside)?, rows, keys)?)
+            }
+            None => None,
+        };
+        Ok((self.step_mask_of(&attend, rows, keys)?, window))
     }
 
     /// A decode step's additive mask ([`Step::mask`]) from which keys each row attends to
@@ -989,9 +1010,9 @@ impl Decoder {
         let mask = key
             .f_le_tensor(&query)?
             .f_logical_and(&key.f_ge_tensor(&first.f_view([rows, 1, 1])?)?)?
-            .f_logical_or(&key.f_eq_tensor(&query)?)?
-            .f_unsqueeze(1)?;
-        let ctx = self.attend_at(&positions, mask)?;
+            .f_logical_or(&key.f_eq_tensor(&query)?)?;
+        let window = self.windowed(&mask, &key, &query)?;
+        let ctx = self.attend_at(&positions, mask.f_unsqueeze(1)?, window)?;
         let hidden = self.run_appending(&input, &ctx, lora, cache)?;
         cache.pad_rows(pads);
         Ok(hidden)
@@ -1005,13 +1026,27 @@ impl Decoder {
         lora: Option<&LoraBatch>,
     ) -> Result<(Tensor, Attend)> {
         let ids = self.checked_ids(input_ids, lora)?;
-        let (cos, sin) = self.rope.cos_sin(0, ids.size()[1], self.kind)?;
+        let seq = ids.size()[1];
+        let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
+        // The sliding layers' mask, when some layer slides: causal, within the window.
+        let window = match self.config.sliding_window {
+            Some(_) => {
+                let column = Tensor::f_arange(seq, (Kind::Int64, self.device))?;
+                let (key, query) = (column.f_view([1, seq])?, column.f_view([seq, 1])?);
+                match self.windowed(&key.f_le_tensor(&query)?, &key, &query)? {
+                    Some(w) => Some(self.additive(&w.f_view([1, 1, seq, seq])?)?),
+                    None => None,
+                }
+            }
+            None => None,
+        };
         Ok((
             ids,
             Attend {
                 cos: cos.f_unsqueeze(1)?,
                 sin: sin.f_unsqueeze(1)?,
                 mask: None,
+                window,
             },
         ))
     }
@@ -1022,15 +1057,45 @@ impl Decoder {
     /// Attention turns a boolean mask into an additive one on every call, and fused kernels copy
     /// a mask whose rows do not start at a multiple of [`MASK_ALIGN`] elements: made here, once
     /// per pass, in storage of padded rows, every layer reads it as it is.
-    fn attend_at(&self, positions: &Tensor, mask: Tensor) -> Result<Attend> {
+    /// `window` is the sliding layers' boolean mask, shaped as `mask` but for its second
+    /// dimension ([`Decoder::windowed`]).
+    fn attend_at(
+        &self,
+        positions: &Tensor,
+        mask: Tensor,
+        window: Option<Tensor>,
+    ) -> Result<Attend> {
         let (cos, sin) = self.rope.cos_sin_at(positions, self.kind)?;
-        let mut additive = self.masked_all(&mask.size())?;
-        let _ = additive.f_masked_fill_(&mask, 0.0)?;
+        let window = match window {
+            Some(w) => Some(self.additive(&w.f_unsqueeze(1)?)?),
+            None => None,
+        };
         Ok(Attend {
             cos: cos.f_unsqueeze(2)?,
             sin: sin.f_unsqueeze(2)?,
-            mask: Some(additive),
+            mask: Some(self.additive(&mask)?),
+            window,
         })
+    }
+
+    /// The boolean mask `mask` (true = attend) as an additive one in aligned storage
+    /// ([`Decoder::masked_all`]).
+    fn additive(&self, mask: &Tensor) -> Result<Tensor> {
+        let mut additive = self.masked_all(&mask.size())?;
+        let _ = additive.f_masked_fill_(mask, 0.0)?;
+        Ok(additive)
+    }
+
+    /// `attend` (boolean, true = attend) narrowed to the sliding window: key column `key` of
+    /// query column `query` (both broadcast against `attend`) stays when `query - key` is less
+    /// than the window, as transformers' sliding-window mask has it. A row's columns hold its
+    /// consecutive positions, so columns measure the distance. `None` when no layer slides.
+    fn windowed(&self, attend: &Tensor, key: &Tensor, query: &Tensor) -> Result<Option<Tensor>> {
+        let Some(window) = self.config.sliding_window else {
+            return Ok(None);
+        };
+        let inside = key.f_gt_tensor(&query.f_sub_scalar(window)?)?;
+        Ok(Some(attend.f_logical_and(&inside)?))
     }
 
     /// An additive mask of `size` that attends to nothing (every entry -inf), in storage whose
@@ -1192,7 +1257,11 @@ impl Decoder {
         };
         let grouped = c.num_kv_heads != c.num_heads;
         let group = c.num_heads / c.num_kv_heads;
-        let attn = if grouped && (t == 1 || (past.is_some() && ctx.mask.is_some())) {
+        let mask = match &ctx.window {
+            Some(window) if c.sliding_layers[layer] => Some(window),
+            _ => ctx.mask.as_ref(),
+        };
+        let attn = if grouped && (t == 1 || (past.is_some() && mask.is_some())) {
             // One token per row, or a prefill after a cache (masked): as in a decode step
             // ([`Decoder::block_step`]), the query heads sharing a key/value head become that
             // head's query positions (`group · t` of them, head-major),
@@ -1200,20 +1269,17 @@ impl Decoder {
             // the mask: one query per row broadcasts it over the group, several repeat it once
             // per head of the group. Causality is in the mask.
             let q = q.f_reshape([b, c.num_kv_heads, group * t, c.head_dim])?;
-            let repeated = match &ctx.mask {
+            let repeated = match mask {
                 Some(mask) if t > 1 => Some(mask.f_repeat([1, 1, group, 1])?),
                 _ => None,
             };
-            sdpa(
-                &q,
-                &k,
-                &v,
-                repeated.as_ref().or(ctx.mask.as_ref()),
-                false,
-                false,
-            )?
-            .f_reshape([b, c.num_heads, t, c.head_dim])?
-        } else if let (Some(mask), true, true) = (&ctx.mask, grouped, x.device().is_cuda()) {
+            sdpa(&q, &k, &v, repeated.as_ref().or(mask), false, false)?.f_reshape([
+                b,
+                c.num_heads,
+                t,
+                c.head_dim,
+            ])?
+        } else if let (Some(mask), true, true) = (mask, grouped, x.device().is_cuda()) {
             // A training or scoring pass (no cache) with a mask and grouped key/value heads:
             // on a GPU only cuDNN's kernel takes that whole (the memory-efficient one has no
             // grouped heads, flash no mask), and cuDNN builds an execution plan for every new
@@ -1223,7 +1289,7 @@ impl Decoder {
             let (k, v) = (repeat_kv_heads(&k, group)?, repeat_kv_heads(&v, group)?);
             sdpa(&q, &k, &v, Some(mask), false, false)?
         } else {
-            sdpa(&q, &k, &v, ctx.mask.as_ref(), ctx.mask.is_none(), grouped)?
+            sdpa(&q, &k, &v, mask, mask.is_none(), grouped)?
         };
         let attn = attn
             .f_transpose(1, 2)?
@@ -1281,11 +1347,15 @@ impl Decoder {
             k.f_view([rows * kv, 1, -1, d])?,
             v.f_view([rows * kv, 1, -1, d])?,
         );
+        let mask = match &step.window {
+            Some(window) if c.sliding_layers[layer] => window,
+            _ => &step.mask,
+        };
         let attn = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            Some(&step.mask),
+            Some(mask),
             0.0,
             false,
             None,

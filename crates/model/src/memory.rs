@@ -280,6 +280,7 @@ mod tests {
             rope_scaling: None,
             max_position_embeddings: 8192,
             sliding_window: None,
+            sliding_layers: vec![false; 30],
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,

@@ -45,7 +45,7 @@ fn check_tiny(arch: &str) {
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
     assert_eq!(
         decoder.config().architecture.name(),
-        arch.trim_end_matches("_fused")
+        arch.trim_end_matches("_fused").trim_end_matches("_window")
     );
     let expected = read_tensors(&dir.path().join("expected.safetensors"));
     check_real_positions(&decoder, &expected, 1e-4);
@@ -89,6 +89,18 @@ fn tiny_qwen2_matches_transformers() {
 #[test]
 fn tiny_mistral_matches_transformers() {
     check_tiny("mistral");
+}
+
+#[test]
+fn tiny_mistral_attending_within_a_sliding_window_matches_transformers() {
+    // A 5-token window over rows of up to 20 tokens, in every layer.
+    check_tiny("mistral_window");
+}
+
+#[test]
+fn tiny_qwen2_with_one_sliding_layer_matches_transformers() {
+    // Layer 1 within a 6-token window, layer 0 over everything.
+    check_tiny("qwen2_window");
 }
 
 #[test]

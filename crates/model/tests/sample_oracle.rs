@@ -87,7 +87,16 @@ fn check_against_oracle(
 
 #[test]
 fn greedy_equals_transformers_on_tiny_models_batched() {
-    for arch in ["llama", "qwen3", "qwen2", "mistral", "qwen3_moe", "mixtral"] {
+    for arch in [
+        "llama",
+        "qwen3",
+        "qwen2",
+        "mistral",
+        "qwen3_moe",
+        "mixtral",
+        "mistral_window",
+        "qwen2_window",
+    ] {
         let dir = TempDir::new(arch);
         oracle(
             "tiny_models.py",
@@ -105,9 +114,15 @@ fn greedy_equals_transformers_on_tiny_models_batched() {
         );
         let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
         check_against_oracle(&decoder, None, &file, 20);
-        if arch == "qwen3_moe" {
+        if ["qwen3_moe", "mistral_window", "qwen2_window"].contains(&arch) {
             // The static step a CUDA graph records (no host reads), run on the CPU.
             check_recorded_steps_against_oracle(&decoder, &file, 20);
+        }
+        if arch.ends_with("_window") {
+            // Prompts prefilled 4 tokens a step, each chunk attending to its row's cached keys
+            // within the window.
+            let g = Generation::new(decoder.kind()).with_prefill_chunk(4);
+            check_generation_against_oracle(&decoder, &file, 20, g);
         }
     }
 }
@@ -119,10 +134,21 @@ fn check_recorded_steps_against_oracle(
     oracle_file: &std::path::Path,
     new_tokens: i64,
 ) {
+    let g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
+    let g = check_generation_against_oracle(decoder, oracle_file, new_tokens, g);
+    assert!(g.graph_counts().replayed > 0, "{:?}", g.graph_counts());
+}
+
+/// The oracle's prompts decoded together by `g` give transformers' greedy tokens; returns `g`.
+fn check_generation_against_oracle(
+    decoder: &Decoder,
+    oracle_file: &std::path::Path,
+    new_tokens: i64,
+    mut g: Generation,
+) -> Generation {
     let e = read_tensors(oracle_file);
     let requests = oracle_requests(&e, None, new_tokens, false);
     let n = requests.len();
-    let mut g = Generation::new(decoder.kind()).with_step_graphs(StepGraphs::Emulate);
     for (i, request) in requests.iter().enumerate() {
         g.admit(decoder, i as u64, request, false).unwrap();
     }
@@ -134,10 +160,10 @@ fn check_recorded_steps_against_oracle(
         assert_eq!(
             done[&(i as u64)].sequences[0].tokens,
             vec_i64(&e[&format!("tokens.{i}")]),
-            "prompt {i}: recorded steps"
+            "prompt {i}"
         );
     }
-    assert!(g.graph_counts().replayed > 0, "{:?}", g.graph_counts());
+    g
 }
 
 #[test]
