@@ -255,8 +255,9 @@ struct Attend {
     /// Additive `[batch, 1, seq, keys]` in the model's element type (0 = attend, -inf = not),
     /// see [`Decoder::attend_at`]; `None` means plain causal attention.
     mask: Option<Tensor>,
-    /// The mask of the layers attending within the sliding window (`mask` narrowed to it,
-    /// [`Decoder::windowed`]); `None` when no layer slides.
+    /// The mask of the layers attending within the sliding window (`mask`, or causal
+    /// attention, narrowed to it: [`Decoder::windowed`]); `None` when no layer slides or the
+    /// pass is too short to reach past the window (those layers then read `mask`).
     window: Option<Tensor>,
 }
 
@@ -270,7 +271,8 @@ struct Step {
     /// (row-major: each row's mask once per key/value head); over the whole buffers when
     /// `column` is set.
     mask: Tensor,
-    /// `mask` of the layers attending within the sliding window; `None` when no layer slides.
+    /// `mask` of the layers attending within the sliding window; `None` when no layer slides or
+    /// no row reaches past the window yet (those layers then read `mask`).
     window: Option<Tensor>,
     /// Where the step writes its keys and values: `None` after the cache's window (the window
     /// is what attention reads); `Some(at)`, a `[1]` column read on the device, for a step whose
@@ -699,7 +701,7 @@ impl Decoder {
         let real_key = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
         let own = key.f_eq_tensor(&query)?;
         let mask = causal.f_logical_and(&real_key)?.f_logical_or(&own)?;
-        let window = self.windowed(&mask, &key, &query)?;
+        let window = self.windowed(&mask, &key, &query, seq)?;
         let ctx = self.attend_at(&positions, mask.f_unsqueeze(1)?, window)?;
         let mut layers = Vec::with_capacity(self.blocks.len());
         let hidden = self.run_blocks(&ids, &ctx, lora, Cache::Fill(&mut layers))?;
@@ -891,7 +893,7 @@ impl Decoder {
         let attend = column
             .f_ge_tensor(&first.f_view([rows, 1, 1])?)?
             .f_logical_and(&column.f_le_tensor(&at)?)?;
-        let window = match self.windowed(&attend, &column, &at)? {
+        let window = match self.windowed(&attend, &column, &at, columns)? {
             Some(w) => Some(self.step_mask_of(&w, rows, columns)?),
             None => None,
         };
@@ -916,11 +918,11 @@ impl Decoder {
         let attend = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
         let window = match self.config.sliding_window {
             // The query is the new column, `keys - 1`.
-            Some(window) => {
+            Some(window) if keys > window => {
                 let inside = key.f_gt(keys - 1 - window)?;
                 Some(self.step_mask_of(&attend.f_logical_and(&inside)?, rows, keys)?)
             }
-            None => None,
+            _ => None,
         };
         Ok((self.step_mask_of(&attend, rows, keys)?, window))
     }
@@ -1011,7 +1013,7 @@ impl Decoder {
             .f_le_tensor(&query)?
             .f_logical_and(&key.f_ge_tensor(&first.f_view([rows, 1, 1])?)?)?
             .f_logical_or(&key.f_eq_tensor(&query)?)?;
-        let window = self.windowed(&mask, &key, &query)?;
+        let window = self.windowed(&mask, &key, &query, len + t)?;
         let ctx = self.attend_at(&positions, mask.f_unsqueeze(1)?, window)?;
         let hidden = self.run_appending(&input, &ctx, lora, cache)?;
         cache.pad_rows(pads);
@@ -1030,15 +1032,15 @@ impl Decoder {
         let (cos, sin) = self.rope.cos_sin(0, seq, self.kind)?;
         // The sliding layers' mask, when some layer slides: causal, within the window.
         let window = match self.config.sliding_window {
-            Some(_) => {
+            Some(window) if seq > window => {
                 let column = Tensor::f_arange(seq, (Kind::Int64, self.device))?;
                 let (key, query) = (column.f_view([1, seq])?, column.f_view([seq, 1])?);
-                match self.windowed(&key.f_le_tensor(&query)?, &key, &query)? {
+                match self.windowed(&key.f_le_tensor(&query)?, &key, &query, seq)? {
                     Some(w) => Some(self.additive(&w.f_view([1, 1, seq, seq])?)?),
                     None => None,
                 }
             }
-            None => None,
+            _ => None,
         };
         Ok((
             ids,
@@ -1089,9 +1091,17 @@ impl Decoder {
     /// `attend` (boolean, true = attend) narrowed to the sliding window: key column `key` of
     /// query column `query` (both broadcast against `attend`) stays when `query - key` is less
     /// than the window, as transformers' sliding-window mask has it. A row's columns hold its
-    /// consecutive positions, so columns measure the distance. `None` when no layer slides.
-    fn windowed(&self, attend: &Tensor, key: &Tensor, query: &Tensor) -> Result<Option<Tensor>> {
-        let Some(window) = self.config.sliding_window else {
+    /// consecutive positions, so columns measure the distance. `None` when no layer slides, or
+    /// when the window covers all `span` columns a query may reach back over (itself included):
+    /// the sliding layers then attend as the others, with their mask (or causal fast path).
+    fn windowed(
+        &self,
+        attend: &Tensor,
+        key: &Tensor,
+        query: &Tensor,
+        span: i64,
+    ) -> Result<Option<Tensor>> {
+        let Some(window) = self.config.sliding_window.filter(|&w| span > w) else {
             return Ok(None);
         };
         let inside = key.f_gt_tensor(&query.f_sub_scalar(window)?)?;
@@ -1280,7 +1290,8 @@ impl Decoder {
                 c.head_dim,
             ])?
         } else if let (Some(mask), true, true) = (mask, grouped, x.device().is_cuda()) {
-            // A training or scoring pass (no cache) with a mask and grouped key/value heads:
+            // A pass without a cache (a padded prefill, or a sliding layer of a training or
+            // scoring pass longer than the window) with a mask and grouped key/value heads:
             // on a GPU only cuDNN's kernel takes that whole (the memory-efficient one has no
             // grouped heads, flash no mask), and cuDNN builds an execution plan for every new
             // batch shape (the binary asks libtorch to try it last: the cli's `main`). With the
