@@ -6,7 +6,7 @@ Usage:
                                        (ARCH qwen3_moe, mixtral: experts one tensor each, as on
                                        the Hub; *_fused: transformers 5's fused expert tensors;
                                        qwen3_moe_wide: 400 experts; *_window: sliding-window
-                                       attention)
+                                       attention; *_yarn: YaRN RoPE scaling)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -78,6 +78,18 @@ def tiny_config(arch: str):
         return tf.MixtralConfig(**COMMON, tie_word_embeddings=False, num_local_experts=8,
                                 num_experts_per_tok=2, sliding_window=None,
                                 rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    if arch == "qwen3_yarn":
+        # Qwen3's long-context setting at a scale where its ramp blends several frequencies:
+        # pre-trained on 64 positions, stretched 4 times.
+        return tf.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True,
+                              rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                   original_max_position_embeddings=64))
+    if arch == "llama_yarn":
+        # GPT-OSS's flavour: the ramp's ends not rounded, other betas, a given attention factor.
+        return tf.LlamaConfig(**COMMON, tie_word_embeddings=False,
+                              rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                                   original_max_position_embeddings=32, beta_fast=16.0,
+                                                   beta_slow=2.0, truncate=False, attention_factor=1.3))
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "qwen2_window":

@@ -66,6 +66,37 @@ pub struct MoeConfig {
     pub weights_in_f32: bool,
 }
 
+/// How RoPE's frequencies are scaled for a context longer than the pre-training one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "llama3"`.
+    Llama3(Llama3RopeScaling),
+    /// `rope_type: "yarn"`.
+    Yarn(YarnRopeScaling),
+}
+
+/// YaRN (`rope_type: "yarn"`, Qwen3's and GPT-OSS's long-context setting): frequencies whose
+/// wavelengths fit the pre-training context many times are kept, the longest are divided by
+/// `factor`, those between blended along a linear ramp; cos and sin are multiplied by
+/// `attention_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct YarnRopeScaling {
+    /// Interpolation factor (`max_position_embeddings / original` when the config omits it).
+    pub factor: f64,
+    /// Context length the model was pre-trained with.
+    pub original_max_position_embeddings: f64,
+    /// Rotations within the pre-training context above which a frequency is kept (32).
+    pub beta_fast: f64,
+    /// Rotations below which it is interpolated (1).
+    pub beta_slow: f64,
+    /// Whether the ramp's ends are rounded outwards to whole dimensions (true).
+    pub truncate: bool,
+    /// What cos and sin are multiplied by: the config's `attention_factor`, else
+    /// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` when both are given, else
+    /// `0.1 · ln(factor) + 1`.
+    pub attention_factor: f64,
+}
+
 /// Llama-3 style frequency scaling of RoPE (`rope_type: "llama3"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Llama3RopeScaling {
@@ -102,8 +133,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// RoPE base.
     pub rope_theta: f64,
-    /// Optional llama3 RoPE scaling.
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Optional RoPE scaling.
+    pub rope_scaling: Option<RopeScaling>,
     /// Longest context the model supports.
     pub max_position_embeddings: i64,
     /// The window the [`ModelConfig::sliding_layers`] attend within: a position attends to
@@ -135,6 +166,12 @@ struct RawRope {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    truncate: Option<bool>,
+    attention_factor: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -295,9 +332,9 @@ impl ModelConfig {
             .unwrap_or(10_000.0);
         let rope_scaling = match rope {
             None => None,
-            Some(r) => match r.rope_type.or(r.legacy_type).as_deref() {
+            Some(r) => match r.rope_type.clone().or(r.legacy_type.clone()).as_deref() {
                 None | Some("default") => None,
-                Some("llama3") => Some(Llama3RopeScaling {
+                Some("llama3") => Some(RopeScaling::Llama3(Llama3RopeScaling {
                     factor: required(r.factor, "rope_scaling.factor")?,
                     low_freq_factor: required(r.low_freq_factor, "rope_scaling.low_freq_factor")?,
                     high_freq_factor: required(
@@ -308,10 +345,14 @@ impl ModelConfig {
                         r.original_max_position_embeddings,
                         "rope_scaling.original_max_position_embeddings",
                     )?,
-                }),
+                })),
+                Some("yarn") => Some(RopeScaling::Yarn(yarn(
+                    &r,
+                    raw.max_position_embeddings.unwrap_or(4096),
+                )?)),
                 Some(other) => {
                     return Err(ModelError::Config(format!(
-                        "config.json: rope type `{other}` is not supported (supported: default, llama3)"
+                        "config.json: rope type `{other}` is not supported (supported: default, llama3, yarn)"
                     )))
                 }
             },
@@ -355,6 +396,49 @@ impl ModelConfig {
             moe,
         })
     }
+}
+
+/// YaRN's parameters as transformers reads them (`_compute_yarn_parameters`).
+fn yarn(r: &RawRope, max_position_embeddings: i64) -> Result<YarnRopeScaling, ModelError> {
+    let original = required(
+        r.original_max_position_embeddings,
+        "rope_scaling.original_max_position_embeddings",
+    )?;
+    if original <= 0.0 {
+        return Err(ModelError::Config(format!(
+            "config.json: rope_scaling.original_max_position_embeddings must be positive, got {original}"
+        )));
+    }
+    let factor = r
+        .factor
+        .unwrap_or(max_position_embeddings as f64 / original);
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(ModelError::Config(format!(
+            "config.json: rope_scaling.factor must be positive, got {factor}"
+        )));
+    }
+    let mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    // transformers tests these for truth: 0 counts as absent.
+    let given = |v: Option<f64>| v.filter(|&x| x != 0.0);
+    let attention_factor = match (r.attention_factor, given(r.mscale), given(r.mscale_all_dim)) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+        _ => mscale(factor, 1.0),
+    };
+    Ok(YarnRopeScaling {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: given(r.beta_fast).unwrap_or(32.0),
+        beta_slow: given(r.beta_slow).unwrap_or(1.0),
+        truncate: r.truncate.unwrap_or(true),
+        attention_factor,
+    })
 }
 
 /// The sliding window and which layers attend within it, as transformers 5 reads the config:
@@ -617,6 +701,33 @@ mod tests {
         );
         let c = ModelConfig::from_json(&text).unwrap();
         assert_eq!(c.rope_theta, 500_000.0);
-        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3(s)) if s.factor == 8.0));
+    }
+
+    #[test]
+    fn yarn_parameters_default_as_transformers_defaults_them() {
+        let yarn = |params: &str| {
+            let text = BASE.replace(
+                "\"vocab_size\":100",
+                &format!("\"vocab_size\":100,\"max_position_embeddings\":131072,\"rope_scaling\":{{\"rope_type\":\"yarn\"{params}}}"),
+            );
+            match ModelConfig::from_json(&text).unwrap().rope_scaling {
+                Some(RopeScaling::Yarn(y)) => y,
+                other => panic!("{other:?}"),
+            }
+        };
+        // Qwen3's long-context setting.
+        let y = yarn(",\"factor\":4.0,\"original_max_position_embeddings\":32768");
+        assert_eq!((y.beta_fast, y.beta_slow, y.truncate), (32.0, 1.0, true));
+        assert!((y.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // No factor: the context over the original one.
+        let y = yarn(",\"original_max_position_embeddings\":32768");
+        assert_eq!(y.factor, 4.0);
+        // DeepSeek's mscale pair, and an explicit factor winning over both.
+        let y = yarn(",\"factor\":40,\"original_max_position_embeddings\":4096,\"mscale\":1.0,\"mscale_all_dim\":0.707");
+        let m = |k: f64| 0.1 * k * 40f64.ln() + 1.0;
+        assert!((y.attention_factor - m(1.0) / m(0.707)).abs() < 1e-12);
+        let y = yarn(",\"factor\":2,\"original_max_position_embeddings\":4096,\"attention_factor\":1.5,\"truncate\":false");
+        assert_eq!((y.attention_factor, y.truncate), (1.5, false));
     }
 }

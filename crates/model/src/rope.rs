@@ -4,7 +4,7 @@ use std::f64::consts::PI;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{Llama3RopeScaling, ModelConfig, RopeScaling, YarnRopeScaling};
 use crate::error::Result;
 
 /// Inverse frequencies and signs of one model's rotary tables; cos/sin tables are computed per
@@ -15,37 +15,27 @@ pub struct Rope {
     inv_freq: Tensor,
     /// `[head_dim]`: -1 in the first half, 1 in the second (the signed sin's signs).
     sign: Tensor,
+    /// What cos and sin are multiplied by (YaRN's attention factor; 1 otherwise).
+    attention_factor: f64,
 }
 
 impl Rope {
-    /// Builds the inverse frequencies, with llama3 scaling when the config asks for it.
+    /// Builds the inverse frequencies, with llama3 or YaRN scaling when the config asks for it.
     pub fn new(config: &ModelConfig, device: Device) -> Result<Self> {
         let dim = config.head_dim;
         let exponent = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))?
             .f_to_kind(Kind::Float)?
             .f_div_scalar(dim as f64)?;
-        let mut inv_freq = Tensor::f_pow_scalar(config.rope_theta, &exponent)?.f_reciprocal()?;
-        if let Some(s) = &config.rope_scaling {
-            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-            let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * PI)?;
-            let scaled = inv_freq.f_div_scalar(s.factor)?;
-            let llama = scaled.f_where_self(&wavelen.f_gt(low_wavelen)?, &inv_freq)?;
-            let smooth = wavelen
-                .f_reciprocal()?
-                .f_mul_scalar(s.original_max_position_embeddings)?
-                .f_sub_scalar(s.low_freq_factor)?
-                .f_div_scalar(s.high_freq_factor - s.low_freq_factor)?;
-            let smoothed = smooth
-                .f_neg()?
-                .f_add_scalar(1.0)?
-                .f_mul(&llama.f_div_scalar(s.factor)?)?
-                .f_add(&smooth.f_mul(&llama)?)?;
-            let medium = wavelen
-                .f_ge(high_wavelen)?
-                .f_logical_and(&wavelen.f_le(low_wavelen)?)?;
-            inv_freq = smoothed.f_where_self(&medium, &llama)?;
-        }
+        // `base^(2i/d)`: the wavelength over 2π of each frequency.
+        let pos_freqs = Tensor::f_pow_scalar(config.rope_theta, &exponent)?;
+        let (inv_freq, attention_factor) = match &config.rope_scaling {
+            None => (pos_freqs.f_reciprocal()?, 1.0),
+            Some(RopeScaling::Llama3(s)) => (llama3(&pos_freqs.f_reciprocal()?, s)?, 1.0),
+            Some(RopeScaling::Yarn(y)) => (
+                yarn(&pos_freqs, y, dim, config.rope_theta)?,
+                y.attention_factor,
+            ),
+        };
         let half = dim / 2;
         let sign = Tensor::f_cat(
             &[
@@ -57,6 +47,7 @@ impl Rope {
         Ok(Rope {
             inv_freq: Tensor::f_cat(&[&inv_freq, &inv_freq], 0)?.f_to_device(device)?,
             sign: sign.f_to_device(device)?,
+            attention_factor,
         })
     }
 
@@ -65,6 +56,7 @@ impl Rope {
         Rope {
             inv_freq: self.inv_freq.shallow_clone(),
             sign: self.sign.shallow_clone(),
+            attention_factor: self.attention_factor,
         }
     }
 
@@ -82,9 +74,19 @@ impl Rope {
             .f_to_kind(Kind::Float)?
             .f_unsqueeze(-1)?
             .f_mul(&self.inv_freq)?;
+        let (cos, sin) = (freqs.f_cos()?, freqs.f_sin()?);
+        // YaRN scales both tables in f32, as transformers does.
+        let (cos, sin) = if self.attention_factor == 1.0 {
+            (cos, sin)
+        } else {
+            (
+                cos.f_mul_scalar(self.attention_factor)?,
+                sin.f_mul_scalar(self.attention_factor)?,
+            )
+        };
         Ok((
-            freqs.f_cos()?.f_to_kind(kind)?,
-            freqs.f_sin()?.f_mul(&self.sign)?.f_to_kind(kind)?,
+            cos.f_to_kind(kind)?,
+            sin.f_mul(&self.sign)?.f_to_kind(kind)?,
         ))
     }
 
@@ -112,6 +114,60 @@ impl Rope {
         let rolled = x.f_roll([half], [-1])?;
         Ok(x.f_mul(cos)?.f_addcmul(&rolled, signed_sin)?)
     }
+}
+
+/// Llama-3 scaling of `inv_freq` (`[head_dim / 2]`, f32), as transformers computes it.
+fn llama3(inv_freq: &Tensor, s: &Llama3RopeScaling) -> Result<Tensor> {
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    let wavelen = inv_freq.f_reciprocal()?.f_mul_scalar(2.0 * PI)?;
+    let scaled = inv_freq.f_div_scalar(s.factor)?;
+    let llama = scaled.f_where_self(&wavelen.f_gt(low_wavelen)?, inv_freq)?;
+    let smooth = wavelen
+        .f_reciprocal()?
+        .f_mul_scalar(s.original_max_position_embeddings)?
+        .f_sub_scalar(s.low_freq_factor)?
+        .f_div_scalar(s.high_freq_factor - s.low_freq_factor)?;
+    let smoothed = smooth
+        .f_neg()?
+        .f_add_scalar(1.0)?
+        .f_mul(&llama.f_div_scalar(s.factor)?)?
+        .f_add(&smooth.f_mul(&llama)?)?;
+    let medium = wavelen
+        .f_ge(high_wavelen)?
+        .f_logical_and(&wavelen.f_le(low_wavelen)?)?;
+    Ok(smoothed.f_where_self(&medium, &llama)?)
+}
+
+/// YaRN's inverse frequencies from `pos_freqs` (`base^(2i/d)`, `[dim / 2]`, f32), as
+/// transformers computes them: dimension `i` keeps `1 / pos_freqs` (extrapolation) below the
+/// correction range, takes `1 / (factor · pos_freqs)` (interpolation) above it, and blends the
+/// two along a linear ramp inside.
+fn yarn(pos_freqs: &Tensor, y: &YarnRopeScaling, dim: i64, base: f64) -> Result<Tensor> {
+    let d = dim as f64;
+    // The dimension whose frequency turns `rotations` times within the original context.
+    let correction = |rotations: f64| {
+        d * (y.original_max_position_embeddings / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln())
+    };
+    let (mut low, mut high) = (correction(y.beta_fast), correction(y.beta_slow));
+    if y.truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    let ramp = Tensor::f_arange(dim / 2, (Kind::Float, Device::Cpu))?
+        .f_sub_scalar(low)?
+        .f_div_scalar(high - low)?
+        .f_clamp(0.0, 1.0)?;
+    let extrapolation = pos_freqs.f_reciprocal()?;
+    let interpolation = pos_freqs.f_mul_scalar(y.factor)?.f_reciprocal()?;
+    // The share of extrapolation.
+    let kept = ramp.f_neg()?.f_add_scalar(1.0)?;
+    Ok(interpolation
+        .f_mul(&kept.f_neg()?.f_add_scalar(1.0)?)?
+        .f_add(&extrapolation.f_mul(&kept)?)?)
 }
 
 #[cfg(test)]

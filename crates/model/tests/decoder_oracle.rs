@@ -45,7 +45,9 @@ fn check_tiny(arch: &str) {
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
     assert_eq!(
         decoder.config().architecture.name(),
-        arch.trim_end_matches("_fused").trim_end_matches("_window")
+        arch.trim_end_matches("_fused")
+            .trim_end_matches("_window")
+            .trim_end_matches("_yarn")
     );
     let expected = read_tensors(&dir.path().join("expected.safetensors"));
     check_real_positions(&decoder, &expected, 1e-4);
@@ -101,6 +103,16 @@ fn tiny_mistral_attending_within_a_sliding_window_matches_transformers() {
 fn tiny_qwen2_with_one_sliding_layer_matches_transformers() {
     // Layer 1 within a 6-token window, layer 0 over everything.
     check_tiny("qwen2_window");
+}
+
+#[test]
+fn tiny_qwen3_with_yarn_rope_scaling_matches_transformers() {
+    check_tiny("qwen3_yarn");
+}
+
+#[test]
+fn tiny_llama_with_untruncated_yarn_and_an_attention_factor_matches_transformers() {
+    check_tiny("llama_yarn");
 }
 
 #[test]

@@ -96,6 +96,7 @@ fn greedy_equals_transformers_on_tiny_models_batched() {
         "mixtral",
         "mistral_window",
         "qwen2_window",
+        "llama_yarn",
     ] {
         let dir = TempDir::new(arch);
         oracle(
