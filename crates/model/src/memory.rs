@@ -4,7 +4,8 @@
 //! A pass over `T` padded tokens keeps, for its backward pass, every layer's activations: about
 //! `T · layers · (8h + 6q + 6kv + 5i)` elements (`h` the residual width, `q`/`kv` the query and
 //! key/value widths, `i` the MLP width), 2.0 MB per token on SmolLM2-135M in f32. The loss adds
-//! `T · vocab` logits and their gradient unless it is computed in chunks. [`plan`] splits a
+//! `T · vocab` logits and their gradient unless it is computed in chunks, and rows longer than
+//! a sliding window a `[T, T]` mask ([`PassCost::window_bytes`]). [`plan`] splits a
 //! batch's rows into consecutive micro-batches whose activations fit the budget (gradients
 //! accumulate across them, so the result is that of one pass); a row that alone does not fit is
 //! run with activation checkpointing, which keeps only each layer's input and recomputes one
@@ -58,6 +59,8 @@ pub struct PassCost {
     /// Elements one layer's forward holds at once per token when no graph is kept.
     transient_per_layer: u64,
     vocab: u64,
+    /// The sliding window, when some layer attends within one.
+    window: Option<u64>,
 }
 
 impl PassCost {
@@ -95,6 +98,17 @@ impl PassCost {
             saved_per_layer: 8 * h + 6 * q + 6 * kv + mlp_saved,
             transient_per_layer: 4 * h + 2 * q + 2 * kv + mlp_transient,
             vocab: config.vocab_size as u64,
+            window: config.sliding_window.map(|w| w as u64),
+        }
+    }
+
+    /// Bytes of the sliding layers' mask in a pass over rows padded to `len` tokens: one
+    /// additive `[len, len]` mask in the model's type and the three boolean ones it is made
+    /// from, once rows reach past the window (nothing before: [`crate::Decoder`] builds none).
+    pub fn window_bytes(&self, len: u64) -> u64 {
+        match self.window {
+            Some(window) if len > window => len * len * (self.elem + 3),
+            _ => 0,
         }
     }
 
@@ -126,7 +140,9 @@ impl PassCost {
         } else {
             Mode::NoGrad
         };
-        self.activation_bytes(len as u64, mode) + self.loss_bytes(MIN_LOSS_CHUNK.min(len) as u64)
+        self.activation_bytes(len as u64, mode)
+            + self.window_bytes(len as u64)
+            + self.loss_bytes(MIN_LOSS_CHUNK.min(len) as u64)
     }
 }
 
@@ -167,15 +183,20 @@ pub fn plan(lengths: &[usize], backward: bool, cost: &PassCost, budget: u64) -> 
         if let Some(last) = micro_batches.last_mut() {
             let padded = last.len.max(len);
             let tokens = (last.rows.len() + 1) * padded;
-            if last.mode == mode && cost.activation_bytes(tokens as u64, mode) <= activations {
+            let need =
+                cost.activation_bytes(tokens as u64, mode) + cost.window_bytes(padded as u64);
+            if last.mode == mode && need <= activations {
                 last.rows.end = row + 1;
                 last.len = padded;
                 continue;
             }
         }
-        let alone = if cost.activation_bytes(len as u64, mode) <= activations {
+        let fits = |mode| {
+            cost.activation_bytes(len as u64, mode) + cost.window_bytes(len as u64) <= activations
+        };
+        let alone = if fits(mode) {
             mode
-        } else if backward && cost.activation_bytes(len as u64, Mode::Checkpointed) <= activations {
+        } else if backward && fits(Mode::Checkpointed) {
             Mode::Checkpointed
         } else {
             return Err(too_large(row, len, cost.least_bytes(len, backward), budget));
@@ -335,6 +356,27 @@ mod tests {
         // Without a graph the same rows need no checkpointing.
         let fwd = super::plan(&lengths, false, &cost, budget).unwrap();
         assert!(fwd.micro_batches.iter().all(|m| m.mode == Mode::NoGrad));
+    }
+
+    #[test]
+    fn rows_past_a_sliding_window_count_its_mask() {
+        let mut config = smollm2();
+        config.sliding_window = Some(1024);
+        config.sliding_layers = vec![true; 30];
+        let cost = PassCost::new(&config, Kind::BFloat16);
+        assert_eq!(cost.window_bytes(1024), 0, "no mask within the window");
+        assert_eq!(cost.window_bytes(4096), 4096 * 4096 * 5);
+        // Within the window the plan is the dense model's; past it, a row needs the mask too.
+        let dense = PassCost::new(&smollm2(), Kind::BFloat16);
+        assert_eq!(cost.least_bytes(1024, true), dense.least_bytes(1024, true));
+        assert_eq!(
+            cost.least_bytes(8192, true),
+            dense.least_bytes(8192, true) + 8192 * 8192 * 5
+        );
+        let budget = dense.least_bytes(8192, true) + 1;
+        check_fits(&[8192], true, &dense, budget).unwrap();
+        assert!(check_fits(&[8192], true, &cost, budget).is_err());
+        assert!(plan(&[8192], true, &cost, budget).is_err());
     }
 
     #[test]
