@@ -404,16 +404,21 @@ impl Engine {
         if let Some(id) = self.journaled(queue.tenant(), client_key) {
             return Ok(id);
         }
-        match &queue {
+        // What the run's adapter holds throughout a pass besides activations (none for a
+        // sampler's queue: it does not train).
+        let held = match &queue {
             QueueKey::Model(k) => {
-                self.inner.registry.model(&k.tenant, &k.model_id)?;
+                let entry = self.inner.registry.model(&k.tenant, &k.model_id)?;
+                entry.spec.held_elements(&self.inner.base.config)
+                    * self.inner.base.pass_cost.element_bytes()
             }
             QueueKey::Sampler(k) => {
                 // Counts as a use: a session with queued work is never removed to make room.
                 let entry = self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
                 entry.last_access.touch();
+                0
             }
-        }
+        };
         // Refuse what can never run before it takes a place in a queue.
         let config = &self.inner.base.config;
         match &work {
@@ -440,7 +445,7 @@ impl Engine {
                     &lengths,
                     *backward,
                     &self.inner.base.pass_cost,
-                    budget,
+                    budget.saturating_sub(held),
                 )?;
                 if tokens > limit {
                     return Err(EngineError::invalid(
@@ -778,21 +783,23 @@ impl Engine {
     /// worker's next token boundary (its future then fails "cancelled"; one that ends in the
     /// same step keeps its result). Other running and finished jobs are not affected (false).
     pub fn cancel(&self, tenant: &str, id: &str) -> Result<bool> {
+        // The future is looked up for its owner; its state only rules out finished jobs. Where
+        // the job is is read under the scheduler lock: a worker takes a sampling job off its
+        // queue and into its decode loop under that lock (before marking its future running),
+        // so a job that has not finished is found in one or the other.
         let state = self.inner.futures.get(tenant, id)?;
-        if state == FutureState::Running {
-            return Ok(lock(&self.inner.sched).request_cancel(id));
-        }
-        if state != FutureState::Queued {
+        if !matches!(state, FutureState::Queued | FutureState::Running) {
             return Ok(false);
         }
-        let job = lock(&self.inner.sched).cancel(id);
-        match job {
-            Some(job) => {
-                self.record_failure(&job, EngineError::Cancelled);
-                Ok(true)
+        let job = {
+            let mut st = lock(&self.inner.sched);
+            match st.cancel(id) {
+                Some(job) => job,
+                None => return Ok(st.request_cancel(id)),
             }
-            None => Ok(false),
-        }
+        };
+        self.record_failure(&job, EngineError::Cancelled);
+        Ok(true)
     }
 
     /// Stops admitting work and lets the jobs already queued or running finish for at most

@@ -635,6 +635,51 @@ fn one_tenants_bad_datum_in_a_fused_batch_fails_only_its_job() {
     engine.shutdown(Duration::MAX);
 }
 
+/// Admission counts what a pass holds for the run's adapter besides activations: a datum that
+/// would fit the memory budget alone, but not next to its adapter's copies, is refused.
+#[test]
+fn admission_leaves_the_adapters_held_bytes_out_of_the_budget() {
+    let config = tiny_config();
+    let cost = PassCost::new(&config, Kind::Float);
+    let run_spec = spec(64, 0);
+    let held = run_spec.held_elements(&config) * cost.element_bytes();
+    let datum = &data(0)[..1];
+    let least = cost.least_bytes(datum[0].input_tokens.len(), true);
+    let submit = |budget: u64| {
+        let (backend, _release, _) = FakeDecoder::new(Duration::ZERO);
+        let registry = Arc::new(Registry::new(temp_dir("held")));
+        registry
+            .add_model(
+                key("t", "run"),
+                "tiny",
+                run_spec.clone(),
+                serde_json::Value::Null,
+            )
+            .unwrap();
+        let limits = Limits {
+            memory_budget: budget,
+            ..Limits::default()
+        };
+        let engine = Engine::start(fake_config(limits), registry, vec![Box::new(backend)]);
+        engine.set_paused(true);
+        let submitted = engine.submit(
+            QueueKey::Model(key("t", "run")),
+            Work::ForwardBackward {
+                data: datum.to_vec(),
+                loss: LossFn::CrossEntropy,
+                backward: true,
+            },
+        );
+        engine.shutdown(Duration::ZERO);
+        submitted
+    };
+    assert!(submit(least + held).is_ok());
+    match submit(least + held - 1) {
+        Err(EngineError::InvalidInput { field, .. }) => assert_eq!(field, "data[0].model_input"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A durable engine over `data_dir` (step snapshots, the job journal) with one libtorch worker,
 /// restored from what the directory holds, as the server starts.
 fn durable_engine(data_dir: &Path, decoder: &Decoder) -> Engine {
@@ -1458,6 +1503,26 @@ fn a_running_sampling_job_is_cancelled_between_tokens_and_the_others_go_on() {
     );
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(wait(&engine, "t", &b), FutureState::Done(_)));
+    engine.shutdown(Duration::MAX);
+}
+
+/// A cancel that races a worker taking the job off its queue into its decode loop still
+/// cancels it: the job is found queued or decoding, never in between (CI once saw `false`).
+#[test]
+fn a_sampling_job_cancelled_as_it_starts_is_cancelled() {
+    let (engine, keys, release) = decode_engine(Limits::default(), &["a"]);
+    for _ in 0..1000 {
+        let id = engine.submit(keys[0].clone(), held_sample()).unwrap();
+        assert!(
+            engine.cancel("t", &id).unwrap(),
+            "an unfinished job is cancelled"
+        );
+        assert!(matches!(
+            wait(&engine, "t", &id),
+            FutureState::Failed(EngineError::Cancelled)
+        ));
+    }
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
     engine.shutdown(Duration::MAX);
 }
 
