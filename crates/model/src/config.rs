@@ -168,7 +168,10 @@ struct RawRope {
     original_max_position_embeddings: Option<f64>,
     beta_fast: Option<f64>,
     beta_slow: Option<f64>,
-    truncate: Option<bool>,
+    /// `None`: absent (true); `Some(None)`: `null`, false as transformers tests it.
+    #[serde(default, deserialize_with = "present")]
+    truncate: Option<Option<bool>>,
+    partial_rotary_factor: Option<f64>,
     attention_factor: Option<f64>,
     mscale: Option<f64>,
     mscale_all_dim: Option<f64>,
@@ -190,6 +193,9 @@ struct RawConfig {
     rope_scaling: Option<RawRope>,
     rope_parameters: Option<RawRope>,
     max_position_embeddings: Option<i64>,
+    /// Phi-3's place for the pretraining context; transformers prefers it to the rope dict's.
+    original_max_position_embeddings: Option<f64>,
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -211,8 +217,12 @@ struct RawConfig {
 }
 
 /// A field that may be `null` as `Some(None)`, and absent (`#[serde(default)]`) as `None`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
-    Option::<i64>::deserialize(d).map(Some)
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -325,6 +335,23 @@ impl ModelConfig {
         let (sliding_window, sliding_layers) = sliding_window(architecture, &raw, num_layers)?;
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
         let rope = raw.rope_parameters.or(raw.rope_scaling);
+        let partial = rope
+            .as_ref()
+            .and_then(|r| r.partial_rotary_factor)
+            .or(raw.partial_rotary_factor);
+        if partial.is_some_and(|f| f != 1.0) {
+            return Err(ModelError::Config(format!(
+                "config.json: partial_rotary_factor {} is not supported (RoPE over the whole head only)",
+                partial.unwrap_or(1.0)
+            )));
+        }
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        // The pretraining context of llama3 and YaRN scaling, where transformers looks for it.
+        let original_context = |r: &RawRope| {
+            raw.original_max_position_embeddings
+                .or(r.original_max_position_embeddings)
+                .unwrap_or(max_position_embeddings as f64)
+        };
         let rope_theta = rope
             .as_ref()
             .and_then(|r| r.rope_theta)
@@ -341,14 +368,12 @@ impl ModelConfig {
                         r.high_freq_factor,
                         "rope_scaling.high_freq_factor",
                     )?,
-                    original_max_position_embeddings: required(
-                        r.original_max_position_embeddings,
-                        "rope_scaling.original_max_position_embeddings",
-                    )?,
+                    original_max_position_embeddings: original_context(&r),
                 })),
                 Some("yarn") => Some(RopeScaling::Yarn(yarn(
                     &r,
-                    raw.max_position_embeddings.unwrap_or(4096),
+                    original_context(&r),
+                    max_position_embeddings,
                 )?)),
                 Some(other) => {
                     return Err(ModelError::Config(format!(
@@ -381,7 +406,7 @@ impl ModelConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            max_position_embeddings,
             sliding_window,
             sliding_layers,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -399,11 +424,13 @@ impl ModelConfig {
 }
 
 /// YaRN's parameters as transformers reads them (`_compute_yarn_parameters`).
-fn yarn(r: &RawRope, max_position_embeddings: i64) -> Result<YarnRopeScaling, ModelError> {
-    let original = required(
-        r.original_max_position_embeddings,
-        "rope_scaling.original_max_position_embeddings",
-    )?;
+/// `original` is the pretraining context (from the rope dict, or where else transformers finds
+/// it).
+fn yarn(
+    r: &RawRope,
+    original: f64,
+    max_position_embeddings: i64,
+) -> Result<YarnRopeScaling, ModelError> {
     if original <= 0.0 {
         return Err(ModelError::Config(format!(
             "config.json: rope_scaling.original_max_position_embeddings must be positive, got {original}"
@@ -436,7 +463,7 @@ fn yarn(r: &RawRope, max_position_embeddings: i64) -> Result<YarnRopeScaling, Mo
         original_max_position_embeddings: original,
         beta_fast: given(r.beta_fast).unwrap_or(32.0),
         beta_slow: given(r.beta_slow).unwrap_or(1.0),
-        truncate: r.truncate.unwrap_or(true),
+        truncate: r.truncate.is_none_or(|t| t.unwrap_or(false)),
         attention_factor,
     })
 }
@@ -729,5 +756,35 @@ mod tests {
         assert!((y.attention_factor - m(1.0) / m(0.707)).abs() < 1e-12);
         let y = yarn(",\"factor\":2,\"original_max_position_embeddings\":4096,\"attention_factor\":1.5,\"truncate\":false");
         assert_eq!((y.attention_factor, y.truncate), (1.5, false));
+        // `null` is false to transformers (absent is true).
+        assert!(!yarn(",\"factor\":2,\"truncate\":null").truncate);
+        // Without an original context it is the model's; a top-level one wins over the dict's.
+        let y = yarn(",\"factor\":2");
+        assert_eq!(y.original_max_position_embeddings, 131072.0);
+        let text = BASE.replace(
+            "\"vocab_size\":100",
+            "\"vocab_size\":100,\"original_max_position_embeddings\":2048,\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":2,\"original_max_position_embeddings\":4096}",
+        );
+        match ModelConfig::from_json(&text).unwrap().rope_scaling {
+            Some(RopeScaling::Yarn(y)) => assert_eq!(y.original_max_position_embeddings, 2048.0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn partial_rotary_embeddings_are_refused() {
+        for place in [
+            "\"partial_rotary_factor\":0.5",
+            "\"rope_parameters\":{\"rope_type\":\"default\",\"partial_rotary_factor\":0.5}",
+        ] {
+            let text = BASE.replace("\"vocab_size\":100", &format!("\"vocab_size\":100,{place}"));
+            let err = ModelConfig::from_json(&text).unwrap_err();
+            assert!(err.to_string().contains("partial_rotary_factor"), "{err}");
+        }
+        let text = BASE.replace(
+            "\"vocab_size\":100",
+            "\"vocab_size\":100,\"partial_rotary_factor\":1.0",
+        );
+        assert!(ModelConfig::from_json(&text).is_ok());
     }
 }

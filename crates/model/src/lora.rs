@@ -134,6 +134,12 @@ impl LoraSpec {
         row_bytes(&Layout::new(self, config))
     }
 
+    /// Elements a pass over an adapter of this spec holds besides its activations (see
+    /// [`held_bytes`]; times the compute type's size).
+    pub fn held_elements(&self, config: &ModelConfig) -> u64 {
+        held_elements(&Layout::new(self, config))
+    }
+
     /// Checks the spec against the model; names the offending field.
     pub fn validate(&self, config: &ModelConfig) -> Result<()> {
         if self.rank < 1 {
@@ -794,20 +800,23 @@ pub(crate) struct ExpertAdapters {
 /// and their gradients. [`crate::forward_backward`] takes them off its memory budget.
 pub fn held_bytes(adapters: &[Option<&LoraAdapter>], kind: Kind) -> u64 {
     let adapters: Vec<&LoraAdapter> = adapters.iter().flatten().copied().collect();
-    let copies = 2;
     distinct(&adapters)
         .iter()
-        .map(|a| {
-            let layout = a.layout();
-            let experts: i64 = layout
-                .entries
-                .iter()
-                .filter(|e| e.is_experts())
-                .map(|e| e.experts * e.rank * (e.inp + e.out))
-                .sum();
-            (layout.numel + experts) as u64 * copies * kind.elt_size_in_bytes() as u64
-        })
+        .map(|a| held_elements(a.layout()) * kind.elt_size_in_bytes() as u64)
         .sum()
+}
+
+/// [`held_bytes`]' elements for one adapter of `layout`: two copies of its weights, and two of
+/// its expert projections' grouped-matmul matrices.
+fn held_elements(layout: &Layout) -> u64 {
+    let copies = 2;
+    let experts: i64 = layout
+        .entries
+        .iter()
+        .filter(|e| e.is_experts())
+        .map(|e| e.experts * e.rank * (e.inp + e.out))
+        .sum();
+    (layout.numel + experts) as u64 * copies
 }
 
 /// The error of a stack asked to hold more members than its layout allows.

@@ -64,6 +64,11 @@ pub struct PassCost {
 }
 
 impl PassCost {
+    /// Bytes of one element of the compute type.
+    pub fn element_bytes(&self) -> u64 {
+        self.elem
+    }
+
     /// The cost model of `config` run in `kind`.
     pub fn new(config: &ModelConfig, kind: Kind) -> Self {
         let h = config.hidden_size as u64;
