@@ -365,7 +365,11 @@ fn top_k_targets_per_position_match_peft_and_sum_their_columns() {
         for (c, column) in columns.iter().enumerate() {
             for (p, &lp) in column.outputs[0].logprobs.iter().enumerate() {
                 let fused_lp = fused.outputs[i].logprobs[p * width + c];
-                assert!((fused_lp - lp).abs() < 1e-5, "datum {i} [{p}, {c}]");
+                // f32 log-probabilities near -11 summed in other orders: relative 1e-5.
+                assert!(
+                    (fused_lp - lp).abs() <= 1e-5 * lp.abs().max(1.0),
+                    "datum {i} [{p}, {c}]: {fused_lp} vs {lp}"
+                );
             }
         }
     }
