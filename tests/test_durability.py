@@ -430,7 +430,13 @@ def test_a_retry_after_kill_9_gets_the_first_attempts_future_not_a_second_job(tm
         assert r.json()["request_id"] != first
         stepped = result(srv, submit_step(srv, model))
         assert "error" not in stepped, stepped
-        # One forward_backward's gradients, rebuilt once: where the control run is.
-        assert forward_loss(srv, model) == want
+        # The forward_backward's gradients were rebuilt, not lost: the run is where the control
+        # run is. Within 1e-6 relative, not bit for bit: the rebuilt pass may run in another batch
+        # than the control's (here with the forward-only request), and on some CPUs (an AMD EPYC)
+        # that changes the sums' last bits. Twice the gradients would not show in the loss
+        # (Adam's first step is scale-free): the request ids above show the retry got the first
+        # attempt's job.
+        got = forward_loss(srv, model)
+        assert abs(got - want) <= 1e-6 * abs(want), (got, want)
     finally:
         srv.stop()
