@@ -404,19 +404,13 @@ impl Engine {
         if let Some(id) = self.journaled(queue.tenant(), client_key) {
             return Ok(id);
         }
-        // What the run's adapter holds throughout a pass besides activations (none for a
-        // sampler's queue: it does not train).
-        let held = match &queue {
-            QueueKey::Model(k) => {
-                let entry = self.inner.registry.model(&k.tenant, &k.model_id)?;
-                entry.spec.held_elements(&self.inner.base.config)
-                    * self.inner.base.pass_cost.element_bytes()
-            }
+        let run = match &queue {
+            QueueKey::Model(k) => Some(self.inner.registry.model(&k.tenant, &k.model_id)?),
             QueueKey::Sampler(k) => {
                 // Counts as a use: a session with queued work is never removed to make room.
                 let entry = self.inner.registry.sampler(&k.tenant, &k.sampler_id)?;
                 entry.last_access.touch();
-                0
+                None
             }
         };
         // Refuse what can never run before it takes a place in a queue.
@@ -434,6 +428,11 @@ impl Engine {
                 validate_request(config, loss, data)?;
                 let lengths: Vec<usize> = data.iter().map(|d| d.input_tokens.len()).collect();
                 let tokens: usize = lengths.iter().sum();
+                // What the run's adapter holds throughout a pass besides activations.
+                let cost = &self.inner.base.pass_cost;
+                let held = run
+                    .as_ref()
+                    .map_or(0, |r| r.spec.held_elements(config) * cost.element_bytes());
                 let (limit, budget) = {
                     let sched = lock(&self.inner.sched);
                     (
@@ -444,7 +443,7 @@ impl Engine {
                 loraloom_model::memory::check_fits(
                     &lengths,
                     *backward,
-                    &self.inner.base.pass_cost,
+                    cost,
                     budget.saturating_sub(held),
                 )?;
                 if tokens > limit {

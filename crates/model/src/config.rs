@@ -339,10 +339,9 @@ impl ModelConfig {
             .as_ref()
             .and_then(|r| r.partial_rotary_factor)
             .or(raw.partial_rotary_factor);
-        if partial.is_some_and(|f| f != 1.0) {
+        if let Some(factor) = partial.filter(|&f| f != 1.0) {
             return Err(ModelError::Config(format!(
-                "config.json: partial_rotary_factor {} is not supported (RoPE over the whole head only)",
-                partial.unwrap_or(1.0)
+                "config.json: partial_rotary_factor {factor} is not supported (RoPE over the whole head only)"
             )));
         }
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);

@@ -916,13 +916,11 @@ impl Decoder {
         let (rows, keys) = (cache.rows() as i64, cache.len() + 1);
         let key = Tensor::f_arange(keys, (Kind::Int64, self.device))?;
         let attend = key.f_ge_tensor(&pad.f_view([rows, 1, 1])?)?;
-        let window = match self.config.sliding_window {
-            // The query is the new column, `keys - 1`.
-            Some(window) if keys > window => {
-                let inside = key.f_gt(keys - 1 - window)?;
-                Some(self.step_mask_of(&attend.f_logical_and(&inside)?, rows, keys)?)
-            }
-            _ => None,
+        // The query is the new column, the last.
+        let query = key.f_narrow(0, keys - 1, 1)?;
+        let window = match self.windowed(&attend, &key, &query, keys)? {
+            Some(w) => Some(self.step_mask_of(&w, rows, keys)?),
+            None => None,
         };
         Ok((self.step_mask_of(&attend, rows, keys)?, window))
     }

@@ -117,6 +117,12 @@ impl PassCost {
         }
     }
 
+    /// Bytes a micro-batch of `rows` rows padded to `len` tokens holds at its peak in `mode`,
+    /// the loss excluded: its activations and the sliding layers' mask.
+    pub fn pass_bytes(&self, rows: usize, len: usize, mode: Mode) -> u64 {
+        self.activation_bytes((rows * len) as u64, mode) + self.window_bytes(len as u64)
+    }
+
     /// Bytes of activations a micro-batch of `tokens` padded tokens holds at its peak in `mode`
     /// (the loss excluded: see [`PassCost::loss_bytes`]).
     pub fn activation_bytes(&self, tokens: u64, mode: Mode) -> u64 {
@@ -145,9 +151,7 @@ impl PassCost {
         } else {
             Mode::NoGrad
         };
-        self.activation_bytes(len as u64, mode)
-            + self.window_bytes(len as u64)
-            + self.loss_bytes(MIN_LOSS_CHUNK.min(len) as u64)
+        self.pass_bytes(1, len, mode) + self.loss_bytes(MIN_LOSS_CHUNK.min(len) as u64)
     }
 }
 
@@ -187,18 +191,15 @@ pub fn plan(lengths: &[usize], backward: bool, cost: &PassCost, budget: u64) -> 
     for (row, &len) in lengths.iter().enumerate() {
         if let Some(last) = micro_batches.last_mut() {
             let padded = last.len.max(len);
-            let tokens = (last.rows.len() + 1) * padded;
-            let need =
-                cost.activation_bytes(tokens as u64, mode) + cost.window_bytes(padded as u64);
-            if last.mode == mode && need <= activations {
+            if last.mode == mode
+                && cost.pass_bytes(last.rows.len() + 1, padded, mode) <= activations
+            {
                 last.rows.end = row + 1;
                 last.len = padded;
                 continue;
             }
         }
-        let fits = |mode| {
-            cost.activation_bytes(len as u64, mode) + cost.window_bytes(len as u64) <= activations
-        };
+        let fits = |mode| cost.pass_bytes(1, len, mode) <= activations;
         let alone = if fits(mode) {
             mode
         } else if backward && fits(Mode::Checkpointed) {
