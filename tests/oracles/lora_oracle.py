@@ -7,7 +7,7 @@ Usage:
                                                   (f32, and bf16.* with the base in bf16); TARGETS:
                                                   comma-separated modules (default all seven + lm_head)
   lora_oracle.py peft-logits TINY_DIR ADAPTER OUT logits of TINY_DIR + a saved adapter, via peft
-  lora_oracle.py moe-grads TINY_DIR OUT_DIR       a mixture of experts (tiny qwen3_moe): peft on
+  lora_oracle.py moe-grads TINY_DIR OUT_DIR       a mixture of experts (tiny qwen3_moe, gpt_oss): peft on
                                                   attention and lm_head, and each expert's own LoRA
                                                   on gate/up/down (rank r / experts per token) in
                                                   plain PyTorch; loraloom's checkpoint of it, batch,
@@ -135,13 +135,32 @@ def peft_topk(tiny: Path, out: Path) -> None:
 MOE_RANK = 6
 
 
-def expert_lora_forward(experts, scale):
-    """transformers' eager Qwen3MoeExperts.forward with each expert's LoRA on gate, up and down:
-    `W x + scale * B_e (A_e x)`, A_e/B_e from the module's `lora` parameters."""
+def expert_lora_forward(experts, scale, gpt_oss: bool = False):
+    """transformers' eager experts' forward (Qwen3MoeExperts, or GptOssExperts with its biases,
+    interleaved gate/up columns and clamped SwiGLU) with each expert's LoRA on gate, up and
+    down: `W x + scale * B_e (A_e x)`, A_e/B_e from the module's `lora` parameters."""
     import torch.nn.functional as F
 
     p = experts.lora
-    inter = experts.down_proj.shape[-1]
+
+    def lora(x, w, e):
+        return scale * F.linear(F.linear(x, p[f"{w}_A"][e]), p[f"{w}_B"][e])
+
+    def project(x, e):
+        if not gpt_oss:
+            inter = experts.down_proj.shape[-1]
+            w = experts.gate_up_proj[e]
+            gate = F.linear(x, w[:inter]) + lora(x, "w1", e)
+            up = F.linear(x, w[inter:]) + lora(x, "w3", e)
+            act = F.silu(gate) * up
+            return F.linear(act, experts.down_proj[e]) + lora(act, "w2", e)
+        w, b = experts.gate_up_proj[e], experts.gate_up_proj_bias[e]
+        gate = x @ w[:, 0::2] + b[0::2] + lora(x, "w1", e)
+        up = x @ w[:, 1::2] + b[1::2] + lora(x, "w3", e)
+        gate = gate.clamp(max=experts.limit)
+        up = up.clamp(min=-experts.limit, max=experts.limit)
+        act = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+        return act @ experts.down_proj[e] + experts.down_proj_bias[e] + lora(act, "w2", e)
 
     def forward(hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -149,12 +168,7 @@ def expert_lora_forward(experts, scale):
             token_idx, slot = torch.where(top_k_index == e)
             if token_idx.numel() == 0:
                 continue
-            x = hidden_states[token_idx]
-            w = experts.gate_up_proj[e]
-            gate = F.linear(x, w[:inter]) + scale * F.linear(F.linear(x, p["w1_A"][e]), p["w1_B"][e])
-            up = F.linear(x, w[inter:]) + scale * F.linear(F.linear(x, p["w3_A"][e]), p["w3_B"][e])
-            act = F.silu(gate) * up
-            y = F.linear(act, experts.down_proj[e]) + scale * F.linear(F.linear(act, p["w2_A"][e]), p["w2_B"][e])
+            y = project(hidden_states[token_idx], e)
             out.index_add_(0, token_idx, y * top_k_weights[token_idx, slot, None])
         return out
 
@@ -179,6 +193,7 @@ def moe_grads(tiny: Path, out: Path) -> None:
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"])
     model = get_peft_model(base, cfg)
     c = base.config
+    gpt_oss = c.model_type == "gpt_oss"
     r_e = max(1, MOE_RANK // c.num_experts_per_tok)
     scale = 8 / MOE_RANK
     ours = {}  # loraloom's checkpoint key -> parameter, beside peft's
@@ -186,14 +201,15 @@ def moe_grads(tiny: Path, out: Path) -> None:
         prefix = f"base_model.model.model.layers.{i}.mlp"
         if hasattr(layer.mlp, "experts"):
             mod = layer.mlp.experts
-            h, inter, n = c.hidden_size, c.moe_intermediate_size, c.num_experts
+            h, n = c.hidden_size, c.num_experts
+            inter = c.intermediate_size if gpt_oss else c.moe_intermediate_size
             shapes = {"w1": (inter, h), "w3": (inter, h), "w2": (h, inter)}
             mod.lora = torch.nn.ParameterDict({
                 f"{w}_{half}": torch.nn.Parameter(torch.zeros(shape))
                 for w, (o, inp) in shapes.items()
                 for half, shape in (("A", (n, r_e, inp)), ("B", (n, o, r_e)))
             })
-            mod.forward = expert_lora_forward(mod, scale)
+            mod.forward = expert_lora_forward(mod, scale, gpt_oss)
             for key, p in mod.lora.items():
                 w, half = key.split("_")
                 ours[f"{prefix}.experts.{w}.lora_{half}.weight"] = p

@@ -6,7 +6,9 @@ Usage:
                                        (ARCH qwen3_moe, mixtral: experts one tensor each, as on
                                        the Hub; *_fused: transformers 5's fused expert tensors;
                                        qwen3_moe_wide: 400 experts; *_window: sliding-window
-                                       attention; *_yarn: YaRN RoPE scaling)
+                                       attention; *_yarn: YaRN RoPE scaling; gpt_oss_mxfp4: the
+                                       experts stored as MXFP4 blocks and scales, the logits
+                                       from transformers' dequantization of them)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
@@ -90,6 +92,16 @@ def tiny_config(arch: str):
                               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
                                                    original_max_position_embeddings=32, beta_fast=16.0,
                                                    beta_slow=2.0, truncate=False, attention_factor=1.3))
+    if arch in ("gpt_oss", "gpt_oss_mxfp4"):
+        # Layer 0 attends within a 6-token window, layer 1 to everything (GPT-OSS alternates
+        # them); top-2 of 8 biased experts, clamped at 1.5 (GPT-OSS's 7 is rarely reached by
+        # weights this small); untruncated YaRN as GPT-OSS ships it.
+        return tf.GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=16, swiglu_limit=1.5,
+                               num_local_experts=8, num_experts_per_tok=2, sliding_window=6,
+                               tie_word_embeddings=False, attn_implementation="eager",
+                               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                                    factor=4.0, original_max_position_embeddings=32,
+                                                    beta_fast=32.0, beta_slow=1.0, truncate=False))
     if arch == "qwen2":
         return tf.Qwen2Config(**COMMON, tie_word_embeddings=False)
     if arch == "qwen2_window":
@@ -113,6 +125,9 @@ def randomize(model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".sinks"):
+                # Sink logits as large as the scores, so they visibly take probability mass.
+                p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
 
@@ -172,13 +187,60 @@ def save_checkpoint(model, out: Path, fused_experts: bool = False) -> None:
     model.config.save_pretrained(out)
 
 
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                           -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def quantize_mxfp4(w: torch.Tensor):
+    """`w` [E, out, in] as MXFP4 blocks [E, out, in/32, 16] (two values a byte, the low nibble
+    first) and scales [E, out, in/32] (a power of two per 32 values, biased by 127): each group's
+    scale the least that keeps its largest value within E2M1's 6, each value the nearest E2M1."""
+    e, rows, cols = w.shape
+    groups = w.reshape(e, rows, cols // 32, 32)
+    amax = groups.abs().amax(-1).clamp_min(1e-30)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    codes = (scaled[..., None] - FP4_VALUES).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def to_mxfp4(model, out: Path) -> dict:
+    """Quantizes `model`'s expert weights to MXFP4 in place (the weights become transformers'
+    own dequantization of the blocks and scales) and returns the state dict as OpenAI ships
+    it: `…experts.{gate_up,down}_proj_{blocks,scales}` instead of the weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    packed = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales = quantize_mxfp4(p.detach().transpose(1, 2))
+                p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                packed[name + "_blocks"] = blocks
+                packed[name + "_scales"] = scales
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    return {**state, **packed}
+
+
 def make(arch: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
     randomize(model)
-    save_checkpoint(model, out, fused_experts=arch.endswith("_fused"))
+    if arch.endswith("_mxfp4"):
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in to_mxfp4(model, out).items()},
+                  str(out / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(out)
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        save_checkpoint(model, out, fused_experts=arch.endswith("_fused"))
     ids, lengths, mask = batch_inputs(model.config.vocab_size)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits

@@ -25,6 +25,9 @@ pub enum Architecture {
     /// `MixtralForCausalLM`: Mistral's attention; a routed mixture of experts as every layer's
     /// MLP.
     Mixtral,
+    /// `GptOssForCausalLM`: biased attention with a learnt sink logit per head, alternating
+    /// sliding and full layers, and biased experts with a clamped SwiGLU as every layer's MLP.
+    GptOss,
 }
 
 impl Architecture {
@@ -37,6 +40,7 @@ impl Architecture {
             Architecture::Qwen3 => "qwen3",
             Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Mixtral => "mixtral",
+            Architecture::GptOss => "gpt_oss",
         }
     }
 
@@ -64,6 +68,36 @@ pub struct MoeConfig {
     /// The routing weights multiply the experts' outputs in f32 (Mixtral), not rounded to the
     /// model's type first (Qwen3-MoE), as transformers does for each.
     pub weights_in_f32: bool,
+    /// How the router turns its logits into the `k` experts' weights.
+    pub routing: Routing,
+    /// The experts' gated activation.
+    pub activation: ExpertActivation,
+    /// The router and every expert projection carry a bias (GPT-OSS).
+    pub biases: bool,
+}
+
+/// How a router's logits become the chosen experts' weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Softmax over every expert in f32, then the top `k` (Qwen3-MoE, Mixtral).
+    SoftmaxThenTopK,
+    /// The top `k` logits, then a softmax over those in the model's type (GPT-OSS).
+    TopKThenSoftmax,
+}
+
+/// The gated activation between an expert's gate/up projections and its down projection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `silu(gate) · up`.
+    Silu,
+    /// GPT-OSS's: `gate` clamped above at `limit`, `up` to `±limit`, then
+    /// `(up + 1) · gate · sigmoid(alpha · gate)`.
+    ClampedSwiglu {
+        /// The sigmoid's gain (`swiglu_alpha`, 1.702).
+        alpha: f64,
+        /// The clamp (`swiglu_limit`, 7).
+        limit: f64,
+    },
 }
 
 /// How RoPE's frequencies are scaled for a context longer than the pre-training one.
@@ -152,8 +186,11 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// End-of-sequence tokens (sampling stops on them unless told otherwise).
     pub eos_token_ids: Vec<i64>,
-    /// The mixture of experts, for a Qwen3-MoE model.
+    /// The mixture of experts, for a Qwen3-MoE, Mixtral or GPT-OSS model.
     pub moe: Option<MoeConfig>,
+    /// Every attention head has a learnt sink logit (`self_attn.sinks`, GPT-OSS): a column the
+    /// softmax normalises over with the keys, whose value is zero.
+    pub attention_sinks: bool,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +251,9 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<i64>,
     layer_types: Option<Vec<String>>,
+    swiglu_alpha: Option<f64>,
+    swiglu_limit: Option<f64>,
+    quantization_config: Option<serde_json::Value>,
 }
 
 /// A field that may be `null` as `Some(None)`, and absent (`#[serde(default)]`) as `None`.
@@ -270,7 +310,7 @@ impl ModelConfig {
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self, ModelError> {
-        let raw: RawConfig = serde_json::from_str(text)
+        let mut raw: RawConfig = serde_json::from_str(text)
             .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         let model_type = raw
             .model_type
@@ -284,6 +324,7 @@ impl ModelConfig {
             "qwen3" | "Qwen3ForCausalLM" => Architecture::Qwen3,
             "qwen3_moe" | "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
             "mixtral" | "MixtralForCausalLM" => Architecture::Mixtral,
+            "gpt_oss" | "GptOssForCausalLM" => Architecture::GptOss,
             other => {
                 return Err(ModelError::UnsupportedArchitecture(if other.is_empty() {
                     "<no model_type>".to_string()
@@ -306,8 +347,10 @@ impl ModelConfig {
                 "config.json: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
+        let gpt_oss = architecture == Architecture::GptOss;
         let head_dim = match raw.head_dim {
             Some(d) => positive(d, "head_dim")?,
+            None if gpt_oss => 64,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(ModelError::Config(format!(
@@ -327,14 +370,20 @@ impl ModelConfig {
             "num_hidden_layers",
         )?;
         let moe = match architecture {
-            Architecture::Qwen3Moe | Architecture::Mixtral => {
+            Architecture::Qwen3Moe | Architecture::Mixtral | Architecture::GptOss => {
                 moe_config(architecture, &raw, hidden_size, num_layers)?
             }
             _ => None,
         };
         let (sliding_window, sliding_layers) = sliding_window(architecture, &raw, num_layers)?;
         // transformers 5 writes `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
-        let rope = raw.rope_parameters.or(raw.rope_scaling);
+        // GPT-OSS without either: YaRN stretching 4096 positions 32 times, as transformers
+        // defaults it.
+        let rope = raw.rope_parameters.take().or(raw.rope_scaling.take());
+        let rope = match rope {
+            None if gpt_oss => Some(gpt_oss_rope()),
+            rope => rope,
+        };
         let partial = rope
             .as_ref()
             .and_then(|r| r.partial_rotary_factor)
@@ -344,7 +393,23 @@ impl ModelConfig {
                 "config.json: partial_rotary_factor {factor} is not supported (RoPE over the whole head only)"
             )));
         }
-        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(4096);
+        if let Some(method) = raw
+            .quantization_config
+            .as_ref()
+            .map(|q| {
+                q.get("quant_method")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("?")
+            })
+            .filter(|&m| !(gpt_oss && m == "mxfp4"))
+        {
+            return Err(ModelError::Config(format!(
+                "config.json: quantization `{method}` is not supported (GPT-OSS's mxfp4 experts are)"
+            )));
+        }
+        let max_position_embeddings =
+            raw.max_position_embeddings
+                .unwrap_or(if gpt_oss { 131_072 } else { 4096 });
         // The pretraining context of llama3 and YaRN scaling, where transformers looks for it.
         let original_context = |r: &RawRope| {
             raw.original_max_position_embeddings
@@ -355,7 +420,7 @@ impl ModelConfig {
             .as_ref()
             .and_then(|r| r.rope_theta)
             .or(raw.rope_theta)
-            .unwrap_or(10_000.0);
+            .unwrap_or(if gpt_oss { 150_000.0 } else { 10_000.0 });
         let rope_scaling = match rope {
             None => None,
             Some(r) => match r.rope_type.clone().or(r.legacy_type.clone()).as_deref() {
@@ -381,7 +446,7 @@ impl ModelConfig {
                 }
             },
         };
-        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let attention_bias = raw.attention_bias.unwrap_or(gpt_oss);
         let qkv_bias = match architecture {
             Architecture::Qwen2 => true,
             _ => attention_bias,
@@ -402,7 +467,9 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: positive(required(raw.vocab_size, "vocab_size")?, "vocab_size")?,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: raw
+                .rms_norm_eps
+                .unwrap_or(if gpt_oss { 1e-5 } else { 1e-6 }),
             rope_theta,
             rope_scaling,
             max_position_embeddings,
@@ -418,7 +485,28 @@ impl ModelConfig {
                 Some(OneOrMany::Many(ids)) => ids,
             },
             moe,
+            attention_sinks: gpt_oss,
         })
+    }
+}
+
+/// GPT-OSS's RoPE when its config names none (transformers' `GptOssConfig` default).
+fn gpt_oss_rope() -> RawRope {
+    RawRope {
+        rope_type: Some("yarn".into()),
+        legacy_type: None,
+        rope_theta: None,
+        factor: Some(32.0),
+        low_freq_factor: None,
+        high_freq_factor: None,
+        original_max_position_embeddings: Some(4096.0),
+        beta_fast: Some(32.0),
+        beta_slow: Some(1.0),
+        truncate: Some(Some(false)),
+        partial_rotary_factor: None,
+        attention_factor: None,
+        mscale: None,
+        mscale_all_dim: None,
     }
 }
 
@@ -473,6 +561,8 @@ fn yarn(
 /// - Qwen3-MoE: `sliding_window` (4096 when absent) when `use_sliding_window`, every layer;
 /// - Qwen2 and Qwen3: the same window, for the layers `layer_types` names `sliding_attention`,
 ///   or without them the layers from `max_window_layers` (28 when absent) on;
+/// - GPT-OSS: `sliding_window` (128 when absent), for the layers `layer_types` names, or
+///   without them the even ones;
 /// - Llama: none.
 fn sliding_window(
     architecture: Architecture,
@@ -493,27 +583,37 @@ fn sliding_window(
         Architecture::Mixtral => (raw.sliding_window.flatten(), vec![true; layers]),
         Architecture::Qwen3Moe => (qwen_window(), vec![true; layers]),
         Architecture::Qwen2 | Architecture::Qwen3 => {
-            let sliding = match &raw.layer_types {
-                Some(types) if types.len() != layers => {
-                    return Err(ModelError::Config(format!(
-                        "config.json: layer_types names {} layers, num_hidden_layers is {layers}",
-                        types.len()
-                    )))
-                }
-                Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
-                None => {
-                    let from = raw.max_window_layers.unwrap_or(28);
-                    (0..num_layers).map(|l| l >= from).collect()
-                }
-            };
-            (qwen_window(), sliding)
+            let from = raw.max_window_layers.unwrap_or(28);
+            (qwen_window(), layer_types(raw, num_layers, |l| l >= from)?)
         }
+        // Even layers slide unless `layer_types` says otherwise.
+        Architecture::GptOss => (
+            raw.sliding_window.unwrap_or(Some(128)),
+            layer_types(raw, num_layers, |l| l % 2 == 0)?,
+        ),
     };
     match window {
         Some(w) if sliding.iter().any(|&s| s) => {
             Ok((Some(positive(w, "sliding_window")?), sliding))
         }
         _ => Ok((None, vec![false; layers])),
+    }
+}
+
+/// Per layer, whether `layer_types` names it `sliding_attention`; without them, `default`'s
+/// answer for its index.
+fn layer_types(
+    raw: &RawConfig,
+    num_layers: i64,
+    default: impl Fn(i64) -> bool,
+) -> Result<Vec<bool>, ModelError> {
+    match &raw.layer_types {
+        Some(types) if types.len() as i64 != num_layers => Err(ModelError::Config(format!(
+            "config.json: layer_types names {} layers, num_hidden_layers is {num_layers}",
+            types.len()
+        ))),
+        Some(types) => Ok(types.iter().map(|t| t == "sliding_attention").collect()),
+        None => Ok((0..num_layers).map(default).collect()),
     }
 }
 
@@ -529,18 +629,26 @@ fn moe_config(
     hidden_size: i64,
     num_layers: i64,
 ) -> Result<Option<MoeConfig>, ModelError> {
-    let mixtral = architecture == Architecture::Mixtral;
-    let num_experts = if mixtral {
+    let gpt_oss = architecture == Architecture::GptOss;
+    // Mixtral's and GPT-OSS's experts are every layer's MLP, `intermediate_size` wide.
+    let every_layer = matches!(architecture, Architecture::Mixtral | Architecture::GptOss);
+    let num_experts = if gpt_oss {
+        raw.num_local_experts.unwrap_or(128)
+    } else if every_layer {
         required(raw.num_local_experts, "num_local_experts")?
     } else {
         required(raw.num_experts.or(raw.num_local_experts), "num_experts")?
     };
-    if num_experts == 0 && !mixtral {
+    if num_experts == 0 && !every_layer {
         return Ok(None);
     }
     let num_experts = positive(num_experts, "num_experts")?;
+    let per_token = match raw.num_experts_per_tok {
+        None if gpt_oss => Some(4),
+        given => given,
+    };
     let experts_per_token = positive(
-        required(raw.num_experts_per_tok, "num_experts_per_tok")?,
+        required(per_token, "num_experts_per_tok")?,
         "num_experts_per_tok",
     )?;
     if num_experts > MAX_GROUPS {
@@ -554,13 +662,12 @@ fn moe_config(
             "config.json: num_experts_per_tok ({experts_per_token}) exceeds num_experts ({num_experts})"
         )));
     }
-    // Mixtral's experts are its MLPs: `intermediate_size` wide.
-    let width_field = if mixtral {
+    let width_field = if every_layer {
         "intermediate_size"
     } else {
         "moe_intermediate_size"
     };
-    let width = if mixtral {
+    let width = if every_layer {
         raw.intermediate_size
     } else {
         raw.moe_intermediate_size
@@ -580,16 +687,40 @@ fn moe_config(
     let dense = raw.mlp_only_layers.clone().unwrap_or_default();
     // As transformers' Qwen3MoeDecoderLayer decides; every Mixtral layer is sparse.
     let sparse_layers = (0..num_layers)
-        .map(|i| mixtral || (!dense.contains(&i) && (i + 1) % step == 0))
+        .map(|i| every_layer || (!dense.contains(&i) && (i + 1) % step == 0))
         .collect();
+    let activation = if gpt_oss {
+        let (alpha, limit) = (
+            raw.swiglu_alpha.unwrap_or(1.702),
+            raw.swiglu_limit.unwrap_or(7.0),
+        );
+        for (field, value) in [("swiglu_alpha", alpha), ("swiglu_limit", limit)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ModelError::Config(format!(
+                    "config.json: `{field}` must be positive, got {value}"
+                )));
+            }
+        }
+        ExpertActivation::ClampedSwiglu { alpha, limit }
+    } else {
+        ExpertActivation::Silu
+    };
     Ok(Some(MoeConfig {
         num_experts,
         experts_per_token,
         expert_intermediate_size,
-        // Mixtral always renormalises the top k.
-        norm_topk_prob: mixtral || raw.norm_topk_prob.unwrap_or(false),
+        // Mixtral always renormalises the top k; GPT-OSS's softmax over them sums to one.
+        norm_topk_prob: (architecture == Architecture::Mixtral)
+            || raw.norm_topk_prob.unwrap_or(false),
         sparse_layers,
-        weights_in_f32: mixtral,
+        weights_in_f32: architecture == Architecture::Mixtral,
+        routing: if gpt_oss {
+            Routing::TopKThenSoftmax
+        } else {
+            Routing::SoftmaxThenTopK
+        },
+        activation,
+        biases: gpt_oss,
     }))
 }
 
@@ -768,6 +899,63 @@ mod tests {
             Some(RopeScaling::Yarn(y)) => assert_eq!(y.original_max_position_embeddings, 2048.0),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn gpt_oss_defaults_are_transformers_defaults() {
+        // gpt-oss-20b's config.json, less the fields transformers defaults as written here.
+        let text = r#"{"model_type":"gpt_oss","hidden_size":2880,"intermediate_size":2880,
+            "num_hidden_layers":4,"num_attention_heads":64,"num_key_value_heads":8,
+            "num_local_experts":32,"vocab_size":201088,
+            "quantization_config":{"quant_method":"mxfp4"}}"#;
+        let c = ModelConfig::from_json(text).unwrap();
+        assert_eq!(c.architecture, Architecture::GptOss);
+        assert_eq!((c.head_dim, c.rms_norm_eps), (64, 1e-5));
+        assert!(c.attention_sinks && c.qkv_bias && c.o_bias && !c.mlp_bias);
+        assert_eq!(c.sliding_window, Some(128));
+        assert_eq!(c.sliding_layers, [true, false, true, false]);
+        assert_eq!(
+            (c.rope_theta, c.max_position_embeddings),
+            (150_000.0, 131_072)
+        );
+        match c.rope_scaling {
+            Some(RopeScaling::Yarn(y)) => {
+                assert_eq!(
+                    (y.factor, y.original_max_position_embeddings),
+                    (32.0, 4096.0)
+                );
+                assert!(!y.truncate);
+            }
+            other => panic!("{other:?}"),
+        }
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.experts_per_token), (32, 4));
+        assert_eq!(moe.expert_intermediate_size, 2880);
+        assert_eq!(moe.sparse_layers, [true; 4]);
+        assert_eq!(moe.routing, Routing::TopKThenSoftmax);
+        assert_eq!(
+            moe.activation,
+            ExpertActivation::ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0
+            }
+        );
+        assert!(moe.biases && !moe.norm_topk_prob && !moe.weights_in_f32);
+        // Other quantizations, and mxfp4 outside GPT-OSS, are refused by name.
+        let gptq = text.replace("mxfp4", "gptq");
+        let err = ModelConfig::from_json(&gptq).unwrap_err();
+        assert!(err.to_string().contains("gptq"), "{err}");
+        let llama = BASE.replace(
+            "\"vocab_size\":100",
+            "\"vocab_size\":100,\"quantization_config\":{\"quant_method\":\"mxfp4\"}",
+        );
+        assert!(ModelConfig::from_json(&llama).is_err());
+        let limit = text.replace(
+            "\"num_local_experts\":32",
+            "\"num_local_experts\":32,\"swiglu_limit\":-1",
+        );
+        let err = ModelConfig::from_json(&limit).unwrap_err();
+        assert!(err.to_string().contains("swiglu_limit"), "{err}");
     }
 
     #[test]

@@ -198,6 +198,8 @@ struct Attention {
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Each query head's sink logit `[heads]` (GPT-OSS): see [`attend_with_sinks`].
+    sinks: Option<Tensor>,
 }
 
 struct Mlp {
@@ -391,6 +393,11 @@ impl Decoder {
                 } else {
                     None
                 },
+                sinks: if c.attention_sinks {
+                    Some(store.take(&format!("{p}.self_attn.sinks"), &[c.num_heads])?)
+                } else {
+                    None
+                },
             };
             let sparse = c.moe.as_ref().filter(|moe| moe.sparse_layers[i as usize]);
             let ffn = match sparse {
@@ -465,6 +472,7 @@ impl Decoder {
                     o: b.attn.o.shallow_clone(),
                     q_norm: b.attn.q_norm.as_ref().map(RmsNorm::shallow_clone),
                     k_norm: b.attn.k_norm.as_ref().map(RmsNorm::shallow_clone),
+                    sinks: b.attn.sinks.as_ref().map(Tensor::shallow_clone),
                 },
                 post_attn_norm: b.post_attn_norm.shallow_clone(),
                 ffn: match &b.ffn {
@@ -534,6 +542,7 @@ impl Decoder {
             for norm in [&b.attn.q_norm, &b.attn.k_norm].into_iter().flatten() {
                 n += norm.weight.numel() as i64;
             }
+            n += b.attn.sinks.as_ref().map_or(0, |s| s.numel() as i64);
         }
         n
     }
@@ -1079,10 +1088,22 @@ impl Decoder {
     }
 
     /// The boolean mask `mask` (true = attend) as an additive one in aligned storage
-    /// ([`Decoder::masked_all`]).
+    /// ([`Decoder::masked_all`]). With attention sinks, the mask of a pass's
+    /// [`attend_with_sinks`]: a leading column (the sink key) every query attends to.
     fn additive(&self, mask: &Tensor) -> Result<Tensor> {
-        let mut additive = self.masked_all(&mask.size())?;
-        let _ = additive.f_masked_fill_(mask, 0.0)?;
+        let mut size = mask.size();
+        let sink = i64::from(self.config.attention_sinks);
+        if let Some(keys) = size.last_mut() {
+            *keys += sink;
+        }
+        let additive = self.masked_all(&size)?;
+        let keys = mask.size().last().copied().unwrap_or(1);
+        let _ = additive
+            .f_narrow(-1, sink, keys)?
+            .f_masked_fill_(mask, 0.0)?;
+        if sink == 1 {
+            let _ = additive.f_narrow(-1, 0, 1)?.f_fill_(0.0)?;
+        }
         Ok(additive)
     }
 
@@ -1260,11 +1281,26 @@ impl Decoder {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let sdpa = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal, gqa| {
-            Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
-        };
         let grouped = c.num_kv_heads != c.num_heads;
         let group = c.num_heads / c.num_kv_heads;
+        // Attention over `q` `[b, heads', queries', d]`, whose rows' sink logits (when the
+        // family has them) are `sink_rows()` (broadcast to `[b, heads', queries', 1]`).
+        let sdpa = |q: &Tensor,
+                    k: &Tensor,
+                    v: &Tensor,
+                    mask: Option<&Tensor>,
+                    causal,
+                    gqa,
+                    sink_rows: &dyn Fn(&Tensor) -> Result<Tensor>|
+         -> Result<Tensor> {
+            match &a.sinks {
+                None => Ok(Tensor::f_scaled_dot_product_attention(
+                    q, k, v, mask, 0.0, causal, None, gqa,
+                )?),
+                Some(sinks) => attend_with_sinks(q, k, v, mask, causal, gqa, &sink_rows(sinks)?),
+            }
+        };
+        let by_head = |sinks: &Tensor| Ok(sinks.f_view([1, -1, 1, 1])?);
         let mask = match &ctx.window {
             Some(window) if c.sliding_layers[layer] => Some(window),
             _ => ctx.mask.as_ref(),
@@ -1281,12 +1317,23 @@ impl Decoder {
                 Some(mask) if t > 1 => Some(mask.f_repeat([1, 1, group, 1])?),
                 _ => None,
             };
-            sdpa(&q, &k, &v, repeated.as_ref().or(mask), false, false)?.f_reshape([
-                b,
-                c.num_heads,
-                t,
-                c.head_dim,
-            ])?
+            // The query heads of a key/value head as its `group · t` query rows.
+            let by_row = |sinks: &Tensor| -> Result<Tensor> {
+                Ok(sinks
+                    .f_view([1, c.num_kv_heads, group, 1, 1])?
+                    .f_expand([1, c.num_kv_heads, group, t, 1], false)?
+                    .f_reshape([1, c.num_kv_heads, group * t, 1])?)
+            };
+            sdpa(
+                &q,
+                &k,
+                &v,
+                repeated.as_ref().or(mask),
+                false,
+                false,
+                &by_row,
+            )?
+            .f_reshape([b, c.num_heads, t, c.head_dim])?
         } else if let (Some(mask), true, true) = (mask, grouped, x.device().is_cuda()) {
             // A pass without a cache (a padded prefill, or a sliding layer of a training or
             // scoring pass longer than the window) with a mask and grouped key/value heads:
@@ -1296,9 +1343,9 @@ impl Decoder {
             // key/value heads repeated (2q more elements per token and layer, within the memory
             // plan's margin), the memory-efficient kernel serves it.
             let (k, v) = (repeat_kv_heads(&k, group)?, repeat_kv_heads(&v, group)?);
-            sdpa(&q, &k, &v, Some(mask), false, false)?
+            sdpa(&q, &k, &v, Some(mask), false, false, &by_head)?
         } else {
-            sdpa(&q, &k, &v, mask, mask.is_none(), grouped)?
+            sdpa(&q, &k, &v, mask, mask.is_none(), grouped, &by_head)?
         };
         let attn = attn
             .f_transpose(1, 2)?
@@ -1360,16 +1407,35 @@ impl Decoder {
             Some(window) if c.sliding_layers[layer] => window,
             _ => &step.mask,
         };
-        let attn = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(mask),
-            0.0,
-            false,
-            None,
-            false,
-        )?
+        let attn = match &a.sinks {
+            None => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(mask),
+                0.0,
+                false,
+                None,
+                false,
+            )?,
+            Some(sinks) => {
+                // One query per row and head: the scores are `[rows · kv, 1, group, keys]`,
+                // small enough to spell out (no copy of the cache with a sink key).
+                let sinks = sinks
+                    .f_view([1, kv, 1, c.num_heads / kv, 1])?
+                    .f_expand([rows, kv, 1, c.num_heads / kv, 1], false)?
+                    .f_reshape([rows * kv, 1, c.num_heads / kv, 1])?;
+                let scores = q
+                    .f_matmul(&k.f_transpose(-1, -2)?)?
+                    .f_mul_scalar(1.0 / (d as f64).sqrt())?
+                    .f_add(mask)?;
+                let keys = scores.size()[3];
+                Tensor::f_cat(&[scores, sinks], -1)?
+                    .f_softmax(-1, q.kind())?
+                    .f_narrow(-1, 0, keys)?
+                    .f_matmul(&v)?
+            }
+        }
         .f_reshape([rows, c.num_heads * d])?;
         Self::block_tail(block, layer, x, &attn, lora)
     }
@@ -1402,6 +1468,82 @@ impl Decoder {
             Target::Down,
         )
     }
+}
+
+/// Elements the head dimension grows by when attention carries sinks: the sink logit's column
+/// and zeros to keep rows aligned for fused kernels.
+pub(crate) const SINK_PAD: i64 = 8;
+
+/// `scaled_dot_product_attention` of `q` `[b, hq, l, d]` over `k`, `v` `[b, hk, s, d]` with one
+/// more key whose logit is `sinks` (broadcast to `[b, hq, l, 1]`, per query row) and whose
+/// value is zero: GPT-OSS's sinks, which transformers appends as a column of the scores before
+/// the softmax and drops after it. Done by fused attention on augmented operands, so the scores
+/// are never materialised and gradients reach `q`, `k` and `v`: the head dimension grows by
+/// [`SINK_PAD`], queries carry `sink / scale` in column `d`, real keys zero there, and the sink
+/// key (a one there, zeros elsewhere, zero value) is prepended as key 0, which every query
+/// attends to: an additive `mask` must carry its column (a leading zero column, as
+/// [`Decoder::additive`] makes a pass's masks), and causal attention gains a leading query row
+/// (dropped after) so that query `i` still reaches keys `0..=i + 1`.
+fn attend_with_sinks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    gqa: bool,
+    sinks: &Tensor,
+) -> Result<Tensor> {
+    let (b, hq, l, d) = q.size4()?;
+    let (bk, hk, s, _) = k.size4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let opts = (q.kind(), q.device());
+    let column = sinks
+        .f_div_scalar(scale)?
+        .f_to_kind(q.kind())?
+        .f_expand([b, hq, l, 1], false)?;
+    let mut q = Tensor::f_cat(
+        &[
+            q.shallow_clone(),
+            column,
+            Tensor::f_zeros([b, hq, l, SINK_PAD - 1], opts)?,
+        ],
+        -1,
+    )?;
+    if causal {
+        q = Tensor::f_cat(&[Tensor::f_zeros([b, hq, 1, d + SINK_PAD], opts)?, q], 2)?;
+    }
+    let sink_key = Tensor::f_zeros([d + SINK_PAD], opts)?;
+    let _ = sink_key.f_narrow(0, d, 1)?.f_fill_(1.0)?;
+    let k = Tensor::f_cat(
+        &[
+            sink_key.f_expand([bk, hk, 1, d + SINK_PAD], false)?,
+            Tensor::f_cat(
+                &[
+                    k.shallow_clone(),
+                    Tensor::f_zeros([bk, hk, s, SINK_PAD], opts)?,
+                ],
+                -1,
+            )?,
+        ],
+        2,
+    )?;
+    let v = Tensor::f_cat(
+        &[
+            Tensor::f_zeros([bk, hk, 1, d + SINK_PAD], opts)?,
+            Tensor::f_cat(
+                &[
+                    v.shallow_clone(),
+                    Tensor::f_zeros([bk, hk, s, SINK_PAD], opts)?,
+                ],
+                -1,
+            )?,
+        ],
+        2,
+    )?;
+    let out =
+        Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, Some(scale), gqa)?;
+    let out = if causal { out.f_narrow(2, 1, l)? } else { out };
+    Ok(out.f_narrow(-1, 0, d)?)
 }
 
 /// `[b, kv, t, d]` keys or values with each head repeated `group` times in place

@@ -96,12 +96,20 @@ impl PassCost {
                 )
             }
         };
+        // Attention with sinks runs on copies of q, k and v whose heads are
+        // `crate::decoder::SINK_PAD` wider, kept for the backward pass.
+        let sinks = if config.attention_sinks {
+            let d = config.head_dim as u64;
+            (q + 2 * kv) * (d + crate::decoder::SINK_PAD as u64) / d
+        } else {
+            0
+        };
         PassCost {
             elem: kind.elt_size_in_bytes() as u64,
             layers: config.num_layers as u64,
             hidden: h,
-            saved_per_layer: 8 * h + 6 * q + 6 * kv + mlp_saved,
-            transient_per_layer: 4 * h + 2 * q + 2 * kv + mlp_transient,
+            saved_per_layer: 8 * h + 6 * q + 6 * kv + mlp_saved + sinks,
+            transient_per_layer: 4 * h + 2 * q + 2 * kv + mlp_transient + sinks,
             vocab: config.vocab_size as u64,
             window: config.sliding_window.map(|w| w as u64),
         }
@@ -314,6 +322,7 @@ mod tests {
             mlp_bias: false,
             eos_token_ids: vec![2],
             moe: None,
+            attention_sinks: false,
         }
     }
 

@@ -11,7 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::config::{Architecture, ModelConfig, MoeConfig};
+use crate::config::{Architecture, ExpertActivation, ModelConfig, MoeConfig, Routing};
 use crate::error::Result;
 use crate::lora::{ExpertAdapters, LoraBatch};
 use crate::weights::WeightStore;
@@ -25,6 +25,9 @@ pub(crate) const MAX_GROUPS: i64 = 1023;
 pub struct Experts {
     /// Router `[E, hidden]`.
     router: Tensor,
+    /// The router's bias `[E]` and the experts' gate/up `[E, 2·I]` (gate, then up) and down
+    /// `[E, hidden]` biases, for a family that has them (GPT-OSS).
+    biases: Option<ExpertBiases>,
     /// Every expert's gate and up projections, `[E, hidden, 2·I]` (a transposed view of
     /// `[E, 2·I, hidden]`, transformers' fused layout: gate rows, then up rows).
     gate_up_t: Tensor,
@@ -36,6 +39,29 @@ pub struct Experts {
     inter: i64,
     norm_topk_prob: bool,
     weights_in_f32: bool,
+    routing: Routing,
+    activation: ExpertActivation,
+}
+
+/// A GPT-OSS layer's router and expert biases.
+struct ExpertBiases {
+    router: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+impl ExpertBiases {
+    fn shallow_clone(&self) -> Self {
+        ExpertBiases {
+            router: self.router.shallow_clone(),
+            gate_up: self.gate_up.shallow_clone(),
+            down: self.down.shallow_clone(),
+        }
+    }
+
+    fn numel(&self) -> i64 {
+        (self.router.numel() + self.gate_up.numel() + self.down.numel()) as i64
+    }
 }
 
 /// Where a family's Hub checkpoints keep a layer's router and experts: under
@@ -79,6 +105,9 @@ impl Experts {
     ) -> Result<Self> {
         let (e, h, i) = (moe.num_experts, c.hidden_size, moe.expert_intermediate_size);
         let fused = format!("model.layers.{layer}.mlp");
+        if c.architecture == Architecture::GptOss {
+            return Self::load_gpt_oss(store, &fused, c, moe);
+        }
         let (router, gate_up, down) = if store.contains(&format!("{fused}.experts.gate_up_proj")) {
             (
                 store.take(&format!("{fused}.gate.weight"), &[e, h])?,
@@ -104,26 +133,86 @@ impl Experts {
                 Tensor::f_stack(&down, 0)?,
             )
         };
+        Self::new(router, None, gate_up, down, moe)
+    }
+
+    /// The layer of `router`, `biases` and every expert's gate/up `[E, 2·I, hidden]` (gate
+    /// rows, then up rows) and down `[E, hidden, I]` projections.
+    fn new(
+        router: Tensor,
+        biases: Option<ExpertBiases>,
+        gate_up: Tensor,
+        down: Tensor,
+        moe: &MoeConfig,
+    ) -> Result<Self> {
         Ok(Experts {
             router,
+            biases,
             gate_up_t: gate_up.f_transpose(1, 2)?,
             down_t: down.f_transpose(1, 2)?,
             k: moe.experts_per_token,
-            inter: i,
+            inter: moe.expert_intermediate_size,
             norm_topk_prob: moe.norm_topk_prob,
             weights_in_f32: moe.weights_in_f32,
+            routing: moe.routing,
+            activation: moe.activation,
         })
+    }
+
+    /// A GPT-OSS layer (`prefix` = `model.layers.{layer}.mlp`): `router.{weight,bias}` and the
+    /// experts' `gate_up_proj` `[E, hidden, 2·I]` and `down_proj` `[E, I, hidden]` (inputs by
+    /// outputs), in the model's type or as MXFP4 (`…_blocks` and `…_scales`, as OpenAI ships
+    /// them: [`mxfp4`]), with `gate_up_proj_bias` and `down_proj_bias`. Gate and up columns
+    /// alternate (gate, up, gate, …); they are split into gate rows then up rows here.
+    fn load_gpt_oss(
+        store: &mut WeightStore,
+        prefix: &str,
+        c: &ModelConfig,
+        moe: &MoeConfig,
+    ) -> Result<Self> {
+        let (e, h, i) = (moe.num_experts, c.hidden_size, moe.expert_intermediate_size);
+        let router = store.take(&format!("{prefix}.router.weight"), &[e, h])?;
+        let router_bias = store.take(&format!("{prefix}.router.bias"), &[e])?;
+        let experts = format!("{prefix}.experts");
+        // Each projection as `[E, out, in]`.
+        let mut weight = |name: &str, out: i64, inp: i64| -> Result<Tensor> {
+            let full = format!("{experts}.{name}");
+            if store.contains(&full) {
+                return Ok(store.take(&full, &[e, inp, out])?.f_transpose(1, 2)?);
+            }
+            let blocks = store.take_raw(&format!("{full}_blocks"), &[e, out, inp / 32, 16])?;
+            let scales = store.take_raw(&format!("{full}_scales"), &[e, out, inp / 32])?;
+            store.place(mxfp4(&blocks, &scales, store.kind())?)
+        };
+        let gate_up = weight("gate_up_proj", 2 * i, h)?;
+        let down = weight("down_proj", h, i)?.f_contiguous()?;
+        let gate_up_bias = store.take(&format!("{experts}.gate_up_proj_bias"), &[e, 2 * i])?;
+        let down_bias = store.take(&format!("{experts}.down_proj_bias"), &[e, h])?;
+        let split = |t: &Tensor, dim: i64| -> Result<Tensor> {
+            let gate = t.f_slice(dim, 0, None, 2)?;
+            let up = t.f_slice(dim, 1, None, 2)?;
+            Ok(Tensor::f_cat(&[gate, up], dim)?)
+        };
+        let biases = ExpertBiases {
+            router: router_bias,
+            gate_up: split(&gate_up_bias, 1)?,
+            down: down_bias,
+        };
+        Self::new(router, Some(biases), split(&gate_up, 1)?, down, moe)
     }
 
     pub(crate) fn shallow_clone(&self) -> Self {
         Experts {
             router: self.router.shallow_clone(),
+            biases: self.biases.as_ref().map(ExpertBiases::shallow_clone),
             gate_up_t: self.gate_up_t.shallow_clone(),
             down_t: self.down_t.shallow_clone(),
             k: self.k,
             inter: self.inter,
             norm_topk_prob: self.norm_topk_prob,
             weights_in_f32: self.weights_in_f32,
+            routing: self.routing,
+            activation: self.activation,
         }
     }
 
@@ -136,7 +225,7 @@ impl Experts {
         } else {
             experts
         };
-        self.router.numel() as i64 + experts
+        self.router.numel() as i64 + experts + self.biases.as_ref().map_or(0, ExpertBiases::numel)
     }
 
     /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`), each expert's
@@ -171,8 +260,17 @@ impl Experts {
         let x = h.f_reshape([-1, hidden])?;
         let rows = x.size()[0];
         let experts = self.router.size()[0];
-        let probs = x.f_mm(&self.router.f_tr()?)?.f_softmax(-1, Kind::Float)?;
-        let (weights, chosen) = probs.f_topk(self.k, -1, true, true)?;
+        let logits = x.f_linear(&self.router, self.biases.as_ref().map(|b| &b.router))?;
+        let (weights, chosen) = match self.routing {
+            Routing::SoftmaxThenTopK => logits
+                .f_softmax(-1, Kind::Float)?
+                .f_topk(self.k, -1, true, true)?,
+            Routing::TopKThenSoftmax => {
+                let (top, chosen) = logits.f_topk(self.k, -1, true, true)?;
+                (top.f_softmax(-1, top.kind())?, chosen)
+            }
+        };
+        drop(logits);
         let weights = if self.norm_topk_prob {
             weights.f_div(&weights.f_sum_dim_intlist(-1, true, Kind::Float)?)?
         } else {
@@ -187,7 +285,9 @@ impl Experts {
         // The (token, slot) pairs sorted by expert: `order[j]` is the pair at sorted position
         // `j`, `offsets[e]` the end of expert `e`'s run.
         let chosen = chosen.f_view([-1])?;
-        let (_, order) = chosen.f_sort(0, false)?;
+        let (sorted_experts, order) = chosen.f_sort(0, false)?;
+        // Each sorted pair's expert's bias of `biases` (`[E, width]`).
+        let bias_of = |biases: &Tensor| biases.f_index_select(0, &sorted_experts);
         let counts = Tensor::f_zeros([experts], (Kind::Int64, x.device()))?.f_index_add(
             0,
             &chosen,
@@ -209,6 +309,9 @@ impl Experts {
             let xs = x.f_index_select(0, &tokens)?;
             let mut gate_up =
                 xs.f_internal_grouped_mm(&self.gate_up_t, Some(&offsets), None::<&Tensor>, None)?;
+            if let Some(b) = &self.biases {
+                gate_up = gate_up.f_add(&bias_of(&b.gate_up)?)?;
+            }
             for (a, plan) in adapters.iter().zip(&plans) {
                 let xs = xs.f_index_select(0, &plan.positions)?;
                 let delta = Tensor::f_cat(
@@ -221,15 +324,15 @@ impl Experts {
                 gate_up = gate_up.f_index_add(0, &plan.positions, &delta)?;
             }
             drop(xs);
-            gate_up
-                .f_narrow(-1, 0, self.inter)?
-                .f_silu()?
-                .f_mul(&gate_up.f_narrow(-1, self.inter, self.inter)?)?
+            self.activate(&gate_up)?
         };
         // Back in (token, slot) order, each token's `k` outputs weighted and summed.
         let out = {
             let mut sorted =
                 act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+            if let Some(b) = &self.biases {
+                sorted = sorted.f_add(&bias_of(&b.down)?)?;
+            }
             for (a, plan) in adapters.iter().zip(&plans) {
                 let delta =
                     plan.delta(&act.f_index_select(0, &plan.positions)?, &a.projections[2])?;
@@ -245,6 +348,58 @@ impl Experts {
         drop(out);
         Ok(residual.f_add(&mixed.f_view_as(residual)?)?)
     }
+}
+
+impl Experts {
+    /// The gated activation of gate/up outputs `[pairs, 2·I]` (gate columns, then up).
+    fn activate(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let gate = gate_up.f_narrow(-1, 0, self.inter)?;
+        let up = gate_up.f_narrow(-1, self.inter, self.inter)?;
+        Ok(match self.activation {
+            ExpertActivation::Silu => gate.f_silu()?.f_mul(&up)?,
+            ExpertActivation::ClampedSwiglu { alpha, limit } => {
+                let gate = gate.f_clamp_max(limit)?;
+                let glu = gate.f_mul(&gate.f_mul_scalar(alpha)?.f_sigmoid()?)?;
+                up.f_clamp(-limit, limit)?.f_add_scalar(1.0)?.f_mul(&glu)?
+            }
+        })
+    }
+}
+
+/// Dequantizes MXFP4 weights (OpenAI's format for GPT-OSS's experts, as transformers reads it):
+/// `blocks` `[.., rows, G, 16]` bytes each hold two 4-bit values (E2M1; the low nibble
+/// first), every 32 values of a row share the power of two `2^(scale − 127)` of `scales`
+/// `[.., rows, G]`. Returns `[.., rows, 32·G]` in `kind`, on the blocks' device, one leading
+/// index (expert) at a time so the f32 intermediate stays one expert's size.
+pub(crate) fn mxfp4(blocks: &Tensor, scales: &Tensor, kind: Kind) -> Result<Tensor> {
+    const VALUES: [f32; 16] = [
+        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+    ];
+    let device = blocks.device();
+    let lut = Tensor::from_slice(&VALUES).f_to_device(device)?;
+    let one = |blocks: &Tensor, scales: &Tensor| -> Result<Tensor> {
+        let size = blocks.size();
+        let (lead, groups) = (&size[..size.len() - 2], size[size.len() - 2]);
+        let bytes = blocks.f_to_kind(Kind::Int64)?;
+        let low = lut.f_index_select(0, &bytes.f_bitwise_and(0x0F)?.f_flatten(0, -1)?)?;
+        let high = lut.f_index_select(0, &bytes.f_floor_divide_scalar(16)?.f_flatten(0, -1)?)?;
+        let mut values =
+            Tensor::f_stack(&[low, high], -1)?.f_view([lead, &[groups, 32]].concat().as_slice())?;
+        let power = scales
+            .f_to_kind(Kind::Float)?
+            .f_sub_scalar(127.0)?
+            .f_exp2()?
+            .f_unsqueeze(-1)?;
+        values = values.f_mul(&power)?;
+        Ok(values.f_flatten(-2, -1)?.f_to_kind(kind)?)
+    };
+    if blocks.dim() < 4 {
+        return one(blocks, scales);
+    }
+    let parts = (0..blocks.size()[0])
+        .map(|e| one(&blocks.get(e), &scales.get(e)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_stack(&parts, 0)?)
 }
 
 /// Where one stack's token-expert pairs sit and how its grouped matmuls split them.

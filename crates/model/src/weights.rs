@@ -79,6 +79,26 @@ impl WeightStore {
             .set_requires_grad(false))
     }
 
+    /// Removes `name` from the store as the checkpoint holds it (element type and device
+    /// unchanged: packed formats the caller decodes), checking its shape.
+    pub fn take_raw(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        take_checked(&mut self.tensors, name, shape)
+    }
+
+    /// A weight the caller decoded (from [`WeightStore::take_raw`]) as [`WeightStore::take`]
+    /// returns weights: in the store's element type, on its device, frozen.
+    pub fn place(&self, tensor: Tensor) -> Result<Tensor> {
+        Ok(tensor
+            .f_to_kind(self.kind)?
+            .f_to_device(self.device)?
+            .set_requires_grad(false))
+    }
+
+    /// The element type weights are converted to.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// Like [`WeightStore::take`] but `None` when absent.
     pub fn take_optional(&mut self, name: &str, shape: &[i64]) -> Result<Option<Tensor>> {
         if self.contains(name) {

@@ -48,6 +48,7 @@ fn check_tiny(arch: &str) {
         arch.trim_end_matches("_fused")
             .trim_end_matches("_window")
             .trim_end_matches("_yarn")
+            .trim_end_matches("_mxfp4")
     );
     let expected = read_tensors(&dir.path().join("expected.safetensors"));
     check_real_positions(&decoder, &expected, 1e-4);
@@ -113,6 +114,18 @@ fn tiny_qwen3_with_yarn_rope_scaling_matches_transformers() {
 #[test]
 fn tiny_llama_with_untruncated_yarn_and_an_attention_factor_matches_transformers() {
     check_tiny("llama_yarn");
+}
+
+#[test]
+fn tiny_gpt_oss_matches_transformers() {
+    // Attention sinks, biased attention and experts, the clamped SwiGLU, alternating sliding
+    // and full layers, untruncated YaRN.
+    check_tiny("gpt_oss");
+}
+
+#[test]
+fn tiny_gpt_oss_with_mxfp4_experts_matches_transformers_dequantized() {
+    check_tiny("gpt_oss_mxfp4");
 }
 
 #[test]

@@ -165,10 +165,26 @@ fn expert_adapters_on_a_mixture_of_experts_match_pytorch() {
     // MLP and the unembedding; the oracle gives each expert its own LoRA on gate, up and down in
     // plain PyTorch, on transformers' router. The first layer's gradients flow back through
     // every later layer's experts and their adapters.
+    // q/k/v/o of 3 layers, the dense layer's gate/up/down, the sparse layers' experts'
+    // gate/up/down, the unembedding: A and B of each.
+    check_expert_adapters("qwen3_moe", 2 * (3 * 4 + 3 + 2 * 3 + 1));
+}
+
+#[test]
+fn expert_adapters_on_gpt_oss_match_pytorch() {
+    // GPT-OSS: attention with sinks and biases, a sliding layer then a full one, every layer's
+    // MLP biased experts with the clamped SwiGLU (their gate and up columns interleaved in the
+    // checkpoint). Gradients reach q and k through the sinks' softmax.
+    check_expert_adapters("gpt_oss", 2 * (2 * 4 + 2 * 3 + 1));
+}
+
+/// The expert-adapter oracle on tiny `arch`: logits, loss and the `grads` gradients alone and
+/// beside another adapter of its layout.
+fn check_expert_adapters(arch: &str, grads: usize) {
     let dir = TempDir::new("moe-lora");
     let out = TempDir::new("moe-lora-out");
     let (tiny, o) = (dir.path().to_str().unwrap(), out.path().to_str().unwrap());
-    oracle("tiny_models.py", &["make", "qwen3_moe", tiny]);
+    oracle("tiny_models.py", &["make", arch, tiny]);
     oracle("lora_oracle.py", &["moe-grads", tiny, o]);
     let expected = read_tensors(&out.path().join("expected.safetensors"));
     let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
@@ -180,12 +196,7 @@ fn expert_adapters_on_a_mixture_of_experts_match_pytorch() {
     // Logits with the adapter, no graph (the inference stack's path); then forward_backward.
     let alone = assert_matches_oracle(&decoder, &adapter, &expected);
     let data = datums(&expected);
-    // q/k/v/o of 3 layers, the dense layer's gate/up/down, the sparse layers' experts'
-    // gate/up/down, the unembedding: A and B of each.
-    assert_eq!(
-        check_grads(&adapter, &expected),
-        2 * (3 * 4 + 3 + 2 * 3 + 1)
-    );
+    assert_eq!(check_grads(&adapter, &expected), grads);
 
     // Beside another adapter of its layout in one batch (one stack of two members: each
     // token's experts read its own member's A and B), it computes and learns what it did alone.
@@ -211,10 +222,7 @@ fn expert_adapters_on_a_mixture_of_experts_match_pytorch() {
     )
     .unwrap();
     assert!((together[1].loss_sum - alone.loss_sum).abs() < 1e-4 * alone.loss_sum.abs());
-    assert_eq!(
-        check_grads(&adapter, &expected),
-        2 * (3 * 4 + 3 + 2 * 3 + 1)
-    );
+    assert_eq!(check_grads(&adapter, &expected), grads);
     // The fresh adapter (B = 0) leaves the model as it is: its loss is the base model's.
     let base = forward_backward(
         &decoder,

@@ -97,6 +97,7 @@ fn greedy_equals_transformers_on_tiny_models_batched() {
         "mistral_window",
         "qwen2_window",
         "llama_yarn",
+        "gpt_oss",
     ] {
         let dir = TempDir::new(arch);
         oracle(
@@ -115,11 +116,11 @@ fn greedy_equals_transformers_on_tiny_models_batched() {
         );
         let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
         check_against_oracle(&decoder, None, &file, 20);
-        if ["qwen3_moe", "mistral_window", "qwen2_window"].contains(&arch) {
+        if ["qwen3_moe", "mistral_window", "qwen2_window", "gpt_oss"].contains(&arch) {
             // The static step a CUDA graph records (no host reads), run on the CPU.
             check_recorded_steps_against_oracle(&decoder, &file, 20);
         }
-        if arch.ends_with("_window") {
+        if arch.ends_with("_window") || arch == "gpt_oss" {
             // Prompts prefilled 4 tokens a step, each chunk attending to its row's cached keys
             // within the window.
             let g = Generation::new(decoder.kind()).with_prefill_chunk(4);
