@@ -74,11 +74,11 @@ def greedy(model):
     return out[0, len(PROMPT):].tolist()
 
 
-def train_and_download(server, moe_dir, tmp_path, **lora):
+def train_and_download(server, moe_dir, tmp_path, model_name=MOE_NAME, **lora):
     """A fresh adapter's logprobs checked against transformers, 4 steps of training, then its
     sampler and the folder the CLI downloads its state to."""
     sc = tinker.ServiceClient(base_url=server.url, api_key=KEY)
-    tc = sc.create_lora_training_client(base_model=MOE_NAME, seed=5, **lora).result()
+    tc = sc.create_lora_training_client(base_model=model_name, seed=5, **lora).result()
     base = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     # A fresh adapter (B = 0) leaves the model as transformers computes it. f32 on both sides,
     # sums in different orders: 1e-4.

@@ -10,6 +10,9 @@ Usage:
                                        experts stored as MXFP4 blocks and scales, the logits
                                        from transformers' dequantization of them)
   tiny_models.py default MODEL_DIR OUT  logits of the default model on a fixed 32-token prompt
+  tiny_models.py bf16 DIR OUT           logits of DIR's checkpoint loaded by transformers in bf16
+                                       (what it keeps in f32 stays so) on expected.safetensors'
+                                       inputs
 
 expected.safetensors holds `input_ids` [B,T] (right-padded with 0), `lengths` [B] and `logits`
 [B,T,V] from transformers with an attention mask (positions past a row's length are padding).
@@ -229,6 +232,9 @@ def make(arch: str, out: Path) -> None:
 
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    if arch.startswith("gpt_oss"):
+        # As OpenAI's checkpoints name it (tinker-cookbook's merge recognises GPT-OSS by it).
+        model.config.architectures = ["GptOssForCausalLM"]
     randomize(model)
     if arch.endswith("_mxfp4"):
         out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +258,18 @@ def make(arch: str, out: Path) -> None:
         assert torch.equal(again, logits), (again - logits).abs().max()
     save_file({"input_ids": ids, "lengths": lengths, "logits": logits.contiguous()},
               str(out / "expected.safetensors"))
+
+
+def bf16_logits(tiny: Path, out: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16).eval()
+    e = load_file(str(tiny / "expected.safetensors"))
+    mask = (torch.arange(e["input_ids"].shape[1])[None, :] < e["lengths"][:, None]).long()
+    with torch.no_grad():
+        logits = model(input_ids=e["input_ids"], attention_mask=mask).logits.float()
+    save_file({"logits": logits.contiguous()}, str(out))
 
 
 PROMPT = (
@@ -282,5 +300,7 @@ if __name__ == "__main__":
         make(sys.argv[2], Path(sys.argv[3]))
     elif cmd == "default":
         default(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif cmd == "bf16":
+        bf16_logits(Path(sys.argv[2]), Path(sys.argv[3]))
     else:
         raise SystemExit(__doc__)

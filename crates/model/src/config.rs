@@ -48,6 +48,12 @@ impl Architecture {
     pub fn qk_norm(self) -> bool {
         matches!(self, Architecture::Qwen3 | Architecture::Qwen3Moe)
     }
+
+    /// The blocks' and the final norm's weights stay in f32 whatever the model's type
+    /// (transformers' `_keep_in_fp32_modules` for GPT-OSS).
+    pub fn norms_in_f32(self) -> bool {
+        self == Architecture::GptOss
+    }
 }
 
 /// The mixture of experts of a Qwen3-MoE or Mixtral model: in each sparse layer a router picks

@@ -162,6 +162,9 @@ pub struct RmsNorm {
     /// The normalised (last) dimension's size, the weight's.
     dim: i64,
     eps: f64,
+    /// The weight is kept in f32 and multiplies the f32 normalised value before one rounding to
+    /// the input's type (GPT-OSS's norms, which transformers keeps in f32).
+    in_f32: bool,
 }
 
 impl RmsNorm {
@@ -170,14 +173,17 @@ impl RmsNorm {
             weight: self.weight.shallow_clone(),
             dim: self.dim,
             eps: self.eps,
+            in_f32: self.in_f32,
         }
     }
 
-    fn load(store: &mut WeightStore, name: &str, dim: i64, eps: f64) -> Result<Self> {
+    fn load(store: &mut WeightStore, name: &str, dim: i64, eps: f64, in_f32: bool) -> Result<Self> {
+        let kind = if in_f32 { Kind::Float } else { store.kind() };
         Ok(RmsNorm {
-            weight: store.take(name, &[dim])?,
+            weight: store.take_as(name, &[dim], kind)?,
             dim,
             eps,
+            in_f32,
         })
     }
 
@@ -186,8 +192,14 @@ impl RmsNorm {
     /// kernel on a GPU, where the spelled-out formula took seven and decode is bound by the
     /// number of operations per layer). transformers rounds the normalised value to `x`'s
     /// dtype before the weight multiplies it: in bf16 that is one more rounding there; in f32
-    /// the two agree to rounding.
+    /// the two agree to rounding. A norm kept in f32 takes `x` in f32 and rounds its output.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_f32 && x.kind() != Kind::Float {
+            return Ok(x
+                .f_to_kind(Kind::Float)?
+                .f_rms_norm([self.dim], Some(&self.weight), self.eps)?
+                .f_to_kind(x.kind())?);
+        }
         Ok(x.f_rms_norm([self.dim], Some(&self.weight), self.eps)?)
     }
 }
@@ -354,6 +366,7 @@ impl Decoder {
         let (h, d) = (c.hidden_size, c.head_dim);
         let embed = store.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(c.num_layers as usize);
+        let f32_norms = c.architecture.norms_in_f32();
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             let qk_norm = c.architecture.qk_norm();
@@ -363,6 +376,7 @@ impl Decoder {
                     &format!("{p}.self_attn.{name}.weight"),
                     d,
                     c.rms_norm_eps,
+                    false,
                 )
             };
             let attn = Attention {
@@ -427,6 +441,7 @@ impl Decoder {
                     &format!("{p}.input_layernorm.weight"),
                     h,
                     c.rms_norm_eps,
+                    f32_norms,
                 )?,
                 attn,
                 post_attn_norm: RmsNorm::load(
@@ -434,11 +449,12 @@ impl Decoder {
                     &format!("{p}.post_attention_layernorm.weight"),
                     h,
                     c.rms_norm_eps,
+                    f32_norms,
                 )?,
                 ffn,
             });
         }
-        let final_norm = RmsNorm::load(store, "model.norm.weight", h, c.rms_norm_eps)?;
+        let final_norm = RmsNorm::load(store, "model.norm.weight", h, c.rms_norm_eps, f32_norms)?;
         let lm_head = if c.tie_word_embeddings {
             // A tied checkpoint may still carry a copy; one copy in memory is enough.
             let _ = store.take_optional("lm_head.weight", &[c.vocab_size, h])?;

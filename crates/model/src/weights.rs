@@ -73,8 +73,13 @@ impl WeightStore {
 
     /// Removes `name` from the store, checking its shape; the result is frozen (no grad).
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.take_as(name, shape, self.kind)
+    }
+
+    /// [`WeightStore::take`] in element type `kind` rather than the store's.
+    pub fn take_as(&mut self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
         Ok(take_checked(&mut self.tensors, name, shape)?
-            .f_to_kind(self.kind)?
+            .f_to_kind(kind)?
             .f_to_device(self.device)?
             .set_requires_grad(false))
     }

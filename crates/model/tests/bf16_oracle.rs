@@ -399,3 +399,30 @@ fn a_bf16_decode_batch_of_several_adapters_is_as_close_to_f32_as_a_bf16_forward_
         2e-3,
     );
 }
+
+#[test]
+fn gpt_oss_in_bf16_is_as_close_to_f32_as_transformers_in_bf16() {
+    // Attention sinks on augmented operands, the experts' biases and clamped SwiGLU, and the
+    // norms kept in f32 (rounded once, as transformers' GPT-OSS norm rounds) in bf16.
+    let dir = TempDir::new("gpt-oss-bf16");
+    let p = dir.path();
+    oracle("tiny_models.py", &["make", "gpt_oss", p.to_str().unwrap()]);
+    let theirs_file = p.join("bf16.safetensors");
+    oracle(
+        "tiny_models.py",
+        &["bf16", p.to_str().unwrap(), theirs_file.to_str().unwrap()],
+    );
+    let expected = read_tensors(&p.join("expected.safetensors"));
+    let theirs = &read_tensors(&theirs_file)["logits"];
+    let lengths = vec_i64(&expected["lengths"]);
+    let exact = real(&expected["logits"], &lengths);
+    let bf16 = Decoder::load(p, Device::Cpu, Some(Kind::BFloat16)).unwrap();
+    let ours = tch::no_grad(|| bf16.forward(&expected["input_ids"], None)).unwrap();
+    assert_as_close_as(
+        "GPT-OSS logits",
+        rel_error(&real(&ours, &lengths), &exact),
+        "transformers bf16",
+        rel_error(&real(theirs, &lengths), &exact),
+        1e-2,
+    );
+}
