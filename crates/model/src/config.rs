@@ -339,13 +339,16 @@ impl ModelConfig {
                 }))
             }
         };
+        let gpt_oss = architecture == Architecture::GptOss;
         let hidden_size = positive(required(raw.hidden_size, "hidden_size")?, "hidden_size")?;
         let num_heads = positive(
             required(raw.num_attention_heads, "num_attention_heads")?,
             "num_attention_heads",
         )?;
+        // GPT-OSS's default is 8, as `GptOssConfig`'s.
         let num_kv_heads = positive(
-            raw.num_key_value_heads.unwrap_or(num_heads),
+            raw.num_key_value_heads
+                .unwrap_or(if gpt_oss { 8 } else { num_heads }),
             "num_key_value_heads",
         )?;
         if num_heads % num_kv_heads != 0 {
@@ -353,7 +356,6 @@ impl ModelConfig {
                 "config.json: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
-        let gpt_oss = architecture == Architecture::GptOss;
         let head_dim = match raw.head_dim {
             Some(d) => positive(d, "head_dim")?,
             None if gpt_oss => 64,
@@ -639,7 +641,8 @@ fn moe_config(
     // Mixtral's and GPT-OSS's experts are every layer's MLP, `intermediate_size` wide.
     let every_layer = matches!(architecture, Architecture::Mixtral | Architecture::GptOss);
     let num_experts = if gpt_oss {
-        raw.num_local_experts.unwrap_or(128)
+        // `num_experts` is an alias transformers maps onto `num_local_experts`.
+        raw.num_local_experts.or(raw.num_experts).unwrap_or(128)
     } else if every_layer {
         required(raw.num_local_experts, "num_local_experts")?
     } else {
@@ -911,12 +914,12 @@ mod tests {
     fn gpt_oss_defaults_are_transformers_defaults() {
         // gpt-oss-20b's config.json, less the fields transformers defaults as written here.
         let text = r#"{"model_type":"gpt_oss","hidden_size":2880,"intermediate_size":2880,
-            "num_hidden_layers":4,"num_attention_heads":64,"num_key_value_heads":8,
-            "num_local_experts":32,"vocab_size":201088,
+            "num_hidden_layers":4,"num_attention_heads":64,"num_experts":32,"vocab_size":201088,
             "quantization_config":{"quant_method":"mxfp4"}}"#;
         let c = ModelConfig::from_json(text).unwrap();
         assert_eq!(c.architecture, Architecture::GptOss);
         assert_eq!((c.head_dim, c.rms_norm_eps), (64, 1e-5));
+        assert_eq!(c.num_kv_heads, 8);
         assert!(c.attention_sinks && c.qkv_bias && c.o_bias && !c.mlp_bias);
         assert_eq!(c.sliding_window, Some(128));
         assert_eq!(c.sliding_layers, [true, false, true, false]);
@@ -957,8 +960,8 @@ mod tests {
         );
         assert!(ModelConfig::from_json(&llama).is_err());
         let limit = text.replace(
-            "\"num_local_experts\":32",
-            "\"num_local_experts\":32,\"swiglu_limit\":-1",
+            "\"num_experts\":32",
+            "\"num_experts\":32,\"swiglu_limit\":-1",
         );
         let err = ModelConfig::from_json(&limit).unwrap_err();
         assert!(err.to_string().contains("swiglu_limit"), "{err}");

@@ -97,10 +97,12 @@ impl PassCost {
             }
         };
         // Attention with sinks runs on copies of q, k and v whose heads are
-        // `crate::decoder::SINK_PAD` wider, kept for the backward pass.
+        // `crate::decoder::SINK_PAD` wider, and its output is as wide: all four kept for the
+        // backward pass (on a GPU, a masked grouped pass widens its repeated key/value heads:
+        // within the margin, as the repeated heads themselves are).
         let sinks = if config.attention_sinks {
             let d = config.head_dim as u64;
-            (q + 2 * kv) * (d + crate::decoder::SINK_PAD as u64) / d
+            (2 * q + 2 * kv) * (d + crate::decoder::SINK_PAD as u64) / d
         } else {
             0
         };
