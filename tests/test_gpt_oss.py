@@ -10,30 +10,21 @@ tinker-cookbook's `weights.build_hf_model` (the default adapter, experts include
 interleaves the experts' gate and up deltas as GPT-OSS's fused tensor lays them out).
 """
 
-import shutil
-import subprocess
-import sys
-
 import pytest
 import tinker
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import DEFAULT_MODEL_DIR, ROOT, Server
-from test_moe import KEY, greedy, train_and_download
+from conftest import Server
+from test_moe import KEY, greedy, make_tiny, train_and_download
 
 NAME = "tiny/GPT-OSS"
 
 
 @pytest.fixture(scope="module")
 def oss_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt-oss")
-    subprocess.run([sys.executable, str(ROOT / "tests/oracles/tiny_models.py"), "make", "gpt_oss", str(out)],
-                   check=True)
-    # The server needs a tokenizer; these tests send token ids below the model's vocabulary.
-    shutil.copy(DEFAULT_MODEL_DIR / "tokenizer.json", out / "tokenizer.json")
-    return out
+    return make_tiny(tmp_path_factory, "gpt_oss")
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,19 @@ TRAIN = [[7, 19, 88, 3, 54, 21, 66, 13, 99, 4, 45], [31, 8, 120, 17, 60, 5, 73, 
 KEY = "tml-anyone"
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qwen3-moe")
-    subprocess.run([sys.executable, str(ROOT / "tests/oracles/tiny_models.py"), "make", "qwen3_moe", str(out)],
+def make_tiny(tmp_path_factory, arch):
+    """A tiny random `arch` checkpoint (tests/oracles/tiny_models.py) the server can load."""
+    out = tmp_path_factory.mktemp(arch)
+    subprocess.run([sys.executable, str(ROOT / "tests/oracles/tiny_models.py"), "make", arch, str(out)],
                    check=True)
     # The server needs a tokenizer; these tests send token ids below the model's vocabulary.
     shutil.copy(DEFAULT_MODEL_DIR / "tokenizer.json", out / "tokenizer.json")
     return out
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory, "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
