@@ -199,7 +199,7 @@ pub struct ModelConfig {
     pub attention_sinks: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RawRope {
     rope_type: Option<String>,
     #[serde(rename = "type")]
@@ -502,19 +502,12 @@ impl ModelConfig {
 fn gpt_oss_rope() -> RawRope {
     RawRope {
         rope_type: Some("yarn".into()),
-        legacy_type: None,
-        rope_theta: None,
         factor: Some(32.0),
-        low_freq_factor: None,
-        high_freq_factor: None,
         original_max_position_embeddings: Some(4096.0),
         beta_fast: Some(32.0),
         beta_slow: Some(1.0),
         truncate: Some(Some(false)),
-        partial_rotary_factor: None,
-        attention_factor: None,
-        mscale: None,
-        mscale_all_dim: None,
+        ..RawRope::default()
     }
 }
 

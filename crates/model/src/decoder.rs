@@ -1109,11 +1109,11 @@ impl Decoder {
     fn additive(&self, mask: &Tensor) -> Result<Tensor> {
         let mut size = mask.size();
         let sink = i64::from(self.config.attention_sinks);
-        if let Some(keys) = size.last_mut() {
-            *keys += sink;
+        let keys = size.last().copied().unwrap_or(1);
+        if let Some(last) = size.last_mut() {
+            *last += sink;
         }
         let additive = self.masked_all(&size)?;
-        let keys = mask.size().last().copied().unwrap_or(1);
         let _ = additive
             .f_narrow(-1, sink, keys)?
             .f_masked_fill_(mask, 0.0)?;
@@ -1300,23 +1300,28 @@ impl Decoder {
         let grouped = c.num_kv_heads != c.num_heads;
         let group = c.num_heads / c.num_kv_heads;
         // Attention over `q` `[b, heads', queries', d]`, whose rows' sink logits (when the
-        // family has them) are `sink_rows()` (broadcast to `[b, heads', queries', 1]`).
+        // family has them) are `sinks` (broadcast to `[b, heads', queries', 1]`).
         let sdpa = |q: &Tensor,
                     k: &Tensor,
                     v: &Tensor,
                     mask: Option<&Tensor>,
                     causal,
                     gqa,
-                    sink_rows: &dyn Fn(&Tensor) -> Result<Tensor>|
+                    sinks: Option<Tensor>|
          -> Result<Tensor> {
-            match &a.sinks {
+            match sinks {
                 None => Ok(Tensor::f_scaled_dot_product_attention(
                     q, k, v, mask, 0.0, causal, None, gqa,
                 )?),
-                Some(sinks) => attend_with_sinks(q, k, v, mask, causal, gqa, &sink_rows(sinks)?),
+                Some(sinks) => attend_with_sinks(q, k, v, mask, causal, gqa, &sinks),
             }
         };
-        let by_head = |sinks: &Tensor| Ok(sinks.f_view([1, -1, 1, 1])?);
+        // Each query head's sink, for `q` with the heads in its second dimension.
+        let by_head = a
+            .sinks
+            .as_ref()
+            .map(|sinks| sinks.f_view([1, -1, 1, 1]))
+            .transpose()?;
         let mask = match &ctx.window {
             Some(window) if c.sliding_layers[layer] => Some(window),
             _ => ctx.mask.as_ref(),
@@ -1334,22 +1339,22 @@ impl Decoder {
                 _ => None,
             };
             // The query heads of a key/value head as its `group · t` query rows.
-            let by_row = |sinks: &Tensor| -> Result<Tensor> {
-                Ok(sinks
-                    .f_view([1, c.num_kv_heads, group, 1, 1])?
-                    .f_expand([1, c.num_kv_heads, group, t, 1], false)?
-                    .f_reshape([1, c.num_kv_heads, group * t, 1])?)
-            };
-            sdpa(
-                &q,
-                &k,
-                &v,
-                repeated.as_ref().or(mask),
-                false,
-                false,
-                &by_row,
-            )?
-            .f_reshape([b, c.num_heads, t, c.head_dim])?
+            let by_row = a
+                .sinks
+                .as_ref()
+                .map(|sinks| -> Result<Tensor> {
+                    Ok(sinks
+                        .f_view([1, c.num_kv_heads, group, 1, 1])?
+                        .f_expand([1, c.num_kv_heads, group, t, 1], false)?
+                        .f_reshape([1, c.num_kv_heads, group * t, 1])?)
+                })
+                .transpose()?;
+            sdpa(&q, &k, &v, repeated.as_ref().or(mask), false, false, by_row)?.f_reshape([
+                b,
+                c.num_heads,
+                t,
+                c.head_dim,
+            ])?
         } else if let (Some(mask), true, true) = (mask, grouped, x.device().is_cuda()) {
             // A pass without a cache (a padded prefill, or a sliding layer of a training or
             // scoring pass longer than the window) with a mask and grouped key/value heads:
@@ -1359,9 +1364,9 @@ impl Decoder {
             // key/value heads repeated (2q more elements per token and layer, within the memory
             // plan's margin), the memory-efficient kernel serves it.
             let (k, v) = (repeat_kv_heads(&k, group)?, repeat_kv_heads(&v, group)?);
-            sdpa(&q, &k, &v, Some(mask), false, false, &by_head)?
+            sdpa(&q, &k, &v, Some(mask), false, false, by_head)?
         } else {
-            sdpa(&q, &k, &v, mask, mask.is_none(), grouped, &by_head)?
+            sdpa(&q, &k, &v, mask, mask.is_none(), grouped, by_head)?
         };
         let attn = attn
             .f_transpose(1, 2)?

@@ -367,24 +367,23 @@ impl Experts {
 }
 
 /// Dequantizes MXFP4 weights (OpenAI's format for GPT-OSS's experts, as transformers reads it):
-/// `blocks` `[.., rows, G, 16]` bytes each hold two 4-bit values (E2M1; the low nibble
+/// `blocks` `[E, rows, G, 16]` bytes each hold two 4-bit values (E2M1; the low nibble
 /// first), every 32 values of a row share the power of two `2^(scale − 127)` of `scales`
-/// `[.., rows, G]`. Returns `[.., rows, 32·G]` in `kind`, on the blocks' device, one leading
-/// index (expert) at a time so the f32 intermediate stays one expert's size.
+/// `[E, rows, G]`. Returns `[E, rows, 32·G]` in `kind`, on the blocks' device, one expert at a
+/// time so the f32 intermediate stays one expert's size.
 pub(crate) fn mxfp4(blocks: &Tensor, scales: &Tensor, kind: Kind) -> Result<Tensor> {
     const VALUES: [f32; 16] = [
         0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
     ];
     let device = blocks.device();
     let lut = Tensor::from_slice(&VALUES).f_to_device(device)?;
+    // One expert: `[rows, G, 16]` bytes and `[rows, G]` scales.
     let one = |blocks: &Tensor, scales: &Tensor| -> Result<Tensor> {
-        let size = blocks.size();
-        let (lead, groups) = (&size[..size.len() - 2], size[size.len() - 2]);
+        let (rows, groups, _) = blocks.size3()?;
         let bytes = blocks.f_to_kind(Kind::Int64)?;
         let low = lut.f_index_select(0, &bytes.f_bitwise_and(0x0F)?.f_flatten(0, -1)?)?;
         let high = lut.f_index_select(0, &bytes.f_floor_divide_scalar(16)?.f_flatten(0, -1)?)?;
-        let mut values =
-            Tensor::f_stack(&[low, high], -1)?.f_view([lead, &[groups, 32]].concat().as_slice())?;
+        let mut values = Tensor::f_stack(&[low, high], -1)?.f_view([rows, groups, 32])?;
         let power = scales
             .f_to_kind(Kind::Float)?
             .f_sub_scalar(127.0)?
@@ -393,9 +392,6 @@ pub(crate) fn mxfp4(blocks: &Tensor, scales: &Tensor, kind: Kind) -> Result<Tens
         values = values.f_mul(&power)?;
         Ok(values.f_flatten(-2, -1)?.f_to_kind(kind)?)
     };
-    if blocks.dim() < 4 {
-        return one(blocks, scales);
-    }
     let parts = (0..blocks.size()[0])
         .map(|e| one(&blocks.get(e), &scales.get(e)))
         .collect::<Result<Vec<_>>>()?;

@@ -78,10 +78,8 @@ impl WeightStore {
 
     /// [`WeightStore::take`] in element type `kind` rather than the store's.
     pub fn take_as(&mut self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
-        Ok(take_checked(&mut self.tensors, name, shape)?
-            .f_to_kind(kind)?
-            .f_to_device(self.device)?
-            .set_requires_grad(false))
+        let tensor = take_checked(&mut self.tensors, name, shape)?;
+        self.place_as(tensor, kind)
     }
 
     /// Removes `name` from the store as the checkpoint holds it (element type and device
@@ -93,8 +91,13 @@ impl WeightStore {
     /// A weight the caller decoded (from [`WeightStore::take_raw`]) as [`WeightStore::take`]
     /// returns weights: in the store's element type, on its device, frozen.
     pub fn place(&self, tensor: Tensor) -> Result<Tensor> {
+        self.place_as(tensor, self.kind)
+    }
+
+    /// `tensor` in `kind` on the store's device, frozen.
+    fn place_as(&self, tensor: Tensor, kind: Kind) -> Result<Tensor> {
         Ok(tensor
-            .f_to_kind(self.kind)?
+            .f_to_kind(kind)?
             .f_to_device(self.device)?
             .set_requires_grad(false))
     }
