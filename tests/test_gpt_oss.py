@@ -11,13 +11,14 @@ interleaves the experts' gate and up deltas as GPT-OSS's fused tensor lays them 
 """
 
 import pytest
+import requests
 import tinker
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import Server
-from test_moe import KEY, greedy, make_tiny, train_and_download
+from test_moe import KEY, TRAIN, datum, greedy, make_tiny, train_and_download
 
 NAME = "tiny/GPT-OSS"
 
@@ -58,3 +59,41 @@ def test_default_adapter_trains_the_experts_and_merges_as_the_cookbook_merges_it
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert greedy(merged) == served
     assert greedy(base) != served
+
+
+@pytest.fixture(scope="module")
+def mxfp4_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory, "gpt_oss_mxfp4")
+
+
+def test_mxfp4_experts_kept_packed_train_and_sample_as_transformers_dequantized(tmp_path_factory, mxfp4_dir,
+                                                                               tmp_path):
+    """OpenAI ships GPT-OSS's experts in MXFP4; with `--mxfp4 packed` they stay so on the server
+    (each layer dequantizes them as it runs). transformers dequantizes them at load: a fresh
+    adapter's logprobs, training and the downloaded adapter's greedy continuation under peft
+    all agree with it."""
+    srv = Server(tmp_path_factory.mktemp("gpt-oss-mxfp4-data"), "--mxfp4", "packed",
+                 model=(mxfp4_dir, NAME))
+    try:
+        stats = requests.get(srv.url + "/api/model-stats", headers={"X-API-Key": KEY}).json()
+        assert stats["summary"].endswith("experts in MXFP4"), stats["summary"]
+        # Two layers of 8 experts' [64, 64] gate/up and [64, 32] down: 4 bytes a weight in
+        # f32, 17/32 of a byte packed.
+        experts = 2 * 8 * (64 * 64 + 64 * 32)
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(mxfp4_dir).parameters())
+        assert stats["weight_bytes"] == (parameters - experts) * 4 + experts * 17 // 32
+        base, adapter_dir, served = train_and_download(srv, mxfp4_dir, tmp_path, model_name=NAME,
+                                                       rank=4, train_mlp=False)
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+        assert served == greedy(model)
+        # The experts' own adapters train on packed experts too.
+        sc = tinker.ServiceClient(base_url=srv.url, api_key=KEY)
+        tc = sc.create_lora_training_client(base_model=NAME, rank=4, seed=3).result()
+        losses = []
+        for _ in range(3):
+            fb = tc.forward_backward([datum(t) for t in TRAIN], "cross_entropy").result()
+            losses.append(fb.metrics["loss:sum"])
+            tc.optim_step(tinker.types.AdamParams(learning_rate=2e-2)).result()
+        assert losses[-1] < losses[0], losses
+    finally:
+        srv.stop()

@@ -263,6 +263,7 @@ pub async fn model_stats(
         "summary": base.summary,
         "device": state.device,
         "dtype": base.dtype,
+        "weight_bytes": base.weight_bytes,
         "models_loaded": s.models,
         "queued": s.queued,
         "running": s.running,

@@ -859,8 +859,23 @@ fn seed_design(decoder: &Decoder, tenants: usize, len: usize, steps: usize) -> a
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// One line on the loaded model: what it is and what its weights take.
+pub fn describe(base: &BaseModel) {
+    let info = base.info();
+    emit(
+        "model",
+        json!({"summary": info.summary, "weight_bytes": info.weight_bytes,
+               "dequantized_weight_bytes": base.decoder().dequantized_weight_bytes()}),
+    );
+}
+
 /// Loads the model for a bench run.
-pub fn load(dir: &Path, device: tch::Device, kind: Option<tch::Kind>) -> anyhow::Result<BaseModel> {
-    BaseModel::load("bench", dir, device, kind)
+pub fn load(
+    dir: &Path,
+    device: tch::Device,
+    kind: Option<tch::Kind>,
+    mxfp4: loraloom_model::Mxfp4Policy,
+) -> anyhow::Result<BaseModel> {
+    BaseModel::load("bench", dir, device, kind, mxfp4)
         .with_context(|| format!("loading {}", dir.display()))
 }

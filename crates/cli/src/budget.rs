@@ -4,7 +4,7 @@
 //! `--max-resident-bytes-per-tenant`): by default shares of the memory free once the model is
 //! loaded that add up to it.
 
-use loraloom_model::{human_bytes, parse_bytes, Device};
+use loraloom_model::{human_bytes, parse_bytes, Device, Mxfp4Policy};
 
 /// The share of the memory free after the model loaded that training passes may use together;
 /// with the decode caches' ([`KV_SHARE`]) and the resident adapters' ([`RESIDENT_SHARE`]) the
@@ -42,6 +42,31 @@ pub fn resolve(choice: &str, device: Device, workers: usize) -> anyhow::Result<(
                 human_bytes(FALLBACK)
             ),
         ),
+    })
+}
+
+/// Resolves `--mxfp4` (`auto`, `packed` or `dequantize`) into how a checkpoint's MXFP4 weights
+/// (GPT-OSS's experts) load, with a line saying why. `auto` keeps them packed when dequantized
+/// they would take more than half of the memory free now (RAM on the CPU, the GPU's own memory
+/// on a GPU): gpt-oss-120b on one 80 GB GPU, or gpt-oss-20b on a 24 GB one.
+pub fn mxfp4(choice: &str, device: Device) -> anyhow::Result<(Mxfp4Policy, String)> {
+    Ok(match choice.trim() {
+        "packed" => (Mxfp4Policy::Packed, "packed (set)".into()),
+        "dequantize" => (Mxfp4Policy::Dequantize, "dequantized at load (set)".into()),
+        "auto" => {
+            let (free, source) = free_memory(device);
+            let free = free.unwrap_or(FALLBACK * 2);
+            let limit = (free as f64 * AUTO_SHARE) as u64;
+            (
+                Mxfp4Policy::PackedAbove(limit),
+                format!(
+                    "auto: packed if dequantized they would take more than {}, half of {} {source}",
+                    human_bytes(limit),
+                    human_bytes(free)
+                ),
+            )
+        }
+        other => anyhow::bail!("--mxfp4: `{other}` is not auto, packed or dequantize"),
     })
 }
 
@@ -179,6 +204,23 @@ fn gpu_free(index: usize) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mxfp4_is_packed_dequantized_or_packed_above_half_of_free_memory() {
+        assert_eq!(mxfp4("packed", Device::Cpu).unwrap().0, Mxfp4Policy::Packed);
+        assert_eq!(
+            mxfp4("dequantize", Device::Cpu).unwrap().0,
+            Mxfp4Policy::Dequantize
+        );
+        let free = ram_available().unwrap();
+        let Mxfp4Policy::PackedAbove(limit) = mxfp4("auto", Device::Cpu).unwrap().0 else {
+            panic!("auto is a limit");
+        };
+        // MemAvailable moves between the two reads.
+        assert!(limit.abs_diff(free / 2) <= free / 20, "{limit} vs {free}");
+        let err = mxfp4("fp4", Device::Cpu).unwrap_err().to_string();
+        assert!(err.starts_with("--mxfp4:"), "{err}");
+    }
 
     #[test]
     fn sizes_and_auto_resolve() {

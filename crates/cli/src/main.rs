@@ -70,6 +70,9 @@ struct BenchArgs {
     /// The base model's compute dtype: auto (f32 on the CPU, bf16 on a GPU), f32 or bf16.
     #[arg(long, env = "LORALOOM_DTYPE", default_value = "auto")]
     dtype: String,
+    /// A checkpoint's MXFP4 weights: auto, packed or dequantize (as for `serve`).
+    #[arg(long, env = "LORALOOM_MXFP4", default_value = "auto")]
+    mxfp4: String,
     /// Sampling temperature of the `decode` benchmark (0: greedy; RL samples at 1).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
@@ -149,7 +152,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // of their own (see `bench::isolated`).
     let device = loraloom_model::parse_device(&args.device)?;
     let kind = loraloom_model::parse_dtype(&args.dtype)?;
-    let base = bench::isolated(|| bench::load(&args.model, device, kind))?;
+    let (mxfp4, _) = budget::mxfp4(&args.mxfp4, device)?;
+    let base = bench::isolated(|| bench::load(&args.model, device, kind, mxfp4))?;
+    bench::describe(&base);
     let iters = args.iters;
     for what in &args.what {
         let d = base.decoder().shallow_clone();
@@ -248,6 +253,12 @@ struct ServeArgs {
     /// processor has bf16 matrix instructions). Adapters and optimizer state stay f32.
     #[arg(long, env = "LORALOOM_DTYPE", default_value = "auto")]
     dtype: String,
+    /// A checkpoint's MXFP4 weights (GPT-OSS's experts): packed (4.25 bits a weight, each
+    /// layer dequantizing the experts it multiplies by as it runs), dequantize (into the
+    /// model's dtype at load: 16 bits a weight in bf16, faster), or auto (packed when
+    /// dequantized they would take more than half of the free memory).
+    #[arg(long, env = "LORALOOM_MXFP4", default_value = "auto")]
+    mxfp4: String,
     /// Name clients use as `base_model` (defaults to the model's directory name).
     #[arg(long, env = "LORALOOM_MODEL_NAME")]
     model_name: Option<String>,
@@ -691,6 +702,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let device = loraloom_model::parse_device(&args.device).context("--device")?;
     let kind = loraloom_model::parse_dtype(&args.dtype).context("--dtype")?;
+    let (mxfp4, mxfp4_source) = budget::mxfp4(&args.mxfp4, device)?;
     tracing::info!(
         device = %loraloom_model::device_name(device),
         requested = %args.device,
@@ -698,6 +710,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gpus_visible = tch::Cuda::device_count(),
         "model device"
     );
+    tracing::info!("MXFP4 weights, if any: {mxfp4_source}");
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     // Loaded on a thread that then ends, so that the workers are the only threads holding
@@ -705,7 +718,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let load_dir = dir.clone();
     let loader = std::thread::Builder::new()
         .name("loraloom-load".into())
-        .spawn(move || BaseModel::load(&name, &load_dir, device, kind))?;
+        .spawn(move || BaseModel::load(&name, &load_dir, device, kind, mxfp4))?;
     let base = tokio::task::spawn_blocking(move || loader.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the model loader panicked"))?

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use loraloom_model::{Decoder, ModelConfig, ModelError, PassCost, TextTokenizer};
+use loraloom_model::{Decoder, ModelConfig, ModelError, Mxfp4Policy, PassCost, TextTokenizer};
 
 /// What clients may know about the served model.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +16,8 @@ pub struct BaseModelInfo {
     pub vocab_size: i64,
     /// One-line description (architecture, parameters, dtype, device).
     pub summary: String,
+    /// Bytes the model's weights take on its device.
+    pub weight_bytes: u64,
     /// The base model's compute dtype as users write it (`f32`, `bf16`).
     pub dtype: String,
     /// The model's configuration (for validating LoRA specs at submission).
@@ -36,23 +38,26 @@ pub struct BaseModel {
 
 impl BaseModel {
     /// Loads the checkpoint in `dir` on `device` in `kind` (`None`: f32 on the CPU, bf16 on a
-    /// GPU) and names it `name`.
+    /// GPU), its MXFP4 weights as `mxfp4` says, and names it `name`.
     pub fn load(
         name: &str,
         dir: &Path,
         device: loraloom_model::Device,
         kind: Option<loraloom_model::Kind>,
+        mxfp4: Mxfp4Policy,
     ) -> Result<Self, ModelError> {
-        let decoder = Decoder::load(dir, device, kind)?;
+        let decoder = Decoder::load_with(dir, device, kind, mxfp4)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let info = BaseModelInfo {
             name: name.to_string(),
             max_context_length: decoder.config().max_position_embeddings,
             vocab_size: decoder.config().vocab_size,
             summary: decoder.summary(),
+            weight_bytes: decoder.weight_bytes(),
             dtype: loraloom_model::dtype_name(decoder.kind()),
             config: decoder.config().clone(),
-            pass_cost: PassCost::new(decoder.config(), decoder.kind()),
+            pass_cost: PassCost::new(decoder.config(), decoder.kind())
+                .with_dequantized_weights(decoder.dequantized_weight_bytes()),
         };
         Ok(BaseModel {
             info,

@@ -33,6 +33,7 @@ fn info(config: ModelConfig) -> BaseModelInfo {
         max_context_length: config.max_position_embeddings,
         vocab_size: config.vocab_size,
         summary: "tiny".into(),
+        weight_bytes: 0,
         dtype: "f32".into(),
         pass_cost: PassCost::new(&config, Kind::Float),
         config,

@@ -247,6 +247,20 @@ pub struct Decoder {
     kind: Kind,
 }
 
+/// Whether a checkpoint's MXFP4 weights (GPT-OSS's experts, as OpenAI ships them) stay packed
+/// where the model runs ([`loraloom_mxfp4`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mxfp4Policy {
+    /// Dequantized into the model's type at load: 16 bits a weight in bf16 against 4.25
+    /// packed, and no dequantization while the model runs.
+    Dequantize,
+    /// Kept packed; each layer dequantizes the experts it multiplies by, forward and backward,
+    /// and drops them.
+    Packed,
+    /// Packed when dequantizing them would take more than this many bytes.
+    PackedAbove(u64),
+}
+
 /// What a pass does with the key/value cache.
 enum Cache<'a> {
     /// Nothing (training and scoring passes).
@@ -332,10 +346,22 @@ fn with_delta(
 }
 
 impl Decoder {
-    /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors).
+    /// Loads a Hugging Face checkpoint directory (`config.json` + safetensors), MXFP4 weights
+    /// dequantized.
     ///
     /// dtype: f32 on CPU, bf16 on CUDA unless `kind` overrides it.
     pub fn load(dir: &Path, device: Device, kind: Option<Kind>) -> Result<Self> {
+        Self::load_with(dir, device, kind, Mxfp4Policy::Dequantize)
+    }
+
+    /// [`Decoder::load`], MXFP4 weights (GPT-OSS's experts) kept packed or dequantized as
+    /// `mxfp4` says.
+    pub fn load_with(
+        dir: &Path,
+        device: Device,
+        kind: Option<Kind>,
+        mxfp4: Mxfp4Policy,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelError::MissingFile {
                 path: dir.to_path_buf(),
@@ -348,6 +374,12 @@ impl Decoder {
             _ => Kind::BFloat16,
         });
         let mut store = WeightStore::load(dir, kind, device)?;
+        let dequantized = store.mxfp4_dequantized_bytes();
+        store.keep_mxfp4_packed(match mxfp4 {
+            Mxfp4Policy::Dequantize => false,
+            Mxfp4Policy::Packed => true,
+            Mxfp4Policy::PackedAbove(limit) => dequantized > limit,
+        });
         let decoder = Self::from_store(config, &mut store, device, kind)?;
         let leftover = store.leftover();
         if !leftover.is_empty() {
@@ -563,6 +595,36 @@ impl Decoder {
         n
     }
 
+    /// The sparse layers' experts, when the model has any.
+    fn experts(&self) -> impl Iterator<Item = &Experts> {
+        self.blocks.iter().filter_map(|b| match &b.ffn {
+            Ffn::Sparse(experts) => Some(experts),
+            Ffn::Dense(_) => None,
+        })
+    }
+
+    /// Bytes the weights take where the model runs (packed experts as packed; the few norm
+    /// weights a family keeps in f32 counted in the model's type).
+    pub fn weight_bytes(&self) -> u64 {
+        let (packed, packed_bytes) = self
+            .experts()
+            .map(Experts::packed_size)
+            .fold((0, 0), |(n, b), (pn, pb)| (n + pn, b + pb));
+        (self.num_parameters() as u64 - packed) * self.kind.elt_size_in_bytes() as u64
+            + packed_bytes
+    }
+
+    /// Bytes of packed MXFP4 weights one layer dequantizes at once while it runs (0 when the
+    /// experts are dense): a pass holds them on top of its activations ([`PassCost`]).
+    ///
+    /// [`PassCost`]: crate::memory::PassCost
+    pub fn dequantized_weight_bytes(&self) -> u64 {
+        self.experts()
+            .map(Experts::dequantized_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// One line describing the model, for logs.
     pub fn summary(&self) -> String {
         let c = &self.config;
@@ -586,7 +648,11 @@ impl Decoder {
             self.num_parameters() as f64 / 1e6,
             self.kind,
             self.device,
-        )
+        ) + if self.experts().any(Experts::packed) {
+            " · experts in MXFP4"
+        } else {
+            ""
+        }
     }
 
     /// The LM head matrix `[vocab, hidden]` (the embedding when tied).

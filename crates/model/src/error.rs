@@ -17,7 +17,7 @@ pub enum ModelError {
     #[error("{0}")]
     Config(String),
     /// `model_type` names a family loraloom does not implement.
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral)")]
+    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, gpt_oss)")]
     UnsupportedArchitecture(String),
     /// A tensor the architecture needs is absent from the checkpoint.
     #[error("checkpoint is missing tensor `{0}`")]
@@ -53,6 +53,9 @@ pub enum ModelError {
     /// A decode step could not be recorded or replayed as a CUDA graph.
     #[error("{0}")]
     Graph(#[from] loraloom_cuda_graph::GraphError),
+    /// Packed MXFP4 weights could not be read or multiplied.
+    #[error("{0}")]
+    Mxfp4(#[from] loraloom_mxfp4::Mxfp4Error),
     /// Filesystem error while writing or reading checkpoints.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),

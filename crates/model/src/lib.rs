@@ -39,7 +39,7 @@ pub use adam::{step_many, AdamParams, AdamState, StepJob, StepStats};
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use custom_loss::{CustomLoss, DatumLoss, InputValues, LossParam, NamedInput};
-pub use decoder::Decoder;
+pub use decoder::{Decoder, Mxfp4Policy};
 pub use error::{ModelError, Result};
 pub use lora::{
     held_bytes, AdapterIdentity, AdapterStack, LoraAdapter, LoraBatch, LoraPair, LoraSpec, Target,

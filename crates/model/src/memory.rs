@@ -61,6 +61,9 @@ pub struct PassCost {
     vocab: u64,
     /// The sliding window, when some layer attends within one.
     window: Option<u64>,
+    /// Bytes of packed weights one layer dequantizes at once, forward or backward
+    /// ([`crate::Decoder::dequantized_weight_bytes`]).
+    dequantized_weights: u64,
 }
 
 impl PassCost {
@@ -114,6 +117,16 @@ impl PassCost {
             transient_per_layer: 4 * h + 2 * q + 2 * kv + mlp_transient + sinks,
             vocab: config.vocab_size as u64,
             window: config.sliding_window.map(|w| w as u64),
+            dequantized_weights: 0,
+        }
+    }
+
+    /// This cost with `bytes` of packed weights dequantized at once by a layer while it runs
+    /// (a pass holds them whatever its size).
+    pub fn with_dequantized_weights(self, bytes: u64) -> Self {
+        PassCost {
+            dequantized_weights: bytes,
+            ..self
         }
     }
 
@@ -128,9 +141,12 @@ impl PassCost {
     }
 
     /// Bytes a micro-batch of `rows` rows padded to `len` tokens holds at its peak in `mode`,
-    /// the loss excluded: its activations and the sliding layers' mask.
+    /// the loss excluded: its activations, the sliding layers' mask and the weights a layer
+    /// dequantizes.
     pub fn pass_bytes(&self, rows: usize, len: usize, mode: Mode) -> u64 {
-        self.activation_bytes((rows * len) as u64, mode) + self.window_bytes(len as u64)
+        self.activation_bytes((rows * len) as u64, mode)
+            + self.window_bytes(len as u64)
+            + self.dequantized_weights
     }
 
     /// Bytes of activations a micro-batch of `tokens` padded tokens holds at its peak in `mode`
@@ -394,6 +410,24 @@ mod tests {
         check_fits(&[8192], true, &dense, budget).unwrap();
         assert!(check_fits(&[8192], true, &cost, budget).is_err());
         assert!(plan(&[8192], true, &cost, budget).is_err());
+    }
+
+    #[test]
+    fn packed_weights_dequantized_by_a_layer_count_once_per_pass() {
+        let cost = PassCost::new(&smollm2(), Kind::Float);
+        let packed = cost.with_dequantized_weights(1 << 30);
+        for mode in [Mode::NoGrad, Mode::Full, Mode::Checkpointed] {
+            for (rows, len) in [(1, 1), (8, 512)] {
+                assert_eq!(
+                    packed.pass_bytes(rows, len, mode),
+                    cost.pass_bytes(rows, len, mode) + (1 << 30)
+                );
+            }
+        }
+        // A row that fit beside the activations alone may not beside a layer's weights.
+        let budget = cost.least_bytes(64, true) + cost.loss_bytes(16) + (512 << 20);
+        assert!(plan(&[64], true, &cost, budget).is_ok());
+        assert!(plan(&[64], true, &packed, budget).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! experts a batch hit, as transformers' eager path has), so a decode step stays capturable in
 //! a CUDA graph.
 
+use loraloom_mxfp4::PackedWeights;
 use tch::{Kind, Tensor};
 
 use crate::config::{Architecture, ExpertActivation, ModelConfig, MoeConfig, Routing};
@@ -28,11 +29,11 @@ pub struct Experts {
     /// The router's bias `[E]` and the experts' gate/up `[E, 2·I]` (gate, then up) and down
     /// `[E, hidden]` biases, for a family that has them (GPT-OSS).
     biases: Option<ExpertBiases>,
-    /// Every expert's gate and up projections, `[E, hidden, 2·I]` (a transposed view of
-    /// `[E, 2·I, hidden]`, transformers' fused layout: gate rows, then up rows).
-    gate_up_t: Tensor,
-    /// Every expert's down projection, `[E, I, hidden]` (a view of `[E, hidden, I]`).
-    down_t: Tensor,
+    /// Every expert's gate and up projections, `[E, 2·I, hidden]` (transformers' fused layout:
+    /// gate rows, then up rows).
+    gate_up: ExpertWeights,
+    /// Every expert's down projection, `[E, hidden, I]`.
+    down: ExpertWeights,
     /// Experts per token.
     k: i64,
     /// Width of one expert's hidden layer.
@@ -41,6 +42,61 @@ pub struct Experts {
     weights_in_f32: bool,
     routing: Routing,
     activation: ExpertActivation,
+}
+
+/// One projection `[E, out, in]` of every expert, as the layer keeps it.
+enum ExpertWeights {
+    /// In the model's type, `[E, in, out]`: a transposed view of `[E, out, in]`.
+    Dense(Tensor),
+    /// MXFP4, as GPT-OSS's checkpoints ship it, dequantized where it multiplies
+    /// ([`loraloom_mxfp4`]).
+    Packed(PackedWeights),
+}
+
+impl ExpertWeights {
+    fn dense(weights: Tensor) -> Result<Self> {
+        Ok(ExpertWeights::Dense(weights.f_transpose(1, 2)?))
+    }
+
+    fn shallow_clone(&self) -> Self {
+        match self {
+            ExpertWeights::Dense(t) => ExpertWeights::Dense(t.shallow_clone()),
+            ExpertWeights::Packed(p) => ExpertWeights::Packed(p.shallow_clone()),
+        }
+    }
+
+    fn numel(&self) -> i64 {
+        match self {
+            ExpertWeights::Dense(t) => t.numel() as i64,
+            ExpertWeights::Packed(p) => p.shape().iter().product(),
+        }
+    }
+
+    /// Bytes dequantized at once while it multiplies (none when dense): every expert's
+    /// weights in the compute type (`grouped`), or one expert's per row.
+    fn dequantized_bytes(&self) -> u64 {
+        match self {
+            ExpertWeights::Dense(_) => 0,
+            ExpertWeights::Packed(p) => {
+                p.shape().iter().product::<i64>() as u64 * p.kind().elt_size_in_bytes() as u64
+            }
+        }
+    }
+
+    /// Expert-sorted rows `x` `[pairs, in]` times their experts' weights (transposed):
+    /// `offsets` ends each expert's run of rows (int32, cumulative), `experts` names each
+    /// row's expert. Packed weights fewer rows than experts dequantize one expert per row
+    /// (a decode step); more dequantize every expert once. Both choices follow from shapes
+    /// alone, so nothing is read back to the host.
+    fn multiply(&self, x: &Tensor, offsets: &Tensor, experts: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            ExpertWeights::Dense(w) => {
+                x.f_internal_grouped_mm(w, Some(offsets), None::<&Tensor>, None)?
+            }
+            ExpertWeights::Packed(p) if x.size()[0] < p.shape()[0] => p.gathered_mm(x, experts)?,
+            ExpertWeights::Packed(p) => p.grouped_mm(x, offsets)?,
+        })
+    }
 }
 
 /// A GPT-OSS layer's router and expert biases.
@@ -133,7 +189,13 @@ impl Experts {
                 Tensor::f_stack(&down, 0)?,
             )
         };
-        Self::new(router, None, gate_up, down, moe)
+        Self::new(
+            router,
+            None,
+            ExpertWeights::dense(gate_up)?,
+            ExpertWeights::dense(down)?,
+            moe,
+        )
     }
 
     /// The layer of `router`, `biases` and every expert's gate/up `[E, 2·I, hidden]` (gate
@@ -141,15 +203,15 @@ impl Experts {
     fn new(
         router: Tensor,
         biases: Option<ExpertBiases>,
-        gate_up: Tensor,
-        down: Tensor,
+        gate_up: ExpertWeights,
+        down: ExpertWeights,
         moe: &MoeConfig,
     ) -> Result<Self> {
         Ok(Experts {
             router,
             biases,
-            gate_up_t: gate_up.f_transpose(1, 2)?,
-            down_t: down.f_transpose(1, 2)?,
+            gate_up,
+            down,
             k: moe.experts_per_token,
             inter: moe.expert_intermediate_size,
             norm_topk_prob: moe.norm_topk_prob,
@@ -161,9 +223,11 @@ impl Experts {
 
     /// A GPT-OSS layer (`prefix` = `model.layers.{layer}.mlp`): `router.{weight,bias}` and the
     /// experts' `gate_up_proj` `[E, hidden, 2·I]` and `down_proj` `[E, I, hidden]` (inputs by
-    /// outputs), in the model's type or as MXFP4 (`…_blocks` and `…_scales`, as OpenAI ships
-    /// them: [`mxfp4`]), with `gate_up_proj_bias` and `down_proj_bias`. Gate and up columns
-    /// alternate (gate, up, gate, …); they are split into gate rows then up rows here.
+    /// outputs), in the model's type or as MXFP4 (`…_blocks` `[E, out, in/32, 16]` and
+    /// `…_scales` `[E, out, in/32]`, as OpenAI ships them: [`loraloom_mxfp4`]), kept packed
+    /// when the store says so ([`WeightStore::keeps_mxfp4_packed`]) and dequantized here
+    /// otherwise, with `gate_up_proj_bias` and `down_proj_bias`. Gate and up outputs alternate
+    /// (gate, up, gate, …); they are split into gate rows then up rows here.
     fn load_gpt_oss(
         store: &mut WeightStore,
         prefix: &str,
@@ -174,39 +238,55 @@ impl Experts {
         let router = store.take(&format!("{prefix}.router.weight"), &[e, h])?;
         let router_bias = store.take(&format!("{prefix}.router.bias"), &[e])?;
         let experts = format!("{prefix}.experts");
-        // Each projection as `[E, out, in]`.
-        let mut weight = |name: &str, out: i64, inp: i64| -> Result<Tensor> {
-            let full = format!("{experts}.{name}");
-            if store.contains(&full) {
-                return Ok(store.take(&full, &[e, inp, out])?.f_transpose(1, 2)?);
-            }
-            let blocks = store.take_raw(&format!("{full}_blocks"), &[e, out, inp / 32, 16])?;
-            let scales = store.take_raw(&format!("{full}_scales"), &[e, out, inp / 32])?;
-            store.place(mxfp4(&blocks, &scales, store.kind())?)
-        };
-        let gate_up = weight("gate_up_proj", 2 * i, h)?;
-        let down = weight("down_proj", h, i)?.f_contiguous()?;
-        let gate_up_bias = store.take(&format!("{experts}.gate_up_proj_bias"), &[e, 2 * i])?;
-        let down_bias = store.take(&format!("{experts}.down_proj_bias"), &[e, h])?;
+        // Output rows of `[E, out, ..]` with gate and up rows split.
         let split = |t: &Tensor, dim: i64| -> Result<Tensor> {
             let gate = t.f_slice(dim, 0, None, 2)?;
             let up = t.f_slice(dim, 1, None, 2)?;
             Ok(Tensor::f_cat(&[gate, up], dim)?)
         };
+        // Each projection `[E, out, in]`, its output rows reordered by `rows`.
+        let mut weight = |name: &str,
+                          out: i64,
+                          inp: i64,
+                          rows: &dyn Fn(&Tensor) -> Result<Tensor>|
+         -> Result<ExpertWeights> {
+            let full = format!("{experts}.{name}");
+            if store.contains(&full) {
+                let dense = store.take(&full, &[e, inp, out])?.f_transpose(1, 2)?;
+                return ExpertWeights::dense(rows(&dense)?.f_contiguous()?);
+            }
+            let blocks = store.take_raw(&format!("{full}_blocks"), &[e, out, inp / 32, 16])?;
+            let scales = store.take_raw(&format!("{full}_scales"), &[e, out, inp / 32])?;
+            let (blocks, scales) = (rows(&blocks)?, rows(&scales)?);
+            if store.keeps_mxfp4_packed() {
+                let packed = PackedWeights::new(
+                    store.place_as(blocks, Kind::Uint8)?,
+                    store.place_as(scales, Kind::Uint8)?,
+                    store.kind(),
+                )?;
+                return Ok(ExpertWeights::Packed(packed));
+            }
+            let dense = PackedWeights::new(blocks, scales, store.kind())?.dequantize()?;
+            ExpertWeights::dense(store.place(dense)?)
+        };
+        let gate_up = weight("gate_up_proj", 2 * i, h, &|t| split(t, 1))?;
+        let down = weight("down_proj", h, i, &|t| Ok(t.shallow_clone()))?;
+        let gate_up_bias = store.take(&format!("{experts}.gate_up_proj_bias"), &[e, 2 * i])?;
+        let down_bias = store.take(&format!("{experts}.down_proj_bias"), &[e, h])?;
         let biases = ExpertBiases {
             router: router_bias,
             gate_up: split(&gate_up_bias, 1)?,
             down: down_bias,
         };
-        Self::new(router, Some(biases), split(&gate_up, 1)?, down, moe)
+        Self::new(router, Some(biases), gate_up, down, moe)
     }
 
     pub(crate) fn shallow_clone(&self) -> Self {
         Experts {
             router: self.router.shallow_clone(),
             biases: self.biases.as_ref().map(ExpertBiases::shallow_clone),
-            gate_up_t: self.gate_up_t.shallow_clone(),
-            down_t: self.down_t.shallow_clone(),
+            gate_up: self.gate_up.shallow_clone(),
+            down: self.down.shallow_clone(),
             k: self.k,
             inter: self.inter,
             norm_topk_prob: self.norm_topk_prob,
@@ -219,13 +299,37 @@ impl Experts {
     /// Parameters of the layer; with `active`, those one token multiplies by (the router and
     /// `k` of the experts).
     pub(crate) fn num_parameters(&self, active: bool) -> i64 {
-        let experts = (self.gate_up_t.numel() + self.down_t.numel()) as i64;
+        let experts = self.gate_up.numel() + self.down.numel();
         let experts = if active {
             experts / self.router.size()[0] * self.k
         } else {
             experts
         };
         self.router.numel() as i64 + experts + self.biases.as_ref().map_or(0, ExpertBiases::numel)
+    }
+
+    /// Parameters of the layer kept packed, and the bytes they take.
+    pub(crate) fn packed_size(&self) -> (u64, u64) {
+        [&self.gate_up, &self.down]
+            .into_iter()
+            .filter_map(|w| match w {
+                ExpertWeights::Packed(p) => Some((w.numel() as u64, p.bytes())),
+                ExpertWeights::Dense(_) => None,
+            })
+            .fold((0, 0), |(n, b), (pn, pb)| (n + pn, b + pb))
+    }
+
+    /// Whether the experts are kept in MXFP4.
+    pub(crate) fn packed(&self) -> bool {
+        matches!(self.gate_up, ExpertWeights::Packed(_))
+    }
+
+    /// Bytes of packed weights dequantized at once while the layer runs (the larger
+    /// projection's, every expert; none when the experts are dense).
+    pub(crate) fn dequantized_bytes(&self) -> u64 {
+        self.gate_up
+            .dequantized_bytes()
+            .max(self.down.dequantized_bytes())
     }
 
     /// `residual + moe(h)` for `h` `[.., hidden]` (`residual` shaped as `h`), each expert's
@@ -307,8 +411,7 @@ impl Experts {
             .collect::<Result<Vec<_>>>()?;
         let act = {
             let xs = x.f_index_select(0, &tokens)?;
-            let mut gate_up =
-                xs.f_internal_grouped_mm(&self.gate_up_t, Some(&offsets), None::<&Tensor>, None)?;
+            let mut gate_up = self.gate_up.multiply(&xs, &offsets, &sorted_experts)?;
             if let Some(b) = &self.biases {
                 gate_up = gate_up.f_add(&bias_of(&b.gate_up)?)?;
             }
@@ -328,8 +431,7 @@ impl Experts {
         };
         // Back in (token, slot) order, each token's `k` outputs weighted and summed.
         let out = {
-            let mut sorted =
-                act.f_internal_grouped_mm(&self.down_t, Some(&offsets), None::<&Tensor>, None)?;
+            let mut sorted = self.down.multiply(&act, &offsets, &sorted_experts)?;
             if let Some(b) = &self.biases {
                 sorted = sorted.f_add(&bias_of(&b.down)?)?;
             }
@@ -364,38 +466,6 @@ impl Experts {
             }
         })
     }
-}
-
-/// Dequantizes MXFP4 weights (OpenAI's format for GPT-OSS's experts, as transformers reads it):
-/// `blocks` `[E, rows, G, 16]` bytes each hold two 4-bit values (E2M1; the low nibble
-/// first), every 32 values of a row share the power of two `2^(scale − 127)` of `scales`
-/// `[E, rows, G]`. Returns `[E, rows, 32·G]` in `kind`, on the blocks' device, one expert at a
-/// time so the f32 intermediate stays one expert's size.
-pub(crate) fn mxfp4(blocks: &Tensor, scales: &Tensor, kind: Kind) -> Result<Tensor> {
-    const VALUES: [f32; 16] = [
-        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
-    ];
-    let device = blocks.device();
-    let lut = Tensor::from_slice(&VALUES).f_to_device(device)?;
-    // One expert: `[rows, G, 16]` bytes and `[rows, G]` scales.
-    let one = |blocks: &Tensor, scales: &Tensor| -> Result<Tensor> {
-        let (rows, groups, _) = blocks.size3()?;
-        let bytes = blocks.f_to_kind(Kind::Int64)?;
-        let low = lut.f_index_select(0, &bytes.f_bitwise_and(0x0F)?.f_flatten(0, -1)?)?;
-        let high = lut.f_index_select(0, &bytes.f_floor_divide_scalar(16)?.f_flatten(0, -1)?)?;
-        let mut values = Tensor::f_stack(&[low, high], -1)?.f_view([rows, groups, 32])?;
-        let power = scales
-            .f_to_kind(Kind::Float)?
-            .f_sub_scalar(127.0)?
-            .f_exp2()?
-            .f_unsqueeze(-1)?;
-        values = values.f_mul(&power)?;
-        Ok(values.f_flatten(-2, -1)?.f_to_kind(kind)?)
-    };
-    let parts = (0..blocks.size()[0])
-        .map(|e| one(&blocks.get(e), &scales.get(e)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_stack(&parts, 0)?)
 }
 
 /// Where one stack's token-expert pairs sit and how its grouped matmuls split them.

@@ -12,6 +12,8 @@ pub struct WeightStore {
     tensors: HashMap<String, Tensor>,
     kind: Kind,
     device: Device,
+    /// Whether MXFP4 weights stay packed on the device ([`WeightStore::keep_mxfp4_packed`]).
+    mxfp4_packed: bool,
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -63,7 +65,28 @@ impl WeightStore {
             tensors,
             kind,
             device,
+            mxfp4_packed: false,
         })
+    }
+
+    /// Bytes the checkpoint's MXFP4 weights (`…_blocks`, two values a byte) take dequantized
+    /// into the store's element type.
+    pub fn mxfp4_dequantized_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| name.ends_with("_blocks"))
+            .map(|(_, t)| t.numel() as u64 * 2 * self.kind.elt_size_in_bytes() as u64)
+            .sum()
+    }
+
+    /// Keeps MXFP4 weights packed on the device (`true`) or dequantizes them at load.
+    pub fn keep_mxfp4_packed(&mut self, packed: bool) {
+        self.mxfp4_packed = packed;
+    }
+
+    /// Whether MXFP4 weights stay packed ([`WeightStore::keep_mxfp4_packed`]).
+    pub fn keeps_mxfp4_packed(&self) -> bool {
+        self.mxfp4_packed
     }
 
     /// Whether the checkpoint holds `name`.
@@ -95,7 +118,7 @@ impl WeightStore {
     }
 
     /// `tensor` in `kind` on the store's device, frozen.
-    fn place_as(&self, tensor: Tensor, kind: Kind) -> Result<Tensor> {
+    pub(crate) fn place_as(&self, tensor: Tensor, kind: Kind) -> Result<Tensor> {
         Ok(tensor
             .f_to_kind(kind)?
             .f_to_device(self.device)?

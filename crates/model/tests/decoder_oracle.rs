@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use loraloom_model::{Decoder, ModelError};
+use loraloom_model::{Decoder, ModelError, Mxfp4Policy};
 use tch::{Device, Kind, Tensor};
 
 fn check_real_positions(
@@ -37,12 +37,16 @@ fn check_real_positions(
 }
 
 fn check_tiny(arch: &str) {
+    check_tiny_loaded(arch, Mxfp4Policy::Dequantize);
+}
+
+fn check_tiny_loaded(arch: &str, mxfp4: Mxfp4Policy) -> Decoder {
     let dir = TempDir::new(arch);
     oracle(
         "tiny_models.py",
         &["make", arch, dir.path().to_str().unwrap()],
     );
-    let decoder = Decoder::load(dir.path(), Device::Cpu, Some(Kind::Float)).unwrap();
+    let decoder = Decoder::load_with(dir.path(), Device::Cpu, Some(Kind::Float), mxfp4).unwrap();
     assert_eq!(
         decoder.config().architecture.name(),
         arch.trim_end_matches("_fused")
@@ -52,6 +56,7 @@ fn check_tiny(arch: &str) {
     );
     let expected = read_tensors(&dir.path().join("expected.safetensors"));
     check_real_positions(&decoder, &expected, 1e-4);
+    decoder
 }
 
 #[test]
@@ -125,7 +130,44 @@ fn tiny_gpt_oss_matches_transformers() {
 
 #[test]
 fn tiny_gpt_oss_with_mxfp4_experts_matches_transformers_dequantized() {
-    check_tiny("gpt_oss_mxfp4");
+    let decoder = check_tiny_loaded("gpt_oss_mxfp4", Mxfp4Policy::Dequantize);
+    assert_eq!(decoder.dequantized_weight_bytes(), 0);
+    assert!(!decoder.summary().contains("MXFP4"));
+}
+
+#[test]
+fn tiny_gpt_oss_with_mxfp4_experts_kept_packed_matches_transformers_dequantized() {
+    // The experts stay packed and each layer dequantizes them as it runs (every expert at
+    // once: a pass over rows of up to 20 tokens routes more token-expert pairs than there are
+    // experts).
+    let decoder = check_tiny_loaded("gpt_oss_mxfp4", Mxfp4Policy::Packed);
+    assert!(
+        decoder.summary().ends_with("experts in MXFP4"),
+        "{}",
+        decoder.summary()
+    );
+    // One layer's gate/up: 8 experts of [2·32, 64] in f32.
+    assert_eq!(decoder.dequantized_weight_bytes(), 8 * 64 * 64 * 4);
+    // A limit under what dequantizing takes keeps them packed; over it, not.
+    let dir = TempDir::new("gpt_oss_mxfp4_limit");
+    oracle(
+        "tiny_models.py",
+        &["make", "gpt_oss_mxfp4", dir.path().to_str().unwrap()],
+    );
+    // Two layers' gate/up [8, 64, 64] and down [8, 64, 32]: 4 bytes each in f32, packed half
+    // a byte and a scale byte per 32.
+    let values = 2 * (8 * 64 * 64 + 8 * 64 * 32);
+    let load = |limit| {
+        let policy = Mxfp4Policy::PackedAbove(limit);
+        Decoder::load_with(dir.path(), Device::Cpu, Some(Kind::Float), policy).unwrap()
+    };
+    let (packed, dense) = (load(values * 4 - 1), load(values * 4));
+    assert!(packed.dequantized_weight_bytes() > 0);
+    assert_eq!(dense.dequantized_weight_bytes(), 0);
+    assert_eq!(
+        dense.weight_bytes() - packed.weight_bytes(),
+        values * 4 - (values / 2 + values / 32)
+    );
 }
 
 #[test]

@@ -13,8 +13,8 @@ use loraloom_model::loss::{elementwise_loss, target_logprobs};
 use loraloom_model::memory::{self, Mode};
 use loraloom_model::{
     forward_backward, held_bytes, step_many, AdamParams, AdamState, AdapterStack, Datum, Decoder,
-    Field, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, PassCost, RequestOutput, StepJob,
-    TrainRequest, NO_LIMIT,
+    Field, LoraAdapter, LoraBatch, LoraSpec, LossFn, LossInputs, Mxfp4Policy, PassCost,
+    RequestOutput, StepJob, TrainRequest, NO_LIMIT,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -236,6 +236,57 @@ fn check_expert_adapters(arch: &str, grads: usize) {
     )
     .unwrap();
     assert!((together[0].loss_sum - base[0].loss_sum).abs() < 1e-4 * base[0].loss_sum.abs());
+}
+
+#[test]
+fn expert_adapters_learn_on_packed_mxfp4_experts_as_on_dequantized_ones() {
+    // Dequantized experts match transformers (decoder_oracle) and expert adapters on GPT-OSS
+    // match PyTorch's gradients (above); packed experts are dequantized where they multiply,
+    // and again in the backward pass, into the same values. A batch of 2 rows of 7 tokens
+    // routes more token-expert pairs than the 8 experts (each layer dequantizes every expert);
+    // of 2 tokens routes 4 (one expert dequantized per pair).
+    let dir = TempDir::new("gpt_oss_mxfp4");
+    oracle(
+        "tiny_models.py",
+        &["make", "gpt_oss_mxfp4", dir.path().to_str().unwrap()],
+    );
+    let load = |mxfp4| Decoder::load_with(dir.path(), Device::Cpu, Some(Kind::Float), mxfp4);
+    let dense = load(Mxfp4Policy::Dequantize).unwrap();
+    let packed = load(Mxfp4Policy::Packed).unwrap();
+    let cfg = dense.config();
+    let specs = [Some(with_targets(spec(4, 3), true, true, true))];
+    for data in [train_data(4, 2, 7), train_data(5, 1, 2)] {
+        let on_dense = perturbed(&specs, cfg, 11);
+        let on_packed = copies(&on_dense, cfg);
+        let run = |decoder: &Decoder, adapters: &[Option<LoraAdapter>]| {
+            let request = TrainRequest {
+                adapter: adapters[0].as_ref(),
+                loss: LossFn::CrossEntropy,
+                data: &data,
+            };
+            forward_backward(decoder, &[request], true, NO_LIMIT).unwrap()[0].loss_sum
+        };
+        let (want, got) = (run(&dense, &on_dense), run(&packed, &on_packed));
+        assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+        let (a, b) = (
+            on_dense[0].as_ref().unwrap(),
+            on_packed[0].as_ref().unwrap(),
+        );
+        let grads = row_of(a, Field::Grads);
+        assert!(grads.abs().max().double_value(&[]) > 0.0);
+        let rel = rel_diff(&row_of(b, Field::Grads), &grads);
+        assert!(
+            rel <= 1e-5,
+            "{} rows: gradients differ by {rel}",
+            data.len()
+        );
+        // Every expert projection's gradient reaches the adapter, packed as dense.
+        for (module, pair) in b.named_field_pairs(Field::Grads).unwrap() {
+            if module.contains("experts") {
+                assert!(pair.a.abs().max().double_value(&[]) > 0.0, "{module}");
+            }
+        }
+    }
 }
 
 #[test]

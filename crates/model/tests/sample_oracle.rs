@@ -11,8 +11,8 @@ use loraloom_model::checkpoint;
 use loraloom_model::rng::SplitMix64;
 use loraloom_model::sample::sample_seed;
 use loraloom_model::{
-    sample, sample_with, Decoder, Generation, LoraAdapter, LoraSpec, SampleOutput, SampleRequest,
-    SamplingParams, Scoring, StepGraphs, Stop, StopReason, TopK,
+    sample, sample_with, Decoder, Generation, LoraAdapter, LoraSpec, Mxfp4Policy, SampleOutput,
+    SampleRequest, SamplingParams, Scoring, StepGraphs, Stop, StopReason, TopK,
 };
 use std::collections::HashMap;
 use tch::{Device, Kind};
@@ -126,6 +126,36 @@ fn greedy_equals_transformers_on_tiny_models_batched() {
             let g = Generation::new(decoder.kind()).with_prefill_chunk(4);
             check_generation_against_oracle(&decoder, &file, 20, g);
         }
+    }
+}
+
+#[test]
+fn greedy_with_mxfp4_experts_kept_packed_equals_transformers() {
+    // transformers dequantizes the experts at load; loraloom keeps them packed. Prefills route
+    // more token-expert pairs than the 8 experts (every expert dequantized at once); decode
+    // steps of the 3 prompts route 6 (one expert dequantized per pair), and of each prompt
+    // alone 2.
+    let dir = TempDir::new("gpt_oss_mxfp4");
+    let tiny = dir.path().to_str().unwrap();
+    oracle("tiny_models.py", &["make", "gpt_oss_mxfp4", tiny]);
+    let file = dir.path().join("greedy.safetensors");
+    oracle(
+        "sample_oracle.py",
+        &["greedy", tiny, file.to_str().unwrap(), "20"],
+    );
+    let packed = Mxfp4Policy::Packed;
+    let decoder = Decoder::load_with(dir.path(), Device::Cpu, Some(Kind::Float), packed).unwrap();
+    assert!(decoder.dequantized_weight_bytes() > 0);
+    check_against_oracle(&decoder, None, &file, 20);
+    check_recorded_steps_against_oracle(&decoder, &file, 20);
+    let e = read_tensors(&file);
+    for (i, request) in oracle_requests(&e, None, 20, false).iter().enumerate() {
+        let out = sample(&decoder, std::slice::from_ref(request), None).unwrap();
+        assert_eq!(
+            out[0].sequences[0].tokens,
+            vec_i64(&e[&format!("tokens.{i}")]),
+            "prompt {i} alone"
+        );
     }
 }
 
