@@ -6,10 +6,17 @@
 # nothing back to the host in bf16, so a `cuda` line should record steps and agree with `off`
 # (`recorded_vs_eager`).
 #
+# Then GPT-OSS (MOE_LAYERS layers of gpt-oss-20b's shape, its experts in MXFP4 as OpenAI ships
+# them) with the experts kept packed (`--mxfp4 packed`: each layer dequantizes them as it runs)
+# and dequantized at load: what keeping them packed costs in time, and what it saves
+# (`weight_bytes` of each run's `model` line).
+#
 # From a kit built by ../shared/gpu/build.sh:
-#   cp scripts/gpu_moe.sh scripts/gpu_common.sh scripts/make_moe_model.py .gpu-kit/
+#   cp scripts/gpu_moe.sh scripts/gpu_common.sh scripts/make_moe_model.py \
+#      tests/oracles/tiny_models.py .gpu-kit/
 #   then, there:  OUT=<dir> LIMIT=150 bash gpu_moe.sh      (a few minutes on an H200)
-# CPU dry run from the project root (`emulate` stands in for `cuda`; a 1-layer model in f32):
+# CPU dry run from the project root (`emulate` stands in for `cuda`; 1-layer models in f32;
+# OSS_SHAPE=oss_bench gives GPT-OSS a small shape, whose 20b layer takes minutes to make here):
 #   BIN=target/release/loraloom GRAPHS=emulate PY=.venv/bin/python MOE_LAYERS=1 \
 #   TOKENIZER=data/models/SmolLM2-135M-Instruct OUT=/tmp/gmoe bash scripts/gpu_moe.sh
 set -u
@@ -30,4 +37,13 @@ done
 run moe_forward_train "$BIN" bench --model "$M" --what forward,train
 run moe_engine "$BIN" bench --model "$M" --what engine --tenants 1,16 --steps 3
 [ -f "$here/gpu_baseline.py" ] && run moe_baseline "$PY" "$here/gpu_baseline.py" "$M" forward,train,decode
+
+if [ "${OSS:-1}" != 0 ]; then
+  OSS_SHAPE="${OSS_SHAPE:-oss20b}"
+  OSS_DIR="${OSS_DIR:-$(mktemp -d)/$OSS_SHAPE}"
+  timeout 600 "$PY" "$here/make_moe_model.py" "$OSS_DIR" "${TOKENIZER:-$here}" "$OSS_SHAPE" 2>&1 | tail -1
+  for mxfp4 in packed dequantize; do
+    run "oss_$mxfp4" "$BIN" bench --model "$OSS_DIR" --mxfp4 "$mxfp4" --what forward,train,decode
+  done
+fi
 exit 0

@@ -198,14 +198,18 @@ def quantize_mxfp4(w: torch.Tensor):
     """`w` [E, out, in] as MXFP4 blocks [E, out, in/32, 16] (two values a byte, the low nibble
     first) and scales [E, out, in/32] (a power of two per 32 values, biased by 127): each group's
     scale the least that keeps its largest value within E2M1's 6, each value the nearest E2M1."""
-    e, rows, cols = w.shape
-    groups = w.reshape(e, rows, cols // 32, 32)
-    amax = groups.abs().amax(-1).clamp_min(1e-30)
-    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
-    scaled = groups / torch.exp2(exponent)[..., None]
-    codes = (scaled[..., None] - FP4_VALUES).abs().argmin(-1).to(torch.uint8)
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+    values = FP4_VALUES.to(w.device)
+    blocks, scales = [], []
+    for one in w:  # an expert at a time: the distances to the 16 values are 64x its size
+        rows, cols = one.shape
+        groups = one.float().reshape(rows, cols // 32, 32)
+        amax = groups.abs().amax(-1).clamp_min(1e-30)
+        exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+        scaled = groups / torch.exp2(exponent)[..., None]
+        codes = (scaled[..., None] - values).abs().argmin(-1).to(torch.uint8)
+        blocks.append(codes[..., 0::2] | (codes[..., 1::2] << 4))
+        scales.append((exponent + 127).to(torch.uint8))
+    return torch.stack(blocks).contiguous(), torch.stack(scales).contiguous()
 
 
 def to_mxfp4(model, out: Path) -> dict:
@@ -219,12 +223,25 @@ def to_mxfp4(model, out: Path) -> dict:
         for name, p in model.named_parameters():
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 blocks, scales = quantize_mxfp4(p.detach().transpose(1, 2))
-                p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+                p.copy_(convert_moe_packed_tensors(blocks, scales, dtype=p.dtype))
                 packed[name + "_blocks"] = blocks
                 packed[name + "_scales"] = scales
     state = {k: v for k, v in model.state_dict().items()
              if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
     return {**state, **packed}
+
+
+def save_mxfp4(model, out: Path) -> None:
+    """Writes GPT-OSS `model` to `out` as OpenAI ships it (`to_mxfp4`), with the
+    `quantization_config` transformers reads such a checkpoint by."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in to_mxfp4(model, out).items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def make(arch: str, out: Path) -> None:
@@ -237,14 +254,7 @@ def make(arch: str, out: Path) -> None:
         model.config.architectures = ["GptOssForCausalLM"]
     randomize(model)
     if arch.endswith("_mxfp4"):
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in to_mxfp4(model, out).items()},
-                  str(out / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(out)
-        config = json.loads((out / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        save_mxfp4(model, out)
     else:
         save_checkpoint(model, out, fused_experts=arch.endswith("_fused"))
     ids, lengths, mask = batch_inputs(model.config.vocab_size)

@@ -55,14 +55,19 @@ pub fn mxfp4(choice: &str, device: Device) -> anyhow::Result<(Mxfp4Policy, Strin
         "dequantize" => (Mxfp4Policy::Dequantize, "dequantized at load (set)".into()),
         "auto" => {
             let (free, source) = free_memory(device);
-            let free = free.unwrap_or(FALLBACK * 2);
+            let (free, what) = match free {
+                Some(free) => (free, format!("{} {source}", human_bytes(free))),
+                None => (
+                    FALLBACK * 2,
+                    format!("{} ({source} could not be read)", human_bytes(FALLBACK * 2)),
+                ),
+            };
             let limit = (free as f64 * AUTO_SHARE) as u64;
             (
                 Mxfp4Policy::PackedAbove(limit),
                 format!(
-                    "auto: packed if dequantized they would take more than {}, half of {} {source}",
-                    human_bytes(limit),
-                    human_bytes(free)
+                    "auto: packed if dequantized they would take more than {}, half of {what}",
+                    human_bytes(limit)
                 ),
             )
         }

@@ -108,6 +108,22 @@ struct BenchArgs {
 }
 
 /// Says at start what `--step-graphs` will do on `device`.
+/// `--step-graphs` for `decoder`, logged: recorded steps keep the memory they used for as
+/// long as they replay, so a model that dequantizes packed experts as it runs (a whole
+/// layer's, in a batch of many rows) decodes eagerly instead.
+fn step_graphs_for(graphs: StepGraphs, decoder: &loraloom_model::Decoder) -> StepGraphs {
+    if graphs == StepGraphs::Cuda && decoder.dequantized_weight_bytes() > 0 {
+        tracing::warn!(
+            "decode steps issued one by one: --step-graphs cuda would keep each recorded step's \
+             dequantized MXFP4 experts ({}) for as long as it replays (see --mxfp4)",
+            loraloom_model::human_bytes(decoder.dequantized_weight_bytes())
+        );
+        return StepGraphs::Off;
+    }
+    log_step_graphs(graphs, decoder.device());
+    graphs
+}
+
 fn log_step_graphs(graphs: StepGraphs, device: loraloom_model::Device) {
     match graphs {
         StepGraphs::Cuda if !device.is_cuda() => {
@@ -749,7 +765,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (memory_budget, budget_source) =
         budget::resolve(&args.memory_budget, base.decoder().device(), args.workers)?;
     tracing::info!("memory budget: {budget_source}");
-    log_step_graphs(args.step_graphs, base.decoder().device());
+    let step_graphs = step_graphs_for(args.step_graphs, base.decoder());
     let kv_bytes_per_token = base.decoder().kv_bytes_per_token();
     let (max_kv_tokens, kv_source) = budget::kv_tokens(
         &args.max_kv_tokens,
@@ -804,7 +820,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .with_max_resident(args.max_resident_runs)
                 .with_max_resident_samplers(args.max_resident_samplers)
                 .with_memory_budget(memory_budget)
-                .with_step_graphs(args.step_graphs)
+                .with_step_graphs(step_graphs)
                 .with_prefix_cache(args.prefix_cache_tokens)
                 .with_kv_budget(max_kv_tokens),
             ) as Box<dyn Backend>

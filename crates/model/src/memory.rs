@@ -231,7 +231,7 @@ pub fn plan(lengths: &[usize], backward: bool, cost: &PassCost, budget: u64) -> 
         } else if backward && fits(Mode::Checkpointed) {
             Mode::Checkpointed
         } else {
-            return Err(too_large(row, len, cost.least_bytes(len, backward), budget));
+            return Err(too_large(row, len, cost.least_bytes(len, backward), budget, cost.dequantized_weights));
         };
         micro_batches.push(MicroBatch {
             rows: row..row + 1,
@@ -250,19 +250,24 @@ pub fn check_fits(lengths: &[usize], backward: bool, cost: &PassCost, budget: u6
     for (row, &len) in lengths.iter().enumerate() {
         let need = cost.least_bytes(len, backward);
         if need > budget {
-            return Err(too_large(row, len, need, budget));
+            return Err(too_large(row, len, need, budget, cost.dequantized_weights));
         }
     }
     Ok(())
 }
 
-fn too_large(row: usize, len: usize, need: u64, budget: u64) -> ModelError {
+fn too_large(row: usize, len: usize, need: u64, budget: u64, dequantized: u64) -> ModelError {
     ModelError::invalid(
         format!("data[{row}].model_input"),
         format!(
-            "{len} tokens need about {} of activation memory even with activation checkpointing, more than the {} per pass this server's memory budget (--memory-budget) leaves for activations",
+            "{len} tokens need about {} of activation memory even with activation checkpointing, more than the {} per pass this server's memory budget (--memory-budget) leaves for activations{}",
             human_bytes(need),
-            human_bytes(budget)
+            human_bytes(budget),
+            if dequantized > 0 {
+                format!(" (of which {} are one layer's MXFP4 experts dequantized as it runs: see --mxfp4)", human_bytes(dequantized))
+            } else {
+                String::new()
+            }
         ),
     )
 }

@@ -72,14 +72,11 @@ impl ExpertWeights {
         }
     }
 
-    /// Bytes dequantized at once while it multiplies (none when dense): every expert's
-    /// weights in the compute type (`grouped`), or one expert's per row.
+    /// Bytes a product holds for dequantized weights (none when dense).
     fn dequantized_bytes(&self) -> u64 {
         match self {
             ExpertWeights::Dense(_) => 0,
-            ExpertWeights::Packed(p) => {
-                p.shape().iter().product::<i64>() as u64 * p.kind().elt_size_in_bytes() as u64
-            }
+            ExpertWeights::Packed(p) => p.working_bytes(),
         }
     }
 
@@ -324,8 +321,8 @@ impl Experts {
         matches!(self.gate_up, ExpertWeights::Packed(_))
     }
 
-    /// Bytes of packed weights dequantized at once while the layer runs (the larger
-    /// projection's, every expert; none when the experts are dense).
+    /// Bytes the layer holds for dequantized weights while it runs (the larger projection's;
+    /// none when the experts are dense).
     pub(crate) fn dequantized_bytes(&self) -> u64 {
         self.gate_up
             .dequantized_bytes()

@@ -146,8 +146,10 @@ fn tiny_gpt_oss_with_mxfp4_experts_kept_packed_matches_transformers_dequantized(
         "{}",
         decoder.summary()
     );
-    // One layer's gate/up: 8 experts of [2·32, 64] in f32.
-    assert_eq!(decoder.dequantized_weight_bytes(), 8 * 64 * 64 * 4);
+    // At least one layer's gate/up, 8 experts of [2·32, 64] in f32, and its temporaries.
+    let gate_up = 8 * 64 * 64 * 4;
+    let held = decoder.dequantized_weight_bytes();
+    assert!(held >= gate_up && held <= 3 * gate_up, "{held}");
     // A limit under what dequantizing takes keeps them packed; over it, not.
     let dir = TempDir::new("gpt_oss_mxfp4_limit");
     oracle(

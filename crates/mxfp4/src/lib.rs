@@ -33,6 +33,10 @@ impl From<tch::TchError> for Mxfp4Error {
     }
 }
 
+/// Packed bytes dequantized at a time (whole experts, at least one): bounds the temporaries of
+/// a dequantization to 4 bytes of indices and two values per byte.
+const CHUNK_BYTES: i64 = 1 << 24;
+
 /// The sixteen E2M1 values by nibble.
 const E2M1: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
@@ -50,8 +54,14 @@ pub struct PackedWeights {
 
 impl PackedWeights {
     /// The weights of `blocks` `[E, out, G, 16]` and `scales` `[E, out, G]` (uint8, on one
-    /// device), dequantized into `kind`.
+    /// device), dequantized into `kind`: f32 or bf16, which hold every E2M1 value times every
+    /// power of two a scale gives (f16 does not).
     pub fn new(blocks: Tensor, scales: Tensor, kind: Kind) -> Result<Self, Mxfp4Error> {
+        if !matches!(kind, Kind::Float | Kind::BFloat16) {
+            return Err(Mxfp4Error::Shape(format!(
+                "dequantizes into f32 or bf16, not {kind:?}"
+            )));
+        }
         let b = blocks.size();
         let s = scales.size();
         if b.len() != 4 || b[3] != 16 || s != b[..3] {
@@ -115,6 +125,19 @@ impl PackedWeights {
         (self.blocks.numel() + self.scales.numel()) as u64
     }
 
+    /// Bytes a product holds at its peak besides its input and output: every expert's weights
+    /// in the compute type (the gathered product: at most one fewer expert's, plus the copies
+    /// of their blocks and scales it dequantizes from) and one chunk's temporaries.
+    pub fn working_bytes(&self) -> u64 {
+        let elem = self.kind().elt_size_in_bytes() as u64;
+        let values = self.shape().iter().product::<i64>() as u64;
+        let packed = values / 2;
+        let chunk = (CHUNK_BYTES as u64)
+            .max(packed / self.shape()[0].max(1) as u64)
+            .min(packed);
+        values * elem + self.bytes() + chunk * (4 + 2 * elem)
+    }
+
     /// Every expert's weights, `[E, out, in]` in the compute type.
     pub fn dequantize(&self) -> Result<Tensor, Mxfp4Error> {
         let mut out = std::ptr::null_mut();
@@ -126,6 +149,7 @@ impl PackedWeights {
                 self.blocks.as_ptr(),
                 self.scales.as_ptr(),
                 self.table.as_ptr(),
+                CHUNK_BYTES,
                 &mut out,
             )
         };
@@ -147,6 +171,7 @@ impl PackedWeights {
                 self.scales.as_ptr(),
                 self.table.as_ptr(),
                 offsets.as_ptr(),
+                CHUNK_BYTES,
                 &mut out,
             )
         };
@@ -167,6 +192,7 @@ impl PackedWeights {
                 self.scales.as_ptr(),
                 self.table.as_ptr(),
                 experts.as_ptr(),
+                CHUNK_BYTES,
                 &mut out,
             )
         };
@@ -218,6 +244,7 @@ mod ffi {
             blocks: *const C_tensor,
             scales: *const C_tensor,
             table: *const C_tensor,
+            chunk: i64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn loraloom_mxfp4_grouped_mm(
@@ -226,6 +253,7 @@ mod ffi {
             scales: *const C_tensor,
             table: *const C_tensor,
             offsets: *const C_tensor,
+            chunk: i64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
         pub fn loraloom_mxfp4_gathered_mm(
@@ -234,6 +262,7 @@ mod ffi {
             scales: *const C_tensor,
             table: *const C_tensor,
             experts: *const C_tensor,
+            chunk: i64,
             out: *mut *mut C_tensor,
         ) -> *mut c_char;
     }
@@ -325,12 +354,40 @@ mod tests {
     }
 
     #[test]
+    fn bf16_products_equal_dense_bf16_weights() {
+        let (packed, dense) = random(4, 8, 1, 2);
+        let packed = PackedWeights::new(packed.blocks, packed.scales, Kind::BFloat16).unwrap();
+        let dense = dense.to_kind(Kind::BFloat16);
+        let x = Tensor::randn([7, 32], (Kind::BFloat16, Device::Cpu));
+        let g = Tensor::randn([7, 8], (Kind::BFloat16, Device::Cpu));
+        let offsets = Tensor::from_slice(&[1i32, 3, 3, 7]);
+        let experts = Tensor::from_slice(&[0i64, 1, 1, 3, 3, 3, 3]);
+        let (want, want_grad) = value_and_grad(&x, &g, |x| {
+            x.internal_grouped_mm(&dense.transpose(1, 2), Some(&offsets), None::<&Tensor>, None)
+        });
+        // The same operation on the same bf16 weights: the same bits.
+        let (got, got_grad) = value_and_grad(&x, &g, |x| packed.grouped_mm(x, &offsets).unwrap());
+        assert!(got.equal(&want) && got_grad.equal(&want_grad));
+        // A batched matmul sums in another order: bf16's rounding (2^-8 relative) apart.
+        let (got, got_grad) =
+            value_and_grad(&x, &g, |x| packed.gathered_mm(x, &experts).unwrap());
+        for (a, b) in [(got, want), (got_grad, want_grad)] {
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            let diff = (&a - &b).abs().max().double_value(&[]);
+            let scale = b.abs().max().double_value(&[]);
+            assert!(diff <= 1e-2 * scale, "differ by {diff} (scale {scale})");
+        }
+    }
+
+    #[test]
     fn what_is_not_mxfp4_is_an_error_not_a_crash() {
         let blocks = Tensor::zeros([2, 4, 1, 16], (Kind::Uint8, Device::Cpu));
         let scales = Tensor::zeros([2, 4, 2], (Kind::Uint8, Device::Cpu));
         assert!(PackedWeights::new(blocks.shallow_clone(), scales, Kind::Float).is_err());
         let floats = Tensor::zeros([2, 4, 1], (Kind::Float, Device::Cpu));
         assert!(PackedWeights::new(blocks.shallow_clone(), floats, Kind::Float).is_err());
+        let scales = Tensor::zeros([2, 4, 1], (Kind::Uint8, Device::Cpu));
+        assert!(PackedWeights::new(blocks.shallow_clone(), scales, Kind::Half).is_err());
         let scales = Tensor::zeros([2, 4, 1], (Kind::Uint8, Device::Cpu));
         let packed = PackedWeights::new(blocks, scales, Kind::Float).unwrap();
         let x = Tensor::zeros([3, 16], (Kind::Float, Device::Cpu));
