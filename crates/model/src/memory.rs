@@ -231,7 +231,13 @@ pub fn plan(lengths: &[usize], backward: bool, cost: &PassCost, budget: u64) -> 
         } else if backward && fits(Mode::Checkpointed) {
             Mode::Checkpointed
         } else {
-            return Err(too_large(row, len, cost.least_bytes(len, backward), budget, cost.dequantized_weights));
+            return Err(too_large(
+                row,
+                len,
+                cost.least_bytes(len, backward),
+                budget,
+                cost.dequantized_weights,
+            ));
         };
         micro_batches.push(MicroBatch {
             rows: row..row + 1,

@@ -363,14 +363,18 @@ mod tests {
         let offsets = Tensor::from_slice(&[1i32, 3, 3, 7]);
         let experts = Tensor::from_slice(&[0i64, 1, 1, 3, 3, 3, 3]);
         let (want, want_grad) = value_and_grad(&x, &g, |x| {
-            x.internal_grouped_mm(&dense.transpose(1, 2), Some(&offsets), None::<&Tensor>, None)
+            x.internal_grouped_mm(
+                &dense.transpose(1, 2),
+                Some(&offsets),
+                None::<&Tensor>,
+                None,
+            )
         });
         // The same operation on the same bf16 weights: the same bits.
         let (got, got_grad) = value_and_grad(&x, &g, |x| packed.grouped_mm(x, &offsets).unwrap());
         assert!(got.equal(&want) && got_grad.equal(&want_grad));
         // A batched matmul sums in another order: bf16's rounding (2^-8 relative) apart.
-        let (got, got_grad) =
-            value_and_grad(&x, &g, |x| packed.gathered_mm(x, &experts).unwrap());
+        let (got, got_grad) = value_and_grad(&x, &g, |x| packed.gathered_mm(x, &experts).unwrap());
         for (a, b) in [(got, want), (got_grad, want_grad)] {
             let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
             let diff = (&a - &b).abs().max().double_value(&[]);
