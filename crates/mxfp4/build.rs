@@ -13,8 +13,16 @@ fn main() {
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not say where libtorch is"),
     );
-    // This crate's own test binary finds libtorch without LD_LIBRARY_PATH.
+    // This crate's own test binary finds libtorch without LD_LIBRARY_PATH, and loads its CUDA
+    // backend where libtorch has one (as `rpath-build.rs` does for the other crates: rustc's
+    // `--as-needed` would drop `libtorch_cuda.so`).
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    let cuda = lib.join("libtorch_cuda.so");
+    if cuda.exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg={}", cuda.display());
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
     let include = lib
         .parent()
         .expect("libtorch's library directory has a parent")
