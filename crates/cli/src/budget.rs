@@ -54,14 +54,7 @@ pub fn mxfp4(choice: &str, device: Device) -> anyhow::Result<(Mxfp4Policy, Strin
         "packed" => (Mxfp4Policy::Packed, "packed (set)".into()),
         "dequantize" => (Mxfp4Policy::Dequantize, "dequantized at load (set)".into()),
         "auto" => {
-            let (free, source) = free_memory(device);
-            let (free, what) = match free {
-                Some(free) => (free, format!("{} {source}", human_bytes(free))),
-                None => (
-                    FALLBACK * 2,
-                    format!("{} ({source} could not be read)", human_bytes(FALLBACK * 2)),
-                ),
-            };
+            let (free, what) = free_or(device, FALLBACK * 2);
             let limit = (free as f64 * AUTO_SHARE) as u64;
             (
                 Mxfp4Policy::PackedAbove(limit),
@@ -154,14 +147,7 @@ pub fn kv_tokens(
             .map_err(|e| anyhow::anyhow!("--max-kv-tokens: {choice:?}: {e}"))?;
         return Ok((tokens, describe(tokens, "set".into())));
     }
-    let (free, source) = free_memory(device);
-    let (free, what) = match free {
-        Some(free) => (free, format!("{} {source}", human_bytes(free))),
-        None => (
-            FALLBACK,
-            format!("{} ({source} could not be read)", human_bytes(FALLBACK)),
-        ),
-    };
+    let (free, what) = free_or(device, FALLBACK);
     let share = (free as f64 * KV_SHARE) as u64 / workers.max(1) as u64;
     let tokens = (share / (per_token * KV_COPIES)).max(MIN_KV_TOKENS as u64) as usize;
     let how = format!("auto: a quarter of {what} over {workers} worker(s), halved for copies");
@@ -176,6 +162,18 @@ fn free_memory(device: Device) -> (Option<u64>, &'static str) {
     match device {
         Device::Cuda(index) => (gpu_free(index), "the GPU's free memory"),
         _ => (ram_available(), "available RAM"),
+    }
+}
+
+/// The memory free now where the model runs, or `fallback` when it cannot be read, with a
+/// phrase saying which.
+fn free_or(device: Device, fallback: u64) -> (u64, String) {
+    match free_memory(device) {
+        (Some(free), source) => (free, format!("{} {source}", human_bytes(free))),
+        (None, source) => (
+            fallback,
+            format!("{} ({source} could not be read)", human_bytes(fallback)),
+        ),
     }
 }
 

@@ -107,7 +107,6 @@ struct BenchArgs {
     memory_budget: String,
 }
 
-/// Says at start what `--step-graphs` will do on `device`.
 /// `--step-graphs` for `decoder`, logged: recorded steps keep the memory they used for as
 /// long as they replay, so a model that dequantizes packed experts as it runs (a whole
 /// layer's, in a batch of many rows) decodes eagerly instead.
@@ -124,6 +123,7 @@ fn step_graphs_for(graphs: StepGraphs, decoder: &loraloom_model::Decoder) -> Ste
     graphs
 }
 
+/// Says at start what `--step-graphs` will do on `device`.
 fn log_step_graphs(graphs: StepGraphs, device: loraloom_model::Device) {
     match graphs {
         StepGraphs::Cuda if !device.is_cuda() => {

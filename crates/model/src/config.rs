@@ -78,8 +78,6 @@ pub struct MoeConfig {
     pub routing: Routing,
     /// The experts' gated activation.
     pub activation: ExpertActivation,
-    /// The router and every expert projection carry a bias (GPT-OSS).
-    pub biases: bool,
 }
 
 /// How a router's logits become the chosen experts' weights.
@@ -722,7 +720,6 @@ fn moe_config(
             Routing::SoftmaxThenTopK
         },
         activation,
-        biases: gpt_oss,
     }))
 }
 
@@ -942,7 +939,7 @@ mod tests {
                 limit: 7.0
             }
         );
-        assert!(moe.biases && !moe.norm_topk_prob && !moe.weights_in_f32);
+        assert!(!moe.norm_topk_prob && !moe.weights_in_f32);
         // Other quantizations, and mxfp4 outside GPT-OSS, are refused by name.
         let gptq = text.replace("mxfp4", "gptq");
         let err = ModelConfig::from_json(&gptq).unwrap_err();

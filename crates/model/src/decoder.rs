@@ -648,7 +648,7 @@ impl Decoder {
             self.num_parameters() as f64 / 1e6,
             self.kind,
             self.device,
-        ) + if self.experts().any(Experts::packed) {
+        ) + if self.dequantized_weight_bytes() > 0 {
             " · experts in MXFP4"
         } else {
             ""
@@ -1599,34 +1599,22 @@ fn attend_with_sinks(
     if causal {
         q = Tensor::f_cat(&[Tensor::f_zeros([b, hq, 1, d + SINK_PAD], opts)?, q], 2)?;
     }
+    // Keys or values `t` widened by zeros, after a first row `first` `[d + SINK_PAD]`.
+    let widen = |t: &Tensor, first: &Tensor| -> Result<Tensor> {
+        let padded = Tensor::f_cat(
+            &[
+                t.shallow_clone(),
+                Tensor::f_zeros([bk, hk, s, SINK_PAD], opts)?,
+            ],
+            -1,
+        )?;
+        let first = first.f_expand([bk, hk, 1, d + SINK_PAD], false)?;
+        Ok(Tensor::f_cat(&[first, padded], 2)?)
+    };
     let sink_key = Tensor::f_zeros([d + SINK_PAD], opts)?;
     let _ = sink_key.f_narrow(0, d, 1)?.f_fill_(1.0)?;
-    let k = Tensor::f_cat(
-        &[
-            sink_key.f_expand([bk, hk, 1, d + SINK_PAD], false)?,
-            Tensor::f_cat(
-                &[
-                    k.shallow_clone(),
-                    Tensor::f_zeros([bk, hk, s, SINK_PAD], opts)?,
-                ],
-                -1,
-            )?,
-        ],
-        2,
-    )?;
-    let v = Tensor::f_cat(
-        &[
-            Tensor::f_zeros([bk, hk, 1, d + SINK_PAD], opts)?,
-            Tensor::f_cat(
-                &[
-                    v.shallow_clone(),
-                    Tensor::f_zeros([bk, hk, s, SINK_PAD], opts)?,
-                ],
-                -1,
-            )?,
-        ],
-        2,
-    )?;
+    let k = widen(k, &sink_key)?;
+    let v = widen(v, &Tensor::f_zeros([d + SINK_PAD], opts)?)?;
     let out =
         Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, Some(scale), gqa)?;
     let out = if causal { out.f_narrow(2, 1, l)? } else { out };

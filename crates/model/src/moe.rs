@@ -241,12 +241,12 @@ impl Experts {
             let up = t.f_slice(dim, 1, None, 2)?;
             Ok(Tensor::f_cat(&[gate, up], dim)?)
         };
-        // Each projection `[E, out, in]`, its output rows reordered by `rows`.
-        let mut weight = |name: &str,
-                          out: i64,
-                          inp: i64,
-                          rows: &dyn Fn(&Tensor) -> Result<Tensor>|
-         -> Result<ExpertWeights> {
+        // Each projection `[E, out, in]`, its gate and up rows split when `interleaved`.
+        let mut weight = |name: &str, out: i64, inp: i64, interleaved: bool| {
+            let rows = |t: &Tensor| match interleaved {
+                true => split(t, 1),
+                false => Ok(t.shallow_clone()),
+            };
             let full = format!("{experts}.{name}");
             if store.contains(&full) {
                 let dense = store.take(&full, &[e, inp, out])?.f_transpose(1, 2)?;
@@ -266,8 +266,8 @@ impl Experts {
             let dense = PackedWeights::new(blocks, scales, store.kind())?.dequantize()?;
             ExpertWeights::dense(store.place(dense)?)
         };
-        let gate_up = weight("gate_up_proj", 2 * i, h, &|t| split(t, 1))?;
-        let down = weight("down_proj", h, i, &|t| Ok(t.shallow_clone()))?;
+        let gate_up = weight("gate_up_proj", 2 * i, h, true)?;
+        let down = weight("down_proj", h, i, false)?;
         let gate_up_bias = store.take(&format!("{experts}.gate_up_proj_bias"), &[e, 2 * i])?;
         let down_bias = store.take(&format!("{experts}.down_proj_bias"), &[e, h])?;
         let biases = ExpertBiases {
@@ -314,11 +314,6 @@ impl Experts {
                 ExpertWeights::Dense(_) => None,
             })
             .fold((0, 0), |(n, b), (pn, pb)| (n + pn, b + pb))
-    }
-
-    /// Whether the experts are kept in MXFP4.
-    pub(crate) fn packed(&self) -> bool {
-        matches!(self.gate_up, ExpertWeights::Packed(_))
     }
 
     /// Bytes the layer holds for dequantized weights while it runs (the larger projection's;

@@ -160,38 +160,29 @@ impl PackedWeights {
     /// of rows that ends at `offsets[e]` (int32, cumulative, as `_grouped_mm` takes them).
     /// Dequantizes every expert, forward and backward.
     pub fn grouped_mm(&self, x: &Tensor, offsets: &Tensor) -> Result<Tensor, Mxfp4Error> {
-        self.check_input(x)?;
-        let mut out = std::ptr::null_mut();
-        // SAFETY: as in `dequantize`; the autograd node the call records holds its own
-        // references to the tensors it saves.
-        let error = unsafe {
-            ffi::loraloom_mxfp4_grouped_mm(
-                x.as_ptr(),
-                self.blocks.as_ptr(),
-                self.scales.as_ptr(),
-                self.table.as_ptr(),
-                offsets.as_ptr(),
-                CHUNK_BYTES,
-                &mut out,
-            )
-        };
-        take(error, out)
+        self.product(ffi::loraloom_mxfp4_grouped_mm, x, offsets)
     }
 
     /// `x` `[P, in]`, row `p` times the weights of expert `experts[p]` (int64) (transposed).
     /// Dequantizes one expert per row, forward and backward: cheaper than [`Self::grouped_mm`]
     /// while rows are fewer than experts (a decode step).
     pub fn gathered_mm(&self, x: &Tensor, experts: &Tensor) -> Result<Tensor, Mxfp4Error> {
+        self.product(ffi::loraloom_mxfp4_gathered_mm, x, experts)
+    }
+
+    /// `x` times the weights by `glue`, which `rows` tells which expert each row meets.
+    fn product(&self, glue: ffi::Product, x: &Tensor, rows: &Tensor) -> Result<Tensor, Mxfp4Error> {
         self.check_input(x)?;
         let mut out = std::ptr::null_mut();
-        // SAFETY: as in `grouped_mm`.
+        // SAFETY: as in `dequantize` (`x` and `rows` are borrowed for the call too); the
+        // autograd node the call records holds its own references to the tensors it saves.
         let error = unsafe {
-            ffi::loraloom_mxfp4_gathered_mm(
+            glue(
                 x.as_ptr(),
                 self.blocks.as_ptr(),
                 self.scales.as_ptr(),
                 self.table.as_ptr(),
-                experts.as_ptr(),
+                rows.as_ptr(),
                 CHUNK_BYTES,
                 &mut out,
             )
@@ -237,6 +228,18 @@ mod ffi {
     use std::ffi::c_char;
 
     use torch_sys::C_tensor;
+
+    /// A product's glue: input, blocks, scales, table, which rows meet which expert, chunk,
+    /// out.
+    pub type Product = unsafe extern "C" fn(
+        *const C_tensor,
+        *const C_tensor,
+        *const C_tensor,
+        *const C_tensor,
+        *const C_tensor,
+        i64,
+        *mut *mut C_tensor,
+    ) -> *mut c_char;
 
     extern "C" {
         pub fn loraloom_mxfp4_error_free(error: *mut c_char);
