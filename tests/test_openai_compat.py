@@ -128,7 +128,7 @@ def test_openai_clients_sample_a_checkpoint_as_the_sdk_does(tmp_path):
             client.completions.create(model=path, prompt=prompt, max_tokens=1, temperature=-1)
         assert refused.value.param == "temperature"
         long_echo = {"n": 100, "echo": True, "logprobs": 20, "max_tokens": 0, "prompt": [prompt_ids * 200]}
-        for extra, field in [({"stream": True}, "stream"), ({"n": 0}, "n"),
+        for extra, field in [({"n": 0}, "n"),
                              ({"presence_penalty": 0.5}, "presence_penalty"), ({"max_tokens": 0}, "max_tokens"),
                              ({"logprobs": 99}, "logprobs"), ({"prompt": ["a", "b"], "n": 100}, "prompt"),
                              ({"suffix": "x"}, "suffix"), ({"stop": ["x"] * 65}, "stop"),

@@ -170,19 +170,27 @@ fn openai_param(field: &str) -> String {
     }
 }
 
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
+impl OpenAiError {
+    /// The error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` (also what
+    /// a stream sends when its request fails midway).
+    pub fn body(&self) -> serde_json::Value {
         let inner = self.0.body();
         let param = match &self.0 {
             ApiError::Engine(EngineError::InvalidInput { field, .. }) => json!(openai_param(field)),
             _ => serde_json::Value::Null,
         };
-        let body = json!({"error": {
+        json!({"error": {
             "message": inner["error"],
             "type": self.0.error_type(),
             "param": param,
             "code": self.0.error_type(),
-        }});
+        }})
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         let mut response = (self.0.status(), Json(body)).into_response();
         if self.0.status() == StatusCode::TOO_MANY_REQUESTS {
             response

@@ -12,8 +12,9 @@
 //!
 //! Responses are remembered per (API key, method and path, idempotency key or body digest) for
 //! [`Replays`]' time to live, in memory: a restart forgets them. Only responses a retry should
-//! see again are kept: not 5xx, 408 or 429 (a retry of those runs again), and not those of routes
-//! that only read (their retries are harmless and their answers can be large).
+//! see again are kept: not 5xx, 408 or 429 (a retry of those runs again), not those of routes
+//! that only read (their retries are harmless and their answers can be large), and not streams
+//! (`text/event-stream`: a stream goes out as it is written, so there is nothing to replay).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -279,6 +280,15 @@ impl Drop for Unpublished<'_> {
     }
 }
 
+/// Whether `response` is a stream of server-sent events (a streamed OpenAI completion).
+fn is_event_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
 /// The middleware: replays the response of an earlier attempt with the same key, waits for one
 /// still running, or runs the request and remembers its response.
 pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next: Next) -> Response {
@@ -337,6 +347,7 @@ pub async fn replay(State(replays): State<Arc<Replays>>, request: Request, next:
                 if status.is_server_error()
                     || status == StatusCode::TOO_MANY_REQUESTS
                     || status == StatusCode::REQUEST_TIMEOUT
+                    || is_event_stream(&response)
                 {
                     return response;
                 }

@@ -263,6 +263,7 @@ pub fn decode(
         Some(_) if interleaved => (0..sequences)
             .map(|i| SampleRequest {
                 share_scope: "",
+                stream: false,
                 adapter: Some(&owned[i % adapters]),
                 prompt: prompt.clone(),
                 num_samples: 1,
@@ -272,6 +273,7 @@ pub fn decode(
             .collect(),
         None => vec![SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: None,
             prompt: prompt.clone(),
             num_samples: sequences as i64,
@@ -282,6 +284,7 @@ pub fn decode(
             .iter()
             .map(|a| SampleRequest {
                 share_scope: "",
+                stream: false,
                 adapter: Some(a),
                 prompt: prompt.clone(),
                 num_samples: per as i64,
@@ -336,6 +339,7 @@ pub fn seeded_crowd(
     let requests: Vec<SampleRequest> = (0..count)
         .map(|i| SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: Some(&owned[i % owned.len()]),
             prompt: datum(i, 8 + i % 9, vocab).input_tokens,
             num_samples: 1,

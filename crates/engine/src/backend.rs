@@ -11,7 +11,8 @@ use loraloom_model::sample::Detokenize;
 use loraloom_model::train::{check_custom_losses, validate_request};
 use loraloom_model::{
     forward_backward, step_many, AdamState, Decoder, Device, Generation, GraphCounts, LoraAdapter,
-    ModelError, RequestTag, SampleRequest, StepGraphs, StepJob, TextTokenizer, TrainRequest,
+    ModelError, RequestTag, SampleRequest, StepGraphs, StepJob, StreamedToken, TextTokenizer,
+    TrainRequest,
 };
 
 use crate::error::{EngineError, Result};
@@ -93,6 +94,8 @@ pub struct DecodeStep {
     pub finished: Vec<(RequestId, Result<Output>)>,
     /// Jobs whose first tokens were chosen this step.
     pub first_tokens: Vec<RequestId>,
+    /// The tokens streamed jobs ([`Work::Sample`]'s `stream`) chose this step, per job.
+    pub streamed: Vec<(RequestId, Vec<StreamedToken>)>,
     /// Tokens chosen (one per live sequence).
     pub tokens: usize,
     /// Whether the step was recorded or replayed as a CUDA graph (`--step-graphs`).
@@ -1032,6 +1035,7 @@ impl ModelWorker {
                 num_samples,
                 params,
                 scoring,
+                stream,
                 ..
             } = &job.work
             else {
@@ -1045,6 +1049,7 @@ impl ModelWorker {
                 params: params.clone(),
                 scoring: scoring.clone(),
                 share_scope: job.queue.tenant(),
+                stream: *stream,
             };
             let tag = d.next_tag;
             d.next_tag += 1;
@@ -1092,6 +1097,18 @@ impl ModelWorker {
             Ok(report) => {
                 let id = |tag: &RequestTag| d.jobs.get(tag).cloned().unwrap_or_default();
                 let first_tokens = report.first_tokens.iter().map(id).collect();
+                // A job's rows are contiguous, so its tokens group as they come.
+                let mut streamed: Vec<(RequestTag, Vec<StreamedToken>)> = Vec::new();
+                for (tag, token) in report.streamed {
+                    match streamed.last_mut() {
+                        Some((last, tokens)) if *last == tag => tokens.push(token),
+                        _ => streamed.push((tag, vec![token])),
+                    }
+                }
+                let streamed = streamed
+                    .into_iter()
+                    .map(|(tag, tokens)| (id(&tag), tokens))
+                    .collect();
                 let mut finished: Vec<(RequestId, Result<Output>)> = report
                     .finished
                     .into_iter()
@@ -1107,6 +1124,7 @@ impl ModelWorker {
                 DecodeStep {
                     finished,
                     first_tokens,
+                    streamed,
                     tokens: report.tokens,
                     graphs: d.generation.graph_counts().since(before),
                 }

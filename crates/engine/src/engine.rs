@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use loraloom_model::sample::validate_sampling;
 use loraloom_model::train::validate_request;
-use loraloom_model::LoraSpec;
+use loraloom_model::{LoraSpec, StreamedToken};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::{check_checkpoint, snapshot, write_marker, Backend, KvHeld};
 use crate::base::BaseModelInfo;
@@ -404,6 +405,41 @@ impl Engine {
         if let Some(id) = self.journaled(queue.tenant(), client_key) {
             return Ok(id);
         }
+        Ok(self.admit_job(queue, work, clone, client_key)?.0)
+    }
+
+    /// [`Engine::submit`] for a sampling job whose tokens stream: the receiver gets the tokens
+    /// each decode step chose for it, and ends when the job settles (its result, read as any
+    /// other's, then holds every token).
+    pub fn submit_streaming(
+        &self,
+        queue: QueueKey,
+        mut work: Work,
+    ) -> Result<(RequestId, UnboundedReceiver<Vec<StreamedToken>>)> {
+        let Work::Sample { stream, .. } = &mut work else {
+            return Err(EngineError::invalid(
+                "stream",
+                "only sampling streams its tokens",
+            ));
+        };
+        *stream = true;
+        match self.admit_job(queue, work, None, None)? {
+            (id, Some(receiver)) => Ok((id, receiver)),
+            (id, None) => Err(EngineError::Internal(format!(
+                "the streamed job {id} has no stream"
+            ))),
+        }
+    }
+
+    /// Checks `work`, journals it and queues it; its id, and the receiver of its tokens when it
+    /// streams.
+    fn admit_job(
+        &self,
+        queue: QueueKey,
+        work: Work,
+        clone: Option<u64>,
+        client_key: Option<&str>,
+    ) -> Result<(RequestId, Option<UnboundedReceiver<Vec<StreamedToken>>>)> {
         let run = match &queue {
             QueueKey::Model(k) => Some(self.inner.registry.model(&k.tenant, &k.model_id)?),
             QueueKey::Sampler(k) => {
@@ -527,7 +563,15 @@ impl Engine {
             }),
             _ => None,
         };
-        self.inner.futures.insert_in_feed(&id, &tenant, feed);
+        let receiver = match &job.work {
+            Work::Sample { stream: true, .. } => {
+                Some(self.inner.futures.insert_streaming(&id, &tenant, feed))
+            }
+            _ => {
+                self.inner.futures.insert_in_feed(&id, &tenant, feed);
+                None
+            }
+        };
         let key = job.queue.clone();
         let pushed = {
             let mut st = lock(&self.inner.sched);
@@ -551,7 +595,7 @@ impl Engine {
             return Err(err);
         }
         self.inner.wake.notify_one();
-        Ok(id)
+        Ok((id, receiver))
     }
 
     /// A future for work the caller has already done (creating a custom loss): done with `out`
@@ -1692,6 +1736,8 @@ fn decode_step(inner: &Inner, backend: &mut dyn Backend, live: &mut LiveJobs) {
                 .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
         }
     }
+    // Before the jobs that ended settle: a stream closes with its job's last tokens in it.
+    inner.futures.stream(step.streamed);
     for (id, result) in step.finished {
         if let Some(job) = live.remove(&id, &inner.counters) {
             finish_job(inner, &job, result);

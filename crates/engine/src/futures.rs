@@ -8,11 +8,17 @@
 //! A request may report to a completion feed (a sampling session's, per SDK clone: the SDK's
 //! `retrieve_futures` poller): when it finishes, an event with the next cursor is appended to
 //! its feed, and one long poll of the feed learns of every request of that client that finished.
+//!
+//! A sampling request may also stream ([`FutureStore::insert_streaming`]): the tokens its
+//! sequences choose go to a channel as they are chosen, and the channel closes when the request
+//! settles (its result, with every token, is then read as any other's).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use loraloom_model::StreamedToken;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -114,6 +120,8 @@ struct Entry {
     finished_at: Option<Instant>,
     notify: Arc<Notify>,
     feed: Option<FeedKey>,
+    /// Where a streamed request's tokens go until it settles (dropped then, which closes it).
+    stream: Option<UnboundedSender<Vec<StreamedToken>>>,
 }
 
 /// Feed cursors: microseconds since the epoch (from the process's start, on a monotonic clock),
@@ -320,6 +328,7 @@ impl FutureStore {
                     finished_at: settled.then(Instant::now),
                     notify: Arc::new(Notify::new()),
                     feed,
+                    stream: None,
                 },
             );
             if settled {
@@ -341,6 +350,29 @@ impl FutureStore {
     /// Registers a new request of `tenant` as queued, reporting its completion to `feed` (whose
     /// tenant is `tenant`).
     pub fn insert_in_feed(&self, id: &str, tenant: &str, feed: Option<FeedKey>) {
+        self.insert_entry(id, tenant, feed, None);
+    }
+
+    /// [`FutureStore::insert_in_feed`] for a request whose tokens stream: the receiver gets each
+    /// step's tokens ([`FutureStore::stream`]) and ends when the request settles.
+    pub fn insert_streaming(
+        &self,
+        id: &str,
+        tenant: &str,
+        feed: Option<FeedKey>,
+    ) -> UnboundedReceiver<Vec<StreamedToken>> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.insert_entry(id, tenant, feed, Some(sender));
+        receiver
+    }
+
+    fn insert_entry(
+        &self,
+        id: &str,
+        tenant: &str,
+        feed: Option<FeedKey>,
+        stream: Option<UnboundedSender<Vec<StreamedToken>>>,
+    ) {
         self.persist(id, tenant, &FutureState::Queued, feed.as_ref(), &[]);
         self.lock().entries.insert(
             id.to_string(),
@@ -350,8 +382,28 @@ impl FutureStore {
                 finished_at: None,
                 notify: Arc::new(Notify::new()),
                 feed,
+                stream,
             },
         );
+    }
+
+    /// Sends each streamed request its tokens of one decode step (one lock for the step). A
+    /// request that does not stream, or whose reader is gone, is passed over.
+    pub fn stream(&self, tokens: Vec<(RequestId, Vec<StreamedToken>)>) {
+        if tokens.is_empty() {
+            return;
+        }
+        let mut map = self.lock();
+        for (id, tokens) in tokens {
+            let Some(entry) = map.entries.get_mut(&id) else {
+                continue;
+            };
+            if let Some(sender) = &entry.stream {
+                if sender.send(tokens).is_err() {
+                    entry.stream = None;
+                }
+            }
+        }
     }
 
     /// Forgets a request that was never admitted (its submission was refused, so no client holds
@@ -389,6 +441,7 @@ impl FutureStore {
         let mut metered = false;
         if terminal {
             entry.finished_at = Some(Instant::now());
+            entry.stream = None;
             // Durable before any waiter sees it: an acknowledged result survives a crash.
             metered = self.persist(id, &entry.tenant, &state, entry.feed.as_ref(), usage);
         }

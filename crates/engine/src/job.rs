@@ -156,6 +156,9 @@ pub enum Work {
         scoring: loraloom_model::Scoring,
         /// Record each sampled sequence for `stable_reinforce` (`record_stability_info`).
         record_stability: bool,
+        /// Report each token as it is chosen (set by [`crate::Engine::submit_streaming`]).
+        #[serde(default)]
+        stream: bool,
     },
 }
 

@@ -832,6 +832,7 @@ mod tests {
             },
             scoring: loraloom_model::Scoring::prompt_logprobs(false),
             record_stability: false,
+            stream: false,
         }
     }
 

@@ -1221,6 +1221,7 @@ fn seeded_sample(num_samples: i64, max_tokens: i64, seed: u64) -> Work {
         },
         scoring: loraloom_model::Scoring::prompt_logprobs(false),
         record_stability: false,
+        stream: false,
     }
 }
 
@@ -1466,6 +1467,7 @@ fn sample_of(max_tokens: i64) -> Work {
         },
         scoring: loraloom_model::Scoring::prompt_logprobs(false),
         record_stability: false,
+        stream: false,
     }
 }
 
@@ -1737,5 +1739,70 @@ fn a_busy_decode_loop_decodes_as_long_as_each_training_batch_took_before_the_nex
             "{between} decode steps between two training batches"
         );
     }
+    engine.shutdown(Duration::MAX);
+}
+
+/// A streamed sampling job reports each token of each of its sequences, in order, before its
+/// future settles, and its stream then ends; a job beside it that does not stream reports
+/// nothing, and work other than sampling does not stream.
+#[test]
+fn a_streamed_job_reports_every_token_as_chosen_and_its_stream_ends_when_it_settles() {
+    let (engine, _) = model_engine();
+    let queue = base_sampler(&engine, "s");
+    let (id, mut tokens) = engine
+        .submit_streaming(queue.clone(), seeded_sample(3, 12, 5))
+        .unwrap();
+    let plain = engine
+        .submit(queue.clone(), seeded_sample(2, 9, 6))
+        .unwrap();
+    let mut streamed: HashMap<usize, Vec<(i64, f32)>> = HashMap::new();
+    while let Some(step) = tokens.blocking_recv() {
+        for t in step {
+            assert!(t.top_k.is_none(), "no alternatives were asked for");
+            streamed
+                .entry(t.sample)
+                .or_default()
+                .push((t.token, t.logprob));
+        }
+    }
+    // The stream ended: the job has settled, with the tokens it streamed.
+    let FutureState::Done(Output::Sample(out)) = engine.futures().get("t", &id).unwrap() else {
+        panic!("the stream ended before its job settled");
+    };
+    assert_eq!(out.sequences.len(), 3);
+    for (s, seq) in out.sequences.iter().enumerate() {
+        let want: Vec<(i64, f32)> = seq
+            .tokens
+            .iter()
+            .copied()
+            .zip(seq.logprobs.clone())
+            .collect();
+        assert_eq!(streamed[&s], want, "sequence {s}");
+    }
+    assert!(matches!(wait(&engine, "t", &plain), FutureState::Done(_)));
+    let run = key("t", "r");
+    create_run(&engine, &run);
+    assert!(matches!(
+        engine.submit_streaming(QueueKey::Model(run), optim(1e-3)),
+        Err(EngineError::InvalidInput { .. })
+    ));
+    engine.shutdown(Duration::MAX);
+}
+
+/// A streamed job cancelled while it decodes ends its stream too.
+#[test]
+fn a_cancelled_streamed_job_ends_its_stream() {
+    let (engine, keys, release) = decode_engine(Limits::default(), &["a"]);
+    let (id, mut tokens) = engine
+        .submit_streaming(keys[0].clone(), held_sample())
+        .unwrap();
+    wait_running(&engine, &id);
+    assert!(engine.cancel("t", &id).unwrap());
+    while tokens.blocking_recv().is_some() {}
+    assert!(matches!(
+        engine.futures().get("t", &id).unwrap(),
+        FutureState::Failed(EngineError::Cancelled)
+    ));
+    release.store(true, std::sync::atomic::Ordering::SeqCst);
     engine.shutdown(Duration::MAX);
 }

@@ -48,7 +48,7 @@ pub use loss::{LossFn, LossInputs, MAX_TARGETS_PER_POSITION};
 pub use memory::{human_bytes, parse_bytes, PassCost, NO_LIMIT};
 pub use sample::{
     sample, sample_with, Generation, RequestTag, SampleOutput, SampleRequest, SampledSequence,
-    SamplingParams, StepReport, Stop, StopReason,
+    SamplingParams, StepReport, Stop, StopReason, StreamedToken,
 };
 pub use scoring::{AltTokens, CsrLayout, PromptScores, Scoring, TopK, MAX_SCORED_WIDTH};
 pub use slab::Field;

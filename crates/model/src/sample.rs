@@ -127,6 +127,9 @@ pub struct SampleRequest<'a> {
     /// sequence) only with requests of the same scope: the engine passes the tenant, so that
     /// what one tenant sent never shapes another's work or timing.
     pub share_scope: &'a str,
+    /// Report each token its sequences choose in the step that chooses it
+    /// ([`StepReport::streamed`]), for a client that reads the completion as it is written.
+    pub stream: bool,
 }
 
 /// The result of one request.
@@ -280,6 +283,8 @@ struct Live {
     sample_top_k: usize,
     /// Whether its sequences chose their first tokens yet.
     started: bool,
+    /// Its chosen tokens are reported step by step ([`SampleRequest::stream`]).
+    stream: bool,
 }
 
 /// One sequence: a row of the KV cache and of the pending logits.
@@ -301,6 +306,19 @@ struct Row {
     rng: SplitMix64,
 }
 
+/// A token one sequence of a streamed request chose ([`SampleRequest::stream`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamedToken {
+    /// Which of the request's sequences (its index in [`SampleOutput::sequences`]).
+    pub sample: usize,
+    /// The token.
+    pub token: i64,
+    /// Its logprob, as [`SampledSequence::logprobs`] holds it.
+    pub logprob: f32,
+    /// The most likely tokens at its position, when the request asks for them.
+    pub top_k: Option<TopK>,
+}
+
 /// What one [`Generation::step`] did.
 #[derive(Debug, Default)]
 pub struct StepReport {
@@ -308,6 +326,9 @@ pub struct StepReport {
     pub finished: Vec<(RequestTag, SampleOutput)>,
     /// Requests whose sequences chose their first tokens this step.
     pub first_tokens: Vec<RequestTag>,
+    /// The tokens streamed requests chose this step, in row order (so a request's sequences'
+    /// tokens come in the order of their rows, each sequence's once per step).
+    pub streamed: Vec<(RequestTag, StreamedToken)>,
     /// Tokens chosen this step (one per live sequence).
     pub tokens: usize,
     /// Requests whose long prompt failed to prefill (only they fail).
@@ -417,6 +438,8 @@ struct Joining {
     scorer: PromptScorer,
     /// How many of the most likely tokens to report at each generated position.
     sample_top_k: usize,
+    /// See [`SampleRequest::stream`].
+    stream: bool,
 }
 
 impl Joining {
@@ -436,6 +459,7 @@ impl Joining {
             member,
             scorer: PromptScorer::new(&request.scoring, request.params.temperature, seed),
             sample_top_k: request.scoring.sample_top_k,
+            stream: request.stream,
         }
     }
 }
@@ -1076,6 +1100,7 @@ impl Generation {
                     scope: j.scope,
                     sample_top_k: j.sample_top_k,
                     started: false,
+                    stream: j.stream,
                 },
             );
         }
@@ -1253,6 +1278,17 @@ impl Generation {
                 let mut mine = std::mem::take(&mut top_k[i]);
                 mine.truncate(live.sample_top_k);
                 row.top_k.push(mine);
+            }
+            if live.stream {
+                report.streamed.push((
+                    row.request,
+                    StreamedToken {
+                        sample: row.sample,
+                        token,
+                        logprob,
+                        top_k: row.top_k.last().filter(|_| live.sample_top_k > 0).cloned(),
+                    },
+                ));
             }
             next_ids.push(token);
             let Some(reason) = stop_reason(decoder, &live.params, &row.tokens, detokenize) else {

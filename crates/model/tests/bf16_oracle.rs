@@ -197,6 +197,7 @@ fn bf16_decoding_is_as_close_to_f32_as_a_bf16_forward_pass() {
     let prompt = vec![3, 14, 15, 92, 65, 35, 89, 79];
     let request = || SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(&adapter),
         prompt: prompt.clone(),
         num_samples: 3,
@@ -348,6 +349,7 @@ fn a_bf16_decode_batch_of_several_adapters_is_as_close_to_f32_as_a_bf16_forward_
         .enumerate()
         .map(|(i, adapter)| SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: adapter.as_ref(),
             prompt: (0..4 + i as i64).map(|t| 5 + 9 * t).collect(),
             num_samples: 1 + i as i64 % 2,

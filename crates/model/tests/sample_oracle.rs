@@ -43,6 +43,7 @@ fn oracle_requests<'a>(
     (0..n)
         .map(|i| SampleRequest {
             share_scope: "",
+            stream: false,
             adapter,
             prompt: vec_i64(&e[&format!("prompt.{i}")]),
             num_samples: 1,
@@ -250,6 +251,7 @@ fn check_continuous_against_oracle(
     let others = adapters(decoder, 3);
     let oracle_request = |i: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(adapter),
         prompt: vec_i64(&e[&format!("prompt.{i}")]),
         num_samples: 1,
@@ -258,6 +260,7 @@ fn check_continuous_against_oracle(
     };
     let other_request = |j: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(&others[j]),
         prompt: (0..(2 + 3 * j as i64))
             .map(|t| (t * 7 + j as i64) % 100 + 1)
@@ -277,6 +280,7 @@ fn check_continuous_against_oracle(
     // first request's prompt keys and values.
     let again = || SampleRequest {
         share_scope: "",
+        stream: false,
         scoring: Scoring::prompt_logprobs(false),
         params: greedy(new_tokens - 4),
         ..oracle_request(0)
@@ -371,6 +375,7 @@ fn num_samples_equal_separate_requests_with_their_sample_seeds() {
     let adapter = &adapters(&decoder, 1)[0];
     let request = |num_samples: i64, seed: u64| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(adapter),
         prompt: vec![9, 8, 7, 6],
         num_samples,
@@ -446,6 +451,7 @@ fn seeded_requests_on_the_default_model_draw_alike_alone_and_together() {
     let requests: Vec<SampleRequest> = (0..24i64)
         .map(|i| SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: None,
             prompt: (0..6 + i % 9)
                 .map(|j| 100 + (i * 7919 + j * 104_729) % 40_000)
@@ -527,6 +533,7 @@ fn eight_sequences_over_four_adapters_equal_each_alone() {
         .collect();
     let request = |i: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(&adapters[i]),
         prompt: prompts[i].clone(),
         num_samples: 2,
@@ -583,6 +590,7 @@ fn expert_adapters_past_a_stacks_capacity_decode_as_alone() {
     // Requests 0-4 of one adapter each, request 5 of the base model.
     let request = |i: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: adapters.get(i),
         prompt: (0..3 + i as i64)
             .map(|j| (i as i64 * 13 + j * 7 + 1) % 128)
@@ -639,6 +647,7 @@ fn recorded_steps_equal_steps_issued_one_by_one() {
     let adapters = adapters(&decoder, 3);
     let request = |i: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: (i < 3).then(|| &adapters[i]),
         prompt: (0..(2 + 3 * i as i64))
             .map(|j| (j * 11 + i as i64) % 120 + 1)
@@ -688,6 +697,7 @@ fn top_k_1_is_greedy_and_seeds_reproduce() {
     let run = |params: SamplingParams| {
         let req = SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: None,
             prompt: vec![3, 1, 4, 1, 5],
             num_samples: 3,
@@ -723,6 +733,7 @@ fn stop_tokens_end_sequences_and_limits_are_checked_first() {
     let (_dir, decoder) = tiny_llama("limits");
     let req = |params: SamplingParams, prompt: Vec<i64>| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: None,
         prompt,
         num_samples: 1,
@@ -784,6 +795,7 @@ fn sampled_logprobs_equal_a_forward_pass_over_the_same_tokens() {
     let prompt = vec![11, 12, 13, 14, 15];
     let request = SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(adapter),
         prompt: prompt.clone(),
         num_samples: 3,
@@ -834,6 +846,7 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
     let adapter = &adapters(&decoder, 1)[0];
     let long = SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(adapter),
         prompt: (0..40).map(|i| (i * 13 + 7) % 120 + 1).collect(),
         num_samples: 2,
@@ -856,6 +869,7 @@ fn long_prompts_prefilled_in_chunks_equal_one_pass() {
     };
     let short = SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: None,
         prompt: vec![4, 5, 6],
         num_samples: 1,
@@ -955,6 +969,7 @@ fn removing_a_request_between_steps_leaves_the_others_unchanged() {
     let adapters = adapters(&decoder, 3);
     let request = |i: usize| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(&adapters[i]),
         prompt: (0..(4 + 3 * i as i64))
             .map(|j| (j * 11 + i as i64 * 7 + 2) % 120 + 1)
@@ -1022,6 +1037,7 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
     let long: Vec<i64> = (0..14).map(|i| (i * 7 + 3) % 120 + 1).collect();
     let request = |adapter: Option<usize>, prompt: &[i64], seed: u64, scores: bool| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: adapter.map(|i| &ads[i]),
         prompt: prompt.to_vec(),
         num_samples: 1 + (seed % 2) as i64,
@@ -1037,6 +1053,7 @@ fn requests_with_one_prompt_share_its_prefill_and_sample_as_if_alone() {
     };
     let other_tenant = SampleRequest {
         share_scope: "another tenant",
+        stream: false,
         ..request(None, &prompt, 14, false)
     };
     // (step, tag, request, prefills and shared prompts once it is admitted with the others of
@@ -1108,6 +1125,7 @@ fn prompts_starting_with_a_finished_sequence_reuse_its_keys_and_values() {
     let request =
         |adapter: Option<usize>, prompt: Vec<i64>, seed: u64, scores: bool| SampleRequest {
             share_scope: "",
+            stream: false,
             adapter: adapter.map(|i| &ads[i]),
             prompt,
             num_samples: 1,
@@ -1185,6 +1203,7 @@ fn a_long_rest_after_a_kept_prefix_is_prefilled_in_chunks_from_its_copy() {
     let adapter = &adapters(&decoder, 1)[0];
     let request = |prompt: Vec<i64>, seed: u64| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: Some(adapter),
         prompt,
         num_samples: 1,
@@ -1273,8 +1292,9 @@ fn random_prompt(
 /// chunks (long prompts in chunks, with followers), a small prefix cache (kept sequences
 /// evicted and copied) and, in some scenarios, recorded steps. Every request that finishes
 /// samples what it samples alone (tokens equal, logprobs within the 1e-4 above, prompt
-/// logprobs likewise), and the sharing counters show that the scenarios shared prompts and
-/// reused kept sequences.
+/// logprobs likewise), a streamed request reported each of its tokens in the step that chose
+/// it, and the sharing counters show that the scenarios shared prompts and reused kept
+/// sequences.
 #[test]
 fn random_crowds_sample_as_if_each_request_were_alone() {
     let (_dir, decoder) = tiny_llama("random-crowds");
@@ -1331,6 +1351,7 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
         let mut done: HashMap<u64, SampleOutput> = HashMap::new();
         let mut finished_turns: Vec<(u64, Vec<i64>)> = Vec::new();
         let mut removed: Vec<u64> = Vec::new();
+        let mut streamed: HashMap<(u64, usize), Vec<(i64, f32)>> = HashMap::new();
         for step in 0..60 {
             let arrivals = if step < 40 { rng.next_u64() % 4 } else { 0 };
             let first = plan.len();
@@ -1362,6 +1383,7 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
                 };
                 let request = SampleRequest {
                     share_scope,
+                    stream: (r >> 30).is_multiple_of(2),
                     adapter,
                     num_samples: 1 + ((r >> 5) % 3) as i64,
                     params: SamplingParams {
@@ -1409,6 +1431,7 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
             }
             let report = g.step(&decoder, None).unwrap();
             assert!(report.failed.is_empty(), "{what}");
+            collect_streamed(&mut streamed, report.streamed);
             for (tag, out) in report.finished {
                 let p = &plan[tag as usize];
                 for s in &out.sequences {
@@ -1421,13 +1444,30 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
             assert!(within_budget(&g, &plan, &over), "{what}: after step {step}");
         }
         while !g.is_empty() {
-            done.extend(g.step(&decoder, None).unwrap().finished);
+            let report = g.step(&decoder, None).unwrap();
+            collect_streamed(&mut streamed, report.streamed);
+            done.extend(report.finished);
         }
         assert_eq!(done.len() + removed.len(), plan.len(), "{what}");
         for p in &plan {
             let Some(got) = done.get(&p.tag) else {
                 continue;
             };
+            // A streamed request reported each token, with its logprob, in the step that chose
+            // it; another reported none.
+            for (s, seq) in got.sequences.iter().enumerate() {
+                let reported = streamed.get(&(p.tag, s)).cloned().unwrap_or_default();
+                let want: Vec<(i64, f32)> = match p.request.stream {
+                    true => seq
+                        .tokens
+                        .iter()
+                        .copied()
+                        .zip(seq.logprobs.clone())
+                        .collect(),
+                    false => Vec::new(),
+                };
+                assert_eq!(reported, want, "{what}, {} sequence {s}", p.tag);
+            }
             let alone = assert_as_alone(&decoder, &p.request, got, &format!("{what}, {}", p.tag));
             let scores = |o: &SampleOutput| -> Option<Vec<f32>> {
                 let l = o.prompt.logprobs.as_ref()?;
@@ -1455,6 +1495,20 @@ fn random_crowds_sample_as_if_each_request_were_alone() {
     );
 }
 
+/// Appends the tokens a step streamed to each sequence's.
+fn collect_streamed(
+    streamed: &mut HashMap<(u64, usize), Vec<(i64, f32)>>,
+    report: Vec<(u64, loraloom_model::StreamedToken)>,
+) {
+    for (tag, t) in report {
+        assert!(t.top_k.is_none(), "no request asked for alternatives");
+        streamed
+            .entry((tag, t.sample))
+            .or_default()
+            .push((t.token, t.logprob));
+    }
+}
+
 /// Rows parked for a recorded step keep at most twice the live requests' footprint (what the
 /// KV budget reserves for them): a finished request with a long prompt beside a live one with a
 /// short prompt and many tokens left leaves the batch instead of growing every row to its
@@ -1465,6 +1519,7 @@ fn parked_rows_stay_within_the_live_requests_footprint() {
     let (_dir, decoder) = tiny_llama("parked-footprint");
     let request = |prompt_len: i64, max_tokens: i64, seed: u64| SampleRequest {
         share_scope: "",
+        stream: false,
         adapter: None,
         prompt: (0..prompt_len).map(|j| (j * 7 + 3) % 120 + 1).collect(),
         num_samples: 1,

@@ -37,6 +37,7 @@ mod checkpoints;
 mod futures;
 mod losses;
 mod openai;
+mod openai_stream;
 mod runs;
 mod sampling;
 pub(crate) mod sessions;

@@ -4,8 +4,9 @@
 //! `model` is the base model's name, a checkpoint path (`tinker://…/sampler_weights/…`), or
 //! `<base model>;<checkpoint path>`. A request runs as ordinary sampling jobs of the caller's
 //! tenant (one shared sampling session per model, as `/api/v1/sample`'s), batched with every
-//! other tenant's decoding; its answer waits for the whole completion (no streaming), and a
-//! client that hangs up cancels its jobs.
+//! other tenant's decoding. Its answer waits for the whole completion, or with `"stream": true`
+//! comes as server-sent events while the tokens are chosen ([`super::openai_stream`]); a client
+//! that hangs up cancels its jobs.
 //!
 //! - `POST /completions`: `prompt` (a string or token ids, or a list of either: one job per
 //!   prompt, choices numbered prompt by prompt), `max_tokens` (16; 0 only with `echo`),
@@ -33,6 +34,7 @@ use loraloom_model::{
     SampleOutput, SampledSequence, SamplingParams, Scoring, Stop, StopReason, TopK,
 };
 
+use super::openai_stream::{stream_response, StreamPlan, StreamedJob, StreamedRoute};
 use super::*;
 use crate::error::OpenAiError;
 
@@ -88,6 +90,8 @@ pub(super) struct SamplingFields {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
+    stream_options: Option<Value>,
+    #[serde(default)]
     presence_penalty: Option<f64>,
     #[serde(default)]
     frequency_penalty: Option<f64>,
@@ -102,12 +106,7 @@ pub(super) struct SamplingFields {
 impl SamplingFields {
     /// Refuses what loraloom does not do, naming the field, rather than ignore it.
     fn check_supported(&self) -> ApiResult<()> {
-        if self.stream == Some(true) {
-            return Err(ApiError::invalid(
-                "stream",
-                "streaming is not supported: send stream=false (the answer comes whole)",
-            ));
-        }
+        self.include_usage()?;
         for (field, value) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
@@ -193,6 +192,32 @@ impl SamplingFields {
             ));
         }
         Ok(n)
+    }
+
+    /// Whether the answer streams (`stream`).
+    fn streams(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Whether a stream ends with a chunk of the usage (`stream_options.include_usage`), checked.
+    fn include_usage(&self) -> ApiResult<bool> {
+        let Some(options) = self.stream_options.as_ref().filter(|o| !o.is_null()) else {
+            return Ok(false);
+        };
+        if !self.streams() {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "is only allowed when stream is true",
+            ));
+        }
+        match options.get("include_usage") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(
+                "stream_options.include_usage",
+                "must be a boolean",
+            )),
+        }
     }
 
     /// The stop strings, to cut the text at.
@@ -317,6 +342,7 @@ async fn sample_all(
             params: params.clone(),
             scoring: scoring.clone(),
             record_stability: false,
+            stream: false,
         };
         jobs.ids.push(state.submit(queue.clone(), work)?);
     }
@@ -328,21 +354,56 @@ async fn sample_all(
     Ok(outs)
 }
 
+/// Submits one streamed sampling job of `tenant` on `source` per prompt: each job's id and the
+/// receiver of its tokens. A refused submission cancels those made before it.
+fn submit_streams(
+    state: &AppState,
+    tenant: &str,
+    source: SamplerSource,
+    prompts: &[Vec<i64>],
+    num_samples: i64,
+    params: &SamplingParams,
+    scoring: &Scoring,
+) -> ApiResult<Vec<StreamedJob>> {
+    let sampler_id = direct_sampler(state, tenant, source)?;
+    let queue = QueueKey::Sampler(SamplerKey {
+        tenant: tenant.to_string(),
+        sampler_id,
+    });
+    let mut submitted = CancelOnDrop::new(state, tenant);
+    let mut jobs = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let work = Work::Sample {
+            prompt: prompt.clone(),
+            num_samples,
+            params: params.clone(),
+            scoring: scoring.clone(),
+            record_stability: false,
+            stream: true,
+        };
+        let (id, tokens) = state.engine.submit_streaming(queue.clone(), work)?;
+        submitted.ids.push(id.clone());
+        jobs.push(StreamedJob { id, tokens });
+    }
+    submitted.ids.clear();
+    Ok(jobs)
+}
+
 /// The text of tokens, one token at a time (each decoded once per answer).
-struct TokenTexts<'a> {
+pub(super) struct TokenTexts<'a> {
     state: &'a AppState,
     cache: HashMap<i64, String>,
 }
 
 impl<'a> TokenTexts<'a> {
-    fn new(state: &'a AppState) -> Self {
+    pub(super) fn new(state: &'a AppState) -> Self {
         TokenTexts {
             state,
             cache: HashMap::new(),
         }
     }
 
-    fn get(&mut self, token: i64) -> ApiResult<String> {
+    pub(super) fn get(&mut self, token: i64) -> ApiResult<String> {
         if let Some(text) = self.cache.get(&token) {
             return Ok(text.clone());
         }
@@ -354,12 +415,16 @@ impl<'a> TokenTexts<'a> {
 
 /// A generated sequence as OpenAI answers it: its text without special tokens and cut before
 /// the first stop string.
-struct Completion {
-    text: String,
-    finish_reason: &'static str,
+pub(super) struct Completion {
+    pub(super) text: String,
+    pub(super) finish_reason: &'static str,
 }
 
-fn completion(state: &AppState, seq: &SampledSequence, stops: &[&str]) -> ApiResult<Completion> {
+pub(super) fn completion(
+    state: &AppState,
+    seq: &SampledSequence,
+    stops: &[&str],
+) -> ApiResult<Completion> {
     let mut text = decode(state, &seq.tokens, true)?;
     let mut finish_reason = match seq.stop_reason {
         StopReason::Stop => "stop",
@@ -376,37 +441,41 @@ fn completion(state: &AppState, seq: &SampledSequence, stops: &[&str]) -> ApiRes
 }
 
 /// The text of `tokens`, without special tokens when `skip_special`.
-fn decode(state: &AppState, tokens: &[i64], skip_special: bool) -> ApiResult<String> {
+pub(super) fn decode(state: &AppState, tokens: &[i64], skip_special: bool) -> ApiResult<String> {
     state
         .tokenizer
         .decode_with(tokens, skip_special)
         .map_err(|e| ApiError::Engine(EngineError::Internal(e.to_string())))
 }
 
-fn usage(prompt: usize, completions: usize) -> Value {
+pub(super) fn usage(prompt: usize, completions: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completions, "total_tokens": prompt + completions})
 }
 
-fn unix_seconds() -> u64 {
+pub(super) fn unix_seconds() -> u64 {
     loraloom_engine::registry::unix_now() as u64
 }
 
 /// One token of a legacy `logprobs` answer: its id, logprob (`None` for a prompt's first) and
 /// most likely alternatives.
-type Row<'a> = (i64, Option<f32>, Option<&'a TopK>);
+pub(super) type Row<'a> = (i64, Option<f32>, Option<&'a TopK>);
 
 /// OpenAI's legacy `logprobs` of `rows`: each token's text, logprob, alternatives (a dict that
-/// also holds the token itself; `null` for a prompt's first) and character offset.
-fn legacy_logprobs(texts: &mut TokenTexts, rows: &[Row]) -> ApiResult<Value> {
+/// also holds the token itself; `null` for a prompt's first) and character offset, counted
+/// from `offset` (which moves past the rows' texts: a stream's next chunk goes on from there).
+pub(super) fn legacy_logprobs(
+    texts: &mut TokenTexts,
+    rows: &[Row],
+    offset: &mut usize,
+) -> ApiResult<Value> {
     let mut tokens = Vec::with_capacity(rows.len());
     let mut token_logprobs = Vec::with_capacity(rows.len());
     let mut top_logprobs = Vec::with_capacity(rows.len());
     let mut text_offset = Vec::with_capacity(rows.len());
-    let mut offset = 0;
     for &(token, lp, top) in rows {
         let text = texts.get(token)?;
-        text_offset.push(offset);
-        offset += text.chars().count();
+        text_offset.push(*offset);
+        *offset += text.chars().count();
         top_logprobs.push(match lp {
             None => Value::Null,
             Some(lp) => {
@@ -445,7 +514,7 @@ fn prompt_rows<'a>(prompt: &[i64], out: &'a SampleOutput) -> Vec<Row<'a>> {
 }
 
 /// A sequence's generated rows (the first `len` tokens).
-fn generated_rows(seq: &SampledSequence, len: usize) -> Vec<Row<'_>> {
+pub(super) fn generated_rows(seq: &SampledSequence, len: usize) -> Vec<Row<'_>> {
     (0..len.min(seq.tokens.len()))
         .map(|i| {
             let top = seq.top_k.as_ref().and_then(|t| t.get(i));
@@ -459,7 +528,7 @@ pub(super) async fn completions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<CompletionRequest>,
-) -> OaiResult<Json<Value>> {
+) -> OaiResult<Response> {
     let fields = &body.sampling;
     fields.check_supported()?;
     if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -515,6 +584,42 @@ pub(super) async fn completions(
     };
     let source = model_source(&state, &fields.model)?;
     let ids: Vec<Vec<i64>> = prompts.iter().map(|(ids, _)| ids.clone()).collect();
+    let prompt_tokens = ids.iter().map(Vec::len).sum();
+    if fields.streams() {
+        if echo && want_logprobs {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "a stream does not score its prompt: send stream=false to echo the prompt with its logprobs",
+            )
+            .into());
+        }
+        let echoed = prompts
+            .iter()
+            .map(|(ids, given)| match (echo, given) {
+                (false, _) => Ok(String::new()),
+                (true, Some(text)) => Ok(text.to_string()),
+                (true, None) => decode(&state, ids, false),
+            })
+            .collect::<ApiResult<Vec<String>>>()?;
+        let jobs = submit_streams(&state, &tenant, source, &ids, n, &params, &scoring)?;
+        let plan = StreamPlan {
+            route: StreamedRoute::Completions {
+                echoed,
+                keep_tokens: max_tokens > 0,
+            },
+            model: fields.model.clone(),
+            n: n as usize,
+            logprobs: want_logprobs.then_some(top),
+            stops: fields
+                .stop_strings()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            include_usage: fields.include_usage()?,
+            prompt_tokens,
+        };
+        return Ok(stream_response(state.clone(), tenant, jobs, plan));
+    }
     let outs = sample_all(&state, &tenant, source, &ids, n, &params, &scoring).await?;
     let stops = fields.stop_strings();
     let mut texts = TokenTexts::new(&state);
@@ -544,7 +649,7 @@ pub(super) async fn completions(
             let logprobs = if want_logprobs {
                 let mut rows = echoed.clone();
                 rows.extend(generated_rows(seq, kept));
-                legacy_logprobs(&mut texts, &rows)?
+                legacy_logprobs(&mut texts, &rows, &mut 0)?
             } else {
                 Value::Null
             };
@@ -556,7 +661,6 @@ pub(super) async fn completions(
             }));
         }
     }
-    let prompt_tokens = prompts.iter().map(|(ids, _)| ids.len()).sum();
     Ok(Json(json!({
         "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "text_completion",
@@ -565,7 +669,8 @@ pub(super) async fn completions(
         "system_fingerprint": null,
         "choices": choices,
         "usage": usage(prompt_tokens, generated),
-    })))
+    }))
+    .into_response())
 }
 
 /// A message as the chat template reads it: its fields, `content` a string when given as text
@@ -608,7 +713,7 @@ pub(super) async fn chat_completions(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     JsonBody(body): JsonBody<ChatRequest>,
-) -> OaiResult<Json<Value>> {
+) -> OaiResult<Response> {
     let fields = &body.sampling;
     fields.check_supported()?;
     for (field, value) in [("tools", &body.tools), ("tool_choice", &body.tool_choice)] {
@@ -682,6 +787,24 @@ pub(super) async fn chat_completions(
         ..Scoring::default()
     };
     let source = model_source(&state, &fields.model)?;
+    if fields.streams() {
+        let prompts = std::slice::from_ref(&prompt);
+        let jobs = submit_streams(&state, &tenant, source, prompts, n, &params, &scoring)?;
+        let plan = StreamPlan {
+            route: StreamedRoute::Chat,
+            model: fields.model.clone(),
+            n: n as usize,
+            logprobs: want_logprobs.then_some(top),
+            stops: fields
+                .stop_strings()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            include_usage: fields.include_usage()?,
+            prompt_tokens: prompt.len(),
+        };
+        return Ok(stream_response(state.clone(), tenant, jobs, plan));
+    }
     let outs = sample_all(
         &state,
         &tenant,
@@ -700,7 +823,8 @@ pub(super) async fn chat_completions(
         let c = completion(&state, seq, &stops)?;
         generated += seq.tokens.len();
         let logprobs = if want_logprobs {
-            json!({"content": chat_logprobs(&mut texts, seq, top > 0)?})
+            let rows = generated_rows(seq, seq.tokens.len());
+            json!({"content": chat_logprobs(&mut texts, &rows, top > 0)?})
         } else {
             Value::Null
         };
@@ -719,22 +843,23 @@ pub(super) async fn chat_completions(
         "system_fingerprint": null,
         "choices": choices,
         "usage": usage(prompt.len(), generated),
-    })))
+    }))
+    .into_response())
 }
 
-/// A chat completion's `logprobs.content`: each generated token's text, bytes, logprob and
-/// (when asked) most likely alternatives.
-fn chat_logprobs(
+/// A chat completion's `logprobs.content` of generated `rows`: each token's text, bytes, logprob
+/// and (when asked) most likely alternatives.
+pub(super) fn chat_logprobs(
     texts: &mut TokenTexts,
-    seq: &SampledSequence,
+    rows: &[Row],
     with_top: bool,
 ) -> ApiResult<Vec<Value>> {
     let mut entry = |token: i64, lp: f32| -> ApiResult<Value> {
         let text = texts.get(token)?;
         Ok(json!({"bytes": text.as_bytes(), "logprob": lp, "token": text}))
     };
-    let mut content = Vec::with_capacity(seq.tokens.len());
-    for (token, lp, top) in generated_rows(seq, seq.tokens.len()) {
+    let mut content = Vec::with_capacity(rows.len());
+    for &(token, lp, top) in rows {
         let mut e = entry(token, lp.unwrap_or(f32::NAN))?;
         let alternatives = match top {
             Some(top) if with_top => top

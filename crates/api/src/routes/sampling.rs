@@ -199,6 +199,7 @@ fn submit_sample(
         params: body.sampling_params.into_params(),
         scoring,
         record_stability: body.record_stability_info.unwrap_or(false),
+        stream: false,
     };
     let queue = QueueKey::Sampler(SamplerKey {
         tenant: tenant.to_string(),
