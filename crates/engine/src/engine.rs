@@ -531,11 +531,14 @@ impl Engine {
             .journal
             .as_ref()
             .map(|_| lock(&self.inner.admission));
+        // Not a streamed job: its reader is one connection, which a restart ends, so running it
+        // again would serve nobody; a shutdown fails it instead, and its stream says so.
+        let streamed = matches!(work, Work::Sample { stream: true, .. });
         let seq = match &self.inner.journal {
-            Some(store) => {
+            Some(store) if !streamed => {
                 Some(store.put_job(&crate::journal::row(&id, &queue, &work, client_key)?)?)
             }
-            None => None,
+            _ => None,
         };
         // One span per job, carried to the worker: tenant (its configured name, never a key),
         // run or session, request id and kind.

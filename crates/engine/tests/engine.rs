@@ -1806,3 +1806,30 @@ fn a_cancelled_streamed_job_ends_its_stream() {
     release.store(true, std::sync::atomic::Ordering::SeqCst);
     engine.shutdown(Duration::MAX);
 }
+
+/// A streamed job is not journaled: its reader is one connection, which a restart ends. A
+/// shutdown whose drain ends before it fails it (its stream ends, the failure readable), and
+/// the restarted server does not run it again, where a job beside it that does not stream is
+/// queued again and runs.
+#[test]
+fn a_shutdown_fails_a_streamed_job_that_a_restart_does_not_run_again() {
+    let decoder = tiny_decoder();
+    let data_dir = temp_dir("stream-journal");
+    let engine = durable_engine(&data_dir, &decoder);
+    let queue = base_sampler(&engine, "s");
+    engine.set_paused(true);
+    let (streamed, mut tokens) = engine
+        .submit_streaming(queue.clone(), seeded_sample(1, 4, 1))
+        .unwrap();
+    let plain = engine.submit(queue, seeded_sample(1, 4, 2)).unwrap();
+    engine.end_drain();
+    engine.shutdown(Duration::MAX);
+    let restarted = FutureState::Failed(EngineError::ServerRestarted);
+    assert_eq!(engine.futures().get("t", &streamed).unwrap(), restarted);
+    assert!(tokens.blocking_recv().is_none(), "the stream ended");
+    drop(engine);
+    let engine = durable_engine(&data_dir, &decoder);
+    assert!(matches!(wait(&engine, "t", &plain), FutureState::Done(_)));
+    assert_eq!(engine.futures().get("t", &streamed).unwrap(), restarted);
+    engine.shutdown(Duration::MAX);
+}

@@ -35,6 +35,10 @@ use crate::error::OpenAiError;
 /// Events a stream keeps ready for a slow reader before its decode-step tokens wait.
 const EVENTS_BUFFERED: usize = 64;
 
+/// Most tokens a choice's incremental decoding looks at for one new token: a character is at
+/// most 4 bytes, so a window this wide that still makes no text never will.
+const MAX_DECODE_WINDOW: usize = 16;
+
 /// A streamed sampling job: its id and the receiver of the tokens each decode step chose.
 pub(super) struct StreamedJob {
     pub(super) id: String,
@@ -178,7 +182,7 @@ async fn write_stream(
                 for (index, tokens) in chosen {
                     let choice = &mut choices[index];
                     for t in &tokens {
-                        choice.push(state, t.token)?;
+                        choice.push(t.token, |ids| decode(state, ids, true))?;
                     }
                     let text = choice.take_ready(&plan.stops, hold);
                     let rows: Vec<Row> = tokens
@@ -249,19 +253,29 @@ struct ChoiceText {
 }
 
 impl ChoiceText {
-    /// Adds a generated token, extending the text when the token completes some.
-    fn push(&mut self, state: &AppState, token: i64) -> ApiResult<()> {
+    /// Adds a generated token, extending the text when the token completes some; `decode`
+    /// gives the text of tokens (special tokens left out).
+    fn push(&mut self, token: i64, decode: impl Fn(&[i64]) -> ApiResult<String>) -> ApiResult<()> {
         self.tokens.push(token);
-        let before = decode(state, &self.tokens[self.window..self.read], true)?;
-        let now = decode(state, &self.tokens[self.window..], true)?;
+        let before = decode(&self.tokens[self.window..self.read])?;
+        let now = decode(&self.tokens[self.window..])?;
+        // Tokens that add no text (special tokens, bytes of no character) would otherwise widen
+        // the window, and the work of each token with it, for as long as they come.
+        let stuck = self.tokens.len() - self.window > MAX_DECODE_WINDOW;
         // A character whose bytes are not all there yet waits for the tokens that finish it.
-        if now.ends_with(char::REPLACEMENT_CHARACTER) {
+        if now.ends_with(char::REPLACEMENT_CHARACTER) && !stuck {
             return Ok(());
         }
-        if let Some(new) = now.strip_prefix(before.as_str()).filter(|n| !n.is_empty()) {
+        let new = now.strip_prefix(before.as_str());
+        if let Some(new) = new.filter(|n| !n.is_empty() || stuck) {
             self.text.push_str(new);
             self.window = self.read;
             self.read = self.tokens.len();
+        } else if stuck {
+            // The window's text is not its older part's and more (not seen with the tokenizers
+            // tested): start afresh from the newest token, leaving the text to the final check.
+            self.window = self.tokens.len() - 1;
+            self.read = self.window;
         }
         Ok(())
     }
@@ -468,6 +482,52 @@ mod tests {
     /// A choice whose decoded text grew to `text` (as `push` makes it grow).
     fn grown(choice: &mut ChoiceText, text: &str) {
         choice.text.push_str(text);
+    }
+
+    /// A byte-level tokenizer: token `b` (0 to 255) is the byte `b`, token 1000 a special token
+    /// (no text); invalid bytes read as U+FFFD, as tokenizers decode them.
+    fn bytes(ids: &[i64]) -> ApiResult<String> {
+        let raw: Vec<u8> = ids.iter().filter(|&&t| t < 256).map(|&t| t as u8).collect();
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    fn pushed(choice: &mut ChoiceText, text: &[u8]) {
+        for &b in text {
+            choice.push(b as i64, bytes).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_joins_the_text_whole() {
+        let mut c = ChoiceText::default();
+        let smile = "🙂".as_bytes();
+        pushed(&mut c, b"hi ");
+        pushed(&mut c, &smile[..3]);
+        assert_eq!(
+            c.text, "hi ",
+            "three of its four bytes make no character yet"
+        );
+        pushed(&mut c, &smile[3..]);
+        pushed(&mut c, " é".as_bytes());
+        assert_eq!(c.text, "hi 🙂 é");
+    }
+
+    #[test]
+    fn tokens_that_make_no_text_keep_the_decoded_window_narrow() {
+        let mut c = ChoiceText::default();
+        pushed(&mut c, b"a");
+        for _ in 0..100 {
+            c.push(1000, bytes).unwrap();
+            assert!(c.tokens.len() - c.window <= MAX_DECODE_WINDOW + 1);
+        }
+        pushed(&mut c, b"b");
+        // Lone continuation bytes never make a character: they go out as replacement
+        // characters once the window is full, as the whole text decodes them.
+        pushed(&mut c, &[0x80; 40]);
+        assert!(c.tokens.len() - c.window <= MAX_DECODE_WINDOW + 1);
+        pushed(&mut c, b"c");
+        let all: Vec<i64> = c.tokens.clone();
+        assert_eq!(c.text, bytes(&all).unwrap());
     }
 
     #[test]
