@@ -134,6 +134,39 @@ def test_endpoints_that_ignore_their_body_keep_the_connection_usable(strict_serv
     keyed_request(strict_server)
 
 
+def http_reply(sock):
+    """One HTTP/1.1 response read off `sock` (head and Content-Length body), or b"" when the
+    server closed the connection instead."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_client_config_body_that_arrives_late_leaves_the_connection_usable(strict_server):
+    """The client configs ignore their bodies, but read a small one: answered before its last
+    bytes came, the kept-alive connection would be closed under the client's next request."""
+    for path in ["/api/v1/client/config", "/api/v1/client/dynamic_config"]:
+        body = b'{"pad": "' + b"p" * 5000 + b'"}'
+        with socket.create_connection(("127.0.0.1", strict_server.port)) as s:
+            s.settimeout(20)
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+            time.sleep(0.5)
+            s.sendall(body[100:])
+            assert http_reply(s).startswith(b"HTTP/1.1 200"), path
+            s.sendall(b"GET /api/v1/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert http_reply(s).startswith(b"HTTP/1.1 200"), f"{path}: the connection was closed"
+
+
 def test_every_request_has_an_id_that_its_log_lines_and_its_jobs_carry(tmp_path, monkeypatch):
     """A client's `X-Request-Id` is answered back and a missing one is made; the id is in the
     request's log lines and in those its engine job logs on the worker thread."""

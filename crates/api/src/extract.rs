@@ -80,6 +80,34 @@ pub async fn read_body(req: Request, limit: usize, deadline: Duration) -> Result
     }
 }
 
+/// Most bytes a route that ignores its body ([`SmallBodyRead`]) reads of it.
+pub const SMALL_BODY_BYTES: u64 = 64 * 1024;
+
+/// The body of a route that ignores it and needs no key (the SDK's client configs), read and
+/// dropped when it declares at most [`SMALL_BODY_BYTES`], within the body timeout: a body left
+/// unread when the answer goes out has hyper close the kept-alive connection unless every byte
+/// has already arrived, so the client's next request on it could fail (what the SDK sends is a
+/// few hundred bytes). A larger or undeclared body is not read: a stranger's upload is never
+/// waited for, and its connection closes after the answer.
+pub struct SmallBodyRead;
+
+impl FromRequest<AppState> for SmallBodyRead {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > 0 && n <= SMALL_BODY_BYTES) {
+            // What arrives, or not, changes nothing in the answer.
+            let _ = read_body(req, SMALL_BODY_BYTES as usize, state.body_timeout).await;
+        }
+        Ok(SmallBodyRead)
+    }
+}
+
 /// A JSON body; malformed JSON, wrong types and missing fields name the path.
 pub struct JsonBody<T>(pub T);
 

@@ -23,7 +23,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, BodyRules, JsonBody, JsonQuery, RawBody, Tenant};
+use crate::extract::{parse_json, BodyRules, JsonBody, JsonQuery, RawBody, SmallBodyRead, Tenant};
 use crate::idempotency::Replays;
 use crate::responses::{iso, string_map};
 use crate::results::{accepts_protobuf, is_protobuf, output_response, sample_json};
@@ -265,7 +265,7 @@ const SDK_BYTES_PER_TOKEN: usize = 8;
 /// default) by the jobs a tenant may queue, so an RL loop that fires thousands of samples from
 /// one client waits in the SDK instead of cycling through 429 refusals and retries (several
 /// clients, or training alongside, can still meet the limit; the SDK retries those).
-async fn client_config(State(state): State<AppState>) -> Json<Value> {
+async fn client_config(State(state): State<AppState>, _body: SmallBodyRead) -> Json<Value> {
     let chunk_bytes = state
         .engine
         .max_request_tokens()
@@ -285,7 +285,7 @@ async fn client_config(State(state): State<AppState>) -> Json<Value> {
 /// makes it send `cancel_future` for a sampling future it abandons (a timeout, a cancelled
 /// task: cookbook rollouts that time out), so the decode loop drops the request at its next
 /// token instead of decoding it to `max_tokens` for nobody.
-async fn client_dynamic_config() -> Json<Value> {
+async fn client_dynamic_config(_body: SmallBodyRead) -> Json<Value> {
     Json(json!({
         "refresh_interval_sec": 300,
         "sample_cancel_enabled": true,

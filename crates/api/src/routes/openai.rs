@@ -220,6 +220,26 @@ impl SamplingFields {
         }
     }
 
+    /// What a stream of `route` sends besides its tokens: `n` choices per prompt, `logprobs`
+    /// alternatives per token when asked, the usage of `prompt_tokens` when asked.
+    fn stream_plan(
+        &self,
+        route: StreamedRoute,
+        n: i64,
+        logprobs: Option<usize>,
+        prompt_tokens: usize,
+    ) -> ApiResult<StreamPlan> {
+        Ok(StreamPlan {
+            route,
+            model: self.model.clone(),
+            n: n as usize,
+            logprobs,
+            stops: self.stop_strings().iter().map(|s| s.to_string()).collect(),
+            include_usage: self.include_usage()?,
+            prompt_tokens,
+        })
+    }
+
     /// The stop strings, to cut the text at.
     fn stop_strings(&self) -> Vec<&str> {
         match &self.stop {
@@ -318,9 +338,9 @@ fn check_logprob_entries(rows: usize, top: usize, field: &str) -> ApiResult<()> 
     Ok(())
 }
 
-/// Runs one sampling job of `tenant` on `source` per prompt, and waits for them all; a client
-/// that hangs up meanwhile cancels them.
-async fn sample_all(
+/// The sampling jobs of one request: their queue (the tenant's shared session of `source`) and
+/// one job's work per prompt.
+fn prompt_jobs(
     state: &AppState,
     tenant: &str,
     source: SamplerSource,
@@ -328,25 +348,39 @@ async fn sample_all(
     num_samples: i64,
     params: &SamplingParams,
     scoring: &Scoring,
-) -> ApiResult<Vec<SampleOutput>> {
+) -> ApiResult<(QueueKey, Vec<Work>)> {
     let sampler_id = direct_sampler(state, tenant, source)?;
     let queue = QueueKey::Sampler(SamplerKey {
         tenant: tenant.to_string(),
         sampler_id,
     });
-    let mut jobs = CancelOnDrop::new(state, tenant);
-    for prompt in prompts {
-        let work = Work::Sample {
+    let work = prompts
+        .iter()
+        .map(|prompt| Work::Sample {
             prompt: prompt.clone(),
             num_samples,
             params: params.clone(),
             scoring: scoring.clone(),
             record_stability: false,
             stream: false,
-        };
+        })
+        .collect();
+    Ok((queue, work))
+}
+
+/// Runs the jobs of `work` on `queue` (of `tenant`), and waits for them all; a client that hangs
+/// up meanwhile cancels them.
+async fn sample_all(
+    state: &AppState,
+    tenant: &str,
+    queue: QueueKey,
+    work: Vec<Work>,
+) -> ApiResult<Vec<SampleOutput>> {
+    let mut jobs = CancelOnDrop::new(state, tenant);
+    for work in work {
         jobs.ids.push(state.submit(queue.clone(), work)?);
     }
-    let mut outs = Vec::with_capacity(prompts.len());
+    let mut outs = Vec::with_capacity(jobs.ids.len());
     for id in jobs.ids.clone() {
         outs.push(wait_sample(state, tenant, &id).await?);
     }
@@ -354,33 +388,17 @@ async fn sample_all(
     Ok(outs)
 }
 
-/// Submits one streamed sampling job of `tenant` on `source` per prompt: each job's id and the
+/// Submits the jobs of `work` on `queue` (of `tenant`) as streamed jobs: each job's id and the
 /// receiver of its tokens. A refused submission cancels those made before it.
 fn submit_streams(
     state: &AppState,
     tenant: &str,
-    source: SamplerSource,
-    prompts: &[Vec<i64>],
-    num_samples: i64,
-    params: &SamplingParams,
-    scoring: &Scoring,
+    queue: QueueKey,
+    work: Vec<Work>,
 ) -> ApiResult<Vec<StreamedJob>> {
-    let sampler_id = direct_sampler(state, tenant, source)?;
-    let queue = QueueKey::Sampler(SamplerKey {
-        tenant: tenant.to_string(),
-        sampler_id,
-    });
     let mut submitted = CancelOnDrop::new(state, tenant);
-    let mut jobs = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
-        let work = Work::Sample {
-            prompt: prompt.clone(),
-            num_samples,
-            params: params.clone(),
-            scoring: scoring.clone(),
-            record_stability: false,
-            stream: true,
-        };
+    let mut jobs = Vec::with_capacity(work.len());
+    for work in work {
         let (id, tokens) = state.engine.submit_streaming(queue.clone(), work)?;
         submitted.ids.push(id.clone());
         jobs.push(StreamedJob { id, tokens });
@@ -585,6 +603,7 @@ pub(super) async fn completions(
     let source = model_source(&state, &fields.model)?;
     let ids: Vec<Vec<i64>> = prompts.iter().map(|(ids, _)| ids.clone()).collect();
     let prompt_tokens = ids.iter().map(Vec::len).sum();
+    let (queue, work) = prompt_jobs(&state, &tenant, source, &ids, n, &params, &scoring)?;
     if fields.streams() {
         if echo && want_logprobs {
             return Err(ApiError::invalid(
@@ -601,26 +620,15 @@ pub(super) async fn completions(
                 (true, None) => decode(&state, ids, false),
             })
             .collect::<ApiResult<Vec<String>>>()?;
-        let jobs = submit_streams(&state, &tenant, source, &ids, n, &params, &scoring)?;
-        let plan = StreamPlan {
-            route: StreamedRoute::Completions {
-                echoed,
-                keep_tokens: max_tokens > 0,
-            },
-            model: fields.model.clone(),
-            n: n as usize,
-            logprobs: want_logprobs.then_some(top),
-            stops: fields
-                .stop_strings()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            include_usage: fields.include_usage()?,
-            prompt_tokens,
+        let jobs = submit_streams(&state, &tenant, queue, work)?;
+        let route = StreamedRoute::Completions {
+            echoed,
+            keep_tokens: max_tokens > 0,
         };
+        let plan = fields.stream_plan(route, n, want_logprobs.then_some(top), prompt_tokens)?;
         return Ok(stream_response(state.clone(), tenant, jobs, plan));
     }
-    let outs = sample_all(&state, &tenant, source, &ids, n, &params, &scoring).await?;
+    let outs = sample_all(&state, &tenant, queue, work).await?;
     let stops = fields.stop_strings();
     let mut texts = TokenTexts::new(&state);
     let mut generated = 0;
@@ -787,34 +795,15 @@ pub(super) async fn chat_completions(
         ..Scoring::default()
     };
     let source = model_source(&state, &fields.model)?;
+    let prompts = std::slice::from_ref(&prompt);
+    let (queue, work) = prompt_jobs(&state, &tenant, source, prompts, n, &params, &scoring)?;
     if fields.streams() {
-        let prompts = std::slice::from_ref(&prompt);
-        let jobs = submit_streams(&state, &tenant, source, prompts, n, &params, &scoring)?;
-        let plan = StreamPlan {
-            route: StreamedRoute::Chat,
-            model: fields.model.clone(),
-            n: n as usize,
-            logprobs: want_logprobs.then_some(top),
-            stops: fields
-                .stop_strings()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            include_usage: fields.include_usage()?,
-            prompt_tokens: prompt.len(),
-        };
+        let jobs = submit_streams(&state, &tenant, queue, work)?;
+        let logprobs = want_logprobs.then_some(top);
+        let plan = fields.stream_plan(StreamedRoute::Chat, n, logprobs, prompt.len())?;
         return Ok(stream_response(state.clone(), tenant, jobs, plan));
     }
-    let outs = sample_all(
-        &state,
-        &tenant,
-        source,
-        std::slice::from_ref(&prompt),
-        n,
-        &params,
-        &scoring,
-    )
-    .await?;
+    let outs = sample_all(&state, &tenant, queue, work).await?;
     let stops = fields.stop_strings();
     let mut texts = TokenTexts::new(&state);
     let mut generated = 0;
