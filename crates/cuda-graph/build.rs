@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(cuda_graphs)");
     println!("cargo:rerun-if-changed=src/graph.cpp");
+    println!("cargo:rerun-if-changed=../../cpp/loraloom_guarded.h");
     for var in ["DEP_TCH_LIBTORCH_LIB", "CUDA_HOME", "LIBTORCH_CXX11_ABI"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -49,6 +50,8 @@ fn main() {
         .warnings(false)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // loraloom_guarded.h, shared with the other C glue.
+        .include(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../cpp"))
         .includes(&cuda_includes)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=src/mxfp4.cpp");
+    println!("cargo:rerun-if-changed=../../cpp/loraloom_guarded.h");
     for var in ["DEP_TCH_LIBTORCH_LIB", "LIBTORCH_CXX11_ABI"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -36,6 +37,8 @@ fn main() {
         .warnings(false)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // loraloom_guarded.h, shared with the other C glue.
+        .include(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../cpp"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "loraloom_guarded.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -31,22 +33,7 @@ struct LoraloomGraph {
 
 namespace {
 
-char* message(const char* what) {
-  char* copy = strdup(what);
-  return copy != nullptr ? copy : strdup("out of memory");
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception");
-  }
-}
+using loraloom::guarded;
 
 // The stream captures on `device` run on: one per device for the process (each stream that
 // runs cuBLAS work gets its own workspace from libtorch, so a new pool stream per capture would

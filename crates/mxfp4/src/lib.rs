@@ -332,6 +332,12 @@ mod tests {
         assert!(diff <= 1e-5 * scale, "differ by {diff} (scale {scale})");
     }
 
+    /// `x`'s rows, grouped by `offsets`, times their experts' `dense` weights `[N, out, in]`: what
+    /// the packed products compute.
+    fn dense_product(x: &Tensor, dense: &Tensor, offsets: &Tensor) -> Tensor {
+        x.internal_grouped_mm(&dense.transpose(1, 2), Some(offsets), None::<&Tensor>, None)
+    }
+
     #[test]
     fn grouped_and_gathered_products_and_their_gradients_match_dense_weights() {
         let (packed, dense) = random(4, 8, 1, 1);
@@ -340,14 +346,7 @@ mod tests {
         // Rows 0-1 to expert 0, none to 1, 2-5 to 2, 6 to 3.
         let experts = Tensor::from_slice(&[0i64, 0, 2, 2, 2, 2, 3]);
         let offsets = Tensor::from_slice(&[2i32, 2, 6, 7]);
-        let (want, want_grad) = value_and_grad(&x, &g, |x| {
-            x.internal_grouped_mm(
-                &dense.transpose(1, 2),
-                Some(&offsets),
-                None::<&Tensor>,
-                None,
-            )
-        });
+        let (want, want_grad) = value_and_grad(&x, &g, |x| dense_product(x, &dense, &offsets));
         let (got, got_grad) = value_and_grad(&x, &g, |x| packed.grouped_mm(x, &offsets).unwrap());
         assert_close(&got, &want);
         assert_close(&got_grad, &want_grad);
@@ -365,14 +364,7 @@ mod tests {
         let g = Tensor::randn([7, 8], (Kind::BFloat16, Device::Cpu));
         let offsets = Tensor::from_slice(&[1i32, 3, 3, 7]);
         let experts = Tensor::from_slice(&[0i64, 1, 1, 3, 3, 3, 3]);
-        let (want, want_grad) = value_and_grad(&x, &g, |x| {
-            x.internal_grouped_mm(
-                &dense.transpose(1, 2),
-                Some(&offsets),
-                None::<&Tensor>,
-                None,
-            )
-        });
+        let (want, want_grad) = value_and_grad(&x, &g, |x| dense_product(x, &dense, &offsets));
         // The same operation on the same bf16 weights: the same bits.
         let (got, got_grad) = value_and_grad(&x, &g, |x| packed.grouped_mm(x, &offsets).unwrap());
         assert!(got.equal(&want) && got_grad.equal(&want_grad));

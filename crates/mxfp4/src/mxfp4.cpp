@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "loraloom_guarded.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -17,24 +19,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-char* message(const char* what) {
-  char* copy = strdup(what);
-  return copy != nullptr ? copy : strdup("out of memory");
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return message(e.what());
-  } catch (...) {
-    return message("unknown C++ exception");
-  }
-}
+using loraloom::guarded;
 
 // `blocks` [N, rows, G, 16] bytes (two E2M1 values each, the low nibble first) and `scales`
 // [N, rows, G] (2^(scale - 127) per 32 values) as [N, rows, 32 G] in `table`'s type; `table`
